@@ -1,0 +1,198 @@
+"""The ONE generic elastic decoder (Llama family, Qwen2; more families are specs, not copies).
+
+Storage layout (what makes every rung a zero-copy prefix, DESIGN.md section 3):
+* q_proj rows are rank-major across heads: row ``c * num_heads + head``, where channel ``c = 2 * m + t``
+  is the ``t``-th member (0 = first, 1 = partner) of the head's ``m``-th RoPE pair in importance order.
+  k_proj rows likewise across KV heads. Keeping ``qk`` channels per head = the first ``heads * qk`` rows.
+* ``rope_index[g, m]`` is the original frequency index of KV group ``g``'s ``m``-th pair, shared by the query
+  heads of the group, so RoPE stays exact after sorting.
+* v_proj rows are ``j * kv_heads + g`` (rank ``j``), o_proj columns ``j * num_heads + head``: keeping rank
+  ``vo`` = the first ``kv_heads * vo`` rows of v_proj and the first ``num_heads * vo`` columns of o_proj.
+* MLP: gate/up rows and down columns in importance order.
+The softmax scale stays the original ``head_dim ** -0.5`` at every rung.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .ladder import LayerSizes, RateLadder
+from .spec import ArchSpec
+
+_ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _param(*shape) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape))
+
+
+def _optional(flag: bool, *shape) -> nn.Parameter | None:
+    return _param(*shape) if flag else None
+
+
+def _prefix(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if bias is None else bias[:n]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on pair-interleaved channels: x [..., P, 2], cos/sin [..., P]."""
+    x0, x1 = x[..., 0], x[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+
+
+class ElasticAttention(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        h, n, g, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.n_heads, self.n_kv, self.head_dim = n, g, d
+        self.q_weight, self.k_weight = _param(n * d, h), _param(g * d, h)
+        self.v_weight, self.o_weight = _param(g * d, h), _param(h, n * d)
+        self.q_bias = _optional(spec.qkv_bias, n * d)
+        self.k_bias = _optional(spec.qkv_bias, g * d)
+        self.v_bias = _optional(spec.qkv_bias, g * d)
+        self.o_bias = _optional(spec.o_bias, h)
+        self.register_buffer("rope_index", torch.arange(d // 2).repeat(g, 1))
+        self.scale = d ** -0.5
+
+    def _qk(self, x, weight, bias, heads, qk):
+        """Project to the kept channels: [B, T, heads*qk] -> [B, heads, T, qk/2, 2]."""
+        out = F.linear(x, weight[: heads * qk], _prefix(bias, heads * qk))
+        b, t, _ = out.shape
+        return out.view(b, t, qk // 2, 2, heads).permute(0, 4, 1, 2, 3)
+
+    def rope_cos_sin(self, inv_freq, positions, pairs, scaling):
+        """cos/sin [B, kv_heads, T, pairs] from each group's stored frequency indices."""
+        freqs = inv_freq[self.rope_index[:, :pairs]]  # [g, P]
+        angles = positions.float()[:, None, :, None] * freqs[None, :, None, :]
+        return angles.cos() * scaling, angles.sin() * scaling
+
+    def forward(self, x, sizes: LayerSizes, inv_freq, positions, mask, rope_scaling=1.0,
+                cache: KVCache | None = None, layer: int = 0):
+        n, g, qk, vo = self.n_heads, self.n_kv, sizes.qk, sizes.vo
+        q = self._qk(x, self.q_weight, self.q_bias, n, qk)
+        k = self._qk(x, self.k_weight, self.k_bias, g, qk)
+        cos, sin = self.rope_cos_sin(inv_freq, positions, qk // 2, rope_scaling)
+        k = rotate_pairs(k, cos, sin).flatten(-2)
+        rep = n // g
+        q = rotate_pairs(q, cos.repeat_interleave(rep, 1), sin.repeat_interleave(rep, 1)).flatten(-2)
+        v = F.linear(x, self.v_weight[: g * vo], _prefix(self.v_bias, g * vo))
+        b, t, _ = v.shape
+        v = v.view(b, t, vo, g).permute(0, 3, 1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                             scale=self.scale, enable_gqa=rep > 1)
+        out = out.permute(0, 2, 3, 1).reshape(b, t, vo * n)  # rank-major, matches o_proj's columns
+        return F.linear(out, self.o_weight[:, : n * vo], self.o_bias)
+
+
+class ElasticMLP(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        h, i = spec.hidden_size, spec.intermediate_size
+        self.gate_weight, self.up_weight, self.down_weight = _param(i, h), _param(i, h), _param(h, i)
+        self.gate_bias = _optional(spec.mlp_bias, i)
+        self.up_bias = _optional(spec.mlp_bias, i)
+        self.down_bias = _optional(spec.mlp_bias, h)
+        self.act = _ACTS[spec.act]
+
+    def forward(self, x, keep: int):
+        gate = F.linear(x, self.gate_weight[:keep], _prefix(self.gate_bias, keep))
+        up = F.linear(x, self.up_weight[:keep], _prefix(self.up_bias, keep))
+        return F.linear(self.act(gate) * up, self.down_weight[:, :keep], self.down_bias)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.attn = ElasticAttention(spec)
+        self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = ElasticMLP(spec)
+
+    def forward(self, x, sizes: LayerSizes, ctx: dict, layer: int = 0):
+        x = x + self.attn(self.input_norm(x), sizes, layer=layer, **ctx)
+        return x + self.mlp(self.post_attn_norm(x), sizes.mlp)
+
+
+class ElasticDecoder(nn.Module):
+    def __init__(self, spec: ArchSpec, ladder: RateLadder | None = None):
+        super().__init__()
+        self.spec = spec
+        self.ladder = ladder
+        self.embed = nn.Parameter(torch.zeros(spec.vocab_size, spec.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_embeddings else _param(spec.vocab_size, spec.hidden_size)
+        self.register_buffer("inv_freq", torch.zeros(spec.head_dim // 2))
+
+    @property
+    def full_sizes(self) -> LayerSizes:
+        s = self.spec
+        return LayerSizes(mlp=s.intermediate_size, qk=s.head_dim, vo=s.head_dim)
+
+    def sizes_for(self, rung: int | None) -> list[LayerSizes]:
+        if rung is None or rung == 0 and self.ladder is None:
+            return [self.full_sizes] * self.spec.num_layers
+        if self.ladder is None:
+            raise ValueError("this model has no rate ladder; only the full model (rung 0) runs")
+        if not 0 <= rung < len(self.ladder.rates):
+            raise ValueError(f"rung {rung} is outside the ladder (0..{len(self.ladder.rates) - 1})")
+        return self.ladder.sizes[rung]
+
+    def new_cache(self, batch: int, max_len: int, rung: int | None = None, dtype=None) -> KVCache:
+        dtype = dtype or self.embed.dtype
+        return KVCache(self.sizes_for(rung), self.spec.num_kv_heads, batch, max_len, dtype, self.embed.device)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed if self.lm_head is None else self.lm_head
+
+    def attention_mask(self, attention_mask, batch: int, steps: int, past: int, device) -> torch.Tensor:
+        """Boolean [B, 1, T, past+T]: causal, and padded key positions (attention_mask == 0) hidden."""
+        total = past + steps
+        q_pos = torch.arange(past, total, device=device)[:, None]
+        causal = torch.arange(total, device=device)[None, :] <= q_pos
+        mask = causal[None, None].expand(batch, 1, steps, total)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :total].bool()
+        return mask
+
+    def context(self, input_ids, attention_mask=None, positions=None, cache=None) -> dict:
+        """What every layer needs besides the hidden states (mask, positions, RoPE tables, cache)."""
+        b, t = input_ids.shape
+        past = 0 if cache is None else cache.length
+        if positions is None:
+            positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        mask = self.attention_mask(attention_mask, b, t, past, input_ids.device)
+        return {"inv_freq": self.inv_freq, "positions": positions, "mask": mask,
+                "rope_scaling": self.spec.rope_attention_scaling, "cache": cache}
+
+    def forward(self, input_ids, rung: int | None = None, attention_mask=None, positions=None,
+                cache: KVCache | None = None, sizes: list[LayerSizes] | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits [B, T, V] at a rung of the ladder (or explicit per-layer ``sizes``)."""
+        sizes = sizes or (cache.sizes if cache is not None else self.sizes_for(rung))
+        ctx = self.context(input_ids, attention_mask, positions, cache)
+        x = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, sizes[i], ctx, layer=i)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        x = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return F.linear(x, self.head_weight())

@@ -1,0 +1,82 @@
+"""Turn a transformers Llama/Qwen2 model into the elastic decoder's layout (see decoder.py).
+
+The conversion is a pure re-ordering of rows/columns: head-major HF tensors become rank-major, and each
+rotate-half pair (i, i + d/2) becomes an adjacent (first, partner) channel pair with frequency index i.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decoder import ElasticDecoder
+from .spec import ArchSpec, spec_from_hf_config
+
+
+def qk_rows_to_rank_major(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """HF rows (head, t * d/2 + m) -> ours ((2m + t) * heads + head); works for weights and biases."""
+    rest = w.shape[1:]
+    w = w.reshape(heads, 2, head_dim // 2, *rest).permute(2, 1, 0, *range(3, 3 + len(rest)))
+    return w.reshape(heads * head_dim, *rest).contiguous()
+
+
+def v_rows_to_rank_major(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """HF rows (head, j) -> ours (j * heads + head)."""
+    rest = w.shape[1:]
+    return w.reshape(heads, head_dim, *rest).transpose(0, 1).reshape(heads * head_dim, *rest).contiguous()
+
+
+def o_cols_to_rank_major(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """HF o_proj columns (head, j) -> ours (j * heads + head)."""
+    out = w.shape[0]
+    return w.reshape(out, heads, head_dim).transpose(1, 2).reshape(out, heads * head_dim).contiguous()
+
+
+def _layer_tensors(sd: dict, i: int, spec: ArchSpec) -> dict[str, torch.Tensor]:
+    p = f"model.layers.{i}."
+    n, g, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    out = {
+        "input_norm.weight": sd[p + "input_layernorm.weight"],
+        "post_attn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+        "attn.q_weight": qk_rows_to_rank_major(sd[p + "self_attn.q_proj.weight"], n, d),
+        "attn.k_weight": qk_rows_to_rank_major(sd[p + "self_attn.k_proj.weight"], g, d),
+        "attn.v_weight": v_rows_to_rank_major(sd[p + "self_attn.v_proj.weight"], g, d),
+        "attn.o_weight": o_cols_to_rank_major(sd[p + "self_attn.o_proj.weight"], n, d),
+        "mlp.gate_weight": sd[p + "mlp.gate_proj.weight"],
+        "mlp.up_weight": sd[p + "mlp.up_proj.weight"],
+        "mlp.down_weight": sd[p + "mlp.down_proj.weight"],
+    }
+    if spec.qkv_bias:
+        out["attn.q_bias"] = qk_rows_to_rank_major(sd[p + "self_attn.q_proj.bias"], n, d)
+        out["attn.k_bias"] = qk_rows_to_rank_major(sd[p + "self_attn.k_proj.bias"], g, d)
+        out["attn.v_bias"] = v_rows_to_rank_major(sd[p + "self_attn.v_proj.bias"], g, d)
+    if spec.o_bias:
+        out["attn.o_bias"] = sd[p + "self_attn.o_proj.bias"]
+    if spec.mlp_bias:
+        for name in ("gate", "up", "down"):
+            out[f"mlp.{name}_bias"] = sd[p + f"mlp.{name}_proj.bias"]
+    return {f"layers.{i}.{k}": v for k, v in out.items()}
+
+
+def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32) -> ElasticDecoder:
+    """An unsorted elastic decoder with exactly the HF model's function (no ladder yet)."""
+    spec = spec_from_hf_config(hf_model.config)
+    rotary = hf_model.model.rotary_emb
+    spec = ArchSpec.from_dict({**spec.to_dict(), "rope_attention_scaling": float(rotary.attention_scaling)})
+    sd = hf_model.state_dict()
+    tensors = {"embed": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+               "inv_freq": rotary.inv_freq.float()}
+    if not spec.tie_embeddings:
+        tensors["lm_head"] = sd["lm_head.weight"]
+    for i in range(spec.num_layers):
+        tensors.update(_layer_tensors(sd, i, spec))
+    model = ElasticDecoder(spec)
+    model.load_state_dict({k: v.detach().clone() for k, v in tensors.items()}, strict=False)
+    _check_loaded(model, tensors)
+    return model.to(dtype).requires_grad_(False)
+
+
+def _check_loaded(model: ElasticDecoder, tensors: dict) -> None:
+    expected = {k for k, _ in model.named_parameters()} | {"inv_freq"}
+    missing = expected - tensors.keys()
+    if missing:
+        raise ValueError(f"HF model lacks tensors the decoder needs: {sorted(missing)[:5]}")

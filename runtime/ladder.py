@@ -1,0 +1,129 @@
+"""The rate ladder and the ONE function that turns a keep ratio into a kept size.
+
+Every consumer of kept sizes (decoder truncation, training masks, quantization order, kernels, cache shapes,
+the server's controller) reads them from a ``RateLadder`` built here, so they can never disagree
+(the paper's code has four different rules; see docs/uniql-method.md, "bugs").
+
+Kept sizes per layer and rung:
+* ``mlp``: MLP intermediate channels. Gate/up are pruned along N, down along K, so the step is a multiple of
+  both the kernels' N alignment and the quantization group (whole groups drop out of down_proj).
+* ``qk``: channels per Q/K head; always whole RoPE pairs. Rows are stored rank-major across heads, so
+  ``heads * qk`` must meet the N alignment for q_proj (all heads) and k_proj (KV heads).
+* ``vo``: V/O rank per head. v_proj is N-pruned (KV heads), o_proj K-pruned (all heads, rank-major). A K
+  prefix must be a whole number of packed int32 words; it may end inside a quantization group (kernels mask
+  the tail of that group; its scale stays valid), which keeps small models like SmolLM2 (9 heads) prunable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+DEFAULT_RATES = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    group_size: int = 128  # quantization group along K
+    n_align: int = 16  # kernels' output-row granularity
+    k_pack: int = 8  # 4-bit values per int32 word along K
+
+    @staticmethod
+    def for_hidden(hidden_size: int) -> Alignment:
+        """Largest usual group size dividing the hidden size (SmolLM2's 576 needs 64)."""
+        group = next(g for g in (128, 64, 32, 16) if hidden_size % g == 0)
+        return Alignment(group_size=group)
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    mlp: int
+    qk: int
+    vo: int
+
+
+@dataclass(frozen=True)
+class DimSteps:
+    mlp: int
+    qk: int
+    vo: int
+
+
+def kept_size(full: int, keep_ratio: float, step: int) -> int:
+    """THE rounding rule: nearest multiple of ``step`` to ``keep_ratio * full``, within [step, full].
+
+    ``full`` itself is always allowed (a dim that is not a multiple of ``step`` is never pruned partially
+    past its last whole step). Ties round half to even, like Python's ``round``.
+    """
+    if not 0.0 <= keep_ratio <= 1.0:
+        raise ValueError(f"keep ratio must be in [0, 1], got {keep_ratio}")
+    if step <= 0 or full <= 0:
+        raise ValueError(f"full ({full}) and step ({step}) must be positive")
+    if keep_ratio == 1.0 or step >= full:
+        return full
+    size = step * round(keep_ratio * full / step)
+    return full if size >= full else max(step, size)
+
+
+def dim_steps(num_heads: int, num_kv_heads: int, head_dim: int, align: Alignment) -> DimSteps:
+    """Granularity of each structured dim so every rung is an aligned prefix (see module doc)."""
+
+    def per_head(heads: int, multiple: int) -> int:
+        return multiple // math.gcd(heads, multiple)
+
+    qk = math.lcm(2, per_head(num_heads, align.n_align), per_head(num_kv_heads, align.n_align))
+    vo = math.lcm(per_head(num_kv_heads, align.n_align), per_head(num_heads, align.k_pack))
+    return DimSteps(mlp=math.lcm(align.n_align, align.group_size), qk=min(qk, head_dim), vo=min(vo, head_dim))
+
+
+def layer_sizes(full: LayerSizes, keep_ratio: float, steps: DimSteps) -> LayerSizes:
+    return LayerSizes(
+        mlp=kept_size(full.mlp, keep_ratio, steps.mlp),
+        qk=kept_size(full.qk, keep_ratio, steps.qk),
+        vo=kept_size(full.vo, keep_ratio, steps.vo),
+    )
+
+
+@dataclass
+class RateLadder:
+    """Global pruning rates and, for each rung, every layer's kept sizes (rung 0 = rate 0 = full)."""
+
+    rates: list[float]
+    layer_keep: list[list[float]]  # [rung][layer] keep ratio from the BI allocation
+    sizes: list[list[LayerSizes]]  # [rung][layer]
+
+    def __post_init__(self):
+        if not self.rates or self.rates[0] != 0.0:
+            raise ValueError("a ladder starts at rate 0.0")
+        if any(b <= a for a, b in zip(self.rates, self.rates[1:], strict=False)):
+            raise ValueError(f"ladder rates must increase: {self.rates}")
+        if len(self.sizes) != len(self.rates) or len(self.layer_keep) != len(self.rates):
+            raise ValueError("one row of sizes and keep ratios per rate")
+
+    def nearest(self, rate: float) -> int:
+        """Index of the rung nearest ``rate`` (ties go to the lighter pruning)."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"pruning rate must be in [0, 1), got {rate}")
+        return min(range(len(self.rates)), key=lambda i: (abs(self.rates[i] - rate), i))
+
+    @classmethod
+    def build(cls, full: LayerSizes, steps: DimSteps, rates, layer_keep: list[list[float]]) -> RateLadder:
+        sizes = [[layer_sizes(full, keep, steps) for keep in row] for row in layer_keep]
+        return cls(rates=list(rates), layer_keep=[list(r) for r in layer_keep], sizes=sizes)
+
+    def to_dict(self) -> dict:
+        return {
+            "rates": self.rates,
+            "layer_keep": self.layer_keep,
+            "sizes": [[asdict(s) for s in row] for row in self.sizes],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RateLadder:
+        sizes = [[LayerSizes(**s) for s in row] for row in data["sizes"]]
+        return cls(rates=list(data["rates"]), layer_keep=data["layer_keep"], sizes=sizes)
+
+
+def uniform_ladder(full: LayerSizes, steps: DimSteps, num_layers: int, rates=DEFAULT_RATES) -> RateLadder:
+    """Every layer pruned at the global rate (no BI allocation): used before calibration and in tests."""
+    return RateLadder.build(full, steps, rates, [[1.0 - r] * num_layers for r in rates])

