@@ -63,9 +63,9 @@ class ElasticAttention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = n, g, d
         self.q_weight, self.k_weight = _param(n * d, h), _param(g * d, h)
         self.v_weight, self.o_weight = _param(g * d, h), _param(h, n * d)
-        self.q_bias = _optional(spec.qkv_bias, n * d)
-        self.k_bias = _optional(spec.qkv_bias, g * d)
-        self.v_bias = _optional(spec.qkv_bias, g * d)
+        self.q_bias = _optional(spec.qk_bias, n * d)
+        self.k_bias = _optional(spec.qk_bias, g * d)
+        self.v_bias = _optional(spec.v_bias, g * d)
         self.o_bias = _optional(spec.o_bias, h)
         self.register_buffer("rope_index", torch.arange(d // 2).repeat(g, 1))
         self.scale = d ** -0.5
@@ -112,10 +112,14 @@ class ElasticMLP(nn.Module):
         self.down_bias = _optional(spec.mlp_bias, h)
         self.act = _ACTS[spec.act]
 
-    def forward(self, x, keep: int):
+    def hidden(self, x, keep: int) -> torch.Tensor:
+        """down_proj's input [..., keep]: act(gate(x)) * up(x)."""
         gate = F.linear(x, self.gate_weight[:keep], _prefix(self.gate_bias, keep))
         up = F.linear(x, self.up_weight[:keep], _prefix(self.up_bias, keep))
-        return F.linear(self.act(gate) * up, self.down_weight[:, :keep], self.down_bias)
+        return self.act(gate) * up
+
+    def forward(self, x, keep: int):
+        return F.linear(self.hidden(x, keep), self.down_weight[:, :keep], self.down_bias)
 
 
 class DecoderLayer(nn.Module):
@@ -141,6 +145,13 @@ class ElasticDecoder(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_embeddings else _param(spec.vocab_size, spec.hidden_size)
         self.register_buffer("inv_freq", torch.zeros(spec.head_dim // 2))
+
+    def _apply(self, fn, recurse=True):
+        # RoPE frequencies stay fp32 whatever dtype the weights are cast to (bf16 angles drift by radians)
+        inv_freq = self.inv_freq.float()
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.embed.device)
+        return self
 
     @property
     def full_sizes(self) -> LayerSizes:

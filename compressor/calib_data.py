@@ -1,0 +1,99 @@
+"""Calibration text -> token batches (with attention masks), from local files only.
+
+Sources: ``alpaca`` (instruction data, one example per sequence, right-padded), ``wikitext2`` (the tokenized
+validation split as a stream, random windows, no padding), or any path: ``.json``/``.jsonl`` with Alpaca fields
+or a ``text`` field (examples), anything else is plain text (stream).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from uniql.paths import data_file
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
+NAMED_SOURCES = {"alpaca": "alpaca/alpaca_5000.json", "wikitext2": "wikitext2/wiki.valid.tokens"}
+
+
+@dataclass
+class CalibBatch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T], 1 = real token, 0 = right padding
+
+
+def alpaca_prompt(record: dict) -> str:
+    has_input = bool(record.get("input"))
+    return ALPACA_TEMPLATE.format(
+        ctx=", paired with an input that provides further context" if has_input else "",
+        instruction=record["instruction"],
+        input=f"### Input:\n{record['input']}\n\n" if has_input else "",
+    )
+
+
+def _record_text(record: dict) -> str:
+    if "instruction" in record:
+        return alpaca_prompt(record) + record.get("output", "")
+    if "text" in record:
+        return record["text"]
+    raise ValueError(f"calibration record has neither Alpaca fields nor 'text': keys {sorted(record)}")
+
+
+def resolve_source(source: str) -> Path:
+    return data_file(NAMED_SOURCES[source]) if source in NAMED_SOURCES else Path(source)
+
+
+def load_texts(source: str) -> tuple[list[str], bool]:
+    """(texts, is_examples): examples are separate sequences; otherwise one stream to cut windows from."""
+    path = resolve_source(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration source {source!r}: no file at {path}")
+    if path.suffix == ".json":
+        return [_record_text(r) for r in json.loads(path.read_text(encoding="utf-8"))], True
+    if path.suffix == ".jsonl":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [_record_text(json.loads(line)) for line in lines if line.strip()], True
+    return [path.read_text(encoding="utf-8")], False
+
+
+def _pad_batches(seqs: list[list[int]], batch_size: int, pad_id: int) -> list[CalibBatch]:
+    seqs = sorted(seqs, key=len, reverse=True)  # similar lengths together: little padding
+    batches = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        width = len(chunk[0])
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        batches.append(CalibBatch(ids, mask))
+    return batches
+
+
+def calibration_batches(tokenizer, source: str, n_samples: int, seqlen: int, seed: int = 1234,
+                        batch_size: int = 8) -> list[CalibBatch]:
+    """``n_samples`` sequences of at most ``seqlen`` tokens, batched with right padding."""
+    texts, is_examples = load_texts(source)
+    rng = random.Random(seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if is_examples:
+        rng.shuffle(texts)
+        seqs = [ids[:seqlen] for ids in tokenizer(texts[: n_samples * 2])["input_ids"] if len(ids) > 1]
+        seqs = seqs[:n_samples]
+    else:
+        stream = tokenizer(texts[0])["input_ids"]
+        if len(stream) <= seqlen:
+            raise ValueError(f"calibration text has {len(stream)} tokens; need more than seqlen={seqlen}")
+        starts = [rng.randrange(0, len(stream) - seqlen) for _ in range(n_samples)]
+        seqs = [stream[s:s + seqlen] for s in starts]
+    if not seqs:
+        raise ValueError(f"calibration source {source!r} gave no usable sequences")
+    return _pad_batches(seqs, batch_size, pad_id)

@@ -1,0 +1,111 @@
+"""`uniql compress`: source model -> calibrated, sorted floating-point UniQL checkpoint with a rate ladder."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from uniql.runtime.checkpoint import DTYPES, save_checkpoint
+from uniql.runtime.decoder import ElasticDecoder
+from uniql.runtime.hf_import import decoder_from_hf
+from uniql.runtime.ladder import DEFAULT_RATES, Alignment, dim_steps
+
+from .allocation import build_ladder
+from .calib_data import calibration_batches
+from .calibrate import BlockImportanceCollector, SortStatsCollector, run_layerwise
+from .model_input import load_source
+from .orders import ORDERS, magnitude_orders, random_orders, uniql_orders
+from .sorting import apply_orders
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressConfig:
+    order: str = "uniql"
+    calib_source: str = "alpaca"  # sorting statistics
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    bi_source: str = "wikitext2"  # block importance for the layer-wise allocation
+    bi_samples: int = 32
+    bi_seqlen: int = 2048
+    batch_size: int = 8
+    rates: tuple = DEFAULT_RATES
+    eps: float = 0.1  # allocation temperature
+    ridge_lambda: float = 1e-2  # relative to the mean channel energy
+    group_size: int | None = None  # quantization group along K; None: largest of 128/64/32 dividing hidden
+    device: str = "cpu"
+    seed: int = 1234
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        for name in ("calib_samples", "calib_seqlen", "bi_samples", "bi_seqlen", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no CUDA device is available")
+
+
+def block_importance(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> list[float]:
+    batches = calibration_batches(tokenizer, cfg.bi_source, cfg.bi_samples, cfg.bi_seqlen, cfg.seed,
+                                  cfg.batch_size)
+    collector = BlockImportanceCollector()
+    run_layerwise(model, batches, [collector], cfg.device, desc="block importance")
+    return collector.scores
+
+
+def sort_layers(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> None:
+    """Apply the chosen order to every layer in place (a re-parameterisation: rate 0 is unchanged)."""
+    if cfg.order == "uniql":
+        batches = calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen,
+                                      cfg.seed, cfg.batch_size)
+
+        def on_layer(index, layer, stats):
+            apply_orders(layer, uniql_orders(layer, stats, cfg.ridge_lambda))
+
+        run_layerwise(model, batches, [SortStatsCollector(on_layer)], cfg.device, desc="sorting")
+    else:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        for layer in tqdm(model.layers, desc=f"sorting ({cfg.order})", unit="layer"):
+            orders = magnitude_orders(layer) if cfg.order == "magnitude" else random_orders(layer, generator)
+            apply_orders(layer, orders)
+    spec = model.spec
+    model.spec = dataclasses.replace(spec, v_bias=False, o_bias=spec.o_bias or spec.v_bias)
+
+
+def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> tuple[ElasticDecoder, dict]:
+    """Sort ``model`` in place, attach its rate ladder; return it with the calibration provenance."""
+    cfg.validate()
+    spec = model.spec
+    align = Alignment.for_hidden(spec.hidden_size) if cfg.group_size is None else Alignment(cfg.group_size)
+    scores = block_importance(model, tokenizer, cfg)
+    sort_layers(model, tokenizer, cfg)
+    steps = dim_steps(spec.num_heads, spec.num_kv_heads, spec.head_dim, align)
+    model.ladder = build_ladder(scores, model.full_sizes, steps, cfg.rates, cfg.eps)
+    provenance = {
+        "order": cfg.order, "seed": cfg.seed, "block_importance": scores, "eps": cfg.eps,
+        "ridge_lambda_rel": cfg.ridge_lambda, "dim_steps": dataclasses.asdict(steps),
+        "sort_data": {"source": cfg.calib_source, "samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen},
+        "bi_data": {"source": cfg.bi_source, "samples": cfg.bi_samples, "seqlen": cfg.bi_seqlen},
+    }
+    return model, {"provenance": provenance, "alignment": align}
+
+
+def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: str = "float32") -> Path:
+    """Full offline pipeline (floating point; quantization comes in a later stage)."""
+    cfg.validate()
+    source = load_source(model_name)
+    model = decoder_from_hf(source.hf_model)
+    del source.hf_model
+    model, result = compress_decoder(model, source.tokenizer, cfg)
+    out = save_checkpoint(model, out_dir, alignment=result["alignment"], source=source.info,
+                          calibration=result["provenance"], tokenizer=source.tokenizer, dtype=DTYPES[dtype])
+    log.info("wrote %s", out)
+    return out

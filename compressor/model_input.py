@@ -1,0 +1,60 @@
+"""Source models: a Hugging Face directory (safetensors), a GGUF file, or the alias ``smollm2-135m``."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from uniql.paths import DEFAULT_MODEL_ALIAS, smollm2_gguf
+from uniql.runtime.checkpoint import sha256_file
+
+
+@dataclass
+class SourceModel:
+    hf_model: object
+    tokenizer: object
+    info: dict  # provenance for the manifest: name, format, path, sha256
+
+
+def resolve_model_path(model: str) -> Path:
+    if model == DEFAULT_MODEL_ALIAS:
+        return smollm2_gguf()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {model!r} not found: give a Hugging Face model directory, a .gguf file, "
+            f"or the alias {DEFAULT_MODEL_ALIAS!r} (no hub downloads)"
+        )
+    return path
+
+
+def _dir_sha256(path: Path) -> str:
+    """Hash of the weight files' hashes, in name order."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no .safetensors or .bin weights")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return digest.hexdigest()
+
+
+def load_source(model: str, dtype: torch.dtype = torch.float32) -> SourceModel:
+    """Load tokenizer and transformers model from local files only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        kwargs = {"gguf_file": path.name}
+        root, fmt, digest = path.parent, "gguf", sha256_file(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        kwargs, root, fmt, digest = {}, path, "hf", _dir_sha256(path)
+    else:
+        raise ValueError(f"{path} is neither a .gguf file nor a model directory with config.json")
+    tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True, **kwargs)
+    hf_model = AutoModelForCausalLM.from_pretrained(str(root), local_files_only=True, dtype=dtype, **kwargs)
+    info = {"name": model, "format": fmt, "path": str(path), "sha256": digest}
+    return SourceModel(hf_model.eval(), tokenizer, info)

@@ -1,0 +1,87 @@
+"""Structured weight sorting: apply importance orders to a layer so every rung keeps a prefix.
+
+All transforms are re-parameterisations done in fp64: at rate 0 the sorted layer computes the same function
+(permutations exactly, the V/O rotation up to float rounding). Layouts are described in runtime/decoder.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from uniql.runtime.decoder import DecoderLayer, ElasticAttention, ElasticMLP
+
+from .orders import LayerOrders
+
+
+def _assign(param: nn.Parameter, value: torch.Tensor) -> None:
+    param.data = value.to(param.dtype).contiguous()
+
+
+def permute_mlp(mlp: ElasticMLP, order: torch.Tensor) -> None:
+    """Intermediate channel ``order[i]`` becomes channel ``i``: gate/up rows and down columns."""
+    _assign(mlp.gate_weight, mlp.gate_weight[order])
+    _assign(mlp.up_weight, mlp.up_weight[order])
+    _assign(mlp.down_weight, mlp.down_weight[:, order])
+    for bias in (mlp.gate_bias, mlp.up_bias):
+        if bias is not None:
+            _assign(bias, bias[order])
+
+
+def _permute_pair_rows(rows: torch.Tensor, pair_order: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rank-major Q/K rows [(P*2*heads), ...] reordered by each head's group pair order [groups, P]."""
+    groups, pairs = pair_order.shape
+    rest = rows.shape[1:]
+    old = rows.reshape(pairs, 2, heads, *rest)
+    head_ids = torch.arange(heads)
+    src_pair = pair_order[head_ids // (heads // groups)].T  # [P, heads]: old pair for (new pair, head)
+    new = old[src_pair, :, head_ids[None, :].expand(pairs, heads)]  # [P, heads, 2, ...]
+    return new.transpose(1, 2).reshape(rows.shape)
+
+
+def permute_qk(attn: ElasticAttention, pair_order: torch.Tensor) -> None:
+    """KV group ``g``'s RoPE pair ``pair_order[g, m]`` becomes its pair ``m`` (shared by the group's heads)."""
+    for name, heads in (("q_weight", attn.n_heads), ("k_weight", attn.n_kv),
+                        ("q_bias", attn.n_heads), ("k_bias", attn.n_kv)):
+        param = getattr(attn, name)
+        if param is not None:
+            _assign(param, _permute_pair_rows(param.data, pair_order, heads))
+    attn.rope_index.copy_(torch.gather(attn.rope_index, 1, pair_order))
+
+
+def fold_v_bias(attn: ElasticAttention) -> None:
+    """Move the V bias into o_proj: each attention row sums to 1, so the bias reaches o_proj unchanged."""
+    if attn.v_bias is None:
+        return
+    n, g, d = attn.n_heads, attn.n_kv, attn.head_dim
+    v_bias = attn.v_bias.double().view(d, g)  # [rank, group]
+    o = attn.o_weight.double().view(-1, d, n)  # [h, rank, head]
+    per_head_bias = v_bias[:, torch.arange(n) // (n // g)]  # [rank, head]
+    folded = torch.einsum("hjq,jq->h", o, per_head_bias)
+    old = attn.o_bias.double() if attn.o_bias is not None else torch.zeros_like(folded)
+    attn.o_bias = nn.Parameter((old + folded).to(attn.o_weight.dtype), requires_grad=False)
+    attn.v_bias = None
+
+
+def rotate_vo(attn: ElasticAttention, rotation: torch.Tensor) -> None:
+    """Per KV group, V rank directions become ``rotation[g] @ old`` and o_proj columns follow.
+
+    ``rotation`` [groups, d, d] is orthogonal (a permutation for baseline orders), so W_V W_O is unchanged;
+    row ``j`` of ``rotation[g]`` is the group's ``j``-th most important direction. Call ``fold_v_bias`` first.
+    """
+    if attn.v_bias is not None:
+        raise ValueError("fold the V bias into o_proj before rotating V/O")
+    n, g, d = attn.n_heads, attn.n_kv, attn.head_dim
+    rot = rotation.double()
+    v = attn.v_weight.double().view(d, g, -1)  # [rank, group, h]
+    _assign(attn.v_weight, torch.einsum("gji,igh->jgh", rot, v).reshape(g * d, -1))
+    o = attn.o_weight.double().view(-1, d, n)  # [h, rank, head]
+    rot_per_head = rot[torch.arange(n) // (n // g)]  # [head, d, d]
+    _assign(attn.o_weight, torch.einsum("qji,hiq->hjq", rot_per_head, o).reshape(-1, d * n))
+
+
+def apply_orders(layer: DecoderLayer, orders: LayerOrders) -> None:
+    permute_mlp(layer.mlp, orders.mlp)
+    permute_qk(layer.attn, orders.qk_pairs)
+    fold_v_bias(layer.attn)
+    rotate_vo(layer.attn, orders.vo_rotation)

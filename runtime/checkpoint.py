@@ -1,0 +1,129 @@
+"""UniQL checkpoint: a directory with ``uniql.json`` (manifest), ``model.safetensors`` and tokenizer files.
+
+Loading checks the manifest's format version, every file's sha256 and every tensor's shape and dtype, and
+says what is wrong and how to fix it. The format is never inferred from file names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .decoder import ElasticDecoder
+from .ladder import Alignment, RateLadder
+from .spec import ArchSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "uniql.json"
+WEIGHTS = "model.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, corrupt, truncated, foreign or from another format version."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_checkpoint(model: ElasticDecoder, out_dir: str | Path, *, alignment: Alignment, source: dict,
+                    calibration: dict, tokenizer=None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the model (floating point) with its ladder, provenance and tokenizer."""
+    if model.ladder is None:
+        raise ValueError("a UniQL checkpoint needs a rate ladder; sort the model first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
+    tensors["inv_freq"] = model.inv_freq.float().cpu()  # RoPE frequencies stay fp32 whatever the weights
+    save_file(tensors, out / WEIGHTS, metadata={"format": "uniql"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    manifest = {
+        "format": "uniql", "format_version": FORMAT_VERSION, "weights": "float",
+        "created_unix": int(time.time()), "source": source,
+        "arch": model.spec.to_dict(), "alignment": alignment.__dict__,
+        "ladder": model.ladder.to_dict(), "calibration": calibration,
+        "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype), "file": WEIGHTS}
+                    for k, v in tensors.items()},
+        "files": {WEIGHTS: sha256_file(out / WEIGHTS)},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def read_manifest(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a UniQL checkpoint: {MANIFEST} is missing "
+                              "(create one with `uniql compress MODEL --out DIR`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt, recreate it") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != "uniql":
+        raise CheckpointError(f"{path} is not a UniQL manifest (no \"format\": \"uniql\")")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {version}; this UniQL reads {FORMAT_VERSION}. "
+                              "Re-run `uniql compress` with this version")
+    return manifest
+
+
+def _verify_files(ckpt: Path, manifest: dict) -> None:
+    for name, digest in manifest["files"].items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST}: the file is corrupt or "
+                                  "truncated; copy it again or re-run `uniql compress`")
+
+
+def _check_tensors(tensors: dict, manifest: dict) -> None:
+    for name, info in manifest["tensors"].items():
+        t = tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"tensor {name!r} listed in {MANIFEST} is missing from {info['file']}")
+        if list(t.shape) != info["shape"] or _dtype_name(t.dtype) != info["dtype"]:
+            raise CheckpointError(f"tensor {name!r} is {list(t.shape)} {t.dtype}; manifest says "
+                                  f"{info['shape']} {info['dtype']}")
+
+
+def load_checkpoint(ckpt_dir: str | Path, *, device="cpu", dtype: torch.dtype | None = None,
+                    verify: bool = True) -> tuple[ElasticDecoder, dict]:
+    """(model, manifest). ``verify`` checks sha256 of every file (seconds for small models)."""
+    ckpt = Path(ckpt_dir)
+    manifest = read_manifest(ckpt)
+    if verify:
+        _verify_files(ckpt, manifest)
+    try:
+        tensors = load_file(ckpt / WEIGHTS, device=str(device))
+    except Exception as err:  # safetensors raises several types for damaged headers
+        raise CheckpointError(f"{ckpt / WEIGHTS} cannot be read ({err}); re-run `uniql compress`") from err
+    _check_tensors(tensors, manifest)
+    model = ElasticDecoder(ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"]))
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model.requires_grad_(False).eval(), manifest
+
+
+def load_tokenizer(ckpt_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ckpt_dir), local_files_only=True)

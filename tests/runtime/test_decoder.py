@@ -1,0 +1,103 @@
+"""The generic elastic decoder equals transformers, runs every rung as views, and decodes with a KV cache."""
+
+import pytest
+import torch
+from helpers import max_rel_diff, tiny_hf_model
+
+from uniql.runtime.decoder import ElasticDecoder
+from uniql.runtime.hf_import import decoder_from_hf
+from uniql.runtime.ladder import Alignment, dim_steps, uniform_ladder
+
+TOL = 1e-4  # acceptance: max |logit diff| <= 1e-4 * max |logit|, fp32
+
+
+@pytest.mark.parametrize("family,tie,kv_heads", [("llama", False, 2), ("llama", True, 4), ("qwen2", False, 2),
+                                                 ("qwen2", True, 1)])
+def test_matches_transformers(family, tie, kv_heads):
+    hf = tiny_hf_model(family, tie=tie, kv_heads=kv_heads)
+    ours = decoder_from_hf(hf)
+    ids = torch.randint(0, 320, (2, 23))
+    with torch.no_grad():
+        assert max_rel_diff(ours(ids), hf(ids).logits) <= TOL
+
+
+def test_qwen2_biases_are_used():
+    hf = tiny_hf_model("qwen2")
+    ours = decoder_from_hf(hf)
+    ids = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        before = ours(ids)
+        ours.layers[0].attn.k_bias.add_(1.0)
+        assert max_rel_diff(ours(ids), before) > 1e-3
+
+
+def test_smollm2_matches_transformers(smollm2):
+    ours = decoder_from_hf(smollm2.hf_model)
+    ids = smollm2.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt")
+    with torch.no_grad():
+        ref = smollm2.hf_model(ids.input_ids).logits
+        assert max_rel_diff(ours(ids.input_ids), ref) <= TOL
+
+
+def _laddered(family="llama"):
+    model = decoder_from_hf(tiny_hf_model(family, heads=8, kv_heads=4, hidden=64, inter=256))
+    spec = model.spec
+    steps = dim_steps(spec.num_heads, spec.num_kv_heads, spec.head_dim, Alignment(group_size=32))
+    model.ladder = uniform_ladder(model.full_sizes, steps, spec.num_layers)
+    return model
+
+
+def test_rung_truncation_is_a_view():
+    model = _laddered()
+    attn, mlp = model.layers[0].attn, model.layers[0].mlp
+    sizes = model.ladder.sizes[-1][0]
+    q_rows = attn.q_weight[: attn.n_heads * sizes.qk]
+    o_cols = attn.o_weight[:, : attn.n_heads * sizes.vo]
+    down = mlp.down_weight[:, : sizes.mlp]
+    for view, base in ((q_rows, attn.q_weight), (o_cols, attn.o_weight), (down, mlp.down_weight)):
+        assert view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    assert sizes.qk < attn.head_dim and sizes.mlp < mlp.down_weight.shape[1]
+
+
+def test_rungs_change_output_and_rung0_is_full():
+    model = _laddered()
+    ids = torch.randint(0, 320, (1, 12))
+    with torch.no_grad():
+        full = model(ids)
+        assert torch.equal(model(ids, rung=0), full)
+        assert max_rel_diff(model(ids, rung=len(model.ladder.rates) - 1), full) > 1e-3
+
+
+@pytest.mark.parametrize("rung", [0, 5])
+def test_kv_cache_decode_matches_full_forward(rung):
+    model = _laddered("qwen2")
+    ids = torch.randint(0, 320, (2, 14))
+    with torch.no_grad():
+        full = model(ids, rung=rung)
+        cache = model.new_cache(batch=2, max_len=32, rung=rung)
+        steps = [model(ids[:, :9], cache=cache)]
+        steps += [model(ids[:, t:t + 1], cache=cache) for t in range(9, 14)]
+    assert max_rel_diff(torch.cat(steps, 1), full) <= TOL
+    sizes = model.ladder.sizes[rung][0]
+    assert cache.k[0].shape == (2, model.spec.num_kv_heads, 32, sizes.qk)
+    assert cache.v[0].shape == (2, model.spec.num_kv_heads, 32, sizes.vo)
+
+
+def test_right_padding_does_not_change_real_tokens():
+    model = _laddered()
+    ids = torch.randint(0, 320, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask)
+        alone = model(ids[1:, :6])
+    assert max_rel_diff(padded[1, :6], alone[0]) <= TOL
+
+
+def test_unknown_rung_is_a_clear_error():
+    model = _laddered()
+    with pytest.raises(ValueError, match="outside the ladder"):
+        model(torch.zeros(1, 3, dtype=torch.long), rung=99)
+    bare = ElasticDecoder(model.spec)
+    with pytest.raises(ValueError, match="no rate ladder"):
+        bare(torch.zeros(1, 3, dtype=torch.long), rung=2)
