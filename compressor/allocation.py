@@ -18,13 +18,13 @@ def allocate(scores: list[float], rate: float, eps: float = 0.1, max_prune: floa
         raise ValueError(f"global rate {rate} must be within [0, {max_prune}]")
     if eps <= 0:
         raise ValueError("eps must be positive")
-    weights = torch.softmax(-torch.tensor(scores, dtype=torch.float64) / eps, 0)
+    logits = -torch.tensor(scores, dtype=torch.float64) / eps
     n = len(scores)
     prune = torch.zeros(n, dtype=torch.float64)
     free = torch.ones(n, dtype=torch.bool)
     budget = rate * n
     while free.any():
-        share = budget * weights[free] / weights[free].sum()
+        share = budget * torch.softmax(logits[free], 0)  # softmax over the free layers never underflows to 0/0
         over = share > max_prune
         if not over.any():
             prune[free] = share

@@ -90,9 +90,9 @@ def calibration_batches(tokenizer, source: str, n_samples: int, seqlen: int, see
         seqs = seqs[:n_samples]
     else:
         stream = tokenizer(texts[0])["input_ids"]
-        if len(stream) <= seqlen:
-            raise ValueError(f"calibration text has {len(stream)} tokens; need more than seqlen={seqlen}")
-        starts = [rng.randrange(0, len(stream) - seqlen) for _ in range(n_samples)]
+        if len(stream) < seqlen:
+            raise ValueError(f"calibration text has {len(stream)} tokens; need at least seqlen={seqlen}")
+        starts = [rng.randrange(0, len(stream) - seqlen + 1) for _ in range(n_samples)]
         seqs = [stream[s:s + seqlen] for s in starts]
     if not seqs:
         raise ValueError(f"calibration source {source!r} gave no usable sequences")

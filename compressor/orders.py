@@ -42,12 +42,15 @@ def ridge_leverage(corr: torch.Tensor, lam_rel: float = 1e-2) -> torch.Tensor:
     return 1.0 - lam * chol_inv.pow(2).sum(0)
 
 
-def pinv_leverage(corr: torch.Tensor, lam_rel: float = 1e-2) -> torch.Tensor:
-    """The same leverage scores through an SVD-based pseudo-inverse (MoDeGPT-style), for comparison."""
+def pinv_leverage(corr: torch.Tensor, lam_rel: float = 1e-2, hermitian: bool = False) -> torch.Tensor:
+    """The same scores through an SVD pseudo-inverse, as decomposition-based pipelines (MoDeGPT) compute them.
+
+    Kept for comparison and timing (benchmarks/ridge_vs_pinv.py): same math, an n^3 SVD instead of a Cholesky.
+    """
     n = corr.shape[0]
     lam = lam_rel * corr.diagonal().mean().clamp_min(1e-30)
     eye = torch.eye(n, dtype=corr.dtype, device=corr.device)
-    return (corr @ torch.linalg.pinv(corr + lam * eye, hermitian=True)).diagonal()
+    return (corr @ torch.linalg.pinv(corr + lam * eye, hermitian=hermitian)).diagonal()
 
 
 def descending(scores: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,9 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format_version {version}; this UniQL reads {FORMAT_VERSION}. "
                               "Re-run `uniql compress` with this version")
+    missing = [k for k in ("arch", "ladder", "tensors", "files", "calibration") if k not in manifest]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: the manifest is incomplete; re-run `uniql compress`")
     return manifest
 
 

@@ -104,7 +104,8 @@ class RateLadder:
         """Index of the rung nearest ``rate`` (ties go to the lighter pruning)."""
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"pruning rate must be in [0, 1), got {rate}")
-        return min(range(len(self.rates)), key=lambda i: (abs(self.rates[i] - rate), i))
+        # distances rounded so decimal midpoints (0.275) tie exactly and go to the lighter rung
+        return min(range(len(self.rates)), key=lambda i: (round(abs(self.rates[i] - rate), 9), i))
 
     @classmethod
     def build(cls, full: LayerSizes, steps: DimSteps, rates, layer_keep: list[list[float]]) -> RateLadder:

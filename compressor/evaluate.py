@@ -1,0 +1,100 @@
+"""Quality of a (compressed) model at a rung: WikiText-2 perplexity and lm-eval zero-shot accuracy.
+
+Perplexity follows the GPTQ protocol so numbers compare with the papers: the HF ``wikitext-2-raw-v1`` test
+rows joined by blank lines, tokenized once, cut into non-overlapping ``seqlen`` windows (the last partial
+window dropped), ``exp`` of the mean next-token NLL over every predicted token. Zero-shot tasks run through
+lm-eval's own task definitions (see :mod:`uniql.compressor.eval_tasks`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from uniql.paths import data_file
+
+from .eval_tasks import ZERO_SHOT_TASKS, ElasticLM, zero_shot
+
+__all__ = ["ElasticLM", "TASKS", "evaluate", "wikitext2_ppl", "zero_shot"]
+
+PPL_TASKS = ("wikitext2",)
+TASKS = PPL_TASKS + tuple(ZERO_SHOT_TASKS)
+
+
+def wikitext2_rows(path: str | Path) -> list[str]:
+    """The HF ``wikitext-2-raw-v1`` test rows: lines keep their newline, blank lines become ""."""
+    with open(path, encoding="utf-8") as f:
+        return [line if line.strip() else "" for line in f.readlines()]
+
+
+def _token_stream(tokenizer, path: str | Path) -> torch.Tensor:
+    """All test tokens [N], tokenized in one go with the tokenizer's own defaults (BOS only if it adds one)."""
+    text = "\n\n".join(wikitext2_rows(path))
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _windows_nll(model, windows: torch.Tensor, rung: int | None) -> float:
+    """Summed next-token NLL (fp64) of ``windows`` [B, T], each window scored on its own."""
+    logits = model(windows, rung=rung)  # [B, T, V]
+    total = 0.0
+    # Row by row: a [T, V] fp32 copy at a time instead of the whole [B, T, V] batch upcast at once.
+    for row_logits, row_ids in zip(logits, windows, strict=True):
+        total += F.cross_entropy(row_logits[:-1].float(), row_ids[1:], reduction="sum").double().item()
+    return total
+
+
+@torch.inference_mode()
+def wikitext2_ppl(model, tokenizer, *, rung: int | None = None, path: str | Path | None = None,
+                  seqlen: int = 2048, max_windows: int | None = None, batch_size: int = 4,
+                  device: torch.device | str | None = None) -> dict:
+    """``{"ppl", "nll", "tokens", "windows", "seqlen"}``; ``tokens`` counts predicted tokens (seqlen - 1 a window)."""
+    stream = _token_stream(tokenizer, path or data_file("wikitext2/wiki.test.raw"))
+    n_windows = stream.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"the text has {stream.numel()} tokens, fewer than one window of {seqlen}")
+    windows = stream[: n_windows * seqlen].view(n_windows, seqlen)  # [W, seqlen]
+    device = torch.device(device) if device else _model_device(model)
+    nll = 0.0
+    with tqdm(total=n_windows, desc=f"wikitext2 ppl (seqlen {seqlen})", unit="win") as bar:
+        for start in range(0, n_windows, batch_size):
+            batch = windows[start: start + batch_size].to(device)
+            nll += _windows_nll(model, batch, rung)
+            bar.update(len(batch))
+    tokens = n_windows * (seqlen - 1)
+    return {"ppl": math.exp(nll / tokens), "nll": nll / tokens, "tokens": tokens,
+            "windows": n_windows, "seqlen": seqlen}
+
+
+def evaluate(model, tokenizer, tasks: Sequence[str], *, rung: int | None = None, limit: int | None = None,
+             seqlen: int = 2048, max_windows: int | None = None, batch_size: int = 16,
+             ppl_batch_size: int = 4, device: torch.device | str | None = None,
+             data_paths: Mapping[str, str | Path] | None = None) -> dict[str, dict]:
+    """Run ``tasks`` (any of :data:`TASKS`) at ``rung``: ``{"wikitext2": {"ppl": ...}, "piqa": {"acc": ...}}``.
+
+    ``limit`` caps the documents of each zero-shot task, ``max_windows`` the perplexity windows;
+    ``data_paths`` maps a task name to a local file replacing the shared data.
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; valid tasks: {list(TASKS)}")
+    results: dict[str, dict] = {}
+    if "wikitext2" in tasks:
+        path = (data_paths or {}).get("wikitext2")
+        results["wikitext2"] = wikitext2_ppl(model, tokenizer, rung=rung, path=path, seqlen=seqlen,
+                                             max_windows=max_windows, batch_size=ppl_batch_size, device=device)
+    zero_shot_tasks = [t for t in tasks if t in ZERO_SHOT_TASKS]
+    if zero_shot_tasks:
+        results.update(zero_shot(model, tokenizer, zero_shot_tasks, rung=rung, limit=limit,
+                                 batch_size=batch_size, device=device, data_paths=data_paths))
+    return {t: results[t] for t in tasks}
