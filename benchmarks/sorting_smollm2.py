@@ -57,6 +57,33 @@ def sort_and_measure(base, tokenizer, order, args, report) -> object:
     return model.cpu()
 
 
+def sweep(base, tokenizer, args, report) -> None:
+    """Ablation of the ridge lambda (MLP order) and allocation eps (ladder) for uniql, on wikitext2 VALID
+    (tokenized split) so that defaults are never picked on the test set."""
+    from uniql.compressor.allocation import build_ladder
+    from uniql.paths import data_file
+    from uniql.runtime.ladder import dim_steps
+
+    report["sweep"] = []
+    for lam in (1e-3, 1e-2, 1e-1, 1.0):
+        cfg = CompressConfig(order="uniql", ridge_lambda=lam, calib_samples=args.calib_samples,
+                             calib_seqlen=args.calib_seqlen, bi_samples=args.bi_samples, bi_seqlen=args.bi_seqlen,
+                             device=args.device)
+        model, result = compress_decoder(copy.deepcopy(base), tokenizer, cfg)
+        model.to(args.device)
+        spec, prov = model.spec, result["provenance"]
+        steps = dim_steps(spec.num_heads, spec.num_kv_heads, spec.head_dim, result["alignment"])
+        for eps in (0.05, 0.1, 0.2, 1.0, 100.0):
+            model.ladder = build_ladder(prov["block_importance"], model.full_sizes, steps, cfg.rates, eps)
+            for rate in (0.15, 0.25, 0.35):
+                ppl = wikitext2_ppl(model, tokenizer, rung=model.ladder.nearest(rate),
+                                    path=data_file("wikitext2/wiki.valid.tokens"), max_windows=40,
+                                    device=args.device)["ppl"]
+                row = {"ridge_lambda_rel": lam, "eps": eps, "rate": rate, "valid_ppl": ppl}
+                report["sweep"].append(row)
+                print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,6 +97,7 @@ def main() -> None:
     ap.add_argument("--bi-seqlen", type=int, default=2048)
     ap.add_argument("--ppl-windows", type=int, default=None, help="cap wikitext2 windows (smoke runs)")
     ap.add_argument("--ridge", action="store_true", help="also run the 14336-channel ridge-vs-pinv timing")
+    ap.add_argument("--sweep", action="store_true", help="only the lambda x eps ablation on wikitext2 valid")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
@@ -85,6 +113,10 @@ def main() -> None:
     source = load_source("smollm2-135m")
     base = decoder_from_hf(source.hf_model)
     tok = source.tokenizer
+    if args.sweep:
+        sweep(base, tok, args, report)
+        save()
+        return
     original = wikitext2_ppl(base.to(args.device), tok, seqlen=2048, max_windows=args.ppl_windows,
                              device=args.device)["ppl"]
     report["original_wikitext2_ppl"] = original
