@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -39,8 +41,9 @@ def kept_param_fraction(model, rung: int) -> float:
 
 
 def sort_and_measure(base, tokenizer, order, args, report) -> object:
+    overrides = {k: v for k, v in (("eps", args.eps), ("max_prune", args.max_prune)) if v is not None}
     cfg = CompressConfig(order=order, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                         bi_samples=args.bi_samples, bi_seqlen=args.bi_seqlen, device=args.device)
+                         bi_samples=args.bi_samples, bi_seqlen=args.bi_seqlen, device=args.device, **overrides)
     model = copy.deepcopy(base)
     start = time.perf_counter()
     compress_decoder(model, tokenizer, cfg)
@@ -64,8 +67,8 @@ def sweep(base, tokenizer, args, report) -> None:
     from uniql.paths import data_file
     from uniql.runtime.ladder import dim_steps
 
-    report["sweep"] = []
-    for lam in (1e-3, 1e-2, 1e-1, 1.0):
+    report.setdefault("sweep", [])
+    for lam in args.sweep_lambdas:
         cfg = CompressConfig(order="uniql", ridge_lambda=lam, calib_samples=args.calib_samples,
                              calib_seqlen=args.calib_seqlen, bi_samples=args.bi_samples, bi_seqlen=args.bi_seqlen,
                              device=args.device)
@@ -73,15 +76,19 @@ def sweep(base, tokenizer, args, report) -> None:
         model.to(args.device)
         spec, prov = model.spec, result["provenance"]
         steps = dim_steps(spec.num_heads, spec.num_kv_heads, spec.head_dim, result["alignment"])
-        for eps in (0.05, 0.1, 0.2, 1.0, 100.0):
-            model.ladder = build_ladder(prov["block_importance"], model.full_sizes, steps, cfg.rates, eps)
+        for eps, cap in itertools.product(args.sweep_eps, args.sweep_caps):
+            model.ladder = build_ladder(prov["block_importance"], model.full_sizes, steps, cfg.rates, eps, cap)
             for rate in (0.15, 0.25, 0.35):
                 ppl = wikitext2_ppl(model, tokenizer, rung=model.ladder.nearest(rate),
                                     path=data_file("wikitext2/wiki.valid.tokens"), max_windows=40,
                                     device=args.device)["ppl"]
-                row = {"ridge_lambda_rel": lam, "eps": eps, "rate": rate, "valid_ppl": ppl}
+                row = {"ridge_lambda_rel": lam, "eps": eps, "max_prune": cap, "rate": rate, "valid_ppl": ppl}
                 report["sweep"].append(row)
                 print(json.dumps(row), flush=True)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
 
 
 def main() -> None:
@@ -97,7 +104,12 @@ def main() -> None:
     ap.add_argument("--bi-seqlen", type=int, default=2048)
     ap.add_argument("--ppl-windows", type=int, default=None, help="cap wikitext2 windows (smoke runs)")
     ap.add_argument("--ridge", action="store_true", help="also run the 14336-channel ridge-vs-pinv timing")
-    ap.add_argument("--sweep", action="store_true", help="only the lambda x eps ablation on wikitext2 valid")
+    ap.add_argument("--sweep", action="store_true", help="only the lambda x eps x cap ablation on wikitext2 valid")
+    ap.add_argument("--sweep-lambdas", type=_floats, default=[1e-3, 1e-2, 1e-1, 1.0])
+    ap.add_argument("--sweep-eps", type=_floats, default=[0.05, 0.1, 0.2, 1.0, 100.0])
+    ap.add_argument("--sweep-caps", type=_floats, default=[0.85])
+    ap.add_argument("--eps", type=float, default=None, help="allocation temperature (default: compressor's)")
+    ap.add_argument("--max-prune", type=float, default=None, help="allocation cap (default: compressor's)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
@@ -105,7 +117,8 @@ def main() -> None:
     report = json.loads(out.read_text()) if out.exists() else {}
     report.update({"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32)", "device": args.device,
                    "protocol": {"wikitext2": "raw test, '\\n\\n'-joined rows, 2048-token windows",
-                                "calibration": vars(args) | {"rates": args.rates}}, "rows": []})
+                                "calibration": vars(args) | {"rates": args.rates},
+                                "compress_config": dataclasses.asdict(CompressConfig())}, "rows": []})
 
     def save():
         out.write_text(json.dumps(report, indent=1))

@@ -37,7 +37,7 @@ def allocate(scores: list[float], rate: float, eps: float = 0.1, max_prune: floa
 
 
 def build_ladder(scores: list[float], full: LayerSizes, steps: DimSteps, rates=DEFAULT_RATES,
-                 eps: float = 0.1) -> RateLadder:
-    """A ladder whose rung ``r`` prunes layer ``l`` at ``allocate(scores, rates[r])[l]``."""
-    keep = [[1.0 - p for p in allocate(scores, r, eps)] for r in rates]
+                 eps: float = 0.1, max_prune: float = 0.85) -> RateLadder:
+    """A ladder whose rung ``r`` prunes layer ``l`` at ``allocate(scores, rates[r], eps, max_prune)[l]``."""
+    keep = [[1.0 - p for p in allocate(scores, r, eps, max_prune)] for r in rates]
     return RateLadder.build(full, steps, rates, keep)

@@ -32,7 +32,7 @@ class LayerOrders:
     vo_rotation: torch.Tensor  # [groups, head_dim, head_dim] orthogonal, rows = new rank directions
 
 
-def ridge_leverage(corr: torch.Tensor, lam_rel: float = 1e-2) -> torch.Tensor:
+def ridge_leverage(corr: torch.Tensor, lam_rel: float = 0.1) -> torch.Tensor:
     """diag(C (C + lam I)^-1) = 1 - lam * diag((C + lam I)^-1), via Cholesky (no eigendecomposition)."""
     n = corr.shape[0]
     lam = lam_rel * corr.diagonal().mean().clamp_min(1e-30)
@@ -42,7 +42,7 @@ def ridge_leverage(corr: torch.Tensor, lam_rel: float = 1e-2) -> torch.Tensor:
     return 1.0 - lam * chol_inv.pow(2).sum(0)
 
 
-def pinv_leverage(corr: torch.Tensor, lam_rel: float = 1e-2, hermitian: bool = False) -> torch.Tensor:
+def pinv_leverage(corr: torch.Tensor, lam_rel: float = 0.1, hermitian: bool = False) -> torch.Tensor:
     """The same scores through an SVD pseudo-inverse, as decomposition-based pipelines (MoDeGPT) compute them.
 
     Kept for comparison and timing (benchmarks/ridge_vs_pinv.py): same math, an n^3 SVD instead of a Cholesky.
@@ -99,7 +99,7 @@ def _permutation_rotation(order: torch.Tensor) -> torch.Tensor:
     return eye[order]
 
 
-def uniql_orders(layer: DecoderLayer, stats: LayerStats, lam_rel: float = 1e-2) -> LayerOrders:
+def uniql_orders(layer: DecoderLayer, stats: LayerStats, lam_rel: float = 0.1) -> LayerOrders:
     attn = layer.attn
     q_e = _row_energy(attn.q_weight, attn.q_bias, stats)
     k_e = _row_energy(attn.k_weight, attn.k_bias, stats)

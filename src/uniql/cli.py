@@ -26,7 +26,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--bi-samples", type=int, default=32)
     p.add_argument("--bi-seqlen", type=int, default=2048)
     p.add_argument("--group-size", type=int, default=None, help="quantization group along K (default: auto)")
-    p.add_argument("--eps", type=float, default=0.1, help="allocation temperature")
+    p.add_argument("--eps", type=float, default=0.05, help="allocation temperature")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=1234)

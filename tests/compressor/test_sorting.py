@@ -77,8 +77,8 @@ def test_ridge_leverage_matches_eigen_formula_and_pinv():
     lam = 1e-2 * corr.diagonal().mean()
     mu, u = torch.linalg.eigh(corr)
     expected = (u.pow(2) * (mu / (mu + lam))).sum(1)
-    assert torch.allclose(ridge_leverage(corr), expected, rtol=1e-9, atol=1e-12)
-    assert torch.allclose(pinv_leverage(corr), expected, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(ridge_leverage(corr, 1e-2), expected, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(pinv_leverage(corr, 1e-2), expected, rtol=1e-6, atol=1e-9)
 
 
 def test_uniql_orders_put_importance_first():
