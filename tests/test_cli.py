@@ -1,0 +1,89 @@
+"""`uniql compress`, `eval` and `info` end to end on a tiny model, through the real entry point."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import DATA, tiny_hf_model
+
+from uniql.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    """A Hugging Face model directory (random tiny Llama + the SmolLM2 tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from uniql.paths import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    out = tmp_path_factory.mktemp("src")
+    tiny_hf_model("llama", vocab=len(tok), hidden=64, inter=128).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A data folder laid out like shared/data, from the small fixtures."""
+    root = tmp_path_factory.mktemp("data")
+    for src, dst in (("wikitext2_small.raw", "wikitext2/wiki.test.raw"),
+                     ("wikitext2_small.raw", "wikitext2/wiki.valid.tokens"),
+                     ("alpaca_small.json", "alpaca/alpaca_5000.json")):
+        (root / dst).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DATA / src, root / dst)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_source, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNIQL_DATA_DIR", str(data_dir))
+        rc = main(["compress", str(tiny_source), "--out", str(out), "--no-quant", "--calib-samples", "8",
+                   "--calib-seqlen", "64", "--bi-samples", "2", "--bi-seqlen", "64", "--group-size", "32"])
+    assert rc == 0
+    return out
+
+
+def test_compress_writes_a_checkpoint_with_provenance(ckpt):
+    manifest = json.loads((ckpt / "uniql.json").read_text())
+    assert manifest["calibration"]["sort_data"] == {"source": "alpaca", "samples": 8, "seqlen": 64}
+    assert manifest["ladder"]["rates"][0] == 0.0 and len(manifest["ladder"]["rates"]) == 8
+    assert (ckpt / "tokenizer.json").is_file() or (ckpt / "tokenizer_config.json").is_file()
+
+
+def test_eval_snaps_rate_and_prints_json(ckpt, data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("UNIQL_DATA_DIR", str(data_dir))
+    rc = main(["eval", str(ckpt), "--rate", "0.22", "--tasks", "wikitext2", "--max-windows", "2",
+               "--seqlen", "64", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rate"] == pytest.approx(0.2) and report["rung"] == 4
+    assert 1.0 < report["tasks"]["wikitext2"]["ppl"] < float("inf")
+
+
+def test_bad_inputs_are_clear_errors(ckpt, tmp_path, capsys):
+    assert main(["eval", str(ckpt), "--tasks", "bogus"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a UniQL checkpoint" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_info_lists_every_rung(ckpt, capsys):
+    assert main(["info", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("rate 0.") == 8 and "llama" in out
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "uniql"
+    result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
+    assert "compress" in result.stdout and "eval" in result.stdout
