@@ -26,11 +26,13 @@ test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
 
 # Until the server lands, `serve` builds the default model's checkpoint (once) and evaluates two rungs.
+# The calibration is lighter than `uniql compress`'s defaults so a CPU builds it in a few minutes.
+SERVE_CALIB ?= --calib-samples 64 --bi-samples 8 --bi-seqlen 1024
 serve: setup
-	@if [ ! -f $(CKPT)/uniql.json ]; then $(VENV)/bin/uniql compress smollm2-135m --out $(CKPT) --no-quant; fi
+	@if [ ! -f $(CKPT)/uniql.json ]; then $(VENV)/bin/uniql compress smollm2-135m --out $(CKPT) --no-quant $(SERVE_CALIB); fi
 	$(VENV)/bin/uniql info $(CKPT)
-	$(VENV)/bin/uniql eval $(CKPT) --rate 0 --tasks wikitext2 --max-windows 8
-	$(VENV)/bin/uniql eval $(CKPT) --rate 0.25 --tasks wikitext2 --max-windows 8
+	$(VENV)/bin/uniql eval $(CKPT) --rate 0 --tasks wikitext2 --max-windows 4
+	$(VENV)/bin/uniql eval $(CKPT) --rate 0.25 --tasks wikitext2 --max-windows 4
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -66,8 +66,8 @@ class SortStatsCollector(Collector):
 
     def attach(self, index, layer):
         self.stats = LayerStats()
-        return [layer.attn.register_forward_pre_hook(self._attn_in),
-                layer.mlp.register_forward_pre_hook(self._mlp_in)]
+        return [layer.attn.q_proj.register_forward_pre_hook(self._attn_in),
+                layer.mlp.down_proj.register_forward_pre_hook(self._mlp_hidden)]
 
     def _attn_in(self, module, args):
         x = real_tokens(args[0], self.mask)
@@ -75,11 +75,8 @@ class SortStatsCollector(Collector):
         self.stats.add("attn_in_corr", gram(x))
         self.stats.add("attn_in_sum", x.double().sum(0))
 
-    def _mlp_in(self, module, args):
-        with torch.no_grad():
-            hidden = module.hidden(args[0], module.up_weight.shape[0])
-        a = real_tokens(hidden, self.mask)
-        self.stats.add("mlp_hidden_corr", gram(a))
+    def _mlp_hidden(self, module, args):
+        self.stats.add("mlp_hidden_corr", gram(real_tokens(args[0], self.mask)))
 
     def finish(self, index, layer):
         self.on_layer(index, layer, self.stats)

@@ -84,7 +84,7 @@ def _group_pair_scores(attn: ElasticAttention, q_energy, k_energy) -> torch.Tens
 
 def _v_group_rows(attn: ElasticAttention) -> torch.Tensor:
     """V weight per group [groups, d, h] (row j = rank j)."""
-    return attn.v_weight.double().view(attn.head_dim, attn.n_kv, -1).transpose(0, 1)
+    return attn.v_proj.weight.double().view(attn.head_dim, attn.n_kv, -1).transpose(0, 1)
 
 
 def _eig_rotation(cov: torch.Tensor) -> torch.Tensor:
@@ -101,8 +101,8 @@ def _permutation_rotation(order: torch.Tensor) -> torch.Tensor:
 
 def uniql_orders(layer: DecoderLayer, stats: LayerStats, lam_rel: float = 0.1) -> LayerOrders:
     attn = layer.attn
-    q_e = _row_energy(attn.q_weight, attn.q_bias, stats)
-    k_e = _row_energy(attn.k_weight, attn.k_bias, stats)
+    q_e = _row_energy(attn.q_proj.weight, attn.q_proj.bias, stats)
+    k_e = _row_energy(attn.k_proj.weight, attn.k_proj.bias, stats)
     v = _v_group_rows(attn)
     v_cov = v @ stats.attn_in_corr @ v.transpose(1, 2)  # [g, d, d]
     return LayerOrders(
@@ -115,10 +115,12 @@ def uniql_orders(layer: DecoderLayer, stats: LayerStats, lam_rel: float = 0.1) -
 def magnitude_orders(layer: DecoderLayer) -> LayerOrders:
     """Weight-norm baseline: no calibration data."""
     attn, mlp = layer.attn, layer.mlp
-    mlp_score = mlp.gate_weight.norm(dim=1) * mlp.up_weight.norm(dim=1) * mlp.down_weight.norm(dim=0)
-    qk = _group_pair_scores(attn, attn.q_weight.double().pow(2).sum(1), attn.k_weight.double().pow(2).sum(1))
+    mlp_score = (mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1)
+                 * mlp.down_proj.weight.norm(dim=0))
+    qk = _group_pair_scores(attn, attn.q_proj.weight.double().pow(2).sum(1),
+                            attn.k_proj.weight.double().pow(2).sum(1))
     n, g, d = attn.n_heads, attn.n_kv, attn.head_dim
-    o_norm = attn.o_weight.double().view(-1, d, n).norm(dim=0)  # [rank, head]
+    o_norm = attn.o_proj.weight.double().view(-1, d, n).norm(dim=0)  # [rank, head]
     o_group = o_norm.view(d, g, n // g).sum(-1).T  # [g, d]
     vo_score = _v_group_rows(attn).norm(dim=-1) * o_group
     return LayerOrders(mlp=descending(mlp_score.double()), qk_pairs=descending(qk),
@@ -127,7 +129,7 @@ def magnitude_orders(layer: DecoderLayer) -> LayerOrders:
 
 def random_orders(layer: DecoderLayer, generator: torch.Generator) -> LayerOrders:
     attn = layer.attn
-    g, d, inter = attn.n_kv, attn.head_dim, layer.mlp.gate_weight.shape[0]
+    g, d, inter = attn.n_kv, attn.head_dim, layer.mlp.gate_proj.weight.shape[0]
     qk = torch.stack([torch.randperm(d // 2, generator=generator) for _ in range(g)])
     vo = torch.stack([torch.randperm(d, generator=generator) for _ in range(g)])
     return LayerOrders(mlp=torch.randperm(inter, generator=generator), qk_pairs=qk,

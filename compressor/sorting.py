@@ -20,12 +20,11 @@ def _assign(param: nn.Parameter, value: torch.Tensor) -> None:
 
 def permute_mlp(mlp: ElasticMLP, order: torch.Tensor) -> None:
     """Intermediate channel ``order[i]`` becomes channel ``i``: gate/up rows and down columns."""
-    _assign(mlp.gate_weight, mlp.gate_weight[order])
-    _assign(mlp.up_weight, mlp.up_weight[order])
-    _assign(mlp.down_weight, mlp.down_weight[:, order])
-    for bias in (mlp.gate_bias, mlp.up_bias):
-        if bias is not None:
-            _assign(bias, bias[order])
+    for proj in (mlp.gate_proj, mlp.up_proj):
+        _assign(proj.weight, proj.weight[order])
+        if proj.bias is not None:
+            _assign(proj.bias, proj.bias[order])
+    _assign(mlp.down_proj.weight, mlp.down_proj.weight[:, order])
 
 
 def _permute_pair_rows(rows: torch.Tensor, pair_order: torch.Tensor, heads: int) -> torch.Tensor:
@@ -41,26 +40,25 @@ def _permute_pair_rows(rows: torch.Tensor, pair_order: torch.Tensor, heads: int)
 
 def permute_qk(attn: ElasticAttention, pair_order: torch.Tensor) -> None:
     """KV group ``g``'s RoPE pair ``pair_order[g, m]`` becomes its pair ``m`` (shared by the group's heads)."""
-    for name, heads in (("q_weight", attn.n_heads), ("k_weight", attn.n_kv),
-                        ("q_bias", attn.n_heads), ("k_bias", attn.n_kv)):
-        param = getattr(attn, name)
-        if param is not None:
-            _assign(param, _permute_pair_rows(param.data, pair_order, heads))
+    for proj, heads in ((attn.q_proj, attn.n_heads), (attn.k_proj, attn.n_kv)):
+        for param in (proj.weight, proj.bias):
+            if param is not None:
+                _assign(param, _permute_pair_rows(param.data, pair_order, heads))
     attn.rope_index.copy_(torch.gather(attn.rope_index, 1, pair_order))
 
 
 def fold_v_bias(attn: ElasticAttention) -> None:
     """Move the V bias into o_proj: each attention row sums to 1, so the bias reaches o_proj unchanged."""
-    if attn.v_bias is None:
+    if attn.v_proj.bias is None:
         return
     n, g, d = attn.n_heads, attn.n_kv, attn.head_dim
-    v_bias = attn.v_bias.double().view(d, g)  # [rank, group]
-    o = attn.o_weight.double().view(-1, d, n)  # [h, rank, head]
+    v_bias = attn.v_proj.bias.double().view(d, g)  # [rank, group]
+    o = attn.o_proj.weight.double().view(-1, d, n)  # [h, rank, head]
     per_head_bias = v_bias[:, torch.arange(n) // (n // g)]  # [rank, head]
     folded = torch.einsum("hjq,jq->h", o, per_head_bias)
-    old = attn.o_bias.double() if attn.o_bias is not None else torch.zeros_like(folded)
-    attn.o_bias = nn.Parameter((old + folded).to(attn.o_weight.dtype), requires_grad=False)
-    attn.v_bias = None
+    old = attn.o_proj.bias.double() if attn.o_proj.bias is not None else torch.zeros_like(folded)
+    attn.o_proj.set_bias(old + folded)
+    attn.v_proj.set_bias(None)
 
 
 def rotate_vo(attn: ElasticAttention, rotation: torch.Tensor) -> None:
@@ -69,15 +67,15 @@ def rotate_vo(attn: ElasticAttention, rotation: torch.Tensor) -> None:
     ``rotation`` [groups, d, d] is orthogonal (a permutation for baseline orders), so W_V W_O is unchanged;
     row ``j`` of ``rotation[g]`` is the group's ``j``-th most important direction. Call ``fold_v_bias`` first.
     """
-    if attn.v_bias is not None:
+    if attn.v_proj.bias is not None:
         raise ValueError("fold the V bias into o_proj before rotating V/O")
     n, g, d = attn.n_heads, attn.n_kv, attn.head_dim
     rot = rotation.double()
-    v = attn.v_weight.double().view(d, g, -1)  # [rank, group, h]
-    _assign(attn.v_weight, torch.einsum("gji,igh->jgh", rot, v).reshape(g * d, -1))
-    o = attn.o_weight.double().view(-1, d, n)  # [h, rank, head]
+    v = attn.v_proj.weight.double().view(d, g, -1)  # [rank, group, h]
+    _assign(attn.v_proj.weight, torch.einsum("gji,igh->jgh", rot, v).reshape(g * d, -1))
+    o = attn.o_proj.weight.double().view(-1, d, n)  # [h, rank, head]
     rot_per_head = rot[torch.arange(n) // (n // g)]  # [head, d, d]
-    _assign(attn.o_weight, torch.einsum("qji,hiq->hjq", rot_per_head, o).reshape(-1, d * n))
+    _assign(attn.o_proj.weight, torch.einsum("qji,hiq->hjq", rot_per_head, o).reshape(-1, d * n))
 
 
 def apply_orders(layer: DecoderLayer, orders: LayerOrders) -> None:

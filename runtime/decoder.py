@@ -20,6 +20,7 @@ from torch import nn
 
 from .cache import KVCache
 from .ladder import LayerSizes, RateLadder
+from .linear import DenseLinear
 from .spec import ArchSpec
 
 _ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
@@ -28,14 +29,6 @@ _ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
 
 def _param(*shape) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape))
-
-
-def _optional(flag: bool, *shape) -> nn.Parameter | None:
-    return _param(*shape) if flag else None
-
-
-def _prefix(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    return None if bias is None else bias[:n]
 
 
 class RMSNorm(nn.Module):
@@ -61,18 +54,17 @@ class ElasticAttention(nn.Module):
         super().__init__()
         h, n, g, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.n_heads, self.n_kv, self.head_dim = n, g, d
-        self.q_weight, self.k_weight = _param(n * d, h), _param(g * d, h)
-        self.v_weight, self.o_weight = _param(g * d, h), _param(h, n * d)
-        self.q_bias = _optional(spec.qk_bias, n * d)
-        self.k_bias = _optional(spec.qk_bias, g * d)
-        self.v_bias = _optional(spec.v_bias, g * d)
-        self.o_bias = _optional(spec.o_bias, h)
+        self.q_proj = DenseLinear(h, n * d, spec.qk_bias)
+        self.k_proj = DenseLinear(h, g * d, spec.qk_bias)
+        self.v_proj = DenseLinear(h, g * d, spec.v_bias)
+        self.o_proj = DenseLinear(n * d, h, spec.o_bias)
         self.register_buffer("rope_index", torch.arange(d // 2).repeat(g, 1))
         self.scale = d ** -0.5
 
-    def _qk(self, x, weight, bias, heads, qk):
+    @staticmethod
+    def _qk(x, proj, heads, qk):
         """Project to the kept channels: [B, T, heads*qk] -> [B, heads, T, qk/2, 2]."""
-        out = F.linear(x, weight[: heads * qk], _prefix(bias, heads * qk))
+        out = proj(x, n=heads * qk)
         b, t, _ = out.shape
         return out.view(b, t, qk // 2, 2, heads).permute(0, 4, 1, 2, 3)
 
@@ -85,13 +77,13 @@ class ElasticAttention(nn.Module):
     def forward(self, x, sizes: LayerSizes, inv_freq, positions, mask, rope_scaling=1.0,
                 cache: KVCache | None = None, layer: int = 0):
         n, g, qk, vo = self.n_heads, self.n_kv, sizes.qk, sizes.vo
-        q = self._qk(x, self.q_weight, self.q_bias, n, qk)
-        k = self._qk(x, self.k_weight, self.k_bias, g, qk)
+        q = self._qk(x, self.q_proj, n, qk)
+        k = self._qk(x, self.k_proj, g, qk)
         cos, sin = self.rope_cos_sin(inv_freq, positions, qk // 2, rope_scaling)
         k = rotate_pairs(k, cos, sin).flatten(-2)
         rep = n // g
         q = rotate_pairs(q, cos.repeat_interleave(rep, 1), sin.repeat_interleave(rep, 1)).flatten(-2)
-        v = F.linear(x, self.v_weight[: g * vo], _prefix(self.v_bias, g * vo))
+        v = self.v_proj(x, n=g * vo)
         b, t, _ = v.shape
         v = v.view(b, t, vo, g).permute(0, 3, 1, 2)
         if cache is not None:
@@ -99,27 +91,21 @@ class ElasticAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                              scale=self.scale, enable_gqa=rep > 1)
         out = out.permute(0, 2, 3, 1).reshape(b, t, vo * n)  # rank-major, matches o_proj's columns
-        return F.linear(out, self.o_weight[:, : n * vo], self.o_bias)
+        return self.o_proj(out, k=n * vo)
 
 
 class ElasticMLP(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
         h, i = spec.hidden_size, spec.intermediate_size
-        self.gate_weight, self.up_weight, self.down_weight = _param(i, h), _param(i, h), _param(h, i)
-        self.gate_bias = _optional(spec.mlp_bias, i)
-        self.up_bias = _optional(spec.mlp_bias, i)
-        self.down_bias = _optional(spec.mlp_bias, h)
+        self.gate_proj = DenseLinear(h, i, spec.mlp_bias)
+        self.up_proj = DenseLinear(h, i, spec.mlp_bias)
+        self.down_proj = DenseLinear(i, h, spec.mlp_bias)
         self.act = _ACTS[spec.act]
 
-    def hidden(self, x, keep: int) -> torch.Tensor:
-        """down_proj's input [..., keep]: act(gate(x)) * up(x)."""
-        gate = F.linear(x, self.gate_weight[:keep], _prefix(self.gate_bias, keep))
-        up = F.linear(x, self.up_weight[:keep], _prefix(self.up_bias, keep))
-        return self.act(gate) * up
-
     def forward(self, x, keep: int):
-        return F.linear(self.hidden(x, keep), self.down_weight[:, :keep], self.down_bias)
+        hidden = self.act(self.gate_proj(x, n=keep)) * self.up_proj(x, n=keep)
+        return self.down_proj(hidden, k=keep)
 
 
 class DecoderLayer(nn.Module):

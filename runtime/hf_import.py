@@ -37,24 +37,24 @@ def _layer_tensors(sd: dict, i: int, spec: ArchSpec) -> dict[str, torch.Tensor]:
     out = {
         "input_norm.weight": sd[p + "input_layernorm.weight"],
         "post_attn_norm.weight": sd[p + "post_attention_layernorm.weight"],
-        "attn.q_weight": qk_rows_to_rank_major(sd[p + "self_attn.q_proj.weight"], n, d),
-        "attn.k_weight": qk_rows_to_rank_major(sd[p + "self_attn.k_proj.weight"], g, d),
-        "attn.v_weight": v_rows_to_rank_major(sd[p + "self_attn.v_proj.weight"], g, d),
-        "attn.o_weight": o_cols_to_rank_major(sd[p + "self_attn.o_proj.weight"], n, d),
-        "mlp.gate_weight": sd[p + "mlp.gate_proj.weight"],
-        "mlp.up_weight": sd[p + "mlp.up_proj.weight"],
-        "mlp.down_weight": sd[p + "mlp.down_proj.weight"],
+        "attn.q_proj.weight": qk_rows_to_rank_major(sd[p + "self_attn.q_proj.weight"], n, d),
+        "attn.k_proj.weight": qk_rows_to_rank_major(sd[p + "self_attn.k_proj.weight"], g, d),
+        "attn.v_proj.weight": v_rows_to_rank_major(sd[p + "self_attn.v_proj.weight"], g, d),
+        "attn.o_proj.weight": o_cols_to_rank_major(sd[p + "self_attn.o_proj.weight"], n, d),
+        "mlp.gate_proj.weight": sd[p + "mlp.gate_proj.weight"],
+        "mlp.up_proj.weight": sd[p + "mlp.up_proj.weight"],
+        "mlp.down_proj.weight": sd[p + "mlp.down_proj.weight"],
     }
     if spec.qk_bias:
-        out["attn.q_bias"] = qk_rows_to_rank_major(sd[p + "self_attn.q_proj.bias"], n, d)
-        out["attn.k_bias"] = qk_rows_to_rank_major(sd[p + "self_attn.k_proj.bias"], g, d)
+        out["attn.q_proj.bias"] = qk_rows_to_rank_major(sd[p + "self_attn.q_proj.bias"], n, d)
+        out["attn.k_proj.bias"] = qk_rows_to_rank_major(sd[p + "self_attn.k_proj.bias"], g, d)
     if spec.v_bias:
-        out["attn.v_bias"] = v_rows_to_rank_major(sd[p + "self_attn.v_proj.bias"], g, d)
+        out["attn.v_proj.bias"] = v_rows_to_rank_major(sd[p + "self_attn.v_proj.bias"], g, d)
     if spec.o_bias:
-        out["attn.o_bias"] = sd[p + "self_attn.o_proj.bias"]
+        out["attn.o_proj.bias"] = sd[p + "self_attn.o_proj.bias"]
     if spec.mlp_bias:
         for name in ("gate", "up", "down"):
-            out[f"mlp.{name}_bias"] = sd[p + f"mlp.{name}_proj.bias"]
+            out[f"mlp.{name}_proj.bias"] = sd[p + f"mlp.{name}_proj.bias"]
     return {f"layers.{i}.{k}": v for k, v in out.items()}
 
 

@@ -56,7 +56,7 @@ def test_qwen2_v_bias_is_folded_into_o_proj():
     model = decoder_from_hf(tiny_hf_model("qwen2"))
     _sort(model)
     attn = model.layers[0].attn
-    assert attn.v_bias is None and attn.o_bias is not None and attn.o_bias.abs().sum() > 0
+    assert attn.v_proj.bias is None and attn.o_proj.bias is not None and attn.o_proj.bias.abs().sum() > 0
 
 
 def test_smollm2_sorted_at_rate0_equals_transformers(smollm2):
@@ -86,13 +86,14 @@ def test_uniql_orders_put_importance_first():
     stats = _sort(model)[0]  # layer 0's input is unchanged by sorting, so its stats still apply
     attn = model.layers[0].attn
     # V/O: the sorted V correlation is diagonal with descending energies (eigenbasis)
-    v = attn.v_weight.double().view(attn.head_dim, attn.n_kv, -1).transpose(0, 1)
+    v = attn.v_proj.weight.double().view(attn.head_dim, attn.n_kv, -1).transpose(0, 1)
     cov = v @ stats.attn_in_corr @ v.transpose(1, 2)
     diag = cov.diagonal(dim1=1, dim2=2)
     assert (cov - torch.diag_embed(diag)).abs().max() <= 1e-8 * diag.abs().max()
     assert (diag[:, 1:] <= diag[:, :-1] * (1 + 1e-9)).all()
     # Q/K: recomputed pair scores are non-increasing within every KV group
-    scores = _group_pair_scores(attn, _row_energy(attn.q_weight, None, stats), _row_energy(attn.k_weight, None, stats))
+    scores = _group_pair_scores(attn, _row_energy(attn.q_proj.weight, None, stats),
+                                _row_energy(attn.k_proj.weight, None, stats))
     assert (scores[:, 1:] <= scores[:, :-1] * (1 + 1e-9)).all()
     # RoPE frequency indices are a permutation per group
     assert all(sorted(row.tolist()) == list(range(attn.head_dim // 2)) for row in attn.rope_index)
