@@ -117,7 +117,7 @@ def run_layerwise(model: ElasticDecoder, batches: list[CalibBatch], collectors: 
                   device="cpu", desc: str = "calibrating") -> None:
     """Run every calibration batch through the model one layer at a time, feeding the collectors."""
     device = torch.device(device)
-    hidden = [torch.nn.functional.embedding(b.input_ids, model.embed).float() for b in batches]
+    hidden = [model.embed_tokens(b.input_ids).float() for b in batches]
     full = model.full_sizes
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # statistics in true fp32

@@ -126,17 +126,18 @@ class ElasticDecoder(nn.Module):
         super().__init__()
         self.spec = spec
         self.ladder = ladder
-        self.embed = nn.Parameter(torch.zeros(spec.vocab_size, spec.hidden_size))
+        # the embedding table is a linear [hidden -> vocab]: tied models use it as the head too
+        self.embed = DenseLinear(spec.hidden_size, spec.vocab_size)
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = None if spec.tie_embeddings else _param(spec.vocab_size, spec.hidden_size)
+        self.lm_head = None if spec.tie_embeddings else DenseLinear(spec.hidden_size, spec.vocab_size)
         self.register_buffer("inv_freq", torch.zeros(spec.head_dim // 2))
 
     def _apply(self, fn, recurse=True):
         # RoPE frequencies stay fp32 whatever dtype the weights are cast to (bf16 angles drift by radians)
         inv_freq = self.inv_freq.float()
         super()._apply(fn, recurse)
-        self.inv_freq = inv_freq.to(self.embed.device)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
         return self
 
     @property
@@ -154,11 +155,15 @@ class ElasticDecoder(nn.Module):
         return self.ladder.sizes[rung]
 
     def new_cache(self, batch: int, max_len: int, rung: int | None = None, dtype=None) -> KVCache:
-        dtype = dtype or self.embed.dtype
-        return KVCache(self.sizes_for(rung), self.spec.num_kv_heads, batch, max_len, dtype, self.embed.device)
+        dtype = dtype or self.norm.weight.dtype
+        return KVCache(self.sizes_for(rung), self.spec.num_kv_heads, batch, max_len, dtype, self.norm.weight.device)
 
-    def head_weight(self) -> torch.Tensor:
+    @property
+    def head(self) -> nn.Module:
         return self.embed if self.lm_head is None else self.lm_head
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed.lookup(input_ids).to(self.norm.weight.dtype)
 
     def attention_mask(self, attention_mask, batch: int, steps: int, past: int, device) -> torch.Tensor:
         """Boolean [B, 1, T, past+T]: causal, and padded key positions (attention_mask == 0) hidden."""
@@ -186,10 +191,10 @@ class ElasticDecoder(nn.Module):
         """Logits [B, T, V] at a rung of the ladder (or explicit per-layer ``sizes``)."""
         sizes = sizes or (cache.sizes if cache is not None else self.sizes_for(rung))
         ctx = self.context(input_ids, attention_mask, positions, cache)
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, sizes[i], ctx, layer=i)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         x = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
-        return F.linear(x, self.head_weight())
+        return self.head(x)

@@ -64,10 +64,10 @@ def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32) -> ElasticDeco
     rotary = hf_model.model.rotary_emb
     spec = ArchSpec.from_dict({**spec.to_dict(), "rope_attention_scaling": float(rotary.attention_scaling)})
     sd = hf_model.state_dict()
-    tensors = {"embed": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+    tensors = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
                "inv_freq": rotary.inv_freq.float()}
     if not spec.tie_embeddings:
-        tensors["lm_head"] = sd["lm_head.weight"]
+        tensors["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(spec.num_layers):
         tensors.update(_layer_tensors(sd, i, spec))
     model = ElasticDecoder(spec)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniql.kernels import int4_format
+
 
 def prefix(t: torch.Tensor | None, n: int | None) -> torch.Tensor | None:
     return None if t is None or n is None else t[:n]
@@ -28,6 +30,70 @@ class DenseLinear(nn.Module):
         bias = self.bias if n is None or self.bias is None else self.bias[:n]
         return F.linear(x, weight, bias)
 
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Use as an embedding table: rows of ``weight [vocab, hidden]``."""
+        return F.embedding(ids, self.weight)
+
+    def nbytes(self, n: int | None = None, k: int | None = None) -> int:
+        n = self.out_features if n is None else n
+        k = self.in_features if k is None else k
+        return n * k * self.weight.element_size()
+
     def set_bias(self, bias: torch.Tensor | None) -> None:
         """Add, replace or drop the bias (sorting folds a V bias into o_proj)."""
         self.bias = None if bias is None else nn.Parameter(bias.to(self.weight.dtype), requires_grad=False)
+
+
+class Int4Linear(nn.Module):
+    """W4A16 linear over the packed format of ``uniql.kernels.int4_format`` (see there for the layout).
+
+    The CPU path dequantizes only the active prefix (views of ``qweight``/``scales``) and multiplies; it is
+    also the reference the Triton kernels are tested against.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
+        super().__init__()
+        int4_format.check_shape(out_features, in_features, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", torch.zeros(in_features // int4_format.PACK, out_features,
+                                                    dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(in_features // group_size, out_features, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    def from_packed(cls, qweight, scales, group_size: int, bias: torch.Tensor | None = None) -> Int4Linear:
+        layer = cls(qweight.shape[0] * int4_format.PACK, qweight.shape[1], group_size, bias is not None)
+        layer.qweight, layer.scales = qweight.contiguous(), scales.to(torch.float16).contiguous()
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        return layer
+
+    def _apply(self, fn, recurse=True):
+        # the packed tensors keep their format dtypes (int32 codes, fp16 scales) whatever the model is cast to
+        qweight, scales = self.qweight, self.scales
+        super()._apply(fn, recurse)
+        self.qweight = qweight.to(self.scales.device)
+        self.scales = scales.to(self.scales.device)
+        return self
+
+    def weight_t(self, n: int | None = None, k: int | None = None, dtype=torch.float32) -> torch.Tensor:
+        """Dequantized active prefix ``W^T [k, n]``."""
+        return int4_format.dequantize(self.qweight, self.scales, self.group_size, k, n, dtype)
+
+    def forward(self, x: torch.Tensor, n: int | None = None, k: int | None = None) -> torch.Tensor:
+        out = x @ self.weight_t(n, k, x.dtype)
+        if self.bias is not None:
+            out = out + prefix(self.bias, n if n is not None else self.out_features).to(out.dtype)
+        return out
+
+    def lookup(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """Embedding rows: row ``v`` of the table is column ``v`` of the packed ``[hidden, vocab]``."""
+        flat = ids.reshape(-1)
+        codes = int4_format.unpack(self.qweight[:, flat])  # [hidden, tokens]
+        scales = self.scales[:, flat].to(dtype).repeat_interleave(self.group_size, 0)
+        return ((codes.to(dtype) - int4_format.ZERO) * scales).T.reshape(*ids.shape, -1)
+
+    def nbytes(self, n: int | None = None, k: int | None = None) -> int:
+        n = self.out_features if n is None else n
+        k = self.in_features if k is None else k
+        return int4_format.packed_bytes(k, n, self.group_size)

@@ -65,7 +65,7 @@ def test_padding_never_enters_a_statistic(model):
 def test_layer0_attention_input_is_the_normed_embedding(model):
     (stats, *_), _ = _calibrate(model, [_padded_batch()])
     norm = model.layers[0].input_norm
-    x = model.embed[torch.cat((SEQ_A, SEQ_B))].double()
+    x = model.embed.weight[torch.cat((SEQ_A, SEQ_B))].double()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
     assert stats.attn_in_corr.dtype == torch.float64
     assert max_rel_diff(stats.attn_in_corr, x.T @ x) <= TOL
@@ -81,7 +81,7 @@ def test_driver_leaves_the_model_on_cpu_in_its_dtype_unchanged():
     for name, value in after.items():
         assert value.device.type == "cpu" and value.dtype == before[name].dtype, name
         assert torch.equal(value, before[name]), name
-    assert bf16.inv_freq.dtype == torch.float32 and bf16.embed.dtype == torch.bfloat16
+    assert bf16.inv_freq.dtype == torch.float32 and bf16.embed.weight.dtype == torch.bfloat16
 
 
 def test_next_layer_sees_outputs_from_before_the_collector_edit(model):

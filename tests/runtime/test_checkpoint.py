@@ -72,9 +72,9 @@ def test_bf16_checkpoint_keeps_fp32_rope_frequencies(model, tmp_path):
                           dtype=torch.bfloat16)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["tensors"]["inv_freq"]["dtype"] == "float32"
-    assert manifest["tensors"]["embed"]["dtype"] == "bfloat16"
+    assert manifest["tensors"]["embed.weight"]["dtype"] == "bfloat16"
     loaded, _ = load_checkpoint(out, dtype=torch.float32)
-    assert loaded.embed.dtype == torch.float32
+    assert loaded.embed.weight.dtype == torch.float32
     assert loaded.inv_freq.dtype == torch.float32 and torch.equal(loaded.inv_freq, model.inv_freq)
 
 
@@ -147,9 +147,9 @@ def test_deleted_weights(ckpt):
 
 def test_manifest_shape_disagreeing_with_the_file(ckpt):
     manifest = json.loads((ckpt / MANIFEST).read_text())
-    manifest["tensors"]["embed"]["shape"] = [1, 2]
+    manifest["tensors"]["embed.weight"]["shape"] = [1, 2]
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="'embed'.*manifest says"):
+    with pytest.raises(CheckpointError, match="'embed.weight'.*manifest says"):
         load_checkpoint(ckpt)
 
 
