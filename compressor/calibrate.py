@@ -114,8 +114,13 @@ def _context(model: ElasticDecoder, batch: CalibBatch, device) -> dict:
 
 @torch.no_grad()
 def run_layerwise(model: ElasticDecoder, batches: list[CalibBatch], collectors: list[Collector],
-                  device="cpu", desc: str = "calibrating") -> None:
-    """Run every calibration batch through the model one layer at a time, feeding the collectors."""
+                  device="cpu", desc: str = "calibrating", recompute_outputs: bool = False) -> None:
+    """Run every calibration batch through the model one layer at a time, feeding the collectors.
+
+    By default layer i+1 sees layer i's outputs from before the collectors changed it (sorting must see the
+    original model). ``recompute_outputs`` feeds the changed layer's outputs instead (sequential GPTQ: later
+    layers see, and compensate for, the quantization error of earlier ones).
+    """
     device = torch.device(device)
     hidden = [model.embed_tokens(b.input_ids).float() for b in batches]
     full = model.full_sizes
@@ -139,6 +144,9 @@ def run_layerwise(model: ElasticDecoder, batches: list[CalibBatch], collectors: 
                 h.remove()
             for c in collectors:
                 c.finish(index, layer)
+            if recompute_outputs:
+                outputs = [layer(x.to(device), full, _context(model, b, device), layer=index).cpu()
+                           for b, x in zip(batches, hidden, strict=True)]
             layer.to(device="cpu", dtype=dtype)
             hidden = outputs
     finally:

@@ -20,6 +20,7 @@ from .calib_data import calibration_batches
 from .calibrate import BlockImportanceCollector, SortStatsCollector, run_layerwise
 from .model_input import load_source
 from .orders import ORDERS, magnitude_orders, random_orders, uniql_orders
+from .quantize import QuantConfig, quantize_model
 from .sorting import apply_orders
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class CompressConfig:
     group_size: int | None = None  # quantization group along K; None: largest of 128/64/32 dividing hidden
     device: str = "cpu"
     seed: int = 1234
-    extra: dict = field(default_factory=dict)
+    quant: QuantConfig | None = field(default_factory=QuantConfig)  # None: keep floating point
 
     def validate(self) -> None:
         if self.order not in ORDERS:
@@ -101,13 +102,18 @@ def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> t
 
 
 def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: str = "float32") -> Path:
-    """Full offline pipeline (floating point; quantization comes in a later stage)."""
+    """Full offline pipeline: load, calibrate, sort, allocate the ladder, quantize (unless ``cfg.quant`` is None)."""
     cfg.validate()
     source = load_source(model_name)
     model = decoder_from_hf(source.hf_model)
     del source.hf_model
     model, result = compress_decoder(model, source.tokenizer, cfg)
+    quantization = None
+    if cfg.quant is not None:
+        cfg.quant.group_size = result["alignment"].group_size
+        quantization = quantize_model(model, source.tokenizer, cfg.quant, cfg.device)
     out = save_checkpoint(model, out_dir, alignment=result["alignment"], source=source.info,
-                          calibration=result["provenance"], tokenizer=source.tokenizer, dtype=DTYPES[dtype])
+                          calibration=result["provenance"], tokenizer=source.tokenizer, dtype=DTYPES[dtype],
+                          quantization=quantization)
     log.info("wrote %s", out)
     return out

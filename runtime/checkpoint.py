@@ -14,14 +14,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .decoder import ElasticDecoder
+from .decoder import LINEAR_PATHS, ElasticDecoder
 from .ladder import Alignment, RateLadder
+from .linear import DenseLinear, Int4Linear
 from .spec import ArchSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "uniql.json"
 WEIGHTS = "model.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+FORMAT_DTYPE_SUFFIXES = (".qweight", ".scales")  # packed INT4 tensors keep their format dtypes
 
 
 class CheckpointError(ValueError):
@@ -40,21 +44,41 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def int4_skeleton(model: ElasticDecoder, group_size: int) -> ElasticDecoder:
+    """Swap every dense projection and table of a fresh decoder for an empty Int4Linear of the same shape."""
+    def empty(dense: DenseLinear) -> Int4Linear:
+        return Int4Linear(dense.in_features, dense.out_features, group_size, dense.bias is not None)
+
+    for layer in model.layers:
+        for path in LINEAR_PATHS:
+            layer.set_linear(path, empty(layer.get_linear(path)))
+    model.embed = empty(model.embed)
+    if model.lm_head is not None:
+        model.lm_head = empty(model.lm_head)
+    return model
+
+
+def weights_kind(model: ElasticDecoder) -> str:
+    return "int4" if isinstance(model.embed, Int4Linear) else "float"
+
+
 def save_checkpoint(model: ElasticDecoder, out_dir: str | Path, *, alignment: Alignment, source: dict,
-                    calibration: dict, tokenizer=None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the model (floating point) with its ladder, provenance and tokenizer."""
+                    calibration: dict, tokenizer=None, dtype: torch.dtype = torch.float32,
+                    quantization: dict | None = None) -> Path:
+    """Write the model (floating point or packed INT4) with its ladder, provenance and tokenizer."""
     if model.ladder is None:
         raise ValueError("a UniQL checkpoint needs a rate ladder; sort the model first")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() and not k.endswith(FORMAT_DTYPE_SUFFIXES)
+                                else v.dtype).contiguous() for k, v in model.state_dict().items()}
     tensors["inv_freq"] = model.inv_freq.float().cpu()  # RoPE frequencies stay fp32 whatever the weights
     save_file(tensors, out / WEIGHTS, metadata={"format": "uniql"})
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     manifest = {
-        "format": "uniql", "format_version": FORMAT_VERSION, "weights": "float",
+        "format": "uniql", "format_version": FORMAT_VERSION, "weights": weights_kind(model),
+        "quantization": quantization,
         "created_unix": int(time.time()), "source": source,
         "arch": model.spec.to_dict(), "alignment": alignment.__dict__,
         "ladder": model.ladder.to_dict(), "calibration": calibration,
@@ -120,6 +144,10 @@ def load_checkpoint(ckpt_dir: str | Path, *, device="cpu", dtype: torch.dtype | 
         raise CheckpointError(f"{ckpt / WEIGHTS} cannot be read ({err}); re-run `uniql compress`") from err
     _check_tensors(tensors, manifest)
     model = ElasticDecoder(ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"]))
+    if manifest.get("weights") == "int4":
+        int4_skeleton(model, manifest["quantization"]["group_size"])
+    elif manifest.get("weights") != "float":
+        raise CheckpointError(f"unknown weights kind {manifest.get('weights')!r} in {MANIFEST}")
     model.load_state_dict(tensors, strict=True, assign=True)
     if dtype is not None:
         model.to(dtype)

@@ -108,7 +108,19 @@ class ElasticMLP(nn.Module):
         return self.down_proj(hidden, k=keep)
 
 
+LINEAR_PATHS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
 class DecoderLayer(nn.Module):
+    def get_linear(self, path: str) -> nn.Module:
+        parent, name = path.split(".")
+        return getattr(getattr(self, parent), name)
+
+    def set_linear(self, path: str, module: nn.Module) -> None:
+        parent, name = path.split(".")
+        setattr(getattr(self, parent), name, module)
+
     def __init__(self, spec: ArchSpec):
         super().__init__()
         self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)

@@ -16,8 +16,11 @@ def _add_compress(sub) -> None:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL_ALIAS,
                    help=f"HF model directory, .gguf file or alias (default: {DEFAULT_MODEL_ALIAS})")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--no-quant", action="store_true",
-                   help="keep floating-point weights (the only mode until INT4 lands)")
+    p.add_argument("--quant", default="gptq", choices=["gptq", "rtn"], help="INT4 method (default gptq)")
+    p.add_argument("--no-quant", action="store_true", help="keep floating-point weights")
+    p.add_argument("--quant-data", default="wikitext2", help="GPTQ calibration data: wikitext2, alpaca or a path")
+    p.add_argument("--quant-samples", type=int, default=128)
+    p.add_argument("--quant-seqlen", type=int, default=2048)
     p.add_argument("--order", default="uniql", choices=["uniql", "random", "magnitude"])
     p.add_argument("--calib-data", default="alpaca", help="sorting data: alpaca, wikitext2 or a file path")
     p.add_argument("--calib-samples", type=int, default=128)
@@ -53,10 +56,12 @@ def _add_info(sub) -> None:
 
 def cmd_compress(args) -> int:
     from uniql.compressor.compress import CompressConfig, compress
+    from uniql.compressor.quantize import QuantConfig
 
-    if not args.no_quant:
-        logging.warning("INT4 quantization is not available yet: writing a floating-point checkpoint")
-    cfg = CompressConfig(order=args.order, calib_source=args.calib_data, calib_samples=args.calib_samples,
+    quant = None if args.no_quant else QuantConfig(method=args.quant, calib_source=args.quant_data,
+                                                   calib_samples=args.quant_samples, calib_seqlen=args.quant_seqlen,
+                                                   seed=args.seed)
+    cfg = CompressConfig(quant=quant, order=args.order, calib_source=args.calib_data, calib_samples=args.calib_samples,
                          calib_seqlen=args.calib_seqlen, bi_source=args.bi_data, bi_samples=args.bi_samples,
                          bi_seqlen=args.bi_seqlen, group_size=args.group_size, eps=args.eps,
                          device=args.device, seed=args.seed)

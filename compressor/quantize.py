@@ -1,0 +1,101 @@
+"""Quantize a sorted elastic decoder into the packed INT4 format: RTN or GPTQ, layer by layer.
+
+Each projection keeps its sorted order (no act-order), so every rung stays a prefix of the same bytes.
+q/k/v share one input Hessian, gate/up another; o_proj and down_proj see their own inputs (rank-major and
+importance-ordered). Embedding table and untied lm_head use round-to-nearest with groups along the hidden dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+from uniql.kernels import int4_format
+from uniql.runtime.decoder import ElasticDecoder
+from uniql.runtime.linear import DenseLinear, Int4Linear
+
+from .calib_data import calibration_batches
+from .calibrate import Collector, gram, real_tokens, run_layerwise
+from .gptq import gptq_quantize
+
+# projection -> the projection whose input it shares (one Hessian per distinct input)
+LAYER_LINEARS = {"attn.q_proj": "attn.q_proj", "attn.k_proj": "attn.q_proj", "attn.v_proj": "attn.q_proj",
+                 "attn.o_proj": "attn.o_proj", "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj",
+                 "mlp.down_proj": "mlp.down_proj"}
+
+
+@dataclass
+class QuantConfig:
+    method: str = "gptq"  # or "rtn"
+    group_size: int = 128
+    damp: float = 0.01
+    block: int = 128
+    calib_source: str = "wikitext2"
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    batch_size: int = 8
+    seed: int = 1234
+
+    def validate(self) -> None:
+        if self.method not in ("gptq", "rtn"):
+            raise ValueError(f"quantization method must be gptq or rtn, got {self.method!r}")
+        if self.group_size not in int4_format.GROUP_SIZES:
+            raise ValueError(f"group size must be one of {int4_format.GROUP_SIZES}")
+
+    def manifest(self) -> dict:
+        return {**int4_format.FORMAT, **asdict(self)}
+
+
+def rtn_linear(dense: DenseLinear, group_size: int) -> Int4Linear:
+    qweight, scales = int4_format.rtn_quantize(dense.weight.data, group_size)
+    return Int4Linear.from_packed(qweight, scales, group_size, dense.bias)
+
+
+class GPTQCollector(Collector):
+    """Accumulates each distinct projection input's Hessian (sum of x x^T over real tokens); GPTQ at finish."""
+
+    def __init__(self, cfg: QuantConfig):
+        self.cfg = cfg
+
+    def attach(self, index, layer):
+        self.hessians = {}
+        return [layer.get_linear(path).register_forward_pre_hook(self._hook(path))
+                for path in sorted(set(LAYER_LINEARS.values()))]
+
+    def _hook(self, path):
+        def hook(module, args):
+            h = gram(real_tokens(args[0], self.mask))
+            self.hessians[path] = h if path not in self.hessians else self.hessians[path] + h
+        return hook
+
+    def finish(self, index, layer):
+        for path, source in LAYER_LINEARS.items():
+            dense = layer.get_linear(path)
+            qweight, scales = gptq_quantize(dense.weight.data, self.hessians[source], self.cfg.group_size,
+                                            self.cfg.damp, self.cfg.block)
+            layer.set_linear(path, Int4Linear.from_packed(qweight, scales, self.cfg.group_size, dense.bias))
+        self.hessians = None
+
+
+def quantize_tables(model: ElasticDecoder, group_size: int) -> None:
+    """Embedding table (and untied lm_head): RTN, groups along hidden. Tied models keep ONE packed table."""
+    model.embed = rtn_linear(model.embed, group_size)
+    if model.lm_head is not None:
+        model.lm_head = rtn_linear(model.lm_head, group_size)
+
+
+def quantize_model(model: ElasticDecoder, tokenizer, cfg: QuantConfig, device="cpu") -> dict:
+    """Replace every projection of ``model`` by an Int4Linear in place; return provenance for the manifest."""
+    cfg.validate()
+    if cfg.method == "rtn":
+        for layer in tqdm(model.layers, desc="quantizing (rtn)", unit="layer"):
+            for path in LAYER_LINEARS:
+                layer.set_linear(path, rtn_linear(layer.get_linear(path), cfg.group_size))
+    else:
+        batches = calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen, cfg.seed,
+                                      cfg.batch_size)
+        run_layerwise(model, batches, [GPTQCollector(cfg)], device, desc="quantizing (gptq)", recompute_outputs=True)
+    quantize_tables(model, cfg.group_size)
+    return cfg.manifest()
+
