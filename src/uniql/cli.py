@@ -50,8 +50,9 @@ def _add_eval(sub) -> None:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="summary of a checkpoint: architecture, ladder, sizes per rung")
+    p = sub.add_parser("info", help="summary of a checkpoint: architecture, ladder, bytes resident per rung")
     p.add_argument("ckpt")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def cmd_compress(args) -> int:
@@ -93,19 +94,45 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def info_report(manifest: dict) -> dict:
+    from uniql.runtime.ladder import LayerSizes, RateLadder
+    from uniql.runtime.memory import fp16_bytes, rung_bytes
+    from uniql.runtime.spec import ArchSpec
+
+    spec, ladder = ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"])
+    quant = manifest.get("quantization") or {}
+    kind, group = manifest["weights"], quant.get("group_size", 128)
+    float_bytes = 2 if kind == "int4" else 4 if manifest["tensors"]["norm.weight"]["dtype"] == "float32" else 2
+    fp16 = fp16_bytes(spec, LayerSizes(spec.intermediate_size, spec.head_dim, spec.head_dim))
+    rungs = []
+    for rate, sizes in zip(ladder.rates, ladder.sizes, strict=True):
+        row = rung_bytes(spec, sizes, kind, group, float_bytes)
+        rungs.append({"rate": rate, **row, "reduction_vs_fp16": fp16 / row["total_bytes"],
+                      "mean_kept": {f: sum(getattr(s, f) for s in sizes) / len(sizes) for f in ("mlp", "qk", "vo")}})
+    return {"format_version": manifest["format_version"], "weights": kind, "quantization": quant or None,
+            "arch": manifest["arch"], "source": manifest["source"], "order": manifest["calibration"].get("order"),
+            "fp16_bytes": fp16, "rungs": rungs}
+
+
 def cmd_info(args) -> int:
     from uniql.runtime.checkpoint import read_manifest
 
-    manifest = read_manifest(args.ckpt)
-    arch, ladder = manifest["arch"], manifest["ladder"]
+    report = info_report(read_manifest(args.ckpt))
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    arch, quant = report["arch"], report["quantization"] or {}
     print(f"{args.ckpt}: {arch['family']} {arch['num_layers']} layers, hidden {arch['hidden_size']}, "
           f"heads {arch['num_heads']}/{arch['num_kv_heads']}x{arch['head_dim']}, mlp {arch['intermediate_size']}")
-    print(f"source {manifest['source'].get('name')} ({manifest['source'].get('format')}), "
-          f"order {manifest['calibration'].get('order')}, weights {manifest['weights']}")
-    for rate, sizes in zip(ladder["rates"], ladder["sizes"], strict=True):
-        mlp = sum(s["mlp"] for s in sizes) / len(sizes)
-        print(f"  rate {rate:.2f}: mean kept mlp {mlp:.0f}, qk {sum(s['qk'] for s in sizes) / len(sizes):.1f}, "
-              f"vo {sum(s['vo'] for s in sizes) / len(sizes):.1f}")
+    weights = f"int4 {quant.get('method')} g{quant.get('group_size')}" if quant else report["weights"]
+    print(f"source {report['source'].get('name')} ({report['source'].get('format')}), order {report['order']}, "
+          f"weights {weights}; fp16 size {report['fp16_bytes'] / 1e6:.1f} MB")
+    for r in report["rungs"]:
+        kept = r["mean_kept"]
+        print(f"  rate {r['rate']:.2f}: weights {r['weight_bytes'] / 1e6:7.1f} MB, "
+              f"total {r['total_bytes'] / 1e6:7.1f} MB (fp16 / total = {r['reduction_vs_fp16']:.2f}x); "
+              f"mean kept mlp {kept['mlp']:.0f}, "
+              f"qk {kept['qk']:.1f}, vo {kept['vo']:.1f}")
     return 0
 
 
