@@ -1,9 +1,11 @@
 """GPTQ (Frantar et al. 2022) into the packed INT4 format: group-wise, 1 % damping, no act-order, lazy batches.
 
 Columns are quantized in stored order, which after sorting is importance order. GPTQ moves each column's
-rounding error onto the columns AFTER it only, so for a K-pruned layer (down_proj, o_proj) every prefix the
-ladder keeps was compensated only by columns inside that prefix: each rung keeps its GPTQ benefit, and no rung
-needs re-quantization (the reference code re-rounds o_proj/out_proj per rate and loses it).
+rounding error onto the columns AFTER it only, so for a K-pruned layer (down_proj, o_proj) a prefix never
+depends on the columns a rung drops, and no rung needs re-quantization (the reference code re-rounds
+o_proj/out_proj per rate with plain rounding). A prefix does lose the compensation that went into the dropped
+tail, so GPTQ's advantage over RTN shrinks with deeper K cuts (tests/compressor/test_quantize.py pins the trend;
+benchmarks/results/quant_smollm2.json measures it per projection type and rung).
 """
 
 from __future__ import annotations

@@ -14,10 +14,12 @@ from tqdm.auto import tqdm
 from uniql.kernels import int4_format
 from uniql.runtime.decoder import ElasticDecoder
 from uniql.runtime.linear import DenseLinear, Int4Linear
+from uniql.runtime.memory import active_shapes
 
 from .calib_data import calibration_batches
 from .calibrate import Collector, gram, real_tokens, run_layerwise
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, weighted_error
+from .hadamard import rotate_hidden
 
 # projection -> the projection whose input it shares (one Hessian per distinct input)
 LAYER_LINEARS = {"attn.q_proj": "attn.q_proj", "attn.k_proj": "attn.q_proj", "attn.v_proj": "attn.q_proj",
@@ -36,6 +38,7 @@ class QuantConfig:
     calib_seqlen: int = 2048
     batch_size: int = 8
     seed: int = 1234
+    hadamard: bool = False  # rotate the hidden dim by a randomized Hadamard first (QuaRot-style)
 
     def validate(self) -> None:
         if self.method not in ("gptq", "rtn"):
@@ -53,10 +56,14 @@ def rtn_linear(dense: DenseLinear, group_size: int) -> Int4Linear:
 
 
 class GPTQCollector(Collector):
-    """Accumulates each distinct projection input's Hessian (sum of x x^T over real tokens); GPTQ at finish."""
+    """Accumulates each distinct projection input's Hessian (sum of x x^T over real tokens); GPTQ at finish.
 
-    def __init__(self, cfg: QuantConfig):
-        self.cfg = cfg
+    With ``error_log`` (a list) and ``model``, it also records, for every projection and rung, the
+    Hessian-weighted output error of GPTQ and of RTN on that rung's active prefix (evidence per layer type).
+    """
+
+    def __init__(self, cfg: QuantConfig, error_log: list | None = None, model: ElasticDecoder | None = None):
+        self.cfg, self.error_log, self.model = cfg, error_log, model
 
     def attach(self, index, layer):
         self.hessians = {}
@@ -74,8 +81,19 @@ class GPTQCollector(Collector):
             dense = layer.get_linear(path)
             qweight, scales = gptq_quantize(dense.weight.data, self.hessians[source], self.cfg.group_size,
                                             self.cfg.damp, self.cfg.block)
+            if self.error_log is not None:
+                self._log_errors(index, path, dense.weight.data, (qweight, scales), self.hessians[source])
             layer.set_linear(path, Int4Linear.from_packed(qweight, scales, self.cfg.group_size, dense.bias))
         self.hessians = None
+
+    def _log_errors(self, index, path, weight, gptq_packed, hessian):
+        rtn_packed = int4_format.rtn_quantize(weight, self.cfg.group_size)
+        g = self.cfg.group_size
+        for rung, sizes in enumerate(self.model.ladder.sizes):
+            n, k = active_shapes(self.model.spec, sizes[index])[path]
+            errors = {name: weighted_error(weight[:n], qw[:, :n], sc[:, :n], g, hessian, k)
+                      for name, (qw, sc) in (("gptq", gptq_packed), ("rtn", rtn_packed))}
+            self.error_log.append({"layer": index, "proj": path, "rung": rung, "n": n, "k": k, **errors})
 
 
 def quantize_tables(model: ElasticDecoder, group_size: int) -> None:
@@ -85,9 +103,11 @@ def quantize_tables(model: ElasticDecoder, group_size: int) -> None:
         model.lm_head = rtn_linear(model.lm_head, group_size)
 
 
-def quantize_model(model: ElasticDecoder, tokenizer, cfg: QuantConfig, device="cpu") -> dict:
+def quantize_model(model: ElasticDecoder, tokenizer, cfg: QuantConfig, device="cpu",
+                   error_log: list | None = None) -> dict:
     """Replace every projection of ``model`` by an Int4Linear in place; return provenance for the manifest."""
     cfg.validate()
+    rotation = rotate_hidden(model, cfg.seed) if cfg.hadamard else None
     if cfg.method == "rtn":
         for layer in tqdm(model.layers, desc="quantizing (rtn)", unit="layer"):
             for path in LAYER_LINEARS:
@@ -95,7 +115,8 @@ def quantize_model(model: ElasticDecoder, tokenizer, cfg: QuantConfig, device="c
     else:
         batches = calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen, cfg.seed,
                                       cfg.batch_size)
-        run_layerwise(model, batches, [GPTQCollector(cfg)], device, desc="quantizing (gptq)", recompute_outputs=True)
+        collector = GPTQCollector(cfg, error_log, model)
+        run_layerwise(model, batches, [collector], device, desc="quantizing (gptq)", recompute_outputs=True)
     quantize_tables(model, cfg.group_size)
-    return cfg.manifest()
+    return {**cfg.manifest(), "rotation": rotation}
 

@@ -145,7 +145,11 @@ def load_checkpoint(ckpt_dir: str | Path, *, device="cpu", dtype: torch.dtype | 
     _check_tensors(tensors, manifest)
     model = ElasticDecoder(ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"]))
     if manifest.get("weights") == "int4":
-        int4_skeleton(model, manifest["quantization"]["group_size"])
+        group_size = (manifest.get("quantization") or {}).get("group_size")
+        if group_size is None:
+            raise CheckpointError(f"{MANIFEST} says int4 weights but has no quantization.group_size; "
+                                  "the manifest is incomplete, re-run `uniql compress`")
+        int4_skeleton(model, group_size)
     elif manifest.get("weights") != "float":
         raise CheckpointError(f"unknown weights kind {manifest.get('weights')!r} in {MANIFEST}")
     model.load_state_dict(tensors, strict=True, assign=True)

@@ -17,10 +17,16 @@ def _matrix_bytes(k: int, n: int, weights: str, group_size: int, float_bytes: in
     return packed_bytes(k, n, group_size) if weights == "int4" else k * n * float_bytes
 
 
-def layer_weight_bytes(spec: ArchSpec, s: LayerSizes, weights: str, group_size: int, float_bytes: int) -> int:
+def active_shapes(spec: ArchSpec, s: LayerSizes) -> dict[str, tuple[int, int]]:
+    """(n_active, k_active) of every projection of a layer at kept sizes ``s`` (keys = LINEAR_PATHS)."""
     h, n, g = spec.hidden_size, spec.num_heads, spec.num_kv_heads
-    shapes = [(h, n * s.qk), (h, g * s.qk), (h, g * s.vo), (n * s.vo, h), (h, s.mlp), (h, s.mlp), (s.mlp, h)]
-    return sum(_matrix_bytes(k, out, weights, group_size, float_bytes) for k, out in shapes)
+    return {"attn.q_proj": (n * s.qk, h), "attn.k_proj": (g * s.qk, h), "attn.v_proj": (g * s.vo, h),
+            "attn.o_proj": (h, n * s.vo), "mlp.gate_proj": (s.mlp, h), "mlp.up_proj": (s.mlp, h),
+            "mlp.down_proj": (h, s.mlp)}
+
+
+def layer_weight_bytes(spec: ArchSpec, s: LayerSizes, weights: str, group_size: int, float_bytes: int) -> int:
+    return sum(_matrix_bytes(k, n, weights, group_size, float_bytes) for n, k in active_shapes(spec, s).values())
 
 
 def other_bytes(spec: ArchSpec, weights: str, group_size: int, float_bytes: int) -> int:

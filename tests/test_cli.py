@@ -50,6 +50,17 @@ def ckpt(tiny_source, data_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def int4_ckpt(tiny_source, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-int4"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNIQL_DATA_DIR", str(data_dir))
+        rc = main(["compress", str(tiny_source), "--out", str(out), "--quant", "rtn", "--calib-samples", "8",
+                   "--calib-seqlen", "64", "--bi-samples", "2", "--bi-seqlen", "64", "--group-size", "32"])
+    assert rc == 0
+    return out
+
+
 def test_compress_writes_a_checkpoint_with_provenance(ckpt):
     manifest = json.loads((ckpt / "uniql.json").read_text())
     assert manifest["calibration"]["sort_data"] == {"source": "alpaca", "samples": 8, "seqlen": 64}
@@ -87,3 +98,23 @@ def test_console_script_is_installed():
     exe = Path(sys.executable).parent / "uniql"
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "compress" in result.stdout and "eval" in result.stdout
+
+
+def test_info_json_of_an_int4_checkpoint_reports_shrinking_rungs(int4_ckpt, capsys):
+    assert main(["info", str(int4_ckpt), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format_version"] == 1 and report["weights"] == "int4"
+    assert report["quantization"]["method"] == "rtn" and report["quantization"]["group_size"] == 32
+    assert report["fp16_bytes"] > 0 and len(report["rungs"]) == 8
+    weights = [r["weight_bytes"] for r in report["rungs"]]
+    assert weights == sorted(weights, reverse=True) and weights[-1] < weights[0]
+    assert all(r["reduction_vs_fp16"] > 1 for r in report["rungs"])
+
+
+def test_eval_runs_on_an_int4_checkpoint(int4_ckpt, data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("UNIQL_DATA_DIR", str(data_dir))
+    rc = main(["eval", str(int4_ckpt), "--rate", "0.35", "--tasks", "wikitext2", "--max-windows", "2",
+               "--seqlen", "64", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rung"] == 7 and 1.0 < report["tasks"]["wikitext2"]["ppl"] < float("inf")

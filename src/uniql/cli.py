@@ -18,6 +18,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--quant", default="gptq", choices=["gptq", "rtn"], help="INT4 method (default gptq)")
     p.add_argument("--no-quant", action="store_true", help="keep floating-point weights")
+    p.add_argument("--hadamard", action=argparse.BooleanOptionalAction, default=False,
+                   help="rotate the hidden dim by a randomized Hadamard before INT4 (default off)")
     p.add_argument("--quant-data", default="wikitext2", help="GPTQ calibration data: wikitext2, alpaca or a path")
     p.add_argument("--quant-samples", type=int, default=128)
     p.add_argument("--quant-seqlen", type=int, default=2048)
@@ -61,7 +63,7 @@ def cmd_compress(args) -> int:
 
     quant = None if args.no_quant else QuantConfig(method=args.quant, calib_source=args.quant_data,
                                                    calib_samples=args.quant_samples, calib_seqlen=args.quant_seqlen,
-                                                   seed=args.seed)
+                                                   seed=args.seed, hadamard=args.hadamard)
     cfg = CompressConfig(quant=quant, order=args.order, calib_source=args.calib_data, calib_samples=args.calib_samples,
                          calib_seqlen=args.calib_seqlen, bi_source=args.bi_data, bi_samples=args.bi_samples,
                          bi_seqlen=args.bi_seqlen, group_size=args.group_size, eps=args.eps,

@@ -1,0 +1,109 @@
+"""Rotate the residual (hidden) dimension by a randomized Hadamard matrix before quantization (QuaRot-style).
+
+Only the hidden axis is rotated: the K side of q/k/v/gate/up/lm_head and the N side of o/down, plus the
+embedding table. Pruned axes (heads, ranks, MLP channels) are never touched, so every rung stays a prefix.
+RMSNorm weights are folded into the linears that read the norm first (a rotation commutes with a weightless
+RMSNorm); the final norm's weight goes into lm_head, so a tied table becomes a separate head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from uniql.runtime.decoder import ElasticDecoder
+from uniql.runtime.linear import DenseLinear
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q[i, j] = Legendre symbol of (j - i) mod q, for a prime q."""
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if j in residues else -1 for j in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    return chi[(idx[None, :] - idx[:, None]) % q]
+
+
+def _paley(q: int) -> torch.Tensor:
+    """Hadamard matrix of order q + 1 (prime q = 3 mod 4) or 2(q + 1) (prime q = 1 mod 4), Paley I / II."""
+    sign = -1.0 if q % 4 == 3 else 1.0
+    conf = torch.zeros(q + 1, q + 1, dtype=torch.float64)  # conference matrix: skew (I) or symmetric (II)
+    conf[0, 1:], conf[1:, 0], conf[1:, 1:] = 1.0, sign, _jacobsthal(q)
+    eye = torch.eye(q + 1, dtype=torch.float64)
+    if q % 4 == 3:
+        return conf + eye
+    one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(conf, one) + torch.kron(eye, torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64))
+
+
+# order -> Paley prime (I: q = 3 mod 4 gives q+1; II: q = 1 mod 4 gives 2(q+1)); covers 576, 3584, 896, ...
+_BASES = {12: 11, 20: 19, 28: 13, 36: 17, 44: 43, 60: 59, 68: 67, 76: 37, 84: 83}
+
+
+def hadamard(n: int) -> torch.Tensor | None:
+    """A +-1 Hadamard matrix of order n (Sylvester x Paley), or None if no construction here fits."""
+    power = n & -n
+    rest = n // power
+    if rest == 1:
+        base = torch.ones(1, 1, dtype=torch.float64)
+    else:
+        order = next((o for o in _BASES if o % rest == 0 and power % (o // rest) == 0), None)
+        if order is None:
+            return None
+        base, power = _paley(_BASES[order]), power // (order // rest)
+    sylvester = torch.ones(1, 1, dtype=torch.float64)
+    while sylvester.shape[0] < power:
+        sylvester = torch.cat((torch.cat((sylvester, sylvester), 1), torch.cat((sylvester, -sylvester), 1)), 0)
+    return torch.kron(sylvester, base)
+
+
+def random_rotation(n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """Orthogonal [n, n]: Hadamard with random signs (``"hadamard"``), else a random orthogonal matrix."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
+    h = hadamard(n)
+    if h is not None:
+        return signs[:, None] * h / n ** 0.5, "hadamard"
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(r.diagonal()), "random_orthogonal"
+
+
+def _scale_inputs(linear: DenseLinear, weight: torch.Tensor) -> None:
+    linear.weight.data = (linear.weight.double() * weight.double()).to(linear.weight.dtype)
+
+
+def fold_norms(model: ElasticDecoder) -> None:
+    """Move every RMSNorm weight into the linears reading that norm; the norms become weightless (ones)."""
+    for layer in model.layers:
+        for norm, readers in ((layer.input_norm, ("attn.q_proj", "attn.k_proj", "attn.v_proj")),
+                              (layer.post_attn_norm, ("mlp.gate_proj", "mlp.up_proj"))):
+            for path in readers:
+                _scale_inputs(layer.get_linear(path), norm.weight)
+            norm.weight.data.fill_(1.0)
+    if model.lm_head is None:  # the head gets the final norm's weight: it can no longer share the table
+        model.lm_head = DenseLinear(model.spec.hidden_size, model.spec.vocab_size)
+        model.lm_head.weight.data = model.embed.weight.data.clone()
+        model.spec = type(model.spec).from_dict({**model.spec.to_dict(), "tie_embeddings": False})
+    _scale_inputs(model.lm_head, model.norm.weight)
+    model.norm.weight.data.fill_(1.0)
+
+
+def _rotate(t: torch.Tensor, rot: torch.Tensor, side: str) -> torch.Tensor:
+    out = t.double() @ rot if side == "in" else rot.T @ t.double()
+    return out.to(t.dtype)
+
+
+def rotate_hidden(model: ElasticDecoder, seed: int = 0) -> dict:
+    """Fold norms, then rotate the residual stream by Q: x -> x Q everywhere. Returns manifest info."""
+    fold_norms(model)
+    rot, kind = random_rotation(model.spec.hidden_size, seed)
+    for table in (model.embed, model.lm_head):
+        table.weight.data = _rotate(table.weight.data, rot, "in")
+    for layer in model.layers:
+        for path in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            linear = layer.get_linear(path)
+            linear.weight.data = _rotate(linear.weight.data, rot, "in")
+        for path in ("attn.o_proj", "mlp.down_proj"):
+            linear = layer.get_linear(path)
+            linear.weight.data = _rotate(linear.weight.data, rot, "out")
+            if linear.bias is not None:
+                linear.bias.data = (linear.bias.double() @ rot).to(linear.bias.dtype)
+    return {"rotation": kind, "seed": seed, "dim": model.spec.hidden_size}
