@@ -18,8 +18,9 @@ def _add_compress(sub) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--quant", default="gptq", choices=["gptq", "rtn"], help="INT4 method (default gptq)")
     p.add_argument("--no-quant", action="store_true", help="keep floating-point weights")
-    p.add_argument("--hadamard", action=argparse.BooleanOptionalAction, default=False,
-                   help="rotate the hidden dim by a randomized Hadamard before INT4 (default off)")
+    p.add_argument("--hadamard", action=argparse.BooleanOptionalAction, default=None,
+                   help="rotate the hidden dim by a randomized Hadamard before INT4 (default: on for gptq, "
+                        "off for rtn; unties a tied lm_head)")
     p.add_argument("--quant-data", default="wikitext2", help="GPTQ calibration data: wikitext2, alpaca or a path")
     p.add_argument("--quant-samples", type=int, default=128)
     p.add_argument("--quant-seqlen", type=int, default=2048)
