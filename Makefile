@@ -26,10 +26,10 @@ test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
 
 # Until the server lands, `serve` builds the default model's checkpoint (once) and evaluates two rungs.
-# The calibration is lighter than `uniql compress`'s defaults so a CPU builds it in a few minutes.
-SERVE_CALIB ?= --calib-samples 64 --bi-samples 8 --bi-seqlen 1024
+# The calibration is lighter than `uniql compress`'s defaults so a CPU builds it (INT4 GPTQ) in a few minutes.
+SERVE_CALIB ?= --calib-samples 64 --bi-samples 8 --bi-seqlen 1024 --quant-samples 16 --quant-seqlen 1024
 serve: setup
-	@if [ ! -f $(CKPT)/uniql.json ]; then $(VENV)/bin/uniql compress smollm2-135m --out $(CKPT) --no-quant $(SERVE_CALIB); fi
+	@if [ ! -f $(CKPT)/uniql.json ]; then $(VENV)/bin/uniql compress smollm2-135m --out $(CKPT) $(SERVE_CALIB); fi
 	$(VENV)/bin/uniql info $(CKPT)
 	$(VENV)/bin/uniql eval $(CKPT) --rate 0 --tasks wikitext2 --max-windows 4
 	$(VENV)/bin/uniql eval $(CKPT) --rate 0.25 --tasks wikitext2 --max-windows 4

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,13 +84,32 @@ def sort_layers(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> None:
     model.spec = dataclasses.replace(spec, v_bias=False, o_bias=spec.o_bias or spec.v_bias)
 
 
-def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> tuple[ElasticDecoder, dict]:
+@contextmanager
+def stage(name: str, timings: dict, device: str):
+    """Record a stage's wall time and, on CUDA, its peak GPU memory (the driver streams layers: this stays small)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    yield
+    if cuda:
+        torch.cuda.synchronize()
+    timings[name] = {"s": round(time.perf_counter() - start, 3),
+                     "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig,
+                     timings: dict | None = None) -> tuple[ElasticDecoder, dict]:
     """Sort ``model`` in place, attach its rate ladder; return it with the calibration provenance."""
     cfg.validate()
+    timings = {} if timings is None else timings
     spec = model.spec
     align = Alignment.for_hidden(spec.hidden_size) if cfg.group_size is None else Alignment(cfg.group_size)
-    scores = block_importance(model, tokenizer, cfg)
-    sort_layers(model, tokenizer, cfg)
+    with stage("block_importance", timings, cfg.device):
+        scores = block_importance(model, tokenizer, cfg)
+    with stage("sorting", timings, cfg.device):
+        sort_layers(model, tokenizer, cfg)
     steps = dim_steps(spec.num_heads, spec.num_kv_heads, spec.head_dim, align)
     model.ladder = build_ladder(scores, model.full_sizes, steps, cfg.rates, cfg.eps, cfg.max_prune)
     provenance = {
@@ -97,6 +118,7 @@ def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> t
         "ridge_lambda_rel": cfg.ridge_lambda, "dim_steps": dataclasses.asdict(steps),
         "sort_data": {"source": cfg.calib_source, "samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen},
         "bi_data": {"source": cfg.bi_source, "samples": cfg.bi_samples, "seqlen": cfg.bi_seqlen},
+        "timings": timings,
     }
     return model, {"provenance": provenance, "alignment": align}
 
@@ -104,16 +126,20 @@ def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> t
 def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: str = "float32") -> Path:
     """Full offline pipeline: load, calibrate, sort, allocate the ladder, quantize (unless ``cfg.quant`` is None)."""
     cfg.validate()
-    source = load_source(model_name)
-    model = decoder_from_hf(source.hf_model)
-    del source.hf_model
-    model, result = compress_decoder(model, source.tokenizer, cfg)
+    timings: dict = {}
+    with stage("load", timings, cfg.device):
+        source = load_source(model_name)
+        model = decoder_from_hf(source.hf_model, share=True)  # no second copy of the weights in host memory
+        del source.hf_model
+    model, result = compress_decoder(model, source.tokenizer, cfg, timings)
     quantization = None
     if cfg.quant is not None:
         cfg.quant.group_size = result["alignment"].group_size
-        quantization = quantize_model(model, source.tokenizer, cfg.quant, cfg.device)
-    out = save_checkpoint(model, out_dir, alignment=result["alignment"], source=source.info,
-                          calibration=result["provenance"], tokenizer=source.tokenizer, dtype=DTYPES[dtype],
-                          quantization=quantization)
+        with stage("quantize", timings, cfg.device):
+            quantization = quantize_model(model, source.tokenizer, cfg.quant, cfg.device)
+    with stage("save", timings, cfg.device):
+        out = save_checkpoint(model, out_dir, alignment=result["alignment"], source=source.info,
+                              calibration=result["provenance"], tokenizer=source.tokenizer, dtype=DTYPES[dtype],
+                              quantization=quantization)
     log.info("wrote %s", out)
     return out

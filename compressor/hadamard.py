@@ -70,20 +70,25 @@ def _scale_inputs(linear: DenseLinear, weight: torch.Tensor) -> None:
     linear.weight.data = (linear.weight.double() * weight.double()).to(linear.weight.dtype)
 
 
-def fold_norms(model: ElasticDecoder) -> None:
-    """Move every RMSNorm weight into the linears reading that norm; the norms become weightless (ones)."""
+def fold_norms(model: ElasticDecoder) -> bool:
+    """Move every RMSNorm weight into the linears reading that norm; the norms become weightless (ones).
+
+    Returns True when a tied table had to be untied (the head now carries the final norm's weight).
+    """
+    untied = model.lm_head is None
     for layer in model.layers:
         for norm, readers in ((layer.input_norm, ("attn.q_proj", "attn.k_proj", "attn.v_proj")),
                               (layer.post_attn_norm, ("mlp.gate_proj", "mlp.up_proj"))):
             for path in readers:
                 _scale_inputs(layer.get_linear(path), norm.weight)
-            norm.weight.data.fill_(1.0)
+            norm.weight.data = torch.ones_like(norm.weight.data)  # new tensor: never write through shared storage
     if model.lm_head is None:  # the head gets the final norm's weight: it can no longer share the table
         model.lm_head = DenseLinear(model.spec.hidden_size, model.spec.vocab_size)
         model.lm_head.weight.data = model.embed.weight.data.clone()
         model.spec = type(model.spec).from_dict({**model.spec.to_dict(), "tie_embeddings": False})
     _scale_inputs(model.lm_head, model.norm.weight)
-    model.norm.weight.data.fill_(1.0)
+    model.norm.weight.data = torch.ones_like(model.norm.weight.data)
+    return untied
 
 
 def _rotate(t: torch.Tensor, rot: torch.Tensor, side: str) -> torch.Tensor:
@@ -93,7 +98,7 @@ def _rotate(t: torch.Tensor, rot: torch.Tensor, side: str) -> torch.Tensor:
 
 def rotate_hidden(model: ElasticDecoder, seed: int = 0) -> dict:
     """Fold norms, then rotate the residual stream by Q: x -> x Q everywhere. Returns manifest info."""
-    fold_norms(model)
+    untied_head = fold_norms(model)
     rot, kind = random_rotation(model.spec.hidden_size, seed)
     for table in (model.embed, model.lm_head):
         table.weight.data = _rotate(table.weight.data, rot, "in")
@@ -106,4 +111,4 @@ def rotate_hidden(model: ElasticDecoder, seed: int = 0) -> dict:
             linear.weight.data = _rotate(linear.weight.data, rot, "out")
             if linear.bias is not None:
                 linear.bias.data = (linear.bias.double() @ rot).to(linear.bias.dtype)
-    return {"rotation": kind, "seed": seed, "dim": model.spec.hidden_size}
+    return {"rotation": kind, "seed": seed, "dim": model.spec.hidden_size, "untied_head": untied_head}

@@ -58,8 +58,12 @@ def _layer_tensors(sd: dict, i: int, spec: ArchSpec) -> dict[str, torch.Tensor]:
     return {f"layers.{i}.{k}": v for k, v in out.items()}
 
 
-def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32) -> ElasticDecoder:
-    """An unsorted elastic decoder with exactly the HF model's function (no ladder yet)."""
+def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, share: bool = False) -> ElasticDecoder:
+    """An unsorted elastic decoder with exactly the HF model's function (no ladder yet).
+
+    ``share`` reuses the HF tensors that need no re-ordering instead of copying them (halves host memory for
+    big models); the HF model must then not be used afterwards.
+    """
     spec = spec_from_hf_config(hf_model.config)
     rotary = hf_model.model.rotary_emb
     spec = ArchSpec.from_dict({**spec.to_dict(), "rope_attention_scaling": float(rotary.attention_scaling)})
@@ -71,7 +75,8 @@ def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32) -> ElasticDeco
     for i in range(spec.num_layers):
         tensors.update(_layer_tensors(sd, i, spec))
     model = ElasticDecoder(spec)
-    model.load_state_dict({k: v.detach().clone() for k, v in tensors.items()}, strict=False)
+    tensors = {k: v.detach() if share else v.detach().clone() for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=False, assign=share)
     _check_loaded(model, tensors)
     return model.to(dtype).requires_grad_(False)
 

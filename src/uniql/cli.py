@@ -106,7 +106,10 @@ def info_report(manifest: dict) -> dict:
     quant = manifest.get("quantization") or {}
     kind, group = manifest["weights"], quant.get("group_size", 128)
     float_bytes = 2 if kind == "int4" else 4 if manifest["tensors"]["norm.weight"]["dtype"] == "float32" else 2
-    fp16 = fp16_bytes(spec, LayerSizes(spec.intermediate_size, spec.head_dim, spec.head_dim))
+    # the reference is the SOURCE model in fp16: a head untied by the Hadamard rotation was one shared table there
+    untied = ((quant.get("rotation") or {}).get("untied_head"))
+    source_spec = ArchSpec.from_dict({**spec.to_dict(), "tie_embeddings": True}) if untied else spec
+    fp16 = fp16_bytes(source_spec, LayerSizes(spec.intermediate_size, spec.head_dim, spec.head_dim))
     rungs = []
     for rate, sizes in zip(ladder.rates, ladder.sizes, strict=True):
         row = rung_bytes(spec, sizes, kind, group, float_bytes)
