@@ -3,7 +3,9 @@
 Only the hidden axis is rotated: the K side of q/k/v/gate/up/lm_head and the N side of o/down, plus the
 embedding table. Pruned axes (heads, ranks, MLP channels) are never touched, so every rung stays a prefix.
 RMSNorm weights are folded into the linears that read the norm first (a rotation commutes with a weightless
-RMSNorm); the final norm's weight goes into lm_head, so a tied table becomes a separate head.
+RMSNorm). An untied embedding and head absorb the rotation (and the final norm's weight) offline; a TIED table
+stays one shared table: the decoder rotates the stream after lookup and back before the final norm instead
+(two hidden x hidden products per token, far cheaper than a second vocab x hidden table).
 """
 
 from __future__ import annotations
@@ -70,25 +72,14 @@ def _scale_inputs(linear: DenseLinear, weight: torch.Tensor) -> None:
     linear.weight.data = (linear.weight.double() * weight.double()).to(linear.weight.dtype)
 
 
-def fold_norms(model: ElasticDecoder) -> bool:
-    """Move every RMSNorm weight into the linears reading that norm; the norms become weightless (ones).
-
-    Returns True when a tied table had to be untied (the head now carries the final norm's weight).
-    """
-    untied = model.lm_head is None
+def fold_layer_norms(model: ElasticDecoder) -> None:
+    """Move each layer's RMSNorm weights into the linears reading that norm; the norms become ones."""
     for layer in model.layers:
         for norm, readers in ((layer.input_norm, ("attn.q_proj", "attn.k_proj", "attn.v_proj")),
                               (layer.post_attn_norm, ("mlp.gate_proj", "mlp.up_proj"))):
             for path in readers:
                 _scale_inputs(layer.get_linear(path), norm.weight)
             norm.weight.data = torch.ones_like(norm.weight.data)  # new tensor: never write through shared storage
-    if model.lm_head is None:  # the head gets the final norm's weight: it can no longer share the table
-        model.lm_head = DenseLinear(model.spec.hidden_size, model.spec.vocab_size)
-        model.lm_head.weight.data = model.embed.weight.data.clone()
-        model.spec = type(model.spec).from_dict({**model.spec.to_dict(), "tie_embeddings": False})
-    _scale_inputs(model.lm_head, model.norm.weight)
-    model.norm.weight.data = torch.ones_like(model.norm.weight.data)
-    return untied
 
 
 def _rotate(t: torch.Tensor, rot: torch.Tensor, side: str) -> torch.Tensor:
@@ -98,10 +89,16 @@ def _rotate(t: torch.Tensor, rot: torch.Tensor, side: str) -> torch.Tensor:
 
 def rotate_hidden(model: ElasticDecoder, seed: int = 0) -> dict:
     """Fold norms, then rotate the residual stream by Q: x -> x Q everywhere. Returns manifest info."""
-    untied_head = fold_norms(model)
+    fold_layer_norms(model)
     rot, kind = random_rotation(model.spec.hidden_size, seed)
-    for table in (model.embed, model.lm_head):
-        table.weight.data = _rotate(table.weight.data, rot, "in")
+    tied = model.lm_head is None
+    if tied:
+        model.hidden_rotation = rot.float()
+    else:
+        _scale_inputs(model.lm_head, model.norm.weight)
+        model.norm.weight.data = torch.ones_like(model.norm.weight.data)
+        for table in (model.embed, model.lm_head):
+            table.weight.data = _rotate(table.weight.data, rot, "in")
     for layer in model.layers:
         for path in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
             linear = layer.get_linear(path)
@@ -111,4 +108,4 @@ def rotate_hidden(model: ElasticDecoder, seed: int = 0) -> dict:
             linear.weight.data = _rotate(linear.weight.data, rot, "out")
             if linear.bias is not None:
                 linear.bias.data = (linear.bias.double() @ rot).to(linear.bias.dtype)
-    return {"rotation": kind, "seed": seed, "dim": model.spec.hidden_size, "untied_head": untied_head}
+    return {"rotation": kind, "seed": seed, "dim": model.spec.hidden_size, "runtime_rotation": tied}

@@ -25,7 +25,7 @@ WEIGHTS = "model.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-FORMAT_DTYPE_SUFFIXES = (".qweight", ".scales")  # packed INT4 tensors keep their format dtypes
+FORMAT_DTYPE_SUFFIXES = (".qweight", ".scales", "hidden_rotation")  # format dtypes, whatever --dtype says
 
 
 class CheckpointError(ValueError):
@@ -150,6 +150,8 @@ def load_checkpoint(ckpt_dir: str | Path, *, device="cpu", dtype: torch.dtype | 
             raise CheckpointError(f"{MANIFEST} says int4 weights but has no quantization.group_size; "
                                   "the manifest is incomplete, re-run `uniql compress`")
         int4_skeleton(model, group_size)
+        if "hidden_rotation" in tensors:  # a tied model rotated before INT4 (see compressor/hadamard.py)
+            model.hidden_rotation = torch.empty_like(tensors["hidden_rotation"])
     elif manifest.get("weights") != "float":
         raise CheckpointError(f"unknown weights kind {manifest.get('weights')!r} in {MANIFEST}")
     model.load_state_dict(tensors, strict=True, assign=True)

@@ -144,12 +144,18 @@ class ElasticDecoder(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_embeddings else DenseLinear(spec.hidden_size, spec.vocab_size)
         self.register_buffer("inv_freq", torch.zeros(spec.head_dim // 2))
+        # Optional orthogonal Q [hidden, hidden]: the layers work in the rotated basis x Q (Hadamard before INT4)
+        # while a TIED table stays shared, so the stream is rotated after lookup and back before the final norm.
+        self.register_buffer("hidden_rotation", None)
 
     def _apply(self, fn, recurse=True):
         # RoPE frequencies stay fp32 whatever dtype the weights are cast to (bf16 angles drift by radians)
         inv_freq = self.inv_freq.float()
+        rotation = None if self.hidden_rotation is None else self.hidden_rotation.float()
         super()._apply(fn, recurse)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
+        if rotation is not None:
+            self.hidden_rotation = rotation.to(self.inv_freq.device)
         return self
 
     @property
@@ -175,7 +181,14 @@ class ElasticDecoder(nn.Module):
         return self.embed if self.lm_head is None else self.lm_head
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed.lookup(input_ids).to(self.norm.weight.dtype)
+        x = self.embed.lookup(input_ids).to(self.norm.weight.dtype)
+        return x if self.hidden_rotation is None else x @ self.hidden_rotation.to(x.dtype)
+
+    def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, in the table's basis."""
+        if self.hidden_rotation is not None:
+            x = x @ self.hidden_rotation.to(x.dtype).T
+        return self.norm(x)
 
     def attention_mask(self, attention_mask, batch: int, steps: int, past: int, device) -> torch.Tensor:
         """Boolean [B, 1, T, past+T]: causal, and padded key positions (attention_mask == 0) hidden."""
@@ -208,5 +221,4 @@ class ElasticDecoder(nn.Module):
             x = layer(x, sizes[i], ctx, layer=i)
         if cache is not None:
             cache.advance(input_ids.shape[1])
-        x = self.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
-        return self.head(x)
+        return self.head(self.final_hidden(x[:, -logits_to_keep:] if logits_to_keep else x))

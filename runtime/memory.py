@@ -29,8 +29,9 @@ def layer_weight_bytes(spec: ArchSpec, s: LayerSizes, weights: str, group_size: 
     return sum(_matrix_bytes(k, n, weights, group_size, float_bytes) for n, k in active_shapes(spec, s).values())
 
 
-def other_bytes(spec: ArchSpec, weights: str, group_size: int, float_bytes: int) -> int:
-    """Tables, norms, biases, RoPE (rung-independent; biases counted at full size)."""
+def other_bytes(spec: ArchSpec, weights: str, group_size: int, float_bytes: int,
+                runtime_rotation: bool = False) -> int:
+    """Tables, norms, biases, RoPE, a runtime hidden rotation (rung-independent; biases at full size)."""
     h, v = spec.hidden_size, spec.vocab_size
     tables = (1 if spec.tie_embeddings else 2) * _matrix_bytes(h, v, weights, group_size, float_bytes)
     d, n, g = spec.head_dim, spec.num_heads, spec.num_kv_heads
@@ -38,13 +39,15 @@ def other_bytes(spec: ArchSpec, weights: str, group_size: int, float_bytes: int)
               + spec.mlp_bias * (2 * spec.intermediate_size + h))
     norms = (2 * spec.num_layers + 1) * h
     rope = d // 2 * 4 + spec.num_layers * spec.num_kv_heads * d // 2 * 8
-    return tables + (biases + norms) * float_bytes + rope
+    rotation = runtime_rotation * h * h * 4
+    return tables + (biases + norms) * float_bytes + rope + rotation
 
 
 def rung_bytes(spec: ArchSpec, sizes: list[LayerSizes], weights: str, group_size: int = 128,
-               float_bytes: int = 2) -> dict:
+               float_bytes: int = 2, runtime_rotation: bool = False) -> dict:
     weight = sum(layer_weight_bytes(spec, s, weights, group_size, float_bytes) for s in sizes)
-    return {"weight_bytes": weight, "total_bytes": weight + other_bytes(spec, weights, group_size, float_bytes)}
+    other = other_bytes(spec, weights, group_size, float_bytes, runtime_rotation)
+    return {"weight_bytes": weight, "total_bytes": weight + other}
 
 
 def fp16_bytes(spec: ArchSpec, full: LayerSizes) -> int:

@@ -106,13 +106,11 @@ def info_report(manifest: dict) -> dict:
     quant = manifest.get("quantization") or {}
     kind, group = manifest["weights"], quant.get("group_size", 128)
     float_bytes = 2 if kind == "int4" else 4 if manifest["tensors"]["norm.weight"]["dtype"] == "float32" else 2
-    # the reference is the SOURCE model in fp16: a head untied by the Hadamard rotation was one shared table there
-    untied = ((quant.get("rotation") or {}).get("untied_head"))
-    source_spec = ArchSpec.from_dict({**spec.to_dict(), "tie_embeddings": True}) if untied else spec
-    fp16 = fp16_bytes(source_spec, LayerSizes(spec.intermediate_size, spec.head_dim, spec.head_dim))
+    fp16 = fp16_bytes(spec, LayerSizes(spec.intermediate_size, spec.head_dim, spec.head_dim))
+    rotation = (quant.get("rotation") or {}).get("runtime_rotation", False)
     rungs = []
     for rate, sizes in zip(ladder.rates, ladder.sizes, strict=True):
-        row = rung_bytes(spec, sizes, kind, group, float_bytes)
+        row = rung_bytes(spec, sizes, kind, group, float_bytes, runtime_rotation=rotation)
         rungs.append({"rate": rate, **row, "reduction_vs_fp16": fp16 / row["total_bytes"],
                       "mean_kept": {f: sum(getattr(s, f) for s in sizes) / len(sizes) for f in ("mlp", "qk", "vo")}})
     return {"format_version": manifest["format_version"], "weights": kind, "quantization": quant or None,
