@@ -3,9 +3,9 @@
 Only the hidden axis is rotated: the K side of q/k/v/gate/up/lm_head and the N side of o/down, plus the
 embedding table. Pruned axes (heads, ranks, MLP channels) are never touched, so every rung stays a prefix.
 RMSNorm weights are folded into the linears that read the norm first (a rotation commutes with a weightless
-RMSNorm). An untied embedding and head absorb the rotation (and the final norm's weight) offline; a TIED table
-stays one shared table: the decoder rotates the stream after lookup and back before the final norm instead
-(two hidden x hidden products per token, far cheaper than a second vocab x hidden table).
+RMSNorm). Embedding and head tables are rotated too (4-bit tables quantize better rotated). An untied head also
+absorbs the final norm's weight; a TIED table stays one shared table E Q, and the decoder runs the final norm
+in the original basis instead (two hidden x hidden products per token, far cheaper than a second table).
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def rotate_hidden(model: ElasticDecoder, seed: int = 0) -> dict:
     else:
         _scale_inputs(model.lm_head, model.norm.weight)
         model.norm.weight.data = torch.ones_like(model.norm.weight.data)
-        for table in (model.embed, model.lm_head):
-            table.weight.data = _rotate(table.weight.data, rot, "in")
+    for table in (model.embed,) if tied else (model.embed, model.lm_head):
+        table.weight.data = _rotate(table.weight.data, rot, "in")
     for layer in model.layers:
         for path in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
             linear = layer.get_linear(path)

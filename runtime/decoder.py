@@ -144,8 +144,9 @@ class ElasticDecoder(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_embeddings else DenseLinear(spec.hidden_size, spec.vocab_size)
         self.register_buffer("inv_freq", torch.zeros(spec.head_dim // 2))
-        # Optional orthogonal Q [hidden, hidden]: the layers work in the rotated basis x Q (Hadamard before INT4)
-        # while a TIED table stays shared, so the stream is rotated after lookup and back before the final norm.
+        # Optional orthogonal Q [hidden, hidden] (Hadamard before INT4) for a TIED table: the stored table is
+        # E Q, so lookup yields the rotated stream directly, and the final norm (whose weight cannot be folded
+        # into a shared table) runs in the original basis: x -> norm(x Q^T) Q -> head(E Q) = norm(x Q^T) E^T.
         self.register_buffer("hidden_rotation", None)
 
     def _apply(self, fn, recurse=True):
@@ -181,14 +182,14 @@ class ElasticDecoder(nn.Module):
         return self.embed if self.lm_head is None else self.lm_head
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed.lookup(input_ids).to(self.norm.weight.dtype)
-        return x if self.hidden_rotation is None else x @ self.hidden_rotation.to(x.dtype)
+        return self.embed.lookup(input_ids).to(self.norm.weight.dtype)
 
     def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm, in the table's basis."""
-        if self.hidden_rotation is not None:
-            x = x @ self.hidden_rotation.to(x.dtype).T
-        return self.norm(x)
+        """Final norm (in the original basis when a tied table is rotated, see ``hidden_rotation``)."""
+        if self.hidden_rotation is None:
+            return self.norm(x)
+        rot = self.hidden_rotation.to(x.dtype)
+        return self.norm(x @ rot.T) @ rot
 
     def attention_mask(self, attention_mask, batch: int, steps: int, past: int, device) -> torch.Tensor:
         """Boolean [B, 1, T, past+T]: causal, and padded key positions (attention_mask == 0) hidden."""
