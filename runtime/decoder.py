@@ -27,10 +27,6 @@ _ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
-def _param(*shape) -> nn.Parameter:
-    return nn.Parameter(torch.zeros(*shape))
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -113,20 +109,21 @@ LINEAR_PATHS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
 
 
 class DecoderLayer(nn.Module):
-    def get_linear(self, path: str) -> nn.Module:
-        parent, name = path.split(".")
-        return getattr(getattr(self, parent), name)
-
-    def set_linear(self, path: str, module: nn.Module) -> None:
-        parent, name = path.split(".")
-        setattr(getattr(self, parent), name, module)
-
     def __init__(self, spec: ArchSpec):
         super().__init__()
         self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.attn = ElasticAttention(spec)
         self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = ElasticMLP(spec)
+
+    def get_linear(self, path: str) -> nn.Module:
+        """A projection by its LINEAR_PATHS name, e.g. ``"attn.o_proj"``."""
+        parent, name = path.split(".")
+        return getattr(getattr(self, parent), name)
+
+    def set_linear(self, path: str, module: nn.Module) -> None:
+        parent, name = path.split(".")
+        setattr(getattr(self, parent), name, module)
 
     def forward(self, x, sizes: LayerSizes, ctx: dict, layer: int = 0):
         x = x + self.attn(self.input_norm(x), sizes, layer=layer, **ctx)
@@ -165,7 +162,7 @@ class ElasticDecoder(nn.Module):
         return LayerSizes(mlp=s.intermediate_size, qk=s.head_dim, vo=s.head_dim)
 
     def sizes_for(self, rung: int | None) -> list[LayerSizes]:
-        if rung is None or rung == 0 and self.ladder is None:
+        if rung is None or (rung == 0 and self.ladder is None):
             return [self.full_sizes] * self.spec.num_layers
         if self.ladder is None:
             raise ValueError("this model has no rate ladder; only the full model (rung 0) runs")

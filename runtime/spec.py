@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, fields
 @dataclass(frozen=True)
 class FamilyTraits:
     qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
-    act: str = "silu"  # MLP gate activation
 
 
 FAMILIES: dict[str, FamilyTraits] = {

@@ -39,26 +39,24 @@ def data_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_source, data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+def _compress(source, data_dir, out, *quant_flags):
+    """`uniql compress` with a tiny calibration over the fixture data folder."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("UNIQL_DATA_DIR", str(data_dir))
-        rc = main(["compress", str(tiny_source), "--out", str(out), "--no-quant", "--calib-samples", "8",
+        rc = main(["compress", str(source), "--out", str(out), *quant_flags, "--calib-samples", "8",
                    "--calib-seqlen", "64", "--bi-samples", "2", "--bi-seqlen", "64", "--group-size", "32"])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_source, data_dir, tmp_path_factory):
+    return _compress(tiny_source, data_dir, tmp_path_factory.mktemp("ckpt") / "tiny", "--no-quant")
 
 
 @pytest.fixture(scope="module")
 def int4_ckpt(tiny_source, data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-int4"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("UNIQL_DATA_DIR", str(data_dir))
-        rc = main(["compress", str(tiny_source), "--out", str(out), "--quant", "rtn", "--calib-samples", "8",
-                   "--calib-seqlen", "64", "--bi-samples", "2", "--bi-seqlen", "64", "--group-size", "32"])
-    assert rc == 0
-    return out
+    return _compress(tiny_source, data_dir, tmp_path_factory.mktemp("ckpt") / "tiny-int4", "--quant", "rtn")
 
 
 def test_compress_writes_a_checkpoint_with_provenance(ckpt):
