@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniql.kernels import int4_format
+from uniql.kernels import int4_format, ops
 
 
 def prefix(t: torch.Tensor | None, n: int | None) -> torch.Tensor | None:
@@ -47,8 +47,8 @@ class DenseLinear(nn.Module):
 class Int4Linear(nn.Module):
     """W4A16 linear over the packed format of ``uniql.kernels.int4_format`` (see there for the layout).
 
-    The CPU path dequantizes only the active prefix (views of ``qweight``/``scales``) and multiplies; it is
-    also the reference the Triton kernels are tested against.
+    On CUDA the Triton kernels of ``uniql.kernels.int4_matmul`` read the active prefix in place; the CPU path
+    dequantizes only the active prefix (views of ``qweight``/``scales``) and multiplies.
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
@@ -81,17 +81,12 @@ class Int4Linear(nn.Module):
         return int4_format.dequantize(self.qweight, self.scales, self.group_size, k, n, dtype)
 
     def forward(self, x: torch.Tensor, n: int | None = None, k: int | None = None) -> torch.Tensor:
-        out = x @ self.weight_t(n, k, x.dtype)
-        if self.bias is not None:
-            out = out + prefix(self.bias, n if n is not None else self.out_features).to(out.dtype)
-        return out
+        bias = prefix(self.bias, n if n is not None else self.out_features)
+        return ops.int4_linear(x, self.qweight, self.scales, self.group_size, n=n, k=k, bias=bias)
 
     def lookup(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """Embedding rows: row ``v`` of the table is column ``v`` of the packed ``[hidden, vocab]``."""
-        flat = ids.reshape(-1)
-        codes = int4_format.unpack(self.qweight[:, flat])  # [hidden, tokens]
-        scales = self.scales[:, flat].to(dtype).repeat_interleave(self.group_size, 0)
-        return ((codes.to(dtype) - int4_format.ZERO) * scales).T.reshape(*ids.shape, -1)
+        return ops.embedding(ids, self.qweight, self.scales, self.group_size, dtype)
 
     def nbytes(self, n: int | None = None, k: int | None = None) -> int:
         n = self.out_features if n is None else n

@@ -9,6 +9,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton picks interpreter vs compiler when a kernel is decorated (module import), so set it before any test
+    # module imports uniql.kernels; without a GPU the kernels can only run in the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 

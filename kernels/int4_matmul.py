@@ -1,0 +1,359 @@
+"""W4A16 matmul over the packed INT4 format with run-time prefix masking: ``out = x @ W[:n, :k]^T``.
+
+Two Triton kernels read ``qweight int32 [K/8, N]`` / ``scales fp16 [K/G, N]`` (see ``int4_format``) through the
+row strides of the FULL stored tensors, so a rung is just smaller ``n``/``k`` arguments, never a copy:
+
+* ``gemv`` (batch 1..4): CUDA-core FMAs. Codes become floats with the exponent trick: OR-ing a code shifted to
+  bit ``4j`` into the bits of 2^23 gives the float ``2^23 + q * 16^j`` exactly (j < 5; the top three codes are
+  read after one 20-bit shift), so one LOP3 + one FADD + one FFMA per weight, with ``x`` pre-scaled by 16^-j.
+  That keeps the int pipe, the scarce one on Hopper, below the memory time of a weight.
+* ``gemm`` (batch >= 5, prefill): dequantizes a ``[BK, BN]`` tile to the activation dtype and runs ``tl.dot``.
+
+Both split K across programs where the N blocks alone cannot fill the GPU. Partial sums go to a workspace and the
+LAST program of each output tile (an atomic counter per tile) adds them in split order and writes the output:
+one launch, no zero-fill, and a deterministic result (the same bits whatever order programs finish in).
+
+Fused weights (q|k|v, gate|up) are ``segments``: up to three (first stored column, active columns) pairs read in
+one launch, written side by side in the output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
+
+MAX_SEGMENTS = 3
+GEMV_MAX_M = 4
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    path: str  # "gemv" | "gemm"
+    block_n: int
+    block_k: int  # K values per tile (a multiple of 8; <= the group size on the gemv path)
+    split_k: int
+    num_warps: int
+    block_m: int = 1
+    num_stages: int = 2
+
+
+def choose_path(m: int) -> str:
+    """CUDA-core GEMV while the batch is tiny (weight reads dominate), tensor-core GEMM from 5 rows on."""
+    if m < 1:
+        raise ValueError(f"batch must be >= 1, got {m}")
+    return "gemv" if m <= GEMV_MAX_M else "gemm"
+
+
+def _pow2_at_least(v: int, lo: int) -> int:
+    return max(lo, 1 << max(0, v - 1).bit_length())
+
+
+def _split_for(n_blocks: int, k_tiles: int, target: int) -> int:
+    """Enough K splits that ``n_blocks * split`` reaches ``target`` programs, each split >= 2 tiles."""
+    want = max(1, math.ceil(target / max(1, n_blocks)))
+    return max(1, min(want, k_tiles // 2 if k_tiles >= 4 else 1))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: any small number keeps the split logic exercised
+
+
+def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.device | str = "cuda") -> Int4Config:
+    """The default launch configuration (block sizes, K split) for one call; tuned on H100 (benchmarks/kernels.py)."""
+    sms = _sm_count(torch.device(device))
+    if choose_path(m) == "gemv":
+        block_k = min(group_size, 64)
+        block_n = 256 if n_total >= 16384 else 128
+        n_blocks = triton.cdiv(n_total, block_n)
+        split = _split_for(n_blocks, triton.cdiv(k, block_k), 4 * sms)
+        return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=_pow2_at_least(m, 1))
+    if m <= 16:
+        block_m, block_n, block_k, warps = 16, 64, 64, 4
+    elif m <= 64:
+        block_m, block_n, block_k, warps = 64, 64, 64, 4
+    else:
+        block_m, block_n, block_k, warps = 128, 128, 64, 8
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n_total, block_n)
+    split = _split_for(tiles, triton.cdiv(k, block_k), 2 * sms) if m <= 64 else 1
+    return Int4Config("gemm", block_n, block_k, split, warps, block_m, num_stages=3)
+
+
+def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cuda") -> list[Int4Config]:
+    """Configurations worth timing for one shape (the benchmark's --sweep tunes ``pick_config`` with these)."""
+    base = pick_config(m, n_total, k, group_size, device)
+    out = {base}
+    if base.path == "gemv":
+        sms = _sm_count(torch.device(device))
+        for bn, warps in ((64, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8)):
+            blocks = triton.cdiv(n_total, bn)
+            for waves in (1, 2, 4, 8):  # programs per SM the K split aims for
+                split = _split_for(blocks, triton.cdiv(k, base.block_k), waves * sms)
+                out.add(Int4Config("gemv", bn, base.block_k, split, warps, base.block_m))
+    else:
+        for bm, bn, bk, warps, stages in ((base.block_m, 64, 64, 4, 3), (base.block_m, 128, 64, 4, 3),
+                                          (base.block_m, 128, 64, 8, 3), (base.block_m, 128, 128, 8, 3),
+                                          (base.block_m, 256, 64, 8, 3), (base.block_m, 128, 64, 8, 4)):
+            out.add(Int4Config("gemm", bn, bk, base.split_k, warps, bm, stages))
+    return sorted(out, key=lambda c: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages))
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG: tl.constexpr):
+    """Program id along N -> (block within its segment, first stored column, active columns, first output column)."""
+    if NUM_SEG == 1:
+        return pid_n, s0, l0, 0
+    in1 = pid_n >= nb0
+    in2 = pid_n >= nb0 + nb1
+    blk = pid_n - tl.where(in2, nb0 + nb1, tl.where(in1, nb0, 0))
+    col0 = tl.where(in2, s2, tl.where(in1, s1, s0))
+    n_len = tl.where(in2, l2, tl.where(in1, l1, l0))
+    out0 = tl.where(in2, l0 + l1, tl.where(in1, l0, 0))
+    return blk, col0, n_len, out0
+
+
+@triton.jit
+def _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + ocol, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    ptrs = out_ptr + offs_m[:, None] * stride_om + ocol[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol,
+            mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write the tile, or (split K) park the partial and let the tile's last program sum all partials in order."""
+    if SPLIT:
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_ws = ws_ptr + tile * n_splits * BLOCK_M * BLOCK_N
+        tl.store(tile_ws + split * BLOCK_M * BLOCK_N + local, acc)
+        tl.debug_barrier()  # every thread's partial is written before one thread releases the counter
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(0, n_splits):
+                total += tl.load(tile_ws + s * BLOCK_M * BLOCK_N + local, cache_modifier=".cg")
+            tl.store(cnt_ptr + tile, 0)  # ready for the next launch (graph replays reuse the counters)
+            _write(total, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
+    else:
+        _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                 M, K, stride_xm, stride_qw, stride_sc, stride_om,
+                 s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits,
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG)
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_len
+    wcol = col0 + offs_n
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, BLOCK_R)
+    rows_k = K // 8
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(rows_k, BLOCK_R))
+    acc = tl.zeros([BLOCK_M, BLOCK_R, BLOCK_N], tl.float32)
+    for t in range(t0, t1):
+        rows = t * BLOCK_R + offs_r  # packed rows of this tile: all in one quantization group
+        mask_r = rows < rows_k
+        w = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :], mask=mask_r[:, None] & mask_n[None, :],
+                    other=0, eviction_policy="evict_first")
+        scale = tl.load(sc_ptr + (t * BLOCK_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
+        x_row = x_ptr + offs_m[:, None] * stride_xm + rows[None, :] * 8
+        x_mask = mask_m[:, None] & mask_r[None, :]
+        w_hi = w >> 20
+        part = tl.zeros([BLOCK_M, BLOCK_R, BLOCK_N], tl.float32)
+        for j in tl.static_range(8):
+            if j < 5:
+                bits = (w & (15 << (4 * j))) | 0x4B000000
+                val = bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << (4 * j)))  # (q-8)*16^j, exact
+                xj = tl.load(x_row + j, mask=x_mask, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * j)))
+            else:
+                bits = (w_hi & (15 << (4 * (j - 5)))) | 0x4B000000
+                val = bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << (4 * (j - 5))))
+                xj = tl.load(x_row + j, mask=x_mask, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * (j - 5))))
+            part += xj[:, :, None] * val[None, :, :]
+        acc += part * scale.to(tl.float32)[None, None, :]
+    out = tl.sum(acc, axis=1)
+    _finish(out, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m,
+            out0 + offs_n, mask_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                 M, K, stride_xm, stride_qw, stride_sc, stride_om,
+                 s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits, n_blocks,
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG)
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_len
+    wcol = col0 + offs_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_r = tl.arange(0, BLOCK_K // 8)
+    shifts = tl.arange(0, 8) * 4
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for t in range(t0, t1):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        rows = t * (BLOCK_K // 8) + offs_r
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
+        words = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :],
+                        mask=(rows < K // 8)[:, None] & mask_n[None, :], other=0)
+        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])  # row 8r+j
+        if BLOCK_K <= GROUP:  # noqa: SIM108 (a constexpr branch, not a run-time select)
+            scale = tl.load(sc_ptr + (t * BLOCK_K // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)[None, :]
+        else:
+            scale = tl.load(sc_ptr + (offs_k // GROUP)[:, None] * stride_sc + wcol[None, :],
+                            mask=(offs_k < K)[:, None] & mask_n[None, :], other=0.0)
+        w = ((codes - 8).to(tl.float32) * scale.to(tl.float32)).to(a.dtype)
+        if DOT_IEEE:  # noqa: SIM108 (a constexpr branch)
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    _finish(acc, pid_m * n_blocks + pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr,
+            offs_m, mask_m, out0 + offs_n, mask_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
+
+
+# -------------------------------------------------------------------------------------------------- launcher
+
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partials (fp32) and per-tile arrival counters (int32, kept at zero between launches), per device.
+
+    Grown on demand; an engine that captures CUDA graphs calls ``reserve_workspace`` first so no allocation
+    happens inside a capture. One stream at a time may use a device's workspace.
+    """
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < floats or cnt.numel() < tiles:
+        ws = torch.empty(max(floats, 0 if ws is None else ws.numel(), 1 << 16), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel(), 1 << 12), dtype=torch.int32, device=device)
+        _WORKSPACE[device] = (ws, cnt)
+    return ws, cnt
+
+
+def reserve_workspace(device, floats: int = 1 << 22, tiles: int = 1 << 16) -> None:
+    workspace(torch.device(device), floats, tiles)
+
+
+def _segments(segments, n: int | None, n_stored: int) -> list[tuple[int, int]]:
+    segs = [(0, n_stored if n is None else n)] if segments is None else [(int(a), int(b)) for a, b in segments]
+    if not 1 <= len(segs) <= MAX_SEGMENTS:
+        raise ValueError(f"1..{MAX_SEGMENTS} segments supported, got {len(segs)}")
+    for start, length in segs:
+        if length < 1 or start < 0 or start + length > n_stored:
+            raise ValueError(f"segment (start={start}, n={length}) is outside the stored {n_stored} columns")
+    return segs
+
+
+def _check(x, qweight, scales, group_size: int, k: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
+    if qweight.dtype != torch.int32 or scales.dtype != torch.float16:
+        raise ValueError(f"qweight must be int32 and scales float16, got {qweight.dtype} / {scales.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"activations must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.device != qweight.device or x.device != scales.device:
+        raise ValueError(f"x, qweight and scales must share a device ({x.device}, {qweight.device}, {scales.device})")
+    if qweight.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError("qweight and scales need a contiguous last dim (prefix views keep it)")
+    k_stored = qweight.shape[0] * PACK
+    if k % PACK or not 0 < k <= k_stored:
+        raise ValueError(f"active K={k} must be a positive multiple of {PACK} and <= the stored {k_stored}")
+    if scales.shape[1] != qweight.shape[1] or scales.shape[0] * group_size < k:
+        raise ValueError(f"scales {tuple(scales.shape)} do not cover qweight {tuple(qweight.shape)} "
+                         f"at group {group_size}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features, the active K is {k}")
+
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                n: int | None = None, k: int | None = None, bias: torch.Tensor | None = None,
+                segments=None, config: Int4Config | None = None) -> torch.Tensor:
+    """``x [..., k]`` times the active prefix of a packed weight -> ``[..., n]`` (or the segments side by side).
+
+    ``bias`` is indexed by OUTPUT column (already concatenated for segments).
+    """
+    k = qweight.shape[0] * PACK if k is None else k
+    _check(x, qweight, scales, group_size, k)
+    segs = _segments(segments, n, qweight.shape[1])
+    lead, x2 = x.shape[:-1], x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m, n_total = x2.shape[0], sum(length for _, length in segs)
+    out = torch.empty(m, n_total, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*lead, n_total)
+    if bias is not None and bias.shape != (n_total,):
+        raise ValueError(f"bias must have shape ({n_total},), got {tuple(bias.shape)}")
+    cfg = config or pick_config(m, n_total, k, group_size, x.device)
+    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, out)
+    return out.reshape(*lead, n_total)
+
+
+def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out) -> None:
+    m = x.shape[0]
+    if cfg.path == "gemv" and (m > cfg.block_m or cfg.block_k > group_size):
+        raise ValueError(f"gemv config {cfg} cannot serve batch {m} at group {group_size}")
+    blocks = [triton.cdiv(length, cfg.block_n) for _, length in segs]
+    pad = [(0, 0)] * (MAX_SEGMENTS - len(segs))
+    (s0, l0), (s1, l1), (s2, l2) = segs + pad
+    nb = blocks + [0] * (MAX_SEGMENTS - len(blocks))
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    split = max(1, min(cfg.split_k, k_tiles))
+    per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per_split)  # no empty splits
+    m_blocks = 1 if cfg.path == "gemv" else triton.cdiv(m, cfg.block_m)
+    tiles = m_blocks * sum(blocks)
+    ws, cnt = workspace(x.device, tiles * split * cfg.block_m * cfg.block_n if split > 1 else 0, tiles)
+    args = (x, qweight, scales, bias if bias is not None else out, out, ws, cnt, m, k, x.stride(0),
+            qweight.stride(0), scales.stride(0), out.stride(0), s0, s1, s2, l0, l1, l2, nb[0], nb[1], per_split, split)
+    common = dict(GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_SEG=len(segs), SPLIT=split > 1,
+                  HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.path == "gemv":
+        _gemv_kernel[(sum(blocks), split)](*args, BLOCK_R=cfg.block_k // 8, **common)
+    else:
+        _gemm_kernel[(m_blocks, sum(blocks), split)](*args, sum(blocks), BLOCK_K=cfg.block_k,
+                                                     DOT_IEEE=x.dtype == torch.float32, **common)
+
+
+def int4_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                          n: int | None = None, k: int | None = None, bias: torch.Tensor | None = None,
+                          segments=None) -> torch.Tensor:
+    """Plain torch: dequantize each active prefix (views of the stored tensors) and multiply, in fp32."""
+    k = qweight.shape[0] * PACK if k is None else k
+    segs = _segments(segments, n, qweight.shape[1])
+    parts = [x.float() @ dequantize(qweight[:, a:a + b], scales[:, a:a + b], group_size, k, None, torch.float32)
+             for a, b in segs]
+    out = torch.cat(parts, dim=-1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+__all__ = ["Int4Config", "ZERO", "candidate_configs", "choose_path", "int4_matmul", "int4_matmul_reference",
+           "pick_config", "reserve_workspace"]

@@ -1,0 +1,119 @@
+"""The kernels as ``torch.library`` custom ops, and the device dispatch the runtime calls.
+
+``int4_linear``, ``embedding`` and ``rope`` pick the implementation: the Triton kernel on CUDA, the plain-torch
+path elsewhere (the CPU backend). Under ``torch.compile`` they go through the registered ops
+(``torch.ops.uniql.*``), whose fake implementations give output shapes without running anything; eagerly they
+call the function directly, since the custom-op dispatcher costs microseconds a launch that a batch-1 decode
+step without CUDA graphs would feel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import embedding as _emb
+from . import int4_matmul as _mm
+from . import rope as _rope
+from .int4_format import PACK
+
+
+def triton_enabled(device: torch.device) -> bool:
+    """Triton on CUDA; elsewhere the torch path (tests call the kernels directly under the interpreter)."""
+    return device.type == "cuda"
+
+
+def _flat(segments: list[tuple[int, int]]) -> list[int]:
+    return [v for seg in segments for v in seg]
+
+
+def _pairs(flat: list[int]) -> list[tuple[int, int]]:
+    return list(zip(flat[0::2], flat[1::2], strict=True))
+
+
+def _cpu_matmul(x, qweight, scales, group_size, segments, k, bias):
+    """The CPU backend: dequantize each active prefix in the activation dtype and multiply."""
+    from .int4_format import dequantize
+
+    parts = [x @ dequantize(qweight[:, a:a + n], scales[:, a:a + n], group_size, k, None, x.dtype)
+             for a, n in segments]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def _matmul(x, qweight, scales, group_size, segments, k, bias):
+    if triton_enabled(x.device):
+        return _mm.int4_matmul(x, qweight, scales, group_size, k=k, bias=bias, segments=segments)
+    return _cpu_matmul(x, qweight, scales, group_size, segments, k, bias)
+
+
+@torch.library.custom_op("uniql::int4_matmul", mutates_args=())
+def int4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                   segments: list[int], k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``segments`` flattened as [start0, n0, start1, n1, ...] (custom ops take flat int lists)."""
+    return _matmul(x, qweight, scales, group_size, _pairs(segments), k, bias)
+
+
+@int4_matmul_op.register_fake
+def _int4_matmul_fake(x, qweight, scales, group_size, segments, k, bias=None):
+    return x.new_empty(*x.shape[:-1], sum(segments[1::2]))
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                n: int | None = None, k: int | None = None, bias: torch.Tensor | None = None,
+                segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """``x [..., k] -> [..., n]`` over the active prefix (or ``segments``) of a packed weight, on any device."""
+    k = qweight.shape[0] * PACK if k is None else k
+    segments = segments or [(0, qweight.shape[1] if n is None else n)]
+    if torch.compiler.is_compiling():
+        return torch.ops.uniql.int4_matmul(x, qweight, scales, group_size, _flat(segments), k, bias)
+    return _matmul(x, qweight, scales, group_size, segments, k, bias)
+
+
+@torch.library.custom_op("uniql::embedding_int4", mutates_args=())
+def embedding_int4_op(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    return _embedding(ids, qweight, scales, group_size, dtype)
+
+
+@embedding_int4_op.register_fake
+def _embedding_fake(ids, qweight, scales, group_size, dtype):
+    return ids.new_empty(*ids.shape, qweight.shape[0] * PACK, dtype=dtype)
+
+
+def _embedding(ids, qweight, scales, group_size, dtype):
+    if triton_enabled(ids.device):  # ids were checked where they entered (tokenizer / server), no sync here
+        return _emb.embedding_int4(ids, qweight, scales, group_size, dtype, check_ids=False)
+    return _emb.embedding_int4_reference(ids, qweight, scales, group_size, dtype)
+
+
+def embedding(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows of a 4-bit table stored as a ``[hidden, vocab]`` packed linear -> ``[*ids.shape, hidden]``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.uniql.embedding_int4(ids, qweight, scales, group_size, dtype)
+    return _embedding(ids, qweight, scales, group_size, dtype)
+
+
+@torch.library.custom_op("uniql::rope_qk", mutates_args=())
+def rope_qk_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_index: torch.Tensor,
+               n_heads: int, n_kv: int, qk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_qk(q, k, cos, sin, rope_index, n_heads, n_kv, qk)
+
+
+@rope_qk_op.register_fake
+def _rope_fake(q, k, cos, sin, rope_index, n_heads, n_kv, qk):
+    t = q.shape[0]
+    return q.new_empty(n_heads, t, qk), k.new_empty(n_kv, t, qk)
+
+
+def _rope_qk(q, k, cos, sin, rope_index, n_heads, n_kv, qk):
+    fn = _rope.rope_qk if triton_enabled(q.device) else _rope.rope_qk_reference
+    return fn(q, k, cos, sin, rope_index, n_heads, n_kv, qk)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_index: torch.Tensor,
+         n_heads: int, n_kv: int, qk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-major q ``[T, n_heads*qk]`` / k ``[T, n_kv*qk]`` -> rotated, head-major ``[heads, T, qk]`` (see rope.py)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.uniql.rope_qk(q, k, cos, sin, rope_index, n_heads, n_kv, qk)
+    return _rope_qk(q, k, cos, sin, rope_index, n_heads, n_kv, qk)

@@ -1,0 +1,158 @@
+"""W4A16 Triton kernels vs the torch reference (CPU: Triton interpreter, small shapes; GPU: real shapes, bf16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from uniql.kernels import int4_matmul as im  # noqa: E402
+from uniql.kernels.int4_format import rtn_quantize  # noqa: E402
+from uniql.runtime.ladder import kept_size  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float16, torch.float32]
+
+
+def packed(n: int, k: int, group: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    qweight, scales = rtn_quantize(torch.randn(n, k, generator=g), group)
+    return qweight.to(DEV), scales.to(DEV)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12)).item()
+
+
+def tol(dtype) -> float:
+    # gemv computes in fp32 from exact codes; gemm rounds the dequantized tile to the activation dtype
+    return {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+def check(x, qweight, scales, group, **kw):
+    out = im.int4_matmul(x, qweight, scales, group, **kw)
+    ref = im.int4_matmul_reference(x, qweight, scales, group, **{a: b for a, b in kw.items() if a != "config"})
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    assert rel_err(out, ref) < tol(x.dtype), kw
+    return out
+
+
+def test_path_choice_by_batch():
+    assert [im.choose_path(m) for m in (1, 2, 4, 5, 16, 2048)] == ["gemv"] * 3 + ["gemm"] * 3
+    with pytest.raises(ValueError):
+        im.choose_path(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 5, 17])
+@pytest.mark.parametrize(("n_stored", "k_stored", "group", "n", "k"), [
+    (200, 192, 64, 200, 192),   # full, N not a power of two
+    (200, 192, 64, 37, 136),    # odd N prefix, K prefix ending inside a group
+    (48, 320, 32, 48, 8),       # one packed row
+    (130, 256, 128, 130, 248),
+])
+def test_kernel_matches_reference(dtype, m, n_stored, k_stored, group, n, k):
+    qweight, scales = packed(n_stored, k_stored, group)
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    bias = torch.randn(n, device=DEV)
+    check(x, qweight, scales, group, n=n, k=k)
+    check(x, qweight, scales, group, n=n, k=k, bias=bias)
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+def test_split_k_is_exact_and_deterministic(path, split):
+    qweight, scales = packed(96, 512, 32)
+    m = 2 if path == "gemv" else 6
+    x = torch.randn(m, 488, device=DEV, dtype=torch.float32 if not CUDA else torch.float16)
+    block_m = 2 if path == "gemv" else 16
+    cfg = im.Int4Config(path, block_n=32, block_k=32, split_k=split, num_warps=4, block_m=block_m)
+    first = check(x, qweight, scales, 32, n=90, k=488, config=cfg)
+    again = im.int4_matmul(x, qweight, scales, 32, n=90, k=488, config=cfg)
+    assert torch.equal(first, again)  # the last program sums the partials in split order
+    _, counters = im.workspace(x.device, 0, 0)
+    assert int(counters.abs().sum()) == 0  # every tile's counter is back at zero for the next launch / replay
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_fused_segments_match_separate_prefixes(m):
+    qweight, scales = packed(160, 128, 64)
+    x = torch.randn(m, 128, device=DEV).to(DTYPES[0])
+    segments = [(0, 48), (64, 16), (128, 32)]  # q | k | v prefixes of a fused [q 64 | k 64 | v 32] weight
+    bias = torch.randn(96, device=DEV)
+    fused = check(x, qweight, scales, 64, segments=segments, bias=bias)
+    parts = [im.int4_matmul(x, qweight[:, a:], scales[:, a:], 64, n=n) for a, n in segments]
+    assert rel_err(fused, torch.cat(parts, -1) + bias.to(fused.dtype)) < tol(x.dtype)
+
+
+@pytest.mark.parametrize("axis", ["n", "k"])
+def test_every_rung_of_a_ladder_is_a_prefix_of_the_same_bytes(axis):
+    """gate/up (N-pruned) and down (K-pruned) at each rung's kept size from THE rounding rule."""
+    group, full = 32, 256
+    qweight, scales = packed(full if axis == "n" else 64, full if axis == "k" else 64, group)
+    pointers = (qweight.data_ptr(), scales.data_ptr())
+    for rate in (0.0, 0.1, 0.15, 0.25, 0.35, 0.5, 0.85):
+        keep = kept_size(full, 1 - rate, 32)
+        kw = {"n": keep} if axis == "n" else {"k": keep}
+        x = torch.randn(1, keep if axis == "k" else 64, device=DEV).to(DTYPES[0])
+        out = check(x, qweight, scales, group, **kw)
+        assert out.shape[-1] == (keep if axis == "n" else 64)
+    assert (qweight.data_ptr(), scales.data_ptr()) == pointers
+
+
+def test_leading_dims_and_strided_activations():
+    qweight, scales = packed(64, 128, 64)
+    x = torch.randn(2, 3, 256, device=DEV).to(DTYPES[0])[..., ::2]  # last dim strided: the launcher copies it
+    out = check(x, qweight, scales, 64)
+    assert out.shape == (2, 3, 64)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"k": 100}, "multiple of 8"),
+    ({"k": 120}, "input features"),
+    ({"n": 0}, "outside"),
+    ({"segments": [(0, 10), (60, 10)]}, "outside"),
+    ({"segments": [(0, 8)] * 4}, "segments supported"),
+    ({"bias": torch.zeros(3)}, "bias must have shape"),
+])
+def test_bad_input_is_refused_clearly(kw, match):
+    qweight, scales = packed(64, 128, 64)
+    x = torch.randn(1, 128, device=DEV).to(DTYPES[0])
+    if "bias" in kw:
+        kw = {"bias": kw["bias"].to(DEV)}
+    with pytest.raises(ValueError, match=match):
+        im.int4_matmul(x, qweight, scales, 64, **kw)
+
+
+def test_wrong_dtypes_and_groups_are_refused():
+    qweight, scales = packed(64, 128, 64)
+    x = torch.randn(1, 128, device=DEV).to(DTYPES[0])
+    with pytest.raises(ValueError, match="float16"):
+        im.int4_matmul(x, qweight, scales.float(), 64)
+    with pytest.raises(ValueError, match="activations"):
+        im.int4_matmul(x.to(torch.float64), qweight, scales, 64)
+    with pytest.raises(ValueError, match="group size"):
+        im.int4_matmul(x, qweight, scales, 48)
+
+
+def test_configs_cover_the_paths():
+    for m in (1, 4, 16, 2048):
+        cfg = im.pick_config(m, 28672, 4096, 64, DEV)
+        assert cfg.path == im.choose_path(m) and cfg.block_k % 8 == 0
+        assert cfg in im.candidate_configs(m, 28672, 4096, 64, DEV)
+        if cfg.path == "gemv":
+            assert cfg.block_m >= m and cfg.block_k <= 64
+
+
+@pytest.mark.skipif(not CUDA, reason="real shapes need the GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 4, 16, 300])
+@pytest.mark.parametrize(("n", "k", "n_act", "k_act"), [(6144, 4096, 4992, 4096), (4096, 14336, 4096, 9344),
+                                                         (4096, 4096, 4096, 2664)])
+def test_gpu_real_shapes(dtype, m, n, k, n_act, k_act):
+    qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(k // 64, n, device="cuda") * 0.02 + 0.001).half()
+    x = torch.randn(m, k_act, device="cuda", dtype=dtype)
+    check(x, qweight, scales, 64, n=n_act, k=k_act)
