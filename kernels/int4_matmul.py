@@ -3,11 +3,11 @@
 Two Triton kernels read ``qweight int32 [K/8, N]`` / ``scales fp16 [K/G, N]`` (see ``int4_format``) through the
 row strides of the FULL stored tensors, so a rung is just smaller ``n``/``k`` arguments, never a copy:
 
-* ``gemv`` (batch 1..4): CUDA-core FMAs. Codes become floats with the exponent trick: OR-ing a code shifted to
+* ``gemv`` (batch 1): CUDA-core FMAs. Codes become floats with the exponent trick: OR-ing a code shifted to
   bit ``4j`` into the bits of 2^23 gives the float ``2^23 + q * 16^j`` exactly (j < 5; the top three codes are
   read after one 20-bit shift), so one LOP3 + one FADD + one FFMA per weight, with ``x`` pre-scaled by 16^-j.
   That keeps the int pipe, the scarce one on Hopper, below the memory time of a weight.
-* ``gemm`` (batch >= 5, prefill): dequantizes a ``[BK, BN]`` tile to the activation dtype and runs ``tl.dot``.
+* ``gemm`` (batch >= 2, prefill): dequantizes a ``[BK, BN]`` tile to the activation dtype and runs ``tl.dot``.
 
 Both split K across programs where the N blocks alone cannot fill the GPU. Partial sums go to a workspace and the
 LAST program of each output tile (an atomic counter per tile) adds them in split order and writes the output:
@@ -29,7 +29,7 @@ import triton.language as tl
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
 
 MAX_SEGMENTS = 3
-GEMV_MAX_M = 4
+GEMV_MAX_M = 1
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,14 @@ class Int4Config:
     num_warps: int
     block_m: int = 1
     num_stages: int = 2
+    gather: bool = False  # gemm: load each tile row's word (8x re-read, cached) instead of unpack + reshape
 
 
 def choose_path(m: int) -> str:
-    """CUDA-core GEMV while the batch is tiny (weight reads dominate), tensor-core GEMM from 5 rows on."""
+    """CUDA-core GEMV for one row, tensor-core GEMM (rows padded to 16) from 2 rows on."""
     if m < 1:
         raise ValueError(f"batch must be >= 1, got {m}")
     return "gemv" if m <= GEMV_MAX_M else "gemm"
-
-
-def _pow2_at_least(v: int, lo: int) -> int:
-    return max(lo, 1 << max(0, v - 1).bit_length())
 
 
 def _split_for(n_blocks: int, k_tiles: int, target: int) -> int:
@@ -74,7 +71,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_n = 256 if n_total >= 16384 else 128
         n_blocks = triton.cdiv(n_total, block_n)
         split = _split_for(n_blocks, triton.cdiv(k, block_k), 4 * sms)
-        return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=_pow2_at_least(m, 1))
+        return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=1)
     if m <= 16:
         block_m, block_n, block_k, warps = 16, 64, 64, 4
     elif m <= 64:
@@ -98,11 +95,11 @@ def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cud
                 split = _split_for(blocks, triton.cdiv(k, base.block_k), waves * sms)
                 out.add(Int4Config("gemv", bn, base.block_k, split, warps, base.block_m))
     else:
-        for bm, bn, bk, warps, stages in ((base.block_m, 64, 64, 4, 3), (base.block_m, 128, 64, 4, 3),
-                                          (base.block_m, 128, 64, 8, 3), (base.block_m, 128, 128, 8, 3),
-                                          (base.block_m, 256, 64, 8, 3), (base.block_m, 128, 64, 8, 4)):
-            out.add(Int4Config("gemm", bn, bk, base.split_k, warps, bm, stages))
-    return sorted(out, key=lambda c: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages))
+        for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4),
+                                      (256, 64, 8, 3), (128, 128, 8, 3)):
+            for gather in (False, True):
+                out.add(Int4Config("gemm", bn, bk, base.split_k, warps, base.block_m, stages, gather))
+    return sorted(out, key=lambda c: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages, c.gather))
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -155,42 +152,44 @@ def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, K, stride_xm, stride_qw, stride_sc, stride_om,
                  s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                 NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG)
+    if ALIGNED:  # segment starts and lengths are multiples of 16: lets the compiler use 16-byte loads
+        col0 = tl.multiple_of(col0, 16)
+        n_len = tl.multiple_of(n_len, 16)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_len
     wcol = col0 + offs_n
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)  # BLOCK_M == 1: batch 1 only (2-D tiles keep one register layout)
     mask_m = offs_m < M
     offs_r = tl.arange(0, BLOCK_R)
     rows_k = K // 8
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(rows_k, BLOCK_R))
-    acc = tl.zeros([BLOCK_M, BLOCK_R, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     for t in range(t0, t1):
         rows = t * BLOCK_R + offs_r  # packed rows of this tile: all in one quantization group
         mask_r = rows < rows_k
         w = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :], mask=mask_r[:, None] & mask_n[None, :],
                     other=0, eviction_policy="evict_first")
         scale = tl.load(sc_ptr + (t * BLOCK_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
-        x_row = x_ptr + offs_m[:, None] * stride_xm + rows[None, :] * 8
-        x_mask = mask_m[:, None] & mask_r[None, :]
+        x_row = x_ptr + rows * 8
         w_hi = w >> 20
-        part = tl.zeros([BLOCK_M, BLOCK_R, BLOCK_N], tl.float32)
+        part = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         for j in tl.static_range(8):
             if j < 5:
                 bits = (w & (15 << (4 * j))) | 0x4B000000
                 val = bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << (4 * j)))  # (q-8)*16^j, exact
-                xj = tl.load(x_row + j, mask=x_mask, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * j)))
+                xj = tl.load(x_row + j, mask=mask_r, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * j)))
             else:
                 bits = (w_hi & (15 << (4 * (j - 5)))) | 0x4B000000
                 val = bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << (4 * (j - 5))))
-                xj = tl.load(x_row + j, mask=x_mask, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * (j - 5))))
-            part += xj[:, :, None] * val[None, :, :]
-        acc += part * scale.to(tl.float32)[None, None, :]
-    out = tl.sum(acc, axis=1)
+                xj = tl.load(x_row + j, mask=mask_r, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * (j - 5))))
+            part += xj[:, None] * val
+        acc += part * scale.to(tl.float32)[None, :]
+    out = tl.sum(acc, axis=0)[None, :]
     _finish(out, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m,
             out0 + offs_n, mask_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
 
@@ -200,11 +199,15 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, K, stride_xm, stride_qw, stride_sc, stride_om,
                  s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits, n_blocks,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr):
+                 NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
+                 ALIGNED: tl.constexpr, GATHER: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG)
+    if ALIGNED:
+        col0 = tl.multiple_of(col0, 16)
+        n_len = tl.multiple_of(n_len, 16)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_len
     wcol = col0 + offs_n
@@ -212,6 +215,7 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     mask_m = offs_m < M
     offs_r = tl.arange(0, BLOCK_K // 8)
     shifts = tl.arange(0, 8) * 4
+    offs_kt = tl.arange(0, BLOCK_K)
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -220,9 +224,14 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         rows = t * (BLOCK_K // 8) + offs_r
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        words = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :],
-                        mask=(rows < K // 8)[:, None] & mask_n[None, :], other=0)
-        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])  # row 8r+j
+        if GATHER:
+            words = tl.load(qw_ptr + (offs_k // 8)[:, None] * stride_qw + wcol[None, :],
+                            mask=(offs_k < K)[:, None] & mask_n[None, :], other=0)
+            codes = (words >> ((offs_kt % 8) * 4)[:, None]) & 15
+        else:
+            words = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :],
+                            mask=(rows < K // 8)[:, None] & mask_n[None, :], other=0)
+            codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])  # row 8r+j
         if BLOCK_K <= GROUP:  # noqa: SIM108 (a constexpr branch, not a run-time select)
             scale = tl.load(sc_ptr + (t * BLOCK_K // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)[None, :]
         else:
@@ -332,13 +341,15 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
     ws, cnt = workspace(x.device, tiles * split * cfg.block_m * cfg.block_n if split > 1 else 0, tiles)
     args = (x, qweight, scales, bias if bias is not None else out, out, ws, cnt, m, k, x.stride(0),
             qweight.stride(0), scales.stride(0), out.stride(0), s0, s1, s2, l0, l1, l2, nb[0], nb[1], per_split, split)
+    aligned = all(v % 16 == 0 for seg in segs for v in seg)
     common = dict(GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_SEG=len(segs), SPLIT=split > 1,
+                  ALIGNED=aligned,
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.path == "gemv":
         _gemv_kernel[(sum(blocks), split)](*args, BLOCK_R=cfg.block_k // 8, **common)
     else:
         _gemm_kernel[(m_blocks, sum(blocks), split)](*args, sum(blocks), BLOCK_K=cfg.block_k,
-                                                     DOT_IEEE=x.dtype == torch.float32, **common)
+                                                     DOT_IEEE=x.dtype == torch.float32, GATHER=cfg.gather, **common)
 
 
 def int4_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
