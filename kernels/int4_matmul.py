@@ -41,7 +41,6 @@ class Int4Config:
     num_warps: int
     block_m: int = 1
     num_stages: int = 2
-    gather: bool = False  # gemm: load each tile row's word (8x re-read, cached) instead of unpack + reshape
 
 
 def choose_path(m: int) -> str:
@@ -67,20 +66,22 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
     """The default launch configuration (block sizes, K split) for one call; tuned on H100 (benchmarks/kernels.py)."""
     sms = _sm_count(torch.device(device))
     if choose_path(m) == "gemv":
+        # H100 sweep (benchmarks/results/kernels_h100.json): narrow blocks with a deep K split for the small
+        # layers, wider ones for the MLP, no split for vocab-sized heads; ~8 programs per SM everywhere
         block_k = min(group_size, 64)
-        block_n = 256 if n_total >= 16384 else 128
+        block_n, warps = (64, 4) if n_total <= 8192 else (256, 4) if n_total <= 65536 else (128, 8)
         n_blocks = triton.cdiv(n_total, block_n)
-        split = _split_for(n_blocks, triton.cdiv(k, block_k), 4 * sms)
-        return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=1)
+        split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms)
+        return Int4Config("gemv", block_n, block_k, split, num_warps=warps, block_m=1)
     if m <= 16:
         block_m, block_n, block_k, warps = 16, 64, 64, 4
     elif m <= 64:
         block_m, block_n, block_k, warps = 64, 64, 64, 4
     else:
-        block_m, block_n, block_k, warps = 128, 128, 64, 8
+        block_m, block_n, block_k, warps = 128, 128, 64, 4
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n_total, block_n)
     split = _split_for(tiles, triton.cdiv(k, block_k), 2 * sms) if m <= 64 else 1
-    return Int4Config("gemm", block_n, block_k, split, warps, block_m, num_stages=3)
+    return Int4Config("gemm", block_n, block_k, split, warps, block_m, num_stages=4 if m > 64 else 3)
 
 
 def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cuda") -> list[Int4Config]:
@@ -89,7 +90,7 @@ def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cud
     out = {base}
     if base.path == "gemv":
         sms = _sm_count(torch.device(device))
-        for bn, warps in ((64, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4), (512, 8)):
+        for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 4), (256, 8), (512, 2), (512, 4), (1024, 4)):
             blocks = triton.cdiv(n_total, bn)
             for waves in (1, 2, 4, 8):  # programs per SM the K split aims for
                 split = _split_for(blocks, triton.cdiv(k, base.block_k), waves * sms)
@@ -97,9 +98,8 @@ def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cud
     else:
         for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4),
                                       (256, 64, 8, 3), (128, 128, 8, 3)):
-            for gather in (False, True):
-                out.add(Int4Config("gemm", bn, bk, base.split_k, warps, base.block_m, stages, gather))
-    return sorted(out, key=lambda c: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages, c.gather))
+            out.add(Int4Config("gemm", bn, bk, base.split_k, warps, base.block_m, stages))
+    return sorted(out, key=lambda c: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages))
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -150,7 +150,7 @@ def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bia
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, K, stride_xm, stride_qw, stride_sc, stride_om,
-                 s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits,
+                 s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits, magic,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                  NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -176,18 +176,20 @@ def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     other=0, eviction_policy="evict_first")
         scale = tl.load(sc_ptr + (t * BLOCK_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
         x_row = x_ptr + rows * 8
-        w_hi = w >> 20
-        part = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        w_hi = w.to(tl.uint32, bitcast=True) >> 20  # logical shift: the top three codes at bits 0..11
         for j in tl.static_range(8):
             if j < 5:
-                bits = (w & (15 << (4 * j))) | 0x4B000000
+                bits = (w & (15 << (4 * j))) | magic
                 val = bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << (4 * j)))  # (q-8)*16^j, exact
                 xj = tl.load(x_row + j, mask=mask_r, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * j)))
             else:
-                bits = (w_hi & (15 << (4 * (j - 5)))) | 0x4B000000
+                bits = (w_hi & (15 << (4 * (j - 5)))) | magic
                 val = bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << (4 * (j - 5))))
                 xj = tl.load(x_row + j, mask=mask_r, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * (j - 5))))
-            part += xj[:, None] * val
+            if j == 0:
+                part = xj[:, None] * val
+            else:
+                part += xj[:, None] * val
         acc += part * scale.to(tl.float32)[None, :]
     out = tl.sum(acc, axis=0)[None, :]
     _finish(out, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m,
@@ -200,7 +202,7 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits, n_blocks,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
-                 ALIGNED: tl.constexpr, GATHER: tl.constexpr):
+                 ALIGNED: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -215,7 +217,6 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     mask_m = offs_m < M
     offs_r = tl.arange(0, BLOCK_K // 8)
     shifts = tl.arange(0, 8) * 4
-    offs_kt = tl.arange(0, BLOCK_K)
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -224,14 +225,9 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         rows = t * (BLOCK_K // 8) + offs_r
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        if GATHER:
-            words = tl.load(qw_ptr + (offs_k // 8)[:, None] * stride_qw + wcol[None, :],
-                            mask=(offs_k < K)[:, None] & mask_n[None, :], other=0)
-            codes = (words >> ((offs_kt % 8) * 4)[:, None]) & 15
-        else:
-            words = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :],
-                            mask=(rows < K // 8)[:, None] & mask_n[None, :], other=0)
-            codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])  # row 8r+j
+        words = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :],
+                        mask=(rows < K // 8)[:, None] & mask_n[None, :], other=0)
+        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])  # row 8r+j
         if BLOCK_K <= GROUP:  # noqa: SIM108 (a constexpr branch, not a run-time select)
             scale = tl.load(sc_ptr + (t * BLOCK_K // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)[None, :]
         else:
@@ -346,10 +342,12 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
                   ALIGNED=aligned,
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.path == "gemv":
-        _gemv_kernel[(sum(blocks), split)](*args, BLOCK_R=cfg.block_k // 8, **common)
+        # the exponent bits of 2^23 travel as an argument so they sit in one register and each LOP3 takes its
+        # code mask as the immediate (a literal here makes ptxas rematerialize every mask inside the loop)
+        _gemv_kernel[(sum(blocks), split)](*args, 0x4B000000, BLOCK_R=cfg.block_k // 8, **common)
     else:
         _gemm_kernel[(m_blocks, sum(blocks), split)](*args, sum(blocks), BLOCK_K=cfg.block_k,
-                                                     DOT_IEEE=x.dtype == torch.float32, GATHER=cfg.gather, **common)
+                                                     DOT_IEEE=x.dtype == torch.float32, **common)
 
 
 def int4_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
