@@ -1,17 +1,19 @@
 """W4A16 matmul over the packed INT4 format with run-time prefix masking: ``out = x @ W[:n, :k]^T``.
 
-Two Triton kernels read ``qweight int32 [K/8, N]`` / ``scales fp16 [K/G, N]`` (see ``int4_format``) through the
+The Triton kernels read ``qweight int32 [K/8, N]`` / ``scales fp16 [K/G, N]`` (see ``int4_format``) through the
 row strides of the FULL stored tensors, so a rung is just smaller ``n``/``k`` arguments, never a copy:
 
-* ``gemv`` (batch 1): CUDA-core FMAs. Codes become floats with the exponent trick: OR-ing a code shifted to
-  bit ``4j`` into the bits of 2^23 gives the float ``2^23 + q * 16^j`` exactly (j < 5; the top three codes are
-  read after one 20-bit shift), so one LOP3 + one FADD + one FFMA per weight, with ``x`` pre-scaled by 16^-j.
-  That keeps the int pipe, the scarce one on Hopper, below the memory time of a weight.
-* ``gemm`` (batch >= 2, prefill): dequantizes a ``[BK, BN]`` tile to the activation dtype and runs ``tl.dot``.
+* ``gemv`` (batch 1..4): CUDA-core FMAs, each dequantized tile shared by the rows. Codes become floats with the
+  exponent trick: OR-ing a code shifted to bit ``4j`` into the bits of 2^23 gives the float ``2^23 + q * 16^j``
+  exactly (j < 5; the top three codes are read after one 20-bit shift), so one LOP3 + one FADD + one FFMA per
+  weight and row, with ``x`` pre-scaled by 16^-j. No int-to-float conversions, few int-pipe instructions.
+* ``gemm`` (batch 5 .. 255): dequantizes a ``[BK, BN]`` tile to the activation dtype and runs ``tl.dot``.
+* ``dequant`` (prefill, 256+ rows): ``int4_dequant`` writes the active prefix in column chunks, cuBLAS multiplies.
 
-Both split K across programs where the N blocks alone cannot fill the GPU. Partial sums go to a workspace and the
-LAST program of each output tile (an atomic counter per tile) adds them in split order and writes the output:
-one launch, no zero-fill, and a deterministic result (the same bits whatever order programs finish in).
+The Triton paths split K across programs where the N blocks alone cannot fill the GPU. Partial sums go to a
+workspace and the LAST program of each output tile (an atomic counter per tile) adds them in split order and
+writes the output: one launch, no zero-fill, and a deterministic result (the same bits whatever order programs
+finish in).
 
 Fused weights (q|k|v, gate|up) are ``segments``: up to three (first stored column, active columns) pairs read in
 one launch, written side by side in the output.
@@ -26,10 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .int4_dequant import dequant_matmul
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
 
 MAX_SEGMENTS = 3
-GEMV_MAX_M = 1
+GEMV_MAX_M = 4
+# From here on dequantize + cuBLAS beats the in-loop GEMM: the dequant pass costs ~2.5 bytes per weight
+# (~120 us for Llama-8B's gate_up on an H100) while the Triton GEMM runs ~2.2x cuBLAS time (~0.36 us a row there)
+DEQUANT_MIN_M = 256
 
 
 @dataclass(frozen=True)
@@ -44,10 +50,10 @@ class Int4Config:
 
 
 def choose_path(m: int) -> str:
-    """CUDA-core GEMV for one row, tensor-core GEMM (rows padded to 16) from 2 rows on."""
+    """CUDA-core GEMV up to 4 rows, Triton tensor-core GEMM for small batches, dequantize + cuBLAS for prefill."""
     if m < 1:
         raise ValueError(f"batch must be >= 1, got {m}")
-    return "gemv" if m <= GEMV_MAX_M else "gemm"
+    return "gemv" if m <= GEMV_MAX_M else "gemm" if m < DEQUANT_MIN_M else "dequant"
 
 
 def _split_for(n_blocks: int, k_tiles: int, target: int) -> int:
@@ -70,9 +76,14 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         # layers, wider ones for the MLP, no split for vocab-sized heads; ~8 programs per SM everywhere
         block_k = min(group_size, 64)
         block_n, warps = (64, 4) if n_total <= 8192 else (256, 4) if n_total <= 65536 else (128, 8)
+        block_m = 1 if m == 1 else 2 if m == 2 else 4
+        if block_m > 1 and block_n > 128:
+            block_n = 128  # more rows, more accumulators: keep them in registers
         n_blocks = triton.cdiv(n_total, block_n)
         split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms)
-        return Int4Config("gemv", block_n, block_k, split, num_warps=warps, block_m=1)
+        return Int4Config("gemv", block_n, block_k, split, num_warps=warps, block_m=block_m)
+    if choose_path(m) == "dequant":
+        return Int4Config("dequant", block_n=128, block_k=64, split_k=1, num_warps=4)
     if m <= 16:
         block_m, block_n, block_k, warps = 16, 64, 64, 4
     elif m <= 64:
@@ -95,10 +106,11 @@ def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cud
             for waves in (1, 2, 4, 8):  # programs per SM the K split aims for
                 split = _split_for(blocks, triton.cdiv(k, base.block_k), waves * sms)
                 out.add(Int4Config("gemv", bn, base.block_k, split, warps, base.block_m))
-    else:
+    else:  # small batches tune the Triton GEMM; prefill compares dequant + cuBLAS with it
+        block_m = base.block_m if base.path == "gemm" else 128
         for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4),
                                       (256, 64, 8, 3), (128, 128, 8, 3)):
-            out.add(Int4Config("gemm", bn, bk, base.split_k, warps, base.block_m, stages))
+            out.add(Int4Config("gemm", bn, bk, base.split_k, warps, block_m, stages))
     return sorted(out, key=lambda c: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages))
 
 
@@ -148,6 +160,12 @@ def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bia
 
 
 @triton.jit
+def _x_column(x_row_ptr, rows, j: tl.constexpr, mask, x_scale: tl.constexpr):
+    """x[8r + j] for the tile's packed rows r, in fp32, scaled by 16^-j to meet the exponent-trick codes."""
+    return (tl.load(x_row_ptr + rows * 8 + j, mask=mask, other=0.0).to(tl.float32) * x_scale)[:, None]
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, K, stride_xm, stride_qw, stride_sc, stride_om,
                  s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits, magic,
@@ -162,36 +180,55 @@ def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_len
     wcol = col0 + offs_n
-    offs_m = tl.arange(0, BLOCK_M)  # BLOCK_M == 1: batch 1 only (2-D tiles keep one register layout)
+    offs_m = tl.arange(0, BLOCK_M)  # 1, 2 or 4 rows, each with its own 2-D accumulator (one register layout)
     mask_m = offs_m < M
     offs_r = tl.arange(0, BLOCK_R)
     rows_k = K // 8
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(rows_k, BLOCK_R))
-    acc = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    acc0 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    acc1 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     for t in range(t0, t1):
         rows = t * BLOCK_R + offs_r  # packed rows of this tile: all in one quantization group
         mask_r = rows < rows_k
         w = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :], mask=mask_r[:, None] & mask_n[None, :],
                     other=0, eviction_policy="evict_first")
         scale = tl.load(sc_ptr + (t * BLOCK_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
-        x_row = x_ptr + rows * 8
+        scale = scale.to(tl.float32)[None, :]
         w_hi = w.to(tl.uint32, bitcast=True) >> 20  # logical shift: the top three codes at bits 0..11
+        p0 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        p1 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        p2 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
+        p3 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         for j in tl.static_range(8):
             if j < 5:
                 bits = (w & (15 << (4 * j))) | magic
                 val = bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << (4 * j)))  # (q-8)*16^j, exact
-                xj = tl.load(x_row + j, mask=mask_r, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * j)))
+                x_scale = 1.0 / (1 << (4 * j))
             else:
                 bits = (w_hi & (15 << (4 * (j - 5)))) | magic
                 val = bits.to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * (1 << (4 * (j - 5))))
-                xj = tl.load(x_row + j, mask=mask_r, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * (j - 5))))
-            if j == 0:
-                part = xj[:, None] * val
-            else:
-                part += xj[:, None] * val
-        acc += part * scale.to(tl.float32)[None, :]
-    out = tl.sum(acc, axis=0)[None, :]
+                x_scale = 1.0 / (1 << (4 * (j - 5)))
+            p0 += _x_column(x_ptr, rows, j, mask_r, x_scale) * val
+            if BLOCK_M > 1:
+                p1 += _x_column(x_ptr + stride_xm, rows, j, mask_r & (offs_r * 0 + 1 < M), x_scale) * val
+            if BLOCK_M > 2:
+                p2 += _x_column(x_ptr + 2 * stride_xm, rows, j, mask_r & (offs_r * 0 + 2 < M), x_scale) * val
+                p3 += _x_column(x_ptr + 3 * stride_xm, rows, j, mask_r & (offs_r * 0 + 3 < M), x_scale) * val
+        acc0 += p0 * scale
+        if BLOCK_M > 1:
+            acc1 += p1 * scale
+        if BLOCK_M > 2:
+            acc2 += p2 * scale
+            acc3 += p3 * scale
+    out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
+    if BLOCK_M > 1:
+        out = tl.where(offs_m[:, None] == 1, tl.sum(acc1, axis=0)[None, :], out)
+    if BLOCK_M > 2:
+        out = tl.where(offs_m[:, None] == 2, tl.sum(acc2, axis=0)[None, :], out)
+        out = tl.where(offs_m[:, None] == 3, tl.sum(acc3, axis=0)[None, :], out)
     _finish(out, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m,
             out0 + offs_n, mask_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
 
@@ -322,6 +359,9 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 
 def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out) -> None:
     m = x.shape[0]
+    if cfg.path == "dequant":
+        dequant_matmul(x, qweight, scales, group_size, k, segs, bias, out)
+        return
     if cfg.path == "gemv" and (m > cfg.block_m or cfg.block_k > group_size):
         raise ValueError(f"gemv config {cfg} cannot serve batch {m} at group {group_size}")
     blocks = [triton.cdiv(length, cfg.block_n) for _, length in segs]

@@ -40,13 +40,14 @@ def check(x, qweight, scales, group, **kw):
 
 
 def test_path_choice_by_batch():
-    assert [im.choose_path(m) for m in (1, 2, 4, 5, 16, 2048)] == ["gemv"] + ["gemm"] * 5
+    paths = [im.choose_path(m) for m in (1, 2, 4, 5, 16, 255, 256, 2048)]
+    assert paths == ["gemv"] * 3 + ["gemm"] * 3 + ["dequant"] * 2
     with pytest.raises(ValueError):
         im.choose_path(0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 5, 17])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 17, 260])
 @pytest.mark.parametrize(("n_stored", "k_stored", "group", "n", "k"), [
     (200, 192, 64, 200, 192),   # full, N not a power of two
     (200, 192, 64, 37, 136),    # odd N prefix, K prefix ending inside a group
@@ -65,9 +66,9 @@ def test_kernel_matches_reference(dtype, m, n_stored, k_stored, group, n, k):
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
 def test_split_k_is_exact_and_deterministic(path, split):
     qweight, scales = packed(96, 512, 32)
-    m = 1 if path == "gemv" else 6
+    m = 3 if path == "gemv" else 6
     x = torch.randn(m, 488, device=DEV, dtype=torch.float32 if not CUDA else torch.float16)
-    block_m = 1 if path == "gemv" else 16
+    block_m = 4 if path == "gemv" else 16
     cfg = im.Int4Config(path, block_n=32, block_k=32, split_k=split, num_warps=4, block_m=block_m)
     first = check(x, qweight, scales, 32, n=90, k=488, config=cfg)
     again = im.int4_matmul(x, qweight, scales, 32, n=90, k=488, config=cfg)
@@ -145,17 +146,18 @@ def test_wrong_dtypes_and_groups_are_refused():
 
 
 def test_configs_cover_the_paths():
-    for m in (1, 4, 16, 2048):
+    for m in (1, 4, 16, 64, 200, 2048):
         cfg = im.pick_config(m, 28672, 4096, 64, DEV)
         assert cfg.path == im.choose_path(m) and cfg.block_k % 8 == 0
         assert cfg in im.candidate_configs(m, 28672, 4096, 64, DEV)
         if cfg.path == "gemv":
-            assert cfg.block_m == m == 1 and cfg.block_k <= 64
+            assert cfg.block_m >= m and cfg.block_k <= 64
+    assert any(c.path == "gemm" for c in im.candidate_configs(2048, 4096, 4096, 64, DEV))  # prefill compares both
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes need the GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 4, 16, 300])
+@pytest.mark.parametrize("m", [1, 3, 4, 16, 300])
 @pytest.mark.parametrize(("n", "k", "n_act", "k_act"), [(6144, 4096, 4992, 4096), (4096, 14336, 4096, 9344),
                                                          (4096, 4096, 4096, 2664)])
 def test_gpu_real_shapes(dtype, m, n, k, n_act, k_act):
