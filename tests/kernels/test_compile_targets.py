@@ -1,0 +1,52 @@
+"""Every Triton kernel compiles (ahead of time, no GPU needed) for the Jetson Orin (sm_87) and Hopper (sm_90).
+
+Runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it when there is no GPU, and kernels
+defined under it cannot be compiled). Uses the ptxas that ships in the triton wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r"""
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from uniql.kernels import embedding, int4_dequant, int4_matmul, rope
+
+PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+        "ws_ptr": "*fp32", "cnt_ptr": "*i32", "ids_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16",
+        "q_out_ptr": "*bf16", "k_out_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "idx_ptr": "*i64"}
+MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True)
+CASES = [
+    (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, BLOCK_R=8), 8),
+    (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=4, BLOCK_N=64, BLOCK_R=8), 4),
+    (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_IEEE=False), 4),
+    (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, DOT_IEEE=False, SPLIT=False), 4),
+    (int4_dequant._dequant_kernel, dict(GROUP=64, BLOCK_R=8, BLOCK_N=128), 4),
+    (rope._rope_qk_kernel, dict(BLOCK_P=64), 2),
+    (embedding._embedding_int4_kernel, dict(GROUP=64, BLOCK_R=64), 4),
+]
+for arch in map(int, sys.argv[1:]):
+    for kernel, consts, warps in CASES:
+        sig = {a: "constexpr" if a in consts else PTRS.get(a, "i32") for a in kernel.arg_names}
+        stages = 3 if arch >= 80 else 2
+        triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+        print("ok", arch, kernel.__name__, consts.get("BLOCK_M", ""))
+"""
+
+
+@pytest.mark.parametrize("arch", [87, 90])
+def test_kernels_compile_for_jetson_and_hopper(arch):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(f"ok {arch}") == 7
