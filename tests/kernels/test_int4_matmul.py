@@ -42,6 +42,7 @@ def check(x, qweight, scales, group, **kw):
 def test_path_choice_by_batch():
     paths = [im.choose_path(m) for m in (1, 2, 4, 5, 16, 255, 256, 2048)]
     assert paths == ["gemv"] * 3 + ["gemm"] * 3 + ["dequant"] * 2
+    assert [im.choose_path(m, 128256) for m in (1, 2, 4)] == ["gemv", "gemm", "gemm"]
     with pytest.raises(ValueError):
         im.choose_path(0)
 
@@ -62,14 +63,15 @@ def test_kernel_matches_reference(dtype, m, n_stored, k_stored, group, n, k):
     check(x, qweight, scales, group, n=n, k=k, bias=bias)
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemm"])
+@pytest.mark.parametrize("path", ["gemv", "gemv-no-prefetch", "gemm"])
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
 def test_split_k_is_exact_and_deterministic(path, split):
     qweight, scales = packed(96, 512, 32)
-    m = 3 if path == "gemv" else 6
+    m = 3 if path.startswith("gemv") else 6
     x = torch.randn(m, 488, device=DEV, dtype=torch.float32 if not CUDA else torch.float16)
-    block_m = 4 if path == "gemv" else 16
-    cfg = im.Int4Config(path, block_n=32, block_k=32, split_k=split, num_warps=4, block_m=block_m)
+    block_m = 4 if path.startswith("gemv") else 16
+    cfg = im.Int4Config(path[:4], block_n=32, block_k=32, split_k=split, num_warps=4, block_m=block_m,
+                        prefetch="no-prefetch" not in path)
     first = check(x, qweight, scales, 32, n=90, k=488, config=cfg)
     again = im.int4_matmul(x, qweight, scales, 32, n=90, k=488, config=cfg)
     assert torch.equal(first, again)  # the last program sums the partials in split order
@@ -148,7 +150,7 @@ def test_wrong_dtypes_and_groups_are_refused():
 def test_configs_cover_the_paths():
     for m in (1, 4, 16, 64, 200, 2048):
         cfg = im.pick_config(m, 28672, 4096, 64, DEV)
-        assert cfg.path == im.choose_path(m) and cfg.block_k % 8 == 0
+        assert cfg.path == im.choose_path(m, 28672) and cfg.block_k % 8 == 0
         assert cfg in im.candidate_configs(m, 28672, 4096, 64, DEV)
         if cfg.path == "gemv":
             assert cfg.block_m >= m and cfg.block_k <= 64
