@@ -47,7 +47,6 @@ class Int4Config:
     num_warps: int
     block_m: int = 1
     num_stages: int = 2
-    prefetch: bool = True  # gemv: load the next tile before the math on this one
 
 
 def choose_path(m: int, n: int = 0) -> str:
@@ -112,14 +111,13 @@ def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cud
             blocks = triton.cdiv(n_total, bn)
             for waves in (1, 2, 4, 8):  # programs per SM the K split aims for
                 split = _split_for(blocks, triton.cdiv(k, base.block_k), waves * sms)
-                for prefetch in (True, False):
-                    out.add(Int4Config("gemv", bn, base.block_k, split, warps, base.block_m, prefetch=prefetch))
+                out.add(Int4Config("gemv", bn, base.block_k, split, warps, base.block_m))
     else:  # small batches tune the Triton GEMM; prefill compares dequant + cuBLAS with it
         block_m = base.block_m if base.path == "gemm" else 128
         for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4),
                                       (256, 64, 8, 3), (128, 128, 8, 3)):
             out.add(Int4Config("gemm", bn, bk, base.split_k, warps, block_m, stages))
-    return sorted(out, key=lambda c: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages, c.prefetch))
+    return sorted(out, key=lambda c: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages))
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -174,25 +172,11 @@ def _x_column(x_row_ptr, rows, j: tl.constexpr, mask, x_scale: tl.constexpr):
 
 
 @triton.jit
-def _gemv_tile(qw_ptr, sc_ptr, t, offs_r, rows_k, wcol, mask_n, stride_qw, stride_sc, t_end,
-               GROUP: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Packed words [BLOCK_R, BLOCK_N] and the group's scales [BLOCK_N] of tile ``t`` (nothing past ``t_end``)."""
-    rows = t * BLOCK_R + offs_r
-    mask_r = rows < tl.minimum(rows_k, t_end * BLOCK_R)
-    w = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :], mask=mask_r[:, None] & mask_n[None, :],
-                other=0, eviction_policy="evict_first")
-    in_range = mask_n & (wcol * 0 + t < t_end)  # a tensor mask (the interpreter wants one, not a bool)
-    scale = tl.load(sc_ptr + (t * BLOCK_R * 8 // GROUP) * stride_sc + wcol, mask=in_range, other=0.0)
-    return w, scale
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, K, stride_xm, stride_qw, stride_sc, stride_om,
                  s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits, magic,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                 NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
-                 PREFETCH: tl.constexpr):
+                 NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG)
@@ -212,21 +196,15 @@ def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     acc1 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)
     acc2 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     acc3 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
-    # loads run one tile ahead of the math: a program owns only a few tiles, so without this its time is a chain
-    # of load latencies (the loop is not software-pipelined by the compiler: no tl.dot in it)
-    w_next, s_next = _gemv_tile(qw_ptr, sc_ptr, t0, offs_r, rows_k, wcol, mask_n, stride_qw, stride_sc, t1,
-                                GROUP, BLOCK_R)  # unused (and dropped) without PREFETCH
+    # (loading the next tile ahead of this one's math was measured 1-9 % slower on H100: more registers, and
+    # ~8 resident programs per SM already hide the load latency)
     for t in range(t0, t1):
         rows = t * BLOCK_R + offs_r  # packed rows of this tile: all in one quantization group
         mask_r = rows < rows_k
-        if PREFETCH:
-            w, scale = w_next, s_next.to(tl.float32)[None, :]
-            w_next, s_next = _gemv_tile(qw_ptr, sc_ptr, t + 1, offs_r, rows_k, wcol, mask_n, stride_qw, stride_sc,
-                                        t1, GROUP, BLOCK_R)
-        else:
-            w, s_now = _gemv_tile(qw_ptr, sc_ptr, t, offs_r, rows_k, wcol, mask_n, stride_qw, stride_sc, t1,
-                                  GROUP, BLOCK_R)
-            scale = s_now.to(tl.float32)[None, :]
+        w = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :], mask=mask_r[:, None] & mask_n[None, :],
+                    other=0, eviction_policy="evict_first")
+        scale = tl.load(sc_ptr + (t * BLOCK_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
+        scale = scale.to(tl.float32)[None, :]
         w_hi = w.to(tl.uint32, bitcast=True) >> 20  # logical shift: the top three codes at bits 0..11
         p0 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         p1 = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
@@ -414,8 +392,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
     if cfg.path == "gemv":
         # the exponent bits of 2^23 travel as an argument so they sit in one register and each LOP3 takes its
         # code mask as the immediate (a literal here makes ptxas rematerialize every mask inside the loop)
-        _gemv_kernel[(sum(blocks), split)](*args, 0x4B000000, BLOCK_R=cfg.block_k // 8, PREFETCH=cfg.prefetch,
-                                           **common)
+        _gemv_kernel[(sum(blocks), split)](*args, 0x4B000000, BLOCK_R=cfg.block_k // 8, **common)
     else:
         _gemm_kernel[(m_blocks, sum(blocks), split)](*args, sum(blocks), BLOCK_K=cfg.block_k,
                                                      DOT_IEEE=x.dtype == torch.float32, **common)

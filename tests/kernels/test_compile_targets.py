@@ -25,8 +25,8 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "q_out_ptr": "*bf16", "k_out_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "idx_ptr": "*i64"}
 MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True)
 CASES = [
-    (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, BLOCK_R=8, PREFETCH=True), 8),
-    (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=4, BLOCK_N=64, BLOCK_R=8, PREFETCH=False), 4),
+    (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, BLOCK_R=8), 8),
+    (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=4, BLOCK_N=64, BLOCK_R=8), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_IEEE=False), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, DOT_IEEE=False, SPLIT=False), 4),
     (int4_dequant._dequant_kernel, dict(GROUP=64, BLOCK_R=8, BLOCK_N=128), 4),
