@@ -1,0 +1,101 @@
+"""Launch configurations of the W4A16 kernels: the path by batch size, block sizes and the K split.
+
+``pick_config`` is the default (from H100 sweeps of ``benchmarks/kernels.py --sweep``); ``candidate_configs``
+lists what the sweep times.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+MAX_SEGMENTS = 3
+GEMV_MAX_M = 4
+# From here on dequantize + cuBLAS beats the in-loop GEMM: the dequant pass costs ~2.5 bytes per weight
+# (~120 us for Llama-8B's gate_up on an H100) while the Triton GEMM runs ~2.2x cuBLAS time (~0.36 us a row there)
+DEQUANT_MIN_M = 256
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    path: str  # "gemv" | "gemm" | "dequant"
+    block_n: int
+    block_k: int  # K values per tile (a multiple of 8; <= the group size on the gemv path)
+    split_k: int
+    num_warps: int
+    block_m: int = 1
+    num_stages: int = 2
+
+
+def choose_path(m: int, n: int = 0) -> str:
+    """CUDA-core GEMV up to 4 rows, Triton tensor-core GEMM for small batches, dequantize + cuBLAS for prefill.
+
+    Vocab-sized outputs (``n`` > 65536) leave the GEMV after one row: there the GEMM measured faster at batch 4
+    (H100, Llama-3.1-8B lm_head: 257-261 us vs 300-365 us).
+    """
+    if m < 1:
+        raise ValueError(f"batch must be >= 1, got {m}")
+    gemv_rows = 1 if n > 65536 else GEMV_MAX_M
+    return "gemv" if m <= gemv_rows else "gemm" if m < DEQUANT_MIN_M else "dequant"
+
+
+def _split_for(n_blocks: int, k_tiles: int, target: int) -> int:
+    """Enough K splits that ``n_blocks * split`` reaches ``target`` programs, each split >= 2 tiles."""
+    want = max(1, math.ceil(target / max(1, n_blocks)))
+    return max(1, min(want, k_tiles // 2 if k_tiles >= 4 else 1))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter: any small number keeps the split logic exercised
+
+
+def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.device | str = "cuda") -> Int4Config:
+    """The default launch configuration (block sizes, K split) for one call; tuned on H100 (benchmarks/kernels.py)."""
+    sms = _sm_count(torch.device(device))
+    path = choose_path(m, n_total)
+    if path == "gemv":
+        # H100 sweep (benchmarks/results/kernels_h100.json): narrow blocks with a deep K split for the small
+        # layers, wider ones for the MLP, no split for vocab-sized heads; ~8 programs per SM everywhere
+        block_k = min(group_size, 64)
+        block_n, warps = (64, 4) if n_total <= 8192 else (256, 4) if n_total <= 65536 else (128, 8)
+        block_m = 1 if m == 1 else 2 if m == 2 else 4
+        if block_m > 1 and block_n > 128:
+            block_n = 128  # more rows, more accumulators: keep them in registers
+        n_blocks = triton.cdiv(n_total, block_n)
+        split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms)
+        return Int4Config("gemv", block_n, block_k, split, num_warps=warps, block_m=block_m)
+    if path == "dequant":
+        return Int4Config("dequant", block_n=128, block_k=64, split_k=1, num_warps=4)
+    if m <= 16:
+        block_m, block_n, block_k, warps = 16, 64, 64, 4
+    elif m <= 64:
+        block_m, block_n, block_k, warps = 64, 64, 64, 4
+    else:
+        block_m, block_n, block_k, warps = 128, 128, 64, 4
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n_total, block_n)
+    split = _split_for(tiles, triton.cdiv(k, block_k), 2 * sms) if m <= 64 else 1
+    return Int4Config("gemm", block_n, block_k, split, warps, block_m, num_stages=4 if m > 64 else 3)
+
+
+def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cuda") -> list[Int4Config]:
+    """Configurations worth timing for one shape (the benchmark's --sweep tunes ``pick_config`` with these)."""
+    base = pick_config(m, n_total, k, group_size, device)
+    out = {base}
+    if base.path == "gemv":
+        sms = _sm_count(torch.device(device))
+        for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 4), (256, 8), (512, 2), (512, 4), (1024, 4)):
+            blocks = triton.cdiv(n_total, bn)
+            for waves in (1, 2, 4, 8):  # programs per SM the K split aims for
+                split = _split_for(blocks, triton.cdiv(k, base.block_k), waves * sms)
+                out.add(Int4Config("gemv", bn, base.block_k, split, warps, base.block_m))
+    else:  # small batches tune the Triton GEMM; prefill compares dequant + cuBLAS with it
+        block_m = base.block_m if base.path == "gemm" else 128
+        for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4),
+                                      (256, 64, 8, 3), (128, 128, 8, 3)):
+            out.add(Int4Config("gemm", bn, bk, base.split_k, warps, block_m, stages))
+    return sorted(out, key=lambda c: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages))
