@@ -1,0 +1,166 @@
+"""The engine: requests in, token events out. Scheduler + runner + sampler + detokenizer, nano-vllm style.
+
+``add_request`` queues a request at its rung; ``step`` runs one scheduler step (prefills of newly admitted
+requests, then one decode token for every running request, grouped by rung) and returns the events it made;
+``stream`` drives steps until one request finishes (the synchronous API the CLI and tests use). ``cancel``
+frees a request's slot and cache at once. Counters feed the server's metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .decoder import ElasticDecoder
+from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .request import Request, SamplingParams, Status, TokenEvent
+from .runner import ModelRunner
+from .sampler import Sampler
+from .scheduler import Scheduler
+
+
+@dataclass
+class _Stream:
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    events: list[TokenEvent] = field(default_factory=list)
+
+
+@dataclass
+class Counters:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    ttft_s: list[float] = field(default_factory=list)  # per request (the server turns these into histograms)
+    step_s: list[float] = field(default_factory=list)  # per decode step
+
+
+class Engine:
+    def __init__(self, model: ElasticDecoder, tokenizer, *, max_num_seqs: int = 8, max_queued: int = 64,
+                 max_model_len: int | None = None, cache_budget_bytes: int | None = None):
+        self.runner = ModelRunner(model)
+        self.sampler = Sampler(model.spec.vocab_size)
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len or model.spec.max_position_embeddings
+        self.cache_budget_bytes = cache_budget_bytes
+        self.scheduler = Scheduler(max_num_seqs, max_queued, self.max_model_len, cache_budget=self._cache_fits)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        self._reserved: dict[str, int] = {}  # cache bytes of admitted requests
+        self.streams: dict[str, _Stream] = {}
+        self.requests: dict[str, Request] = {}
+        self.counters = Counters()
+
+    def _cache_fits(self, req: Request) -> bool:
+        """Admission check; a yes reserves the bytes (several requests may be admitted before any prefill)."""
+        need = self.runner.cache_bytes_for(req)
+        if self.cache_budget_bytes is not None and sum(self._reserved.values()) + need > self.cache_budget_bytes:
+            return False
+        self._reserved[req.request_id] = need
+        return True
+
+    # ------------------------------------------------------------------------------------------ requests
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, rung: int = 0) -> Request:
+        """Queue a request (ValueError for bad input, scheduler.QueueFull when the queue is full)."""
+        self.runner.model.sizes_for(rung)  # a rung outside the ladder fails here, before anything is queued
+        req = Request(list(prompt_ids), params or SamplingParams(), rung=rung)
+        need = self.runner.cache_bytes_for(req)
+        if self.cache_budget_bytes is not None and need > self.cache_budget_bytes:
+            raise ValueError(f"this request's cache ({need} bytes at rung {rung}) exceeds the cache budget "
+                             f"({self.cache_budget_bytes} bytes): lower max_tokens or pick a higher rung")
+        self.scheduler.add(req)
+        self.requests[req.request_id] = req
+        self.streams[req.request_id] = _Stream(IncrementalDetokenizer(self.tokenizer, req.prompt_ids),
+                                               StopMatcher(req.params.stop))
+        return req
+
+    def cancel(self, request_id: str) -> bool:
+        req = self.scheduler.cancel(request_id)
+        if req is None:
+            return False
+        self.counters.cancelled += 1
+        self._release(req)
+        self.streams[request_id].events.append(TokenEvent(request_id, None, "", finish_reason="cancelled",
+                                                          rung=req.rung))
+        return True
+
+    def _release(self, req: Request) -> None:
+        self._reserved.pop(req.request_id, None)
+        self.runner.free(req.request_id)
+        self.sampler.release(req.request_id)
+
+    # ---------------------------------------------------------------------------------------------- steps
+    def step(self) -> list[TokenEvent]:
+        plan = self.scheduler.schedule()
+        events: list[TokenEvent] = []
+        for req in plan.prefill:
+            self.counters.prompt_tokens += len(req.prompt_ids)
+            events += self._advance([req], self.runner.prefill(req)[None])
+        start = time.perf_counter()
+        for group in plan.decode.values():
+            events += self._advance(group, self.runner.decode(group))
+        if plan.decode:
+            self.counters.step_s.append(time.perf_counter() - start)
+        return events
+
+    def _advance(self, reqs: list[Request], logits: torch.Tensor) -> list[TokenEvent]:
+        sampled = self.sampler(logits, [r.params for r in reqs], [r.request_id for r in reqs],
+                               [r.prompt_ids for r in reqs], [r.output_ids for r in reqs])
+        return [self._emit(req, tok, lp, top)
+                for req, tok, lp, top in zip(reqs, sampled.token_ids, sampled.logprobs, sampled.top_logprobs,
+                                             strict=True)]
+
+    def _emit(self, req: Request, token: int, logprob, top) -> TokenEvent:
+        req.output_ids.append(token)
+        self.counters.generated_tokens += 1
+        if req.first_token_s is None:
+            req.first_token_s = time.monotonic()
+            self.counters.ttft_s.append(req.first_token_s - req.arrival_s)
+        stream = self.streams[req.request_id]
+        reason, text = self._finish_reason(req, token), ""
+        if reason != "stop":  # stop tokens (eos, stop_token_ids) add no text
+            text, hit = stream.stops.feed(stream.detok.add(token))
+            reason = "stop" if hit else reason
+        if reason == "length":
+            text += stream.stops.feed(stream.detok.flush())[0] + stream.stops.flush()
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            self.counters.finished += 1
+            self._release(req)
+        event = TokenEvent(req.request_id, token, text, logprob, top, reason, req.rung)
+        stream.events.append(event)
+        return event
+
+    @staticmethod
+    def _is_stop_token(req: Request, token: int, eos_ids: set[int]) -> bool:
+        return token in req.params.stop_token_ids or (token in eos_ids and not req.params.ignore_eos)
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        if self._is_stop_token(req, token, self.eos_ids):
+            return "stop"
+        if len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # ------------------------------------------------------------------------------------------ sync API
+    def stream(self, req: Request) -> Iterator[TokenEvent]:
+        """Drive the engine until ``req`` finishes, yielding its events as they come."""
+        stream = self.streams[req.request_id]
+        sent = 0
+        while True:
+            while sent < len(stream.events):
+                sent += 1
+                yield stream.events[sent - 1]
+            if req.status is Status.FINISHED:
+                self.streams.pop(req.request_id, None)
+                self.requests.pop(req.request_id, None)
+                return
+            self.step()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams | None = None, rung: int = 0) -> str:
+        req = self.add_request(prompt_ids, params, rung)
+        return "".join(event.text for event in self.stream(req))
