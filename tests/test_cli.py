@@ -1,4 +1,4 @@
-"""`uniql compress`, `eval` and `info` end to end on a tiny model, through the real entry point."""
+"""`uniql compress`, `eval`, `info` and `generate` end to end on a tiny model, through the real entry point."""
 
 import json
 import shutil
@@ -116,3 +116,15 @@ def test_eval_runs_on_an_int4_checkpoint(int4_ckpt, data_dir, monkeypatch, capsy
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rung"] == 7 and 1.0 < report["tasks"]["wikitext2"]["ppl"] < float("inf")
+
+
+def test_generate_streams_greedy_text_at_a_rung(int4_ckpt, capsys):
+    args = ["generate", str(int4_ckpt), "--prompt", "Hello there", "--rate", "0.25", "--max-tokens", "6"]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "rung 5" in first.err and "6 tokens" in first.err and "finish: length" in first.err
+    assert main(args) == 0
+    assert capsys.readouterr().out == first.out  # greedy: the same text again
+    assert main(["generate", str(int4_ckpt), "--prompt", "Hi", "--chat", "--max-tokens", "3",
+                 "--temperature", "0.7", "--seed", "1"]) == 0
+    assert main(["generate", str(int4_ckpt), "--prompt", "Hi", "--temperature", "3"]) == 2  # clear error, no trace

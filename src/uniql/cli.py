@@ -58,6 +58,43 @@ def _add_info(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint at one rate (a quick look)")
+    p.add_argument("ckpt", help="UniQL checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user message (chat template)")
+    p.add_argument("--rate", type=float, default=0.0, help="pruning rate; snaps to the nearest rung")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+
+def cmd_generate(args) -> int:
+    from uniql.runtime.checkpoint import load_checkpoint, load_tokenizer
+    from uniql.runtime.detokenizer import render_chat
+    from uniql.runtime.engine import Engine
+    from uniql.runtime.request import SamplingParams
+
+    model, _ = load_checkpoint(args.ckpt, device=args.device)
+    tokenizer = load_tokenizer(args.ckpt)
+    engine = Engine(model, tokenizer, max_num_seqs=1)
+    rung = model.ladder.nearest(args.rate)
+    ids = (render_chat(tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat
+           else tokenizer(args.prompt)["input_ids"])
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    req = engine.add_request(ids, params, rung=rung)
+    start = time.perf_counter()
+    for event in engine.stream(req):
+        print(event.text, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    print(f"\n[rate {model.ladder.rates[rung]:.2f} (rung {rung}), {len(req.output_ids)} tokens in {elapsed:.2f} s, "
+          f"finish: {req.finish_reason}]", file=sys.stderr)
+    return 0
+
+
 def cmd_compress(args) -> int:
     from uniql.compressor.compress import CompressConfig, compress
     from uniql.compressor.quantize import QuantConfig
@@ -147,10 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_eval(sub)
     _add_info(sub)
+    _add_generate(sub)
     return parser
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
