@@ -82,7 +82,19 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, n: int | None = None, k: int | None = None) -> torch.Tensor:
         bias = prefix(self.bias, n if n is not None else self.out_features)
+        cached = self.__dict__.get("_dequantized")
+        if cached is not None and cached.device == x.device and cached.dtype == x.dtype:
+            out = x @ cached[:k, :n]  # every rung is still a view, now of the dequantized copy
+            return out if bias is None else out + bias.to(out.dtype)
         return ops.int4_linear(x, self.qweight, self.scales, self.group_size, n=n, k=k, bias=bias)
+
+    def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
+        """CPU decode: dequantize the whole weight once (``W^T [K, N]``) instead of on every call.
+
+        The CPU backend has no fused kernel, so re-dequantizing every step would dominate; this trades the
+        4-bit residency for speed on development hosts. Not a buffer: never saved, never moved by ``.to()``.
+        """
+        self.__dict__["_dequantized"] = self.weight_t(dtype=dtype)
 
     def lookup(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """Embedding rows: row ``v`` of the table is column ``v`` of the packed ``[hidden, vocab]``."""

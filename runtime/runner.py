@@ -12,6 +12,7 @@ import torch
 
 from .cache import KVCache
 from .decoder import ElasticDecoder
+from .linear import Int4Linear
 from .request import Request
 
 
@@ -20,6 +21,11 @@ class ModelRunner:
         self.model = model.eval()
         self.cache_dtype = cache_dtype
         self.caches: dict[str, KVCache] = {}
+        if self.device.type == "cpu":  # no fused INT4 kernel on CPU: dequantize once, every rung a view of it
+            dtype = model.norm.weight.dtype
+            for module in model.modules():
+                if isinstance(module, Int4Linear):
+                    module.cache_dequantized(dtype)
 
     @property
     def device(self) -> torch.device:

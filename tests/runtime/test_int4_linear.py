@@ -92,3 +92,15 @@ def test_nbytes_of_the_full_layer_is_its_buffers():
 def test_constructor_rejects_a_bad_group():
     with pytest.raises(ValueError, match="not a multiple"):
         Int4Linear(in_features=96, out_features=8, group_size=64)
+
+
+def test_cpu_dequantized_cache_gives_the_same_outputs_as_views():
+    layer = _layer()
+    x = torch.randn(3, layer.in_features)
+    expected = [layer(x[:, :k], n=n, k=k) for n, k in ((None, None), (32, 64), (16, 40))]
+    layer.cache_dequantized(torch.float32)
+    cached = layer.__dict__["_dequantized"]
+    got = [layer(x[:, :k], n=n, k=k) for n, k in ((None, None), (32, 64), (16, 40))]
+    for a, b in zip(got, expected, strict=True):
+        assert _rel(a, b) < 1e-6
+    assert "_dequantized" not in layer.state_dict() and cached.shape == (layer.in_features, layer.out_features)
