@@ -1,0 +1,85 @@
+"""The engine for asyncio callers (the server): steps run in one background thread, events stream back.
+
+``generate`` is an async iterator of TokenEvents. Leaving it early (client disconnect, ``aclose``, task
+cancelled) cancels the request, which frees its slot and cache at once. One lock guards the engine, so
+requests may be added and cancelled from the event loop while the thread steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+from .engine import Engine
+from .request import SamplingParams, TokenEvent
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self._lock = threading.Lock()
+        self._work = threading.Event()
+        self._stop = threading.Event()
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._run, name="uniql-engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                       rung: int = 0) -> AsyncIterator[TokenEvent]:
+        """Queue a request (ValueError / QueueFull raised here, before any event) and stream its events."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            req = self.engine.add_request(prompt_ids, params, rung)
+            self._sinks[req.request_id] = (asyncio.get_running_loop(), queue)
+        self._work.set()
+        return self._events(req.request_id, queue)
+
+    async def _events(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[TokenEvent]:
+        done = False
+        try:
+            while not done:
+                event = await queue.get()
+                done = event.finish_reason is not None
+                yield event
+        finally:
+            if not done:  # the consumer went away: stop generating for it
+                self.cancel(request_id)
+            self._sinks.pop(request_id, None)
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            cancelled = self.engine.cancel(request_id)
+            if cancelled:
+                self._deliver(self.engine.streams[request_id].events[-1])
+                self._forget(request_id)
+        return cancelled
+
+    def _deliver(self, event: TokenEvent) -> None:
+        sink = self._sinks.get(event.request_id)
+        if sink is not None:
+            loop, queue = sink
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def _forget(self, request_id: str) -> None:
+        self.engine.streams.pop(request_id, None)
+        self.engine.requests.pop(request_id, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                busy = self.engine.scheduler.has_work
+                events = self.engine.step() if busy else []
+                for event in events:
+                    self._deliver(event)
+                    if event.finish_reason is not None:
+                        self._forget(event.request_id)
+            if not busy:
+                self._work.wait(self.idle_wait_s)
+                self._work.clear()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._work.set()
+        self._thread.join(timeout=5)
