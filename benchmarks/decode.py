@@ -15,50 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import statistics
-import time
 from pathlib import Path
 
 import torch
-
-PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-          "combined movable metal type with an oil-based ink and a screw press. Explain why this mattered:")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def engine_row(engine, ids: list[int], rate: float, new_tokens: int) -> dict:
-    from uniql.runtime.request import SamplingParams
-
-    rung = engine.runner.model.ladder.nearest(rate)
-    req = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), rung=rung)
-    start = time.perf_counter()
-    stamps = [time.perf_counter() for _ in engine.stream(req)]
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    total = stamps[-1] - start
-    return {"engine": "uniql", "rate": engine.runner.model.ladder.rates[rung], "rung": rung, "batch": 1,
-            "ttft_ms": (stamps[0] - start) * 1e3, "tpot_ms": statistics.median(gaps) * 1e3,
-            "tokens_per_s": len(req.output_ids) / total, "peak_mem_bytes": peak_rss_bytes(),
-            "new_tokens": len(req.output_ids)}
-
-
-def hf_row(hf_model, ids: list[int], new_tokens: int) -> dict:
-    x = torch.tensor([ids])
-    kwargs = dict(do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        hf_model.generate(x, max_new_tokens=2, **kwargs)  # warm-up
-        start = time.perf_counter()
-        hf_model.generate(x, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
-        hf_model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        total = time.perf_counter() - start
-    return {"engine": "hf_eager", "rate": 0.0, "batch": 1, "ttft_ms": ttft * 1e3,
-            "tpot_ms": (total - ttft) / (new_tokens - 1) * 1e3, "tokens_per_s": new_tokens / total,
-            "peak_mem_bytes": peak_rss_bytes(), "new_tokens": new_tokens, "dtype": "float32"}
 
 
 def main() -> None:
@@ -74,6 +33,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from uniql.compressor.model_input import load_source
+    from uniql.runtime.bench import PROMPT, decode_rows, hf_row
     from uniql.runtime.checkpoint import load_checkpoint, load_tokenizer
     from uniql.runtime.engine import Engine
 
@@ -81,8 +41,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.ckpt)
     ids = tokenizer(PROMPT)["input_ids"]
     engine = Engine(model, tokenizer, max_num_seqs=1)
-    engine_row(engine, ids, 0.0, 4)  # warm-up
-    rows = [engine_row(engine, ids, rate, args.new_tokens) for rate in args.rates]
+    rows = decode_rows(engine, tokenizer, args.rates, args.new_tokens)
     rows.append(hf_row(load_source(args.source).hf_model, ids, args.new_tokens))
     quant = (manifest.get("quantization") or {}).get("method", "fp")
     report = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",

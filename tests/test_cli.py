@@ -128,3 +128,9 @@ def test_generate_streams_greedy_text_at_a_rung(int4_ckpt, capsys):
     assert main(["generate", str(int4_ckpt), "--prompt", "Hi", "--chat", "--max-tokens", "3",
                  "--temperature", "0.7", "--seed", "1"]) == 0
     assert main(["generate", str(int4_ckpt), "--prompt", "Hi", "--temperature", "3"]) == 2  # clear error, no trace
+
+
+def test_bench_decode_reports_every_rung(int4_ckpt, capsys):
+    assert main(["bench", "decode", str(int4_ckpt), "--rates", "0", "0.35", "--new-tokens", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["rung"] for r in rows] == [0, 7] and all(r["new_tokens"] == 4 and r["tpot_ms"] > 0 for r in rows)

@@ -95,6 +95,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measurements; `bench decode CKPT`: TTFT / TPOT / tokens/s per rung")
+    p.add_argument("what", choices=["decode"])
+    p.add_argument("ckpt", help="UniQL checkpoint directory")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.15, 0.25, 0.35])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def cmd_bench(args) -> int:
+    from uniql.runtime.bench import decode_rows
+    from uniql.runtime.checkpoint import load_checkpoint, load_tokenizer
+    from uniql.runtime.engine import Engine
+
+    model, _ = load_checkpoint(args.ckpt, device=args.device)
+    tokenizer = load_tokenizer(args.ckpt)
+    rows = decode_rows(Engine(model, tokenizer, max_num_seqs=1), tokenizer, args.rates, args.new_tokens)
+    if args.json:
+        print(json.dumps({"ckpt": args.ckpt, "device": args.device, "rows": rows}))
+    for r in rows if not args.json else []:
+        print(f"rate {r['rate']:.2f} (rung {r['rung']}): TTFT {r['ttft_ms']:.1f} ms  TPOT {r['tpot_ms']:.2f} ms  "
+              f"{r['tokens_per_s']:.1f} tok/s")
+    return 0
+
+
 def cmd_compress(args) -> int:
     from uniql.compressor.compress import CompressConfig, compress
     from uniql.compressor.quantize import QuantConfig
@@ -185,10 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_info(sub)
     _add_generate(sub)
+    _add_bench(sub)
     return parser
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
