@@ -22,3 +22,14 @@ def smollm2():
     from uniql.compressor.model_input import load_source
 
     return load_source("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer (byte-level BPE with a chat template), from the offline GGUF."""
+    from transformers import AutoTokenizer
+
+    from uniql.paths import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -106,14 +106,6 @@ def test_next_layer_sees_outputs_from_before_the_collector_edit(model):
 
 # ---- calibration_batches ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from uniql.paths import smollm2_gguf
-
-    gguf = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 RECORDS = [{"instruction": f"Name {n} colors.", "input": "", "output": ", ".join(["red"] * n)} for n in range(1, 8)]

@@ -13,16 +13,6 @@ from uniql.runtime.hf_import import decoder_from_hf
 from uniql.runtime.request import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from uniql.paths import smollm2_gguf
-
-    gguf = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-
-
 @pytest.fixture
 def engines(tokenizer):
     model = decoder_from_hf(tiny_hf_model(vocab=49152, seed=5))

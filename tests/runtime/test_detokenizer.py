@@ -10,14 +10,6 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "  leading spaces and\n
          "Emoji 🦊🚀 and CJK 日本語のテキスト, accents: café naïve Ελληνικά", "12345 + 67890 = 80235"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from uniql.paths import smollm2_gguf
-
-    gguf = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def stream(tokenizer, prompt: str, text: str, skip=True):

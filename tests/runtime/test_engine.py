@@ -14,14 +14,6 @@ from uniql.runtime.request import SamplingParams
 VOCAB = 49152  # SmolLM2's tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    from uniql.paths import smollm2_gguf
-
-    gguf = smollm2_gguf()
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 @pytest.fixture(scope="module")
