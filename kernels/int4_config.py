@@ -59,16 +59,16 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
     sms = _sm_count(torch.device(device))
     path = choose_path(m, n_total)
     if path == "gemv":
-        # H100 sweep (benchmarks/results/kernels_h100.json): narrow blocks with a deep K split for the small
-        # layers, wider ones for the MLP, no split for vocab-sized heads; ~8 programs per SM everywhere
+        # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;
+        # 64-column blocks (deep K split) for the small attention layers, 128 columns for the wide MLP, the
+        # vocab heads (little or no split) and K-heavy down_proj
         block_k = min(group_size, 64)
-        block_n, warps = (64, 4) if n_total <= 8192 else (256, 4) if n_total <= 65536 else (128, 8)
+        k_heavy = k > 8192
+        block_n = 64 if n_total <= 8192 and not k_heavy else 128
         block_m = 1 if m == 1 else 2 if m == 2 else 4
-        if block_m > 1 and block_n > 128:
-            block_n = 128  # more rows, more accumulators: keep them in registers
         n_blocks = triton.cdiv(n_total, block_n)
         split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms)
-        return Int4Config("gemv", block_n, block_k, split, num_warps=warps, block_m=block_m)
+        return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "dequant":
         return Int4Config("dequant", block_n=128, block_k=64, split_k=1, num_warps=4)
     if m <= 16:
