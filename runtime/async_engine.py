@@ -72,9 +72,9 @@ class AsyncEngine:
                 busy = self.engine.scheduler.has_work
                 events = self.engine.step() if busy else []
                 for event in events:
-                    self._deliver(event)
-                    if event.finish_reason is not None:
+                    if event.finish_reason is not None:  # forget first: a consumer that sees the end sees it clean
                         self._forget(event.request_id)
+                    self._deliver(event)
             if not busy:
                 self._work.wait(self.idle_wait_s)
                 self._work.clear()

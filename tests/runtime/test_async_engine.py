@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from helpers import tiny_hf_model
@@ -40,8 +41,17 @@ def test_concurrent_streams_match_the_sync_engine(engines, tokenizer):
     assert front.engine.runner.cache_bytes == 0 and not front.engine.streams
 
 
+class SlowEngine(Engine):
+    """Steps take 5 ms, so a request of 200 tokens is surely still running when its consumer leaves."""
+
+    def step(self):
+        time.sleep(0.005)
+        return super().step()
+
+
 def test_leaving_the_stream_early_cancels_and_frees_the_cache(engines, tokenizer):
-    _, front = engines
+    sync, _ = engines
+    front = AsyncEngine(SlowEngine(sync.runner.model, tokenizer))
 
     async def main():
         stream = await front.generate(tokenizer("Hello")["input_ids"], SamplingParams(max_tokens=200,
@@ -51,8 +61,9 @@ def test_leaving_the_stream_early_cancels_and_frees_the_cache(engines, tokenizer
         await stream.aclose()
 
     asyncio.run(main())
+    front.shutdown()
     engine = front.engine
-    assert engine.counters.cancelled == 1 and engine.runner.cache_bytes == 0
+    assert engine.counters.cancelled == 1 and engine.counters.finished == 0 and engine.runner.cache_bytes == 0
     assert engine.scheduler.num_running == 0 and not engine.streams
 
 
