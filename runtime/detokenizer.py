@@ -1,84 +1,134 @@
 """Streaming text: incremental detokenization in valid UTF-8 pieces, stop strings, chat templates.
 
-``IncrementalDetokenizer`` decodes a small window of recent tokens per step (the prefix/read-offset method):
-the text of ``ids[prefix:]`` minus the text of ``ids[prefix:read]`` is what the new token added. A token that
-ends inside a multi-byte character decodes to U+FFFD; its text is held back until the character completes.
-The window starts on the last prompt tokens, so tokenizers that render a token differently at the start of a
-string (leading spaces) decode the first output token as they would in context.
+``IncrementalDetokenizer`` decodes only a small window of recent tokens per step (the prefix/read-offset
+method): the text of ``ids[prefix:]`` minus the text of ``ids[prefix:read]`` is what the new tokens added, so a
+step costs O(window), not O(output length). A token that ends inside a multi-byte character decodes to a
+trailing U+FFFD; its text is held back until the character completes. The window starts on the last prompt
+tokens, so tokenizers that render a token differently at the start of a string (SentencePiece strips the
+leading space of the first piece) decode the first output token as they would in context.
+
+Known limits, shared with vLLM's detokenizer: a tokenizer whose decode rewrites text already emitted (e.g.
+``clean_up_tokenization_spaces`` turning " ." into ".") cannot retract it; a byte sequence that is genuinely
+invalid UTF-8 is emitted with its U+FFFD once it can no longer be the start of a character.
 """
 
 from __future__ import annotations
 
 REPLACEMENT = "\ufffd"
 ROLES = ("system", "user", "assistant", "tool")
+# A UTF-8 character has at most 4 bytes and every token adds at least one, so a character begun in the first
+# held token is complete after 4 tokens; a U+FFFD still trailing then comes from invalid bytes, not a split.
+MAX_HELD_TOKENS = 4
 
 
 class IncrementalDetokenizer:
+    """Turns a stream of token ids into text pieces whose concatenation equals decoding all of them at once."""
+
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True, context: int = 4):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids = list(prompt_ids[-context:])
-        self.prefix = 0  # window start
-        self.read = len(self.ids)  # tokens whose text has been emitted
+        self.context = context
+        self.ids = [int(t) for t in prompt_ids[-context:]] if context > 0 else []
+        self.prefix = 0  # window start: the tokens before `read` give the new text its left context
+        self.read = len(self.ids)  # tokens before this index have had their text emitted
+
+    def add(self, token_id: int) -> str:
+        """The new text this token completes ("" while a character is still incomplete)."""
+        self.ids.append(int(token_id))
+        return self._step(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end (may hold U+FFFD if a character never completed)."""
+        if self.read == len(self.ids):
+            return ""
+        return self._step(final=True)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add(self, token_id: int) -> str:
-        """The new text this token completes ("" while a character is incomplete)."""
-        self.ids.append(token_id)
+    def _step(self, final: bool) -> str:
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
-        if after.endswith(REPLACEMENT) or len(after) <= len(before):
+        # hold while the text ends in a split character, or is shorter than what we already emitted
+        unfinished = after.endswith(REPLACEMENT) or len(after) < len(before)
+        if unfinished and not final and len(self.ids) - self.read < MAX_HELD_TOKENS:
             return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
+        new_text = after[len(before):]
+        self._advance(emitted=bool(new_text))
+        return new_text
 
-    def flush(self) -> str:
-        """Whatever is still held back at the end of the sequence (may contain U+FFFD if it never completed)."""
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return after[len(before):]
+    def _advance(self, emitted: bool) -> None:
+        if emitted:
+            self.prefix = self.read  # the tokens just emitted become the next step's context
+        else:
+            # nothing new (e.g. skipped special tokens): keep the old context, but never more than `context`
+            self.prefix = max(self.prefix, len(self.ids) - self.context)
+        self.read = len(self.ids)
+        # forget tokens left of the window so memory and list copies stay O(window)
+        del self.ids[:self.prefix]
+        self.read -= self.prefix
+        self.prefix = 0
 
 
 class StopMatcher:
     """Cuts the stream right before the first stop string; text that may start one is held until it is clear."""
 
-    def __init__(self, stops: tuple[str, ...] = ()):
-        self.stops = tuple(stops)
+    def __init__(self, stop: tuple[str, ...] = ()):
+        self.stop = tuple(s for s in stop if s)
         self.held = ""
+        self.stopped = False
 
     def feed(self, delta: str) -> tuple[str, bool]:
-        if not self.stops:
+        """(text safe to emit now, whether a stop string was hit); after a hit everything is dropped."""
+        if self.stopped:
+            return "", True
+        if not self.stop:
             return delta, False
         text = self.held + delta
-        hits = [text.find(s) for s in self.stops if s in text]
-        if hits:
-            self.held = ""
-            return text[:min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, min(len(s), len(text)) + 1) if text.endswith(s[:k])),
-                   default=0)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held, self.stopped = "", True
+            return text[:cut], True
+        keep = self._partial_stop_len(text)
         self.held = text[len(text) - keep:]
         return text[:len(text) - keep], False
 
     def flush(self) -> str:
+        """Held text at the end of the stream (it turned out not to start a stop string)."""
         out, self.held = self.held, ""
-        return out
+        return "" if self.stopped else out
+
+    def _partial_stop_len(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Prompt ids from the tokenizer's own chat template (ValueError for bad messages or no template)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; use the completions endpoint")
-    if not messages:
-        raise ValueError("messages is empty")
+    _check_messages(messages)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    if hasattr(ids, "tolist"):  # a tensor or array, should a tokenizer return one
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):  # a batch of one conversation
+        ids = ids[0]
+    return [int(t) for t in ids]
+
+
+def _check_messages(messages: list[dict]) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise ValueError(f"messages[{i}] needs 'role' and 'content'")
         if msg["role"] not in ROLES:
             raise ValueError(f"messages[{i}].role must be one of {ROLES}, got {msg['role']!r}")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
