@@ -1,0 +1,173 @@
+"""Batched decode attention over per-request KV caches (flash-decoding split over positions), GQA, pruned dims.
+
+Each request of a decode batch owns its own cache (``runtime/cache.KVCache``: K ``[1, kv_heads, cap, qk]`` and
+V ``[1, kv_heads, cap, vo]``, ``cap`` = that request's max length, dims = its rung's kept sizes). The kernel
+reads them through tables of base addresses (``k_ptrs``/``v_ptrs`` int64 ``[B]``) and capacities, so a batch
+mixes requests of any length without gathering caches into one tensor, and a CUDA graph stays valid as long
+as the tables (static buffers) are refreshed when the batch changes.
+
+The new token's K/V come in as tensors: the split that holds the last position scores it from registers and
+writes it into the cache for later steps, so one launch both appends and attends (no separate cache write).
+
+Pass 1, grid ``(B, kv_heads, splits)``: each program scores its positions for the ``rep = heads / kv_heads``
+query heads of its group (padded to 16 rows for ``tl.dot``) with an online softmax and parks
+``(acc[vo], max, sum)`` per head. Pass 2, grid ``(B, heads)``: combines the used splits and writes the output
+rank-major (``out[b, j * heads + h]``), the order ``o_proj``'s columns are stored in.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_ptr,
+                  sq_b, sq_h, skn_b, skn_g, svn_b, svn_g, svn_d, n_heads, n_splits, scale,
+                  REP: tl.constexpr, REP_P: tl.constexpr, QK: tl.constexpr, VO: tl.constexpr,
+                  D_QK: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    length = tl.load(len_ptr + b)  # tokens including the new one
+    start = s * SPLIT
+    if start < length:
+        dtype = kn_ptr.dtype.element_ty
+        cap = tl.load(cap_ptr + b).to(tl.int64)
+        k_base = tl.load(kp_ptr + b).to(tl.pointer_type(dtype)) + g * cap * QK
+        v_base = tl.load(vp_ptr + b).to(tl.pointer_type(dtype)) + g * cap * VO
+        r = tl.arange(0, REP_P)
+        live_r = r < REP
+        dq, dv = tl.arange(0, D_QK), tl.arange(0, D_VO)
+        live_q, live_v = dq < QK, dv < VO
+        q = tl.load(q_ptr + b * sq_b + (g * REP + r)[:, None] * sq_h + dq[None, :],
+                    mask=live_r[:, None] & live_q[None, :], other=0.0)  # [REP_P, D_QK]
+        m_i = tl.full([REP_P], float("-inf"), tl.float32)
+        l_i = tl.zeros([REP_P], tl.float32)
+        acc = tl.zeros([REP_P, D_VO], tl.float32)
+        end = tl.minimum(start + SPLIT, length - 1)  # cached positions; the new token is added below
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            live_t = t < end
+            k = tl.load(k_base + t[:, None] * QK + dq[None, :], mask=live_t[:, None] & live_q[None, :], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [REP_P, BLOCK_T]
+            scores = tl.where(live_t[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + t[:, None] * VO + dv[None, :], mask=live_t[:, None] & live_v[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        last = length - 1
+        if last < start + SPLIT:  # this split holds the new token: score it, then append it to the cache
+            kn = tl.load(kn_ptr + b * skn_b + g * skn_g + dq, mask=live_q, other=0.0)
+            vn = tl.load(vn_ptr + b * svn_b + g * svn_g + dv * svn_d, mask=live_v, other=0.0)
+            score = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
+            m_new = tl.maximum(m_i, score)
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(score - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
+            m_i = m_new
+            tl.store(k_base + last * QK + dq, kn, mask=live_q)
+            tl.store(v_base + last * VO + dv, vn, mask=live_v)
+        row = ((b * n_heads + g * REP + r) * n_splits + s) * (D_VO + 2)  # ws [B, heads, splits, D_VO + 2]
+        tl.store(ws_ptr + row[:, None] + dv[None, :], acc, mask=live_r[:, None])
+        tl.store(ws_ptr + row + D_VO, m_i, mask=live_r)
+        tl.store(ws_ptr + row + D_VO + 1, l_i, mask=live_r)
+
+
+@triton.jit
+def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
+                    VO: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, SPLITS_P: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    used = tl.cdiv(tl.load(len_ptr + b), SPLIT)
+    s = tl.arange(0, SPLITS_P)
+    live_s = s < used
+    dv = tl.arange(0, D_VO)
+    row = ((b * n_heads + h) * n_splits + s) * (D_VO + 2)
+    m = tl.load(ws_ptr + row + D_VO, mask=live_s, other=float("-inf"))
+    lsum = tl.load(ws_ptr + row + D_VO + 1, mask=live_s, other=0.0)
+    w = tl.where(live_s, tl.exp(m - tl.max(m, 0)), 0.0)
+    acc = tl.load(ws_ptr + row[:, None] + dv[None, :], mask=live_s[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
+    tl.store(out_ptr + b * so_b + dv * n_heads + h, out.to(out_ptr.dtype.element_ty), mask=dv < VO)
+
+
+def split_size(max_len: int, programs_per_split: int, target_programs: int = 512) -> int:
+    """Positions per split: enough splits to fill the GPU at the batch's upper bound ``max_len``."""
+    for size in (32, 64, 128, 256):
+        if programs_per_split * triton.cdiv(max_len, size) <= target_programs:
+            return size
+    return 512
+
+
+def _check(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, out, n_kv: int) -> None:
+    b, n_heads, _ = q.shape
+    if q.dtype not in FLOAT_DTYPES or k_new.dtype != q.dtype or v_new.dtype != q.dtype or out.dtype != q.dtype:
+        raise ValueError(f"q, k_new, v_new and out must share one float dtype, got {q.dtype}, {k_new.dtype}, "
+                         f"{v_new.dtype}, {out.dtype}")
+    if n_heads % n_kv or k_new.shape[:2] != (b, n_kv) or v_new.shape[:2] != (b, n_kv):
+        raise ValueError(f"q [B, heads, qk] with heads a multiple of kv heads, k_new/v_new [B, kv_heads, *]: got "
+                         f"{tuple(q.shape)}, {tuple(k_new.shape)}, {tuple(v_new.shape)} for {n_kv} kv heads")
+    if k_new.shape[2] != q.shape[2] or q.stride(2) != 1 or k_new.stride(2) != 1:
+        raise ValueError("q and k_new need the same qk dim, contiguous in its last dim")
+    for name, t, dtype in (("k_ptrs", k_ptrs, torch.int64), ("v_ptrs", v_ptrs, torch.int64),
+                           ("caps", caps, torch.int32), ("lengths", lengths, torch.int32)):
+        if t.dtype != dtype or t.shape != (b,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape ({b},)")
+    if out.shape != (b, n_heads * v_new.shape[2]) or out.stride(1) != 1:
+        raise ValueError(f"out must be [B, heads * vo] = ({b}, {n_heads * v_new.shape[2]}), contiguous rows")
+
+
+def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_ptrs: torch.Tensor,
+                     v_ptrs: torch.Tensor, caps: torch.Tensor, lengths: torch.Tensor, scale: float, max_len: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step of attention for a batch; appends ``k_new``/``v_new`` to each request's cache.
+
+    q ``[B, heads, qk]`` (rotated), k_new ``[B, kv_heads, qk]``, v_new ``[B, kv_heads, vo]`` (any strides but
+    contiguous qk), ``k_ptrs``/``v_ptrs`` int64 base addresses of each request's ``[kv_heads, cap, *]`` cache,
+    ``caps`` int32 capacities, ``lengths`` int32 tokens INCLUDING the new one (<= cap), ``max_len`` a static
+    upper bound of ``lengths`` (sets the grid, so graphs stay valid). Returns ``out [B, heads * vo]`` rank-major.
+    Addresses and lengths are trusted: the runner builds them from live caches.
+    """
+    b, n_heads, qk = q.shape
+    n_kv, vo = k_new.shape[1], v_new.shape[2]
+    if out is None:
+        out = torch.empty(b, n_heads * vo, dtype=q.dtype, device=q.device)
+    _check(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, out, n_kv)
+    rep = n_heads // n_kv
+    split = split_size(max_len, b * n_kv)
+    n_splits = triton.cdiv(max_len, split)
+    d_qk, d_vo = (max(16, triton.next_power_of_2(d)) for d in (qk, vo))
+    ws = torch.empty(b * n_heads * n_splits * (d_vo + 2), dtype=torch.float32, device=q.device)
+    _split_kernel[(b, n_kv, n_splits)](
+        q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, q.stride(0), q.stride(1), k_new.stride(0),
+        k_new.stride(1), v_new.stride(0), v_new.stride(1), v_new.stride(2), n_heads, n_splits, scale,
+        REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk, VO=vo, D_QK=d_qk, D_VO=d_vo, SPLIT=split,
+        BLOCK_T=min(split, 64),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+    _combine_kernel[(b, n_heads)](ws, lengths, out, out.stride(0), n_heads, n_splits, VO=vo, D_VO=d_vo,
+                                  SPLIT=split, SPLITS_P=triton.next_power_of_2(n_splits), num_warps=1)
+    return out
+
+
+def decode_attention_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                               k_caches: list[torch.Tensor], v_caches: list[torch.Tensor], lengths: list[int],
+                               scale: float) -> torch.Tensor:
+    """Plain torch, one request at a time: write the new K/V at ``lengths[i] - 1``, attend, rank-major out."""
+    b, n_heads, _ = q.shape
+    n_kv, vo = k_new.shape[1], v_new.shape[2]
+    rows = []
+    for i in range(b):
+        end = lengths[i]
+        k_caches[i][:, end - 1] = k_new[i]
+        v_caches[i][:, end - 1] = v_new[i]
+        k = k_caches[i][:, :end].float().repeat_interleave(n_heads // n_kv, 0)  # [heads, T, qk]
+        v = v_caches[i][:, :end].float().repeat_interleave(n_heads // n_kv, 0)
+        probs = torch.softmax((q[i].float()[:, None, :] @ k.transpose(1, 2)) * scale, dim=-1)  # [heads, 1, T]
+        rows.append((probs @ v)[:, 0].T.reshape(vo * n_heads))  # [vo, heads] flattened = rank-major
+    return torch.stack(rows).to(q.dtype)

@@ -1,0 +1,81 @@
+"""Batched decode attention: the Triton kernel (interpreter on CPU) equals the torch reference, and the reference
+equals plain SDPA; per-request caches of different capacities, lengths and pruned dims in one batch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from uniql.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _batch(lengths, caps, n_heads, n_kv, qk, vo, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    k_caches = [rand(n_kv, cap, qk) for cap in caps]
+    v_caches = [rand(n_kv, cap, vo) for cap in caps]
+    # q/k_new/v_new as the runner passes them: head-major rope outputs and a rank-major v projection (strided)
+    q = rand(n_heads, b, qk).transpose(0, 1)
+    k_new = rand(n_kv, b, qk).transpose(0, 1)
+    v_new = rand(b, vo, n_kv).transpose(1, 2)
+    return q, k_new, v_new, k_caches, v_caches
+
+
+def _tables(k_caches, v_caches, lengths):
+    as_i64 = [c.data_ptr() for c in k_caches], [c.data_ptr() for c in v_caches]
+    return (torch.tensor(as_i64[0], dtype=torch.int64, device=DEVICE),
+            torch.tensor(as_i64[1], dtype=torch.int64, device=DEVICE),
+            torch.tensor([c.shape[1] for c in k_caches], dtype=torch.int32, device=DEVICE),
+            torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
+
+
+CASES = [  # lengths, caps, heads, kv heads, qk, vo
+    ([1], [8], 4, 4, 16, 16),
+    ([5, 70, 33], [9, 70, 200], 9, 3, 40, 24),  # SmolLM2-like group (rep 3), pruned dims, new token at cap
+    ([130], [300], 8, 2, 64, 64),  # several splits
+    ([17, 1, 64, 2], [64, 3, 64, 2], 6, 1, 8, 32),  # MQA, tiny qk (padded to 16)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_equals_reference_and_appends(case, dtype):
+    lengths, caps, n_heads, n_kv, qk, vo = case
+    q, k_new, v_new, k_caches, v_caches = _batch(lengths, caps, n_heads, n_kv, qk, vo, dtype)
+    k_ref, v_ref = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
+    expected = decode_attention_reference(q, k_new, v_new, k_ref, v_ref, lengths, qk ** -0.5)
+    out = decode_attention(q, k_new, v_new, *_tables(k_caches, v_caches, lengths), qk ** -0.5, max(caps))
+    assert out.shape == (len(lengths), n_heads * vo)
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    for got, want in zip(k_caches + v_caches, k_ref + v_ref, strict=True):  # the new token landed, nothing else
+        assert torch.equal(got, want)
+
+
+def test_reference_equals_sdpa_with_gqa():
+    lengths, caps, n_heads, n_kv, qk, vo = [6, 11], [6, 16], 6, 2, 16, 16
+    q, k_new, v_new, k_caches, v_caches = _batch(lengths, caps, n_heads, n_kv, qk, vo, torch.float32, seed=3)
+    out = decode_attention_reference(q, k_new, v_new, k_caches, v_caches, lengths, 0.3)
+    for i, end in enumerate(lengths):
+        k, v = k_caches[i][None, :, :end], v_caches[i][None, :, :end]
+        want = F.scaled_dot_product_attention(q[i][None, :, None], k, v, scale=0.3, enable_gqa=True)  # [1,h,1,vo]
+        torch.testing.assert_close(out[i], want[0, :, 0].T.reshape(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_are_refused():
+    q, k_new, v_new, k_caches, v_caches = _batch([3], [4], 4, 2, 16, 16, torch.float32)
+    tables = _tables(k_caches, v_caches, [3])
+    with pytest.raises(ValueError, match="float dtype"):
+        decode_attention(q.half(), k_new, v_new, *tables, 0.25, 4)
+    with pytest.raises(ValueError, match="lengths"):
+        decode_attention(q, k_new, v_new, *tables[:3], tables[3].long(), 0.25, 4)
+    with pytest.raises(ValueError, match="kv heads"):
+        decode_attention(q[:, :3], k_new, v_new, *tables, 0.25, 4)
