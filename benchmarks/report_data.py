@@ -1,0 +1,178 @@
+"""Data extraction for ``benchmarks/report.py``: results JSON in, plain rows out (no plotting here).
+
+Projection model (the report states it next to every projected number):
+
+    TPOT_projected(device, rate) = bytes_per_token(rate) / (efficiency * bandwidth(device))
+
+* ``bytes_per_token``: weight bytes one batch-1 decode step streams at that rate, measured by the kernel
+  benchmark (packed INT4 codes + scales of the active prefix, per layer, times the number of layers, plus the
+  never-pruned lm_head).
+* ``efficiency``: measured on the H100 as (bytes_per_token / measured time) / measured copy bandwidth
+  (``copy_TBps`` of the same run). From the kernel benchmark it covers the linear layers only (no attention,
+  norms or launch gaps); a GPU decode result that reports bytes per token replaces it with whole-step efficiency.
+* ``bandwidth``: the device's quoted memory bandwidth (shared/docs/perf-anchors.md section 3.1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# devices we project onto: label -> bytes/s (perf-anchors.md 3.1)
+DEVICES = {
+    "Orin Nano 8 GB (68 GB/s)": 68e9,
+    "Orin Nano Super (102 GB/s)": 102e9,
+    "RTX A6000 (768 GB/s)": 768e9,
+}
+# decoder layers of the benchmarked shapes (architecture facts: Llama-3.1-8B and Qwen2.5-7B configs)
+NUM_LAYERS = {"llama-3.1-8b": 32, "qwen2.5-7b": 28}
+BLOCK_LAYERS = ("qkv", "o", "gate_up", "down")
+
+# published batch-1 INT4 8B-class decode anchors, measured by others (perf-anchors.md 2.3 and 2.5): ms per token
+PUBLISHED_8B = {
+    "Orin Nano 8 GB (68 GB/s)": ("MLC INT4 Llama-3.1-8B", 1000 / 14.0),
+    "Orin Nano Super (102 GB/s)": ("MLC INT4 Llama-3.1-8B", 1000 / 19.14),
+    "RTX A6000 (768 GB/s)": ("llama.cpp Q4_K_M Llama-3-8B", 1000 / 102.2),
+}
+# SmolLM2-135M on Orin Nano, measured by others (perf-anchors.md 2.5): ms per token
+PUBLISHED_SMOLLM2 = [
+    ("MLC INT4, Orin Nano (68 GB/s)", 1000 / 41.0),
+    ("MLC INT4, Orin Nano Super (102 GB/s)", 1000 / 64.5),
+    ("llama.cpp, Orin Nano Super 25 W", 6.05),
+]
+
+
+def load_results(results_dir: Path) -> dict[str, dict]:
+    """``{stem: parsed JSON}`` for every ``*.json`` in the folder (unreadable files are reported, not fatal)."""
+    out = {}
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            out[path.stem] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            out[path.stem] = {"_error": str(err)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ decode
+def decode_files(results: dict) -> list[str]:
+    """Result files whose rows are decode timings (``rate`` + ``tpot_ms``): decode_*, ssm_* and alike."""
+    names = []
+    for name, data in results.items():
+        rows = data.get("rows") if isinstance(data, dict) else None
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) and "tpot_ms" in r for r in rows):
+            names.append(name)
+    return names
+
+
+def split_decode_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(ours, anchors): ours = the UniQL engine's rows at batch 1, anchors = any other engine at batch 1."""
+    batch1 = [r for r in rows if r.get("batch", 1) == 1]
+    ours = sorted((r for r in batch1 if r.get("engine", "uniql") == "uniql"), key=lambda r: r["rate"])
+    anchors = [r for r in batch1 if r.get("engine", "uniql") != "uniql"]
+    return ours, anchors
+
+
+# ------------------------------------------------------------------------------------------ quality
+def metric_key(rows: list[dict]) -> str | None:
+    """The perplexity column of a quality table (``wikitext2_ppl`` or the first ``*ppl*`` key)."""
+    keys = [k for k in rows[0] if "ppl" in k] if rows else []
+    return "wikitext2_ppl" if "wikitext2_ppl" in keys else (keys[0] if keys else None)
+
+
+def group_key(rows: list[dict]) -> str | None:
+    for key in ("order", "variant", "stage", "setting", "model"):
+        if rows and key in rows[0]:
+            return key
+    return None
+
+
+def series_by_group(rows: list[dict], group: str, metric: str) -> dict[str, list[tuple[float, float]]]:
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get(metric) is not None and "rate" in r:
+            out.setdefault(str(r[group]), []).append((float(r["rate"]), float(r[metric])))
+    return out
+
+
+def is_quality_rows(node) -> bool:
+    return (isinstance(node, list) and bool(node) and all(isinstance(r, dict) for r in node)
+            and "rate" in node[0] and metric_key(node) is not None and group_key(node) is not None)
+
+
+def quality_tables(data: dict) -> list[tuple[str, list[dict]]]:
+    """Every list of rows in a result file that has a rate and a perplexity column, with its JSON path."""
+    found = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else k)
+        elif is_quality_rows(node):
+            found.append((path, node))
+
+    walk(data, "")
+    return found
+
+
+# ------------------------------------------------------------------------------------------ kernels
+def kernel_rows(kernels: dict, model: str, batch: int = 1) -> list[dict]:
+    return [r for r in kernels.get("rows", []) if r["model"] == model and r["batch"] == batch]
+
+
+def per_token(kernels: dict, model: str) -> list[dict]:
+    """Bytes streamed and kernel time per decode step at each measured rate (batch 1, linear layers only)."""
+    rows = kernel_rows(kernels, model)
+    head = [r for r in rows if r["layer"] == "lm_head" and r["rate"] == 0.0]
+    layers = NUM_LAYERS.get(model)
+    if not head or layers is None:
+        return []
+    copy_bps = kernels["copy_TBps"] * 1e12
+    out = []
+    for rate in sorted({r["rate"] for r in rows if r["layer"] in BLOCK_LAYERS}):
+        block = [r for r in rows if r["rate"] == rate and r["layer"] in BLOCK_LAYERS]
+        if sorted(r["layer"] for r in block) != sorted(BLOCK_LAYERS):
+            continue
+        nbytes = layers * sum(r["bytes"] for r in block) + head[0]["bytes"]
+        seconds = (layers * sum(r["ours_us"] for r in block) + head[0]["ours_us"]) * 1e-6
+        out.append({"model": model, "rate": rate, "bytes": nbytes, "h100_s": seconds,
+                    "efficiency": nbytes / seconds / copy_bps})
+    return out
+
+
+def project(points: list[dict], efficiency: float | None = None) -> list[dict]:
+    """Projected TPOT (ms) per device for each point; ``efficiency`` overrides the measured one."""
+    out = []
+    for p in points:
+        eff = efficiency if efficiency is not None else p["efficiency"]
+        row = dict(p, used_efficiency=eff)
+        for label, bw in DEVICES.items():
+            row[label] = p["bytes"] / (eff * bw) * 1e3
+            row[label + " floor"] = p["bytes"] / bw * 1e3
+        out.append(row)
+    return out
+
+
+def end_to_end_efficiency(results: dict) -> tuple[str, float] | None:
+    """Whole-step efficiency from a GPU decode result that reports bytes per token (decode_h100/h200 etc.).
+
+    Needs a top-level ``copy_TBps`` and uniql rows at rate 0 with ``tpot_ms`` and ``bytes_per_token``;
+    returns (file, efficiency) or None when no such file exists yet.
+    """
+    for name in decode_files(results):
+        data = results[name]
+        copy = data.get("copy_TBps")
+        ours, _ = split_decode_rows(data["rows"])
+        first = next((r for r in ours if r["rate"] == 0.0 and r.get("bytes_per_token")), None)
+        if copy and first:
+            return name, first["bytes_per_token"] / (first["tpot_ms"] * 1e-3) / (copy * 1e12)
+    return None
+
+
+def smollm2_floors(quant: dict) -> list[dict]:
+    """Bandwidth floor (efficiency 1) per rung of the 135M model from its resident INT4 bytes."""
+    out = []
+    for b in quant.get("bytes", []):
+        row = {"rate": b["rate"], "bytes": b["total_bytes"]}
+        row.update({label: b["total_bytes"] / bw * 1e3 for label, bw in DEVICES.items()})
+        out.append(row)
+    return out
