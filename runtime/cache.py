@@ -1,10 +1,18 @@
-"""Static KV cache sized for one rung: K is [B, kv_heads, max_len, qk], V is [B, kv_heads, max_len, vo]."""
+"""KV caches sized for one rung: K is [B, kv_heads, max_len, qk], V is [B, kv_heads, max_len, vo]; and the
+decode batch that attends over many requests' caches in one launch per layer."""
 
 from __future__ import annotations
 
+import itertools
+import os
+
 import torch
 
+from uniql.kernels.decode_attention import decode_attention, decode_attention_reference
+
 from .ladder import LayerSizes
+
+_serials = itertools.count()
 
 
 class KVCache:
@@ -13,6 +21,7 @@ class KVCache:
         self.sizes = list(sizes)
         self.max_len = max_len
         self.length = 0  # tokens already written (same for every sequence of the batch)
+        self.serial = next(_serials)  # identity that is never reused (graph address tables key on it)
         self.k = [torch.zeros(batch, num_kv_heads, max_len, s.qk, dtype=dtype, device=device) for s in sizes]
         self.v = [torch.zeros(batch, num_kv_heads, max_len, s.vo, dtype=dtype, device=device) for s in sizes]
 
@@ -33,3 +42,63 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def _triton_attention(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class DecodeBatch:
+    """One decode step's view of B requests' own caches (each a batch-1 ``KVCache`` of its rung).
+
+    On CUDA the attention kernel reads the caches through address tables; the tables, capacities and lengths
+    are fixed-size buffers, so a CUDA graph captured over a ``DecodeBatch`` stays valid while ``bind`` refreshes
+    them in place. ``lengths`` counts tokens including the one being decoded (its K/V are appended by the
+    kernel). Without Triton the same step runs the torch reference over the cache tensors.
+    """
+
+    def __init__(self, sizes: list[LayerSizes], batch: int, max_len: int, device: torch.device | str):
+        self.sizes, self.batch, self.max_len = list(sizes), batch, max_len
+        self.device = torch.device(device)
+        layers = len(sizes)
+        self.k_ptrs = torch.zeros(layers, batch, dtype=torch.int64, device=device)
+        self.v_ptrs = torch.zeros(layers, batch, dtype=torch.int64, device=device)
+        self.caps = torch.ones(batch, dtype=torch.int32, device=device)
+        self.lengths = torch.ones(batch, dtype=torch.int32, device=device)
+        self.caches: list[KVCache] = []
+        self.length_list: list[int] = []
+
+    def bind(self, caches: list[KVCache], lengths: torch.Tensor | None = None) -> None:
+        """Point the tables at these caches (one per row, batch-1 each, this batch's rung)."""
+        if len(caches) != self.batch:
+            raise ValueError(f"this decode batch has {self.batch} rows, got {len(caches)} caches")
+        if any(c.sizes != self.sizes for c in caches):
+            raise ValueError("every cache of a decode batch must be sized for the batch's rung")
+        if any(c.max_len > self.max_len for c in caches):
+            raise ValueError(f"a cache holds more than this batch's bound of {self.max_len} tokens")
+        self.caches = list(caches)
+        tables = torch.tensor([[[c.k[i].data_ptr() for c in caches] for i in range(len(self.sizes))],
+                               [[c.v[i].data_ptr() for c in caches] for i in range(len(self.sizes))]])
+        self.k_ptrs.copy_(tables[0])
+        self.v_ptrs.copy_(tables[1])
+        self.caps.copy_(torch.tensor([c.max_len for c in caches], dtype=torch.int32))
+        if lengths is not None:
+            self.set_lengths(lengths)
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Tokens per row including the new one (the runner's step buffer; copied, never kept)."""
+        self.length_list = [int(v) for v in lengths.tolist()] if not _triton_attention(self.device) else []
+        self.lengths.copy_(lengths)
+
+    def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """q ``[B, heads, qk]``, k_new ``[B, kv, qk]``, v_new ``[B, kv, vo]`` -> ``[B, heads * vo]`` rank-major."""
+        if _triton_attention(q.device):
+            return decode_attention(q, k_new.to(q.dtype), v_new.to(q.dtype), self.k_ptrs[layer],
+                                    self.v_ptrs[layer], self.caps, self.lengths, scale, self.max_len)
+        k_caches = [c.k[layer][0] for c in self.caches]
+        v_caches = [c.v[layer][0] for c in self.caches]
+        dtype = k_caches[0].dtype
+        out = decode_attention_reference(q.to(dtype), k_new.to(dtype), v_new.to(dtype), k_caches, v_caches,
+                                         self.length_list, scale)
+        return out.to(q.dtype)

@@ -18,13 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from uniql.kernels import elementwise, ops
+from uniql.kernels.rope import rope_tables
+
+from .cache import DecodeBatch, KVCache
 from .ladder import LayerSizes, RateLadder
-from .linear import DenseLinear
+from .linear import DenseLinear, FusedInt4
 from .spec import ArchSpec
 
 _ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _fused_kernels(x: torch.Tensor) -> bool:
+    """Inference on CUDA takes the Triton kernels; training (autograd) and CPU keep the torch ops."""
+    return x.is_cuda and not torch.is_grad_enabled()
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +42,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused_kernels(x):
+            return elementwise.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -56,13 +66,18 @@ class ElasticAttention(nn.Module):
         self.o_proj = DenseLinear(n * d, h, spec.o_bias)
         self.register_buffer("rope_index", torch.arange(d // 2).repeat(g, 1))
         self.scale = d ** -0.5
+        self.qkv: FusedInt4 | None = None  # q|k|v in one packed tensor (runtime/fusion.py), one launch
+
+    @staticmethod
+    def _pairs_view(flat, heads, qk):
+        """Rank-major ``[B, T, heads*qk]`` -> ``[B, heads, T, qk/2, 2]`` (a view)."""
+        b, t, _ = flat.shape
+        return flat.view(b, t, qk // 2, 2, heads).permute(0, 4, 1, 2, 3)
 
     @staticmethod
     def _qk(x, proj, heads, qk):
         """Project to the kept channels: [B, T, heads*qk] -> [B, heads, T, qk/2, 2]."""
-        out = proj(x, n=heads * qk)
-        b, t, _ = out.shape
-        return out.view(b, t, qk // 2, 2, heads).permute(0, 4, 1, 2, 3)
+        return ElasticAttention._pairs_view(proj(x, n=heads * qk), heads, qk)
 
     def rope_cos_sin(self, inv_freq, positions, pairs, scaling):
         """cos/sin [B, kv_heads, T, pairs] from each group's stored frequency indices."""
@@ -70,17 +85,35 @@ class ElasticAttention(nn.Module):
         angles = positions.float()[:, None, :, None] * freqs[None, :, None, :]
         return angles.cos() * scaling, angles.sin() * scaling
 
-    def forward(self, x, sizes: LayerSizes, inv_freq, positions, mask, rope_scaling=1.0,
-                cache: KVCache | None = None, layer: int = 0):
+    def project(self, x, sizes: LayerSizes):
+        """Flat q ``[B, T, heads*qk]``, k ``[B, T, kv*qk]``, v ``[B, T, kv*vo]`` at this rung (rank-major)."""
         n, g, qk, vo = self.n_heads, self.n_kv, sizes.qk, sizes.vo
-        q = self._qk(x, self.q_proj, n, qk)
-        k = self._qk(x, self.k_proj, g, qk)
+        if self.qkv is not None:
+            return self.qkv(x, (n * qk, g * qk, g * vo))
+        return self.q_proj(x, n=n * qk), self.k_proj(x, n=g * qk), self.v_proj(x, n=g * vo)
+
+    def decode(self, x, sizes: LayerSizes, cache: DecodeBatch, layer: int, cos, sin):
+        """One token per request (x ``[B, 1, hidden]``) attending over each request's own cache."""
+        n, g, qk, vo = self.n_heads, self.n_kv, sizes.qk, sizes.vo
+        b = x.shape[0]
+        q, k, v = (t.reshape(b, -1) for t in self.project(x, sizes))
+        q, k = ops.rope(q, k, cos, sin, self.rope_index, n, g, qk)  # head-major [heads, B, qk]
+        v = v.view(b, vo, g).transpose(1, 2)  # [B, kv, vo], a view of the rank-major projection
+        out = cache.attend(layer, q.transpose(0, 1), k.transpose(0, 1), v, self.scale)
+        return self.o_proj(out.view(b, 1, n * vo), k=n * vo)
+
+    def forward(self, x, sizes: LayerSizes, inv_freq, positions, mask, rope_scaling=1.0,
+                cache: KVCache | None = None, layer: int = 0, rope=None):
+        if isinstance(cache, DecodeBatch):
+            return self.decode(x, sizes, cache, layer, *rope)
+        n, g, qk, vo = self.n_heads, self.n_kv, sizes.qk, sizes.vo
+        q_flat, k_flat, v = self.project(x, sizes)
+        b, t, _ = v.shape
+        q, k = self._pairs_view(q_flat, n, qk), self._pairs_view(k_flat, g, qk)
         cos, sin = self.rope_cos_sin(inv_freq, positions, qk // 2, rope_scaling)
         k = rotate_pairs(k, cos, sin).flatten(-2)
         rep = n // g
         q = rotate_pairs(q, cos.repeat_interleave(rep, 1), sin.repeat_interleave(rep, 1)).flatten(-2)
-        v = self.v_proj(x, n=g * vo)
-        b, t, _ = v.shape
         v = v.view(b, t, vo, g).permute(0, 3, 1, 2)
         if cache is not None:
             k, v = cache.update(layer, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
@@ -97,10 +130,20 @@ class ElasticMLP(nn.Module):
         self.gate_proj = DenseLinear(h, i, spec.mlp_bias)
         self.up_proj = DenseLinear(h, i, spec.mlp_bias)
         self.down_proj = DenseLinear(i, h, spec.mlp_bias)
+        self.act_name = spec.act
         self.act = _ACTS[spec.act]
+        self.gate_up: FusedInt4 | None = None  # gate|up in one packed tensor (runtime/fusion.py), one launch
 
     def forward(self, x, keep: int):
-        hidden = self.act(self.gate_proj(x, n=keep)) * self.up_proj(x, n=keep)
+        if self.gate_up is not None:
+            gate_up = self.gate_up(x, (keep, keep), cat=True)
+            if self.act_name == "silu" and _fused_kernels(x):
+                hidden = elementwise.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.split(keep, dim=-1)
+                hidden = self.act(gate) * up
+        else:
+            hidden = self.act(self.gate_proj(x, n=keep)) * self.up_proj(x, n=keep)
         return self.down_proj(hidden, k=keep)
 
 
@@ -200,6 +243,9 @@ class ElasticDecoder(nn.Module):
 
     def context(self, input_ids, attention_mask=None, positions=None, cache=None) -> dict:
         """What every layer needs besides the hidden states (mask, positions, RoPE tables, cache)."""
+        if isinstance(cache, DecodeBatch):  # one token per request at positions [B]; no mask, one RoPE table
+            rope = rope_tables(self.inv_freq, positions.reshape(-1), self.spec.rope_attention_scaling)
+            return {"inv_freq": self.inv_freq, "positions": positions, "mask": None, "cache": cache, "rope": rope}
         b, t = input_ids.shape
         past = 0 if cache is None else cache.length
         if positions is None:
@@ -217,6 +263,6 @@ class ElasticDecoder(nn.Module):
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, sizes[i], ctx, layer=i)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.advance(input_ids.shape[1])
         return self.head(self.final_hidden(x[:, -logits_to_keep:] if logits_to_keep else x))

@@ -39,13 +39,21 @@ class Counters:
     step_s: list[float] = field(default_factory=list)  # per decode step
 
 
+def _buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """CUDA-graph batch sizes: powers of two up to the seat limit, and the limit itself."""
+    sizes = {1 << i for i in range(max_num_seqs.bit_length()) if 1 << i <= max_num_seqs}
+    return tuple(sorted(sizes | {max_num_seqs}))
+
+
 class Engine:
     def __init__(self, model: ElasticDecoder, tokenizer, *, max_num_seqs: int = 8, max_queued: int = 64,
-                 max_model_len: int | None = None, cache_budget_bytes: int | None = None):
-        self.runner = ModelRunner(model)
+                 max_model_len: int | None = None, cache_budget_bytes: int | None = None,
+                 cuda_graphs: bool = True):
+        self.max_model_len = max_model_len or model.spec.max_position_embeddings
+        self.runner = ModelRunner(model, max_model_len=self.max_model_len, cuda_graphs=cuda_graphs,
+                                  graph_buckets=_buckets(max_num_seqs))
         self.sampler = Sampler(model.spec.vocab_size)
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len or model.spec.max_position_embeddings
         self.cache_budget_bytes = cache_budget_bytes
         self.scheduler = Scheduler(max_num_seqs, max_queued, self.max_model_len, cache_budget=self._cache_fits)
         eos = getattr(tokenizer, "eos_token_id", None)

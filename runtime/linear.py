@@ -104,3 +104,35 @@ class Int4Linear(nn.Module):
         n = self.out_features if n is None else n
         k = self.in_features if k is None else k
         return int4_format.packed_bytes(k, n, self.group_size)
+
+
+class FusedInt4(nn.Module):
+    """Several Int4Linear sharing their input (q|k|v, gate|up) stored side by side in ONE packed tensor.
+
+    ``runtime/fusion.py`` builds it and re-points each member's ``qweight``/``scales`` at its column range of the
+    fused tensors (views, so memory is not doubled and the eager members still work). A call reads every
+    member's active prefix in one kernel launch through ``segments``.
+    """
+
+    def __init__(self, members: list[Int4Linear]):
+        super().__init__()
+        self.group_size = members[0].group_size
+        self.register_buffer("qweight", torch.cat([m.qweight for m in members], dim=1))
+        self.register_buffer("scales", torch.cat([m.scales for m in members], dim=1))
+        self.starts, start = [], 0
+        for m in members:
+            self.starts.append(start)
+            m.qweight = self.qweight[:, start:start + m.out_features]
+            m.scales = self.scales[:, start:start + m.out_features]
+            start += m.out_features
+        self.biases = [m.bias for m in members]
+
+    def forward(self, x: torch.Tensor, n_active: tuple[int, ...], cat: bool = False):
+        """Outputs of every member at its active width: a tuple of views, or (``cat``) one tensor side by side."""
+        segments = list(zip(self.starts, n_active, strict=True))
+        bias = None
+        if any(b is not None for b in self.biases):
+            bias = torch.cat([b[:n] if b is not None else x.new_zeros(n)
+                              for b, n in zip(self.biases, n_active, strict=True)])
+        out = ops.int4_linear(x, self.qweight, self.scales, self.group_size, segments=segments, bias=bias)
+        return out if cat else out.split(list(n_active), dim=-1)

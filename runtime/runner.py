@@ -1,31 +1,45 @@
-"""Model runner: prefill and decode steps over the elastic decoder, one KV cache per request sized by its rung.
+"""Model runner: prefill and batched decode over the elastic decoder, one KV cache per request sized by its rung.
 
 Each request keeps its rung from prefill to its last token, so its cache holds exactly the kept K/V head dims
 of that rung (a pruned request costs less cache memory too) and ``max_len = prompt + max_tokens`` positions.
-This is the eager path (CPU, or GPU without graphs): decode runs the requests of a rung one after another.
-The GPU path with one CUDA graph per (rung, batch size) over a shared cache pool is the next step.
+Prefill runs one request's prompt through the eager decoder. Decode runs all requests of one rung as one batch
+(``DecodeBatch``: attention reads each request's own cache through address tables), on CUDA replayed from one
+CUDA graph per (rung, batch bucket) (``graphs.py``); on CPU the same batched forward runs eagerly.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .cache import KVCache
+from uniql.kernels.int4_matmul import reserve_workspace
+
+from .cache import DecodeBatch, KVCache
 from .decoder import ElasticDecoder
+from .fusion import fuse_projections
+from .graphs import DEFAULT_BUCKETS, DecodeGraphs
 from .linear import Int4Linear
 from .request import Request
 
 
 class ModelRunner:
-    def __init__(self, model: ElasticDecoder, cache_dtype: torch.dtype | None = None):
+    def __init__(self, model: ElasticDecoder, cache_dtype: torch.dtype | None = None, *,
+                 max_model_len: int | None = None, cuda_graphs: bool = True,
+                 graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS):
         self.model = model.eval()
-        self.cache_dtype = cache_dtype
+        self.cache_dtype = cache_dtype or model.norm.weight.dtype
+        self.max_model_len = max_model_len or model.spec.max_position_embeddings
         self.caches: dict[str, KVCache] = {}
+        self.graphs: DecodeGraphs | None = None
         if self.device.type == "cpu":  # no fused INT4 kernel on CPU: dequantize once, every rung a view of it
             dtype = model.norm.weight.dtype
             for module in model.modules():
                 if isinstance(module, Int4Linear):
                     module.cache_dequantized(dtype)
+        else:
+            fuse_projections(model)  # q|k|v and gate|up in one launch each
+            reserve_workspace(self.device, floats=1 << 23)  # split-K scratch, allocated before any capture
+            if cuda_graphs:
+                self.graphs = DecodeGraphs(model, self.max_model_len, self.cache_dtype, graph_buckets)
 
     @property
     def device(self) -> torch.device:
@@ -35,7 +49,7 @@ class ModelRunner:
         """Bytes a request's cache would take (the scheduler's admission check uses it)."""
         sizes = self.model.sizes_for(req.rung)
         per_token = sum(s.qk + s.vo for s in sizes) * self.model.spec.num_kv_heads
-        itemsize = torch.empty((), dtype=self.cache_dtype or self.model.norm.weight.dtype).element_size()
+        itemsize = torch.empty((), dtype=self.cache_dtype).element_size()
         return per_token * req.max_len * itemsize
 
     @property
@@ -52,12 +66,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, reqs: list[Request]) -> torch.Tensor:
-        """One new token per request (its last output token in, next logits out): [B, V] fp32."""
-        rows = []
-        for req in reqs:
-            ids = torch.tensor([[req.output_ids[-1]]], device=self.device)
-            rows.append(self.model(ids, cache=self.caches[req.request_id], logits_to_keep=1)[0, -1])
-        return torch.stack(rows).float()
+        """One new token for each request of ONE rung (its last output token in): next logits ``[B, V]`` fp32."""
+        rung = reqs[0].rung
+        if any(r.rung != rung for r in reqs):
+            raise ValueError("a decode batch runs one rung; group requests by rung first")
+        caches = [self.caches[r.request_id] for r in reqs]
+        ids = [r.output_ids[-1] for r in reqs]
+        lengths = [c.length + 1 for c in caches]  # tokens after this step, the new one included
+        if any(n > c.max_len for n, c in zip(lengths, caches, strict=True)):
+            raise ValueError("a request has filled its cache; it should have finished at max_tokens")
+        if self.graphs is not None and self.graphs.bucket(len(reqs)) is not None:
+            logits = self.graphs.run(rung, ids, lengths, caches)
+        else:
+            logits = self._decode_eager(rung, ids, lengths, caches)
+        for cache in caches:
+            cache.advance(1)
+        return logits.float()
+
+    def _decode_eager(self, rung: int, ids: list[int], lengths: list[int], caches: list[KVCache]) -> torch.Tensor:
+        batch = DecodeBatch(self.model.sizes_for(rung), len(caches), max(c.max_len for c in caches), self.device)
+        batch.bind(caches, torch.tensor(lengths, dtype=torch.int32))
+        ids_t = torch.tensor(ids, device=self.device).view(-1, 1)
+        positions = torch.tensor(lengths, device=self.device).view(-1, 1) - 1
+        return self.model(ids_t, positions=positions, cache=batch, logits_to_keep=1)[:, -1]
 
     def free(self, request_id: str) -> None:
         """Drop a request's cache at once (finished or cancelled)."""

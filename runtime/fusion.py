@@ -1,0 +1,33 @@
+"""Fuse the projections that share an input (q|k|v, gate|up) into one packed tensor each, for one launch.
+
+Done once after the model is on its device (a later ``.to()`` would copy the members' views apart). The
+members keep working as views of the fused tensors, so nothing is stored twice and every rung is still a
+prefix of each member's columns.
+"""
+
+from __future__ import annotations
+
+from .decoder import ElasticDecoder
+from .linear import FusedInt4, Int4Linear
+
+
+def _fusable(members) -> bool:
+    first = members[0]
+    return all(isinstance(m, Int4Linear) and m.in_features == first.in_features
+               and m.group_size == first.group_size for m in members)
+
+
+def fuse_projections(model: ElasticDecoder) -> int:
+    """Fuse every layer's q|k|v and gate|up where they are INT4; returns how many groups were fused."""
+    fused = 0
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        if attn.qkv is None and _fusable(qkv):
+            attn.qkv = FusedInt4(qkv)
+            fused += 1
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        if mlp.gate_up is None and _fusable(gate_up):
+            mlp.gate_up = FusedInt4(gate_up)
+            fused += 1
+    return fused

@@ -1,0 +1,98 @@
+"""CUDA graphs for the decode step: one graph per (rung, batch bucket), captured lazily, one shared memory pool.
+
+A graph replays the whole decode forward (embedding, every layer, head) with no Python and no launch gaps.
+Its inputs are static buffers: one int64 ``[2, B]`` step buffer (token ids, lengths incl. the new token) that
+one host-to-device copy refreshes per step, and the ``DecodeBatch`` address tables, refreshed only when the set
+of requests changes. A batch smaller than its bucket is padded with rows that decode into a 1-token scratch
+cache of the same rung, so one graph serves every batch size up to its bucket.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import DecodeBatch, KVCache
+from .decoder import ElasticDecoder
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    batch: DecodeBatch
+    step_in: torch.Tensor  # int64 [2, B]: token ids, lengths including the new token
+    logits: torch.Tensor  # [B, V], written by every replay
+    bound: tuple = field(default_factory=tuple)  # the caches the tables point at (identity)
+
+
+class DecodeGraphs:
+    def __init__(self, model: ElasticDecoder, max_len: int, cache_dtype: torch.dtype,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+        self.model, self.max_len, self.cache_dtype = model, max_len, cache_dtype
+        self.buckets = tuple(sorted(buckets))
+        self.device = model.norm.weight.device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self._scratch: dict[int, KVCache] = {}
+
+    def bucket(self, batch: int) -> int | None:
+        """The smallest captured batch size that holds ``batch`` rows (None: larger than every bucket)."""
+        i = bisect.bisect_left(self.buckets, batch)
+        return self.buckets[i] if i < len(self.buckets) else None
+
+    def capture_all(self, rungs) -> None:
+        """Capture every (rung, bucket) now instead of on first use (start-up cost for steady latency)."""
+        for rung in rungs:
+            for size in self.buckets:
+                self._get(rung, size)
+
+    def run(self, rung: int, ids: list[int], lengths: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """Logits ``[B, V]`` for one decode step of these requests (a view valid until the next replay)."""
+        b = len(caches)
+        entry = self._get(rung, self.bucket(b))
+        pad = entry.step_in.shape[1] - b
+        rows = caches + [self._scratch_cache(rung)] * pad
+        key = tuple(c.serial for c in rows)
+        if entry.bound != key:
+            entry.batch.bind(rows)
+            entry.bound = key
+        step = torch.tensor([ids + [0] * pad, lengths + [1] * pad], dtype=torch.int64).pin_memory()
+        entry.step_in.copy_(step, non_blocking=True)
+        entry.graph.replay()
+        return entry.logits[:b]
+
+    def _scratch_cache(self, rung: int) -> KVCache:
+        if rung not in self._scratch:
+            self._scratch[rung] = self.model.new_cache(1, 1, rung, self.cache_dtype)
+        return self._scratch[rung]
+
+    def _forward(self, entry: _Graph) -> torch.Tensor:
+        entry.batch.lengths.copy_(entry.step_in[1])
+        b = entry.step_in.shape[1]
+        ids = entry.step_in[0].view(b, 1)
+        positions = (entry.step_in[1] - 1).view(b, 1)
+        return self.model(ids, positions=positions, cache=entry.batch, logits_to_keep=1)[:, -1]
+
+    @torch.inference_mode()
+    def _get(self, rung: int, size: int) -> _Graph:
+        if (rung, size) in self.graphs:
+            return self.graphs[(rung, size)]
+        batch = DecodeBatch(self.model.sizes_for(rung), size, self.max_len, self.device)
+        step_in = torch.ones(2, size, dtype=torch.int64, device=self.device)
+        entry = _Graph(torch.cuda.CUDAGraph(), batch, step_in, logits=None)
+        batch.bind([self._scratch_cache(rung)] * size)
+        entry.bound = (self._scratch_cache(rung).serial,) * size
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: compiles the Triton kernels, settles allocations
+            for _ in range(2):
+                self._forward(entry)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.cuda.graph(entry.graph, pool=self.pool):
+            entry.logits = self._forward(entry)
+        self.graphs[(rung, size)] = entry
+        return entry

@@ -1,0 +1,119 @@
+"""The model runner's batched decode: a batch of requests of different lengths at one rung gives the logits each
+request gets from a full forward of its own tokens; fused q|k|v and gate|up equal the separate projections;
+on a GPU, CUDA-graph replays equal the eager step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_hf_model
+
+from uniql.compressor.quantize import quantize_tables, rtn_linear
+from uniql.runtime.decoder import LINEAR_PATHS
+from uniql.runtime.fusion import fuse_projections
+from uniql.runtime.hf_import import decoder_from_hf
+from uniql.runtime.ladder import Alignment, dim_steps, uniform_ladder
+from uniql.runtime.linear import FusedInt4
+from uniql.runtime.request import Request, SamplingParams
+from uniql.runtime.runner import ModelRunner
+
+CUDA = torch.cuda.is_available()
+
+
+def _model(int4: bool, family="llama"):
+    hf = tiny_hf_model(family, vocab=256, hidden=64, inter=128, heads=4, kv_heads=2, seed=5)
+    model = decoder_from_hf(hf)
+    spec = model.spec
+    steps = dim_steps(spec.num_heads, spec.num_kv_heads, spec.head_dim, Alignment(group_size=32, n_align=4))
+    model.ladder = uniform_ladder(model.full_sizes, steps, spec.num_layers, rates=(0.0, 0.25, 0.5))
+    if int4:
+        for layer in model.layers:
+            for path in LINEAR_PATHS:
+                layer.set_linear(path, rtn_linear(layer.get_linear(path), 32))
+        quantize_tables(model, 32)
+    return model.eval()
+
+
+def _requests(rung: int, lengths=(3, 9, 5)) -> list[Request]:
+    gen = torch.Generator().manual_seed(rung)
+    return [Request(torch.randint(1, 256, (n,), generator=gen).tolist(), SamplingParams(max_tokens=4), rung=rung)
+            for n in lengths]
+
+
+def _full_logits(model, req: Request) -> torch.Tensor:
+    ids = torch.tensor([req.prompt_ids + req.output_ids])
+    with torch.inference_mode():
+        return model(ids, rung=req.rung)[0, -1].float()
+
+
+@pytest.mark.parametrize("interpret", ["1", "0"])  # the Triton kernel (interpreter) and the torch reference
+@pytest.mark.parametrize("rung", [0, 2])
+def test_batched_decode_equals_full_forward(rung, interpret, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    model = _model(int4=False)
+    runner = ModelRunner(model)
+    reqs = _requests(rung)
+    for req in reqs:
+        req.output_ids.append(int(runner.prefill(req).argmax()))
+    for _ in range(3):  # three batched steps over caches of different lengths
+        logits = runner.decode(reqs)
+        for req, row in zip(reqs, logits, strict=True):
+            torch.testing.assert_close(row, _full_logits(model, req), atol=2e-4, rtol=2e-4)
+            req.output_ids.append(int(row.argmax()))
+    assert [runner.caches[r.request_id].length for r in reqs] == [r.num_tokens - 1 for r in reqs]
+
+
+def test_decode_refuses_mixed_rungs():
+    runner = ModelRunner(_model(int4=False))
+    reqs = _requests(0, (3,)) + _requests(1, (4,))
+    for req in reqs:
+        req.output_ids.append(int(runner.prefill(req).argmax()))
+    with pytest.raises(ValueError, match="one rung"):
+        runner.decode(reqs)
+
+
+def test_fused_projections_equal_separate_and_share_storage():
+    model = _model(int4=True)
+    fused = copy.deepcopy(model)
+    assert fuse_projections(fused) == 2 * len(fused.layers)
+    attn, mlp = fused.layers[0].attn, fused.layers[0].mlp
+    assert isinstance(attn.qkv, FusedInt4) and isinstance(mlp.gate_up, FusedInt4)
+    # members are views of the fused tensors: nothing stored twice
+    base = attn.qkv.qweight.untyped_storage().data_ptr()
+    assert all(p.qweight.untyped_storage().data_ptr() == base for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    ids = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for rung in range(3):
+            torch.testing.assert_close(fused(ids, rung=rung), model(ids, rung=rung), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_projections_keep_qwen_biases():
+    model = _model(int4=True, family="qwen2")
+    fused = copy.deepcopy(model)
+    fuse_projections(fused)
+    ids = torch.randint(1, 256, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(ids, rung=1), model(ids, rung=1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_graph_replays_equal_eager_decode_on_gpu(dtype):
+    base = _model(int4=True).to("cuda", dtype)
+    graphed = ModelRunner(copy.deepcopy(base), max_model_len=64, graph_buckets=(1, 2, 4))
+    eager = ModelRunner(copy.deepcopy(base), max_model_len=64, cuda_graphs=False)
+    for rung in (0, 2):
+        for size in (1, 3, 4):  # 3 pads a bucket of 4
+            pairs = [(_requests(rung, (5, 11, 2, 8)[:size])), (_requests(rung, (5, 11, 2, 8)[:size]))]
+            for runner, reqs in zip((graphed, eager), pairs, strict=True):
+                for req in reqs:
+                    req.output_ids.append(int(runner.prefill(req).argmax()))
+            for _ in range(3):
+                got, want = graphed.decode(pairs[0]), eager.decode(pairs[1])
+                torch.testing.assert_close(got, want, atol=0, rtol=0)  # same kernels, same order
+                for r0, r1, row in zip(*pairs, want, strict=True):
+                    r0.output_ids.append(int(row.argmax()))
+                    r1.output_ids.append(int(row.argmax()))
+    assert len(graphed.graphs.graphs) == 4  # (rung, bucket) for rungs 0, 2 and buckets 1, 4
