@@ -29,12 +29,18 @@ class AsyncEngine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
                        rung: int = 0) -> AsyncIterator[TokenEvent]:
         """Queue a request (ValueError / QueueFull raised here, before any event) and stream its events."""
+        return self.submit(prompt_ids, params, rung)[1]
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None,
+               rung: int = 0) -> tuple[str, AsyncIterator[TokenEvent]]:
+        """``generate`` for callers that may drop a stream before iterating it: also returns the request id
+        (for ``cancel``). Synchronous, but must be called on the event loop that will consume the stream."""
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             req = self.engine.add_request(prompt_ids, params, rung)
             self._sinks[req.request_id] = (asyncio.get_running_loop(), queue)
         self._work.set()
-        return self._events(req.request_id, queue)
+        return req.request_id, self._events(req.request_id, queue)
 
     async def _events(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[TokenEvent]:
         done = False
@@ -55,6 +61,11 @@ class AsyncEngine:
                 self._deliver(self.engine.streams[request_id].events[-1])
                 self._forget(request_id)
         return cancelled
+
+    def read(self, fn):
+        """``fn(engine)`` under the engine lock: a consistent view between two steps (server metrics, residency)."""
+        with self._lock:
+            return fn(self.engine)
 
     def _deliver(self, event: TokenEvent) -> None:
         sink = self._sinks.get(event.request_id)

@@ -1,4 +1,4 @@
-"""`uniql` command line: thin wrappers over library functions (compress, eval, info)."""
+"""`uniql` command line: thin wrappers over library functions (compress, eval, info, generate, bench, serve)."""
 
 from __future__ import annotations
 
@@ -203,6 +203,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    from uniql.server.serve import add_parser
+
+    add_parser(sub)
+
+
+def cmd_serve(args) -> int:
+    from uniql.server.serve import cmd_serve as serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uniql", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -212,10 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate, "bench": cmd_bench}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate, "bench": cmd_bench,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

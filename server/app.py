@@ -1,0 +1,280 @@
+"""The HTTP layer: the OpenAI API over the adaptive service (FastAPI). No torch is imported here.
+
+The model loads in a background thread when the app starts, so the server answers at once: 503 (``/health``
+and every ``/v1`` route) until the engine is ready. ``--api-key`` guards ``/v1`` (``Authorization: Bearer`` or
+``x-api-key``); ``/health`` and ``/metrics`` stay public, as in vLLM. The rung a request ran at is returned in
+the header ``x-uniql-prune-rate`` and in ``usage.prune_rate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from uniql.runtime.scheduler import QueueFull
+
+from . import errors, responses, schema
+from .config import ServerConfig
+from .errors import APIError
+from .metrics import ServerMetrics
+from .monitor import Monitor
+from .service import AdaptiveService
+
+log = logging.getLogger(__name__)
+DEFAULT_MODEL_NAME = "smollm2-135m-uniql"
+
+
+def served_names(cfg: ServerConfig) -> list[str]:
+    if cfg.served_model_name:
+        return list(cfg.served_model_name)
+    return [Path(cfg.ckpt).name if cfg.ckpt else DEFAULT_MODEL_NAME]
+
+
+class AppState:
+    """What the routes share: config, metrics, and the service once the model has loaded."""
+
+    def __init__(self, cfg: ServerConfig, loader: Callable[[], object], monitor_factory: Callable[[], Monitor]):
+        self.cfg, self.loader, self.monitor_factory = cfg, loader, monitor_factory
+        self.names = served_names(cfg)
+        self.metrics = ServerMetrics(self.names[0])
+        self.service: AdaptiveService | None = None
+        self.monitor: Monitor | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+
+    def load(self) -> None:
+        try:
+            backend = self.loader()
+            self.monitor = self.monitor_factory()
+            self.service = AdaptiveService(backend, self.cfg, self.metrics, self.monitor)
+            self.monitor.start()
+            log.warning("uniql: serving %s (prune rates %s)", self.names[0], list(backend.rates))
+        except Exception as err:  # keep answering (503 with the reason) instead of dying silently
+            log.exception("loading the model failed")
+            self.load_error = f"{type(err).__name__}: {err}"
+
+    def ready(self) -> AdaptiveService:
+        if self.service is None:
+            message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
+            raise APIError(503, message, None, "model_not_ready")
+        return self.service
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self.service is not None:
+            self.service.backend.shutdown()
+
+
+def create_app(cfg: ServerConfig, loader: Callable[[], object], monitor_factory: Callable[[], Monitor]) -> FastAPI:
+    state = AppState(cfg, loader, monitor_factory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=state.load, name="uniql-load", daemon=True).start()
+        yield
+        state.close()
+
+    app = FastAPI(title="UniQL", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.uniql = state
+    errors.install(app, state.metrics.observe_error)
+    if cfg.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    _routes(app, state)
+    return app
+
+
+def _check_key(state: AppState, request: Request) -> None:
+    key = state.cfg.api_key
+    if key is None:
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if given != key:
+        raise APIError(401, "Incorrect or missing API key: send it as `Authorization: Bearer KEY`", None,
+                       "invalid_api_key")
+
+
+async def _body(request: Request) -> dict:
+    try:
+        return await request.json()
+    except ValueError:
+        raise errors.bad_request("We could not parse the JSON body of your request (it must be JSON)", None,
+                                 "invalid_json") from None
+
+
+def _routes(app: FastAPI, state: AppState) -> None:
+    @app.get("/health")
+    async def health():
+        service = state.ready()
+        return {"status": "ok", "model": state.names[0], **service.state()}
+
+    @app.get("/metrics")
+    async def metrics():
+        data, content_type = state.metrics.exposition()
+        return Response(data, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        _check_key(state, request)
+        service = state.ready()
+        data = [{"id": name, "object": "model", "created": state.created, "owned_by": "uniql",
+                 "root": state.cfg.ckpt or name, "max_model_len": service.backend.max_model_len,
+                 "prune_rates": list(service.backend.rates)} for name in state.names]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        _check_key(state, request)
+        service = state.ready()
+        req = schema.parse(schema.ChatRequest, await _body(request))
+        schema.check_model(req.model, state.names)
+        try:
+            ids = service.backend.encode_chat(schema.chat_messages(req))
+        except ValueError as err:
+            raise errors.bad_request(str(err), "messages") from None
+        return await _generate(state, service, request, req, ids, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        _check_key(state, request)
+        service = state.ready()
+        req = schema.parse(schema.CompletionRequest, await _body(request))
+        schema.check_model(req.model, state.names)
+        return await _generate(state, service, request, req, _prompt_ids(service, req.prompt), "text")
+
+
+def _prompt_ids(service: AdaptiveService, prompt) -> list[int]:
+    """One prompt: a string, a list of token ids, or a batch of one of either."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = service.backend.encode_text(prompt)
+    elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+        bad = [t for t in ids if not 0 <= t < service.backend.vocab_size]
+        if bad:
+            raise errors.bad_request(f"prompt token id {bad[0]} is outside the vocabulary", "prompt", "invalid_value")
+    else:
+        raise errors.bad_request("this server takes one prompt per request (send several requests, or use n)",
+                                 "prompt", "unsupported_parameter")
+    if not ids:
+        raise errors.bad_request("the prompt is empty", "prompt", "invalid_value")
+    return ids
+
+
+def _max_tokens(req, prompt_len: int, max_model_len: int, default: int, kind: str) -> int:
+    field = "messages" if kind == "chat" else "prompt"
+    room = max_model_len - prompt_len
+    asked = schema.requested_max_tokens(req)
+    if room < 1 or (asked is not None and asked > room):
+        want = f"{prompt_len} in the {field}" + ("" if asked is None else f", {asked} in the completion")
+        raise errors.bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you "
+                                 f"requested {prompt_len + (asked or 0)} tokens ({want}). Please reduce the length "
+                                 "of the prompt or of max_tokens.", field, "context_length_exceeded")
+    return min(default, room) if asked is None else asked
+
+
+async def _generate(state: AppState, service: AdaptiveService, request: Request, req, ids: list[int], kind: str):
+    max_tokens = _max_tokens(req, len(ids), service.backend.max_model_len, state.cfg.default_max_tokens, kind)
+    params = [schema.sampling_params(req, max_tokens, i) for i in range(req.n)]
+    try:
+        admission = service.admit(ids, params, req.prune_rate)
+    except QueueFull as err:
+        raise errors.queue_full(err.retry_after_s) from None
+    except ValueError as err:
+        raise errors.from_value_error(err) from None
+    headers = {"x-uniql-prune-rate": f"{admission.prune_rate:.2f}", "x-uniql-rung": str(admission.decision.rung)}
+    wants_logprobs = params[0].logprobs
+    token_text = service.backend.token_text if wants_logprobs else None
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body = _stream(admission, kind, state.names[0], token_text, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+    choices = await _collect(request, admission)
+    if choices is None:  # the client went away: the requests were cancelled, nobody reads this
+        return Response(status_code=499)
+    build = responses.chat_body if kind == "chat" else responses.completion_body
+    rid = responses.new_id("chatcmpl" if kind == "chat" else "cmpl")
+    return JSONResponse(build(rid, state.names[0], choices, admission.prompt_tokens, admission.prune_rate,
+                              token_text), headers=headers)
+
+
+async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """(choice index, event) from several streams as they come; leaving early cancels all of them."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator) -> None:
+        try:
+            async for event in stream:
+                await queue.put((index, event))
+        finally:
+            await stream.aclose()
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            index, event = await queue.get()
+            if event is None:
+                open_streams -= 1
+            else:
+                yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, admission) -> list[responses.ChoiceState] | None:
+    """Every choice to its end, or None (all cancelled) if the client disconnects first."""
+    choices = [responses.ChoiceState(i) for i in range(len(admission.streams))]
+
+    async def gather() -> None:
+        async for index, event in _merged(admission.streams):
+            choices[index].add(event)
+
+    work, watch = asyncio.create_task(gather()), asyncio.create_task(_wait_disconnect(request))
+    done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (work, watch):  # no-op for the one that finished
+        task.cancel()
+    await asyncio.gather(work, watch, return_exceptions=True)
+    if work in done:
+        work.result()
+        return choices
+    return None
+
+
+async def _stream(admission, kind: str, model: str, token_text, include_usage: bool) -> AsyncIterator[str]:
+    """SSE: a role chunk per choice (chat), a chunk per text piece, the finish, the usage chunk, ``[DONE]``."""
+    writer = responses.ChunkWriter(kind, model, token_text)
+    choices = [responses.ChoiceState(i) for i in range(len(admission.streams))]
+    if writer.chat:
+        for c in choices:
+            yield writer.role(c.index)
+    async for index, event in _merged(admission.streams):
+        choices[index].add(event)
+        chunk = writer.event(index, event)
+        if chunk is not None:
+            yield chunk
+    if include_usage:
+        yield writer.usage(responses.usage(admission.prompt_tokens, choices, admission.prune_rate))
+    yield responses.sse("[DONE]")

@@ -1,0 +1,86 @@
+"""The engine bridge: checkpoint + tokenizer + engine + weight store behind a small torch-free interface.
+
+This is the only server module that imports torch (through the runtime); the HTTP layer talks to it through
+the methods below, with plain lists and numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from uniql.runtime.async_engine import AsyncEngine
+from uniql.runtime.checkpoint import load_checkpoint, load_tokenizer
+from uniql.runtime.detokenizer import render_chat
+from uniql.runtime.engine import Engine
+from uniql.runtime.request import Request, SamplingParams, TokenEvent
+
+from .config import ServerConfig
+from .weights import ElasticWeights
+
+log = logging.getLogger(__name__)
+
+
+class EngineBackend:
+    def __init__(self, model, tokenizer, ckpt_dir: str | Path | None, cfg: ServerConfig):
+        self.engine = Engine(model, tokenizer, max_num_seqs=cfg.max_num_seqs, max_queued=cfg.max_queued_requests,
+                             max_model_len=cfg.max_model_len or model.spec.max_position_embeddings)
+        self.front = AsyncEngine(self.engine)
+        self.tokenizer = tokenizer
+        self.rates = tuple(model.ladder.rates)
+        self.max_model_len = self.engine.max_model_len
+        self.weights = ElasticWeights(model, ckpt_dir)
+        self.weights.settle()  # the runner's one-time dequantization leaves temporaries in the heap
+        # cache bytes per token at each rung, from the runner's own admission formula (a 1-token prompt + 1)
+        self._cache_per_token = tuple(self.engine.runner.cache_bytes_for(
+            Request([0], SamplingParams(max_tokens=1), rung=r)) // 2 for r in range(len(self.rates)))
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, cfg: ServerConfig) -> EngineBackend:
+        model, _ = load_checkpoint(ckpt_dir, device=cfg.device)
+        return cls(model, load_tokenizer(ckpt_dir), ckpt_dir, cfg)
+
+    # ------------------------------------------------------------------------------------------ text
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return render_chat(self.tokenizer, messages)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.runner.model.spec.vocab_size
+
+    # ---------------------------------------------------------------------------------------- requests
+    def nearest_rung(self, rate: float) -> int:
+        return self.engine.runner.model.ladder.nearest(rate)
+
+    def cache_bytes(self, max_len: int) -> tuple[int, ...]:
+        """A request's KV cache at every rung (prompt + max_tokens positions)."""
+        return tuple(per_token * max_len for per_token in self._cache_per_token)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, rung: int) -> tuple[str, AsyncIterator[TokenEvent]]:
+        """Queue one sequence (ValueError / QueueFull now); returns its id and its event stream."""
+        return self.front.submit(prompt_ids, params, rung)
+
+    def cancel(self, request_id: str) -> bool:
+        return self.front.cancel(request_id)
+
+    # ------------------------------------------------------------------------------------------ state
+    def load_stats(self) -> dict:
+        """Running / waiting counts, KV cache bytes and the lowest live rung, read between two steps."""
+        def read(engine: Engine) -> dict:
+            live = [r.rung for r in engine.scheduler.running + engine.scheduler.waiting]
+            return {"running": engine.scheduler.num_running, "waiting": engine.scheduler.num_waiting,
+                    "kv_cache_bytes": engine.runner.cache_bytes, "live_min_rung": min(live, default=None)}
+        return self.front.read(read)
+
+    def live_min_rung(self) -> int | None:
+        return self.load_stats()["live_min_rung"]
+
+    def shutdown(self) -> None:
+        self.front.shutdown()

@@ -1,0 +1,59 @@
+"""Server settings (the `uniql serve` flags) and byte-size parsing. Pure Python."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """``"512M"``, ``"1.5G"``, ``"1073741824"`` -> bytes (binary units)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"not a byte size: {text!r} (use e.g. 512M, 1.5G)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def resolve_reserve(spec: str, available_bytes: int) -> int:
+    """The memory reserve: an absolute size, or ``available-SIZE`` = the memory available when the model has
+    loaded minus SIZE (the server then starts with SIZE of headroom above its reserve; tests and benchmarks
+    use it to put a machine under pressure with a small allocation)."""
+    spec = spec.strip()
+    if spec.lower().startswith(("available-", "avail-")):
+        headroom = parse_bytes(spec.split("-", 1)[1])
+        return max(0, available_bytes - headroom)
+    return parse_bytes(spec)
+
+
+@dataclass
+class ServerConfig:
+    ckpt: str | None = None  # None: the embedded default model (built once into the cache directory)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: list[str] = field(default_factory=list)  # empty: the checkpoint's directory name
+    max_model_len: int | None = None
+    max_num_seqs: int = 8
+    max_queued_requests: int = 64
+    allowed_origins: list[str] = field(default_factory=list)
+    rate: str = "auto"  # "auto" (the controller) or a fixed pruning rate
+    memory_reserve: str = "512M"
+    device: str = "cpu"
+    default_max_tokens: int = 512  # when a request gives none (its KV cache is sized for prompt + this)
+    tpot_target_ms: float | None = None  # climb a rung when decode is slower than this under contention
+    hysteresis: str = "16M"  # a lower rung must fit with this much to spare before the server goes back to it
+    monitor_interval_s: float = 0.5
+    residency: bool = True  # release weight tails under sustained pressure
+    residency_sustain_s: float = 2.0
+    log_level: str = "info"
+
+    def fixed_rate(self) -> float | None:
+        if self.rate == "auto":
+            return None
+        rate = float(self.rate)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"--rate must be 'auto' or a pruning rate in [0, 1), got {self.rate!r}")
+        return rate

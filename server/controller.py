@@ -1,0 +1,132 @@
+"""The rate controller: which rung a new request runs at, from a memory snapshot and recent decode latency.
+
+Pure functions over plain numbers (testable without hardware), plus a small stateful wrapper that remembers the
+last decision for hysteresis.
+
+Memory rule. The *model budget* is ``available + resident_weights - reserve``: what the model may hold while
+leaving ``reserve`` bytes free for everything else on the device. Moving weights between "resident" and "free"
+does not change it, so releasing or reloading tails never makes the controller flap. A request fits at rung ``r``
+when ``weights(r) + cache(r) <= budget``; the controller picks the lowest such rung (the least pruning), never one
+below the lowest resident rung, and the lightest rung when nothing fits (a request is never refused for memory:
+the lightest rung is the best the server can do, and the residency manager frees the tails it does not need).
+
+Latency rule. When the recent inter-token latency (TPOT) misses the target while several requests share the
+engine, climb one rung above the last decision; hold while TPOT is within the hysteresis band below the target.
+
+Hysteresis. Climbing happens at once (memory or latency trouble must be answered now); descending to a lower
+rung needs the lower rung to fit with ``hysteresis_bytes`` to spare and TPOT back below the band.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    reserve_bytes: int = 0
+    hysteresis_bytes: int = 0
+    tpot_target_s: float | None = None  # None: no latency rule
+    tpot_band: float = 0.8  # TPOT below band * target counts as recovered
+    contention: int = 2  # running requests from which TPOT misses count as contention
+
+
+@dataclass(frozen=True)
+class RungInputs:
+    available_bytes: int  # free memory on the device the weights live in
+    resident_bytes: int  # weight bytes the server holds now
+    rung_weight_bytes: tuple[int, ...]  # weight bytes held to serve each rung (prefixes: non-increasing)
+    request_cache_bytes: tuple[int, ...]  # this request's KV cache at each rung
+    min_rung: int = 0  # lowest rung whose weights are resident
+    recent_tpot_s: float | None = None
+    running: int = 0
+
+
+@dataclass(frozen=True)
+class Decision:
+    rung: int
+    reason: str  # "memory" | "latency" | "resident" | "fallback" | "pinned" | "fixed"
+
+
+def model_budget(available_bytes: int, resident_bytes: int, reserve_bytes: int) -> int:
+    return available_bytes + resident_bytes - reserve_bytes
+
+
+def memory_rung(inputs: RungInputs, cfg: ControllerConfig, previous: int) -> tuple[int, bool]:
+    """(lowest fitting rung >= min_rung, whether anything fit); lower rungs than ``previous`` need the margin."""
+    budget = model_budget(inputs.available_bytes, inputs.resident_bytes, cfg.reserve_bytes)
+    top = len(inputs.rung_weight_bytes) - 1
+    for rung in range(inputs.min_rung, top + 1):
+        margin = cfg.hysteresis_bytes if rung < previous else 0
+        if inputs.rung_weight_bytes[rung] + inputs.request_cache_bytes[rung] + margin <= budget:
+            return rung, True
+    return top, False
+
+
+def latency_floor(inputs: RungInputs, cfg: ControllerConfig, previous: int) -> int:
+    """Rung the latency rule asks for at least: previous + 1 on a miss under contention, previous in the band."""
+    if cfg.tpot_target_s is None or inputs.recent_tpot_s is None or inputs.running < cfg.contention:
+        return 0
+    top = len(inputs.rung_weight_bytes) - 1
+    if inputs.recent_tpot_s > cfg.tpot_target_s:
+        return min(previous + 1, top)
+    if inputs.recent_tpot_s > cfg.tpot_band * cfg.tpot_target_s:
+        return previous
+    return 0
+
+
+def choose_rung(inputs: RungInputs, cfg: ControllerConfig, previous: int = 0) -> Decision:
+    """The rung for a new request (see the module doc for the rules)."""
+    if len(inputs.rung_weight_bytes) != len(inputs.request_cache_bytes):
+        raise ValueError("one weight size and one cache size per rung")
+    mem, fits = memory_rung(inputs, cfg, previous)
+    lat = latency_floor(inputs, cfg, previous)
+    rung = max(mem, lat, inputs.min_rung)
+    if not fits:
+        return Decision(rung, "fallback")
+    if lat > mem and lat >= inputs.min_rung:
+        return Decision(rung, "latency")
+    return Decision(rung, "resident" if inputs.min_rung > mem else "memory")
+
+
+class TpotWindow:
+    """The last inter-token gaps of all requests; its median is the controller's recent TPOT."""
+
+    def __init__(self, size: int = 64):
+        self._gaps: deque[float] = deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def add(self, gaps: list[float]) -> None:
+        with self._lock:
+            self._gaps.extend(gaps)
+
+    def recent(self) -> float | None:
+        with self._lock:
+            return statistics.median(self._gaps) if self._gaps else None
+
+
+class RateController:
+    """``choose_rung`` with memory: remembers the last decision (hysteresis), or serves a fixed rung."""
+
+    def __init__(self, cfg: ControllerConfig, fixed_rung: int | None = None):
+        self.cfg = cfg
+        self.fixed_rung = fixed_rung
+        self.last = Decision(fixed_rung or 0, "fixed" if fixed_rung is not None else "memory")
+        self._lock = threading.Lock()
+
+    def decide(self, inputs: RungInputs, pinned: int | None = None, commit: bool = True) -> Decision:
+        """A request's rung: a pin or the fixed rung (held to resident rungs), else the controller's choice.
+
+        ``commit=False`` previews a decision (the ``uniql_prune_rate`` gauge) without moving the hysteresis state.
+        """
+        if pinned is not None or self.fixed_rung is not None:
+            rung = pinned if pinned is not None else self.fixed_rung
+            return Decision(max(rung, inputs.min_rung), "pinned" if pinned is not None else "fixed")
+        with self._lock:
+            decision = choose_rung(inputs, self.cfg, self.last.rung)
+            if commit:
+                self.last = decision
+            return decision

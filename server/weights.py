@@ -1,0 +1,139 @@
+"""The weight store of elastic residency: release and reload the tails of a model's pruned projections.
+
+Each of the seven projections of a layer holds, at most: the packed INT4 codes ``qweight [K/8, N]`` and
+``scales [K/G, N]`` (or a float ``weight [N, K]``), and on CPU the dense copy the runner dequantized once
+(``Int4Linear.cache_dequantized``, ``W^T [K, N]``). Releasing a layer to rung ``r`` replaces every one of them
+by a *clone* of its rung-``r`` prefix, so the old full tensor is really freed (a view would keep it alive);
+reloading reads the full packed tensors back from the memory-mapped checkpoint and dequantizes them again.
+``resident_bytes`` measures the storages actually held; ``rung_bytes`` predicts them per rung, and the tests
+check the two agree. Embedding/head tables, norms and biases are never pruned and stay resident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from uniql.kernels.int4_format import PACK, packed_bytes
+from uniql.runtime.checkpoint import WEIGHTS
+from uniql.runtime.decoder import LINEAR_PATHS, ElasticDecoder
+from uniql.runtime.linear import DenseLinear, Int4Linear
+from uniql.runtime.memory import active_shapes
+
+log = logging.getLogger(__name__)
+DENSE_COPY = "_dequantized"  # where Int4Linear.cache_dequantized keeps the CPU copy (not a buffer)
+
+
+def _dense_copy(module) -> torch.Tensor | None:
+    return module.__dict__.get(DENSE_COPY)
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a view counts its whole storage: that is what is held)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def linear_bytes(module, n: int, k: int) -> int:
+    """Bytes a projection holds at active shape (n, k): what ``_release`` leaves behind."""
+    if isinstance(module, Int4Linear):
+        dense = _dense_copy(module)
+        return packed_bytes(k, n, module.group_size) + (0 if dense is None else k * n * dense.element_size())
+    return n * k * module.weight.element_size()
+
+
+class ElasticWeights:
+    """Release/reload of the pruned projections of ``model``, reloading from ``ckpt_dir``'s safetensors."""
+
+    def __init__(self, model: ElasticDecoder, ckpt_dir: str | Path | None):
+        self.model = model
+        self.path = None if ckpt_dir is None else Path(ckpt_dir) / WEIGHTS
+        ladder, spec = model.ladder, model.spec
+        self.num_layers = spec.num_layers
+        names = {id(m): name for name, m in model.named_modules()}
+        # shapes[layer][path][rung] = (n, k)
+        self.shapes = [{path: [active_shapes(spec, sizes[i])[path] for sizes in ladder.sizes] for path in LINEAR_PATHS}
+                       for i in range(self.num_layers)]
+        self.modules = [{path: layer.get_linear(path) for path in LINEAR_PATHS} for layer in model.layers]
+        self.names = [{path: names[id(m)] for path, m in mods.items()} for mods in self.modules]
+        self.layer_rung = [0] * self.num_layers
+        full = self.resident_bytes()
+        pruned_full = sum(linear_bytes(m, *self.shapes[i][p][0]) for i, mods in enumerate(self.modules)
+                          for p, m in mods.items())
+        self.fixed_bytes = full - pruned_full
+        self.rung_bytes = tuple(self.fixed_bytes + sum(linear_bytes(m, *self.shapes[i][p][r])
+                                                       for i, mods in enumerate(self.modules) for p, m in mods.items())
+                                for r in range(len(ladder.rates)))
+
+    # ------------------------------------------------------------------------------------------ reading
+    def resident_bytes(self) -> int:
+        tensors = [t for _, t in self.model.named_parameters()] + [t for _, t in self.model.named_buffers()]
+        tensors += [_dense_copy(m) for m in self.model.modules() if isinstance(m, Int4Linear)]
+        return _storage_bytes(tensors)
+
+    # ------------------------------------------------------------------------------------------ release
+    def release_layer(self, layer: int, rung: int) -> None:
+        if rung <= self.layer_rung[layer]:
+            return
+        for path, module in self.modules[layer].items():
+            n, k = self.shapes[layer][path][rung]
+            _release(module, n, k)
+        self.layer_rung[layer] = rung
+
+    def reload_layer(self, layer: int, rung: int) -> None:
+        if rung >= self.layer_rung[layer]:
+            return
+        if self.path is None:
+            raise RuntimeError("this model has no checkpoint file to reload weights from")
+        with safe_open(str(self.path), framework="pt", device="cpu") as stored:  # memory-mapped
+            for path, module in self.modules[layer].items():
+                n, k = self.shapes[layer][path][rung]
+                _reload(module, self.names[layer][path], stored, n, k)
+        self.layer_rung[layer] = rung
+
+    def settle(self) -> None:
+        """Give freed memory back: glibc keeps freed heap pages unless trimmed; CUDA's allocator caches blocks."""
+        if self.model.norm.weight.device.type == "cuda":
+            torch.cuda.empty_cache()
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): the allocator decides
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _release(module, n: int, k: int) -> None:
+    """Keep a clone of the (n, k) prefix of every tensor the projection holds; the full tensors are freed."""
+    if isinstance(module, Int4Linear):
+        module.qweight = module.qweight[: -(-k // PACK), :n].clone()
+        module.scales = module.scales[: -(-k // module.group_size), :n].clone()
+        dense = _dense_copy(module)
+        if dense is not None:
+            module.__dict__[DENSE_COPY] = dense[:k, :n].clone()
+    elif isinstance(module, DenseLinear):
+        module.weight = torch.nn.Parameter(module.weight[:n, :k].clone(), requires_grad=False)
+
+
+def _reload(module, name: str, stored, n: int, k: int) -> None:
+    """Read the stored tensors back (their (n, k) prefix, or all of them at rung 0) and re-dequantize."""
+    device = module.scales.device if isinstance(module, Int4Linear) else module.weight.device
+    if isinstance(module, Int4Linear):
+        dense = _dense_copy(module)
+        qweight = stored.get_slice(f"{name}.qweight")[: -(-k // PACK), :n]
+        scales = stored.get_slice(f"{name}.scales")[: -(-k // module.group_size), :n]
+        module.qweight, module.scales = qweight.to(device).contiguous(), scales.to(device).contiguous()
+        if dense is not None:
+            full = module.weight_t(dtype=dense.dtype)  # the prefix just restored, dequantized like the runner does
+            module.__dict__[DENSE_COPY] = full
+    elif isinstance(module, DenseLinear):
+        weight = stored.get_slice(f"{name}.weight")[:n, :k].to(device, module.weight.dtype)
+        module.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
