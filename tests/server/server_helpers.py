@@ -1,0 +1,77 @@
+"""Running a real uvicorn server in a background thread, and reading its /metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base_url: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{base_url} did not become ready in {timeout_s} s")
+
+
+@contextlib.contextmanager
+def serving(app, wait: bool = True):
+    """``app`` on 127.0.0.1 at a free port in a thread; yields the base URL; stops it on exit."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        if wait:
+            wait_ready(base_url)
+        yield base_url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def running_server(cfg):
+    from uniql.server.serve import build_app
+
+    cfg.port = 0
+    with serving(build_app(cfg)) as base_url:
+        yield base_url
+
+
+def metrics(base_url: str) -> dict[str, dict]:
+    """/metrics parsed by prometheus-client: family name -> {(sample name, labels tuple): value}."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    out: dict[str, dict] = {}
+    for family in text_string_to_metric_families(text):
+        samples = out.setdefault(family.name, {})
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(families: dict, family: str, name: str | None = None, **labels) -> float:
+    """One sample's value (0 if absent): ``sample(m, "uniql_requests", "uniql_requests_total", finish_reason=...)``."""
+    name = name or family
+    for (sample_name, sample_labels), value in families.get(family, {}).items():
+        if sample_name == name and all(dict(sample_labels).get(k) == v for k, v in labels.items()):
+            return value
+    return 0.0
