@@ -1,0 +1,54 @@
+"""benchmarks/report.py runs on the committed results JSON and writes REPORT.md plus readable PNGs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from deploy_util import REPO
+
+BENCH = REPO / "benchmarks"
+
+
+def run_report(results, out):
+    result = subprocess.run([sys.executable, str(BENCH / "report.py"), "--results", str(results), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out.read_text()
+
+
+def linked_pngs(markdown: str) -> list[str]:
+    return [line.split("](", 1)[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]
+
+
+def test_report_on_the_committed_results(tmp_path):
+    md = run_report(BENCH / "results", tmp_path / "REPORT.md")
+    pngs = linked_pngs(md)
+    assert len(pngs) >= 6
+    for rel in pngs:
+        data = (tmp_path / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, rel
+    assert "Projected TPOT" in md and "projections, not measurements" in md
+    assert "TPOT_projected = bytes_per_token / (efficiency x bandwidth)" in md
+    for device in ("68 GB/s", "102 GB/s", "768 GB/s"):
+        assert device in md
+    # the committed report links the same figures, and they are committed too
+    committed = (BENCH / "REPORT.md").read_text()
+    assert sorted(linked_pngs(committed)) == sorted(pngs)
+    assert all((BENCH / rel).is_file() for rel in linked_pngs(committed))
+
+
+def test_missing_results_are_skipped_with_a_note(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(BENCH / "results" / "decode_cpu.json", results)
+    rows = [{"stage": stage, "rate": rate, "wikitext2_ppl": ppl}
+            for stage, rate, ppl in (("before", 0.0, 28.0), ("after", 0.0, 27.0),
+                                     ("before", 0.25, 90.0), ("after", 0.25, 60.0))]
+    (results / "lora_smollm2.json").write_text(json.dumps({"rows": rows}))
+    md = run_report(results, tmp_path / "out" / "REPORT.md")
+    assert "_Skipped: kernel bandwidth" in md and "_Skipped: projections" in md
+    assert "quality_lora_smollm2.png" in md and "| after |" in md
+    assert (tmp_path / "out" / "report" / "decode_cpu_tpot.png").is_file()
