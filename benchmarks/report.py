@@ -59,30 +59,54 @@ def section_decode(rep: Report, results: dict) -> None:
 
 
 def decode_one(rep: Report, name: str, data: dict) -> None:
-    ours, anchors = rd.split_decode_rows(data["rows"])
+    rows = rd.timed_rows(data)
+    ours, anchors = rd.split_decode_rows(rows)
     if not ours:
-        rep.add(f"`{name}.json`: no UniQL engine rows.", "")
+        rep.add(f"`{name}.json`: no UniQL engine rows at batch 1.", "")
         return
     rep.add(f"### `{name}.json` — {data.get('model', '?')} on {data.get('device', '?')}", "",
-            f"Batch 1, {data.get('prompt_tokens', '?')}-token prompt, greedy. Anchors are other engines "
-            "measured **in the same run** (dashed lines).", "")
-    fig, (ax_t, ax_s) = rp.new_figure(2, width=6.0)
-    rp.lines_by_group(ax_t, {"UniQL engine": [(r["rate"], r["tpot_ms"]) for r in ours]}, annotate_last=True)
-    rp.hlines(ax_t, [(anchor_label(a), a["tpot_ms"]) for a in anchors])
-    rp.rate_axis(ax_t, "TPOT (ms, lower is better)", "Time per output token")
-    rp.lines_by_group(ax_s, {"UniQL engine": [(r["rate"], r["tokens_per_s"]) for r in ours]}, annotate_last=True)
-    rp.hlines(ax_s, [(anchor_label(a), a["tokens_per_s"]) for a in anchors])
-    rp.rate_axis(ax_s, "tokens/s (higher is better)", "Decode throughput")
+            f"Batch 1 unless noted, {data.get('prompt_tokens', '?')}-token prompt, greedy. Anchors are other "
+            "engines measured **in the same run** (dashed).", "")
+    batched = rd.batched_series(rows)
+    fig, axes = rp.new_figure(3 if batched else 2, width=5.6)
+    for ax, key, ylabel, title in ((axes[0], "tpot_ms", "TPOT (ms, lower is better)", "Time per output token"),
+                                   (axes[1], "tokens_per_s", "tokens/s (higher is better)", "Decode throughput")):
+        rp.lines_by_group(ax, {"UniQL engine": [(r["rate"], r[key]) for r in ours]}, annotate_last=True)
+        anchor_lines(ax, anchors, key)
+        rp.rate_axis(ax, ylabel, title)
+    if batched:
+        rp.lines_by_group(axes[2], batched)
+        rp.rate_axis(axes[2], "tokens/s, all requests", "Concurrent requests")
     rep.figure(fig, f"{name}_tpot.png", f"TPOT and tokens/s per rung, {name}")
-    base = anchors[0] if anchors else None
-    header = ["engine", "rate", "TTFT ms", "TPOT ms", "tokens/s"] + ([f"speed vs {base['engine']}"] if base else [])
-    rows = []
-    for r in ours + anchors:
-        row = [r.get("engine", "uniql"), r["rate"], r["ttft_ms"], r["tpot_ms"], r["tokens_per_s"]]
+    decode_table(rep, rows, anchors)
+    for r in rd.failed_rows(data):
+        rep.add(f"* `{r.get('engine', '?')}` did not run: {r['error']}")
+    rep.add("")
+
+
+def anchor_lines(ax, anchors: dict[str, list[dict]], key: str) -> None:
+    """An engine measured at one rate is a horizontal line, at several rates a dashed line."""
+    flat = [(anchor_label(rs[0]), rs[0][key]) for rs in anchors.values() if len(rs) == 1]
+    for rs in anchors.values():
+        if len(rs) > 1:
+            ax.plot([r["rate"] for r in rs], [r[key] for r in rs], linestyle="--", marker="x",
+                    label=anchor_label(rs[0]))
+    rp.hlines(ax, flat)
+
+
+def decode_table(rep: Report, rows: list[dict], anchors: dict[str, list[dict]]) -> None:
+    base_name = "hf_eager" if "hf_eager" in anchors else next(iter(anchors), None)
+    base = anchors[base_name][0] if base_name else None
+    header = ["engine", "rate", "batch", "TTFT ms", "TPOT ms", "tokens/s"]
+    header += [f"TPOT speed-up vs {base_name}"] if base else []
+    table = []
+    for r in sorted(rows, key=lambda r: (r.get("engine", "uniql") != "uniql", r.get("engine", ""), r["batch"],
+                                         r["rate"])):
+        row = [r.get("engine", "uniql"), r["rate"], r["batch"], r["ttft_ms"], r["tpot_ms"], r["tokens_per_s"]]
         if base:
-            row.append(f"{base['tpot_ms'] / r['tpot_ms']:.2f}x")
-        rows.append(row)
-    rep.add(*rp.md_table(header, rows), "")
+            row.append(f"{base['tpot_ms'] / r['tpot_ms']:.2f}x" if r["batch"] == 1 else "")
+        table.append(row)
+    rep.add(*rp.md_table(header, table), "")
 
 
 def anchor_label(row: dict) -> str:

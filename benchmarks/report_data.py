@@ -55,21 +55,40 @@ def load_results(results_dir: Path) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------------ decode
 def decode_files(results: dict) -> list[str]:
-    """Result files whose rows are decode timings (``rate`` + ``tpot_ms``): decode_*, ssm_* and alike."""
-    names = []
-    for name, data in results.items():
-        rows = data.get("rows") if isinstance(data, dict) else None
-        if isinstance(rows, list) and rows and all(isinstance(r, dict) and "tpot_ms" in r for r in rows):
-            names.append(name)
-    return names
+    """Result files whose rows are decode timings (``tpot_ms``): decode_*, ssm_* and alike."""
+    return [name for name, data in results.items() if timed_rows(data)]
 
 
-def split_decode_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(ours, anchors): ours = the UniQL engine's rows at batch 1, anchors = any other engine at batch 1."""
-    batch1 = [r for r in rows if r.get("batch", 1) == 1]
-    ours = sorted((r for r in batch1 if r.get("engine", "uniql") == "uniql"), key=lambda r: r["rate"])
-    anchors = [r for r in batch1 if r.get("engine", "uniql") != "uniql"]
+def timed_rows(data) -> list[dict]:
+    """Rows with a TPOT (rows that report an ``error`` instead are left out); ``rate`` defaults to 0."""
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        return []
+    return [{"rate": 0.0, "batch": 1, **r} for r in rows if isinstance(r, dict) and "tpot_ms" in r]
+
+
+def failed_rows(data: dict) -> list[dict]:
+    return [r for r in data.get("rows", []) if isinstance(r, dict) and "error" in r]
+
+
+def split_decode_rows(rows: list[dict]) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(ours, anchors) at batch 1: ours = the UniQL engine by rate, anchors = every other engine by name."""
+    batch1 = sorted((r for r in rows if r["batch"] == 1), key=lambda r: r["rate"])
+    ours = [r for r in batch1 if r.get("engine", "uniql") == "uniql"]
+    anchors: dict[str, list[dict]] = {}
+    for r in batch1:
+        if r.get("engine", "uniql") != "uniql":
+            anchors.setdefault(r["engine"], []).append(r)
     return ours, anchors
+
+
+def batched_series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """tokens/s per rate of every (engine, batch > 1) pair."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["batch"] > 1:
+            out.setdefault(f"{r.get('engine', 'uniql')}, batch {r['batch']}", []).append((r["rate"], r["tokens_per_s"]))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -161,7 +180,7 @@ def end_to_end_efficiency(results: dict) -> tuple[str, float] | None:
     for name in decode_files(results):
         data = results[name]
         copy = data.get("copy_TBps")
-        ours, _ = split_decode_rows(data["rows"])
+        ours, _ = split_decode_rows(timed_rows(data))
         first = next((r for r in ours if r["rate"] == 0.0 and r.get("bytes_per_token")), None)
         if copy and first:
             return name, first["bytes_per_token"] / (first["tpot_ms"] * 1e-3) / (copy * 1e12)

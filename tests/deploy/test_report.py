@@ -40,6 +40,18 @@ def test_report_on_the_committed_results(tmp_path):
     assert all((BENCH / rel).is_file() for rel in linked_pngs(committed))
 
 
+def gpu_decode_like() -> dict:
+    """A result shaped like benchmarks/decode_gpu.py's: batched rows, a dense anchor at two rates, a failed row."""
+    def row(engine, rate, batch, tpot):
+        return {"engine": engine, "rate": rate, "batch": batch, "ttft_ms": 50.0, "tpot_ms": tpot,
+                "tokens_per_s": batch * 1000 / tpot, "peak_mem_bytes": 1 << 30}
+    rows = [row("uniql", r, b, (4.0 - 4 * r) * (1 + b / 8)) for r in (0.0, 0.35) for b in (1, 4)]
+    rows += [row("uniql_bf16_dense", 0.0, 1, 9.0), row("uniql_bf16_dense", 0.35, 1, 6.5)]
+    rows += [{"engine": "hf_eager", "batch": 1, "ttft_ms": 80.0, "tpot_ms": 30.0, "tokens_per_s": 33.0},
+             {"engine": "hf_compiled", "error": "RuntimeError: no compiler"}]
+    return {"device": "NVIDIA H200", "model": "llama-3.1-8b shape", "prompt_tokens": 1024, "rows": rows}
+
+
 def test_missing_results_are_skipped_with_a_note(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
@@ -48,7 +60,9 @@ def test_missing_results_are_skipped_with_a_note(tmp_path):
             for stage, rate, ppl in (("before", 0.0, 28.0), ("after", 0.0, 27.0),
                                      ("before", 0.25, 90.0), ("after", 0.25, 60.0))]
     (results / "lora_smollm2.json").write_text(json.dumps({"rows": rows}))
+    (results / "decode_h200.json").write_text(json.dumps(gpu_decode_like()))
     md = run_report(results, tmp_path / "out" / "REPORT.md")
+    assert "decode_h200_tpot.png" in md and "hf_compiled` did not run" in md and "| uniql | 0.35 | 4 |" in md
     assert "_Skipped: kernel bandwidth" in md and "_Skipped: projections" in md
     assert "quality_lora_smollm2.png" in md and "| after |" in md
     assert (tmp_path / "out" / "report" / "decode_cpu_tpot.png").is_file()
