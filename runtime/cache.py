@@ -76,7 +76,9 @@ class DecodeBatch:
             raise ValueError("every cache of a decode batch must be sized for the batch's rung")
         if any(c.max_len > self.max_len for c in caches):
             raise ValueError(f"a cache holds more than this batch's bound of {self.max_len} tokens")
-        self.caches = list(caches)
+        # the torch fallback reads the tensors; the kernel only the addresses (holding the caches there would keep
+        # finished requests' memory alive inside a captured graph's batch)
+        self.caches = [] if _triton_attention(self.device) else list(caches)
         tables = torch.tensor([[[c.k[i].data_ptr() for c in caches] for i in range(len(self.sizes))],
                                [[c.v[i].data_ptr() for c in caches] for i in range(len(self.sizes))]])
         self.k_ptrs.copy_(tables[0])

@@ -111,9 +111,9 @@ class ElasticAttention(nn.Module):
         b, t, _ = v.shape
         q, k = self._pairs_view(q_flat, n, qk), self._pairs_view(k_flat, g, qk)
         cos, sin = self.rope_cos_sin(inv_freq, positions, qk // 2, rope_scaling)
-        k = rotate_pairs(k, cos, sin).flatten(-2)
+        k = rotate_pairs(k, cos, sin).flatten(-2).to(x.dtype)  # fp32 angles, activations stay in the model dtype
         rep = n // g
-        q = rotate_pairs(q, cos.repeat_interleave(rep, 1), sin.repeat_interleave(rep, 1)).flatten(-2)
+        q = rotate_pairs(q, cos.repeat_interleave(rep, 1), sin.repeat_interleave(rep, 1)).flatten(-2).to(x.dtype)
         v = v.view(b, t, vo, g).permute(0, 3, 1, 2)
         if cache is not None:
             k, v = cache.update(layer, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))

@@ -69,7 +69,7 @@ class Sampler:
     # ---------------------------------------------------------------------------------------------- sampling
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[str],
                  prompt_ids: list[list[int]], output_ids: list[list[int]]) -> SampleOutput:
-        logits_bv = self._checked(logits, request_ids)
+        logits_bv, finite_b = self._checked(logits, request_ids)
         logits_bv = self._penalised(logits_bv, params, prompt_ids, output_ids)
         tokens_b = logits_bv.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -77,21 +77,26 @@ class Sampler:
             rows_t = torch.tensor(rows, device=logits_bv.device)
             drawn = self._draw(logits_bv[rows_t], [params[i] for i in rows], [request_ids[i] for i in rows])
             tokens_b[rows_t] = drawn
+        # one device-to-host transfer for the ids and the finiteness check (each sync costs a GPU round trip)
+        host = torch.cat((tokens_b, finite_b.long())).tolist()
+        tokens, finite = host[:len(params)], host[len(params):]
+        if not all(finite):
+            bad = [rid for rid, ok in zip(request_ids, finite, strict=True) if not ok]
+            raise ValueError(f"non-finite logits (NaN/inf) for request(s) {bad}")
         logprobs, tops = self._logprobs(logits_bv, tokens_b, params)
-        return SampleOutput(tokens_b.tolist(), logprobs, tops)
+        return SampleOutput(tokens, logprobs, tops)
 
-    def _checked(self, logits: torch.Tensor, request_ids: list[str]) -> torch.Tensor:
-        """A float32 copy of the first vocab_size columns, after checking every row is finite."""
+    def _checked(self, logits: torch.Tensor, request_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A float32 copy of the first vocab_size columns and whether each row is finite (checked by the caller
+        together with the sampled ids, so a step syncs with the device once)."""
         if logits.dim() != 2 or logits.shape[0] != len(request_ids):
             raise ValueError(f"logits must be [batch={len(request_ids)}, vocab], got {tuple(logits.shape)}")
         if logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}")
         logits_bv = logits[:, : self.vocab_size].to(torch.float32, copy=True)
+        # NaN/inf rows must not reach top-p / multinomial: sample from zeros there, the caller raises anyway
         finite_b = torch.isfinite(logits_bv).all(dim=-1)
-        if not bool(finite_b.all()):
-            bad = [request_ids[i] for i in (~finite_b).nonzero().flatten().tolist()]
-            raise ValueError(f"non-finite logits (NaN/inf) for request(s) {bad}")
-        return logits_bv
+        return torch.where(finite_b[:, None], logits_bv, 0.0), finite_b
 
     # ---------------------------------------------------------------------------------------------- penalties
     def _penalised(self, logits_bv: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],

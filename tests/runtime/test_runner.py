@@ -51,6 +51,8 @@ def _full_logits(model, req: Request) -> torch.Tensor:
 @pytest.mark.parametrize("interpret", ["1", "0"])  # the Triton kernel (interpreter) and the torch reference
 @pytest.mark.parametrize("rung", [0, 2])
 def test_batched_decode_equals_full_forward(rung, interpret, monkeypatch):
+    if CUDA and interpret == "1":
+        pytest.skip("with a GPU the kernels are compiled, not interpreted")
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     model = _model(int4=False)
     runner = ModelRunner(model)

@@ -1,0 +1,97 @@
+"""Where a decode step's time goes (GPU): per-kernel GPU time of one eager step (torch.profiler), graph replay
+time alone, and the whole engine step (replay + sampling + bookkeeping), for the 8B-shaped model of
+``decode_gpu.py`` at one rung and batch size.
+
+    python benchmarks/profile_decode.py [--rate 0.0] [--batch 1] [--context 1024] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from decode_gpu import LLAMA_8B, NullTokenizer, build_model
+
+from uniql.runtime.engine import Engine
+from uniql.runtime.request import SamplingParams
+
+
+def _kernel_table(prof, steps: int) -> list[dict]:
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals[evt.name[:60]]
+            entry[0] += evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+            entry[1] += 1
+    rows = [{"kernel": k, "us_per_step": v[0] / steps, "launches_per_step": v[1] / steps} for k, v in totals.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def _time_replay(runner, rung, reqs, repeats=50) -> float:
+    graphs = runner.graphs
+    caches = [runner.caches[r.request_id] for r in reqs]
+    entry = graphs._get(rung, graphs.bucket(len(reqs)))
+    lengths = [c.length + 1 for c in caches]
+    graphs.run(rung, [1] * len(reqs), lengths, caches)  # binds the tables, then replays only
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        entry.graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", type=float, default=0.0)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    model = build_model(LLAMA_8B, "int4")
+    engine = Engine(model, NullTokenizer(), max_num_seqs=max(args.batch, 1), max_model_len=args.context + 64)
+    rung = model.ladder.nearest(args.rate)
+    prompt = torch.randint(0, LLAMA_8B.vocab_size, (args.context,), generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    reqs = [engine.add_request(prompt.tolist(), params, rung=rung) for _ in range(args.batch)]
+    for _ in range(4):  # prefill + a few decode steps (captures the graph)
+        engine.step()
+    runner = engine.runner
+    replay_us = _time_replay(runner, rung, reqs)
+    # the whole engine step: replay + logits to the sampler + ids to the host + detokenize + bookkeeping
+    stamps = []
+    for _ in range(20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.step()
+        stamps.append((time.perf_counter() - t0) * 1e6)
+    step_us = statistics.median(stamps)
+    # per-kernel GPU time of eager steps (same kernels as the graph, launched one by one)
+    graphs, runner.graphs = runner.graphs, None
+    steps = 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    runner.graphs = graphs
+    table = _kernel_table(prof, steps)
+    print(f"rung {rung} batch {args.batch}: graph replay {replay_us:.1f} us, engine step {step_us:.1f} us, "
+          f"sum of kernels (eager) {sum(r['us_per_step'] for r in table):.1f} us")
+    for r in table[:25]:
+        print(f"{r['us_per_step']:9.1f} us  x{r['launches_per_step']:5.0f}  {r['kernel']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rung": rung, "batch": args.batch, "replay_us": replay_us,
+                                               "step_us": step_us, "kernels": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
