@@ -51,6 +51,8 @@ def lines_by_group(ax, series: dict[str, list[tuple[float, float]]], *, logy: bo
         if annotate_last and xs:
             ax.annotate(f"{ys[-1]:.3g}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 0),
                         fontsize=8, va="center")
+    if annotate_last:
+        ax.margins(x=0.1)  # room for the value labels at the right end
     if logy:
         ax.set_yscale("log")
     ax.legend()
