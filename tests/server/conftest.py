@@ -20,6 +20,15 @@ TEST_RECIPE = {"quant": "rtn", "calib_samples": 8, "calib_seqlen": 128, "bi_samp
                "quant_samples": 1, "quant_seqlen": 128}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_triton_interpreter():
+    """Serve as in production: the tests' TRITON_INTERPRET=1 (set for the kernel tests, tests/conftest.py) makes
+    runtime/cache.py run CPU decode attention in the Triton interpreter, ~25x slower per token."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A data folder laid out like shared/data, from the small fixtures (calibration never leaves the repo)."""

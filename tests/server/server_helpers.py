@@ -21,8 +21,11 @@ def wait_ready(base_url: str, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+            resp = httpx.get(f"{base_url}/health", timeout=5)
+            if resp.status_code == 200:
                 return
+            if "failed to load" in resp.text:
+                raise RuntimeError(resp.json()["error"]["message"])
         time.sleep(0.1)
     raise TimeoutError(f"{base_url} did not become ready in {timeout_s} s")
 
