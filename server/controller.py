@@ -56,10 +56,10 @@ def model_budget(available_bytes: int, resident_bytes: int, reserve_bytes: int) 
 
 
 def memory_rung(inputs: RungInputs, cfg: ControllerConfig, previous: int) -> tuple[int, bool]:
-    """(lowest fitting rung >= min_rung, whether anything fit); lower rungs than ``previous`` need the margin."""
+    """(lowest fitting rung, whether any fit); rungs lower than ``previous`` need the hysteresis margin."""
     budget = model_budget(inputs.available_bytes, inputs.resident_bytes, cfg.reserve_bytes)
     top = len(inputs.rung_weight_bytes) - 1
-    for rung in range(inputs.min_rung, top + 1):
+    for rung in range(top + 1):
         margin = cfg.hysteresis_bytes if rung < previous else 0
         if inputs.rung_weight_bytes[rung] + inputs.request_cache_bytes[rung] + margin <= budget:
             return rung, True
@@ -87,9 +87,9 @@ def choose_rung(inputs: RungInputs, cfg: ControllerConfig, previous: int = 0) ->
     rung = max(mem, lat, inputs.min_rung)
     if not fits:
         return Decision(rung, "fallback")
-    if lat > mem and lat >= inputs.min_rung:
-        return Decision(rung, "latency")
-    return Decision(rung, "resident" if inputs.min_rung > mem else "memory")
+    if inputs.min_rung > max(mem, lat):
+        return Decision(rung, "resident")
+    return Decision(rung, "latency" if lat > mem else "memory")
 
 
 class TpotWindow:

@@ -1,0 +1,139 @@
+"""Monitor readers (host, recorded jtop readings), the timer thread, byte sizes; the weight store's real bytes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from uniql.server.config import parse_bytes, resolve_reserve
+from uniql.server.monitor import DeviceReading, Monitor, default_readers, read_host, read_jtop
+
+# recorded from jetson-stats 4.x on a Jetson Orin Nano 8 GB (memory in kB, GPU load in percent)
+JTOP_ORIN_NANO = {"memory": {"RAM": {"tot": 7620000, "used": 5980000, "free": 310000, "buffers": 52000,
+                                     "cached": 1278000, "shared": 1904000, "lfb": 12}},
+                  "stats": {"GPU": 87.5, "RAM": 0.78, "CPU1": 35}}
+
+
+class FakeJtop:
+    """The attributes of a started ``jtop.jtop`` object that the monitor reads."""
+
+    def __init__(self, recorded):
+        self.memory, self.stats = recorded["memory"], recorded["stats"]
+
+
+def test_jtop_reading_is_unified_memory():
+    reading = read_jtop(FakeJtop(JTOP_ORIN_NANO))
+    assert reading.total_bytes == 7620000 * 1024
+    assert reading.available_bytes == (7620000 - 5980000) * 1024  # buffers and page cache count as available
+    assert reading.utilization == pytest.approx(0.875)
+    readers, primary = default_readers("cuda", jetson=FakeJtop(JTOP_ORIN_NANO))
+    assert primary == "jetson" and set(readers) == {"host", "jetson"}  # no separate cuda:0 on unified memory
+
+
+def test_host_reading_and_device_choice():
+    host = read_host()
+    assert 0 < host.available_bytes <= host.total_bytes and host.used_bytes >= 0
+    assert default_readers("cpu")[1] == "host" and default_readers("cuda:1")[1] == "cuda:1"
+
+
+def test_monitor_polls_on_its_thread_and_keeps_the_last_good_reading():
+    calls = {"n": 0}
+    seen = threading.Event()
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("sensor gone")
+        return DeviceReading(100, 100 - calls["n"])
+
+    monitor = Monitor({"host": flaky}, "host", interval_s=0.01)
+    monitor.listeners.append(lambda snap: seen.set() if calls["n"] >= 4 else None)
+    monitor.start()
+    try:
+        assert seen.wait(5)
+    finally:
+        monitor.stop()
+    assert monitor.snapshot().available_bytes <= 96  # kept polling past the failure
+    with pytest.raises(ValueError, match="primary"):
+        Monitor({"host": flaky}, "cuda:0")
+
+
+def test_byte_sizes():
+    assert parse_bytes("512M") == 512 << 20 and parse_bytes("1.5G") == 3 << 29 and parse_bytes("4096") == 4096
+    assert resolve_reserve("available-300M", 2 << 30) == (2 << 30) - (300 << 20)
+    assert resolve_reserve("1G", 123) == 1 << 30
+    with pytest.raises(ValueError, match="byte size"):
+        parse_bytes("lots")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_ckpt):
+    from uniql.runtime.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_ckpt)[0]
+
+
+@pytest.mark.parametrize("dense_copy", [True, False])
+def test_released_tails_free_exactly_the_counted_bytes_and_reload_restores_outputs(tiny_ckpt, dense_copy):
+    from uniql.runtime.checkpoint import load_checkpoint
+    from uniql.runtime.linear import Int4Linear
+    from uniql.server.weights import ElasticWeights
+
+    model = load_checkpoint(tiny_ckpt)[0]
+    if dense_copy:  # what the CPU runner does
+        for module in model.modules():
+            if isinstance(module, Int4Linear):
+                module.cache_dequantized(torch.float32)
+    store = ElasticWeights(model, tiny_ckpt)
+    ids = torch.tensor([[5, 17, 99, 3, 250]])
+    with torch.inference_mode():
+        full, light = model(ids, rung=0), model(ids, rung=6)
+    assert store.resident_bytes() == store.rung_bytes[0]
+    assert list(store.rung_bytes) == sorted(store.rung_bytes, reverse=True)
+    assert store.rung_bytes[-1] < store.rung_bytes[0]
+    held = [store.resident_bytes()]
+    for layer in range(store.num_layers):  # layer by layer: the held bytes only ever fall
+        store.release_layer(layer, 5)
+        held.append(store.resident_bytes())
+    assert held == sorted(held, reverse=True) and held[-1] < held[0]
+    assert store.resident_bytes() == store.rung_bytes[5]  # the bytes counted are the bytes held
+    with torch.inference_mode():
+        assert torch.equal(model(ids, rung=6), light)  # rungs above the released one are untouched
+    for layer in range(store.num_layers):
+        store.reload_layer(layer, 0)  # from the memory-mapped checkpoint
+    assert store.resident_bytes() == store.rung_bytes[0]
+    with torch.inference_mode():
+        assert torch.equal(model(ids, rung=0), full)
+
+
+def test_the_http_layer_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import uniql.server.app, uniql.server.schema, uniql.server.service, uniql.server.metrics; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"
+
+
+def test_monitor_never_blocks_a_reader_of_the_snapshot():
+    slow_started = threading.Event()
+
+    def slow():
+        slow_started.set()
+        time.sleep(0.5)
+        return DeviceReading(10, 5)
+
+    monitor = Monitor({"host": lambda: DeviceReading(10, 5)}, "host", interval_s=0.01)
+    monitor.readers["host"] = slow
+    monitor.start()
+    try:
+        assert slow_started.wait(5)
+        start = time.monotonic()
+        assert monitor.snapshot().available_bytes == 5
+        assert time.monotonic() - start < 0.05  # the latest snapshot, not a fresh poll
+    finally:
+        monitor.stop()
