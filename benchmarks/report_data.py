@@ -7,15 +7,19 @@ Projection model (the report states it next to every projected number):
 * ``bytes_per_token``: weight bytes one batch-1 decode step streams at that rate, measured by the kernel
   benchmark (packed INT4 codes + scales of the active prefix, per layer, times the number of layers, plus the
   never-pruned lm_head).
-* ``efficiency``: measured on the H100 as (bytes_per_token / measured time) / measured copy bandwidth
-  (``copy_TBps`` of the same run). From the kernel benchmark it covers the linear layers only (no attention,
-  norms or launch gaps); a GPU decode result that reports bytes per token replaces it with whole-step efficiency.
+* ``efficiency``: (bytes_per_token / measured time) / measured copy bandwidth, two ways:
+  - kernels: the summed batch-1 kernel times of the kernel benchmark over its own run's ``copy_TBps`` (linear
+    layers only: no attention, norms, sampling or launch gaps; optimistic);
+  - whole step: the engine's measured batch-1 TPOT of a GPU decode run (``decode_<gpu>.json``) over the copy
+    bandwidth measured on the same GPU (a kernel result with that device name); everything a step costs
+    counts, including fixed costs that would not grow on a slower device (pessimistic).
 * ``bandwidth``: the device's quoted memory bandwidth (shared/docs/perf-anchors.md section 3.1).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 # devices we project onto: label -> bytes/s (perf-anchors.md 3.1)
@@ -158,32 +162,52 @@ def per_token(kernels: dict, model: str) -> list[dict]:
     return out
 
 
-def project(points: list[dict], efficiency: float | None = None) -> list[dict]:
-    """Projected TPOT (ms) per device for each point; ``efficiency`` overrides the measured one."""
+def project(points: list[dict], step: dict | None = None) -> list[dict]:
+    """Projected TPOT (ms) per device for each point: ``label`` from kernel efficiency, ``label step`` from
+    the whole-step efficiency of ``step`` (when measured at that rate), ``label floor`` at efficiency 1."""
     out = []
     for p in points:
-        eff = efficiency if efficiency is not None else p["efficiency"]
-        row = dict(p, used_efficiency=eff)
+        row = dict(p, step_efficiency=(step or {}).get("efficiency", {}).get(p["rate"]))
         for label, bw in DEVICES.items():
-            row[label] = p["bytes"] / (eff * bw) * 1e3
+            row[label] = p["bytes"] / (p["efficiency"] * bw) * 1e3
             row[label + " floor"] = p["bytes"] / bw * 1e3
+            if row["step_efficiency"]:
+                row[label + " step"] = p["bytes"] / (row["step_efficiency"] * bw) * 1e3
         out.append(row)
     return out
 
 
-def end_to_end_efficiency(results: dict) -> tuple[str, float] | None:
-    """Whole-step efficiency from a GPU decode result that reports bytes per token (decode_h100/h200 etc.).
+def bits_per_weight(group: int) -> float:
+    return 4 + 16 / group  # 4-bit codes + one fp16 scale per group
 
-    Needs a top-level ``copy_TBps`` and uniql rows at rate 0 with ``tpot_ms`` and ``bytes_per_token``;
-    returns (file, efficiency) or None when no such file exists yet.
+
+def same_device_copy(results: dict, device: str | None) -> float | None:
+    """``copy_TBps`` of any result measured on ``device`` (the kernel benchmark records it)."""
+    for data in results.values():
+        if isinstance(data, dict) and data.get("device") == device and data.get("copy_TBps"):
+            return data["copy_TBps"]
+    return None
+
+
+def step_efficiency(results: dict, kernels: dict, model: str) -> dict | None:
+    """Whole-step efficiency per rate of ``model`` from a GPU decode run, or None when there is none yet.
+
+    Bytes per token come from the kernel benchmark's shapes (they do not depend on the GPU), rescaled to the
+    decode run's quantization group (``g128`` in its ``quantization`` note); KV-cache reads are not counted.
     """
+    points = {p["rate"]: p for p in per_token(kernels, model)}
     for name in decode_files(results):
         data = results[name]
-        copy = data.get("copy_TBps")
+        copy = data.get("copy_TBps") or same_device_copy(results, data.get("device"))
+        group = re.search(r"\bg(\d+)\b", str(data.get("quantization", "")))
+        if not (str(data.get("model", "")).startswith(model) and copy and group and points):
+            continue
+        scale = bits_per_weight(int(group.group(1))) / bits_per_weight(kernels["group_size"])
         ours, _ = split_decode_rows(timed_rows(data))
-        first = next((r for r in ours if r["rate"] == 0.0 and r.get("bytes_per_token")), None)
-        if copy and first:
-            return name, first["bytes_per_token"] / (first["tpot_ms"] * 1e-3) / (copy * 1e12)
+        eff = {r["rate"]: points[r["rate"]]["bytes"] * scale / (r["tpot_ms"] * 1e-3) / (copy * 1e12)
+               for r in ours if r["rate"] in points}
+        return {"file": name, "device": data["device"], "copy_TBps": copy, "group": int(group.group(1)),
+                "efficiency": eff}
     return None
 
 

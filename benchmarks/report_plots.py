@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: CI machines and the device machine are headless
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 plt.rcParams.update({
     "figure.dpi": 110,
@@ -56,6 +57,15 @@ def lines_by_group(ax, series: dict[str, list[tuple[float, float]]], *, logy: bo
     if logy:
         ax.set_yscale("log")
     ax.legend()
+
+
+def plain_log_y(ax) -> None:
+    """Log y axis with plain tick labels (3, 5, 80 rather than 3x10^0)."""
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=8)
 
 
 def hlines(ax, anchors: Iterable[tuple[str, float]], *, styles: Sequence[str] = ("--", ":", "-.")) -> None:
