@@ -25,14 +25,13 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
 
-# Until the server lands, `serve` builds the default model's checkpoint (once) and evaluates two rungs.
-# The calibration is lighter than `uniql compress`'s defaults so a CPU builds it (INT4 GPTQ) in a few minutes.
+# `serve` builds the default model's checkpoint once (INT4 GPTQ with a calibration light enough for a CPU: a few
+# minutes) and serves it on http://127.0.0.1:8000/v1 (OpenAI API). Extra flags: make serve SERVE_ARGS="--port 9000".
 SERVE_CALIB ?= --calib-samples 64 --bi-samples 8 --bi-seqlen 1024 --quant-samples 16 --quant-seqlen 1024
+SERVE_ARGS ?=
 serve: setup
 	@if [ ! -f $(CKPT)/uniql.json ]; then $(VENV)/bin/uniql compress smollm2-135m --out $(CKPT) $(SERVE_CALIB); fi
-	$(VENV)/bin/uniql info $(CKPT)
-	$(VENV)/bin/uniql eval $(CKPT) --rate 0 --tasks wikitext2 --max-windows 4
-	$(VENV)/bin/uniql eval $(CKPT) --rate 0.25 --tasks wikitext2 --max-windows 4
+	$(VENV)/bin/uniql serve $(CKPT) --served-model-name smollm2-135m-uniql $(SERVE_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -69,6 +69,10 @@ class ElasticWeights:
         self.modules = [{path: layer.get_linear(path) for path in LINEAR_PATHS} for layer in model.layers]
         self.names = [{path: names[id(m)] for path, m in mods.items()} for mods in self.modules]
         self.layer_rung = [0] * self.num_layers
+        # CUDA runs fused q|k|v / gate|up tensors inside captured CUDA graphs, which hold the weights' addresses:
+        # swapping a tensor there needs the graphs re-captured, which the GPU runner does not offer yet.
+        on_cuda = model.norm.weight.device.type == "cuda"
+        self.unsupported = "CUDA graphs capture the weights' addresses" if on_cuda else None
         full = self.resident_bytes()
         pruned_full = sum(linear_bytes(m, *self.shapes[i][p][0]) for i, mods in enumerate(self.modules)
                           for p, m in mods.items())
