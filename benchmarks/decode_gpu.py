@@ -147,7 +147,7 @@ def engine_rows(weights: str, prompt, new_tokens: int, batches, rates=RATES) -> 
     return rows
 
 
-def hf_rows(prompt, new_tokens: int, compiled: bool) -> list[dict]:
+def hf_rows(prompt, new_tokens: int, compiled: bool, compile_mode: str = "reduce-overhead") -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from uniql.runtime.bench import hf_row
@@ -165,9 +165,9 @@ def hf_rows(prompt, new_tokens: int, compiled: bool) -> list[dict]:
     if compiled:
         try:
             hf.generation_config.cache_implementation = "static"
-            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=False)
+            hf.forward = torch.compile(hf.forward, mode=compile_mode, fullgraph=False)
             _peak_reset()
-            rows.append(hf_row(hf, prompt, new_tokens, "hf_compiled"))
+            rows.append({**hf_row(hf, prompt, new_tokens, "hf_compiled"), "compile_mode": compile_mode})
             _print(rows[-1:])
         except Exception as exc:  # noqa: BLE001 (report why the anchor is missing, keep the other rows)
             rows.append({"engine": "hf_compiled", "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -194,15 +194,17 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-compiled", action="store_true")
     ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--skip-engine", action="store_true", help="only the transformers anchors")
+    ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of hf_compiled")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     prompt = torch.randint(0, LLAMA_8B.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
     prompt = prompt.tolist()
-    rows = engine_rows("int4", prompt, args.new_tokens, args.batches)
-    if not args.skip_dense:
+    rows = [] if args.skip_engine else engine_rows("int4", prompt, args.new_tokens, args.batches)
+    if not args.skip_dense and not args.skip_engine:
         rows += engine_rows("dense", prompt, args.new_tokens, args.batches, rates=(0.0, 0.35))
     if not args.skip_hf:
-        rows += hf_rows(prompt, args.new_tokens, compiled=not args.skip_compiled)
+        rows += hf_rows(prompt, args.new_tokens, not args.skip_compiled, args.compile_mode)
     report = {"device": torch.cuda.get_device_name(), "model": "llama-3.1-8b shape, random weights",
               "torch": torch.__version__, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "quantization": "INT4 g128 symmetric (random codes), uniform rate ladder", "rows": rows}
