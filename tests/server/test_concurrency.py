@@ -124,3 +124,14 @@ def test_503_while_the_model_loads(tiny_ckpt):
         ok = httpx.post(f"{base_url}/v1/chat/completions", headers=headers, timeout=30,
                         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert ok.status_code == 200
+
+
+def test_allowed_origins_answer_cors_preflight(tiny_ckpt):
+    with running_server(tiny_config(tiny_ckpt, allowed_origins=["http://dashboard.test"])) as base_url:
+        resp = httpx.options(f"{base_url}/v1/chat/completions", timeout=10,
+                             headers={"Origin": "http://dashboard.test", "Access-Control-Request-Method": "POST"})
+        assert resp.status_code == 200
+        assert resp.headers["access-control-allow-origin"] == "http://dashboard.test"
+        other = httpx.options(f"{base_url}/v1/chat/completions", timeout=10,
+                              headers={"Origin": "http://evil.test", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
