@@ -44,8 +44,13 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+# Tests set this to run the Triton kernel on CPU tensors under TRITON_INTERPRET=1; otherwise CPU decode takes
+# the torch reference (the interpreter is ~25x slower, fine for checking, not for serving or other tests).
+TRITON_ON_CPU = False
+
+
 def _triton_attention(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return device.type == "cuda" or (TRITON_ON_CPU and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 class DecodeBatch:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import tiny_hf_model
 
+import uniql.runtime.cache as cache_module
 from uniql.compressor.quantize import quantize_tables, rtn_linear
 from uniql.runtime.decoder import LINEAR_PATHS
 from uniql.runtime.fusion import fuse_projections
@@ -54,6 +55,7 @@ def test_batched_decode_equals_full_forward(rung, interpret, monkeypatch):
     if CUDA and interpret == "1":
         pytest.skip("with a GPU the kernels are compiled, not interpreted")
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.setattr(cache_module, "TRITON_ON_CPU", interpret == "1")
     model = _model(int4=False)
     runner = ModelRunner(model)
     reqs = _requests(rung)
