@@ -7,8 +7,9 @@ import itertools
 import os
 
 import torch
+import torch.nn.functional as F
 
-from uniql.kernels.decode_attention import decode_attention, decode_attention_reference
+from uniql.kernels.decode_attention import decode_attention
 
 from .ladder import LayerSizes
 
@@ -103,9 +104,19 @@ class DecodeBatch:
         if _triton_attention(q.device):
             return decode_attention(q, k_new.to(q.dtype), v_new.to(q.dtype), self.k_ptrs[layer],
                                     self.v_ptrs[layer], self.caps, self.lengths, scale, self.max_len)
-        k_caches = [c.k[layer][0] for c in self.caches]
-        v_caches = [c.v[layer][0] for c in self.caches]
-        dtype = k_caches[0].dtype
-        out = decode_attention_reference(q.to(dtype), k_new.to(dtype), v_new.to(dtype), k_caches, v_caches,
-                                         self.length_list, scale)
-        return out.to(q.dtype)
+        return self._attend_torch(layer, q, k_new, v_new, scale)
+
+    def _attend_torch(self, layer: int, q, k_new, v_new, scale: float) -> torch.Tensor:
+        """CPU path: append to each cache, then SDPA over its filled prefix (same math as the kernel)."""
+        rows = []
+        n_heads, n_kv = q.shape[1], k_new.shape[1]
+        for i, cache in enumerate(self.caches):
+            end = self.length_list[i]
+            k_cache, v_cache = cache.k[layer][0], cache.v[layer][0]  # [kv, cap, *]
+            k_cache[:, end - 1] = k_new[i].to(k_cache.dtype)
+            v_cache[:, end - 1] = v_new[i].to(v_cache.dtype)
+            out = F.scaled_dot_product_attention(q[i][:, None], k_cache[:, :end].to(q.dtype),
+                                                 v_cache[:, :end].to(q.dtype), scale=scale,
+                                                 enable_gqa=n_heads != n_kv)  # [heads, 1, vo]
+            rows.append(out[:, 0].T.reshape(-1))  # rank-major
+        return torch.stack(rows)
