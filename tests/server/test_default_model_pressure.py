@@ -1,7 +1,7 @@
 """`uniql serve` with no checkpoint (the embedded SmolLM2 default) as a user runs it, under memory pressure.
 
 A helper process takes host RAM until the server's model budget (available + resident weights - reserve) drops
-between two rungs' weight sizes. The server is started with ``--memory-reserve available-256M`` so that a few
+between two rungs' weight sizes. The server is started with ``--memory-reserve available-512M`` so that a few
 hundred MB of pressure are enough on any machine. Expected: the next requests get a higher rung (header,
 usage, /metrics), none fails; after ``--residency-sustain`` the weight tails are released (resident bytes fall);
 once the helper exits the tails are reloaded and requests get rung 0 again.
@@ -38,7 +38,7 @@ def default_server(default_cache, tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
     exe = Path(sys.executable).parent / "uniql"
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--memory-reserve", "available-256M",
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--memory-reserve", "available-512M",
                              "--monitor-interval", "0.2", "--residency-sustain", "1", "--max-num-seqs", "2",
                              "--default-max-tokens", "16"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
@@ -115,7 +115,12 @@ def test_default_model_serves_and_adapts_to_memory_pressure(default_server):
 
     back = wait_for(lambda s: s["resident_rung"] == 0, 60, "weights to be reloaded")
     assert back["weights_resident_bytes"] == w0
-    time.sleep(0.6)
+    # the freed host pages come back to the OS in part only (allocator fragmentation), so give the monitor a few
+    # polls to see memory settle before the controller's pick must be rung 0 again (512 MB of slack above)
+    deadline = time.monotonic() + 30
+    while sample(metrics(default_server), "uniql_prune_rate", model="smollm2-135m-uniql") > 0:
+        assert time.monotonic() < deadline, f"rung did not come back: {health(default_server)}"
+        time.sleep(0.3)
     rate, body = chat(default_server)
     assert rate == 0.0 and "Paris" in body["choices"][0]["message"]["content"]
     sequence.append(("recovered", rate, back["weights_resident_bytes"]))
