@@ -1,13 +1,12 @@
 """`uniql compress`, `eval`, `info` and `generate` end to end on a tiny model, through the real entry point."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import DATA, tiny_hf_model
+from helpers import make_data_dir, tiny_hf_model
 
 from uniql.cli import main
 
@@ -29,14 +28,7 @@ def tiny_source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A data folder laid out like shared/data, from the small fixtures."""
-    root = tmp_path_factory.mktemp("data")
-    for src, dst in (("wikitext2_small.raw", "wikitext2/wiki.test.raw"),
-                     ("wikitext2_small.raw", "wikitext2/wiki.valid.tokens"),
-                     ("alpaca_small.json", "alpaca/alpaca_5000.json")):
-        (root / dst).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(DATA / src, root / dst)
-    return root
+    return make_data_dir(tmp_path_factory.mktemp("data"))
 
 
 def _compress(source, data_dir, out, *quant_flags):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import DATA, tiny_hf_model
+from helpers import build_tiny_int4_ckpt, make_data_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # deploy_util, shared by the modules here
 
@@ -22,24 +21,8 @@ from deploy_util import free_port, http_get, http_post_json, require_server, uni
 def tiny_ckpt(tmp_path_factory, tokenizer):
     """An INT4 (RTN) UniQL checkpoint of a tiny random Llama with SmolLM2's tokenizer (seconds on CPU)."""
     require_server()
-    from uniql.cli import main
-
-    src = tmp_path_factory.mktemp("deploy-src")
-    tiny_hf_model("llama", vocab=len(tokenizer), hidden=64, inter=128).save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    data = tmp_path_factory.mktemp("deploy-data")
-    for name, dst in (("wikitext2_small.raw", "wikitext2/wiki.test.raw"),
-                      ("wikitext2_small.raw", "wikitext2/wiki.valid.tokens"),
-                      ("alpaca_small.json", "alpaca/alpaca_5000.json")):
-        (data / dst).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(DATA / name, data / dst)
-    out = tmp_path_factory.mktemp("deploy-ckpt") / "tiny"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("UNIQL_DATA_DIR", str(data))
-        rc = main(["compress", str(src), "--out", str(out), "--quant", "rtn", "--calib-samples", "8",
-                   "--calib-seqlen", "64", "--bi-samples", "2", "--bi-seqlen", "64", "--group-size", "32"])
-    assert rc == 0
-    return out
+    return build_tiny_int4_ckpt(tmp_path_factory.mktemp("deploy-src"), tmp_path_factory.mktemp("deploy-ckpt") / "tiny",
+                                make_data_dir(tmp_path_factory.mktemp("deploy-data")), tokenizer)
 
 
 @pytest.fixture(scope="session")

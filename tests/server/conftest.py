@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import DATA, tiny_hf_model
+from helpers import build_tiny_int4_ckpt, make_data_dir
 
 sys.path.insert(0, str(Path(__file__).parent))  # server_helpers, beside this file
 from server_helpers import running_server  # noqa: E402
@@ -20,42 +19,16 @@ TEST_RECIPE = {"quant": "rtn", "calib_samples": 8, "calib_seqlen": 128, "bi_samp
                "quant_samples": 1, "quant_seqlen": 128}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_triton_interpreter():
-    """Serve as in production: the tests' TRITON_INTERPRET=1 (set for the kernel tests, tests/conftest.py) makes
-    runtime/cache.py run CPU decode attention in the Triton interpreter, ~25x slower per token."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield
-
-
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """A data folder laid out like shared/data, from the small fixtures (calibration never leaves the repo)."""
-    root = tmp_path_factory.mktemp("data")
-    for src, dst in (("wikitext2_small.raw", "wikitext2/wiki.test.raw"),
-                     ("wikitext2_small.raw", "wikitext2/wiki.valid.tokens"),
-                     ("alpaca_small.json", "alpaca/alpaca_5000.json")):
-        (root / dst).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(DATA / src, root / dst)
-    return root
+    return make_data_dir(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tokenizer, data_dir, tmp_path_factory):
     """An INT4 (RTN) UniQL checkpoint of a random tiny Llama with SmolLM2's tokenizer and chat template."""
-    from uniql.cli import main
-
-    source = tmp_path_factory.mktemp("tiny-src")
-    tiny_hf_model("llama", vocab=len(tokenizer), hidden=64, inter=128, seed=11).save_pretrained(source)
-    tokenizer.save_pretrained(source)
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-uniql"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("UNIQL_DATA_DIR", str(data_dir))
-        rc = main(["compress", str(source), "--out", str(out), "--quant", "rtn", "--calib-samples", "8",
-                   "--calib-seqlen", "64", "--bi-samples", "2", "--bi-seqlen", "64", "--group-size", "32"])
-    assert rc == 0
-    return out
+    return build_tiny_int4_ckpt(tmp_path_factory.mktemp("tiny-src"), tmp_path_factory.mktemp("ckpt") / "tiny-uniql",
+                                data_dir, tokenizer, seed=11)
 
 
 @pytest.fixture(scope="session")

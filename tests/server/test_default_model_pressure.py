@@ -31,7 +31,7 @@ def default_server(default_cache, tmp_path_factory):
     from uniql.server.default_model import DEFAULT_RECIPE, default_checkpoint_dir
 
     cache, built = default_cache
-    env = {**os.environ, "UNIQL_CACHE_DIR": str(cache), "TRITON_INTERPRET": "0"}
+    env = {**os.environ, "UNIQL_CACHE_DIR": str(cache)}
     served = Path(cache) / default_checkpoint_dir(DEFAULT_RECIPE).name
     if not served.exists():  # the default recipe's place holds the test build (same model, lighter calibration)
         served.symlink_to(built, target_is_directory=True)
