@@ -1,7 +1,7 @@
 """The kernels as ``torch.library`` custom ops, and the device dispatch the runtime calls.
 
-``int4_linear``, ``embedding`` and ``rope`` pick the implementation: the Triton kernel on CUDA, the plain-torch
-path elsewhere (the CPU backend). Under ``torch.compile`` they go through the registered ops
+``int4_linear``, ``embedding``, ``rope`` and ``ssm_state_update`` pick the implementation: the Triton kernel on
+CUDA, the plain-torch path elsewhere (the CPU backend). Under ``torch.compile`` they go through the registered ops
 (``torch.ops.uniql.*``), whose fake implementations give output shapes without running anything; eagerly they
 call the function directly, since the custom-op dispatcher costs microseconds a launch that a batch-1 decode
 step without CUDA graphs would feel.
@@ -14,6 +14,7 @@ import torch
 from . import embedding as _emb
 from . import int4_matmul as _mm
 from . import rope as _rope
+from . import ssm_update as _ssm
 from .int4_format import PACK
 
 
@@ -117,3 +118,34 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if torch.compiler.is_compiling():
         return torch.ops.uniql.rope_qk(q, k, cos, sin, rope_index, n_heads, n_kv, qk)
     return _rope_qk(q, k, cos, sin, rope_index, n_heads, n_kv, qk)
+
+
+@torch.library.custom_op("uniql::ssm_state_update", mutates_args=("state",))
+def ssm_state_update_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                        C: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None,
+                        dt_bias: torch.Tensor | None, dt_softplus: bool, dt_limit: list[float] | None
+                        ) -> torch.Tensor:
+    """``state``: fp32 ``[batch, H, P', N']`` or an int64 table of per-request state addresses (CUDA only); the
+    states behind a table are mutated too, which the op's schema cannot name (same as the KV-cache tables)."""
+    limit = None if dt_limit is None else (dt_limit[0], dt_limit[1])
+    if triton_enabled(x.device):
+        return _ssm.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, limit)
+    return _ssm.selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, limit)
+
+
+@ssm_state_update_op.register_fake
+def _ssm_state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def ssm_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     C: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                     dt_bias: torch.Tensor | None = None, dt_softplus: bool = False,
+                     dt_limit: tuple[float, float] | None = None) -> torch.Tensor:
+    """One Mamba2 decode step on any device (kernels/ssm_update.py); ``state`` updated in place, returns y."""
+    if torch.compiler.is_compiling():
+        limit = None if dt_limit is None else [float(v) for v in dt_limit]
+        return torch.ops.uniql.ssm_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, limit)
+    if triton_enabled(x.device):
+        return _ssm.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    return _ssm.selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
