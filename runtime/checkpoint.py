@@ -64,8 +64,11 @@ def weights_kind(model: ElasticDecoder) -> str:
 
 def save_checkpoint(model: ElasticDecoder, out_dir: str | Path, *, alignment: Alignment, source: dict,
                     calibration: dict, tokenizer=None, dtype: torch.dtype = torch.float32,
-                    quantization: dict | None = None) -> Path:
-    """Write the model (floating point or packed INT4) with its ladder, provenance and tokenizer."""
+                    quantization: dict | None = None, finetune: dict | None = None) -> Path:
+    """Write the model (floating point or packed INT4) with its ladder, provenance and tokenizer.
+
+    ``finetune``: provenance of the masked LoRA recovery merged into the weights (None: not fine-tuned).
+    """
     if model.ladder is None:
         raise ValueError("a UniQL checkpoint needs a rate ladder; sort the model first")
     out = Path(out_dir)
@@ -81,7 +84,7 @@ def save_checkpoint(model: ElasticDecoder, out_dir: str | Path, *, alignment: Al
         "quantization": quantization,
         "created_unix": int(time.time()), "source": source,
         "arch": model.spec.to_dict(), "alignment": alignment.__dict__,
-        "ladder": model.ladder.to_dict(), "calibration": calibration,
+        "ladder": model.ladder.to_dict(), "calibration": calibration, "finetune": finetune,
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype), "file": WEIGHTS}
                     for k, v in tensors.items()},
         "files": {WEIGHTS: sha256_file(out / WEIGHTS)},
