@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from uniql.runtime.checkpoint import DTYPES, save_checkpoint
+from uniql.runtime.checkpoint import DTYPES, load_checkpoint, load_tokenizer, read_manifest, save_checkpoint
 from uniql.runtime.decoder import ElasticDecoder
 from uniql.runtime.hf_import import decoder_from_hf
 from uniql.runtime.ladder import DEFAULT_RATES, Alignment, dim_steps
@@ -20,6 +20,7 @@ from uniql.runtime.ladder import DEFAULT_RATES, Alignment, dim_steps
 from .allocation import build_ladder
 from .calib_data import calibration_batches
 from .calibrate import BlockImportanceCollector, SortStatsCollector, run_layerwise
+from .finetune import FinetuneConfig, finetune_decoder
 from .model_input import load_source
 from .orders import ORDERS, magnitude_orders, random_orders, uniql_orders
 from .quantize import QuantConfig, quantize_model
@@ -46,6 +47,7 @@ class CompressConfig:
     device: str = "cpu"
     seed: int = 1234
     quant: QuantConfig | None = field(default_factory=QuantConfig)  # None: keep floating point
+    finetune: FinetuneConfig | None = None  # masked LoRA recovery between sorting and quantization
 
     def validate(self) -> None:
         if self.order not in ORDERS:
@@ -132,14 +134,44 @@ def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: s
         model = decoder_from_hf(source.hf_model, share=True)  # no second copy of the weights in host memory
         del source.hf_model
     model, result = compress_decoder(model, source.tokenizer, cfg, timings)
+    return _finish(model, source.tokenizer, cfg.finetune, cfg.quant, out_dir, timings, cfg.device, dtype,
+                   alignment=result["alignment"], source=source.info, calibration=result["provenance"])
+
+
+def _finish(model, tokenizer, finetune: FinetuneConfig | None, quant: QuantConfig | None, out_dir, timings: dict,
+            device: str, dtype: str, **manifest) -> Path | None:
+    """Fine-tune (optional), quantize (optional) and save a sorted decoder. Under ``accelerate launch`` every
+    process trains; only the main one quantizes and writes (the others return None)."""
+    ft_provenance = None
+    if finetune is not None:
+        with stage("finetune", timings, device):
+            model, ft_provenance = finetune_decoder(model, tokenizer, finetune)
+        from accelerate import PartialState
+
+        if not PartialState().is_main_process:
+            return None
     quantization = None
-    if cfg.quant is not None:
-        cfg.quant.group_size = result["alignment"].group_size
-        with stage("quantize", timings, cfg.device):
-            quantization = quantize_model(model, source.tokenizer, cfg.quant, cfg.device)
-    with stage("save", timings, cfg.device):
-        out = save_checkpoint(model, out_dir, alignment=result["alignment"], source=source.info,
-                              calibration=result["provenance"], tokenizer=source.tokenizer, dtype=DTYPES[dtype],
-                              quantization=quantization)
+    if quant is not None:
+        quant.group_size = manifest["alignment"].group_size
+        with stage("quantize", timings, device):
+            quantization = quantize_model(model, tokenizer, quant, device)
+    with stage("save", timings, device):
+        out = save_checkpoint(model, out_dir, tokenizer=tokenizer, dtype=DTYPES[dtype], quantization=quantization,
+                              finetune=ft_provenance, **manifest)
     log.info("wrote %s", out)
     return out
+
+
+def finetune_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, finetune: FinetuneConfig,
+                        quant: QuantConfig | None, device: str = "cpu", dtype: str = "float32") -> Path | None:
+    """`uniql finetune`: masked LoRA on a SORTED checkpoint (floating-point weights, as `uniql compress --no-quant`
+    writes it), merged, then quantized like `uniql compress` (unless ``quant`` is None)."""
+    manifest = read_manifest(ckpt_dir)
+    if manifest.get("weights") != "float":
+        raise ValueError(f"{ckpt_dir} holds {manifest.get('weights')} weights; fine-tuning needs the sorted "
+                         "floating-point checkpoint: `uniql compress MODEL --no-quant --out DIR`")
+    model, manifest = load_checkpoint(ckpt_dir, dtype=torch.float32)
+    timings: dict = {}
+    calibration = {**manifest["calibration"], "finetuned_from": str(ckpt_dir), "timings": timings}
+    return _finish(model, load_tokenizer(ckpt_dir), finetune, quant, out_dir, timings, device, dtype,
+                   alignment=Alignment(**manifest["alignment"]), source=manifest["source"], calibration=calibration)

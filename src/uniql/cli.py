@@ -8,14 +8,11 @@ import logging
 import sys
 import time
 
+from uniql.cli_finetune import add_finetune_args, add_finetune_parser, cmd_finetune, finetune_config
 from uniql.paths import DEFAULT_MODEL_ALIAS
 
 
-def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="calibrate + sort a model into a UniQL checkpoint")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL_ALIAS,
-                   help=f"HF model directory, .gguf file or alias (default: {DEFAULT_MODEL_ALIAS})")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+def _add_quant_args(p) -> None:
     p.add_argument("--quant", default="gptq", choices=["gptq", "rtn"], help="INT4 method (default gptq)")
     p.add_argument("--no-quant", action="store_true", help="keep floating-point weights")
     p.add_argument("--hadamard", action=argparse.BooleanOptionalAction, default=None,
@@ -24,6 +21,22 @@ def _add_compress(sub) -> None:
     p.add_argument("--quant-data", default="wikitext2", help="GPTQ calibration data: wikitext2, alpaca or a path")
     p.add_argument("--quant-samples", type=int, default=128)
     p.add_argument("--quant-seqlen", type=int, default=2048)
+
+
+def _quant_config(args):
+    from uniql.compressor.quantize import QuantConfig
+
+    return None if args.no_quant else QuantConfig(method=args.quant, calib_source=args.quant_data,
+                                                  calib_samples=args.quant_samples, calib_seqlen=args.quant_seqlen,
+                                                  seed=args.seed, hadamard=args.hadamard)
+
+
+def _add_compress(sub) -> None:
+    p = sub.add_parser("compress", help="calibrate + sort a model into a UniQL checkpoint")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL_ALIAS,
+                   help=f"HF model directory, .gguf file or alias (default: {DEFAULT_MODEL_ALIAS})")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    _add_quant_args(p)
     p.add_argument("--order", default="uniql", choices=["uniql", "random", "magnitude"])
     p.add_argument("--calib-data", default="alpaca", help="sorting data: alpaca, wikitext2 or a file path")
     p.add_argument("--calib-samples", type=int, default=128)
@@ -36,6 +49,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=1234)
+    add_finetune_args(p, steps_default=0)
 
 
 def _add_eval(sub) -> None:
@@ -123,18 +137,16 @@ def cmd_bench(args) -> int:
 
 def cmd_compress(args) -> int:
     from uniql.compressor.compress import CompressConfig, compress
-    from uniql.compressor.quantize import QuantConfig
 
-    quant = None if args.no_quant else QuantConfig(method=args.quant, calib_source=args.quant_data,
-                                                   calib_samples=args.quant_samples, calib_seqlen=args.quant_seqlen,
-                                                   seed=args.seed, hadamard=args.hadamard)
-    cfg = CompressConfig(quant=quant, order=args.order, calib_source=args.calib_data, calib_samples=args.calib_samples,
+    cfg = CompressConfig(quant=_quant_config(args), finetune=finetune_config(args), order=args.order,
+                         calib_source=args.calib_data, calib_samples=args.calib_samples,
                          calib_seqlen=args.calib_seqlen, bi_source=args.bi_data, bi_samples=args.bi_samples,
                          bi_seqlen=args.bi_seqlen, group_size=args.group_size, eps=args.eps,
                          device=args.device, seed=args.seed)
     start = time.perf_counter()
     out = compress(args.model, args.out, cfg, dtype=args.dtype)
-    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    if out is not None:  # under `accelerate launch` only the main process writes
+        print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -220,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compress(sub)
+    add_finetune_parser(sub, _add_quant_args)
     _add_eval(sub)
     _add_info(sub)
     _add_generate(sub)
@@ -228,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "generate": cmd_generate, "bench": cmd_bench,
-            "serve": cmd_serve}
+COMMANDS = {"compress": cmd_compress, "finetune": lambda args: cmd_finetune(args, _quant_config), "eval": cmd_eval,
+            "info": cmd_info, "generate": cmd_generate, "bench": cmd_bench, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

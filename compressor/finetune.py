@@ -1,0 +1,245 @@
+"""Masked LoRA recovery: ONE fine-tuning run whose merged weights serve every rung of the ladder.
+
+Every optimizer step draws a rung (rate 0 included; heavier rungs more often, like the paper's
+``exp(-0.1 * rank)``) and runs the whole step at that rung: the decoder truncates every projection to the rung's
+kept sizes from the checkpoint's ladder (runtime/ladder.py, the same sizes the kernels and the server use) and the
+LoRA deltas are truncated with them (compressor/lora.py). The rung is a pure function of (seed, step), so every
+DDP rank draws the same one and gradients are never averaged across rungs; batches are a pure function of
+(seed, step) too (compressor/finetune_data.py), so a resumed run continues exactly where it stopped.
+
+Runs single-process or under ``accelerate launch`` (DDP; ``--cpu --num_processes 2`` for tests): bf16 autocast
+on GPU, gradient accumulation, adapter checkpoints every ``save_every`` steps, a progress bar on the main process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from uniql.runtime.checkpoint import sha256_file
+from uniql.runtime.decoder import ElasticDecoder
+
+from .calib_data import resolve_source
+from .finetune_data import IGNORE, Batch, Example, StepSchedule, collate, load_examples, loss_tokens
+from .finetune_state import load_state, save_state
+from .lora import LoraSettings, adapter_state, add_lora, merge_lora, resolve_targets
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 200
+    batch_size: int = 8  # sequences per micro-batch on each process
+    grad_accum: int = 2  # micro-batches per optimizer step; global batch = batch_size * grad_accum * processes
+    seqlen: int = 512
+    lr: float = 2e-4
+    warmup_steps: int | None = None  # None: 10 % of the steps (at most 100)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    data: str = "alpaca"
+    max_examples: int | None = None
+    rung_decay: float = 0.1  # P(rung) ~ exp(-decay * (heaviest rung - rung)); 0 = uniform
+    rung_weights: list[float] | None = None  # explicit weights per rung (override rung_decay)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    seed: int = 1234
+    save_every: int = 100  # adapter checkpoint period in steps (0: only at the end)
+    state_dir: str | None = None  # where adapter checkpoints go; None: no checkpoints
+    resume: bool = False  # continue from the latest checkpoint in state_dir
+    device: str | None = None  # "cpu" forces CPU; None lets accelerate pick (GPU when present)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seqlen"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"fine-tuning {name} must be positive")
+        if self.lr <= 0 or self.rung_decay < 0:
+            raise ValueError("fine-tuning needs lr > 0 and rung_decay >= 0")
+        if self.resume and not self.state_dir:
+            raise ValueError("resuming needs the state directory of the run to continue")
+        self.lora.validate()
+
+    def warmup(self) -> int:
+        return min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+
+
+def rung_probabilities(n_rungs: int, decay: float = 0.1, weights: list[float] | None = None) -> list[float]:
+    """Draw probability of each rung; by default heavier pruning is drawn more often (paper: exp(-0.1 rank))."""
+    if weights is not None:
+        if len(weights) != n_rungs or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"rung weights need {n_rungs} non-negative values with a positive sum, got {weights}")
+        raw = list(weights)
+    else:
+        raw = [math.exp(-decay * (n_rungs - 1 - i)) for i in range(n_rungs)]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+def draw_rung(probs: list[float], seed: int, step: int) -> int:
+    """The rung of optimizer step ``step``: identical on every process and after a resume."""
+    return random.Random(seed * 1_000_003 + step).choices(range(len(probs)), weights=probs)[0]
+
+
+class RungLoss(nn.Module):
+    """The module DDP wraps: summed next-token NLL over the label tokens at a rung, divided by ``denom``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, rung: int, denom: float) -> torch.Tensor:
+        logits = self.model(input_ids, rung=rung, attention_mask=attention_mask)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                              ignore_index=IGNORE, reduction="sum")
+        return nll / denom
+
+
+def _lr_lambda(cfg: FinetuneConfig):
+    warmup, steps = cfg.warmup(), cfg.steps
+
+    def factor(step: int) -> float:  # linear warmup, then linear decay to 0 (HF Trainer's default)
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+    return factor
+
+
+def _accelerator(cfg: FinetuneConfig):
+    from accelerate import Accelerator
+
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16")
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class _Run:
+    """What a training run accumulates (saved with the adapter, reported in the manifest)."""
+    step: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    rungs: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def _micro_step(acc, module, batch: Batch, rung: int, denom: float, sync: bool) -> float:
+    ids, mask, labels = (t.to(acc.device) for t in (batch.input_ids, batch.attention_mask, batch.labels))
+    if sync:
+        loss = module(ids, mask, labels, rung, denom)
+        acc.backward(loss)
+    else:
+        with acc.no_sync(module):
+            loss = module(ids, mask, labels, rung, denom)
+            acc.backward(loss)
+    return loss.detach().float()
+
+
+def train_lora(peft_model, examples: list[Example], pad_id: int, cfg: FinetuneConfig, n_rungs: int,
+               acc=None) -> tuple[dict, _Run]:
+    """Train the adapters of ``peft_model`` in place; returns (provenance fields, run record)."""
+    acc = acc or _accelerator(cfg)
+    world, rank = acc.num_processes, acc.process_index
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    schedule = StepSchedule(len(examples), global_batch, cfg.seed)
+    probs = rung_probabilities(n_rungs, cfg.rung_decay, cfg.rung_weights)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))  # stepped by us, once per step
+    module, optimizer = acc.prepare(RungLoss(peft_model).train(), optimizer)
+    run = None
+    if cfg.resume:  # after prepare: the optimizer state lands on the parameters' device
+        run = load_state(cfg.state_dir, peft_model, optimizer, scheduler, rank, _Run, _resume_key(cfg, world))
+    if run is None:
+        run = _Run()
+        torch.manual_seed(cfg.seed + 17 * rank)  # LoRA dropout differs by rank; restored exactly on resume
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="masked LoRA", unit="step", disable=not acc.is_main_process)
+    while run.step < cfg.steps:
+        rung = draw_rung(probs, cfg.seed, run.step)
+        chunks = schedule.micro_batches(run.step, rank, world, cfg.grad_accum)
+        global_examples = [examples[i] for i in schedule.global_indices(run.step)]
+        denom = sum(loss_tokens(e) for e in global_examples) / world  # DDP averages over ranks
+        local = torch.zeros((), device=acc.device)
+        for a, chunk in enumerate(chunks):
+            batch = collate([examples[i] for i in chunk], pad_id)
+            local += _micro_step(acc, module, batch, rung, denom, sync=a == len(chunks) - 1)
+        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = acc.reduce(local, reduction="sum").item() / world
+        run.step += 1
+        run.rungs.append(rung)
+        run.losses.append(round(loss, 5))
+        run.tokens += sum(len(e.input_ids) for e in global_examples)
+        run.loss_tokens += sum(loss_tokens(e) for e in global_examples)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", rung=rung)
+        if cfg.state_dir and (run.step == cfg.steps or (cfg.save_every and run.step % cfg.save_every == 0)):
+            run.wall_s += time.perf_counter() - start
+            start = time.perf_counter()
+            save_state(cfg.state_dir, peft_model, optimizer, scheduler, acc, run, _resume_key(cfg, world))
+    bar.close()
+    run.wall_s += time.perf_counter() - start
+    return _provenance(cfg, acc, peft_model, probs, run, global_batch), run
+
+
+def _resume_key(cfg: FinetuneConfig, world: int) -> dict:
+    """Settings a resumed run must share with the run it continues (else batches or rungs would differ)."""
+    return {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "world": world, "seqlen": cfg.seqlen, "data": cfg.data, "rung_decay": cfg.rung_decay,
+            "rung_weights": cfg.rung_weights, "lora": asdict(cfg.lora), "lr": cfg.lr}
+
+
+def _provenance(cfg, acc, peft_model, probs, run: _Run, global_batch: int) -> dict:
+    from accelerate.utils import gather_object
+
+    per_rank = gather_object([{"rank": acc.process_index, "adapter_sha256": _digest(adapter_state(peft_model)),
+                               "rungs": run.rungs}])
+    device = torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda" else "cpu"
+    return {
+        "steps": run.step, "tokens": run.tokens, "loss_tokens": run.loss_tokens, "wall_s": round(run.wall_s, 2),
+        "device": device, "processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
+        "global_batch": global_batch, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "seqlen": cfg.seqlen, "lr": cfg.lr, "warmup_steps": cfg.warmup(), "weight_decay": cfg.weight_decay,
+        "schedule": "linear warmup, linear decay", "seed": cfg.seed,
+        "rung_weighting": {"decay": cfg.rung_decay, "weights": cfg.rung_weights, "probabilities": probs,
+                           "drawn": [run.rungs.count(i) for i in range(len(probs))]},
+        "lora": asdict(cfg.lora), "loss_first": run.losses[0] if run.losses else None,
+        "loss_last_10": sum(run.losses[-10:]) / max(1, len(run.losses[-10:])),
+        "ranks": per_rank,
+    }
+
+
+def finetune_decoder(model: ElasticDecoder, tokenizer, cfg: FinetuneConfig) -> tuple[ElasticDecoder, dict]:
+    """Masked LoRA on a sorted decoder with a ladder; returns the merged decoder (on CPU) and the provenance."""
+    cfg.validate()
+    if model.ladder is None:
+        raise ValueError("fine-tuning needs a sorted model with a rate ladder (run the compressor's sorting first)")
+    examples, kind = load_examples(tokenizer, cfg.data, cfg.seqlen, cfg.max_examples)
+    targets = resolve_targets(model, cfg.lora.targets)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    peft_model = add_lora(model, cfg.lora, cfg.seed)
+    acc = _accelerator(cfg)
+    provenance, _ = train_lora(peft_model, examples, pad_id, cfg, len(model.ladder.rates), acc)
+    path = resolve_source(cfg.data)
+    provenance["lora"]["targets"] = targets
+    provenance["data"] = {"source": cfg.data, "path": str(path), "sha256": sha256_file(path),
+                          "examples": len(examples), "kind": kind,
+                          "loss_on": "response + EOS (Alpaca template)" if kind == "instruction" else "every token"}
+    merged = merge_lora(peft_model).cpu()
+    acc.free_memory()
+    return merged, provenance

@@ -1,0 +1,84 @@
+"""Masked LoRA flags shared by `uniql compress --finetune-steps N` and `uniql finetune` (its own stage)."""
+
+from __future__ import annotations
+
+import time
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def add_finetune_args(p, steps_default: int) -> None:
+    g = p.add_argument_group("masked LoRA recovery (run under `accelerate launch` for several GPUs)")
+    g.add_argument("--finetune-steps", type=int, default=steps_default,
+                   help=f"optimizer steps of masked LoRA (default {steps_default}; 0 = none)")
+    g.add_argument("--finetune-data", default="alpaca",
+                   help="alpaca, wikitext2, or a file: .json/.jsonl Alpaca records (or a 'text' field), plain text")
+    g.add_argument("--finetune-batch-size", type=int, default=8, help="sequences per micro-batch per process")
+    g.add_argument("--finetune-grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    g.add_argument("--finetune-seqlen", type=int, default=512)
+    g.add_argument("--finetune-lr", type=float, default=2e-4)
+    g.add_argument("--finetune-warmup", type=int, default=None, help="warmup steps (default 10 %% of the steps)")
+    g.add_argument("--finetune-max-examples", type=int, default=None)
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-targets", default=None,
+                   help="comma list of projections (default: all, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,...)")
+    g.add_argument("--rung-decay", type=float, default=0.1,
+                   help="P(rung) ~ exp(-decay * (heaviest - rung)): heavier rungs drawn more often; 0 = uniform")
+    g.add_argument("--rung-weights", type=_floats, default=None, help="explicit draw weights, one per rung")
+    g.add_argument("--finetune-state-dir", default=None,
+                   help="adapter checkpoints (default: OUT/finetune_state)")
+    g.add_argument("--finetune-save-every", type=int, default=100, help="adapter checkpoint period in steps")
+    g.add_argument("--resume", action="store_true", help="continue from the latest adapter checkpoint")
+
+
+def finetune_config(args):
+    """A FinetuneConfig from the flags, or None when no fine-tuning was asked for."""
+    from pathlib import Path
+
+    from uniql.compressor.finetune import FinetuneConfig
+    from uniql.compressor.lora import LoraSettings
+
+    if args.finetune_steps <= 0:
+        return None
+    targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets else None
+    lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+    return FinetuneConfig(
+        steps=args.finetune_steps, batch_size=args.finetune_batch_size, grad_accum=args.finetune_grad_accum,
+        seqlen=args.finetune_seqlen, lr=args.finetune_lr, warmup_steps=args.finetune_warmup,
+        data=args.finetune_data, max_examples=args.finetune_max_examples, rung_decay=args.rung_decay,
+        rung_weights=args.rung_weights, lora=lora, seed=args.seed, save_every=args.finetune_save_every,
+        state_dir=args.finetune_state_dir or str(Path(args.out) / "finetune_state"), resume=args.resume,
+        device="cpu" if args.device == "cpu" else None)
+
+
+def add_finetune_parser(sub, add_quant_args) -> None:
+    p = sub.add_parser("finetune", help="masked LoRA recovery on a sorted (--no-quant) checkpoint, then INT4")
+    p.add_argument("ckpt", help="sorted floating-point UniQL checkpoint (`uniql compress MODEL --no-quant`)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    add_quant_args(p)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda", help="cpu or cuda (under `accelerate launch`: its devices)")
+    p.add_argument("--seed", type=int, default=1234)
+    add_finetune_args(p, steps_default=200)
+
+
+def cmd_finetune(args, quant_config) -> int:
+    import torch
+
+    from uniql.compressor.compress import finetune_checkpoint
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
+    if args.finetune_steps < 1:
+        raise ValueError("uniql finetune needs --finetune-steps >= 1")
+    start = time.perf_counter()
+    out = finetune_checkpoint(args.ckpt, args.out, finetune_config(args), quant_config(args),
+                              device=args.device, dtype=args.dtype)
+    if out is not None:  # the main process wrote it
+        print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
