@@ -1,5 +1,6 @@
-"""KV caches sized for one rung: K is [B, kv_heads, max_len, qk], V is [B, kv_heads, max_len, vo]; and the
-decode batch that attends over many requests' caches in one launch per layer."""
+"""Caches sized for one rung: K is [B, kv_heads, max_len, qk], V is [B, kv_heads, max_len, vo] for attention
+layers, plus conv/SSM states for Mamba layers (``ssm_cache.py``); and the decode batch that attends over many
+requests' caches in one launch per layer."""
 
 from __future__ import annotations
 
@@ -12,19 +13,40 @@ import torch.nn.functional as F
 from uniql.kernels.decode_attention import decode_attention
 
 from .ladder import LayerSizes
+from .spec import ArchSpec
+from .ssm_cache import BatchedSSMStates, new_ssm_states
 
 _serials = itertools.count()
 
 
 class KVCache:
+    """One request's (or a batch's) caches at one rung. With ``spec``, only attention layers get K/V (the others
+    an empty ``[B, g, 0, 0]``) and Mamba layers get conv/SSM states; without it every layer is attention."""
+
     def __init__(self, sizes: list[LayerSizes], num_kv_heads: int, batch: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", spec: ArchSpec | None = None):
         self.sizes = list(sizes)
         self.max_len = max_len
         self.length = 0  # tokens already written (same for every sequence of the batch)
         self.serial = next(_serials)  # identity that is never reused (graph address tables key on it)
-        self.k = [torch.zeros(batch, num_kv_heads, max_len, s.qk, dtype=dtype, device=device) for s in sizes]
-        self.v = [torch.zeros(batch, num_kv_heads, max_len, s.vo, dtype=dtype, device=device) for s in sizes]
+        attn = set(range(len(sizes)) if spec is None else spec.layers_with("attn"))
+        self.k = [torch.zeros(batch, num_kv_heads, *((max_len, s.qk) if i in attn else (0, 0)), dtype=dtype,
+                              device=device) for i, s in enumerate(sizes)]
+        self.v = [torch.zeros(batch, num_kv_heads, *((max_len, s.vo) if i in attn else (0, 0)), dtype=dtype,
+                              device=device) for i, s in enumerate(sizes)]
+        none = [None] * len(sizes)
+        self.conv, self.ssm = (none, none) if spec is None else new_ssm_states(spec, sizes, batch, dtype, device)
+
+    @property
+    def has_ssm(self) -> bool:
+        return any(s is not None for s in self.ssm)
+
+    def ssm_states(self, layer: int):
+        """(conv state ``[B, ch', W-1]``, SSM state ``[B, H, P', N']``) of a Mamba layer, updated in place."""
+        return self.conv[layer], self.ssm[layer]
+
+    def ssm_commit(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        """The states above are the cache's own tensors: nothing to write back."""
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         """Write this step's K/V ([B, g, T, *]) after the cached tokens; return views of all tokens so far."""
@@ -42,7 +64,8 @@ class KVCache:
         self.length += steps
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        states = [t for t in self.conv + self.ssm if t is not None]
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + states)
 
 
 # Tests set this to run the Triton kernel on CPU tensors under TRITON_INTERPRET=1; otherwise CPU decode takes
@@ -73,6 +96,7 @@ class DecodeBatch:
         self.lengths = torch.ones(batch, dtype=torch.int32, device=device)
         self.caches: list[KVCache] = []
         self.length_list: list[int] = []
+        self.ssm: BatchedSSMStates | None = None
 
     def bind(self, caches: list[KVCache], lengths: torch.Tensor | None = None) -> None:
         """Point the tables at these caches (one per row, batch-1 each, this batch's rung)."""
@@ -85,6 +109,7 @@ class DecodeBatch:
         # the torch fallback reads the tensors; the kernel only the addresses (holding the caches there would keep
         # finished requests' memory alive inside a captured graph's batch)
         self.caches = [] if _triton_attention(self.device) else list(caches)
+        self.ssm = BatchedSSMStates(list(caches)) if caches[0].has_ssm else None
         tables = torch.tensor([[[c.k[i].data_ptr() for c in caches] for i in range(len(self.sizes))],
                                [[c.v[i].data_ptr() for c in caches] for i in range(len(self.sizes))]])
         self.k_ptrs.copy_(tables[0])
@@ -97,6 +122,13 @@ class DecodeBatch:
         """Tokens per row including the new one (the runner's step buffer; copied, never kept)."""
         self.length_list = [int(v) for v in lengths.tolist()] if not _triton_attention(self.device) else []
         self.lengths.copy_(lengths)
+
+    def ssm_states(self, layer: int):
+        """Every row's conv/SSM state of a Mamba layer, stacked ``[B, ...]`` (written back by ``ssm_commit``)."""
+        return self.ssm.states(layer)
+
+    def ssm_commit(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
+        self.ssm.commit(layer, conv, ssm)
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                scale: float) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""The ONE generic elastic decoder (Llama family, Qwen2; more families are specs, not copies).
+"""The ONE generic elastic decoder (Llama family, Qwen2, Mamba2, Bamba, Nemotron-H: specs, not copies).
+
+A layer is a list of pre-norm residual blocks from its spec (``spec.blocks(i)``): a mixer (``attn`` or
+``mamba``, after ``input_norm``) and/or an MLP (after ``post_attn_norm``, named for the Llama layer it came
+from). The Mamba2 mixer and its storage layout live in ``mamba.py``.
 
 Storage layout (what makes every rung a zero-copy prefix, DESIGN.md section 3):
 * q_proj rows are rank-major across heads: row ``c * num_heads + head``, where channel ``c = 2 * m + t``
@@ -22,12 +26,14 @@ from uniql.kernels import elementwise, ops
 from uniql.kernels.rope import rope_tables
 
 from .cache import DecodeBatch, KVCache
-from .ladder import LayerSizes, RateLadder
+from .ladder import LayerSizes, RateLadder, full_layer_sizes
 from .linear import DenseLinear, FusedInt4
+from .mamba import ElasticMamba
 from .spec import ArchSpec
 
 _ACTS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu,
-         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+         "relu2": lambda x: F.relu(x).square()}  # Nemotron-H
 
 
 def _fused_kernels(x: torch.Tensor) -> bool:
@@ -127,7 +133,7 @@ class ElasticMLP(nn.Module):
     def __init__(self, spec: ArchSpec):
         super().__init__()
         h, i = spec.hidden_size, spec.intermediate_size
-        self.gate_proj = DenseLinear(h, i, spec.mlp_bias)
+        self.gate_proj = DenseLinear(h, i, spec.mlp_bias) if spec.mlp_gated else None  # Nemotron-H: no gate
         self.up_proj = DenseLinear(h, i, spec.mlp_bias)
         self.down_proj = DenseLinear(i, h, spec.mlp_bias)
         self.act_name = spec.act
@@ -142,22 +148,38 @@ class ElasticMLP(nn.Module):
             else:
                 gate, up = gate_up.split(keep, dim=-1)
                 hidden = self.act(gate) * up
+        elif self.gate_proj is None:
+            hidden = self.act(self.up_proj(x, n=keep))
         else:
             hidden = self.act(self.gate_proj(x, n=keep)) * self.up_proj(x, n=keep)
         return self.down_proj(hidden, k=keep)
 
 
-LINEAR_PATHS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+BLOCK_LINEARS = {
+    "attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"),
+    "mamba": ("mamba.z_proj", "mamba.x_proj", "mamba.B_proj", "mamba.C_proj", "mamba.dt_proj", "mamba.out_proj"),
+    "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+}
+LINEAR_PATHS = BLOCK_LINEARS["attn"] + BLOCK_LINEARS["mlp"]  # an attn+mlp layer (Llama, Qwen2)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ArchSpec):
+    def __init__(self, spec: ArchSpec, blocks: tuple[str, ...] = ("attn", "mlp")):
         super().__init__()
-        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.attn = ElasticAttention(spec)
-        self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = ElasticMLP(spec)
+        self.blocks = tuple(blocks)
+        has_mixer = self.blocks[0] in ("attn", "mamba")
+        self.input_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if has_mixer else None
+        self.attn = ElasticAttention(spec) if "attn" in self.blocks else None
+        self.mamba = ElasticMamba(spec) if "mamba" in self.blocks else None
+        has_mlp = "mlp" in self.blocks
+        self.post_attn_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps) if has_mlp else None
+        self.mlp = ElasticMLP(spec) if has_mlp else None
+
+    @property
+    def linear_paths(self) -> tuple[str, ...]:
+        """The projections this layer holds, in block order (``LINEAR_PATHS`` for a Llama layer)."""
+        paths = [p for b in self.blocks for p in BLOCK_LINEARS[b]]
+        return tuple(p for p in paths if not (p == "mlp.gate_proj" and self.mlp.gate_proj is None))
 
     def get_linear(self, path: str) -> nn.Module:
         """A projection by its LINEAR_PATHS name, e.g. ``"attn.o_proj"``."""
@@ -169,8 +191,12 @@ class DecoderLayer(nn.Module):
         setattr(getattr(self, parent), name, module)
 
     def forward(self, x, sizes: LayerSizes, ctx: dict, layer: int = 0):
-        x = x + self.attn(self.input_norm(x), sizes, layer=layer, **ctx)
-        return x + self.mlp(self.post_attn_norm(x), sizes.mlp)
+        mixer = self.attn if self.attn is not None else self.mamba
+        if mixer is not None:
+            x = x + mixer(self.input_norm(x), sizes, layer=layer, **ctx)
+        if self.mlp is not None:
+            x = x + self.mlp(self.post_attn_norm(x), sizes.mlp)
+        return x
 
 
 class ElasticDecoder(nn.Module):
@@ -180,7 +206,7 @@ class ElasticDecoder(nn.Module):
         self.ladder = ladder
         # the embedding table is a linear [hidden -> vocab]: tied models use it as the head too
         self.embed = DenseLinear(spec.hidden_size, spec.vocab_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, spec.blocks(i)) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_embeddings else DenseLinear(spec.hidden_size, spec.vocab_size)
         self.register_buffer("inv_freq", torch.zeros(spec.head_dim // 2))
@@ -201,8 +227,7 @@ class ElasticDecoder(nn.Module):
 
     @property
     def full_sizes(self) -> LayerSizes:
-        s = self.spec
-        return LayerSizes(mlp=s.intermediate_size, qk=s.head_dim, vo=s.head_dim)
+        return full_layer_sizes(self.spec)
 
     def sizes_for(self, rung: int | None) -> list[LayerSizes]:
         if rung is None or (rung == 0 and self.ladder is None):
@@ -215,7 +240,8 @@ class ElasticDecoder(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, rung: int | None = None, dtype=None) -> KVCache:
         dtype = dtype or self.norm.weight.dtype
-        return KVCache(self.sizes_for(rung), self.spec.num_kv_heads, batch, max_len, dtype, self.norm.weight.device)
+        return KVCache(self.sizes_for(rung), self.spec.num_kv_heads, batch, max_len, dtype, self.norm.weight.device,
+                       spec=self.spec)
 
     @property
     def head(self) -> nn.Module:
@@ -244,7 +270,8 @@ class ElasticDecoder(nn.Module):
     def context(self, input_ids, attention_mask=None, positions=None, cache=None) -> dict:
         """What every layer needs besides the hidden states (mask, positions, RoPE tables, cache)."""
         if isinstance(cache, DecodeBatch):  # one token per request at positions [B]; no mask, one RoPE table
-            rope = rope_tables(self.inv_freq, positions.reshape(-1), self.spec.rope_attention_scaling)
+            rope = None if not self.spec.num_heads else rope_tables(self.inv_freq, positions.reshape(-1),
+                                                                     self.spec.rope_attention_scaling)
             return {"inv_freq": self.inv_freq, "positions": positions, "mask": None, "cache": cache, "rope": rope}
         b, t = input_ids.shape
         past = 0 if cache is None else cache.length

@@ -1,4 +1,5 @@
-"""Turn a transformers Llama/Qwen2 model into the elastic decoder's layout (see decoder.py).
+"""Turn a transformers Llama/Qwen2 model into the elastic decoder's layout (see decoder.py); Mamba2, Bamba and
+Nemotron-H go through ``hf_import_ssm.py``.
 
 The conversion is a pure re-ordering of rows/columns: head-major HF tensors become rank-major, and each
 rotate-half pair (i, i + d/2) becomes an adjacent (first, partner) channel pair with frequency index i.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .decoder import ElasticDecoder
-from .spec import ArchSpec, spec_from_hf_config
+from .spec import SSM_FAMILIES, ArchSpec, spec_from_hf_config
 
 
 def qk_rows_to_rank_major(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -64,6 +65,10 @@ def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, share: bool = 
     ``share`` reuses the HF tensors that need no re-ordering instead of copying them (halves host memory for
     big models); the HF model must then not be used afterwards.
     """
+    if getattr(hf_model.config, "model_type", None) in SSM_FAMILIES:
+        from .hf_import_ssm import ssm_decoder_from_hf
+
+        return ssm_decoder_from_hf(hf_model, dtype, share)
     spec = spec_from_hf_config(hf_model.config)
     rotary = hf_model.model.rotary_emb
     spec = ArchSpec.from_dict({**spec.to_dict(), "rope_attention_scaling": float(rotary.attention_scaling)})

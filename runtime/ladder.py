@@ -12,6 +12,12 @@ Kept sizes per layer and rung:
 * ``vo``: V/O rank per head. v_proj is N-pruned (KV heads), o_proj K-pruned (all heads, rank-major). A K
   prefix must be a whole number of packed int32 words; it may end inside a quantization group (kernels mask
   the tail of that group; its scale stays valid), which keeps small models like SmolLM2 (9 heads) prunable.
+* ``ssm_p``: Mamba channels per head P' (x/z rows and out_proj columns rank-major across the H heads): even,
+  and ``H * P'`` on the N alignment (z/x are N-pruned, out_proj K-pruned by the same prefix).
+* ``ssm_n``: SSM state size N' (B/C rows state-major across the G groups): a multiple of 16 (or the full N
+  when N is smaller), and ``G * N'`` on the N alignment.
+A dim a layer does not have (``mlp`` of a Mamba2 layer, ``ssm_*`` of an attention layer) is carried at its
+full spec size, 0 where the model has none; consumers only read the dims of the blocks a layer holds.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class LayerSizes:
     mlp: int
     qk: int
     vo: int
+    ssm_p: int = 0  # defaults: manifests written before SSM support
+    ssm_n: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ class DimSteps:
     mlp: int
     qk: int
     vo: int
+    ssm_p: int = 2
+    ssm_n: int = 16
 
 
 def kept_size(full: int, keep_ratio: float, step: int) -> int:
@@ -65,7 +75,8 @@ def kept_size(full: int, keep_ratio: float, step: int) -> int:
     return full if size >= full else max(step, size)
 
 
-def dim_steps(num_heads: int, num_kv_heads: int, head_dim: int, align: Alignment) -> DimSteps:
+def dim_steps(num_heads: int, num_kv_heads: int, head_dim: int, align: Alignment, *, ssm_heads: int = 0,
+              ssm_groups: int = 0, ssm_head_dim: int = 0, ssm_state: int = 0) -> DimSteps:
     """Granularity of each structured dim so every rung is an aligned prefix (see module doc)."""
 
     def per_head(heads: int, multiple: int) -> int:
@@ -73,15 +84,31 @@ def dim_steps(num_heads: int, num_kv_heads: int, head_dim: int, align: Alignment
 
     qk = math.lcm(2, per_head(num_heads, align.n_align), per_head(num_kv_heads, align.n_align))
     vo = math.lcm(per_head(num_kv_heads, align.n_align), per_head(num_heads, align.k_pack))
-    return DimSteps(mlp=math.lcm(align.n_align, align.group_size), qk=min(qk, head_dim), vo=min(vo, head_dim))
+    ssm_p = math.lcm(2, per_head(ssm_heads, align.n_align))
+    ssm_n = math.lcm(16, per_head(ssm_groups, align.n_align))
+    return DimSteps(mlp=math.lcm(align.n_align, align.group_size), qk=min(qk, head_dim), vo=min(vo, head_dim),
+                    ssm_p=min(ssm_p, ssm_head_dim) or ssm_p, ssm_n=min(ssm_n, ssm_state) or ssm_n)
+
+
+def spec_dim_steps(spec, align: Alignment) -> DimSteps:
+    """``dim_steps`` for every dim of an ArchSpec (attention and SSM)."""
+    return dim_steps(spec.num_heads, spec.num_kv_heads, spec.head_dim, align, ssm_heads=spec.ssm_heads,
+                     ssm_groups=spec.ssm_groups, ssm_head_dim=spec.ssm_head_dim, ssm_state=spec.ssm_state)
+
+
+def full_layer_sizes(spec) -> LayerSizes:
+    """Every dim of an ArchSpec at full size (0 for dims the model does not have)."""
+    return LayerSizes(mlp=spec.intermediate_size, qk=spec.head_dim, vo=spec.head_dim, ssm_p=spec.ssm_head_dim,
+                      ssm_n=spec.ssm_state)
+
+
+def _kept_or_absent(full: int, keep_ratio: float, step: int) -> int:
+    return 0 if full == 0 else kept_size(full, keep_ratio, step)
 
 
 def layer_sizes(full: LayerSizes, keep_ratio: float, steps: DimSteps) -> LayerSizes:
-    return LayerSizes(
-        mlp=kept_size(full.mlp, keep_ratio, steps.mlp),
-        qk=kept_size(full.qk, keep_ratio, steps.qk),
-        vo=kept_size(full.vo, keep_ratio, steps.vo),
-    )
+    return LayerSizes(**{name: _kept_or_absent(getattr(full, name), keep_ratio, getattr(steps, name))
+                         for name in ("mlp", "qk", "vo", "ssm_p", "ssm_n")})
 
 
 @dataclass

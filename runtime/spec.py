@@ -1,12 +1,23 @@
 """Architecture specs: each supported family is data for the one generic elastic decoder.
 
-A spec says which dims exist and which optional parts (biases, tied embeddings) a family has; the decoder
-never branches on the family name. New families are new rows in ``FAMILIES``, not new model files.
+A spec says which dims exist, which optional parts (biases, tied embeddings, a gate in the MLP) a family has and
+which blocks every layer holds; the decoder never branches on the family name. New families are one small
+``_<family>_spec(config)`` function here, not new model files.
+
+Layer kinds (``layer_kinds``, one string per layer): blocks joined by ``+``, each block its own pre-norm
+residual: ``attn`` (GQA attention), ``mamba`` (Mamba2 mixer), ``mlp``. Llama/Qwen2 layers are ``attn+mlp``;
+Bamba's are ``mamba+mlp`` or ``attn+mlp``; Mamba2's ``mamba``; Nemotron-H's one block each (``M``/``*``/``-``).
+An empty ``layer_kinds`` (manifests written before SSM support) means ``attn+mlp`` everywhere.
+
+Partial RoPE (Bamba rotates the first half of each head, Nemotron-H nothing) needs no special case: the
+pass-through channels are stored as RoPE pairs whose frequency is 0 (``inv_freq`` entries beyond the rotated
+ones are zero), so cos = 1, sin = 0 and sorting/truncation move them as whole pairs like any other pair.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -19,6 +30,9 @@ FAMILIES: dict[str, FamilyTraits] = {
     "mistral": FamilyTraits(qkv_bias=False),
     "qwen2": FamilyTraits(qkv_bias=True),
 }
+SSM_FAMILIES = ("mamba2", "bamba", "nemotron_h")
+BLOCKS = ("attn", "mamba", "mlp")
+MLP_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -27,10 +41,10 @@ class ArchSpec:
     vocab_size: int
     hidden_size: int
     num_layers: int
-    num_heads: int
+    num_heads: int  # attention heads (0: no attention layer)
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
+    intermediate_size: int  # MLP channels (0: no MLP block)
     rms_norm_eps: float
     tie_embeddings: bool
     qk_bias: bool
@@ -40,53 +54,177 @@ class ArchSpec:
     act: str
     rope_attention_scaling: float  # HF rope "attention_factor" (1.0 for default/llama3 rope)
     max_position_embeddings: int
+    # ---- added with SSM support; defaults keep older manifests loading unchanged
+    layer_kinds: tuple[str, ...] = ()  # per layer, e.g. "mamba+mlp"; () = "attn+mlp" everywhere
+    mlp_gated: bool = True  # gate_proj present (SwiGLU); False: act(up(x)) (Nemotron-H relu2)
+    rotary_fraction: float = 1.0  # share of each head's channels RoPE rotates (Bamba 0.5, Nemotron-H 0)
+    ssm_heads: int = 0  # H
+    ssm_head_dim: int = 0  # P
+    ssm_groups: int = 0  # G (B/C shared by H/G heads)
+    ssm_state: int = 0  # N
+    ssm_conv: int = 0  # W, causal depthwise conv kernel over x|B|C
+    ssm_chunk: int = 256  # prefill scan chunk (numerics only: the scan is exact for any chunk)
+    ssm_dt_min: float = 0.0  # dt = clamp(softplus(dt_proj(u) + dt_bias), dt_min, dt_max)
+    ssm_dt_max: float | None = None  # None: no upper limit (JSON has no infinity)
+    ssm_norm_eps: float = 1e-5
+    ssm_norm_groups: int = 1  # the gated RMSNorm normalises each of these groups of heads separately
+    ssm_conv_bias: bool = True
+    ssm_proj_bias: bool = False  # bias on z/x/B/C/dt and out_proj
+    ssm_act: str = "silu"  # after the conv
+
+    def __post_init__(self):
+        object.__setattr__(self, "layer_kinds", tuple(self.layer_kinds))
+        bad = [k for k in self.layer_kinds if not k or any(b not in BLOCKS for b in k.split("+"))]
+        if bad or (self.layer_kinds and len(self.layer_kinds) != self.num_layers):
+            raise ValueError(f"layer_kinds must name {self.num_layers} layers from blocks {BLOCKS}: {bad or ''}")
 
     @property
     def group_size(self) -> int:
         """Query heads per KV head (GQA)."""
-        return self.num_heads // self.num_kv_heads
+        return self.num_heads // self.num_kv_heads if self.num_kv_heads else 0
+
+    def blocks(self, layer: int) -> tuple[str, ...]:
+        """The blocks of one layer in order, e.g. ``("mamba", "mlp")``."""
+        return tuple(self.layer_kinds[layer].split("+")) if self.layer_kinds else ("attn", "mlp")
+
+    def layers_with(self, block: str) -> list[int]:
+        return [i for i in range(self.num_layers) if block in self.blocks(i)]
+
+    @property
+    def ssm_inner(self) -> int:
+        """H * P (x/z channels)."""
+        return self.ssm_heads * self.ssm_head_dim
+
+    @property
+    def dt_limit(self) -> tuple[float, float]:
+        return self.ssm_dt_min, math.inf if self.ssm_dt_max is None else self.ssm_dt_max
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["layer_kinds"] = list(self.layer_kinds)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ArchSpec:
-        names = {f.name for f in fields(cls)}
-        missing = names - data.keys()
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        missing = required - data.keys()
         if missing:
             raise ValueError(f"architecture spec is missing fields {sorted(missing)}")
-        return cls(**{k: data[k] for k in names})
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: data[k] for k in names if k in data})
+
+
+def _check_act(act: str) -> str:
+    if act not in MLP_ACTS:
+        raise ValueError(f"unsupported MLP activation {act!r}")
+    return act
+
+
+def _attention_dims(config) -> dict:
+    heads = config.num_attention_heads
+    return {"num_heads": heads, "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
+
+
+def _dt_limit(limit) -> dict:
+    lo, hi = (0.0, math.inf) if limit is None else limit
+    return {"ssm_dt_min": float(lo), "ssm_dt_max": None if math.isinf(hi) else float(hi)}
+
+
+def _llama_like_spec(config, family: str) -> ArchSpec:
+    traits = FAMILIES[family]
+    qkv_bias = bool(getattr(config, "attention_bias", False)) or traits.qkv_bias
+    return ArchSpec(
+        family=family, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers, **_attention_dims(config),
+        intermediate_size=config.intermediate_size, rms_norm_eps=float(config.rms_norm_eps),
+        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qk_bias=qkv_bias, v_bias=qkv_bias,
+        o_bias=bool(getattr(config, "attention_bias", False)) and family != "qwen2",
+        mlp_bias=bool(getattr(config, "mlp_bias", False)), act=_check_act(getattr(config, "hidden_act", "silu")),
+        rope_attention_scaling=1.0, max_position_embeddings=int(getattr(config, "max_position_embeddings", 4096)),
+    )
+
+
+def _no_attention() -> dict:
+    return {"num_heads": 0, "num_kv_heads": 0, "head_dim": 0, "qk_bias": False, "v_bias": False, "o_bias": False}
+
+
+def _mamba2_spec(config) -> ArchSpec:
+    """Mamba2ForCausalLM: every layer one pre-norm Mamba2 mixer, no MLP, no attention."""
+    if config.num_heads * config.head_dim != int(config.expand * config.hidden_size):
+        raise ValueError("Mamba2 config: num_heads * head_dim must equal expand * hidden_size")
+    return ArchSpec(
+        family="mamba2", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers, **_no_attention(), intermediate_size=0,
+        rms_norm_eps=float(config.layer_norm_epsilon), tie_embeddings=bool(config.tie_word_embeddings),
+        mlp_bias=False, act="silu", rope_attention_scaling=1.0,
+        max_position_embeddings=int(getattr(config, "max_position_embeddings", None) or 1 << 20),
+        layer_kinds=("mamba",) * config.num_hidden_layers, rotary_fraction=0.0,
+        ssm_heads=config.num_heads, ssm_head_dim=config.head_dim, ssm_groups=config.n_groups,
+        ssm_state=config.state_size, ssm_conv=config.conv_kernel, ssm_chunk=config.chunk_size,
+        **_dt_limit(config.time_step_limit), ssm_norm_eps=float(config.layer_norm_epsilon),
+        ssm_norm_groups=config.n_groups, ssm_conv_bias=bool(config.use_conv_bias),
+        ssm_proj_bias=bool(config.use_bias), ssm_act=config.hidden_act,
+    )
+
+
+def _bamba_spec(config) -> ArchSpec:
+    """BambaForCausalLM: Mamba2 or attention (partial RoPE), then a SwiGLU MLP, in every layer."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    fraction = float(rope.get("partial_rotary_factor", 0.5))
+    kinds = tuple("attn+mlp" if t == "full_attention" else "mamba+mlp" for t in config.layers_block_type)
+    return ArchSpec(
+        family="bamba", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers, **_attention_dims(config),
+        intermediate_size=config.intermediate_size, rms_norm_eps=float(config.rms_norm_eps),
+        tie_embeddings=bool(config.tie_word_embeddings), qk_bias=bool(config.attention_bias),
+        v_bias=bool(config.attention_bias), o_bias=bool(config.attention_bias), mlp_bias=bool(config.mlp_bias),
+        act=_check_act(config.hidden_act), rope_attention_scaling=1.0,
+        max_position_embeddings=int(config.max_position_embeddings), layer_kinds=kinds, rotary_fraction=fraction,
+        ssm_heads=config.mamba_n_heads, ssm_head_dim=config.mamba_d_head, ssm_groups=config.mamba_n_groups,
+        ssm_state=config.mamba_d_state, ssm_conv=config.mamba_d_conv, ssm_chunk=config.mamba_chunk_size,
+        **_dt_limit(config.time_step_limit), ssm_norm_eps=float(config.rms_norm_eps),
+        ssm_norm_groups=config.mamba_n_groups, ssm_conv_bias=bool(config.mamba_conv_bias),
+        ssm_proj_bias=bool(config.mamba_proj_bias), ssm_act=config.hidden_act,
+    )
+
+
+_NEMOTRON_KINDS = {"linear_attention": "mamba", "full_attention": "attn", "mlp": "mlp"}
+
+
+def _nemotron_h_spec(config) -> ArchSpec:
+    """NemotronHForCausalLM: one block per layer (M / * / -); attention without RoPE or biases; relu2 MLP."""
+    unknown = sorted(set(config.layers_block_type) - _NEMOTRON_KINDS.keys())
+    if unknown:
+        raise ValueError(f"Nemotron-H layer types {unknown} (MoE) are not supported; supported: M, *, -")
+    return ArchSpec(
+        family="nemotron_h", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers, **_attention_dims(config),
+        intermediate_size=config.intermediate_size, rms_norm_eps=float(config.layer_norm_epsilon),
+        tie_embeddings=bool(config.tie_word_embeddings), qk_bias=False, v_bias=False, o_bias=False,
+        mlp_bias=bool(config.mlp_bias), act=_check_act(config.mlp_hidden_act), rope_attention_scaling=1.0,
+        max_position_embeddings=int(config.max_position_embeddings),
+        layer_kinds=tuple(_NEMOTRON_KINDS[t] for t in config.layers_block_type), mlp_gated=False,
+        rotary_fraction=0.0, ssm_heads=config.mamba_num_heads, ssm_head_dim=config.mamba_head_dim,
+        ssm_groups=config.n_groups, ssm_state=config.ssm_state_size, ssm_conv=config.conv_kernel,
+        ssm_chunk=config.chunk_size,
+        # the mixer ignores config.time_step_limit and uses (time_step_min, inf)
+        **_dt_limit((config.time_step_min, math.inf)), ssm_norm_eps=float(config.layer_norm_epsilon),
+        ssm_norm_groups=config.n_groups, ssm_conv_bias=bool(config.use_conv_bias),
+        ssm_proj_bias=bool(config.use_bias), ssm_act=config.mamba_hidden_act,
+    )
+
+
+_SSM_BUILDERS = {"mamba2": _mamba2_spec, "bamba": _bamba_spec, "nemotron_h": _nemotron_h_spec}
 
 
 def spec_from_hf_config(config) -> ArchSpec:
     """Build a spec from a transformers config; raise a clear error for unsupported models."""
     family = getattr(config, "model_type", None)
+    if family in _SSM_BUILDERS:
+        return _SSM_BUILDERS[family](config)
     if family not in FAMILIES:
-        raise ValueError(
-            f"model_type {family!r} is not supported yet; supported: {sorted(FAMILIES)}"
-        )
-    traits = FAMILIES[family]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    act = getattr(config, "hidden_act", "silu")
-    if act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
-        raise ValueError(f"unsupported MLP activation {act!r}")
-    qkv_bias = bool(getattr(config, "attention_bias", False)) or traits.qkv_bias
-    return ArchSpec(
-        family=family,
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        head_dim=head_dim,
-        intermediate_size=config.intermediate_size,
-        rms_norm_eps=float(config.rms_norm_eps),
-        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        qk_bias=qkv_bias,
-        v_bias=qkv_bias,
-        o_bias=bool(getattr(config, "attention_bias", False)) and family != "qwen2",
-        mlp_bias=bool(getattr(config, "mlp_bias", False)),
-        act=act,
-        rope_attention_scaling=1.0,
-        max_position_embeddings=int(getattr(config, "max_position_embeddings", 4096)),
-    )
+        raise ValueError(f"model_type {family!r} is not supported yet; "
+                         f"supported: {sorted(FAMILIES) + sorted(_SSM_BUILDERS)}")
+    return _llama_like_spec(config, family)

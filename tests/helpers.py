@@ -30,6 +30,49 @@ def tiny_hf_model(family: str = "llama", *, tie: bool = False, vocab: int = 320,
     return model
 
 
+def _tiny_ssm_config(family: str, vocab: int, hidden: int, chunk: int):
+    from transformers import BambaConfig, Mamba2Config, NemotronHConfig
+
+    mamba = {"mamba2": dict(num_heads=8, head_dim=16, n_groups=2, state_size=16, conv_kernel=4, expand=2),
+             "bamba": dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4,
+                           mamba_expand=2),
+             "nemotron_h": dict(mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
+                                expand=2)}[family]
+    attn = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)
+    if family == "mamba2":
+        return Mamba2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, chunk_size=chunk, **mamba)
+    if family == "bamba":  # layers: mamba+mlp, attn+mlp, mamba+mlp
+        return BambaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=3, attn_layer_indices=[1],
+                           mamba_chunk_size=chunk, **mamba, **attn)
+    return NemotronHConfig(vocab_size=vocab, hidden_size=hidden, head_dim=16, chunk_size=chunk,  # M - * -
+                           layers_block_type=["linear_attention", "mlp", "full_attention", "mlp"], **mamba, **attn)
+
+
+def tiny_ssm_hf_model(family: str = "mamba2", *, vocab: int = 320, hidden: int = 64, chunk: int = 8, seed: int = 0):
+    """Random-init transformers Mamba2 / Bamba / Nemotron-H (8 heads x 16, 2 groups, N 16, conv 4).
+
+    A_log and dt_bias are spread so heads decay at different rates (some clamp-free, some fast) and D is not 1.
+    """
+    from transformers import BambaForCausalLM, Mamba2ForCausalLM, NemotronHForCausalLM
+
+    cls = {"mamba2": Mamba2ForCausalLM, "bamba": BambaForCausalLM, "nemotron_h": NemotronHForCausalLM}[family]
+    torch.manual_seed(seed)
+    model = cls(_tiny_ssm_config(family, vocab, hidden, chunk)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("A_log"):
+                p.uniform_(-1.0, 1.5)
+            elif name.endswith("dt_bias"):
+                p.uniform_(-3.0, 0.0)
+            elif name.endswith(".D"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    return model
+
+
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|, computed in fp64."""
     a, b = a.double(), b.double()

@@ -1,0 +1,197 @@
+"""The elastic Mamba2 mixer (Mamba2, Bamba, Nemotron-H): one block that runs at any rung as prefix views.
+
+Storage layout (the contract sorting writes, ``compressor/``; every rung keeps a PREFIX of each tensor):
+* in_proj is stored as separate linears ``z_proj [H*P, hidden]``, ``x_proj [H*P, hidden]``,
+  ``B_proj [G*N, hidden]``, ``C_proj [G*N, hidden]``, ``dt_proj [H, hidden]`` (fusable later as FusedInt4
+  segments, ``runtime/fusion.py``).
+* x/z rows are rank-major across heads: row ``c * H + h`` is channel ``c`` of head ``h``, so keeping ``P'``
+  channels per head is the first ``H * P'`` rows (zero-copy, like v_proj/o_proj in decoder.py). ``conv_x``
+  weight/bias, the gated norm weight ``norm_weight`` and ``out_proj``'s columns follow the same order.
+* B/C rows are state-major across groups: row ``n * G + g`` is state ``n`` of group ``g``; keeping ``N'`` states
+  is the first ``G * N'`` rows; ``conv_B``/``conv_C`` follow.
+* ``dt_bias``, ``A_log``, ``D`` (and dt_proj) are per head and never pruned. Head ``h`` reads group
+  ``h // (H / G)``.
+* The gated RMSNorm ``norm(y * silu(z)) * w`` normalises each of ``ssm_norm_groups`` groups of heads over its
+  KEPT channels (``(H / groups) * P'``), the same function in training (masks) and inference (truncation).
+
+Math (fp32 state): ``xBC = act(causal_conv(x|B|C))``; ``dt = clamp(softplus(dt_proj(u) + dt_bias), limit)``;
+``A = -exp(A_log)``; ``s_t = exp(dt A) s_{t-1} + dt x_t B_t^T``, ``y_t = s_t C_t + D x_t``. The dt limit is
+applied at every step, prefill and decode alike (transformers' torch decode path skips it, which makes a token's
+output depend on whether it was prefilled or decoded).
+Prefill scans in chunks (``kernels/ssm_scan.py`` when present, else ``chunked_scan`` here); decode runs one
+selective state update per token over each request's own state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .linear import DenseLinear
+from .spec import ArchSpec
+
+_CONV_ACTS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu}
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """``a [..., L]`` -> ``[..., L, L]`` with ``out[i, j] = sum(a[j+1 .. i])`` for ``j <= i``, -inf above.
+
+    Summed directly rather than as ``cumsum[i] - cumsum[j]``: with dt*A ~ -10 per step a 256-step cumsum
+    reaches -2600, and the difference of two such fp32 numbers loses ~3e-4 in the exponent.
+    """
+    length = a.shape[-1]
+    below = torch.ones(length, length, dtype=torch.bool, device=a.device).tril(-1)
+    terms = a[..., :, None].expand(*a.shape, length).masked_fill(~below, 0.0)  # [.., i, j] = a[i] for i > j
+    out = torch.cumsum(terms, dim=-2)
+    return out.masked_fill(~below.logical_or(torch.eye(length, dtype=torch.bool, device=a.device)), -torch.inf)
+
+
+def chunked_scan(x, dt, A, B, C, chunk: int, initial=None):
+    """Exact SSD scan in chunks (torch reference): returns ``y [b,T,H,P]`` (no D term) and the final state.
+
+    ``x [b,T,H,P]``, ``dt [b,T,H]`` (after softplus/limit), ``A [H]``, ``B, C [b,T,G,N]``, ``initial [b,H,P,N]``.
+    Within a chunk the output is a masked "attention" ``(C_l . B_s) exp(sum dtA) dt_s x_s``; chunk states carry
+    the rest, with a short sequential recurrence across chunks. All fp32.
+    """
+    b, t, heads, p = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    pad = (-t) % chunk  # padded steps have dt = 0: no decay, no input, so the final state is unchanged
+    x, dt, B, C = (F.pad(v.float(), (0, 0) * (v.dim() - 2) + (0, pad)) for v in (x, dt, B, C))
+    c = (t + pad) // chunk
+    rep = heads // groups
+    x = x.view(b, c, chunk, heads, p)
+    dt = dt.view(b, c, chunk, heads)
+    B = B.view(b, c, chunk, groups, n).repeat_interleave(rep, dim=3)  # [b,c,l,H,N]
+    C = C.view(b, c, chunk, groups, n).repeat_interleave(rep, dim=3)
+    a = (dt * A.float()).permute(0, 3, 1, 2)  # [b,H,c,l]
+    a_cum = torch.cumsum(a, dim=-1)
+    xdt = x * dt[..., None]
+    decay = torch.exp(segsum(a))  # [b,H,c,l,s]
+    y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay, xdt)
+    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b,H,c,l]
+    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, to_end, xdt)
+    state = x.new_zeros(b, heads, p, n) if initial is None else initial.float()
+    starts = []
+    for i in range(c):  # state entering each chunk
+        starts.append(state)
+        state = state * torch.exp(a_cum[:, :, i, -1])[..., None, None] + chunk_states[:, i]
+    starts = torch.stack(starts, dim=1)  # [b,c,H,P,N]
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, starts, torch.exp(a_cum))
+    return y.reshape(b, c * chunk, heads, p)[:, :t], state
+
+
+def sequential_scan(x, dt, A, B, C, initial=None):
+    """The recurrence one step at a time (reference for tiny inputs and tests); same contract as chunked_scan."""
+    b, t, heads, p = x.shape
+    state = x.new_zeros(b, heads, p, B.shape[-1], dtype=torch.float32) if initial is None else initial.float()
+    ys = []
+    for i in range(t):
+        y, state = state_update_ref(state, x[:, i], dt[:, i], A, B[:, i], C[:, i])
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def state_update_ref(state, x, dt, A, B, C):
+    """One token: ``state [b,H,P,N]`` fp32, ``x [b,H,P]``, ``dt [b,H]``, ``B, C [b,G,N]`` -> (y [b,H,P], state)."""
+    rep = x.shape[1] // B.shape[1]
+    Bh = B.float().repeat_interleave(rep, dim=1)  # [b,H,N]
+    Ch = C.float().repeat_interleave(rep, dim=1)
+    dt = dt.float()
+    state = state * torch.exp(dt * A.float())[..., None, None] + (dt[..., None] * x.float())[..., None] * Bh[:, :, None]
+    return torch.einsum("bhpn,bhn->bhp", state, Ch), state
+
+
+class ElasticMamba(nn.Module):
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        h, heads, p = spec.hidden_size, spec.ssm_heads, spec.ssm_head_dim
+        groups, n, w = spec.ssm_groups, spec.ssm_state, spec.ssm_conv
+        self.heads, self.head_dim, self.groups, self.state, self.kernel = heads, p, groups, n, w
+        self.norm_groups, self.norm_eps, self.chunk = spec.ssm_norm_groups, spec.ssm_norm_eps, spec.ssm_chunk
+        self.dt_limit = spec.dt_limit
+        self.act = _CONV_ACTS[spec.ssm_act]
+        bias = spec.ssm_proj_bias
+        self.z_proj, self.x_proj = DenseLinear(h, heads * p, bias), DenseLinear(h, heads * p, bias)
+        self.B_proj, self.C_proj = DenseLinear(h, groups * n, bias), DenseLinear(h, groups * n, bias)
+        self.dt_proj = DenseLinear(h, heads, bias)
+        for name, rows in (("x", heads * p), ("B", groups * n), ("C", groups * n)):
+            self.register_parameter(f"conv_{name}_weight", nn.Parameter(torch.zeros(rows, w)))
+            self.register_parameter(f"conv_{name}_bias",
+                                    nn.Parameter(torch.zeros(rows)) if spec.ssm_conv_bias else None)
+        self.dt_bias = nn.Parameter(torch.zeros(heads))
+        self.A_log = nn.Parameter(torch.zeros(heads))
+        self.D = nn.Parameter(torch.ones(heads))
+        self.norm_weight = nn.Parameter(torch.ones(heads * p))
+        self.out_proj = DenseLinear(heads * p, h, bias)
+
+    def conv_params(self, p: int, n: int):
+        """Conv weight ``[ch', W]`` and bias ``[ch']`` of the kept channels x | B | C (cat of three prefixes)."""
+        hp, gn = self.heads * p, self.groups * n
+        weight = torch.cat((self.conv_x_weight[:hp], self.conv_B_weight[:gn], self.conv_C_weight[:gn]))
+        if self.conv_x_bias is None:
+            return weight, None
+        return weight, torch.cat((self.conv_x_bias[:hp], self.conv_B_bias[:gn], self.conv_C_bias[:gn]))
+
+    def project(self, u, p: int, n: int):
+        """z ``[..., H*p]``, xBC ``[..., H*p + 2*G*n]`` (rank-/state-major), raw dt ``[..., H]``."""
+        hp, gn = self.heads * p, self.groups * n
+        xbc = torch.cat((self.x_proj(u, n=hp), self.B_proj(u, n=gn), self.C_proj(u, n=gn)), dim=-1)
+        return self.z_proj(u, n=hp), xbc, self.dt_proj(u)
+
+    def conv(self, xbc, p: int, n: int, conv_state=None):
+        """Causal depthwise conv over time: ``xbc [b,T,ch']``, ``conv_state [b,ch',W-1]`` (updated in place)."""
+        weight, bias = self.conv_params(p, n)
+        b, t, ch = xbc.shape
+        past = xbc.new_zeros(b, ch, self.kernel - 1) if conv_state is None else conv_state.to(xbc.dtype)
+        window = torch.cat((past, xbc.transpose(1, 2)), dim=-1)  # [b, ch', W-1+T]
+        if conv_state is not None:
+            conv_state.copy_(window[..., -(self.kernel - 1):])
+        out = F.conv1d(window, weight.to(xbc.dtype)[:, None], None if bias is None else bias.to(xbc.dtype),
+                       groups=ch)
+        return self.act(out.transpose(1, 2))
+
+    def split_heads(self, xbc, p: int, n: int):
+        """xBC -> x ``[..., H, p]``, B and C ``[..., G, n]`` (views of the rank-/state-major channels)."""
+        hp, gn = self.heads * p, self.groups * n
+        x, B, C = xbc.split((hp, gn, gn), dim=-1)
+        per_group = (n, self.groups)
+        return (x.unflatten(-1, (p, self.heads)).transpose(-1, -2), B.unflatten(-1, per_group).transpose(-1, -2),
+                C.unflatten(-1, per_group).transpose(-1, -2))
+
+    def time_step(self, dt_raw):
+        lo, hi = self.dt_limit
+        return F.softplus(dt_raw.float() + self.dt_bias.float()).clamp(lo, hi)
+
+    def gated_norm(self, y, z, p: int):
+        """``y, z [..., H, p]`` -> rank-major ``[..., p*H]``: RMSNorm of ``y * silu(z)`` per group of heads."""
+        g = (y.float() * F.silu(z.float())).unflatten(-2, (self.norm_groups, self.heads // self.norm_groups))
+        g = g * torch.rsqrt(g.pow(2).mean((-2, -1), keepdim=True) + self.norm_eps)
+        g = g.flatten(-3, -2)  # [..., H, p]
+        weight = self.norm_weight[:self.heads * p].view(p, self.heads).T.float()
+        return (g * weight).transpose(-1, -2).flatten(-2)
+
+    def forward(self, u, sizes, cache=None, layer: int = 0, **_):
+        """``u [b,T,hidden]`` -> ``[b,T,hidden]``. ``cache``: a per-request cache (prefill) or a DecodeBatch."""
+        p, n = sizes.ssm_p, sizes.ssm_n
+        conv_state, ssm_state = (None, None) if cache is None else cache.ssm_states(layer)
+        z, xbc, dt_raw = self.project(u, p, n)
+        xbc = self.conv(xbc, p, n, conv_state)
+        x, B, C = self.split_heads(xbc, p, n)
+        dt, A = self.time_step(dt_raw), -torch.exp(self.A_log.float())
+        if u.shape[1] == 1 and ssm_state is not None:
+            y, new_state = self.decode_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+            y = y[:, None]
+        else:
+            y, new_state = chunked_scan(x, dt, A, B, C, self.chunk, ssm_state)
+        if cache is not None:
+            ssm_state.copy_(new_state)
+            cache.ssm_commit(layer, conv_state, ssm_state)
+        y = y + self.D.float()[:, None] * x.float()
+        out = self.gated_norm(y, z.unflatten(-1, (p, self.heads)).transpose(-1, -2), p)
+        return self.out_proj(out.to(u.dtype), k=self.heads * p)
+
+    @staticmethod
+    def decode_step(state, x, dt, A, B, C):
+        """One token for every request of the batch; returns (y ``[b,H,p]``, new state ``[b,H,p,n]``)."""
+        return state_update_ref(state, x, dt, A, B, C)
