@@ -22,12 +22,12 @@ def fuse_projections(model: ElasticDecoder) -> int:
     fused = 0
     for layer in model.layers:
         attn, mlp = layer.attn, layer.mlp
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        if attn.qkv is None and _fusable(qkv):
+        qkv = [] if attn is None else [attn.q_proj, attn.k_proj, attn.v_proj]
+        if qkv and attn.qkv is None and _fusable(qkv):
             attn.qkv = FusedInt4(qkv)
             fused += 1
-        gate_up = [mlp.gate_proj, mlp.up_proj]
-        if mlp.gate_up is None and _fusable(gate_up):
+        gate_up = [] if mlp is None or mlp.gate_proj is None else [mlp.gate_proj, mlp.up_proj]
+        if gate_up and mlp.gate_up is None and _fusable(gate_up):
             mlp.gate_up = FusedInt4(gate_up)
             fused += 1
     return fused

@@ -4,7 +4,9 @@ Each request keeps its rung from prefill to its last token, so its cache holds e
 of that rung (a pruned request costs less cache memory too) and ``max_len = prompt + max_tokens`` positions.
 Prefill runs one request's prompt through the eager decoder. Decode runs all requests of one rung as one batch
 (``DecodeBatch``: attention reads each request's own cache through address tables), on CUDA replayed from one
-CUDA graph per (rung, batch bucket) (``graphs.py``); on CPU the same batched forward runs eagerly.
+CUDA graph per (rung, batch bucket) (``graphs.py``); on CPU the same batched forward runs eagerly. Models with
+Mamba layers decode batched too (each request's own SSM state, stacked per step: ``ssm_cache.py``) but eagerly,
+without CUDA graphs: a captured graph would keep reading the first bound requests' states.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .fusion import fuse_projections
 from .graphs import DEFAULT_BUCKETS, DecodeGraphs
 from .linear import Int4Linear
 from .request import Request
+from .ssm_cache import cache_bytes
 
 
 class ModelRunner:
@@ -38,7 +41,7 @@ class ModelRunner:
         else:
             fuse_projections(model)  # q|k|v and gate|up in one launch each
             reserve_workspace(self.device, floats=1 << 23)  # split-K scratch, allocated before any capture
-            if cuda_graphs:
+            if cuda_graphs and not model.spec.layers_with("mamba"):
                 self.graphs = DecodeGraphs(model, self.max_model_len, self.cache_dtype, graph_buckets)
 
     @property
@@ -47,10 +50,12 @@ class ModelRunner:
 
     def cache_bytes_for(self, req: Request) -> int:
         """Bytes a request's cache would take (the scheduler's admission check uses it)."""
-        sizes = self.model.sizes_for(req.rung)
-        per_token = sum(s.qk + s.vo for s in sizes) * self.model.spec.num_kv_heads
+        return self.cache_bytes_at(req.rung, req.max_len)
+
+    def cache_bytes_at(self, rung: int, max_len: int) -> int:
+        """KV of attention layers for ``max_len`` tokens + fixed SSM/conv states of Mamba layers, at ``rung``."""
         itemsize = torch.empty((), dtype=self.cache_dtype).element_size()
-        return per_token * req.max_len * itemsize
+        return cache_bytes(self.model.spec, self.model.sizes_for(rung), max_len, itemsize)
 
     @property
     def cache_bytes(self) -> int:

@@ -17,7 +17,7 @@ from uniql.runtime.async_engine import AsyncEngine
 from uniql.runtime.checkpoint import load_checkpoint, load_tokenizer
 from uniql.runtime.detokenizer import render_chat
 from uniql.runtime.engine import Engine
-from uniql.runtime.request import Request, SamplingParams, TokenEvent
+from uniql.runtime.request import SamplingParams, TokenEvent
 
 from .config import ServerConfig
 from .weights import ElasticWeights
@@ -35,9 +35,6 @@ class EngineBackend:
         self.max_model_len = self.engine.max_model_len
         self.weights = ElasticWeights(model, ckpt_dir)
         self.weights.settle()  # the runner's one-time dequantization leaves temporaries in the heap
-        # cache bytes per token at each rung, from the runner's own admission formula (a 1-token prompt + 1)
-        self._cache_per_token = tuple(self.engine.runner.cache_bytes_for(
-            Request([0], SamplingParams(max_tokens=1), rung=r)) // 2 for r in range(len(self.rates)))
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, cfg: ServerConfig) -> EngineBackend:
@@ -73,8 +70,9 @@ class EngineBackend:
         return self.engine.runner.model.ladder.nearest(rate)
 
     def cache_bytes(self, max_len: int) -> tuple[int, ...]:
-        """A request's KV cache at every rung (prompt + max_tokens positions)."""
-        return tuple(per_token * max_len for per_token in self._cache_per_token)
+        """A request's caches at every rung (KV for prompt + max_tokens positions, SSM states), by the runner's own
+        admission formula."""
+        return tuple(self.engine.runner.cache_bytes_at(r, max_len) for r in range(len(self.rates)))
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, rung: int) -> tuple[str, AsyncIterator[TokenEvent]]:
         """Queue one sequence (ValueError / QueueFull now); returns its id and its event stream."""

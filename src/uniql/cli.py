@@ -173,7 +173,7 @@ def cmd_eval(args) -> int:
 
 
 def info_report(manifest: dict) -> dict:
-    from uniql.runtime.ladder import LayerSizes, RateLadder
+    from uniql.runtime.ladder import RateLadder
     from uniql.runtime.memory import fp16_bytes, rung_bytes
     from uniql.runtime.spec import ArchSpec
 
@@ -181,13 +181,14 @@ def info_report(manifest: dict) -> dict:
     quant = manifest.get("quantization") or {}
     kind, group = manifest["weights"], quant.get("group_size", 128)
     float_bytes = 2 if kind == "int4" else 4 if manifest["tensors"]["norm.weight"]["dtype"] == "float32" else 2
-    fp16 = fp16_bytes(spec, LayerSizes(spec.intermediate_size, spec.head_dim, spec.head_dim))
+    fp16 = fp16_bytes(spec)
     rotation = (quant.get("rotation") or {}).get("runtime_rotation", False)
     rungs = []
     for rate, sizes in zip(ladder.rates, ladder.sizes, strict=True):
         row = rung_bytes(spec, sizes, kind, group, float_bytes, runtime_rotation=rotation)
         rungs.append({"rate": rate, **row, "reduction_vs_fp16": fp16 / row["total_bytes"],
-                      "mean_kept": {f: sum(getattr(s, f) for s in sizes) / len(sizes) for f in ("mlp", "qk", "vo")}})
+                      "mean_kept": {f: sum(getattr(s, f) for s in sizes) / len(sizes)
+                                    for f in ("mlp", "qk", "vo", "ssm_p", "ssm_n")}})
     return {"format_version": manifest["format_version"], "weights": kind, "quantization": quant or None,
             "arch": manifest["arch"], "source": manifest["source"], "order": manifest["calibration"].get("order"),
             "fp16_bytes": fp16, "rungs": rungs}
