@@ -6,6 +6,7 @@ lists what the sweep times.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -54,10 +55,22 @@ def _sm_count(device: torch.device) -> int:
     return 8  # interpreter: any small number keeps the split logic exercised
 
 
-def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.device | str = "cuda") -> Int4Config:
-    """The default launch configuration (block sizes, K split) for one call; tuned on H100 (benchmarks/kernels.py)."""
+def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.device | str = "cuda",
+                half2: bool = True) -> Int4Config:
+    """The default launch configuration (block sizes, K split) for one call (benchmarks/kernels.py tunes it).
+
+    ``half2``: the GEMV takes fp16/bf16 activations through ``int4_gemv`` (False: fp32 activations, exact kernel).
+    """
     sms = _sm_count(torch.device(device))
     path = choose_path(m, n_total)
+    if path == "gemv" and half2:
+        # H200 probe (benchmarks/gemv_probe.py, results/gemv_probe_h200.json): 256 columns, 4 warps and a K split
+        # to ~8 programs per SM everywhere; 32-row tiles for the vocab head (long K loops: fewer live registers)
+        block_k = min(group_size, 32 if n_total > 65536 else 64)
+        block_m = 1 if m == 1 else 2 if m == 2 else 4
+        n_blocks = triton.cdiv(n_total, 256)
+        split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms)
+        return Int4Config("gemv", 256, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;
         # 64-column blocks (deep K split) for the small attention layers, 128 columns for the wide MLP, the
@@ -82,17 +95,20 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
     return Int4Config("gemm", block_n, block_k, split, warps, block_m, num_stages=4 if m > 64 else 3)
 
 
-def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cuda") -> list[Int4Config]:
+def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cuda",
+                      half2: bool = True) -> list[Int4Config]:
     """Configurations worth timing for one shape (the benchmark's --sweep tunes ``pick_config`` with these)."""
-    base = pick_config(m, n_total, k, group_size, device)
+    base = pick_config(m, n_total, k, group_size, device, half2)
     out = {base}
     if base.path == "gemv":
         sms = _sm_count(torch.device(device))
-        for bn, warps in ((64, 4), (128, 4), (128, 8), (256, 4), (256, 8), (512, 2), (512, 4), (1024, 4)):
+        block_ks = sorted({min(group_size, bk) for bk in (32, 64)}) if half2 else [base.block_k]
+        for (bn, warps), bk in itertools.product(((64, 4), (128, 4), (128, 8), (256, 4), (256, 8), (512, 4),
+                                                 (512, 8)), block_ks):
             blocks = triton.cdiv(n_total, bn)
-            for waves in (1, 2, 4, 8):  # programs per SM the K split aims for
-                split = _split_for(blocks, triton.cdiv(k, base.block_k), waves * sms)
-                out.add(Int4Config("gemv", bn, base.block_k, split, warps, base.block_m))
+            for waves in (2, 4, 8, 16):  # programs per SM the K split aims for
+                split = _split_for(blocks, triton.cdiv(k, bk), waves * sms)
+                out.add(Int4Config("gemv", bn, bk, split, warps, base.block_m))
     else:  # small batches tune the Triton GEMM; prefill compares dequant + cuBLAS with it
         block_m = base.block_m if base.path == "gemm" else 128
         for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4),

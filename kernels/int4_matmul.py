@@ -3,17 +3,16 @@
 The Triton kernels read ``qweight int32 [K/8, N]`` / ``scales fp16 [K/G, N]`` (see ``int4_format``) through the
 row strides of the FULL stored tensors, so a rung is just smaller ``n``/``k`` arguments, never a copy:
 
-* ``gemv`` (batch 1..4): CUDA-core FMAs, each dequantized tile shared by the rows. Codes become floats with the
-  exponent trick: OR-ing a code shifted to bit ``4j`` into the bits of 2^23 gives the float ``2^23 + q * 16^j``
-  exactly (j < 5; the top three codes are read after one 20-bit shift), so one LOP3 + one FADD + one FFMA per
-  weight and row, with ``x`` pre-scaled by 16^-j. No int-to-float conversions, few int-pipe instructions.
+* ``gemv`` (batch 1..4): fp16/bf16 activations take ``int4_gemv`` (half2 math, ~2.3 instructions per weight).
+  fp32 activations take the exact fp32 kernel here: CUDA-core FMAs, each dequantized tile shared by the rows.
+  Codes become floats with the exponent trick: OR-ing a code shifted to bit ``4j`` into the bits of 2^23 gives
+  the float ``2^23 + q * 16^j`` exactly (j < 5; the top three codes are read after one 20-bit shift), so one
+  LOP3 + one FADD + one FFMA per weight and row, with ``x`` pre-scaled by 16^-j. No int-to-float conversions, few int-pipe instructions.
 * ``gemm`` (batch 5 .. 255): dequantizes a ``[BK, BN]`` tile to the activation dtype and runs ``tl.dot``.
 * ``dequant`` (prefill, 256+ rows): ``int4_dequant`` writes the active prefix in column chunks, cuBLAS multiplies.
 
-The Triton paths split K across programs where the N blocks alone cannot fill the GPU. Partial sums go to a
-workspace and the LAST program of each output tile (an atomic counter per tile) adds them in split order and
-writes the output: one launch, no zero-fill, and a deterministic result (the same bits whatever order programs
-finish in).
+The Triton paths split K across programs where the N blocks alone cannot fill the GPU (the fixup that sums the
+partials deterministically is in ``int4_tiles``).
 
 Fused weights (q|k|v, gate|up) are ``segments``: up to three (first stored column, active columns) pairs read in
 one launch, written side by side in the output.
@@ -28,50 +27,10 @@ import triton.language as tl
 from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_path, pick_config
 from .int4_dequant import dequant_matmul
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
+from .int4_gemv import launch_gemv_h2
+from .int4_tiles import _finish, _segment, reserve_workspace, workspace
 
 # --------------------------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG: tl.constexpr):
-    """Program id along N -> (block within its segment, first stored column, active columns, first output column)."""
-    if NUM_SEG == 1:
-        return pid_n, s0, l0, 0
-    in1 = pid_n >= nb0
-    in2 = pid_n >= nb0 + nb1
-    blk = pid_n - tl.where(in2, nb0 + nb1, tl.where(in1, nb0, 0))
-    col0 = tl.where(in2, s2, tl.where(in1, s1, s0))
-    n_len = tl.where(in2, l2, tl.where(in1, l1, l0))
-    out0 = tl.where(in2, l0 + l1, tl.where(in1, l0, 0))
-    return blk, col0, n_len, out0
-
-
-@triton.jit
-def _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + ocol, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    ptrs = out_ptr + offs_m[:, None] * stride_om + ocol[None, :]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol,
-            mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Write the tile, or (split K) park the partial and let the tile's last program sum all partials in order."""
-    if SPLIT:
-        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tile_ws = ws_ptr + tile * n_splits * BLOCK_M * BLOCK_N
-        tl.store(tile_ws + split * BLOCK_M * BLOCK_N + local, acc)
-        tl.debug_barrier()  # every thread's partial is written before one thread releases the counter
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == n_splits - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for s in range(0, n_splits):
-                total += tl.load(tile_ws + s * BLOCK_M * BLOCK_N + local, cache_modifier=".cg")
-            tl.store(cnt_ptr + tile, 0)  # ready for the next launch (graph replays reuse the counters)
-            _write(total, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
-    else:
-        _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
 
 
 @triton.jit
@@ -198,27 +157,6 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
 
 # -------------------------------------------------------------------------------------------------- launcher
 
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K partials (fp32) and per-tile arrival counters (int32, kept at zero between launches), per device.
-
-    Grown on demand; an engine that captures CUDA graphs calls ``reserve_workspace`` first so no allocation
-    happens inside a capture. One stream at a time may use a device's workspace.
-    """
-    ws, cnt = _WORKSPACE.get(device, (None, None))
-    if ws is None or ws.numel() < floats or cnt.numel() < tiles:
-        ws = torch.empty(max(floats, 0 if ws is None else ws.numel(), 1 << 16), dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel(), 1 << 12), dtype=torch.int32, device=device)
-        _WORKSPACE[device] = (ws, cnt)
-    return ws, cnt
-
-
-def reserve_workspace(device, floats: int = 1 << 22, tiles: int = 1 << 16) -> None:
-    workspace(torch.device(device), floats, tiles)
-
-
 def _segments(segments, n: int | None, n_stored: int) -> list[tuple[int, int]]:
     segs = [(0, n_stored if n is None else n)] if segments is None else [(int(a), int(b)) for a, b in segments]
     if not 1 <= len(segs) <= MAX_SEGMENTS:
@@ -261,15 +199,15 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     _check(x, qweight, scales, group_size, k)
     segs = _segments(segments, n, qweight.shape[1])
     lead, x2 = x.shape[:-1], x.reshape(-1, k)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
+    if x2.stride(1) != 1 or x2.data_ptr() % 4 or x2.stride(0) % 2:
+        x2 = x2.contiguous() if x2.stride(1) != 1 else x2.clone()  # the half2 gemv reads x as int32 pairs
     m, n_total = x2.shape[0], sum(length for _, length in segs)
     out = torch.empty(m, n_total, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n_total)
     if bias is not None and bias.shape != (n_total,):
         raise ValueError(f"bias must have shape ({n_total},), got {tuple(bias.shape)}")
-    cfg = config or pick_config(m, n_total, k, group_size, x.device)
+    cfg = config or pick_config(m, n_total, k, group_size, x.device, half2=x.dtype != torch.float32)
     _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, out)
     return out.reshape(*lead, n_total)
 
@@ -281,6 +219,8 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
         return
     if cfg.path == "gemv" and (m > cfg.block_m or cfg.block_k > group_size):
         raise ValueError(f"gemv config {cfg} cannot serve batch {m} at group {group_size}")
+    if cfg.path == "gemv" and x.dtype != torch.float32 and cfg.block_k % 16:
+        raise ValueError(f"the half2 gemv reads tiles of two row blocks: block_k must be a multiple of 16 ({cfg})")
     blocks = [triton.cdiv(length, cfg.block_n) for _, length in segs]
     pad = [(0, 0)] * (MAX_SEGMENTS - len(segs))
     (s0, l0), (s1, l1), (s2, l2) = segs + pad
@@ -298,7 +238,10 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
     common = dict(GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_SEG=len(segs), SPLIT=split > 1,
                   ALIGNED=aligned,
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.path == "gemv":
+    if cfg.path == "gemv" and x.dtype != torch.float32:
+        launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, x_bf16=x.dtype == torch.bfloat16,
+                       **common)
+    elif cfg.path == "gemv":
         # the exponent bits of 2^23 travel as an argument so they sit in one register and each LOP3 takes its
         # code mask as the immediate (a literal here makes ptxas rematerialize every mask inside the loop)
         _gemv_kernel[(sum(blocks), split)](*args, 0x4B000000, BLOCK_R=cfg.block_k // 8, **common)

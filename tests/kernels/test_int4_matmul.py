@@ -111,6 +111,24 @@ def test_every_rung_of_a_ladder_is_a_prefix_of_the_same_bytes(axis):
     assert (qweight.data_ptr(), scales.data_ptr()) == pointers
 
 
+@pytest.mark.skipif(not CUDA, reason="the half2 assembly runs on the GPU (CPU runs its plain-Triton twin)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_half2_gemv_is_accurate_for_large_and_small_activations(dtype, m):
+    """fp16 products and 8-term half2 sums: no overflow for |x| in the thousands, no underflow for tiny x."""
+    qweight, scales = packed(512, 1024, 64)
+    for magnitude in (2000.0, 1e-3):
+        x = (torch.randn(m, 1024, device=DEV) * magnitude).to(dtype)
+        out = check(x, qweight, scales, 64)
+        assert torch.isfinite(out).all()
+
+
+def test_misaligned_activation_views_are_copied_not_misread():
+    qweight, scales = packed(64, 128, 64)
+    base = torch.randn(2, 129, device=DEV).to(DTYPES[0])
+    check(base[:, 1:], qweight, scales, 64)  # odd element offset: not int32-aligned
+
+
 def test_leading_dims_and_strided_activations():
     qweight, scales = packed(64, 128, 64)
     x = torch.randn(2, 3, 256, device=DEV).to(DTYPES[0])[..., ::2]  # last dim strided: the launcher copies it

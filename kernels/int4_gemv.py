@@ -1,0 +1,247 @@
+"""Decode GEMV (batch 1..4, fp16/bf16 activations) over the packed INT4 format, in half2 math.
+
+Why half2: at batch 1 the GEMV is bound by instruction issue, not by DRAM, unless each weight costs ~2
+instructions. Per int32 word (8 codes of one output column, K rows 8r..8r+7):
+
+* 4 LOP3 (+1 shift) OR each pair of codes into the mantissa of the fp16 1024.0: halves ``1024 + q`` (codes j, j+4
+  at bits 4j and 4j+16) or ``1024 + 16 q`` (the next code up, no shift needed);
+* 4 HFMA2 turn those into ``(q - 8) / 16`` exactly (the 1/16 keeps half2 sums of 8 products far from fp16
+  overflow: activations up to ~16k in magnitude; the output is multiplied back by 16 in fp32);
+* 4 HFMA2 per activation row multiply-add the activation pairs ``(x_j, x_j+4)``;
+* every two words the half2 sum leaves as one fp32 (2 conversions + 1 add) and meets the group scale in fp32.
+
+So ~2.3 instructions per weight instead of ~5 for fp32 math. Activations are converted once per packed row to
+fp16 pairs in the matching order (bf16 -> fp32 is a shift, then one cvt per pair; fp16 needs only PRMTs). Products
+are rounded to fp16 (11 bits, finer than bf16 activations themselves) and summed 8 at a time in fp16, the rest in
+fp32. fp32 activations take the exact fp32 kernel in ``int4_matmul``.
+
+Each program owns BLOCK_N output columns and a K slice (split K through ``int4_tiles._finish``); a tile is two
+row blocks of SUB_R packed rows (2 * SUB_R * 8 <= the group size, so one scale row per tile). Under the Triton
+interpreter (CPU tests) the inline assembly is replaced by the same arithmetic in plain Triton ops, so the
+indexing, masking, segment and split logic is tested in CI; the assembly itself is tested on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from .int4_tiles import _finish, _segment
+
+# fp16 constants (two per register): 1/16, -(1024/16 + 8/16), 1/256, -(1024/256 + 8/16)
+_C_LO_SCALE, _C_LO_BIAS, _C_HI_SCALE, _C_HI_BIAS = 0x2C002C00, 0xD408D408, 0x1C001C00, 0xC480C480
+_MAGIC = 0x64006400  # fp16 1024.0 in both halves
+
+
+def _dot_asm(rows: int) -> str:
+    """PTX: 2 words x ``rows`` activation rows -> ``rows`` fp32 partial dots (operands: outs, wa, wb, 8 pairs/row)."""
+    lines = ["{", ".reg .b32 t0, t1, t2, t3, s, c0, c1, c2, c3;", ".reg .b16 h0, h1;", ".reg .f32 f0, f1;",
+             ".reg .b32 " + ", ".join(f"a{m}" for m in range(rows)) + ";",
+             f"mov.b32 c0, {_C_LO_SCALE:#x};", f"mov.b32 c1, {_C_LO_BIAS:#x};",
+             f"mov.b32 c2, {_C_HI_SCALE:#x};", f"mov.b32 c3, {_C_HI_BIAS:#x};"]
+    for word in range(2):
+        w = f"${rows + word}"
+        lines += [f"lop3.b32 t0, {w}, 0x000F000F, {_MAGIC:#x}, 0xEA;",
+                  f"lop3.b32 t1, {w}, 0x00F000F0, {_MAGIC:#x}, 0xEA;",
+                  f"shr.u32 s, {w}, 8;", f"lop3.b32 t2, s, 0x000F000F, {_MAGIC:#x}, 0xEA;",
+                  f"lop3.b32 t3, s, 0x00F000F0, {_MAGIC:#x}, 0xEA;",
+                  "fma.rn.f16x2 t0, t0, c0, c1;", "fma.rn.f16x2 t1, t1, c2, c3;",
+                  "fma.rn.f16x2 t2, t2, c0, c1;", "fma.rn.f16x2 t3, t3, c2, c3;"]
+        for m in range(rows):
+            x0 = rows + 2 + 8 * m + 4 * word  # this row's 4 pairs for this word
+            first = "mul.f16x2 a{m}, t0, ${x};" if word == 0 else "fma.rn.f16x2 a{m}, t0, ${x}, a{m};"
+            lines += [first.format(m=m, x=x0)] + [f"fma.rn.f16x2 a{m}, t{i}, ${x0 + i}, a{m};" for i in (1, 2, 3)]
+    for m in range(rows):
+        lines += [f"mov.b32 {{h0, h1}}, a{m};", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;", f"add.f32 ${m}, f0, f1;"]
+    return "\n".join(lines + ["}"])
+
+
+_ASM_DOT1 = tl.constexpr(_dot_asm(1))
+_ASM_DOT2 = tl.constexpr(_dot_asm(2))
+_ASM_DOT4 = tl.constexpr(_dot_asm(4))
+_CON_DOT1 = tl.constexpr("=r" + ",r" * 10)
+_CON_DOT2 = tl.constexpr("=r,=r" + ",r" * 18)
+_CON_DOT4 = tl.constexpr("=r,=r,=r,=r" + ",r" * 34)
+# 8 activations as 4 int32 (pairs (x0,x1) .. (x6,x7)) -> fp16 pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7)
+_ASM_X_BF16 = tl.constexpr("""{
+.reg .b32 a0, a1, b0, b1;
+shl.b32 a0, $4, 16;
+shl.b32 b0, $6, 16;
+cvt.rn.f16x2.f32 $0, b0, a0;
+and.b32 a1, $4, 0xFFFF0000;
+and.b32 b1, $6, 0xFFFF0000;
+cvt.rn.f16x2.f32 $1, b1, a1;
+shl.b32 a0, $5, 16;
+shl.b32 b0, $7, 16;
+cvt.rn.f16x2.f32 $2, b0, a0;
+and.b32 a1, $5, 0xFFFF0000;
+and.b32 b1, $7, 0xFFFF0000;
+cvt.rn.f16x2.f32 $3, b1, a1;
+}""")
+_ASM_X_F16 = tl.constexpr("""prmt.b32 $0, $4, $6, 0x5410;
+prmt.b32 $1, $4, $6, 0x7632;
+prmt.b32 $2, $5, $7, 0x5410;
+prmt.b32 $3, $5, $7, 0x7632;""")
+USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+# ----------------------------------------------------------------------------------- plain-Triton twins (CPU)
+
+
+@triton.jit
+def _half(pair, hi: tl.constexpr):
+    bits = (pair >> 16) if hi else pair
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _dot_emulated(wa, wb, p):
+    """What the assembly computes for one activation row, in fp32: sum_j (q_j - 8) / 16 * x_j over both words."""
+    acc = tl.zeros(wa.shape, tl.float32)
+    for i in tl.static_range(4):
+        for hi in tl.static_range(2):
+            j = i + 4 * hi
+            acc += (((wa >> (4 * j)) & 15) - 8).to(tl.float32) * 0.0625 * _half(p[i], hi)
+            acc += (((wb >> (4 * j)) & 15) - 8).to(tl.float32) * 0.0625 * _half(p[4 + i], hi)
+    return acc
+
+
+@triton.jit
+def _pair16(lo, hi):
+    return (lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | \
+        (hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+
+
+# ------------------------------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _dot1(wa, wb, p):
+    return tl.inline_asm_elementwise(_ASM_DOT1, _CON_DOT1, [wa, wb, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot2(wa, wb, p, q):
+    return tl.inline_asm_elementwise(
+        _ASM_DOT2, _CON_DOT2, [wa, wb, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
+                               q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]],
+        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot4(wa, wb, p, q, u, v):
+    return tl.inline_asm_elementwise(
+        _ASM_DOT4, _CON_DOT4, [wa, wb, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
+                               q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7],
+                               u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7],
+                               v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]],
+        dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_pairs(x_ptr, row, mask, X_BF16: tl.constexpr, ASM: tl.constexpr):
+    """x[8r .. 8r+7] of one activation row, packed rows ``row [R, 1]``, as 4 fp16-pair int32 tensors [R, 1]."""
+    if ASM:
+        p = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row * 4
+        v0 = tl.load(p, mask=mask, other=0)
+        v1 = tl.load(p + 1, mask=mask, other=0)
+        v2 = tl.load(p + 2, mask=mask, other=0)
+        v3 = tl.load(p + 3, mask=mask, other=0)
+        if X_BF16:
+            return tl.inline_asm_elementwise(_ASM_X_BF16, "=r,=r,=r,=r,r,r,r,r", [v0, v1, v2, v3],
+                                             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_ASM_X_F16, "=r,=r,=r,=r,r,r,r,r", [v0, v1, v2, v3],
+                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    p = x_ptr + row * 8
+    return (_pair16(tl.load(p, mask=mask, other=0.0), tl.load(p + 4, mask=mask, other=0.0)),
+            _pair16(tl.load(p + 1, mask=mask, other=0.0), tl.load(p + 5, mask=mask, other=0.0)),
+            _pair16(tl.load(p + 2, mask=mask, other=0.0), tl.load(p + 6, mask=mask, other=0.0)),
+            _pair16(tl.load(p + 3, mask=mask, other=0.0), tl.load(p + 7, mask=mask, other=0.0)))
+
+
+@triton.jit
+def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, X_BF16: tl.constexpr, ASM: tl.constexpr):
+    """Activation row m's pairs for both row blocks of the tile (8 int32 tensors [SUB_R, 1]); zero past M."""
+    ok = (ra * 0 + m) < M  # a tensor predicate (a Python bool breaks the interpreter's masks)
+    a0, a1, a2, a3 = _x_pairs(x_ptr + m * stride_xm, ra, ma & ok, X_BF16, ASM)
+    b0, b1, b2, b3 = _x_pairs(x_ptr + m * stride_xm, rb, mb & ok, X_BF16, ASM)
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@triton.jit
+def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+                    M, K, stride_xm, stride_qw, stride_sc, stride_om,
+                    s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
+                    NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
+                    X_BF16: tl.constexpr, ASM: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG)
+    if ALIGNED:  # segment starts and lengths are multiples of 16: 16-byte weight loads
+        col0 = tl.multiple_of(col0, 16)
+        n_len = tl.multiple_of(n_len, 16)
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = (offs_n < n_len)[None, :]
+    wcol = (col0 + offs_n)[None, :]
+    offs_r = tl.arange(0, SUB_R)[:, None]
+    rows_k = K // 8
+    t0 = split * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(rows_k, 2 * SUB_R))
+    acc0 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
+    acc1 = tl.zeros([SUB_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)
+    acc2 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
+    acc3 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
+    for t in range(t0, t1):
+        ra = t * 2 * SUB_R + offs_r  # the tile's first SUB_R packed rows, then the next SUB_R
+        rb = ra + SUB_R
+        ma = ra < rows_k
+        mb = rb < rows_k
+        wa = tl.load(qw_ptr + ra * stride_qw + wcol, mask=ma & mask_n, other=0, eviction_policy="evict_first")
+        wb = tl.load(qw_ptr + rb * stride_qw + wcol, mask=mb & mask_n, other=0, eviction_policy="evict_first")
+        scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
+        scale = scale.to(tl.float32)
+        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, X_BF16, ASM)
+        if BLOCK_M == 1:
+            if ASM:  # noqa: SIM108 (a constexpr branch, not a run-time select)
+                d0 = _dot1(wa, wb, p0)
+            else:
+                d0 = _dot_emulated(wa, wb, p0)
+            acc0 += d0 * scale
+        elif BLOCK_M == 2:
+            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, X_BF16, ASM)
+            if ASM:
+                d0, d1 = _dot2(wa, wb, p0, p1)
+            else:
+                d0, d1 = _dot_emulated(wa, wb, p0), _dot_emulated(wa, wb, p1)
+            acc0 += d0 * scale
+            acc1 += d1 * scale
+        else:
+            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, X_BF16, ASM)
+            p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, X_BF16, ASM)
+            p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, X_BF16, ASM)
+            if ASM:
+                d0, d1, d2, d3 = _dot4(wa, wb, p0, p1, p2, p3)
+            else:
+                d0, d1 = _dot_emulated(wa, wb, p0), _dot_emulated(wa, wb, p1)
+                d2, d3 = _dot_emulated(wa, wb, p2), _dot_emulated(wa, wb, p3)
+            acc0 += d0 * scale
+            acc1 += d1 * scale
+            acc2 += d2 * scale
+            acc3 += d3 * scale
+    offs_m = tl.arange(0, BLOCK_M)
+    out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
+    if BLOCK_M > 1:
+        out = tl.where(offs_m[:, None] == 1, tl.sum(acc1, axis=0)[None, :], out)
+    if BLOCK_M > 2:
+        out = tl.where(offs_m[:, None] == 2, tl.sum(acc2, axis=0)[None, :], out)
+        out = tl.where(offs_m[:, None] == 3, tl.sum(acc3, axis=0)[None, :], out)
+    _finish(out * 16.0, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m,
+            offs_m < M, out0 + offs_n, offs_n < n_len, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
+
+
+def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, **constexprs) -> None:
+    """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it)."""
+    _gemv_h2_kernel[grid](*args, SUB_R=sub_r, X_BF16=x_bf16, ASM=USE_ASM, **constexprs)

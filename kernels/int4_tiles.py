@@ -1,0 +1,77 @@
+"""Pieces every W4A16 Triton kernel shares: segment lookup, output write, the split-K fixup and its workspace.
+
+Split K: partial sums go to a workspace and the LAST program of each output tile (an atomic counter per tile)
+adds them in split order and writes the output: one launch, no zero-fill, and a deterministic result (the same
+bits whatever order programs finish in).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG: tl.constexpr):
+    """Program id along N -> (block within its segment, first stored column, active columns, first output column)."""
+    if NUM_SEG == 1:
+        return pid_n, s0, l0, 0
+    in1 = pid_n >= nb0
+    in2 = pid_n >= nb0 + nb1
+    blk = pid_n - tl.where(in2, nb0 + nb1, tl.where(in1, nb0, 0))
+    col0 = tl.where(in2, s2, tl.where(in1, s1, s0))
+    n_len = tl.where(in2, l2, tl.where(in1, l1, l0))
+    out0 = tl.where(in2, l0 + l1, tl.where(in1, l0, 0))
+    return blk, col0, n_len, out0
+
+
+@triton.jit
+def _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + ocol, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    ptrs = out_ptr + offs_m[:, None] * stride_om + ocol[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol,
+            mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Write the tile, or (split K) park the partial and let the tile's last program sum all partials in order."""
+    if SPLIT:
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_ws = ws_ptr + tile * n_splits * BLOCK_M * BLOCK_N
+        tl.store(tile_ws + split * BLOCK_M * BLOCK_N + local, acc)
+        tl.debug_barrier()  # every thread's partial is written before one thread releases the counter
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(0, n_splits):
+                total += tl.load(tile_ws + s * BLOCK_M * BLOCK_N + local, cache_modifier=".cg")
+            tl.store(cnt_ptr + tile, 0)  # ready for the next launch (graph replays reuse the counters)
+            _write(total, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
+    else:
+        _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
+
+
+_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K partials (fp32) and per-tile arrival counters (int32, kept at zero between launches), per device.
+
+    Grown on demand; an engine that captures CUDA graphs calls ``reserve_workspace`` first so no allocation
+    happens inside a capture. One stream at a time may use a device's workspace.
+    """
+    ws, cnt = _WORKSPACE.get(device, (None, None))
+    if ws is None or ws.numel() < floats or cnt.numel() < tiles:
+        ws = torch.empty(max(floats, 0 if ws is None else ws.numel(), 1 << 16), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel(), 1 << 12), dtype=torch.int32, device=device)
+        _WORKSPACE[device] = (ws, cnt)
+    return ws, cnt
+
+
+def reserve_workspace(device, floats: int = 1 << 22, tiles: int = 1 << 16) -> None:
+    workspace(torch.device(device), floats, tiles)
+
+
