@@ -7,7 +7,8 @@ row strides of the FULL stored tensors, so a rung is just smaller ``n``/``k`` ar
   fp32 activations take the exact fp32 kernel here: CUDA-core FMAs, each dequantized tile shared by the rows.
   Codes become floats with the exponent trick: OR-ing a code shifted to bit ``4j`` into the bits of 2^23 gives
   the float ``2^23 + q * 16^j`` exactly (j < 5; the top three codes are read after one 20-bit shift), so one
-  LOP3 + one FADD + one FFMA per weight and row, with ``x`` pre-scaled by 16^-j. No int-to-float conversions, few int-pipe instructions.
+  LOP3 + one FADD + one FFMA per weight and row, with ``x`` pre-scaled by 16^-j. No int-to-float conversions,
+  few int-pipe instructions.
 * ``gemm`` (batch 5 .. 255): dequantizes a ``[BK, BN]`` tile to the activation dtype and runs ``tl.dot``.
 * ``dequant`` (prefill, 256+ rows): ``int4_dequant`` writes the active prefix in column chunks, cuBLAS multiplies.
 
