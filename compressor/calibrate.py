@@ -128,7 +128,7 @@ def run_layerwise(model: ElasticDecoder, batches: list[CalibBatch], collectors: 
     torch.backends.cuda.matmul.allow_tf32 = False  # statistics in true fp32
     try:
         for index, layer in enumerate(tqdm(model.layers, desc=desc, unit="layer")):
-            dtype = layer.input_norm.weight.dtype
+            dtype = next(layer.parameters()).dtype
             layer.to(device=device, dtype=torch.float32)
             hooks = [h for c in collectors for h in c.attach(index, layer)]
             outputs = []

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from uniql.runtime.checkpoint import DTYPES, load_checkpoint, load_tokenizer, read_manifest, save_checkpoint
 from uniql.runtime.decoder import ElasticDecoder
 from uniql.runtime.hf_import import decoder_from_hf
-from uniql.runtime.ladder import DEFAULT_RATES, Alignment, dim_steps
+from uniql.runtime.ladder import DEFAULT_RATES, Alignment, spec_dim_steps
 
 from .allocation import build_ladder
 from .calib_data import calibration_batches
@@ -67,8 +67,16 @@ def block_importance(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> l
     return collector.scores
 
 
-def sort_layers(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> None:
-    """Apply the chosen order to every layer in place (a re-parameterisation: rate 0 is unchanged)."""
+def sort_layers(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> str | None:
+    """Apply the chosen order to every layer in place (a re-parameterisation: rate 0 is unchanged).
+
+    Returns why sorting was skipped, or None. Models with Mamba (or attention-only / MLP-only) layers keep their
+    imported order until the SSM sorting lands: rung 0 is exact, pruned rungs drop unsorted channels.
+    """
+    if any(layer.blocks != ("attn", "mlp") for layer in model.layers):
+        reason = f"no structured sorting for {model.spec.family} layers yet: imported order kept"
+        log.warning("%s", reason)
+        return reason
     if cfg.order == "uniql":
         batches = calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen,
                                       cfg.seed, cfg.batch_size)
@@ -84,6 +92,7 @@ def sort_layers(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> None:
             apply_orders(layer, orders)
     spec = model.spec
     model.spec = dataclasses.replace(spec, v_bias=False, o_bias=spec.o_bias or spec.v_bias)
+    return None
 
 
 @contextmanager
@@ -111,11 +120,12 @@ def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig,
     with stage("block_importance", timings, cfg.device):
         scores = block_importance(model, tokenizer, cfg)
     with stage("sorting", timings, cfg.device):
-        sort_layers(model, tokenizer, cfg)
-    steps = dim_steps(spec.num_heads, spec.num_kv_heads, spec.head_dim, align)
+        skipped = sort_layers(model, tokenizer, cfg)
+    steps = spec_dim_steps(spec, align)
     model.ladder = build_ladder(scores, model.full_sizes, steps, cfg.rates, cfg.eps, cfg.max_prune)
     provenance = {
-        "order": cfg.order, "seed": cfg.seed, "block_importance": scores, "eps": cfg.eps,
+        "order": "none" if skipped else cfg.order, "sorting_skipped": skipped, "seed": cfg.seed,
+        "block_importance": scores, "eps": cfg.eps,
         "max_prune": cfg.max_prune,
         "ridge_lambda_rel": cfg.ridge_lambda, "dim_steps": dataclasses.asdict(steps),
         "sort_data": {"source": cfg.calib_source, "samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen},

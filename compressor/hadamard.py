@@ -1,7 +1,8 @@
 """Rotate the residual (hidden) dimension by a randomized Hadamard matrix before quantization (QuaRot-style).
 
-Only the hidden axis is rotated: the K side of q/k/v/gate/up/lm_head and the N side of o/down, plus the
-embedding table. Pruned axes (heads, ranks, MLP channels) are never touched, so every rung stays a prefix.
+Only the hidden axis is rotated: the K side of q/k/v/gate/up/lm_head (and Mamba z/x/B/C/dt) and the N side of
+o/down (and Mamba out_proj), plus the embedding table. Pruned axes (heads, ranks, MLP channels, Mamba head
+channels and states) are never touched, so every rung stays a prefix.
 RMSNorm weights are folded into the linears that read the norm first (a rotation commutes with a weightless
 RMSNorm). Embedding and head tables are rotated too (4-bit tables quantize better rotated). An untied head also
 absorbs the final norm's weight; a TIED table stays one shared table E Q, and the decoder runs the final norm
@@ -72,11 +73,21 @@ def _scale_inputs(linear: DenseLinear, weight: torch.Tensor) -> None:
     linear.weight.data = (linear.weight.double() * weight.double()).to(linear.weight.dtype)
 
 
+OUTPUT_SIDE = ("attn.o_proj", "mlp.down_proj", "mamba.out_proj")  # write the residual stream (N = hidden)
+
+
+def _norm_readers(layer) -> list:
+    """(norm, the projections reading it): the mixer's inputs after input_norm, the MLP's after post_attn_norm."""
+    readers = [p for p in layer.linear_paths if p not in OUTPUT_SIDE]
+    pairs = [(layer.input_norm, [p for p in readers if not p.startswith("mlp.")]),
+             (layer.post_attn_norm, [p for p in readers if p.startswith("mlp.")])]
+    return [(norm, paths) for norm, paths in pairs if norm is not None]
+
+
 def fold_layer_norms(model: ElasticDecoder) -> None:
     """Move each layer's RMSNorm weights into the linears reading that norm; the norms become ones."""
     for layer in model.layers:
-        for norm, readers in ((layer.input_norm, ("attn.q_proj", "attn.k_proj", "attn.v_proj")),
-                              (layer.post_attn_norm, ("mlp.gate_proj", "mlp.up_proj"))):
+        for norm, readers in _norm_readers(layer):
             for path in readers:
                 _scale_inputs(layer.get_linear(path), norm.weight)
             norm.weight.data = torch.ones_like(norm.weight.data)  # new tensor: never write through shared storage
@@ -100,10 +111,10 @@ def rotate_hidden(model: ElasticDecoder, seed: int = 0) -> dict:
     for table in (model.embed,) if tied else (model.embed, model.lm_head):
         table.weight.data = _rotate(table.weight.data, rot, "in")
     for layer in model.layers:
-        for path in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        for path in (p for p in layer.linear_paths if p not in OUTPUT_SIDE):
             linear = layer.get_linear(path)
             linear.weight.data = _rotate(linear.weight.data, rot, "in")
-        for path in ("attn.o_proj", "mlp.down_proj"):
+        for path in (p for p in layer.linear_paths if p in OUTPUT_SIDE):
             linear = layer.get_linear(path)
             linear.weight.data = _rotate(linear.weight.data, rot, "out")
             if linear.bias is not None:

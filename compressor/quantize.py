@@ -1,8 +1,10 @@
 """Quantize a sorted elastic decoder into the packed INT4 format: RTN or GPTQ, layer by layer.
 
 Each projection keeps its sorted order (no act-order), so every rung stays a prefix of the same bytes.
-q/k/v share one input Hessian, gate/up another; o_proj and down_proj see their own inputs (rank-major and
-importance-ordered). Embedding table and untied lm_head use round-to-nearest with groups along the hidden dim.
+q/k/v share one input Hessian, gate/up another (up alone in an ungated MLP), Mamba z/x/B/C/dt a third; o_proj,
+down_proj and Mamba out_proj see their own inputs (rank-major and importance-ordered). Embedding table and
+untied lm_head use round-to-nearest with groups along the hidden dim. The Mamba mixers' conv, gated-norm weight,
+dt_bias, A_log and D stay floating point (small, and the recurrence is sensitive to them).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import asdict, dataclass
 from tqdm.auto import tqdm
 
 from uniql.kernels import int4_format
-from uniql.runtime.decoder import ElasticDecoder
+from uniql.runtime.decoder import LINEAR_PATHS, ElasticDecoder
 from uniql.runtime.linear import DenseLinear, Int4Linear
 from uniql.runtime.memory import active_shapes
 
@@ -21,10 +23,23 @@ from .calibrate import Collector, gram, real_tokens, run_layerwise
 from .gptq import gptq_quantize, weighted_error
 from .hadamard import rotate_hidden
 
-# projection -> the projection whose input it shares (one Hessian per distinct input)
-LAYER_LINEARS = {"attn.q_proj": "attn.q_proj", "attn.k_proj": "attn.q_proj", "attn.v_proj": "attn.q_proj",
-                 "attn.o_proj": "attn.o_proj", "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj",
-                 "mlp.down_proj": "mlp.down_proj"}
+# projections that read the same input (one Hessian per group, hooked on the first member a layer holds)
+SHARED_INPUTS = (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("attn.o_proj",),
+                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",),
+                 ("mamba.z_proj", "mamba.x_proj", "mamba.B_proj", "mamba.C_proj", "mamba.dt_proj"),
+                 ("mamba.out_proj",))
+
+
+def input_sources(paths) -> dict[str, str]:
+    """projection -> the projection whose input it shares, for the projections ``paths`` of one layer."""
+    sources = {}
+    for group in SHARED_INPUTS:
+        present = [p for p in group if p in paths]
+        sources.update({p: present[0] for p in present})
+    return {p: sources[p] for p in paths}
+
+
+LAYER_LINEARS = input_sources(LINEAR_PATHS)  # an attn+mlp layer
 
 
 @dataclass
@@ -73,8 +88,9 @@ class GPTQCollector(Collector):
 
     def attach(self, index, layer):
         self.hessians = {}
+        self.sources = input_sources(layer.linear_paths)
         return [layer.get_linear(path).register_forward_pre_hook(self._hook(path))
-                for path in sorted(set(LAYER_LINEARS.values()))]
+                for path in sorted(set(self.sources.values()))]
 
     def _hook(self, path):
         def hook(module, args):
@@ -83,7 +99,7 @@ class GPTQCollector(Collector):
         return hook
 
     def finish(self, index, layer):
-        for path, source in LAYER_LINEARS.items():
+        for path, source in self.sources.items():
             dense = layer.get_linear(path)
             qweight, scales = gptq_quantize(dense.weight.data, self.hessians[source], self.cfg.group_size,
                                             self.cfg.damp, self.cfg.block)
@@ -116,7 +132,7 @@ def quantize_model(model: ElasticDecoder, tokenizer, cfg: QuantConfig, device="c
     rotation = rotate_hidden(model, cfg.seed) if cfg.hadamard else None
     if cfg.method == "rtn":
         for layer in tqdm(model.layers, desc="quantizing (rtn)", unit="layer"):
-            for path in LAYER_LINEARS:
+            for path in layer.linear_paths:
                 layer.set_linear(path, rtn_linear(layer.get_linear(path), cfg.group_size))
     else:
         batches = calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen, cfg.seed,

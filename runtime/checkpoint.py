@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .decoder import LINEAR_PATHS, ElasticDecoder
+from .decoder import ElasticDecoder
 from .ladder import Alignment, RateLadder
 from .linear import DenseLinear, Int4Linear
 from .spec import ArchSpec
@@ -50,7 +50,7 @@ def int4_skeleton(model: ElasticDecoder, group_size: int) -> ElasticDecoder:
         return Int4Linear(dense.in_features, dense.out_features, group_size, dense.bias is not None)
 
     for layer in model.layers:
-        for path in LINEAR_PATHS:
+        for path in layer.linear_paths:
             layer.set_linear(path, empty(layer.get_linear(path)))
     model.embed = empty(model.embed)
     if model.lm_head is not None:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from uniql.kernels.int4_format import PACK, packed_bytes
 from uniql.runtime.checkpoint import WEIGHTS
-from uniql.runtime.decoder import LINEAR_PATHS, ElasticDecoder
+from uniql.runtime.decoder import ElasticDecoder
 from uniql.runtime.linear import DenseLinear, Int4Linear
 from uniql.runtime.memory import active_shapes
 
@@ -64,9 +64,9 @@ class ElasticWeights:
         self.num_layers = spec.num_layers
         names = {id(m): name for name, m in model.named_modules()}
         # shapes[layer][path][rung] = (n, k)
-        self.shapes = [{path: [active_shapes(spec, sizes[i])[path] for sizes in ladder.sizes] for path in LINEAR_PATHS}
-                       for i in range(self.num_layers)]
-        self.modules = [{path: layer.get_linear(path) for path in LINEAR_PATHS} for layer in model.layers]
+        self.shapes = [{path: [active_shapes(spec, sizes[i])[path] for sizes in ladder.sizes]
+                        for path in layer.linear_paths} for i, layer in enumerate(model.layers)]
+        self.modules = [{path: layer.get_linear(path) for path in layer.linear_paths} for layer in model.layers]
         self.names = [{path: names[id(m)] for path, m in mods.items()} for mods in self.modules]
         self.layer_rung = [0] * self.num_layers
         # CUDA runs fused q|k|v / gate|up tensors inside captured CUDA graphs, which hold the weights' addresses:

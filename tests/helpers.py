@@ -95,18 +95,25 @@ TINY_RTN_FLAGS = ["--quant", "rtn", "--calib-samples", "8", "--calib-seqlen", "6
                   "--bi-seqlen", "64", "--group-size", "32"]
 
 
-def build_tiny_int4_ckpt(source: Path, out: Path, data_dir: Path, tokenizer, seed: int = 0) -> Path:
-    """`uniql compress` (RTN INT4, light calibration) of a random tiny Llama with ``tokenizer``: seconds on CPU."""
+def build_tiny_int4_ckpt(source: Path, out: Path, data_dir: Path, tokenizer, seed: int = 0, family: str = "llama",
+                         flags: list[str] | None = None) -> Path:
+    """`uniql compress` (RTN INT4, light calibration) of a random tiny model with ``tokenizer``: seconds on CPU.
+
+    ``family``: "llama", or an SSM family of ``tiny_ssm_hf_model`` (mamba2, bamba, nemotron_h)."""
     import os
 
     from uniql.cli import main
 
-    tiny_hf_model("llama", vocab=len(tokenizer), hidden=64, inter=128, seed=seed).save_pretrained(source)
+    if family == "llama":
+        hf = tiny_hf_model("llama", vocab=len(tokenizer), hidden=64, inter=128, seed=seed)
+    else:
+        hf = tiny_ssm_hf_model(family, vocab=len(tokenizer), seed=seed)
+    hf.save_pretrained(source)
     tokenizer.save_pretrained(source)
     old = os.environ.get("UNIQL_DATA_DIR")
     os.environ["UNIQL_DATA_DIR"] = str(data_dir)
     try:
-        rc = main(["compress", str(source), "--out", str(out), *TINY_RTN_FLAGS])
+        rc = main(["compress", str(source), "--out", str(out), *(TINY_RTN_FLAGS if flags is None else flags)])
     finally:
         if old is None:
             os.environ.pop("UNIQL_DATA_DIR")
