@@ -125,7 +125,7 @@ def anchor_label(row: dict) -> str:
 # ------------------------------------------------------------------------------------------ memory
 def section_memory(rep: Report, results: dict) -> None:
     rep.add("## Memory and bytes per rung", "")
-    quant, kernels = results.get("quant_smollm2"), results.get("kernels_h100")
+    quant, kernels = results.get("quant_smollm2"), kernel_results(results)
     if not quant and not kernels:
         rep.missing("bytes per rung", "quant_smollm2.json, kernels_h100.json")
         return
@@ -202,9 +202,14 @@ def zero_shot(rep: Report, sorting: dict | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ kernels
+def kernel_results(results: dict) -> dict | None:
+    """The newest kernel run: H200 (the lent machine since stop 13) before the older H100 file."""
+    return results.get("kernels_h200") or results.get("kernels_h100")
+
+
 def section_kernels(rep: Report, results: dict) -> None:
-    rep.add("## Kernels: fraction of copy bandwidth (H100, batch 1)", "")
-    kernels = results.get("kernels_h100")
+    rep.add("## Kernels: fraction of copy bandwidth (batch 1)", "")
+    kernels = kernel_results(results)
     if not kernels:
         rep.missing("kernel bandwidth", "kernels_h100.json")
         return
@@ -238,7 +243,7 @@ def frac(rows: list[dict], layer: str, rate: float) -> float | None:
 # ------------------------------------------------------------------------------------------ projections
 def section_projection(rep: Report, results: dict) -> None:
     rep.add("## Projected TPOT on Jetson Orin Nano and RTX A6000 (projections, not measurements)", "")
-    kernels = results.get("kernels_h100")
+    kernels = kernel_results(results)
     if not kernels:
         rep.missing("projections", "kernels_h100.json")
         return
@@ -248,7 +253,8 @@ def section_projection(rep: Report, results: dict) -> None:
             "`shared/docs/perf-anchors.md` 3.1); efficiency = (bytes_per_token / measured time) / measured copy "
             "bandwidth, taken two ways, which bracket the projection:", "",
             "* **kernels** (lower TPOT): summed batch-1 kernel times of the linear layers from "
-            "`kernels_h100.json` (layers x (qkv + o + gate_up + down) + lm_head) over that run's copy bandwidth. "
+            "`kernels_h200.json` (or `kernels_h100.json`; layers x (qkv + o + gate_up + down) + lm_head) "
+            "over that run's copy bandwidth. "
             "Attention, norms, sampling and launch gaps are not in it.",
             "* **whole step** (higher TPOT): the engine's measured batch-1 TPOT in a GPU decode run (1024-token "
             "prompt, CUDA graphs) over the copy bandwidth measured on that GPU. Fixed per-step costs count as if "
@@ -353,7 +359,7 @@ def build(results_dir: Path, md_path: Path) -> Report:
                     section_compress):
         section(rep, results)
     used = set(rd.decode_files(results)) | {n for n, _ in QUALITY_FILES} | {
-        "kernels_h100", "quant_smollm2", "compress_scale_h100"}
+        "kernels_h100", "kernels_h200", "quant_smollm2", "compress_scale_h100"}
     section_inputs(rep, results, used)
     rep.write()
     return rep
