@@ -109,7 +109,7 @@ class DecodeBatch:
         # the torch fallback reads the tensors; the kernel only the addresses (holding the caches there would keep
         # finished requests' memory alive inside a captured graph's batch)
         self.caches = [] if _triton_attention(self.device) else list(caches)
-        self.ssm = BatchedSSMStates(list(caches)) if caches[0].has_ssm else None
+        self.ssm = BatchedSSMStates(list(caches), self.device) if caches[0].has_ssm else None
         tables = torch.tensor([[[c.k[i].data_ptr() for c in caches] for i in range(len(self.sizes))],
                                [[c.v[i].data_ptr() for c in caches] for i in range(len(self.sizes))]])
         self.k_ptrs.copy_(tables[0])

@@ -18,8 +18,9 @@ Math (fp32 state): ``xBC = act(causal_conv(x|B|C))``; ``dt = clamp(softplus(dt_p
 ``A = -exp(A_log)``; ``s_t = exp(dt A) s_{t-1} + dt x_t B_t^T``, ``y_t = s_t C_t + D x_t``. The dt limit is
 applied at every step, prefill and decode alike (transformers' torch decode path skips it, which makes a token's
 output depend on whether it was prefilled or decoded).
-Prefill scans in chunks (``kernels/ssm_scan.py`` when present, else ``chunked_scan`` here); decode runs one
-selective state update per token over each request's own state.
+Prefill scans in chunks (``chunked_scan`` here, torch); decode runs one selective state update per token over
+each request's own state (``kernels/ssm_update.py``: Triton on CUDA, through a table of the requests' state
+addresses in a batch; its torch reference on CPU).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from uniql.kernels import ops
+from uniql.kernels.ssm_update import selective_state_update_reference
 
 from .linear import DenseLinear
 from .spec import ArchSpec
@@ -82,24 +86,11 @@ def chunked_scan(x, dt, A, B, C, chunk: int, initial=None):
 
 
 def sequential_scan(x, dt, A, B, C, initial=None):
-    """The recurrence one step at a time (reference for tiny inputs and tests); same contract as chunked_scan."""
+    """The recurrence one step at a time (reference for tests); same contract as chunked_scan."""
     b, t, heads, p = x.shape
-    state = x.new_zeros(b, heads, p, B.shape[-1], dtype=torch.float32) if initial is None else initial.float()
-    ys = []
-    for i in range(t):
-        y, state = state_update_ref(state, x[:, i], dt[:, i], A, B[:, i], C[:, i])
-        ys.append(y)
+    state = x.new_zeros(b, heads, p, B.shape[-1], dtype=torch.float32) if initial is None else initial.float().clone()
+    ys = [selective_state_update_reference(state, x[:, i], dt[:, i], A, B[:, i], C[:, i]) for i in range(t)]
     return torch.stack(ys, dim=1), state
-
-
-def state_update_ref(state, x, dt, A, B, C):
-    """One token: ``state [b,H,P,N]`` fp32, ``x [b,H,P]``, ``dt [b,H]``, ``B, C [b,G,N]`` -> (y [b,H,P], state)."""
-    rep = x.shape[1] // B.shape[1]
-    Bh = B.float().repeat_interleave(rep, dim=1)  # [b,H,N]
-    Ch = C.float().repeat_interleave(rep, dim=1)
-    dt = dt.float()
-    state = state * torch.exp(dt * A.float())[..., None, None] + (dt[..., None] * x.float())[..., None] * Bh[:, :, None]
-    return torch.einsum("bhpn,bhn->bhp", state, Ch), state
 
 
 class ElasticMamba(nn.Module):
@@ -179,19 +170,15 @@ class ElasticMamba(nn.Module):
         xbc = self.conv(xbc, p, n, conv_state)
         x, B, C = self.split_heads(xbc, p, n)
         dt, A = self.time_step(dt_raw), -torch.exp(self.A_log.float())
-        if u.shape[1] == 1 and ssm_state is not None:
-            y, new_state = self.decode_step(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
-            y = y[:, None]
+        if u.shape[1] == 1 and ssm_state is not None:  # the state (or its address table) is updated in place
+            y = ops.ssm_state_update(ssm_state, x[:, 0], dt[:, 0].contiguous(), A, B[:, 0], C[:, 0])[:, None]
         else:
             y, new_state = chunked_scan(x, dt, A, B, C, self.chunk, ssm_state)
+            if ssm_state is not None:
+                ssm_state.copy_(new_state)
         if cache is not None:
-            ssm_state.copy_(new_state)
             cache.ssm_commit(layer, conv_state, ssm_state)
         y = y + self.D.float()[:, None] * x.float()
         out = self.gated_norm(y, z.unflatten(-1, (p, self.heads)).transpose(-1, -2), p)
         return self.out_proj(out.to(u.dtype), k=self.heads * p)
 
-    @staticmethod
-    def decode_step(state, x, dt, A, B, C):
-        """One token for every request of the batch; returns (y ``[b,H,p]``, new state ``[b,H,p,n]``)."""
-        return state_update_ref(state, x, dt, A, B, C)

@@ -44,22 +44,29 @@ def cache_bytes(spec: ArchSpec, sizes: list[LayerSizes], max_len: int, itemsize:
 
 
 class BatchedSSMStates:
-    """A decode batch's SSM states: each request's own state, stacked for the step and written back after it.
+    """A decode batch's SSM states: each request's own state, read and written where it lives.
 
-    The stack costs one copy of the states per step (small next to the weights: H*P'*N' fp32 per layer); the
-    decode step itself runs batched over every request. CUDA graphs are not used for models with Mamba
-    layers yet (the stack reads fixed addresses, a captured graph would keep reading the first requests').
+    On CUDA the selective-state-update kernel takes an int64 table of the requests' state addresses (no copy);
+    on CPU the states are stacked for the step and written back after it. Conv states (W-1 columns) are always
+    stacked and written back. CUDA graphs are not used for models with Mamba layers yet: the conv stack reads
+    fixed addresses, so a captured graph would keep reading the first bound requests'.
     """
 
-    def __init__(self, caches: list):
+    def __init__(self, caches: list, device: torch.device):
         self.caches = caches
+        self.tables = None
+        if device.type == "cuda":
+            self.tables = [None if s is None else torch.tensor([c.ssm[i].data_ptr() for c in caches],
+                                                               dtype=torch.int64, device=device)
+                           for i, s in enumerate(caches[0].ssm)]
 
     def states(self, layer: int):
         conv = torch.cat([c.conv[layer] for c in self.caches])
-        ssm = torch.cat([c.ssm[layer] for c in self.caches])
+        ssm = self.tables[layer] if self.tables is not None else torch.cat([c.ssm[layer] for c in self.caches])
         return conv, ssm
 
     def commit(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
         for i, cache in enumerate(self.caches):
             cache.conv[layer].copy_(conv[i:i + 1])
-            cache.ssm[layer].copy_(ssm[i:i + 1])
+            if self.tables is None:
+                cache.ssm[layer].copy_(ssm[i:i + 1])
