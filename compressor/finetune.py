@@ -43,7 +43,7 @@ class FinetuneConfig:
     warmup_steps: int | None = None  # None: 10 % of the steps (at most 100)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    data: str = "alpaca"
+    data: str = "alpaca"  # a source, or several joined by commas (their examples are pooled)
     max_examples: int | None = None
     rung_decay: float = 0.1  # P(rung) ~ exp(-decay * (heaviest rung - rung)); 0 = uniform
     rung_weights: list[float] | None = None  # explicit weights per rung (override rung_decay)
@@ -229,17 +229,19 @@ def finetune_decoder(model: ElasticDecoder, tokenizer, cfg: FinetuneConfig) -> t
     cfg.validate()
     if model.ladder is None:
         raise ValueError("fine-tuning needs a sorted model with a rate ladder (run the compressor's sorting first)")
-    examples, kind = load_examples(tokenizer, cfg.data, cfg.seqlen, cfg.max_examples)
+    sources = [d.strip() for d in cfg.data.split(",") if d.strip()]  # "alpaca,wikitext2" mixes sources
+    loaded = [load_examples(tokenizer, src, cfg.seqlen, cfg.max_examples) for src in sources]
+    examples = [e for part, _ in loaded for e in part]
     targets = resolve_targets(model, cfg.lora.targets)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     peft_model = add_lora(model, cfg.lora, cfg.seed)
     acc = _accelerator(cfg)
     provenance, _ = train_lora(peft_model, examples, pad_id, cfg, len(model.ladder.rates), acc)
-    path = resolve_source(cfg.data)
     provenance["lora"]["targets"] = targets
-    provenance["data"] = {"source": cfg.data, "path": str(path), "sha256": sha256_file(path),
-                          "examples": len(examples), "kind": kind,
-                          "loss_on": "response + EOS (Alpaca template)" if kind == "instruction" else "every token"}
+    provenance["data"] = [{"source": src, "path": str(resolve_source(src)), "sha256": sha256_file(resolve_source(src)),
+                           "examples": len(part), "kind": kind,
+                           "loss_on": "response + EOS (Alpaca template)" if kind == "instruction" else "every token"}
+                          for src, (part, kind) in zip(sources, loaded, strict=True)]
     merged = merge_lora(peft_model).cpu()
     acc.free_memory()
     return merged, provenance

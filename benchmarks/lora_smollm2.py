@@ -1,0 +1,140 @@
+"""Masked LoRA recovery on SmolLM2-135M: W4 GPTQ quality per rung before vs after, same data budget.
+
+The source model is sorted once as the compressor does (uniql order, default calibration); "before" quantizes
+the sorted model directly, "after" first runs masked LoRA (compressor/finetune.py: one rung per step drawn from
+the ladder, heavier rungs more often), merges it and then quantizes with the same GPTQ settings. Both are
+evaluated at rungs 0 / 0.15 / 0.25 / 0.35 on wikitext2 perplexity (raw test, 2048-token windows) and lm-eval
+piqa / arc_easy / lambada accuracy on the local files. Writes benchmarks/results/lora_smollm2.json after every
+row (schema of issue 8: {"budget": {...}, "rows": [{"stage", "rate", "wikitext2_ppl", "piqa", ...}]}).
+
+    python benchmarks/lora_smollm2.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from uniql.compressor.compress import CompressConfig, compress_decoder
+from uniql.compressor.evaluate import evaluate, wikitext2_ppl
+from uniql.compressor.finetune import FinetuneConfig, finetune_decoder
+from uniql.compressor.model_input import load_source
+from uniql.compressor.quantize import QuantConfig, quantize_model
+from uniql.runtime.hf_import import decoder_from_hf
+
+RESULTS = Path(__file__).parent / "results" / "lora_smollm2.json"
+ZERO_SHOT = ("piqa", "arc_easy", "lambada")
+
+
+def ppl_rows(models: dict, tok, args, report: dict, save) -> None:
+    """Perplexity of both stages at every rate first (cheap), interleaved so a cut-short run still compares."""
+    for rate in args.rates:
+        for stage, model in models.items():
+            rung = model.ladder.nearest(rate)
+            ppl = wikitext2_ppl(model, tok, rung=rung, max_windows=args.ppl_windows, device=args.device)["ppl"]
+            report["rows"].append({"stage": stage, "rate": model.ladder.rates[rung], "rung": rung,
+                                   "wikitext2_ppl": ppl})
+            print(json.dumps(report["rows"][-1]), flush=True)
+            save()
+
+
+def zero_shot_rows(models: dict, tok, args, report: dict, save) -> None:
+    """The rows that decide the acceptance first (pruned rungs, before vs after), the variant last."""
+    order = {"before": 0, "after": 0, "after_variant": 1}
+    for row in sorted(report["rows"], key=lambda r: (order[r["stage"]], r["rate"] == 0.0, r["rate"])):
+        start = time.perf_counter()
+        res = evaluate(models[row["stage"]], tok, list(ZERO_SHOT), rung=row["rung"], limit=args.zero_shot_limit,
+                       batch_size=64, device=args.device)
+        row.update({t: res[t]["acc"] for t in ZERO_SHOT})
+        row["n"] = {t: res[t].get("n") for t in ZERO_SHOT}
+        row["zero_shot_s"] = round(time.perf_counter() - start, 1)
+        print(json.dumps(row), flush=True)
+        save()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rates", default="0,0.15,0.25,0.35")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--seqlen", type=int, default=512, help="fine-tuning sequence length")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--rung-decay", type=float, default=0.1)
+    ap.add_argument("--data", default="alpaca")
+    ap.add_argument("--variant-data", default=None,
+                    help="also fine-tune a variant on this data (e.g. alpaca,wikitext2), stage 'after_variant'")
+    ap.add_argument("--calib-samples", type=int, default=128, help="sorting samples (x 2048 tokens)")
+    ap.add_argument("--bi-samples", type=int, default=32)
+    ap.add_argument("--calib-seqlen", type=int, default=2048)
+    ap.add_argument("--quant-samples", type=int, default=32, help="GPTQ calibration samples (x 2048 tokens)")
+    ap.add_argument("--ppl-windows", type=int, default=None, help="cap wikitext2 windows (smoke runs)")
+    ap.add_argument("--zero-shot-limit", type=int, default=None, help="documents per task (default: all)")
+    ap.add_argument("--no-zero-shot", dest="zero_shot", action="store_false")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    args.rates = [float(r) for r in args.rates.split(",")]
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    source = load_source("smollm2-135m")
+    tok = source.tokenizer
+    cfg = CompressConfig(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                         bi_samples=args.bi_samples, bi_seqlen=args.calib_seqlen, device=args.device, quant=None)
+    sorted_model, result = compress_decoder(decoder_from_hf(source.hf_model), tok, cfg)
+    group = result["alignment"].group_size
+    qcfg = dict(method="gptq", group_size=group, calib_samples=args.quant_samples, calib_seqlen=2048)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    report = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), uniql-sorted", "device": device,
+              "quantization": {**QuantConfig(**qcfg).manifest(), "calib": "wikitext2 valid"},
+              "sort_calibration": {"sort": [args.calib_samples, args.calib_seqlen],
+                                   "block_importance": [args.bi_samples, args.calib_seqlen]},
+              "protocol": {"wikitext2": "raw test, 2048-token windows" + (
+                  f" (first {args.ppl_windows})" if args.ppl_windows else " (all)"),
+                  "zero_shot": "lm-eval task definitions on local files, acc, "
+                               + (f"first {args.zero_shot_limit} docs" if args.zero_shot_limit else "full sets")},
+              "budget": None, "rows": []}
+
+    def save():
+        out.write_text(json.dumps(report, indent=1))
+
+    ft = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        seqlen=args.seqlen, lr=args.lr, rung_decay=args.rung_decay, data=args.data,
+                        device="cpu" if args.device == "cpu" else None)
+    tuned, provenance = finetune_decoder(copy.deepcopy(sorted_model), tok, ft)
+    models = {"before": sorted_model, "after": tuned}
+    if args.variant_data:
+        variant_cfg = dataclasses.replace(ft, data=args.variant_data)
+        models["after_variant"], variant = finetune_decoder(copy.deepcopy(sorted_model), tok, variant_cfg)
+        report["variant"] = {"data": variant["data"], "wall_s": variant["wall_s"], "tokens": variant["tokens"],
+                             "loss_last_10": variant["loss_last_10"]}
+    report["budget"] = {"steps": provenance["steps"], "tokens": provenance["tokens"],
+                        "loss_tokens": provenance["loss_tokens"], "wall_s": provenance["wall_s"],
+                        "where": f"{provenance['device']} x{provenance['processes']}, "
+                                 f"{provenance['mixed_precision']} autocast",
+                        "global_batch": provenance["global_batch"], "seqlen": args.seqlen, "lr": args.lr,
+                        "data": provenance["data"], "rung_weighting": provenance["rung_weighting"],
+                        "lora": provenance["lora"], "loss_first": provenance["loss_first"],
+                        "loss_last_10": provenance["loss_last_10"]}
+    print(json.dumps(report["budget"]), flush=True)
+    save()
+    for stage, model in models.items():
+        start = time.perf_counter()
+        quantize_model(model, tok, QuantConfig(**qcfg), args.device)
+        report.setdefault("gptq_s", {})[stage] = round(time.perf_counter() - start, 1)
+        model.to(args.device)
+    ppl_rows(models, tok, args, report, save)
+    if args.zero_shot:
+        zero_shot_rows(models, tok, args, report, save)
+    report["total_s"] = round(time.perf_counter() - t0, 1)
+    save()
+
+
+if __name__ == "__main__":
+    main()
