@@ -18,7 +18,7 @@ Math (fp32 state): ``xBC = act(causal_conv(x|B|C))``; ``dt = clamp(softplus(dt_p
 ``A = -exp(A_log)``; ``s_t = exp(dt A) s_{t-1} + dt x_t B_t^T``, ``y_t = s_t C_t + D x_t``. The dt limit is
 applied at every step, prefill and decode alike (transformers' torch decode path skips it, which makes a token's
 output depend on whether it was prefilled or decoded).
-Prefill scans in chunks (``chunked_scan`` here, torch); decode runs one selective state update per token over
+Prefill scans in chunks (``kernels/ssm_scan.py``, torch); decode runs one selective state update per token over
 each request's own state (``kernels/ssm_update.py``: Triton on CUDA, through a table of the requests' state
 addresses in a batch; its torch reference on CPU).
 """
@@ -30,67 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniql.kernels import ops
-from uniql.kernels.ssm_update import selective_state_update_reference
+from uniql.kernels.ssm_scan import chunked_scan
 
 from .linear import DenseLinear
 from .spec import ArchSpec
 
 _CONV_ACTS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu}
-
-
-def segsum(a: torch.Tensor) -> torch.Tensor:
-    """``a [..., L]`` -> ``[..., L, L]`` with ``out[i, j] = sum(a[j+1 .. i])`` for ``j <= i``, -inf above.
-
-    Summed directly rather than as ``cumsum[i] - cumsum[j]``: with dt*A ~ -10 per step a 256-step cumsum
-    reaches -2600, and the difference of two such fp32 numbers loses ~3e-4 in the exponent.
-    """
-    length = a.shape[-1]
-    below = torch.ones(length, length, dtype=torch.bool, device=a.device).tril(-1)
-    terms = a[..., :, None].expand(*a.shape, length).masked_fill(~below, 0.0)  # [.., i, j] = a[i] for i > j
-    out = torch.cumsum(terms, dim=-2)
-    return out.masked_fill(~below.logical_or(torch.eye(length, dtype=torch.bool, device=a.device)), -torch.inf)
-
-
-def chunked_scan(x, dt, A, B, C, chunk: int, initial=None):
-    """Exact SSD scan in chunks (torch reference): returns ``y [b,T,H,P]`` (no D term) and the final state.
-
-    ``x [b,T,H,P]``, ``dt [b,T,H]`` (after softplus/limit), ``A [H]``, ``B, C [b,T,G,N]``, ``initial [b,H,P,N]``.
-    Within a chunk the output is a masked "attention" ``(C_l . B_s) exp(sum dtA) dt_s x_s``; chunk states carry
-    the rest, with a short sequential recurrence across chunks. All fp32.
-    """
-    b, t, heads, p = x.shape
-    groups, n = B.shape[2], B.shape[3]
-    pad = (-t) % chunk  # padded steps have dt = 0: no decay, no input, so the final state is unchanged
-    x, dt, B, C = (F.pad(v.float(), (0, 0) * (v.dim() - 2) + (0, pad)) for v in (x, dt, B, C))
-    c = (t + pad) // chunk
-    rep = heads // groups
-    x = x.view(b, c, chunk, heads, p)
-    dt = dt.view(b, c, chunk, heads)
-    B = B.view(b, c, chunk, groups, n).repeat_interleave(rep, dim=3)  # [b,c,l,H,N]
-    C = C.view(b, c, chunk, groups, n).repeat_interleave(rep, dim=3)
-    a = (dt * A.float()).permute(0, 3, 1, 2)  # [b,H,c,l]
-    a_cum = torch.cumsum(a, dim=-1)
-    xdt = x * dt[..., None]
-    decay = torch.exp(segsum(a))  # [b,H,c,l,s]
-    y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, decay, xdt)
-    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b,H,c,l]
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, to_end, xdt)
-    state = x.new_zeros(b, heads, p, n) if initial is None else initial.float()
-    starts = []
-    for i in range(c):  # state entering each chunk
-        starts.append(state)
-        state = state * torch.exp(a_cum[:, :, i, -1])[..., None, None] + chunk_states[:, i]
-    starts = torch.stack(starts, dim=1)  # [b,c,H,P,N]
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, starts, torch.exp(a_cum))
-    return y.reshape(b, c * chunk, heads, p)[:, :t], state
-
-
-def sequential_scan(x, dt, A, B, C, initial=None):
-    """The recurrence one step at a time (reference for tests); same contract as chunked_scan."""
-    b, t, heads, p = x.shape
-    state = x.new_zeros(b, heads, p, B.shape[-1], dtype=torch.float32) if initial is None else initial.float().clone()
-    ys = [selective_state_update_reference(state, x[:, i], dt[:, i], A, B[:, i], C[:, i]) for i in range(t)]
-    return torch.stack(ys, dim=1), state
 
 
 class ElasticMamba(nn.Module):
