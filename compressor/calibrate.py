@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from uniql.runtime.decoder import DecoderLayer, ElasticDecoder
 
 from .calib_data import CalibBatch
+from .ssm_orders import MambaStats, accumulate
 
 
 class Collector:
@@ -52,6 +53,7 @@ class LayerStats:
     attn_in_corr: torch.Tensor | None = None  # [h, h] sum of x x^T, x = attention input (normed)
     attn_in_sum: torch.Tensor | None = None  # [h] sum of x (for bias terms)
     mlp_hidden_corr: torch.Tensor | None = None  # [I, I] sum of a a^T, a = down_proj input
+    mamba: MambaStats | None = None  # a Mamba2 mixer's state / channel statistics (ssm_orders.py)
 
     def add(self, name: str, value: torch.Tensor) -> None:
         old = getattr(self, name)
@@ -66,14 +68,24 @@ class SortStatsCollector(Collector):
 
     def attach(self, index, layer):
         self.stats = LayerStats()
-        return [layer.attn.q_proj.register_forward_pre_hook(self._attn_in),
-                layer.mlp.down_proj.register_forward_pre_hook(self._mlp_hidden)]
+        hooks = []
+        if layer.attn is not None:
+            hooks.append(layer.attn.q_proj.register_forward_pre_hook(self._attn_in))
+        if layer.mlp is not None:
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(self._mlp_hidden))
+        if layer.mamba is not None:
+            self.stats.mamba = MambaStats()
+            hooks.append(layer.mamba.register_forward_pre_hook(self._mamba_in))
+        return hooks
 
     def _attn_in(self, module, args):
         x = real_tokens(args[0], self.mask)
         self.stats.tokens += x.shape[0]
         self.stats.add("attn_in_corr", gram(x))
         self.stats.add("attn_in_sum", x.double().sum(0))
+
+    def _mamba_in(self, module, args):
+        accumulate(self.stats.mamba, module, args[0], self.mask)  # args[0]: the normed mixer input [B, T, h]
 
     def _mlp_hidden(self, module, args):
         self.stats.add("mlp_hidden_corr", gram(real_tokens(args[0], self.mask)))

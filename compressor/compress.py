@@ -68,15 +68,8 @@ def block_importance(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> l
 
 
 def sort_layers(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> str | None:
-    """Apply the chosen order to every layer in place (a re-parameterisation: rate 0 is unchanged).
-
-    Returns why sorting was skipped, or None. Models with Mamba (or attention-only / MLP-only) layers keep their
-    imported order until the SSM sorting lands: rung 0 is exact, pruned rungs drop unsorted channels.
-    """
-    if any(layer.blocks != ("attn", "mlp") for layer in model.layers):
-        reason = f"no structured sorting for {model.spec.family} layers yet: imported order kept"
-        log.warning("%s", reason)
-        return reason
+    """Apply the chosen order to every layer in place (a re-parameterisation: rate 0 is unchanged); every block
+    kind (attention, MLP, Mamba2 mixer) is sorted by its own rule. Returns None (no reason to skip)."""
     if cfg.order == "uniql":
         batches = calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen,
                                       cfg.seed, cfg.batch_size)

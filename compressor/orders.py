@@ -15,21 +15,27 @@ UniQL (docs/uniql-method.md sections 3.1-3.3, without the reference code's bugs)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from uniql.runtime.decoder import DecoderLayer, ElasticAttention
 
-from .calibrate import LayerStats
+if TYPE_CHECKING:  # calibrate imports ssm_orders, which imports this module
+    from .calibrate import LayerStats
+    from .ssm_orders import MambaOrders
 
 ORDERS = ("uniql", "magnitude", "random")
 
 
 @dataclass
 class LayerOrders:
-    mlp: torch.Tensor  # [I] old channel index for each new position
-    qk_pairs: torch.Tensor  # [groups, head_dim/2] old pair index for each new pair
-    vo_rotation: torch.Tensor  # [groups, head_dim, head_dim] orthogonal, rows = new rank directions
+    """One order per structured dim of the blocks a layer has (None: the layer has no such block)."""
+
+    mlp: torch.Tensor | None = None  # [I] old channel index for each new position
+    qk_pairs: torch.Tensor | None = None  # [groups, head_dim/2] old pair index for each new pair
+    vo_rotation: torch.Tensor | None = None  # [groups, head_dim, head_dim] orthogonal, rows = new rank directions
+    mamba: MambaOrders | None = None  # head channels and group states of a Mamba2 mixer (ssm_orders.py)
 
 
 def ridge_leverage(corr: torch.Tensor, lam_rel: float = 0.1) -> torch.Tensor:
@@ -100,37 +106,60 @@ def _permutation_rotation(order: torch.Tensor) -> torch.Tensor:
 
 
 def uniql_orders(layer: DecoderLayer, stats: LayerStats, lam_rel: float = 0.1) -> LayerOrders:
+    orders = LayerOrders()
     attn = layer.attn
-    q_e = _row_energy(attn.q_proj.weight, attn.q_proj.bias, stats)
-    k_e = _row_energy(attn.k_proj.weight, attn.k_proj.bias, stats)
-    v = _v_group_rows(attn)
-    v_cov = v @ stats.attn_in_corr @ v.transpose(1, 2)  # [g, d, d]
-    return LayerOrders(
-        mlp=descending(ridge_leverage(stats.mlp_hidden_corr, lam_rel)),
-        qk_pairs=descending(_group_pair_scores(attn, q_e, k_e)),
-        vo_rotation=_eig_rotation(v_cov),
-    )
+    if attn is not None:
+        q_e = _row_energy(attn.q_proj.weight, attn.q_proj.bias, stats)
+        k_e = _row_energy(attn.k_proj.weight, attn.k_proj.bias, stats)
+        v = _v_group_rows(attn)
+        v_cov = v @ stats.attn_in_corr @ v.transpose(1, 2)  # [g, d, d]
+        orders.qk_pairs = descending(_group_pair_scores(attn, q_e, k_e))
+        orders.vo_rotation = _eig_rotation(v_cov)
+    if layer.mlp is not None:
+        orders.mlp = descending(ridge_leverage(stats.mlp_hidden_corr, lam_rel))
+    if layer.mamba is not None:
+        from .ssm_orders import uniql_mamba_orders
+
+        orders.mamba = uniql_mamba_orders(layer.mamba, stats.mamba, lam_rel)
+    return orders
 
 
 def magnitude_orders(layer: DecoderLayer) -> LayerOrders:
     """Weight-norm baseline: no calibration data."""
+    from .ssm_orders import magnitude_mamba_orders
+
+    orders = LayerOrders()
     attn, mlp = layer.attn, layer.mlp
-    mlp_score = (mlp.gate_proj.weight.norm(dim=1) * mlp.up_proj.weight.norm(dim=1)
-                 * mlp.down_proj.weight.norm(dim=0))
-    qk = _group_pair_scores(attn, attn.q_proj.weight.double().pow(2).sum(1),
-                            attn.k_proj.weight.double().pow(2).sum(1))
-    n, g, d = attn.n_heads, attn.n_kv, attn.head_dim
-    o_norm = attn.o_proj.weight.double().view(-1, d, n).norm(dim=0)  # [rank, head]
-    o_group = o_norm.view(d, g, n // g).sum(-1).T  # [g, d]
-    vo_score = _v_group_rows(attn).norm(dim=-1) * o_group
-    return LayerOrders(mlp=descending(mlp_score.double()), qk_pairs=descending(qk),
-                       vo_rotation=_permutation_rotation(descending(vo_score)))
+    if mlp is not None:
+        up, down = mlp.up_proj.weight.norm(dim=1), mlp.down_proj.weight.norm(dim=0)
+        mlp_score = up * down if mlp.gate_proj is None else mlp.gate_proj.weight.norm(dim=1) * up * down
+        orders.mlp = descending(mlp_score.double())
+    if attn is not None:
+        orders.qk_pairs = descending(_group_pair_scores(attn, attn.q_proj.weight.double().pow(2).sum(1),
+                                                        attn.k_proj.weight.double().pow(2).sum(1)))
+        n, g, d = attn.n_heads, attn.n_kv, attn.head_dim
+        o_norm = attn.o_proj.weight.double().view(-1, d, n).norm(dim=0)  # [rank, head]
+        o_group = o_norm.view(d, g, n // g).sum(-1).T  # [g, d]
+        vo_score = _v_group_rows(attn).norm(dim=-1) * o_group
+        orders.vo_rotation = _permutation_rotation(descending(vo_score))
+    if layer.mamba is not None:
+        orders.mamba = magnitude_mamba_orders(layer.mamba)
+    return orders
 
 
 def random_orders(layer: DecoderLayer, generator: torch.Generator) -> LayerOrders:
+    """Random permutations (drawn in a fixed order: attention, MLP, Mamba, so Llama layers draw as before)."""
+    from .ssm_orders import random_mamba_orders
+
+    orders = LayerOrders()
     attn = layer.attn
-    g, d, inter = attn.n_kv, attn.head_dim, layer.mlp.gate_proj.weight.shape[0]
-    qk = torch.stack([torch.randperm(d // 2, generator=generator) for _ in range(g)])
-    vo = torch.stack([torch.randperm(d, generator=generator) for _ in range(g)])
-    return LayerOrders(mlp=torch.randperm(inter, generator=generator), qk_pairs=qk,
-                       vo_rotation=_permutation_rotation(vo))
+    if attn is not None:
+        g, d = attn.n_kv, attn.head_dim
+        orders.qk_pairs = torch.stack([torch.randperm(d // 2, generator=generator) for _ in range(g)])
+        orders.vo_rotation = _permutation_rotation(
+            torch.stack([torch.randperm(d, generator=generator) for _ in range(g)]))
+    if layer.mlp is not None:
+        orders.mlp = torch.randperm(layer.mlp.up_proj.weight.shape[0], generator=generator)
+    if layer.mamba is not None:
+        orders.mamba = random_mamba_orders(layer.mamba, generator)
+    return orders

@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from uniql.runtime.decoder import DecoderLayer, ElasticAttention, ElasticMLP
+from uniql.runtime.mamba import ElasticMamba
 
 from .orders import LayerOrders
+from .ssm_orders import MambaOrders, stored_rows
 
 
 def _assign(param: nn.Parameter, value: torch.Tensor) -> None:
@@ -21,6 +23,8 @@ def _assign(param: nn.Parameter, value: torch.Tensor) -> None:
 def permute_mlp(mlp: ElasticMLP, order: torch.Tensor) -> None:
     """Intermediate channel ``order[i]`` becomes channel ``i``: gate/up rows and down columns."""
     for proj in (mlp.gate_proj, mlp.up_proj):
+        if proj is None:  # Nemotron-H: no gate
+            continue
         _assign(proj.weight, proj.weight[order])
         if proj.bias is not None:
             _assign(proj.bias, proj.bias[order])
@@ -78,8 +82,35 @@ def rotate_vo(attn: ElasticAttention, rotation: torch.Tensor) -> None:
     _assign(attn.o_proj.weight, torch.einsum("qji,hiq->hjq", rot_per_head, o).reshape(-1, d * n))
 
 
+def _permute_rows(module: nn.Module, names: tuple[str, ...], rows: torch.Tensor) -> None:
+    for name in names:
+        param = getattr(module, name)
+        if param is not None:
+            _assign(param, param.data[rows])
+
+
+def permute_mamba(mamba: ElasticMamba, orders: MambaOrders) -> None:
+    """Head ``h``'s channel ``orders.channels[h, c]`` becomes its channel ``c`` (x/z rows, x conv, gated-norm
+    weight, out_proj columns); group ``g``'s state ``orders.states[g, n]`` becomes its state ``n`` (B/C rows and
+    their conv channels). Channels move inside their head, so the norm groups keep their members."""
+    channel_rows = stored_rows(orders.channels)  # rank-major rows c * H + h
+    for proj in (mamba.z_proj, mamba.x_proj):
+        _permute_rows(proj, ("weight", "bias"), channel_rows)
+    _permute_rows(mamba, ("conv_x_weight", "conv_x_bias", "norm_weight"), channel_rows)
+    _assign(mamba.out_proj.weight, mamba.out_proj.weight[:, channel_rows])
+    state_rows = stored_rows(orders.states)  # state-major rows n * G + g
+    for proj in (mamba.B_proj, mamba.C_proj):
+        _permute_rows(proj, ("weight", "bias"), state_rows)
+    _permute_rows(mamba, ("conv_B_weight", "conv_B_bias", "conv_C_weight", "conv_C_bias"), state_rows)
+
+
 def apply_orders(layer: DecoderLayer, orders: LayerOrders) -> None:
-    permute_mlp(layer.mlp, orders.mlp)
-    permute_qk(layer.attn, orders.qk_pairs)
-    fold_v_bias(layer.attn)
-    rotate_vo(layer.attn, orders.vo_rotation)
+    """Apply every order the layer's blocks have (a Llama layer: MLP, Q/K pairs, V bias fold, V/O rotation)."""
+    if layer.mlp is not None:
+        permute_mlp(layer.mlp, orders.mlp)
+    if layer.attn is not None:
+        permute_qk(layer.attn, orders.qk_pairs)
+        fold_v_bias(layer.attn)
+        rotate_vo(layer.attn, orders.vo_rotation)
+    if layer.mamba is not None:
+        permute_mamba(layer.mamba, orders.mamba)

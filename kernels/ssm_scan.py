@@ -81,6 +81,23 @@ def chunked_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     return y, entering[:, -1].reshape(b, heads, p, n)
 
 
+def chunk_local_states(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, chunk: int
+                       ) -> torch.Tensor:
+    """Each chunk's end state started from zero, ``[b, T/chunk (rounded up), H, P', N']`` fp32: the SSD chunk
+    states without the carry between chunks (what the compressor's state-aware scores measure)."""
+    b, t, heads, p = x.shape
+    groups, n = B.shape[2], B.shape[3]
+    rep = heads // groups
+    pad = (-t) % chunk
+    xf, dtf, Bf = (F.pad(v.float(), (0, 0) * (v.dim() - 2) + (0, pad)) for v in (x, dt, B))
+    c = (t + pad) // chunk
+    xdt = (xf * dtf[..., None]).view(b, c, chunk, groups, rep, p)
+    a_cum = torch.cumsum((dtf * A.float()).view(b, c, chunk, groups, rep), dim=2)  # [b,c,l,G,R]
+    to_end = torch.exp(a_cum[:, :, -1:] - a_cum)
+    local = torch.einsum("bcsgn,bcsgr,bcsgrp->bcgrpn", Bf.view(b, c, chunk, groups, n), to_end, xdt)
+    return local.reshape(b, c, heads, p, n)
+
+
 def sequential_scan_reference(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                               C: torch.Tensor, initial: torch.Tensor | None = None, D: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:

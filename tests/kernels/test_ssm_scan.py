@@ -65,3 +65,14 @@ def test_bad_shapes_are_refused():
         chunked_scan(x, dt, A, B[:, :, :1].expand(1, 5, 3, 16), C[:, :, :1].expand(1, 5, 3, 16), 4)
     with pytest.raises(ValueError, match="initial state"):
         chunked_scan(x, dt, A, B, C, 4, state[..., :8])
+
+
+def test_chunk_local_states_are_each_chunks_own_scan():
+    x, dt, A, B, C, _, _ = _inputs(2, 21, 4, 2, 6, 16, seed=5)
+    from uniql.kernels.ssm_scan import chunk_local_states
+
+    local = chunk_local_states(x, dt, A, B, 8)
+    assert local.shape == (2, 3, 4, 6, 16)
+    for c, (lo, hi) in enumerate([(0, 8), (8, 16), (16, 21)]):
+        _, want = sequential_scan_reference(x[:, lo:hi], dt[:, lo:hi], A, B[:, lo:hi], C[:, lo:hi])
+        torch.testing.assert_close(local[:, c], want, atol=1e-5, rtol=1e-5)

@@ -30,7 +30,7 @@ def built(request, tmp_path_factory, tokenizer):
 def test_projections_are_int4_and_mixer_params_float(built):
     _, _, ckpt = built
     model, manifest = load_checkpoint(ckpt)
-    assert manifest["weights"] == "int4" and manifest["calibration"]["order"] == "none"
+    assert manifest["weights"] == "int4" and manifest["calibration"]["order"] == "uniql"  # SSM sorting ran
     for layer in model.layers:
         assert all(isinstance(layer.get_linear(p), Int4Linear) for p in layer.linear_paths)
         if layer.mamba is not None:
@@ -46,14 +46,19 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
-def test_loaded_int4_model_equals_quantizing_in_memory(built):
-    """Save + load is exact (rung 0 and the last rung) against RTN applied to the same source in memory, and the
-    4-bit model still tracks the float source."""
+def test_loaded_int4_model_equals_quantizing_in_memory(built, tokenizer, monkeypatch):
+    """Save + load is exact (rung 0 and the last rung) against sorting (same calibration as the CLI's flags) and
+    RTN applied to the same source in memory, and the 4-bit model still tracks the float source."""
+    from uniql.compressor.compress import CompressConfig, compress_decoder
+
     family, _, ckpt = built
     model, _ = load_checkpoint(ckpt)
     hf = tiny_ssm_hf_model(family, vocab=model.spec.vocab_size)
     ref = decoder_from_hf(hf)
-    ref.ladder = model.ladder
+    monkeypatch.setenv("UNIQL_DATA_DIR", str(ckpt.parent / "data"))
+    compress_decoder(ref, tokenizer, CompressConfig(calib_samples=8, calib_seqlen=64, bi_samples=2, bi_seqlen=64,
+                                                    group_size=32, quant=None))
+    assert ref.ladder.sizes == model.ladder.sizes
     with torch.no_grad():
         ids = torch.randint(0, model.spec.vocab_size, (1, 13), generator=torch.Generator().manual_seed(1))
         source = hf(ids).logits

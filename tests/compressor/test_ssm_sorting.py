@@ -1,0 +1,114 @@
+"""SSM sorting (Mamba2 mixers, and the attention/MLP blocks of hybrids) is a re-parameterisation at rate 0:
+the sorted elastic decoder equals transformers' own model; the scores put dead channels / states last; the
+compressor sorts SSM and hybrid models instead of skipping them."""
+
+import pytest
+import torch
+from helpers import DATA, max_rel_diff, tiny_ssm_hf_model
+
+from uniql.compressor.calib_data import CalibBatch
+from uniql.compressor.calibrate import SortStatsCollector, run_layerwise
+from uniql.compressor.compress import CompressConfig, compress_decoder
+from uniql.compressor.orders import magnitude_orders, random_orders, uniql_orders
+from uniql.compressor.sorting import apply_orders
+from uniql.compressor.ssm_orders import stored_rows
+from uniql.runtime.hf_import import decoder_from_hf
+
+TOL = 1e-4
+FAMILIES = ("mamba2", "bamba", "nemotron_h")
+
+
+def _batches(vocab=320, n=4, seqlen=21, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seqlen), generator=g)
+    mask = torch.ones(n, seqlen, dtype=torch.long)
+    mask[1, seqlen // 2:] = 0  # right padding must not enter a statistic
+    return [CalibBatch(ids, mask)]
+
+
+def _sort(model, order):
+    gen = torch.Generator().manual_seed(0)
+    seen = {}
+
+    def on_layer(i, layer, stats):
+        seen[i] = stats
+        orders = {"uniql": lambda: uniql_orders(layer, stats), "magnitude": lambda: magnitude_orders(layer),
+                  "random": lambda: random_orders(layer, gen)}[order]()
+        apply_orders(layer, orders)
+
+    run_layerwise(model, _batches(), [SortStatsCollector(on_layer)])
+    return seen
+
+
+@pytest.mark.parametrize("order", ["uniql", "magnitude", "random"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sorted_at_rate0_equals_transformers(family, order):
+    hf = tiny_ssm_hf_model(family)
+    model = decoder_from_hf(hf)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _sort(model, order)
+    moved = [k for k, v in model.state_dict().items() if "mamba" in k and not torch.equal(v, before[k])]
+    assert any("x_proj" in k for k in moved) and any("B_proj" in k for k in moved)
+    ids = torch.randint(0, 320, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert max_rel_diff(model(ids), hf(ids).logits) <= TOL
+
+
+def test_dt_A_D_never_move():
+    model = decoder_from_hf(tiny_ssm_hf_model("mamba2"))
+    mixer = model.layers[0].mamba
+    fixed = {n: getattr(mixer, n).clone() for n in ("dt_bias", "A_log", "D")}
+    dt_rows = mixer.dt_proj.weight.clone()
+    _sort(model, "uniql")
+    assert all(torch.equal(getattr(mixer, n), v) for n, v in fixed.items())
+    assert torch.equal(mixer.dt_proj.weight, dt_rows)
+
+
+@pytest.mark.parametrize("order", ["uniql", "magnitude"])
+def test_dead_channels_and_states_sort_last(order):
+    """Zero the x rows of channel 5 in every head and the B rows of state 3 in group 1: nothing flows through
+    them, so both scores must rank them last (their own head's / group's last position)."""
+    model = decoder_from_hf(tiny_ssm_hf_model("mamba2"))
+    mixer = model.layers[0].mamba
+    heads, groups = mixer.heads, mixer.groups
+    with torch.no_grad():
+        mixer.x_proj.weight[5 * heads:6 * heads] = 0
+        mixer.conv_x_bias[5 * heads:6 * heads] = 0
+        mixer.z_proj.weight[5 * heads:6 * heads] = 0
+        mixer.B_proj.weight[3 * groups + 1] = 0
+        mixer.C_proj.weight[3 * groups + 1] = 0
+        mixer.conv_B_bias[3 * groups + 1] = 0
+        mixer.conv_C_bias[3 * groups + 1] = 0
+    captured = {}
+    if order == "uniql":
+        def on_layer(i, layer, stats):
+            if i == 0:
+                captured["orders"] = uniql_orders(layer, stats)
+        run_layerwise(model, _batches(), [SortStatsCollector(on_layer)])
+    else:
+        captured["orders"] = magnitude_orders(model.layers[0])
+    orders = captured["orders"].mamba
+    assert orders.channels.shape == (heads, mixer.head_dim) and orders.states.shape == (groups, mixer.state)
+    assert torch.all(orders.channels[:, -1] == 5)
+    assert orders.states[1, -1] == 3
+
+
+def test_stored_rows_is_rank_major():
+    order = torch.tensor([[1, 0, 2], [2, 1, 0]])  # 2 units (heads) x 3 channels
+    rows = stored_rows(order)  # new row c * 2 + h <- old row order[h, c] * 2 + h
+    assert rows.tolist() == [2, 5, 0, 3, 4, 1]
+
+
+def test_compress_sorts_a_hybrid_and_prunes(tokenizer):
+    hf = tiny_ssm_hf_model("bamba", vocab=tokenizer.vocab_size)
+    model = decoder_from_hf(hf)
+    cfg = CompressConfig(calib_source=str(DATA / "alpaca_small.json"), calib_samples=4, calib_seqlen=32,
+                         bi_source=str(DATA / "wikitext2_small.raw"), bi_samples=2, bi_seqlen=32, quant=None)
+    model, result = compress_decoder(model, tokenizer, cfg)
+    assert result["provenance"]["order"] == "uniql" and result["provenance"]["sorting_skipped"] is None
+    ids = torch.randint(0, tokenizer.vocab_size, (1, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert max_rel_diff(model(ids), hf(ids).logits) <= TOL
+        top = len(model.ladder.rates) - 1
+        assert any(s.ssm_p < model.full_sizes.ssm_p for s in model.ladder.sizes[top] if s.ssm_p)
+        assert max_rel_diff(model(ids, rung=top), hf(ids).logits) > 1e-3
