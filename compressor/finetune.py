@@ -165,6 +165,7 @@ def train_lora(peft_model, examples: list[Example], pad_id: int, cfg: FinetuneCo
     if run is None:
         run = _Run()
         torch.manual_seed(cfg.seed + 17 * rank)  # LoRA dropout differs by rank; restored exactly on resume
+    first_step = run.step
     start = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=run.step, desc="masked LoRA", unit="step", disable=not acc.is_main_process)
     while run.step < cfg.steps:
@@ -194,7 +195,7 @@ def train_lora(peft_model, examples: list[Example], pad_id: int, cfg: FinetuneCo
             save_state(cfg.state_dir, peft_model, optimizer, scheduler, acc, run, _resume_key(cfg, world))
     bar.close()
     run.wall_s += time.perf_counter() - start
-    return _provenance(cfg, acc, peft_model, probs, run, global_batch), run
+    return {**_provenance(cfg, acc, peft_model, probs, run, global_batch), "resumed_from_step": first_step}, run
 
 
 def _resume_key(cfg: FinetuneConfig, world: int) -> dict:
