@@ -74,8 +74,10 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128, help="sorting samples (x 2048 tokens)")
     ap.add_argument("--bi-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=2048)
-    ap.add_argument("--quant-samples", type=int, default=32, help="GPTQ calibration samples (x 2048 tokens)")
+    ap.add_argument("--quant-samples", type=int, default=32, help="GPTQ calibration samples")
+    ap.add_argument("--quant-seqlen", type=int, default=2048)
     ap.add_argument("--ppl-windows", type=int, default=None, help="cap wikitext2 windows (smoke runs)")
+    ap.add_argument("--where", default=None, help="label for budget.where (default: the device)")
     ap.add_argument("--zero-shot-limit", type=int, default=None, help="documents per task (default: all)")
     ap.add_argument("--no-zero-shot", dest="zero_shot", action="store_false")
     ap.add_argument("--out", default=str(RESULTS))
@@ -89,10 +91,12 @@ def main() -> None:
                          bi_samples=args.bi_samples, bi_seqlen=args.calib_seqlen, device=args.device, quant=None)
     sorted_model, result = compress_decoder(decoder_from_hf(source.hf_model), tok, cfg)
     group = result["alignment"].group_size
-    qcfg = dict(method="gptq", group_size=group, calib_samples=args.quant_samples, calib_seqlen=2048)
+    qcfg = dict(method="gptq", group_size=group, calib_samples=args.quant_samples,
+                calib_seqlen=args.quant_seqlen)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), uniql-sorted", "device": device,
               "quantization": {**QuantConfig(**qcfg).manifest(), "calib": "wikitext2 valid"},
+              "args": vars(args),
               "sort_calibration": {"sort": [args.calib_samples, args.calib_seqlen],
                                    "block_importance": [args.bi_samples, args.calib_seqlen]},
               "protocol": {"wikitext2": "raw test, 2048-token windows" + (
@@ -116,8 +120,8 @@ def main() -> None:
                              "loss_last_10": variant["loss_last_10"]}
     report["budget"] = {"steps": provenance["steps"], "tokens": provenance["tokens"],
                         "loss_tokens": provenance["loss_tokens"], "wall_s": provenance["wall_s"],
-                        "where": f"{provenance['device']} x{provenance['processes']}, "
-                                 f"{provenance['mixed_precision']} autocast",
+                        "where": args.where or f"{provenance['device']} x{provenance['processes']}, "
+                                                f"{provenance['mixed_precision']} autocast",
                         "global_batch": provenance["global_batch"], "seqlen": args.seqlen, "lr": args.lr,
                         "data": provenance["data"], "rung_weighting": provenance["rung_weighting"],
                         "lora": provenance["lora"], "loss_first": provenance["loss_first"],
