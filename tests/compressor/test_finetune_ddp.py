@@ -102,3 +102,16 @@ def test_compress_with_finetune_steps_records_provenance(tokenizer, sorted_ckpt,
     assert ft["lora"]["rank"] == 8 and ft["lora"]["alpha"] == 16 and "q_proj" in ft["lora"]["targets"]
     assert ft["data"][0]["kind"] == "instruction" and ft["data"][0]["examples"] > 10
     assert (tmp_path / "ft" / "finetune_state" / "latest.json").is_file()
+
+
+def test_compress_finetune_steps_runs_between_sorting_and_quantization(sorted_ckpt, tmp_path):
+    ckpt, data = sorted_ckpt
+    os.environ["UNIQL_DATA_DIR"] = str(data)
+    try:
+        rc = main(["compress", str(ckpt.parent / "src"), "--out", str(tmp_path / "c"), *TINY_RTN_FLAGS,
+                   "--finetune-steps", "1", *FT_FLAGS])
+    finally:
+        os.environ.pop("UNIQL_DATA_DIR")
+    manifest = _manifest(tmp_path / "c")
+    assert rc == 0 and manifest["weights"] == "int4" and manifest["finetune"]["steps"] == 1
+    assert "finetune" in manifest["calibration"]["timings"] and "quantize" in manifest["calibration"]["timings"]
