@@ -28,7 +28,7 @@ import os
 import triton
 import triton.language as tl
 
-from .int4_tiles import _finish, _segment
+from .int4_tiles import _finish, _rows_out, _segment
 
 # fp16 constants (two per register): 1/16, -(1024/16 + 8/16), 1/256, -(1024/256 + 8/16)
 _C_LO_SCALE, _C_LO_BIAS, _C_HI_SCALE, _C_HI_BIAS = 0x2C002C00, 0xD408D408, 0x1C001C00, 0xC480C480
@@ -232,12 +232,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc2 += d2 * scale
             acc3 += d3 * scale
     offs_m = tl.arange(0, BLOCK_M)
-    out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
-    if BLOCK_M > 1:
-        out = tl.where(offs_m[:, None] == 1, tl.sum(acc1, axis=0)[None, :], out)
-    if BLOCK_M > 2:
-        out = tl.where(offs_m[:, None] == 2, tl.sum(acc2, axis=0)[None, :], out)
-        out = tl.where(offs_m[:, None] == 3, tl.sum(acc3, axis=0)[None, :], out)
+    out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
     _finish(out * 16.0, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m,
             offs_m < M, out0 + offs_n, offs_n < n_len, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
 

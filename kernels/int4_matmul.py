@@ -29,7 +29,7 @@ from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_pat
 from .int4_dequant import dequant_matmul
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
 from .int4_gemv import launch_gemv_h2
-from .int4_tiles import _finish, _segment, reserve_workspace, workspace
+from .int4_tiles import _finish, _rows_out, _segment, reserve_workspace, workspace
 
 # --------------------------------------------------------------------------------------------------- kernels
 
@@ -100,12 +100,7 @@ def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         if BLOCK_M > 2:
             acc2 += p2 * scale
             acc3 += p3 * scale
-    out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
-    if BLOCK_M > 1:
-        out = tl.where(offs_m[:, None] == 1, tl.sum(acc1, axis=0)[None, :], out)
-    if BLOCK_M > 2:
-        out = tl.where(offs_m[:, None] == 2, tl.sum(acc2, axis=0)[None, :], out)
-        out = tl.where(offs_m[:, None] == 3, tl.sum(acc3, axis=0)[None, :], out)
+    out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
     _finish(out, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m,
             out0 + offs_n, mask_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
 

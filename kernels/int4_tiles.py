@@ -35,6 +35,18 @@ def _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_
 
 
 @triton.jit
+def _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M: tl.constexpr):
+    """GEMV accumulators ``[R, BLOCK_N]`` of up to 4 activation rows -> the ``[BLOCK_M, BLOCK_N]`` output tile."""
+    out = tl.where(offs_m[:, None] == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
+    if BLOCK_M > 1:
+        out = tl.where(offs_m[:, None] == 1, tl.sum(acc1, axis=0)[None, :], out)
+    if BLOCK_M > 2:
+        out = tl.where(offs_m[:, None] == 2, tl.sum(acc2, axis=0)[None, :], out)
+        out = tl.where(offs_m[:, None] == 3, tl.sum(acc3, axis=0)[None, :], out)
+    return out
+
+
+@triton.jit
 def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol,
             mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Write the tile, or (split K) park the partial and let the tile's last program sum all partials in order."""
