@@ -2,14 +2,18 @@
 
 ``generate`` is an async iterator of TokenEvents. Leaving it early (client disconnect, ``aclose``, task
 cancelled) cancels the request, which frees its slot and cache at once. One lock guards the engine, so
-requests may be added and cancelled from the event loop while the thread steps.
+requests may be added and cancelled from the event loop while the thread steps. ``between_steps`` runs a function
+ON the engine thread between two steps (elastic residency replaces weight tensors there): a queued call is taken
+before the next step, so it cannot be starved by a busy engine the way a waiter on the lock can be.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue as queue_mod
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 
 from .engine import Engine
 from .request import SamplingParams, TokenEvent
@@ -23,6 +27,7 @@ class AsyncEngine:
         self._work = threading.Event()
         self._stop = threading.Event()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._calls: queue_mod.SimpleQueue[tuple[object, Future]] = queue_mod.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="uniql-engine", daemon=True)
         self._thread.start()
 
@@ -67,6 +72,33 @@ class AsyncEngine:
         with self._lock:
             return fn(self.engine)
 
+    def between_steps(self, fn):
+        """``fn(engine)`` on the engine thread, between two steps, under the engine lock; waits for its result.
+
+        Unlike ``read`` the call is queued and the thread takes it before its next step, so a busy engine cannot
+        starve it, and it runs on the thread (and CUDA stream) that runs the model. Never call it from ``fn``.
+        """
+        if threading.current_thread() is self._thread:
+            return fn(self.engine)
+        done: Future = Future()
+        self._calls.put((fn, done))
+        self._work.set()
+        if self._stop.is_set() or not self._thread.is_alive():
+            self._run_calls()  # the thread is gone: nothing steps any more, run it here
+        return done.result()
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, done = self._calls.get_nowait()
+            except queue_mod.Empty:
+                return
+            with self._lock:
+                try:
+                    done.set_result(fn(self.engine))
+                except BaseException as err:  # handed to the caller, who raises it
+                    done.set_exception(err)
+
     def _deliver(self, event: TokenEvent) -> None:
         sink = self._sinks.get(event.request_id)
         if sink is not None:
@@ -79,6 +111,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._run_calls()
             with self._lock:
                 busy = self.engine.scheduler.has_work
                 events = self.engine.step() if busy else []
@@ -94,3 +127,4 @@ class AsyncEngine:
         self._stop.set()
         self._work.set()
         self._thread.join(timeout=5)
+        self._run_calls()  # a call queued while the thread stopped must not wait forever

@@ -51,6 +51,18 @@ class DecodeGraphs:
             for size in self.buckets:
                 self._get(rung, size)
 
+    def reset(self) -> None:
+        """Drop every captured graph and its memory pool; each (rung, bucket) is recaptured at its next decode.
+
+        A graph holds the addresses of the weights it read: replacing a weight tensor (elastic residency) makes
+        every graph stale. Call between two decode steps. The graphs' pool goes with them (a fresh pool id for the
+        next captures), so once the caching allocator is emptied its memory is back with the driver. The 1-token
+        scratch caches and the split-K workspace were allocated outside the pool and stay.
+        """
+        torch.cuda.synchronize(self.device)  # no replay may still be reading the old tensors
+        self.graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()
+
     def run(self, rung: int, ids: list[int], lengths: list[int], caches: list[KVCache]) -> torch.Tensor:
         """Logits ``[B, V]`` for one decode step of these requests (a view valid until the next replay)."""
         b = len(caches)

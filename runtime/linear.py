@@ -111,24 +111,47 @@ class FusedInt4(nn.Module):
 
     ``runtime/fusion.py`` builds it and re-points each member's ``qweight``/``scales`` at its column range of the
     fused tensors (views, so memory is not doubled and the eager members still work). A call reads every
-    member's active prefix in one kernel launch through ``segments``.
+    member's active prefix in one kernel launch through ``segments``: member ``i`` occupies the stored columns
+    ``starts[i] : starts[i] + widths[i]``. Elastic residency re-lays the fused tensors with each member cut to its
+    resident prefix (``set_members``), which moves the starts and shrinks the widths; the row stride is read from
+    the tensor at every launch, so the kernels follow.
     """
 
     def __init__(self, members: list[Int4Linear]):
         super().__init__()
         self.group_size = members[0].group_size
-        self.register_buffer("qweight", torch.cat([m.qweight for m in members], dim=1))
-        self.register_buffer("scales", torch.cat([m.scales for m in members], dim=1))
-        self.starts, start = [], 0
-        for m in members:
-            self.starts.append(start)
-            m.qweight = self.qweight[:, start:start + m.out_features]
-            m.scales = self.scales[:, start:start + m.out_features]
-            start += m.out_features
+        self.members = tuple(members)  # a tuple, not a ModuleList: the members stay where the model holds them
+        self.register_buffer("qweight", torch.empty(0, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(0, dtype=torch.float16))
+        self.set_members([(m.qweight, m.scales) for m in members])
         self.biases = [m.bias for m in members]
+
+    def set_members(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Store each member's (qweight ``[K/8, n_i]``, scales ``[K/G, n_i]``) side by side, on this module's
+        device, and re-point the members at their ranges. Allocates the new fused tensors, then drops the old
+        ones (the members' views were their last holders), so the peak is old + new of this group only."""
+        device = parts[0][0].device if self.qweight.numel() == 0 else self.qweight.device
+        self.qweight = torch.cat([q for q, _ in parts], dim=1).to(device)
+        self.scales = torch.cat([s for _, s in parts], dim=1).to(device, torch.float16)
+        self.widths = tuple(q.shape[1] for q, _ in parts)
+        self.starts, start = [], 0
+        for m, width in zip(self.members, self.widths, strict=True):
+            self.starts.append(start)
+            m.qweight = self.qweight[:, start:start + width]
+            m.scales = self.scales[:, start:start + width]
+            start += width
+
+    def keep_prefixes(self, widths: tuple[int, ...], k: int) -> None:
+        """Cut every member to its first ``widths[i]`` columns and ``k`` input rows (a release)."""
+        rows, groups = -(-k // int4_format.PACK), -(-k // self.group_size)
+        self.set_members([(m.qweight[:rows, :w], m.scales[:groups, :w])
+                          for m, w in zip(self.members, widths, strict=True)])
 
     def forward(self, x: torch.Tensor, n_active: tuple[int, ...], cat: bool = False):
         """Outputs of every member at its active width: a tuple of views, or (``cat``) one tensor side by side."""
+        if any(n > w for n, w in zip(n_active, self.widths, strict=True)):
+            # a wider segment would silently read the next member's columns
+            raise RuntimeError(f"active widths {n_active} exceed the resident {self.widths}: rung not resident")
         segments = list(zip(self.starts, n_active, strict=True))
         bias = None
         if any(b is not None for b in self.biases):
