@@ -51,10 +51,14 @@ def read_host() -> DeviceReading:
 
 
 def read_cuda(index: int = 0) -> DeviceReading:
+    """Device memory of GPU ``index``: the driver's free bytes (``cudaMemGetInfo``, every process counted) plus the
+    blocks this process's caching allocator holds but does not use, which the server reuses before it asks the
+    driver for more, so counting them as used would read as pressure after every large prefill."""
     import torch
 
     free, total = torch.cuda.mem_get_info(index)
-    return DeviceReading(total, free, _nvml_utilization(index))
+    cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    return DeviceReading(total, min(total, free + max(0, cached)), _nvml_utilization(index))
 
 
 def _nvml_utilization(index: int) -> float | None:

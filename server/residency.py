@@ -12,6 +12,10 @@ the monitor thread. Before releasing it raises the *floor* (the lowest rung new 
 ``lock``, the same lock request admission takes, then releases only once no live request runs below the
 target; tails go layer by layer, so the peak memory never rises. A reload restores every layer first and
 lowers the floor last.
+
+Each pass (every layer of one release or reload) runs through ``exclusive``, which the server points at the
+engine thread between two steps (``EngineBackend.change_weights``): no forward overlaps a tensor swap, and the
+captured CUDA graphs, which hold the old tensors' addresses, are dropped first and recaptured lazily.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def residency_target(budget: int, rung_bytes: tuple[int, ...], current: int, hys
 class ResidencyManager:
     def __init__(self, store: WeightStore, reserve_bytes: int, *, hysteresis_bytes: int = 0, sustain_s: float = 2.0,
                  live_min_rung: Callable[[], int | None] = lambda: None, enabled: bool = True,
+                 exclusive: Callable[[Callable[[], None]], None] = lambda change: change(),
                  clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.reserve_bytes = reserve_bytes
@@ -53,6 +58,7 @@ class ResidencyManager:
         self.sustain_s = sustain_s
         self.live_min_rung = live_min_rung  # lowest rung of any waiting or running request (None: idle)
         self.enabled = enabled
+        self.exclusive = exclusive  # runs one pass where no forward can overlap it (see the module doc)
         self.clock = clock
         self.lock = threading.Lock()  # taken by admission (floor + add) and by floor changes here
         self.floor = 0  # lowest rung new requests may get
@@ -60,6 +66,7 @@ class ResidencyManager:
         self._resident = store.resident_bytes()
         self._pending: tuple[int, float] | None = None  # (target, since)
         self.history: list[tuple[float, int, int]] = []  # (time, resident rung, resident bytes) per change
+        self.last_pass_s = 0.0
 
     @property
     def resident_bytes(self) -> int:
@@ -101,19 +108,23 @@ class ResidencyManager:
         if live is not None and live < target:
             log.info("residency: holding release to rung %d until requests at rung %d finish", target, live)
             return False
-        for layer in range(self.store.num_layers):
-            self.store.release_layer(layer, target)
+        self.exclusive(lambda: self._each_layer(self.store.release_layer, target))
         self.store.settle()
         self._changed(target)
         return True
 
     def _reload(self, target: int) -> None:
-        for layer in range(self.store.num_layers):
-            self.store.reload_layer(layer, target)
+        self.exclusive(lambda: self._each_layer(self.store.reload_layer, target))
         self.store.settle()  # dequantizing leaves temporaries behind in the heap
         self._changed(target)
         with self.lock:
             self.floor = target  # every layer is back: requests may use the reloaded rungs
+
+    def _each_layer(self, change: Callable[[int, int], None], target: int) -> None:
+        start = self.clock()
+        for layer in range(self.store.num_layers):
+            change(layer, target)
+        self.last_pass_s = self.clock() - start  # what a pass costs (logged by _changed)
 
     def _changed(self, rung: int) -> None:
         before = self._resident
@@ -121,5 +132,5 @@ class ResidencyManager:
         self._resident = self.store.resident_bytes()
         self._pending = None
         self.history.append((self.clock(), rung, self._resident))
-        log.warning("residency: weights resident for rung %d and above (%.1f MB -> %.1f MB)", rung, before / 1e6,
-                    self._resident / 1e6)
+        log.warning("residency: weights resident for rung %d and above (%.1f MB -> %.1f MB, %.1f ms)", rung,
+                    before / 1e6, self._resident / 1e6, 1e3 * self.last_pass_s)

@@ -42,7 +42,7 @@ class AdaptiveService:
                                          None if fixed is None else backend.nearest_rung(fixed))
         self.residency = ResidencyManager(backend.weights, self.reserve_bytes, hysteresis_bytes=hysteresis,
                                           sustain_s=cfg.residency_sustain_s, live_min_rung=backend.live_min_rung,
-                                          enabled=cfg.residency and backend.weights.unsupported is None)
+                                          enabled=cfg.residency, exclusive=backend.change_weights)
         self.tpot = TpotWindow()
         self._running = 0
         monitor.listeners += [self.residency.on_snapshot, self.refresh_gauges]

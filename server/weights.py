@@ -7,6 +7,12 @@ by a *clone* of its rung-``r`` prefix, so the old full tensor is really freed (a
 reloading reads the full packed tensors back from the memory-mapped checkpoint and dequantizes them again.
 ``resident_bytes`` measures the storages actually held; ``rung_bytes`` predicts them per rung, and the tests
 check the two agree. Embedding/head tables, norms and biases are never pruned and stay resident.
+
+On CUDA the runner fuses q|k|v and gate|up into one packed tensor each (``FusedInt4``; the members are views of
+it). There a release re-lays the fused tensor with every member cut to its own resident prefix, and a reload
+re-lays it from the stored members: one new tensor per group is allocated, copied, and the old one dropped, so
+the peak rises by one group at most. Swapping tensors under captured CUDA graphs or a running forward is the
+caller's to prevent: the residency manager runs each pass through ``EngineBackend.change_weights``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from safetensors import safe_open
 from uniql.kernels.int4_format import PACK, packed_bytes
 from uniql.runtime.checkpoint import WEIGHTS
 from uniql.runtime.decoder import ElasticDecoder
-from uniql.runtime.linear import DenseLinear, Int4Linear
+from uniql.runtime.linear import DenseLinear, FusedInt4, Int4Linear
 from uniql.runtime.memory import active_shapes
 
 log = logging.getLogger(__name__)
@@ -69,10 +75,10 @@ class ElasticWeights:
         self.modules = [{path: layer.get_linear(path) for path in layer.linear_paths} for layer in model.layers]
         self.names = [{path: names[id(m)] for path, m in mods.items()} for mods in self.modules]
         self.layer_rung = [0] * self.num_layers
-        # CUDA runs fused q|k|v / gate|up tensors inside captured CUDA graphs, which hold the weights' addresses:
-        # swapping a tensor there needs the graphs re-captured, which the GPU runner does not offer yet.
-        on_cuda = model.norm.weight.device.type == "cuda"
-        self.unsupported = "CUDA graphs capture the weights' addresses" if on_cuda else None
+        # per layer: the fused groups (FusedInt4, member paths) and the projections stored on their own
+        self.fused = [_fused_groups(layer, mods) for layer, mods in zip(model.layers, self.modules, strict=True)]
+        grouped = [{p for _, paths in groups for p in paths} for groups in self.fused]
+        self.single = [[p for p in mods if p not in grouped[i]] for i, mods in enumerate(self.modules)]
         full = self.resident_bytes()
         pruned_full = sum(linear_bytes(m, *self.shapes[i][p][0]) for i, mods in enumerate(self.modules)
                           for p, m in mods.items())
@@ -91,9 +97,13 @@ class ElasticWeights:
     def release_layer(self, layer: int, rung: int) -> None:
         if rung <= self.layer_rung[layer]:
             return
-        for path, module in self.modules[layer].items():
-            n, k = self.shapes[layer][path][rung]
-            _release(module, n, k)
+        shapes = {path: by_rung[rung] for path, by_rung in self.shapes[layer].items()}
+        for fused, paths in self.fused[layer]:
+            fused.keep_prefixes(tuple(shapes[p][0] for p in paths), shapes[paths[0]][1])
+            for p in paths:
+                _cut_dense(self.modules[layer][p], *shapes[p])
+        for path in self.single[layer]:
+            _release(self.modules[layer][path], *shapes[path])
         self.layer_rung[layer] = rung
 
     def reload_layer(self, layer: int, rung: int) -> None:
@@ -101,10 +111,15 @@ class ElasticWeights:
             return
         if self.path is None:
             raise RuntimeError("this model has no checkpoint file to reload weights from")
+        shapes = {path: by_rung[rung] for path, by_rung in self.shapes[layer].items()}
+        names, mods = self.names[layer], self.modules[layer]
         with safe_open(str(self.path), framework="pt", device="cpu") as stored:  # memory-mapped
-            for path, module in self.modules[layer].items():
-                n, k = self.shapes[layer][path][rung]
-                _reload(module, self.names[layer][path], stored, n, k)
+            for fused, paths in self.fused[layer]:
+                fused.set_members([_stored_packed(stored, names[p], fused.group_size, *shapes[p]) for p in paths])
+                for p in paths:
+                    _redo_dense(mods[p])
+            for path in self.single[layer]:
+                _reload(mods[path], names[path], stored, *shapes[path])
         self.layer_rung[layer] = rung
 
     def settle(self) -> None:
@@ -115,29 +130,53 @@ class ElasticWeights:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _fused_groups(layer, modules: dict) -> list[tuple[FusedInt4, tuple[str, ...]]]:
+    """The layer's fused projections with the paths of their members, in storage order."""
+    by_id = {id(m): path for path, m in modules.items()}
+    groups = []
+    for fused in (getattr(layer.attn, "qkv", None), getattr(layer.mlp, "gate_up", None)):
+        if isinstance(fused, FusedInt4):
+            groups.append((fused, tuple(by_id[id(m)] for m in fused.members)))
+    return groups
+
+
+def _cut_dense(module, n: int, k: int) -> None:
+    dense = _dense_copy(module)
+    if dense is not None:
+        module.__dict__[DENSE_COPY] = dense[:k, :n].clone()
+
+
+def _redo_dense(module) -> None:
+    """Dequantize the just-restored packed tensors again, like the CPU runner did once (``cache_dequantized``)."""
+    dense = _dense_copy(module)
+    if dense is not None:
+        module.__dict__[DENSE_COPY] = module.weight_t(dtype=dense.dtype)
+
+
 def _release(module, n: int, k: int) -> None:
     """Keep a clone of the (n, k) prefix of every tensor the projection holds; the full tensors are freed."""
     if isinstance(module, Int4Linear):
         module.qweight = module.qweight[: -(-k // PACK), :n].clone()
         module.scales = module.scales[: -(-k // module.group_size), :n].clone()
-        dense = _dense_copy(module)
-        if dense is not None:
-            module.__dict__[DENSE_COPY] = dense[:k, :n].clone()
+        _cut_dense(module, n, k)
     elif isinstance(module, DenseLinear):
         module.weight = torch.nn.Parameter(module.weight[:n, :k].clone(), requires_grad=False)
+
+
+def _stored_packed(stored, name: str, group_size: int, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (n, k) prefix of a projection's stored codes ``[K/8, N]`` and scales ``[K/G, N]`` (host tensors)."""
+    qweight = stored.get_slice(f"{name}.qweight")[: -(-k // PACK), :n]
+    scales = stored.get_slice(f"{name}.scales")[: -(-k // group_size), :n]
+    return qweight, scales
 
 
 def _reload(module, name: str, stored, n: int, k: int) -> None:
     """Read the stored tensors back (their (n, k) prefix, or all of them at rung 0) and re-dequantize."""
     device = module.scales.device if isinstance(module, Int4Linear) else module.weight.device
     if isinstance(module, Int4Linear):
-        dense = _dense_copy(module)
-        qweight = stored.get_slice(f"{name}.qweight")[: -(-k // PACK), :n]
-        scales = stored.get_slice(f"{name}.scales")[: -(-k // module.group_size), :n]
+        qweight, scales = _stored_packed(stored, name, module.group_size, n, k)
         module.qweight, module.scales = qweight.to(device).contiguous(), scales.to(device).contiguous()
-        if dense is not None:
-            full = module.weight_t(dtype=dense.dtype)  # the prefix just restored, dequantized like the runner does
-            module.__dict__[DENSE_COPY] = full
+        _redo_dense(module)
     elif isinstance(module, DenseLinear):
         weight = stored.get_slice(f"{name}.weight")[:n, :k].to(device, module.weight.dtype)
         module.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)

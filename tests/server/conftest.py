@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import build_tiny_int4_ckpt, make_data_dir
 
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))  # server_helpers, beside this file
 from server_helpers import running_server  # noqa: E402
 
@@ -29,6 +30,22 @@ def tiny_ckpt(tokenizer, data_dir, tmp_path_factory):
     """An INT4 (RTN) UniQL checkpoint of a random tiny Llama with SmolLM2's tokenizer and chat template."""
     return build_tiny_int4_ckpt(tmp_path_factory.mktemp("tiny-src"), tmp_path_factory.mktemp("ckpt") / "tiny-uniql",
                                 data_dir, tokenizer, seed=11)
+
+
+@pytest.fixture(scope="session")
+def repo_tokenizer():
+    """SmolLM2's tokenizer and chat template as committed beside the tiny SSM models (``models/``): the same
+    tokenizer as ``tokenizer`` without the GGUF package, which the GPU host lacks."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(REPO / "models" / "mamba2-tiny"), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def portable_tiny_ckpt(repo_tokenizer, data_dir, tmp_path_factory):
+    """``tiny_ckpt`` built from ``repo_tokenizer``: what the GPU tests serve."""
+    return build_tiny_int4_ckpt(tmp_path_factory.mktemp("ptiny-src"), tmp_path_factory.mktemp("pckpt") / "tiny-uniql",
+                                data_dir, repo_tokenizer, seed=11)
 
 
 @pytest.fixture(scope="session")
