@@ -1,16 +1,18 @@
 """The kernels as ``torch.library`` custom ops, and the device dispatch the runtime calls.
 
-``int4_linear``, ``embedding``, ``rope`` and ``ssm_state_update`` pick the implementation: the Triton kernel on
-CUDA, the plain-torch path elsewhere (the CPU backend). Under ``torch.compile`` they go through the registered ops
-(``torch.ops.uniql.*``), whose fake implementations give output shapes without running anything; eagerly they
-call the function directly, since the custom-op dispatcher costs microseconds a launch that a batch-1 decode
-step without CUDA graphs would feel.
+``int4_linear``, ``embedding``, ``rope``, ``ssm_state_update`` and ``conv_state_update`` pick the implementation:
+the Triton kernel on CUDA, the plain-torch path elsewhere (the CPU backend). An int64 address table of
+per-request states always means the Triton kernel (on CPU only under ``TRITON_INTERPRET=1``, as tests do).
+Under ``torch.compile`` they go through the registered ops (``torch.ops.uniql.*``), whose fake implementations
+give output shapes without running anything; eagerly they call the function directly, since the custom-op
+dispatcher costs microseconds a launch that a batch-1 decode step without CUDA graphs would feel.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import conv_update as _conv
 from . import embedding as _emb
 from . import int4_matmul as _mm
 from . import rope as _rope
@@ -21,6 +23,10 @@ from .int4_format import PACK
 def triton_enabled(device: torch.device) -> bool:
     """Triton on CUDA; elsewhere the torch path (tests call the kernels directly under the interpreter)."""
     return device.type == "cuda"
+
+
+def _is_table(state) -> bool:
+    return isinstance(state, torch.Tensor) and state.dtype == torch.int64
 
 
 def _flat(segments: list[tuple[int, int]]) -> list[int]:
@@ -128,7 +134,7 @@ def ssm_state_update_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, 
     """``state``: fp32 ``[batch, H, P', N']`` or an int64 table of per-request state addresses (CUDA only); the
     states behind a table are mutated too, which the op's schema cannot name (same as the KV-cache tables)."""
     limit = None if dt_limit is None else (dt_limit[0], dt_limit[1])
-    if triton_enabled(x.device):
+    if triton_enabled(x.device) or _is_table(state):
         return _ssm.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, limit)
     return _ssm.selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, limit)
 
@@ -146,6 +152,37 @@ def ssm_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: 
     if torch.compiler.is_compiling():
         limit = None if dt_limit is None else [float(v) for v in dt_limit]
         return torch.ops.uniql.ssm_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, limit)
-    if triton_enabled(x.device):
+    if triton_enabled(x.device) or _is_table(state):
         return _ssm.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
     return _ssm.selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+
+
+@torch.library.custom_op("uniql::conv_state_update", mutates_args=("state",))
+def conv_state_update_op(xbc: torch.Tensor, state: torch.Tensor, weight: list[torch.Tensor],
+                         bias: list[torch.Tensor], activation: str | None, state_dtype: torch.dtype | None
+                         ) -> torch.Tensor:
+    """``weight``/``bias``: row segments (``bias`` empty: none); ``state`` ``[batch, ch', W-1]`` or an int64 table
+    of per-request state addresses, whose states are mutated too (the schema cannot name them)."""
+    return _conv_update(xbc, state, weight, bias or None, activation, state_dtype)
+
+
+@conv_state_update_op.register_fake
+def _conv_state_update_fake(xbc, state, weight, bias, activation, state_dtype):
+    return torch.empty_like(xbc, memory_format=torch.contiguous_format)
+
+
+def _conv_update(xbc, state, weight, bias, activation, state_dtype):
+    if triton_enabled(xbc.device) or _is_table(state):
+        return _conv.causal_conv1d_update(xbc, state, weight, bias, activation, state_dtype)
+    return _conv.causal_conv1d_update_reference(xbc, state, weight, bias, activation)
+
+
+def conv_state_update(xbc: torch.Tensor, state: torch.Tensor | list[torch.Tensor], weight: list[torch.Tensor],
+                      bias: list[torch.Tensor] | None = None, activation: str | None = "silu",
+                      state_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One causal-conv decode step on any device (kernels/conv_update.py): ``xbc [batch, ch']`` against each
+    request's last W-1 inputs (state shifted in place), weight/bias as row segments; returns ``act(conv)``.
+    ``state``: a stacked tensor, an int64 address table (then ``state_dtype``) or, CPU only, a list of states."""
+    if torch.compiler.is_compiling() and isinstance(state, torch.Tensor):
+        return torch.ops.uniql.conv_state_update(xbc, state, list(weight), list(bias or []), activation, state_dtype)
+    return _conv_update(xbc, state, weight, bias, activation, state_dtype)
