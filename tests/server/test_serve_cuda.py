@@ -23,6 +23,7 @@ import torch
 from conftest import API_KEY
 from server_helpers import free_port, metrics, sample, wait_ready
 
+# torch.cuda.is_available() opens no context; nothing in this module may (see device_total_bytes)
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="serves on a GPU")
 HERE = Path(__file__).parent
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -76,6 +77,23 @@ def chat(client) -> tuple[float, str]:
     return rate, resp.choices[0].message.content
 
 
+def device_total_bytes() -> int | None:
+    """GPU 0's memory from NVML, which opens no CUDA context: one in this process, made after the server fixed its
+    reserve, would eat the server's headroom (None without NVML)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total)
+    except Exception:  # no NVML library or driver support
+        return None
+
+
+def errors_total(base_url) -> float:
+    families = metrics(base_url).get("uniql_request_errors", {})
+    return sum(v for (name, _), v in families.items() if name == "uniql_request_errors_total")
+
+
 def health(base_url) -> dict:
     return httpx.get(f"{base_url}/health", timeout=30).json()
 
@@ -102,10 +120,12 @@ def test_openai_chat_and_streaming_on_cuda_with_device_memory_metrics(cuda_serve
     state = health(base_url)
     assert state["memory"]["device"] == "cuda:0"
     m = metrics(base_url)
-    total = torch.cuda.mem_get_info(0)[1]
     available = sample(m, "uniql_memory_available_bytes", device="cuda:0")
     used = sample(m, "uniql_memory_used_bytes", device="cuda:0")
-    assert 0 < available < total and 0 < used < total and available + used == pytest.approx(total, rel=1e-6)
+    total = device_total_bytes()
+    assert available > 0 and used > 0
+    if total is not None:  # the CUDA runtime's total leaves out what the driver reserves, NVML's does not
+        assert 0.9 * total <= available + used <= total
     assert sample(m, "uniql_memory_available_bytes", device="host") > 0  # the host series stays beside it
     assert sample(m, "uniql_weights_resident_bytes", model="tiny") == state["rung_weight_bytes"][0]
 
@@ -113,6 +133,7 @@ def test_openai_chat_and_streaming_on_cuda_with_device_memory_metrics(cuda_serve
 def test_device_memory_pressure_raises_the_rung_releases_tails_and_recovers(cuda_server, client):
     base_url, headroom = cuda_server
     sequence = []
+    errors = errors_total(base_url)  # 503s while the model loaded were counted already
     rate, before = chat(client)
     assert rate == 0.0
     state = health(base_url)
@@ -151,5 +172,4 @@ def test_device_memory_pressure_raises_the_rung_releases_tails_and_recovers(cuda
     assert rate == 0.0 and after == before  # reloaded from the checkpoint: the same greedy text
     sequence.append(("recovered", rate, back["weights_resident_bytes"]))
     print("prune rate and resident weight bytes per phase:", json.dumps(sequence))
-    errors = sample(metrics(base_url), "uniql_request_errors", "uniql_request_errors_total")
-    assert errors == 0
+    assert errors_total(base_url) == errors
