@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from uniql.kernels.pdl import pdl_enabled
 from uniql.runtime.decoder import LINEAR_PATHS, ElasticDecoder
 from uniql.runtime.engine import Engine
 from uniql.runtime.ladder import Alignment, dim_steps, uniform_ladder
@@ -206,7 +207,8 @@ def main() -> None:
     if not args.skip_hf:
         rows += hf_rows(prompt, args.new_tokens, not args.skip_compiled, args.compile_mode)
     report = {"device": torch.cuda.get_device_name(), "model": "llama-3.1-8b shape, random weights",
-              "torch": torch.__version__, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "torch": torch.__version__, "pdl": pdl_enabled(torch.device("cuda")),
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "quantization": "INT4 g128 symmetric (random codes), uniform rate ladder", "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, pdl_enter
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -29,7 +31,8 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
                   sq_b, sq_h, skn_b, skn_g, svn_b, svn_g, svn_d, n_heads, n_splits, scale,
                   REP: tl.constexpr, REP_P: tl.constexpr, QK: tl.constexpr, VO: tl.constexpr,
                   D_QK: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(len_ptr + b)  # tokens including the new one
     start = s * SPLIT
@@ -82,7 +85,9 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
 
 @triton.jit
 def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
-                    VO: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, SPLITS_P: tl.constexpr):
+                    VO: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, SPLITS_P: tl.constexpr,
+                    PDL: tl.constexpr):
+    pdl_enter(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     used = tl.cdiv(tl.load(len_ptr + b), SPLIT)
     s = tl.arange(0, SPLITS_P)
@@ -144,14 +149,16 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     n_splits = triton.cdiv(max_len, split)
     d_qk, d_vo = (max(16, triton.next_power_of_2(d)) for d in (qk, vo))
     ws = torch.empty(b * n_heads * n_splits * (d_vo + 2), dtype=torch.float32, device=q.device)
+    pdl = pdl_enabled(q.device)
     _split_kernel[(b, n_kv, n_splits)](
         q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, q.stride(0), q.stride(1), k_new.stride(0),
         k_new.stride(1), v_new.stride(0), v_new.stride(1), v_new.stride(2), n_heads, n_splits, scale,
         REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk, VO=vo, D_QK=d_qk, D_VO=d_vo, SPLIT=split,
         BLOCK_T=min(split, 64),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4, launch_pdl=pdl)
     _combine_kernel[(b, n_heads)](ws, lengths, out, out.stride(0), n_heads, n_splits, VO=vo, D_VO=d_vo,
-                                  SPLIT=split, SPLITS_P=triton.next_power_of_2(n_splits), num_warps=1)
+                                  SPLIT=split, SPLITS_P=triton.next_power_of_2(n_splits), PDL=pdl, num_warps=1,
+                                  launch_pdl=pdl)
     return out
 
 

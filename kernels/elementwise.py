@@ -1,8 +1,10 @@
-"""Small fused kernels of the decode step: RMSNorm and SiLU(gate) * up, one launch each instead of 3-6.
+"""Small fused kernels of the decode step: residual add + RMSNorm and SiLU(gate) * up, one launch each.
 
 At batch 1 the decode step is ~12 launches per layer; in a CUDA graph each torch elementwise op costs a launch
 gap of about a microsecond and a kernel tail, so the norm (pow, mean, rsqrt, mul, cast, mul) and the gated
-activation (silu, mul) are worth one kernel each. Both round exactly where the torch modules do.
+activation (silu, mul) are worth one kernel each; the residual add of the previous block rides along with the
+next norm (``add_rms_norm``), which also keeps the chain of programmatic dependent launches (``pdl.py``)
+unbroken. All round exactly where the torch modules do.
 """
 
 from __future__ import annotations
@@ -12,21 +14,31 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, pdl_enter
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_o, n, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_d, stride_s, stride_o, n, eps,
+                     BLOCK: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     live = cols < n
-    x = tl.load(x_ptr + row * stride_x + cols, mask=live, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n + eps)
-    normed = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)  # the module casts back before the weight
+    x = tl.load(x_ptr + row * stride_x + cols, mask=live, other=0.0)
+    if ADD:  # the residual stream: x + d rounded to its dtype first, as torch's add does
+        d = tl.load(d_ptr + row * stride_d + cols, mask=live, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_s + cols, x, mask=live)
+    x32 = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / n + eps)
+    normed = (x32 * rstd).to(x.dtype).to(tl.float32)  # the module casts back before the weight
     w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=live)
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row, blk = tl.program_id(0), tl.program_id(1)
     cols = blk * BLOCK + tl.arange(0, BLOCK)
     live = cols < n
@@ -43,20 +55,42 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dim, one program a row."""
+    return _norm(x, None, weight, eps)[1]
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + delta`` (the residual stream) and ``rms_norm(s)``, in one launch; returns ``(s, normed)``."""
+    if delta.shape != x.shape:
+        raise ValueError(f"residual {tuple(x.shape)} and block output {tuple(delta.shape)} must have one shape")
+    return _norm(x, delta, weight, eps)
+
+
+def _norm(x, delta, weight, eps):
     if x.shape[-1] != weight.shape[0] or x.device != weight.device:
         raise ValueError(f"x [..., {x.shape[-1]}] and weight {tuple(weight.shape)} must match, same device")
     x2 = _rows(x)
-    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     n = x2.shape[1]
-    block = triton.next_power_of_2(n)
-    _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, x2.stride(0), out.stride(0), n, eps, BLOCK=block,
-                                     num_warps=4 if block >= 2048 else 2)
-    return out.reshape(x.shape[:-1] + (n,))
+    d2 = x2 if delta is None else _rows(delta)
+    summed = x2 if delta is None else torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, delta.dtype),
+                                                    device=x.device)
+    out = torch.empty(x2.shape, dtype=torch.promote_types(summed.dtype, weight.dtype), device=x.device)
+    block, pdl = triton.next_power_of_2(n), pdl_enabled(x.device)
+    _rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, summed, out, x2.stride(0), d2.stride(0), summed.stride(0),
+                                     out.stride(0), n, eps, BLOCK=block, ADD=delta is not None, PDL=pdl,
+                                     num_warps=4 if block >= 2048 else 2, launch_pdl=pdl)
+    shape = x.shape[:-1] + (n,)
+    return (x if delta is None else summed.reshape(shape)), out.reshape(shape)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    summed = x + delta
+    return summed, rms_norm_reference(summed, weight, eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -67,8 +101,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n = g2.shape[1] // 2
     out = torch.empty(g2.shape[0], n, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(n))
+    pdl = pdl_enabled(gate_up.device)
     _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](g2, out, g2.stride(0), out.stride(0), n, BLOCK=block,
-                                                           num_warps=4)
+                                                           PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out.reshape(gate_up.shape[:-1] + (n,))
 
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .int4_tiles import _finish, _rows_out, _segment
+from .pdl import pdl_enabled, pdl_enter
 
 # fp16 constants (two per register): 1/16, -(1024/16 + 8/16), 1/256, -(1024/256 + 8/16)
 _C_LO_SCALE, _C_LO_BIAS, _C_HI_SCALE, _C_HI_BIAS = 0x2C002C00, 0xD408D408, 0x1C001C00, 0xC480C480
@@ -115,6 +116,22 @@ def _pair16(lo, hi):
 
 # ------------------------------------------------------------------------------------------------- kernel
 
+_ASM_PREFETCH = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }")
+
+
+@triton.jit
+def _prefetch_tiles(qw_ptr, stride_qw, col, n_left, t0, t1, rows_k, SUB_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pull this program's weight tiles into L2, one request per 128-byte line. Runs before ``gdc_wait``: the
+    weights never depend on the previous kernel, so their DRAM latency overlaps its tail (``pdl.py``)."""
+    lines = tl.arange(0, BLOCK_N // 32) * 32  # int32 columns: 32 words = one line
+    r = tl.arange(0, 2 * SUB_R)
+    for t in range(t0, t1):
+        rows = t * 2 * SUB_R + r
+        ptrs = qw_ptr + rows[:, None] * stride_qw + col + lines[None, :]
+        live = ((rows < rows_k)[:, None] & (lines < n_left)[None, :]).to(tl.int32)
+        tl.inline_asm_elementwise(_ASM_PREFETCH, "=r,l,r", [ptrs, live], dtype=tl.int32, is_pure=False, pack=1)
+
+
 
 @triton.jit
 def _dot1(wa, wb, p):
@@ -176,7 +193,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
-                    X_BF16: tl.constexpr, ASM: tl.constexpr):
+                    X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG)
@@ -190,6 +207,10 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     rows_k = K // 8
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(rows_k, 2 * SUB_R))
+    if PDL and BLOCK_N >= 32:
+        _prefetch_tiles(qw_ptr, stride_qw, col0 + blk * BLOCK_N, n_len - blk * BLOCK_N, t0, t1, rows_k, SUB_R,
+                        BLOCK_N)
+    pdl_enter(PDL)  # x, the workspace and the counters belong to earlier kernels until here
     acc0 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
     acc1 = tl.zeros([SUB_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)
     acc2 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
@@ -239,4 +260,5 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
 
 def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, **constexprs) -> None:
     """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it)."""
-    _gemv_h2_kernel[grid](*args, SUB_R=sub_r, X_BF16=x_bf16, ASM=USE_ASM, **constexprs)
+    pdl = pdl_enabled(args[0].device)
+    _gemv_h2_kernel[grid](*args, SUB_R=sub_r, X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl, launch_pdl=pdl, **constexprs)

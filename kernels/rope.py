@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, pdl_enter
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -49,8 +51,9 @@ def _rotate_head(src_ptr, src_row_stride, dst_ptr, cos_ptr, sin_ptr, table_row_s
 @triton.jit
 def _rope_qk_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, idx_ptr,
                     q_row_stride, k_row_stride, table_row_stride, idx_row_stride,
-                    n_tokens, n_heads, n_kv, half, BLOCK_P: tl.constexpr):
+                    n_tokens, n_heads, n_kv, half, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """Grid (T, n_heads + n_kv): programs below ``n_heads`` rotate a query head, the rest a KV head."""
+    pdl_enter(PDL)
     token = tl.program_id(0).to(tl.int64)  # int64 so T * heads * qk offsets cannot overflow on long prompts
     head = tl.program_id(1)
     if head < n_heads:
@@ -123,7 +126,8 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     half = qk // 2
     _rope_qk_kernel[(n_tokens, n_heads + n_kv)](
         q, k, q_rot, k_rot, cos, sin, rope_index, q.stride(0), k.stride(0), cos.stride(0), rope_index.stride(0),
-        n_tokens, n_heads, n_kv, half, BLOCK_P=triton.next_power_of_2(half), num_warps=1 if half <= 32 else 2)
+        n_tokens, n_heads, n_kv, half, BLOCK_P=triton.next_power_of_2(half), PDL=pdl_enabled(q.device),
+        num_warps=1 if half <= 32 else 2, launch_pdl=pdl_enabled(q.device))
     return q_rot, k_rot
 
 

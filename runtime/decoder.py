@@ -54,6 +54,15 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream ``x + delta`` (``x`` when delta is None) and its norm: one launch on the fused path."""
+        if delta is None:
+            return x, self(x)
+        if _fused_kernels(x):
+            return elementwise.add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
+
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on pair-interleaved channels: x [..., P, 2], cos/sin [..., P]."""
@@ -190,13 +199,19 @@ class DecoderLayer(nn.Module):
         parent, name = path.split(".")
         setattr(getattr(self, parent), name, module)
 
-    def forward(self, x, sizes: LayerSizes, ctx: dict, layer: int = 0):
+    def forward(self, x, sizes: LayerSizes, ctx: dict, layer: int = 0, pending=None, defer: bool = False):
+        """Pre-norm residual blocks. ``pending``: the previous layer's last block output, not yet added to ``x``
+        (the add rides with this layer's first norm); ``defer`` returns ``(x, pending)`` the same way."""
         mixer = self.attn if self.attn is not None else self.mamba
         if mixer is not None:
-            x = x + mixer(self.input_norm(x), sizes, layer=layer, **ctx)
+            x, h = self.input_norm.add_forward(x, pending)
+            pending = mixer(h, sizes, layer=layer, **ctx)
         if self.mlp is not None:
-            x = x + self.mlp(self.post_attn_norm(x), sizes.mlp)
-        return x
+            x, h = self.post_attn_norm.add_forward(x, pending)
+            pending = self.mlp(h, sizes.mlp)
+        if defer:
+            return x, pending
+        return x if pending is None else x + pending
 
 
 class ElasticDecoder(nn.Module):
@@ -250,10 +265,12 @@ class ElasticDecoder(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed.lookup(input_ids).to(self.norm.weight.dtype)
 
-    def final_hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm (in the original basis when a tied table is rotated, see ``hidden_rotation``)."""
+    def final_hidden(self, x: torch.Tensor, pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm of ``x + pending`` (in the original basis when a tied table is rotated, see
+        ``hidden_rotation``)."""
         if self.hidden_rotation is None:
-            return self.norm(x)
+            return self.norm.add_forward(x, pending)[1]
+        x = x if pending is None else x + pending
         rot = self.hidden_rotation.to(x.dtype)
         return self.norm(x @ rot.T) @ rot
 
@@ -287,9 +304,11 @@ class ElasticDecoder(nn.Module):
         """Logits [B, T, V] at a rung of the ladder (or explicit per-layer ``sizes``)."""
         sizes = sizes or (cache.sizes if cache is not None else self.sizes_for(rung))
         ctx = self.context(input_ids, attention_mask, positions, cache)
-        x = self.embed_tokens(input_ids)
+        x, pending = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(x, sizes[i], ctx, layer=i)
+            x, pending = layer(x, sizes[i], ctx, layer=i, pending=pending, defer=True)
         if isinstance(cache, KVCache):
             cache.advance(input_ids.shape[1])
-        return self.head(self.final_hidden(x[:, -logits_to_keep:] if logits_to_keep else x))
+        if logits_to_keep:
+            x, pending = x[:, -logits_to_keep:], None if pending is None else pending[:, -logits_to_keep:]
+        return self.head(self.final_hidden(x, pending))

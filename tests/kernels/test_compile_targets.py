@@ -18,25 +18,35 @@ SCRIPT = r"""
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from uniql.kernels import embedding, int4_dequant, int4_gemv, int4_matmul, rope
+from uniql.kernels import decode_attention, elementwise, embedding, int4_dequant, int4_gemv, int4_matmul, rope
 
 PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
         "ws_ptr": "*fp32", "cnt_ptr": "*i32", "ids_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16",
-        "q_out_ptr": "*bf16", "k_out_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "idx_ptr": "*i64"}
+        "q_out_ptr": "*bf16", "k_out_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "idx_ptr": "*i64",
+        "d_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16", "gu_ptr": "*bf16", "kn_ptr": "*bf16",
+        "vn_ptr": "*bf16", "kp_ptr": "*i64", "vp_ptr": "*i64", "cap_ptr": "*i32", "len_ptr": "*i32",
+        "scale": "fp32", "eps": "fp32"}
+PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
+ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, PDL=PDL)
 MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True)
 CASES = [
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, BLOCK_R=8), 8),
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=4, BLOCK_N=64, BLOCK_R=8), 4),
-    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=1, BLOCK_N=256, SUB_R=4, X_BF16=True, ASM=True), 4),
-    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=4, BLOCK_N=128, SUB_R=2, X_BF16=False, ASM=True), 4),
+    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=1, BLOCK_N=256, SUB_R=4, X_BF16=True, ASM=True, PDL=PDL), 4),
+    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=4, BLOCK_N=128, SUB_R=2, X_BF16=False, ASM=True, PDL=PDL), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_IEEE=False), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, DOT_IEEE=False, SPLIT=False), 4),
     (int4_dequant._dequant_kernel, dict(GROUP=64, BLOCK_R=8, BLOCK_N=128), 4),
-    (rope._rope_qk_kernel, dict(BLOCK_P=64), 2),
+    (rope._rope_qk_kernel, dict(BLOCK_P=64, PDL=PDL), 2),
     (embedding._embedding_int4_kernel, dict(GROUP=64, BLOCK_R=64), 4),
+    (elementwise._rms_norm_kernel, dict(BLOCK=4096, ADD=True, PDL=PDL), 4),
+    (elementwise._silu_mul_kernel, dict(BLOCK=1024, PDL=PDL), 4),
+    (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32"), 4),
+    (decode_attention._combine_kernel, dict(ATT, SPLITS_P=32), 1),
 ]
 for arch in map(int, sys.argv[1:]):
     for kernel, consts, warps in CASES:
+        consts = {k: (arch >= 90 if v == PDL else v) for k, v in consts.items() if k in kernel.arg_names}
         sig = {a: "constexpr" if a in consts else PTRS.get(a, "i32") for a in kernel.arg_names}
         stages = 3 if arch >= 80 else 2
         triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
@@ -51,4 +61,4 @@ def test_kernels_compile_for_jetson_and_hopper(arch):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(f"ok {arch}") == 9
+    assert done.stdout.count(f"ok {arch}") == 13

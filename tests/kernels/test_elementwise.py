@@ -1,4 +1,4 @@
-"""Fused RMSNorm and SiLU-mul kernels (interpreter on CPU) against their torch references and the modules."""
+"""Fused (residual add +) RMSNorm and SiLU-mul kernels (interpreter on CPU) vs their torch references and modules."""
 
 import pytest
 import torch
@@ -6,7 +6,14 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from uniql.kernels.elementwise import rms_norm, rms_norm_reference, silu_mul, silu_mul_reference  # noqa: E402
+from uniql.kernels.elementwise import (  # noqa: E402
+    add_rms_norm,
+    add_rms_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+    silu_mul,
+    silu_mul_reference,
+)
 from uniql.runtime.decoder import RMSNorm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -27,6 +34,19 @@ def test_rms_norm_equals_the_module(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 576), (3, 1, 100), (2, 4096)])
+def test_add_rms_norm_equals_add_then_norm(shape, dtype):
+    gen = torch.Generator().manual_seed(2)
+    x, delta = ((torch.randn(*shape, generator=gen) * 3).to(DEVICE, dtype) for _ in range(2))
+    weight = (torch.rand(shape[-1], generator=gen) + 0.5).to(DEVICE, dtype)
+    want_sum, want = add_rms_norm_reference(x, delta, weight, 1e-5)
+    got_sum, got = add_rms_norm(x, delta, weight, 1e-5)
+    torch.testing.assert_close(got_sum, want_sum, atol=0, rtol=0)  # the residual stream is rounded like torch's add
+    torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+    assert got_sum.shape == x.shape and got.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2 * 1536), (4, 2 * 40), (2, 1, 2 * 2500)])
 def test_silu_mul_equals_reference(shape, dtype):
     gate_up = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype) * 4
@@ -41,3 +61,6 @@ def test_bad_shapes_are_refused():
         silu_mul(torch.zeros(2, 7, device=DEVICE))
     with pytest.raises(ValueError, match="must match"):
         rms_norm(torch.zeros(2, 8, device=DEVICE), torch.ones(9, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="one shape"):
+        add_rms_norm(torch.zeros(2, 8, device=DEVICE), torch.zeros(1, 8, device=DEVICE), torch.ones(8, device=DEVICE),
+                     1e-6)
