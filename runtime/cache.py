@@ -45,9 +45,6 @@ class KVCache:
         """(conv state ``[B, ch', W-1]``, SSM state ``[B, H, P', N']``) of a Mamba layer, updated in place."""
         return self.conv[layer], self.ssm[layer]
 
-    def ssm_commit(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
-        """The states above are the cache's own tensors: nothing to write back."""
-
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         """Write this step's K/V ([B, g, T, *]) after the cached tokens; return views of all tokens so far."""
         start, steps = self.length, k_new.shape[2]
@@ -80,9 +77,10 @@ def _triton_attention(device: torch.device) -> bool:
 class DecodeBatch:
     """One decode step's view of B requests' own caches (each a batch-1 ``KVCache`` of its rung).
 
-    On CUDA the attention kernel reads the caches through address tables; the tables, capacities and lengths
-    are fixed-size buffers, so a CUDA graph captured over a ``DecodeBatch`` stays valid while ``bind`` refreshes
-    them in place. ``lengths`` counts tokens including the one being decoded (its K/V are appended by the
+    On CUDA the attention kernel reads the caches through address tables, and Mamba layers' conv and SSM kernels
+    read each request's states through theirs (``ssm_cache.BatchedSSMStates``); the tables, capacities and
+    lengths are fixed-size buffers, so a CUDA graph captured over a ``DecodeBatch`` stays valid while ``bind``
+    refreshes them in place. ``lengths`` counts tokens including the one being decoded (its K/V are appended by the
     kernel). Without Triton the same step runs the torch reference over the cache tensors.
     """
 
@@ -96,7 +94,7 @@ class DecodeBatch:
         self.lengths = torch.ones(batch, dtype=torch.int32, device=device)
         self.caches: list[KVCache] = []
         self.length_list: list[int] = []
-        self.ssm: BatchedSSMStates | None = None
+        self.ssm = BatchedSSMStates(layers, batch, self.device, tables=_triton_attention(self.device))
 
     def bind(self, caches: list[KVCache], lengths: torch.Tensor | None = None) -> None:
         """Point the tables at these caches (one per row, batch-1 each, this batch's rung)."""
@@ -109,7 +107,8 @@ class DecodeBatch:
         # the torch fallback reads the tensors; the kernel only the addresses (holding the caches there would keep
         # finished requests' memory alive inside a captured graph's batch)
         self.caches = [] if _triton_attention(self.device) else list(caches)
-        self.ssm = BatchedSSMStates(list(caches), self.device) if caches[0].has_ssm else None
+        if caches[0].has_ssm:
+            self.ssm.bind(caches)
         tables = torch.tensor([[[c.k[i].data_ptr() for c in caches] for i in range(len(self.sizes))],
                                [[c.v[i].data_ptr() for c in caches] for i in range(len(self.sizes))]])
         self.k_ptrs.copy_(tables[0])
@@ -124,11 +123,14 @@ class DecodeBatch:
         self.lengths.copy_(lengths)
 
     def ssm_states(self, layer: int):
-        """Every row's conv/SSM state of a Mamba layer, stacked ``[B, ...]`` (written back by ``ssm_commit``)."""
+        """Every row's (conv, SSM) state of a Mamba layer: int64 address tables ``[B]`` (Triton) or lists of the
+        rows' own state tensors (torch references); the step updates them in place either way."""
         return self.ssm.states(layer)
 
-    def ssm_commit(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
-        self.ssm.commit(layer, conv, ssm)
+    @property
+    def conv_dtype(self) -> torch.dtype | None:
+        """The bound caches' conv state dtype (a table carries addresses only)."""
+        return self.ssm.conv_dtype
 
     def attend(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                scale: float) -> torch.Tensor:

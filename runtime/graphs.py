@@ -4,7 +4,9 @@ A graph replays the whole decode forward (embedding, every layer, head) with no 
 Its inputs are static buffers: one int64 ``[2, B]`` step buffer (token ids, lengths incl. the new token) that
 one host-to-device copy refreshes per step, and the ``DecodeBatch`` address tables, refreshed only when the set
 of requests changes. A batch smaller than its bucket is padded with rows that decode into a 1-token scratch
-cache of the same rung, so one graph serves every batch size up to its bucket.
+cache of the same rung, so one graph serves every batch size up to its bucket. The scratch cache comes from
+``model.new_cache``, so Mamba layers get scratch conv/SSM states too; padding rows share it and leave garbage
+there, which no real row reads (every op of a decode step is row-independent).
 """
 
 from __future__ import annotations

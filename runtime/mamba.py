@@ -18,9 +18,11 @@ Math (fp32 state): ``xBC = act(causal_conv(x|B|C))``; ``dt = clamp(softplus(dt_p
 ``A = -exp(A_log)``; ``s_t = exp(dt A) s_{t-1} + dt x_t B_t^T``, ``y_t = s_t C_t + D x_t``. The dt limit is
 applied at every step, prefill and decode alike (transformers' torch decode path skips it, which makes a token's
 output depend on whether it was prefilled or decoded).
-Prefill scans in chunks (``kernels/ssm_scan.py``, torch); decode runs one selective state update per token over
-each request's own state (``kernels/ssm_update.py``: Triton on CUDA, through a table of the requests' state
-addresses in a batch; its torch reference on CPU).
+Prefill scans in chunks (``kernels/ssm_scan.py``, torch) over a per-request cache. A decode step over a
+``DecodeBatch`` runs two in-place kernels over each request's own states: the causal-conv update
+(``kernels/conv_update.py``, fed the three kept weight prefixes as segments: no per-step cat of parameters) and
+the selective state update (``kernels/ssm_update.py``); Triton on CUDA through the batch's fixed address tables
+(so a CUDA graph captured once serves any bound requests), their torch references on CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 from uniql.kernels import ops
 from uniql.kernels.ssm_scan import chunked_scan
 
+from .cache import DecodeBatch
 from .linear import DenseLinear
 from .spec import ArchSpec
 
@@ -46,7 +49,7 @@ class ElasticMamba(nn.Module):
         self.heads, self.head_dim, self.groups, self.state, self.kernel = heads, p, groups, n, w
         self.norm_groups, self.norm_eps, self.chunk = spec.ssm_norm_groups, spec.ssm_norm_eps, spec.ssm_chunk
         self.dt_limit = spec.dt_limit
-        self.act = _CONV_ACTS[spec.ssm_act]
+        self.act, self.act_name = _CONV_ACTS[spec.ssm_act], spec.ssm_act
         bias = spec.ssm_proj_bias
         self.z_proj, self.x_proj = DenseLinear(h, heads * p, bias), DenseLinear(h, heads * p, bias)
         self.B_proj, self.C_proj = DenseLinear(h, groups * n, bias), DenseLinear(h, groups * n, bias)
@@ -68,6 +71,14 @@ class ElasticMamba(nn.Module):
         if self.conv_x_bias is None:
             return weight, None
         return weight, torch.cat((self.conv_x_bias[:hp], self.conv_B_bias[:gn], self.conv_C_bias[:gn]))
+
+    def conv_segments(self, p: int, n: int):
+        """The kept conv weight and bias rows as three prefix views each (x | B | C), bias None without one."""
+        hp, gn = self.heads * p, self.groups * n
+        weight = [self.conv_x_weight[:hp], self.conv_B_weight[:gn], self.conv_C_weight[:gn]]
+        if self.conv_x_bias is None:
+            return weight, None
+        return weight, [self.conv_x_bias[:hp], self.conv_B_bias[:gn], self.conv_C_bias[:gn]]
 
     def project(self, u, p: int, n: int):
         """z ``[..., H*p]``, xBC ``[..., H*p + 2*G*n]`` (rank-/state-major), raw dt ``[..., H]``."""
@@ -109,21 +120,36 @@ class ElasticMamba(nn.Module):
 
     def forward(self, u, sizes, cache=None, layer: int = 0, **_):
         """``u [b,T,hidden]`` -> ``[b,T,hidden]``. ``cache``: a per-request cache (prefill) or a DecodeBatch."""
+        if isinstance(cache, DecodeBatch):
+            return self.decode(u, sizes, cache, layer)
         p, n = sizes.ssm_p, sizes.ssm_n
         conv_state, ssm_state = (None, None) if cache is None else cache.ssm_states(layer)
         z, xbc, dt_raw = self.project(u, p, n)
         xbc = self.conv(xbc, p, n, conv_state)
         x, B, C = self.split_heads(xbc, p, n)
         dt, A = self.time_step(dt_raw), -torch.exp(self.A_log.float())
-        if u.shape[1] == 1 and ssm_state is not None:  # the state (or its address table) is updated in place
+        if u.shape[1] == 1 and ssm_state is not None:  # one step of a per-request cache: the state in place
             y = ops.ssm_state_update(ssm_state, x[:, 0], dt[:, 0].contiguous(), A, B[:, 0], C[:, 0])[:, None]
         else:
             y, new_state = chunked_scan(x, dt, A, B, C, self.chunk, ssm_state)
             if ssm_state is not None:
                 ssm_state.copy_(new_state)
-        if cache is not None:
-            cache.ssm_commit(layer, conv_state, ssm_state)
+        return self.finish(u, y, x, z, p)
+
+    def decode(self, u, sizes, batch: DecodeBatch, layer: int):
+        """One token per request (``u [B, 1, hidden]``) over each request's own conv/SSM states, in place."""
+        p, n = sizes.ssm_p, sizes.ssm_n
+        conv_state, ssm_state = batch.ssm_states(layer)
+        z, xbc, dt_raw = self.project(u[:, 0], p, n)  # [B, H*p], [B, ch'], [B, H]
+        weight, bias = self.conv_segments(p, n)
+        xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
+        x, B, C = self.split_heads(xbc, p, n)
+        dt, A = self.time_step(dt_raw), -torch.exp(self.A_log.float())
+        y = ops.ssm_state_update(ssm_state, x, dt, A, B, C)
+        return self.finish(u, y[:, None], x[:, None], z[:, None], p)
+
+    def finish(self, u, y, x, z, p: int):
+        """Skip (D x), gated norm and out_proj: ``y, x [b, T, H, p]``, flat rank-major ``z [b, T, H*p]``."""
         y = y + self.D.float()[:, None] * x.float()
         out = self.gated_norm(y, z.unflatten(-1, (p, self.heads)).transpose(-1, -2), p)
         return self.out_proj(out.to(u.dtype), k=self.heads * p)
-

@@ -5,8 +5,9 @@ of that rung (a pruned request costs less cache memory too) and ``max_len = prom
 Prefill runs one request's prompt through the eager decoder. Decode runs all requests of one rung as one batch
 (``DecodeBatch``: attention reads each request's own cache through address tables), on CUDA replayed from one
 CUDA graph per (rung, batch bucket) (``graphs.py``); on CPU the same batched forward runs eagerly. Models with
-Mamba layers decode batched too (each request's own SSM state, stacked per step: ``ssm_cache.py``) but eagerly,
-without CUDA graphs: a captured graph would keep reading the first bound requests' states.
+Mamba layers (Mamba2, hybrids) are graphed the same way: their conv and SSM kernels read each request's own
+states through the batch's fixed address tables (``ssm_cache.BatchedSSMStates``), which a rebind refreshes in
+place, so the captured graph always reads the requests bound now.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class ModelRunner:
         else:
             fuse_projections(model)  # q|k|v and gate|up in one launch each
             reserve_workspace(self.device, floats=1 << 23)  # split-K scratch, allocated before any capture
-            if cuda_graphs and not model.spec.layers_with("mamba"):
+            if cuda_graphs:
                 self.graphs = DecodeGraphs(model, self.max_model_len, self.cache_dtype, graph_buckets)
 
     @property

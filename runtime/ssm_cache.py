@@ -44,29 +44,41 @@ def cache_bytes(spec: ArchSpec, sizes: list[LayerSizes], max_len: int, itemsize:
 
 
 class BatchedSSMStates:
-    """A decode batch's SSM states: each request's own state, read and written where it lives.
+    """A decode batch's conv and SSM states: each request's own, read and written where it lives (no copies).
 
-    On CUDA the selective-state-update kernel takes an int64 table of the requests' state addresses (no copy);
-    on CPU the states are stacked for the step and written back after it. Conv states (W-1 columns) are always
-    stacked and written back. CUDA graphs are not used for models with Mamba layers yet: the conv stack reads
-    fixed addresses, so a captured graph would keep reading the first bound requests'.
+    With Triton (``tables``): int64 address tables ``[layers, B]`` of every row's conv state (``[1, ch', W-1]``
+    contiguous, cache dtype) and SSM state (``[1, H, P', N']`` fp32), allocated ONCE and refreshed in place by
+    ``bind``, so a CUDA graph captured over them reads whichever requests are bound now (the kernels of
+    ``kernels/conv_update.py`` and ``kernels/ssm_update.py`` follow the addresses). Without Triton, lists of
+    the bound requests' state tensors for the torch references, which update each in place too.
     """
 
-    def __init__(self, caches: list, device: torch.device):
-        self.caches = caches
-        self.tables = None
-        if device.type == "cuda":
-            self.tables = [None if s is None else torch.tensor([c.ssm[i].data_ptr() for c in caches],
-                                                               dtype=torch.int64, device=device)
-                           for i, s in enumerate(caches[0].ssm)]
+    def __init__(self, layers: int, batch: int, device: torch.device, tables: bool):
+        self.batch = batch
+        self.conv_ptrs = torch.zeros(layers, batch, dtype=torch.int64, device=device) if tables else None
+        self.ssm_ptrs = torch.zeros(layers, batch, dtype=torch.int64, device=device) if tables else None
+        self.conv_dtype: torch.dtype | None = None  # the bound caches' conv state dtype (the kernel needs it)
+        self.caches: list = []
+
+    def bind(self, caches: list) -> None:
+        """Point at these batch-1 caches, one per row (rows may repeat a cache: graph padding rows do)."""
+        conv = caches[0].conv
+        self.conv_dtype = next(t.dtype for t in conv if t is not None)
+        if self.conv_ptrs is None:
+            self.caches = list(caches)
+            return
+        if any(c.conv[i] is not None and not (c.conv[i].is_contiguous() and c.ssm[i].is_contiguous())
+               for c in caches for i in range(len(conv))):
+            raise ValueError("address tables need each request's own contiguous conv and SSM states")
+        tables = torch.tensor([[[0 if c.conv[i] is None else c.conv[i].data_ptr() for c in caches]
+                                for i in range(len(conv))],
+                               [[0 if c.ssm[i] is None else c.ssm[i].data_ptr() for c in caches]
+                                for i in range(len(conv))]], dtype=torch.int64)
+        self.conv_ptrs.copy_(tables[0])
+        self.ssm_ptrs.copy_(tables[1])
 
     def states(self, layer: int):
-        conv = torch.cat([c.conv[layer] for c in self.caches])
-        ssm = self.tables[layer] if self.tables is not None else torch.cat([c.ssm[layer] for c in self.caches])
-        return conv, ssm
-
-    def commit(self, layer: int, conv: torch.Tensor, ssm: torch.Tensor) -> None:
-        for i, cache in enumerate(self.caches):
-            cache.conv[layer].copy_(conv[i:i + 1])
-            if self.tables is None:
-                cache.ssm[layer].copy_(ssm[i:i + 1])
+        """(conv, SSM) of every row at a Mamba layer: table rows ``[B]`` int64, or lists of the state tensors."""
+        if self.conv_ptrs is not None:
+            return self.conv_ptrs[layer], self.ssm_ptrs[layer]
+        return [c.conv[layer] for c in self.caches], [c.ssm[layer] for c in self.caches]
