@@ -112,7 +112,11 @@ class ElasticMamba(nn.Module):
 
     def gated_norm(self, y, z, p: int):
         """``y, z [..., H, p]`` -> rank-major ``[..., p*H]``: RMSNorm of ``y * silu(z)`` per group of heads."""
-        g = (y.float() * F.silu(z.float())).unflatten(-2, (self.norm_groups, self.heads // self.norm_groups))
+        return self.group_rms(y.float() * F.silu(z.float()), p)
+
+    def group_rms(self, g, p: int):
+        """The norm half of ``gated_norm``: already gated ``g [..., H, p]`` -> weighted, rank-major ``[..., p*H]``."""
+        g = g.float().unflatten(-2, (self.norm_groups, self.heads // self.norm_groups))
         g = g * torch.rsqrt(g.pow(2).mean((-2, -1), keepdim=True) + self.norm_eps)
         g = g.flatten(-3, -2)  # [..., H, p]
         weight = self.norm_weight[:self.heads * p].view(p, self.heads).T.float()
@@ -137,16 +141,20 @@ class ElasticMamba(nn.Module):
         return self.finish(u, y, x, z, p)
 
     def decode(self, u, sizes, batch: DecodeBatch, layer: int):
-        """One token per request (``u [B, 1, hidden]``) over each request's own conv/SSM states, in place."""
+        """One token per request (``u [B, 1, hidden]``) over each request's own conv/SSM states, in place.
+
+        The state-update kernel also applies dt's bias/softplus/limit, the D skip and the ``silu(z)`` gate (the
+        same math as ``forward``'s torch ops, fewer launches a step), so only the group RMS norm follows it."""
         p, n = sizes.ssm_p, sizes.ssm_n
         conv_state, ssm_state = batch.ssm_states(layer)
         z, xbc, dt_raw = self.project(u[:, 0], p, n)  # [B, H*p], [B, ch'], [B, H]
         weight, bias = self.conv_segments(p, n)
         xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
         x, B, C = self.split_heads(xbc, p, n)
-        dt, A = self.time_step(dt_raw), -torch.exp(self.A_log.float())
-        y = ops.ssm_state_update(ssm_state, x, dt, A, B, C)
-        return self.finish(u, y[:, None], x[:, None], z[:, None], p)
+        z = z.unflatten(-1, (p, self.heads)).transpose(-1, -2)  # [B, H, p] view of the rank-major channels
+        gated = ops.ssm_state_update(ssm_state, x, dt_raw, -torch.exp(self.A_log.float()), B, C, D=self.D, z=z,
+                                     dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+        return self.out_proj(self.group_rms(gated[:, None], p).to(u.dtype), k=self.heads * p)
 
     def finish(self, u, y, x, z, p: int):
         """Skip (D x), gated norm and out_proj: ``y, x [b, T, H, p]``, flat rank-major ``z [b, T, H*p]``."""
