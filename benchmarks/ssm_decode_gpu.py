@@ -8,7 +8,8 @@ weight values: the engine's model gets random INT4 codes (benchmarks/decode_gpu.
 a uniform rate ladder; transformers' models are randomly initialised in bf16 (their torch path: no mamba_ssm
 kernels on the machine). Rows like ``results/decode_h200.json`` plus ``"model"``: batch 1, TTFT and median
 TPOT of one greedy request (``--prompt-tokens`` prompt, ``--new-tokens`` new), engine at rates 0 / 0.15 /
-0.25 / 0.35, ``hf_eager`` at rate 0.
+0.25 / 0.35, ``hf_eager`` at rate 0. On CUDA the engine decodes through one CUDA graph per rung (captured in
+each rung's warm-up request; ``"cuda_graphs"`` in the rows says whether it did).
 
     python benchmarks/ssm_decode_gpu.py --json benchmarks/results/ssm_decode_h200.json
     python benchmarks/ssm_decode_gpu.py --tiny --device cpu      # the same code paths on tiny shapes
@@ -117,7 +118,7 @@ def engine_rows(name, config, prompt, new_tokens, device, weights="int4") -> lis
         _reset(device)
         row = engine_row(engine, prompt, rate, new_tokens)
         rows.append({"model": name, **row, "engine": "uniql" if weights == "int4" else "uniql_bf16_dense",
-                     "peak_mem_bytes": peak_mem_bytes(device)})
+                     "peak_mem_bytes": peak_mem_bytes(device), "cuda_graphs": engine.runner.graphs is not None})
         _print(rows[-1])
     del engine, model
     if device.type == "cuda":
