@@ -153,3 +153,29 @@ def test_bad_inputs_are_refused():
         causal_conv1d_update(xbc, state, weights, biases[:1])
     with pytest.raises(ValueError, match="W >= 2"):
         causal_conv1d_update(xbc, state[..., :0], [w[:, :1] for w in weights], None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_replay_follows_a_table_refreshed_in_place():
+    """Captured once over a table buffer, replayed after the table was pointed at other states: the replay shifts
+    the new states, as the decode graphs rely on."""
+    xbc, weights, biases, stacked = _inputs(2, (40, 12, 12), 4, torch.bfloat16, seed=8)
+    first = [stacked[i:i + 1].clone() for i in range(2)]
+    second = [torch.randn_like(t) for t in first]
+    table = torch.tensor([t.data_ptr() for t in first], dtype=torch.int64, device=DEVICE)
+    x_in = xbc.clone()
+    causal_conv1d_update(x_in, table, weights, biases, state_dtype=torch.bfloat16)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = causal_conv1d_update(x_in, table, weights, biases, state_dtype=torch.bfloat16)
+    expected = [t.clone() for t in second]
+    want = causal_conv1d_update_reference(x_in, expected, weights, biases)
+    untouched = [t.clone() for t in first]
+    table.copy_(torch.tensor([t.data_ptr() for t in second], dtype=torch.int64))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
+    for mine, theirs in zip(second, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+    for mine, before in zip(first, untouched, strict=True):
+        torch.testing.assert_close(mine, before, atol=0, rtol=0)
