@@ -3,6 +3,10 @@
 stacked state and for per-request states through an address table; the reference equals the conv written out
 (and the runtime's prefill conv over the same window); the custom op dispatches and mutates; bad inputs fail."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,3 +183,32 @@ def test_graph_replay_follows_a_table_refreshed_in_place():
         torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
     for mine, before in zip(first, untouched, strict=True):
         torch.testing.assert_close(mine, before, atol=0, rtol=0)
+
+
+COMPILE = r"""
+import sys, triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from uniql.kernels.conv_update import _conv_update_kernel as kernel
+
+ptrs = dict.fromkeys(("xbc_ptr", "out_ptr", "w0", "w1", "w2", "b0", "b1", "b2"), "*bf16")
+for arch in map(int, sys.argv[1:]):
+    for table, act, width in ((True, 1, 4), (False, 3, 2), (True, 2, 4)):
+        consts = dict(TABLE=table, STATE_DTYPE=tl.bfloat16, HAS_BIAS=True, ACT=act, W=width, BLOCK_C=128)
+        sig = {a: "constexpr" if a in consts else dict(ptrs, state_ptr="*i64" if table else "*bf16").get(a, "i32")
+               for a in kernel.arg_names}
+        triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": 4, "num_stages": 3 if arch >= 80 else 2})
+        print("ok", arch)
+"""
+
+
+def test_kernel_compiles_for_jetson_and_hopper():
+    """Ahead of time, no GPU needed (as tests/kernels/test_compile_targets.py does for the other kernels): the
+    table form (a dtype-typed pointer from an int64), the stacked form, every activation, sm_87 and sm_90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE, "87", "90"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ok") == 6
