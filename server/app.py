@@ -57,7 +57,7 @@ class AppState:
             self.monitor = self.monitor_factory()
             self.service = AdaptiveService(backend, self.cfg, self.metrics, self.monitor)
             self.monitor.start()
-            log.warning("uniql: serving %s (prune rates %s)", self.names[0], list(backend.rates))
+            log.warning("uniql: serving %s in %s (prune rates %s)", self.names[0], backend.dtype, list(backend.rates))
         except Exception as err:  # keep answering (503 with the reason) instead of dying silently
             log.exception("loading the model failed")
             self.load_error = f"{type(err).__name__}: {err}"

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from uniql.runtime.async_engine import AsyncEngine
-from uniql.runtime.checkpoint import load_checkpoint, load_tokenizer
+from uniql.runtime.checkpoint import load_tokenizer
 from uniql.runtime.detokenizer import render_chat
+from uniql.runtime.dtypes import dtype_name, load_for_inference
 from uniql.runtime.engine import Engine
 from uniql.runtime.request import SamplingParams, TokenEvent
 
@@ -32,13 +33,14 @@ class EngineBackend:
         self.front = AsyncEngine(self.engine)
         self.tokenizer = tokenizer
         self.rates = tuple(model.ladder.rates)
+        self.dtype = dtype_name(model.norm.weight.dtype)  # what activations and caches run in (/health says it)
         self.max_model_len = self.engine.max_model_len
         self.weights = ElasticWeights(model, ckpt_dir)
         self.weights.settle()  # the runner's one-time dequantization leaves temporaries in the heap
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, cfg: ServerConfig) -> EngineBackend:
-        model, _ = load_checkpoint(ckpt_dir, device=cfg.device)
+        model, _ = load_for_inference(ckpt_dir, cfg.device, cfg.dtype)  # cast once here, never per request
         backend = cls(model, load_tokenizer(ckpt_dir), ckpt_dir, cfg)
         if cfg.device == "cpu":
             backend._leave_a_core()

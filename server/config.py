@@ -42,6 +42,7 @@ class ServerConfig:
     rate: str = "auto"  # "auto" (the controller) or a fixed pruning rate
     memory_reserve: str = "512M"
     device: str = "cpu"
+    dtype: str = "auto"  # activations and caches (runtime/dtypes.py): bf16 on a GPU with native bf16, fp32 on CPU
     default_max_tokens: int = 512  # when a request gives none (its KV cache is sized for prompt + this)
     tpot_target_ms: float | None = None  # climb a rung when decode is slower than this under contention
     hysteresis: str = "16M"  # a lower rung must fit with this much to spare before the server goes back to it
@@ -57,3 +58,10 @@ class ServerConfig:
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"--rate must be 'auto' or a pruning rate in [0, 1), got {self.rate!r}")
         return rate
+
+    def check(self) -> None:
+        """Flags that can be wrong without loading anything fail here, before the loading thread starts."""
+        from uniql.runtime.dtypes import check_dtype_name  # torch-free
+
+        self.fixed_rate()
+        check_dtype_name(self.dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from uniql.runtime.dtypes import add_dtype_arg
+
 from .config import ServerConfig
 from .monitor import Monitor, default_readers, open_jtop
 
@@ -28,6 +30,7 @@ def add_parser(sub) -> None:
                    help="memory to leave free for other programs, e.g. 1G; 'available-300M' = the memory available "
                         "once the model has loaded minus 300M")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_dtype_arg(p)
     p.add_argument("--default-max-tokens", type=int, default=512, help="completion length when a request sets none")
     p.add_argument("--tpot-target-ms", type=float, default=None,
                    help="climb a rung when inter-token latency exceeds this under contention")
@@ -44,7 +47,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         served_model_name=args.served_model_name, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs, max_queued_requests=args.max_queued_requests,
                         allowed_origins=args.allowed_origins, rate=args.rate, memory_reserve=args.memory_reserve,
-                        device=args.device, default_max_tokens=args.default_max_tokens,
+                        device=args.device, dtype=args.dtype, default_max_tokens=args.default_max_tokens,
                         tpot_target_ms=args.tpot_target_ms, hysteresis=args.hysteresis,
                         monitor_interval_s=args.monitor_interval, residency=not args.no_residency,
                         residency_sustain_s=args.residency_sustain, log_level=args.log_level)
@@ -71,7 +74,7 @@ def make_monitor_factory(cfg: ServerConfig):
 def build_app(cfg: ServerConfig):
     from .app import create_app
 
-    cfg.fixed_rate()  # a bad --rate fails now, not in the loading thread
+    cfg.check()  # a bad --rate or --dtype fails now, not in the loading thread
     return create_app(cfg, make_loader(cfg), make_monitor_factory(cfg))
 
 

@@ -118,7 +118,8 @@ class AdaptiveService:
     def state(self) -> dict:
         """What /health reports besides the status (memory, residency, controller)."""
         snapshot = self.monitor.snapshot()
-        return {"prune_rates": list(self.backend.rates), "resident_rung": self.residency.resident_rung,
+        return {"prune_rates": list(self.backend.rates), "dtype": self.backend.dtype,
+                "resident_rung": self.residency.resident_rung,
                 "floor_rung": self.residency.floor, "weights_resident_bytes": self.residency.resident_bytes,
                 "rung_weight_bytes": list(self.backend.weights.rung_bytes),
                 "memory": {"device": snapshot.primary, "available_bytes": snapshot.available_bytes,

@@ -10,6 +10,7 @@ import time
 
 from uniql.cli_finetune import add_finetune_args, add_finetune_parser, cmd_finetune, finetune_config
 from uniql.paths import DEFAULT_MODEL_ALIAS
+from uniql.runtime.dtypes import add_dtype_arg
 
 
 def _add_quant_args(p) -> None:
@@ -83,15 +84,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    add_dtype_arg(p)
 
 
 def cmd_generate(args) -> int:
-    from uniql.runtime.checkpoint import load_checkpoint, load_tokenizer
+    from uniql.runtime.checkpoint import load_tokenizer
     from uniql.runtime.detokenizer import render_chat
+    from uniql.runtime.dtypes import dtype_name, load_for_inference
     from uniql.runtime.engine import Engine
     from uniql.runtime.request import SamplingParams
 
-    model, _ = load_checkpoint(args.ckpt, device=args.device)
+    model, _ = load_for_inference(args.ckpt, args.device, args.dtype)
     tokenizer = load_tokenizer(args.ckpt)
     engine = Engine(model, tokenizer, max_num_seqs=1)
     rung = model.ladder.nearest(args.rate)
@@ -104,8 +107,8 @@ def cmd_generate(args) -> int:
     for event in engine.stream(req):
         print(event.text, end="", flush=True)
     elapsed = time.perf_counter() - start
-    print(f"\n[rate {model.ladder.rates[rung]:.2f} (rung {rung}), {len(req.output_ids)} tokens in {elapsed:.2f} s, "
-          f"finish: {req.finish_reason}]", file=sys.stderr)
+    print(f"\n[rate {model.ladder.rates[rung]:.2f} (rung {rung}), {dtype_name(model.norm.weight.dtype)}, "
+          f"{len(req.output_ids)} tokens in {elapsed:.2f} s, finish: {req.finish_reason}]", file=sys.stderr)
     return 0
 
 
@@ -116,20 +119,25 @@ def _add_bench(sub) -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.15, 0.25, 0.35])
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    add_dtype_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def cmd_bench(args) -> int:
     from uniql.runtime.bench import decode_rows
-    from uniql.runtime.checkpoint import load_checkpoint, load_tokenizer
+    from uniql.runtime.checkpoint import load_tokenizer
+    from uniql.runtime.dtypes import dtype_name, load_for_inference
     from uniql.runtime.engine import Engine
 
-    model, _ = load_checkpoint(args.ckpt, device=args.device)
+    model, _ = load_for_inference(args.ckpt, args.device, args.dtype)
+    dtype = dtype_name(model.norm.weight.dtype)
     tokenizer = load_tokenizer(args.ckpt)
     rows = decode_rows(Engine(model, tokenizer, max_num_seqs=1), tokenizer, args.rates, args.new_tokens)
     if args.json:
-        print(json.dumps({"ckpt": args.ckpt, "device": args.device, "rows": rows}))
-    for r in rows if not args.json else []:
+        print(json.dumps({"ckpt": args.ckpt, "device": args.device, "dtype": dtype, "rows": rows}))
+        return 0
+    print(f"{args.ckpt} on {args.device} in {dtype}")
+    for r in rows:
         print(f"rate {r['rate']:.2f} (rung {r['rung']}): TTFT {r['ttft_ms']:.1f} ms  TPOT {r['tpot_ms']:.2f} ms  "
               f"{r['tokens_per_s']:.1f} tok/s")
     return 0
