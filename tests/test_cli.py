@@ -126,3 +126,15 @@ def test_bench_decode_reports_every_rung(int4_ckpt, capsys):
     assert main(["bench", "decode", str(int4_ckpt), "--rates", "0", "0.35", "--new-tokens", "4", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["rung"] for r in rows] == [0, 7] and all(r["new_tokens"] == 4 and r["tpot_ms"] > 0 for r in rows)
+
+
+def test_generate_and_bench_run_in_the_dtype_asked_for(int4_ckpt, capsys):
+    assert main(["generate", str(int4_ckpt), "--prompt", "Hello there", "--max-tokens", "4"]) == 0
+    assert ", float32, 4 tokens" in capsys.readouterr().err  # auto on CPU
+    assert main(["generate", str(int4_ckpt), "--prompt", "Hello there", "--max-tokens", "4", "--dtype",
+                 "bfloat16"]) == 0
+    assert ", bfloat16, 4 tokens" in capsys.readouterr().err
+    assert main(["bench", "decode", str(int4_ckpt), "--rates", "0", "--new-tokens", "3", "--dtype", "bfloat16",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dtype"] == "bfloat16" and report["rows"][0]["new_tokens"] == 3
