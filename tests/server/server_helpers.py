@@ -78,3 +78,21 @@ def sample(families: dict, family: str, name: str | None = None, **labels) -> fl
         if sample_name == name and all(dict(sample_labels).get(k) == v for k, v in labels.items()):
             return value
     return 0.0
+
+
+def engine_greedy_chat(ckpt, device: str, dtype: str, messages: list[dict], max_tokens: int,
+                       max_num_seqs: int) -> tuple[str, object]:
+    """(text, cache dtype) of one greedy chat request through an in-process engine built as `uniql serve` builds
+    it (the same loader, dtype resolution, chat template and seats, hence the same CUDA-graph buckets)."""
+    from uniql.runtime.checkpoint import load_tokenizer
+    from uniql.runtime.detokenizer import render_chat
+    from uniql.runtime.dtypes import load_for_inference
+    from uniql.runtime.engine import Engine
+    from uniql.runtime.request import SamplingParams
+
+    model, _ = load_for_inference(ckpt, device, dtype)
+    tokenizer = load_tokenizer(ckpt)
+    engine = Engine(model, tokenizer, max_num_seqs=max_num_seqs)
+    req = engine.add_request(render_chat(tokenizer, messages),
+                             SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    return "".join(event.text for event in engine.stream(req)), engine.runner.cache_dtype

@@ -7,6 +7,11 @@ until the budget is H below zero, far under every rung (the server's own cached-
 as available, and H covers them), so the outcome does not hang on a few MB of noise: the next requests get the
 lightest rung and the tails above it are released; after the helper exits they are reloaded and requests get
 rung 0 again, with the same greedy text as before.
+
+The server is started without --dtype: on a GPU with native bf16 it must serve bfloat16 (activations, KV cache),
+and its greedy answer must be the in-process engine's bfloat16 answer on the same checkpoint. That last test opens
+a CUDA context in this process, so it runs last, after the server has fixed its reserve and the pressure test has
+measured its budget.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import httpx
 import pytest
 import torch
 from conftest import API_KEY
-from server_helpers import free_port, metrics, sample, wait_ready
+from server_helpers import engine_greedy_chat, free_port, metrics, sample, wait_ready
 
-# torch.cuda.is_available() opens no context; nothing in this module may (see device_total_bytes)
+# torch.cuda.is_available() opens no context; nothing in this module may before its last test (see
+# device_total_bytes)
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="serves on a GPU")
 HERE = Path(__file__).parent
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -173,3 +179,21 @@ def test_device_memory_pressure_raises_the_rung_releases_tails_and_recovers(cuda
     sequence.append(("recovered", rate, back["weights_resident_bytes"]))
     print("prune rate and resident weight bytes per phase:", json.dumps(sequence))
     assert errors_total(base_url) == errors
+
+
+def test_serves_bfloat16_by_default_and_answers_as_the_in_process_engine(cuda_server, client, portable_tiny_ckpt):
+    base_url, _ = cuda_server
+    served_dtype = health(base_url)["dtype"]
+    rate, served = chat(client)
+    assert rate == 0.0, "the pressure test left the server above rung 0"
+    # from here on this process holds a CUDA context (the server has answered: nothing of its budget is measured)
+    from uniql.runtime.dtypes import dtype_name, resolve_dtype
+
+    auto = resolve_dtype("auto", "cuda")
+    if torch.cuda.get_device_capability()[0] >= 8:  # native bf16 (A100, H100, H200, A6000, Jetson Orin)
+        assert auto == torch.bfloat16
+    assert served_dtype == dtype_name(auto)
+    text, cache_dtype = engine_greedy_chat(portable_tiny_ckpt, "cuda", "auto", CHAT, GREEDY["max_tokens"],
+                                           max_num_seqs=2)  # the server's --max-num-seqs: the same graph buckets
+    assert cache_dtype == auto
+    assert served == text, (served, text)

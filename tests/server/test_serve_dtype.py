@@ -7,12 +7,13 @@ from __future__ import annotations
 import httpx
 import pytest
 from conftest import API_KEY, tiny_config
-from server_helpers import metrics, running_server, sample
+from server_helpers import engine_greedy_chat, metrics, running_server, sample
 
 from uniql.cli import build_parser, main
 from uniql.server.config import ServerConfig
 from uniql.server.serve import build_app, config_from_args
 
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 LONG = 200  # completion tokens: the stream lives long enough for a few monitor polls to see its cache
 
 
@@ -55,15 +56,15 @@ def _client(base_url):
     return OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
-def test_bfloat16_server_answers_the_openai_client(servers):
+def test_bfloat16_server_answers_the_openai_client_as_the_in_process_engine_does(servers, tiny_ckpt):
     for dtype, base_url in servers.items():
         assert httpx.get(f"{base_url}/health", timeout=10).json()["dtype"] == dtype
         raw = _client(base_url).chat.completions.with_raw_response.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
-            extra_body={"ignore_eos": True, "prune_rate": 0.0})
+            model="tiny", messages=CHAT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
         resp = raw.parse()
-        assert float(raw.headers["x-uniql-prune-rate"]) == 0.0 and resp.usage.completion_tokens == 6
-        assert resp.choices[0].message.content
+        assert float(raw.headers["x-uniql-prune-rate"]) == 0.0 and resp.usage.completion_tokens == 8
+        text, cache_dtype = engine_greedy_chat(tiny_ckpt, "cpu", dtype, CHAT, 8, max_num_seqs=8)
+        assert resp.choices[0].message.content == text and str(cache_dtype) == f"torch.{dtype}"
 
 
 def _live_cache_bytes(base_url) -> float:
