@@ -110,7 +110,10 @@ class Engine:
             events += self._advance([req], self.runner.prefill(req)[None])
         start = time.perf_counter()
         for group in plan.decode.values():
-            events += self._advance(group, self.runner.decode(group))
+            if all(self.sampler.plain_greedy(r.params) for r in group):
+                events += self._advance_greedy(group)
+            else:
+                events += self._advance(group, self.runner.decode(group))
         if plan.decode:
             self.counters.step_s.append(time.perf_counter() - start)
         return events
@@ -121,6 +124,11 @@ class Engine:
         return [self._emit(req, tok, lp, top)
                 for req, tok, lp, top in zip(reqs, sampled.token_ids, sampled.logprobs, sampled.top_logprobs,
                                              strict=True)]
+
+    def _advance_greedy(self, reqs: list[Request]) -> list[TokenEvent]:
+        tokens, finite = self.runner.decode_greedy(reqs)
+        self.sampler.check_finite(finite, [r.request_id for r in reqs])
+        return [self._emit(req, tok, None, None) for req, tok in zip(reqs, tokens, strict=True)]
 
     def _emit(self, req: Request, token: int, logprob, top) -> TokenEvent:
         req.output_ids.append(token)

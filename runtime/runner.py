@@ -19,7 +19,7 @@ from uniql.kernels.int4_matmul import reserve_workspace
 from .cache import DecodeBatch, KVCache
 from .decoder import ElasticDecoder
 from .fusion import fuse_projections
-from .graphs import DEFAULT_BUCKETS, DecodeGraphs
+from .graphs import DEFAULT_BUCKETS, DecodeGraphs, greedy_picks
 from .linear import Int4Linear
 from .request import Request
 from .ssm_cache import cache_bytes
@@ -73,6 +73,16 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, reqs: list[Request]) -> torch.Tensor:
         """One new token for each request of ONE rung (its last output token in): next logits ``[B, V]`` fp32."""
+        return self._decode(reqs)[0].float()
+
+    @torch.inference_mode()
+    def decode_greedy(self, reqs: list[Request]) -> tuple[list[int], list[bool]]:
+        """Like ``decode`` for requests that take the plain argmax: their next ids and whether each row's logits
+        were finite, read from the device in one small copy (the sampler never sees the logits)."""
+        picks = self._decode(reqs)[1].tolist()
+        return picks[0], [bool(v) for v in picks[1]]
+
+    def _decode(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         rung = reqs[0].rung
         if any(r.rung != rung for r in reqs):
             raise ValueError("a decode batch runs one rung; group requests by rung first")
@@ -82,12 +92,13 @@ class ModelRunner:
         if any(n > c.max_len for n, c in zip(lengths, caches, strict=True)):
             raise ValueError("a request has filled its cache; it should have finished at max_tokens")
         if self.graphs is not None and self.graphs.bucket(len(reqs)) is not None:
-            logits = self.graphs.run(rung, ids, lengths, caches)
+            logits, picks = self.graphs.run(rung, ids, lengths, caches)
         else:
             logits = self._decode_eager(rung, ids, lengths, caches)
+            picks = greedy_picks(logits, self.model.spec.vocab_size)
         for cache in caches:
             cache.advance(1)
-        return logits.float()
+        return logits, picks
 
     def _decode_eager(self, rung: int, ids: list[int], lengths: list[int], caches: list[KVCache]) -> torch.Tensor:
         batch = DecodeBatch(self.model.sizes_for(rung), len(caches), max(c.max_len for c in caches), self.device)

@@ -80,11 +80,22 @@ class Sampler:
         # one device-to-host transfer for the ids and the finiteness check (each sync costs a GPU round trip)
         host = torch.cat((tokens_b, finite_b.long())).tolist()
         tokens, finite = host[:len(params)], host[len(params):]
+        self.check_finite(finite, request_ids)
+        logprobs, tops = self._logprobs(logits_bv, tokens_b, params)
+        return SampleOutput(tokens, logprobs, tops)
+
+    @staticmethod
+    def plain_greedy(params: SamplingParams) -> bool:
+        """Argmax of the raw logits and nothing else (no penalties, no logprobs): the runner picks these ids on
+        the device (``graphs.greedy_picks``), the same ids this sampler would."""
+        return (params.greedy and params.repetition_penalty == 1.0 and not params.presence_penalty
+                and not params.frequency_penalty and not params.logprobs)
+
+    @staticmethod
+    def check_finite(finite: list, request_ids: list[str]) -> None:
         if not all(finite):
             bad = [rid for rid, ok in zip(request_ids, finite, strict=True) if not ok]
             raise ValueError(f"non-finite logits (NaN/inf) for request(s) {bad}")
-        logprobs, tops = self._logprobs(logits_bv, tokens_b, params)
-        return SampleOutput(tokens, logprobs, tops)
 
     def _checked(self, logits: torch.Tensor, request_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """A float32 copy of the first vocab_size columns and whether each row is finite (checked by the caller

@@ -69,6 +69,33 @@ def test_batched_decode_equals_full_forward(rung, interpret, monkeypatch):
     assert [runner.caches[r.request_id].length for r in reqs] == [r.num_tokens - 1 for r in reqs]
 
 
+def test_decode_greedy_picks_the_samplers_greedy_ids():
+    """The device-side greedy picks (one small read a step) are the ids the sampler's greedy path takes from the
+    same step's logits, step after step; a non-finite row is reported, not picked silently."""
+    from uniql.runtime.sampler import Sampler
+
+    model = _model(int4=True)
+    fast, slow = ModelRunner(copy.deepcopy(model)), ModelRunner(copy.deepcopy(model))
+    sampler = Sampler(model.spec.vocab_size)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    assert Sampler.plain_greedy(greedy) and not Sampler.plain_greedy(SamplingParams(temperature=0.0, logprobs=True))
+    pairs = [_requests(1, (4, 7)), _requests(1, (4, 7))]
+    for runner, reqs in zip((fast, slow), pairs, strict=True):
+        for req in reqs:
+            req.output_ids.append(int(runner.prefill(req).argmax()))
+    for _ in range(3):
+        tokens, finite = fast.decode_greedy(pairs[0])
+        logits = slow.decode(pairs[1])
+        want = sampler(logits, [greedy] * 2, [r.request_id for r in pairs[1]], [r.prompt_ids for r in pairs[1]],
+                       [r.output_ids for r in pairs[1]]).token_ids
+        assert tokens == want and finite == [True, True]
+        for r0, r1, tok in zip(*pairs, tokens, strict=True):
+            r0.output_ids.append(tok)
+            r1.output_ids.append(tok)
+    with pytest.raises(ValueError, match="non-finite"):
+        Sampler.check_finite([True, False], ["a", "b"])
+
+
 def test_decode_refuses_mixed_rungs():
     runner = ModelRunner(_model(int4=False))
     reqs = _requests(0, (3,)) + _requests(1, (4,))
