@@ -11,7 +11,11 @@ nothing is written, before ``gdc_wait``; every program calls ``gdc_wait`` (so a 
 all kernels before it finished too). ``gdc_launch_dependents`` comes right after the wait, so at most one kernel
 runs ahead. A non-PDL kernel (torch ops) between two PDL kernels just restores ordinary stream order.
 
-Off on devices before sm_90 (Jetson Orin is sm_87), under the Triton interpreter, and with ``UNIQL_PDL=0``.
+Opt-in (``UNIQL_PDL=1``): measured on the H200 (``benchmarks/results/decode_pdl_ab_h200.json``), the 8B-shaped
+decode step is no faster with it (TPOT 2.61 / 2.26 ms without, 2.96 / 2.28 ms with, at rates 0 / 0.35): a CUDA
+graph already leaves almost no gap between kernels (replay 2752 us vs 2879 us of summed kernel time), so the
+fixed cost of the small GEMVs is inside each kernel, not between them. Kept for the GPUs and shapes where it
+pays; off on devices before sm_90 (Jetson Orin is sm_87) and under the Triton interpreter.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` use programmatic dependent launch (read per launch: tests flip it)."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
-    if os.environ.get("UNIQL_PDL", "1") == "0":
+    if os.environ.get("UNIQL_PDL", "0") != "1":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 

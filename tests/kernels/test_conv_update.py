@@ -125,8 +125,9 @@ def test_custom_op_dispatches_and_mutates_state():
     got = torch.ops.uniql.conv_state_update(xbc, state, weights, biases, "silu", None)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state, ref_state, atol=0, rtol=0)
-    again = ops.conv_state_update(xbc, [s.clone() for s in state], weights, None)  # CPU list form too
-    assert again.shape == xbc.shape
+    if xbc.device.type == "cpu":  # the list-of-states form is the CPU path's (CUDA takes address tables)
+        again = ops.conv_state_update(xbc, [s.clone() for s in state], weights, None)
+        assert again.shape == xbc.shape
 
 
 def test_custom_op_traces_under_compile():
