@@ -178,18 +178,22 @@ def main() -> None:
         prompt = torch.randint(0, config.vocab_size, (args.prompt_tokens,),
                                generator=torch.Generator().manual_seed(0)).tolist()
         rows += engine_rows(name, config, prompt, args.new_tokens, device)
+        _write(args, device, rows)  # after every block of rows: a run cut short keeps what it measured
         if args.dense:
             rows += engine_rows(name, config, prompt, args.new_tokens, device, weights="dense")
         if not args.skip_hf:
             rows += hf_rows(name, config, prompt, args.new_tokens, device)
+        _write(args, device, rows)
+    print(json.dumps(tpot_ratios(rows)))
+
+
+def _write(args, device, rows) -> None:
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "tiny": args.tiny, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "quantization": "INT4 g128 symmetric (random codes), uniform rate ladder; transformers bf16",
               "tpot_ratio_035_over_0": tpot_ratios(rows), "rows": rows}
-    print(json.dumps(report["tpot_ratio_035_over_0"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-
 
 if __name__ == "__main__":
     main()
