@@ -110,3 +110,42 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+@triton.jit
+def _group_rms_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
+                      BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    b, grp = tl.program_id(0), tl.program_id(1)
+    local = tl.arange(0, BLOCK_H)
+    h = grp * heads_per_group + local
+    c = tl.arange(0, BLOCK_P)
+    live = (local < heads_per_group)[:, None] & (c < p)[None, :]
+    g = tl.load(g_ptr + b * s_b + h[:, None] * s_h + c[None, :] * s_p, mask=live, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(g * g, 1), 0) / (heads_per_group * p) + eps)
+    rank_major = c[None, :] * heads + h[:, None]  # channel c of head h sits at c * H + h
+    w = tl.load(w_ptr + rank_major, mask=live, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * s_ob + rank_major, (g * rstd * w).to(out_ptr.dtype.element_ty), mask=live)
+
+
+def group_rms_norm(g: torch.Tensor, weight: torch.Tensor, groups: int, eps: float,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mamba2's gated-norm tail for one token per row: ``g [B, H, P']`` (already ``y * silu(z)``, any strides)
+    normalised over each group of ``H / groups`` heads' kept channels, times the rank-major ``weight`` prefix,
+    written rank-major ``[B, P' * H]`` (what out_proj reads). One launch instead of ~9 torch ops."""
+    b, heads, p = g.shape
+    if heads % groups or weight.shape[0] < heads * p or weight.device != g.device:
+        raise ValueError(f"g [B, H={heads}, P'={p}] needs H divisible by {groups} groups and a weight of >= {heads * p}"
+                         f" channels on its device, got {tuple(weight.shape)} on {weight.device}")
+    out = torch.empty(b, p * heads, dtype=out_dtype or g.dtype, device=g.device)
+    per_group = heads // groups
+    _group_rms_kernel[(b, groups)](g, weight, out, g.stride(0), g.stride(1), g.stride(2), out.stride(0), heads, p,
+                                   per_group, eps, BLOCK_H=triton.next_power_of_2(per_group),
+                                   BLOCK_P=triton.next_power_of_2(p), num_warps=4)
+    return out
+
+
+def group_rms_norm_reference(g: torch.Tensor, weight: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    b, heads, p = g.shape
+    g32 = g.float().view(b, groups, heads // groups, p)
+    g32 = (g32 * torch.rsqrt(g32.pow(2).mean((-2, -1), keepdim=True) + eps)).view(b, heads, p)
+    return (g32 * weight[:heads * p].view(p, heads).T.float()).transpose(1, 2).reshape(b, p * heads)

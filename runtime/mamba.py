@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniql.kernels import ops
+from uniql.kernels import elementwise, ops
 from uniql.kernels.ssm_scan import chunked_scan
 
 from .cache import DecodeBatch
@@ -154,7 +154,11 @@ class ElasticMamba(nn.Module):
         z = z.unflatten(-1, (p, self.heads)).transpose(-1, -2)  # [B, H, p] view of the rank-major channels
         gated = ops.ssm_state_update(ssm_state, x, dt_raw, -torch.exp(self.A_log.float()), B, C, D=self.D, z=z,
                                      dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
-        return self.out_proj(self.group_rms(gated[:, None], p).to(u.dtype), k=self.heads * p)
+        if gated.is_cuda:  # one kernel for the norm tail (the torch ops below are ~9 launches)
+            normed = elementwise.group_rms_norm(gated, self.norm_weight, self.norm_groups, self.norm_eps, u.dtype)
+        else:
+            normed = self.group_rms(gated[:, None], p).to(u.dtype)[:, 0]
+        return self.out_proj(normed[:, None], k=self.heads * p)
 
     def finish(self, u, y, x, z, p: int):
         """Skip (D x), gated norm and out_proj: ``y, x [b, T, H, p]``, flat rank-major ``z [b, T, H*p]``."""

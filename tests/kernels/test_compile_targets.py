@@ -25,7 +25,7 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "q_out_ptr": "*bf16", "k_out_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "idx_ptr": "*i64",
         "d_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16", "gu_ptr": "*bf16", "kn_ptr": "*bf16",
         "vn_ptr": "*bf16", "kp_ptr": "*i64", "vp_ptr": "*i64", "cap_ptr": "*i32", "len_ptr": "*i32",
-        "scale": "fp32", "eps": "fp32"}
+        "scale": "fp32", "eps": "fp32", "g_ptr": "*bf16"}
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, PDL=PDL)
 MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True)
@@ -41,6 +41,7 @@ CASES = [
     (embedding._embedding_int4_kernel, dict(GROUP=64, BLOCK_R=64), 4),
     (elementwise._rms_norm_kernel, dict(BLOCK=4096, ADD=True, PDL=PDL), 4),
     (elementwise._silu_mul_kernel, dict(BLOCK=1024, PDL=PDL), 4),
+    (elementwise._group_rms_kernel, dict(BLOCK_H=16, BLOCK_P=64), 4),
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32"), 4),
     (decode_attention._combine_kernel, dict(ATT, SPLITS_P=32), 1),
 ]
@@ -61,4 +62,4 @@ def test_kernels_compile_for_jetson_and_hopper(arch):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(f"ok {arch}") == 13
+    assert done.stdout.count(f"ok {arch}") == 14

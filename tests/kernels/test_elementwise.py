@@ -9,6 +9,8 @@ pytest.importorskip("triton")
 from uniql.kernels.elementwise import (  # noqa: E402
     add_rms_norm,
     add_rms_norm_reference,
+    group_rms_norm,
+    group_rms_norm_reference,
     rms_norm,
     rms_norm_reference,
     silu_mul,
@@ -54,6 +56,24 @@ def test_silu_mul_equals_reference(shape, dtype):
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(want, F.silu(gate) * up)
     torch.testing.assert_close(silu_mul(gate_up), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "p", "groups"), [(8, 6, 2), (6, 16, 3), (4, 10, 1)])
+def test_group_rms_norm_equals_the_mixers_torch_tail(heads, p, groups, dtype):
+    """Mamba2's gated-norm tail (kept head dim p of a pruned rung, weight a longer rank-major prefix, strided g as
+    the state-update kernel returns it) equals the mixer's torch ops, written rank-major."""
+    from uniql.runtime.mamba import ElasticMamba
+
+    gen = torch.Generator().manual_seed(3)
+    g = (torch.randn(3, p, heads, generator=gen) * 2).to(DEVICE, dtype).transpose(1, 2)  # [B, H, p], strided
+    weight = (torch.rand(heads * (p + 2), generator=gen) + 0.5).to(DEVICE, dtype)
+    want = group_rms_norm_reference(g, weight, groups, 1e-5)
+    mixer = type("M", (), {"norm_groups": groups, "heads": heads, "norm_eps": 1e-5, "norm_weight": weight})()
+    torch.testing.assert_close(ElasticMamba.group_rms(mixer, g[:, None], p)[:, 0], want, atol=0, rtol=0)
+    got = group_rms_norm(g, weight, groups, 1e-5)
+    torch.testing.assert_close(got.float(), want, atol=TOL[dtype], rtol=TOL[dtype])
+    assert got.shape == (3, p * heads) and got.dtype == dtype
 
 
 def test_bad_shapes_are_refused():
