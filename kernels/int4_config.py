@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-MAX_SEGMENTS = 3
+MAX_SEGMENTS = 5  # q|k|v, gate|up, Mamba's z|x|B|C|dt
 GEMV_MAX_M = 4
 # From here on dequantize + cuBLAS beats the in-loop GEMM: the dequant pass costs ~2.5 bytes per weight
 # (~120 us for Llama-8B's gate_up on an H100) while the Triton GEMM runs ~2.2x cuBLAS time (~0.36 us a row there)

@@ -190,13 +190,14 @@ def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, X_BF16: tl.
 @triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
-                    s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits,
+                    s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                     X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG)
+    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
+                                        NUM_SEG)
     if ALIGNED:  # segment starts and lengths are multiples of 16: 16-byte weight loads
         col0 = tl.multiple_of(col0, 16)
         n_len = tl.multiple_of(n_len, 16)

@@ -15,8 +15,8 @@ row strides of the FULL stored tensors, so a rung is just smaller ``n``/``k`` ar
 The Triton paths split K across programs where the N blocks alone cannot fill the GPU (the fixup that sums the
 partials deterministically is in ``int4_tiles``).
 
-Fused weights (q|k|v, gate|up) are ``segments``: up to three (first stored column, active columns) pairs read in
-one launch, written side by side in the output.
+Fused weights (q|k|v, gate|up, z|x|B|C|dt) are ``segments``: up to five (first stored column, active columns)
+pairs read in one launch, written side by side in the output.
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ def _x_column(x_row_ptr, rows, j: tl.constexpr, mask, x_scale: tl.constexpr):
 @triton.jit
 def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, K, stride_xm, stride_qw, stride_sc, stride_om,
-                 s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits, magic,
+                 s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits, magic,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                  NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG)
+    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
+                                        NUM_SEG)
     if ALIGNED:  # segment starts and lengths are multiples of 16: lets the compiler use 16-byte loads
         col0 = tl.multiple_of(col0, 16)
         n_len = tl.multiple_of(n_len, 16)
@@ -108,14 +109,15 @@ def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
 @triton.jit
 def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, K, stride_xm, stride_qw, stride_sc, stride_om,
-                 s0, s1, s2, l0, l1, l2, nb0, nb1, tiles_per_split, n_splits, n_blocks,
+                 s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits, n_blocks,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
                  ALIGNED: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
-    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG)
+    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
+                                        NUM_SEG)
     if ALIGNED:
         col0 = tl.multiple_of(col0, 16)
         n_len = tl.multiple_of(n_len, 16)
@@ -219,7 +221,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
         raise ValueError(f"the half2 gemv reads tiles of two row blocks: block_k must be a multiple of 16 ({cfg})")
     blocks = [triton.cdiv(length, cfg.block_n) for _, length in segs]
     pad = [(0, 0)] * (MAX_SEGMENTS - len(segs))
-    (s0, l0), (s1, l1), (s2, l2) = segs + pad
+    starts, lengths = zip(*(segs + pad), strict=True)
     nb = blocks + [0] * (MAX_SEGMENTS - len(blocks))
     k_tiles = triton.cdiv(k, cfg.block_k)
     split = max(1, min(cfg.split_k, k_tiles))
@@ -229,7 +231,8 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
     tiles = m_blocks * sum(blocks)
     ws, cnt = workspace(x.device, tiles * split * cfg.block_m * cfg.block_n if split > 1 else 0, tiles)
     args = (x, qweight, scales, bias if bias is not None else out, out, ws, cnt, m, k, x.stride(0),
-            qweight.stride(0), scales.stride(0), out.stride(0), s0, s1, s2, l0, l1, l2, nb[0], nb[1], per_split, split)
+            qweight.stride(0), scales.stride(0), out.stride(0), *starts, *lengths, *nb[:MAX_SEGMENTS - 1], per_split,
+            split)
     aligned = all(v % 16 == 0 for seg in segs for v in seg)
     common = dict(GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_SEG=len(segs), SPLIT=split > 1,
                   ALIGNED=aligned,

@@ -13,17 +13,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _segment(pid_n, s0, s1, s2, l0, l1, l2, nb0, nb1, NUM_SEG: tl.constexpr):
-    """Program id along N -> (block within its segment, first stored column, active columns, first output column)."""
+def _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, NUM_SEG: tl.constexpr):
+    """Program id along N -> (block within its segment, first stored column, active columns, first output column).
+
+    Segment ``i`` (stored columns ``s_i .. s_i + l_i``) owns ``nb_i`` consecutive programs; its output columns
+    follow the earlier segments' (q|k|v, gate|up, Mamba's z|x|B|C|dt)."""
     if NUM_SEG == 1:
         return pid_n, s0, l0, 0
-    in1 = pid_n >= nb0
-    in2 = pid_n >= nb0 + nb1
-    blk = pid_n - tl.where(in2, nb0 + nb1, tl.where(in1, nb0, 0))
-    col0 = tl.where(in2, s2, tl.where(in1, s1, s0))
-    n_len = tl.where(in2, l2, tl.where(in1, l1, l0))
-    out0 = tl.where(in2, l0 + l1, tl.where(in1, l0, 0))
+    blk, col0, n_len, out0 = _next_segment(pid_n, pid_n, s0, l0, 0, nb0, s1, l1, l0)
+    if NUM_SEG > 2:
+        blk, col0, n_len, out0 = _next_segment(pid_n, blk, col0, n_len, out0, nb0 + nb1, s2, l2, l0 + l1)
+    if NUM_SEG > 3:
+        blk, col0, n_len, out0 = _next_segment(pid_n, blk, col0, n_len, out0, nb0 + nb1 + nb2, s3, l3,
+                                               l0 + l1 + l2)
+    if NUM_SEG > 4:
+        blk, col0, n_len, out0 = _next_segment(pid_n, blk, col0, n_len, out0, nb0 + nb1 + nb2 + nb3, s4, l4,
+                                               l0 + l1 + l2 + l3)
     return blk, col0, n_len, out0
+
+
+@triton.jit
+def _next_segment(pid_n, blk, col0, n_len, out0, first_program, start, length, first_out):
+    """Move to the next segment when ``pid_n`` is at or past its first program."""
+    inside = pid_n >= first_program
+    return (tl.where(inside, pid_n - first_program, blk), tl.where(inside, start, col0),
+            tl.where(inside, length, n_len), tl.where(inside, first_out, out0))
 
 
 @triton.jit

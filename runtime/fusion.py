@@ -1,4 +1,4 @@
-"""Fuse the projections that share an input (q|k|v, gate|up) into one packed tensor each, for one launch.
+"""Fuse the projections that share an input (q|k|v, gate|up, Mamba's z|x|B|C|dt) into one packed tensor each.
 
 Done once after the model is on its device (a later ``.to()`` would copy the members' views apart). The
 members keep working as views of the fused tensors, so nothing is stored twice and every rung is still a
@@ -18,10 +18,16 @@ def _fusable(members) -> bool:
 
 
 def fuse_projections(model: ElasticDecoder) -> int:
-    """Fuse every layer's q|k|v and gate|up where they are INT4; returns how many groups were fused."""
+    """Fuse every layer's q|k|v, gate|up and Mamba in-projections where they are INT4; returns how many groups
+    were fused. At batch 1 a small GEMV costs a fixed few microseconds whatever its width, so Mamba's five
+    in-projections (B, C and dt are narrow) are worth one launch."""
     fused = 0
     for layer in model.layers:
-        attn, mlp = layer.attn, layer.mlp
+        attn, mlp, mamba = layer.attn, layer.mlp, layer.mamba
+        mixer_in = [] if mamba is None else [mamba.z_proj, mamba.x_proj, mamba.B_proj, mamba.C_proj, mamba.dt_proj]
+        if mixer_in and mamba.in_proj is None and _fusable(mixer_in):
+            mamba.in_proj = FusedInt4(mixer_in)
+            fused += 1
         qkv = [] if attn is None else [attn.q_proj, attn.k_proj, attn.v_proj]
         if qkv and attn.qkv is None and _fusable(qkv):
             attn.qkv = FusedInt4(qkv)

@@ -35,7 +35,7 @@ from uniql.kernels import elementwise, ops
 from uniql.kernels.ssm_scan import chunked_scan
 
 from .cache import DecodeBatch
-from .linear import DenseLinear
+from .linear import DenseLinear, FusedInt4
 from .spec import ArchSpec
 
 _CONV_ACTS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu}
@@ -63,6 +63,7 @@ class ElasticMamba(nn.Module):
         self.D = nn.Parameter(torch.ones(heads))
         self.norm_weight = nn.Parameter(torch.ones(heads * p))
         self.out_proj = DenseLinear(heads * p, h, bias)
+        self.in_proj: FusedInt4 | None = None  # z|x|B|C|dt in one packed tensor (runtime/fusion.py), one launch
 
     def conv_params(self, p: int, n: int):
         """Conv weight ``[ch', W]`` and bias ``[ch']`` of the kept channels x | B | C (cat of three prefixes)."""
@@ -83,6 +84,9 @@ class ElasticMamba(nn.Module):
     def project(self, u, p: int, n: int):
         """z ``[..., H*p]``, xBC ``[..., H*p + 2*G*n]`` (rank-/state-major), raw dt ``[..., H]``."""
         hp, gn = self.heads * p, self.groups * n
+        if self.in_proj is not None:  # one launch; x|B|C come out side by side, so xBC is a view (no cat)
+            out = self.in_proj(u, (hp, hp, gn, gn, self.heads), cat=True)
+            return out[..., :hp], out[..., hp:2 * hp + 2 * gn], out[..., 2 * hp + 2 * gn:]
         xbc = torch.cat((self.x_proj(u, n=hp), self.B_proj(u, n=gn), self.C_proj(u, n=gn)), dim=-1)
         return self.z_proj(u, n=hp), xbc, self.dt_proj(u)
 

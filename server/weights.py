@@ -134,7 +134,8 @@ def _fused_groups(layer, modules: dict) -> list[tuple[FusedInt4, tuple[str, ...]
     """The layer's fused projections with the paths of their members, in storage order."""
     by_id = {id(m): path for path, m in modules.items()}
     groups = []
-    for fused in (getattr(layer.attn, "qkv", None), getattr(layer.mlp, "gate_up", None)):
+    for fused in (getattr(layer.attn, "qkv", None), getattr(layer.mlp, "gate_up", None),
+                  getattr(layer.mamba, "in_proj", None)):
         if isinstance(fused, FusedInt4):
             groups.append((fused, tuple(by_id[id(m)] for m in fused.members)))
     return groups

@@ -96,6 +96,17 @@ def test_fused_segments_match_separate_prefixes(m):
     assert rel_err(fused, torch.cat(parts, -1) + bias.to(fused.dtype)) < tol(x.dtype)
 
 
+@pytest.mark.parametrize("m", [1, 6])
+def test_five_segments_match_separate_prefixes(m):
+    """Mamba's z|x|B|C|dt in one launch: five prefixes of one fused weight, each its own width, odd ones too."""
+    qweight, scales = packed(224, 128, 64)
+    x = torch.randn(m, 128, device=DEV).to(DTYPES[0])
+    segments = [(0, 40), (48, 24), (96, 16), (144, 8), (192, 20)]
+    fused = check(x, qweight, scales, 64, segments=segments)
+    parts = [im.int4_matmul(x, qweight[:, a:], scales[:, a:], 64, n=n) for a, n in segments]
+    assert rel_err(fused, torch.cat(parts, -1)) < tol(x.dtype)
+
+
 @pytest.mark.parametrize("axis", ["n", "k"])
 def test_every_rung_of_a_ladder_is_a_prefix_of_the_same_bytes(axis):
     """gate/up (N-pruned) and down (K-pruned) at each rung's kept size from THE rounding rule."""
@@ -142,7 +153,7 @@ def test_leading_dims_and_strided_activations():
     ({"k": 120}, "input features"),
     ({"n": 0}, "outside"),
     ({"segments": [(0, 10), (60, 10)]}, "outside"),
-    ({"segments": [(0, 8)] * 4}, "segments supported"),
+    ({"segments": [(0, 8)] * 6}, "segments supported"),
     ({"bias": torch.zeros(3)}, "bias must have shape"),
 ])
 def test_bad_input_is_refused_clearly(kw, match):

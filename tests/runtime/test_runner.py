@@ -8,14 +8,14 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_hf_model
+from helpers import tiny_hf_model, tiny_ssm_hf_model
 
 import uniql.runtime.cache as cache_module
 from uniql.compressor.quantize import quantize_tables, rtn_linear
 from uniql.runtime.decoder import LINEAR_PATHS
 from uniql.runtime.fusion import fuse_projections
 from uniql.runtime.hf_import import decoder_from_hf
-from uniql.runtime.ladder import Alignment, dim_steps, uniform_ladder
+from uniql.runtime.ladder import Alignment, dim_steps, spec_dim_steps, uniform_ladder
 from uniql.runtime.linear import FusedInt4
 from uniql.runtime.request import Request, SamplingParams
 from uniql.runtime.runner import ModelRunner
@@ -174,3 +174,27 @@ def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
     if not pdl_enabled(torch.device("cuda")):
         pytest.skip("this GPU has no programmatic dependent launch (sm_90+)")
     torch.testing.assert_close(logits["1"], logits["0"], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mamba2", "nemotron_h"])
+def test_fused_mamba_in_projection_equals_separate(family):
+    """z|x|B|C|dt in one five-segment launch (x|B|C a view of it) gives the separate projections' logits at
+    every rung, prefill and decode paths alike; members stay views of the fused tensors."""
+    model = decoder_from_hf(tiny_ssm_hf_model(family, vocab=256, seed=2))
+    spec = model.spec
+    model.ladder = uniform_ladder(model.full_sizes, spec_dim_steps(spec, Alignment(group_size=32)), spec.num_layers,
+                                  rates=(0.0, 0.25, 0.5))
+    for layer in model.layers:
+        for path in layer.linear_paths:
+            layer.set_linear(path, rtn_linear(layer.get_linear(path), 32))
+    model.eval()
+    fused = copy.deepcopy(model)
+    fuse_projections(fused)
+    mixers = [layer.mamba for layer in fused.layers if layer.mamba is not None]
+    assert mixers and all(isinstance(m.in_proj, FusedInt4) for m in mixers)
+    base = mixers[0].in_proj.qweight.untyped_storage().data_ptr()
+    assert mixers[0].dt_proj.qweight.untyped_storage().data_ptr() == base
+    ids = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for rung in range(3):
+            torch.testing.assert_close(fused(ids, rung=rung), model(ids, rung=rung), atol=1e-5, rtol=1e-5)
