@@ -156,13 +156,24 @@ class ElasticMamba(nn.Module):
         xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
         x, B, C = self.split_heads(xbc, p, n)
         z = z.unflatten(-1, (p, self.heads)).transpose(-1, -2)  # [B, H, p] view of the rank-major channels
-        gated = ops.ssm_state_update(ssm_state, x, dt_raw, -torch.exp(self.A_log.float()), B, C, D=self.D, z=z,
+        gated = ops.ssm_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, D=self.D, z=z,
                                      dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
         if gated.is_cuda:  # one kernel for the norm tail (the torch ops below are ~9 launches)
             normed = elementwise.group_rms_norm(gated, self.norm_weight, self.norm_groups, self.norm_eps, u.dtype)
         else:
             normed = self.group_rms(gated[:, None], p).to(u.dtype)[:, 0]
         return self.out_proj(normed[:, None], k=self.heads * p)
+
+    def decay_rates(self) -> torch.Tensor:
+        """``A = -exp(A_log)`` in fp32 for the decode step, computed once per value of ``A_log`` (three tiny
+        launches a layer a token otherwise; inside a CUDA graph they are most of a Mamba layer's fixed cost).
+        Keyed on the parameter's storage and in-place version counter, so loading new weights recomputes it."""
+        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
+        cached = self.__dict__.get("_decay")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                self.__dict__["_decay"] = (key, -torch.exp(self.A_log.float()))
+        return self.__dict__["_decay"][1]
 
     def finish(self, u, y, x, z, p: int):
         """Skip (D x), gated norm and out_proj: ``y, x [b, T, H, p]``, flat rank-major ``z [b, T, H*p]``."""

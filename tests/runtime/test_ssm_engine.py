@@ -40,8 +40,12 @@ def _full_logits(model, req: Request) -> torch.Tensor:
 def test_batched_decode_equals_full_forward(small, rung):
     """Three requests of different prompt lengths decode as ONE batch (each its own SSM/conv state and, for
     hybrids, KV cache) and get the logits a full forward of their own tokens gives."""
-    runner = ModelRunner(small, cuda_graphs=False)
-    gen = torch.Generator().manual_seed(rung)
+    _check_batched_decode(ModelRunner(small, cuda_graphs=False), small, rung, torch.Generator().manual_seed(rung))
+
+
+def _check_batched_decode(runner, model, rung: int, gen) -> None:
+    """Three requests (prompts of 3, 9, 5 tokens) decode three steps as one batch; every row equals a full
+    forward of that request's own tokens."""
     reqs = [Request(torch.randint(1, 256, (n,), generator=gen).tolist(), SamplingParams(max_tokens=4), rung=rung)
             for n in (3, 9, 5)]
     for req in reqs:
@@ -49,9 +53,8 @@ def test_batched_decode_equals_full_forward(small, rung):
     for _ in range(3):
         logits = runner.decode(reqs)
         for req, row in zip(reqs, logits, strict=True):
-            full = _full_logits(small, req)
+            full = _full_logits(model, req)
             assert (row - full).abs().max() <= 1e-4 * full.abs().max()
-        for req, row in zip(reqs, logits, strict=True):
             req.output_ids.append(int(row.argmax()))
 
 
@@ -88,13 +91,4 @@ def test_batched_decode_on_cuda_equals_full_forward(family):
     assert runner.graphs is not None  # Mamba models are graphed too
     gen = torch.Generator().manual_seed(1)
     for rung in (0, 2):
-        reqs = [Request(torch.randint(1, 256, (n,), generator=gen).tolist(), SamplingParams(max_tokens=4), rung=rung)
-                for n in (3, 9, 5)]
-        for req in reqs:
-            req.output_ids.append(int(runner.prefill(req).argmax()))
-        for _ in range(3):
-            logits = runner.decode(reqs)
-            for req, row in zip(reqs, logits, strict=True):
-                full = _full_logits(model, req)
-                assert (row - full).abs().max() <= 1e-4 * full.abs().max()
-                req.output_ids.append(int(row.argmax()))
+        _check_batched_decode(runner, model, rung, gen)

@@ -169,3 +169,18 @@ def test_graph_replays_equal_eager_decode_as_requests_join_and_leave(family, dty
                 assert g.argmax(-1).tolist() == w.argmax(-1).tolist()
     assert {key[1] for key in graphed.graphs.graphs} == {1, 2, 4}  # every bucket was captured and replayed
     assert not graphed.caches and not eager.caches
+
+
+def test_decay_rates_follow_the_parameter():
+    """The decode step's cached A = -exp(A_log) is recomputed when A_log is replaced or changed in place."""
+    from uniql.runtime.mamba import ElasticMamba
+
+    mixer = next(layer.mamba for layer in decoder_from_hf(tiny_ssm_hf_model("mamba2", vocab=64, seed=1)).layers)
+    assert isinstance(mixer, ElasticMamba)
+    torch.testing.assert_close(mixer.decay_rates(), -torch.exp(mixer.A_log.float()), atol=0, rtol=0)
+    assert mixer.decay_rates() is mixer.decay_rates()  # cached
+    with torch.no_grad():
+        mixer.A_log.add_(0.5)
+    torch.testing.assert_close(mixer.decay_rates(), -torch.exp(mixer.A_log.float()), atol=0, rtol=0)
+    mixer.A_log = torch.nn.Parameter(torch.zeros_like(mixer.A_log))
+    torch.testing.assert_close(mixer.decay_rates(), -torch.ones_like(mixer.A_log), atol=0, rtol=0)
