@@ -53,9 +53,19 @@ def section_decode(rep: Report, results: dict) -> None:
     if not names:
         rep.missing("decode timings", "decode_*.json")
     for name in names:
-        decode_one(rep, name, results[name])
+        for part, data in per_model(name, results[name]):
+            decode_one(rep, part, data)
     if not any(n.startswith(("decode_h1", "decode_h2")) for n in names):
         rep.missing("the GPU decode run (8B shape, CUDA graphs)", "decode_h100.json / decode_h200.json")
+
+
+def per_model(name: str, data: dict) -> list[tuple[str, dict]]:
+    """A file whose rows name several models (``ssm_decode_*``) is one section per model; anchors stay with theirs."""
+    models = sorted({r["model"] for r in data.get("rows", []) if isinstance(r, dict) and "model" in r})
+    if len(models) < 2:
+        return [(name, data)]
+    return [(f"{name}_{m}", {**data, "model": m, "rows": [r for r in data["rows"] if r.get("model") == m]})
+            for m in models]
 
 
 def decode_one(rep: Report, name: str, data: dict) -> None:
@@ -64,7 +74,7 @@ def decode_one(rep: Report, name: str, data: dict) -> None:
     if not ours:
         rep.add(f"`{name}.json`: no UniQL engine rows at batch 1.", "")
         return
-    rep.add(f"### `{name}.json` — {data.get('model', '?')} on {data.get('device', '?')}", "",
+    rep.add(f"### `{name}` — {data.get('model', '?')} on {data.get('device', '?')}", "",
             f"Batch 1 unless noted, {data.get('prompt_tokens', '?')}-token prompt, greedy. Anchors are other "
             "engines measured **in the same run** (dashed).", "")
     batched = rd.batched_series(rows)
