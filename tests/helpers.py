@@ -121,3 +121,35 @@ def build_tiny_int4_ckpt(source: Path, out: Path, data_dir: Path, tokenizer, see
             os.environ["UNIQL_DATA_DIR"] = old
     assert rc == 0, "uniql compress of the tiny model failed"
     return out
+
+
+def random_calib_batches(vocab: int = 320, n: int = 4, seqlen: int = 24, seed: int = 0) -> list:
+    """One calibration batch of random tokens; row 1 is right-padded from the middle (padding must not enter a
+    statistic)."""
+    from uniql.compressor.calib_data import CalibBatch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seqlen), generator=g)
+    mask = torch.ones(n, seqlen, dtype=torch.long)
+    mask[1, seqlen // 2:] = 0
+    return [CalibBatch(ids, mask)]
+
+
+def sort_with_random_calibration(model, order: str = "uniql", seqlen: int = 24) -> dict:
+    """Sort ``model`` in place layer by layer (``order``: uniql | magnitude | random) on random-token calibration;
+    returns each layer's statistics, collected on the original layer."""
+    from uniql.compressor.calibrate import SortStatsCollector, run_layerwise
+    from uniql.compressor.orders import magnitude_orders, random_orders, uniql_orders
+    from uniql.compressor.sorting import apply_orders
+
+    stats_by_layer = {}
+    gen = torch.Generator().manual_seed(0)
+
+    def on_layer(i, layer, stats):
+        stats_by_layer[i] = stats
+        orders = {"uniql": lambda: uniql_orders(layer, stats), "magnitude": lambda: magnitude_orders(layer),
+                  "random": lambda: random_orders(layer, gen)}[order]()
+        apply_orders(layer, orders)
+
+    run_layerwise(model, random_calib_batches(seqlen=seqlen), [SortStatsCollector(on_layer)])
+    return stats_by_layer

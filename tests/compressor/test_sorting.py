@@ -1,44 +1,23 @@
 """Structured sorting is a re-parameterisation at rate 0 and puts the most important structure first."""
 
+from functools import partial
+
 import pytest
 import torch
-from helpers import DATA, max_rel_diff, tiny_hf_model
+from helpers import DATA, max_rel_diff, random_calib_batches, sort_with_random_calibration, tiny_hf_model
 
 from uniql.compressor.calib_data import calibration_batches
 from uniql.compressor.calibrate import SortStatsCollector, run_layerwise
 from uniql.compressor.compress import CompressConfig, compress_decoder
-from uniql.compressor.orders import _group_pair_scores, _row_energy, pinv_leverage, ridge_leverage, uniql_orders
-from uniql.compressor.sorting import apply_orders
+from uniql.compressor.orders import _group_pair_scores, _row_energy, pinv_leverage, ridge_leverage
 from uniql.runtime.hf_import import decoder_from_hf
 
 TOL = 1e-4  # acceptance: max |logit diff| <= 1e-4 * max |logit| in fp32
 
 
-def _batches(vocab=320, n=4, seqlen=24, seed=0):
-    from uniql.compressor.calib_data import CalibBatch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (n, seqlen), generator=g)
-    mask = torch.ones(n, seqlen, dtype=torch.long)
-    mask[1, seqlen // 2:] = 0
-    return [CalibBatch(ids, mask)]
-
-
-def _sort(model, order="uniql"):
-    """Sort ``model`` in place with random-token calibration; return per-layer stats of the original."""
-    from uniql.compressor.orders import magnitude_orders, random_orders
-
-    stats_by_layer = {}
-    gen = torch.Generator().manual_seed(0)
-
-    def on_layer(i, layer, stats):
-        stats_by_layer[i] = stats
-        orders = {"uniql": lambda: uniql_orders(layer, stats), "magnitude": lambda: magnitude_orders(layer),
-                  "random": lambda: random_orders(layer, gen)}[order]()
-        apply_orders(layer, orders)
-
-    run_layerwise(model, _batches(), [SortStatsCollector(on_layer)])
-    return stats_by_layer
+# the shared random-token calibration of tests/helpers.py, at this file's sequence length
+_batches = partial(random_calib_batches, seqlen=24)
+_sort = partial(sort_with_random_calibration, seqlen=24)
 
 
 @pytest.mark.parametrize("order", ["uniql", "magnitude", "random"])

@@ -2,17 +2,16 @@
 the sorted elastic decoder equals transformers' own model; the scores put dead channels / states last; the
 compressor sorts SSM and hybrid models instead of skipping them."""
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import DATA, max_rel_diff, tiny_ssm_hf_model
+from helpers import DATA, max_rel_diff, random_calib_batches, sort_with_random_calibration, tiny_ssm_hf_model
 
-from uniql.compressor.calib_data import CalibBatch
 from uniql.compressor.calibrate import SortStatsCollector, run_layerwise
 from uniql.compressor.compress import CompressConfig, compress_decoder
-from uniql.compressor.orders import magnitude_orders, random_orders, uniql_orders
-from uniql.compressor.sorting import apply_orders
+from uniql.compressor.orders import magnitude_orders, uniql_orders
 from uniql.compressor.ssm_orders import stored_rows
 from uniql.runtime.hf_import import decoder_from_hf
 
@@ -20,26 +19,9 @@ TOL = 1e-4
 FAMILIES = ("mamba2", "bamba", "nemotron_h")
 
 
-def _batches(vocab=320, n=4, seqlen=21, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (n, seqlen), generator=g)
-    mask = torch.ones(n, seqlen, dtype=torch.long)
-    mask[1, seqlen // 2:] = 0  # right padding must not enter a statistic
-    return [CalibBatch(ids, mask)]
-
-
-def _sort(model, order):
-    gen = torch.Generator().manual_seed(0)
-    seen = {}
-
-    def on_layer(i, layer, stats):
-        seen[i] = stats
-        orders = {"uniql": lambda: uniql_orders(layer, stats), "magnitude": lambda: magnitude_orders(layer),
-                  "random": lambda: random_orders(layer, gen)}[order]()
-        apply_orders(layer, orders)
-
-    run_layerwise(model, _batches(), [SortStatsCollector(on_layer)])
-    return seen
+# the shared random-token calibration of tests/helpers.py, at this file's sequence length
+_batches = partial(random_calib_batches, seqlen=21)
+_sort = partial(sort_with_random_calibration, seqlen=21)
 
 
 @pytest.mark.parametrize("order", ["uniql", "magnitude", "random"])
