@@ -96,3 +96,16 @@ def engine_greedy_chat(ckpt, device: str, dtype: str, messages: list[dict], max_
     req = engine.add_request(render_chat(tokenizer, messages),
                              SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
     return "".join(event.text for event in engine.stream(req)), engine.runner.cache_dtype
+
+
+def health(base_url: str) -> dict:
+    return httpx.get(f"{base_url}/health", timeout=30).json()
+
+
+def wait_rate_back_to_zero(base_url: str, model: str, timeout_s: float = 30.0) -> None:
+    """Poll /metrics until the controller's current pick is rate 0 again (the monitor needs a few polls to see
+    freed memory settle); fail with /health in the message."""
+    deadline = time.monotonic() + timeout_s
+    while sample(metrics(base_url), "uniql_prune_rate", model=model) > 0:
+        assert time.monotonic() < deadline, f"rung did not come back: {health(base_url)}"
+        time.sleep(0.3)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import free_port, metrics, sample, wait_ready
+from server_helpers import free_port, health, metrics, sample, wait_rate_back_to_zero, wait_ready
 
 HERE = Path(__file__).parent
 CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8,
@@ -57,10 +57,6 @@ def chat(base_url) -> tuple[float, dict]:
     body = resp.json()
     assert float(resp.headers["x-uniql-prune-rate"]) == body["usage"]["prune_rate"]
     return body["usage"]["prune_rate"], body
-
-
-def health(base_url) -> dict:
-    return httpx.get(f"{base_url}/health", timeout=30).json()
 
 
 def wait_for(predicate, timeout_s: float, what: str):
@@ -117,10 +113,7 @@ def test_default_model_serves_and_adapts_to_memory_pressure(default_server):
     assert back["weights_resident_bytes"] == w0
     # the freed host pages come back to the OS in part only (allocator fragmentation), so give the monitor a few
     # polls to see memory settle before the controller's pick must be rung 0 again (512 MB of slack above)
-    deadline = time.monotonic() + 30
-    while sample(metrics(default_server), "uniql_prune_rate", model="smollm2-135m-uniql") > 0:
-        assert time.monotonic() < deadline, f"rung did not come back: {health(default_server)}"
-        time.sleep(0.3)
+    wait_rate_back_to_zero(default_server, "smollm2-135m-uniql")
     rate, body = chat(default_server)
     assert rate == 0.0 and "Paris" in body["choices"][0]["message"]["content"]
     sequence.append(("recovered", rate, back["weights_resident_bytes"]))

@@ -22,11 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from conftest import API_KEY
-from server_helpers import engine_greedy_chat, free_port, metrics, sample, wait_ready
+from server_helpers import engine_greedy_chat, free_port, health, metrics, sample, wait_rate_back_to_zero, wait_ready
 
 # torch.cuda.is_available() opens no context; nothing in this module may before its last test (see
 # device_total_bytes)
@@ -100,10 +99,6 @@ def errors_total(base_url) -> float:
     return sum(v for (name, _), v in families.items() if name == "uniql_request_errors_total")
 
 
-def health(base_url) -> dict:
-    return httpx.get(f"{base_url}/health", timeout=30).json()
-
-
 def wait_for(base_url, predicate, timeout_s: float, what: str) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -170,10 +165,7 @@ def test_device_memory_pressure_raises_the_rung_releases_tails_and_recovers(cuda
 
     back = wait_for(base_url, lambda s: s["resident_rung"] == 0, 60, "weights to be reloaded")
     assert back["weights_resident_bytes"] == w0
-    deadline = time.monotonic() + 30
-    while sample(metrics(base_url), "uniql_prune_rate", model="tiny") > 0:
-        assert time.monotonic() < deadline, f"rung did not come back: {health(base_url)}"
-        time.sleep(0.3)
+    wait_rate_back_to_zero(base_url, "tiny")
     rate, after = chat(client)
     assert rate == 0.0 and after == before  # reloaded from the checkpoint: the same greedy text
     sequence.append(("recovered", rate, back["weights_resident_bytes"]))
