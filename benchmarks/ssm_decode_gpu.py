@@ -32,9 +32,6 @@ from uniql.runtime.engine import Engine
 from uniql.runtime.ladder import Alignment, spec_dim_steps, uniform_ladder
 from uniql.runtime.spec import spec_from_hf_config
 
-# transformers probes for a package called ``kernels``; this folder's kernels.py is not it
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 RATES = (0.0, 0.15, 0.25, 0.35)
 NEMOTRON_H_8B_PATTERN = "M-M-M-M*-" * 4 + "M-" * 8  # 52 layers: 24 M, 4 *, 24 -
 

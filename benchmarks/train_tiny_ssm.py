@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -30,8 +29,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-# transformers probes for a package called ``kernels``; the script's own folder holds benchmarks/kernels.py
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 TOKENS = ROOT / ".devdata" / "ssm_tokens.pt"
 TOKENIZER_SRC = ROOT / "out" / "smollm2-135m-uniql"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

@@ -5,9 +5,9 @@ Weights are random (shapes decide speed); each case rotates through weight copie
 nobody, inside one CUDA graph (no launch noise); time = median over replays / launches per graph. Bandwidth is also
 given as a fraction of a copy measured in the same run. Our output is checked against a reference before timing.
 
-    python benchmarks/kernels.py                       # H100: table on stdout, JSON in results/kernels_h100.json
-    python benchmarks/kernels.py --quick --sweep       # fewer cases; time every candidate config too
-    python benchmarks/kernels.py --cpu-smoke           # tiny shapes, Triton interpreter, no CUDA: code paths only
+    python benchmarks/kernel_bench.py                       # H100: table on stdout, JSON in results/kernels_h100.json
+    python benchmarks/kernel_bench.py --quick --sweep       # fewer cases; time every candidate config too
+    python benchmarks/kernel_bench.py --cpu-smoke           # tiny shapes, Triton interpreter, no CUDA: code paths only
 """
 
 from __future__ import annotations
