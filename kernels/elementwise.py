@@ -113,9 +113,9 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _group_rms_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
-                      BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-    b, grp = tl.program_id(0), tl.program_id(1)
+def _group_rms_tile(g_ptr, w_ptr, out_ptr, b, grp, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
+                    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Row ``b``, group ``grp``: its heads' ``g`` normalised together, weighted, stored rank-major."""
     local = tl.arange(0, BLOCK_H)
     h = grp * heads_per_group + local
     c = tl.arange(0, BLOCK_P)
@@ -125,6 +125,13 @@ def _group_rms_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, head
     rank_major = c[None, :] * heads + h[:, None]  # channel c of head h sits at c * H + h
     w = tl.load(w_ptr + rank_major, mask=live, other=0.0).to(tl.float32)
     tl.store(out_ptr + b * s_ob + rank_major, (g * rstd * w).to(out_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _group_rms_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
+                      BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    _group_rms_tile(g_ptr, w_ptr, out_ptr, tl.program_id(0), tl.program_id(1), s_b, s_h, s_p, s_ob, heads, p,
+                    heads_per_group, eps, BLOCK_H, BLOCK_P)
 
 
 def group_rms_norm(g: torch.Tensor, weight: torch.Tensor, groups: int, eps: float,

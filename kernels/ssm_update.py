@@ -35,6 +35,44 @@ def _softplus(v):
 
 
 @triton.jit
+def _time_step(dt, dtb_ptr, h, dt_lo, dt_hi, HAS_DT_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+               CLAMP: tl.constexpr):
+    """Raw dt of head ``h`` (fp32) -> the time step: + bias, softplus, clamp (each optional)."""
+    if HAS_DT_BIAS:
+        dt += tl.load(dtb_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    if CLAMP:
+        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+    return dt
+
+
+@triton.jit
+def _advance(s_ptrs, live, x, dt, a, bv, cv, d_ptr, h, z, HAS_D: tl.constexpr, HAS_Z: tl.constexpr):
+    """The recurrence on one ``[BLOCK_P, BLOCK_N]`` state tile (in place) -> ``y [BLOCK_P]`` fp32, D skip and
+    ``silu(z)`` gate applied when given (``z`` fp32 ``[BLOCK_P]``, ignored without HAS_Z)."""
+    state = tl.load(s_ptrs, mask=live, other=0.0)
+    state = state * tl.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
+    tl.store(s_ptrs, state, mask=live)
+    y = tl.sum(state * cv[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(d_ptr + h).to(tl.float32) * x
+    if HAS_Z:
+        y *= z * tl.sigmoid(z)
+    return y
+
+
+@triton.jit
+def _state_tile(state_ptr, b, h, p, n, s_b, s_h, s_p, s_n, P, N, TABLE: tl.constexpr):
+    """Pointers to row ``b``'s state tile of head ``h``: a table row's own ``[H, P, N]`` or a strided tensor."""
+    if TABLE:
+        s_base = tl.load(state_ptr + b).to(tl.pointer_type(tl.float32)) + h.to(tl.int64) * P * N
+    else:
+        s_base = state_ptr + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
+    return s_base + p[:, None] * s_p + n[None, :] * s_n
+
+
+@triton.jit
 def _update_kernel(state_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, out_ptr,
                    s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n,
                    z_b, z_h, z_p, o_b, o_h, o_p, heads_per_group, P, N, dt_lo, dt_hi,
@@ -46,31 +84,17 @@ def _update_kernel(state_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, 
     n = tl.arange(0, BLOCK_N)
     live_p, live_n = p < P, n < N
     live = live_p[:, None] & live_n[None, :]
-    if TABLE:  # this request's own contiguous [H, P, N] state
-        s_base = tl.load(state_ptr + b).to(tl.pointer_type(tl.float32)) + h.to(tl.int64) * P * N
-    else:
-        s_base = state_ptr + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
-    s_ptrs = s_base + p[:, None] * s_p + n[None, :] * s_n
-    state = tl.load(s_ptrs, mask=live, other=0.0)
+    s_ptrs = _state_tile(state_ptr, b, h, p, n, s_b, s_h, s_p, s_n, P, N, TABLE)
     x = tl.load(x_ptr + b * x_b + h * x_h + p * x_p, mask=live_p, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32)
-    if HAS_DT_BIAS:
-        dt += tl.load(dtb_ptr + h).to(tl.float32)
-    if SOFTPLUS:
-        dt = _softplus(dt)
-    if CLAMP:
-        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+    dt = _time_step(tl.load(dt_ptr + b * dt_b + h * dt_h).to(tl.float32), dtb_ptr, h, dt_lo, dt_hi,
+                    HAS_DT_BIAS, SOFTPLUS, CLAMP)
     a = tl.load(a_ptr + h).to(tl.float32)
     bv = tl.load(b_ptr + b * b_b + g * b_g + n * b_n, mask=live_n, other=0.0).to(tl.float32)
     cv = tl.load(c_ptr + b * c_b + g * c_g + n * c_n, mask=live_n, other=0.0).to(tl.float32)
-    state = state * tl.exp(dt * a) + (dt * x)[:, None] * bv[None, :]
-    tl.store(s_ptrs, state, mask=live)
-    y = tl.sum(state * cv[None, :], axis=1)
-    if HAS_D:
-        y += tl.load(d_ptr + h).to(tl.float32) * x
+    z = x
     if HAS_Z:
         z = tl.load(z_ptr + b * z_b + h * z_h + p * z_p, mask=live_p, other=0.0).to(tl.float32)
-        y *= z * tl.sigmoid(z)
+    y = _advance(s_ptrs, live, x, dt, a, bv, cv, d_ptr, h, z, HAS_D, HAS_Z)
     tl.store(out_ptr + b * o_b + h * o_h + p * o_p, y.to(out_ptr.dtype.element_ty), mask=live_p)
 
 

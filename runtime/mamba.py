@@ -19,10 +19,11 @@ Math (fp32 state): ``xBC = act(causal_conv(x|B|C))``; ``dt = clamp(softplus(dt_p
 applied at every step, prefill and decode alike (transformers' torch decode path skips it, which makes a token's
 output depend on whether it was prefilled or decoded).
 Prefill scans in chunks (``kernels/ssm_scan.py``, torch) over a per-request cache. A decode step over a
-``DecodeBatch`` runs two in-place kernels over each request's own states: the causal-conv update
-(``kernels/conv_update.py``, fed the three kept weight prefixes as segments: no per-step cat of parameters) and
-the selective state update (``kernels/ssm_update.py``); Triton on CUDA through the batch's fixed address tables
-(so a CUDA graph captured once serves any bound requests), their torch references on CPU.
+``DecodeBatch`` updates each request's own states in place. On CUDA, through the batch's fixed address tables (so
+a CUDA graph captured once serves any bound requests), that is two Triton launches between the projections
+(``kernels/ssm_step.py``): causal conv (fed the three kept weight prefixes as segments: no per-step cat of
+parameters) + selective state update + gate, then group norm + conv-state shift. On CPU the torch references of
+the unfused kernels (``kernels/conv_update.py``, ``kernels/ssm_update.py``) run over lists of the states.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniql.kernels import elementwise, ops
+from uniql.kernels import ops, ssm_step
 from uniql.kernels.ssm_scan import chunked_scan
 
 from .cache import DecodeBatch
@@ -147,20 +148,25 @@ class ElasticMamba(nn.Module):
     def decode(self, u, sizes, batch: DecodeBatch, layer: int):
         """One token per request (``u [B, 1, hidden]``) over each request's own conv/SSM states, in place.
 
-        The state-update kernel also applies dt's bias/softplus/limit, the D skip and the ``silu(z)`` gate (the
-        same math as ``forward``'s torch ops, fewer launches a step), so only the group RMS norm follows it."""
+        The state update also applies dt's bias/softplus/limit, the D skip and the ``silu(z)`` gate (the same
+        math as ``forward``'s torch ops). Over address tables (CUDA; CPU tests under the interpreter) the step
+        between the projections is two launches: conv + state update, then group norm + conv-state shift."""
         p, n = sizes.ssm_p, sizes.ssm_n
         conv_state, ssm_state = batch.ssm_states(layer)
         z, xbc, dt_raw = self.project(u[:, 0], p, n)  # [B, H*p], [B, ch'], [B, H]
         weight, bias = self.conv_segments(p, n)
-        xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
-        x, B, C = self.split_heads(xbc, p, n)
         z = z.unflatten(-1, (p, self.heads)).transpose(-1, -2)  # [B, H, p] view of the rank-major channels
-        gated = ops.ssm_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, D=self.D, z=z,
-                                     dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
-        if gated.is_cuda:  # one kernel for the norm tail (the torch ops below are ~9 launches)
-            normed = elementwise.group_rms_norm(gated, self.norm_weight, self.norm_groups, self.norm_eps, u.dtype)
-        else:
+        step = dict(D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
+        if isinstance(conv_state, torch.Tensor):  # address tables: the two-launch Triton step (ssm_step.py)
+            gated = ssm_step.ssm_conv_step(xbc, conv_state, weight, bias, self.act_name, ssm_state, dt_raw,
+                                           self.decay_rates(), self.heads, self.groups,
+                                           conv_dtype=batch.conv_dtype, **step)
+            normed = ssm_step.group_norm_shift(gated, self.norm_weight, self.norm_groups, self.norm_eps, xbc,
+                                               conv_state, self.kernel, u.dtype, batch.conv_dtype)
+        else:  # lists of each request's states: the torch references
+            xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
+            x, B, C = self.split_heads(xbc, p, n)
+            gated = ops.ssm_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step)
             normed = self.group_rms(gated[:, None], p).to(u.dtype)[:, 0]
         return self.out_proj(normed[:, None], k=self.heads * p)
 

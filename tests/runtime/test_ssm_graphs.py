@@ -70,6 +70,24 @@ def test_batched_decode_equals_each_request_alone(small, triton, monkeypatch):
             single.output_ids.append(req.output_ids[-1])
 
 
+def test_fused_triton_step_equals_the_torch_references(small, monkeypatch):
+    """The decode step over address tables (two fused launches a Mamba layer, kernels/ssm_step.py, interpreted)
+    gives the logits of the unfused torch references over lists of states, step after step."""
+    runs = {}
+    for triton in (False, True):
+        _triton_on_cpu(monkeypatch, triton)
+        runner = ModelRunner(small, cuda_graphs=False)
+        reqs = _requests(1, (4, 7, 2), seed=8)
+        steps = [torch.stack([runner.prefill(r) for r in reqs])]
+        for _ in range(3):
+            for req, row in zip(reqs, steps[-1], strict=True):
+                req.output_ids.append(int(row.argmax()))
+            steps.append(runner.decode(reqs))
+        runs[triton] = steps
+    for step, (got, want) in enumerate(zip(runs[True], runs[False], strict=True)):
+        torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=0, msg=f"step {step}")
+
+
 def test_rebinding_keeps_the_tables_and_reads_the_new_requests(small, monkeypatch):
     """One DecodeBatch (as a captured graph holds it) bound to A, stepped, rebound to B: its table buffers never
     move, they point at B's states, and B's step equals a fresh batch's."""
