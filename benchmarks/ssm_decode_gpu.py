@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def _reset(device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def engine_rows(name, config, prompt, new_tokens, device, weights="int4") -> list[dict]:
+def engine_rows(name, config, prompt, new_tokens, device, weights="int4", label=None) -> list[dict]:
     model = build_model(config, weights, device, group=min(128, config.hidden_size // 2))
     engine = Engine(model, NullTokenizer(), max_num_seqs=1, max_model_len=len(prompt) + new_tokens + 8)
     rows = []
@@ -114,7 +115,8 @@ def engine_rows(name, config, prompt, new_tokens, device, weights="int4") -> lis
         engine_row(engine, prompt, rate, 4)  # warm-up: compiles the kernels for this rung's shapes
         _reset(device)
         row = engine_row(engine, prompt, rate, new_tokens)
-        rows.append({"model": name, **row, "engine": "uniql" if weights == "int4" else "uniql_bf16_dense",
+        engine_name = label or ("uniql" if weights == "int4" else "uniql_bf16_dense")
+        rows.append({"model": name, **row, "engine": engine_name,
                      "peak_mem_bytes": peak_mem_bytes(device), "cuda_graphs": engine.runner.graphs is not None})
         _print(rows[-1])
     del engine, model
@@ -166,6 +168,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--dense", action="store_true", help="also the engine with dense bf16 weights")
+    ap.add_argument("--ab-fused", action="store_true",
+                    help="also the engine with the unfused three-launch Mamba step (UNIQL_SSM_FUSED=0), same run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -176,6 +180,12 @@ def main() -> None:
                                generator=torch.Generator().manual_seed(0)).tolist()
         rows += engine_rows(name, config, prompt, args.new_tokens, device)
         _write(args, device, rows)  # after every block of rows: a run cut short keeps what it measured
+        if args.ab_fused:
+            os.environ["UNIQL_SSM_FUSED"] = "0"
+            try:
+                rows += engine_rows(name, config, prompt, args.new_tokens, device, label="uniql_unfused_step")
+            finally:
+                os.environ.pop("UNIQL_SSM_FUSED")
         if args.dense:
             rows += engine_rows(name, config, prompt, args.new_tokens, device, weights="dense")
         if not args.skip_hf:

@@ -23,6 +23,7 @@ int64 tables of per-request addresses, ``dt [batch, H]`` raw (bias, softplus and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +36,12 @@ from . import ssm_update as _ssm
 from .conv_update import _TL_DTYPES, ACTIVATIONS, _activate
 
 SHIFT_BLOCK = 128  # conv channels a norm program shifts per pass
+
+
+def fused_enabled() -> bool:
+    """On unless ``UNIQL_SSM_FUSED=0``: the unfused three-launch step stays as the same-run A/B anchor
+    (benchmarks/ssm_decode_gpu.py --ab-fused) and as a fallback."""
+    return os.environ.get("UNIQL_SSM_FUSED", "1") != "0"
 
 
 @triton.jit

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniql.kernels import ops, ssm_step
+from uniql.kernels import elementwise, ops, ssm_step
 from uniql.kernels.ssm_scan import chunked_scan
 
 from .cache import DecodeBatch
@@ -157,17 +157,20 @@ class ElasticMamba(nn.Module):
         weight, bias = self.conv_segments(p, n)
         z = z.unflatten(-1, (p, self.heads)).transpose(-1, -2)  # [B, H, p] view of the rank-major channels
         step = dict(D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
-        if isinstance(conv_state, torch.Tensor):  # address tables: the two-launch Triton step (ssm_step.py)
+        if isinstance(conv_state, torch.Tensor) and ssm_step.fused_enabled():  # tables: two launches
             gated = ssm_step.ssm_conv_step(xbc, conv_state, weight, bias, self.act_name, ssm_state, dt_raw,
                                            self.decay_rates(), self.heads, self.groups,
                                            conv_dtype=batch.conv_dtype, **step)
             normed = ssm_step.group_norm_shift(gated, self.norm_weight, self.norm_groups, self.norm_eps, xbc,
                                                conv_state, self.kernel, u.dtype, batch.conv_dtype)
-        else:  # lists of each request's states: the torch references
+        else:  # three launches (tables) or the torch references (lists of each request's states)
             xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
             x, B, C = self.split_heads(xbc, p, n)
             gated = ops.ssm_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step)
-            normed = self.group_rms(gated[:, None], p).to(u.dtype)[:, 0]
+            if gated.is_cuda:
+                normed = elementwise.group_rms_norm(gated, self.norm_weight, self.norm_groups, self.norm_eps, u.dtype)
+            else:
+                normed = self.group_rms(gated[:, None], p).to(u.dtype)[:, 0]
         return self.out_proj(normed[:, None], k=self.heads * p)
 
     def decay_rates(self) -> torch.Tensor:
