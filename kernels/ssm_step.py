@@ -39,9 +39,19 @@ SHIFT_BLOCK = 128  # conv channels a norm program shifts per pass
 
 
 def fused_enabled() -> bool:
-    """On unless ``UNIQL_SSM_FUSED=0``: the unfused three-launch step stays as the same-run A/B anchor
-    (benchmarks/ssm_decode_gpu.py --ab-fused) and as a fallback."""
+    """On unless ``UNIQL_SSM_FUSED=0`` (read when a Mamba mixer is built, not per step): the unfused three-launch
+    step stays as the same-run A/B anchor (benchmarks/ssm_decode_gpu.py --ab-fused) and as a fallback."""
     return os.environ.get("UNIQL_SSM_FUSED", "1") != "0"
+
+
+@triton.jit
+def _conv_base(conv_ptr, b, cs_b, TABLE: tl.constexpr, CONV_DTYPE: tl.constexpr):
+    """Row ``b``'s conv state: a table row's own contiguous ``[ch', W-1]`` or a slice of a stacked tensor."""
+    if TABLE:  # noqa: SIM108 (a constexpr branch)
+        base = tl.load(conv_ptr + b).to(tl.pointer_type(CONV_DTYPE))
+    else:
+        base = conv_ptr + b.to(tl.int64) * cs_b
+    return base
 
 
 @triton.jit
@@ -73,10 +83,7 @@ def _conv_step_kernel(xbc_ptr, conv_ptr, wx, wb, wc, bx, bb, bc, state_ptr, dt_p
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     live_p, live_n = p < P, n < N
-    if TABLE:  # noqa: SIM108 (a constexpr branch) this request's own contiguous [ch', W-1] conv state
-        conv_base = tl.load(conv_ptr + b).to(tl.pointer_type(CONV_DTYPE))
-    else:
-        conv_base = conv_ptr + b.to(tl.int64) * cs_b
+    conv_base = _conv_base(conv_ptr, b, cs_b, TABLE, CONV_DTYPE)
     xbc_row = xbc_ptr + b.to(tl.int64) * x_b
     x_row, bc_row = p * H + h, n * G + g  # rank-major x channel, state-major B/C row
     x = _conv_of(xbc_row, x_c, conv_base, cs_c, cs_k, x_row, wx, wx_r, w_k, bx, bx_s, x_row, live_p,
@@ -108,10 +115,7 @@ def _norm_shift_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, hea
     b, grp = tl.program_id(0), tl.program_id(1)
     _ew._group_rms_tile(g_ptr, w_ptr, out_ptr, b, grp, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
                         BLOCK_H, BLOCK_P)
-    if TABLE:  # noqa: SIM108 (a constexpr branch)
-        conv_base = tl.load(conv_ptr + b).to(tl.pointer_type(CONV_DTYPE))
-    else:
-        conv_base = conv_ptr + b.to(tl.int64) * cs_b
+    conv_base = _conv_base(conv_ptr, b, cs_b, TABLE, CONV_DTYPE)
     end = tl.minimum(grp * chunk + chunk, CH)
     for start in range(grp * chunk, end, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
@@ -125,21 +129,25 @@ def _norm_shift_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, hea
         tl.store(rows + (W - 2) * cs_k, new, mask=live)
 
 
-def _check(xbc, conv_state, weights, biases, state, x_like_z, dt, conv_dtype) -> int:
-    """Shape checks of both launches (the fused kernels' operands are those of the kernels they fuse)."""
-    batch, ch = xbc.shape
-    width = _conv._check_params(weights, biases, ch)
-    if len(weights) != 3:
-        raise ValueError("the fused step needs the conv weight as three segments (x | B | C)")
-    if _is_table(conv_state) != _is_table(state):
-        raise ValueError("conv and SSM states must both be tensors or both be address tables")
+def _check_conv_state(conv_state, batch: int, ch: int, width: int, conv_dtype) -> None:
     if _is_table(conv_state):
         if conv_state.shape != (batch,) or conv_dtype not in _conv.FLOAT_DTYPES:
             raise ValueError(f"a conv state table must be int64 ({batch},) with its states' float conv_dtype")
     elif conv_state.shape != (batch, ch, width - 1):
         raise ValueError(f"conv state must be [batch, ch', W-1] = ({batch}, {ch}, {width - 1}), "
                          f"got {tuple(conv_state.shape)}")
-    if dt.shape[0] != batch or (x_like_z is not None and x_like_z.shape[0] != batch):
+
+
+def _check(xbc, conv_state, weights, biases, state, z, dt, conv_dtype) -> int:
+    """Shape checks of launch 1 (its operands are those of the kernels it fuses); returns W."""
+    batch, ch = xbc.shape
+    width = _conv._check_params(weights, biases, ch)
+    if len(weights) != 3:
+        raise ValueError("the fused step needs the conv weight as three segments (x | B | C)")
+    if _is_table(conv_state) != _is_table(state):
+        raise ValueError("conv and SSM states must both be tensors or both be address tables")
+    _check_conv_state(conv_state, batch, ch, width, conv_dtype)
+    if dt.shape[0] != batch or (z is not None and z.shape[0] != batch):
         raise ValueError("xbc, dt and z must share the batch")
     return width
 
@@ -199,11 +207,8 @@ def group_norm_shift(g: torch.Tensor, weight: torch.Tensor, groups: int, eps: fl
     ch = xbc.shape[1]
     if heads % groups or weight.shape[0] < heads * p:
         raise ValueError(f"g [B, H={heads}, P'={p}] needs H divisible by {groups} groups and >= {heads * p} weights")
+    _check_conv_state(conv_state, batch, ch, width, conv_dtype)
     table = _is_table(conv_state)
-    if table and (conv_state.shape != (batch,) or conv_dtype not in _conv.FLOAT_DTYPES):
-        raise ValueError(f"a conv state table must be int64 ({batch},) with its states' float conv_dtype")
-    if not table and conv_state.shape != (batch, ch, width - 1):
-        raise ValueError(f"conv state must be ({batch}, {ch}, {width - 1}), got {tuple(conv_state.shape)}")
     out = torch.empty(batch, p * heads, dtype=out_dtype or g.dtype, device=g.device)
     per_group = heads // groups
     _norm_shift_kernel[(batch, groups)](

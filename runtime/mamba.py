@@ -65,6 +65,7 @@ class ElasticMamba(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(heads * p))
         self.out_proj = DenseLinear(heads * p, h, bias)
         self.in_proj: FusedInt4 | None = None  # z|x|B|C|dt in one packed tensor (runtime/fusion.py), one launch
+        self.fused_step = ssm_step.fused_enabled()  # two-launch decode step over address tables (ssm_step.py)
 
     def conv_params(self, p: int, n: int):
         """Conv weight ``[ch', W]`` and bias ``[ch']`` of the kept channels x | B | C (cat of three prefixes)."""
@@ -157,7 +158,7 @@ class ElasticMamba(nn.Module):
         weight, bias = self.conv_segments(p, n)
         z = z.unflatten(-1, (p, self.heads)).transpose(-1, -2)  # [B, H, p] view of the rank-major channels
         step = dict(D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
-        if isinstance(conv_state, torch.Tensor) and ssm_step.fused_enabled():  # tables: two launches
+        if isinstance(conv_state, torch.Tensor) and self.fused_step:  # address tables: two launches
             gated = ssm_step.ssm_conv_step(xbc, conv_state, weight, bias, self.act_name, ssm_state, dt_raw,
                                            self.decay_rates(), self.heads, self.groups,
                                            conv_dtype=batch.conv_dtype, **step)

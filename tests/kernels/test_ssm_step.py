@@ -56,28 +56,38 @@ def _inputs(batch, heads, groups, p, n, norm_groups, width, with_bias, dtype, se
                 z=z, dt_bias=dt_bias), norm_weight
 
 
-def _run(fused: bool, inp: dict, norm_weight, heads, groups, norm_groups, width, tables=False):
-    step = dict(inp, activation="silu", heads=heads, groups=groups, **KW)
-    if fused:
-        if tables:  # each row's own contiguous states, addressed through int64 tables
-            convs = [inp["conv_state"][i:i + 1].clone() for i in range(len(inp["xbc"]))]
-            ssms = [inp["state"][i:i + 1].clone() for i in range(len(inp["xbc"]))]
-            step["conv_state"] = torch.tensor([t.data_ptr() for t in convs], dtype=torch.int64, device=DEVICE)
-            step["state"] = torch.tensor([t.data_ptr() for t in ssms], dtype=torch.int64, device=DEVICE)
-            step["conv_dtype"] = inp["conv_state"].dtype
-        y = ssm_conv_step(**step)
-        if tables:
-            assert all(torch.equal(c[0], inp["conv_state"][i]) for i, c in enumerate(convs))
-        else:
-            assert torch.equal(step["conv_state"], inp["conv_state"])  # launch 1 only reads the conv state
-        out = group_norm_shift(y, norm_weight, norm_groups, 1e-5, inp["xbc"], step["conv_state"], width,
-                               conv_dtype=step.get("conv_dtype"))
-        if tables:
-            return y, out, torch.cat(convs), torch.cat(ssms)
-        return y, out, step["conv_state"], step["state"]
-    y = ssm_conv_step_reference(**step)
-    out = group_norm_shift_reference(y, norm_weight, norm_groups, 1e-5, inp["xbc"], step["conv_state"])
-    return y, out, step["conv_state"], step["state"]
+def _step_args(inp: dict, heads: int, groups: int) -> dict:
+    return dict(inp, activation="silu", heads=heads, groups=groups, **KW)
+
+
+def _run_fused(inp: dict, norm_weight, heads, groups, norm_groups, width):
+    """Both launches over stacked states; asserts launch 1 leaves the conv state as it found it."""
+    before = inp["conv_state"].clone()
+    y = ssm_conv_step(**_step_args(inp, heads, groups))
+    assert torch.equal(inp["conv_state"], before)  # launch 1 only reads the conv state
+    out = group_norm_shift(y, norm_weight, norm_groups, 1e-5, inp["xbc"], inp["conv_state"], width)
+    return y, out, inp["conv_state"], inp["state"]
+
+
+def _run_fused_tables(inp: dict, norm_weight, heads, groups, norm_groups, width):
+    """Both launches over each row's own contiguous states, addressed through int64 tables."""
+    rows = range(len(inp["xbc"]))
+    convs = [inp["conv_state"][i:i + 1].clone() for i in rows]
+    ssms = [inp["state"][i:i + 1].clone() for i in rows]
+    conv_table, ssm_table = (torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=DEVICE)
+                             for ts in (convs, ssms))
+    dtype = inp["conv_state"].dtype
+    args = {**_step_args(inp, heads, groups), "conv_state": conv_table, "state": ssm_table}
+    y = ssm_conv_step(**args, conv_dtype=dtype)
+    assert all(torch.equal(c[0], inp["conv_state"][i]) for i, c in zip(rows, convs, strict=True))
+    out = group_norm_shift(y, norm_weight, norm_groups, 1e-5, inp["xbc"], conv_table, width, conv_dtype=dtype)
+    return y, out, torch.cat(convs), torch.cat(ssms)
+
+
+def _run_reference(inp: dict, norm_weight, heads, groups, norm_groups, width):
+    y = ssm_conv_step_reference(**_step_args(inp, heads, groups))
+    out = group_norm_shift_reference(y, norm_weight, norm_groups, 1e-5, inp["xbc"], inp["conv_state"])
+    return y, out, inp["conv_state"], inp["state"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -87,8 +97,9 @@ def test_fused_step_equals_the_unfused_references(case, dtype, tables):
     batch, heads, groups, p, n, norm_groups, width, with_bias = case
     inp, norm_weight = _inputs(*case, dtype)
     ref_inp = {k: (v.clone() if k in ("conv_state", "state") else v) for k, v in inp.items()}
-    y, out, conv, ssm = _run(True, inp, norm_weight, heads, groups, norm_groups, width, tables)
-    y_ref, out_ref, conv_ref, ssm_ref = _run(False, ref_inp, norm_weight, heads, groups, norm_groups, width)
+    run = _run_fused_tables if tables else _run_fused
+    y, out, conv, ssm = run(inp, norm_weight, heads, groups, norm_groups, width)
+    y_ref, out_ref, conv_ref, ssm_ref = _run_reference(ref_inp, norm_weight, heads, groups, norm_groups, width)
     assert y.shape == (batch, heads, p) and out.shape == (batch, p * heads) and out.dtype == dtype
     torch.testing.assert_close(y.float(), y_ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(out.float(), out_ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
@@ -103,8 +114,8 @@ def test_two_steps_carry_the_conv_window():
     inp, norm_weight = _inputs(*case, torch.float32, seed=3)
     ref = {k: (v.clone() if k in ("conv_state", "state") else v) for k, v in inp.items()}
     for step in range(2):
-        got = _run(True, inp, norm_weight, *case[1:3], case[5], case[6])
-        want = _run(False, ref, norm_weight, *case[1:3], case[5], case[6])
+        got = _run_fused(inp, norm_weight, *case[1:3], case[5], case[6])
+        want = _run_reference(ref, norm_weight, *case[1:3], case[5], case[6])
         torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5, msg=f"step {step}")
         inp["xbc"] = ref["xbc"] = inp["xbc"].flip(0).contiguous()
 
