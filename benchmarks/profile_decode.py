@@ -1,8 +1,9 @@
 """Where a decode step's time goes (GPU): per-kernel GPU time of one eager step (torch.profiler), graph replay
 time alone, and the whole engine step (replay + sampling + bookkeeping), for the 8B-shaped model of
-``decode_gpu.py`` at one rung and batch size.
+``decode_gpu.py`` (or an SSM shape of ``ssm_decode_gpu.py``) at one rung and batch size.
 
-    python benchmarks/profile_decode.py [--rate 0.0] [--batch 1] [--context 1024] [--json out.json]
+    python benchmarks/profile_decode.py [--model llama-3.1-8b|mamba2-8b-shape|nemotron-h-8b-shape]
+                                        [--rate 0.0] [--batch 1] [--context 1024] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ def _kernel_table(prof, steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
+def _build(name: str):
+    """(model, vocab size) of a shape: the Llama-3.1-8B of decode_gpu.py or an SSM shape of ssm_decode_gpu.py."""
+    if name == "llama-3.1-8b":
+        return build_model(LLAMA_8B, "int4"), LLAMA_8B.vocab_size
+    from ssm_decode_gpu import build_model as build_ssm
+    from ssm_decode_gpu import hf_config
+
+    config = hf_config(name, tiny=False)
+    return build_ssm(config, "int4", torch.device("cuda")), config.vocab_size
+
+
 def _time_replay(runner, rung, reqs, repeats=50) -> float:
     graphs = runner.graphs
     caches = [runner.caches[r.request_id] for r in reqs]
@@ -52,21 +64,27 @@ def _time_replay(runner, rung, reqs, repeats=50) -> float:
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.1-8b",
+                    choices=["llama-3.1-8b", "mamba2-8b-shape", "nemotron-h-8b-shape"])
     ap.add_argument("--rate", type=float, default=0.0)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    model = build_model(LLAMA_8B, "int4")
+    model, vocab = _build(args.model)
     engine = Engine(model, NullTokenizer(), max_num_seqs=max(args.batch, 1), max_model_len=args.context + 64)
     rung = model.ladder.nearest(args.rate)
-    prompt = torch.randint(0, LLAMA_8B.vocab_size, (args.context,), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, vocab, (args.context,), generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     reqs = [engine.add_request(prompt.tolist(), params, rung=rung) for _ in range(args.batch)]
     for _ in range(4):  # prefill + a few decode steps (captures the graph)
         engine.step()
     runner = engine.runner
-    replay_us = _time_replay(runner, rung, reqs)
+    try:
+        replay_us = _time_replay(runner, rung, reqs)
+    except (AttributeError, KeyError, TypeError) as exc:  # a runner without per-request caches (SSM state)
+        print(f"graph replay not timed: {type(exc).__name__}: {exc}")
+        replay_us = None
     # the whole engine step: replay + logits to the sampler + ids to the host + detokenize + bookkeeping
     stamps = []
     for _ in range(20):
@@ -84,13 +102,13 @@ def main() -> None:
         torch.cuda.synchronize()
     runner.graphs = graphs
     table = _kernel_table(prof, steps)
-    print(f"rung {rung} batch {args.batch}: graph replay {replay_us:.1f} us, engine step {step_us:.1f} us, "
+    print(f"{args.model} rung {rung} batch {args.batch}: graph replay {replay_us} us, engine step {step_us:.1f} us, "
           f"sum of kernels (eager) {sum(r['us_per_step'] for r in table):.1f} us")
     for r in table[:25]:
         print(f"{r['us_per_step']:9.1f} us  x{r['launches_per_step']:5.0f}  {r['kernel']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rung": rung, "batch": args.batch, "replay_us": replay_us,
-                                               "step_us": step_us, "kernels": table}, indent=1))
+        Path(args.json).write_text(json.dumps({"model": args.model, "rung": rung, "batch": args.batch,
+                                               "replay_us": replay_us, "step_us": step_us, "kernels": table}, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ rung. Here the conv moves into the state update and the conv-state shift into th
    ``c * H + h`` and its group's B/C channels (``n * G + g``; recomputed by every program of the group: 2 N' W
    multiply-adds, nothing next to the ``P' x N'`` state tile), then advances the SSM state in place. It only
    READS the conv state: programs of one group share B/C channels, so none may shift them under another.
-2. ``group_norm_shift``: grid ``(batch, norm groups)``; the norm of ``elementwise.group_rms_norm`` and then each
-   program shifts its share of the conv channels (drop the oldest column, append ``xbc``). Stream order puts it
-   after every read of step 1.
+2. ``group_norm_shift``: grid ``(batch, norm groups + cdiv(ch', 256))``; the first programs do the norm of
+   ``elementwise.group_rms_norm``, the others shift 256 conv channels each (drop the oldest column, append
+   ``xbc``). Stream order puts it after every read of step 1.
 
 Shapes and layouts are those of the two kernels it fuses: ``xbc [batch, ch']`` (x | B | C of the kept channels,
 any strides), conv weight/bias as three row segments (the kept prefixes of x, B, C), states as stacked tensors or
@@ -35,7 +35,7 @@ from . import elementwise as _ew
 from . import ssm_update as _ssm
 from .conv_update import _TL_DTYPES, ACTIVATIONS, _activate
 
-SHIFT_BLOCK = 128  # conv channels a norm program shifts per pass
+SHIFT_BLOCK = 256  # conv channels a shift program moves (one load and one store of its [256, W-1] tile)
 
 
 def fused_enabled() -> bool:
@@ -108,25 +108,27 @@ def _conv_step_kernel(xbc_ptr, conv_ptr, wx, wb, wc, bx, bb, bc, state_ptr, dt_p
 
 
 @triton.jit
-def _norm_shift_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
-                       xbc_ptr, x_b, x_c, conv_ptr, cs_b, cs_c, cs_k, CH, chunk,
+def _norm_shift_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps, groups,
+                       xbc_ptr, x_b, x_c, conv_ptr, cs_b, cs_c, cs_k, CH,
                        TABLE: tl.constexpr, CONV_DTYPE: tl.constexpr, W: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, grp = tl.program_id(0), tl.program_id(1)
-    _ew._group_rms_tile(g_ptr, w_ptr, out_ptr, b, grp, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
-                        BLOCK_H, BLOCK_P)
-    conv_base = _conv_base(conv_ptr, b, cs_b, TABLE, CONV_DTYPE)
-    end = tl.minimum(grp * chunk + chunk, CH)
-    for start in range(grp * chunk, end, BLOCK_C):
-        c = start + tl.arange(0, BLOCK_C)
-        live = c < end
-        rows = conv_base + c * cs_c
-        new = tl.load(xbc_ptr + b.to(tl.int64) * x_b + c * x_c, mask=live, other=0.0).to(CONV_DTYPE)
-        for k in tl.static_range(W - 2):  # column k+1 moves to k; the barrier makes every lane read column
-            moved = tl.load(rows + (k + 1) * cs_k, mask=live, other=0.0)  # k+1 before any lane rewrites it
-            tl.store(rows + k * cs_k, moved, mask=live)  # (a layout may give one channel to several lanes)
-            tl.debug_barrier()
-        tl.store(rows + (W - 2) * cs_k, new, mask=live)
+                       BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Programs ``< groups`` normalise one group each; the others shift ``BLOCK_C`` conv channels each (a wide
+    grid: a few programs walking every channel serially would cost more than the launch this saves)."""
+    b, pid = tl.program_id(0), tl.program_id(1)
+    if pid < groups:
+        _ew._group_rms_tile(g_ptr, w_ptr, out_ptr, b, pid, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
+                            BLOCK_H, BLOCK_P)
+    else:
+        c = (pid - groups) * BLOCK_C + tl.arange(0, BLOCK_C)
+        k = tl.arange(0, BLOCK_W)
+        live_c = c < CH
+        rows = _conv_base(conv_ptr, b, cs_b, TABLE, CONV_DTYPE) + c[:, None] * cs_c
+        keep = live_c[:, None] & (k[None, :] < W - 2)  # columns 1..W-2 move one to the left
+        moved = tl.load(rows + (k[None, :] + 1) * cs_k, mask=keep, other=0.0)
+        new = tl.load(xbc_ptr + b.to(tl.int64) * x_b + c * x_c, mask=live_c, other=0.0).to(CONV_DTYPE)
+        tile = tl.where(k[None, :] == W - 2, new[:, None], moved)
+        tl.debug_barrier()  # every column read before any lane rewrites it (a layout may split a row)
+        tl.store(rows + k[None, :] * cs_k, tile, mask=live_c[:, None] & (k[None, :] < W - 1))
 
 
 def _check_conv_state(conv_state, batch: int, ch: int, width: int, conv_dtype) -> None:
@@ -211,12 +213,12 @@ def group_norm_shift(g: torch.Tensor, weight: torch.Tensor, groups: int, eps: fl
     table = _is_table(conv_state)
     out = torch.empty(batch, p * heads, dtype=out_dtype or g.dtype, device=g.device)
     per_group = heads // groups
-    _norm_shift_kernel[(batch, groups)](
-        g, weight, out, *g.stride(), out.stride(0), heads, p, per_group, eps, xbc, *xbc.stride(), conv_state,
-        *_conv_state_strides(conv_state, width), ch, triton.cdiv(ch, groups), TABLE=table,
+    _norm_shift_kernel[(batch, groups + triton.cdiv(ch, SHIFT_BLOCK))](
+        g, weight, out, *g.stride(), out.stride(0), heads, p, per_group, eps, groups, xbc, *xbc.stride(), conv_state,
+        *_conv_state_strides(conv_state, width), ch, TABLE=table,
         CONV_DTYPE=_TL_DTYPES[conv_dtype if table else conv_state.dtype], W=width,
         BLOCK_H=triton.next_power_of_2(per_group), BLOCK_P=triton.next_power_of_2(p), BLOCK_C=SHIFT_BLOCK,
-        num_warps=4)
+        BLOCK_W=triton.next_power_of_2(width - 1), num_warps=4)
     return out
 
 

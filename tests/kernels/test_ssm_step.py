@@ -29,7 +29,8 @@ CASES = [  # batch, heads, groups, P', N', norm groups, W, conv bias
     (1, 4, 1, 16, 16, 1, 4, True),
     (3, 6, 2, 6, 24, 2, 4, True),  # P', N' not powers of two; ch' = 36 + 96
     (2, 8, 8, 10, 48, 4, 2, False),  # one head per SSM group, a one-column conv state
-    (2, 4, 2, 40, 7, 1, 3, True),  # N' below 16, P' over several tiles, ch' = 188 (two shift blocks)
+    (2, 4, 2, 40, 7, 1, 3, True),  # N' below 16, P' over several tiles, ch' = 188
+    (1, 8, 2, 36, 25, 2, 4, True),  # ch' = 388: two shift programs, the second one partly masked
 ]
 KW = dict(dt_softplus=True, dt_limit=(0.01, 2.0))
 
@@ -151,7 +152,8 @@ for arch in map(int, sys.argv[1:]):
                 "conv_ptr": "*i64" if table else "*bf16", "state_ptr": state}
         step = dict(TABLE=table, CONV_DTYPE=tl.bfloat16, HAS_CONV_BIAS=True, ACT=1, W=width, HAS_D=True,
                     HAS_Z=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP=True, BLOCK_P=32, BLOCK_N=128)
-        norm = dict(TABLE=table, CONV_DTYPE=tl.bfloat16, W=width, BLOCK_H=16, BLOCK_P=64, BLOCK_C=128)
+        norm = dict(TABLE=table, CONV_DTYPE=tl.bfloat16, W=width, BLOCK_H=16, BLOCK_P=64, BLOCK_C=256,
+                    BLOCK_W=triton.next_power_of_2(width - 1))
         for kernel, consts in ((_conv_step_kernel, step), (_norm_shift_kernel, norm)):
             sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32") for a in kernel.arg_names}
             triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
