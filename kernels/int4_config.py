@@ -29,6 +29,7 @@ class Int4Config:
     num_warps: int
     block_m: int = 1
     num_stages: int = 2
+    tiles: int = 1  # half2 GEMV: K tiles a program loads at once (all loads in flight before any math)
 
 
 def choose_path(m: int, n: int = 0) -> str:

@@ -78,6 +78,21 @@ def test_split_k_is_exact_and_deterministic(path, split):
     assert int(counters.abs().sum()) == 0  # every tile's counter is back at zero for the next launch / replay
 
 
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize(("tiles", "split", "k"), [(4, 1, 512), (4, 2, 488), (2, 3, 200), (8, 2, 136)])
+def test_half2_gemv_loading_several_tiles_per_pass(m, tiles, split, k):
+    """Passes of several K tiles at once: split ends, a K prefix ending inside a pass or a group, every batch."""
+    qweight, scales = packed(72, 512, 32)
+    x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+    cfg = im.Int4Config("gemv", block_n=32, block_k=32, split_k=split, num_warps=4, block_m=4 if m > 2 else m,
+                        tiles=tiles)
+    first = check(x, qweight, scales, 32, n=70, k=k, config=cfg)
+    single = im.int4_matmul(x, qweight, scales, 32, n=70, k=k, config=im.Int4Config(
+        "gemv", block_n=32, block_k=32, split_k=split, num_warps=4, block_m=cfg.block_m))
+    assert rel_err(first, single) < tol(x.dtype)
+    assert torch.equal(first, im.int4_matmul(x, qweight, scales, 32, n=70, k=k, config=cfg))
+
+
 def test_gemm_with_split_k_and_an_inner_group_tail():
     qweight, scales = packed(80, 256, 32)
     x = torch.randn(19, 200, device=DEV).to(DTYPES[0])
