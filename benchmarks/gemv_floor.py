@@ -8,9 +8,13 @@ a kernel that only LOADS a small layer's packed bytes can be, as a function of h
   (no loop) vs the looping kernel of ``gemv_probe.py``, at several tile shapes;
 * our GEMV (default config) on the same buffers.
 
-``--sweep`` instead times the half2 GEMV over tilings that load several K tiles per pass (``Int4Config.tiles``)
-on the Llama-3.1-8B linears at rate 0 (batch 1), then the best few at rate 0.35 and at batch 4 (tunes
-``pick_config``); every timed config's output is checked against the reference first.
+``--sweep`` instead times the half2 GEMV at 64/128/256 columns and 1/2/4 K tiles per program (the K split
+follows) on the Llama-3.1-8B linears at rate 0 (batch 1), then the best few at rate 0.35 and at batch 4 (tunes
+``pick_config``); every timed config's output is checked against the reference first. The committed
+``results/gemv_tiles_sweep_h200.json`` came from commit e7ef54b, whose kernel could also load several K tiles per
+pass (3-D ``[tiles, SUB_R, BLOCK_N]`` loads, all in flight before any math): that lost at every tiling (o 8.2 us
+at best vs 6.5 us for one tile per pass; the load-only kernels above say the bytes alone would allow ~5 us), so it
+was reverted; its rows with ``tiles`` 1 are this sweep's configurations.
 
     python benchmarks/gemv_floor.py --json benchmarks/results/gemv_floor_h200.json
     python benchmarks/gemv_floor.py --sweep --json benchmarks/results/gemv_tiles_sweep_h200.json
@@ -165,20 +169,14 @@ def layer_row(name: str, n: int, k: int, dev) -> dict:
     return row
 
 
-def tile_configs(m: int) -> list[Int4Config]:
-    """Passes of 8-64 KiB (rows x columns x 4 bytes), 1 or 2 passes per program; 16 rows = one K tile of 64."""
-    out = []
-    for bn, rows, warps, passes in itertools.product((64, 128, 256), (16, 32, 64, 128), (4, 8), (1, 2)):
-        kib = rows * bn * 4 // 1024
-        if 8 <= kib <= 64 and (warps == 4 or kib >= 32):
-            out.append(Int4Config("gemv", bn, 64, passes, warps, m, tiles=rows // 16))
-    return out
+def tile_configs(m: int) -> list[tuple[Int4Config, int]]:
+    """(config, K tiles per program): 64-256 columns of 64-row K tiles, 1, 2 or 4 tiles per program."""
+    return [(Int4Config("gemv", bn, 64, 1, 4, m), per) for bn, per in itertools.product((64, 128, 256), (1, 2, 4))]
 
 
-def _concrete(cfg: Int4Config, case) -> Int4Config:
-    """``split_k`` of a sweep config holds passes per program: turn it into the K split for this case."""
-    k_tiles = triton.cdiv(case.k_active, cfg.block_k)
-    return dataclasses.replace(cfg, split_k=triton.cdiv(k_tiles, cfg.tiles * cfg.split_k))
+def _concrete(cfg: Int4Config, per: int, case) -> Int4Config:
+    """The K split that gives each program ``per`` tiles of this case."""
+    return dataclasses.replace(cfg, split_k=max(1, triton.cdiv(case.k_active, cfg.block_k) // per))
 
 
 def sweep_case(layer: str, rate: float, m: int, configs, dev) -> list[dict]:
@@ -193,8 +191,8 @@ def sweep_case(layer: str, rate: float, m: int, configs, dev) -> list[dict]:
     kw = case.kernel_kwargs()
     ref = im.int4_matmul_reference(x.float(), *bufs[0], GROUP, **kw)
     rows = []
-    for cfg in [None, *configs]:
-        conc = None if cfg is None else _concrete(cfg, case)
+    for cfg, per in [(None, 0), *configs]:
+        conc = None if cfg is None else _concrete(cfg, per, case)
         out = im.int4_matmul(x, *bufs[0], GROUP, config=conc, **kw)
         err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
         if not err < 2e-2:
@@ -202,7 +200,7 @@ def sweep_case(layer: str, rate: float, m: int, configs, dev) -> list[dict]:
         us = graph_us([lambda qw=qw, sc=sc, c=conc: im.int4_matmul(x, qw, sc, GROUP, config=c, **kw)
                        for qw, sc in bufs])
         rows.append({"layer": layer, "rate": rate, "batch": m, "bytes": nbytes, "config": str(conc or "default"),
-                     "sweep_key": None if cfg is None else dataclasses.astuple(cfg), "us": us,
+                     "sweep_key": None if cfg is None else (cfg.block_n, per), "us": us,
                      "TBps": nbytes / us / 1e6})
     best = min(rows, key=lambda r: r["us"])
     print(f"{layer:8s} rate {rate:.2f} M={m}: default {rows[0]['us']:.2f} us, best {best['us']:.2f} us "
@@ -214,11 +212,12 @@ def sweep(dev, layers, path) -> dict:
     report = {"device": torch.cuda.get_device_name(), "rows": []}
     for layer in layers:
         rows = sweep_case(layer, 0.0, 1, tile_configs(1), dev)
-        top = [Int4Config(*r["sweep_key"]) for r in sorted(rows[1:], key=lambda r: r["us"])[:6]]
+        top = [(Int4Config("gemv", bn, 64, 1, 4, 1), per)
+               for bn, per in (r["sweep_key"] for r in sorted(rows[1:], key=lambda r: r["us"])[:4])]
         report["rows"] += rows
         if layer != "lm_head":
             report["rows"] += sweep_case(layer, 0.35, 1, top, dev)
-        report["rows"] += sweep_case(layer, 0.0, 4, [dataclasses.replace(c, block_m=4) for c in top], dev)
+        report["rows"] += sweep_case(layer, 0.0, 4, [(dataclasses.replace(c, block_m=4), p) for c, p in top], dev)
         if path:
             with open(path, "w") as f:
                 json.dump(report, f, indent=1)

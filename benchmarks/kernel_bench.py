@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from uniql.kernels.int4_format import PACK, dequantize, packed_bytes
-from uniql.kernels.pdl import pdl_enabled
 from uniql.runtime.ladder import Alignment, dim_steps, kept_size
 
 RESULTS = Path(__file__).parent / "results" / "kernels_h100.json"
@@ -345,7 +344,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batches", nargs="+", type=int, help="decode M; default 1 4 16 (--quick: 1)")
     ap.add_argument("--prefill-m", type=int, default=2048)
     ap.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="our activations")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"),
+                    help="our activations; default bfloat16 (float16 for --cpu-smoke: the interpreter's bf16 is weak)")
     ap.add_argument("--repeats", type=int, help="graph replays per timing; default 20 (--quick: 5)")
     ap.add_argument("--quick", action="store_true", help="Llama only, rates 0/0.35, batch 1, prefill at rate 0")
     ap.add_argument("--sweep", action="store_true", help="also time every kernel.candidate_configs() config")
@@ -358,10 +358,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     smoke, quick = args.cpu_smoke, args.quick or args.cpu_smoke
     if smoke:  # Triton reads the flag when a kernel is defined (@triton.jit), so it must precede the import
-        if "uniql.kernels.int4_matmul" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        if "uniql.kernels.pdl" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("kernels were imported before --cpu-smoke could set it: run with TRITON_INTERPRET=1")
         os.environ["TRITON_INTERPRET"] = "1"
     from uniql.kernels import int4_matmul
+    from uniql.kernels.pdl import pdl_enabled
+
+    args.dtype = args.dtype or ("float16" if smoke else "bfloat16")
 
     models = args.models or (["tiny"] if smoke else ["llama-3.1-8b"] if quick else ["llama-3.1-8b", "qwen2.5-7b"])
     layers = args.layers or (["qkv", "o"] if smoke else list(LAYERS))

@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--dense", action="store_true", help="also the engine with dense bf16 weights")
     ap.add_argument("--ab-fused", action="store_true",
-                    help="also the engine with the unfused three-launch Mamba step (UNIQL_SSM_FUSED=0), same run")
+                    help="also the engine with the fused two-launch Mamba step (UNIQL_SSM_FUSED=1), same run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -181,9 +181,9 @@ def main() -> None:
         rows += engine_rows(name, config, prompt, args.new_tokens, device)
         _write(args, device, rows)  # after every block of rows: a run cut short keeps what it measured
         if args.ab_fused:
-            os.environ["UNIQL_SSM_FUSED"] = "0"
+            os.environ["UNIQL_SSM_FUSED"] = "1"
             try:
-                rows += engine_rows(name, config, prompt, args.new_tokens, device, label="uniql_unfused_step")
+                rows += engine_rows(name, config, prompt, args.new_tokens, device, label="uniql_fused_step")
             finally:
                 os.environ.pop("UNIQL_SSM_FUSED")
         if args.dense:

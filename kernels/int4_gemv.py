@@ -192,7 +192,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
                     s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
-                    TILES: tl.constexpr, NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
+                    NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                     X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -202,10 +202,9 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         col0 = tl.multiple_of(col0, 16)
         n_len = tl.multiple_of(n_len, 16)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = (offs_n < n_len)[None, None, :]
-    wcol = (col0 + offs_n)[None, None, :]
-    offs_t = tl.arange(0, TILES)[:, None, None]  # TILES tiles per pass, every load issued before any math
-    offs_r = tl.arange(0, SUB_R)[None, :, None]
+    mask_n = (offs_n < n_len)[None, :]
+    wcol = (col0 + offs_n)[None, :]
+    offs_r = tl.arange(0, SUB_R)[:, None]
     rows_k = K // 8
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(rows_k, 2 * SUB_R))
@@ -217,16 +216,14 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     acc1 = tl.zeros([SUB_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)
     acc2 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
     acc3 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
-    for t in range(t0, t1, TILES):
-        tile = t + offs_t  # [TILES, 1, 1]
-        live = tile < t1
-        ra = tile * 2 * SUB_R + offs_r  # each tile's first SUB_R packed rows, then the next SUB_R: [TILES, SUB_R, 1]
+    for t in range(t0, t1):
+        ra = t * 2 * SUB_R + offs_r  # the tile's first SUB_R packed rows, then the next SUB_R
         rb = ra + SUB_R
-        ma = (ra < rows_k) & live
-        mb = (rb < rows_k) & live
+        ma = ra < rows_k
+        mb = rb < rows_k
         wa = tl.load(qw_ptr + ra * stride_qw + wcol, mask=ma & mask_n, other=0, eviction_policy="evict_first")
         wb = tl.load(qw_ptr + rb * stride_qw + wcol, mask=mb & mask_n, other=0, eviction_policy="evict_first")
-        scale = tl.load(sc_ptr + (tile * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=live & mask_n, other=0.0)
+        scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
         scale = scale.to(tl.float32)
         p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, X_BF16, ASM)
         if BLOCK_M == 1:
@@ -234,15 +231,15 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 d0 = _dot1(wa, wb, p0)
             else:
                 d0 = _dot_emulated(wa, wb, p0)
-            acc0 += tl.sum(d0 * scale, axis=0)
+            acc0 += d0 * scale
         elif BLOCK_M == 2:
             p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, X_BF16, ASM)
             if ASM:
                 d0, d1 = _dot2(wa, wb, p0, p1)
             else:
                 d0, d1 = _dot_emulated(wa, wb, p0), _dot_emulated(wa, wb, p1)
-            acc0 += tl.sum(d0 * scale, axis=0)
-            acc1 += tl.sum(d1 * scale, axis=0)
+            acc0 += d0 * scale
+            acc1 += d1 * scale
         else:
             p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, X_BF16, ASM)
             p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, X_BF16, ASM)
@@ -252,18 +249,17 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             else:
                 d0, d1 = _dot_emulated(wa, wb, p0), _dot_emulated(wa, wb, p1)
                 d2, d3 = _dot_emulated(wa, wb, p2), _dot_emulated(wa, wb, p3)
-            acc0 += tl.sum(d0 * scale, axis=0)
-            acc1 += tl.sum(d1 * scale, axis=0)
-            acc2 += tl.sum(d2 * scale, axis=0)
-            acc3 += tl.sum(d3 * scale, axis=0)
+            acc0 += d0 * scale
+            acc1 += d1 * scale
+            acc2 += d2 * scale
+            acc3 += d3 * scale
     offs_m = tl.arange(0, BLOCK_M)
     out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
     _finish(out * 16.0, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m,
             offs_m < M, out0 + offs_n, offs_n < n_len, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
 
 
-def launch_gemv_h2(grid, args: tuple, *, sub_r: int, tiles: int, x_bf16: bool, **constexprs) -> None:
+def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, **constexprs) -> None:
     """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it)."""
     pdl = pdl_enabled(args[0].device)
-    _gemv_h2_kernel[grid](*args, SUB_R=sub_r, TILES=tiles, X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl, launch_pdl=pdl,
-                          **constexprs)
+    _gemv_h2_kernel[grid](*args, SUB_R=sub_r, X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl, launch_pdl=pdl, **constexprs)

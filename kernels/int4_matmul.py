@@ -226,9 +226,6 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
     k_tiles = triton.cdiv(k, cfg.block_k)
     split = max(1, min(cfg.split_k, k_tiles))
     per_split = triton.cdiv(k_tiles, split)
-    h2 = cfg.path == "gemv" and x.dtype != torch.float32
-    if h2:  # whole passes of cfg.tiles tiles (a pass past the split's end is masked, never read)
-        per_split = triton.cdiv(per_split, cfg.tiles) * cfg.tiles
     split = triton.cdiv(k_tiles, per_split)  # no empty splits
     m_blocks = 1 if cfg.path == "gemv" else triton.cdiv(m, cfg.block_m)
     tiles = m_blocks * sum(blocks)
@@ -240,9 +237,9 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
     common = dict(GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_SEG=len(segs), SPLIT=split > 1,
                   ALIGNED=aligned,
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if h2:
-        launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, tiles=cfg.tiles,
-                       x_bf16=x.dtype == torch.bfloat16, **common)
+    if cfg.path == "gemv" and x.dtype != torch.float32:
+        launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, x_bf16=x.dtype == torch.bfloat16,
+                       **common)
     elif cfg.path == "gemv":
         # the exponent bits of 2^23 travel as an argument so they sit in one register and each LOP3 takes its
         # code mask as the immediate (a literal here makes ptxas rematerialize every mask inside the loop)

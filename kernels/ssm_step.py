@@ -39,9 +39,12 @@ SHIFT_BLOCK = 256  # conv channels a shift program moves (one load and one store
 
 
 def fused_enabled() -> bool:
-    """On unless ``UNIQL_SSM_FUSED=0`` (read when a Mamba mixer is built, not per step): the unfused three-launch
-    step stays as the same-run A/B anchor (benchmarks/ssm_decode_gpu.py --ab-fused) and as a fallback."""
-    return os.environ.get("UNIQL_SSM_FUSED", "1") != "0"
+    """Off unless ``UNIQL_SSM_FUSED=1`` (read when a Mamba mixer is built, not per step). The same-run H200 A/B
+    (benchmarks/ssm_decode_gpu.py --ab-fused, results/ssm_decode_h200.json) found these two launches SLOWER
+    than the unfused three: Mamba2-8B shape TPOT 3.00 / 3.01 ms at rates 0 / 0.35 vs 2.54 / 2.17 ms
+    (every program of a group recomputes its group's B/C conv channels: 2 N' W multiply-adds per program, and
+    the conv-state shift serialises behind the norm). Kept, tested, as the opt-in for further work."""
+    return os.environ.get("UNIQL_SSM_FUSED", "0") == "1"
 
 
 @triton.jit

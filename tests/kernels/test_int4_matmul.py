@@ -78,21 +78,6 @@ def test_split_k_is_exact_and_deterministic(path, split):
     assert int(counters.abs().sum()) == 0  # every tile's counter is back at zero for the next launch / replay
 
 
-@pytest.mark.parametrize("m", [1, 2, 4])
-@pytest.mark.parametrize(("tiles", "split", "k"), [(4, 1, 512), (4, 2, 488), (2, 3, 200), (8, 2, 136)])
-def test_half2_gemv_loading_several_tiles_per_pass(m, tiles, split, k):
-    """Passes of several K tiles at once: split ends, a K prefix ending inside a pass or a group, every batch."""
-    qweight, scales = packed(72, 512, 32)
-    x = torch.randn(m, k, device=DEV, dtype=torch.float16)
-    cfg = im.Int4Config("gemv", block_n=32, block_k=32, split_k=split, num_warps=4, block_m=4 if m > 2 else m,
-                        tiles=tiles)
-    first = check(x, qweight, scales, 32, n=70, k=k, config=cfg)
-    single = im.int4_matmul(x, qweight, scales, 32, n=70, k=k, config=im.Int4Config(
-        "gemv", block_n=32, block_k=32, split_k=split, num_warps=4, block_m=cfg.block_m))
-    assert rel_err(first, single) < tol(x.dtype)
-    assert torch.equal(first, im.int4_matmul(x, qweight, scales, 32, n=70, k=k, config=cfg))
-
-
 def test_gemm_with_split_k_and_an_inner_group_tail():
     qweight, scales = packed(80, 256, 32)
     x = torch.randn(19, 200, device=DEV).to(DTYPES[0])
@@ -199,6 +184,10 @@ def test_configs_cover_the_paths():
         if cfg.path == "gemv":
             assert cfg.block_m >= m and cfg.block_k <= 64
     assert any(c.path == "gemm" for c in im.candidate_configs(2048, 4096, 4096, 64, DEV))  # prefill compares both
+    small = im.pick_config(1, 4096, 4096, 64, DEV)  # attention-sized: 128 columns, two K tiles per program
+    assert (small.path, small.block_n, small.split_k) == ("gemv", 128, 32)
+    assert small in im.candidate_configs(1, 4096, 4096, 64, DEV)
+    assert im.pick_config(4, 4096, 14336, 64, DEV).block_n == 256  # K-heavy at batch 4 keeps the wide tiles
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes need the GPU")

@@ -1,0 +1,23 @@
+"""The kernel benchmark runs its code paths on CPU (--cpu-smoke: tiny shapes in the Triton interpreter)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def test_kernel_bench_cpu_smoke(tmp_path):
+    out = tmp_path / "kernels.json"
+    cmd = [sys.executable, str(BENCH / "kernel_bench.py"), "--cpu-smoke", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=BENCH)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "float16" and report["copy_TBps"] > 0 and report["copy_engine_TBps"] > 0
+    assert {(r["layer"], r["rate"]) for r in report["rows"]} == {("qkv", 0.0), ("qkv", 0.35), ("o", 0.0),
+                                                                  ("o", 0.35)}
+    assert all(r["ours_us"] > 0 and r["n_active"] <= r["N"] for r in report["rows"])
+    assert [r["layer"] for r in report["prefill"]] == ["qkv", "o"]
