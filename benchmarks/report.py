@@ -311,7 +311,7 @@ def projection_plot(ax, model: str, rows: list[dict], device: str) -> None:
 
 
 def projection_table(rep: Report, model: str, rows: list[dict]) -> None:
-    header = ["rate", "GB/token", "H100 kernels ms", "eff. kernels", "eff. whole step"] + [
+    header = ["rate", "GB/token", "GPU kernels ms", "eff. kernels", "eff. whole step"] + [
         f"{d} ms" for d in rd.DEVICES]
     table = [[r["rate"], r["bytes"] / GB, r["h100_s"] * 1e3, r["efficiency"], r["step_efficiency"] or "-"]
              + [projected_cell(r, d) for d in rd.DEVICES] for r in rows]
