@@ -78,6 +78,24 @@ def test_split_k_is_exact_and_deterministic(path, split):
     assert int(counters.abs().sum()) == 0  # every tile's counter is back at zero for the next launch / replay
 
 
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 300])
+def test_silu_mul_activation_fused_into_the_load(m):
+    """``act="silu_mul"``: x is gate | up and the kernel multiplies by silu(gate) * up (the down projection after
+    the fused gate|up); equal to the reference and to the two-step path (silu_mul, then the plain matmul)."""
+    from uniql.kernels.elementwise import silu_mul_reference
+
+    qweight, scales = packed(72, 256, 32)
+    k = 200  # the rung's kept channels: gate | up is [m, 2k], up starting at column k
+    gate_up = torch.randn(m, 2 * k, device=DEV).to(DTYPES[0]) * 3
+    out = check(gate_up, qweight, scales, 32, n=70, k=k, act="silu_mul")
+    two_step = im.int4_matmul(silu_mul_reference(gate_up).contiguous(), qweight, scales, 32, n=70, k=k)
+    assert rel_err(out, two_step) < tol(gate_up.dtype)
+    with pytest.raises(ValueError, match="gate | up"):
+        im.int4_matmul(gate_up[:, :k], qweight, scales, 32, n=70, k=k, act="silu_mul")
+    with pytest.raises(ValueError, match="act must be"):
+        im.int4_matmul(gate_up, qweight, scales, 32, n=70, k=k, act="gelu")
+
+
 def test_gemm_with_split_k_and_an_inner_group_tail():
     qweight, scales = packed(80, 256, 32)
     x = torch.randn(19, 200, device=DEV).to(DTYPES[0])
@@ -188,6 +206,9 @@ def test_configs_cover_the_paths():
     assert (small.path, small.block_n, small.split_k) == ("gemv", 128, 32)
     assert small in im.candidate_configs(1, 4096, 4096, 64, DEV)
     assert im.pick_config(4, 4096, 14336, 64, DEV).block_n == 256  # K-heavy at batch 4 keeps the wide tiles
+    head = im.pick_config(1, 128256, 4096, 64, DEV)  # vocab head: 256 columns, two K tiles per program
+    assert (head.block_n, head.block_k, head.split_k) == (256, 64, 32) and head in im.candidate_configs(
+        1, 128256, 4096, 64, DEV)
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes need the GPU")
