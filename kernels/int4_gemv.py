@@ -179,45 +179,21 @@ def _x_pairs(x_ptr, row, mask, X_BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_at(p, j: tl.constexpr, mask, up_off):
-    """``silu(gate) * up`` of element j, rounded exactly as ``elementwise.silu_mul`` rounds it."""
-    gate = tl.load(p + j, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(p + up_off + j, mask=mask, other=0.0)
-    return (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
-
-
-@triton.jit
-def _x_pairs_silu_mul(x_ptr, row, mask, up_off):
-    """``_x_pairs`` of the activation ``silu(gate) * up`` computed on the fly from ``gate | up`` (``up`` at
-    ``up_off`` elements after ``gate``): the down projection reads the gate|up output, no separate launch."""
-    p = x_ptr + row * 8
-    return (_pair16(_silu_mul_at(p, 0, mask, up_off), _silu_mul_at(p, 4, mask, up_off)),
-            _pair16(_silu_mul_at(p, 1, mask, up_off), _silu_mul_at(p, 5, mask, up_off)),
-            _pair16(_silu_mul_at(p, 2, mask, up_off), _silu_mul_at(p, 6, mask, up_off)),
-            _pair16(_silu_mul_at(p, 3, mask, up_off), _silu_mul_at(p, 7, mask, up_off)))
-
-
-@triton.jit
-def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, up_off, X_BF16: tl.constexpr,
-               ASM: tl.constexpr, SILU_MUL: tl.constexpr):
+def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, X_BF16: tl.constexpr, ASM: tl.constexpr):
     """Activation row m's pairs for both row blocks of the tile (8 int32 tensors [SUB_R, 1]); zero past M."""
     ok = (ra * 0 + m) < M  # a tensor predicate (a Python bool breaks the interpreter's masks)
-    if SILU_MUL:
-        a0, a1, a2, a3 = _x_pairs_silu_mul(x_ptr + m * stride_xm, ra, ma & ok, up_off)
-        b0, b1, b2, b3 = _x_pairs_silu_mul(x_ptr + m * stride_xm, rb, mb & ok, up_off)
-    else:
-        a0, a1, a2, a3 = _x_pairs(x_ptr + m * stride_xm, ra, ma & ok, X_BF16, ASM)
-        b0, b1, b2, b3 = _x_pairs(x_ptr + m * stride_xm, rb, mb & ok, X_BF16, ASM)
+    a0, a1, a2, a3 = _x_pairs(x_ptr + m * stride_xm, ra, ma & ok, X_BF16, ASM)
+    b0, b1, b2, b3 = _x_pairs(x_ptr + m * stride_xm, rb, mb & ok, X_BF16, ASM)
     return a0, a1, a2, a3, b0, b1, b2, b3
 
 
 @triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
-                    s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits, up_off,
+                    s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
-                    X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SILU_MUL: tl.constexpr):
+                    X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
@@ -249,7 +225,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         wb = tl.load(qw_ptr + rb * stride_qw + wcol, mask=mb & mask_n, other=0, eviction_policy="evict_first")
         scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
         scale = scale.to(tl.float32)
-        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, up_off, X_BF16, ASM, SILU_MUL)
+        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, X_BF16, ASM)
         if BLOCK_M == 1:
             if ASM:  # noqa: SIM108 (a constexpr branch, not a run-time select)
                 d0 = _dot1(wa, wb, p0)
@@ -257,7 +233,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 d0 = _dot_emulated(wa, wb, p0)
             acc0 += d0 * scale
         elif BLOCK_M == 2:
-            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, up_off, X_BF16, ASM, SILU_MUL)
+            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, X_BF16, ASM)
             if ASM:
                 d0, d1 = _dot2(wa, wb, p0, p1)
             else:
@@ -265,9 +241,9 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc0 += d0 * scale
             acc1 += d1 * scale
         else:
-            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, up_off, X_BF16, ASM, SILU_MUL)
-            p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, up_off, X_BF16, ASM, SILU_MUL)
-            p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, up_off, X_BF16, ASM, SILU_MUL)
+            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, X_BF16, ASM)
+            p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, X_BF16, ASM)
+            p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, X_BF16, ASM)
             if ASM:
                 d0, d1, d2, d3 = _dot4(wa, wb, p0, p1, p2, p3)
             else:
@@ -283,11 +259,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             offs_m < M, out0 + offs_n, offs_n < n_len, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
 
 
-def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, up_off: int = 0, **constexprs) -> None:
-    """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it).
-
-    ``up_off > 0``: ``x`` is ``gate | up`` and the activation is ``silu(gate) * up`` (``up`` that many elements
-    after ``gate`` in each row)."""
+def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, **constexprs) -> None:
+    """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it)."""
     pdl = pdl_enabled(args[0].device)
-    _gemv_h2_kernel[grid](*args, up_off, SUB_R=sub_r, X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl, SILU_MUL=up_off > 0,
-                          launch_pdl=pdl, **constexprs)
+    _gemv_h2_kernel[grid](*args, SUB_R=sub_r, X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl, launch_pdl=pdl, **constexprs)

@@ -165,7 +165,7 @@ def _segments(segments, n: int | None, n_stored: int) -> list[tuple[int, int]]:
     return segs
 
 
-def _check(x, qweight, scales, group_size: int, k: int, x_features: int) -> None:
+def _check(x, qweight, scales, group_size: int, k: int) -> None:
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
     if qweight.dtype != torch.int32 or scales.dtype != torch.float16:
@@ -182,63 +182,35 @@ def _check(x, qweight, scales, group_size: int, k: int, x_features: int) -> None
     if scales.shape[1] != qweight.shape[1] or scales.shape[0] * group_size < k:
         raise ValueError(f"scales {tuple(scales.shape)} do not cover qweight {tuple(qweight.shape)} "
                          f"at group {group_size}")
-    if x.shape[-1] != x_features:
-        raise ValueError(f"x has {x.shape[-1]} input features, expected {x_features} (active K {k}"
-                         + (", as gate | up)" if x_features != k else ")"))
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features, the active K is {k}")
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                 n: int | None = None, k: int | None = None, bias: torch.Tensor | None = None,
-                segments=None, config: Int4Config | None = None, act: str | None = None) -> torch.Tensor:
+                segments=None, config: Int4Config | None = None) -> torch.Tensor:
     """``x [..., k]`` times the active prefix of a packed weight -> ``[..., n]`` (or the segments side by side).
 
-    ``bias`` is indexed by OUTPUT column (already concatenated for segments). ``act="silu_mul"``: ``x`` is
-    ``gate | up [..., 2k]`` and the activation is ``silu(gate) * up`` (a down projection after the fused gate|up
-    GEMV); the half2 GEMV computes it while loading ``x`` (one launch less per MLP), other paths first.
+    ``bias`` is indexed by OUTPUT column (already concatenated for segments).
     """
     k = qweight.shape[0] * PACK if k is None else k
-    if act not in (None, "silu_mul"):
-        raise ValueError(f"act must be None or 'silu_mul', got {act!r}")
-    _check(x, qweight, scales, group_size, k, 2 * k if act else k)
+    _check(x, qweight, scales, group_size, k)
     segs = _segments(segments, n, qweight.shape[1])
-    n_total = sum(length for _, length in segs)
-    if bias is not None and bias.shape != (n_total,):
-        raise ValueError(f"bias must have shape ({n_total},), got {tuple(bias.shape)}")
-    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    if act and x2.shape[0]:
-        cfg = config or pick_config(x2.shape[0], n_total, k, group_size, x.device, half2=x.dtype != torch.float32)
-        if cfg.path == "gemv" and x.dtype != torch.float32:
-            return _launch_silu_mul(cfg, x2, qweight, scales, group_size, k, segs, bias).reshape(*lead, -1)
-        x2 = _silu_mul(x2)
-    elif act:
-        x2 = x2[:, :k]
+    lead, x2 = x.shape[:-1], x.reshape(-1, k)
     if x2.stride(1) != 1 or x2.data_ptr() % 4 or x2.stride(0) % 2:
         x2 = x2.contiguous() if x2.stride(1) != 1 else x2.clone()  # the half2 gemv reads x as int32 pairs
-    m = x2.shape[0]
+    m, n_total = x2.shape[0], sum(length for _, length in segs)
     out = torch.empty(m, n_total, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n_total)
+    if bias is not None and bias.shape != (n_total,):
+        raise ValueError(f"bias must have shape ({n_total},), got {tuple(bias.shape)}")
     cfg = config or pick_config(m, n_total, k, group_size, x.device, half2=x.dtype != torch.float32)
     _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, out)
     return out.reshape(*lead, n_total)
 
 
-def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    from . import elementwise  # the launch-fused path needs none of it
-
-    return elementwise.silu_mul(gate_up) if gate_up.is_cuda else elementwise.silu_mul_reference(gate_up)
-
-
-def _launch_silu_mul(cfg: Int4Config, gate_up, qweight, scales, group_size, k, segs, bias) -> torch.Tensor:
-    if gate_up.stride(1) != 1:
-        gate_up = gate_up.contiguous()
-    out = torch.empty(gate_up.shape[0], sum(length for _, length in segs), dtype=gate_up.dtype,
-                      device=gate_up.device)
-    _launch(cfg, gate_up, qweight, scales, group_size, k, segs, bias, out, up_off=k)
-    return out
-
-
-def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out, up_off: int = 0) -> None:
+def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out) -> None:
     m = x.shape[0]
     if cfg.path == "dequant":
         dequant_matmul(x, qweight, scales, group_size, k, segs, bias, out)
@@ -267,7 +239,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.path == "gemv" and x.dtype != torch.float32:
         launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, x_bf16=x.dtype == torch.bfloat16,
-                       up_off=up_off, **common)
+                       **common)
     elif cfg.path == "gemv":
         # the exponent bits of 2^23 travel as an argument so they sit in one register and each LOP3 takes its
         # code mask as the immediate (a literal here makes ptxas rematerialize every mask inside the loop)
@@ -279,12 +251,9 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
 
 def int4_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                           n: int | None = None, k: int | None = None, bias: torch.Tensor | None = None,
-                          segments=None, act: str | None = None) -> torch.Tensor:
+                          segments=None) -> torch.Tensor:
     """Plain torch: dequantize each active prefix (views of the stored tensors) and multiply, in fp32."""
     k = qweight.shape[0] * PACK if k is None else k
-    if act:  # silu(gate) * up in the activation dtype, as the unfused decode step rounds it
-        gate, up = x[..., :k], x[..., k:2 * k]
-        x = (torch.nn.functional.silu(gate.float()).to(x.dtype) * up)
     segs = _segments(segments, n, qweight.shape[1])
     parts = [x.float() @ dequantize(qweight[:, a:a + b], scales[:, a:a + b], group_size, k, None, torch.float32)
              for a, b in segs]

@@ -17,7 +17,6 @@ from . import embedding as _emb
 from . import int4_matmul as _mm
 from . import rope as _rope
 from . import ssm_update as _ssm
-from .elementwise import silu_mul_reference
 from .int4_format import PACK
 
 
@@ -48,39 +47,33 @@ def _cpu_matmul(x, qweight, scales, group_size, segments, k, bias):
     return out if bias is None else out + bias.to(out.dtype)
 
 
-def _matmul(x, qweight, scales, group_size, segments, k, bias, act=None):
+def _matmul(x, qweight, scales, group_size, segments, k, bias):
     if triton_enabled(x.device):
-        return _mm.int4_matmul(x, qweight, scales, group_size, k=k, bias=bias, segments=segments, act=act)
-    if act:  # gate | up -> silu(gate) * up, then the plain CPU matmul
-        x = silu_mul_reference(x[..., :2 * k])
+        return _mm.int4_matmul(x, qweight, scales, group_size, k=k, bias=bias, segments=segments)
     return _cpu_matmul(x, qweight, scales, group_size, segments, k, bias)
 
 
 @torch.library.custom_op("uniql::int4_matmul", mutates_args=())
 def int4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                   segments: list[int], k: int, bias: torch.Tensor | None = None,
-                   act: str | None = None) -> torch.Tensor:
+                   segments: list[int], k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``segments`` flattened as [start0, n0, start1, n1, ...] (custom ops take flat int lists)."""
-    return _matmul(x, qweight, scales, group_size, _pairs(segments), k, bias, act)
+    return _matmul(x, qweight, scales, group_size, _pairs(segments), k, bias)
 
 
 @int4_matmul_op.register_fake
-def _int4_matmul_fake(x, qweight, scales, group_size, segments, k, bias=None, act=None):
+def _int4_matmul_fake(x, qweight, scales, group_size, segments, k, bias=None):
     return x.new_empty(*x.shape[:-1], sum(segments[1::2]))
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                 n: int | None = None, k: int | None = None, bias: torch.Tensor | None = None,
-                segments: list[tuple[int, int]] | None = None, act: str | None = None) -> torch.Tensor:
-    """``x [..., k] -> [..., n]`` over the active prefix (or ``segments``) of a packed weight, on any device.
-
-    ``act="silu_mul"``: ``x`` is ``gate | up [..., 2k]`` and the activation ``silu(gate) * up`` (fused into the
-    GEMV's activation load on CUDA)."""
+                segments: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """``x [..., k] -> [..., n]`` over the active prefix (or ``segments``) of a packed weight, on any device."""
     k = qweight.shape[0] * PACK if k is None else k
     segments = segments or [(0, qweight.shape[1] if n is None else n)]
     if torch.compiler.is_compiling():
-        return torch.ops.uniql.int4_matmul(x, qweight, scales, group_size, _flat(segments), k, bias, act)
-    return _matmul(x, qweight, scales, group_size, segments, k, bias, act)
+        return torch.ops.uniql.int4_matmul(x, qweight, scales, group_size, _flat(segments), k, bias)
+    return _matmul(x, qweight, scales, group_size, segments, k, bias)
 
 
 @torch.library.custom_op("uniql::embedding_int4", mutates_args=())

@@ -27,7 +27,7 @@ from uniql.kernels.rope import rope_tables
 
 from .cache import DecodeBatch, KVCache
 from .ladder import LayerSizes, RateLadder, full_layer_sizes
-from .linear import DenseLinear, FusedInt4, Int4Linear
+from .linear import DenseLinear, FusedInt4
 from .mamba import ElasticMamba
 from .spec import ArchSpec
 
@@ -153,8 +153,6 @@ class ElasticMLP(nn.Module):
         if self.gate_up is not None:
             gate_up = self.gate_up(x, (keep, keep), cat=True)
             if self.act_name == "silu" and _fused_kernels(x):
-                if isinstance(self.down_proj, Int4Linear):  # silu(gate) * up inside down's activation load
-                    return self.down_proj(gate_up, k=keep, act="silu_mul")
                 hidden = elementwise.silu_mul(gate_up)
             else:
                 gate, up = gate_up.split(keep, dim=-1)

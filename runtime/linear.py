@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniql.kernels import int4_format, ops
-from uniql.kernels.elementwise import silu_mul_reference
 
 
 def prefix(t: torch.Tensor | None, n: int | None) -> torch.Tensor | None:
@@ -81,18 +80,13 @@ class Int4Linear(nn.Module):
         """Dequantized active prefix ``W^T [k, n]``."""
         return int4_format.dequantize(self.qweight, self.scales, self.group_size, k, n, dtype)
 
-    def forward(self, x: torch.Tensor, n: int | None = None, k: int | None = None,
-                act: str | None = None) -> torch.Tensor:
-        """``act="silu_mul"``: ``x`` is ``gate | up [..., 2k]`` (``k`` required) and the layer's input is
-        ``silu(gate) * up``; on CUDA the GEMV computes it while loading ``x``."""
+    def forward(self, x: torch.Tensor, n: int | None = None, k: int | None = None) -> torch.Tensor:
         bias = prefix(self.bias, n if n is not None else self.out_features)
         cached = self.__dict__.get("_dequantized")
         if cached is not None and cached.device == x.device and cached.dtype == x.dtype:
-            if act:
-                x = silu_mul_reference(x[..., :2 * k])
             out = x @ cached[:k, :n]  # every rung is still a view, now of the dequantized copy
             return out if bias is None else out + bias.to(out.dtype)
-        return ops.int4_linear(x, self.qweight, self.scales, self.group_size, n=n, k=k, bias=bias, act=act)
+        return ops.int4_linear(x, self.qweight, self.scales, self.group_size, n=n, k=k, bias=bias)
 
     def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
         """CPU decode: dequantize the whole weight once (``W^T [K, N]``) instead of on every call.

@@ -32,10 +32,8 @@ MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True)
 CASES = [
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, BLOCK_R=8), 8),
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=4, BLOCK_N=64, BLOCK_R=8), 4),
-    (int4_gemv._gemv_h2_kernel,
-     dict(MM, BLOCK_M=1, BLOCK_N=256, SUB_R=4, X_BF16=True, ASM=True, PDL=PDL, SILU_MUL=False), 4),
-    (int4_gemv._gemv_h2_kernel,
-     dict(MM, BLOCK_M=4, BLOCK_N=128, SUB_R=2, X_BF16=False, ASM=True, PDL=PDL, SILU_MUL=True), 4),
+    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=1, BLOCK_N=256, SUB_R=4, X_BF16=True, ASM=True, PDL=PDL), 4),
+    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=4, BLOCK_N=128, SUB_R=2, X_BF16=False, ASM=True, PDL=PDL), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_IEEE=False), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, DOT_IEEE=False, SPLIT=False), 4),
     (int4_dequant._dequant_kernel, dict(GROUP=64, BLOCK_R=8, BLOCK_N=128), 4),

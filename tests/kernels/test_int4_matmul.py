@@ -78,24 +78,6 @@ def test_split_k_is_exact_and_deterministic(path, split):
     assert int(counters.abs().sum()) == 0  # every tile's counter is back at zero for the next launch / replay
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 6, 300])
-def test_silu_mul_activation_fused_into_the_load(m):
-    """``act="silu_mul"``: x is gate | up and the kernel multiplies by silu(gate) * up (the down projection after
-    the fused gate|up); equal to the reference and to the two-step path (silu_mul, then the plain matmul)."""
-    from uniql.kernels.elementwise import silu_mul_reference
-
-    qweight, scales = packed(72, 256, 32)
-    k = 200  # the rung's kept channels: gate | up is [m, 2k], up starting at column k
-    gate_up = torch.randn(m, 2 * k, device=DEV).to(DTYPES[0]) * 3
-    out = check(gate_up, qweight, scales, 32, n=70, k=k, act="silu_mul")
-    two_step = im.int4_matmul(silu_mul_reference(gate_up).contiguous(), qweight, scales, 32, n=70, k=k)
-    assert rel_err(out, two_step) < tol(gate_up.dtype)
-    with pytest.raises(ValueError, match="gate | up"):
-        im.int4_matmul(gate_up[:, :k], qweight, scales, 32, n=70, k=k, act="silu_mul")
-    with pytest.raises(ValueError, match="act must be"):
-        im.int4_matmul(gate_up, qweight, scales, 32, n=70, k=k, act="gelu")
-
-
 def test_gemm_with_split_k_and_an_inner_group_tail():
     qweight, scales = packed(80, 256, 32)
     x = torch.randn(19, 200, device=DEV).to(DTYPES[0])

@@ -30,20 +30,6 @@ def test_int4_matmul_op():
     assert out.shape == (2, 56)
 
 
-def test_int4_matmul_op_with_the_silu_mul_activation():
-    """gate | up in, silu(gate) * up as the activation: the op (schema, fake) and the device dispatch agree with
-    applying silu_mul first, on this device's path (CUDA kernel or the CPU backend)."""
-    from uniql.kernels.elementwise import silu_mul_reference
-
-    qweight, scales = packed(64, 128, 64)
-    gate_up = torch.randn(2, 240, device=DEV, dtype=DT)
-    args = (gate_up, qweight, scales, 64, [0, 40, 48, 16], 120, None, "silu_mul")
-    torch.library.opcheck(torch.ops.uniql.int4_matmul.default, args, test_utils=CHECKS)
-    out = torch.ops.uniql.int4_matmul(*args)
-    want = ops.int4_linear(silu_mul_reference(gate_up), qweight, scales, 64, k=120, segments=[(0, 40), (48, 16)])
-    torch.testing.assert_close(out, want, atol=2e-2 * want.abs().max().item(), rtol=0)
-
-
 def test_embedding_op():
     qweight, scales = packed(50, 96, 32)  # a [vocab=50, hidden=96] table
     ids = torch.tensor([[3, 49], [0, 7]], device=DEV)

@@ -104,17 +104,3 @@ def test_cpu_dequantized_cache_gives_the_same_outputs_as_views():
     for a, b in zip(got, expected, strict=True):
         assert _rel(a, b) < 1e-6
     assert "_dequantized" not in layer.state_dict() and cached.shape == (layer.in_features, layer.out_features)
-
-
-@pytest.mark.parametrize("cached", [False, True])
-def test_silu_mul_activation_takes_gate_up(cached):
-    """``act="silu_mul"`` (the down projection fed the gate|up output): same as silu(gate) * up first, through
-    the packed views and through the CPU dequantized copy."""
-    layer = _layer()
-    if cached:
-        layer.cache_dequantized(torch.float32)
-    gate_up = torch.randn(2, 3, 2 * 72, generator=GEN)
-    act = torch.nn.functional.silu(gate_up[..., :72]) * gate_up[..., 72:]
-    out = layer(gate_up, n=24, k=72, act="silu_mul")
-    assert out.shape == (2, 3, 24)
-    assert _rel(out, act.double() @ _reference_wt(layer)[:72, :24] + BIAS[:24].double()) <= 1e-5
