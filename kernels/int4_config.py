@@ -63,20 +63,19 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
     """
     sms = _sm_count(torch.device(device))
     path = choose_path(m, n_total)
-    small, vocab = n_total <= 8192 and (m == 1 or k <= 8192), n_total > 65536
-    if path == "gemv" and half2 and (small or vocab):
-        # H200 sweep (benchmarks/gemv_floor.py --sweep, results/gemv_tiles_sweep_h200.json): two K tiles per
-        # program (the deepest split) on 128 columns for attention-sized outputs (and the K-heavy down projection
-        # at batch 1): o 6.5 us vs 8.7 on 256 columns, qkv 8.8 vs 9.3, 5.5 / 6.4 us at rate 0.35; on 256 columns
-        # for a vocab-sized head (only batch 1 comes here): Llama-3.1-8B lm_head 97.0 us vs 107.2
+    if path == "gemv" and half2 and n_total <= 8192 and (m == 1 or k <= 8192):
+        # H200 sweep (benchmarks/gemv_floor.py --sweep, results/gemv_tiles_sweep_h200.json): attention-sized
+        # outputs (and the K-heavy down projection at batch 1) run fastest on 128 columns and two K tiles per
+        # program, the deepest split: o 6.5 us vs 8.7 on 256 columns, qkv 8.8 vs 9.3, 5.5 / 6.4 us at rate 0.35
         block_k = min(group_size, 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
-        return Int4Config("gemv", 256 if vocab else 128, block_k, max(1, triton.cdiv(k, block_k) // 2),
-                          num_warps=4, block_m=block_m)
+        return Int4Config("gemv", 128, block_k, max(1, triton.cdiv(k, block_k) // 2), num_warps=4, block_m=block_m)
     if path == "gemv" and half2:
         # H200 probe (benchmarks/gemv_probe.py, results/gemv_probe_h200.json): 256 columns, 4 warps and a K split
-        # to ~8 programs per SM for the wide MLP / in-projections
-        block_k = min(group_size, 64)
+        # to ~8 programs per SM everywhere; 32-row tiles for the vocab head (long K loops: fewer live registers).
+        # Two 64-row tiles per program for the head won the Llama sweep (97 vs 107 us) but measured mixed in the
+        # full benchmark (Llama 101 vs 105 us, Qwen2.5 105 vs 90 us): not taken
+        block_k = min(group_size, 32 if n_total > 65536 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         n_blocks = triton.cdiv(n_total, 256)
         split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms)
