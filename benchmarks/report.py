@@ -77,6 +77,8 @@ def decode_one(rep: Report, name: str, data: dict) -> None:
     rep.add(f"### `{name}` — {data.get('model', '?')} on {data.get('device', '?')}", "",
             f"Batch 1 unless noted, {data.get('prompt_tokens', '?')}-token prompt, greedy. Anchors are other "
             "engines measured **in the same run** (dashed).", "")
+    if isinstance(data.get("note"), str):  # e.g. an A/B record of a change that was not kept
+        rep.add(f"*Note:* {data['note']}", "")
     batched = rd.batched_series(rows)
     fig, axes = rp.new_figure(3 if batched else 2, width=5.6)
     for ax, key, ylabel, title in ((axes[0], "tpot_ms", "TPOT (ms, lower is better)", "Time per output token"),
