@@ -49,10 +49,11 @@ def zero_shot_rows(models: dict, tok, args, report: dict, save) -> None:
     order = {"before": 0, "after": 0, "after_variant": 1}
     for row in sorted(report["rows"], key=lambda r: (order[r["stage"]], r["rate"] == 0.0, r["rate"])):
         start = time.perf_counter()
-        res = evaluate(models[row["stage"]], tok, list(ZERO_SHOT), rung=row["rung"], limit=args.zero_shot_limit,
+        tasks = args.zero_shot_tasks.split(",")
+        res = evaluate(models[row["stage"]], tok, tasks, rung=row["rung"], limit=args.zero_shot_limit,
                        batch_size=64, device=args.device)
-        row.update({t: res[t]["acc"] for t in ZERO_SHOT})
-        row["n"] = {t: res[t].get("n") for t in ZERO_SHOT}
+        row.update({t: res[t]["acc"] for t in tasks})
+        row["n"] = {t: res[t].get("n") for t in tasks}
         row["zero_shot_s"] = round(time.perf_counter() - start, 1)
         print(json.dumps(row), flush=True)
         save()
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--ppl-windows", type=int, default=None, help="cap wikitext2 windows (smoke runs)")
     ap.add_argument("--where", default=None, help="label for budget.where (default: the device)")
     ap.add_argument("--zero-shot-limit", type=int, default=None, help="documents per task (default: all)")
+    ap.add_argument("--zero-shot-tasks", default=",".join(ZERO_SHOT), help="comma-separated subset")
     ap.add_argument("--no-zero-shot", dest="zero_shot", action="store_false")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
