@@ -65,3 +65,20 @@ def test_missing_results_are_skipped_with_a_note(tmp_path):
     assert "_Skipped: kernel bandwidth" in md and "_Skipped: projections" in md
     assert "quality_lora_smollm2.png" in md and "| after |" in md
     assert (tmp_path / "out" / "report" / "decode_cpu_tpot.png").is_file()
+
+
+def test_whole_step_efficiency_divides_by_a_kernel_timed_copy():
+    """Several files of one device record a copy rate: a kernel-timed one (it also has ``copy_engine_TBps``) wins
+    over an older graph ``copy_`` figure (the slower DMA engines), whatever the file order."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import report_data as rd
+    finally:
+        sys.path.remove(str(BENCH))
+    old = {"device": "NVIDIA H200", "copy_TBps": 2.7}
+    new = {"device": "NVIDIA H200", "copy_TBps": 4.2, "copy_engine_TBps": 2.7}
+    other = {"device": "NVIDIA H100", "copy_TBps": 3.0, "copy_engine_TBps": 2.4}
+    for results in ({"a": old, "b": new, "c": other}, {"a": new, "b": old}):
+        assert rd.same_device_copy(results, "NVIDIA H200") == 4.2
+    assert rd.same_device_copy({"a": old}, "NVIDIA H200") == 2.7
+    assert rd.same_device_copy({"a": other}, "NVIDIA H200") is None
