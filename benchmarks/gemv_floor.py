@@ -81,8 +81,10 @@ def _tile_loop_kernel(qw_ptr, out_ptr, N, rows_k, stride_qw, per, BLOCK_R: tl.co
     tl.atomic_xor(out_ptr + offs_n, tl.xor_sum(acc, axis=0), mask=offs_n < N)
 
 
-def graph_us(fns, repeats=30) -> float:
-    """Median microseconds per launch of one CUDA graph that runs every fn once."""
+def graph_us(fns, repeats=30, per: int | None = None) -> float:
+    """Median microseconds of one CUDA graph that runs every fn once, divided by ``per`` (default: one per fn).
+
+    The graph timer of the GPU probes (``gemv_probe.py`` and ``l2_prefetch_probe.py`` use it too)."""
     for fn in fns:
         fn()
     torch.cuda.synchronize()
@@ -99,7 +101,7 @@ def graph_us(fns, repeats=30) -> float:
         g.replay()
         e.record()
         e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / len(fns))
+        times.append(s.elapsed_time(e) * 1e3 / (per or len(fns)))
     return statistics.median(times)
 
 

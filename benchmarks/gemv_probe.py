@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+from gemv_floor import graph_us as time_us
 
 from uniql.kernels import int4_matmul as im
 from uniql.kernels.int4_config import Int4Config
@@ -65,26 +65,6 @@ def load_only(qw, out, block_n=128, block_r=8, split=None, warps=4):
     per = triton.cdiv(k_tiles, split)
     _load_only_kernel[(blocks, triton.cdiv(k_tiles, per))](qw, out, n, k, qw.stride(0), per, BLOCK_N=block_n,
                                                            BLOCK_R=block_r, num_warps=warps)
-
-
-def time_us(fns, repeats=30):
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fns:
-            fn()
-    g.replay()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / len(fns))
-    return statistics.median(times)
 
 
 def main():

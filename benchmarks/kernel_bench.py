@@ -41,8 +41,7 @@ LAYERS = ("qkv", "o", "gate_up", "down", "lm_head")
 NOTES = [
     "copy_TBps = 2 * bytes / time of a copy kernel (torch.add(src, 0, out=dst), bf16) on 1 GiB (read + write); "
     "copy_engine_TBps the same for dst.copy_(src), a DMA memcpy node inside a graph (slower; not the bound); "
-    "ours_TBps counts packed active weights "
-    "+ scales + activations + output, so frac_of_copy compares like with like",
+    "ours_TBps counts packed active weights + scales + activations + output, so frac_of_copy compares like with like",
     "timing: one CUDA graph runs the op once per rotated weight copy (> 128 MiB touched); median replay / launches",
     "cublas_bf16_us: F.linear in bf16 on the ACTIVE shape [n_active, k_active]; tinygemm_int4_full_us: "
     "aten._weight_int4pack_mm (bf16, inner_k_tiles 8) on the FULL shape at every rate (or null + tinygemm_error)",
@@ -310,12 +309,8 @@ def rate_ratios(rows: list[dict], high: float) -> list[dict]:
 
 
 def copy_bandwidth(bench: Bench, nbytes: int, engine: bool = False) -> float:
-    """TB/s of a copy kernel (``torch.add(src, 0, out=dst)`` on bf16), counted as 2 * bytes (read + write).
-
-    ``engine``: ``dst.copy_(src)`` instead, which a CUDA graph records as a memcpy node that the DMA copy engines
-    run: 2.69 TB/s on an H200 where a kernel copies at 4.19 (benchmarks/gemv_floor.py). Results before
-    2026-12-04 divided by that lower figure, which overstated every ``frac_of_copy`` by ~1.5x (H200).
-    """
+    """TB/s (2 * bytes: read + write) of a copy kernel, or (``engine``) of ``dst.copy_(src)``, which a graph runs
+    on the DMA engines: 2.69 TB/s on an H200 vs 4.19 (gemv_floor.py); results before 2026-12-04 divided by it."""
     src = torch.zeros(nbytes // 2, dtype=torch.bfloat16, device=bench.device)
     dst = torch.empty_like(src)
     copy = partial(dst.copy_, src) if engine else partial(torch.add, src, 0, out=dst)
@@ -375,8 +370,8 @@ def main(argv=None) -> None:
     bench = Bench(int4_matmul, torch.device("cpu" if smoke else "cuda"), getattr(torch, args.dtype), args.group_size,
                   timer, rotate_bytes=0 if smoke else ROTATE_BYTES, sweep=[] if args.sweep else None)
     torch.manual_seed(0)
-    copy_tbps = copy_bandwidth(bench, 16 * 2**20 if smoke else COPY_BYTES)
-    engine_tbps = copy_bandwidth(bench, 16 * 2**20 if smoke else COPY_BYTES, engine=True)
+    copy_bytes = 16 * 2**20 if smoke else COPY_BYTES
+    copy_tbps, engine_tbps = copy_bandwidth(bench, copy_bytes), copy_bandwidth(bench, copy_bytes, engine=True)
     rows, prefill = [], []
     for model in models:
         for layer in layers:

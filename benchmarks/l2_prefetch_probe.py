@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+from gemv_floor import graph_us
 
 from uniql.kernels import int4_matmul as im
 
@@ -109,25 +109,6 @@ class Layers:
                 main.wait_stream(side)
 
 
-def graph_us(fn, per: int, repeats: int = 30) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / per)
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
@@ -135,14 +116,14 @@ def main() -> None:
     dev = torch.device("cuda")
     im.reserve_workspace(dev)
     layers = Layers(dev)
-    rows = {"serial": graph_us(lambda: layers.run("serial", 0, False), LAYERS)}
+    rows = {"serial": graph_us([lambda: layers.run("serial", 0, False)], per=LAYERS)}
     for variant in ("o", "o+qkv"):
         for programs in (32, 132):
             for loads in (False, True):
                 key = f"{variant}_{'ld' if loads else 'pf'}_{programs}"
-                rows[key] = graph_us(lambda v=variant, p=programs, ld=loads: layers.run(v, p, ld), LAYERS)
-    o_dram = graph_us(lambda: [layers.gemv(i, "o", layers.x) for i in range(LAYERS)], LAYERS)
-    o_l2 = graph_us(lambda: [layers.gemv(i // 2, "o", layers.x) for i in range(2 * LAYERS)], 2 * LAYERS)
+                rows[key] = graph_us([lambda v=variant, p=programs, ld=loads: layers.run(v, p, ld)], per=LAYERS)
+    o_dram = graph_us([lambda: [layers.gemv(i, "o", layers.x) for i in range(LAYERS)]], per=LAYERS)
+    o_l2 = graph_us([lambda: [layers.gemv(i // 2, "o", layers.x) for i in range(2 * LAYERS)]], per=2 * LAYERS)
     rows.update({"o_gemv_dram_us": o_dram, "o_gemv_l2_us": 2 * o_l2 - o_dram})  # pairs: one DRAM + one L2 read
     for name, us in rows.items():
         print(f"{name:28s} {us:8.2f} us per layer" if "gemv" not in name else f"{name:28s} {us:8.2f} us", flush=True)

@@ -47,9 +47,9 @@ def ppl_rows(models: dict, tok, args, report: dict, save) -> None:
 def zero_shot_rows(models: dict, tok, args, report: dict, save) -> None:
     """The rows that decide the acceptance first (pruned rungs, before vs after), the variant last."""
     order = {"before": 0, "after": 0, "after_variant": 1}
+    tasks = args.zero_shot_tasks.split(",")
     for row in sorted(report["rows"], key=lambda r: (order[r["stage"]], r["rate"] == 0.0, r["rate"])):
         start = time.perf_counter()
-        tasks = args.zero_shot_tasks.split(",")
         res = evaluate(models[row["stage"]], tok, tasks, rung=row["rung"], limit=args.zero_shot_limit,
                        batch_size=64, device=args.device)
         row.update({t: res[t]["acc"] for t in tasks})

@@ -42,8 +42,8 @@ def fused_enabled() -> bool:
     """Off unless ``UNIQL_SSM_FUSED=1`` (read when a Mamba mixer is built, not per step). The same-run H200 A/B
     (benchmarks/ssm_decode_gpu.py --ab-fused, results/ssm_decode_h200.json) found these two launches SLOWER
     than the unfused three: Mamba2-8B shape TPOT 3.00 / 3.01 ms at rates 0 / 0.35 vs 2.54 / 2.17 ms
-    (every program of a group recomputes its group's B/C conv channels: 2 N' W multiply-adds per program, and
-    the conv-state shift serialises behind the norm). Kept, tested, as the opt-in for further work."""
+    (every program of a group recomputes its group's B/C conv channels: 2 N' W multiply-adds per program).
+    Kept, tested, as the opt-in for further work."""
     return os.environ.get("UNIQL_SSM_FUSED", "0") == "1"
 
 
