@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--rung-decay", type=float, default=0.1)
     ap.add_argument("--data", default="alpaca")
+    ap.add_argument("--distill", type=float, default=0.0, help="self-distillation weight (0 = plain NLL)")
+    ap.add_argument("--distill-temperature", type=float, default=1.0)
     ap.add_argument("--variant-data", default=None,
                     help="also fine-tune a variant on this data (e.g. alpaca,wikitext2), stage 'after_variant'")
     ap.add_argument("--calib-samples", type=int, default=128, help="sorting samples (x 2048 tokens)")
@@ -112,6 +114,7 @@ def main() -> None:
 
     ft = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         seqlen=args.seqlen, lr=args.lr, rung_decay=args.rung_decay, data=args.data,
+                        distill=args.distill, distill_temperature=args.distill_temperature,
                         device="cpu" if args.device == "cpu" else None)
     tuned, provenance = finetune_decoder(copy.deepcopy(sorted_model), tok, ft)
     models = {"before": sorted_model, "after": tuned}
@@ -126,7 +129,8 @@ def main() -> None:
                                                 f"{provenance['mixed_precision']} autocast",
                         "global_batch": provenance["global_batch"], "seqlen": args.seqlen, "lr": args.lr,
                         "data": provenance["data"], "rung_weighting": provenance["rung_weighting"],
-                        "lora": provenance["lora"], "loss_first": provenance["loss_first"],
+                        "lora": provenance["lora"], "distill": provenance["distill"],
+                        "loss_first": provenance["loss_first"],
                         "loss_last_10": provenance["loss_last_10"]}
     print(json.dumps(report["budget"]), flush=True)
     save()

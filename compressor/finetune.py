@@ -47,6 +47,10 @@ class FinetuneConfig:
     max_examples: int | None = None
     rung_decay: float = 0.1  # P(rung) ~ exp(-decay * (heaviest rung - rung)); 0 = uniform
     rung_weights: list[float] | None = None  # explicit weights per rung (override rung_decay)
+    # self-distillation: loss = (1 - distill) * NLL + distill * T^2 * KL(teacher || student) on the same tokens,
+    # the teacher being the model itself at rung 0 with the adapters switched off (0 = plain causal-LM loss)
+    distill: float = 0.0
+    distill_temperature: float = 1.0
     lora: LoraSettings = field(default_factory=LoraSettings)
     seed: int = 1234
     save_every: int = 100  # adapter checkpoint period in steps (0: only at the end)
@@ -60,6 +64,8 @@ class FinetuneConfig:
                 raise ValueError(f"fine-tuning {name} must be positive")
         if self.lr <= 0 or self.rung_decay < 0:
             raise ValueError("fine-tuning needs lr > 0 and rung_decay >= 0")
+        if not 0.0 <= self.distill <= 1.0 or self.distill_temperature <= 0:
+            raise ValueError("distillation needs a weight in [0, 1] and a positive temperature")
         if self.resume and not self.state_dir:
             raise ValueError("resuming needs the state directory of the run to continue")
         self.lora.validate()
@@ -86,17 +92,36 @@ def draw_rung(probs: list[float], seed: int, step: int) -> int:
 
 
 class RungLoss(nn.Module):
-    """The module DDP wraps: summed next-token NLL over the label tokens at a rung, divided by ``denom``."""
+    """The module DDP wraps: summed next-token loss over the label tokens at a rung, divided by ``denom``.
 
-    def __init__(self, model):
+    With ``distill > 0`` the loss mixes in a KL term towards the frozen model's own predictions at rung 0
+    (the sorted model without adapters): pruned rungs are pulled towards what the full model says on every
+    token, not only towards the fine-tuning text, which keeps the knowledge zero-shot tasks measure."""
+
+    def __init__(self, model, distill: float = 0.0, temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.distill = distill
+        self.temperature = temperature
 
     def forward(self, input_ids, attention_mask, labels, rung: int, denom: float) -> torch.Tensor:
-        logits = self.model(input_ids, rung=rung, attention_mask=attention_mask)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                              ignore_index=IGNORE, reduction="sum")
-        return nll / denom
+        logits = self.model(input_ids, rung=rung, attention_mask=attention_mask)[:, :-1]
+        targets = labels[:, 1:]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        if self.distill == 0.0:
+            return nll / denom
+        keep = targets != IGNORE
+        kl = self._distill_kl(input_ids, attention_mask, keep, logits[keep])
+        return ((1.0 - self.distill) * nll + self.distill * kl) / denom
+
+    def _distill_kl(self, input_ids, attention_mask, keep, student: torch.Tensor) -> torch.Tensor:
+        """Summed T^2 * KL(teacher || student) over the label positions ``keep`` (student logits [n, V])."""
+        with torch.no_grad(), self.model.disable_adapter():
+            teacher = self.model(input_ids, rung=0, attention_mask=attention_mask)[:, :-1][keep]
+        t = self.temperature
+        log_p_teacher = F.log_softmax(teacher.float() / t, dim=-1)
+        log_p_student = F.log_softmax(student.float() / t, dim=-1)
+        return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="sum") * (t * t)
 
 
 def _lr_lambda(cfg: FinetuneConfig):
@@ -158,7 +183,8 @@ def train_lora(peft_model, examples: list[Example], pad_id: int, cfg: FinetuneCo
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))  # stepped by us, once per step
-    module, optimizer = acc.prepare(RungLoss(peft_model).train(), optimizer)
+    loss_module = RungLoss(peft_model, cfg.distill, cfg.distill_temperature).train()
+    module, optimizer = acc.prepare(loss_module, optimizer)
     run = None
     if cfg.resume:  # after prepare: the optimizer state lands on the parameters' device
         run = load_state(cfg.state_dir, peft_model, optimizer, scheduler, rank, _Run, _resume_key(cfg, world))
@@ -202,7 +228,9 @@ def _resume_key(cfg: FinetuneConfig, world: int) -> dict:
     """Settings a resumed run must share with the run it continues (else batches or rungs would differ)."""
     return {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
             "world": world, "seqlen": cfg.seqlen, "data": cfg.data, "rung_decay": cfg.rung_decay,
-            "rung_weights": cfg.rung_weights, "lora": asdict(cfg.lora), "lr": cfg.lr}
+            "rung_weights": cfg.rung_weights, "lora": asdict(cfg.lora), "lr": cfg.lr,
+            # only when on, so states saved before distillation existed still resume
+            **({"distill": cfg.distill, "distill_temperature": cfg.distill_temperature} if cfg.distill else {})}
 
 
 def _provenance(cfg, acc, peft_model, probs, run: _Run, global_batch: int) -> dict:
@@ -219,6 +247,8 @@ def _provenance(cfg, acc, peft_model, probs, run: _Run, global_batch: int) -> di
         "schedule": "linear warmup, linear decay", "seed": cfg.seed,
         "rung_weighting": {"decay": cfg.rung_decay, "weights": cfg.rung_weights, "probabilities": probs,
                            "drawn": [run.rungs.count(i) for i in range(len(probs))]},
+        "distill": {"weight": cfg.distill, "temperature": cfg.distill_temperature,
+                    "teacher": "the sorted model at rung 0 without adapters" if cfg.distill else None},
         "lora": asdict(cfg.lora), "loss_first": run.losses[0] if run.losses else None,
         "loss_last_10": sum(run.losses[-10:]) / max(1, len(run.losses[-10:])),
         "ranks": per_rank,

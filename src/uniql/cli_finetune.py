@@ -29,6 +29,10 @@ def add_finetune_args(p, steps_default: int) -> None:
     g.add_argument("--rung-decay", type=float, default=0.1,
                    help="P(rung) ~ exp(-decay * (heaviest - rung)): heavier rungs drawn more often; 0 = uniform")
     g.add_argument("--rung-weights", type=_floats, default=None, help="explicit draw weights, one per rung")
+    g.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of self-distillation towards the model's own rung-0 predictions "
+                        "(KL on the loss tokens; 0 = plain causal-LM loss)")
+    g.add_argument("--distill-temperature", type=float, default=1.0)
     g.add_argument("--finetune-state-dir", default=None,
                    help="adapter checkpoints (default: OUT/finetune_state)")
     g.add_argument("--finetune-save-every", type=int, default=100, help="adapter checkpoint period in steps")
@@ -50,7 +54,8 @@ def finetune_config(args):
         steps=args.finetune_steps, batch_size=args.finetune_batch_size, grad_accum=args.finetune_grad_accum,
         seqlen=args.finetune_seqlen, lr=args.finetune_lr, warmup_steps=args.finetune_warmup,
         data=args.finetune_data, max_examples=args.finetune_max_examples, rung_decay=args.rung_decay,
-        rung_weights=args.rung_weights, lora=lora, seed=args.seed, save_every=args.finetune_save_every,
+        rung_weights=args.rung_weights, distill=args.distill, distill_temperature=args.distill_temperature,
+        lora=lora, seed=args.seed, save_every=args.finetune_save_every,
         state_dir=args.finetune_state_dir or str(Path(args.out) / "finetune_state"), resume=args.resume,
         device="cpu" if args.device == "cpu" else None)
 

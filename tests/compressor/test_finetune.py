@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from helpers import DATA, tiny_hf_model
 
-from uniql.compressor.finetune import FinetuneConfig, draw_rung, rung_probabilities, train_lora
+from uniql.compressor.finetune import FinetuneConfig, RungLoss, draw_rung, rung_probabilities, train_lora
 from uniql.compressor.finetune_data import IGNORE, collate, instruction_example, load_examples
 from uniql.compressor.lora import ElasticLoraLinear, LoraSettings, adapter_state, add_lora, lora_modules, merge_lora
 from uniql.compressor.orders import random_orders
@@ -244,3 +244,58 @@ def test_resume_continues_at_the_same_step(tokenizer, tmp_path, monkeypatch):
         assert torch.equal(resumed[name], tensor), name
     with pytest.raises(ValueError, match="settings differ"):
         run(FinetuneConfig(**{**broken.__dict__, "lr": 1e-3}))
+
+
+# Self-distillation: KL against the model's own rung-0 predictions WITHOUT adapters, on the label tokens only
+
+def _batch(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 320, (2, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # a padded tail
+    labels = ids.clone()
+    labels[:, :4] = IGNORE  # a "prompt" without loss
+    labels[mask == 0] = IGNORE
+    return ids, mask, labels
+
+
+def _reference(base, peft_model, ids, mask, labels, rung, weight, temp, denom):
+    with torch.no_grad():
+        teacher = base(ids, rung=0, attention_mask=mask)[:, :-1]
+        student = peft_model(ids, rung=rung, attention_mask=mask)[:, :-1]
+    keep = labels[:, 1:] != IGNORE
+    nll = F.cross_entropy(student[keep], labels[:, 1:][keep], reduction="sum")
+    p_t = F.softmax(teacher[keep] / temp, -1)
+    kl = (p_t * (p_t.log() - F.log_softmax(student[keep] / temp, -1))).sum() * temp ** 2
+    return ((1 - weight) * nll + weight * kl) / denom
+
+
+@pytest.mark.parametrize("rung,weight,temp", [(0, 0.5, 1.0), (5, 0.5, 1.0), (7, 1.0, 2.0), (3, 0.0, 1.0)])
+def test_distilled_loss_matches_a_hand_computed_reference(rung, weight, temp):
+    base = sorted_tiny()
+    peft_model = add_lora(copy.deepcopy(base), LoraSettings(dropout=0.0))
+    randomize_b(peft_model)  # adapters change the student, never the teacher
+    ids, mask, labels = _batch()
+    loss = RungLoss(peft_model, weight, temp)(ids, mask, labels, rung, denom=7.0)
+    expected = _reference(base, peft_model, ids, mask, labels, rung, weight, temp, denom=7.0)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_untrained_adapters_at_rung_0_have_zero_kl_and_only_adapters_get_gradients():
+    peft_model = add_lora(sorted_tiny(), LoraSettings(dropout=0.0))
+    ids, mask, labels = _batch(1)
+    plain = RungLoss(peft_model, 0.0)(ids, mask, labels, 0, denom=1.0)
+    only_kl = RungLoss(peft_model, 1.0)(ids, mask, labels, 0, denom=1.0)
+    assert abs(only_kl.item()) < 1e-4 < plain.item()  # B = 0: the student at rung 0 IS the teacher
+    loss = RungLoss(peft_model, 1.0)(ids, mask, labels, 6, denom=1.0)
+    loss.backward()
+    assert loss.item() > 1e-3
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert any(m.lora_B["default"].weight.grad.abs().sum() > 0 for m in lora_modules(peft_model).values())
+
+
+def test_distill_settings_are_checked():
+    for bad in ({"distill": 1.5}, {"distill": -0.1}, {"distill": 0.5, "distill_temperature": 0.0}):
+        with pytest.raises(ValueError, match="distillation"):
+            FinetuneConfig(**bad).validate()
