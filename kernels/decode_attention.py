@@ -11,7 +11,7 @@ writes it into the cache for later steps, so one launch both appends and attends
 
 Pass 1, grid ``(B, kv_heads, splits)``: each program scores its positions for the ``rep = heads / kv_heads``
 query heads of its group (padded to 16 rows for ``tl.dot``) with an online softmax and parks
-``(acc[vo], max, sum)`` per head. Pass 2, grid ``(B, heads)``: combines the used splits and writes the output
+``(acc[vo], max, sum)`` per head. Pass 2, grid ``(B, heads, vo chunks)``: combines the used splits and writes the output
 rank-major (``out[b, j * heads + h]``), the order ``o_proj``'s columns are stored in.
 """
 
@@ -22,16 +22,33 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_enabled, pdl_enter
+from .rope import _check as rope_check
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_ptr,
-                  sq_b, sq_h, skn_b, skn_g, svn_b, svn_g, svn_d, n_heads, n_splits, scale,
+def _load_rotated(ptr, s_head, s_chan, head, live_h, dq, live_q, cos_ptr, sin_ptr, idx_ptr, ROPE: tl.constexpr):
+    """Rows ``head [R]`` of channels ``dq`` as ``[R, D_QK]``; with ROPE the pairs (2m, 2m+1) are rotated by the
+    angle of frequency ``idx[m]`` first (fp32 math, rounded back to the input dtype: what ``rope.py`` stores)."""
+    mask = live_h[:, None] & live_q[None, :]
+    x = tl.load(ptr + head[:, None] * s_head + dq[None, :] * s_chan, mask=mask, other=0.0)
+    if ROPE:
+        partner = tl.load(ptr + head[:, None] * s_head + (dq ^ 1)[None, :] * s_chan, mask=mask, other=0.0)
+        freq = tl.load(idx_ptr + dq // 2, mask=live_q, other=0)
+        cos = tl.load(cos_ptr + freq, mask=live_q, other=0.0)[None, :]
+        sin = tl.load(sin_ptr + freq, mask=live_q, other=0.0)[None, :]
+        sign = tl.where(dq % 2 == 0, -1.0, 1.0)[None, :]
+        x = (x.to(tl.float32) * cos + sign * partner.to(tl.float32) * sin).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_ptr, cos_ptr, sin_ptr, idx_ptr,
+                  sq_b, sq_h, sq_c, skn_b, skn_g, skn_c, svn_b, svn_g, svn_d, s_cos, s_idx, n_heads, n_splits, scale,
                   REP: tl.constexpr, REP_P: tl.constexpr, QK: tl.constexpr, VO: tl.constexpr,
                   D_QK: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-                  PRECISION: tl.constexpr, PDL: tl.constexpr):
+                  ROPE: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(len_ptr + b)  # tokens including the new one
@@ -45,8 +62,9 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
         live_r = r < REP
         dq, dv = tl.arange(0, D_QK), tl.arange(0, D_VO)
         live_q, live_v = dq < QK, dv < VO
-        q = tl.load(q_ptr + b * sq_b + (g * REP + r)[:, None] * sq_h + dq[None, :],
-                    mask=live_r[:, None] & live_q[None, :], other=0.0)  # [REP_P, D_QK]
+        cos_b, sin_b, idx_g = cos_ptr + b * s_cos, sin_ptr + b * s_cos, idx_ptr + g * s_idx
+        q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g,
+                          ROPE)  # [REP_P, D_QK]
         m_i = tl.full([REP_P], float("-inf"), tl.float32)
         l_i = tl.zeros([REP_P], tl.float32)
         acc = tl.zeros([REP_P, D_VO], tl.float32)
@@ -66,7 +84,9 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
             m_i = m_new
         last = length - 1
         if last < start + SPLIT:  # this split holds the new token: score it, then append it to the cache
-            kn = tl.load(kn_ptr + b * skn_b + g * skn_g + dq, mask=live_q, other=0.0)
+            g_row = g + tl.arange(0, 1)  # this group's k as a one-row tile
+            kn = tl.sum(_load_rotated(kn_ptr + b * skn_b, skn_g, skn_c, g_row, g_row >= 0, dq, live_q, cos_b, sin_b,
+                                      idx_g, ROPE), 0)
             vn = tl.load(vn_ptr + b * svn_b + g * svn_g + dv * svn_d, mask=live_v, other=0.0)
             score = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
             m_new = tl.maximum(m_i, score)
@@ -85,14 +105,16 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
 
 @triton.jit
 def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
-                    VO: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, SPLITS_P: tl.constexpr,
-                    PDL: tl.constexpr):
+                    VO: tl.constexpr, D_VO: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+                    SPLITS_P: tl.constexpr, PDL: tl.constexpr):
+    """Grid (B, heads, D_VO / CHUNK): each program merges one CHUNK of one head's output dims over the splits
+    (a whole head per program made each thread hold SPLITS_P * D_VO / 32 floats: spills, ~3 us per layer)."""
     pdl_enter(PDL)
-    b, h = tl.program_id(0), tl.program_id(1)
+    b, h, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     used = tl.cdiv(tl.load(len_ptr + b), SPLIT)
     s = tl.arange(0, SPLITS_P)
     live_s = s < used
-    dv = tl.arange(0, D_VO)
+    dv = c * CHUNK + tl.arange(0, CHUNK)
     row = ((b * n_heads + h) * n_splits + s) * (D_VO + 2)
     m = tl.load(ws_ptr + row + D_VO, mask=live_s, other=float("-inf"))
     lsum = tl.load(ws_ptr + row + D_VO + 1, mask=live_s, other=0.0)
@@ -100,6 +122,9 @@ def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
     acc = tl.load(ws_ptr + row[:, None] + dv[None, :], mask=live_s[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
     tl.store(out_ptr + b * so_b + dv * n_heads + h, out.to(out_ptr.dtype.element_ty), mask=dv < VO)
+
+
+COMBINE_CHUNK = 32  # output dims per combine program (benchmarks/fusion_probe.py times the alternatives)
 
 
 def split_size(max_len: int, programs_per_split: int, target_programs: int = 512) -> int:
@@ -110,7 +135,7 @@ def split_size(max_len: int, programs_per_split: int, target_programs: int = 512
     return 512
 
 
-def _check(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, out, n_kv: int) -> None:
+def _check(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, out, n_kv: int, contiguous_qk: bool = True) -> None:
     b, n_heads, _ = q.shape
     if q.dtype not in FLOAT_DTYPES or k_new.dtype != q.dtype or v_new.dtype != q.dtype or out.dtype != q.dtype:
         raise ValueError(f"q, k_new, v_new and out must share one float dtype, got {q.dtype}, {k_new.dtype}, "
@@ -118,7 +143,7 @@ def _check(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, out, n_kv: int) -> No
     if n_heads % n_kv or k_new.shape[:2] != (b, n_kv) or v_new.shape[:2] != (b, n_kv):
         raise ValueError(f"q [B, heads, qk] with heads a multiple of kv heads, k_new/v_new [B, kv_heads, *]: got "
                          f"{tuple(q.shape)}, {tuple(k_new.shape)}, {tuple(v_new.shape)} for {n_kv} kv heads")
-    if k_new.shape[2] != q.shape[2] or q.stride(2) != 1 or k_new.stride(2) != 1:
+    if k_new.shape[2] != q.shape[2] or (contiguous_qk and (q.stride(2) != 1 or k_new.stride(2) != 1)):
         raise ValueError("q and k_new need the same qk dim, contiguous in its last dim")
     for name, t, dtype in (("k_ptrs", k_ptrs, torch.int64), ("v_ptrs", v_ptrs, torch.int64),
                            ("caps", caps, torch.int32), ("lengths", lengths, torch.int32)):
@@ -144,22 +169,54 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     if out is None:
         out = torch.empty(b, n_heads * vo, dtype=q.dtype, device=q.device)
     _check(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, out, n_kv)
+    _launch(q, (q.stride(0), q.stride(1), 1), k_new, (k_new.stride(0), k_new.stride(1), 1), v_new, None,
+            (n_heads, n_kv, qk, vo), k_ptrs, v_ptrs, caps, lengths, scale, max_len, out)
+    return out
+
+
+def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, rope_index: torch.Tensor, n_heads: int, k_ptrs: torch.Tensor,
+                          v_ptrs: torch.Tensor, caps: torch.Tensor, lengths: torch.Tensor, scale: float,
+                          max_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``decode_attention`` with the RoPE of ``rope.py`` done inside (one launch less per layer): q ``[B,
+    heads*qk]`` and k_new ``[B, kv*qk]`` UNROTATED in the projection's rank-major order (channel ``c`` of head
+    ``h`` at ``c * heads + h``), cos/sin ``[B, head_dim/2]`` fp32 tables in original frequency order, rope_index
+    ``[kv, >= qk/2]`` the kept pairs' frequencies; v_new ``[B, kv_heads, vo]`` as in ``decode_attention``."""
+    b, n_kv = q.shape[0], v_new.shape[1]
+    qk, vo = q.shape[1] // n_heads, v_new.shape[2]
+    rope_check(q, k_new, cos, sin, rope_index, n_heads, n_kv, qk)
+    if out is None:
+        out = torch.empty(b, n_heads * vo, dtype=q.dtype, device=q.device)
+    _check(q.view(b, qk, n_heads).transpose(1, 2), k_new.view(b, qk, n_kv).transpose(1, 2), v_new, k_ptrs, v_ptrs,
+           caps, lengths, out, n_kv, contiguous_qk=False)
+    _launch(q, (q.stride(0), 1, n_heads), k_new, (k_new.stride(0), 1, n_kv), v_new, (cos, sin, rope_index),
+            (n_heads, n_kv, qk, vo), k_ptrs, v_ptrs, caps, lengths, scale, max_len, out)
+    return out
+
+
+def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, caps, lengths, scale, max_len, out):
+    """Both passes; ``q_strides``/``k_strides`` = (row, head, channel) element strides, ``rope`` None or
+    (cos, sin, rope_index)."""
+    b = q.shape[0]
+    n_heads, n_kv, qk, vo = dims
     rep = n_heads // n_kv
     split = split_size(max_len, b * n_kv)
     n_splits = triton.cdiv(max_len, split)
     d_qk, d_vo = (max(16, triton.next_power_of_2(d)) for d in (qk, vo))
     ws = torch.empty(b * n_heads * n_splits * (d_vo + 2), dtype=torch.float32, device=q.device)
+    cos, sin, idx = rope if rope is not None else (ws, ws, lengths)  # unused without ROPE
     pdl = pdl_enabled(q.device)
     _split_kernel[(b, n_kv, n_splits)](
-        q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, q.stride(0), q.stride(1), k_new.stride(0),
-        k_new.stride(1), v_new.stride(0), v_new.stride(1), v_new.stride(2), n_heads, n_splits, scale,
-        REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk, VO=vo, D_QK=d_qk, D_VO=d_vo, SPLIT=split,
-        BLOCK_T=min(split, 64),
+        q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, cos, sin, idx, *q_strides, *k_strides, v_new.stride(0),
+        v_new.stride(1), v_new.stride(2), cos.stride(0) if rope else 0, idx.stride(0) if rope else 0, n_heads,
+        n_splits, scale, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk, VO=vo, D_QK=d_qk, D_VO=d_vo,
+        SPLIT=split, BLOCK_T=min(split, 64), ROPE=rope is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4, launch_pdl=pdl)
-    _combine_kernel[(b, n_heads)](ws, lengths, out, out.stride(0), n_heads, n_splits, VO=vo, D_VO=d_vo,
-                                  SPLIT=split, SPLITS_P=triton.next_power_of_2(n_splits), PDL=pdl, num_warps=1,
-                                  launch_pdl=pdl)
-    return out
+    chunk = min(d_vo, COMBINE_CHUNK)
+    _combine_kernel[(b, n_heads, d_vo // chunk)](ws, lengths, out, out.stride(0), n_heads, n_splits, VO=vo,
+                                                 D_VO=d_vo, CHUNK=chunk, SPLIT=split,
+                                                 SPLITS_P=triton.next_power_of_2(n_splits), PDL=pdl,
+                                                 num_warps=2 if n_splits > 16 else 1, launch_pdl=pdl)
 
 
 def decode_attention_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,

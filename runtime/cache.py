@@ -10,7 +10,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from uniql.kernels.decode_attention import decode_attention
+from uniql.kernels import ops
+from uniql.kernels.decode_attention import decode_attention, decode_attention_rope
 
 from .ladder import LayerSizes
 from .spec import ArchSpec
@@ -139,6 +140,18 @@ class DecodeBatch:
             return decode_attention(q, k_new.to(q.dtype), v_new.to(q.dtype), self.k_ptrs[layer],
                                     self.v_ptrs[layer], self.caps, self.lengths, scale, self.max_len)
         return self._attend_torch(layer, q, k_new, v_new, scale)
+
+    def attend_rope(self, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos, sin,
+                    rope_index: torch.Tensor, n_heads: int, scale: float) -> torch.Tensor:
+        """``attend`` from UNROTATED rank-major q ``[B, heads*qk]`` / k_new ``[B, kv*qk]``: on the Triton path the
+        rotation happens inside the attention kernel (one launch less per layer), else through ``ops.rope``."""
+        n_kv = v_new.shape[1]
+        if _triton_attention(q.device):
+            return decode_attention_rope(q, k_new.to(q.dtype), v_new.to(q.dtype), cos, sin, rope_index, n_heads,
+                                         self.k_ptrs[layer], self.v_ptrs[layer], self.caps, self.lengths, scale,
+                                         self.max_len)
+        q, k = ops.rope(q, k_new, cos, sin, rope_index, n_heads, n_kv, q.shape[1] // n_heads)  # [heads, B, qk]
+        return self.attend(layer, q.transpose(0, 1), k.transpose(0, 1), v_new, scale)
 
     def _attend_torch(self, layer: int, q, k_new, v_new, scale: float) -> torch.Tensor:
         """CPU path: append to each cache, then SDPA over its filled prefix (same math as the kernel)."""

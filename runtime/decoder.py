@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniql.kernels import elementwise, ops
+from uniql.kernels import elementwise
 from uniql.kernels.rope import rope_tables
 
 from .cache import DecodeBatch, KVCache
@@ -109,12 +109,11 @@ class ElasticAttention(nn.Module):
 
     def decode(self, x, sizes: LayerSizes, cache: DecodeBatch, layer: int, cos, sin):
         """One token per request (x ``[B, 1, hidden]``) attending over each request's own cache."""
-        n, g, qk, vo = self.n_heads, self.n_kv, sizes.qk, sizes.vo
+        n, g, vo = self.n_heads, self.n_kv, sizes.vo
         b = x.shape[0]
         q, k, v = (t.reshape(b, -1) for t in self.project(x, sizes))
-        q, k = ops.rope(q, k, cos, sin, self.rope_index, n, g, qk)  # head-major [heads, B, qk]
         v = v.view(b, vo, g).transpose(1, 2)  # [B, kv, vo], a view of the rank-major projection
-        out = cache.attend(layer, q.transpose(0, 1), k.transpose(0, 1), v, self.scale)
+        out = cache.attend_rope(layer, q, k, v, cos, sin, self.rope_index, n, self.scale)  # RoPE inside
         return self.o_proj(out.view(b, 1, n * vo), k=n * vo)
 
     def forward(self, x, sizes: LayerSizes, inv_freq, positions, mask, rope_scaling=1.0,

@@ -7,7 +7,12 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from uniql.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+from uniql.kernels.decode_attention import (  # noqa: E402
+    decode_attention,
+    decode_attention_reference,
+    decode_attention_rope,
+)
+from uniql.kernels.rope import rope_qk_reference, rope_tables  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -79,3 +84,51 @@ def test_bad_inputs_are_refused():
         decode_attention(q, k_new, v_new, *tables[:3], tables[3].long(), 0.25, 4)
     with pytest.raises(ValueError, match="kv heads"):
         decode_attention(q[:, :3], k_new, v_new, *tables, 0.25, 4)
+
+
+ROPE_CASES = [  # lengths, caps, heads, kv heads, qk (kept, even), head_dim, vo
+    ([1], [8], 4, 4, 16, 16, 16),
+    ([5, 70, 33], [9, 70, 200], 9, 3, 40, 64, 24),  # pruned qk: 20 of 32 pairs, permuted frequencies
+    ([130], [300], 8, 2, 64, 64, 64),
+    ([17, 2], [64, 2], 6, 1, 6, 8, 32),  # MQA, qk 6 padded to 16
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_fused_rope_equals_rope_then_attention(case, dtype):
+    """Unrotated rank-major q/k in, RoPE inside the split pass: same output and same cache writes as the
+    reference RoPE (rope_qk_reference) followed by the reference attention."""
+    lengths, caps, n_heads, n_kv, qk, head_dim, vo = case
+    b = len(lengths)
+    _, _, v_new, k_caches, v_caches = _batch(lengths, caps, n_heads, n_kv, qk, vo, dtype, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    # rank-major projections as columns of one wider fused output (rows strided, like the qkv GEMV's)
+    fused = torch.randn(b, (n_heads + n_kv) * qk + 8, generator=gen).to(DEVICE, dtype)
+    q_flat, k_flat = fused[:, : n_heads * qk], fused[:, n_heads * qk: (n_heads + n_kv) * qk]
+    rope_index = torch.stack([torch.randperm(head_dim // 2, generator=gen) for _ in range(n_kv)]).to(DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    positions = torch.tensor(lengths) - 1
+    cos, sin = (t.to(DEVICE) for t in rope_tables(inv_freq, positions, scaling=1.1))
+    q_rot, k_rot = rope_qk_reference(q_flat, k_flat, cos, sin, rope_index, n_heads, n_kv, qk)
+    k_ref, v_ref = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
+    expected = decode_attention_reference(q_rot.transpose(0, 1), k_rot.transpose(0, 1), v_new, k_ref, v_ref,
+                                          lengths, qk ** -0.5)
+    out = decode_attention_rope(q_flat, k_flat, v_new, cos, sin, rope_index, n_heads,
+                                *_tables(k_caches, v_caches, lengths), qk ** -0.5, max(caps))
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    exact = dtype != torch.float32  # fp32 rotations may differ in the last bit (FMA contraction on the GPU)
+    for got, want in zip(k_caches + v_caches, k_ref + v_ref, strict=True):  # the rotated k landed, nothing else
+        torch.testing.assert_close(got, want, atol=0 if exact else 1e-6, rtol=0 if exact else 1e-6)
+
+
+def test_fused_rope_refuses_mismatched_tables():
+    _, _, v_new, k_caches, v_caches = _batch([3], [4], 4, 2, 16, 16, torch.float32)
+    q, k = torch.randn(1, 64, device=DEVICE), torch.randn(1, 32, device=DEVICE)
+    cos, sin = rope_tables(1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)), torch.tensor([2]))
+    idx = torch.arange(8, device=DEVICE).repeat(2, 1)
+    tables = _tables(k_caches, v_caches, [3])
+    with pytest.raises(ValueError, match="head dim 4"):
+        decode_attention_rope(q, k, v_new, cos[:, :2].to(DEVICE), sin[:, :2].to(DEVICE), idx, 4, *tables, 0.25, 4)
+    with pytest.raises(ValueError, match="rope_index"):
+        decode_attention_rope(q, k, v_new, cos.to(DEVICE), sin.to(DEVICE), idx[:1], 4, *tables, 0.25, 4)
