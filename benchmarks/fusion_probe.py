@@ -4,7 +4,8 @@ Builds the 8B-shaped INT4 model of ``decode_gpu.py`` and times graph replay of o
 1024-token context) with one kind of small kernel replaced by a launch-free stand-in of the same shape (a view):
 RoPE, the attention combine pass, silu(gate)*up, the two add+RMSNorms. The outputs are WRONG with a stand-in;
 only the time matters. The difference to the unmodified step is what a perfect fusion of that kernel into its
-neighbour could save at most (a real fusion adds work to the neighbour).
+neighbour could save at most (a real fusion adds work to the neighbour). Fusions that landed are A/B-timed
+against the path they replaced (``ALTERNATIVES``, right outputs) in the same run.
 
     python benchmarks/fusion_probe.py [--json results/fusion_probe_h200.json]
 """
@@ -25,6 +26,7 @@ from uniql.kernels import elementwise, ops
 from uniql.runtime import cache as cache_mod
 from uniql.runtime.decoder import RMSNorm
 from uniql.runtime.engine import Engine
+from uniql.runtime.linear import FusedInt4
 from uniql.runtime.request import SamplingParams
 
 
@@ -69,16 +71,25 @@ class _Const:
         return self.value
 
 
-# A/B of real alternatives (right outputs): the separate RoPE kernel; one combine program per whole head
+def _unfused_glu(real):
+    """The path before silu(gate)*up became the gate|up GEMV's epilogue: projection, then the silu_mul kernel."""
+    def run(self, x, n):
+        return elementwise.silu_mul(self(x, (n, n), cat=True))
+    return run
+
+
+# A/B of real alternatives (right outputs): the separate RoPE kernel; one combine program per whole head; the
+# separate silu_mul kernel
 ALTERNATIVES = {
     "rope_kernel": [(cache_mod.DecodeBatch, "attend_rope", _unfused_rope)],
+    "silu_kernel": [(FusedInt4, "glu", _unfused_glu)],
     "combine_whole_head": [(attn_mod, "COMBINE_CHUNK", _Const(1 << 20))],
 }
 
 STAND_INS = {
     "rope": [(cache_mod.DecodeBatch, "attend_rope", _no_rope)],
     "combine": [(cache_mod, "decode_attention", _no_combine)],
-    "silu_mul": [(elementwise, "silu_mul", lambda real: lambda gu: gu[..., : gu.shape[-1] // 2])],
+    "silu_mul": [(FusedInt4, "glu", lambda real: lambda self, x, n: self(x, (n, n))[0])],
     "add_rms_norm": [(RMSNorm, "add_forward", lambda real: lambda self, x, d: (x, x))],
 }
 

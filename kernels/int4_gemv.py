@@ -28,7 +28,7 @@ import os
 import triton
 import triton.language as tl
 
-from .int4_tiles import _finish, _rows_out, _segment
+from .int4_tiles import _finish, _glu_pair, _rows_out, _segment
 from .pdl import pdl_enabled, pdl_enter
 
 # fp16 constants (two per register): 1/16, -(1024/16 + 8/16), 1/256, -(1024/256 + 8/16)
@@ -191,9 +191,11 @@ def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, X_BF16: tl.
 def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
                     s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
+                    act_ptr, stride_am,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
-                    X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                    GLU: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
@@ -255,11 +257,19 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc3 += d3 * scale
     offs_m = tl.arange(0, BLOCK_M)
     out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
-    _finish(out * 16.0, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m,
-            offs_m < M, out0 + offs_n, offs_n < n_len, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
+    total, wrote = _finish(out * 16.0, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr,
+                           offs_m, offs_m < M, out0 + offs_n, offs_n < n_len, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
+    if GLU:  # noqa: SIM102 (a constexpr, then a run-time branch)
+        if wrote:  # pair counters follow the 2 * nb0 tile counters
+            is_gate = pid_n < nb0
+            _glu_pair(total, cnt_ptr + 2 * nb0 + blk, is_gate, out_ptr, stride_om, act_ptr, stride_am, offs_m,
+                      offs_m < M, out0 + offs_n, offs_n, offs_n < n_len, tl.where(is_gate, l0, -l0))
 
 
-def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, **constexprs) -> None:
-    """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it)."""
+def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, **constexprs) -> None:
+    """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it);
+    ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there."""
     pdl = pdl_enabled(args[0].device)
-    _gemv_h2_kernel[grid](*args, SUB_R=sub_r, X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl, launch_pdl=pdl, **constexprs)
+    glu = (act, act.stride(0)) if act is not None else (args[4], 0)
+    _gemv_h2_kernel[grid](*args, *glu, SUB_R=sub_r, GLU=act is not None, X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl,
+                          launch_pdl=pdl, **constexprs)

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .elementwise import silu_mul
 from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_path, pick_config
 from .int4_dequant import dequant_matmul
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
@@ -210,7 +211,38 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     return out.reshape(*lead, n_total)
 
 
-def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out) -> None:
+def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, segments,
+             k: int | None = None, bias: torch.Tensor | None = None,
+             config: Int4Config | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused gate|up weight: ``segments`` = [(gate start, n), (up start, n)] -> ``[..., n]``.
+
+    On the half2 GEMV path (decode) the activation is the epilogue of the projection itself (``_glu_pair``), one
+    launch for both; elsewhere the projection, then the same math in torch."""
+    k = qweight.shape[0] * PACK if k is None else k
+    _check(x, qweight, scales, group_size, k)
+    segs = _segments(segments, None, qweight.shape[1])
+    if len(segs) != 2 or segs[0][1] != segs[1][1]:
+        raise ValueError(f"a GLU needs two segments of one width (gate, up), got {segs}")
+    lead, x2, n = x.shape[:-1], x.reshape(-1, k), segs[0][1]
+    if x2.stride(1) != 1 or x2.data_ptr() % 4 or x2.stride(0) % 2:
+        x2 = x2.contiguous() if x2.stride(1) != 1 else x2.clone()
+    m = x2.shape[0]
+    cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32)
+    if m == 0 or cfg.path != "gemv" or x.dtype == torch.float32:
+        gate_up = int4_matmul(x2, qweight, scales, group_size, k=k, bias=bias, segments=segs, config=config)
+        if x.device.type == "cuda":
+            return silu_mul(gate_up).reshape(*lead, n)
+        gate, up = gate_up.split(n, dim=-1)
+        return (torch.nn.functional.silu(gate.float()).to(x.dtype) * up).reshape(*lead, n)
+    if bias is not None and bias.shape != (2 * n,):
+        raise ValueError(f"bias must have shape ({2 * n},), got {tuple(bias.shape)}")
+    gate_up = torch.empty(m, 2 * n, dtype=x.dtype, device=x.device)
+    act = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, gate_up, act)
+    return act.reshape(*lead, n)
+
+
+def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out, act=None) -> None:
     m = x.shape[0]
     if cfg.path == "dequant":
         dequant_matmul(x, qweight, scales, group_size, k, segs, bias, out)
@@ -229,7 +261,9 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
     split = triton.cdiv(k_tiles, per_split)  # no empty splits
     m_blocks = 1 if cfg.path == "gemv" else triton.cdiv(m, cfg.block_m)
     tiles = m_blocks * sum(blocks)
-    ws, cnt = workspace(x.device, tiles * split * cfg.block_m * cfg.block_n if split > 1 else 0, tiles)
+    pair_counters = blocks[0] if act is not None else 0  # after the tile counters (int4_gemv's GLU epilogue)
+    ws, cnt = workspace(x.device, tiles * split * cfg.block_m * cfg.block_n if split > 1 else 0,
+                        tiles + pair_counters)
     args = (x, qweight, scales, bias if bias is not None else out, out, ws, cnt, m, k, x.stride(0),
             qweight.stride(0), scales.stride(0), out.stride(0), *starts, *lengths, *nb[:MAX_SEGMENTS - 1], per_split,
             split)
@@ -239,7 +273,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out)
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.path == "gemv" and x.dtype != torch.float32:
         launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, x_bf16=x.dtype == torch.bfloat16,
-                       **common)
+                       act=act, **common)
     elif cfg.path == "gemv":
         # the exponent bits of 2^23 travel as an argument so they sit in one register and each LOP3 takes its
         # code mask as the immediate (a literal here makes ptxas rematerialize every mask inside the loop)
@@ -263,5 +297,5 @@ def int4_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     return out.to(x.dtype)
 
 
-__all__ = ["Int4Config", "ZERO", "candidate_configs", "choose_path", "int4_matmul", "int4_matmul_reference",
+__all__ = ["Int4Config", "ZERO", "candidate_configs", "choose_path", "int4_glu", "int4_matmul", "int4_matmul_reference",
            "pick_config", "reserve_workspace"]

@@ -42,10 +42,13 @@ def _next_segment(pid_n, blk, col0, n_len, out0, first_program, start, length, f
 
 @triton.jit
 def _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS: tl.constexpr):
+    """Store the tile (bias added) in the output dtype; returns the stored values as fp32."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + ocol, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     ptrs = out_ptr + offs_m[:, None] * stride_om + ocol[None, :]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    stored = acc.to(out_ptr.dtype.element_ty)
+    tl.store(ptrs, stored, mask=mask_m[:, None] & mask_n[None, :])
+    return stored.to(tl.float32)
 
 
 @triton.jit
@@ -63,14 +66,17 @@ def _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M: tl.constexpr):
 @triton.jit
 def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol,
             mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Write the tile, or (split K) park the partial and let the tile's last program sum all partials in order."""
+    """Write the tile, or (split K) park the partial and let the tile's last program sum all partials in order.
+    Returns (the tile's fp32 values, whether this program wrote them) for epilogues that follow (``_glu_pair``)."""
+    total = acc
     if SPLIT:
         local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         tile_ws = ws_ptr + tile * n_splits * BLOCK_M * BLOCK_N
         tl.store(tile_ws + split * BLOCK_M * BLOCK_N + local, acc)
         tl.debug_barrier()  # every thread's partial is written before one thread releases the counter
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == n_splits - 1:
+        wrote = arrived == n_splits - 1
+        if wrote:
             # four partials in flight per step (a one-at-a-time loop waits an L2 round trip per split, which
             # dominated K-heavy layers split 60+ ways); the adds keep split order, so the bits stay the same
             total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -85,9 +91,33 @@ def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bia
                              cache_modifier=".cg")
                 total = (((total + p0) + p1) + p2) + p3
             tl.store(cnt_ptr + tile, 0)  # ready for the next launch (graph replays reuse the counters)
-            _write(total, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
+            total = _write(total, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
     else:
-        _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
+        wrote = split == 0
+        total = _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
+    return total, wrote
+
+
+@triton.jit
+def _glu_pair(mine, pair_cnt_ptr, is_gate, out_ptr, stride_om, act_ptr, stride_am, offs_m, mask_m, ocol, acol,
+              mask_n, partner_shift):
+    """silu(gate) * up for one column block, by the second of its two tiles (gate, up) to be written.
+
+    ``mine`` is this tile's written output (fp32 of the stored values); the partner tile sits ``partner_shift``
+    output columns away. Each writer releases a per-pair counter after its stores, so the second one reads the
+    partner's stored values from L2. Same rounding as ``elementwise.silu_mul`` on the stored gate|up output."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(pair_cnt_ptr, 1, sem="acq_rel")
+    if arrived == 1:
+        tl.store(pair_cnt_ptr, 0)
+        mask = mask_m[:, None] & mask_n[None, :]
+        partner = tl.load(out_ptr + offs_m[:, None] * stride_om + (ocol + partner_shift)[None, :], mask=mask,
+                          other=0.0, cache_modifier=".cg")
+        dtype = partner.dtype
+        gate = tl.where(is_gate, mine, partner.to(tl.float32))
+        up = tl.where(is_gate, partner.to(tl.float32), mine).to(dtype)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+        tl.store(act_ptr + offs_m[:, None] * stride_am + acol[None, :], act * up, mask=mask)
 
 
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -76,6 +76,33 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     return _matmul(x, qweight, scales, group_size, segments, k, bias)
 
 
+def _glu(x, qweight, scales, group_size, segments, k, bias):
+    if triton_enabled(x.device):
+        return _mm.int4_glu(x, qweight, scales, group_size, segments, k=k, bias=bias)
+    gate, up = _cpu_matmul(x, qweight, scales, group_size, segments, k, bias).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@torch.library.custom_op("uniql::int4_glu", mutates_args=())
+def int4_glu_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                segments: list[int], k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _glu(x, qweight, scales, group_size, _pairs(segments), k, bias)
+
+
+@int4_glu_op.register_fake
+def _int4_glu_fake(x, qweight, scales, group_size, segments, k, bias=None):
+    return x.new_empty(*x.shape[:-1], segments[1])
+
+
+def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+             segments: list[tuple[int, int]], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` over the (gate, up) segments of a fused packed weight: one launch on the decode GEMV."""
+    k = qweight.shape[0] * PACK
+    if torch.compiler.is_compiling():
+        return torch.ops.uniql.int4_glu(x, qweight, scales, group_size, _flat(segments), k, bias)
+    return _glu(x, qweight, scales, group_size, segments, k, bias)
+
+
 @torch.library.custom_op("uniql::embedding_int4", mutates_args=())
 def embedding_int4_op(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                       dtype: torch.dtype) -> torch.Tensor:

@@ -150,12 +150,10 @@ class ElasticMLP(nn.Module):
 
     def forward(self, x, keep: int):
         if self.gate_up is not None:
-            gate_up = self.gate_up(x, (keep, keep), cat=True)
-            if self.act_name == "silu" and _fused_kernels(x):
-                hidden = elementwise.silu_mul(gate_up)
-            else:
-                gate, up = gate_up.split(keep, dim=-1)
-                hidden = self.act(gate) * up
+            if self.act_name == "silu" and _fused_kernels(x):  # the activation is the projection's epilogue
+                return self.down_proj(self.gate_up.glu(x, keep), k=keep)
+            gate, up = self.gate_up(x, (keep, keep))
+            hidden = self.act(gate) * up
         elif self.gate_proj is None:
             hidden = self.act(self.up_proj(x, n=keep))
         else:

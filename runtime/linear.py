@@ -147,8 +147,7 @@ class FusedInt4(nn.Module):
         self.set_members([(m.qweight[:rows, :w], m.scales[:groups, :w])
                           for m, w in zip(self.members, widths, strict=True)])
 
-    def forward(self, x: torch.Tensor, n_active: tuple[int, ...], cat: bool = False):
-        """Outputs of every member at its active width: a tuple of views, or (``cat``) one tensor side by side."""
+    def _segments_bias(self, x, n_active):
         if any(n > w for n, w in zip(n_active, self.widths, strict=True)):
             # a wider segment would silently read the next member's columns
             raise RuntimeError(f"active widths {n_active} exceed the resident {self.widths}: rung not resident")
@@ -157,5 +156,17 @@ class FusedInt4(nn.Module):
         if any(b is not None for b in self.biases):
             bias = torch.cat([b[:n] if b is not None else x.new_zeros(n)
                               for b, n in zip(self.biases, n_active, strict=True)])
+        return segments, bias
+
+    def glu(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """``silu(gate) * up`` of a two-member (gate, up) group at active width ``n``, in one launch at decode."""
+        if len(self.members) != 2:
+            raise ValueError(f"a GLU needs a (gate, up) pair, this group has {len(self.members)} members")
+        segments, bias = self._segments_bias(x, (n, n))
+        return ops.int4_glu(x, self.qweight, self.scales, self.group_size, segments, bias=bias)
+
+    def forward(self, x: torch.Tensor, n_active: tuple[int, ...], cat: bool = False):
+        """Outputs of every member at its active width: a tuple of views, or (``cat``) one tensor side by side."""
+        segments, bias = self._segments_bias(x, n_active)
         out = ops.int4_linear(x, self.qweight, self.scales, self.group_size, segments=segments, bias=bias)
         return out if cat else out.split(list(n_active), dim=-1)

@@ -200,3 +200,32 @@ def test_gpu_real_shapes(dtype, m, n, k, n_act, k_act):
     scales = (torch.rand(k // 64, n, device="cuda") * 0.02 + 0.001).half()
     x = torch.randn(m, k_act, device="cuda", dtype=dtype)
     check(x, qweight, scales, 64, n=n_act, k=k_act)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("m", [1, 3])
+def test_glu_epilogue_equals_projection_then_silu_mul(m, split):
+    """silu(gate) * up written by the gate|up GEMV itself (second tile of each pair) = the projection, then the
+    activation in torch; several column blocks (the last one partial), split K, and counters back at zero."""
+    dtype = torch.float16 if not CUDA else torch.bfloat16
+    qweight, scales = packed(200, 256, 32)  # stored [gate 100 | up 100]
+    x = torch.randn(m, 248, device=DEV).to(dtype)
+    segments = [(0, 90), (100, 90)]  # a rung keeping 90 of 100 columns of each
+    cfg = im.Int4Config("gemv", block_n=32, block_k=32, split_k=split, num_warps=4, block_m=4)
+    act = im.int4_glu(x, qweight, scales, 32, segments, k=248, config=cfg)
+    gate_up = im.int4_matmul(x, qweight, scales, 32, k=248, segments=segments, config=cfg)
+    gate, up = gate_up.float().split(90, dim=-1)
+    expected = (gate * torch.sigmoid(gate)).to(dtype) * up.to(dtype)
+    assert act.shape == (m, 90) and act.dtype == dtype
+    torch.testing.assert_close(act, expected, atol=1e-2, rtol=1e-2)
+    ref = im.int4_matmul_reference(x, qweight, scales, 32, k=248, segments=segments).float()
+    assert rel_err(act, torch.nn.functional.silu(ref[:, :90]) * ref[:, 90:]) < 3 * tol(dtype)
+    _, counters = im.workspace(x.device, 0, 0)
+    assert int(counters.abs().sum()) == 0  # tile and pair counters are back at zero for the next replay
+
+
+def test_glu_needs_two_equal_segments():
+    qweight, scales = packed(64, 64, 32)
+    x = torch.randn(1, 64, device=DEV).to(DTYPES[0])
+    with pytest.raises(ValueError, match="two segments of one width"):
+        im.int4_glu(x, qweight, scales, 32, [(0, 16), (32, 24)])
