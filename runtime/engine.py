@@ -48,7 +48,7 @@ def _buckets(max_num_seqs: int) -> tuple[int, ...]:
 class Engine:
     def __init__(self, model: ElasticDecoder, tokenizer, *, max_num_seqs: int = 8, max_queued: int = 64,
                  max_model_len: int | None = None, cache_budget_bytes: int | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, lookahead: bool = True):
         self.max_model_len = max_model_len or model.spec.max_position_embeddings
         self.runner = ModelRunner(model, max_model_len=self.max_model_len, cuda_graphs=cuda_graphs,
                                   graph_buckets=_buckets(max_num_seqs))
@@ -62,6 +62,7 @@ class Engine:
         self.streams: dict[str, _Stream] = {}
         self.requests: dict[str, Request] = {}
         self.counters = Counters()
+        self.lookahead = lookahead  # greedy decode queues its next step before the host reads this one
 
     def _cache_fits(self, req: Request) -> bool:
         """Admission check; a yes reserves the bytes (several requests may be admitted before any prefill)."""
@@ -109,9 +110,10 @@ class Engine:
             self.counters.prompt_tokens += len(req.prompt_ids)
             events += self._advance([req], self.runner.prefill(req)[None])
         start = time.perf_counter()
+        steady = len(plan.decode) == 1 and self.scheduler.num_waiting == 0  # the next step decodes the same batch
         for group in plan.decode.values():
             if all(self.sampler.plain_greedy(r.params) for r in group):
-                events += self._advance_greedy(group)
+                events += self._advance_greedy(group, steady and self.lookahead)
             else:
                 events += self._advance(group, self.runner.decode(group))
         if plan.decode:
@@ -125,8 +127,11 @@ class Engine:
                 for req, tok, lp, top in zip(reqs, sampled.token_ids, sampled.logprobs, sampled.top_logprobs,
                                              strict=True)]
 
-    def _advance_greedy(self, reqs: list[Request]) -> list[TokenEvent]:
-        tokens, finite = self.runner.decode_greedy(reqs)
+    def _advance_greedy(self, reqs: list[Request], lookahead: bool = False) -> list[TokenEvent]:
+        # a lookahead only pays if every request will still want the token after this one
+        lookahead = lookahead and all(len(r.output_ids) + 2 <= r.params.max_tokens
+                                      and r.num_tokens + 2 <= self.max_model_len for r in reqs)
+        tokens, finite = self.runner.decode_greedy(reqs, lookahead)
         self.sampler.check_finite(finite, [r.request_id for r in reqs])
         return [self._emit(req, tok, None, None) for req, tok in zip(reqs, tokens, strict=True)]
 

@@ -1,9 +1,11 @@
 """CUDA graphs for the decode step: one graph per (rung, batch bucket), captured lazily, one shared memory pool.
 
 A graph replays the whole decode forward (embedding, every layer, head) with no Python and no launch gaps.
-Its inputs are static buffers: one int64 ``[2, B]`` step buffer (token ids, lengths incl. the new token) that
-one host-to-device copy refreshes per step, and the ``DecodeBatch`` address tables, refreshed only when the set
-of requests changes. A batch smaller than its bucket is padded with rows that decode into a 1-token scratch
+Its inputs are static buffers: one int64 ``[3, B]`` step buffer (token ids, lengths incl. the new token, real-row
+flags) that one host-to-device copy refreshes per step, and the ``DecodeBatch`` address tables, refreshed only
+when the set of requests changes. The graph ends by writing the next greedy step's inputs into the step buffer,
+so a greedy batch can be replayed again before the host has read its tokens (``chain``: the runner's lookahead).
+A batch smaller than its bucket is padded with rows that decode into a 1-token scratch
 cache of the same rung, so one graph serves every batch size up to its bucket. The scratch cache comes from
 ``model.new_cache``, so Mamba layers get scratch conv/SSM states too; padding rows share it and leave garbage
 there, which no real row reads (every op of a decode step is row-independent).
@@ -34,11 +36,21 @@ def greedy_picks(logits_bv: torch.Tensor, vocab_size: int) -> torch.Tensor:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     batch: DecodeBatch
-    step_in: torch.Tensor  # int64 [2, B]: token ids, lengths including the new token
+    step_in: torch.Tensor  # int64 [3, B]: token ids, lengths including the new token, 1 = a real row (0 = pad)
     host_in: torch.Tensor  # its pinned host twin (allocating pinned memory per step would cost ~100 us)
     logits: torch.Tensor  # [B, V], written by every replay
     picks: torch.Tensor | None = None  # int64 [2, B]: greedy ids and row-finite flags (``greedy_picks``)
     bound: tuple = field(default_factory=tuple)  # the caches the tables point at (identity)
+    host_out: torch.Tensor | None = None  # pinned int64 [2 slots, 2, B]: picks copied out without a sync
+    done: list = field(default_factory=list)  # one CUDA event per slot: its copy has landed
+
+
+@dataclass
+class Lookahead:
+    """A greedy step already on the GPU (chained to the step before it) whose picks nobody has read yet."""
+    key: tuple[str, ...]  # the requests it decodes, in row order
+    entry: _Graph
+    slot: int
 
 
 class DecodeGraphs:
@@ -50,6 +62,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self._scratch: dict[int, KVCache] = {}
+        self.pending: Lookahead | None = None
 
     def bucket(self, batch: int) -> int | None:
         """The smallest captured batch size that holds ``batch`` rows (None: larger than every bucket)."""
@@ -71,6 +84,7 @@ class DecodeGraphs:
         scratch caches and the split-K workspace were allocated outside the pool and stay.
         """
         torch.cuda.synchronize(self.device)  # no replay may still be reading the old tensors
+        self.pending = None
         self.graphs.clear()
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -86,10 +100,30 @@ class DecodeGraphs:
         if entry.bound != key:
             entry.batch.bind(rows)
             entry.bound = key
-        entry.host_in.copy_(torch.tensor([ids + [0] * pad, lengths + [1] * pad], dtype=torch.int64))
+        entry.host_in.copy_(torch.tensor([ids + [0] * pad, lengths + [1] * pad, [1] * b + [0] * pad],
+                                         dtype=torch.int64))
         entry.step_in.copy_(entry.host_in, non_blocking=True)
         entry.graph.replay()
         return entry.logits[:b], entry.picks[:, :b]
+
+    def entry_for(self, rung: int, batch: int) -> _Graph:
+        return self._get(rung, self.bucket(batch))
+
+    def chain(self, entry: _Graph) -> None:
+        """Replay ``entry`` again on the inputs its last replay left: each real row's greedy pick as its next id
+        and its length + 1 (the graph ends by writing them), with no host input: the GPU starts the next token
+        before the host has read this one."""
+        entry.graph.replay()
+
+    def fetch(self, entry: _Graph, slot: int) -> None:
+        """Queue the copy of the last replay's picks to host slot ``slot`` (read it with ``read``)."""
+        entry.host_out[slot].copy_(entry.picks, non_blocking=True)
+        entry.done[slot].record()
+
+    @staticmethod
+    def read(entry: _Graph, slot: int, b: int) -> list[list[int]]:
+        entry.done[slot].synchronize()
+        return entry.host_out[slot][:, :b].tolist()
 
     def _scratch_cache(self, rung: int) -> KVCache:
         if rung not in self._scratch:
@@ -108,9 +142,11 @@ class DecodeGraphs:
         if (rung, size) in self.graphs:
             return self.graphs[(rung, size)]
         batch = DecodeBatch(self.model.sizes_for(rung), size, self.max_len, self.device)
-        step_in = torch.ones(2, size, dtype=torch.int64, device=self.device)
-        host_in = torch.ones(2, size, dtype=torch.int64).pin_memory()
-        entry = _Graph(torch.cuda.CUDAGraph(), batch, step_in, host_in, logits=None)
+        step_in = torch.ones(3, size, dtype=torch.int64, device=self.device)
+        host_in = torch.ones(3, size, dtype=torch.int64).pin_memory()
+        entry = _Graph(torch.cuda.CUDAGraph(), batch, step_in, host_in, logits=None,
+                       host_out=torch.zeros(2, 2, size, dtype=torch.int64).pin_memory(),
+                       done=[torch.cuda.Event(), torch.cuda.Event()])
         batch.bind([self._scratch_cache(rung)] * size)
         entry.bound = (self._scratch_cache(rung).serial,) * size
         side = torch.cuda.Stream(self.device)
@@ -122,5 +158,8 @@ class DecodeGraphs:
         with torch.cuda.graph(entry.graph, pool=self.pool):
             entry.logits = self._forward(entry)
             entry.picks = greedy_picks(entry.logits, self.model.spec.vocab_size)
+            # the next step's inputs, for ``chain``: the picks in, real rows one longer (pads stay at length 1)
+            entry.step_in[0].copy_(entry.picks[0])
+            entry.step_in[1].add_(entry.step_in[2])
         self.graphs[(rung, size)] = entry
         return entry

@@ -19,7 +19,7 @@ from uniql.kernels.int4_matmul import reserve_workspace
 from .cache import DecodeBatch, KVCache
 from .decoder import ElasticDecoder
 from .fusion import fuse_projections
-from .graphs import DEFAULT_BUCKETS, DecodeGraphs, greedy_picks
+from .graphs import DEFAULT_BUCKETS, DecodeGraphs, Lookahead, greedy_picks
 from .linear import Int4Linear
 from .request import Request
 from .ssm_cache import cache_bytes
@@ -34,6 +34,7 @@ class ModelRunner:
         self.max_model_len = max_model_len or model.spec.max_position_embeddings
         self.caches: dict[str, KVCache] = {}
         self.graphs: DecodeGraphs | None = None
+        self.lookahead_reads = 0  # greedy steps that were already on the GPU when asked for
         if self.device.type == "cpu":  # no fused INT4 kernel on CPU: dequantize once, every rung a view of it
             dtype = model.norm.weight.dtype
             for module in model.modules():
@@ -76,13 +77,48 @@ class ModelRunner:
         return self._decode(reqs)[0].float()
 
     @torch.inference_mode()
-    def decode_greedy(self, reqs: list[Request]) -> tuple[list[int], list[bool]]:
+    def decode_greedy(self, reqs: list[Request], lookahead: bool = False) -> tuple[list[int], list[bool]]:
         """Like ``decode`` for requests that take the plain argmax: their next ids and whether each row's logits
-        were finite, read from the device in one small copy (the sampler never sees the logits)."""
-        picks = self._decode(reqs)[1].tolist()
+        were finite, read from the device in one small copy (the sampler never sees the logits).
+
+        ``lookahead`` (CUDA graphs, attention-only models): before reading this step's ids, queue the NEXT step of
+        the same requests on the GPU, fed by this step's picks on the device; the next call with the same
+        requests only reads it. The host's work between tokens (sampling bookkeeping, detokenizing, streaming)
+        then overlaps the GPU instead of idling it. A lookahead nobody reads costs nothing but GPU time: it wrote
+        the K/V of a position the next real step writes again (Mamba states would advance, so no lookahead
+        there)."""
+        graphs, key = self.graphs, tuple(r.request_id for r in reqs)
+        pending = graphs.pending if graphs is not None else None
+        if graphs is not None:
+            graphs.pending = None
+        if pending is not None and pending.key == key:
+            self.lookahead_reads += 1
+            entry, slot = pending.entry, pending.slot
+            for cache in (self.caches[r.request_id] for r in reqs):
+                cache.advance(1)
+        elif graphs is not None and graphs.bucket(len(reqs)) is not None:
+            self._decode(reqs)
+            entry, slot = graphs.entry_for(reqs[0].rung, len(reqs)), 0
+            graphs.fetch(entry, slot)
+        else:
+            picks = self._decode(reqs)[1].tolist()
+            return picks[0], [bool(v) for v in picks[1]]
+        if lookahead and self._may_look_ahead(reqs):
+            graphs.chain(entry)
+            graphs.fetch(entry, 1 - slot)
+            graphs.pending = Lookahead(key, entry, 1 - slot)
+        picks = graphs.read(entry, slot, len(reqs))
         return picks[0], [bool(v) for v in picks[1]]
 
+    def _may_look_ahead(self, reqs: list[Request]) -> bool:
+        """Room for one more token in every cache (the kernel trusts lengths) and no recurrent state to spoil."""
+        if self.model.spec.layers_with("mamba"):
+            return False
+        return all(c.length < c.max_len for c in (self.caches[r.request_id] for r in reqs))
+
     def _decode(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graphs is not None:
+            self.graphs.pending = None  # these caches move on without it: a later call must not read it
         rung = reqs[0].rung
         if any(r.rung != rung for r in reqs):
             raise ValueError("a decode batch runs one rung; group requests by rung first")
@@ -108,5 +144,8 @@ class ModelRunner:
         return self.model(ids_t, positions=positions, cache=batch, logits_to_keep=1)[:, -1]
 
     def free(self, request_id: str) -> None:
-        """Drop a request's cache at once (finished or cancelled)."""
+        """Drop a request's cache at once (finished or cancelled); a lookahead over it will not be read. (Its
+        writes may still be in flight: the allocator reuses the memory in stream order, after them.)"""
+        if self.graphs is not None and self.graphs.pending is not None and request_id in self.graphs.pending.key:
+            self.graphs.pending = None
         self.caches.pop(request_id, None)

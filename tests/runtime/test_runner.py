@@ -1,6 +1,7 @@
 """The model runner's batched decode: a batch of requests of different lengths at one rung gives the logits each
 request gets from a full forward of its own tokens; fused q|k|v and gate|up equal the separate projections;
-on a GPU, CUDA-graph replays equal the eager step."""
+on a GPU, CUDA-graph replays equal the eager step, and greedy lookahead (each step queued before the host reads
+the previous one) changes no token whatever happens between steps (finishes, stop tokens, cancel, joins)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from helpers import tiny_hf_model, tiny_ssm_hf_model
 import uniql.runtime.cache as cache_module
 from uniql.compressor.quantize import quantize_tables, rtn_linear
 from uniql.runtime.decoder import LINEAR_PATHS
+from uniql.runtime.engine import Engine
 from uniql.runtime.fusion import fuse_projections
 from uniql.runtime.hf_import import decoder_from_hf
 from uniql.runtime.ladder import Alignment, dim_steps, spec_dim_steps, uniform_ladder
 from uniql.runtime.linear import FusedInt4
-from uniql.runtime.request import Request, SamplingParams
+from uniql.runtime.request import Request, SamplingParams, Status
 from uniql.runtime.runner import ModelRunner
 
 CUDA = torch.cuda.is_available()
@@ -198,3 +200,69 @@ def test_fused_mamba_in_projection_equals_separate(family):
     with torch.inference_mode():
         for rung in range(3):
             torch.testing.assert_close(fused(ids, rung=rung), model(ids, rung=rung), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- greedy lookahead
+
+class _Tok:
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{i}>" for i in ids)
+
+
+@pytest.fixture(scope="module")
+def gpu_model():
+    return _model(int4=True).to("cuda", torch.bfloat16)
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(1, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _drive(model, lookahead: bool, plan: dict) -> tuple[list, list, int]:
+    """plan: {"requests": [(prompt, max_tokens, stop_ids, rung)], "cancel": (index, step) | None,
+    "join": (step, prompt, max_tokens) | None}; returns output ids, finish states and lookahead reads."""
+    engine = Engine(model, _Tok(), max_num_seqs=4, max_model_len=96, lookahead=lookahead)
+    reqs = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=m, stop_token_ids=s, ignore_eos=True),
+                               rung=r) for p, m, s, r in plan["requests"]]
+    step = 0
+    while engine.scheduler.has_work:
+        if plan.get("cancel") and plan["cancel"][1] == step:
+            engine.cancel(reqs[plan["cancel"][0]].request_id)
+        if plan.get("join") and plan["join"][0] == step:
+            reqs.append(engine.add_request(plan["join"][1], SamplingParams(temperature=0, max_tokens=plan["join"][2],
+                                                                           ignore_eos=True)))
+        engine.step()
+        step += 1
+    return [r.output_ids for r in reqs], [r.status is Status.FINISHED for r in reqs], engine.runner.lookahead_reads
+
+
+PLANS = {
+    "one_request": {"requests": [(_prompt(1, 7), 24, [], 0)]},
+    "batch_shrinks": {"requests": [(_prompt(2, 5), 5, [], 1), (_prompt(3, 11), 12, [], 1),
+                                   (_prompt(4, 3), 20, [], 1)]},
+    "cancel_and_join": {"requests": [(_prompt(5, 6), 16, [], 0), (_prompt(6, 9), 16, [], 0)], "cancel": (1, 6),
+                        "join": (9, _prompt(7, 4), 8)},
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_lookahead_changes_no_token(gpu_model, name):
+    plan = PLANS[name]
+    want, done_want, reads_off = _drive(gpu_model, False, plan)
+    got, done_got, reads_on = _drive(gpu_model, True, plan)
+    assert got == want and done_got == done_want
+    assert reads_off == 0 and reads_on > 0  # the lookahead really ran (and was read) with it on
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_a_stop_token_inside_a_lookahead_run_stops_there(gpu_model):
+    base = {"requests": [(_prompt(8, 5), 20, [], 0), (_prompt(9, 8), 20, [], 0)]}
+    outputs, _, _ = _drive(gpu_model, False, base)
+    stop = outputs[0][6]  # request 0 stops on its 7th token (or earlier, if that id came before)
+    plan = {"requests": [(_prompt(8, 5), 20, [stop], 0), (_prompt(9, 8), 20, [], 0)]}
+    want, _, _ = _drive(gpu_model, False, plan)
+    got, _, reads = _drive(gpu_model, True, plan)
+    assert got == want and got[0][-1] == stop and len(got[0]) <= 7 and reads > 0
