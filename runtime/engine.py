@@ -105,19 +105,39 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- steps
     def step(self) -> list[TokenEvent]:
         plan = self.scheduler.schedule()
-        events: list[TokenEvent] = []
+        events = self._take_lookahead(plan)
         for req in plan.prefill:
             self.counters.prompt_tokens += len(req.prompt_ids)
             events += self._advance([req], self.runner.prefill(req)[None])
         start = time.perf_counter()
         steady = len(plan.decode) == 1 and self.scheduler.num_waiting == 0  # the next step decodes the same batch
         for group in plan.decode.values():
+            group = [r for r in group if r.status is Status.RUNNING]  # a lookahead token may have finished one
+            if not group:
+                continue
             if all(self.sampler.plain_greedy(r.params) for r in group):
                 events += self._advance_greedy(group, steady and self.lookahead)
             else:
                 events += self._advance(group, self.runner.decode(group))
         if plan.decode:
             self.counters.step_s.append(time.perf_counter() - start)
+        return events
+
+    def _take_lookahead(self, plan) -> list[TokenEvent]:
+        """A greedy step already on the GPU for a batch this plan does not decode as is (a request finished, was
+        cancelled or joins): emit its tokens now, for the requests still running, before anything else runs."""
+        key = self.runner.lookahead_key
+        if key is None:
+            return []
+        groups = list(plan.decode.values())
+        if not plan.prefill and len(groups) == 1 and tuple(r.request_id for r in groups[0]) == key:
+            return []  # the decode below reads it
+        events = []
+        for rid, token, finite in self.runner.take_lookahead():
+            req = self.requests.get(rid)
+            if req is not None and req.status is Status.RUNNING:
+                self.sampler.check_finite([finite], [rid])
+                events.append(self._emit(req, token, None, None))
         return events
 
     def _advance(self, reqs: list[Request], logits: torch.Tensor) -> list[TokenEvent]:

@@ -84,8 +84,7 @@ class DecodeGraphs:
         scratch caches and the split-K workspace were allocated outside the pool and stay.
         """
         torch.cuda.synchronize(self.device)  # no replay may still be reading the old tensors
-        self.pending = None
-        self.graphs.clear()
+        self.graphs.clear()  # a pending lookahead keeps its entry (and host buffers) until it is read
         self.pool = torch.cuda.graph_pool_handle()
 
     def run(self, rung: int, ids: list[int], lengths: list[int],

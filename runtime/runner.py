@@ -81,17 +81,15 @@ class ModelRunner:
         """Like ``decode`` for requests that take the plain argmax: their next ids and whether each row's logits
         were finite, read from the device in one small copy (the sampler never sees the logits).
 
-        ``lookahead`` (CUDA graphs, attention-only models): before reading this step's ids, queue the NEXT step of
-        the same requests on the GPU, fed by this step's picks on the device; the next call with the same
-        requests only reads it. The host's work between tokens (sampling bookkeeping, detokenizing, streaming)
-        then overlaps the GPU instead of idling it. A lookahead nobody reads costs nothing but GPU time: it wrote
-        the K/V of a position the next real step writes again (Mamba states would advance, so no lookahead
-        there)."""
+        ``lookahead`` (CUDA graphs): before reading this step's ids, queue the NEXT step of the same requests on
+        the GPU, fed by this step's picks on the device. The next call with the same requests only reads it; if
+        the batch changes instead, the caller takes it with ``take_lookahead`` first (its tokens are real: every
+        row's input was its true greedy pick, and Mamba states have already moved past it). The host's work
+        between tokens (bookkeeping, detokenizing, streaming) then overlaps the GPU instead of idling it."""
         graphs, key = self.graphs, tuple(r.request_id for r in reqs)
         pending = graphs.pending if graphs is not None else None
-        if graphs is not None:
-            graphs.pending = None
         if pending is not None and pending.key == key:
+            graphs.pending = None
             self.lookahead_reads += 1
             entry, slot = pending.entry, pending.slot
             for cache in (self.caches[r.request_id] for r in reqs):
@@ -103,22 +101,36 @@ class ModelRunner:
         else:
             picks = self._decode(reqs)[1].tolist()
             return picks[0], [bool(v) for v in picks[1]]
-        if lookahead and self._may_look_ahead(reqs):
-            graphs.chain(entry)
+        if lookahead and all(c.length < c.max_len for c in (self.caches[r.request_id] for r in reqs)):
+            graphs.chain(entry)  # room for one more token in every cache checked above: the kernels trust lengths
             graphs.fetch(entry, 1 - slot)
             graphs.pending = Lookahead(key, entry, 1 - slot)
         picks = graphs.read(entry, slot, len(reqs))
         return picks[0], [bool(v) for v in picks[1]]
 
-    def _may_look_ahead(self, reqs: list[Request]) -> bool:
-        """Room for one more token in every cache (the kernel trusts lengths) and no recurrent state to spoil."""
-        if self.model.spec.layers_with("mamba"):
-            return False
-        return all(c.length < c.max_len for c in (self.caches[r.request_id] for r in reqs))
+    @property
+    def lookahead_key(self) -> tuple[str, ...] | None:
+        """The requests of the greedy step already queued on the GPU, if any."""
+        pending = self.graphs.pending if self.graphs is not None else None
+        return None if pending is None else pending.key
+
+    @torch.inference_mode()
+    def take_lookahead(self) -> list[tuple[str, int, bool]]:
+        """Read the queued step: ``(request id, token, finite)`` for each of its requests whose cache is still
+        here (finished or cancelled ones are skipped; their rows were computed for nothing)."""
+        pending, self.graphs.pending = self.graphs.pending, None
+        ids, finite = self.graphs.read(pending.entry, pending.slot, len(pending.key))
+        out = []
+        for rid, token, ok in zip(pending.key, ids, finite, strict=True):
+            if rid in self.caches:
+                self.caches[rid].advance(1)
+                out.append((rid, token, bool(ok)))
+        self.lookahead_reads += 1
+        return out
 
     def _decode(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.graphs is not None:
-            self.graphs.pending = None  # these caches move on without it: a later call must not read it
+        if self.lookahead_key is not None:  # its tokens would be lost and Mamba states would skip them
+            raise RuntimeError("a greedy lookahead is queued: take_lookahead() before decoding another batch")
         rung = reqs[0].rung
         if any(r.rung != rung for r in reqs):
             raise ValueError("a decode batch runs one rung; group requests by rung first")
@@ -144,8 +156,6 @@ class ModelRunner:
         return self.model(ids_t, positions=positions, cache=batch, logits_to_keep=1)[:, -1]
 
     def free(self, request_id: str) -> None:
-        """Drop a request's cache at once (finished or cancelled); a lookahead over it will not be read. (Its
-        writes may still be in flight: the allocator reuses the memory in stream order, after them.)"""
-        if self.graphs is not None and self.graphs.pending is not None and request_id in self.graphs.pending.key:
-            self.graphs.pending = None
+        """Drop a request's cache at once (finished or cancelled). A queued lookahead may still write to it: the
+        allocator reuses the memory in stream order, after that."""
         self.caches.pop(request_id, None)

@@ -211,9 +211,21 @@ class _Tok:
         return "".join(f"<{i}>" for i in ids)
 
 
-@pytest.fixture(scope="module")
-def gpu_model():
-    return _model(int4=True).to("cuda", torch.bfloat16)
+def _ssm_model(family: str):
+    model = decoder_from_hf(tiny_ssm_hf_model(family, vocab=256, seed=2))
+    model.ladder = uniform_ladder(model.full_sizes, spec_dim_steps(model.spec, Alignment(group_size=32)),
+                                  model.spec.num_layers, rates=(0.0, 0.25, 0.5))
+    for layer in model.layers:
+        for path in layer.linear_paths:
+            layer.set_linear(path, rtn_linear(layer.get_linear(path), 32))
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "nemotron_h"])
+def gpu_model(request):
+    """Attention-only and hybrid (Mamba states advance in place: a lookahead must never be dropped there)."""
+    model = _model(int4=True) if request.param == "llama" else _ssm_model(request.param)
+    return model.to("cuda", torch.bfloat16)
 
 
 def _prompt(seed: int, n: int) -> list[int]:
