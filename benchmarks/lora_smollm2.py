@@ -50,8 +50,13 @@ def zero_shot_rows(models: dict, tok, args, report: dict, save) -> None:
     tasks = args.zero_shot_tasks.split(",")
     for row in sorted(report["rows"], key=lambda r: (order[r["stage"]], r["rate"] == 0.0, r["rate"])):
         start = time.perf_counter()
-        res = evaluate(models[row["stage"]], tok, tasks, rung=row["rung"], limit=args.zero_shot_limit,
-                       batch_size=64, device=args.device)
+        full = [t for t in tasks if t in args.zero_shot_full]
+        capped = [t for t in tasks if t not in full]
+        res = {}
+        for names, limit in ((capped, args.zero_shot_limit), (full, None)):
+            if names:
+                res.update(evaluate(models[row["stage"]], tok, names, rung=row["rung"], limit=limit, batch_size=64,
+                                    device=args.device))
         row.update({t: res[t]["acc"] for t in tasks})
         row["n"] = {t: res[t].get("n") for t in tasks}
         row["zero_shot_s"] = round(time.perf_counter() - start, 1)
@@ -83,10 +88,13 @@ def main() -> None:
     ap.add_argument("--where", default=None, help="label for budget.where (default: the device)")
     ap.add_argument("--zero-shot-limit", type=int, default=None, help="documents per task (default: all)")
     ap.add_argument("--zero-shot-tasks", default=",".join(ZERO_SHOT), help="comma-separated subset")
+    ap.add_argument("--zero-shot-full", default="", help="comma-separated tasks evaluated on all documents "
+                                                         "whatever --zero-shot-limit says")
     ap.add_argument("--no-zero-shot", dest="zero_shot", action="store_false")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
+    args.zero_shot_full = [t for t in args.zero_shot_full.split(",") if t]
     out = Path(args.out)
     t0 = time.perf_counter()
     source = load_source("smollm2-135m")
@@ -106,7 +114,8 @@ def main() -> None:
               "protocol": {"wikitext2": "raw test, 2048-token windows" + (
                   f" (first {args.ppl_windows})" if args.ppl_windows else " (all)"),
                   "zero_shot": "lm-eval task definitions on local files, acc, "
-                               + (f"first {args.zero_shot_limit} docs" if args.zero_shot_limit else "full sets")},
+                               + (f"first {args.zero_shot_limit} docs" if args.zero_shot_limit else "full sets")
+                               + (f" (full sets: {', '.join(args.zero_shot_full)})" if args.zero_shot_full else "")},
               "budget": None, "rows": []}
 
     def save():
