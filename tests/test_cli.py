@@ -152,3 +152,20 @@ def test_generate_and_bench_run_in_the_dtype_asked_for(int4_ckpt, capsys):
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dtype"] == "bfloat16" and report["rows"][0]["new_tokens"] == 3
+
+
+def test_finetune_flags_reach_the_config():
+    """--distill and friends end up in the FinetuneConfig the stage runs with, and a bad weight is refused."""
+    import argparse
+
+    from uniql.cli_finetune import add_finetune_args, finetune_config
+
+    parser = argparse.ArgumentParser()
+    add_finetune_args(parser, steps_default=5)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--device", default="cpu")
+    cfg = finetune_config(parser.parse_args(["--distill", "0.3", "--distill-temperature", "2", "--rung-decay", "0"]))
+    assert (cfg.distill, cfg.distill_temperature, cfg.rung_decay, cfg.steps) == (0.3, 2.0, 0.0, 5)
+    with pytest.raises(ValueError, match="distillation"):
+        finetune_config(parser.parse_args(["--distill", "1.5"])).validate()
