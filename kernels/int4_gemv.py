@@ -191,14 +191,11 @@ def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, X_BF16: tl.
 def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
                     s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
-                    act_ptr, stride_am, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles,
-                    ss_in_ptr, n_parts, inv_k, eps,
+                    act_ptr, stride_am,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
-                    GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
-                    X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-    """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``).
-    RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``)."""
+                    GLU: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
@@ -259,15 +256,9 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc2 += d2 * scale
             acc3 += d3 * scale
     offs_m = tl.arange(0, BLOCK_M)
-    out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M) * 16.0
-    if NORM:  # x was s * w of an RMSNorm; 1/rms(s) scales each row (a sum commutes with it, so split K may too)
-        out = out * _row_rstd(ss_in_ptr, n_parts, inv_k, eps, offs_m, M, PARTS_P)[:, None]
-    total, wrote = _finish(out, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr,
+    out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
+    total, wrote = _finish(out * 16.0, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr,
                            offs_m, offs_m < M, out0 + offs_n, offs_n < n_len, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
-    if RES:  # noqa: SIM102 (a constexpr, then a run-time branch)
-        if wrote:
-            _residual_tile(total, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, pid_n,
-                           offs_m, offs_m < M, out0 + offs_n, offs_n < n_len)
     if GLU:  # noqa: SIM102 (a constexpr, then a run-time branch)
         if wrote:  # pair counters follow the 2 * nb0 tile counters
             is_gate = pid_n < nb0
@@ -275,43 +266,10 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                       offs_m < M, out0 + offs_n, offs_n, offs_n < n_len, tl.where(is_gate, l0, -l0))
 
 
-@triton.jit
-def _row_rstd(ss_ptr, n_parts, inv_k, eps, offs_m, M, PARTS_P: tl.constexpr):
-    """1 / sqrt(mean(s^2) + eps) per row from the producer's per-tile sums of squares ``[M, n_parts]``."""
-    parts = tl.arange(0, PARTS_P)
-    ss = tl.load(ss_ptr + offs_m[:, None] * n_parts + parts[None, :],
-                 mask=(offs_m < M)[:, None] & (parts < n_parts)[None, :], other=0.0)
-    return 1.0 / tl.sqrt(tl.sum(ss, axis=1) * inv_k + eps)
-
-
-@triton.jit
-def _residual_tile(delta, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, tile, offs_m,
-                   mask_m, ocol, mask_n):
-    """This tile of the residual stream ``s = x + delta`` (rounded like torch's add), the next norm's input
-    ``s * w`` and the tile's sum of s^2 per row: the next GEMV finishes the norm (``_row_rstd``)."""
-    mask = mask_m[:, None] & mask_n[None, :]
-    offs = offs_m[:, None] * stride_res + ocol[None, :]
-    x = tl.load(res_ptr + offs, mask=mask, other=0.0)
-    s = (x.to(tl.float32) + delta).to(x.dtype)
-    tl.store(res_out_ptr + offs, s, mask=mask)
-    s32 = s.to(tl.float32)
-    w = tl.load(g_ptr + ocol, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(sg_ptr + offs, (s32 * w[None, :]).to(x.dtype), mask=mask)
-    tl.store(ss_out_ptr + offs_m * n_tiles + tile, tl.sum(s32 * s32, axis=1), mask=mask_m)
-
-
-def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, residual=None, norm=None,
-                   **constexprs) -> None:
-    """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it).
-    ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there. ``residual`` = (x, s_out, w,
-    sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` = (ss ``[M, P]``,
-    eps): scale each output row by 1/rms from those sums (x then holds s * w)."""
+def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, **constexprs) -> None:
+    """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it);
+    ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there."""
     pdl = pdl_enabled(args[0].device)
-    out = args[4]
-    glu = (act, act.stride(0)) if act is not None else (out, 0)
-    res = (*residual, residual[0].stride(0), residual[4].shape[1]) if residual is not None \
-        else (out, out, out, out, out, 0, 1)
-    nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1])) if norm is not None else (out, 1, 1.0, 0.0)
-    _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
-                          NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
-                          ASM=USE_ASM, PDL=pdl, launch_pdl=pdl, **constexprs)
+    glu = (act, act.stride(0)) if act is not None else (args[4], 0)
+    _gemv_h2_kernel[grid](*args, *glu, SUB_R=sub_r, GLU=act is not None, X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl,
+                          launch_pdl=pdl, **constexprs)

@@ -229,32 +229,3 @@ def test_glu_needs_two_equal_segments():
     x = torch.randn(1, 64, device=DEV).to(DTYPES[0])
     with pytest.raises(ValueError, match="two segments of one width"):
         im.int4_glu(x, qweight, scales, 32, [(0, 16), (32, 24)])
-
-
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("m", [1, 3])
-def test_rms_norm_split_across_two_gemvs_equals_add_norm_then_gemv(m, split):
-    """Producer: s = x + x_in @ W (rounded like torch's add), s * w and per-tile sums of s^2, bit for bit against
-    the plain projection; consumer: (s * w) @ W2 scaled per row by 1/rms(s) = RMSNorm(s) @ W2."""
-    dtype = torch.float16 if not CUDA else torch.bfloat16
-    gen = torch.Generator().manual_seed(3)
-    qweight, scales = packed(96, 128, 32, seed=1)  # producer: 128 -> 96 (the hidden size)
-    q2, s2 = packed(80, 96, 32, seed=2)  # consumer: 96 -> 80
-    x_in = torch.randn(m, 120, generator=gen).to(DEV, dtype)  # a k prefix of the producer's inputs
-    resid = (torch.randn(m, 96, generator=gen) * 3).to(DEV, dtype)
-    weight = (torch.rand(96, generator=gen) + 0.5).to(DEV, dtype)
-    cfg = im.Int4Config("gemv", block_n=32, block_k=32, split_k=split, num_warps=4, block_m=4)
-    got = im.int4_residual(x_in, qweight, scales, 32, 120, resid, weight, config=cfg)  # split: the fixup writes
-    assert got is not None
-    s, sg, sums = got
-    delta = im.int4_matmul(x_in, qweight, scales, 32, k=120, config=cfg)
-    assert torch.equal(s, (resid.float() + delta.float()).to(dtype))
-    assert torch.equal(sg, (s.float() * weight.float()).to(dtype))
-    torch.testing.assert_close(sums.sum(1), s.float().pow(2).sum(1), rtol=1e-5, atol=1e-4)
-    normed = (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * weight
-    want = im.int4_matmul_reference(normed, q2, s2, 32)
-    out = im.int4_matmul(sg, q2, s2, 32, config=cfg, norm=(sums, 1e-5))
-    assert rel_err(out, want) < 3 * tol(dtype)
-    glu = im.int4_glu(sg, q2, s2, 32, [(0, 40), (40, 40)], config=cfg, norm=(sums, 1e-5))
-    gate, up = want.float().split(40, dim=-1)
-    assert rel_err(glu, torch.nn.functional.silu(gate) * up) < 5 * tol(dtype)

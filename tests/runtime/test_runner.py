@@ -278,39 +278,3 @@ def test_a_stop_token_inside_a_lookahead_run_stops_there(gpu_model):
     want, _, _ = _drive(gpu_model, False, plan)
     got, _, reads = _drive(gpu_model, True, plan)
     assert got == want and got[0][-1] == stop and len(got[0]) <= 7 and reads > 0
-
-
-# ---------------------------------------------------------------------- RMSNorm split across two GEMVs
-
-
-@pytest.mark.parametrize("rung", [0, 2])
-def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, monkeypatch):
-    """A decode step whose o/down GEMVs do the residual add and half of the next RMSNorm (the q|k|v and gate|up
-    GEMVs finish it) gives the logits of the same step with separate add+RMSNorm kernels. CPU: the Triton kernels
-    in the interpreter, fp16 (the half2 decode GEMV)."""
-    import uniql.runtime.decoder as decoder_module
-    from uniql.runtime.cache import DecodeBatch
-    from uniql.runtime.decoder import DecoderLayer, ElasticMLP
-
-    if CUDA:
-        pytest.skip("the GPU runs this through the engine tests; here the interpreter does")
-    monkeypatch.setattr(decoder_module, "_fused_kernels", lambda x: not torch.is_grad_enabled())
-    model = _model(int4=True).half()
-    assert fuse_projections(model) > 0
-    prompt = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(4))
-
-    def step() -> torch.Tensor:
-        cache = model.new_cache(1, 8, rung, torch.float16)
-        with torch.inference_mode():
-            model(prompt, cache=cache)
-            batch = DecodeBatch(model.sizes_for(rung), 1, 8, torch.device("cpu"))
-            batch.bind([cache], torch.tensor([7], dtype=torch.int32))
-            return model(torch.tensor([[5]]), positions=torch.tensor([[6]]), cache=batch, logits_to_keep=1)
-
-    folded = step()
-    monkeypatch.setattr(DecoderLayer, "takes_prenormed", property(lambda self: False))
-    monkeypatch.setattr(ElasticMLP, "takes_prenormed", property(lambda self: False))
-    plain = step()
-    assert torch.isfinite(folded).all()
-    torch.testing.assert_close(folded.float(), plain.float(), atol=3e-2, rtol=3e-2)
-    assert not torch.equal(folded, plain)  # the folded path really ran (it rounds differently)
