@@ -38,17 +38,6 @@ def _no_rope(real):
     return run
 
 
-def _no_combine(real):
-    def run(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, scale, max_len, out=None):
-        saved = attn_mod._combine_kernel
-        attn_mod._combine_kernel = _Skip()
-        try:
-            return real(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, scale, max_len, out)
-        finally:
-            attn_mod._combine_kernel = saved
-    return run
-
-
 class _Skip:
     def __getitem__(self, grid):
         return lambda *a, **k: None
@@ -90,7 +79,8 @@ ALTERNATIVES = {
 
 STAND_INS = {
     "rope": [(cache_mod.DecodeBatch, "attend_rope", _no_rope)],
-    "combine": [(cache_mod, "decode_attention", _no_combine)],
+    # the kernel itself, so every attention entry point (decode_attention, decode_attention_rope) skips it
+    "combine": [(attn_mod, "_combine_kernel", lambda real: _Skip())],
     "silu_mul": [(FusedInt4, "glu", lambda real: lambda self, x, n: self(x, (n, n))[0])],
     "add_rms_norm": [(RMSNorm, "add_forward", lambda real: lambda self, x, d: (x, x))],
 }

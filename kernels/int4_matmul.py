@@ -187,6 +187,17 @@ def _check(x, qweight, scales, group_size: int, k: int) -> None:
         raise ValueError(f"x has {x.shape[-1]} input features, the active K is {k}")
 
 
+def _inputs(x, qweight, scales, group_size: int, n: int | None, k: int | None, segments):
+    """Checked (active K, segments, leading dims, ``x`` as rows the kernels can read) of one call."""
+    k = qweight.shape[0] * PACK if k is None else k
+    _check(x, qweight, scales, group_size, k)
+    segs = _segments(segments, n, qweight.shape[1])
+    lead, x2 = x.shape[:-1], x.reshape(-1, k)
+    if x2.stride(1) != 1 or x2.data_ptr() % 4 or x2.stride(0) % 2:
+        x2 = x2.contiguous() if x2.stride(1) != 1 else x2.clone()  # the half2 gemv reads x as int32 pairs
+    return k, segs, lead, x2
+
+
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                 n: int | None = None, k: int | None = None, bias: torch.Tensor | None = None,
                 segments=None, config: Int4Config | None = None) -> torch.Tensor:
@@ -194,12 +205,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 
     ``bias`` is indexed by OUTPUT column (already concatenated for segments).
     """
-    k = qweight.shape[0] * PACK if k is None else k
-    _check(x, qweight, scales, group_size, k)
-    segs = _segments(segments, n, qweight.shape[1])
-    lead, x2 = x.shape[:-1], x.reshape(-1, k)
-    if x2.stride(1) != 1 or x2.data_ptr() % 4 or x2.stride(0) % 2:
-        x2 = x2.contiguous() if x2.stride(1) != 1 else x2.clone()  # the half2 gemv reads x as int32 pairs
+    k, segs, lead, x2 = _inputs(x, qweight, scales, group_size, n, k, segments)
     m, n_total = x2.shape[0], sum(length for _, length in segs)
     out = torch.empty(m, n_total, dtype=x.dtype, device=x.device)
     if m == 0:
@@ -218,15 +224,10 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
 
     On the half2 GEMV path (decode) the activation is the epilogue of the projection itself (``_glu_pair``), one
     launch for both; elsewhere the projection, then the same math in torch."""
-    k = qweight.shape[0] * PACK if k is None else k
-    _check(x, qweight, scales, group_size, k)
-    segs = _segments(segments, None, qweight.shape[1])
+    k, segs, lead, x2 = _inputs(x, qweight, scales, group_size, None, k, segments)
     if len(segs) != 2 or segs[0][1] != segs[1][1]:
         raise ValueError(f"a GLU needs two segments of one width (gate, up), got {segs}")
-    lead, x2, n = x.shape[:-1], x.reshape(-1, k), segs[0][1]
-    if x2.stride(1) != 1 or x2.data_ptr() % 4 or x2.stride(0) % 2:
-        x2 = x2.contiguous() if x2.stride(1) != 1 else x2.clone()
-    m = x2.shape[0]
+    m, n = x2.shape[0], segs[0][1]
     cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32)
     if m == 0 or cfg.path != "gemv" or x.dtype == torch.float32:
         gate_up = int4_matmul(x2, qweight, scales, group_size, k=k, bias=bias, segments=segs, config=config)
