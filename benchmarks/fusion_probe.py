@@ -24,7 +24,7 @@ from profile_decode import _time_replay
 import uniql.kernels.decode_attention as attn_mod
 from uniql.kernels import elementwise, ops
 from uniql.runtime import cache as cache_mod
-from uniql.runtime.decoder import RMSNorm
+from uniql.runtime.decoder import DecoderLayer, ElasticMLP, RMSNorm
 from uniql.runtime.engine import Engine
 from uniql.runtime.linear import FusedInt4
 from uniql.runtime.request import SamplingParams
@@ -68,10 +68,13 @@ def _unfused_glu(real):
 
 
 # A/B of real alternatives (right outputs): the separate RoPE kernel; one combine program per whole head; the
-# separate silu_mul kernel; fewer, longer attention splits
+# separate silu_mul kernel; separate add+RMSNorm kernels instead of the norm split across the GEMVs; fewer,
+# longer attention splits
 ALTERNATIVES = {
     "rope_kernel": [(cache_mod.DecodeBatch, "attend_rope", _unfused_rope)],
     "silu_kernel": [(FusedInt4, "glu", _unfused_glu)],
+    "norm_kernels": [(DecoderLayer, "takes_prenormed", _Const(property(lambda self: False))),
+                     (ElasticMLP, "takes_prenormed", _Const(property(lambda self: False)))],
     "attention_256_programs": [(attn_mod, "split_size", lambda real: lambda m, p: real(m, p, 256))],
     "attention_128_programs": [(attn_mod, "split_size", lambda real: lambda m, p: real(m, p, 128))],
     "combine_whole_head": [(attn_mod, "COMBINE_CHUNK", _Const(1 << 20))],

@@ -81,10 +81,52 @@ and.b32 a1, $5, 0xFFFF0000;
 and.b32 b1, $7, 0xFFFF0000;
 cvt.rn.f16x2.f32 $3, b1, a1;
 }""")
+# the same with each activation first multiplied by an fp32 row scale ($8): an RMSNorm's 1/rms applied BEFORE the
+# fp16 conversion, since the unnormalised s * w would overflow fp16 at real residual-stream magnitudes
+_ASM_X_BF16_SCALED = tl.constexpr("""{
+.reg .b32 a0, a1, b0, b1;
+shl.b32 a0, $4, 16;
+shl.b32 b0, $6, 16;
+mul.f32 a0, a0, $8;
+mul.f32 b0, b0, $8;
+cvt.rn.f16x2.f32 $0, b0, a0;
+and.b32 a1, $4, 0xFFFF0000;
+and.b32 b1, $6, 0xFFFF0000;
+mul.f32 a1, a1, $8;
+mul.f32 b1, b1, $8;
+cvt.rn.f16x2.f32 $1, b1, a1;
+shl.b32 a0, $5, 16;
+shl.b32 b0, $7, 16;
+mul.f32 a0, a0, $8;
+mul.f32 b0, b0, $8;
+cvt.rn.f16x2.f32 $2, b0, a0;
+and.b32 a1, $5, 0xFFFF0000;
+and.b32 b1, $7, 0xFFFF0000;
+mul.f32 a1, a1, $8;
+mul.f32 b1, b1, $8;
+cvt.rn.f16x2.f32 $3, b1, a1;
+}""")
+_ASM_X_F16_SCALED = tl.constexpr("""{
+.reg .b16 l0, h0, l1, h1;
+.reg .f32 a0, a1, b0, b1;
+""" + "".join(f"""mov.b32 {{l0, h0}}, ${4 + i};
+mov.b32 {{l1, h1}}, ${6 + i};
+cvt.f32.f16 a0, l0;
+cvt.f32.f16 b0, l1;
+cvt.f32.f16 a1, h0;
+cvt.f32.f16 b1, h1;
+mul.f32 a0, a0, $8;
+mul.f32 b0, b0, $8;
+mul.f32 a1, a1, $8;
+mul.f32 b1, b1, $8;
+cvt.rn.f16x2.f32 ${2 * i}, b0, a0;
+cvt.rn.f16x2.f32 ${2 * i + 1}, b1, a1;
+""" for i in range(2)) + "}")
 _ASM_X_F16 = tl.constexpr("""prmt.b32 $0, $4, $6, 0x5410;
 prmt.b32 $1, $4, $6, 0x7632;
 prmt.b32 $2, $5, $7, 0x5410;
 prmt.b32 $3, $5, $7, 0x7632;""")
+_FOUR_I32 = tl.constexpr((tl.int32, tl.int32, tl.int32, tl.int32))
 USE_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 # ----------------------------------------------------------------------------------- plain-Triton twins (CPU)
@@ -158,32 +200,46 @@ def _dot4(wa, wb, p, q, u, v):
 
 
 @triton.jit
-def _x_pairs(x_ptr, row, mask, X_BF16: tl.constexpr, ASM: tl.constexpr):
-    """x[8r .. 8r+7] of one activation row, packed rows ``row [R, 1]``, as 4 fp16-pair int32 tensors [R, 1]."""
+def _x_pairs(x_ptr, row, mask, rs, X_BF16: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr):
+    """x[8r .. 8r+7] of one activation row, packed rows ``row [R, 1]``, as 4 fp16-pair int32 tensors [R, 1];
+    NORM: each activation times the row's fp32 scale ``rs`` first (in fp32, before the fp16 rounding)."""
     if ASM:
         p = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row * 4
         v0 = tl.load(p, mask=mask, other=0)
         v1 = tl.load(p + 1, mask=mask, other=0)
         v2 = tl.load(p + 2, mask=mask, other=0)
         v3 = tl.load(p + 3, mask=mask, other=0)
+        if NORM:
+            rsb = (tl.zeros(row.shape, tl.float32) + rs).to(tl.int32, bitcast=True)
+            if X_BF16:
+                return tl.inline_asm_elementwise(_ASM_X_BF16_SCALED, "=r,=r,=r,=r,r,r,r,r,r", [v0, v1, v2, v3, rsb],
+                                                 dtype=_FOUR_I32, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_ASM_X_F16_SCALED, "=r,=r,=r,=r,r,r,r,r,r", [v0, v1, v2, v3, rsb],
+                                             dtype=_FOUR_I32, is_pure=True, pack=1)
         if X_BF16:
-            return tl.inline_asm_elementwise(_ASM_X_BF16, "=r,=r,=r,=r,r,r,r,r", [v0, v1, v2, v3],
-                                             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-        return tl.inline_asm_elementwise(_ASM_X_F16, "=r,=r,=r,=r,r,r,r,r", [v0, v1, v2, v3],
-                                         dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(_ASM_X_BF16, "=r,=r,=r,=r,r,r,r,r", [v0, v1, v2, v3], dtype=_FOUR_I32,
+                                             is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_ASM_X_F16, "=r,=r,=r,=r,r,r,r,r", [v0, v1, v2, v3], dtype=_FOUR_I32,
+                                         is_pure=True, pack=1)
     p = x_ptr + row * 8
-    return (_pair16(tl.load(p, mask=mask, other=0.0), tl.load(p + 4, mask=mask, other=0.0)),
-            _pair16(tl.load(p + 1, mask=mask, other=0.0), tl.load(p + 5, mask=mask, other=0.0)),
-            _pair16(tl.load(p + 2, mask=mask, other=0.0), tl.load(p + 6, mask=mask, other=0.0)),
-            _pair16(tl.load(p + 3, mask=mask, other=0.0), tl.load(p + 7, mask=mask, other=0.0)))
+    return (_pair16(_xs(p, 0, mask, rs), _xs(p, 4, mask, rs)),
+            _pair16(_xs(p, 1, mask, rs), _xs(p, 5, mask, rs)),
+            _pair16(_xs(p, 2, mask, rs), _xs(p, 6, mask, rs)),
+            _pair16(_xs(p, 3, mask, rs), _xs(p, 7, mask, rs)))
 
 
 @triton.jit
-def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, X_BF16: tl.constexpr, ASM: tl.constexpr):
+def _xs(p, j: tl.constexpr, mask, rs):
+    return tl.load(p + j, mask=mask, other=0.0).to(tl.float32) * rs  # rs is 1.0 without NORM: exact
+
+
+@triton.jit
+def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, rs, X_BF16: tl.constexpr, ASM: tl.constexpr,
+               NORM: tl.constexpr):
     """Activation row m's pairs for both row blocks of the tile (8 int32 tensors [SUB_R, 1]); zero past M."""
     ok = (ra * 0 + m) < M  # a tensor predicate (a Python bool breaks the interpreter's masks)
-    a0, a1, a2, a3 = _x_pairs(x_ptr + m * stride_xm, ra, ma & ok, X_BF16, ASM)
-    b0, b1, b2, b3 = _x_pairs(x_ptr + m * stride_xm, rb, mb & ok, X_BF16, ASM)
+    a0, a1, a2, a3 = _x_pairs(x_ptr + m * stride_xm, ra, ma & ok, rs, X_BF16, ASM, NORM)
+    b0, b1, b2, b3 = _x_pairs(x_ptr + m * stride_xm, rb, mb & ok, rs, X_BF16, ASM, NORM)
     return a0, a1, a2, a3, b0, b1, b2, b3
 
 
@@ -191,11 +247,14 @@ def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, X_BF16: tl.
 def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
                     s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
-                    act_ptr, stride_am,
+                    act_ptr, stride_am, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles,
+                    ss_in_ptr, n_parts, inv_k, eps,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
-                    GLU: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-    """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``)."""
+                    GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
+                    X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``).
+    RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
@@ -218,6 +277,12 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     acc1 = tl.zeros([SUB_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)
     acc2 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
     acc3 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
+    # x holds s * w of an RMSNorm (NORM): each row's 1 / rms(s) scales its activations before the fp16 pack
+    # (loads of rows a BLOCK_M never reaches are dead code)
+    rs0 = _row_rstd(ss_in_ptr, 0, M, n_parts, inv_k, eps, NORM, PARTS_P)
+    rs1 = _row_rstd(ss_in_ptr, 1, M, n_parts, inv_k, eps, NORM, PARTS_P)
+    rs2 = _row_rstd(ss_in_ptr, 2, M, n_parts, inv_k, eps, NORM, PARTS_P)
+    rs3 = _row_rstd(ss_in_ptr, 3, M, n_parts, inv_k, eps, NORM, PARTS_P)
     for t in range(t0, t1):
         ra = t * 2 * SUB_R + offs_r  # the tile's first SUB_R packed rows, then the next SUB_R
         rb = ra + SUB_R
@@ -227,7 +292,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         wb = tl.load(qw_ptr + rb * stride_qw + wcol, mask=mb & mask_n, other=0, eviction_policy="evict_first")
         scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
         scale = scale.to(tl.float32)
-        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, X_BF16, ASM)
+        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0, X_BF16, ASM, NORM)
         if BLOCK_M == 1:
             if ASM:  # noqa: SIM108 (a constexpr branch, not a run-time select)
                 d0 = _dot1(wa, wb, p0)
@@ -235,7 +300,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 d0 = _dot_emulated(wa, wb, p0)
             acc0 += d0 * scale
         elif BLOCK_M == 2:
-            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, X_BF16, ASM)
+            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
             if ASM:
                 d0, d1 = _dot2(wa, wb, p0, p1)
             else:
@@ -243,9 +308,9 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc0 += d0 * scale
             acc1 += d1 * scale
         else:
-            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, X_BF16, ASM)
-            p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, X_BF16, ASM)
-            p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, X_BF16, ASM)
+            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
+            p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, rs2, X_BF16, ASM, NORM)
+            p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, rs3, X_BF16, ASM, NORM)
             if ASM:
                 d0, d1, d2, d3 = _dot4(wa, wb, p0, p1, p2, p3)
             else:
@@ -259,6 +324,10 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
     total, wrote = _finish(out * 16.0, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr,
                            offs_m, offs_m < M, out0 + offs_n, offs_n < n_len, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
+    if RES:  # noqa: SIM102 (a constexpr, then a run-time branch)
+        if wrote:
+            _residual_tile(total, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, pid_n,
+                           offs_m, offs_m < M, out0 + offs_n, offs_n < n_len)
     if GLU:  # noqa: SIM102 (a constexpr, then a run-time branch)
         if wrote:  # pair counters follow the 2 * nb0 tile counters
             is_gate = pid_n < nb0
@@ -266,10 +335,45 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                       offs_m < M, out0 + offs_n, offs_n, offs_n < n_len, tl.where(is_gate, l0, -l0))
 
 
-def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, **constexprs) -> None:
-    """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it);
-    ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there."""
+@triton.jit
+def _row_rstd(ss_ptr, m: tl.constexpr, M, n_parts, inv_k, eps, ON: tl.constexpr, PARTS_P: tl.constexpr):
+    """Row m's 1 / sqrt(mean(s^2) + eps) from the producer's per-tile sums of squares ``[M, n_parts]`` (1.0 when
+    not ON; rows past M are masked anyway)."""
+    if ON:
+        parts = tl.arange(0, PARTS_P)
+        ss = tl.load(ss_ptr + m * n_parts + parts, mask=(parts < n_parts) & ((parts * 0 + m) < M), other=0.0)
+        return 1.0 / tl.sqrt(tl.sum(ss, axis=0) * inv_k + eps)
+    return 1.0
+
+
+@triton.jit
+def _residual_tile(delta, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, tile, offs_m,
+                   mask_m, ocol, mask_n):
+    """This tile of the residual stream ``s = x + delta`` (rounded like torch's add), the next norm's input
+    ``s * w`` and the tile's sum of s^2 per row: the next GEMV finishes the norm (``_row_rstd``)."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs = offs_m[:, None] * stride_res + ocol[None, :]
+    x = tl.load(res_ptr + offs, mask=mask, other=0.0)
+    s = (x.to(tl.float32) + delta).to(x.dtype)
+    tl.store(res_out_ptr + offs, s, mask=mask)
+    s32 = s.to(tl.float32)
+    w = tl.load(g_ptr + ocol, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(sg_ptr + offs, (s32 * w[None, :]).to(x.dtype), mask=mask)
+    tl.store(ss_out_ptr + offs_m * n_tiles + tile, tl.sum(s32 * s32, axis=1), mask=mask_m)
+
+
+def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, residual=None, norm=None,
+                   **constexprs) -> None:
+    """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it).
+    ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there. ``residual`` = (x, s_out, w,
+    sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` = (ss ``[M, P]``,
+    eps): scale each output row by 1/rms from those sums (x then holds s * w)."""
     pdl = pdl_enabled(args[0].device)
-    glu = (act, act.stride(0)) if act is not None else (args[4], 0)
-    _gemv_h2_kernel[grid](*args, *glu, SUB_R=sub_r, GLU=act is not None, X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl,
-                          launch_pdl=pdl, **constexprs)
+    out = args[4]
+    glu = (act, act.stride(0)) if act is not None else (out, 0)
+    res = (*residual, residual[0].stride(0), residual[4].shape[1]) if residual is not None \
+        else (out, out, out, out, out, 0, 1)
+    nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1])) if norm is not None else (out, 1, 1.0, 0.0)
+    _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
+                          NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
+                          ASM=USE_ASM, PDL=pdl, launch_pdl=pdl, **constexprs)

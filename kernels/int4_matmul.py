@@ -200,10 +200,12 @@ def _inputs(x, qweight, scales, group_size: int, n: int | None, k: int | None, s
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                 n: int | None = None, k: int | None = None, bias: torch.Tensor | None = None,
-                segments=None, config: Int4Config | None = None) -> torch.Tensor:
+                segments=None, config: Int4Config | None = None, norm=None) -> torch.Tensor:
     """``x [..., k]`` times the active prefix of a packed weight -> ``[..., n]`` (or the segments side by side).
 
-    ``bias`` is indexed by OUTPUT column (already concatenated for segments).
+    ``bias`` is indexed by OUTPUT column (already concatenated for segments). ``norm`` = (ss ``[M, P]`` fp32,
+    eps): x holds ``s * w`` of an RMSNorm whose per-row sums of s^2 come in P parts (``int4_residual``); each
+    output row is scaled by 1/rms(s) (half2 GEMV only, see ``half2_gemv_config``).
     """
     k, segs, lead, x2 = _inputs(x, qweight, scales, group_size, n, k, segments)
     m, n_total = x2.shape[0], sum(length for _, length in segs)
@@ -213,13 +215,41 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     if bias is not None and bias.shape != (n_total,):
         raise ValueError(f"bias must have shape ({n_total},), got {tuple(bias.shape)}")
     cfg = config or pick_config(m, n_total, k, group_size, x.device, half2=x.dtype != torch.float32)
-    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, out)
+    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, out, norm=norm)
     return out.reshape(*lead, n_total)
+
+
+def half2_gemv_config(m: int, n_total: int, k: int, group_size: int, x: torch.Tensor) -> Int4Config | None:
+    """The config of the half2 decode GEMV for this call, or None when another path serves it (the RMSNorm
+    split of ``int4_residual`` / ``norm=`` lives in that kernel only)."""
+    if m == 0 or x.dtype == torch.float32:
+        return None
+    cfg = pick_config(m, n_total, k, group_size, x.device, half2=True)
+    return cfg if cfg.path == "gemv" and cfg.block_k % 16 == 0 and m <= cfg.block_m else None
+
+
+def int4_residual(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, k: int,
+                  residual: torch.Tensor, norm_weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: Int4Config | None = None):
+    """A block's output projection fused with the residual add and the first half of the next RMSNorm:
+    ``s = residual + x @ W`` (every output column, ``k`` active inputs), ``s * norm_weight`` and per-tile sums
+    of s^2 ``[M, tiles]`` fp32, in one launch. Returns ``(s, s * w, sums)``, or None when the half2 GEMV does
+    not serve this shape (the caller then runs the plain projection)."""
+    n = qweight.shape[1]
+    k, _, lead, x2 = _inputs(x, qweight, scales, group_size, None, k, None)
+    cfg = config or half2_gemv_config(x2.shape[0], n, k, group_size, x)
+    if cfg is None or residual.shape[-1] != n or residual.dtype != x.dtype or norm_weight.shape != (n,):
+        return None
+    res2 = residual.reshape(-1, n).contiguous()
+    out, s, sg = (torch.empty_like(res2) for _ in range(3))
+    sums = torch.empty(res2.shape[0], triton.cdiv(n, cfg.block_n), dtype=torch.float32, device=x.device)
+    _launch(cfg, x2, qweight, scales, group_size, k, [(0, n)], bias, out, residual=(res2, s, norm_weight, sg, sums))
+    return s.reshape(*lead, n), sg.reshape(*lead, n), sums
 
 
 def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, segments,
              k: int | None = None, bias: torch.Tensor | None = None,
-             config: Int4Config | None = None) -> torch.Tensor:
+             config: Int4Config | None = None, norm=None) -> torch.Tensor:
     """``silu(gate) * up`` of a fused gate|up weight: ``segments`` = [(gate start, n), (up start, n)] -> ``[..., n]``.
 
     On the half2 GEMV path (decode) the activation is the epilogue of the projection itself (``_glu_pair``), one
@@ -230,7 +260,8 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
     m, n = x2.shape[0], segs[0][1]
     cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32)
     if m == 0 or cfg.path != "gemv" or x.dtype == torch.float32:
-        gate_up = int4_matmul(x2, qweight, scales, group_size, k=k, bias=bias, segments=segs, config=config)
+        gate_up = int4_matmul(x2, qweight, scales, group_size, k=k, bias=bias, segments=segs, config=config,
+                              norm=norm)
         if x.device.type == "cuda":
             return silu_mul(gate_up).reshape(*lead, n)
         gate, up = gate_up.split(n, dim=-1)
@@ -239,11 +270,12 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
         raise ValueError(f"bias must have shape ({2 * n},), got {tuple(bias.shape)}")
     gate_up = torch.empty(m, 2 * n, dtype=x.dtype, device=x.device)
     act = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, gate_up, act)
+    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, gate_up, act, norm=norm)
     return act.reshape(*lead, n)
 
 
-def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out, act=None) -> None:
+def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out, act=None, residual=None,
+            norm=None) -> None:
     m = x.shape[0]
     if cfg.path == "dequant":
         dequant_matmul(x, qweight, scales, group_size, k, segs, bias, out)
@@ -274,8 +306,11 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.path == "gemv" and x.dtype != torch.float32:
         launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, x_bf16=x.dtype == torch.bfloat16,
-                       act=act, **common)
-    elif cfg.path == "gemv":
+                       act=act, residual=residual, norm=norm, **common)
+        return
+    if residual is not None or norm is not None:
+        raise ValueError(f"the RMSNorm split runs in the half2 GEMV only, not on the {cfg.path} path")
+    if cfg.path == "gemv":
         # the exponent bits of 2^23 travel as an argument so they sit in one register and each LOP3 takes its
         # code mask as the immediate (a literal here makes ptxas rematerialize every mask inside the loop)
         _gemv_kernel[(sum(blocks), split)](*args, 0x4B000000, BLOCK_R=cfg.block_k // 8, **common)

@@ -27,7 +27,7 @@ from uniql.kernels.rope import rope_tables
 
 from .cache import DecodeBatch, KVCache
 from .ladder import LayerSizes, RateLadder, full_layer_sizes
-from .linear import DenseLinear, FusedInt4
+from .linear import DenseLinear, FusedInt4, Int4Linear, Prenormed
 from .mamba import ElasticMamba
 from .spec import ArchSpec
 
@@ -54,8 +54,12 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residual stream ``x + delta`` (``x`` when delta is None) and its norm: one launch on the fused path."""
+    def add_forward(self, x: torch.Tensor, delta) -> tuple[torch.Tensor, torch.Tensor | Prenormed]:
+        """Residual stream ``x + delta`` (``x`` when delta is None) and its norm: one launch on the fused path, none
+        when the block before already did the add and half the norm (``delta`` a :class:`Prenormed`: the next
+        projection finishes it)."""
+        if isinstance(delta, Prenormed):  # begun for this norm (else, defensively, the plain norm of its stream)
+            return (delta.x, delta) if delta.weight is self.weight else (delta.x, self(delta.x))
         if delta is None:
             return x, self(x)
         if _fused_kernels(x):
@@ -107,19 +111,22 @@ class ElasticAttention(nn.Module):
             return self.qkv(x, (n * qk, g * qk, g * vo))
         return self.q_proj(x, n=n * qk), self.k_proj(x, n=g * qk), self.v_proj(x, n=g * vo)
 
-    def decode(self, x, sizes: LayerSizes, cache: DecodeBatch, layer: int, cos, sin):
-        """One token per request (x ``[B, 1, hidden]``) attending over each request's own cache."""
+    def decode(self, x, sizes: LayerSizes, cache: DecodeBatch, layer: int, cos, sin, residual=None):
+        """One token per request (x ``[B, 1, hidden]``, or a :class:`Prenormed` residual) attending over each
+        request's own cache. ``residual`` = (stream, next norm): return the stream after this block, with that
+        norm half done by o_proj (a Prenormed), where the decode GEMV serves it."""
         n, g, vo = self.n_heads, self.n_kv, sizes.vo
-        b = x.shape[0]
+        b = (x.x if isinstance(x, Prenormed) else x).shape[0]
         q, k, v = (t.reshape(b, -1) for t in self.project(x, sizes))
         v = v.view(b, vo, g).transpose(1, 2)  # [B, kv, vo], a view of the rank-major projection
-        out = cache.attend_rope(layer, q, k, v, cos, sin, self.rope_index, n, self.scale)  # RoPE inside
-        return self.o_proj(out.view(b, 1, n * vo), k=n * vo)
+        out = cache.attend_rope(layer, q, k, v, cos, sin, self.rope_index, n, self.scale).view(b, 1, n * vo)
+        done = None if residual is None else _fold_norm(self.o_proj, out, n * vo, residual)
+        return done if done is not None else self.o_proj(out, k=n * vo)
 
     def forward(self, x, sizes: LayerSizes, inv_freq, positions, mask, rope_scaling=1.0,
-                cache: KVCache | None = None, layer: int = 0, rope=None):
+                cache: KVCache | None = None, layer: int = 0, rope=None, residual=None):
         if isinstance(cache, DecodeBatch):
-            return self.decode(x, sizes, cache, layer, *rope)
+            return self.decode(x, sizes, cache, layer, *rope, residual=residual)
         n, g, qk, vo = self.n_heads, self.n_kv, sizes.qk, sizes.vo
         q_flat, k_flat, v = self.project(x, sizes)
         b, t, _ = v.shape
@@ -148,17 +155,37 @@ class ElasticMLP(nn.Module):
         self.act = _ACTS[spec.act]
         self.gate_up: FusedInt4 | None = None  # gate|up in one packed tensor (runtime/fusion.py), one launch
 
-    def forward(self, x, keep: int):
+    @property
+    def takes_prenormed(self) -> bool:
+        """Its input projection can finish an RMSNorm begun by the block before (``Prenormed``): a fused SiLU GLU,
+        or an ungated INT4 up projection (Nemotron-H)."""
         if self.gate_up is not None:
-            if self.act_name == "silu" and _fused_kernels(x):  # the activation is the projection's epilogue
-                return self.down_proj(self.gate_up.glu(x, keep), k=keep)
+            return self.act_name == "silu"
+        return self.gate_proj is None and isinstance(self.up_proj, Int4Linear)
+
+    def forward(self, x, keep: int, residual=None):
+        """``residual`` = (stream, next norm): return the stream after this block with that norm half done by
+        down_proj (a Prenormed), where the decode GEMV serves it."""
+        hidden = self._hidden(x, keep)
+        done = None if residual is None else _fold_norm(self.down_proj, hidden, keep, residual)
+        return done if done is not None else self.down_proj(hidden, k=keep)
+
+    def _hidden(self, x, keep: int):
+        if self.gate_up is not None:
+            if self.act_name == "silu" and (isinstance(x, Prenormed) or _fused_kernels(x)):
+                return self.gate_up.glu(x, keep)  # the activation is the projection's epilogue
             gate, up = self.gate_up(x, (keep, keep))
-            hidden = self.act(gate) * up
-        elif self.gate_proj is None:
-            hidden = self.act(self.up_proj(x, n=keep))
-        else:
-            hidden = self.act(self.gate_proj(x, n=keep)) * self.up_proj(x, n=keep)
-        return self.down_proj(hidden, k=keep)
+            return self.act(gate) * up
+        if self.gate_proj is None:
+            return self.act(self.up_proj(x, n=keep))
+        return self.act(self.gate_proj(x, n=keep)) * self.up_proj(x, n=keep)
+
+
+def _fold_norm(proj, x, k: int, residual) -> Prenormed | None:
+    """``proj`` as the residual add plus half of the next RMSNorm (``Int4Linear.forward_residual``), or None."""
+    stream, norm = residual
+    fold = getattr(proj, "forward_residual", None)
+    return None if fold is None else fold(x, k, stream, norm)
 
 
 BLOCK_LINEARS = {
@@ -196,16 +223,34 @@ class DecoderLayer(nn.Module):
         parent, name = path.split(".")
         setattr(getattr(self, parent), name, module)
 
-    def forward(self, x, sizes: LayerSizes, ctx: dict, layer: int = 0, pending=None, defer: bool = False):
+    @property
+    def first_norm(self) -> RMSNorm:
+        return self.input_norm if self.input_norm is not None else self.post_attn_norm
+
+    @property
+    def takes_prenormed(self) -> bool:
+        """Its first projection can finish the norm begun by the block before (fused q|k|v, or a fused GLU MLP)."""
+        if self.blocks[0] == "attn":
+            return self.attn.qkv is not None
+        return self.blocks[0] == "mlp" and self.mlp.takes_prenormed
+
+    def forward(self, x, sizes: LayerSizes, ctx: dict, layer: int = 0, pending=None, defer: bool = False,
+                next_norm: RMSNorm | None = None):
         """Pre-norm residual blocks. ``pending``: the previous layer's last block output, not yet added to ``x``
-        (the add rides with this layer's first norm); ``defer`` returns ``(x, pending)`` the same way."""
+        (the add rides with this layer's first norm); ``defer`` returns ``(x, pending)`` the same way. In a CUDA
+        decode step a block's output GEMV may also do the add and half of the next norm (``Prenormed``): the MLP's
+        within the layer when it takes it, else ``next_norm`` (the next layer's first, when that layer takes it)."""
+        decode = isinstance(ctx.get("cache"), DecodeBatch) and _fused_kernels(x)
         mixer = self.attn if self.attn is not None else self.mamba
         if mixer is not None:
             x, h = self.input_norm.add_forward(x, pending)
-            pending = mixer(h, sizes, layer=layer, **ctx)
+            after = next_norm if self.mlp is None else (self.post_attn_norm if self.mlp.takes_prenormed else None)
+            fold = decode and self.attn is not None and after is not None
+            pending = mixer(h, sizes, layer=layer, **ctx, **({"residual": (x, after)} if fold else {}))
         if self.mlp is not None:
             x, h = self.post_attn_norm.add_forward(x, pending)
-            pending = self.mlp(h, sizes.mlp)
+            fold = decode and next_norm is not None
+            pending = self.mlp(h, sizes.mlp, residual=(x, next_norm) if fold else None)
         if defer:
             return x, pending
         return x if pending is None else x + pending
@@ -303,7 +348,9 @@ class ElasticDecoder(nn.Module):
         ctx = self.context(input_ids, attention_mask, positions, cache)
         x, pending = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x, pending = layer(x, sizes[i], ctx, layer=i, pending=pending, defer=True)
+            after = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            next_norm = after.first_norm if after is not None and after.takes_prenormed else None
+            x, pending = layer(x, sizes[i], ctx, layer=i, pending=pending, defer=True, next_norm=next_norm)
         if isinstance(cache, KVCache):
             cache.advance(input_ids.shape[1])
         if logits_to_keep:

@@ -6,11 +6,14 @@ both prefixes are views (``weight[:n, :k]``), so a rung never copies a weight.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from uniql.kernels import int4_format, ops
+from uniql.kernels import int4_matmul as _mm
 
 
 def prefix(t: torch.Tensor | None, n: int | None) -> torch.Tensor | None:
@@ -80,13 +83,29 @@ class Int4Linear(nn.Module):
         """Dequantized active prefix ``W^T [k, n]``."""
         return int4_format.dequantize(self.qweight, self.scales, self.group_size, k, n, dtype)
 
-    def forward(self, x: torch.Tensor, n: int | None = None, k: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Prenormed, n: int | None = None, k: int | None = None) -> torch.Tensor:
         bias = prefix(self.bias, n if n is not None else self.out_features)
+        if isinstance(x, Prenormed):  # finish the norm inside the decode GEMV where it serves this call
+            norm = _norm_args(x, n or self.out_features, self.in_features, self.group_size)
+            if norm is not None and k in (None, self.in_features):
+                return _mm.int4_matmul(x.xw, self.qweight, self.scales, self.group_size, n=n, bias=bias, norm=norm)
+            x = x.normed()
         cached = self.__dict__.get("_dequantized")
         if cached is not None and cached.device == x.device and cached.dtype == x.dtype:
             out = x @ cached[:k, :n]  # every rung is still a view, now of the dequantized copy
             return out if bias is None else out + bias.to(out.dtype)
         return ops.int4_linear(x, self.qweight, self.scales, self.group_size, n=n, k=k, bias=bias)
+
+    def forward_residual(self, x: torch.Tensor, k: int, residual: torch.Tensor, norm) -> Prenormed | None:
+        """``residual + self(x, k=k)`` with the next ``norm`` (an RMSNorm) half done in the same launch, or None
+        where the decode GEMV does not serve this call (the caller runs the plain path). bf16 streams only: the
+        half-done norm ``s * w`` is stored in the stream's dtype, and in fp16 it could overflow where the norm's
+        output (normalised first) does not."""
+        if "_dequantized" in self.__dict__ or torch.compiler.is_compiling() or residual.dtype != torch.bfloat16:
+            return None
+        done = _mm.int4_residual(x, self.qweight, self.scales, self.group_size, k, residual, norm.weight,
+                                 prefix(self.bias, self.out_features))
+        return None if done is None else Prenormed(*done, norm.weight, norm.eps)
 
     def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
         """CPU decode: dequantize the whole weight once (``W^T [K, N]``) instead of on every call.
@@ -104,6 +123,31 @@ class Int4Linear(nn.Module):
         n = self.out_features if n is None else n
         k = self.in_features if k is None else k
         return int4_format.packed_bytes(k, n, self.group_size)
+
+
+@dataclass
+class Prenormed:
+    """The residual stream after a block, with the next RMSNorm half done by that block's output GEMV
+    (``int4_matmul.int4_residual``): ``x`` the new residual, ``xw`` = x * the norm's ``weight``, ``sums`` the
+    per-tile sums of x^2 ``[M, tiles]``. The next block's fused projection finishes the norm (1/rms per output
+    row), so the norm costs no launch of its own."""
+    x: torch.Tensor
+    xw: torch.Tensor
+    sums: torch.Tensor
+    weight: torch.Tensor
+    eps: float
+
+    def normed(self) -> torch.Tensor:
+        """The norm's output as the RMSNorm module computes it (for a consumer outside the decode GEMV)."""
+        x32 = self.x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.x.dtype)
+
+
+def _norm_args(x: Prenormed, n_total: int, k: int, group_size: int):
+    """(sums, eps) when the half2 decode GEMV serves this call and can finish ``x``'s norm, else None."""
+    rows = x.xw.reshape(-1, k).shape[0]
+    ok = _mm.half2_gemv_config(rows, n_total, k, group_size, x.xw) is not None
+    return (x.sums, x.eps) if ok else None
 
 
 class FusedInt4(nn.Module):
@@ -152,7 +196,7 @@ class FusedInt4(nn.Module):
             # a wider segment would silently read the next member's columns
             raise RuntimeError(f"active widths {n_active} exceed the resident {self.widths}: rung not resident")
         segments = list(zip(self.starts, n_active, strict=True))
-        bias = None
+        bias, x = None, x.xw if isinstance(x, Prenormed) else x
         if any(b is not None for b in self.biases):
             bias = torch.cat([b[:n] if b is not None else x.new_zeros(n)
                               for b, n in zip(self.biases, n_active, strict=True)])
@@ -163,10 +207,23 @@ class FusedInt4(nn.Module):
         if len(self.members) != 2:
             raise ValueError(f"a GLU needs a (gate, up) pair, this group has {len(self.members)} members")
         segments, bias = self._segments_bias(x, (n, n))
+        if isinstance(x, Prenormed):
+            norm = _norm_args(x, 2 * n, self.qweight.shape[0] * int4_format.PACK, self.group_size)
+            if norm is not None:
+                return _mm.int4_glu(x.xw, self.qweight, self.scales, self.group_size, segments, bias=bias, norm=norm)
+            x = x.normed()
         return ops.int4_glu(x, self.qweight, self.scales, self.group_size, segments, bias=bias)
 
-    def forward(self, x: torch.Tensor, n_active: tuple[int, ...], cat: bool = False):
-        """Outputs of every member at its active width: a tuple of views, or (``cat``) one tensor side by side."""
+    def forward(self, x: torch.Tensor | Prenormed, n_active: tuple[int, ...], cat: bool = False):
+        """Outputs of every member at its active width: a tuple of views, or (``cat``) one tensor side by side.
+        ``x`` may be a :class:`Prenormed` residual: the norm is finished inside the GEMV."""
         segments, bias = self._segments_bias(x, n_active)
-        out = ops.int4_linear(x, self.qweight, self.scales, self.group_size, segments=segments, bias=bias)
+        norm = _norm_args(x, sum(n_active), self.qweight.shape[0] * int4_format.PACK,
+                                                          self.group_size) if isinstance(x, Prenormed) else None
+        if norm is not None:
+            out = _mm.int4_matmul(x.xw, self.qweight, self.scales, self.group_size, bias=bias, segments=segments,
+                                  norm=norm)
+        else:
+            x = x.normed() if isinstance(x, Prenormed) else x
+            out = ops.int4_linear(x, self.qweight, self.scales, self.group_size, segments=segments, bias=bias)
         return out if cat else out.split(list(n_active), dim=-1)

@@ -25,17 +25,18 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "q_out_ptr": "*bf16", "k_out_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "idx_ptr": "*i64",
         "d_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16", "gu_ptr": "*bf16", "kn_ptr": "*bf16",
         "vn_ptr": "*bf16", "kp_ptr": "*i64", "vp_ptr": "*i64", "cap_ptr": "*i32", "len_ptr": "*i32",
-        "scale": "fp32", "eps": "fp32", "g_ptr": "*bf16", "act_ptr": "*bf16"}
+        "scale": "fp32", "eps": "fp32", "g_ptr": "*bf16", "act_ptr": "*bf16", "res_ptr": "*bf16",
+        "res_out_ptr": "*bf16", "sg_ptr": "*bf16", "ss_out_ptr": "*fp32", "ss_in_ptr": "*fp32", "inv_k": "fp32"}
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, PDL=PDL)
 MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True)
 CASES = [
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, BLOCK_R=8), 8),
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=4, BLOCK_N=64, BLOCK_R=8), 4),
-    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=1, BLOCK_N=256, SUB_R=4, GLU=True, X_BF16=True, ASM=True,
-                                      PDL=PDL), 4),
-    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=4, BLOCK_N=128, SUB_R=2, GLU=False, X_BF16=False, ASM=True,
-                                      PDL=PDL), 4),
+    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=1, BLOCK_N=256, SUB_R=4, GLU=True, RES=False, NORM=True,
+                                      PARTS_P=32, X_BF16=True, ASM=True, PDL=PDL), 4),
+    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=4, BLOCK_N=128, SUB_R=2, GLU=False, RES=True, NORM=True,
+                                      PARTS_P=2, X_BF16=False, ASM=True, PDL=PDL), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_IEEE=False), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, DOT_IEEE=False, SPLIT=False), 4),
     (int4_dequant._dequant_kernel, dict(GROUP=64, BLOCK_R=8, BLOCK_N=128), 4),

@@ -229,3 +229,41 @@ def test_glu_needs_two_equal_segments():
     x = torch.randn(1, 64, device=DEV).to(DTYPES[0])
     with pytest.raises(ValueError, match="two segments of one width"):
         im.int4_glu(x, qweight, scales, 32, [(0, 16), (32, 24)])
+
+
+def close_bf16(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to one bf16 rounding step (2^-7 relative)."""
+    return bool(((a.float() - b.float()).abs() <= b.float().abs() * 2 ** -7 + 1e-30).all())
+
+
+@pytest.mark.parametrize("big", [False, True])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_split_across_two_gemvs_equals_add_norm_then_gemv(m, split, big, dtype):
+    """Producer: s = x + x_in @ W (rounded like torch's add), s * w and per-tile sums of s^2, bit for bit against
+    the plain projection; consumer: (s * w) @ W2 scaled per row by 1/rms(s) = RMSNorm(s) @ W2. ``big``: a residual
+    stream far beyond fp16's half2-sum range (the consumer must normalise before its fp16 conversion)."""
+    gen = torch.Generator().manual_seed(3)
+    qweight, scales = packed(96, 128, 32, seed=1)  # producer: 128 -> 96 (the hidden size)
+    q2, s2 = packed(80, 96, 32, seed=2)  # consumer: 96 -> 80
+    x_in = torch.randn(m, 120, generator=gen).to(DEV, dtype)  # a k prefix of the producer's inputs
+    magnitude = (8e3 if dtype == torch.float16 else 1e5) if big else 3.0  # fp16 must still hold s * w
+    resid = (torch.randn(m, 96, generator=gen) * magnitude).to(DEV, dtype)
+    weight = (torch.rand(96, generator=gen) + 0.5).to(DEV, dtype)
+    cfg = im.Int4Config("gemv", block_n=32, block_k=32, split_k=split, num_warps=4, block_m=4)
+    got = im.int4_residual(x_in, qweight, scales, 32, 120, resid, weight, config=cfg)  # split: the fixup writes
+    assert got is not None
+    s, sg, sums = got
+    delta = im.int4_matmul(x_in, qweight, scales, 32, k=120, config=cfg)
+    same = torch.equal if CUDA or dtype != torch.bfloat16 else close_bf16  # the interpreter truncates to bf16
+    assert same(s, (resid.float() + delta.float()).to(dtype))
+    assert same(sg, (s.float() * weight.float()).to(dtype))
+    torch.testing.assert_close(sums.sum(1), s.float().pow(2).sum(1), rtol=1e-5, atol=1e-4)
+    normed = (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * weight
+    want = im.int4_matmul_reference(normed, q2, s2, 32)
+    out = im.int4_matmul(sg, q2, s2, 32, config=cfg, norm=(sums, 1e-5))
+    assert torch.isfinite(out).all() and rel_err(out, want) < 3 * tol(dtype)
+    glu = im.int4_glu(sg, q2, s2, 32, [(0, 40), (40, 40)], config=cfg, norm=(sums, 1e-5))
+    gate, up = want.float().split(40, dim=-1)
+    assert rel_err(glu, torch.nn.functional.silu(gate) * up) < 5 * tol(dtype)

@@ -278,3 +278,47 @@ def test_a_stop_token_inside_a_lookahead_run_stops_there(gpu_model):
     want, _, _ = _drive(gpu_model, False, plan)
     got, _, reads = _drive(gpu_model, True, plan)
     assert got == want and got[0][-1] == stop and len(got[0]) <= 7 and reads > 0
+
+
+# ---------------------------------------------------------------------- RMSNorm split across two GEMVs
+
+
+@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+@pytest.mark.parametrize("rung", [0, 2])
+def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkeypatch):
+    """A decode step whose o/down GEMVs do the residual add and half of the next RMSNorm (the q|k|v and gate|up
+    GEMVs finish it) gives the logits of the same step with separate add+RMSNorm kernels, in bf16 (the fold serves
+    bf16 streams only). CPU: the Triton kernels in the interpreter. Hybrid: attention-only and MLP-only layers
+    fold into each other, Mamba layers keep their norms."""
+    import uniql.runtime.decoder as decoder_module
+    from uniql.runtime.cache import DecodeBatch
+    from uniql.runtime.decoder import DecoderLayer, ElasticMLP
+    from uniql.runtime.linear import Int4Linear
+
+    dev = torch.device("cuda" if CUDA else "cpu")
+    if not CUDA:
+        monkeypatch.setattr(decoder_module, "_fused_kernels", lambda x: not torch.is_grad_enabled())
+    model = (_model(int4=True) if family == "llama" else _ssm_model(family)).to(dev, torch.bfloat16)
+    assert fuse_projections(model) > 0
+    prompt = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(4)).to(dev)
+    folds = []
+    real = Int4Linear.forward_residual
+    monkeypatch.setattr(Int4Linear, "forward_residual", lambda *a: folds.append(1) or real(*a))
+
+    def step() -> torch.Tensor:
+        cache = model.new_cache(1, 8, rung, torch.bfloat16)
+        with torch.inference_mode():
+            model(prompt, cache=cache)
+            batch = DecodeBatch(model.sizes_for(rung), 1, 8, dev)
+            batch.bind([cache], torch.tensor([7], dtype=torch.int32, device=dev))
+            return model(torch.tensor([[5]], device=dev), positions=torch.tensor([[6]], device=dev), cache=batch,
+                         logits_to_keep=1)
+
+    folded = step()
+    assert len(folds) >= (2 * len(model.layers) - 1 if family == "llama" else 1)
+    monkeypatch.setattr(DecoderLayer, "takes_prenormed", property(lambda self: False))
+    monkeypatch.setattr(ElasticMLP, "takes_prenormed", property(lambda self: False))
+    plain = step()
+    assert torch.isfinite(folded).all()
+    torch.testing.assert_close(folded.float(), plain.float(), atol=3e-2, rtol=3e-2)
+    assert not torch.equal(folded, plain)  # the folded path really ran (it rounds differently)
