@@ -69,8 +69,8 @@ def _unfused_glu(real):
 
 # A/B of real alternatives (right outputs): the separate RoPE kernel; the separate silu_mul kernel; separate
 # add+RMSNorm kernels instead of the norm split across the GEMVs; fewer, longer attention splits; the attention
-# combine as its own launch (chunks of 32 output dims, or one program per whole head) instead of inside the split
-# kernel
+# combine merged inside the split kernel, or one combine program per whole head (isolated replays: the fused merge
+# times faster here but slower in the engine's back-to-back steps, results/decode_combine_ab_h200.json)
 ALTERNATIVES = {
     "rope_kernel": [(cache_mod.DecodeBatch, "attend_rope", _unfused_rope)],
     "silu_kernel": [(FusedInt4, "glu", _unfused_glu)],
@@ -78,9 +78,8 @@ ALTERNATIVES = {
                      (ElasticMLP, "takes_prenormed", _Const(property(lambda self: False)))],
     "attention_256_programs": [(attn_mod, "split_size", lambda real: lambda m, p: real(m, p, 256))],
     "attention_128_programs": [(attn_mod, "split_size", lambda real: lambda m, p: real(m, p, 128))],
-    "combine_launch": [(attn_mod, "FUSED_COMBINE", _Const(False))],
-    "combine_launch_whole_head": [(attn_mod, "FUSED_COMBINE", _Const(False)),
-                                  (attn_mod, "COMBINE_CHUNK", _Const(1 << 20))],
+    "combine_fused": [(attn_mod, "FUSED_COMBINE", _Const(True))],
+    "combine_whole_head": [(attn_mod, "FUSED_COMBINE", _Const(False)), (attn_mod, "COMBINE_CHUNK", _Const(1 << 20))],
 }
 
 STAND_INS = {

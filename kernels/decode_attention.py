@@ -12,12 +12,15 @@ writes it into the cache for later steps, so one launch both appends and attends
 Pass 1, grid ``(B, kv_heads, splits)``: each program scores its positions for the ``rep = heads / kv_heads``
 query heads of its group (padded to 16 rows for ``tl.dot``) with an online softmax and parks
 ``(acc[vo], max, sum)`` per head. Pass 2 combines the used splits and writes the output rank-major
-(``out[b, j * heads + h]``), the order ``o_proj``'s columns are stored in: by default inside pass 1, where the
-last split of each (request, group) to finish merges them (an arrival counter, as split-K GEMVs do); else as its
-own launch, grid ``(B, heads, vo chunks)`` (``FUSED_COMBINE``).
+(``out[b, j * heads + h]``), the order ``o_proj``'s columns are stored in: by default as its own launch, grid
+``(B, heads, vo chunks)``; with ``FUSED_COMBINE`` inside pass 1, where the last split of each (request, group) to
+finish merges them (an arrival counter, as split-K GEMVs do). That saves the launch but runs the merge serially
+in one program per group, and measured slower in the engine's back-to-back decode steps (README).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -166,7 +169,9 @@ def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
 
 
 COMBINE_CHUNK = 32  # output dims per combine program (benchmarks/fusion_probe.py times the alternatives)
-FUSED_COMBINE = True  # the split kernel's last program per group merges (no combine launch); False: two passes
+# UNIQL_FUSED_COMBINE=1: the split kernel's last program per group merges (no combine launch). Off by default:
+# in the engine's back-to-back decode steps it measured SLOWER (README, results/decode_combine_ab_h200.json)
+FUSED_COMBINE = os.environ.get("UNIQL_FUSED_COMBINE", "0") == "1"
 
 
 def split_size(max_len: int, programs_per_split: int, target_programs: int = 512) -> int:
