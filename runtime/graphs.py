@@ -14,6 +14,8 @@ there, which no real row reads (every op of a decode step is row-independent).
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 from dataclasses import dataclass, field
 
 import torch
@@ -154,7 +156,7 @@ class DecodeGraphs:
             for _ in range(2):
                 self._forward(entry)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        with torch.cuda.graph(entry.graph, pool=self.pool):
+        with _collector_paused(), torch.cuda.graph(entry.graph, pool=self.pool):
             entry.logits = self._forward(entry)
             entry.picks = greedy_picks(entry.logits, self.model.spec.vocab_size)
             # the next step's inputs, for ``chain``: the picks in, real rows one longer (pads stay at length 1)
@@ -162,3 +164,18 @@ class DecodeGraphs:
             entry.step_in[1].add_(entry.step_in[2])
         self.graphs[(rung, size)] = entry
         return entry
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Collect Python garbage now and not during the capture: a dead engine's CUDA graph (or pinned buffer) freed
+    by the cycle collector mid-capture is a CUDA call the capture forbids, and it invalidates the capture ("operation
+    not permitted when stream is capturing"). torch no longer collects at capture start by default."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -322,3 +322,24 @@ def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkey
     assert torch.isfinite(folded).all()
     torch.testing.assert_close(folded.float(), plain.float(), atol=3e-2, rtol=3e-2)
     assert not torch.equal(folded, plain)  # the folded path really ran (it rounds differently)
+
+
+def test_graph_capture_collects_garbage_first_and_pauses_the_collector():
+    """A dead engine's CUDA graph freed by the cycle collector during a capture invalidates that capture (seen as a
+    flaky "operation failed due to a previous error during capture"): cycles die before it, none during it."""
+    import gc
+    import weakref
+
+    from uniql.runtime.graphs import _collector_paused
+
+    class Node:
+        pass
+
+    node = Node()
+    node.me = node  # only the cycle collector frees this
+    dead = weakref.ref(node)
+    del node
+    assert gc.isenabled()
+    with _collector_paused():
+        assert dead() is None and not gc.isenabled()
+    assert gc.isenabled()
