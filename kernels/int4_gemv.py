@@ -65,47 +65,21 @@ _ASM_DOT4 = tl.constexpr(_dot_asm(4))
 _CON_DOT1 = tl.constexpr("=r" + ",r" * 10)
 _CON_DOT2 = tl.constexpr("=r,=r" + ",r" * 18)
 _CON_DOT4 = tl.constexpr("=r,=r,=r,=r" + ",r" * 34)
-# 8 activations as 4 int32 (pairs (x0,x1) .. (x6,x7)) -> fp16 pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7)
-_ASM_X_BF16 = tl.constexpr("""{
-.reg .b32 a0, a1, b0, b1;
-shl.b32 a0, $4, 16;
-shl.b32 b0, $6, 16;
-cvt.rn.f16x2.f32 $0, b0, a0;
-and.b32 a1, $4, 0xFFFF0000;
-and.b32 b1, $6, 0xFFFF0000;
-cvt.rn.f16x2.f32 $1, b1, a1;
-shl.b32 a0, $5, 16;
-shl.b32 b0, $7, 16;
-cvt.rn.f16x2.f32 $2, b0, a0;
-and.b32 a1, $5, 0xFFFF0000;
-and.b32 b1, $7, 0xFFFF0000;
-cvt.rn.f16x2.f32 $3, b1, a1;
-}""")
-# the same with each activation first multiplied by an fp32 row scale ($8): an RMSNorm's 1/rms applied BEFORE the
-# fp16 conversion, since the unnormalised s * w would overflow fp16 at real residual-stream magnitudes
-_ASM_X_BF16_SCALED = tl.constexpr("""{
-.reg .b32 a0, a1, b0, b1;
-shl.b32 a0, $4, 16;
-shl.b32 b0, $6, 16;
-mul.f32 a0, a0, $8;
-mul.f32 b0, b0, $8;
-cvt.rn.f16x2.f32 $0, b0, a0;
-and.b32 a1, $4, 0xFFFF0000;
-and.b32 b1, $6, 0xFFFF0000;
-mul.f32 a1, a1, $8;
-mul.f32 b1, b1, $8;
-cvt.rn.f16x2.f32 $1, b1, a1;
-shl.b32 a0, $5, 16;
-shl.b32 b0, $7, 16;
-mul.f32 a0, a0, $8;
-mul.f32 b0, b0, $8;
-cvt.rn.f16x2.f32 $2, b0, a0;
-and.b32 a1, $5, 0xFFFF0000;
-and.b32 b1, $7, 0xFFFF0000;
-mul.f32 a1, a1, $8;
-mul.f32 b1, b1, $8;
-cvt.rn.f16x2.f32 $3, b1, a1;
-}""")
+def _x_bf16_asm(scaled: bool) -> str:
+    """PTX: 8 bf16 activations as 4 int32 (pairs (x0,x1) .. (x6,x7)) -> fp16 pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7).
+    bf16 -> fp32 is a shift or a mask; ``scaled``: each value times the fp32 row scale ``$8`` first (an RMSNorm's
+    1/rms applied BEFORE the fp16 conversion: the unnormalised s * w would overflow fp16 at real magnitudes)."""
+    lines = ["{", ".reg .b32 a0, a1, b0, b1;"]
+    for i, (lo, hi) in enumerate(((4, 6), (5, 7))):
+        for j, widen in enumerate(("shl.b32 {d}, ${s}, 16;", "and.b32 {d}, ${s}, 0xFFFF0000;")):
+            lines += [widen.format(d=f"a{j}", s=lo), widen.format(d=f"b{j}", s=hi)]
+            lines += [f"mul.f32 a{j}, a{j}, $8;", f"mul.f32 b{j}, b{j}, $8;"] if scaled else []
+            lines.append(f"cvt.rn.f16x2.f32 ${2 * i + j}, b{j}, a{j};")
+    return "\n".join(lines + ["}"])
+
+
+_ASM_X_BF16 = tl.constexpr(_x_bf16_asm(False))
+_ASM_X_BF16_SCALED = tl.constexpr(_x_bf16_asm(True))
 _ASM_X_F16_SCALED = tl.constexpr("""{
 .reg .b16 l0, h0, l1, h1;
 .reg .f32 a0, a1, b0, b1;
