@@ -254,7 +254,8 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     cos, sin, idx = rope if rope is not None else (ws, ws, lengths)  # unused without ROPE
     pdl = pdl_enabled(q.device)
     fused = FUSED_COMBINE
-    _, counters = workspace(q.device, 0, b * n_kv)  # zero between launches (each user resets what it counted)
+    # arrival counters, zero between launches (each user resets what it counted); unused by the two-pass path
+    counters = workspace(q.device, 0, b * n_kv)[1] if fused else lengths
     _split_kernel[(b, n_kv, n_splits)](
         q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, cos, sin, idx, *q_strides, *k_strides, v_new.stride(0),
         v_new.stride(1), v_new.stride(2), cos.stride(0) if rope else 0, idx.stride(0) if rope else 0, n_heads,

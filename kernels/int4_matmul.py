@@ -205,7 +205,8 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 
     ``bias`` is indexed by OUTPUT column (already concatenated for segments). ``norm`` = (ss ``[M, P]`` fp32,
     eps): x holds ``s * w`` of an RMSNorm whose per-row sums of s^2 come in P parts (``int4_residual``); each
-    output row is scaled by 1/rms(s) (half2 GEMV only, see ``half2_gemv_config``).
+    activation is multiplied by its row's 1/rms(s) in fp32 before the fp16 conversion (half2 GEMV only, see
+    ``half2_gemv_config``).
     """
     k, segs, lead, x2 = _inputs(x, qweight, scales, group_size, n, k, segments)
     m, n_total = x2.shape[0], sum(length for _, length in segs)

@@ -59,7 +59,7 @@ class RMSNorm(nn.Module):
         when the block before already did the add and half the norm (``delta`` a :class:`Prenormed`: the next
         projection finishes it)."""
         if isinstance(delta, Prenormed):  # begun for this norm (else, defensively, the plain norm of its stream)
-            return (delta.x, delta) if delta.weight is self.weight else (delta.x, self(delta.x))
+            return (delta.x, delta) if delta.norm is self else (delta.x, self(delta.x))
         if delta is None:
             return x, self(x)
         if _fused_kernels(x):

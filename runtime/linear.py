@@ -105,7 +105,7 @@ class Int4Linear(nn.Module):
             return None
         done = _mm.int4_residual(x, self.qweight, self.scales, self.group_size, k, residual, norm.weight,
                                  prefix(self.bias, self.out_features))
-        return None if done is None else Prenormed(*done, norm.weight, norm.eps)
+        return None if done is None else Prenormed(*done, norm)
 
     def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
         """CPU decode: dequantize the whole weight once (``W^T [K, N]``) instead of on every call.
@@ -128,26 +128,24 @@ class Int4Linear(nn.Module):
 @dataclass
 class Prenormed:
     """The residual stream after a block, with the next RMSNorm half done by that block's output GEMV
-    (``int4_matmul.int4_residual``): ``x`` the new residual, ``xw`` = x * the norm's ``weight``, ``sums`` the
-    per-tile sums of x^2 ``[M, tiles]``. The next block's fused projection finishes the norm (1/rms per output
-    row), so the norm costs no launch of its own."""
+    (``int4_matmul.int4_residual``): ``x`` the new residual, ``xw`` = x * ``norm.weight``, ``sums`` the per-tile
+    sums of x^2 ``[M, tiles]``. The next block's fused projection finishes the norm (each activation times 1/rms
+    before the GEMV's fp16 conversion), so the norm costs no launch of its own."""
     x: torch.Tensor
     xw: torch.Tensor
     sums: torch.Tensor
-    weight: torch.Tensor
-    eps: float
+    norm: nn.Module  # the RMSNorm begun here
 
     def normed(self) -> torch.Tensor:
-        """The norm's output as the RMSNorm module computes it (for a consumer outside the decode GEMV)."""
-        x32 = self.x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.x.dtype)
+        """The norm's output computed by the norm itself (for a consumer outside the decode GEMV)."""
+        return self.norm(self.x)
 
 
 def _norm_args(x: Prenormed, n_total: int, k: int, group_size: int):
     """(sums, eps) when the half2 decode GEMV serves this call and can finish ``x``'s norm, else None."""
     rows = x.xw.reshape(-1, k).shape[0]
     ok = _mm.half2_gemv_config(rows, n_total, k, group_size, x.xw) is not None
-    return (x.sums, x.eps) if ok else None
+    return (x.sums, x.norm.eps) if ok else None
 
 
 class FusedInt4(nn.Module):
@@ -208,18 +206,20 @@ class FusedInt4(nn.Module):
             raise ValueError(f"a GLU needs a (gate, up) pair, this group has {len(self.members)} members")
         segments, bias = self._segments_bias(x, (n, n))
         if isinstance(x, Prenormed):
-            norm = _norm_args(x, 2 * n, self.qweight.shape[0] * int4_format.PACK, self.group_size)
+            norm = self._norm_args(x, 2 * n)
             if norm is not None:
                 return _mm.int4_glu(x.xw, self.qweight, self.scales, self.group_size, segments, bias=bias, norm=norm)
             x = x.normed()
         return ops.int4_glu(x, self.qweight, self.scales, self.group_size, segments, bias=bias)
 
+    def _norm_args(self, x: Prenormed, n_total: int):
+        return _norm_args(x, n_total, self.qweight.shape[0] * int4_format.PACK, self.group_size)
+
     def forward(self, x: torch.Tensor | Prenormed, n_active: tuple[int, ...], cat: bool = False):
         """Outputs of every member at its active width: a tuple of views, or (``cat``) one tensor side by side.
         ``x`` may be a :class:`Prenormed` residual: the norm is finished inside the GEMV."""
         segments, bias = self._segments_bias(x, n_active)
-        norm = _norm_args(x, sum(n_active), self.qweight.shape[0] * int4_format.PACK,
-                                                          self.group_size) if isinstance(x, Prenormed) else None
+        norm = self._norm_args(x, sum(n_active)) if isinstance(x, Prenormed) else None
         if norm is not None:
             out = _mm.int4_matmul(x.xw, self.qweight, self.scales, self.group_size, bias=bias, segments=segments,
                                   norm=norm)

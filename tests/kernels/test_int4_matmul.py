@@ -243,7 +243,8 @@ def close_bf16(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_rms_norm_split_across_two_gemvs_equals_add_norm_then_gemv(m, split, big, dtype):
     """Producer: s = x + x_in @ W (rounded like torch's add), s * w and per-tile sums of s^2, bit for bit against
     the plain projection; consumer: (s * w) @ W2 scaled per row by 1/rms(s) = RMSNorm(s) @ W2. ``big``: a residual
-    stream far beyond fp16's half2-sum range (the consumer must normalise before its fp16 conversion)."""
+    stream far beyond fp16's half2-sum range (the consumer must normalise before its fp16 conversion; on the GPU the
+    half2 sums overflow without that, while the interpreter's fp32 emulation cannot, so CPU checks the arithmetic)."""
     gen = torch.Generator().manual_seed(3)
     qweight, scales = packed(96, 128, 32, seed=1)  # producer: 128 -> 96 (the hidden size)
     q2, s2 = packed(80, 96, 32, seed=2)  # consumer: 96 -> 80
