@@ -341,7 +341,8 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it).
     ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there. ``residual`` = (x, s_out, w,
     sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` = (ss ``[M, P]``,
-    eps): scale each output row by 1/rms from those sums (x then holds s * w)."""
+    eps): x holds s * w; each activation is multiplied by its row's 1/rms (from those sums) before the fp16
+    conversion."""
     pdl = pdl_enabled(args[0].device)
     out = args[4]
     glu = (act, act.stride(0)) if act is not None else (out, 0)
