@@ -8,6 +8,10 @@ piqa / arc_easy / lambada accuracy on the local files. Writes benchmarks/results
 row (schema of issue 8: {"budget": {...}, "rows": [{"stage", "rate", "wikitext2_ppl", "piqa", ...}]}).
 
     python benchmarks/lora_smollm2.py --device cuda
+
+A run longer than one device call (10 min) goes in pieces with ``--stash DIR`` on a disk that outlives the call
+(/tmp of a warm machine): the sorted, fine-tuned and quantized models are pickled there and reused, training
+resumes from its adapter checkpoints, finished rows are kept; ``--stop-after`` ends a call at a stage boundary.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from uniql.compressor.compress import CompressConfig, compress_decoder
 from uniql.compressor.evaluate import evaluate, wikitext2_ppl
 from uniql.compressor.finetune import FinetuneConfig, finetune_decoder
+from uniql.compressor.finetune_state import latest_step
 from uniql.compressor.model_input import load_source
 from uniql.compressor.quantize import QuantConfig, quantize_model
 from uniql.runtime.hf_import import decoder_from_hf
@@ -32,11 +37,42 @@ RESULTS = Path(__file__).parent / "results" / "lora_smollm2.json"
 ZERO_SHOT = ("piqa", "arc_easy", "lambada")
 
 
+def cached(stash: Path | None, name: str, build):
+    """``build()``, or what an earlier call of this run pickled under ``stash`` (same arguments assumed)."""
+    path = stash / f"{name}.pt" if stash else None
+    if path is not None and path.exists():
+        print(f"reusing {path}", flush=True)
+        return torch.load(path, weights_only=False)
+    obj = build()
+    if path is not None:  # written aside and renamed: a call killed mid-write leaves no torn file behind
+        torch.save(obj, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+    return obj
+
+
+def variant_changes(base: FinetuneConfig, spec: str) -> dict:
+    """``"distill=0.5;rung_decay=0"`` -> {"distill": 0.5, "rung_decay": 0.0}, typed like the fields they change."""
+    changes = {}
+    for item in filter(None, spec.split(";")):
+        name, _, value = item.partition("=")
+        current = getattr(base, name.strip(), None)
+        if not isinstance(current, (str, int, float)) or isinstance(current, bool):
+            raise SystemExit(f"--variant: {name.strip()!r} is not a str/int/float fine-tuning setting")
+        changes[name.strip()] = type(current)(value.strip())
+    return changes
+
+
+def has_row(report: dict, stage: str, rate: float) -> bool:
+    return any(r["stage"] == stage and abs(r["rate"] - rate) < 1e-6 for r in report["rows"])
+
+
 def ppl_rows(models: dict, tok, args, report: dict, save) -> None:
     """Perplexity of both stages at every rate first (cheap), interleaved so a cut-short run still compares."""
     for rate in args.rates:
         for stage, model in models.items():
             rung = model.ladder.nearest(rate)
+            if has_row(report, stage, model.ladder.rates[rung]):
+                continue
             ppl = wikitext2_ppl(model, tok, rung=rung, max_windows=args.ppl_windows, device=args.device)["ppl"]
             report["rows"].append({"stage": stage, "rate": model.ladder.rates[rung], "rung": rung,
                                    "wikitext2_ppl": ppl})
@@ -46,9 +82,11 @@ def ppl_rows(models: dict, tok, args, report: dict, save) -> None:
 
 def zero_shot_rows(models: dict, tok, args, report: dict, save) -> None:
     """The rows that decide the acceptance first (pruned rungs, before vs after), the variant last."""
-    order = {"before": 0, "after": 0, "after_variant": 1}
+    order = {"before": 0, "after": 0, "after_variant": 1, "before_fp": 2, "after_fp": 2}
     tasks = args.zero_shot_tasks.split(",")
     for row in sorted(report["rows"], key=lambda r: (order[r["stage"]], r["rate"] == 0.0, r["rate"])):
+        if all(t in row for t in tasks):
+            continue
         start = time.perf_counter()
         full = [t for t in tasks if t in args.zero_shot_full]
         capped = [t for t in tasks if t not in full]
@@ -73,12 +111,15 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--seqlen", type=int, default=512, help="fine-tuning sequence length")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16"),
+                    help="bf16 autocast of the fine-tuning (auto: GPU only)")
     ap.add_argument("--rung-decay", type=float, default=0.1)
     ap.add_argument("--data", default="alpaca")
     ap.add_argument("--distill", type=float, default=0.0, help="self-distillation weight (0 = plain NLL)")
     ap.add_argument("--distill-temperature", type=float, default=1.0)
-    ap.add_argument("--variant-data", default=None,
-                    help="also fine-tune a variant on this data (e.g. alpaca,wikitext2), stage 'after_variant'")
+    ap.add_argument("--variant", default=None,
+                    help="also fine-tune a variant with these settings changed, stage 'after_variant' "
+                         "(e.g. data=alpaca,wikitext2 or distill=0.5;rung_decay=0)")
     ap.add_argument("--calib-samples", type=int, default=128, help="sorting samples (x 2048 tokens)")
     ap.add_argument("--bi-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=2048)
@@ -90,7 +131,12 @@ def main() -> None:
     ap.add_argument("--zero-shot-tasks", default=",".join(ZERO_SHOT), help="comma-separated subset")
     ap.add_argument("--zero-shot-full", default="", help="comma-separated tasks evaluated on all documents "
                                                          "whatever --zero-shot-limit says")
+    ap.add_argument("--eval-fp", action="store_true",
+                    help="also evaluate both stages unquantized (stages before_fp / after_fp)")
     ap.add_argument("--no-zero-shot", dest="zero_shot", action="store_false")
+    ap.add_argument("--stash", default=None, help="directory that keeps models, adapter checkpoints and rows "
+                                                  "between calls of one run")
+    ap.add_argument("--stop-after", choices=("sort", "train", "quantize"), default=None)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
@@ -101,8 +147,17 @@ def main() -> None:
     tok = source.tokenizer
     cfg = CompressConfig(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          bi_samples=args.bi_samples, bi_seqlen=args.calib_seqlen, device=args.device, quant=None)
-    sorted_model, result = compress_decoder(decoder_from_hf(source.hf_model), tok, cfg)
-    group = result["alignment"].group_size
+    stash = Path(args.stash) if args.stash else None
+    if stash:
+        stash.mkdir(parents=True, exist_ok=True)
+
+    def sort():
+        model, result = compress_decoder(decoder_from_hf(source.hf_model), tok, cfg)
+        return model, result["alignment"].group_size
+
+    sorted_model, group = cached(stash, "sorted", sort)
+    if args.stop_after == "sort":
+        return
     qcfg = dict(method="gptq", group_size=group, calib_samples=args.quant_samples,
                 calib_seqlen=args.quant_seqlen)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -117,21 +172,33 @@ def main() -> None:
                                + (f"first {args.zero_shot_limit} docs" if args.zero_shot_limit else "full sets")
                                + (f" (full sets: {', '.join(args.zero_shot_full)})" if args.zero_shot_full else "")},
               "budget": None, "rows": []}
+    if stash and (stash / "report.json").exists():
+        report["rows"] = json.loads((stash / "report.json").read_text())["rows"]
 
     def save():
-        out.write_text(json.dumps(report, indent=1))
+        for path in (out, *([stash / "report.json"] if stash else [])):
+            path.write_text(json.dumps(report, indent=1))
 
     ft = FinetuneConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         seqlen=args.seqlen, lr=args.lr, rung_decay=args.rung_decay, data=args.data,
                         distill=args.distill, distill_temperature=args.distill_temperature,
+                        mixed_precision=args.mixed_precision,
                         device="cpu" if args.device == "cpu" else None)
-    tuned, provenance = finetune_decoder(copy.deepcopy(sorted_model), tok, ft)
+
+    def train(stage: str, config: FinetuneConfig):
+        if stash:  # adapter checkpoints every save_every steps; a call cut short continues from the last one
+            state = stash / f"{stage}_state"
+            config = dataclasses.replace(config, state_dir=str(state), resume=latest_step(state) is not None)
+        return cached(stash, stage, lambda: finetune_decoder(copy.deepcopy(sorted_model), tok, config))
+
+    tuned, provenance = train("after", ft)
     models = {"before": sorted_model, "after": tuned}
-    if args.variant_data:
-        variant_cfg = dataclasses.replace(ft, data=args.variant_data)
-        models["after_variant"], variant = finetune_decoder(copy.deepcopy(sorted_model), tok, variant_cfg)
-        report["variant"] = {"data": variant["data"], "wall_s": variant["wall_s"], "tokens": variant["tokens"],
-                             "loss_last_10": variant["loss_last_10"]}
+    if args.variant:
+        changes = variant_changes(ft, args.variant)
+        models["after_variant"], variant = train("after_variant", dataclasses.replace(ft, **changes))
+        report["variant"] = {"changes": changes, "data": variant["data"], "wall_s": variant["wall_s"],
+                             "tokens": variant["tokens"], "distill": variant["distill"],
+                             "rung_weighting": variant["rung_weighting"], "loss_last_10": variant["loss_last_10"]}
     report["budget"] = {"steps": provenance["steps"], "tokens": provenance["tokens"],
                         "loss_tokens": provenance["loss_tokens"], "wall_s": provenance["wall_s"],
                         "where": args.where or f"{provenance['device']} x{provenance['processes']}, "
@@ -143,11 +210,23 @@ def main() -> None:
                         "loss_last_10": provenance["loss_last_10"]}
     print(json.dumps(report["budget"]), flush=True)
     save()
-    for stage, model in models.items():
+    if args.stop_after == "train":
+        return
+    # unquantized copies (stages *_fp) tell whether a change comes from the fine-tuning or from GPTQ after it
+    full_precision = {f"{stage}_fp": copy.deepcopy(models[stage]).to(args.device)
+                      for stage in ("before", "after") if args.eval_fp}
+    for stage in list(models):
         start = time.perf_counter()
-        quantize_model(model, tok, QuantConfig(**qcfg), args.device)
+
+        def quantize(model=models[stage]):
+            quantize_model(model, tok, QuantConfig(**qcfg), args.device)
+            return model
+
+        models[stage] = cached(stash, f"{stage}_w4", quantize).to(args.device)
         report.setdefault("gptq_s", {})[stage] = round(time.perf_counter() - start, 1)
-        model.to(args.device)
+    if args.stop_after == "quantize":
+        return
+    models.update(full_precision)
     ppl_rows(models, tok, args, report, save)
     if args.zero_shot:
         zero_shot_rows(models, tok, args, report, save)

@@ -33,6 +33,8 @@ def add_finetune_args(p, steps_default: int) -> None:
                    help="weight in [0, 1] of self-distillation towards the model's own rung-0 predictions "
                         "(KL on the loss tokens; 0 = plain causal-LM loss)")
     g.add_argument("--distill-temperature", type=float, default=1.0)
+    g.add_argument("--finetune-precision", default="auto", choices=["auto", "no", "bf16"],
+                   help="bf16 autocast: auto = on GPU only; bf16 also on CPU (fast with AMX / AVX512-BF16)")
     g.add_argument("--finetune-state-dir", default=None,
                    help="adapter checkpoints (default: OUT/finetune_state)")
     g.add_argument("--finetune-save-every", type=int, default=100, help="adapter checkpoint period in steps")
@@ -57,7 +59,7 @@ def finetune_config(args):
         rung_weights=args.rung_weights, distill=args.distill, distill_temperature=args.distill_temperature,
         lora=lora, seed=args.seed, save_every=args.finetune_save_every,
         state_dir=args.finetune_state_dir or str(Path(args.out) / "finetune_state"), resume=args.resume,
-        device="cpu" if args.device == "cpu" else None)
+        device="cpu" if args.device == "cpu" else None, mixed_precision=args.finetune_precision)
 
 
 def add_finetune_parser(sub, add_quant_args) -> None:

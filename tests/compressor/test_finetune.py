@@ -299,3 +299,32 @@ def test_distill_settings_are_checked():
     for bad in ({"distill": 1.5}, {"distill": -0.1}, {"distill": 0.5, "distill_temperature": 0.0}):
         with pytest.raises(ValueError, match="distillation"):
             FinetuneConfig(**bad).validate()
+
+
+def test_bf16_autocast_on_cpu_trains_close_to_fp32_and_precisions_can_alternate(tokenizer):
+    """mixed_precision="bf16" on CPU: the same two steps land near the fp32 adapters (bf16 rounding only), the
+    provenance says which ran, and runs in different precisions follow each other in one process (accelerate keeps
+    one process-wide state that would otherwise refuse the second)."""
+    examples, _ = load_examples(tokenizer, str(DATA / "alpaca_small.json"), seqlen=48)
+    adapters, precisions, first_loss = {}, {}, {}
+    for precision in ("no", "bf16", "no"):
+        cfg = FinetuneConfig(steps=2, batch_size=2, grad_accum=1, seqlen=48, device="cpu", mixed_precision=precision,
+                             lora=LoraSettings(dropout=0.0))
+        model = add_lora(sorted_tiny(vocab=len(tokenizer)), cfg.lora)
+        prov, record = train_lora(model, examples, tokenizer.eos_token_id, cfg, n_rungs=8)
+        adapters.setdefault(precision, []).append(adapter_state(model))
+        first_loss[precision] = record.losses[0]  # before any update: the same model in two precisions
+        precisions.setdefault(precision, []).append(prov["mixed_precision"])
+    assert precisions == {"no": ["no", "no"], "bf16": ["bf16"]}
+    fp32, again, bf16 = adapters["no"][0], adapters["no"][1], adapters["bf16"][0]
+    for name, w in fp32.items():
+        assert torch.equal(again[name], w), name  # fp32 after a bf16 run: unchanged, bit for bit
+    # B starts at 0, so B holds what two steps learnt: close to fp32 over all layers (Adam's first steps are
+    # ~lr * sign(grad): an entry whose tiny gradient changes sign under bf16 moves by 2 lr on its own)
+    learnt = [name for name in fp32 if "lora_B" in name]
+    diff = torch.cat([(bf16[n] - fp32[n]).flatten() for n in learnt])
+    ref = torch.cat([fp32[n].flatten() for n in learnt])
+    assert 0 < diff.norm() <= 0.3 * ref.norm()  # > 0: bf16 really ran (other rounding, other bits); 0.11 here
+    assert first_loss["bf16"] == pytest.approx(first_loss["no"], rel=1e-2)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        FinetuneConfig(mixed_precision="fp8").validate()
