@@ -27,7 +27,7 @@ from uniql.kernels.rope import rope_tables
 
 from .cache import DecodeBatch, KVCache
 from .ladder import LayerSizes, RateLadder, full_layer_sizes
-from .linear import DenseLinear, FusedInt4, Int4Linear, Prenormed
+from .linear import DenseLinear, FusedInt4, Int4Linear, Prenormed, fold_norm
 from .mamba import ElasticMamba
 from .spec import ArchSpec
 
@@ -120,7 +120,7 @@ class ElasticAttention(nn.Module):
         q, k, v = (t.reshape(b, -1) for t in self.project(x, sizes))
         v = v.view(b, vo, g).transpose(1, 2)  # [B, kv, vo], a view of the rank-major projection
         out = cache.attend_rope(layer, q, k, v, cos, sin, self.rope_index, n, self.scale).view(b, 1, n * vo)
-        done = None if residual is None else _fold_norm(self.o_proj, out, n * vo, residual)
+        done = None if residual is None else fold_norm(self.o_proj, out, n * vo, residual)
         return done if done is not None else self.o_proj(out, k=n * vo)
 
     def forward(self, x, sizes: LayerSizes, inv_freq, positions, mask, rope_scaling=1.0,
@@ -167,7 +167,7 @@ class ElasticMLP(nn.Module):
         """``residual`` = (stream, next norm): return the stream after this block with that norm half done by
         down_proj (a Prenormed), where the decode GEMV serves it."""
         hidden = self._hidden(x, keep)
-        done = None if residual is None else _fold_norm(self.down_proj, hidden, keep, residual)
+        done = None if residual is None else fold_norm(self.down_proj, hidden, keep, residual)
         return done if done is not None else self.down_proj(hidden, k=keep)
 
     def _hidden(self, x, keep: int):
@@ -179,13 +179,6 @@ class ElasticMLP(nn.Module):
         if self.gate_proj is None:
             return self.act(self.up_proj(x, n=keep))
         return self.act(self.gate_proj(x, n=keep)) * self.up_proj(x, n=keep)
-
-
-def _fold_norm(proj, x, k: int, residual) -> Prenormed | None:
-    """``proj`` as the residual add plus half of the next RMSNorm (``Int4Linear.forward_residual``), or None."""
-    stream, norm = residual
-    fold = getattr(proj, "forward_residual", None)
-    return None if fold is None else fold(x, k, stream, norm)
 
 
 BLOCK_LINEARS = {
@@ -229,9 +222,12 @@ class DecoderLayer(nn.Module):
 
     @property
     def takes_prenormed(self) -> bool:
-        """Its first projection can finish the norm begun by the block before (fused q|k|v, or a fused GLU MLP)."""
+        """Its first projection can finish the norm begun by the block before (fused q|k|v, fused z|x|B|C|dt, or
+        a fused GLU MLP)."""
         if self.blocks[0] == "attn":
             return self.attn.qkv is not None
+        if self.blocks[0] == "mamba":
+            return self.mamba.in_proj is not None
         return self.blocks[0] == "mlp" and self.mlp.takes_prenormed
 
     def forward(self, x, sizes: LayerSizes, ctx: dict, layer: int = 0, pending=None, defer: bool = False,
@@ -245,7 +241,7 @@ class DecoderLayer(nn.Module):
         if mixer is not None:
             x, h = self.input_norm.add_forward(x, pending)
             after = next_norm if self.mlp is None else (self.post_attn_norm if self.mlp.takes_prenormed else None)
-            fold = decode and self.attn is not None and after is not None
+            fold = decode and after is not None
             pending = mixer(h, sizes, layer=layer, **ctx, **({"residual": (x, after)} if fold else {}))
         if self.mlp is not None:
             x, h = self.post_attn_norm.add_forward(x, pending)

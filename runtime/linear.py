@@ -141,6 +141,14 @@ class Prenormed:
         return self.norm(self.x)
 
 
+def fold_norm(proj, x, k: int, residual) -> Prenormed | None:
+    """``proj`` as the residual add plus half of the next RMSNorm (``Int4Linear.forward_residual``), or None.
+    ``residual`` = (stream, next norm)."""
+    stream, norm = residual
+    fold = getattr(proj, "forward_residual", None)
+    return None if fold is None else fold(x, k, stream, norm)
+
+
 def _norm_args(x: Prenormed, n_total: int, k: int, group_size: int):
     """(sums, eps) when the half2 decode GEMV serves this call and can finish ``x``'s norm, else None."""
     rows = x.xw.reshape(-1, k).shape[0]

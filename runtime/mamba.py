@@ -36,7 +36,7 @@ from uniql.kernels import elementwise, ops, ssm_step
 from uniql.kernels.ssm_scan import chunked_scan
 
 from .cache import DecodeBatch
-from .linear import DenseLinear, FusedInt4
+from .linear import DenseLinear, FusedInt4, Prenormed, fold_norm
 from .spec import ArchSpec
 
 _CONV_ACTS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu}
@@ -128,10 +128,10 @@ class ElasticMamba(nn.Module):
         weight = self.norm_weight[:self.heads * p].view(p, self.heads).T.float()
         return (g * weight).transpose(-1, -2).flatten(-2)
 
-    def forward(self, u, sizes, cache=None, layer: int = 0, **_):
+    def forward(self, u, sizes, cache=None, layer: int = 0, residual=None, **_):
         """``u [b,T,hidden]`` -> ``[b,T,hidden]``. ``cache``: a per-request cache (prefill) or a DecodeBatch."""
         if isinstance(cache, DecodeBatch):
-            return self.decode(u, sizes, cache, layer)
+            return self.decode(u, sizes, cache, layer, residual)
         p, n = sizes.ssm_p, sizes.ssm_n
         conv_state, ssm_state = (None, None) if cache is None else cache.ssm_states(layer)
         z, xbc, dt_raw = self.project(u, p, n)
@@ -146,15 +146,23 @@ class ElasticMamba(nn.Module):
                 ssm_state.copy_(new_state)
         return self.finish(u, y, x, z, p)
 
-    def decode(self, u, sizes, batch: DecodeBatch, layer: int):
-        """One token per request (``u [B, 1, hidden]``) over each request's own conv/SSM states, in place.
+    def decode(self, u, sizes, batch: DecodeBatch, layer: int, residual=None):
+        """One token per request (``u [B, 1, hidden]``, or a :class:`Prenormed` residual whose norm the fused
+        in-projection finishes) over each request's own conv/SSM states, in place. ``residual`` = (stream, next
+        norm): return the stream after this block with that norm half done by out_proj (a Prenormed), where the
+        decode GEMV serves it.
 
         The state update also applies dt's bias/softplus/limit, the D skip and the ``silu(z)`` gate (the same
         math as ``forward``'s torch ops). Over address tables (CUDA; CPU tests under the interpreter) the step
         between the projections is two launches: conv + state update, then group norm + conv-state shift."""
         p, n = sizes.ssm_p, sizes.ssm_n
+        if isinstance(u, Prenormed) and self.in_proj is None:  # only the fused in-projection finishes a norm
+            u = u.normed()
+        stream = u.x if isinstance(u, Prenormed) else u
+        b, dtype = stream.shape[0], stream.dtype
         conv_state, ssm_state = batch.ssm_states(layer)
-        z, xbc, dt_raw = self.project(u[:, 0], p, n)  # [B, H*p], [B, ch'], [B, H]
+        projected = self.project(u if isinstance(u, Prenormed) else u[:, 0], p, n)
+        z, xbc, dt_raw = (t.reshape(b, -1) for t in projected)  # [B, H*p], [B, ch'], [B, H] (views)
         weight, bias = self.conv_segments(p, n)
         z = z.unflatten(-1, (p, self.heads)).transpose(-1, -2)  # [B, H, p] view of the rank-major channels
         step = dict(D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
@@ -163,16 +171,18 @@ class ElasticMamba(nn.Module):
                                            self.decay_rates(), self.heads, self.groups,
                                            conv_dtype=batch.conv_dtype, **step)
             normed = ssm_step.group_norm_shift(gated, self.norm_weight, self.norm_groups, self.norm_eps, xbc,
-                                               conv_state, self.kernel, u.dtype, batch.conv_dtype)
+                                               conv_state, self.kernel, dtype, batch.conv_dtype)
         else:  # three launches (tables) or the torch references (lists of each request's states)
             xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
             x, B, C = self.split_heads(xbc, p, n)
             gated = ops.ssm_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step)
             if gated.is_cuda:
-                normed = elementwise.group_rms_norm(gated, self.norm_weight, self.norm_groups, self.norm_eps, u.dtype)
+                normed = elementwise.group_rms_norm(gated, self.norm_weight, self.norm_groups, self.norm_eps, dtype)
             else:
-                normed = self.group_rms(gated[:, None], p).to(u.dtype)[:, 0]
-        return self.out_proj(normed[:, None], k=self.heads * p)
+                normed = self.group_rms(gated[:, None], p).to(dtype)[:, 0]
+        k = self.heads * p
+        done = None if residual is None else fold_norm(self.out_proj, normed[:, None], k, residual)
+        return done if done is not None else self.out_proj(normed[:, None], k=k)
 
     def decay_rates(self) -> torch.Tensor:
         """``A = -exp(A_log)`` in fp32 for the decode step, computed once per value of ``A_log`` (three tiny

@@ -283,13 +283,13 @@ def test_a_stop_token_inside_a_lookahead_run_stops_there(gpu_model):
 # ---------------------------------------------------------------------- RMSNorm split across two GEMVs
 
 
-@pytest.mark.parametrize("family", ["llama", "nemotron_h"])
+@pytest.mark.parametrize("family", ["llama", "nemotron_h", "mamba2", "bamba"])
 @pytest.mark.parametrize("rung", [0, 2])
 def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkeypatch):
-    """A decode step whose o/down GEMVs do the residual add and half of the next RMSNorm (the q|k|v and gate|up
-    GEMVs finish it) gives the logits of the same step with separate add+RMSNorm kernels, in bf16 (the fold serves
-    bf16 streams only). CPU: the Triton kernels in the interpreter. Hybrid: attention-only and MLP-only layers
-    fold into each other, Mamba layers keep their norms."""
+    """A decode step whose o/down/out_proj GEMVs do the residual add and half of the next RMSNorm (the q|k|v,
+    z|x|B|C|dt and gate|up GEMVs finish it) gives the logits of the same step with separate add+RMSNorm kernels, in
+    bf16 (the fold serves bf16 streams only). CPU: the Triton kernels in the interpreter. Every block's output
+    folds into the next block's norm but the last one's (the final norm before the head)."""
     import uniql.runtime.decoder as decoder_module
     from uniql.runtime.cache import DecodeBatch
     from uniql.runtime.decoder import DecoderLayer, ElasticMLP
@@ -315,7 +315,8 @@ def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkey
                          logits_to_keep=1)
 
     folded = step()
-    assert len(folds) >= (2 * len(model.layers) - 1 if family == "llama" else 1)
+    blocks = sum(len(layer.blocks) for layer in model.layers)
+    assert len(folds) == blocks - 1
     monkeypatch.setattr(DecoderLayer, "takes_prenormed", property(lambda self: False))
     monkeypatch.setattr(ElasticMLP, "takes_prenormed", property(lambda self: False))
     plain = step()
