@@ -18,6 +18,7 @@ each rung's warm-up request; ``"cuda_graphs"`` in the rows says whether it did).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,9 +29,10 @@ import torch
 from decode_gpu import NullTokenizer, _random_dense, _random_int4
 
 from uniql.runtime.bench import engine_row, hf_row, peak_mem_bytes
-from uniql.runtime.decoder import ElasticDecoder, RMSNorm
+from uniql.runtime.decoder import DecoderLayer, ElasticDecoder, RMSNorm
 from uniql.runtime.engine import Engine
 from uniql.runtime.ladder import Alignment, spec_dim_steps, uniform_ladder
+from uniql.runtime.mamba import ElasticMamba
 from uniql.runtime.spec import spec_from_hf_config
 
 RATES = (0.0, 0.15, 0.25, 0.35)
@@ -170,6 +172,9 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="also the engine with dense bf16 weights")
     ap.add_argument("--ab-fused", action="store_true",
                     help="also the engine with the fused two-launch Mamba step (UNIQL_SSM_FUSED=1), same run")
+    ap.add_argument("--ab-mamba-fold", action="store_true",
+                    help="also the engine with the Mamba blocks' own norm kernels (no RMSNorm split across "
+                         "out_proj / in_proj), same run: rows 'uniql_mamba_norm_kernels'")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -186,12 +191,29 @@ def main() -> None:
                 rows += engine_rows(name, config, prompt, args.new_tokens, device, label="uniql_fused_step")
             finally:
                 os.environ.pop("UNIQL_SSM_FUSED")
+        if args.ab_mamba_fold:
+            with _mamba_norm_kernels():
+                rows += engine_rows(name, config, prompt, args.new_tokens, device, label="uniql_mamba_norm_kernels")
         if args.dense:
             rows += engine_rows(name, config, prompt, args.new_tokens, device, weights="dense")
         if not args.skip_hf:
             rows += hf_rows(name, config, prompt, args.new_tokens, device)
         _write(args, device, rows)
     print(json.dumps(tpot_ratios(rows)))
+
+
+@contextlib.contextmanager
+def _mamba_norm_kernels():
+    """The path before the norm split covered Mamba blocks: their in-projection refuses a begun norm and their
+    out_proj does not begin the next one, so both norms around a Mamba block run as their own kernels (attention
+    and MLP blocks keep folding into each other)."""
+    takes, decode = DecoderLayer.takes_prenormed, ElasticMamba.decode
+    DecoderLayer.takes_prenormed = property(lambda self: self.blocks[0] != "mamba" and takes.fget(self))
+    ElasticMamba.decode = lambda self, u, sizes, batch, layer, residual=None: decode(self, u, sizes, batch, layer)
+    try:
+        yield
+    finally:
+        DecoderLayer.takes_prenormed, ElasticMamba.decode = takes, decode
 
 
 def _write(args, device, rows) -> None:

@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 def test_ssm_decode_gpu_tiny_on_cpu(tmp_path):
     out = tmp_path / "ssm_decode.json"
     cmd = [sys.executable, str(BENCH / "ssm_decode_gpu.py"), "--tiny", "--device", "cpu", "--prompt-tokens", "12",
-           "--new-tokens", "4", "--json", str(out)]
+           "--new-tokens", "4", "--ab-mamba-fold", "--json", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=BENCH)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
@@ -27,6 +27,8 @@ def test_ssm_decode_gpu_tiny_on_cpu(tmp_path):
         assert [r["rate"] for r in ours] == [0.0, 0.15, 0.25, 0.35]
         assert all(r["tpot_ms"] > 0 and r["new_tokens"] == 4 for r in ours)
         assert any(r["model"] == model and r["engine"] == "hf_eager" and "tpot_ms" in r for r in rows)
+        ab = [r for r in rows if r["model"] == model and r["engine"] == "uniql_mamba_norm_kernels"]
+        assert [r["rate"] for r in ab] == [0.0, 0.15, 0.25, 0.35]
     assert set(report["tpot_ratio_035_over_0"]) == {"mamba2-8b-shape", "nemotron-h-8b-shape"}
 
 
