@@ -37,11 +37,14 @@ RESULTS = Path(__file__).parent / "results" / "lora_smollm2.json"
 ZERO_SHOT = ("piqa", "arc_easy", "lambada")
 
 
-def cached(stash: Path | None, name: str, build):
-    """``build()``, or what an earlier call of this run pickled under ``stash`` (same arguments assumed)."""
+def cached(stash: Path | None, name: str, build, reused: list | None = None):
+    """``build()``, or what an earlier call of this run pickled under ``stash`` (same arguments assumed; its
+    name then goes to ``reused``)."""
     path = stash / f"{name}.pt" if stash else None
     if path is not None and path.exists():
         print(f"reusing {path}", flush=True)
+        if reused is not None:
+            reused.append(name)
         return torch.load(path, weights_only=False)
     obj = build()
     if path is not None:  # written aside and renamed: a call killed mid-write leaves no torn file behind
@@ -155,7 +158,8 @@ def main() -> None:
         model, result = compress_decoder(decoder_from_hf(source.hf_model), tok, cfg)
         return model, result["alignment"].group_size
 
-    sorted_model, group = cached(stash, "sorted", sort)
+    reused = []  # what this call took from the stash: its timings (training, GPTQ) were taken by earlier calls
+    sorted_model, group = cached(stash, "sorted", sort, reused)
     if args.stop_after == "sort":
         return
     qcfg = dict(method="gptq", group_size=group, calib_samples=args.quant_samples,
@@ -189,7 +193,7 @@ def main() -> None:
         if stash:  # adapter checkpoints every save_every steps; a call cut short continues from the last one
             state = stash / f"{stage}_state"
             config = dataclasses.replace(config, state_dir=str(state), resume=latest_step(state) is not None)
-        return cached(stash, stage, lambda: finetune_decoder(copy.deepcopy(sorted_model), tok, config))
+        return cached(stash, stage, lambda: finetune_decoder(copy.deepcopy(sorted_model), tok, config), reused)
 
     tuned, provenance = train("after", ft)
     models = {"before": sorted_model, "after": tuned}
@@ -216,17 +220,19 @@ def main() -> None:
     full_precision = {f"{stage}_fp": copy.deepcopy(models[stage]).to(args.device)
                       for stage in ("before", "after") if args.eval_fp}
     for stage in list(models):
-        start = time.perf_counter()
 
-        def quantize(model=models[stage]):
+        def quantize(model=models[stage], stage=stage):
+            start = time.perf_counter()
             quantize_model(model, tok, QuantConfig(**qcfg), args.device)
+            report.setdefault("gptq_s", {})[stage] = round(time.perf_counter() - start, 1)
             return model
 
-        models[stage] = cached(stash, f"{stage}_w4", quantize).to(args.device)
-        report.setdefault("gptq_s", {})[stage] = round(time.perf_counter() - start, 1)
+        models[stage] = cached(stash, f"{stage}_w4", quantize, reused).to(args.device)
     if args.stop_after == "quantize":
         return
     models.update(full_precision)
+    if reused:  # total_s below then covers this call only
+        report["reused_from_stash"] = reused
     ppl_rows(models, tok, args, report, save)
     if args.zero_shot:
         zero_shot_rows(models, tok, args, report, save)

@@ -120,7 +120,7 @@ class ElasticAttention(nn.Module):
         q, k, v = (t.reshape(b, -1) for t in self.project(x, sizes))
         v = v.view(b, vo, g).transpose(1, 2)  # [B, kv, vo], a view of the rank-major projection
         out = cache.attend_rope(layer, q, k, v, cos, sin, self.rope_index, n, self.scale).view(b, 1, n * vo)
-        done = None if residual is None else fold_norm(self.o_proj, out, n * vo, residual)
+        done = fold_norm(self.o_proj, out, n * vo, residual)
         return done if done is not None else self.o_proj(out, k=n * vo)
 
     def forward(self, x, sizes: LayerSizes, inv_freq, positions, mask, rope_scaling=1.0,
@@ -167,7 +167,7 @@ class ElasticMLP(nn.Module):
         """``residual`` = (stream, next norm): return the stream after this block with that norm half done by
         down_proj (a Prenormed), where the decode GEMV serves it."""
         hidden = self._hidden(x, keep)
-        done = None if residual is None else fold_norm(self.down_proj, hidden, keep, residual)
+        done = fold_norm(self.down_proj, hidden, keep, residual)
         return done if done is not None else self.down_proj(hidden, k=keep)
 
     def _hidden(self, x, keep: int):

@@ -142,8 +142,10 @@ class Prenormed:
 
 
 def fold_norm(proj, x, k: int, residual) -> Prenormed | None:
-    """``proj`` as the residual add plus half of the next RMSNorm (``Int4Linear.forward_residual``), or None.
-    ``residual`` = (stream, next norm)."""
+    """``proj`` as the residual add plus half of the next RMSNorm (``Int4Linear.forward_residual``), or None
+    (no ``residual`` = (stream, next norm) given, or the projection cannot fold)."""
+    if residual is None:
+        return None
     stream, norm = residual
     fold = getattr(proj, "forward_residual", None)
     return None if fold is None else fold(x, k, stream, norm)

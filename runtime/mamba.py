@@ -181,7 +181,7 @@ class ElasticMamba(nn.Module):
             else:
                 normed = self.group_rms(gated[:, None], p).to(dtype)[:, 0]
         k = self.heads * p
-        done = None if residual is None else fold_norm(self.out_proj, normed[:, None], k, residual)
+        done = fold_norm(self.out_proj, normed[:, None], k, residual)
         return done if done is not None else self.out_proj(normed[:, None], k=k)
 
     def decay_rates(self) -> torch.Tensor:
