@@ -36,32 +36,74 @@ def test_sixteen_concurrent_streams_match_sequential_answers(client, tiny_server
     assert asyncio.run(main()) == expected
 
 
+class _Gate:
+    """Holds the engine thread between two steps (outside the engine lock, so requests still queue or get 429):
+    what a request sees when the server is busy, without racing a timer."""
+
+    def __init__(self, front):
+        self.open = threading.Event()
+        self.open.set()
+        run_calls = front._run_calls
+
+        def gated_run_calls():
+            self.open.wait(60)
+            run_calls()
+        front._run_calls = gated_run_calls
+
+
 @pytest.fixture(scope="module")
 def small_server(tiny_ckpt):
-    """One seat, two queue places: a request of 100+ tokens outlives a burst (tens of ms per CPU step)."""
+    """One seat, two queue places; ``gate`` pauses the engine."""
+    from uniql.server.app import create_app
+    from uniql.server.serve import make_loader, make_monitor_factory
+
     cfg = tiny_config(tiny_ckpt, max_num_seqs=1, max_queued_requests=2)
-    with running_server(cfg) as base_url:
-        yield base_url
+    real, gates = make_loader(cfg), []
+
+    def gated_loader():
+        backend = real()
+        gates.append(_Gate(backend.front))
+        return backend
+
+    with serving(create_app(cfg, gated_loader, make_monitor_factory(cfg))) as base_url:
+        yield base_url, gates[0]
 
 
 def test_a_burst_beyond_the_queue_gets_429_with_retry_after(small_server):
+    base_url, gate = small_server
+
     async def one(api, i):
         try:
-            await api.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=200, temperature=0,
+            await api.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=8, temperature=0,
                                          extra_body=LONG)
             return 200, None
         except openai.RateLimitError as err:
             return err.status_code, err.response.headers.get("retry-after")
 
     async def main():
-        api = async_client(small_server)
-        return await asyncio.gather(*(one(api, i) for i in range(8)))
+        api = async_client(base_url)
+        seat = await api.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=200, temperature=0,
+                                            stream=True, extra_body=LONG)
+        await seat.__anext__()  # the seat is taken: its request decodes
+        gate.open.clear()  # the engine stops within a step; the seat stays taken until it reopens
+        try:
+            burst = [asyncio.create_task(one(api, i)) for i in range(1, 8)]
+            deadline = time.monotonic() + 30
+            while sum(t.done() for t in burst) < 5 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # the five beyond the queue are answered while the engine is held
+            answered_while_held = sum(t.done() for t in burst)
+        finally:
+            gate.open.set()
+        rest = "".join([c.choices[0].text async for c in seat if c.choices])
+        assert rest  # the seat's request went on after the gate reopened
+        return answered_while_held, [(200, None)] + list(await asyncio.gather(*burst))
 
-    results = asyncio.run(main())
+    answered_while_held, results = asyncio.run(main())
+    assert answered_while_held == 5
     statuses = sorted(s for s, _ in results)
     assert statuses == [200] * 3 + [429] * 5  # one running + two queued; the rest is told to come back
     assert all(int(after) >= 1 for s, after in results if s == 429)
-    m = metrics(small_server)
+    m = metrics(base_url)
     assert sample(m, "uniql_request_errors", "uniql_request_errors_total", status="429") >= 5
 
 
@@ -77,6 +119,7 @@ def _wait_idle(base_url, timeout_s=10.0):
 
 
 def test_disconnecting_clients_free_their_slots(small_server):
+    small_server, _ = small_server
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
     before = metrics(small_server)
