@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from uniql.compressor.compress import CompressConfig, compress_decoder
-from uniql.compressor.evaluate import evaluate, wikitext2_ppl
+from uniql.compressor.evaluate import evaluate, paired_change, wikitext2_ppl
 from uniql.compressor.finetune import FinetuneConfig, finetune_decoder
 from uniql.compressor.finetune_state import latest_step
 from uniql.compressor.model_input import load_source
@@ -97,12 +97,30 @@ def zero_shot_rows(models: dict, tok, args, report: dict, save) -> None:
         for names, limit in ((capped, args.zero_shot_limit), (full, None)):
             if names:
                 res.update(evaluate(models[row["stage"]], tok, names, rung=row["rung"], limit=limit, batch_size=64,
-                                    device=args.device))
+                                    device=args.device, per_doc=True))
         row.update({t: res[t]["acc"] for t in tasks})
         row["n"] = {t: res[t].get("n") for t in tasks}
+        row["correct"] = {t: res[t]["correct"] for t in tasks}  # per document: the paired comparison below
         row["zero_shot_s"] = round(time.perf_counter() - start, 1)
         print(json.dumps(row), flush=True)
         save()
+
+
+def paired_rows(report: dict) -> list[dict]:
+    """Each tuned stage vs its untuned twin at each rate, document by document (McNemar): a point of accuracy is
+    noise on one run's own, so this says which changes the fine-tuning really made."""
+    rows = {(r["stage"], r["rate"]): r for r in report["rows"] if "correct" in r}
+    out = []
+    for (stage, rate), after in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        base = "before_fp" if stage == "after_fp" else "before"
+        before = rows.get((base, rate))
+        if stage.startswith("before") or before is None:
+            continue
+        for task in sorted(set(after["correct"]) & set(before["correct"])):
+            if len(after["correct"][task]) == len(before["correct"][task]):
+                change = paired_change(before["correct"][task], after["correct"][task])
+                out.append({"stage": stage, "vs": base, "rate": rate, "task": task, **change})
+    return out
 
 
 def main() -> None:
@@ -236,6 +254,11 @@ def main() -> None:
     ppl_rows(models, tok, args, report, save)
     if args.zero_shot:
         zero_shot_rows(models, tok, args, report, save)
+        report["paired"] = paired_rows(report)
+        for row in report["paired"]:
+            print(f"{row['stage']:>13} vs {row['vs']:<9} rate {row['rate']:.2f} {row['task']:<8} "
+                  f"{100 * row['delta']:+5.1f} pts (+{row['gained']} / -{row['lost']} docs, "
+                  f"p = {row['p_mcnemar']:.3f})")
     report["total_s"] = round(time.perf_counter() - t0, 1)
     save()
 

@@ -201,17 +201,22 @@ def _our_metrics(task: str, results: dict) -> dict:
     row = results["results"][spec.lm_eval_name]
     out = {ours: float(row[f"{name},none"]) for name, ours in spec.metrics.items()}
     out["n"] = int(results["n-samples"][spec.lm_eval_name]["effective"])
+    if results.get("samples"):  # per_doc: "1" / "0" per document in document order (paired comparisons)
+        samples = sorted(results["samples"][spec.lm_eval_name], key=lambda s: s["doc_id"])
+        out["correct"] = "".join("1" if s["acc"] else "0" for s in samples)
     return out
 
 
 def zero_shot(model, tokenizer, tasks: Sequence[str] = ("piqa", "arc_easy", "lambada"), *,
               rung: int | None = None, limit: int | None = None, batch_size: int = 16,
               device: torch.device | str | None = None,
-              data_paths: Mapping[str, str | Path] | None = None) -> dict[str, dict]:
+              data_paths: Mapping[str, str | Path] | None = None, per_doc: bool = False) -> dict[str, dict]:
     """Zero-shot metrics per task, e.g. ``{"piqa": {"acc", "acc_norm", "n"}, "lambada": {"acc", "ppl", "n"}}``.
 
     ``limit`` evaluates the first ``limit`` documents of each task; ``data_paths`` maps a task name to a
     JSON-lines file replacing the shared data (for PIQA, labels are read from ``<stem>-labels.lst`` beside it).
+    ``per_doc`` adds ``"correct"``: one "1"/"0" per document, in document order, for paired comparisons of two
+    models on the same documents (:func:`uniql.compressor.evaluate.paired_change`).
     """
     unknown = [t for t in tasks if t not in ZERO_SHOT_TASKS]
     if unknown:
@@ -228,6 +233,6 @@ def zero_shot(model, tokenizer, tasks: Sequence[str] = ("piqa", "arc_easy", "lam
         # The *_seed=None: zero-shot scoring draws no random numbers, and simple_evaluate would otherwise
         # reseed the caller's global python/numpy/torch generators.
         results = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager, limit=limit,
-                                          bootstrap_iters=0, log_samples=False, random_seed=None,
+                                          bootstrap_iters=0, log_samples=per_doc, random_seed=None,
                                           numpy_random_seed=None, torch_random_seed=None)
     return {t: _our_metrics(t, results) for t in tasks}

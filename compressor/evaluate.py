@@ -20,7 +20,7 @@ from uniql.paths import data_file
 
 from .eval_tasks import ZERO_SHOT_TASKS, ElasticLM, zero_shot
 
-__all__ = ["ElasticLM", "TASKS", "evaluate", "wikitext2_ppl", "zero_shot"]
+__all__ = ["ElasticLM", "TASKS", "evaluate", "paired_change", "wikitext2_ppl", "zero_shot"]
 
 PPL_TASKS = ("wikitext2",)
 TASKS = PPL_TASKS + tuple(ZERO_SHOT_TASKS)
@@ -79,11 +79,12 @@ def wikitext2_ppl(model, tokenizer, *, rung: int | None = None, path: str | Path
 def evaluate(model, tokenizer, tasks: Sequence[str], *, rung: int | None = None, limit: int | None = None,
              seqlen: int = 2048, max_windows: int | None = None, batch_size: int = 16,
              ppl_batch_size: int = 4, device: torch.device | str | None = None,
-             data_paths: Mapping[str, str | Path] | None = None) -> dict[str, dict]:
+             data_paths: Mapping[str, str | Path] | None = None, per_doc: bool = False) -> dict[str, dict]:
     """Run ``tasks`` (any of :data:`TASKS`) at ``rung``: ``{"wikitext2": {"ppl": ...}, "piqa": {"acc": ...}}``.
 
     ``limit`` caps the documents of each zero-shot task, ``max_windows`` the perplexity windows;
-    ``data_paths`` maps a task name to a local file replacing the shared data.
+    ``data_paths`` maps a task name to a local file replacing the shared data; ``per_doc`` adds each zero-shot
+    task's per-document ``"correct"`` string.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -96,5 +97,22 @@ def evaluate(model, tokenizer, tasks: Sequence[str], *, rung: int | None = None,
     zero_shot_tasks = [t for t in tasks if t in ZERO_SHOT_TASKS]
     if zero_shot_tasks:
         results.update(zero_shot(model, tokenizer, zero_shot_tasks, rung=rung, limit=limit,
-                                 batch_size=batch_size, device=device, data_paths=data_paths))
+                                 batch_size=batch_size, device=device, data_paths=data_paths, per_doc=per_doc))
     return {t: results[t] for t in tasks}
+
+
+def paired_change(before: str, after: str) -> dict:
+    """Accuracy change between two models on the same documents (``"correct"`` strings of :func:`zero_shot`).
+
+    A difference of a point on PIQA's 1838 documents is within the noise of either accuracy alone, but the two
+    models share the documents: only those where they disagree carry information. McNemar's exact test: under
+    "no change", each disagreement is a fair coin; ``p`` is the two-sided binomial probability of a split at
+    least as uneven as ``gained`` vs ``lost``."""
+    if len(before) != len(after) or not before or set(before + after) - {"0", "1"}:
+        raise ValueError("need two equally long, non-empty strings of '0'/'1' (same documents, same order)")
+    gained = sum(b == "0" and a == "1" for b, a in zip(before, after, strict=True))
+    lost = sum(b == "1" and a == "0" for b, a in zip(before, after, strict=True))
+    n = gained + lost
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n if n else 1.0
+    return {"n": len(before), "delta": (gained - lost) / len(before), "gained": gained, "lost": lost,
+            "p_mcnemar": min(1.0, 2 * tail)}

@@ -15,7 +15,7 @@ import torch
 from helpers import DATA, tiny_hf_model
 from lm_eval.api.instance import Instance
 
-from uniql.compressor.evaluate import TASKS, ElasticLM, evaluate, wikitext2_ppl, zero_shot
+from uniql.compressor.evaluate import TASKS, ElasticLM, evaluate, paired_change, wikitext2_ppl, zero_shot
 from uniql.paths import smollm2_gguf
 from uniql.runtime.hf_import import decoder_from_hf
 
@@ -145,37 +145,39 @@ def zero_shot_results(decoder, tokenizer, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))  # the merged PIQA file goes here
         return zero_shot(decoder, tokenizer, ("piqa", "arc_easy", "lambada"), limit=LIMIT, batch_size=16,
-                         data_paths=FIXTURE_PATHS)
+                         data_paths=FIXTURE_PATHS, per_doc=True)
 
 
-def _choice_accuracy(lm: ElasticLM, docs: list[tuple[str, list[str], int]]) -> float:
-    """Accuracy of argmax log-likelihood over choices; docs are (context, choices, gold index)."""
-    correct = 0
+def _choice_correct(lm: ElasticLM, docs: list[tuple[str, list[str], int]]) -> str:
+    """Per document, "1" where the argmax log-likelihood choice is gold; docs are (context, choices, gold index)."""
+    correct = ""
     for context, choices, gold in docs:
         scores = [lp for lp, _ in _loglikelihoods(lm, [(context, " " + c) for c in choices])]
-        correct += max(range(len(choices)), key=scores.__getitem__) == gold
-    return correct / len(docs)
+        correct += "1" if max(range(len(choices)), key=scores.__getitem__) == gold else "0"
+    return correct
 
 
 def test_zero_shot_piqa_accuracy_matches_hand_scoring(zero_shot_results, decoder, tokenizer):
     labels = [int(x) for x in (DATA / "piqa_small-labels.lst").read_text().split()][:LIMIT]
     docs = [(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], y)
             for d, y in zip(_jsonl(FIXTURE_PATHS["piqa"]), labels, strict=True)]
-    hand = _choice_accuracy(ElasticLM(decoder, tokenizer, batch_size=1), docs)
-    assert hand != 0.5  # see LIMIT
+    hand = _choice_correct(ElasticLM(decoder, tokenizer, batch_size=1), docs)
+    assert hand.count("1") / LIMIT != 0.5  # see LIMIT
     piqa = zero_shot_results["piqa"]
     assert piqa["n"] == LIMIT
-    assert piqa["acc"] == pytest.approx(hand)
+    assert piqa["correct"] == hand  # document by document, in order
+    assert piqa["acc"] == pytest.approx(hand.count("1") / LIMIT)
     assert 0.0 <= piqa["acc_norm"] <= 1.0
 
 
 def test_zero_shot_arc_easy_accuracy_matches_hand_scoring(zero_shot_results, decoder, tokenizer):
     docs = [(f"Question: {d['question']}\nAnswer:", d["choices"]["text"],
              d["choices"]["label"].index(d["answerKey"])) for d in _jsonl(FIXTURE_PATHS["arc_easy"])]
-    hand = _choice_accuracy(ElasticLM(decoder, tokenizer, batch_size=1), docs)
+    hand = _choice_correct(ElasticLM(decoder, tokenizer, batch_size=1), docs)
     arc = zero_shot_results["arc_easy"]
     assert arc["n"] == LIMIT
-    assert arc["acc"] == pytest.approx(hand)
+    assert arc["correct"] == hand
+    assert arc["acc"] == pytest.approx(hand.count("1") / LIMIT)
     assert 0.0 <= arc["acc_norm"] <= 1.0
 
 
@@ -184,8 +186,21 @@ def test_zero_shot_lambada_matches_hand_scoring(zero_shot_results, decoder, toke
     scored = _loglikelihoods(ElasticLM(decoder, tokenizer), [(ctx, " " + word) for ctx, word in pairs])
     lambada = zero_shot_results["lambada"]
     assert lambada["n"] == LIMIT
+    assert lambada["correct"] == "".join("1" if g else "0" for _, g in scored)
     assert lambada["acc"] == pytest.approx(sum(g for _, g in scored) / LIMIT)
     assert lambada["ppl"] == pytest.approx(math.exp(-sum(lp for lp, _ in scored) / LIMIT), rel=1e-5)
+
+
+def test_paired_change_counts_disagreements_and_gives_mcnemars_exact_p():
+    got = paired_change("1100110000", "0111111111")  # doc 0 lost; docs 2, 3, 6..9 gained
+    assert (got["n"], got["gained"], got["lost"]) == (10, 6, 1) and got["delta"] == pytest.approx(0.5)
+    assert got["p_mcnemar"] == pytest.approx(2 * (1 + 7) / 2 ** 7)  # P(<= 1 of 7 fair coins), both tails
+    assert paired_change("10" * 50, "10" * 50) == {"n": 100, "delta": 0.0, "gained": 0, "lost": 0, "p_mcnemar": 1.0}
+    assert paired_change("0" * 10, "1" * 10)["p_mcnemar"] == pytest.approx(2 / 2 ** 10)
+    assert paired_change("01", "10")["p_mcnemar"] == 1.0  # a tie: no evidence either way
+    for bad in (("01", "011"), ("", ""), ("0x", "01")):
+        with pytest.raises(ValueError, match="equally long"):
+            paired_change(*bad)
 
 
 # ---------------------------------------------------------------- dispatch
