@@ -162,8 +162,9 @@ class DecodeBatch:
             k_cache, v_cache = cache.k[layer][0], cache.v[layer][0]  # [kv, cap, *]
             k_cache[:, end - 1] = k_new[i].to(k_cache.dtype)
             v_cache[:, end - 1] = v_new[i].to(v_cache.dtype)
-            out = F.scaled_dot_product_attention(q[i][:, None], k_cache[:, :end].to(q.dtype),
-                                                 v_cache[:, :end].to(q.dtype), scale=scale,
-                                                 enable_gqa=n_heads != n_kv)  # [heads, 1, vo]
-            rows.append(out[:, 0].T.reshape(-1))  # rank-major
+            # one query per head: the heads sharing a KV head are its "query rows" (GQA without expanding K/V;
+            # ~30 % faster on CPU than enable_gqa, which takes SDPA's math path)
+            out = F.scaled_dot_product_attention(q[i].view(n_kv, n_heads // n_kv, -1), k_cache[:, :end].to(q.dtype),
+                                                 v_cache[:, :end].to(q.dtype), scale=scale)  # [kv, rep, vo]
+            rows.append(out.reshape(n_heads, -1).T.reshape(-1))  # rank-major
         return torch.stack(rows)

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniql.kernels import int4_format, ops
+from uniql.kernels import int4_cpu, int4_format, ops
 from uniql.kernels import int4_matmul as _mm
+
+from .host_forms import HOST, DenseHost, Int4Host
 
 
 def prefix(t: torch.Tensor | None, n: int | None) -> torch.Tensor | None:
@@ -50,8 +52,10 @@ class DenseLinear(nn.Module):
 class Int4Linear(nn.Module):
     """W4A16 linear over the packed format of ``uniql.kernels.int4_format`` (see there for the layout).
 
-    On CUDA the Triton kernels of ``uniql.kernels.int4_matmul`` read the active prefix in place; the CPU path
-    dequantizes only the active prefix (views of ``qweight``/``scales``) and multiplies.
+    On CUDA the Triton kernels of ``uniql.kernels.int4_matmul`` read the active prefix in place. On CPU the runner
+    gives each layer a host form once (``prepare_host``): aten's CPU int4 GEMM over the codes re-laid
+    (``uniql.kernels.int4_cpu``), or where that is missing a dense dequantized copy; without one, each call
+    dequantizes its active prefix and multiplies.
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False):
@@ -90,10 +94,9 @@ class Int4Linear(nn.Module):
             if norm is not None and k in (None, self.in_features):
                 return _mm.int4_matmul(x.xw, self.qweight, self.scales, self.group_size, n=n, bias=bias, norm=norm)
             x = x.normed()
-        cached = self.__dict__.get("_dequantized")
-        if cached is not None and cached.device == x.device and cached.dtype == x.dtype:
-            out = x @ cached[:k, :n]  # every rung is still a view, now of the dequantized copy
-            return out if bias is None else out + bias.to(out.dtype)
+        host = self.__dict__.get(HOST)
+        if host is not None and x.device.type == "cpu" and x.dtype == host.dtype:
+            return host(x, n, k if k is not None else self.in_features, bias)
         return ops.int4_linear(x, self.qweight, self.scales, self.group_size, n=n, k=k, bias=bias)
 
     def forward_residual(self, x: torch.Tensor, k: int, residual: torch.Tensor, norm) -> Prenormed | None:
@@ -101,19 +104,41 @@ class Int4Linear(nn.Module):
         where the decode GEMV does not serve this call (the caller runs the plain path). bf16 streams only: the
         half-done norm ``s * w`` is stored in the stream's dtype, and in fp16 it could overflow where the norm's
         output (normalised first) does not."""
-        if "_dequantized" in self.__dict__ or torch.compiler.is_compiling() or residual.dtype != torch.bfloat16:
+        if HOST in self.__dict__ or torch.compiler.is_compiling() or residual.dtype != torch.bfloat16:
             return None
         done = _mm.int4_residual(x, self.qweight, self.scales, self.group_size, k, residual, norm.weight,
                                  prefix(self.bias, self.out_features))
         return None if done is None else Prenormed(*done, norm)
 
-    def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
-        """CPU decode: dequantize the whole weight once (``W^T [K, N]``) instead of on every call.
+    def prepare_host(self, dtype: torch.dtype = torch.float32, kind: str = "auto") -> None:
+        """CPU: build the form calls read (``host_forms``; ``kind`` "int4": decode through aten's int4 GEMM on the
+        codes, prefill through a dense copy; "dense": the dense copy only; "auto": int4 for bfloat16 models where
+        this torch has the kernel, else dense (fp32 stays exact and fast: aten's fp32 int4 path is a scalar loop)).
+        Not a buffer: never saved, never moved by ``.to()``; ``refresh_host`` rebuilds it from the packed tensors."""
+        if kind not in ("auto", "int4", "dense"):
+            raise ValueError(f"host form must be auto, int4 or dense, got {kind!r}")
+        use_int4 = kind == "int4" or (kind == "auto" and int4_cpu.available() and dtype in int4_cpu.FAST_DTYPES)
+        host_cls = Int4Host if use_int4 else DenseHost
+        self.__dict__[HOST] = host_cls(self.qweight, self.scales, self.group_size, dtype)
 
-        The CPU backend has no fused kernel, so re-dequantizing every step would dominate; this trades the
-        4-bit residency for speed on development hosts. Not a buffer: never saved, never moved by ``.to()``.
-        """
-        self.__dict__["_dequantized"] = self.weight_t(dtype=dtype)
+    def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
+        """The dense host form (``prepare_host(dtype, "dense")``)."""
+        self.prepare_host(dtype, "dense")
+
+    @property
+    def host(self):
+        return self.__dict__.get(HOST)
+
+    def refresh_host(self) -> None:
+        """Rebuild the host form from the current packed tensors (elastic residency cut or reloaded them)."""
+        host = self.host
+        if host is not None:
+            self.__dict__[HOST] = type(host)(self.qweight, self.scales, self.group_size, host.dtype)
+
+    def host_bytes(self, n: int, k: int) -> int:
+        """Bytes the host form takes for an (n, k) prefix of the packed tensors (0 without one)."""
+        host = self.host
+        return 0 if host is None else type(host).bytes_for(n, k, self.group_size, host.dtype)
 
     def lookup(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """Embedding rows: row ``v`` of the table is column ``v`` of the packed ``[hidden, vocab]``."""

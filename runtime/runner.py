@@ -35,11 +35,11 @@ class ModelRunner:
         self.caches: dict[str, KVCache] = {}
         self.graphs: DecodeGraphs | None = None
         self.lookahead_reads = 0  # greedy steps that were already on the GPU when asked for
-        if self.device.type == "cpu":  # no fused INT4 kernel on CPU: dequantize once, every rung a view of it
+        if self.device.type == "cpu":  # no Triton on CPU: a host form per projection (aten int4 GEMM or dense)
             dtype = model.norm.weight.dtype
             for module in model.modules():
                 if isinstance(module, Int4Linear):
-                    module.cache_dequantized(dtype)
+                    module.prepare_host(dtype)
         else:
             fuse_projections(model)  # q|k|v and gate|up in one launch each
             reserve_workspace(self.device, floats=1 << 23)  # split-K scratch, allocated before any capture

@@ -42,7 +42,7 @@ class ServerConfig:
     rate: str = "auto"  # "auto" (the controller) or a fixed pruning rate
     memory_reserve: str = "512M"
     device: str = "cpu"
-    dtype: str = "auto"  # activations and caches (runtime/dtypes.py): bf16 on a GPU with native bf16, fp32 on CPU
+    dtype: str = "auto"  # activations and caches (runtime/dtypes.py): bf16 on a GPU with native bf16 and on x86 CPUs
     default_max_tokens: int = 512  # when a request gives none (its KV cache is sized for prompt + this)
     tpot_target_ms: float | None = None  # climb a rung when decode is slower than this under contention
     hysteresis: str = "16M"  # a lower rung must fit with this much to spare before the server goes back to it

@@ -1,10 +1,11 @@
 """The weight store of elastic residency: release and reload the tails of a model's pruned projections.
 
 Each of the seven projections of a layer holds, at most: the packed INT4 codes ``qweight [K/8, N]`` and
-``scales [K/G, N]`` (or a float ``weight [N, K]``), and on CPU the dense copy the runner dequantized once
-(``Int4Linear.cache_dequantized``, ``W^T [K, N]``). Releasing a layer to rung ``r`` replaces every one of them
-by a *clone* of its rung-``r`` prefix, so the old full tensor is really freed (a view would keep it alive);
-reloading reads the full packed tensors back from the memory-mapped checkpoint and dequantizes them again.
+``scales [K/G, N]`` (or a float ``weight [N, K]``), and on CPU the host form the runner built once
+(``Int4Linear.prepare_host``: the codes re-laid for aten's CPU int4 GEMM, or a dense dequantized copy). Releasing a
+layer to rung ``r`` replaces every one of them by a *clone* of its rung-``r`` prefix, so the old full tensor is
+really freed (a view would keep it alive), and rebuilds the host form from it; reloading reads the full packed
+tensors back from the memory-mapped checkpoint and rebuilds the host form again.
 ``resident_bytes`` measures the storages actually held; ``rung_bytes`` predicts them per rung, and the tests
 check the two agree. Embedding/head tables, norms and biases are never pruned and stay resident.
 
@@ -32,11 +33,6 @@ from uniql.runtime.linear import DenseLinear, FusedInt4, Int4Linear
 from uniql.runtime.memory import active_shapes
 
 log = logging.getLogger(__name__)
-DENSE_COPY = "_dequantized"  # where Int4Linear.cache_dequantized keeps the CPU copy (not a buffer)
-
-
-def _dense_copy(module) -> torch.Tensor | None:
-    return module.__dict__.get(DENSE_COPY)
 
 
 def _storage_bytes(tensors) -> int:
@@ -55,8 +51,7 @@ def _storage_bytes(tensors) -> int:
 def linear_bytes(module, n: int, k: int) -> int:
     """Bytes a projection holds at active shape (n, k): what ``_release`` leaves behind."""
     if isinstance(module, Int4Linear):
-        dense = _dense_copy(module)
-        return packed_bytes(k, n, module.group_size) + (0 if dense is None else k * n * dense.element_size())
+        return packed_bytes(k, n, module.group_size) + module.host_bytes(n, k)
     return n * k * module.weight.element_size()
 
 
@@ -90,7 +85,7 @@ class ElasticWeights:
     # ------------------------------------------------------------------------------------------ reading
     def resident_bytes(self) -> int:
         tensors = [t for _, t in self.model.named_parameters()] + [t for _, t in self.model.named_buffers()]
-        tensors += [_dense_copy(m) for m in self.model.modules() if isinstance(m, Int4Linear)]
+        tensors += [t for m in self.model.modules() if isinstance(m, Int4Linear) and m.host for t in m.host.tensors()]
         return _storage_bytes(tensors)
 
     # ------------------------------------------------------------------------------------------ release
@@ -101,7 +96,7 @@ class ElasticWeights:
         for fused, paths in self.fused[layer]:
             fused.keep_prefixes(tuple(shapes[p][0] for p in paths), shapes[paths[0]][1])
             for p in paths:
-                _cut_dense(self.modules[layer][p], *shapes[p])
+                self.modules[layer][p].refresh_host()
         for path in self.single[layer]:
             _release(self.modules[layer][path], *shapes[path])
         self.layer_rung[layer] = rung
@@ -117,7 +112,7 @@ class ElasticWeights:
             for fused, paths in self.fused[layer]:
                 fused.set_members([_stored_packed(stored, names[p], fused.group_size, *shapes[p]) for p in paths])
                 for p in paths:
-                    _redo_dense(mods[p])
+                    mods[p].refresh_host()
             for path in self.single[layer]:
                 _reload(mods[path], names[path], stored, *shapes[path])
         self.layer_rung[layer] = rung
@@ -141,25 +136,12 @@ def _fused_groups(layer, modules: dict) -> list[tuple[FusedInt4, tuple[str, ...]
     return groups
 
 
-def _cut_dense(module, n: int, k: int) -> None:
-    dense = _dense_copy(module)
-    if dense is not None:
-        module.__dict__[DENSE_COPY] = dense[:k, :n].clone()
-
-
-def _redo_dense(module) -> None:
-    """Dequantize the just-restored packed tensors again, like the CPU runner did once (``cache_dequantized``)."""
-    dense = _dense_copy(module)
-    if dense is not None:
-        module.__dict__[DENSE_COPY] = module.weight_t(dtype=dense.dtype)
-
-
 def _release(module, n: int, k: int) -> None:
     """Keep a clone of the (n, k) prefix of every tensor the projection holds; the full tensors are freed."""
     if isinstance(module, Int4Linear):
         module.qweight = module.qweight[: -(-k // PACK), :n].clone()
         module.scales = module.scales[: -(-k // module.group_size), :n].clone()
-        _cut_dense(module, n, k)
+        module.refresh_host()
     elif isinstance(module, DenseLinear):
         module.weight = torch.nn.Parameter(module.weight[:n, :k].clone(), requires_grad=False)
 
@@ -172,12 +154,12 @@ def _stored_packed(stored, name: str, group_size: int, n: int, k: int) -> tuple[
 
 
 def _reload(module, name: str, stored, n: int, k: int) -> None:
-    """Read the stored tensors back (their (n, k) prefix, or all of them at rung 0) and re-dequantize."""
+    """Read the stored tensors back (their (n, k) prefix, or all of them at rung 0) and rebuild the host form."""
     device = module.scales.device if isinstance(module, Int4Linear) else module.weight.device
     if isinstance(module, Int4Linear):
         qweight, scales = _stored_packed(stored, name, module.group_size, n, k)
         module.qweight, module.scales = qweight.to(device).contiguous(), scales.to(device).contiguous()
-        _redo_dense(module)
+        module.refresh_host()
     elif isinstance(module, DenseLinear):
         weight = stored.get_slice(f"{name}.weight")[:n, :k].to(device, module.weight.dtype)
         module.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)

@@ -48,9 +48,13 @@ def test_auto_is_float16_on_a_gpu_without_bf16(monkeypatch):
     assert resolve_dtype("auto", "cuda") is torch.float16
 
 
-def test_auto_is_float32_on_cpu_even_where_a_gpu_exists(monkeypatch):
-    asked = _fake_cuda(monkeypatch, bf16=True)
-    assert resolve_dtype("auto", "cpu") is torch.float32 and asked == []
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_on_cpu_is_bfloat16_where_the_int4_kernel_is_vectorised_else_float32(monkeypatch, fast):
+    from uniql.kernels import int4_cpu
+
+    asked = _fake_cuda(monkeypatch, bf16=False)  # a GPU elsewhere in the box changes nothing for the CPU
+    monkeypatch.setattr(int4_cpu, "fast", lambda: fast)
+    assert resolve_dtype("auto", "cpu") is (torch.bfloat16 if fast else torch.float32) and asked == []
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -105,18 +109,22 @@ def test_bfloat16_casts_the_float_parts_once_and_keeps_the_format_dtypes(llama_c
     packed = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert {m.qweight.dtype for m in packed} == {torch.int32} and {m.scales.dtype for m in packed} == {torch.float16}
     assert model.inv_freq.dtype == torch.float32  # bf16 RoPE angles would drift by radians
-    assert load_for_inference(llama_ckpt, "cpu", "auto")[0].norm.weight.dtype == torch.float32  # CPU default
+    from uniql.kernels import int4_cpu
+
+    auto = load_for_inference(llama_ckpt, "cpu", "auto")[0].norm.weight.dtype  # the CPU default
+    assert auto == (torch.bfloat16 if int4_cpu.fast() else torch.float32)
 
 
-def test_bfloat16_halves_the_kv_cache_and_the_dequantized_copies(llama_ckpt):
+def test_bfloat16_halves_the_kv_cache_and_reads_int4_on_cpu(llama_ckpt):
     runners = {}
     for dtype in ("float32", "bfloat16"):
         runner, req, logits = _runner_and_prefill(llama_ckpt, dtype)
         cache = runner.caches[req.request_id]
         assert runner.cache_dtype == cache.k[0].dtype == cache.v[-1].dtype == runner.model.norm.weight.dtype
         assert cache.nbytes() == runner.cache_bytes_at(0, req.max_len)  # admission counts what is allocated
-        dense = runner.model.layers[0].mlp.down_proj.__dict__["_dequantized"]
-        assert dense.dtype == runner.model.norm.weight.dtype  # the CPU runner's one-time copy follows too
+        host = runner.model.layers[0].mlp.down_proj.host
+        assert host.dtype == runner.model.norm.weight.dtype  # the CPU runner's host form follows too
+        assert type(host).__name__ == ("DenseHost" if dtype == "float32" else "Int4Host")
         runners[dtype] = (runner, logits)
     (r32, l32), (r16, l16) = runners["float32"], runners["bfloat16"]
     rungs = range(len(r32.model.ladder.rates))

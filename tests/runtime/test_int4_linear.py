@@ -94,13 +94,55 @@ def test_constructor_rejects_a_bad_group():
         Int4Linear(in_features=96, out_features=8, group_size=64)
 
 
-def test_cpu_dequantized_cache_gives_the_same_outputs_as_views():
+@pytest.mark.parametrize("kind", ["dense", "int4"])
+def test_cpu_host_forms_give_the_same_outputs_as_views(kind):
+    from uniql.kernels import int4_cpu
+
+    if kind == "int4" and not int4_cpu.available():
+        pytest.skip("this torch has no CPU int4 GEMM")
     layer = _layer()
     x = torch.randn(3, layer.in_features)
-    expected = [layer(x[:, :k], n=n, k=k) for n, k in ((None, None), (32, 64), (16, 40))]
-    layer.cache_dequantized(torch.float32)
-    cached = layer.__dict__["_dequantized"]
-    got = [layer(x[:, :k], n=n, k=k) for n, k in ((None, None), (32, 64), (16, 40))]
+    shapes = ((None, None), (32, 64), (16, 40))
+    expected = [layer(x[:, :k], n=n, k=k) for n, k in shapes]
+    layer.prepare_host(torch.float32, kind)
+    got = [layer(x[:, :k], n=n, k=k) for n, k in shapes]
     for a, b in zip(got, expected, strict=True):
         assert _rel(a, b) < 1e-6
-    assert "_dequantized" not in layer.state_dict() and cached.shape == (layer.in_features, layer.out_features)
+    assert "_host" not in layer.state_dict()
+    n, k = layer.out_features, layer.in_features
+    assert sum(t.nbytes for t in layer.host.tensors()) == layer.host_bytes(n, k)
+    assert type(layer.host).__name__ == {"dense": "DenseHost", "int4": "Int4Host"}[kind]
+
+
+def test_auto_host_form_is_int4_for_bfloat16_only():
+    from uniql.kernels import int4_cpu
+
+    layer = _layer()
+    x = torch.randn(2, layer.in_features)
+    want = layer(x)  # no host form: the dequantized prefix in fp32
+    layer.prepare_host(torch.float32)
+    assert type(layer.host).__name__ == "DenseHost"  # fp32 stays exact: aten's int4 GEMM is scalar for fp32
+    layer.prepare_host(torch.bfloat16)
+    assert type(layer.host).__name__ == ("Int4Host" if int4_cpu.available() else "DenseHost")
+    assert _rel(layer(x.bfloat16()).float(), want) < 2e-2  # bf16 activations and outputs, fp32 accumulation
+    with pytest.raises(ValueError, match="host form"):
+        layer.prepare_host(torch.float32, "fast")
+
+
+def test_int4_host_sends_decode_rows_to_the_int4_gemm_and_prefill_rows_to_the_dense_copy(monkeypatch):
+    from uniql.kernels import int4_cpu
+    from uniql.runtime import host_forms
+
+    if not int4_cpu.available():
+        pytest.skip("this torch has no CPU int4 GEMM")
+    layer = _layer()
+    layer.prepare_host(torch.bfloat16, "int4")
+    want = layer.host.dense.w_t.float()[:, :24]
+    calls = []
+    for name in ("int4", "dense"):
+        form = getattr(layer.host, name)
+        monkeypatch.setattr(layer.host, name, lambda *a, _f=form, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    for rows in (1, host_forms.INT4_MAX_ROWS, host_forms.INT4_MAX_ROWS + 1, 64):
+        x = torch.randn(rows, layer.in_features).bfloat16()
+        assert _rel(layer(x, n=24).float(), x.float() @ want + layer.bias[:24]) < 2e-2
+    assert calls == ["int4", "int4", "dense", "dense"]

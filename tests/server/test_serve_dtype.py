@@ -39,13 +39,14 @@ def test_help_says_the_cpu_default(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--dtype {auto,bfloat16,float16,float32}" in text and "float32 on CPU" in text
+    assert "--dtype {auto,bfloat16,float16,float32}" in text
+    assert "on CPU bfloat16 (INT4 decode kernel) on x86 with AVX2 / AVX-512, else float32" in text
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_ckpt):
-    """The tiny checkpoint served twice on CPU: the default (auto = float32 there) and --dtype bfloat16."""
-    with running_server(tiny_config(tiny_ckpt)) as fp32, \
+    """The tiny checkpoint served twice on CPU: --dtype float32 and --dtype bfloat16."""
+    with running_server(tiny_config(tiny_ckpt, dtype="float32")) as fp32, \
             running_server(tiny_config(tiny_ckpt, dtype="bfloat16")) as bf16:
         yield {"float32": fp32, "bfloat16": bf16}
 
@@ -93,7 +94,8 @@ def test_bfloat16_halves_the_kv_cache_in_the_engine_and_in_metrics(servers, tiny
     live = {dtype: _live_cache_bytes(base_url) for dtype, base_url in servers.items()}
     assert live["float32"] > 0 and 2 * live["bfloat16"] == live["float32"], live
     state = {d: httpx.get(f"{u}/health", timeout=10).json() for d, u in servers.items()}
-    # the CPU runner's dequantized weight copies follow the dtype: fewer resident bytes at every rung
+    # the CPU runner's host forms follow the dtype (bf16: int4 codes for decode + a bf16 copy for prefill, fp32: a
+    # dense fp32 copy): fewer resident bytes at every rung
     assert all(b < f for b, f in zip(state["bfloat16"]["rung_weight_bytes"], state["float32"]["rung_weight_bytes"],
                                      strict=True))
     assert state["bfloat16"]["weights_resident_bytes"] < state["float32"]["weights_resident_bytes"]
