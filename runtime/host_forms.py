@@ -31,7 +31,7 @@ class DenseHost:
     def tensors(self) -> list[torch.Tensor]:
         return [self.w_t]
 
-    def __call__(self, x: torch.Tensor, n: int | None, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, n: int | None, k: int | None, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = x @ self.w_t[:k, :n]
         return out if bias is None else out + bias.to(out.dtype)
 
@@ -49,7 +49,7 @@ class Int4Host:
     def tensors(self) -> list[torch.Tensor]:
         return self.int4.tensors() + self.dense.tensors()
 
-    def __call__(self, x: torch.Tensor, n: int | None, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.numel() // max(1, x.shape[-1])
+    def __call__(self, x: torch.Tensor, n: int | None, k: int | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
         form = self.int4 if rows <= INT4_MAX_ROWS else self.dense
         return form(x, n, k, bias)

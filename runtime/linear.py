@@ -96,7 +96,7 @@ class Int4Linear(nn.Module):
             x = x.normed()
         host = self.__dict__.get(HOST)
         if host is not None and x.device.type == "cpu" and x.dtype == host.dtype:
-            return host(x, n, k if k is not None else self.in_features, bias)
+            return host(x, n, k, bias)
         return ops.int4_linear(x, self.qweight, self.scales, self.group_size, n=n, k=k, bias=bias)
 
     def forward_residual(self, x: torch.Tensor, k: int, residual: torch.Tensor, norm) -> Prenormed | None:
@@ -113,17 +113,14 @@ class Int4Linear(nn.Module):
     def prepare_host(self, dtype: torch.dtype = torch.float32, kind: str = "auto") -> None:
         """CPU: build the form calls read (``host_forms``; ``kind`` "int4": decode through aten's int4 GEMM on the
         codes, prefill through a dense copy; "dense": the dense copy only; "auto": int4 for bfloat16 models where
-        this torch has the kernel, else dense (fp32 stays exact and fast: aten's fp32 int4 path is a scalar loop)).
+        the kernel runs vectorised (``int4_cpu.fast``, the same test as ``--dtype auto``), else dense (fp32 stays
+        exact and fast: aten's fp32 int4 path is a scalar loop)).
         Not a buffer: never saved, never moved by ``.to()``; ``refresh_host`` rebuilds it from the packed tensors."""
         if kind not in ("auto", "int4", "dense"):
             raise ValueError(f"host form must be auto, int4 or dense, got {kind!r}")
-        use_int4 = kind == "int4" or (kind == "auto" and int4_cpu.available() and dtype in int4_cpu.FAST_DTYPES)
+        use_int4 = kind == "int4" or (kind == "auto" and int4_cpu.fast() and dtype in int4_cpu.FAST_DTYPES)
         host_cls = Int4Host if use_int4 else DenseHost
         self.__dict__[HOST] = host_cls(self.qweight, self.scales, self.group_size, dtype)
-
-    def cache_dequantized(self, dtype: torch.dtype = torch.float32) -> None:
-        """The dense host form (``prepare_host(dtype, "dense")``)."""
-        self.prepare_host(dtype, "dense")
 
     @property
     def host(self):

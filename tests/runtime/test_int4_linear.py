@@ -123,10 +123,19 @@ def test_auto_host_form_is_int4_for_bfloat16_only():
     layer.prepare_host(torch.float32)
     assert type(layer.host).__name__ == "DenseHost"  # fp32 stays exact: aten's int4 GEMM is scalar for fp32
     layer.prepare_host(torch.bfloat16)
-    assert type(layer.host).__name__ == ("Int4Host" if int4_cpu.available() else "DenseHost")
+    assert type(layer.host).__name__ == ("Int4Host" if int4_cpu.fast() else "DenseHost")
     assert _rel(layer(x.bfloat16()).float(), want) < 2e-2  # bf16 activations and outputs, fp32 accumulation
     with pytest.raises(ValueError, match="host form"):
         layer.prepare_host(torch.float32, "fast")
+
+
+def test_auto_host_form_stays_dense_where_the_int4_kernel_is_not_vectorised(monkeypatch):
+    from uniql.kernels import int4_cpu
+
+    monkeypatch.setattr(int4_cpu, "fast", lambda: False)  # e.g. an ARM host: aten's loop would be the slow path
+    layer = _layer()
+    layer.prepare_host(torch.bfloat16)
+    assert type(layer.host).__name__ == "DenseHost"
 
 
 def test_int4_host_sends_decode_rows_to_the_int4_gemm_and_prefill_rows_to_the_dense_copy(monkeypatch):
