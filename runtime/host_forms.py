@@ -2,11 +2,16 @@
 
 * :class:`DenseHost`: the weight dequantized once, ``W^T [K, N]`` in the model dtype; every prefix a view. Exact
   in fp32, and the fast form for many rows (prefill: a BLAS / AMX GEMM).
-* :class:`Int4Host` (bfloat16 models): decode calls (few rows) go through aten's CPU int4 GEMM over the codes
-  (``uniql.kernels.int4_cpu``), which reads ~4.5 bits a weight instead of 16; prefill calls through the dense
-  bf16 copy, because that kernel is a GEMV at heart: its time grows with the rows. Measured on the 2-core
-  AVX-512 dev host, a 1536 x 576 projection out of cache: 35 vs 139 us at 1 row, 54 vs 102 at 4, 92 vs 98 at 8, 323 vs
-  106 at 32 (int4 vs dense bf16), hence ``INT4_MAX_ROWS``. Holding both costs ~1/3 more than the dense copy alone.
+* :class:`Int4Host` (bfloat16 models): calls with one position per sequence (decode steps, and the head over a
+  prompt's last token) go through aten's CPU int4 GEMM over the codes (``uniql.kernels.int4_cpu``), which reads
+  ~4.5 bits a weight instead of 16; calls over several positions (prefill) through the dense bf16 copy, because
+  that kernel is a GEMV at heart: its time grows with the rows (a 1536 x 576 projection out of cache on the 2-core
+  AVX-512 dev host: 35 vs 139 us at 1 row, 54 vs 102 at 4, 92 vs 98 at 8, 323 vs 106 at 32, int4 vs dense bf16).
+  The split is by call kind, not by row count, on purpose: the int4 kernel computes each row on its own (bit-equal
+  whatever the batch, tested), so a request's tokens never depend on how many others share its decode step; a
+  row threshold sent large decode batches to the dense GEMM, whose rounding differs, and concurrent greedy answers
+  drifted from sequential ones. Large decode batches therefore pay the int4 kernel's per-row cost. Holding both
+  forms costs ~1/3 more than the dense copy alone.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from uniql.kernels import int4_format
 from uniql.kernels.int4_cpu import CpuInt4
 
 HOST = "_host"  # the Int4Linear attribute (in __dict__, not a buffer) holding its host form
-INT4_MAX_ROWS = 7  # activation rows up to which the int4 GEMM beats the dense bf16 GEMM (a tie at 8)
 
 
 class DenseHost:
@@ -50,6 +54,5 @@ class Int4Host:
         return self.int4.tensors() + self.dense.tensors()
 
     def __call__(self, x: torch.Tensor, n: int | None, k: int | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        form = self.int4 if rows <= INT4_MAX_ROWS else self.dense
-        return form(x, n, k, bias)
+        one_position = x.dim() == 2 or x.shape[-2] == 1  # [B, K] or [B, 1, K]: a decode step
+        return (self.int4 if one_position else self.dense)(x, n, k, bias)

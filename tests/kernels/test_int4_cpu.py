@@ -53,6 +53,17 @@ def test_half_activations_keep_their_dtype_and_stay_close(dtype):
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_each_row_is_computed_on_its_own_whatever_the_batch(dtype):
+    """What the engine relies on to keep a request's tokens independent of its decode batch (host_forms)."""
+    qweight, scales = _weight(320, 256, 64, seed=3)
+    layer = int4_cpu.CpuInt4(qweight, scales, 64, dtype=dtype)
+    x = torch.randn(33, 256).to(dtype)
+    alone = torch.cat([layer(x[i:i + 1], n=200) for i in range(33)])
+    for batch in (2, 7, 8, 16, 33):
+        assert torch.equal(layer(x[:batch], n=200), alone[:batch])
+
+
 def test_bad_prefixes_and_dtypes_say_what_is_wrong():
     qweight, scales = _weight(64, 64, 32)
     layer = int4_cpu.CpuInt4(qweight, scales, 32)
