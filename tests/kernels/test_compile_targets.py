@@ -18,7 +18,7 @@ SCRIPT = r"""
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from uniql.kernels import decode_attention, elementwise, embedding, int4_dequant, int4_gemv, int4_matmul, rope
+from uniql.kernels import decode_attention, elementwise, embedding, greedy, int4_dequant, int4_gemv, int4_matmul, rope
 
 PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
         "ws_ptr": "*fp32", "cnt_ptr": "*i32", "ids_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16",
@@ -26,7 +26,8 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "d_ptr": "*bf16", "w_ptr": "*bf16", "sum_ptr": "*bf16", "gu_ptr": "*bf16", "kn_ptr": "*bf16",
         "vn_ptr": "*bf16", "kp_ptr": "*i64", "vp_ptr": "*i64", "cap_ptr": "*i32", "len_ptr": "*i32",
         "scale": "fp32", "eps": "fp32", "g_ptr": "*bf16", "act_ptr": "*bf16", "res_ptr": "*bf16",
-        "res_out_ptr": "*bf16", "sg_ptr": "*bf16", "ss_out_ptr": "*fp32", "ss_in_ptr": "*fp32", "inv_k": "fp32"}
+        "res_out_ptr": "*bf16", "sg_ptr": "*bf16", "ss_out_ptr": "*fp32", "ss_in_ptr": "*fp32", "inv_k": "fp32",
+        "val_ptr": "*fp32", "fin_ptr": "*i32"}
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, FUSED=True,
            PDL=PDL)
@@ -48,6 +49,8 @@ CASES = [
     (elementwise._group_rms_kernel, dict(BLOCK_H=16, BLOCK_P=64), 4),
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32"), 4),
     (decode_attention._combine_kernel, dict(ATT, SPLITS_P=32), 1),
+    (greedy._chunk_kernel, dict(CHUNK=4096), 8),
+    (greedy._combine_kernel, dict(CHUNKS_P=32), 1),
 ]
 for arch in map(int, sys.argv[1:]):
     for kernel, consts, warps in CASES:
@@ -66,4 +69,4 @@ def test_kernels_compile_for_jetson_and_hopper(arch):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(f"ok {arch}") == 14
+    assert done.stdout.count(f"ok {arch}") == 16
