@@ -7,8 +7,6 @@ bits whatever order programs finish in).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -67,8 +65,7 @@ def _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol,
-            mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-            CHUNK: tl.constexpr):
+            mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Write the tile, or (split K) park the partial and let the tile's last program sum all partials in order.
     Returns (the tile's fp32 values, whether this program wrote them) for epilogues that follow (``_glu_pair``)."""
     total = acc
@@ -80,17 +77,19 @@ def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bia
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         wrote = arrived == n_splits - 1
         if wrote:
-            # CHUNK partials in flight per step, summed by a fixed tree (tl.sum over the chunk axis): the old
-            # four-at-a-time loop waited one L2 round trip per 4 splits, ~28 serial trips on Llama-8B's down
-            # (112 splits), all on the critical path after the last partial lands. Fixed order: same bits
-            # whatever order programs finish in
+            # four partials in flight per step (a one-at-a-time loop waits an L2 round trip per split, which
+            # dominated K-heavy layers split 60+ ways); the adds keep split order, so the bits stay the same
             total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             step = BLOCK_M * BLOCK_N
-            chunk = tl.arange(0, CHUNK)[:, None, None]
-            for s in range(0, n_splits, CHUNK):
-                parts = tl.load(tile_ws + (s + chunk) * step + local[None, :, :],
-                                mask=(s + chunk + local[None, :, :] * 0) < n_splits, other=0.0, cache_modifier=".cg")
-                total += tl.sum(parts, axis=0)
+            for s in range(0, n_splits, 4):
+                p0 = tl.load(tile_ws + s * step + local, cache_modifier=".cg")
+                p1 = tl.load(tile_ws + (s + 1) * step + local, mask=local * 0 + s + 1 < n_splits, other=0.0,
+                             cache_modifier=".cg")
+                p2 = tl.load(tile_ws + (s + 2) * step + local, mask=local * 0 + s + 2 < n_splits, other=0.0,
+                             cache_modifier=".cg")
+                p3 = tl.load(tile_ws + (s + 3) * step + local, mask=local * 0 + s + 3 < n_splits, other=0.0,
+                             cache_modifier=".cg")
+                total = (((total + p0) + p1) + p2) + p3
             tl.store(cnt_ptr + tile, 0)  # ready for the next launch (graph replays reuse the counters)
             total = _write(total, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
     else:
@@ -122,18 +121,6 @@ def _glu_pair(mine, pair_cnt_ptr, is_gate, out_ptr, stride_om, act_ptr, stride_a
         # interpreter, whose bf16 arithmetic is not native, gets it right too)
         prod = (act.to(tl.float32) * up.to(tl.float32)).to(dtype)
         tl.store(act_ptr + offs_m[:, None] * stride_am + acol[None, :], prod, mask=mask)
-
-
-_FORCED_CHUNK = os.environ.get("UNIQL_SPLIT_CHUNK")
-
-
-def split_chunk(block_m: int, block_n: int) -> int:
-    """Split-K partials the fixup loads per step: as many as keep ~32 fp32 values per thread of 4 warps (16 for
-    a one-row GEMV tile of 128 or 256 columns), never fewer than 4. ``UNIQL_SPLIT_CHUNK`` (read at import)
-    overrides it for benchmark A/Bs (4 = the previous fixed loop's depth)."""
-    if _FORCED_CHUNK:
-        return int(_FORCED_CHUNK)
-    return max(4, min(16, 4096 // (block_m * block_n)))
 
 
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -79,14 +79,14 @@ def test_split_k_is_exact_and_deterministic(path, split):
 
 
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
-def test_many_splits_sum_in_chunks_in_a_fixed_order(path):
-    """More splits than one fixup step loads (16 for these tiles): several chunks, the last one partial."""
+def test_many_splits_sum_in_a_fixed_order(path):
+    """Twenty splits: the fixup's four-at-a-time loop runs five steps (a 3-D chunked variant that loaded 16 per
+    step measured slower in the engine, results/decode_split_chunk_ab_h200.json)."""
     qweight, scales = packed(64, 1280, 32)
     m = 1 if path == "gemv" else 5
     x = torch.randn(m, 1256, device=DEV, dtype=torch.float32 if not CUDA else torch.float16)
     cfg = im.Int4Config(path, block_n=64 if path == "gemv" else 32, block_k=32, split_k=37, num_warps=4,
                         block_m=1 if path == "gemv" else 16)
-    assert im.split_chunk(cfg.block_m, cfg.block_n) < 37
     first = check(x, qweight, scales, 32, n=60, k=1256, config=cfg)
     assert torch.equal(first, im.int4_matmul(x, qweight, scales, 32, n=60, k=1256, config=cfg))
     _, counters = im.workspace(x.device, 0, 0)
