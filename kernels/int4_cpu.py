@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .int4_format import PACK, ZERO, dequantize, unpack
+from .int4_format import PACK, ZERO, unpack
+from .int4_matmul import int4_matmul_reference as reference  # noqa: F401 (the torch reference of every W4A16 path)
 
 ROW_BLOCK = 64  # a multiple of aten's BLOCK_N on every CPU (64 AVX-512, 32 AVX2 / scalar)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -87,12 +88,3 @@ class CpuInt4:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), packed, self.group_size, sz)
         out = out[:, :n].reshape(*x.shape[:-1], n).to(x.dtype)
         return out if bias is None else out + bias[:n].to(out.dtype)
-
-
-def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-              n: int | None = None, k: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """What :class:`CpuInt4` computes, in plain torch: the dequantized prefix times ``x`` in fp32."""
-    w_t = dequantize(qweight, scales, group_size, k, n, torch.float32)  # [k, n]
-    out = x.float() @ w_t
-    return (out if bias is None else out + bias[: w_t.shape[1]].float()).to(x.dtype)
-
