@@ -53,14 +53,15 @@ def cached(stash: Path | None, name: str, build, reused: list | None = None):
     return obj
 
 
-def variant_changes(base: FinetuneConfig, spec: str) -> dict:
-    """``"distill=0.5;rung_decay=0"`` -> {"distill": 0.5, "rung_decay": 0.0}, typed like the fields they change."""
+def variant_changes(base, spec: str) -> dict:
+    """``"distill=0.5;rung_decay=0"`` -> {"distill": 0.5, "rung_decay": 0.0}, typed like the fields of the
+    dataclass ``base`` (FinetuneConfig, QuantConfig) they change."""
     changes = {}
     for item in filter(None, spec.split(";")):
         name, _, value = item.partition("=")
         current = getattr(base, name.strip(), None)
         if not isinstance(current, (str, int, float)) or isinstance(current, bool):
-            raise SystemExit(f"--variant: {name.strip()!r} is not a str/int/float fine-tuning setting")
+            raise SystemExit(f"{name.strip()!r} is not a str/int/float field of {type(base).__name__}")
         changes[name.strip()] = type(current)(value.strip())
     return changes
 
@@ -146,6 +147,8 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=2048)
     ap.add_argument("--quant-samples", type=int, default=32, help="GPTQ calibration samples")
     ap.add_argument("--quant-seqlen", type=int, default=2048)
+    ap.add_argument("--quant-options", default="", help='other QuantConfig fields for both stages, like --variant '
+                    '(e.g. "rung_weighting=rungs;rung0_weight=2")')
     ap.add_argument("--ppl-windows", type=int, default=None, help="cap wikitext2 windows (smoke runs)")
     ap.add_argument("--where", default=None, help="label for budget.where (default: the device)")
     ap.add_argument("--zero-shot-limit", type=int, default=None, help="documents per task (default: all)")
@@ -182,6 +185,7 @@ def main() -> None:
         return
     qcfg = dict(method="gptq", group_size=group, calib_samples=args.quant_samples,
                 calib_seqlen=args.quant_seqlen)
+    qcfg.update(variant_changes(QuantConfig(**qcfg), args.quant_options))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), uniql-sorted", "device": device,
               "quantization": {**QuantConfig(**qcfg).manifest(), "calib": "wikitext2 valid"},

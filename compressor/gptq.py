@@ -6,6 +6,10 @@ depends on the columns a rung drops, and no rung needs re-quantization (the refe
 o_proj/out_proj per rate with plain rounding). A prefix does lose the compensation that went into the dropped
 tail, so GPTQ's advantage over RTN shrinks with deeper K cuts (tests/compressor/test_quantize.py pins the trend;
 benchmarks/results/quant_smollm2.json measures it per projection type and rung).
+
+``rung_weighted_hessian`` turns that around (uniql-method.md, "GPTQ compatible with truncation"): GPTQ on
+sum_r a_r [H restricted to rung r's prefix] minimises the rungs' weighted output errors together, so no rung
+leans on compensation that only the columns it drops would carry.
 """
 
 from __future__ import annotations
@@ -51,6 +55,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, 
             err_blk[:, i] = err
         w[:, b1:] -= err_blk @ u[b0:b1, b1:]  # lazy batch update of the columns after this block
     return int4_format.pack(codes), scales
+
+
+def rung_weighted_hessian(hessian: torch.Tensor, prefixes, weights=None) -> torch.Tensor:
+    """sum_r w_r * (``hessian`` with rows and columns >= prefixes[r] zeroed), i.e. H_ij * c(max(i, j)) where c(j)
+    sums the weights of the rungs that keep input column j. tr(D M D^T) = sum_r w_r * (rung r's output error)."""
+    k = hessian.shape[0]
+    weights = [1.0] * len(prefixes) if weights is None else weights
+    col = torch.arange(k, device=hessian.device)
+    kept_weight = sum(w * (col < p).to(hessian.dtype) for w, p in zip(weights, prefixes, strict=True))
+    return hessian * kept_weight[torch.maximum(col[:, None], col[None, :])]
 
 
 def weighted_error(weight: torch.Tensor, qweight, scales, group_size: int, hessian: torch.Tensor,

@@ -20,7 +20,7 @@ from uniql.runtime.memory import active_shapes
 
 from .calib_data import calibration_batches
 from .calibrate import Collector, gram, real_tokens, run_layerwise
-from .gptq import gptq_quantize, weighted_error
+from .gptq import gptq_quantize, rung_weighted_hessian, weighted_error
 from .hadamard import rotate_hidden
 
 # projections that read the same input (one Hessian per group, hooked on the first member a layer holds)
@@ -56,6 +56,11 @@ class QuantConfig:
     # rotate the hidden dim by a randomized Hadamard first (QuaRot-style). None = auto: on for GPTQ (SmolLM2
     # wikitext2 ppl 39.2 -> 27.8 at rate 0), off for RTN (45.9 -> 54.0); see benchmarks/results/quant_smollm2.json
     hadamard: bool | None = None
+    # GPTQ objective of K-truncated projections (o/down/out_proj): "full" = the full width's output error only;
+    # "rungs" = the sum of every ladder rung's error on its own prefix (rung_weighted_hessian), with rung 0
+    # weighted ``rung0_weight`` times the others
+    rung_weighting: str = "full"
+    rung0_weight: float = 3.0
 
     def __post_init__(self):
         if self.hadamard is None:
@@ -66,6 +71,10 @@ class QuantConfig:
             raise ValueError(f"quantization method must be gptq or rtn, got {self.method!r}")
         if self.group_size not in int4_format.GROUP_SIZES:
             raise ValueError(f"group size must be one of {int4_format.GROUP_SIZES}")
+        if self.rung_weighting not in ("full", "rungs"):
+            raise ValueError(f"rung weighting must be full or rungs, got {self.rung_weighting!r}")
+        if self.rung0_weight <= 0:
+            raise ValueError(f"rung0 weight must be positive, got {self.rung0_weight}")
 
     def manifest(self) -> dict:
         return {**int4_format.FORMAT, **asdict(self)}
@@ -98,11 +107,18 @@ class GPTQCollector(Collector):
             self.hessians[path] = h if path not in self.hessians else self.hessians[path] + h
         return hook
 
+    def _objective(self, index, path, hessian):
+        """The Hessian GPTQ minimises for ``path``: H itself, or the rungs' weighted sum for a K-truncated one."""
+        prefixes = [active_shapes(self.model.spec, sizes[index])[path][1] for sizes in self.model.ladder.sizes]
+        if self.cfg.rung_weighting == "full" or min(prefixes) == hessian.shape[0]:
+            return hessian
+        return rung_weighted_hessian(hessian, prefixes, [self.cfg.rung0_weight] + [1.0] * (len(prefixes) - 1))
+
     def finish(self, index, layer):
         for path, source in self.sources.items():
             dense = layer.get_linear(path)
-            qweight, scales = gptq_quantize(dense.weight.data, self.hessians[source], self.cfg.group_size,
-                                            self.cfg.damp, self.cfg.block)
+            qweight, scales = gptq_quantize(dense.weight.data, self._objective(index, path, self.hessians[source]),
+                                            self.cfg.group_size, self.cfg.damp, self.cfg.block)
             if self.error_log is not None:
                 self._log_errors(index, path, dense.weight.data, (qweight, scales), self.hessians[source])
             layer.set_linear(path, Int4Linear.from_packed(qweight, scales, self.cfg.group_size, dense.bias))
