@@ -98,9 +98,10 @@ def test_hadamard_rotation_is_exact_on_mamba_layers(family):
         assert max_rel_diff(model(ids), before) <= 1e-5
 
 
-def test_gptq_quantizes_a_hybrid(tokenizer, tmp_path):
+@pytest.mark.parametrize("weighting", ["full", "rungs"])
+def test_gptq_quantizes_a_hybrid(tokenizer, tmp_path, weighting):
     """GPTQ (with the Hadamard rotation) over a Nemotron-H hybrid: one Hessian per shared input, every projection
-    packed, and the 4-bit model tracks the float one."""
+    packed, and the 4-bit model tracks the float one (also with the rung-weighted objective on out_proj)."""
     from uniql.runtime.ladder import Alignment, spec_dim_steps, uniform_ladder
 
     hf = tiny_ssm_hf_model("nemotron_h", vocab=len(tokenizer))
@@ -115,7 +116,8 @@ def test_gptq_quantizes_a_hybrid(tokenizer, tmp_path):
 
     os.environ["UNIQL_DATA_DIR"] = str(data)
     try:
-        quantize_model(model, tokenizer, QuantConfig(method="gptq", group_size=32, calib_samples=4, calib_seqlen=64))
+        quantize_model(model, tokenizer, QuantConfig(method="gptq", group_size=32, calib_samples=4, calib_seqlen=64,
+                                                         rung_weighting=weighting))
     finally:
         os.environ.pop("UNIQL_DATA_DIR")
     assert all(isinstance(layer.get_linear(p), Int4Linear) for layer in model.layers for p in layer.linear_paths)
