@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--quant-samples", type=int, default=32, help="GPTQ calibration samples")
     ap.add_argument("--quant-seqlen", type=int, default=2048)
     ap.add_argument("--quant-options", default="", help='other QuantConfig fields for both stages, like --variant '
-                    '(e.g. "rung_weighting=rungs;rung0_weight=2")')
+                    '(e.g. "gptq_objective=full" or "rung0_weight=2")')
     ap.add_argument("--ppl-windows", type=int, default=None, help="cap wikitext2 windows (smoke runs)")
     ap.add_argument("--where", default=None, help="label for budget.where (default: the device)")
     ap.add_argument("--zero-shot-limit", type=int, default=None, help="documents per task (default: all)")

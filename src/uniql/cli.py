@@ -22,7 +22,7 @@ def _add_quant_args(p) -> None:
     p.add_argument("--quant-data", default="wikitext2", help="GPTQ calibration data: wikitext2, alpaca or a path")
     p.add_argument("--quant-samples", type=int, default=128)
     p.add_argument("--quant-seqlen", type=int, default=2048)
-    p.add_argument("--gptq-objective", default="full", choices=["full", "rungs"],
+    p.add_argument("--gptq-objective", default="rungs", choices=["full", "rungs"],
                    help="GPTQ on o/down/out_proj minimises the full width's error (full) or every rung's error on "
                         "its own K prefix (rungs)")
     p.add_argument("--gptq-rung0-weight", type=float, default=3.0,
@@ -35,7 +35,7 @@ def _quant_config(args):
     return None if args.no_quant else QuantConfig(method=args.quant, calib_source=args.quant_data,
                                                   calib_samples=args.quant_samples, calib_seqlen=args.quant_seqlen,
                                                   seed=args.seed, hadamard=args.hadamard,
-                                                  rung_weighting=args.gptq_objective,
+                                                  gptq_objective=args.gptq_objective,
                                                   rung0_weight=args.gptq_rung0_weight)
 
 

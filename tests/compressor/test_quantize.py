@@ -133,7 +133,7 @@ def quantized(fp_model, tokenizer, tmp_path_factory):
     out = {}
     for name, method, weighting in (("rtn", "rtn", "full"), ("gptq", "gptq", "full"), ("gptq_rungs", "gptq", "rungs")):
         cfg = QuantConfig(method=method, group_size=G, calib_source=str(calib), calib_samples=16, calib_seqlen=128,
-                          rung_weighting=weighting)
+                          gptq_objective=weighting)
         out[name] = copy.deepcopy(fp_model)
         quantize_model(out[name], tokenizer, cfg)
     return out
@@ -184,9 +184,9 @@ def test_rung_weighting_changes_only_the_k_truncated_projections(quantized):
         assert same == (path not in ("attn.o_proj", "mlp.down_proj")), path
 
 
-@pytest.mark.parametrize("bad", [{"rung_weighting": "all"}, {"rung0_weight": 0.0}])
+@pytest.mark.parametrize("bad", [{"gptq_objective": "all"}, {"rung0_weight": 0.0}])
 def test_bad_rung_weighting_is_refused(fp_model, tokenizer, bad):
-    with pytest.raises(ValueError, match="rung"):
+    with pytest.raises(ValueError, match="rung|objective"):
         quantize_model(copy.deepcopy(fp_model), tokenizer, QuantConfig(**bad))
 
 

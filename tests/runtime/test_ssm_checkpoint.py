@@ -117,7 +117,7 @@ def test_gptq_quantizes_a_hybrid(tokenizer, tmp_path, weighting):
     os.environ["UNIQL_DATA_DIR"] = str(data)
     try:
         quantize_model(model, tokenizer, QuantConfig(method="gptq", group_size=32, calib_samples=4, calib_seqlen=64,
-                                                         rung_weighting=weighting))
+                                                         gptq_objective=weighting))
     finally:
         os.environ.pop("UNIQL_DATA_DIR")
     assert all(isinstance(layer.get_linear(p), Int4Linear) for layer in model.layers for p in layer.linear_paths)
