@@ -26,3 +26,15 @@ def test_paired_rows_compare_each_tuned_stage_with_its_untuned_twin():
     got = {(r["stage"], r["vs"], r["rate"]): (r["gained"], r["lost"]) for r in _bench().paired_rows({"rows": rows})}
     assert got == {("after", "before", 0.15): (2, 0), ("after_fp", "before_fp", 0.15): (0, 1),
                    ("after_variant", "before", 0.15): (0, 1)}
+
+
+def test_quant_options_are_typed_like_the_quant_config_fields():
+    import pytest
+
+    from uniql.compressor.quantize import QuantConfig
+
+    bench = _bench()
+    assert bench.variant_changes(QuantConfig(), "gptq_objective=full; rung0_weight=2") == {
+        "gptq_objective": "full", "rung0_weight": 2.0}
+    with pytest.raises(SystemExit, match="QuantConfig"):
+        bench.variant_changes(QuantConfig(), "no_such_field=1")
