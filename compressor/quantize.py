@@ -59,8 +59,8 @@ class QuantConfig:
     # GPTQ objective of K-truncated projections (o/down/out_proj): "full" = the full width's output error only;
     # "rungs" = the sum of every ladder rung's error on its own prefix (rung_weighted_hessian), with rung 0
     # weighted ``rung0_weight`` times the others. On SmolLM2 (8 rungs) "rungs" cuts o/down output errors by 14-34 %
-    # at the pruned rungs for +1.8 % at full width, and perplexity by 0.3-1.6 % at 0.15-0.35, level at rate 0
-    # (benchmarks/results/lora_smollm2_uniform_400_q32_rungs.json)
+    # at rates 0.15-0.35 for +1.9 % at full width (results/gptq_objective_smollm2.json), and perplexity by
+    # 0.3-1.6 % at 0.15-0.35, level at rate 0 (benchmarks/results/lora_smollm2_uniform_400_q32_rungs.json)
     gptq_objective: str = "rungs"
     rung0_weight: float = 3.0
 
