@@ -28,13 +28,13 @@ RESULTS = Path(__file__).parent / "results" / "gptq_objective_smollm2.json"
 K_TRUNCATED = ("attn.o_proj", "mlp.down_proj", "mamba.out_proj")
 
 
-def load_model(args, tok):
+def load_model(args, source):
     if args.model:  # lora_smollm2.py stashes (model, group) or (model, provenance) tuples
         obj = torch.load(args.model, weights_only=False)
         return obj[0] if isinstance(obj, tuple) else obj
     cfg = CompressConfig(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                          bi_samples=args.bi_samples, bi_seqlen=args.calib_seqlen, quant=None)
-    return compress_decoder(decoder_from_hf(load_source("smollm2-135m").hf_model), tok, cfg)[0]
+    return compress_decoder(decoder_from_hf(source.hf_model), source.tokenizer, cfg)[0]
 
 
 def main() -> None:
@@ -49,8 +49,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
-    tok = load_source("smollm2-135m").tokenizer
-    model = load_model(args, tok)
+    source = load_source("smollm2-135m")
+    tok = source.tokenizer
+    model = load_model(args, source)
     objectives = {"full": {"gptq_objective": "full"}}
     for w in args.rung0_weights.split(","):
         objectives[f"rungs_w{w}"] = {"gptq_objective": "rungs", "rung0_weight": float(w)}

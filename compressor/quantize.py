@@ -90,12 +90,13 @@ def rtn_linear(dense: DenseLinear, group_size: int) -> Int4Linear:
 class GPTQCollector(Collector):
     """Accumulates each distinct projection input's Hessian (sum of x x^T over real tokens); GPTQ at finish.
 
-    With ``error_log`` (a list) and ``model``, it also records, for every projection and rung, the
-    Hessian-weighted output error of GPTQ and of RTN on that rung's active prefix (evidence per layer type).
+    ``model`` gives the ladder (each rung's prefixes: the rung-weighted objective). With ``error_log`` (a list) it
+    also records, for every projection and rung, the Hessian-weighted output error of GPTQ and of RTN on that
+    rung's active prefix (evidence per layer type).
     """
 
-    def __init__(self, cfg: QuantConfig, error_log: list | None = None, model: ElasticDecoder | None = None):
-        self.cfg, self.error_log, self.model = cfg, error_log, model
+    def __init__(self, cfg: QuantConfig, model: ElasticDecoder, error_log: list | None = None):
+        self.cfg, self.model, self.error_log = cfg, model, error_log
 
     def attach(self, index, layer):
         self.hessians = {}
@@ -109,10 +110,16 @@ class GPTQCollector(Collector):
             self.hessians[path] = h if path not in self.hessians else self.hessians[path] + h
         return hook
 
+    def _rung_shapes(self, index, path) -> list[tuple[int, int]]:
+        """(n_active, k_active) of projection ``path`` of layer ``index`` at every rung of the ladder."""
+        return [active_shapes(self.model.spec, sizes[index])[path] for sizes in self.model.ladder.sizes]
+
     def _objective(self, index, path, hessian):
         """The Hessian GPTQ minimises for ``path``: H itself, or the rungs' weighted sum for a K-truncated one."""
-        prefixes = [active_shapes(self.model.spec, sizes[index])[path][1] for sizes in self.model.ladder.sizes]
-        if self.cfg.gptq_objective == "full" or min(prefixes) == hessian.shape[0]:
+        if self.cfg.gptq_objective == "full":
+            return hessian
+        prefixes = [k for _, k in self._rung_shapes(index, path)]
+        if min(prefixes) == hessian.shape[0]:  # N-truncated (q/k/v, gate/up, Mamba in_proj): every rung keeps K
             return hessian
         return rung_weighted_hessian(hessian, prefixes, [self.cfg.rung0_weight] + [1.0] * (len(prefixes) - 1))
 
@@ -129,8 +136,7 @@ class GPTQCollector(Collector):
     def _log_errors(self, index, path, weight, gptq_packed, hessian):
         rtn_packed = int4_format.rtn_quantize(weight, self.cfg.group_size)
         g = self.cfg.group_size
-        for rung, sizes in enumerate(self.model.ladder.sizes):
-            n, k = active_shapes(self.model.spec, sizes[index])[path]
+        for rung, (n, k) in enumerate(self._rung_shapes(index, path)):
             errors = {name: weighted_error(weight[:n], qw[:, :n], sc[:, :n], g, hessian, k)
                       for name, (qw, sc) in (("gptq", gptq_packed), ("rtn", rtn_packed))}
             self.error_log.append({"layer": index, "proj": path, "rung": rung, "n": n, "k": k, **errors})
@@ -155,7 +161,7 @@ def quantize_model(model: ElasticDecoder, tokenizer, cfg: QuantConfig, device="c
     else:
         batches = calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen, cfg.seed,
                                       cfg.batch_size)
-        collector = GPTQCollector(cfg, error_log, model)
+        collector = GPTQCollector(cfg, model, error_log)
         run_layerwise(model, batches, [collector], device, desc="quantizing (gptq)", recompute_outputs=True)
     quantize_tables(model, cfg.group_size)
     return {**cfg.manifest(), "rotation": rotation}

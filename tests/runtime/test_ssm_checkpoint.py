@@ -4,6 +4,8 @@ matches the tensors held. The Hadamard rotation (GPTQ's default) is exact on Mam
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import build_tiny_int4_ckpt, make_data_dir, max_rel_diff, tiny_ssm_hf_model
@@ -98,10 +100,10 @@ def test_hadamard_rotation_is_exact_on_mamba_layers(family):
         assert max_rel_diff(model(ids), before) <= 1e-5
 
 
-@pytest.mark.parametrize("weighting", ["full", "rungs"])
-def test_gptq_quantizes_a_hybrid(tokenizer, tmp_path, weighting):
+def test_gptq_quantizes_a_hybrid(tokenizer, tmp_path, monkeypatch):
     """GPTQ (with the Hadamard rotation) over a Nemotron-H hybrid: one Hessian per shared input, every projection
-    packed, and the 4-bit model tracks the float one (also with the rung-weighted objective on out_proj)."""
+    packed, and the 4-bit model tracks the float one, with either objective; the rung-weighted one changes the
+    K-truncated Mamba out_proj and leaves the N-truncated in_proj parts (z, x) as plain GPTQ made them."""
     from uniql.runtime.ladder import Alignment, spec_dim_steps, uniform_ladder
 
     hf = tiny_ssm_hf_model("nemotron_h", vocab=len(tokenizer))
@@ -111,15 +113,17 @@ def test_gptq_quantizes_a_hybrid(tokenizer, tmp_path, weighting):
     ids = torch.randint(0, spec.vocab_size, (1, 13), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = model(ids)
-    data = make_data_dir(tmp_path)
-    import os
-
-    os.environ["UNIQL_DATA_DIR"] = str(data)
-    try:
-        quantize_model(model, tokenizer, QuantConfig(method="gptq", group_size=32, calib_samples=4, calib_seqlen=64,
-                                                         gptq_objective=weighting))
-    finally:
-        os.environ.pop("UNIQL_DATA_DIR")
-    assert all(isinstance(layer.get_linear(p), Int4Linear) for layer in model.layers for p in layer.linear_paths)
-    with torch.no_grad():
-        assert _cosine(model(ids), ref) > 0.9
+    monkeypatch.setenv("UNIQL_DATA_DIR", str(make_data_dir(tmp_path)))
+    quantized = {}
+    for objective in ("full", "rungs"):
+        quantized[objective] = copy.deepcopy(model)
+        quantize_model(quantized[objective], tokenizer, QuantConfig(method="gptq", group_size=32, calib_samples=4,
+                                                                    calib_seqlen=64, gptq_objective=objective))
+        assert all(isinstance(layer.get_linear(p), Int4Linear)
+                   for layer in quantized[objective].layers for p in layer.linear_paths)
+        with torch.no_grad():
+            assert _cosine(quantized[objective](ids), ref) > 0.9
+    first_mamba = spec.layers_with("mamba")[0]  # the layers before it see the same inputs under both objectives
+    full, rungs = (quantized[o].layers[first_mamba] for o in ("full", "rungs"))
+    for path, changed in (("mamba.out_proj", True), ("mamba.z_proj", False), ("mamba.x_proj", False)):
+        assert torch.equal(full.get_linear(path).qweight, rungs.get_linear(path).qweight) != changed, path
