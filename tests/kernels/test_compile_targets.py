@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles (ahead of time, no GPU needed) for the Jetson Orin (sm_87) and Hopper (sm_90).
+"""Every Triton kernel compiles (ahead of time, no GPU needed) for the A6000 (sm_86), the Jetson Orin (sm_87) and
+Hopper (sm_90).
 
 Runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it when there is no GPU, and kernels
 defined under it cannot be compiled). Uses the ptxas that ships in the triton wheel.
@@ -63,7 +64,7 @@ for arch in map(int, sys.argv[1:]):
 """
 
 
-@pytest.mark.parametrize("arch", [87, 90])
+@pytest.mark.parametrize("arch", [86, 87, 90])
 def test_kernels_compile_for_jetson_and_hopper(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True,
