@@ -10,6 +10,7 @@ before the next step, so it cannot be starved by a busy engine the way a waiter 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue as queue_mod
 import threading
 from collections.abc import AsyncIterator
@@ -17,6 +18,8 @@ from concurrent.futures import Future
 
 from .engine import Engine
 from .request import SamplingParams, TokenEvent
+
+log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
@@ -40,10 +43,11 @@ class AsyncEngine:
                rung: int = 0) -> tuple[str, AsyncIterator[TokenEvent]]:
         """``generate`` for callers that may drop a stream before iterating it: also returns the request id
         (for ``cancel``). Synchronous, but must be called on the event loop that will consume the stream."""
+        loop = asyncio.get_running_loop()  # first: without a loop nothing may be queued (it would run unread)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             req = self.engine.add_request(prompt_ids, params, rung)
-            self._sinks[req.request_id] = (asyncio.get_running_loop(), queue)
+            self._sinks[req.request_id] = (loop, queue)
         self._work.set()
         return req.request_id, self._events(req.request_id, queue)
 
@@ -65,7 +69,13 @@ class AsyncEngine:
             if cancelled:
                 self._deliver(self.engine.streams[request_id].events[-1])
                 self._forget(request_id)
+            self._sinks.pop(request_id, None)  # a stream cancelled before anyone iterated it keeps no sink
         return cancelled
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread still runs (a health check reports 503 when it does not)."""
+        return self._thread.is_alive() and not self._stop.is_set()
 
     def read(self, fn):
         """``fn(engine)`` under the engine lock: a consistent view between two steps (server metrics, residency)."""
@@ -101,9 +111,13 @@ class AsyncEngine:
 
     def _deliver(self, event: TokenEvent) -> None:
         sink = self._sinks.get(event.request_id)
-        if sink is not None:
-            loop, queue = sink
+        if sink is None:
+            return
+        loop, queue = sink
+        try:
             loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # that consumer's event loop is closed: nobody is left to read this stream
+            self._sinks.pop(event.request_id, None)
 
     def _forget(self, request_id: str) -> None:
         self.engine.streams.pop(request_id, None)
@@ -114,7 +128,7 @@ class AsyncEngine:
             self._run_calls()
             with self._lock:
                 busy = self.engine.scheduler.has_work
-                events = self.engine.step() if busy else []
+                events = self._step() if busy else []
                 for event in events:
                     if event.finish_reason is not None:  # forget first: a consumer that sees the end sees it clean
                         self._forget(event.request_id)
@@ -122,6 +136,16 @@ class AsyncEngine:
             if not busy:
                 self._work.wait(self.idle_wait_s)
                 self._work.clear()
+
+    def _step(self):
+        """One engine step. The engine fails only the requests a failure touches; should the step itself fail
+        (a bug), every live request fails rather than the thread dying with streams left waiting forever."""
+        try:
+            return self.engine.step()
+        except Exception as err:  # noqa: BLE001
+            log.exception("engine step failed")
+            live = [r for r in self.engine.requests.values() if not r.finished]
+            return self.engine.fail(live, f"{type(err).__name__}: {err}")
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 REPLACEMENT = "\ufffd"
 ROLES = ("system", "user", "assistant", "tool")
-# A UTF-8 character has at most 4 bytes and every token adds at least one, so a character begun in the first
-# held token is complete after 4 tokens; a U+FFFD still trailing then comes from invalid bytes, not a split.
+# A UTF-8 character has at most 4 bytes and every token adds at least one, so a character begun in a held token
+# is complete (or shown to be invalid) 3 tokens later: from 4 held tokens on, the text up to a token boundary
+# before the last 3 is final wherever it still prefixes the text of all of them.
 MAX_HELD_TOKENS = 4
+# Held that long only when every token boundary splits a character (a run of byte tokens): then emit anyway,
+# so a step's decode stays O(window); the text may show U+FFFD for a character completed later.
+MAX_WINDOW = 32
 
 
 class IncrementalDetokenizer:
@@ -51,23 +55,32 @@ class IncrementalDetokenizer:
         after = self._decode(self.ids[self.prefix:])
         # hold while the text ends in a split character, or is shorter than what we already emitted
         unfinished = after.endswith(REPLACEMENT) or len(after) < len(before)
-        if unfinished and not final and len(self.ids) - self.read < MAX_HELD_TOKENS:
+        held = len(self.ids) - self.read
+        if not unfinished or final:
+            return self._emit(after[len(before):], len(self.ids))
+        if held < MAX_HELD_TOKENS:
             return ""
-        new_text = after[len(before):]
-        self._advance(emitted=bool(new_text))
-        return new_text
+        # the trailing U+FFFD may be a character begun in one of the last 3 tokens: emit up to the latest boundary
+        # before them whose text is final (still a prefix of the whole), keep the rest held
+        for upto in range(len(self.ids) - (MAX_HELD_TOKENS - 1), self.read, -1):
+            text = self._decode(self.ids[self.prefix:upto])
+            if len(text) >= len(before) and after.startswith(text):
+                return self._emit(text[len(before):], upto)
+        return self._emit(after[len(before):], len(self.ids)) if held >= MAX_WINDOW else ""
 
-    def _advance(self, emitted: bool) -> None:
-        if emitted:
+    def _emit(self, new_text: str, upto: int) -> str:
+        """Mark ``ids[:upto]`` as emitted (their text ends with ``new_text``)."""
+        if new_text:
             self.prefix = self.read  # the tokens just emitted become the next step's context
         else:
             # nothing new (e.g. skipped special tokens): keep the old context, but never more than `context`
-            self.prefix = max(self.prefix, len(self.ids) - self.context)
-        self.read = len(self.ids)
+            self.prefix = max(self.prefix, upto - self.context)
+        self.read = upto
         # forget tokens left of the window so memory and list copies stay O(window)
         del self.ids[:self.prefix]
         self.read -= self.prefix
         self.prefix = 0
+        return new_text
 
 
 class StopMatcher:

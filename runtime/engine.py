@@ -4,11 +4,17 @@
 requests, then one decode token for every running request, grouped by rung) and returns the events it made;
 ``stream`` drives steps until one request finishes (the synchronous API the CLI and tests use). ``cancel``
 frees a request's slot and cache at once. Counters feed the server's metrics.
+
+A failure while running some requests (an exception in their prefill or decode, non-finite logits in a row)
+fails those requests only: each ends with ``finish_reason="error"`` and the message, its slot and cache are freed,
+and the engine goes on with the others.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -20,6 +26,10 @@ from .request import Request, SamplingParams, Status, TokenEvent
 from .runner import ModelRunner
 from .sampler import Sampler
 from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+NON_FINITE = "ValueError: non-finite logits (NaN/inf) for this request"
+RECENT = 4096  # timings kept for callers that look at recent ones (a server runs for months: bounded)
 
 
 @dataclass
@@ -35,8 +45,9 @@ class Counters:
     generated_tokens: int = 0
     finished: int = 0
     cancelled: int = 0
-    ttft_s: list[float] = field(default_factory=list)  # per request (the server turns these into histograms)
-    step_s: list[float] = field(default_factory=list)  # per decode step
+    failed: int = 0
+    ttft_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))  # the latest requests'
+    step_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))  # the latest decode steps
 
 
 def _buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -105,22 +116,49 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- steps
     def step(self) -> list[TokenEvent]:
         plan = self.scheduler.schedule()
-        events = self._take_lookahead(plan)
+        events = self._guarded(self._running_in(plan), lambda: self._take_lookahead(plan))
         for req in plan.prefill:
             self.counters.prompt_tokens += len(req.prompt_ids)
-            events += self._advance([req], self.runner.prefill(req)[None])
+            events += self._guarded([req], lambda req=req: self._advance([req], self.runner.prefill(req)[None]))
         start = time.perf_counter()
         steady = len(plan.decode) == 1 and self.scheduler.num_waiting == 0  # the next step decodes the same batch
         for group in plan.decode.values():
             group = [r for r in group if r.status is Status.RUNNING]  # a lookahead token may have finished one
-            if not group:
-                continue
-            if all(self.sampler.plain_greedy(r.params) for r in group):
-                events += self._advance_greedy(group, steady and self.lookahead)
-            else:
-                events += self._advance(group, self.runner.decode(group))
+            if group:
+                events += self._guarded(group, lambda group=group: self._decode_group(group, steady))
         if plan.decode:
             self.counters.step_s.append(time.perf_counter() - start)
+        return events
+
+    def _decode_group(self, group: list[Request], steady: bool) -> list[TokenEvent]:
+        if all(self.sampler.plain_greedy(r.params) for r in group):
+            return self._advance_greedy(group, steady and self.lookahead)
+        return self._advance(group, self.runner.decode(group))
+
+    @staticmethod
+    def _running_in(plan) -> list[Request]:
+        return [r for group in plan.decode.values() for r in group]
+
+    def _guarded(self, reqs: list[Request], run) -> list[TokenEvent]:
+        """``run()``'s events; if it raises, ``reqs`` fail (freed, an "error" event each) and the engine goes on."""
+        try:
+            return run()
+        except Exception as err:  # noqa: BLE001 (any failure of these requests must not stop the others)
+            log.exception("requests %s failed", [r.request_id for r in reqs])
+            return self.fail(reqs, f"{type(err).__name__}: {err}")
+
+    def fail(self, reqs: list[Request], message: str) -> list[TokenEvent]:
+        """End unfinished ``reqs`` with finish_reason "error": slot, cache and sampler state freed at once."""
+        events = []
+        for req in reqs:
+            if req.finished:
+                continue
+            self.scheduler.finish(req, "error")
+            self.counters.failed += 1
+            self._release(req)
+            event = TokenEvent(req.request_id, None, "", finish_reason="error", rung=req.rung, error=message)
+            self.streams[req.request_id].events.append(event)
+            events.append(event)
         return events
 
     def _take_lookahead(self, plan) -> list[TokenEvent]:
@@ -136,45 +174,51 @@ class Engine:
         for rid, token, finite in self.runner.take_lookahead():
             req = self.requests.get(rid)
             if req is not None and req.status is Status.RUNNING:
-                self.sampler.check_finite([finite], [rid])
-                events.append(self._emit(req, token, None, None))
+                events += self._emit(req, token, None, None) if finite else self.fail([req], NON_FINITE)
         return events
 
     def _advance(self, reqs: list[Request], logits: torch.Tensor) -> list[TokenEvent]:
         sampled = self.sampler(logits, [r.params for r in reqs], [r.request_id for r in reqs],
                                [r.prompt_ids for r in reqs], [r.output_ids for r in reqs])
-        return [self._emit(req, tok, lp, top)
-                for req, tok, lp, top in zip(reqs, sampled.token_ids, sampled.logprobs, sampled.top_logprobs,
-                                             strict=True)]
+        events = []
+        for req, tok, lp, top, ok in zip(reqs, sampled.token_ids, sampled.logprobs, sampled.top_logprobs,
+                                         sampled.finite, strict=True):
+            events += self._emit(req, tok, lp, top) if ok else self.fail([req], NON_FINITE)
+        return events
 
     def _advance_greedy(self, reqs: list[Request], lookahead: bool = False) -> list[TokenEvent]:
         # a lookahead only pays if every request will still want the token after this one
         lookahead = lookahead and all(len(r.output_ids) + 2 <= r.params.max_tokens
                                       and r.num_tokens + 2 <= self.max_model_len for r in reqs)
         tokens, finite = self.runner.decode_greedy(reqs, lookahead)
-        self.sampler.check_finite(finite, [r.request_id for r in reqs])
-        return [self._emit(req, tok, None, None) for req, tok in zip(reqs, tokens, strict=True)]
+        events = []
+        for req, tok, ok in zip(reqs, tokens, finite, strict=True):  # a bad row fails its request only
+            events += self._emit(req, tok, None, None) if ok else self.fail([req], NON_FINITE)
+        return events
 
-    def _emit(self, req: Request, token: int, logprob, top) -> TokenEvent:
+    def _emit(self, req: Request, token: int, logprob, top) -> list[TokenEvent]:
         req.output_ids.append(token)
         self.counters.generated_tokens += 1
         if req.first_token_s is None:
             req.first_token_s = time.monotonic()
             self.counters.ttft_s.append(req.first_token_s - req.arrival_s)
         stream = self.streams[req.request_id]
-        reason, text = self._finish_reason(req, token), ""
-        if reason != "stop":  # stop tokens (eos, stop_token_ids) add no text
+        reason, text, hit = self._finish_reason(req, token), "", False
+        if reason != "stop":  # stop tokens (eos, stop_token_ids) add no text of their own
             text, hit = stream.stops.feed(stream.detok.add(token))
-            reason = "stop" if hit else reason
-        if reason == "length":
-            text += stream.stops.feed(stream.detok.flush())[0] + stream.stops.flush()
+        if not hit and reason is not None:
+            # the stream ends: text held back (a split character, a possible stop string) is released, and may
+            # still complete a stop string
+            tail, hit = stream.stops.feed(stream.detok.flush())
+            text += tail + stream.stops.flush()
+        reason = "stop" if hit else reason
         if reason is not None:
             self.scheduler.finish(req, reason)
             self.counters.finished += 1
             self._release(req)
         event = TokenEvent(req.request_id, token, text, logprob, top, reason, req.rung)
         stream.events.append(event)
-        return event
+        return [event]
 
     @staticmethod
     def _is_stop_token(req: Request, token: int, eos_ids: set[int]) -> bool:

@@ -37,12 +37,14 @@ class SamplingParams:
             "max_tokens": self.max_tokens >= 1,
             "temperature": 0.0 <= self.temperature <= 2.0,
             "top_p": 0.0 < self.top_p <= 1.0,
-            "top_k": self.top_k >= 0,
+            "top_k": 0 <= self.top_k < 2**31,
             "min_p": 0.0 <= self.min_p <= 1.0,
             "presence_penalty": -2.0 <= self.presence_penalty <= 2.0,
             "frequency_penalty": -2.0 <= self.frequency_penalty <= 2.0,
             "repetition_penalty": 0.0 < self.repetition_penalty <= 10.0,
             "top_logprobs": 0 <= self.top_logprobs <= 20,
+            # a torch generator takes a 64-bit seed; n choices use seed + i, so leave room above
+            "seed": self.seed is None or -2**63 <= self.seed < 2**63 - 2**16,
             "stop": len(self.stop) <= 4 and all(isinstance(s, str) and s for s in self.stop),
         }
         for name, ok in checks.items():
@@ -107,3 +109,4 @@ class TokenEvent:
     top_logprobs: dict[int, float] | None = None
     finish_reason: str | None = None
     rung: int = 0
+    error: str | None = None  # with finish_reason "error": what went wrong (the request was failed, not the engine)

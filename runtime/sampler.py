@@ -41,6 +41,7 @@ class SampleOutput:
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[dict[int, float] | None]
+    finite: list[bool]  # False: that row's logits had NaN/inf and its token means nothing (the engine fails it)
 
 
 class Sampler:
@@ -79,10 +80,9 @@ class Sampler:
             tokens_b[rows_t] = drawn
         # one device-to-host transfer for the ids and the finiteness check (each sync costs a GPU round trip)
         host = torch.cat((tokens_b, finite_b.long())).tolist()
-        tokens, finite = host[:len(params)], host[len(params):]
-        self.check_finite(finite, request_ids)
+        tokens, finite = host[:len(params)], [bool(f) for f in host[len(params):]]
         logprobs, tops = self._logprobs(logits_bv, tokens_b, params)
-        return SampleOutput(tokens, logprobs, tops)
+        return SampleOutput(tokens, logprobs, tops, finite)
 
     @staticmethod
     def plain_greedy(params: SamplingParams) -> bool:
@@ -90,12 +90,6 @@ class Sampler:
         the device (``graphs.greedy_picks``), the same ids this sampler would."""
         return (params.greedy and params.repetition_penalty == 1.0 and not params.presence_penalty
                 and not params.frequency_penalty and not params.logprobs)
-
-    @staticmethod
-    def check_finite(finite: list, request_ids: list[str]) -> None:
-        if not all(finite):
-            bad = [rid for rid, ok in zip(request_ids, finite, strict=True) if not ok]
-            raise ValueError(f"non-finite logits (NaN/inf) for request(s) {bad}")
 
     def _checked(self, logits: torch.Tensor, request_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """A float32 copy of the first vocab_size columns and whether each row is finite (checked by the caller
@@ -105,7 +99,7 @@ class Sampler:
         if logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}")
         logits_bv = logits[:, : self.vocab_size].to(torch.float32, copy=True)
-        # NaN/inf rows must not reach top-p / multinomial: sample from zeros there, the caller raises anyway
+        # NaN/inf rows must not reach top-p / the draw: sample from zeros there, the caller fails those rows
         finite_b = torch.isfinite(logits_bv).all(dim=-1)
         return torch.where(finite_b[:, None], logits_bv, 0.0), finite_b
 

@@ -75,6 +75,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
+    @property
+    def room(self) -> int:
+        """How many requests ``add`` takes now: the free sequence slots (requests admitted at the next step), plus
+        ``max_queued`` waiting beyond them."""
+        free = max(0, self.max_num_seqs - len(self._running))
+        return max(0, self.max_queued + free - len(self._waiting))
+
     def retry_after_s(self) -> float:
         """Rough wait for a 429: about one second per full batch ahead in the queue, at least one."""
         return max(1.0, 1.0 * math.ceil(len(self._waiting) / self.max_num_seqs))
@@ -87,7 +94,7 @@ class Scheduler:
                              f"{req.max_len} tokens exceeds max_model_len {self.max_model_len}")
         if req.request_id in self._live or req.status is not Status.WAITING:
             raise ValueError(f"request {req.request_id} was already added")
-        if len(self._waiting) >= self.max_queued:
+        if self.room == 0:
             raise QueueFull(self.retry_after_s())
         self._waiting.append(req)
         self._live[req.request_id] = req

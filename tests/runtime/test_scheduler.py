@@ -155,14 +155,26 @@ def test_cancel_after_finish_returns_none_and_keeps_reason():
 
 
 def test_queue_full_raises_with_retry_after():
+    """max_queued bounds the requests waiting BEYOND the free slots: those about to be admitted don't count."""
     sched = Scheduler(max_num_seqs=2, max_queued=5)
-    for _ in range(5):
+    for _ in range(7):  # 2 take the free slots at the next step, 5 wait
         sched.add(make())
     with pytest.raises(QueueFull) as err:
         sched.add(make())
-    assert err.value.retry_after_s == sched.retry_after_s() == 3.0  # ceil(5 / 2) batches ahead
-    assert sched.num_waiting == 5
+    assert err.value.retry_after_s == sched.retry_after_s() == 4.0  # ceil(7 / 2) batches ahead
+    assert sched.num_waiting == 7 and sched.room == 0
+    sched.schedule()  # 2 admitted: the queue holds 5 behind 2 busy slots, still full
+    assert sched.room == 0 and sched.num_running == 2
     assert Scheduler().retry_after_s() == 1.0  # at least one second, even with an empty queue
+
+
+def test_no_queue_still_fills_the_free_slots():
+    sched = Scheduler(max_num_seqs=3, max_queued=0)
+    for _ in range(3):
+        sched.add(make())
+    with pytest.raises(QueueFull):
+        sched.add(make())
+    assert len(sched.schedule().prefill) == 3 and sched.room == 0
 
 
 def test_too_long_request_is_rejected_with_both_numbers():
@@ -210,7 +222,7 @@ def test_random_add_cancel_finish_keeps_invariants():
                 sched.add(r)
                 added.append(r)
             except QueueFull:
-                assert sched.num_waiting == 10
+                assert sched.num_waiting == 10 + max_num_seqs - sched.num_running
         if added and rng.random() < 0.3:
             victim = rng.choice(added)
             was_live = not victim.finished

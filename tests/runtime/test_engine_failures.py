@@ -1,0 +1,146 @@
+"""Failures stay with the requests they touch, and a stream's end releases all its text (CPU, tiny random Llama
+with SmolLM2's tokenizer)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+from helpers import tiny_hf_model
+
+from uniql.runtime.async_engine import AsyncEngine
+from uniql.runtime.engine import Engine
+from uniql.runtime.hf_import import decoder_from_hf
+from uniql.runtime.request import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+SAMPLED = SamplingParams(temperature=0.9, seed=4, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return decoder_from_hf(tiny_hf_model(vocab=49152, hidden=64, inter=128, heads=4, kv_heads=2, seed=3))
+
+
+def ids(tokenizer, text="The quick brown fox"):
+    return tokenizer(text)["input_ids"]
+
+
+def run_all(engine, reqs):
+    events = {r.request_id: [] for r in reqs}
+    while any(not r.finished for r in reqs):
+        for event in engine.step():
+            events[event.request_id].append(event)
+    return events
+
+
+def poisoned(fn, victim):
+    """``fn`` with NaN logits in ``victim``'s batch row (a stand-in for a numerically broken request)."""
+    def wrapped(reqs, *args, **kwargs):
+        out = fn(reqs, *args, **kwargs)
+        if victim not in reqs:
+            return out
+        row = reqs.index(victim)
+        if isinstance(out, tuple):  # decode_greedy: (tokens, finite)
+            tokens, finite = out
+            return tokens, [ok and i != row for i, ok in enumerate(finite)]
+        out = out.clone()
+        out[row] = float("nan")
+        return out
+    return wrapped
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_non_finite_logits_fail_only_that_request(model, tokenizer, params):
+    alone = Engine(model, tokenizer).generate(ids(tokenizer), params)
+    engine = Engine(model, tokenizer, max_num_seqs=4, lookahead=False)
+    good, bad = (engine.add_request(ids(tokenizer), params) for _ in range(2))
+    engine.step()  # both prefilled; the next decode step breaks the second row
+    name = "decode_greedy" if params is GREEDY else "decode"
+    real = getattr(engine.runner, name)
+    setattr(engine.runner, name, poisoned(real, bad))
+    events = run_all(engine, [good, bad])
+    assert bad.finish_reason == "error" and "non-finite" in events[bad.request_id][-1].error
+    setattr(engine.runner, name, real)
+    assert good.finish_reason == "length" and tokenizer.decode(good.output_ids, skip_special_tokens=True) == alone
+    assert engine.runner.cache_bytes == 0 and engine.scheduler.num_running == 0 and engine.counters.failed == 1
+
+
+def test_a_prefill_that_raises_fails_its_request_and_the_engine_goes_on(model, tokenizer):
+    engine = Engine(model, tokenizer, max_num_seqs=4)
+    good, bad = (engine.add_request(ids(tokenizer), GREEDY) for _ in range(2))
+    real = engine.runner.prefill
+
+    def prefill(req):
+        if req is bad:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(req)
+
+    engine.runner.prefill = prefill
+    events = run_all(engine, [good, bad])
+    assert events[bad.request_id] == [events[bad.request_id][0]]  # one event: the error
+    assert events[bad.request_id][0].error == "RuntimeError: CUDA out of memory (simulated)"
+    assert good.finish_reason == "length" and len(good.output_ids) == GREEDY.max_tokens
+    assert bad.request_id not in engine.runner.caches and not engine.scheduler.has_work
+    assert engine.generate(ids(tokenizer), GREEDY)  # and later requests run as usual
+
+
+def test_a_stop_token_releases_text_held_for_a_possible_stop_string(model, tokenizer):
+    """The text before the stop token is all there, even the part held back because it began a stop string."""
+    engine = Engine(model, tokenizer)
+    ref = engine.add_request(ids(tokenizer), SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    list(engine.stream(ref))
+    out = ref.output_ids
+    k = next(i for i in range(3, len(out)) if out[i] not in out[:i]
+             and tokenizer.decode(out[:i], skip_special_tokens=True).strip())
+    before = tokenizer.decode(out[:k], skip_special_tokens=True)
+    never = before[-2:] + "\x01 never generated"  # starts with the text's tail, so that tail is held
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=(never,), stop_token_ids=(out[k],))
+    req = engine.add_request(ids(tokenizer), params)
+    events = list(engine.stream(req))
+    assert "".join(e.text for e in events) == before and events[-1].finish_reason == "stop"
+
+
+def test_async_engine_survives_failures_and_closed_loops(model, tokenizer):
+    broken = copy.deepcopy(model)
+    zebra = tokenizer(" zebra", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        weight = broken.embed.weight
+        (weight[zebra] if weight.shape[0] == broken.spec.vocab_size else weight[:, zebra]).fill_(float("nan"))
+    front = AsyncEngine(Engine(broken, tokenizer, max_num_seqs=4))
+    try:
+        async def collect(text):
+            return [e async for e in await front.generate(ids(tokenizer, text), GREEDY)]
+
+        async def both():
+            return await asyncio.wait_for(asyncio.gather(collect("The quick brown fox"), collect("A zebra")), 60)
+
+        good, bad = asyncio.run(both())
+        assert bad[-1].finish_reason == "error" and "non-finite" in bad[-1].error
+        assert good[-1].finish_reason == "length" and len(good) == GREEDY.max_tokens
+
+        async def abandon():  # a stream whose loop closes before it is read
+            front.submit(ids(tokenizer), GREEDY)
+
+        asyncio.run(abandon())
+        again = asyncio.run(both())[0]
+        assert front.alive and [e.token_id for e in again] == [e.token_id for e in good]
+        with pytest.raises(RuntimeError, match="no running event loop"):
+            front.submit(ids(tokenizer), GREEDY)
+        assert front.read(lambda e: e.scheduler.num_waiting + e.scheduler.num_running) == 0
+    finally:
+        front.shutdown()
+
+
+def test_cancelling_an_unread_stream_leaves_no_sink(model, tokenizer):
+    front = AsyncEngine(Engine(model, tokenizer, max_num_seqs=1))
+    try:
+        async def submit_and_cancel():
+            rid, _ = front.submit(ids(tokenizer), SamplingParams(max_tokens=50))
+            return front.cancel(rid)
+
+        assert asyncio.run(submit_and_cancel()) and front._sinks == {}
+    finally:
+        front.shutdown()
