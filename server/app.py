@@ -1,9 +1,9 @@
 """The HTTP layer: the OpenAI API over the adaptive service (FastAPI). No torch is imported here.
 
 The model loads in a background thread when the app starts, so the server answers at once: 503 (``/health``
-and every ``/v1`` route) until the engine is ready. ``--api-key`` guards ``/v1`` (``Authorization: Bearer`` or
-``x-api-key``); ``/health`` and ``/metrics`` stay public, as in vLLM. The rung a request ran at is returned in
-the header ``x-uniql-prune-rate`` and in ``usage.prune_rate``.
+and every ``/v1`` route) until the engine is ready, and again should its thread ever stop. ``--api-key``
+guards ``/v1`` (``Authorization: Bearer`` or ``x-api-key``); ``/health`` and ``/metrics`` stay public, as in
+vLLM. The rung a request ran at is returned in the header ``x-uniql-prune-rate`` and in ``usage.prune_rate``.
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class AppState:
         if self.service is None:
             message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
             raise APIError(503, message, None, "model_not_ready")
+        if not self.service.backend.alive:  # its requests would wait forever: say so instead
+            raise APIError(503, "the engine has stopped; restart the server", None, "engine_dead")
         return self.service
 
     def close(self) -> None:
@@ -110,7 +112,7 @@ def _check_key(state: AppState, request: Request) -> None:
 async def _body(request: Request) -> dict:
     try:
         return await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the JSON parser can follow
         raise errors.bad_request("We could not parse the JSON body of your request (it must be JSON)", None,
                                  "invalid_json") from None
 
@@ -189,27 +191,38 @@ def _max_tokens(req, prompt_len: int, max_model_len: int, default: int, kind: st
 
 async def _generate(state: AppState, service: AdaptiveService, request: Request, req, ids: list[int], kind: str):
     max_tokens = _max_tokens(req, len(ids), service.backend.max_model_len, state.cfg.default_max_tokens, kind)
+    if req.n > service.backend.max_choices:  # a 429 would tell the client to retry what can never fit
+        raise errors.bad_request(f"n={req.n} is more than this server can ever hold at once "
+                                 f"({service.backend.max_choices} sequences)", "n", "invalid_value")
     params = [schema.sampling_params(req, max_tokens, i) for i in range(req.n)]
     try:
-        admission = service.admit(ids, params, req.prune_rate)
+        admission = await service.admit(ids, params, req.prune_rate)
     except QueueFull as err:
         raise errors.queue_full(err.retry_after_s) from None
     except ValueError as err:
         raise errors.from_value_error(err) from None
     headers = {"x-uniql-prune-rate": f"{admission.prune_rate:.2f}", "x-uniql-rung": str(admission.decision.rung)}
-    wants_logprobs = params[0].logprobs
-    token_text = service.backend.token_text if wants_logprobs else None
+    backend = service.backend
+    tokens = responses.TokenView(backend.token_text, backend.token_bytes) if params[0].logprobs else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _stream(admission, kind, state.names[0], token_text, include_usage)
+        writer = responses.ChunkWriter(kind, state.names[0], tokens)
+        body = _stream(admission, writer, include_usage, state.metrics.observe_error)
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
     choices = await _collect(request, admission)
     if choices is None:  # the client went away: the requests were cancelled, nobody reads this
         return Response(status_code=499)
+    failed = next((c for c in choices if c.finish_reason == "error"), None)
+    if failed is not None:  # the other choices finished, but a response missing one would mislead
+        raise errors.engine_error(_choice_error(failed, len(choices)))
     build = responses.chat_body if kind == "chat" else responses.completion_body
     rid = responses.new_id("chatcmpl" if kind == "chat" else "cmpl")
     return JSONResponse(build(rid, state.names[0], choices, admission.prompt_tokens, admission.prune_rate,
-                              token_text), headers=headers)
+                              tokens), headers=headers)
+
+
+def _choice_error(choice: responses.ChoiceState, n: int) -> str:
+    return choice.error if n == 1 else f"choice {choice.index}: {choice.error}"
 
 
 async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
@@ -263,16 +276,28 @@ async def _collect(request: Request, admission) -> list[responses.ChoiceState] |
     return None
 
 
-async def _stream(admission, kind: str, model: str, token_text, include_usage: bool) -> AsyncIterator[str]:
-    """SSE: a role chunk per choice (chat), a chunk per text piece, the finish, the usage chunk, ``[DONE]``."""
-    writer = responses.ChunkWriter(kind, model, token_text)
+async def _stream(admission, writer: responses.ChunkWriter, include_usage: bool,
+                  on_error: Callable[[int], None]) -> AsyncIterator[str]:
+    """SSE: a role chunk per choice (chat), a chunk per text piece, the finish, the usage chunk, ``[DONE]``.
+
+    A choice the engine fails ends with an error chunk in the OpenAI envelope instead of its finish chunk (the
+    200 has gone out; the openai client raises on it); the other choices go on and the stream ends as usual.
+    It counts once as a 500 in the error metric, as the same failure unstreamed would."""
     choices = [responses.ChoiceState(i) for i in range(len(admission.streams))]
     if writer.chat:
         for c in choices:
             yield writer.role(c.index)
+    failed = False
     async for index, event in _merged(admission.streams):
-        choices[index].add(event)
-        chunk = writer.event(index, event)
+        choice = choices[index]
+        choice.add(event)
+        if event.finish_reason == "error":
+            yield responses.sse(errors.engine_error(_choice_error(choice, len(choices))).body())
+            if not failed:
+                on_error(500)
+            failed = True
+            continue
+        chunk = writer.event(choice, event)
         if chunk is not None:
             yield chunk
     if include_usage:

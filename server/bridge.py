@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
+from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
 from uniql.runtime.async_engine import AsyncEngine
 from uniql.runtime.checkpoint import load_tokenizer
@@ -21,6 +22,7 @@ from uniql.runtime.engine import Engine
 from uniql.runtime.request import SamplingParams, TokenEvent
 
 from .config import ServerConfig
+from .tokens import token_bytes_fn
 from .weights import ElasticWeights
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class EngineBackend:
                              max_model_len=cfg.max_model_len or model.spec.max_position_embeddings)
         self.front = AsyncEngine(self.engine)
         self.tokenizer = tokenizer
+        self.token_bytes = token_bytes_fn(tokenizer, self.token_text)  # token_id -> its raw bytes (logprobs)
         self.rates = tuple(model.ladder.rates)
         self.dtype = dtype_name(model.norm.weight.dtype)  # what activations and caches run in (/health says it)
         self.max_model_len = self.engine.max_model_len
@@ -55,7 +58,14 @@ class EngineBackend:
 
     # ------------------------------------------------------------------------------------------ text
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return render_chat(self.tokenizer, messages)
+        """Prompt ids (ValueError for messages the template refuses: its ``raise_exception`` calls, e.g. "roles
+        must alternate", are the client's mistake; a template that does not even parse stays a server error)."""
+        try:
+            return render_chat(self.tokenizer, messages)
+        except TemplateSyntaxError:
+            raise
+        except TemplateError as err:
+            raise ValueError(f"the chat template refused the messages: {err}") from None
 
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
@@ -68,6 +78,18 @@ class EngineBackend:
         return self.engine.runner.model.spec.vocab_size
 
     # ---------------------------------------------------------------------------------------- requests
+    @property
+    def max_choices(self) -> int:
+        """The most sequences one request may queue at once: every seat plus every queue place. More choices
+        (``n``) can never be accepted, however idle the server is."""
+        scheduler = self.engine.scheduler
+        return scheduler.max_num_seqs + scheduler.max_queued
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread still steps (if it died, requests would wait forever)."""
+        return self.front.alive
+
     def nearest_rung(self, rate: float) -> int:
         return self.engine.runner.model.ladder.nearest(rate)
 

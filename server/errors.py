@@ -26,15 +26,22 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
 
+    def body(self) -> dict:
+        return envelope(self.status, self.message, self.param, self.code)
+
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.param, self.code, self.headers)
 
 
+def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The OpenAI error body; also sent as an SSE chunk when a streamed choice fails after the 200 went out."""
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param,
-                      "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(envelope(status, message, param, code), status_code=status, headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -45,6 +52,12 @@ def queue_full(retry_after_s: float) -> APIError:
     seconds = max(1, math.ceil(retry_after_s))
     return APIError(429, f"the server's request queue is full; retry in {seconds} s", None, "queue_full",
                     {"Retry-After": str(seconds)})
+
+
+def engine_error(message: str | None) -> APIError:
+    """A request the engine failed (non-finite logits, an exception in its step): the server's fault, not the
+    client's, so a 500; the engine went on with the other requests."""
+    return APIError(500, f"the engine failed this request: {message or 'unknown error'}", None, "engine_error")
 
 
 def from_validation_error(err: ValidationError | RequestValidationError) -> APIError:

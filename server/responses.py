@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 
 from uniql.runtime.request import TokenEvent
 
-TokenText = Callable[[int], str]
+
+@dataclass(frozen=True)
+class TokenView:
+    """How logprobs spell a token: ``text`` decoded on its own (U+FFFD where the token holds only part of a
+    UTF-8 character, as in vLLM) and ``raw`` its exact bytes, which a client joins to rebuild such characters."""
+
+    text: Callable[[int], str]
+    raw: Callable[[int], bytes]
 
 
 def new_id(prefix: str) -> str:
@@ -29,41 +36,55 @@ class ChoiceState:
     index: int
     text: list[str] = field(default_factory=list)
     tokens: list[TokenEvent] = field(default_factory=list)  # events that carry a token (for logprobs, usage)
+    offsets: list[int] = field(default_factory=list)  # per token: where its text starts in the emitted text
     finish_reason: str | None = None
+    error: str | None = None  # the engine's message when finish_reason is "error"
+    _length: int = field(default=0, init=False, repr=False)  # characters emitted so far
 
     def add(self, event: TokenEvent) -> None:
         if event.token_id is not None:
             self.tokens.append(event)
+            self.offsets.append(self._length)
         self.text.append(event.text)
+        self._length += len(event.text)
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
+            self.error = event.error
 
 
 # ------------------------------------------------------------------------------------------- logprobs
-def _entry(token_text: TokenText, token_id: int, logprob: float) -> dict:
-    text = token_text(token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+def _entry(tokens: TokenView, token_id: int, logprob: float) -> dict:
+    return {"token": tokens.text(token_id), "logprob": logprob, "bytes": list(tokens.raw(token_id))}
 
 
-def chat_logprobs(events: list[TokenEvent], token_text: TokenText) -> dict:
+def chat_logprobs(events: list[TokenEvent], tokens: TokenView) -> dict:
     content = []
     for e in events:
-        item = _entry(token_text, e.token_id, e.logprob)
+        item = _entry(tokens, e.token_id, e.logprob)
         tops = sorted((e.top_logprobs or {}).items(), key=lambda kv: -kv[1])
-        item["top_logprobs"] = [_entry(token_text, t, lp) for t, lp in tops]
+        item["top_logprobs"] = [_entry(tokens, t, lp) for t, lp in tops]
         content.append(item)
     return {"content": content}
 
 
-def completion_logprobs(events: list[TokenEvent], token_text: TokenText, offset: int = 0) -> dict:
-    tokens, offsets = [], []
-    for e in events:
-        offsets.append(offset)
-        tokens.append(token_text(e.token_id))
-        offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
-            "top_logprobs": [{token_text(t): lp for t, lp in (e.top_logprobs or {}).items()} for e in events],
-            "text_offset": offsets}
+def _top_keys(event: TokenEvent, tokens: TokenView) -> dict[str, float]:
+    """Completions' top_logprobs is a dict keyed by token text, and tokens holding parts of characters all decode
+    to U+FFFD: the sampled token keeps its text (it matches ``tokens[i]``), any other token whose text is taken
+    at this position is keyed ``token_id:<id>`` (vLLM's spelling of a token given as its id)."""
+    tops = event.top_logprobs or {}
+    order = sorted(tops, key=lambda t: t != event.token_id)  # the sampled token claims its text first
+    keys: dict[int, str] = {}
+    for t in order:
+        text = tokens.text(t)
+        keys[t] = text if text not in keys.values() else f"token_id:{t}"
+    return {keys[t]: lp for t, lp in sorted(tops.items(), key=lambda kv: -kv[1])}
+
+
+def completion_logprobs(events: list[TokenEvent], tokens: TokenView, offsets: list[int]) -> dict:
+    """``offsets``: where each token's text starts in the text actually emitted (a stop string may hold text
+    back), so the whole response and the streamed chunks report the same offsets."""
+    return {"tokens": [tokens.text(e.token_id) for e in events], "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [_top_keys(e, tokens) for e in events], "text_offset": list(offsets)}
 
 
 # --------------------------------------------------------------------------------------------- bodies
@@ -74,18 +95,18 @@ def usage(prompt_tokens: int, choices: list[ChoiceState], prune_rate: float) -> 
 
 
 def chat_body(rid: str, model: str, choices: list[ChoiceState], prompt_tokens: int, prune_rate: float,
-              token_text: TokenText | None) -> dict:
+              tokens: TokenView | None) -> dict:
     out = [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-            "logprobs": chat_logprobs(c.tokens, token_text) if token_text else None,
+            "logprobs": chat_logprobs(c.tokens, tokens) if tokens else None,
             "finish_reason": finish_reason(c.finish_reason)} for c in choices]
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": out,
             "usage": usage(prompt_tokens, choices, prune_rate)}
 
 
 def completion_body(rid: str, model: str, choices: list[ChoiceState], prompt_tokens: int, prune_rate: float,
-                    token_text: TokenText | None) -> dict:
+                    tokens: TokenView | None) -> dict:
     out = [{"index": c.index, "text": "".join(c.text),
-            "logprobs": completion_logprobs(c.tokens, token_text) if token_text else None,
+            "logprobs": completion_logprobs(c.tokens, tokens, c.offsets) if tokens else None,
             "finish_reason": finish_reason(c.finish_reason)} for c in choices]
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": out,
             "usage": usage(prompt_tokens, choices, prune_rate)}
@@ -99,12 +120,11 @@ def sse(payload: dict | str) -> str:
 class ChunkWriter:
     """SSE chunks of one streamed request (chat or text completion), sharing id / created / model."""
 
-    def __init__(self, kind: str, model: str, token_text: TokenText | None):
+    def __init__(self, kind: str, model: str, tokens: TokenView | None):
         self.chat = kind == "chat"
         self.rid = new_id("chatcmpl" if self.chat else "cmpl")
         self.object = "chat.completion.chunk" if self.chat else "text_completion"
-        self.created, self.model, self.token_text = int(time.time()), model, token_text
-        self.offsets: dict[int, int] = {}
+        self.created, self.model, self.tokens = int(time.time()), model, tokens
 
     def _chunk(self, choices: list[dict], usage_body: dict | None = None) -> str:
         body = {"id": self.rid, "object": self.object, "created": self.created, "model": self.model,
@@ -117,16 +137,16 @@ class ChunkWriter:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None}])
 
-    def event(self, index: int, event: TokenEvent) -> str | None:
-        """A chunk for one event (None when it adds nothing: no text, no logprobs, not the end)."""
-        reason = finish_reason(event.finish_reason)
+    def event(self, choice: ChoiceState, event: TokenEvent) -> str | None:
+        """A chunk for one event, already added to ``choice`` (None when it adds nothing: no text, no logprobs,
+        not the end)."""
+        index, reason = choice.index, finish_reason(event.finish_reason)
         logprobs = None
-        if self.token_text is not None and event.token_id is not None:
+        if self.tokens is not None and event.token_id is not None:
             if self.chat:
-                logprobs = chat_logprobs([event], self.token_text)
+                logprobs = chat_logprobs([event], self.tokens)
             else:
-                logprobs = completion_logprobs([event], self.token_text, self.offsets.get(index, 0))
-        self.offsets[index] = self.offsets.get(index, 0) + len(event.text)
+                logprobs = completion_logprobs([event], self.tokens, choice.offsets[-1:])
         if not event.text and logprobs is None and reason is None:
             return None
         if self.chat:

@@ -30,8 +30,8 @@ NO_OPS = ("user", "metadata", "store", "service_tier")
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: bool | None = False  # null: the default (no usage chunk)
+    continuous_usage_stats: bool | None = False
 
 
 class ResponseFormat(BaseModel):
@@ -65,10 +65,20 @@ class _Common(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One message. Besides role and content, the fields OpenAI returns on messages are accepted so clients can
+    replay a conversation as they received it; they do not reach the template (a text model, no tools), and
+    ``chat_messages`` refuses the ones that carry something this server cannot honour."""
+
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # only null or [] (no tool calling)
+    function_call: dict[str, Any] | None = None  # only null (deprecated form of tool_calls)
+    tool_call_id: str | None = None
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None  # only null (no audio)
+    annotations: list[dict[str, Any]] | None = None  # citations on a returned message: nothing to do with them
 
 
 class ChatRequest(_Common):
@@ -90,6 +100,7 @@ def parse(model_cls: type[BaseModel], body: Any) -> BaseModel:
     """A request body as ``model_cls``: refused fields first (clear reasons), then pydantic (400 naming the field)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    body = _without_nulls(model_cls, body)
     for name, reason in UNSUPPORTED.items():
         if body.get(name) is not None:
             raise bad_request(f"{name}: {reason} by this server", name, "unsupported_parameter")
@@ -99,6 +110,14 @@ def parse(model_cls: type[BaseModel], body: Any) -> BaseModel:
         raise from_validation_error(err) from None
     _check_specifics(req)
     return req
+
+
+def _without_nulls(model_cls: type[BaseModel], body: dict) -> dict:
+    """OpenAI marks its optional fields nullable, and clients send ``"n": null`` for "the default": an explicit
+    null of a field this server knows (or refuses by name) is dropped, so it takes its default. Unknown fields
+    keep their null and are refused as unknown, as any other value of theirs."""
+    known = model_cls.model_fields.keys() | UNSUPPORTED.keys()
+    return {k: v for k, v in body.items() if v is not None or k not in known}
 
 
 def _check_specifics(req: BaseModel) -> None:
@@ -140,6 +159,9 @@ def sampling_params(req: BaseModel, max_tokens: int, choice: int = 0) -> Samplin
                               stop=stops(req), stop_token_ids=tuple(req.stop_token_ids or ()),
                               ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top, **given)
     except ValueError as err:
+        if req.seed is not None and str(err).startswith("invalid seed"):  # name the seed sent, not seed + choice
+            raise bad_request(f"invalid seed: {req.seed} (choice i samples with seed + i, which must fit a signed "
+                              "64-bit integer with room to spare)", "seed", "invalid_value") from None
         raise from_value_error(err) from None
 
 
@@ -147,6 +169,7 @@ def chat_messages(req: ChatRequest) -> list[dict]:
     """Messages for the chat template; content parts must be text (this is a text model)."""
     out = []
     for i, msg in enumerate(req.messages):
+        _check_replayed_fields(i, msg)
         content = msg.content
         if isinstance(content, list):
             texts = []
@@ -159,6 +182,15 @@ def chat_messages(req: ChatRequest) -> list[dict]:
         role = "system" if msg.role == "developer" else msg.role
         out.append({"role": role, "content": content or ""})
     return out
+
+
+def _check_replayed_fields(i: int, msg: ChatMessage) -> None:
+    refused = {"tool_calls": (msg.tool_calls, "tool calls are"), "function_call": (msg.function_call,
+               "function calls are"), "audio": (msg.audio, "audio is")}
+    for name, (value, what) in refused.items():
+        if value:  # null (and an empty list of tool calls) says there is nothing: fine
+            raise bad_request(f"messages[{i}].{name}: {what} not supported by this server", f"messages.{i}.{name}",
+                              "unsupported_parameter")
 
 
 def check_model(requested: str | None, served: list[str]) -> None:

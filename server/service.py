@@ -59,23 +59,30 @@ class AdaptiveService:
     def pinned_rung(self, prune_rate: float | None) -> int | None:
         return None if prune_rate is None else self.backend.nearest_rung(prune_rate)
 
-    def admit(self, prompt_ids: list[int], params: list[SamplingParams], prune_rate: float | None) -> Admission:
+    async def admit(self, prompt_ids: list[int], params: list[SamplingParams],
+                    prune_rate: float | None) -> Admission:
         """Queue every choice at one rung (ValueError / QueueFull: nothing stays queued)."""
         max_len = len(prompt_ids) + params[0].max_tokens
         submitted: list[tuple[str, AsyncIterator[TokenEvent]]] = []
-        with self.residency.lock:  # the floor cannot rise between the decision and the add
-            decision = self.controller.decide(self.inputs(max_len), self.pinned_rung(prune_rate))
-            try:
+        try:
+            with self.residency.lock:  # the floor cannot rise between the decision and the add
+                decision = self.controller.decide(self.inputs(max_len), self.pinned_rung(prune_rate))
                 for p in params:
                     submitted.append(self.backend.submit(prompt_ids, p, decision.rung))
-            except Exception:
-                for request_id, _ in submitted:
-                    self.backend.cancel(request_id)
-                raise
+        except Exception:
+            await self._roll_back(submitted)
+            raise
         rate = self.backend.rates[decision.rung]
         arrival = time.monotonic()
         streams = [self._track(stream, len(prompt_ids), rate, arrival) for _, stream in submitted]
         return Admission(decision, rate, len(prompt_ids), streams)
+
+    async def _roll_back(self, submitted: list[tuple[str, AsyncIterator[TokenEvent]]]) -> None:
+        """Undo the choices queued before one was refused: cancel each, then close its stream, since whoever
+        holds a stream is the one to close it (it will never be iterated to its end)."""
+        for request_id, stream in submitted:
+            self.backend.cancel(request_id)
+            await stream.aclose()
 
     # --------------------------------------------------------------------------------------- measuring
     async def _track(self, stream: AsyncIterator[TokenEvent], prompt_tokens: int, rate: float,

@@ -51,6 +51,40 @@ def serving(app, wait: bool = True):
         thread.join(timeout=30)
 
 
+class EngineGate:
+    """Holds the engine thread between two steps (outside the engine lock, so requests still queue or get 429):
+    what a request sees when the server is busy, without racing a timer. ``open.clear()`` holds, ``set`` frees."""
+
+    def __init__(self, front):
+        self.open = threading.Event()
+        self.open.set()
+        run_calls = front._run_calls
+
+        def gated_run_calls():
+            self.open.wait(60)
+            run_calls()
+        front._run_calls = gated_run_calls
+
+
+@contextlib.contextmanager
+def rigged_server(cfg, rig):
+    """A real server whose freshly loaded backend ``rig(backend)`` adjusts first (a fault, a gate, scripted logits);
+    yields (base URL, app)."""
+    from uniql.server.app import create_app
+    from uniql.server.serve import make_loader, make_monitor_factory
+
+    real = make_loader(cfg)
+
+    def load():
+        backend = real()
+        rig(backend)
+        return backend
+
+    app = create_app(cfg, load, make_monitor_factory(cfg))
+    with serving(app) as base_url:
+        yield base_url, app
+
+
 @contextlib.contextmanager
 def running_server(cfg):
     from uniql.server.serve import build_app

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 from conftest import API_KEY, tiny_config
-from server_helpers import metrics, running_server, sample, serving
+from server_helpers import EngineGate, metrics, running_server, sample, serving
 
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(16)]
 LONG = {"ignore_eos": True}
@@ -36,21 +36,6 @@ def test_sixteen_concurrent_streams_match_sequential_answers(client, tiny_server
     assert asyncio.run(main()) == expected
 
 
-class _Gate:
-    """Holds the engine thread between two steps (outside the engine lock, so requests still queue or get 429):
-    what a request sees when the server is busy, without racing a timer."""
-
-    def __init__(self, front):
-        self.open = threading.Event()
-        self.open.set()
-        run_calls = front._run_calls
-
-        def gated_run_calls():
-            self.open.wait(60)
-            run_calls()
-        front._run_calls = gated_run_calls
-
-
 @pytest.fixture(scope="module")
 def small_server(tiny_ckpt):
     """One seat, two queue places; ``gate`` pauses the engine."""
@@ -62,7 +47,7 @@ def small_server(tiny_ckpt):
 
     def gated_loader():
         backend = real()
-        gates.append(_Gate(backend.front))
+        gates.append(EngineGate(backend.front))
         return backend
 
     with serving(create_app(cfg, gated_loader, make_monitor_factory(cfg))) as base_url:
