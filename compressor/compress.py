@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from uniql.runtime.checkpoint import DTYPES, load_checkpoint, load_tokenizer, read_manifest, save_checkpoint
+from uniql.kernels.int4_format import GROUP_SIZES
+from uniql.runtime.checkpoint import (
+    DTYPES,
+    load_checkpoint,
+    load_tokenizer,
+    prepare_out_dir,
+    read_manifest,
+    save_checkpoint,
+)
 from uniql.runtime.decoder import ElasticDecoder
 from uniql.runtime.hf_import import decoder_from_hf
 from uniql.runtime.ladder import DEFAULT_RATES, Alignment, spec_dim_steps
@@ -21,7 +29,7 @@ from .allocation import build_ladder
 from .calib_data import calibration_batches
 from .calibrate import BlockImportanceCollector, SortStatsCollector, run_layerwise
 from .finetune import FinetuneConfig, finetune_decoder
-from .model_input import load_source
+from .model_input import load_source, resolve_model_path
 from .orders import ORDERS, magnitude_orders, random_orders, uniql_orders
 from .quantize import QuantConfig, quantize_model
 from .sorting import apply_orders
@@ -57,6 +65,9 @@ class CompressConfig:
                 raise ValueError(f"{name} must be positive")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but no CUDA device is available")
+        for stage in (self.quant, self.finetune):  # their mistakes show now, not after hours of calibration
+            if stage is not None:
+                stage.validate()
 
 
 def block_importance(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> list[float]:
@@ -103,18 +114,32 @@ def stage(name: str, timings: dict, device: str):
                      "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
+def _checked_group(model: ElasticDecoder, group_size: int) -> Alignment:
+    """``--group-size``, checked against every projection's input width before any calibration runs."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"--group-size must be one of {GROUP_SIZES}, got {group_size}")
+    widths = sorted({layer.get_linear(path).weight.shape[1] for layer in model.layers for path in layer.linear_paths}
+                    | {model.embed.weight.shape[1]})  # what INT4 quantizes, groups along these
+    bad = [k for k in widths if k % group_size]
+    if bad:
+        raise ValueError(f"--group-size {group_size} does not divide the input widths {bad} of this model's "
+                         f"projections (all of them: {widths}); pick a group size dividing them")
+    return Alignment(group_size)
+
+
 def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig,
                      timings: dict | None = None) -> tuple[ElasticDecoder, dict]:
     """Sort ``model`` in place, attach its rate ladder; return it with the calibration provenance."""
     cfg.validate()
     timings = {} if timings is None else timings
     spec = model.spec
-    align = Alignment.for_hidden(spec.hidden_size) if cfg.group_size is None else Alignment(cfg.group_size)
+    align = Alignment.for_hidden(spec.hidden_size) if cfg.group_size is None else _checked_group(model,
+                                                                                                 cfg.group_size)
+    steps = spec_dim_steps(spec, align)
     with stage("block_importance", timings, cfg.device):
         scores = block_importance(model, tokenizer, cfg)
     with stage("sorting", timings, cfg.device):
         skipped = sort_layers(model, tokenizer, cfg)
-    steps = spec_dim_steps(spec, align)
     model.ladder = build_ladder(scores, model.full_sizes, steps, cfg.rates, cfg.eps, cfg.max_prune)
     provenance = {
         "order": "none" if skipped else cfg.order, "sorting_skipped": skipped, "seed": cfg.seed,
@@ -131,6 +156,7 @@ def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig,
 def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: str = "float32") -> Path:
     """Full offline pipeline: load, calibrate, sort, allocate the ladder, quantize (unless ``cfg.quant`` is None)."""
     cfg.validate()
+    prepare_out_dir(out_dir, (resolve_model_path(model_name),))  # before the work, not after it
     timings: dict = {}
     with stage("load", timings, cfg.device):
         source = load_source(model_name)
@@ -170,6 +196,7 @@ def finetune_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, finetune: Fin
     """`uniql finetune`: masked LoRA on a SORTED checkpoint (floating-point weights, as `uniql compress --no-quant`
     writes it), merged, then quantized like `uniql compress` (unless ``quant`` is None)."""
     manifest = read_manifest(ckpt_dir)
+    prepare_out_dir(out_dir, (ckpt_dir,))
     if manifest.get("weights") != "float":
         raise ValueError(f"{ckpt_dir} holds {manifest.get('weights')} weights; fine-tuning needs the sorted "
                          "floating-point checkpoint: `uniql compress MODEL --no-quant --out DIR`")

@@ -89,6 +89,11 @@ def evaluate(model, tokenizer, tasks: Sequence[str], *, rung: int | None = None,
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; valid tasks: {list(TASKS)}")
+    counts = {"seqlen": seqlen, "batch_size": batch_size, "ppl_batch_size": ppl_batch_size,
+              "limit": 1 if limit is None else limit, "max_windows": 1 if max_windows is None else max_windows}
+    bad = [f"{name}={value}" for name, value in counts.items() if value < 1]
+    if bad:
+        raise ValueError(f"these must be at least 1: {', '.join(bad)}")
     results: dict[str, dict] = {}
     if "wikitext2" in tasks:
         path = (data_paths or {}).get("wikitext2")

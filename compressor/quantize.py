@@ -77,6 +77,11 @@ class QuantConfig:
             raise ValueError(f"gptq objective must be full or rungs, got {self.gptq_objective!r}")
         if self.rung0_weight <= 0:
             raise ValueError(f"rung0 weight must be positive, got {self.rung0_weight}")
+        for name in ("calib_samples", "calib_seqlen", "batch_size", "block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"quantization {name} must be at least 1, got {getattr(self, name)}")
+        if not self.damp > 0:
+            raise ValueError(f"GPTQ damp must be positive, got {self.damp}")
 
     def manifest(self) -> dict:
         return {**int4_format.FORMAT, **asdict(self)}

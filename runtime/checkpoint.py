@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -62,6 +63,43 @@ def weights_kind(model: ElasticDecoder) -> str:
     return "int4" if isinstance(model.embed, Int4Linear) else "float"
 
 
+# what a UniQL checkpoint directory may hold besides the manifest (a directory with anything else is not ours)
+FINETUNE_STATE = "finetune_state"
+_PROBE = ".uniql-write-probe-"
+
+
+def prepare_out_dir(out_dir: str | Path, sources: tuple[str | Path, ...] = ()) -> Path:
+    """Check, before hours of work, that ``out_dir`` can take a checkpoint without losing anything; create it.
+
+    Refused: an existing file; a directory that is, holds or sits inside one of ``sources`` (the model being
+    read); a non-empty directory that is not a UniQL checkpoint (replacing an earlier checkpoint, or continuing
+    into one that holds only adapter checkpoints, is fine); a directory we cannot write.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} exists and is not a directory")
+    resolved = out.resolve()
+    for source in sources:
+        src = Path(source).expanduser().resolve()
+        if (resolved == src or src in resolved.parents or resolved in src.parents) if src.is_dir() \
+                else resolved == src.parent:  # a model directory: in, at or around it; a file: its folder
+            raise CheckpointError(f"--out {out} would write over the model being read ({source}); "
+                                  "choose another directory")
+    if out.is_dir():  # (another process of the same `accelerate launch` may be probing it right now)
+        entries = {p.name for p in out.iterdir() if not p.name.startswith(_PROBE)}
+        if entries and MANIFEST not in entries and entries != {FINETUNE_STATE}:
+            raise CheckpointError(f"--out {out} is not empty and is not a UniQL checkpoint; choose a new or empty "
+                                  "directory (nothing was written)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f"{_PROBE}{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"--out {out} cannot be written: {err}") from None
+    return out
+
+
 def save_checkpoint(model: ElasticDecoder, out_dir: str | Path, *, alignment: Alignment, source: dict,
                     calibration: dict, tokenizer=None, dtype: torch.dtype = torch.float32,
                     quantization: dict | None = None, finetune: dict | None = None) -> Path:
@@ -99,8 +137,8 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
         raise CheckpointError(f"{ckpt_dir} is not a UniQL checkpoint: {MANIFEST} is missing "
                               "(create one with `uniql compress MODEL --out DIR`)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt, recreate it") from err
     if not isinstance(manifest, dict) or manifest.get("format") != "uniql":
         raise CheckpointError(f"{path} is not a UniQL manifest (no \"format\": \"uniql\")")
@@ -111,6 +149,10 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
     missing = [k for k in ("arch", "ladder", "tensors", "files", "calibration") if k not in manifest]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}: the manifest is incomplete; re-run `uniql compress`")
+    malformed = [k for k in ("arch", "ladder", "tensors", "files") if not isinstance(manifest[k], dict)]
+    if malformed:
+        raise CheckpointError(f"{path}: {malformed} should be JSON objects; the manifest is damaged, re-run "
+                              "`uniql compress`")
     return manifest
 
 
@@ -134,18 +176,8 @@ def _check_tensors(tensors: dict, manifest: dict) -> None:
                                   f"{info['shape']} {info['dtype']}")
 
 
-def load_checkpoint(ckpt_dir: str | Path, *, device="cpu", dtype: torch.dtype | None = None,
-                    verify: bool = True) -> tuple[ElasticDecoder, dict]:
-    """(model, manifest). ``verify`` checks sha256 of every file (seconds for small models)."""
-    ckpt = Path(ckpt_dir)
-    manifest = read_manifest(ckpt)
-    if verify:
-        _verify_files(ckpt, manifest)
-    try:
-        tensors = load_file(ckpt / WEIGHTS, device=str(device))
-    except Exception as err:  # safetensors raises several types for damaged headers
-        raise CheckpointError(f"{ckpt / WEIGHTS} cannot be read ({err}); re-run `uniql compress`") from err
-    _check_tensors(tensors, manifest)
+def _skeleton(manifest: dict, tensors: dict) -> ElasticDecoder:
+    """The empty model the manifest describes (its tensors are assigned from the file afterwards)."""
     model = ElasticDecoder(ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"]))
     if manifest.get("weights") == "int4":
         group_size = (manifest.get("quantization") or {}).get("group_size")
@@ -157,7 +189,46 @@ def load_checkpoint(ckpt_dir: str | Path, *, device="cpu", dtype: torch.dtype | 
             model.hidden_rotation = torch.empty_like(tensors["hidden_rotation"])
     elif manifest.get("weights") != "float":
         raise CheckpointError(f"unknown weights kind {manifest.get('weights')!r} in {MANIFEST}")
-    model.load_state_dict(tensors, strict=True, assign=True)
+    return model
+
+
+def _check_against(model: ElasticDecoder, tensors: dict) -> None:
+    """Every tensor the architecture needs, with its shape; packed codes in their integer dtype (floats may be
+    stored in any float dtype); nothing else."""
+    expected = model.state_dict()
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{WEIGHTS} holds tensors this architecture does not have: {extra[:5]}")
+    for name, ref in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{WEIGHTS} lacks tensor {name!r} that the architecture in {MANIFEST} needs")
+        if t.shape != ref.shape or (not ref.is_floating_point() and t.dtype != ref.dtype):
+            raise CheckpointError(f"tensor {name!r} is {list(t.shape)} {t.dtype}; the architecture in {MANIFEST} "
+                                  f"needs {list(ref.shape)}" + ("" if ref.is_floating_point() else f" {ref.dtype}"))
+
+
+def load_checkpoint(ckpt_dir: str | Path, *, device="cpu", dtype: torch.dtype | None = None,
+                    verify: bool = True) -> tuple[ElasticDecoder, dict]:
+    """(model, manifest). ``verify`` checks sha256 of every file (seconds for small models)."""
+    ckpt = Path(ckpt_dir)
+    manifest = read_manifest(ckpt)
+    if verify:
+        _verify_files(ckpt, manifest)
+    try:
+        tensors = load_file(ckpt / WEIGHTS, device=str(device))
+    except Exception as err:  # safetensors raises several types for damaged headers
+        raise CheckpointError(f"{ckpt / WEIGHTS} cannot be read ({err}); re-run `uniql compress`") from err
+    try:
+        _check_tensors(tensors, manifest)
+        model = _skeleton(manifest, tensors)
+        _check_against(model, tensors)
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:  # a damaged manifest
+        raise CheckpointError(f"{ckpt / MANIFEST} and {WEIGHTS} do not describe a model ({type(err).__name__}: "
+                              f"{err}); the checkpoint is damaged, re-run `uniql compress`") from err
     if dtype is not None:
         model.to(dtype)
     return model.requires_grad_(False).eval(), manifest
@@ -166,4 +237,11 @@ def load_checkpoint(ckpt_dir: str | Path, *, device="cpu", dtype: torch.dtype | 
 def load_tokenizer(ckpt_dir: str | Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(ckpt_dir), local_files_only=True)
+    ckpt = Path(ckpt_dir)
+    if not any((ckpt / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise CheckpointError(f"{ckpt} has no tokenizer files (tokenizer.json / tokenizer_config.json); copy them "
+                              "from the source model or re-run `uniql compress`")
+    try:
+        return AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
+    except Exception as err:  # transformers raises many types (ValueError, OSError, ...) for broken files
+        raise CheckpointError(f"the tokenizer in {ckpt} cannot be loaded ({type(err).__name__}: {err})") from err

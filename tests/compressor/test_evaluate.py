@@ -220,3 +220,9 @@ def test_unknown_task_is_a_value_error_listing_valid_ones(call):
     assert "hellaswag" in str(err.value)
     if call is evaluate:
         assert all(t in str(err.value) for t in TASKS)
+
+
+@pytest.mark.parametrize("bad", [{"seqlen": 0}, {"max_windows": -1}, {"batch_size": 0}, {"limit": 0}])
+def test_counts_below_one_are_refused_before_any_work(bad):
+    with pytest.raises(ValueError, match=f"at least 1: {next(iter(bad))}="):
+        evaluate(None, None, ["wikitext2", "piqa"], **bad)  # no model needed: nothing runs

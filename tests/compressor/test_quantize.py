@@ -184,10 +184,21 @@ def test_rung_weighting_changes_only_the_k_truncated_projections(quantized):
         assert same == (path not in ("attn.o_proj", "mlp.down_proj")), path
 
 
-@pytest.mark.parametrize("bad", [{"gptq_objective": "all"}, {"rung0_weight": 0.0}])
-def test_bad_rung_weighting_is_refused(fp_model, tokenizer, bad):
-    with pytest.raises(ValueError, match="rung|objective"):
+@pytest.mark.parametrize("bad", [{"gptq_objective": "all"}, {"rung0_weight": 0.0}, {"calib_samples": -3},
+                                 {"calib_seqlen": 0}, {"damp": 0.0}])
+def test_bad_quantization_settings_are_refused(fp_model, tokenizer, bad):
+    with pytest.raises(ValueError, match="rung|objective|at least 1|damp"):
         quantize_model(copy.deepcopy(fp_model), tokenizer, QuantConfig(**bad))
+
+
+@pytest.mark.parametrize("group, message", [(48, "one of"), (128, "does not divide")])
+def test_a_group_size_the_model_cannot_take_is_refused_before_calibration(group, message):
+    """Checked against every projection's input width before block importance runs (no tokenizer needed)."""
+    from uniql.compressor.compress import CompressConfig, compress_decoder
+
+    model = decoder_from_hf(tiny_hf_model(hidden=64, inter=128))
+    with pytest.raises(ValueError, match=message):
+        compress_decoder(model, None, CompressConfig(group_size=group, quant=None))
 
 
 def _ptr(t):

@@ -157,3 +157,104 @@ def test_manifest_without_files_table(ckpt):
     _edit_manifest(ckpt, files=None)
     with pytest.raises(CheckpointError):
         load_checkpoint(ckpt)
+
+
+def _resave(ckpt, change):
+    """Rewrite the weights with ``change`` applied, the manifest and sha256 agreeing with the new file."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ckpt / WEIGHTS)
+    change(tensors)
+    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "uniql"})
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "file": WEIGHTS}
+                           for k, v in tensors.items()}
+    manifest["files"][WEIGHTS] = sha256_file(ckpt / WEIGHTS)
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _pop(path):
+    def edit(manifest):
+        *parents, last = path
+        for key in parents:
+            manifest = manifest[key]
+        del manifest[last]
+    return edit
+
+
+@pytest.mark.parametrize("damage", [
+    _pop(["tensors", "embed.weight", "shape"]), _pop(["ladder", "sizes"]), _pop(["arch", "hidden_size"]),
+    lambda m: m.__setitem__("tensors", []), lambda m: m["ladder"].__setitem__("rates", "fast"),
+], ids=["tensor_without_shape", "ladder_without_sizes", "arch_without_a_field", "tensors_a_list", "rates_a_string"])
+def test_a_damaged_manifest_is_a_checkpoint_error(ckpt, damage):
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    damage(manifest)
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="damaged|manifest|missing"):
+        load_checkpoint(ckpt)
+
+
+def test_a_manifest_that_is_not_text_is_a_checkpoint_error(ckpt):
+    (ckpt / MANIFEST).write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.__setitem__("norm.weight", torch.ones(7)), r"'norm.weight' is \[7\].*needs"),
+    (lambda t: t.__setitem__("bogus", torch.ones(2)), r"does not have: \['bogus'\]"),
+    (lambda t: t.pop("norm.weight"), "lacks tensor 'norm.weight'"),
+], ids=["wrong_shape", "extra_tensor", "missing_tensor"])
+def test_weights_the_architecture_cannot_take_are_named(ckpt, change, message):
+    """File and manifest agree (and the sha256 matches), but the architecture in the manifest needs other tensors."""
+    _resave(ckpt, change)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(ckpt)
+
+
+def test_missing_tokenizer_files_are_named(ckpt):
+    from uniql.runtime.checkpoint import load_tokenizer
+
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        load_tokenizer(ckpt)  # this fixture was saved without a tokenizer
+
+
+# ------------------------------------------------------------------------------------------- output directory
+def test_out_dir_refuses_what_would_lose_data(tmp_path, ckpt):
+    from uniql.runtime.checkpoint import prepare_out_dir
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (tmp_path / "afile").write_text("x")
+    source = tmp_path / "hf-model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not empty and is not a UniQL checkpoint"):
+        prepare_out_dir(user)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    with pytest.raises(CheckpointError, match="not a directory"):
+        prepare_out_dir(tmp_path / "afile")
+    for out, src in ((source, source), (source / "sub", source), (tmp_path, source), (source, source / "config.json"),
+                     (ckpt, ckpt)):  # a model folder, inside, around it; a model file's folder; finetune's input
+        with pytest.raises(CheckpointError, match="write over the model being read"):
+            prepare_out_dir(out, (src,))
+
+
+def test_out_dir_takes_new_empty_and_earlier_checkpoints(tmp_path, ckpt):
+    from uniql.runtime.checkpoint import FINETUNE_STATE, prepare_out_dir
+
+    resume = tmp_path / "resume"
+    (resume / FINETUNE_STATE).mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new" / "deeper", tmp_path / "empty", ckpt, resume):
+        assert prepare_out_dir(out, (tmp_path / "elsewhere.gguf",)).is_dir()
+
+
+def test_compress_refuses_a_foreign_directory_before_loading_anything(tmp_path):
+    from uniql.compressor.compress import CompressConfig, compress
+
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not empty"):
+        compress("smollm2-135m", tmp_path, CompressConfig(quant=None))
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]

@@ -147,3 +147,21 @@ def test_int4_llama_8b_is_under_a_third_of_fp16():
     assert fp16 == pytest.approx(16.06e9, rel=1e-3)  # 8.03 B parameters x 2 bytes
     int4 = rung_bytes(LLAMA_8B, [full] * 32, "int4", 128)["total_bytes"]
     assert 3.8 < fp16 / int4 < 4.0  # 3.88x: 4 bits + one fp16 scale per 128 weights = 4.125 bits, fp16 norms
+
+
+def test_packed_codes_stored_as_floats_are_refused(ckpt):
+    """A file (with a manifest agreeing) whose codes are floats would load and then fail inside a kernel."""
+    from safetensors.torch import load_file, save_file
+
+    from uniql.runtime.checkpoint import sha256_file
+
+    tensors = load_file(ckpt / WEIGHTS)
+    name = next(k for k in tensors if k.endswith(".qweight"))
+    tensors[name] = tensors[name].float()
+    save_file(tensors, ckpt / WEIGHTS, metadata={"format": "uniql"})
+    manifest = _manifest(ckpt)
+    manifest["tensors"][name]["dtype"] = "float32"
+    manifest["files"][WEIGHTS] = sha256_file(ckpt / WEIGHTS)
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"'{name}'.*torch.float32.*needs.*torch.int32"):
+        load_checkpoint(ckpt)
