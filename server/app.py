@@ -52,6 +52,7 @@ class AppState:
         self.created = int(time.time())
 
     def load(self) -> None:
+        backend = None
         try:
             backend = self.loader()
             self.monitor = self.monitor_factory()
@@ -61,6 +62,16 @@ class AppState:
         except Exception as err:  # keep answering (503 with the reason) instead of dying silently
             log.exception("loading the model failed")
             self.load_error = f"{type(err).__name__}: {err}"
+            self.service = None
+            if backend is not None:  # nothing will ever serve from it: free its engine thread and memory now
+                self._shut_down(backend)
+
+    @staticmethod
+    def _shut_down(backend) -> None:
+        try:
+            backend.shutdown()
+        except Exception:
+            log.exception("shutting down the backend of a failed load failed")
 
     def ready(self) -> AdaptiveService:
         if self.service is None:

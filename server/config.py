@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -60,8 +61,42 @@ class ServerConfig:
         return rate
 
     def check(self) -> None:
-        """Flags that can be wrong without loading anything fail here, before the loading thread starts."""
+        """Flags that can be wrong without loading anything fail here (ValueError naming the flag), before the
+        loading thread starts: a failure there leaves a server that answers 503 until someone restarts it."""
         from uniql.runtime.dtypes import check_dtype_name  # torch-free
 
         self.fixed_rate()
         check_dtype_name(self.dtype)
+        _check_size("--memory-reserve", lambda: resolve_reserve(self.memory_reserve, 0))  # syntax only
+        _check_size("--hysteresis", lambda: parse_bytes(self.hysteresis))
+        self._check_numbers()
+        if self.ckpt is not None and not Path(self.ckpt).is_dir():
+            raise ValueError(f"checkpoint {self.ckpt!r} is not a directory")
+
+    def _check_numbers(self) -> None:
+        _at_least("--max-num-seqs", self.max_num_seqs, 1)
+        _at_least("--max-queued-requests", self.max_queued_requests, 0)
+        _at_least("--default-max-tokens", self.default_max_tokens, 1)
+        if self.max_model_len is not None:  # 0 must not quietly mean "the model's length" (bridge: `or`)
+            _at_least("--max-model-len", self.max_model_len, 1)
+        _positive("--monitor-interval", self.monitor_interval_s)  # 0 would poll in a busy loop
+        if self.tpot_target_ms is not None:
+            _positive("--tpot-target-ms", self.tpot_target_ms)
+        _at_least("--residency-sustain", self.residency_sustain_s, 0)
+
+
+def _check_size(flag: str, parse) -> None:
+    try:
+        parse()
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
+def _at_least(flag: str, value, low) -> None:
+    if not value >= low:  # `not >=` also refuses NaN
+        raise ValueError(f"{flag} must be at least {low}, got {value}")
+
+
+def _positive(flag: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{flag} must be greater than 0, got {value}")

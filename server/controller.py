@@ -11,7 +11,10 @@ below the lowest resident rung, and the lightest rung when nothing fits (a reque
 the lightest rung is the best the server can do, and the residency manager frees the tails it does not need).
 
 Latency rule. When the recent inter-token latency (TPOT) misses the target while several requests share the
-engine, climb one rung above the last decision; hold while TPOT is within the hysteresis band below the target.
+engine, climb one rung above the last decision, once per new measurement: the TPOT window only moves when a
+request finishes, so a burst admitted on one slow reading must not climb once per request. Hold the last
+decision while TPOT stays above the band (``tpot_band * target``), with or without contention; only a TPOT back
+below the band releases the latency rule.
 
 Hysteresis. Climbing happens at once (memory or latency trouble must be answered now); descending to a lower
 rung needs the lower rung to fit with ``hysteresis_bytes`` to spare and TPOT back below the band.
@@ -42,6 +45,7 @@ class RungInputs:
     request_cache_bytes: tuple[int, ...]  # this request's KV cache at each rung
     min_rung: int = 0  # lowest rung whose weights are resident
     recent_tpot_s: float | None = None
+    tpot_seq: int = 0  # which measurement recent_tpot_s is (TpotWindow.seq): a climb uses each one once
     running: int = 0
 
 
@@ -49,6 +53,7 @@ class RungInputs:
 class Decision:
     rung: int
     reason: str  # "memory" | "latency" | "resident" | "fallback" | "pinned" | "fixed"
+    latency_climb: bool = False  # the latency rule climbed on this decision's TPOT measurement
 
 
 def model_budget(available_bytes: int, resident_bytes: int, reserve_bytes: int) -> int:
@@ -66,46 +71,57 @@ def memory_rung(inputs: RungInputs, cfg: ControllerConfig, previous: int) -> tup
     return top, False
 
 
-def latency_floor(inputs: RungInputs, cfg: ControllerConfig, previous: int) -> int:
-    """Rung the latency rule asks for at least: previous + 1 on a miss under contention, previous in the band."""
-    if cfg.tpot_target_s is None or inputs.recent_tpot_s is None or inputs.running < cfg.contention:
+def latency_floor(inputs: RungInputs, cfg: ControllerConfig, previous: int, climbed_at: int | None = None) -> int:
+    """Rung the latency rule asks for at least: previous + 1 on a new miss under contention, previous while TPOT
+    is above the band, 0 once it is below. ``climbed_at``: the measurement (``tpot_seq``) of the last climb."""
+    if cfg.tpot_target_s is None or inputs.recent_tpot_s is None:
         return 0
-    top = len(inputs.rung_weight_bytes) - 1
-    if inputs.recent_tpot_s > cfg.tpot_target_s:
-        return min(previous + 1, top)
-    if inputs.recent_tpot_s > cfg.tpot_band * cfg.tpot_target_s:
-        return previous
-    return 0
+    if inputs.recent_tpot_s <= cfg.tpot_band * cfg.tpot_target_s:
+        return 0  # recovered: only now may the rung come down (else it flaps at the contention boundary)
+    fresh = inputs.tpot_seq != climbed_at
+    if inputs.recent_tpot_s > cfg.tpot_target_s and inputs.running >= cfg.contention and fresh:
+        return min(previous + 1, len(inputs.rung_weight_bytes) - 1)
+    return previous
 
 
-def choose_rung(inputs: RungInputs, cfg: ControllerConfig, previous: int = 0) -> Decision:
+def choose_rung(inputs: RungInputs, cfg: ControllerConfig, previous: int = 0,
+                climbed_at: int | None = None) -> Decision:
     """The rung for a new request (see the module doc for the rules)."""
     if len(inputs.rung_weight_bytes) != len(inputs.request_cache_bytes):
         raise ValueError("one weight size and one cache size per rung")
     mem, fits = memory_rung(inputs, cfg, previous)
-    lat = latency_floor(inputs, cfg, previous)
+    lat = latency_floor(inputs, cfg, previous, climbed_at)
     rung = max(mem, lat, inputs.min_rung)
+    climbed = lat > previous
     if not fits:
-        return Decision(rung, "fallback")
+        return Decision(rung, "fallback", climbed)
     if inputs.min_rung > max(mem, lat):
-        return Decision(rung, "resident")
-    return Decision(rung, "latency" if lat > mem else "memory")
+        return Decision(rung, "resident", climbed)
+    return Decision(rung, "latency" if lat > mem else "memory", climbed)
 
 
 class TpotWindow:
-    """The last inter-token gaps of all requests; its median is the controller's recent TPOT."""
+    """The last inter-token gaps of all requests; its median is the controller's recent TPOT.
+
+    ``seq`` counts the additions that brought gaps, so the controller can tell a new measurement from the same
+    median read again (it moves only when a request finishes)."""
 
     def __init__(self, size: int = 64):
         self._gaps: deque[float] = deque(maxlen=size)
         self._lock = threading.Lock()
+        self.seq = 0
 
     def add(self, gaps: list[float]) -> None:
+        if not gaps:  # a request that ended before its second token measured nothing
+            return
         with self._lock:
             self._gaps.extend(gaps)
+            self.seq += 1
 
-    def recent(self) -> float | None:
+    def reading(self) -> tuple[float | None, int]:
+        """(median gap or None, seq), read together so the number always names the median it came with."""
         with self._lock:
-            return statistics.median(self._gaps) if self._gaps else None
+            return (statistics.median(self._gaps) if self._gaps else None), self.seq
 
 
 class RateController:
@@ -115,6 +131,7 @@ class RateController:
         self.cfg = cfg
         self.fixed_rung = fixed_rung
         self.last = Decision(fixed_rung or 0, "fixed" if fixed_rung is not None else "memory")
+        self._climbed_at: int | None = None  # tpot_seq of the last latency climb
         self._lock = threading.Lock()
 
     def decide(self, inputs: RungInputs, pinned: int | None = None, commit: bool = True) -> Decision:
@@ -126,7 +143,9 @@ class RateController:
             rung = pinned if pinned is not None else self.fixed_rung
             return Decision(max(rung, inputs.min_rung), "pinned" if pinned is not None else "fixed")
         with self._lock:
-            decision = choose_rung(inputs, self.cfg, self.last.rung)
+            decision = choose_rung(inputs, self.cfg, self.last.rung, self._climbed_at)
             if commit:
                 self.last = decision
+                if decision.latency_climb:
+                    self._climbed_at = inputs.tpot_seq
             return decision

@@ -80,6 +80,8 @@ def read_jtop(jetson) -> DeviceReading:
     jetson-stats' ``used`` excludes buffers and page cache, which the kernel reclaims on demand, so
     available = total - used, as psutil's ``available`` is on a plain Linux host.
     """
+    if not jetson.is_alive():  # its thread ends when the jtop service goes away, leaving the last data in place
+        raise RuntimeError("jtop has stopped (is jtop.service running?): its memory reading would be stale")
     ram = jetson.memory["RAM"]
     total, used = int(ram["tot"]) * 1024, int(ram["used"]) * 1024
     gpu = (jetson.stats or {}).get("GPU")
@@ -120,29 +122,55 @@ class Monitor:
     """Polls the readers every ``interval_s`` on a daemon thread; ``snapshot()`` returns the latest, at once.
 
     ``listeners`` run after each poll on the monitor thread (metrics gauges, the residency manager), so the
-    slow work of reacting to memory pressure never runs inside a request handler.
+    slow work of reacting to memory pressure never runs inside a request handler. A reader that fails keeps its
+    last reading; the primary one must succeed once at start, since every decision needs its memory.
     """
 
-    def __init__(self, readers: dict[str, Callable[[], DeviceReading]], primary: str, interval_s: float = 0.5):
+    def __init__(self, readers: dict[str, Callable[[], DeviceReading]], primary: str, interval_s: float = 0.5,
+                 start_attempts: int = 3, retry_s: float = 0.2):
         if primary not in readers:
             raise ValueError(f"primary device {primary!r} has no reader ({sorted(readers)})")
+        if not interval_s > 0:  # 0 would poll in a busy loop
+            raise ValueError(f"the monitor interval must be > 0 seconds, got {interval_s}")
         self.readers, self.primary, self.interval_s = readers, primary, interval_s
         self.listeners: list[Callable[[Snapshot], None]] = []
-        self._latest = self.poll()
+        self._failing: dict[str, Exception] = {}  # reader -> its last error, logged once until it recovers
+        self._latest = self._first_poll(start_attempts, retry_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _first_poll(self, attempts: int, retry_s: float) -> Snapshot:
+        """A snapshot holding the primary reading: a transient failure (a busy driver) is retried briefly; a lasting
+        one is a clear error at start instead of a KeyError in every later request."""
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(retry_s)
+            snapshot = self.poll()
+            if self.primary in snapshot.devices:
+                return snapshot
+        err = self._failing[self.primary]
+        raise RuntimeError(f"cannot read memory of {self.primary}: {type(err).__name__}: {err}") from err
+
     def poll(self) -> Snapshot:
+        previous = getattr(self, "_latest", None)
         devices = {}
         for name, read in self.readers.items():
             try:
                 devices[name] = read()
             except Exception as err:  # a flaky reader must not take the server down; keep the last value
-                log.warning("monitor: reading %s failed (%s)", name, err)
-                previous = getattr(self, "_latest", None)
+                self._note_failure(name, err)
                 if previous is not None and name in previous.devices:
                     devices[name] = previous.devices[name]
+            else:
+                if self._failing.pop(name, None) is not None:
+                    log.warning("monitor: reading %s works again", name)
         return Snapshot(devices, self.primary)
+
+    def _note_failure(self, name: str, err: Exception) -> None:
+        """Log a reader's failure once (it is polled twice a second), not at every poll."""
+        if name not in self._failing:
+            log.warning("monitor: reading %s failed (%s); keeping its last reading", name, err)
+        self._failing[name] = err
 
     def snapshot(self) -> Snapshot:
         return self._latest
@@ -165,7 +193,10 @@ class Monitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # a dead thread would freeze the snapshot silently; keep the last one and go on
+                log.exception("monitor: poll failed")
 
     def stop(self) -> None:
         self._stop.set()

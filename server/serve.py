@@ -74,7 +74,7 @@ def make_monitor_factory(cfg: ServerConfig):
 def build_app(cfg: ServerConfig):
     from .app import create_app
 
-    cfg.check()  # a bad --rate or --dtype fails now, not in the loading thread
+    cfg.check()  # a bad flag fails now (`uniql serve` exits 2), not in the loading thread
     return create_app(cfg, make_loader(cfg), make_monitor_factory(cfg))
 
 

@@ -49,12 +49,14 @@ class AdaptiveService:
         self.refresh_gauges(monitor.snapshot())
 
     # ----------------------------------------------------------------------------------------- decisions
-    def inputs(self, max_len: int, snapshot: Snapshot | None = None) -> RungInputs:
+    def inputs(self, max_len: int, snapshot: Snapshot | None = None, sequences: int = 1) -> RungInputs:
+        """The controller's readings for a request of ``sequences`` choices (each holds its own cache)."""
         snapshot = snapshot or self.monitor.snapshot()
+        tpot, seq = self.tpot.reading()
+        cache = tuple(sequences * size for size in self.backend.cache_bytes(max_len))
         return RungInputs(available_bytes=snapshot.available_bytes, resident_bytes=self.residency.resident_bytes,
-                          rung_weight_bytes=self.backend.weights.rung_bytes,
-                          request_cache_bytes=self.backend.cache_bytes(max_len), min_rung=self.residency.floor,
-                          recent_tpot_s=self.tpot.recent(), running=self._running)
+                          rung_weight_bytes=self.backend.weights.rung_bytes, request_cache_bytes=cache,
+                          min_rung=self.residency.floor, recent_tpot_s=tpot, tpot_seq=seq, running=self._running)
 
     def pinned_rung(self, prune_rate: float | None) -> int | None:
         return None if prune_rate is None else self.backend.nearest_rung(prune_rate)
@@ -66,7 +68,8 @@ class AdaptiveService:
         submitted: list[tuple[str, AsyncIterator[TokenEvent]]] = []
         try:
             with self.residency.lock:  # the floor cannot rise between the decision and the add
-                decision = self.controller.decide(self.inputs(max_len), self.pinned_rung(prune_rate))
+                decision = self.controller.decide(self.inputs(max_len, sequences=len(params)),
+                                                  self.pinned_rung(prune_rate))
                 for p in params:
                     submitted.append(self.backend.submit(prompt_ids, p, decision.rung))
         except Exception:

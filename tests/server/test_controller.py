@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from uniql.server.controller import ControllerConfig, RateController, RungInputs, choose_rung
+from uniql.server.controller import ControllerConfig, RateController, RungInputs, TpotWindow, choose_rung
 from uniql.server.residency import ResidencyManager, residency_target
 
 MB = 1 << 20
@@ -56,10 +56,60 @@ def test_latency_climbs_under_contention_and_holds_in_the_band():
     cfg = ControllerConfig(reserve_bytes=0, tpot_target_s=0.05)
     roomy = dict(available_mb=100_000)
     assert choose_rung(inputs(**roomy, recent_tpot_s=0.08, running=4), cfg, previous=2).rung == 3
-    assert choose_rung(inputs(**roomy, recent_tpot_s=0.08, running=1), cfg, previous=2).rung == 0  # no contention
+    # no contention, but TPOT still misses: hold (dropping here made the rung flap at the contention boundary)
+    assert choose_rung(inputs(**roomy, recent_tpot_s=0.08, running=1), cfg, previous=2).rung == 2
     assert choose_rung(inputs(**roomy, recent_tpot_s=0.045, running=4), cfg, previous=3).rung == 3  # in the band
     assert choose_rung(inputs(**roomy, recent_tpot_s=0.02, running=4), cfg, previous=3).rung == 0  # recovered
     assert choose_rung(inputs(**roomy, recent_tpot_s=0.08, running=4), cfg, previous=7).rung == 7  # top stays top
+
+
+LATENCY = ControllerConfig(reserve_bytes=0, hysteresis_bytes=16 * MB, tpot_target_s=0.05)  # band: 0.04 s
+
+
+def decide(controller, tpot, running, seq):
+    return controller.decide(inputs(100_000, recent_tpot_s=tpot, tpot_seq=seq, running=running)).rung
+
+
+def test_a_burst_on_one_slow_measurement_climbs_one_rung_not_one_per_request():
+    controller = RateController(LATENCY)
+    assert [decide(controller, 0.06, running, seq=1) for running in range(2, 8)] == [1] * 6
+    assert decide(controller, 0.06, 7, seq=2) == 2  # a new measurement still misses: one more rung
+    assert decide(controller, 0.06, 7, seq=2) == 2
+
+
+def test_no_flapping_at_the_contention_boundary():
+    controller = RateController(LATENCY)
+    assert decide(controller, 0.06, 2, seq=1) == 1
+    # requests finish and start: running crosses the contention threshold while TPOT still misses the target
+    assert [decide(controller, 0.06, running, seq=1) for running in (1, 2, 1, 2, 1)] == [1] * 5
+
+
+def test_the_rung_comes_down_only_once_tpot_is_back_under_the_band():
+    controller = RateController(LATENCY)
+    assert decide(controller, 0.06, 3, seq=1) == 1
+    assert decide(controller, 0.06, 3, seq=2) == 2
+    assert decide(controller, 0.045, 1, seq=3) == 2  # below the target but above the band: hold
+    assert decide(controller, 0.045, 3, seq=4) == 2
+    assert decide(controller, 0.039, 1, seq=5) == 0  # under 0.8 * target: memory rule alone again
+    assert controller.last.reason == "memory"
+
+
+def test_a_preview_does_not_use_up_a_measurement():
+    controller = RateController(LATENCY)
+    probe = inputs(100_000, recent_tpot_s=0.06, tpot_seq=1, running=3)
+    assert controller.decide(probe, commit=False).rung == 1
+    assert controller.decide(probe).rung == 1  # the gauge's preview did not count as the climb
+
+
+def test_tpot_window_counts_measurements_not_reads():
+    window = TpotWindow(size=4)
+    assert window.reading() == (None, 0)
+    window.add([0.1, 0.3])
+    window.add([])  # a request that ended before its second token measured nothing
+    assert window.reading() == (pytest.approx(0.2), 1)
+    assert window.reading()[1] == 1  # reading again is the same measurement
+    window.add([0.5, 0.5, 0.5])
+    assert window.reading() == (0.5, 2)  # the window holds the last 4 gaps
 
 
 def test_commit_false_previews_without_moving_the_state():

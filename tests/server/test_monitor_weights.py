@@ -22,6 +22,10 @@ class FakeJtop:
 
     def __init__(self, recorded):
         self.memory, self.stats = recorded["memory"], recorded["stats"]
+        self.alive = True  # a real jtop is a Thread: it ends when the jtop service goes away, keeping its last data
+
+    def is_alive(self):
+        return self.alive
 
 
 def test_jtop_reading_is_unified_memory():
@@ -31,6 +35,18 @@ def test_jtop_reading_is_unified_memory():
     assert reading.utilization == pytest.approx(0.875)
     readers, primary = default_readers("cuda", jetson=FakeJtop(JTOP_ORIN_NANO))
     assert primary == "jetson" and set(readers) == {"host", "jetson"}  # no separate cuda:0 on unified memory
+
+
+def test_a_stopped_jtop_is_a_failed_reading_not_stale_data():
+    jetson = FakeJtop(JTOP_ORIN_NANO)
+    readers, primary = default_readers("cuda", jetson=jetson)
+    monitor = Monitor(readers, primary)
+    jetson.alive = False
+    jetson.memory = {"RAM": {"tot": 7620000, "used": 0}}  # what a dead client would go on returning, frozen
+    with pytest.raises(RuntimeError, match="jtop has stopped"):
+        read_jtop(jetson)
+    assert monitor.refresh().available_bytes == (7620000 - 5980000) * 1024  # the last good reading, marked failed
+    assert "jetson" in monitor._failing
 
 
 def test_host_reading_and_device_choice():
@@ -59,6 +75,59 @@ def test_monitor_polls_on_its_thread_and_keeps_the_last_good_reading():
     assert monitor.snapshot().available_bytes <= 96  # kept polling past the failure
     with pytest.raises(ValueError, match="primary"):
         Monitor({"host": flaky}, "cuda:0")
+
+
+def test_a_primary_that_fails_its_first_read_is_retried():
+    calls = {"n": 0}
+
+    def flaky_cuda():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA error: device busy (transient)")
+        return DeviceReading(8 << 30, 4 << 30)
+
+    monitor = Monitor({"host": read_host, "cuda:0": flaky_cuda}, "cuda:0", retry_s=0.01)
+    assert monitor.snapshot().available_bytes == 4 << 30 and calls["n"] == 2
+
+
+def test_a_primary_that_never_reads_is_a_clear_error_at_start():
+    def broken():
+        raise OSError("no such device")
+
+    with pytest.raises(RuntimeError, match="cannot read memory of cuda:0: OSError: no such device"):
+        Monitor({"host": read_host, "cuda:0": broken}, "cuda:0", retry_s=0.01)
+
+
+def test_a_failing_reader_is_logged_once_and_the_thread_goes_on(caplog):
+    state = {"fail": False, "polls": 0}
+    polled = threading.Event()
+
+    def reader():
+        if state["fail"]:
+            raise OSError("sensor gone")
+        return DeviceReading(100, 60)
+
+    def count(_snapshot):
+        state["polls"] += 1
+        if state["polls"] >= 5:
+            polled.set()
+
+    monitor = Monitor({"host": reader}, "host", interval_s=0.01)
+    monitor.listeners.append(count)
+    state["fail"] = True
+    with caplog.at_level("WARNING", logger="uniql.server.monitor"):
+        monitor.start()
+        try:
+            assert polled.wait(5)
+        finally:
+            monitor.stop()
+    assert monitor.snapshot().available_bytes == 60  # the last good reading
+    assert sum("reading host failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_monitor_interval_of_zero_is_refused():
+    with pytest.raises(ValueError, match="> 0"):
+        Monitor({"host": read_host}, "host", interval_s=0)
 
 
 def test_byte_sizes():

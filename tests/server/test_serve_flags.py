@@ -1,0 +1,57 @@
+"""`uniql serve` refuses bad flags before it starts anything: exit status 2 and a message naming the flag, instead
+of a server that answers 503 forever because its loading thread failed."""
+
+from __future__ import annotations
+
+import pytest
+
+from uniql.cli import main
+from uniql.server.config import ServerConfig
+
+BAD_FLAGS = [
+    (["--memory-reserve", "lots"], "--memory-reserve: not a byte size: 'lots'"),
+    (["--memory-reserve", "available-lots"], "--memory-reserve: not a byte size: 'lots'"),
+    (["--memory-reserve=-1G"], "--memory-reserve: not a byte size"),
+    (["--hysteresis", "16 parsecs"], "--hysteresis: not a byte size"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
+    (["--max-queued-requests", "-1"], "--max-queued-requests must be at least 0, got -1"),
+    (["--default-max-tokens", "0"], "--default-max-tokens must be at least 1, got 0"),
+    (["--max-model-len", "0"], "--max-model-len must be at least 1, got 0"),
+    (["--max-model-len", "-5"], "--max-model-len must be at least 1, got -5"),
+    (["--monitor-interval", "0"], "--monitor-interval must be greater than 0, got 0.0"),
+    (["--monitor-interval", "-0.5"], "--monitor-interval must be greater than 0, got -0.5"),
+    (["--tpot-target-ms", "0"], "--tpot-target-ms must be greater than 0, got 0.0"),
+    (["--residency-sustain", "-1"], "--residency-sustain must be at least 0, got -1.0"),
+]
+
+
+@pytest.fixture
+def no_uvicorn(monkeypatch):
+    """Fail the test if `uniql serve` gets as far as starting the server."""
+    import uvicorn
+
+    def run(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", run)
+
+
+@pytest.mark.parametrize(("flags", "message"), BAD_FLAGS)
+def test_a_bad_flag_exits_2_before_serving(tmp_path, capsys, no_uvicorn, flags, message):
+    assert main(["serve", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["missing", "file"])
+def test_a_checkpoint_that_is_not_a_directory_exits_2(tmp_path, capsys, no_uvicorn, where):
+    path = tmp_path / where
+    if where == "file":
+        path.write_text("not a checkpoint")
+    assert main(["serve", str(path)]) == 2
+    assert f"checkpoint {str(path)!r} is not a directory" in capsys.readouterr().err
+
+
+def test_good_flags_pass(tmp_path):
+    ServerConfig(ckpt=str(tmp_path), memory_reserve="available-300M", hysteresis="0", max_queued_requests=0,
+                 max_model_len=1, monitor_interval_s=0.01, tpot_target_ms=20.0, residency_sustain_s=0).check()
+    ServerConfig(memory_reserve="1.5G").check()  # no checkpoint: the embedded default model
