@@ -29,8 +29,11 @@ from uniql.runtime.decoder import ElasticDecoder
 
 from .calib_data import resolve_source
 from .finetune_data import IGNORE, Batch, Example, StepSchedule, collate, load_examples, loss_tokens
-from .finetune_state import load_state, save_state
+from .finetune_state import latest_step, load_state, save_state
 from .lora import LoraSettings, adapter_state, add_lora, merge_lora, resolve_targets
+
+LOSS_ON = {"instruction": "response + EOS (Alpaca template)", "text": "every token",
+           "mixed": "response + EOS for Alpaca records, every token for text records"}
 
 
 @dataclass
@@ -74,7 +77,20 @@ class FinetuneConfig:
             raise ValueError(f"mixed_precision must be auto, no or bf16, not {self.mixed_precision!r}")
         if self.resume and not self.state_dir:
             raise ValueError("resuming needs the state directory of the run to continue")
+        if not self.resume and self.state_dir and latest_step(self.state_dir) is not None:
+            # a fresh run would replace that run's checkpoint at its first save
+            raise ValueError(f"{self.state_dir} holds the adapter checkpoint of a run at step "
+                             f"{latest_step(self.state_dir)}: pass --resume to continue it, or choose another "
+                             "state directory (--finetune-state-dir / --out)")
+        if self.rung_weights is not None and (min(self.rung_weights) < 0 or sum(self.rung_weights) <= 0):
+            raise ValueError(f"rung weights must be >= 0 with a positive sum, got {self.rung_weights}")
+        for source in self.sources():
+            if not resolve_source(source).is_file():
+                raise FileNotFoundError(f"fine-tuning data {source!r}: no file at {resolve_source(source)}")
         self.lora.validate()
+
+    def sources(self) -> list[str]:
+        return [d.strip() for d in self.data.split(",") if d.strip()]  # "alpaca,wikitext2" pools sources
 
     def warmup(self) -> int:
         return min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
@@ -188,8 +204,9 @@ def _micro_step(acc, module, batch: Batch, rung: int, denom: float, sync: bool) 
 
 
 def train_lora(peft_model, examples: list[Example], pad_id: int, cfg: FinetuneConfig, n_rungs: int,
-               acc=None) -> tuple[dict, _Run]:
-    """Train the adapters of ``peft_model`` in place; returns (provenance fields, run record)."""
+               acc=None, identity: dict | None = None) -> tuple[dict, _Run]:
+    """Train the adapters of ``peft_model`` in place; returns (provenance fields, run record). ``identity``
+    (base weights, data files) joins the settings a resume must share."""
     acc = acc or _accelerator(cfg)
     world, rank = acc.num_processes, acc.process_index
     global_batch = cfg.batch_size * cfg.grad_accum * world
@@ -202,7 +219,7 @@ def train_lora(peft_model, examples: list[Example], pad_id: int, cfg: FinetuneCo
     module, optimizer = acc.prepare(loss_module, optimizer)
     run = None
     if cfg.resume:  # after prepare: the optimizer state lands on the parameters' device
-        run = load_state(cfg.state_dir, peft_model, optimizer, scheduler, rank, _Run, _resume_key(cfg, world))
+        run = load_state(cfg.state_dir, peft_model, optimizer, scheduler, rank, _Run, _resume_key(cfg, world, identity))
     if run is None:
         run = _Run()
         torch.manual_seed(cfg.seed + 17 * rank)  # LoRA dropout differs by rank; restored exactly on resume
@@ -233,19 +250,32 @@ def train_lora(peft_model, examples: list[Example], pad_id: int, cfg: FinetuneCo
         if cfg.state_dir and (run.step == cfg.steps or (cfg.save_every and run.step % cfg.save_every == 0)):
             run.wall_s += time.perf_counter() - start
             start = time.perf_counter()
-            save_state(cfg.state_dir, peft_model, optimizer, scheduler, acc, run, _resume_key(cfg, world))
+            save_state(cfg.state_dir, peft_model, optimizer, scheduler, acc, run, _resume_key(cfg, world, identity))
     bar.close()
     run.wall_s += time.perf_counter() - start
     return {**_provenance(cfg, acc, peft_model, probs, run, global_batch), "resumed_from_step": first_step}, run
 
 
-def _resume_key(cfg: FinetuneConfig, world: int) -> dict:
-    """Settings a resumed run must share with the run it continues (else batches or rungs would differ)."""
+def _resume_key(cfg: FinetuneConfig, world: int, identity: dict | None = None) -> dict:
+    """Everything a resumed run must share with the run it continues: the settings that shape batches, rungs and
+    updates, and (``identity``) the base weights and data files themselves."""
     return {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
             "world": world, "seqlen": cfg.seqlen, "data": cfg.data, "rung_decay": cfg.rung_decay,
-            "rung_weights": cfg.rung_weights, "lora": asdict(cfg.lora), "lr": cfg.lr,
-            # only when on, so states saved before distillation existed still resume
-            **({"distill": cfg.distill, "distill_temperature": cfg.distill_temperature} if cfg.distill else {})}
+            "rung_weights": cfg.rung_weights, "lora": asdict(cfg.lora), "lr": cfg.lr, "distill": cfg.distill,
+            "distill_temperature": cfg.distill_temperature, "warmup": cfg.warmup(), "weight_decay": cfg.weight_decay,
+            "max_grad_norm": cfg.max_grad_norm, "max_examples": cfg.max_examples,
+            "mixed_precision": cfg.mixed_precision, **(identity or {})}
+
+
+def fingerprint(model: nn.Module) -> str:
+    """The weights' identity for a resume check: per tensor, sum and sum of squares in float64 to 6 digits. A
+    channel permutation (orders may differ in near-ties between runs) and fp noise leave it unchanged; another
+    model, rung ladder or sorting does not."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t64 = t.detach().double()
+        h.update(f"{name}:{tuple(t.shape)}:{t64.sum().item():.6g}:{t64.square().sum().item():.6g}".encode())
+    return h.hexdigest()[:16]
 
 
 def _provenance(cfg, acc, peft_model, probs, run: _Run, global_batch: int) -> dict:
@@ -275,19 +305,20 @@ def finetune_decoder(model: ElasticDecoder, tokenizer, cfg: FinetuneConfig) -> t
     cfg.validate()
     if model.ladder is None:
         raise ValueError("fine-tuning needs a sorted model with a rate ladder (run the compressor's sorting first)")
-    sources = [d.strip() for d in cfg.data.split(",") if d.strip()]  # "alpaca,wikitext2" mixes sources
+    sources = cfg.sources()
     loaded = [load_examples(tokenizer, src, cfg.seqlen, cfg.max_examples) for src in sources]
     examples = [e for part, _ in loaded for e in part]
     targets = resolve_targets(model, cfg.lora.targets)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    digests = [sha256_file(resolve_source(src)) for src in sources]
+    identity = {"base": fingerprint(model), "data_sha256": digests, "ladder": list(model.ladder.rates)}
     peft_model = add_lora(model, cfg.lora, cfg.seed)
     acc = _accelerator(cfg)
-    provenance, _ = train_lora(peft_model, examples, pad_id, cfg, len(model.ladder.rates), acc)
+    provenance, _ = train_lora(peft_model, examples, pad_id, cfg, len(model.ladder.rates), acc, identity)
     provenance["lora"]["targets"] = targets
-    provenance["data"] = [{"source": src, "path": str(resolve_source(src)), "sha256": sha256_file(resolve_source(src)),
-                           "examples": len(part), "kind": kind,
-                           "loss_on": "response + EOS (Alpaca template)" if kind == "instruction" else "every token"}
-                          for src, (part, kind) in zip(sources, loaded, strict=True)]
+    provenance["data"] = [{"source": src, "path": str(resolve_source(src)), "sha256": digest,
+                           "examples": len(part), "kind": kind, "loss_on": LOSS_ON[kind]}
+                          for src, (part, kind), digest in zip(sources, loaded, digests, strict=True)]
     merged = merge_lora(peft_model).cpu()
     acc.free_memory()
     return merged, provenance

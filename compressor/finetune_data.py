@@ -32,19 +32,39 @@ class Example:
 
 
 def _records(path: Path) -> list[dict] | None:
-    """Records of a .json/.jsonl file, or None for plain text."""
+    """Records of a .json/.jsonl file, or None for plain text (a bad record names its file and line)."""
     if path.suffix == ".json":
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError(f"{path}: expected a JSON list of records (objects)")
+        return records
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{no}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{no}: expected a JSON object per line")
+            records.append(record)
+        return records
     return None
 
 
 def instruction_example(tokenizer, record: dict, seqlen: int) -> Example:
     """Prompt (no loss) + response + EOS (loss), truncated to ``seqlen``; prompt and response tokenized apart
     so the boundary never merges into one token."""
+    output = record.get("output", "")
+    if not isinstance(output, str):
+        raise ValueError(f"an Alpaca record's output must be a string, got {output!r}")
     prompt = tokenizer(alpaca_prompt(record))["input_ids"]
-    response = tokenizer(record.get("output", ""), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response = tokenizer(output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt + response)[:seqlen]
     labels = ([IGNORE] * len(prompt) + response)[:seqlen]
     return Example(ids, labels)
@@ -58,25 +78,35 @@ def text_windows(tokenizer, text: str, seqlen: int) -> list[Example]:
     return [Example(w, list(w)) for w in windows]
 
 
+def record_windows(tokenizer, text: str, seqlen: int) -> list[Example]:
+    """A ``text`` record in ``seqlen`` windows, its shorter tail included (one record is one document)."""
+    ids = tokenizer(text)["input_ids"]
+    return [Example(w, list(w)) for w in (ids[s:s + seqlen] for s in range(0, len(ids), seqlen))]
+
+
 def load_examples(tokenizer, source: str, seqlen: int, max_examples: int | None = None) -> tuple[list[Example], str]:
-    """(examples with at least one loss token in file order, kind: "instruction" | "text")."""
+    """(examples with at least one loss token in file order, kind: "instruction" | "text" | "mixed")."""
     path = resolve_source(source)
     if not path.is_file():
         raise FileNotFoundError(f"fine-tuning data {source!r}: no file at {path}")
     records = _records(path)
-    kind = "text" if records is None or not any("instruction" in r for r in records[:1]) else "instruction"
     if records is None:
-        examples = text_windows(tokenizer, path.read_text(encoding="utf-8"), seqlen)
+        examples, kinds = text_windows(tokenizer, path.read_text(encoding="utf-8"), seqlen), {"text"}
     else:
-        examples = []
-        for r in records[:max_examples] if max_examples else records:
+        examples, kinds = [], set()
+        for i, r in enumerate(records[:max_examples] if max_examples else records):
             if "instruction" in r:
-                examples.append(instruction_example(tokenizer, r, seqlen))
-            elif "text" in r:
-                ids = tokenizer(r["text"])["input_ids"][:seqlen]
-                examples.append(Example(ids, list(ids)))
+                try:
+                    examples.append(instruction_example(tokenizer, r, seqlen))
+                except ValueError as err:
+                    raise ValueError(f"{path}: record {i}: {err}") from None
+                kinds.add("instruction")
+            elif isinstance(r.get("text"), str):
+                examples += record_windows(tokenizer, r["text"], seqlen)
+                kinds.add("text")
             else:
-                raise ValueError(f"{path}: a record has neither Alpaca fields nor 'text' (keys {sorted(r)})")
+                raise ValueError(f"{path}: record {i} has neither Alpaca fields nor a 'text' string (keys {sorted(r)})")
+    kind = kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "text"
     examples = [e for e in examples if sum(label != IGNORE for label in e.labels[1:]) > 0]
     if not examples:
         raise ValueError(f"fine-tuning data {source!r} gave no example with a response token")

@@ -61,6 +61,22 @@ def latest_step(state_dir) -> int | None:
     return json.loads(path.read_text())["step"] if path.is_file() else None
 
 
+# States saved by earlier versions: distillation was recorded only when on, and some settings not at all
+_LEGACY = {"distill": 0.0, "distill_temperature": 1.0}
+_UNRECORDED = object()
+
+
+def _changed(saved: dict, now: dict) -> dict:
+    """{setting: (saved, now)} for every setting either side records that differs (one an older state never
+    recorded is not compared)."""
+    out = {}
+    for k in saved.keys() | now.keys():
+        old = saved.get(k, _LEGACY.get(k, _UNRECORDED))
+        if old is not _UNRECORDED and old != now.get(k):
+            out[k] = (old, now.get(k))
+    return out
+
+
 def load_state(state_dir, peft_model, optimizer, scheduler, rank: int, run_cls, key: dict):
     """Restore the newest checkpoint into the adapters, optimizer, schedule and RNG; return the run record
     (a fresh one when ``state_dir`` holds no checkpoint yet)."""
@@ -69,7 +85,7 @@ def load_state(state_dir, peft_model, optimizer, scheduler, rank: int, run_cls, 
         return None
     ckpt = Path(state_dir) / f"step-{step}"
     trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
-    changed = {k: (trainer["key"].get(k), v) for k, v in key.items() if trainer["key"].get(k) != v}
+    changed = _changed(trainer["key"], key)
     if changed:
         raise ValueError(f"cannot resume from {ckpt}: settings differ from the saved run (saved, now): {changed}; "
                          "resume with the same settings or start a new state directory")
