@@ -50,16 +50,39 @@ def resolve_source(source: str) -> Path:
     return data_file(NAMED_SOURCES[source]) if source in NAMED_SOURCES else Path(source)
 
 
+def read_records(path: Path) -> list[dict] | None:
+    """Records of a .json/.jsonl file, or None for plain text (a bad record names its file and line)."""
+    if path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError(f"{path}: expected a JSON list of records (objects)")
+        return records
+    if path.suffix == ".jsonl":
+        records = []
+        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{no}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{no}: expected a JSON object per line")
+            records.append(record)
+        return records
+    return None
+
+
 def load_texts(source: str) -> tuple[list[str], bool]:
     """(texts, is_examples): examples are separate sequences; otherwise one stream to cut windows from."""
     path = resolve_source(source)
     if not path.is_file():
         raise FileNotFoundError(f"calibration source {source!r}: no file at {path}")
-    if path.suffix == ".json":
-        return [_record_text(r) for r in json.loads(path.read_text(encoding="utf-8"))], True
-    if path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [_record_text(json.loads(line)) for line in lines if line.strip()], True
+    if path.suffix in (".json", ".jsonl"):
+        return [_record_text(r) for r in read_records(path)], True
     return [path.read_text(encoding="utf-8")], False
 
 

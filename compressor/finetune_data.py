@@ -13,14 +13,12 @@ and a resumed run sees exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .calib_data import alpaca_prompt, resolve_source
+from .calib_data import alpaca_prompt, read_records, resolve_source
 
 IGNORE = -100
 
@@ -29,32 +27,6 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss (prompt); else the token itself (shifted inside the loss)
-
-
-def _records(path: Path) -> list[dict] | None:
-    """Records of a .json/.jsonl file, or None for plain text (a bad record names its file and line)."""
-    if path.suffix == ".json":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise ValueError(f"{path}: expected a JSON list of records (objects)")
-        return records
-    if path.suffix == ".jsonl":
-        records = []
-        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{no}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{no}: expected a JSON object per line")
-            records.append(record)
-        return records
-    return None
 
 
 def instruction_example(tokenizer, record: dict, seqlen: int) -> Example:
@@ -89,7 +61,7 @@ def load_examples(tokenizer, source: str, seqlen: int, max_examples: int | None 
     path = resolve_source(source)
     if not path.is_file():
         raise FileNotFoundError(f"fine-tuning data {source!r}: no file at {path}")
-    records = _records(path)
+    records = read_records(path)
     if records is None:
         examples, kinds = text_windows(tokenizer, path.read_text(encoding="utf-8"), seqlen), {"text"}
     else:
