@@ -67,8 +67,11 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 
 
 def _norm(x, delta, weight, eps):
-    if x.shape[-1] != weight.shape[0] or x.device != weight.device:
-        raise ValueError(f"x [..., {x.shape[-1]}] and weight {tuple(weight.shape)} must match, same device")
+    n = x.shape[-1]
+    if weight.dim() != 1 or weight.shape[0] != n or x.device != weight.device:
+        raise ValueError(f"x [..., {n}] and weight {tuple(weight.shape)} must match, same device")
+    if n > 1 and weight.stride(0) != 1:  # the kernel reads weight[col] at stride 1
+        raise ValueError(f"the norm weight must be contiguous, got stride {weight.stride(0)}")
     x2 = _rows(x)
     n = x2.shape[1]
     d2 = x2 if delta is None else _rows(delta)
@@ -134,15 +137,24 @@ def _group_rms_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, head
                     heads_per_group, eps, BLOCK_H, BLOCK_P)
 
 
+def check_group_norm(g: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
+    """``g [B, H, P']`` and a 1-D ``weight`` prefix of >= H * P' channels, read rank-major at stride 1."""
+    _, heads, p = g.shape
+    if groups < 1 or heads % groups or weight.dim() != 1 or weight.shape[0] < heads * p \
+            or weight.device != g.device:
+        raise ValueError(f"g [B, H={heads}, P'={p}] needs H divisible by {groups} groups and a 1-D weight of >= "
+                         f"{heads * p} channels on its device, got {tuple(weight.shape)} on {weight.device}")
+    if heads * p > 1 and weight.stride(0) != 1:
+        raise ValueError(f"the group norm weight must be contiguous, got stride {weight.stride(0)}")
+
+
 def group_rms_norm(g: torch.Tensor, weight: torch.Tensor, groups: int, eps: float,
                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mamba2's gated-norm tail for one token per row: ``g [B, H, P']`` (already ``y * silu(z)``, any strides)
     normalised over each group of ``H / groups`` heads' kept channels, times the rank-major ``weight`` prefix,
     written rank-major ``[B, P' * H]`` (what out_proj reads). One launch instead of ~9 torch ops."""
     b, heads, p = g.shape
-    if heads % groups or weight.shape[0] < heads * p or weight.device != g.device:
-        raise ValueError(f"g [B, H={heads}, P'={p}] needs H divisible by {groups} groups and a weight of >= {heads * p}"
-                         f" channels on its device, got {tuple(weight.shape)} on {weight.device}")
+    check_group_norm(g, weight, groups)
     out = torch.empty(b, p * heads, dtype=out_dtype or g.dtype, device=g.device)
     per_group = heads // groups
     _group_rms_kernel[(b, groups)](g, weight, out, g.stride(0), g.stride(1), g.stride(2), out.stride(0), heads, p,

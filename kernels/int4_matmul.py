@@ -187,6 +187,36 @@ def _check(x, qweight, scales, group_size: int, k: int) -> None:
         raise ValueError(f"x has {x.shape[-1]} input features, the active K is {k}")
 
 
+def _check_bias(bias, n_total: int, x) -> None:
+    """The kernels read ``bias_ptr + column``: one element per output column, stride 1, on x's device."""
+    if bias is None:
+        return
+    if bias.shape != (n_total,):
+        raise ValueError(f"bias must have shape ({n_total},), got {tuple(bias.shape)}")
+    if bias.device != x.device or (n_total > 1 and bias.stride(0) != 1):
+        raise ValueError(f"bias must be contiguous on x's device {x.device}, got stride {bias.stride()} on "
+                         f"{bias.device}")
+
+
+def _check_norm(norm, m: int, x) -> None:
+    """``norm`` = (ss, eps): the GEMV reads row r's P partial sums at ``ss + r * P`` (P = ss.shape[1]), fp32."""
+    if norm is None:
+        return
+    ss = norm[0]
+    if ss.dtype != torch.float32 or ss.dim() != 2 or ss.shape[0] < m or ss.shape[1] < 1 \
+            or not ss.is_contiguous() or ss.device != x.device:
+        raise ValueError(f"norm sums must be a contiguous fp32 [>= {m} rows, parts] tensor on {x.device}, got "
+                         f"{ss.dtype} {tuple(ss.shape)} stride {ss.stride()} on {ss.device}")
+
+
+def glu_width(segments) -> int:
+    """The width of a GLU's (gate, up) segments, which must be two of one width."""
+    segs = [tuple(seg) for seg in segments]
+    if len(segs) != 2 or segs[0][1] != segs[1][1]:
+        raise ValueError(f"a GLU needs two segments of one width (gate, up), got {segs}")
+    return int(segs[0][1])
+
+
 def _inputs(x, qweight, scales, group_size: int, n: int | None, k: int | None, segments):
     """Checked (active K, segments, leading dims, ``x`` as rows the kernels can read) of one call."""
     k = qweight.shape[0] * PACK if k is None else k
@@ -210,11 +240,10 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     """
     k, segs, lead, x2 = _inputs(x, qweight, scales, group_size, n, k, segments)
     m, n_total = x2.shape[0], sum(length for _, length in segs)
+    _check_bias(bias, n_total, x)
     out = torch.empty(m, n_total, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n_total)
-    if bias is not None and bias.shape != (n_total,):
-        raise ValueError(f"bias must have shape ({n_total},), got {tuple(bias.shape)}")
     cfg = config or pick_config(m, n_total, k, group_size, x.device, half2=x.dtype != torch.float32)
     _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, out, norm=norm)
     return out.reshape(*lead, n_total)
@@ -241,6 +270,14 @@ def int4_residual(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     cfg = config or half2_gemv_config(x2.shape[0], n, k, group_size, x)
     if cfg is None or residual.shape[-1] != n or residual.dtype != x.dtype or norm_weight.shape != (n,):
         return None
+    # the kernel reads and writes residual rows for every row of x, and the weight at stride 1
+    if residual.numel() != x2.shape[0] * n:
+        raise ValueError(f"residual {tuple(residual.shape)} must have one row per row of x ({x2.shape[0]})")
+    if n > 1 and norm_weight.stride(0) != 1:
+        raise ValueError(f"norm_weight must be contiguous, got stride {norm_weight.stride(0)}")
+    if residual.device != x.device or norm_weight.device != x.device:
+        raise ValueError(f"residual and norm_weight must be on x's device {x.device}")
+    _check_bias(bias, n, x)
     res2 = residual.reshape(-1, n).contiguous()
     out, s, sg = (torch.empty_like(res2) for _ in range(3))
     sums = torch.empty(res2.shape[0], triton.cdiv(n, cfg.block_n), dtype=torch.float32, device=x.device)
@@ -256,19 +293,18 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
     On the half2 GEMV path (decode) the activation is the epilogue of the projection itself (``_glu_pair``), one
     launch for both; elsewhere the projection, then the same math in torch."""
     k, segs, lead, x2 = _inputs(x, qweight, scales, group_size, None, k, segments)
-    if len(segs) != 2 or segs[0][1] != segs[1][1]:
-        raise ValueError(f"a GLU needs two segments of one width (gate, up), got {segs}")
-    m, n = x2.shape[0], segs[0][1]
+    m, n = x2.shape[0], glu_width(segs)
+    _check_bias(bias, 2 * n, x)
+    if m == 0:  # (pick_config has no path for an empty batch)
+        return torch.empty(*lead, n, dtype=x.dtype, device=x.device)
     cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32)
-    if m == 0 or cfg.path != "gemv" or x.dtype == torch.float32:
+    if cfg.path != "gemv" or x.dtype == torch.float32:
         gate_up = int4_matmul(x2, qweight, scales, group_size, k=k, bias=bias, segments=segs, config=config,
                               norm=norm)
         if x.device.type == "cuda":
             return silu_mul(gate_up).reshape(*lead, n)
         gate, up = gate_up.split(n, dim=-1)
         return (torch.nn.functional.silu(gate.float()).to(x.dtype) * up).reshape(*lead, n)
-    if bias is not None and bias.shape != (2 * n,):
-        raise ValueError(f"bias must have shape ({2 * n},), got {tuple(bias.shape)}")
     gate_up = torch.empty(m, 2 * n, dtype=x.dtype, device=x.device)
     act = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, gate_up, act, norm=norm)
@@ -278,6 +314,11 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
 def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out, act=None, residual=None,
             norm=None) -> None:
     m = x.shape[0]
+    half2_gemv = cfg.path == "gemv" and x.dtype != torch.float32
+    if (residual is not None or norm is not None) and not half2_gemv:  # before any path could ignore them
+        raise ValueError(f"the RMSNorm split runs in the half2 GEMV only, not on the {cfg.path} path "
+                         f"({x.dtype} activations)")
+    _check_norm(norm, m, x)
     if cfg.path == "dequant":
         dequant_matmul(x, qweight, scales, group_size, k, segs, bias, out)
         return
@@ -305,12 +346,10 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
     common = dict(GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_SEG=len(segs), SPLIT=split > 1,
                   ALIGNED=aligned,
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.path == "gemv" and x.dtype != torch.float32:
+    if half2_gemv:
         launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, x_bf16=x.dtype == torch.bfloat16,
                        act=act, residual=residual, norm=norm, **common)
         return
-    if residual is not None or norm is not None:
-        raise ValueError(f"the RMSNorm split runs in the half2 GEMV only, not on the {cfg.path} path")
     if cfg.path == "gemv":
         # the exponent bits of 2^23 travel as an argument so they sit in one register and each LOP3 takes its
         # code mask as the immediate (a literal here makes ptxas rematerialize every mask inside the loop)
@@ -334,5 +373,5 @@ def int4_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     return out.to(x.dtype)
 
 
-__all__ = ["Int4Config", "ZERO", "candidate_configs", "choose_path", "int4_glu", "int4_matmul", "int4_matmul_reference",
-           "pick_config", "reserve_workspace"]
+__all__ = ["Int4Config", "ZERO", "candidate_configs", "choose_path", "glu_width", "int4_glu", "int4_matmul",
+           "int4_matmul_reference", "pick_config", "reserve_workspace"]

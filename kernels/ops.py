@@ -79,7 +79,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
 def _glu(x, qweight, scales, group_size, segments, k, bias):
     if triton_enabled(x.device):
         return _mm.int4_glu(x, qweight, scales, group_size, segments, k=k, bias=bias)
-    gate, up = _cpu_matmul(x, qweight, scales, group_size, segments, k, bias).chunk(2, dim=-1)
+    n = _mm.glu_width(segments)  # as the Triton path (and the fake's output width) requires
+    gate, up = _cpu_matmul(x, qweight, scales, group_size, segments, k, bias).split(n, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
 

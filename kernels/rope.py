@@ -93,6 +93,9 @@ def _check(q, k, cos, sin, rope_index, n_heads: int, n_kv: int, qk: int) -> None
     if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[0] != q.shape[0]:
         raise ValueError(f"cos/sin must both be [T={q.shape[0]}, head_dim/2], got {tuple(cos.shape)} / "
                          f"{tuple(sin.shape)}")
+    if cos.shape[0] > 1 and cos.stride(0) != sin.stride(0):  # the kernels take one row stride for both tables
+        raise ValueError(f"cos and sin must share a row stride, got {cos.stride(0)} / {sin.stride(0)} "
+                         "(pass both from one layout, e.g. rope_tables)")
     if qk > 2 * p_full:
         raise ValueError(f"qk={qk} exceeds the head dim {2 * p_full} the tables cover")
     if rope_index.dtype not in INDEX_DTYPES or rope_index.dim() != 2 or rope_index.shape[0] != n_kv \

@@ -143,7 +143,7 @@ def _check_conv_state(conv_state, batch: int, ch: int, width: int, conv_dtype) -
                          f"got {tuple(conv_state.shape)}")
 
 
-def _check(xbc, conv_state, weights, biases, state, z, dt, conv_dtype) -> int:
+def _check(xbc, conv_state, weights, biases, state, conv_dtype) -> int:
     """Shape checks of launch 1 (its operands are those of the kernels it fuses); returns W."""
     batch, ch = xbc.shape
     width = _conv._check_params(weights, biases, ch)
@@ -152,8 +152,6 @@ def _check(xbc, conv_state, weights, biases, state, z, dt, conv_dtype) -> int:
     if _is_table(conv_state) != _is_table(state):
         raise ValueError("conv and SSM states must both be tensors or both be address tables")
     _check_conv_state(conv_state, batch, ch, width, conv_dtype)
-    if dt.shape[0] != batch or (z is not None and z.shape[0] != batch):
-        raise ValueError("xbc, dt and z must share the batch")
     return width
 
 
@@ -175,16 +173,15 @@ def ssm_conv_step(xbc: torch.Tensor, conv_state: torch.Tensor, weight: Sequence[
     ``weight``: the x, B, C conv weight prefixes ``[rows, W]`` (one column stride); ``bias`` likewise or None.
     Returns ``y [batch, H, P']`` in xbc's dtype; call ``group_norm_shift`` next (it shifts the conv state)."""
     weights, biases = list(weight), list(bias or [])
-    width = _check(xbc, conv_state, weights, biases, state, z, dt, conv_dtype)
+    width = _check(xbc, conv_state, weights, biases, state, conv_dtype)
     batch = xbc.shape[0]
     p, n = weights[0].shape[0] // heads, weights[1].shape[0] // groups
     if p * heads != weights[0].shape[0] or n * groups != weights[1].shape[0] or weights[2].shape != weights[1].shape:
         raise ValueError(f"conv segments {[tuple(w.shape) for w in weights]} do not split into {heads} heads and "
                          f"{groups} groups")
-    if _is_table(state) and state.shape != (batch,):
-        raise ValueError(f"an SSM state table must be int64 ({batch},)")
-    if not _is_table(state) and state.shape != (batch, heads, p, n):
-        raise ValueError(f"SSM state must be [batch, H, P', N'] = ({batch}, {heads}, {p}, {n})")
+    # the state update's own checks (state fp32 or a table, dt [batch, H], A/D/dt_bias [H] contiguous, z like y)
+    _ssm.check_step_operands(state, dt, A, D, z, dt_bias, (batch, heads, p, n),
+                             (xbc, conv_state, *weights, *biases))
     out = torch.empty(batch, heads, p, dtype=xbc.dtype, device=xbc.device)
     block_p, block_n = _ssm.block_sizes(p, n)
     table = _is_table(state)
@@ -210,8 +207,7 @@ def group_norm_shift(g: torch.Tensor, weight: torch.Tensor, groups: int, eps: fl
     conv-state shift of step 1 (drop the oldest of the ``width - 1`` columns, append ``xbc``), in place."""
     batch, heads, p = g.shape
     ch = xbc.shape[1]
-    if heads % groups or weight.shape[0] < heads * p:
-        raise ValueError(f"g [B, H={heads}, P'={p}] needs H divisible by {groups} groups and >= {heads * p} weights")
+    _ew.check_group_norm(g, weight, groups)
     _check_conv_state(conv_state, batch, ch, width, conv_dtype)
     table = _is_table(conv_state)
     out = torch.empty(batch, p * heads, dtype=out_dtype or g.dtype, device=g.device)

@@ -105,23 +105,32 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias, out) -> None:
     if B.dim() != 3 or B.shape != C.shape or B.shape[0] != batch or heads % B.shape[1]:
         raise ValueError(f"B, C [batch, G, N'] with H a multiple of G: got {tuple(B.shape)}, {tuple(C.shape)} "
                          f"for x {tuple(x.shape)}")
-    if dt.shape != (batch, heads) or A.shape != (heads,) or out.shape != x.shape:
-        raise ValueError(f"dt [batch, H], A [H], out like x: got {tuple(dt.shape)}, {tuple(A.shape)}, "
-                         f"{tuple(out.shape)} for x {tuple(x.shape)}")
+    if out.shape != x.shape:
+        raise ValueError(f"out must be shaped like x {tuple(x.shape)}, got {tuple(out.shape)}")
+    check_step_operands(state, dt, A, D, z, dt_bias, (batch, heads, p, B.shape[2]), (x, B, C, out))
+
+
+def check_step_operands(state, dt, A, D, z, dt_bias, dims: tuple[int, int, int, int], others=()) -> None:
+    """The state and per-head operands of one step, shared with ``ssm_step.ssm_conv_step`` (which makes x, B, C
+    itself): ``dims`` = (batch, H, P', N'); ``others`` are further tensors that must share the device."""
+    batch, heads, p, n = dims
+    if dt.shape != (batch, heads) or A.shape != (heads,):
+        raise ValueError(f"dt [batch, H], A [H]: got {tuple(dt.shape)}, {tuple(A.shape)} for batch {batch}, "
+                         f"H {heads}")
     for name, t in (("D", D), ("dt_bias", dt_bias)):
         if t is not None and (t.shape != (heads,) or t.stride(0) != 1):
             raise ValueError(f"{name} must be a contiguous [H] = ({heads},) tensor")
     if A.stride(0) != 1:
         raise ValueError("A must be contiguous")
-    if z is not None and z.shape != x.shape:
-        raise ValueError(f"z must be shaped like x {tuple(x.shape)}, got {tuple(z.shape)}")
+    if z is not None and z.shape != (batch, heads, p):
+        raise ValueError(f"z must be shaped like x {(batch, heads, p)}, got {tuple(z.shape)}")
     if state.dtype == torch.int64:
         if state.shape != (batch,) or not state.is_contiguous():
             raise ValueError(f"a state address table must be a contiguous int64 ({batch},) tensor")
-    elif state.dtype != torch.float32 or state.shape != (batch, heads, p, B.shape[2]):
-        raise ValueError(f"state must be fp32 [batch, H, P', N'] = ({batch}, {heads}, {p}, {B.shape[2]}) or an "
+    elif state.dtype != torch.float32 or state.shape != (batch, heads, p, n):
+        raise ValueError(f"state must be fp32 [batch, H, P', N'] = ({batch}, {heads}, {p}, {n}) or an "
                          f"int64 address table, got {state.dtype} {tuple(state.shape)}")
-    devices = {t.device for t in (state, x, dt, A, B, C, out, D, z, dt_bias) if t is not None}
+    devices = {t.device for t in (state, dt, A, D, z, dt_bias, *others) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 

@@ -136,3 +136,15 @@ def test_fused_rope_refuses_mismatched_tables():
         decode_attention_rope(q, k, v_new, cos[:, :2].to(DEVICE), sin[:, :2].to(DEVICE), idx, 4, *tables, 0.25, 4)
     with pytest.raises(ValueError, match="rope_index"):
         decode_attention_rope(q, k, v_new, cos.to(DEVICE), sin.to(DEVICE), idx[:1], 4, *tables, 0.25, 4)
+
+
+def test_fused_rope_refuses_tables_of_different_row_strides():
+    """The split pass reads sin with cos's row stride: equal values laid out differently must be refused."""
+    _, _, v_new, k_caches, v_caches = _batch([3, 2], [4, 4], 4, 2, 16, 16, torch.float32)
+    q, k = torch.randn(2, 64, device=DEVICE), torch.randn(2, 32, device=DEVICE)
+    cos, sin = (t.to(DEVICE) for t in rope_tables(1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)),
+                                                  torch.tensor([2, 1])))
+    sin_wide = torch.cat([sin, torch.zeros_like(sin)], 1)[:, :8]  # same values, row stride 16 against cos's 8
+    idx = torch.arange(8, device=DEVICE).repeat(2, 1)
+    with pytest.raises(ValueError, match="share a row stride"):
+        decode_attention_rope(q, k, v_new, cos, sin_wide, idx, 4, *_tables(k_caches, v_caches, [3, 2]), 0.25, 4)

@@ -84,3 +84,21 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="one shape"):
         add_rms_norm(torch.zeros(2, 8, device=DEVICE), torch.zeros(1, 8, device=DEVICE), torch.ones(8, device=DEVICE),
                      1e-6)
+
+
+def test_norm_weights_must_be_one_contiguous_row():
+    """The kernels read weight[col] at stride 1: a strided or 2-D weight is refused, not misread."""
+    x = torch.randn(2, 16, device=DEVICE)
+    strided = torch.rand(16, 2, device=DEVICE)[:, 0]
+    with pytest.raises(ValueError, match="contiguous"):
+        rms_norm(x, strided, 1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        add_rms_norm(x, x, strided, 1e-6)
+    with pytest.raises(ValueError, match="must match"):
+        rms_norm(x, torch.ones(16, 1, device=DEVICE), 1e-6)
+    torch.testing.assert_close(rms_norm(x, strided.contiguous(), 1e-6), rms_norm_reference(x, strided, 1e-6))
+    g = torch.randn(2, 4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        group_rms_norm(g, torch.rand(12, 2, device=DEVICE)[:, 0], 2, 1e-6)
+    with pytest.raises(ValueError, match="1-D weight"):
+        group_rms_norm(g, torch.rand(12, 1, device=DEVICE), 2, 1e-6)

@@ -283,3 +283,77 @@ def test_rms_norm_split_across_two_gemvs_equals_add_norm_then_gemv(m, split, big
     glu = im.int4_glu(sg, q2, s2, 32, [(0, 40), (40, 40)], config=cfg, norm=(sums, 1e-5))
     gate, up = want.float().split(40, dim=-1)
     assert rel_err(glu, torch.nn.functional.silu(gate) * up) < 5 * tol(dtype)
+
+
+def test_bias_must_be_one_contiguous_row_on_the_device():
+    """The kernels read ``bias + column`` at stride 1: a strided view would be misread, not just slow."""
+    qweight, scales = packed(64, 128, 64)
+    x = torch.randn(1, 128, device=DEV).to(DTYPES[0])
+    strided = torch.randn(64, 2, device=DEV)[:, 0]
+    for bad, match in ((strided, "contiguous"), (torch.zeros(64, device="meta"), "device"),
+                       (torch.zeros(1, 64, device=DEV), "shape")):
+        with pytest.raises(ValueError, match=match):
+            im.int4_matmul(x, qweight, scales, 64, bias=bad)
+    with pytest.raises(ValueError, match="contiguous"):  # the GLU epilogue reads it the same way
+        im.int4_glu(x, qweight, scales, 64, [(0, 32), (32, 32)], bias=strided)
+    torch.testing.assert_close(im.int4_matmul(x, qweight, scales, 64, bias=strided.contiguous()),
+                               im.int4_matmul_reference(x, qweight, scales, 64, bias=strided), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_glu_of_an_empty_batch_is_empty(lead):
+    qweight, scales = packed(64, 64, 32)
+    out = im.int4_glu(torch.randn(*lead, 64, device=DEV).to(DTYPES[0]), qweight, scales, 32, [(0, 32), (32, 32)])
+    assert out.shape == (*lead, 32) and out.dtype == DTYPES[0]
+
+
+GEMV4 = im.Int4Config("gemv", block_n=32, block_k=32, split_k=1, num_warps=4, block_m=4)
+
+
+@pytest.mark.parametrize("cfg", [
+    im.Int4Config("dequant", block_n=64, block_k=64, split_k=1, num_warps=4),
+    im.Int4Config("gemm", block_n=32, block_k=32, split_k=1, num_warps=4, block_m=16),
+])
+def test_norm_is_refused_where_the_half2_gemv_does_not_run(cfg):
+    """norm= folds 1/rms into the half2 GEMV only; any other path must refuse it, not return an un-normed product."""
+    qweight, scales = packed(64, 32, 32)
+    x = torch.randn(3, 32, device=DEV, dtype=torch.float16)
+    norm = (torch.full((3, 2), 50.0, device=DEV), 0.0)
+    with pytest.raises(ValueError, match="half2 GEMV only"):
+        im.int4_matmul(x, qweight, scales, 32, config=cfg, norm=norm)
+    with pytest.raises(ValueError, match="half2 GEMV only"):
+        im.int4_glu(x, qweight, scales, 32, [(0, 32), (32, 32)], config=cfg, norm=norm)
+    with pytest.raises(ValueError, match="half2 GEMV only"):  # the fp32 GEMV has no norm either
+        im.int4_matmul(x.float(), qweight, scales, 32, config=GEMV4, norm=norm)
+
+
+
+def test_norm_sums_must_be_contiguous_fp32_rows_for_every_row():
+    """The GEMV reads row r's sums at ``ss + r * parts``: a strided, short or fp16 ``ss`` is refused."""
+    qweight, scales = packed(16, 32, 32)
+    x = torch.randn(3, 32, device=DEV, dtype=torch.float16)
+    sums = torch.rand(3, 2, device=DEV) * 100
+    strided = torch.cat([sums, torch.full((3, 3), 1e6, device=DEV)], 1)[:, :2]
+    for bad in (strided, sums[:2], sums.half(), sums[:, :, None]):
+        with pytest.raises(ValueError, match="norm sums"):
+            im.int4_matmul(x, qweight, scales, 32, config=GEMV4, norm=(bad, 1e-5))
+    want = im.int4_matmul_reference(x.float() * torch.rsqrt(sums.sum(1, keepdim=True) / 32 + 1e-5), qweight, scales, 32)
+    out = im.int4_matmul(x, qweight, scales, 32, config=GEMV4, norm=(sums, 1e-5))
+    assert rel_err(out, want) < 3 * tol(torch.float16)
+
+
+def test_residual_operands_are_checked():
+    """One residual row per row of x (a smaller residual would be read and written past its end), a contiguous
+    norm weight (read at stride 1) and a contiguous bias."""
+    qweight, scales = packed(32, 64, 32)
+    x = torch.randn(3, 64, device=DEV, dtype=torch.float16)
+    resid, weight = torch.randn(3, 32, device=DEV).half(), torch.rand(32, 2, device=DEV).half() + 0.5
+    with pytest.raises(ValueError, match="one row per row of x"):
+        im.int4_residual(x, qweight, scales, 32, 64, resid[:1], weight[:, 0].contiguous(), config=GEMV4)
+    with pytest.raises(ValueError, match="norm_weight must be contiguous"):
+        im.int4_residual(x, qweight, scales, 32, 64, resid, weight[:, 0], config=GEMV4)
+    with pytest.raises(ValueError, match="bias must be contiguous"):
+        im.int4_residual(x, qweight, scales, 32, 64, resid, weight[:, 0].contiguous(),
+                         bias=torch.randn(32, 2, device=DEV)[:, 0], config=GEMV4)
+    s, sg, _ = im.int4_residual(x, qweight, scales, 32, 64, resid, weight[:, 0].contiguous(), config=GEMV4)
+    assert torch.equal(sg, (s.float() * weight[:, 0].float()).half())

@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 
 from uniql.kernels import ops  # noqa: E402
 from uniql.kernels.int4_format import rtn_quantize  # noqa: E402
+from uniql.kernels.int4_matmul import int4_matmul_reference  # noqa: E402
 from uniql.kernels.rope import rope_tables  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,3 +62,16 @@ def test_compiled_graph_keeps_the_ops_without_breaks():
 
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x, ids), step(x, ids))
+
+
+def test_int4_glu_needs_two_equal_segments_on_every_device():
+    """The CPU path refuses what the Triton path refuses (the fake's output width is the first segment's)."""
+    qweight, scales = packed(64, 64, 32)
+    x = torch.randn(1, 64, device=DEV, dtype=DT)
+    with pytest.raises(ValueError, match="two segments of one width"):
+        ops.int4_glu(x, qweight, scales, 32, [(0, 40), (48, 16)])
+    got = ops.int4_glu(x, qweight, scales, 32, [(0, 24), (32, 24)])
+    ref = int4_matmul_reference(x.float(), qweight, scales, 32, segments=[(0, 24), (32, 24)])
+    want = torch.nn.functional.silu(ref[:, :24]) * ref[:, 24:]
+    assert got.shape == (1, 24)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)

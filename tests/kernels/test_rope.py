@@ -105,12 +105,14 @@ def test_empty_batch():
     (dict(rope_index="float"), "rope_index must be"),
     (dict(rope_index="narrow"), "rope_index must be"),
     (dict(q="col_strided"), "contiguous last dim"),
+    (dict(sin="row_strided"), "share a row stride"),  # the kernel reads sin with cos's row stride
 ])
 def test_bad_inputs_raise(change, match):
     c = _case(3, 4, 2, 16, 16, torch.float32)
     edits = {"long": lambda t: t.long(), "half": lambda t: t.half(), "short": lambda t: t[:2],
              "float": lambda t: t.float(), "narrow": lambda t: t[:, :4],
-             "col_strided": lambda t: torch.cat([t, t], 1)[:, ::2]}
+             "col_strided": lambda t: torch.cat([t, t], 1)[:, ::2],
+             "row_strided": lambda t: torch.cat([t, t], 1)[:, :t.shape[1]]}
     for name, how in change.items():
         setattr(c, name, how if name == "args" else edits[how](getattr(c, name)))
     for fn in (rope_qk, rope_qk_reference):

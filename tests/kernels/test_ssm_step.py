@@ -135,6 +135,30 @@ def test_bad_inputs_are_refused():
                          inp["conv_state"][:, :-1], 4)
 
 
+@pytest.mark.parametrize(("change", "match"), [
+    ({"dt": lambda t: t[:, :1]}, r"dt \[batch, H\]"),  # a [batch, 1] view of a wider row: read past its shape
+    ({"A": lambda t: t[:1]}, r"A \[H\]"),
+    ({"state": lambda t: t.half()}, "fp32"),
+    ({"D": lambda t: torch.stack([t, t], 1)[:, 0]}, "D must be a contiguous"),
+    ({"dt_bias": lambda t: t[:3]}, "dt_bias must be"),
+    ({"z": lambda t: t[:, :, :3]}, "z must be shaped"),
+])
+def test_step_operands_get_the_state_updates_checks(change, match):
+    """ssm_conv_step runs the state update inside: its dt, A, D, dt_bias, z and SSM state are checked alike."""
+    inp, _ = _inputs(*CASES[1], torch.float32)
+    step = dict(inp, activation="silu", heads=6, groups=2)
+    step.update({name: edit(inp[name]) for name, edit in change.items()})
+    with pytest.raises(ValueError, match=match):
+        ssm_conv_step(**step)
+
+
+def test_group_norm_shift_weight_must_be_contiguous():
+    inp, norm_weight = _inputs(*CASES[1], torch.float32)
+    strided = torch.stack([norm_weight, norm_weight], 1)[:, 0]
+    with pytest.raises(ValueError, match="contiguous"):
+        group_norm_shift(torch.zeros(3, 6, 6, device=DEVICE), strided, 2, 1e-5, inp["xbc"], inp["conv_state"], 4)
+
+
 COMPILE = r"""
 import sys, triton
 import triton.language as tl
