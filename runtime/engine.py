@@ -61,6 +61,9 @@ class Engine:
                  max_model_len: int | None = None, cache_budget_bytes: int | None = None,
                  cuda_graphs: bool = True, lookahead: bool = True):
         self.max_model_len = max_model_len or model.spec.max_position_embeddings
+        if self.max_model_len > model.spec.max_position_embeddings:  # as vLLM: RoPE was not trained past it
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context limit "
+                             f"{model.spec.max_position_embeddings} (max_position_embeddings, or its sliding window)")
         self.runner = ModelRunner(model, max_model_len=self.max_model_len, cuda_graphs=cuda_graphs,
                                   graph_buckets=_buckets(max_num_seqs))
         self.sampler = Sampler(model.spec.vocab_size)
@@ -86,12 +89,24 @@ class Engine:
     # ------------------------------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, rung: int = 0) -> Request:
         """Queue a request (ValueError for bad input, scheduler.QueueFull when the queue is full)."""
+        return self.enqueue(self.new_request(prompt_ids, params, rung))
+
+    def new_request(self, prompt_ids: list[int], params: SamplingParams | None = None, rung: int = 0) -> Request:
+        """A checked request, not queued yet (ValueError for bad input). It reads only what a step never changes
+        (the ladder, the spec, the limits), so the async front may call it while a step runs on another thread."""
         self.runner.model.sizes_for(rung)  # a rung outside the ladder fails here, before anything is queued
         req = Request(list(prompt_ids), params or SamplingParams(), rung=rung)
         need = self.runner.cache_bytes_for(req)
         if self.cache_budget_bytes is not None and need > self.cache_budget_bytes:
             raise ValueError(f"this request's cache ({need} bytes at rung {rung}) exceeds the cache budget "
                              f"({self.cache_budget_bytes} bytes): lower max_tokens or pick a higher rung")
+        if req.max_len > self.max_model_len:  # the scheduler checks it too; here it fails before any queueing
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) = "
+                             f"{req.max_len} tokens exceeds max_model_len {self.max_model_len}")
+        return req
+
+    def enqueue(self, req: Request) -> Request:
+        """Queue a request from ``new_request`` (scheduler.QueueFull when the queue is full)."""
         self.scheduler.add(req)
         self.requests[req.request_id] = req
         self.streams[req.request_id] = _Stream(IncrementalDetokenizer(self.tokenizer, req.prompt_ids),

@@ -59,12 +59,21 @@ def _layer_tensors(sd: dict, i: int, spec: ArchSpec) -> dict[str, torch.Tensor]:
     return {f"layers.{i}.{k}": v for k, v in out.items()}
 
 
+def rope_frequencies(rotary) -> torch.Tensor:
+    """The rotary module's frequencies as built: dynamic-type RoPE rewrites ``inv_freq`` in place after a forward
+    past its limit, ``original_inv_freq`` keeps the ones for positions within it."""
+    return getattr(rotary, "original_inv_freq", rotary.inv_freq).float()
+
+
 def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, share: bool = False) -> ElasticDecoder:
     """An unsorted elastic decoder with exactly the HF model's function (no ladder yet).
 
     ``share`` reuses the HF tensors that need no re-ordering instead of copying them (halves host memory for
     big models); the HF model must then not be used afterwards.
     """
+    if not type(hf_model).__name__.endswith("ForCausalLM"):
+        raise ValueError(f"{type(hf_model).__name__} is not a causal language model (load it with "
+                         "AutoModelForCausalLM)")
     if getattr(hf_model.config, "model_type", None) in SSM_FAMILIES:
         from .hf_import_ssm import ssm_decoder_from_hf
 
@@ -74,7 +83,7 @@ def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, share: bool = 
     spec = ArchSpec.from_dict({**spec.to_dict(), "rope_attention_scaling": float(rotary.attention_scaling)})
     sd = hf_model.state_dict()
     tensors = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-               "inv_freq": rotary.inv_freq.float()}
+               "inv_freq": rope_frequencies(rotary)}
     if not spec.tie_embeddings:
         tensors["lm_head.weight"] = sd["lm_head.weight"]
     for i in range(spec.num_layers):

@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from .decoder import ElasticDecoder
-from .hf_import import o_cols_to_rank_major, v_rows_to_rank_major
+from .hf_import import o_cols_to_rank_major, rope_frequencies, v_rows_to_rank_major
 from .spec import ArchSpec, spec_from_hf_config
 
 
@@ -139,7 +140,7 @@ def _rope(hf_model, spec: ArchSpec) -> tuple[ArchSpec, torch.Tensor, int]:
     half = spec.head_dim // 2
     if rotary is None or not spec.num_heads:  # Nemotron-H, Mamba2: no RoPE
         return spec, torch.zeros(half), 0
-    inv_freq = rotary.inv_freq.float()
+    inv_freq = rope_frequencies(rotary)
     if float(rotary.attention_scaling) != 1.0 and inv_freq.numel() < half:
         raise ValueError("partial RoPE with attention scaling != 1 is not supported (pass-through pairs "
                          "would be scaled too)")
@@ -148,9 +149,24 @@ def _rope(hf_model, spec: ArchSpec) -> tuple[ArchSpec, torch.Tensor, int]:
     return spec, torch.cat((inv_freq, torch.zeros(half - inv_freq.numel()))), 2 * inv_freq.numel()
 
 
+def _mixer_dt_limit(hf_model, spec: ArchSpec) -> ArchSpec:
+    """The dt clamp the model's own mixers apply: transformers versions differ (Nemotron-H's mixer used
+    (time_step_min, inf) before it read config.time_step_limit), so the module decides, not the config."""
+    mixer = next((m for m in hf_model.modules() if hasattr(m, "A_log") and hasattr(m, "dt_bias")), None)
+    if mixer is None:
+        return spec
+    limit = getattr(mixer, "time_step_limit", None)
+    if limit is None and hasattr(mixer, "time_step_min"):
+        limit = (mixer.time_step_min, math.inf)
+    if limit is None:
+        return spec
+    lo, hi = limit
+    return replace(spec, ssm_dt_min=float(lo), ssm_dt_max=None if math.isinf(hi) else float(hi))
+
+
 def ssm_decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, share: bool = False) -> ElasticDecoder:
     """An unsorted elastic decoder with exactly the HF model's function (no ladder yet); see hf_import."""
-    spec, inv_freq, rotary_dim = _rope(hf_model, spec_from_hf_config(hf_model.config))
+    spec, inv_freq, rotary_dim = _rope(hf_model, _mixer_dt_limit(hf_model, spec_from_hf_config(hf_model.config)))
     names = NAMES[spec.family]
     sd = hf_model.state_dict()
     tensors = {"embed.weight": sd[names.embed], "norm.weight": sd[names.final_norm], "inv_freq": inv_freq}

@@ -131,7 +131,39 @@ def _dt_limit(limit) -> dict:
     return {"ssm_dt_min": float(lo), "ssm_dt_max": None if math.isinf(hi) else float(hi)}
 
 
+# RoPE kinds whose frequencies are fixed for every position the context limit allows: the import copies them once
+# (dynamic NTK changes them only past max_position_embeddings, which no request may reach)
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+SSM_ACTS = ("silu", "swish", "relu", "gelu")
+
+
+def _check_rope(config) -> None:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"RoPE type {kind!r} is not supported (its frequencies depend on the sequence length); "
+                         f"supported: {ROPE_TYPES}")
+
+
+def _check_ssm_act(act: str) -> str:
+    if act not in SSM_ACTS:
+        raise ValueError(f"unsupported Mamba activation {act!r}; supported: {SSM_ACTS}")
+    return act
+
+
+def _context_limit(config) -> int:
+    """max_position_embeddings, capped to the sliding window when layers use one: sliding-window attention is
+    not implemented, and up to the window it equals full attention (Mistral, Qwen2 with use_sliding_window)."""
+    limit = int(getattr(config, "max_position_embeddings", 4096))
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if window and (types is None or "sliding_attention" in types):
+        limit = min(limit, int(window))
+    return limit
+
+
 def _llama_like_spec(config, family: str) -> ArchSpec:
+    _check_rope(config)
     traits = FAMILIES[family]
     qkv_bias = bool(getattr(config, "attention_bias", False)) or traits.qkv_bias
     return ArchSpec(
@@ -142,7 +174,7 @@ def _llama_like_spec(config, family: str) -> ArchSpec:
         qk_bias=qkv_bias, v_bias=qkv_bias,
         o_bias=bool(getattr(config, "attention_bias", False)) and family != "qwen2",
         mlp_bias=bool(getattr(config, "mlp_bias", False)), act=_check_act(getattr(config, "hidden_act", "silu")),
-        rope_attention_scaling=1.0, max_position_embeddings=int(getattr(config, "max_position_embeddings", 4096)),
+        rope_attention_scaling=1.0, max_position_embeddings=_context_limit(config),
     )
 
 
@@ -165,12 +197,13 @@ def _mamba2_spec(config) -> ArchSpec:
         ssm_state=config.state_size, ssm_conv=config.conv_kernel, ssm_chunk=config.chunk_size,
         **_dt_limit(config.time_step_limit), ssm_norm_eps=float(config.layer_norm_epsilon),
         ssm_norm_groups=config.n_groups, ssm_conv_bias=bool(config.use_conv_bias),
-        ssm_proj_bias=bool(config.use_bias), ssm_act=config.hidden_act,
+        ssm_proj_bias=bool(config.use_bias), ssm_act=_check_ssm_act(config.hidden_act),
     )
 
 
 def _bamba_spec(config) -> ArchSpec:
     """BambaForCausalLM: Mamba2 or attention (partial RoPE), then a SwiGLU MLP, in every layer."""
+    _check_rope(config)
     rope = getattr(config, "rope_parameters", None) or {}
     fraction = float(rope.get("partial_rotary_factor", 0.5))
     kinds = tuple("attn+mlp" if t == "full_attention" else "mamba+mlp" for t in config.layers_block_type)
@@ -186,7 +219,7 @@ def _bamba_spec(config) -> ArchSpec:
         ssm_state=config.mamba_d_state, ssm_conv=config.mamba_d_conv, ssm_chunk=config.mamba_chunk_size,
         **_dt_limit(config.time_step_limit), ssm_norm_eps=float(config.rms_norm_eps),
         ssm_norm_groups=config.mamba_n_groups, ssm_conv_bias=bool(config.mamba_conv_bias),
-        ssm_proj_bias=bool(config.mamba_proj_bias), ssm_act=config.hidden_act,
+        ssm_proj_bias=bool(config.mamba_proj_bias), ssm_act=_check_ssm_act(config.hidden_act),
     )
 
 
@@ -209,10 +242,10 @@ def _nemotron_h_spec(config) -> ArchSpec:
         rotary_fraction=0.0, ssm_heads=config.mamba_num_heads, ssm_head_dim=config.mamba_head_dim,
         ssm_groups=config.n_groups, ssm_state=config.ssm_state_size, ssm_conv=config.conv_kernel,
         ssm_chunk=config.chunk_size,
-        # the mixer ignores config.time_step_limit and uses (time_step_min, inf)
-        **_dt_limit((config.time_step_min, math.inf)), ssm_norm_eps=float(config.layer_norm_epsilon),
+        # the mixer clamps dt to config.time_step_limit (the import reads the mixer's own value: versions differ)
+        **_dt_limit(config.time_step_limit), ssm_norm_eps=float(config.layer_norm_epsilon),
         ssm_norm_groups=config.n_groups, ssm_conv_bias=bool(config.use_conv_bias),
-        ssm_proj_bias=bool(config.use_bias), ssm_act=config.mamba_hidden_act,
+        ssm_proj_bias=bool(config.use_bias), ssm_act=_check_ssm_act(config.mamba_hidden_act),
     )
 
 
