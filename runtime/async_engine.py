@@ -1,32 +1,52 @@
 """The engine for asyncio callers (the server): steps run in one background thread, events stream back.
 
 ``generate`` is an async iterator of TokenEvents. Leaving it early (client disconnect, ``aclose``, task
-cancelled) cancels the request, which frees its slot and cache at once. One lock guards the engine, so
-requests may be added and cancelled from the event loop while the thread steps. ``between_steps`` runs a function
-ON the engine thread between two steps (elastic residency replaces weight tensors there): a queued call is taken
-before the next step, so it cannot be starved by a busy engine the way a waiter on the lock can be.
+cancelled) cancels the request, which frees its slot and cache. The engine thread holds the step lock for a
+whole step, which on CPU or an edge GPU can last seconds (a long prefill), so nothing the event loop calls may
+wait on it: ``submit`` and ``cancel`` check what they can at once, then queue the change for the thread, which
+applies it between two steps; ``load`` and ``live_min_rung`` read state published outside the step lock.
+Only a small admission lock, never held during engine work, makes the queue-capacity check atomic.
+``between_steps`` runs a function ON the engine thread between two steps (elastic residency replaces weight
+tensors there): a queued call is taken before the next step, so a busy engine cannot starve it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue as queue_mod
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 from .engine import Engine
-from .request import SamplingParams, TokenEvent
+from .request import Request, SamplingParams, TokenEvent
+from .scheduler import QueueFull
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Load:
+    """The engine's load as of its last step (published by the engine thread, read by anyone without a lock)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_bytes: int = 0
 
 
 class AsyncEngine:
     def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
         self.engine = engine
         self.idle_wait_s = idle_wait_s
-        self._lock = threading.Lock()
+        self.load = Load()
+        self._lock = threading.Lock()  # the step lock: the engine thread holds it for a whole step
+        self._admit = threading.Lock()  # guards _live and the order of _ops; held for microseconds only
+        self._live: dict[str, int] = {}  # request id -> rung, from submit until finished or cancelled
+        self._capacity = engine.scheduler.max_num_seqs + engine.scheduler.max_queued
+        self._ops: queue_mod.SimpleQueue[tuple[str, object]] = queue_mod.SimpleQueue()  # ("add", req) / ("cancel", id)
         self._work = threading.Event()
         self._stop = threading.Event()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -42,14 +62,34 @@ class AsyncEngine:
     def submit(self, prompt_ids: list[int], params: SamplingParams | None = None,
                rung: int = 0) -> tuple[str, AsyncIterator[TokenEvent]]:
         """``generate`` for callers that may drop a stream before iterating it: also returns the request id
-        (for ``cancel``). Synchronous, but must be called on the event loop that will consume the stream."""
+        (for ``cancel``). Synchronous and never waits for a step; must be called on the event loop that will
+        consume the stream."""
         loop = asyncio.get_running_loop()  # first: without a loop nothing may be queued (it would run unread)
+        req = self.engine.new_request(prompt_ids, params, rung)  # ValueError: bad input, nothing queued
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            req = self.engine.add_request(prompt_ids, params, rung)
-            self._sinks[req.request_id] = (loop, queue)
+        self._sinks[req.request_id] = (loop, queue)  # before queueing: the thread may emit at once
+        try:
+            self._admit_request(req)
+        except QueueFull:
+            self._sinks.pop(req.request_id, None)
+            raise
         self._work.set()
         return req.request_id, self._events(req.request_id, queue)
+
+    def _admit_request(self, req: Request) -> None:
+        """Count the request in and queue it, atomically: requests counted are never fewer than the scheduler
+        holds (ops apply in queue order, and a finish is counted out after the scheduler dropped it), so an add
+        this check lets through always finds room when the thread applies it."""
+        with self._admit:
+            if len(self._live) >= self._capacity:
+                raise QueueFull(self._retry_after_s())
+            self._live[req.request_id] = req.rung
+            self._ops.put(("add", req))
+
+    def _retry_after_s(self) -> float:
+        # Scheduler.retry_after_s from the live count (the scheduler's own queue lags the ops not yet applied)
+        seqs = self.engine.scheduler.max_num_seqs
+        return max(1.0, float(math.ceil(max(0, len(self._live) - seqs) / seqs)))
 
     async def _events(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[TokenEvent]:
         done = False
@@ -64,26 +104,39 @@ class AsyncEngine:
             self._sinks.pop(request_id, None)
 
     def cancel(self, request_id: str) -> bool:
-        with self._lock:
-            cancelled = self.engine.cancel(request_id)
-            if cancelled:
-                self._deliver(self.engine.streams[request_id].events[-1])
-                self._forget(request_id)
-            self._sinks.pop(request_id, None)  # a stream cancelled before anyone iterated it keeps no sink
-        return cancelled
+        """Cancel a live request: its stream ends with a "cancelled" event now, and its slot and cache are freed
+        before the next step. Never waits for a step. False if it had already finished (or was never known)."""
+        with self._admit:
+            rung = self._live.pop(request_id, None)
+            if rung is not None:
+                self._ops.put(("cancel", request_id))
+        sink = self._sinks.pop(request_id, None)  # a stream cancelled before anyone iterated it keeps no sink
+        if rung is None:
+            return False
+        if sink is not None:
+            self._send(sink, TokenEvent(request_id, None, "", finish_reason="cancelled", rung=rung))
+        self._work.set()
+        return True
 
     @property
     def alive(self) -> bool:
         """Whether the engine thread still runs (a health check reports 503 when it does not)."""
         return self._thread.is_alive() and not self._stop.is_set()
 
+    def live_min_rung(self) -> int | None:
+        """The lowest rung of any request submitted and not yet finished or cancelled, queued ones included:
+        residency must not release a rung one of them will run at."""
+        with self._admit:
+            return min(self._live.values(), default=None)
+
     def read(self, fn):
-        """``fn(engine)`` under the engine lock: a consistent view between two steps (server metrics, residency)."""
+        """``fn(engine)`` under the step lock: a consistent view between two steps. It waits for a step in
+        progress, so never call it on an event loop (the server reads ``load`` and ``live_min_rung``)."""
         with self._lock:
             return fn(self.engine)
 
     def between_steps(self, fn):
-        """``fn(engine)`` on the engine thread, between two steps, under the engine lock; waits for its result.
+        """``fn(engine)`` on the engine thread, between two steps, under the step lock; waits for its result.
 
         Unlike ``read`` the call is queued and the thread takes it before its next step, so a busy engine cannot
         starve it, and it runs on the thread (and CUDA stream) that runs the model. Never call it from ``fn``.
@@ -109,33 +162,67 @@ class AsyncEngine:
                 except BaseException as err:  # handed to the caller, who raises it
                     done.set_exception(err)
 
-    def _deliver(self, event: TokenEvent) -> None:
-        sink = self._sinks.get(event.request_id)
-        if sink is None:
-            return
+    def _apply_ops(self) -> None:
+        """Adds and cancels queued by the event loop, in their order (under the step lock)."""
+        while True:
+            try:
+                kind, arg = self._ops.get_nowait()
+            except queue_mod.Empty:
+                return
+            if kind == "add":
+                self._add(arg)
+            elif self.engine.cancel(arg):  # False: it finished first, and was forgotten then
+                self._forget(arg)
+
+    def _add(self, req: Request) -> None:
+        try:
+            self.engine.enqueue(req)
+        except Exception as err:  # noqa: BLE001 (submit checked it; should a bug land here, its stream still ends)
+            log.exception("queueing request %s failed", req.request_id)
+            self._retire(req.request_id)
+            self._deliver(TokenEvent(req.request_id, None, "", finish_reason="error", rung=req.rung,
+                                     error=f"{type(err).__name__}: {err}"))
+
+    def _send(self, sink: tuple[asyncio.AbstractEventLoop, asyncio.Queue], event: TokenEvent) -> None:
         loop, queue = sink
         try:
             loop.call_soon_threadsafe(queue.put_nowait, event)
         except RuntimeError:  # that consumer's event loop is closed: nobody is left to read this stream
             self._sinks.pop(event.request_id, None)
 
+    def _deliver(self, event: TokenEvent) -> None:
+        sink = self._sinks.get(event.request_id)
+        if sink is not None:
+            self._send(sink, event)
+
     def _forget(self, request_id: str) -> None:
         self.engine.streams.pop(request_id, None)
         self.engine.requests.pop(request_id, None)
 
+    def _retire(self, request_id: str) -> None:
+        """Count a request out of the queue capacity (after the scheduler let it go)."""
+        with self._admit:
+            self._live.pop(request_id, None)
+
+    def _publish(self) -> None:
+        scheduler = self.engine.scheduler
+        self.load = Load(scheduler.num_running, scheduler.num_waiting, self.engine.runner.cache_bytes)
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._work.clear()  # before taking the ops: one queued after this wakes the wait below
             self._run_calls()
             with self._lock:
+                self._apply_ops()
                 busy = self.engine.scheduler.has_work
-                events = self._step() if busy else []
-                for event in events:
+                for event in self._step() if busy else []:
                     if event.finish_reason is not None:  # forget first: a consumer that sees the end sees it clean
                         self._forget(event.request_id)
+                        self._retire(event.request_id)
                     self._deliver(event)
+                self._publish()
             if not busy:
                 self._work.wait(self.idle_wait_s)
-                self._work.clear()
 
     def _step(self):
         """One engine step. The engine fails only the requests a failure touches; should the step itself fail
@@ -152,3 +239,6 @@ class AsyncEngine:
         self._work.set()
         self._thread.join(timeout=5)
         self._run_calls()  # a call queued while the thread stopped must not wait forever
+        with self._lock:
+            self._apply_ops()  # cancels queued at the end still free their slots and caches
+            self._publish()

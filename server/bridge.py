@@ -107,15 +107,15 @@ class EngineBackend:
 
     # ------------------------------------------------------------------------------------------ state
     def load_stats(self) -> dict:
-        """Running / waiting counts, KV cache bytes and the lowest live rung, read between two steps."""
-        def read(engine: Engine) -> dict:
-            live = [r.rung for r in engine.scheduler.running + engine.scheduler.waiting]
-            return {"running": engine.scheduler.num_running, "waiting": engine.scheduler.num_waiting,
-                    "kv_cache_bytes": engine.runner.cache_bytes, "live_min_rung": min(live, default=None)}
-        return self.front.read(read)
+        """Running / waiting counts and KV cache bytes as of the last step, and the lowest live rung. Neither waits
+        for a step in progress (seconds, for a long prefill on CPU), so the monitor's gauges stay current."""
+        load = self.front.load
+        return {"running": load.running, "waiting": load.waiting, "kv_cache_bytes": load.kv_cache_bytes,
+                "live_min_rung": self.front.live_min_rung()}
 
     def live_min_rung(self) -> int | None:
-        return self.load_stats()["live_min_rung"]
+        """The lowest rung of any live request, those queued but not yet seen by the engine thread included."""
+        return self.front.live_min_rung()
 
     def change_weights(self, change) -> None:
         """Run ``change()`` (a residency pass that swaps weight tensors) where no forward can overlap it: on the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from uniql.runtime.async_engine import AsyncEngine
 from uniql.runtime.engine import Engine
 from uniql.runtime.hf_import import decoder_from_hf
 from uniql.runtime.request import SamplingParams
+from uniql.runtime.scheduler import QueueFull
 
 
 @pytest.fixture
@@ -75,3 +77,51 @@ def test_bad_requests_fail_before_streaming(engines, tokenizer):
 
     with pytest.raises(ValueError, match="rung"):
         asyncio.run(main())
+
+
+class HeldEngine(Engine):
+    """Its steps wait (holding the step lock, as a long prefill does) until ``release`` is set, 2 s at most."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stepping, self.release = threading.Event(), threading.Event()
+
+    def step(self):
+        self.stepping.set()
+        self.release.wait(2)
+        return super().step()
+
+
+def test_submit_and_cancel_answer_at_once_during_a_step(engines, tokenizer):
+    """The event loop never waits for the engine: mid-step, submit queues (or raises ValueError / QueueFull at
+    once) and cancel frees the queue place at once; the changes take effect before the next step."""
+    engine = HeldEngine(engines[0].runner.model, tokenizer, max_num_seqs=1, max_queued=1)
+    front = AsyncEngine(engine)
+    ids, params = tokenizer("Hello")["input_ids"], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    async def main():
+        first = await front.generate(ids, params)
+        assert await asyncio.to_thread(engine.stepping.wait, 10)  # the first request's step holds the lock
+        start = time.monotonic()
+        second_id, second = front.submit(ids, params)  # the one queue place
+        with pytest.raises(QueueFull):
+            front.submit(ids, params)
+        with pytest.raises(ValueError, match="rung"):
+            front.submit(ids, params, rung=9)
+        assert front.cancel(second_id)
+        third = await front.generate(ids, params)  # the cancelled request's place is free at once
+        elapsed = time.monotonic() - start
+        assert elapsed < 0.5, f"the event loop waited {elapsed:.2f} s for the engine"
+        assert front.live_min_rung() == 0  # queued requests count before the engine thread takes them
+        engine.release.set()
+        return [e async for e in first], [e async for e in second], [e async for e in third]
+
+    try:
+        first, second, third = asyncio.run(main())
+    finally:
+        engine.release.set()
+        front.shutdown()
+    assert [e.finish_reason for e in second] == ["cancelled"]
+    assert first[-1].finish_reason == third[-1].finish_reason == "length" and len(third) == 2
+    assert engine.counters.cancelled == 1 and engine.runner.cache_bytes == 0 and not engine.streams
+    assert front.live_min_rung() is None and front.load.running == front.load.waiting == 0
