@@ -28,6 +28,15 @@ from .scheduler import QueueFull
 log = logging.getLogger(__name__)
 
 
+def _drained(q: queue_mod.SimpleQueue):
+    """What ``q`` holds now, in order, without waiting."""
+    while True:
+        try:
+            yield q.get_nowait()
+        except queue_mod.Empty:
+            return
+
+
 @dataclass(frozen=True)
 class Load:
     """The engine's load as of its last step (published by the engine thread, read by anyone without a lock)."""
@@ -151,11 +160,7 @@ class AsyncEngine:
         return done.result()
 
     def _run_calls(self) -> None:
-        while True:
-            try:
-                fn, done = self._calls.get_nowait()
-            except queue_mod.Empty:
-                return
+        for fn, done in _drained(self._calls):
             with self._lock:
                 try:
                     done.set_result(fn(self.engine))
@@ -164,11 +169,7 @@ class AsyncEngine:
 
     def _apply_ops(self) -> None:
         """Adds and cancels queued by the event loop, in their order (under the step lock)."""
-        while True:
-            try:
-                kind, arg = self._ops.get_nowait()
-            except queue_mod.Empty:
-                return
+        for kind, arg in _drained(self._ops):
             if kind == "add":
                 self._add(arg)
             elif self.engine.cancel(arg):  # False: it finished first, and was forgotten then
