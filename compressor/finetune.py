@@ -273,8 +273,12 @@ def fingerprint(model: nn.Module) -> str:
     model, rung ladder or sorting does not."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        t64 = t.detach().double()
-        h.update(f"{name}:{tuple(t.shape)}:{t64.sum().item():.6g}:{t64.square().sum().item():.6g}".encode())
+        total = squares = 0.0
+        for chunk in t.detach().reshape(-1).split(1 << 22):  # float64 in slices: no full-size copy of a big table
+            c64 = chunk.double()
+            total += c64.sum().item()
+            squares += c64.square().sum().item()
+        h.update(f"{name}:{tuple(t.shape)}:{total:.6g}:{squares:.6g}".encode())
     return h.hexdigest()[:16]
 
 
