@@ -100,9 +100,7 @@ class Engine:
         if self.cache_budget_bytes is not None and need > self.cache_budget_bytes:
             raise ValueError(f"this request's cache ({need} bytes at rung {rung}) exceeds the cache budget "
                              f"({self.cache_budget_bytes} bytes): lower max_tokens or pick a higher rung")
-        if req.max_len > self.max_model_len:  # the scheduler checks it too; here it fails before any queueing
-            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) = "
-                             f"{req.max_len} tokens exceeds max_model_len {self.max_model_len}")
+        self.scheduler.check_length(req)  # the scheduler's own check, here before any queueing
         return req
 
     def enqueue(self, req: Request) -> Request:

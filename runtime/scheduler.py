@@ -89,15 +89,19 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------- requests
     def add(self, req: Request) -> None:
         """Queue a request (ValueError if it can never fit or is already known, QueueFull if the queue is full)."""
-        if req.max_len > self.max_model_len:
-            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) = "
-                             f"{req.max_len} tokens exceeds max_model_len {self.max_model_len}")
+        self.check_length(req)
         if req.request_id in self._live or req.status is not Status.WAITING:
             raise ValueError(f"request {req.request_id} was already added")
         if self.room == 0:
             raise QueueFull(self.retry_after_s())
         self._waiting.append(req)
         self._live[req.request_id] = req
+
+    def check_length(self, req: Request) -> None:
+        """ValueError if prompt + max_tokens can never fit (reads only the limit: safe from any thread)."""
+        if req.max_len > self.max_model_len:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) = "
+                             f"{req.max_len} tokens exceeds max_model_len {self.max_model_len}")
 
     def finish(self, req: Request, reason: str) -> None:
         """Mark a request finished and free its slot; calling it again (or after cancel) changes nothing."""
