@@ -7,6 +7,8 @@ whenever the target is reachable.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from uniql.runtime.ladder import DEFAULT_RATES, DimSteps, LayerSizes, RateLadder
@@ -18,6 +20,10 @@ def allocate(scores: list[float], rate: float, eps: float = 0.1, max_prune: floa
         raise ValueError(f"global rate {rate} must be within [0, {max_prune}]")
     if eps <= 0:
         raise ValueError("eps must be positive")
+    bad = {i: s for i, s in enumerate(scores) if not math.isfinite(s)}
+    if bad:
+        raise ValueError(f"block-importance scores are not finite for layers {bad}: the calibration forward overflowed "
+                         "or produced NaN there (check the model's weights, or calibrate in float32)")
     logits = -torch.tensor(scores, dtype=torch.float64) / eps
     n = len(scores)
     prune = torch.zeros(n, dtype=torch.float64)

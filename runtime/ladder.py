@@ -37,7 +37,9 @@ class Alignment:
     @staticmethod
     def for_hidden(hidden_size: int) -> Alignment:
         """Largest usual group size dividing the hidden size (SmolLM2's 576 needs 64)."""
-        group = next(g for g in (128, 64, 32, 16) if hidden_size % g == 0)
+        group = next((g for g in (128, 64, 32, 16) if hidden_size % g == 0), None)
+        if group is None:
+            raise ValueError(f"hidden size {hidden_size} is not a multiple of 16: no INT4 group size fits it")
         return Alignment(group_size=group)
 
 

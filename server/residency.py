@@ -34,7 +34,7 @@ class WeightStore(Protocol):
     rung_bytes: tuple[int, ...]  # bytes held with every layer released to each rung
 
     def resident_bytes(self) -> int: ...
-    def release_layer(self, layer: int, rung: int) -> None: ...
+    def release_layer(self, layer: int, rung: int, force: bool = False) -> None: ...
     def reload_layer(self, layer: int, rung: int) -> None: ...
     def settle(self) -> None: ...  # hand freed memory back to the OS / driver
 
@@ -114,11 +114,24 @@ class ResidencyManager:
         return True
 
     def _reload(self, target: int) -> None:
-        self.exclusive(lambda: self._each_layer(self.store.reload_layer, target))
+        try:
+            self.exclusive(lambda: self._each_layer(self.store.reload_layer, target))
+        except Exception:
+            self._undo_reload()
+            raise
         self.store.settle()  # dequantizing leaves temporaries behind in the heap
         self._changed(target)
         with self.lock:
             self.floor = target  # every layer is back: requests may use the reloaded rungs
+
+    def _undo_reload(self) -> None:
+        """A reload pass cut short (no memory for the next tail): put every layer back where it was, so memory and
+        the bookkeeping the controller reads agree again."""
+        previous = self.resident_rung
+        self.exclusive(lambda: self._each_layer(lambda layer, rung: self.store.release_layer(layer, rung, force=True),
+                                                previous))
+        self.store.settle()
+        self._changed(previous)
 
     def _each_layer(self, change: Callable[[int, int], None], target: int) -> None:
         start = self.clock()

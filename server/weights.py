@@ -89,8 +89,10 @@ class ElasticWeights:
         return _storage_bytes(tensors)
 
     # ------------------------------------------------------------------------------------------ release
-    def release_layer(self, layer: int, rung: int) -> None:
-        if rung <= self.layer_rung[layer]:
+    def release_layer(self, layer: int, rung: int, force: bool = False) -> None:
+        """Keep only what ``rung`` and above read. ``force``: also when the layer is recorded at ``rung`` already
+        (a reload cut short left some of its projections wider than its record says)."""
+        if rung < self.layer_rung[layer] or (rung == self.layer_rung[layer] and not force):
             return
         shapes = {path: by_rung[rung] for path, by_rung in self.shapes[layer].items()}
         for fused, paths in self.fused[layer]:
@@ -150,7 +152,13 @@ def _stored_packed(stored, name: str, group_size: int, n: int, k: int) -> tuple[
     """The (n, k) prefix of a projection's stored codes ``[K/8, N]`` and scales ``[K/G, N]`` (host tensors)."""
     qweight = stored.get_slice(f"{name}.qweight")[: -(-k // PACK), :n]
     scales = stored.get_slice(f"{name}.scales")[: -(-k // group_size), :n]
-    return qweight, scales
+    return _own(qweight), _own(scales)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in storage of its own size: a slice read from the file may be a view of the WHOLE stored tensor (a
+    row prefix is already contiguous, so .contiguous() would keep all of it alive)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _reload(module, name: str, stored, n: int, k: int) -> None:
@@ -161,5 +169,5 @@ def _reload(module, name: str, stored, n: int, k: int) -> None:
         module.qweight, module.scales = qweight.to(device).contiguous(), scales.to(device).contiguous()
         module.refresh_host()
     elif isinstance(module, DenseLinear):
-        weight = stored.get_slice(f"{name}.weight")[:n, :k].to(device, module.weight.dtype)
-        module.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+        weight = _own(stored.get_slice(f"{name}.weight")[:n, :k]).to(device, module.weight.dtype)
+        module.weight = torch.nn.Parameter(weight, requires_grad=False)

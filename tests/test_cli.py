@@ -173,3 +173,15 @@ def test_finetune_flags_reach_the_config():
     assert (cfg.distill, cfg.distill_temperature, cfg.rung_decay, cfg.steps) == (0.3, 2.0, 0.0, 5)
     with pytest.raises(ValueError, match="distillation"):
         finetune_config(parser.parse_args(["--distill", "1.5"])).validate()
+
+
+def test_info_counts_the_bytes_a_server_holds_at_every_rung(int4_ckpt, capsys):
+    """`uniql info`'s per-rung bytes are the bytes of the loaded model's tensors (norms and biases in the
+    checkpoint's float dtype, INT4 codes and scales as packed)."""
+    from uniql.runtime.checkpoint import load_checkpoint
+    from uniql.server.weights import ElasticWeights
+
+    assert main(["info", str(int4_ckpt), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    store = ElasticWeights(load_checkpoint(int4_ckpt)[0], int4_ckpt)
+    assert [r["total_bytes"] for r in report["rungs"]] == list(store.rung_bytes)

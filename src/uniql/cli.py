@@ -198,7 +198,8 @@ def info_report(manifest: dict) -> dict:
     spec, ladder = ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"])
     quant = manifest.get("quantization") or {}
     kind, group = manifest["weights"], quant.get("group_size", 128)
-    float_bytes = 2 if kind == "int4" else 4 if manifest["tensors"]["norm.weight"]["dtype"] == "float32" else 2
+    # norms, biases and float tables keep the dtype the checkpoint was written in, INT4 or not
+    float_bytes = 4 if manifest["tensors"]["norm.weight"]["dtype"] == "float32" else 2
     fp16 = fp16_bytes(spec)
     rotation = (quant.get("rotation") or {}).get("runtime_rotation", False)
     rungs = []

@@ -85,3 +85,9 @@ def test_build_ladder_starts_full_and_sizes_never_grow():
     assert last[0].mlp > last[5].mlp  # the important first layer keeps more than a middle one
     for row, rate in zip(ladder.layer_keep, DEFAULT_RATES, strict=True):
         assert abs(_mean(row) - (1.0 - rate)) < 1e-9
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_score_that_is_not_finite_is_named(bad):
+    with pytest.raises(ValueError, match=r"not finite for layers \{2: "):
+        allocate([0.1, 0.2, bad, 0.3], 0.2)

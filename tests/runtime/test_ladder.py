@@ -166,3 +166,9 @@ def test_uniform_ladder_sizes_shrink_with_rate_for_every_layer():
         for a, b in zip(prev, cur, strict=True):
             assert b.mlp <= a.mlp and b.qk <= a.qk and b.vo <= a.vo
     assert ladder.sizes[-1][0].mlp < FULL.mlp  # the ladder actually prunes
+
+
+def test_a_hidden_size_no_group_divides_is_named():
+    with pytest.raises(ValueError, match="hidden size 100 is not a multiple of 16"):
+        Alignment.for_hidden(100)
+    assert Alignment.for_hidden(576).group_size == 64

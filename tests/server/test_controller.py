@@ -137,7 +137,7 @@ class FakeStore:
     def resident_bytes(self):
         return self.rung_bytes[max(self.layer_rung)] if len(set(self.layer_rung)) == 1 else -1
 
-    def release_layer(self, layer, rung):
+    def release_layer(self, layer, rung, force=False):
         self.calls.append(("release", layer, rung))
         self.layer_rung[layer] = rung
 
@@ -202,6 +202,25 @@ def test_release_waits_for_live_requests_below_the_target_but_raises_the_floor(m
     clock.now = 3.5
     mgr.on_snapshot(Snap(930))
     assert mgr.resident_rung == 4
+
+
+def test_a_reload_cut_short_puts_every_layer_back(manager):
+    """No memory for the next tail halfway through a reload: the layers already reloaded are released again, so
+    the bytes the controller reads are the bytes held, and the floor stays where it was."""
+    mgr, store, _, _ = manager
+    mgr.apply(6)
+    real = store.reload_layer
+
+    def reload_layer(layer, rung):
+        if layer == 2:
+            raise MemoryError("no memory for the next tail")
+        real(layer, rung)
+
+    store.reload_layer = reload_layer
+    with pytest.raises(MemoryError):
+        mgr.apply(0)
+    assert store.layer_rung == [6, 6, 6] and mgr.resident_rung == 6 and mgr.floor == 6
+    assert mgr.resident_bytes == WEIGHTS[6]
 
 
 def test_reload_restores_every_layer_before_lowering_the_floor(manager):

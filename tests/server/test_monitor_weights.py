@@ -172,6 +172,9 @@ def test_released_tails_free_exactly_the_counted_bytes_and_reload_restores_outpu
     with torch.inference_mode():
         assert torch.equal(model(ids, rung=6), light)  # rungs above the released one are untouched
     for layer in range(store.num_layers):
+        store.reload_layer(layer, 3)  # an intermediate rung: a slice read must not pin the whole stored tensor
+    assert store.resident_bytes() == store.rung_bytes[3]
+    for layer in range(store.num_layers):
         store.reload_layer(layer, 0)  # from the memory-mapped checkpoint
     assert store.resident_bytes() == store.rung_bytes[0]
     with torch.inference_mode():
