@@ -89,11 +89,18 @@ def evaluate(model, tokenizer, tasks: Sequence[str], *, rung: int | None = None,
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; valid tasks: {list(TASKS)}")
-    counts = {"seqlen": seqlen, "batch_size": batch_size, "ppl_batch_size": ppl_batch_size,
+    if not tasks:
+        raise ValueError(f"no task given; valid tasks: {list(TASKS)}")
+    counts = {"batch_size": batch_size, "ppl_batch_size": ppl_batch_size,
               "limit": 1 if limit is None else limit, "max_windows": 1 if max_windows is None else max_windows}
     bad = [f"{name}={value}" for name, value in counts.items() if value < 1]
     if bad:
         raise ValueError(f"these must be at least 1: {', '.join(bad)}")
+    if seqlen < 2:  # a window predicts seqlen - 1 tokens
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    context = getattr(getattr(model, "spec", None), "max_position_embeddings", None)
+    if "wikitext2" in tasks and context is not None and seqlen > context:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's context of {context} tokens")
     results: dict[str, dict] = {}
     if "wikitext2" in tasks:
         path = (data_paths or {}).get("wikitext2")

@@ -146,10 +146,12 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format_version {version}; this UniQL reads {FORMAT_VERSION}. "
                               "Re-run `uniql compress` with this version")
-    missing = [k for k in ("arch", "ladder", "tensors", "files", "calibration") if k not in manifest]
+    missing = [k for k in ("arch", "ladder", "tensors", "files", "calibration", "weights", "source")
+               if k not in manifest]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}: the manifest is incomplete; re-run `uniql compress`")
-    malformed = [k for k in ("arch", "ladder", "tensors", "files") if not isinstance(manifest[k], dict)]
+    malformed = [k for k in ("arch", "ladder", "tensors", "files", "calibration", "source")
+                 if not isinstance(manifest[k], dict)]
     if malformed:
         raise CheckpointError(f"{path}: {malformed} should be JSON objects; the manifest is damaged, re-run "
                               "`uniql compress`")
@@ -208,10 +210,24 @@ def _check_against(model: ElasticDecoder, tensors: dict) -> None:
                                   f"needs {list(ref.shape)}" + ("" if ref.is_floating_point() else f" {ref.dtype}"))
 
 
+def checked_device(device) -> torch.device:
+    """``device`` as a torch.device, or a ValueError that says what is wrong with it (before any file is read)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"invalid device {device!r} ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: UniQL runs on cpu or cuda")
+    return dev
+
+
 def load_checkpoint(ckpt_dir: str | Path, *, device="cpu", dtype: torch.dtype | None = None,
                     verify: bool = True) -> tuple[ElasticDecoder, dict]:
     """(model, manifest). ``verify`` checks sha256 of every file (seconds for small models)."""
     ckpt = Path(ckpt_dir)
+    device = checked_device(device)
     manifest = read_manifest(ckpt)
     if verify:
         _verify_files(ckpt, manifest)

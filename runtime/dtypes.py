@@ -35,11 +35,11 @@ def resolve_dtype(name: str, device):
     """The torch dtype ``name`` means on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a torch.device)."""
     import torch
 
-    from .checkpoint import DTYPES
+    from .checkpoint import DTYPES, checked_device
 
     if check_dtype_name(name) != "auto":
         return DTYPES[name]
-    if torch.device(device).type != "cuda":
+    if checked_device(device).type != "cuda":
         from uniql.kernels import int4_cpu
 
         return torch.bfloat16 if int4_cpu.fast() else torch.float32

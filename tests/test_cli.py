@@ -185,3 +185,34 @@ def test_info_counts_the_bytes_a_server_holds_at_every_rung(int4_ckpt, capsys):
     report = json.loads(capsys.readouterr().out)
     store = ElasticWeights(load_checkpoint(int4_ckpt)[0], int4_ckpt)
     assert [r["total_bytes"] for r in report["rungs"]] == list(store.rung_bytes)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "{ckpt}", "--prompt", "Hi", "--max-tokens", "2", "--device", "gpu"], "invalid device 'gpu'"),
+    (["bench", "decode", "{ckpt}", "--rates", "0", "--new-tokens", "1"], "--new-tokens must be at least 2"),
+    (["eval", "{ckpt}", "--tasks", ",", "--json"], "no task given"),
+    (["eval", "{ckpt}", "--seqlen", "1", "--max-windows", "1"], "seqlen must be at least 2"),
+])
+def test_bad_cli_input_is_one_error_line(int4_ckpt, capsys, argv, message):
+    rc = main([a.replace("{ckpt}", str(int4_ckpt)) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_says_so_not_that_the_checkpoint_is_damaged(int4_ckpt, capsys):
+    assert main(["generate", str(int4_ckpt), "--prompt", "Hi", "--max-tokens", "2", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device is available" in err and "re-run" not in err
+
+
+def test_info_on_a_damaged_manifest_names_it(int4_ckpt, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(int4_ckpt, bad)
+    manifest = json.loads((bad / "uniql.json").read_text())
+    del manifest["tensors"]["norm.weight"]
+    (bad / "uniql.json").write_text(json.dumps(manifest))
+    assert main(["info", str(bad)]) == 2
+    assert "the manifest is damaged" in capsys.readouterr().err

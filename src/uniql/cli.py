@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -67,10 +68,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--tasks", default="wikitext2", help="comma list of wikitext2,piqa,arc_easy,lambada")
     p.add_argument("--limit", type=int, default=None, help="documents per zero-shot task")
     p.add_argument("--max-windows", type=int, default=None, help="perplexity windows to evaluate")
-    p.add_argument("--seqlen", type=int, default=2048, help="perplexity window length")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="perplexity window length (default: 2048, or the model's context if shorter)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast the model to this dtype (default: as stored)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -105,6 +108,8 @@ def cmd_generate(args) -> int:
     tokenizer = load_tokenizer(args.ckpt)
     engine = Engine(model, tokenizer, max_num_seqs=1)
     rung = model.ladder.nearest(args.rate)
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this checkpoint's tokenizer has no chat template: drop --chat")
     ids = (render_chat(tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat
            else tokenizer(args.prompt)["input_ids"])
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -139,6 +144,8 @@ def cmd_bench(args) -> int:
     from uniql.runtime.dtypes import dtype_name, load_for_inference
     from uniql.runtime.engine import Engine
 
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens must be at least 2 (TPOT is the time between tokens), got {args.new_tokens}")
     model, _ = load_for_inference(args.ckpt, args.device, args.dtype)
     dtype = dtype_name(model.norm.weight.dtype)
     tokenizer = load_tokenizer(args.ckpt)
@@ -176,8 +183,9 @@ def cmd_eval(args) -> int:
     model, manifest = load_checkpoint(args.ckpt, device=args.device, dtype=dtype)
     rung = model.ladder.nearest(args.rate)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    seqlen = args.seqlen or min(2048, model.spec.max_position_embeddings)
     results = evaluate(model, load_tokenizer(args.ckpt), tasks, rung=rung, limit=args.limit,
-                       max_windows=args.max_windows, seqlen=args.seqlen, batch_size=args.batch_size,
+                       max_windows=args.max_windows, seqlen=seqlen, batch_size=args.batch_size,
                        device=args.device)
     report = {"ckpt": args.ckpt, "rate": model.ladder.rates[rung], "requested_rate": args.rate, "rung": rung,
               "order": manifest["calibration"].get("order"), "limit": args.limit, "tasks": results}
@@ -214,9 +222,14 @@ def info_report(manifest: dict) -> dict:
 
 
 def cmd_info(args) -> int:
-    from uniql.runtime.checkpoint import read_manifest
+    from uniql.runtime.checkpoint import CheckpointError, read_manifest
 
-    report = info_report(read_manifest(args.ckpt))
+    manifest = read_manifest(args.ckpt)
+    try:
+        report = info_report(manifest)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise CheckpointError(f"{args.ckpt}: the manifest is damaged ({type(err).__name__}: {err}); "
+                              "re-run `uniql compress`") from None
     if args.json:
         print(json.dumps(report))
         return 0
@@ -273,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"uniql {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `uniql info CKPT | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -222,7 +222,17 @@ def test_unknown_task_is_a_value_error_listing_valid_ones(call):
         assert all(t in str(err.value) for t in TASKS)
 
 
-@pytest.mark.parametrize("bad", [{"seqlen": 0}, {"max_windows": -1}, {"batch_size": 0}, {"limit": 0}])
+@pytest.mark.parametrize("bad", [{"max_windows": -1}, {"batch_size": 0}, {"limit": 0}])
 def test_counts_below_one_are_refused_before_any_work(bad):
     with pytest.raises(ValueError, match=f"at least 1: {next(iter(bad))}="):
         evaluate(None, None, ["wikitext2", "piqa"], **bad)  # no model needed: nothing runs
+
+
+def test_windows_must_predict_something_and_fit_the_context(decoder):
+    with pytest.raises(ValueError, match="seqlen must be at least 2"):
+        evaluate(None, None, ["wikitext2"], seqlen=1)
+    with pytest.raises(ValueError, match="no task"):
+        evaluate(None, None, [])
+    context = decoder.spec.max_position_embeddings
+    with pytest.raises(ValueError, match=f"seqlen {context + 1} exceeds the model's context of {context}"):
+        evaluate(decoder, None, ["wikitext2"], seqlen=context + 1)
