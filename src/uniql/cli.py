@@ -119,7 +119,8 @@ def cmd_generate(args) -> int:
     for event in engine.stream(req):
         print(event.text, end="", flush=True)
     elapsed = time.perf_counter() - start
-    print(f"\n[rate {model.ladder.rates[rung]:.2f} (rung {rung}), {dtype_name(model.norm.weight.dtype)}, "
+    print()  # the text's own line end, on stdout: `uniql generate ... > out.txt` keeps it
+    print(f"[rate {model.ladder.rates[rung]:.2f} (rung {rung}), {dtype_name(model.norm.weight.dtype)}, "
           f"{len(req.output_ids)} tokens in {elapsed:.2f} s, finish: {req.finish_reason}]", file=sys.stderr)
     if req.finish_reason == "error":  # the engine failed this request (e.g. non-finite logits): say why
         print(f"uniql generate: error: {event.error}", file=sys.stderr)
