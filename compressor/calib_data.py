@@ -81,8 +81,9 @@ def load_texts(source: str) -> tuple[list[str], bool]:
     path = resolve_source(source)
     if not path.is_file():
         raise FileNotFoundError(f"calibration source {source!r}: no file at {path}")
-    if path.suffix in (".json", ".jsonl"):
-        return [_record_text(r) for r in read_records(path)], True
+    records = read_records(path)
+    if records is not None:
+        return [_record_text(r) for r in records], True
     return [path.read_text(encoding="utf-8")], False
 
 

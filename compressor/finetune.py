@@ -77,16 +77,16 @@ class FinetuneConfig:
             raise ValueError(f"mixed_precision must be auto, no or bf16, not {self.mixed_precision!r}")
         if self.resume and not self.state_dir:
             raise ValueError("resuming needs the state directory of the run to continue")
-        if not self.resume and self.state_dir and latest_step(self.state_dir) is not None:
-            # a fresh run would replace that run's checkpoint at its first save
-            raise ValueError(f"{self.state_dir} holds the adapter checkpoint of a run at step "
-                             f"{latest_step(self.state_dir)}: pass --resume to continue it, or choose another "
-                             "state directory (--finetune-state-dir / --out)")
+        saved = None if self.resume or not self.state_dir else latest_step(self.state_dir)
+        if saved is not None:  # a fresh run would replace that run's checkpoint at its first save
+            raise ValueError(f"{self.state_dir} holds the adapter checkpoint of a run at step {saved}: pass --resume "
+                             "to continue it, or choose another state directory (--finetune-state-dir / --out)")
         if self.rung_weights is not None and (min(self.rung_weights) < 0 or sum(self.rung_weights) <= 0):
             raise ValueError(f"rung weights must be >= 0 with a positive sum, got {self.rung_weights}")
         for source in self.sources():
-            if not resolve_source(source).is_file():
-                raise FileNotFoundError(f"fine-tuning data {source!r}: no file at {resolve_source(source)}")
+            path = resolve_source(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"fine-tuning data {source!r}: no file at {path}")
         self.lora.validate()
 
     def sources(self) -> list[str]:

@@ -73,7 +73,6 @@ def _norm(x, delta, weight, eps):
     if n > 1 and weight.stride(0) != 1:  # the kernel reads weight[col] at stride 1
         raise ValueError(f"the norm weight must be contiguous, got stride {weight.stride(0)}")
     x2 = _rows(x)
-    n = x2.shape[1]
     d2 = x2 if delta is None else _rows(delta)
     summed = x2 if delta is None else torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, delta.dtype),
                                                     device=x.device)

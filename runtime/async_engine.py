@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import queue as queue_mod
 import threading
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 
 from .engine import Engine
 from .request import Request, SamplingParams, TokenEvent
-from .scheduler import QueueFull
+from .scheduler import QueueFull, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +95,9 @@ class AsyncEngine:
             self._ops.put(("add", req))
 
     def _retry_after_s(self) -> float:
-        # Scheduler.retry_after_s from the live count (the scheduler's own queue lags the ops not yet applied)
+        # from the live count: the scheduler's own queue lags the ops not yet applied
         seqs = self.engine.scheduler.max_num_seqs
-        return max(1.0, float(math.ceil(max(0, len(self._live) - seqs) / seqs)))
+        return retry_after_s(max(0, len(self._live) - seqs), seqs)
 
     async def _events(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[TokenEvent]:
         done = False

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from .request import Request, Status
 
 
+def retry_after_s(waiting: int, max_num_seqs: int) -> float:
+    """Rough wait for a 429: about one second per full batch ahead in the queue, at least one."""
+    return max(1.0, 1.0 * math.ceil(waiting / max_num_seqs))
+
+
 class QueueFull(Exception):
     """The waiting queue is full; the server answers 429 with ``Retry-After: retry_after_s``."""
 
@@ -83,8 +88,7 @@ class Scheduler:
         return max(0, self.max_queued + free - len(self._waiting))
 
     def retry_after_s(self) -> float:
-        """Rough wait for a 429: about one second per full batch ahead in the queue, at least one."""
-        return max(1.0, 1.0 * math.ceil(len(self._waiting) / self.max_num_seqs))
+        return retry_after_s(len(self._waiting), self.max_num_seqs)
 
     # ---------------------------------------------------------------------------------------- requests
     def add(self, req: Request) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -143,3 +144,16 @@ def wait_rate_back_to_zero(base_url: str, model: str, timeout_s: float = 30.0) -
     while sample(metrics(base_url), "uniql_prune_rate", model=model) > 0:
         assert time.monotonic() < deadline, f"rung did not come back: {health(base_url)}"
         time.sleep(0.3)
+
+
+def fails_once(err: Exception, reading) -> tuple[Callable[[], object], dict[str, int]]:
+    """A monitor reader whose first call raises ``err`` and later ones return ``reading``; ``calls["n"]`` counts."""
+    calls = {"n": 0}
+
+    def read():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise err
+        return reading
+
+    return read, calls

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from server_helpers import fails_once
 
 from uniql.server.config import parse_bytes, resolve_reserve
 from uniql.server.monitor import DeviceReading, Monitor, default_readers, read_host, read_jtop
@@ -78,14 +79,7 @@ def test_monitor_polls_on_its_thread_and_keeps_the_last_good_reading():
 
 
 def test_a_primary_that_fails_its_first_read_is_retried():
-    calls = {"n": 0}
-
-    def flaky_cuda():
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("CUDA error: device busy (transient)")
-        return DeviceReading(8 << 30, 4 << 30)
-
+    flaky_cuda, calls = fails_once(RuntimeError("CUDA error: device busy (transient)"), DeviceReading(8 << 30, 4 << 30))
     monitor = Monitor({"host": read_host, "cuda:0": flaky_cuda}, "cuda:0", retry_s=0.01)
     assert monitor.snapshot().available_bytes == 4 << 30 and calls["n"] == 2
 

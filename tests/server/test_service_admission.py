@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from server_helpers import fails_once
 
 from uniql.runtime.request import SamplingParams
 from uniql.server.app import AppState
@@ -78,14 +79,7 @@ def test_every_choice_counts_its_own_cache(n, rung):
 
 
 def test_a_primary_reader_that_fails_once_at_start_does_not_break_the_service():
-    calls = {"n": 0}
-
-    def flaky():
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("transient read error")
-        return DeviceReading(10_000 * MB, 5_000 * MB)
-
+    flaky, _ = fails_once(RuntimeError("transient read error"), DeviceReading(10_000 * MB, 5_000 * MB))
     monitor = Monitor({"host": lambda: DeviceReading(1, 1), "cuda:0": flaky}, "cuda:0", retry_s=0.01)
     svc = AdaptiveService(FakeBackend(), ServerConfig(memory_reserve="0"), ServerMetrics("m"), monitor)
     assert svc.state()["memory"]["available_bytes"] == 5_000 * MB
