@@ -114,11 +114,26 @@ def test_default_model_serves_and_adapts_to_memory_pressure(default_server):
     # the freed host pages come back to the OS in part only (allocator fragmentation), so give the monitor a few
     # polls to see memory settle before the controller's pick must be rung 0 again (512 MB of slack above)
     wait_rate_back_to_zero(default_server, "smollm2-135m-uniql")
-    rate, body = chat(default_server)
-    assert rate == 0.0 and "Paris" in body["choices"][0]["message"]["content"]
-    sequence.append(("recovered", rate, back["weights_resident_bytes"]))
+    recovered = chat_until_rate_zero(default_server)
+    body = recovered[-1][1]
+    assert "Paris" in body["choices"][0]["message"]["content"]
+    sequence.append(("recovered", [r for r, _ in recovered], back["weights_resident_bytes"]))
     print("prune rate and resident weight bytes per phase:", json.dumps(sequence))
-    m = metrics(default_server)  # one observation per request made: 1 idle + 2 under pressure + 1 + 1
-    assert sample(m, "uniql_request_prune_rate", "uniql_request_prune_rate_count", model="smollm2-135m-uniql") == 5
+    m = metrics(default_server)  # one observation per request made: 1 idle + 2 under pressure + 1 + the recovery
+    made = 4 + len(recovered)
+    assert sample(m, "uniql_request_prune_rate", "uniql_request_prune_rate_count", model="smollm2-135m-uniql") == made
     assert sample(m, "uniql_request_prune_rate", "uniql_request_prune_rate_bucket", model="smollm2-135m-uniql",
-                  le="0.001") == 2  # the two requests at rate 0
+                  le="0.001") == 2  # the two requests at rate 0 (the idle one and the last)
+
+
+def chat_until_rate_zero(base_url, timeout_s: float = 30.0) -> list[tuple[float, dict]]:
+    """Chat until a request runs at rate 0 again. The memory reading is host-wide: on a shared CI host another
+    tenant's allocation can dip available memory below the 512 MB slack for a moment after the gauge read 0, so a
+    request may still land on a pruned rung (served, never failed); rung 0 must come back within the timeout."""
+    deadline = time.monotonic() + timeout_s
+    answers = [chat(base_url)]
+    while answers[-1][0] != 0.0:
+        assert time.monotonic() < deadline, f"requests stayed pruned: {[r for r, _ in answers]}, {health(base_url)}"
+        time.sleep(0.5)
+        answers.append(chat(base_url))
+    return answers
