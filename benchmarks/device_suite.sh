@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU acceptance runs of issues 4 / 5 / 7 in as few device calls as possible (each call <= 10 min, the
+# machine warm for 30 s after it). Run from the repo root on the lent machine; results go to $OUT (they come
+# back with the call) named after the GPU, e.g. kernels_h100.json. Nothing needs carrying: the models are built
+# on the device with random weights. Steps (SUITE, space-separated; default "ab kernels decode"):
+#   ab       gemv_ab.py: the decode GEMV of this tree vs $GEMV_B (default .ab/int4_gemv_old.py; carry .ab), ~1 min
+#   kernels  kernel_bench.py, both models, batch 1/4/16, rates 0-0.35, prefill, ~1 min
+#   decode   decode_gpu.py, Llama-3.1-8B shape, engine + dense bf16 + transformers eager (compiled skipped:
+#            SKIP_COMPILED=0 adds it, several minutes), ~3 min
+#   ssm      ssm_decode_gpu.py, Mamba2-8B / Nemotron-H-8B shapes with the transformers anchor, ~3 min
+# e.g. a call with command `SUITE="ab kernels decode" bash benchmarks/device_suite.sh`, then one with SUITE=ssm.
+set -uo pipefail
+: "${OUT:?run on the device machine: \$OUT is where results go}"
+rm -rf /tmp/uniql  # a warm machine keeps the last call's install otherwise (pip --target does not replace it)
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/uniql . >/dev/null || exit 1
+export PYTHONPATH=/tmp/uniql HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
+cd benchmarks || exit 1
+for step in ${SUITE:-ab kernels decode}; do
+    start=$SECONDS
+    case $step in
+        ab) python3 gemv_ab.py --b-file "../${GEMV_B:-.ab/int4_gemv_old.py}" --out "$OUT/gemv_ab_$gpu.json" ;;
+        kernels) python3 kernel_bench.py --out "$OUT/kernels_$gpu.json" > "$OUT/kernels_$gpu.txt" ;;
+        decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \
+                    --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
+        ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm)"; continue ;;
+    esac
+    echo "$step: exit $? after $((SECONDS - start)) s"
+done
