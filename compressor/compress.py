@@ -63,6 +63,12 @@ class CompressConfig:
         for name in ("calib_samples", "calib_seqlen", "bi_samples", "bi_seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        # checked now, not by the allocation after calibration (a ridge lambda of 0 makes every leverage 1: no order)
+        if not (self.eps > 0 and 0 < self.max_prune <= 1 and self.ridge_lambda > 0):
+            raise ValueError(f"need eps > 0, max_prune in (0, 1] and ridge_lambda > 0; got eps {self.eps}, "
+                             f"max_prune {self.max_prune}, ridge_lambda {self.ridge_lambda}")
+        if not all(0 <= r <= self.max_prune for r in self.rates):
+            raise ValueError(f"ladder rates {list(self.rates)} must lie within [0, max_prune={self.max_prune}]")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but no CUDA device is available")
         for stage in (self.quant, self.finetune):  # their mistakes show now, not after hours of calibration
@@ -114,12 +120,31 @@ def stage(name: str, timings: dict, device: str):
                      "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
+def _input_widths(model: ElasticDecoder) -> list[int]:
+    """Every projection's input width and the tables' (what INT4 quantizes, in groups along these)."""
+    return sorted({layer.get_linear(path).weight.shape[1] for layer in model.layers for path in layer.linear_paths}
+                  | {model.embed.weight.shape[1]})
+
+
+def _auto_group(model: ElasticDecoder, quantized: bool) -> Alignment:
+    """No ``--group-size``: the largest group size dividing EVERY input width (not only the hidden size: an MLP
+    width like OpenLLaMA-3B's 8640 takes 64, not the hidden size's 128), refused now if none does and the model is
+    to be quantized (a float checkpoint keeps the hidden size's alignment)."""
+    widths = _input_widths(model)
+    group = next((g for g in sorted(GROUP_SIZES, reverse=True) if all(k % g == 0 for k in widths)), None)
+    if group is not None:
+        return Alignment(group)
+    if quantized:
+        raise ValueError(f"no INT4 group size of {GROUP_SIZES} divides all input widths {widths} of this model's "
+                         "projections; it cannot be quantized (--no-quant keeps it floating point)")
+    return Alignment.for_hidden(model.spec.hidden_size)
+
+
 def _checked_group(model: ElasticDecoder, group_size: int) -> Alignment:
     """``--group-size``, checked against every projection's input width before any calibration runs."""
     if group_size not in GROUP_SIZES:
         raise ValueError(f"--group-size must be one of {GROUP_SIZES}, got {group_size}")
-    widths = sorted({layer.get_linear(path).weight.shape[1] for layer in model.layers for path in layer.linear_paths}
-                    | {model.embed.weight.shape[1]})  # what INT4 quantizes, groups along these
+    widths = _input_widths(model)
     bad = [k for k in widths if k % group_size]
     if bad:
         raise ValueError(f"--group-size {group_size} does not divide the input widths {bad} of this model's "
@@ -133,8 +158,8 @@ def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig,
     cfg.validate()
     timings = {} if timings is None else timings
     spec = model.spec
-    align = Alignment.for_hidden(spec.hidden_size) if cfg.group_size is None else _checked_group(model,
-                                                                                                 cfg.group_size)
+    align = _auto_group(model, cfg.quant is not None) if cfg.group_size is None else _checked_group(model,
+                                                                                                    cfg.group_size)
     steps = spec_dim_steps(spec, align)
     with stage("block_importance", timings, cfg.device):
         scores = block_importance(model, tokenizer, cfg)

@@ -108,4 +108,4 @@ def stored_rows(order: torch.Tensor) -> torch.Tensor:
     """Per-unit orders ``[outer, inner]`` -> the stored-row gather index ``[inner * outer]`` (rank-major):
     new row ``i * outer + o`` is old row ``order[o, i] * outer + o``."""
     outer = order.shape[0]
-    return (order.T * outer + torch.arange(outer)[None, :]).reshape(-1)
+    return (order.T * outer + torch.arange(outer, device=order.device)[None, :]).reshape(-1)

@@ -72,6 +72,17 @@ def test_invalid_inputs_raise(kwargs):
         allocate(SCORES, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [{"eps": 0.0}, {"max_prune": 1.5}, {"ridge_lambda": 0.0}, {"ridge_lambda": -1.0},
+                                    {"rates": (0.0, 0.5, 0.9)}])
+def test_compress_settings_the_allocation_cannot_take_are_refused_up_front(kwargs):
+    """Before any calibration (they used to pass until the ladder was built; ridge_lambda 0 silently left every
+    channel in its original order: each ridge leverage is then exactly 1)."""
+    from uniql.compressor.compress import CompressConfig
+
+    with pytest.raises(ValueError, match="eps|rates"):
+        CompressConfig(quant=None, **kwargs).validate()
+
+
 def test_build_ladder_starts_full_and_sizes_never_grow():
     full = LayerSizes(mlp=1536, qk=64, vo=64)
     steps = dim_steps(9, 3, 64, Alignment(group_size=64))

@@ -201,6 +201,22 @@ def test_a_group_size_the_model_cannot_take_is_refused_before_calibration(group,
         compress_decoder(model, None, CompressConfig(group_size=group, quant=None))
 
 
+def test_the_auto_group_size_divides_every_input_width_or_is_refused_before_calibration(monkeypatch):
+    """No --group-size: hidden 128 alone would take 128, but the MLP width 192 (like OpenLLaMA-3B's 8640) only
+    takes 64; a model no group size fits is refused before block importance runs, unless kept floating point."""
+    from uniql.compressor import compress as c
+
+    monkeypatch.setattr(c, "block_importance", lambda model, tokenizer, cfg: [0.5] * model.spec.num_layers)
+    monkeypatch.setattr(c, "sort_layers", lambda model, tokenizer, cfg: None)
+    model = decoder_from_hf(tiny_hf_model(hidden=128, inter=192))
+    _, result = c.compress_decoder(model, None, c.CompressConfig(quant=QuantConfig(method="rtn")))
+    assert result["alignment"].group_size == 64
+    odd = decoder_from_hf(tiny_hf_model(hidden=64, inter=80))
+    with pytest.raises(ValueError, match="no INT4 group size"):
+        c.compress_decoder(odd, None, c.CompressConfig(quant=QuantConfig(method="rtn")))
+    assert c.compress_decoder(odd, None, c.CompressConfig(quant=None))[1]["alignment"].group_size == 64
+
+
 def _ptr(t):
     return t.untyped_storage().data_ptr()
 

@@ -12,7 +12,8 @@ from helpers import DATA, max_rel_diff, random_calib_batches, sort_with_random_c
 from uniql.compressor.calibrate import SortStatsCollector, run_layerwise
 from uniql.compressor.compress import CompressConfig, compress_decoder
 from uniql.compressor.orders import magnitude_orders, uniql_orders
-from uniql.compressor.ssm_orders import stored_rows
+from uniql.compressor.sorting import permute_mamba
+from uniql.compressor.ssm_orders import MambaOrders, stored_rows
 from uniql.runtime.hf_import import decoder_from_hf
 
 TOL = 1e-4
@@ -81,6 +82,18 @@ def test_stored_rows_is_rank_major():
     order = torch.tensor([[1, 0, 2], [2, 1, 0]])  # 2 units (heads) x 3 channels
     rows = stored_rows(order)  # new row c * 2 + h <- old row order[h, c] * 2 + h
     assert rows.tolist() == [2, 5, 0, 3, 4, 1]
+
+
+def test_orders_on_the_calibration_device_apply_there():
+    """`compress --device cuda` computes the Mamba orders from statistics on the GPU; permute_mamba (stored_rows)
+    must index on that device (the "meta" device stands in for CUDA: it fails the same way on a CPU tensor)."""
+    mixer = decoder_from_hf(tiny_ssm_hf_model("mamba2")).layers[0].mamba.to("meta")
+    channels = torch.stack([torch.randperm(mixer.head_dim) for _ in range(mixer.heads)])
+    states = torch.stack([torch.randperm(mixer.state) for _ in range(mixer.groups)])
+    orders = MambaOrders(channels=channels.to("meta"), states=states.to("meta"))
+    assert stored_rows(orders.channels).device.type == "meta"
+    permute_mamba(mixer, orders)
+    assert mixer.x_proj.weight.device.type == "meta"
 
 
 def test_compress_sorts_a_hybrid_and_prunes(tokenizer):
