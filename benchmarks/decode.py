@@ -51,7 +51,7 @@ def main() -> None:
         weights = type(model.layers[0].mlp.down_proj.host).__name__
         name = "uniql" if dtype == "bfloat16" else f"uniql_{dtype}"  # bfloat16: the CPU default (dtypes.py)
         rows += [{**row, "engine": name, "dtype": dtype, "weights": weights}
-                 for row in decode_rows(engine, tokenizer, args.rates, args.new_tokens)]
+                 for row in decode_rows(engine, tokenizer, args.rates, args.new_tokens)]  # raises if one failed
         del engine, model
     rows.append(hf_row(load_source(args.source).hf_model, ids, args.new_tokens))
     quant = (manifest.get("quantization") or {}).get("method", "fp")

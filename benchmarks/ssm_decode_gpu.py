@@ -116,7 +116,7 @@ def engine_rows(name, config, prompt, new_tokens, device, weights="int4", label=
     for rate in RATES:
         engine_row(engine, prompt, rate, 4)  # warm-up: compiles the kernels for this rung's shapes
         _reset(device)
-        row = engine_row(engine, prompt, rate, new_tokens)
+        row = engine_row(engine, prompt, rate, new_tokens)  # raises if the engine failed the request
         engine_name = label or ("uniql" if weights == "int4" else "uniql_bf16_dense")
         rows.append({"model": name, **row, "engine": engine_name,
                      "peak_mem_bytes": peak_mem_bytes(device), "cuda_graphs": engine.runner.graphs is not None})

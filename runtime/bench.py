@@ -2,7 +2,7 @@
 
 TTFT = time to the first token; TPOT = median time between later tokens (engine) or (total - TTFT) / (new - 1)
 (transformers' ``generate``, which exposes no per-token timing). Peak memory = the process's peak RSS on CPU,
-``torch.cuda.max_memory_allocated`` on GPU.
+``torch.cuda.max_memory_allocated`` on GPU (reset before each engine row).
 """
 
 from __future__ import annotations
@@ -25,13 +25,34 @@ def peak_mem_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def reset_peak(device: torch.device) -> None:
+    """Start a row's GPU peak from what is allocated now (the CPU's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class RequestFailed(RuntimeError):
+    """A timed request did not produce its tokens; the measurement is void."""
+
+
+def check_finished(reqs, new_tokens: int) -> None:
+    """A request the engine failed (a step raised, non-finite logits: the engine ends it with an "error" finish and
+    goes on) must not report a speed: every timed request ends by length with exactly ``new_tokens`` tokens."""
+    for r in reqs:
+        if r.finish_reason != "length" or len(r.output_ids) != new_tokens:
+            raise RequestFailed(f"request at rung {r.rung} ended {r.finish_reason!r} after {len(r.output_ids)} of "
+                               f"{new_tokens} tokens (the engine logged why)")
+
+
 def engine_row(engine, ids: list[int], rate: float, new_tokens: int) -> dict:
-    """One greedy request through the engine at the rung nearest ``rate``."""
+    """One greedy request through the engine at the rung nearest ``rate``; raises if the engine failed it."""
     ladder = engine.runner.model.ladder
     rung = ladder.nearest(rate) if ladder is not None else 0
+    reset_peak(engine.runner.device)
     req = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), rung=rung)
     start = time.perf_counter()
     stamps = [time.perf_counter() for _ in engine.stream(req)]
+    check_finished([req], new_tokens)
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)] or [stamps[-1] - start]
     return {"engine": "uniql", "rate": ladder.rates[rung] if ladder is not None else 0.0, "rung": rung,
             "batch": 1, "ttft_ms": (stamps[0] - start) * 1e3, "tpot_ms": statistics.median(gaps) * 1e3,
@@ -59,6 +80,10 @@ def hf_row(hf_model, ids: list[int], new_tokens: int, name: str = "hf_eager") ->
 
 
 def decode_rows(engine, tokenizer, rates, new_tokens: int, prompt: str = PROMPT) -> list[dict]:
+    """Each rate warmed up first (kernels compiled and, on GPU, its CUDA graphs captured outside the timed row)."""
     ids = tokenizer(prompt)["input_ids"]
-    engine_row(engine, ids, 0.0, 4)  # warm-up
-    return [engine_row(engine, ids, rate, new_tokens) for rate in rates]
+    rows = []
+    for rate in rates:
+        engine_row(engine, ids, rate, 4)
+        rows.append(engine_row(engine, ids, rate, new_tokens))
+    return rows

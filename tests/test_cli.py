@@ -142,6 +142,32 @@ def test_bench_decode_reports_every_rung(int4_ckpt, capsys):
     assert [r["rung"] for r in rows] == [0, 7] and all(r["new_tokens"] == 4 and r["tpot_ms"] > 0 for r in rows)
 
 
+def test_bench_decode_warms_each_rate_up_and_reports_no_speed_for_a_failed_request(int4_ckpt, capsys, monkeypatch):
+    from uniql.runtime.engine import Engine
+    from uniql.runtime.runner import ModelRunner
+
+    added, add = [], Engine.add_request
+    monkeypatch.setattr(Engine, "add_request",
+                        lambda self, ids, params, **kw: added.append((kw["rung"], params.max_tokens)) or
+                        add(self, ids, params, **kw))
+    assert main(["bench", "decode", str(int4_ckpt), "--rates", "0", "0.35", "--new-tokens", "5", "--json"]) == 0
+    assert added == [(0, 4), (0, 5), (7, 4), (7, 5)]  # every rate's kernels / graphs warmed outside its timed row
+    capsys.readouterr()
+
+    steps, decode = {"n": 0}, ModelRunner.decode_greedy
+
+    def fails_in_the_timed_row(self, *args, **kw):
+        steps["n"] += 1
+        if steps["n"] == 6:  # warm-up: 3 decode steps, then the timed request's third
+            raise RuntimeError("injected step failure")
+        return decode(self, *args, **kw)
+
+    monkeypatch.setattr(ModelRunner, "decode_greedy", fails_in_the_timed_row)
+    assert main(["bench", "decode", str(int4_ckpt), "--rates", "0", "--new-tokens", "5", "--json"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and "uniql bench: error:" in out.err and "'error' after" in out.err
+
+
 def test_generate_and_bench_run_in_the_dtype_asked_for(int4_ckpt, capsys):
     from uniql.kernels import int4_cpu
 

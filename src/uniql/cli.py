@@ -140,7 +140,7 @@ def _add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from uniql.runtime.bench import decode_rows
+    from uniql.runtime.bench import RequestFailed, decode_rows
     from uniql.runtime.checkpoint import load_tokenizer
     from uniql.runtime.dtypes import dtype_name, load_for_inference
     from uniql.runtime.engine import Engine
@@ -150,7 +150,11 @@ def cmd_bench(args) -> int:
     model, _ = load_for_inference(args.ckpt, args.device, args.dtype)
     dtype = dtype_name(model.norm.weight.dtype)
     tokenizer = load_tokenizer(args.ckpt)
-    rows = decode_rows(Engine(model, tokenizer, max_num_seqs=1), tokenizer, args.rates, args.new_tokens)
+    try:
+        rows = decode_rows(Engine(model, tokenizer, max_num_seqs=1), tokenizer, args.rates, args.new_tokens)
+    except RequestFailed as err:  # no speed from a request the engine failed (it logged the cause)
+        print(f"uniql bench: error: {err}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"ckpt": args.ckpt, "device": args.device, "dtype": dtype, "rows": rows}))
         return 0
