@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import yaml
@@ -84,3 +85,30 @@ def test_server_metric_list_matches_the_contract():
     """The server's own list of exported names (server/metrics.py) is the DESIGN.md list."""
     metrics = pytest.importorskip("uniql.server.metrics", reason="server not built yet (uniql.server.metrics)")
     assert set(metrics.EXPOSED_NAMES) == CONTRACT
+
+
+def _server_labels() -> dict[str, set[str]]:
+    """Exposed family name -> label names, from the server's own metric objects (server/metrics.py)."""
+    metrics = pytest.importorskip("uniql.server.metrics", reason="server not built yet (uniql.server.metrics)")
+    out = {}
+    for obj in vars(metrics.ServerMetrics("m")).values():
+        if hasattr(obj, "_labelnames"):
+            out[obj._name + ("_total" if obj._type == "counter" else "")] = set(obj._labelnames)
+    return out
+
+
+def test_every_query_filters_and_groups_by_labels_the_metric_has():
+    """A matcher on a label the metric lacks still matches with `=~".*"` (All), so Prometheus would not notice:
+    `{model=~"$model"}` on a metric without `model` silently ignores the variable; `sum by (x)` on a missing x
+    collapses every series into one."""
+    labels = _server_labels()
+    assert set(labels) == CONTRACT
+    for expr in dashboard_exprs():
+        metrics = {family(n) for n in metric_names(expr)}
+        for name, matchers in re.findall(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", expr):
+            used, have = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers)), labels[family(name)]
+            assert used <= have, f"{expr!r}: {family(name)} has no label {sorted(used - have)}"
+        for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            wanted = {g.strip() for g in group.split(",")} - {"le", ""}
+            for name in metrics:
+                assert wanted <= labels[name], f"{expr!r}: {name} has no label {sorted(wanted - labels[name])}"
