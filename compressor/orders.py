@@ -100,8 +100,9 @@ def _eig_rotation(cov: torch.Tensor) -> torch.Tensor:
 
 
 def _permutation_rotation(order: torch.Tensor) -> torch.Tensor:
-    """[groups, d] orders -> permutation matrices [groups, d, d] (row j selects old rank order[j])."""
-    eye = torch.eye(order.shape[-1], dtype=torch.float64)
+    """[groups, d] orders -> permutation matrices [groups, d, d] (row j selects old rank order[j]), on the orders'
+    device (a CPU identity indexed by CUDA orders fails)."""
+    eye = torch.eye(order.shape[-1], dtype=torch.float64, device=order.device)
     return eye[order]
 
 
@@ -148,18 +149,20 @@ def magnitude_orders(layer: DecoderLayer) -> LayerOrders:
 
 
 def random_orders(layer: DecoderLayer, generator: torch.Generator) -> LayerOrders:
-    """Random permutations (drawn in a fixed order: attention, MLP, Mamba, so Llama layers draw as before)."""
+    """Random permutations (drawn in a fixed order: attention, MLP, Mamba, so Llama layers draw as before) from a
+    CPU generator, returned on the layer's device (``permute_qk`` gathers the layer's ``rope_index`` with them)."""
     from .ssm_orders import random_mamba_orders
 
     orders = LayerOrders()
     attn = layer.attn
+    device = next(layer.parameters()).device
     if attn is not None:
         g, d = attn.n_kv, attn.head_dim
-        orders.qk_pairs = torch.stack([torch.randperm(d // 2, generator=generator) for _ in range(g)])
+        orders.qk_pairs = torch.stack([torch.randperm(d // 2, generator=generator) for _ in range(g)]).to(device)
         orders.vo_rotation = _permutation_rotation(
-            torch.stack([torch.randperm(d, generator=generator) for _ in range(g)]))
+            torch.stack([torch.randperm(d, generator=generator) for _ in range(g)]).to(device))
     if layer.mlp is not None:
-        orders.mlp = torch.randperm(layer.mlp.up_proj.weight.shape[0], generator=generator)
+        orders.mlp = torch.randperm(layer.mlp.up_proj.weight.shape[0], generator=generator).to(device)
     if layer.mamba is not None:
         orders.mamba = random_mamba_orders(layer.mamba, generator)
     return orders

@@ -9,7 +9,15 @@ from helpers import DATA, max_rel_diff, random_calib_batches, sort_with_random_c
 from uniql.compressor.calib_data import calibration_batches
 from uniql.compressor.calibrate import SortStatsCollector, run_layerwise
 from uniql.compressor.compress import CompressConfig, compress_decoder
-from uniql.compressor.orders import _group_pair_scores, _row_energy, pinv_leverage, ridge_leverage
+from uniql.compressor.orders import (
+    _group_pair_scores,
+    _row_energy,
+    magnitude_orders,
+    pinv_leverage,
+    random_orders,
+    ridge_leverage,
+)
+from uniql.compressor.sorting import apply_orders
 from uniql.runtime.hf_import import decoder_from_hf
 
 TOL = 1e-4  # acceptance: max |logit diff| <= 1e-4 * max |logit| in fp32
@@ -18,6 +26,19 @@ TOL = 1e-4  # acceptance: max |logit diff| <= 1e-4 * max |logit| in fp32
 # the shared random-token calibration of tests/helpers.py, at this file's sequence length
 _batches = partial(random_calib_batches, seqlen=24)
 _sort = partial(sort_with_random_calibration, seqlen=24)
+
+
+@pytest.mark.parametrize("order", ["magnitude", "random"])
+def test_baseline_orders_of_a_layer_on_a_device_apply_there(order):
+    """magnitude / random orders of a layer that lives on a device (as in ``sort_with_random_calibration``, which
+    runs them inside run_layerwise) must be on that device: the V/O permutation matrices were a CPU identity and
+    the random draws stayed on the CPU generator's device (gather with the layer's rope_index, einsum with V/O).
+    The "meta" device stands in for CUDA (it lets a CPU gather/bmm through, so the orders' device is asserted)."""
+    layer = decoder_from_hf(tiny_hf_model("qwen2")).layers[0].to("meta")
+    orders = magnitude_orders(layer) if order == "magnitude" else random_orders(layer, torch.Generator().manual_seed(0))
+    assert {t.device.type for t in (orders.mlp, orders.qk_pairs, orders.vo_rotation)} == {"meta"}
+    apply_orders(layer, orders)
+    assert layer.attn.o_proj.weight.device.type == "meta" and layer.attn.rope_index.device.type == "meta"
 
 
 @pytest.mark.parametrize("order", ["uniql", "magnitude", "random"])
