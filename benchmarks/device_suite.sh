@@ -8,12 +8,21 @@
 #   decode   decode_gpu.py, Llama-3.1-8B shape, engine + dense bf16 + transformers eager (compiled skipped:
 #            SKIP_COMPILED=0 adds it, several minutes), ~3 min
 #   ssm      ssm_decode_gpu.py, Mamba2-8B / Nemotron-H-8B shapes with the transformers anchor, ~3 min
+#   tests    the GPU tests (kernels at real shapes and bf16, runner / SSM graphs, the whole pipeline on cuda, the
+#            server on CUDA); needs .gpuwhl carried (pytest and the server's wheels for the device's Python)
 # e.g. a call with command `SUITE="ab kernels decode" bash benchmarks/device_suite.sh`, then one with SUITE=ssm.
 set -uo pipefail
 : "${OUT:?run on the device machine: \$OUT is where results go}"
 rm -rf /tmp/uniql  # a warm machine keeps the last call's install otherwise (pip --target does not replace it)
 python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/uniql . >/dev/null || exit 1
 export PYTHONPATH=/tmp/uniql HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if [[ " ${SUITE:-} " == *" tests "* ]]; then  # one wheel at a time: one for another Python is skipped, not fatal
+    for wheel in .gpuwhl/*.whl; do
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel" >/dev/null 2>&1 \
+            || echo "skipped $wheel"
+    done
+    export PYTHONPATH=/tmp/uniql:/tmp/site
+fi
 gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 cd benchmarks || exit 1
 for step in ${SUITE:-ab kernels decode}; do
@@ -24,7 +33,10 @@ for step in ${SUITE:-ab kernels decode}; do
         decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm)"; continue ;;
+        tests) (cd .. && python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/runtime/test_runner.py \
+                    tests/runtime/test_ssm_graphs.py tests/runtime/test_ssm_engine.py tests/test_pipeline_devices.py \
+                    tests/server/test_serve_cuda.py tests/server/test_residency_engine.py) > "$OUT/tests_$gpu.txt" 2>&1 ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, tests)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done
