@@ -3,7 +3,8 @@
 # machine warm for 30 s after it). Run from the repo root on the lent machine; results go to $OUT (they come
 # back with the call) named after the GPU, e.g. kernels_h100.json. Nothing needs carrying: the models are built
 # on the device with random weights. Steps (SUITE, space-separated; default "ab kernels decode"):
-#   ab       gemv_ab.py: the decode GEMV of this tree vs $GEMV_B (default .ab/int4_gemv_old.py; carry .ab), ~1 min
+#   ab       gemv_ab.py: the decode GEMV of this tree vs the files in $GEMV_B (default .ab/int4_gemv_old.py and
+#            .ab/gemv_variants/*.py: kernel variants kept out of the tree until measured; carry .ab), ~1-2 min
 #   kernels  kernel_bench.py, both models, batch 1/4/16, rates 0-0.35, prefill, ~1 min
 #   decode   decode_gpu.py, Llama-3.1-8B shape, engine + dense bf16 + transformers eager (compiled skipped:
 #            SKIP_COMPILED=0 adds it, several minutes), ~3 min
@@ -24,11 +25,13 @@ if [[ " ${SUITE:-} " == *" tests "* ]]; then  # one wheel at a time: one for ano
     export PYTHONPATH=/tmp/uniql:/tmp/site
 fi
 gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
+variants=()
+for f in ${GEMV_B:-.ab/int4_gemv_old.py .ab/gemv_variants/*.py}; do [ -f "$f" ] && variants+=("$PWD/$f"); done
 cd benchmarks || exit 1
 for step in ${SUITE:-ab kernels decode}; do
     start=$SECONDS
     case $step in
-        ab) python3 gemv_ab.py --b-file "../${GEMV_B:-.ab/int4_gemv_old.py}" --out "$OUT/gemv_ab_$gpu.json" ;;
+        ab) python3 gemv_ab.py --b-file "${variants[@]}" --out "$OUT/gemv_ab_$gpu.json" ;;
         kernels) python3 kernel_bench.py --out "$OUT/kernels_$gpu.json" > "$OUT/kernels_$gpu.txt" ;;
         decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;

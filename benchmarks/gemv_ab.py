@@ -1,11 +1,12 @@
-"""A/B of two versions of the decode GEMV module (``uniql.kernels.int4_gemv``) in ONE process, interleaved.
+"""A/B of versions of the decode GEMV module (``uniql.kernels.int4_gemv``) in ONE process, interleaved.
 
-Version A is the installed module; version B is a file (``--b-file``, e.g. ``git show HEAD~1:kernels/int4_gemv.py``)
-loaded as a sibling module of the package and swapped into ``int4_matmul`` for its turns. Same buffers, same
-configs (``pick_config``), same CUDA-graph timing as ``kernel_bench.py`` (rotated weights, median of replays); the
-order alternates A B B A ... so drift hits both. Each output is checked against the reference before timing.
+Version ``a`` is the installed module; every ``--b-file`` (e.g. ``git show HEAD~1:kernels/int4_gemv.py``) is
+loaded as a sibling module of the package, named after its file, and swapped into ``int4_matmul`` for its turns.
+Same buffers, same configs (``pick_config``), same CUDA-graph timing as ``kernel_bench.py`` (rotated weights,
+median of replays); the order reverses every round so drift hits all. Each output is checked against the
+reference before timing.
 
-    python benchmarks/gemv_ab.py --b-file /tmp/int4_gemv_old.py --out results/gemv_ab_h100.json
+    python benchmarks/gemv_ab.py --b-file /tmp/int4_gemv_old.py /tmp/variant.py --out results/gemv_ab_h100.json
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from kernel_bench import MODELS, Bench, Timer, build_case, check_output, describ
 
 
 def load_variant(path: Path):
-    """The file as ``uniql.kernels.<stem>_b`` (its relative imports resolve inside the package)."""
-    name = f"uniql.kernels.{path.stem}_b"
+    """The file as ``uniql.kernels.<stem>_ab`` (its relative imports resolve inside the package)."""
+    name = f"uniql.kernels.{path.stem}_ab"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -50,16 +51,17 @@ def ab_row(bench: Bench, launchers: dict, model: str, layer: str, rate: float, b
     us = {name: statistics.median(t) for name, t in times.items()}
     nbytes = packed_bytes(case.k_active, case.n_active, bench.group_size)
     config = describe(bench.kernel.pick_config(batch, case.n_active, case.k_active, bench.group_size, bench.device))
+    ratios = {f"{name}_over_a": t / us["a"] for name, t in us.items() if name != "a"}
     row = {**case.fields(), "batch": batch, "bytes": nbytes, "config": config,
-           **{f"{name}_us": t for name, t in us.items()}, "b_over_a": us["b"] / us["a"]}
-    print(f"{model} {layer} rate {rate} M {batch}: A {us['a']:.2f} us, B {us['b']:.2f} us "
-          f"(B/A {row['b_over_a']:.3f})", file=sys.stderr, flush=True)
+           **{f"{name}_us": t for name, t in us.items()}, **ratios}
+    print(f"{model} {layer} rate {rate} M {batch}: a {us['a']:.2f} us; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()), file=sys.stderr, flush=True)
     return row
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--b-file", type=Path, required=True, help="the other int4_gemv.py")
+    ap.add_argument("--b-file", type=Path, nargs="+", required=True, help="other int4_gemv.py versions")
     ap.add_argument("--models", nargs="+", default=["llama-3.1-8b"], choices=sorted(MODELS))
     ap.add_argument("--layers", nargs="+", default=["qkv", "o", "gate_up", "down", "lm_head"])
     ap.add_argument("--rates", nargs="+", type=float, default=[0.0, 0.35])
@@ -73,20 +75,27 @@ def main(argv=None) -> None:
         raise SystemExit("gemv_ab.py times CUDA kernels: no GPU here")
     from uniql.kernels import int4_gemv, int4_matmul
 
-    launchers = {"a": int4_gemv.launch_gemv_h2, "b": load_variant(args.b_file).launch_gemv_h2}
+    launchers = {"a": int4_gemv.launch_gemv_h2}
+    for path in args.b_file:
+        if path.stem in launchers:
+            raise SystemExit(f"two variants named {path.stem}: rename one file")
+        launchers[path.stem] = load_variant(path).launch_gemv_h2
     bench = Bench(int4_matmul, torch.device("cuda"), torch.bfloat16, args.group_size,
                   Timer(cuda=True, repeats=args.repeats), rotate_bytes=128 * 2**20, sweep=None)
     torch.manual_seed(0)
     rows = [ab_row(bench, launchers, model, layer, rate, batch, args.rounds)
             for model in args.models for layer in args.layers
             for rate in ([0.0] if layer == "lm_head" else args.rates) for batch in args.batches]
+    int4_matmul.launch_gemv_h2 = launchers["a"]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "a": "installed uniql.kernels.int4_gemv", "b": str(args.b_file), "group_size": args.group_size,
+              "a": "installed uniql.kernels.int4_gemv", "variants": {p.stem: str(p) for p in args.b_file},
+              "group_size": args.group_size,
               "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
-    print(json.dumps([{k: r[k] for k in ("layer", "rate", "batch", "a_us", "b_us", "b_over_a")} for r in rows]))
+    print(json.dumps([{k: v for k, v in r.items() if k in ("layer", "rate", "batch", "a_us") or k.endswith("_over_a")}
+                      for r in rows]))
 
 
 if __name__ == "__main__":
