@@ -44,18 +44,26 @@ def ab_row(bench: Bench, launchers: dict, model: str, layer: str, rate: float, b
     case = build_case(model, layer, rate, bench.group_size)
     bufs = int4_buffers(bench, case)
     x = torch.randn(batch, case.k_active, dtype=bench.dtype, device=bench.device)
-    times = {name: [] for name in launchers}
+    times, errors = {name: [] for name in launchers}, {}
     for r in range(rounds):
         for name in (list(launchers) if r % 2 == 0 else list(reversed(launchers))):
-            times[name].append(time_variant(bench, launchers[name], case, bufs, x))
-    us = {name: statistics.median(t) for name, t in times.items()}
+            if name in errors:
+                continue
+            try:  # a wrong or failing variant is recorded, not fatal (the tree's own kernel must work)
+                times[name].append(time_variant(bench, launchers[name], case, bufs, x))
+            except Exception as exc:
+                if name == "a":
+                    raise
+                errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    us = {name: statistics.median(t) for name, t in times.items() if name not in errors}
     nbytes = packed_bytes(case.k_active, case.n_active, bench.group_size)
     config = describe(bench.kernel.pick_config(batch, case.n_active, case.k_active, bench.group_size, bench.device))
     ratios = {f"{name}_over_a": t / us["a"] for name, t in us.items() if name != "a"}
     row = {**case.fields(), "batch": batch, "bytes": nbytes, "config": config,
-           **{f"{name}_us": t for name, t in us.items()}, **ratios}
+           **{f"{name}_us": t for name, t in us.items()}, **ratios, **{f"{n}_error": e for n, e in errors.items()}}
     print(f"{model} {layer} rate {rate} M {batch}: a {us['a']:.2f} us; "
-          + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()), file=sys.stderr, flush=True)
+          + ", ".join([f"{k} {v:.3f}" for k, v in ratios.items()] + [f"{n} FAILED" for n in errors]),
+          file=sys.stderr, flush=True)
     return row
 
 
