@@ -5,7 +5,8 @@
 # on the device with random weights. Steps (SUITE, space-separated; default "ab kernels decode"):
 #   ab       gemv_ab.py: the decode GEMV of this tree vs the files in $GEMV_B (default .ab/int4_gemv_old.py and
 #            .ab/gemv_variants/*.py: kernel variants kept out of the tree until measured; carry .ab), ~1-2 min
-#   kernels  kernel_bench.py, both models, batch 1/4/16, rates 0-0.35, prefill, ~1 min
+#   kernels  kernel_bench.py, both models, batch 1/4/16, rates 0-0.35, prefill, ~1 min (KERNELS_SWEEP=1: also
+#            every candidate config at batch 1, rate 0: pick_config was tuned on the H200)
 #   decode   decode_gpu.py, Llama-3.1-8B shape, engine + dense bf16 + transformers eager (compiled skipped:
 #            SKIP_COMPILED=0 adds it, several minutes), ~3 min
 #   ssm      ssm_decode_gpu.py, Mamba2-8B / Nemotron-H-8B shapes with the transformers anchor, ~3 min
@@ -32,7 +33,8 @@ for step in ${SUITE:-ab kernels decode}; do
     start=$SECONDS
     case $step in
         ab) python3 gemv_ab.py --b-file "${variants[@]}" --out "$OUT/gemv_ab_$gpu.json" ;;
-        kernels) python3 kernel_bench.py --out "$OUT/kernels_$gpu.json" > "$OUT/kernels_$gpu.txt" ;;
+        kernels) python3 kernel_bench.py $([ "${KERNELS_SWEEP:-0}" = 1 ] && echo --sweep) --out "$OUT/kernels_$gpu.json" \
+                     > "$OUT/kernels_$gpu.txt" ;;
         decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
