@@ -16,8 +16,9 @@ Kept sizes per layer and rung:
   and ``H * P'`` on the N alignment (z/x are N-pruned, out_proj K-pruned by the same prefix).
 * ``ssm_n``: SSM state size N' (B/C rows state-major across the G groups): a multiple of 16 (or the full N
   when N is smaller), and ``G * N'`` on the N alignment.
-A dim a layer does not have (``mlp`` of a Mamba2 layer, ``ssm_*`` of an attention layer) is carried at its
-full spec size, 0 where the model has none; consumers only read the dims of the blocks a layer holds.
+A dim a layer does not have (``mlp`` of a Mamba2 layer, ``ssm_*`` of an attention layer) is carried along with
+the others (at full size, or scaled like them by a uniform ladder; 0 where the model has none) and never read:
+consumers only read the dims of the blocks a layer holds.
 """
 
 from __future__ import annotations
