@@ -1,8 +1,9 @@
 """Calibration text -> token batches (with attention masks), from local files only.
 
 Sources: ``alpaca`` (instruction data, one example per sequence, right-padded), ``wikitext2`` (the tokenized
-validation split as a stream, random windows, no padding), or any path: ``.json``/``.jsonl`` with Alpaca fields
-or a ``text`` field (examples), anything else is plain text (stream).
+validation split as a stream, random windows, no padding), ``shakespeare`` (public-domain text shipped in the
+package: the fallback when the data folder is missing), or any path: ``.json``/``.jsonl`` with Alpaca fields or a
+``text`` field (examples), anything else is plain text (stream).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from uniql.paths import data_file
+from uniql.paths import PACKAGED_TEXT, data_file
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
@@ -47,6 +48,8 @@ def _record_text(record: dict) -> str:
 
 
 def resolve_source(source: str) -> Path:
+    if source == "shakespeare":
+        return PACKAGED_TEXT
     return data_file(NAMED_SOURCES[source]) if source in NAMED_SOURCES else Path(source)
 
 

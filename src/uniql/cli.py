@@ -47,7 +47,8 @@ def _add_compress(sub) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     _add_quant_args(p)
     p.add_argument("--order", default="uniql", choices=["uniql", "random", "magnitude"])
-    p.add_argument("--calib-data", default="alpaca", help="sorting data: alpaca, wikitext2 or a file path")
+    p.add_argument("--calib-data", default="alpaca",
+                   help="sorting data: alpaca, wikitext2, shakespeare (shipped) or a file path")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
     p.add_argument("--bi-data", default="wikitext2", help="block-importance data: wikitext2, alpaca or a path")

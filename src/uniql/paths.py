@@ -8,6 +8,15 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_ALIAS = "smollm2-135m"
+PACKAGED_TEXT = Path(__file__).resolve().parent / "data" / "tiny_shakespeare.txt"  # public domain, data/README.md
+
+
+def has_data_dir() -> bool:
+    try:
+        data_dir()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def data_dir() -> Path:
