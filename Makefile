@@ -31,7 +31,8 @@ test-fast: setup
 # in the package (src/uniql/data), so the command works on a fresh machine.
 SERVE_CALIB ?= --calib-samples 64 --bi-samples 8 --bi-seqlen 1024 --quant-samples 16 --quant-seqlen 1024
 SERVE_DATA := from uniql.paths import has_data_dir; \
-	print("" if has_data_dir() else "--calib-data shakespeare --bi-data shakespeare --quant-data shakespeare")
+	print("" if has_data_dir() else "--calib-data shakespeare --bi-data shakespeare --quant-data shakespeare " \
+	"--calib-samples 32 --calib-seqlen 512")
 SERVE_ARGS ?=
 serve: setup
 	@if [ ! -f $(CKPT)/uniql.json ]; then \

@@ -169,6 +169,20 @@ def test_text_windows_are_full_unpadded_and_reproducible(tokenizer, plain_txt):
     assert not all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(batches, other, strict=True))
 
 
+def test_the_shipped_text_is_a_calibration_source_that_needs_no_data_folder(tokenizer, monkeypatch):
+    import uniql.paths
+
+    def no_data_folder():
+        raise FileNotFoundError("offline data folder not found")
+
+    monkeypatch.setattr(uniql.paths, "data_dir", no_data_folder)
+    batches = calibration_batches(tokenizer, "shakespeare", 4, 64, batch_size=4)
+    assert [b.input_ids.shape for b in batches] == [(4, 64)] and bool(batches[0].attention_mask.eq(1).all())
+    assert "ROMEO" in uniql.paths.PACKAGED_TEXT.read_text()  # the packaged copy, found without the data folder
+    with pytest.raises(FileNotFoundError, match="offline data folder"):  # named sources still need the folder
+        calibration_batches(tokenizer, "wikitext2", 4, 64)
+
+
 def test_text_shorter_than_a_window_is_refused(tokenizer, tmp_path):
     (tmp_path / "short.txt").write_text("only a few words")
     with pytest.raises(ValueError, match="need at least seqlen"):

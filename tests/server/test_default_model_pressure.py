@@ -28,11 +28,12 @@ CAP = 1536 << 20  # the helper never takes more than this
 
 @pytest.fixture(scope="module")
 def default_server(default_cache, tmp_path_factory):
-    from uniql.server.default_model import DEFAULT_RECIPE, default_checkpoint_dir
+    from uniql.server.default_model import default_checkpoint_dir, default_recipe
 
     cache, built = default_cache
     env = {**os.environ, "UNIQL_CACHE_DIR": str(cache)}
-    served = Path(cache) / default_checkpoint_dir(DEFAULT_RECIPE).name
+    # the recipe the server will pick in this environment (the packaged-text one where there is no data folder)
+    served = Path(cache) / default_checkpoint_dir(default_recipe()).name
     if not served.exists():  # the default recipe's place holds the test build (same model, lighter calibration)
         served.symlink_to(built, target_is_directory=True)
     port = free_port()

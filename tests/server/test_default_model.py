@@ -1,0 +1,46 @@
+"""The embedded default model's recipe: Alpaca / WikiText-2 from the offline data folder, or the text shipped in the
+package where there is none (a fresh machine), each under its own cache directory."""
+
+from __future__ import annotations
+
+import pytest
+
+from uniql.server import default_model
+
+
+def built_with(monkeypatch, tmp_path, has_data: bool):
+    """The compress config ensure_default_checkpoint would build with (the build itself is stubbed)."""
+    monkeypatch.setattr(default_model, "has_data_dir", lambda: has_data)
+    monkeypatch.setenv("UNIQL_CACHE_DIR", str(tmp_path))
+    seen, messages = {}, []
+
+    def fake_compress(model, out, cfg):
+        seen["cfg"] = cfg
+        out.mkdir(parents=True)
+        (out / "uniql.json").write_text("{}")
+
+    import uniql.compressor.compress
+
+    monkeypatch.setattr(uniql.compressor.compress, "compress", fake_compress)
+    out = default_model.ensure_default_checkpoint(progress=messages.append)
+    return out, seen["cfg"], messages
+
+
+@pytest.mark.parametrize("has_data", [True, False])
+def test_default_model_calibrates_on_the_data_folder_or_the_packaged_text(monkeypatch, tmp_path, has_data):
+    out, cfg, messages = built_with(monkeypatch, tmp_path, has_data)
+    sources = (cfg.calib_source, cfg.bi_source, cfg.quant.calib_source)
+    assert sources == (("alpaca", "wikitext2", "wikitext2") if has_data else ("shakespeare",) * 3)
+    recipe = default_model.DEFAULT_RECIPE if has_data else default_model.PACKAGED_TEXT_RECIPE
+    assert (cfg.calib_samples, cfg.calib_seqlen) == (recipe["calib_samples"], recipe["calib_seqlen"])
+    assert any("no offline data folder" in m for m in messages) == (not has_data)
+    assert (out / "uniql.json").is_file() and out == default_model.default_checkpoint_dir()
+    again = default_model.ensure_default_checkpoint(progress=messages.append)  # reused, not rebuilt
+    assert again == out
+
+
+def test_the_two_recipes_never_share_a_cache_directory(monkeypatch):
+    monkeypatch.setattr(default_model, "has_data_dir", lambda: True)
+    with_data = default_model.default_checkpoint_dir()
+    monkeypatch.setattr(default_model, "has_data_dir", lambda: False)
+    assert default_model.default_checkpoint_dir() != with_data
