@@ -38,7 +38,7 @@ for step in ${SUITE:-ab kernels decode}; do
         decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
-        tests) (cd .. && python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/runtime/test_runner.py \
+        tests) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/kernels tests/runtime/test_runner.py \
                     tests/runtime/test_ssm_graphs.py tests/runtime/test_ssm_engine.py tests/test_pipeline_devices.py \
                     tests/server/test_serve_cuda.py tests/server/test_residency_engine.py) > "$OUT/tests_$gpu.txt" 2>&1 ;;
         *) echo "unknown step $step (ab, kernels, decode, ssm, tests)"; continue ;;
