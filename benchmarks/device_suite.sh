@@ -27,12 +27,15 @@ if [[ " ${SUITE:-} " == *" tests "* ]]; then  # one wheel at a time: one for ano
 fi
 gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 variants=()
-for f in ${GEMV_B:-.ab/int4_gemv_old.py .ab/gemv_variants/*.py}; do [ -f "$f" ] && variants+=("$PWD/$f"); done
+for f in ${GEMV_B:-.ab/int4_gemv_old.py .ab/gemv_variants/*.py}; do  # absolute, as the steps run in benchmarks/
+    [ -f "$f" ] && { [[ $f == /* ]] && variants+=("$f") || variants+=("$PWD/$f"); }
+done
 cd benchmarks || exit 1
 for step in ${SUITE:-ab kernels decode}; do
     start=$SECONDS
     case $step in
-        ab) python3 gemv_ab.py --b-file "${variants[@]}" --out "$OUT/gemv_ab_$gpu.json" ;;
+        ab) if [ ${#variants[@]} -eq 0 ]; then echo "ab: no variant file (carry .ab, or set GEMV_B)"; continue; fi
+            python3 gemv_ab.py --b-file "${variants[@]}" --out "$OUT/gemv_ab_$gpu.json" ;;
         kernels) python3 kernel_bench.py $([ "${KERNELS_SWEEP:-0}" = 1 ] && echo --sweep) --out "$OUT/kernels_$gpu.json" \
                      > "$OUT/kernels_$gpu.txt" ;;
         decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \

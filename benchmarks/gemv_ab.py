@@ -83,11 +83,15 @@ def main(argv=None) -> None:
         raise SystemExit("gemv_ab.py times CUDA kernels: no GPU here")
     from uniql.kernels import int4_gemv, int4_matmul
 
-    launchers = {"a": int4_gemv.launch_gemv_h2}
+    launchers, load_errors = {"a": int4_gemv.launch_gemv_h2}, {}
     for path in args.b_file:
-        if path.stem in launchers:
+        if path.stem in launchers or path.stem in load_errors:
             raise SystemExit(f"two variants named {path.stem}: rename one file")
-        launchers[path.stem] = load_variant(path).launch_gemv_h2
+        try:  # like a variant that fails to run: recorded, not fatal for the others
+            launchers[path.stem] = load_variant(path).launch_gemv_h2
+        except Exception as exc:
+            load_errors[path.stem] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"{path}: cannot load: {load_errors[path.stem]}", file=sys.stderr, flush=True)
     bench = Bench(int4_matmul, torch.device("cuda"), torch.bfloat16, args.group_size,
                   Timer(cuda=True, repeats=args.repeats), rotate_bytes=128 * 2**20, sweep=None)
     torch.manual_seed(0)
@@ -97,7 +101,7 @@ def main(argv=None) -> None:
     int4_matmul.launch_gemv_h2 = launchers["a"]
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "a": "installed uniql.kernels.int4_gemv", "variants": {p.stem: str(p) for p in args.b_file},
-              "group_size": args.group_size,
+              "group_size": args.group_size, "load_errors": load_errors,
               "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from uniql.paths import PACKAGED_TEXT, data_file
+from uniql.paths import NAMED_DATA_FILES, PACKAGED_TEXT, data_file
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
     "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
 )
-NAMED_SOURCES = {"alpaca": "alpaca/alpaca_5000.json", "wikitext2": "wikitext2/wiki.valid.tokens"}
+NAMED_SOURCES = NAMED_DATA_FILES
 
 
 @dataclass

@@ -51,7 +51,7 @@ class CompressConfig:
     eps: float = 0.05  # allocation temperature (paper: 0.1; 0.05 is better at every rate on wikitext2 valid)
     max_prune: float = 0.85  # no layer loses more than this share of a dim
     ridge_lambda: float = 0.1  # relative to the mean channel energy (ablation: benchmarks/results)
-    group_size: int | None = None  # quantization group along K; None: largest of 128/64/32 dividing hidden
+    group_size: int | None = None  # quantization group along K; None: largest of 128/64/32 dividing every input width
     device: str = "cpu"
     seed: int = 1234
     quant: QuantConfig | None = field(default_factory=QuantConfig)  # None: keep floating point

@@ -68,8 +68,8 @@ def ensure_default_checkpoint(recipe: dict | None = None, progress=print) -> Pat
     shutil.rmtree(tmp, ignore_errors=True)
     data = recipe.get("data")  # None: the offline data folder's Alpaca (sorting) and WikiText-2 (BI, GPTQ)
     if data:
-        progress(f"uniql serve: no offline data folder: calibrating on the {data!r} text shipped in the package "
-                 "(set UNIQL_DATA_DIR to use Alpaca / WikiText-2)")
+        progress(f"uniql serve: no offline data folder (with Alpaca and WikiText-2 in it): calibrating on the "
+                 f"{data!r} text shipped in the package (set UNIQL_DATA_DIR to use Alpaca / WikiText-2)")
     quant = QuantConfig(method=recipe["quant"], calib_samples=recipe["quant_samples"],
                         calib_seqlen=recipe["quant_seqlen"], **({"calib_source": data} if data else {}))
     cfg = CompressConfig(quant=quant, calib_samples=recipe["calib_samples"], calib_seqlen=recipe["calib_seqlen"],

@@ -11,9 +11,17 @@ DEFAULT_MODEL_ALIAS = "smollm2-135m"
 PACKAGED_TEXT = Path(__file__).resolve().parent / "data" / "tiny_shakespeare.txt"  # public domain, data/README.md
 
 
+# the named calibration sources (compressor/calib_data.py): what the default model's recipe reads from the folder
+NAMED_DATA_FILES = {"alpaca": "alpaca/alpaca_5000.json", "wikitext2": "wikitext2/wiki.valid.tokens"}
+
+
 def has_data_dir() -> bool:
+    """Whether the offline data folder is here WITH the named sources in it. A folder without them (an empty mount,
+    a partial copy, ``UNIQL_DATA_DIR`` set to the wrong place) counts as none: the default model then calibrates on
+    the packaged text instead of failing on a missing file after loading the model."""
     try:
-        data_dir()
+        for relative in NAMED_DATA_FILES.values():
+            data_file(relative)
     except FileNotFoundError:
         return False
     return True

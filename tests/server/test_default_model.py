@@ -44,3 +44,17 @@ def test_the_two_recipes_never_share_a_cache_directory(monkeypatch):
     with_data = default_model.default_checkpoint_dir()
     monkeypatch.setattr(default_model, "has_data_dir", lambda: False)
     assert default_model.default_checkpoint_dir() != with_data
+
+
+def test_a_data_folder_without_the_named_sources_counts_as_none(monkeypatch, tmp_path):
+    """UNIQL_DATA_DIR set to a folder lacking Alpaca / WikiText-2 (an empty mount, a partial copy): the packaged
+    text's recipe, not the data folder's one that would fail on a missing file after loading the model."""
+    from uniql.paths import NAMED_DATA_FILES
+
+    monkeypatch.setenv("UNIQL_DATA_DIR", str(tmp_path))
+    assert default_model.default_recipe() == default_model.PACKAGED_TEXT_RECIPE
+    for relative in NAMED_DATA_FILES.values():
+        assert default_model.default_recipe() == default_model.PACKAGED_TEXT_RECIPE  # not all of them yet
+        (tmp_path / relative).parent.mkdir(parents=True)
+        (tmp_path / relative).write_text("x")
+    assert default_model.default_recipe() == default_model.DEFAULT_RECIPE
