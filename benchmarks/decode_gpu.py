@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from uniql.kernels.pdl import pdl_enabled
-from uniql.runtime.bench import check_finished
+from uniql.runtime.bench import check_finished, reset_peak
 from uniql.runtime.decoder import LINEAR_PATHS, ElasticDecoder
 from uniql.runtime.engine import Engine
 from uniql.runtime.ladder import Alignment, dim_steps, uniform_ladder
@@ -39,6 +39,7 @@ LLAMA_8B = ArchSpec(family="llama", vocab_size=128256, hidden_size=4096, num_lay
                     qk_bias=False, v_bias=False, o_bias=False, mlp_bias=False, act="silu",
                     rope_attention_scaling=1.0, max_position_embeddings=131072)
 RATES = (0.0, 0.15, 0.25, 0.35)
+CUDA = torch.device("cuda")
 
 
 class NullTokenizer:
@@ -89,13 +90,8 @@ def build_model(spec: ArchSpec, weights: str, device="cuda", group: int = 128) -
     return model.eval()
 
 
-def _peak_reset():
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-
-
 def single_row(engine, name, prompt, rung, rate, new_tokens) -> dict:
-    _peak_reset()
+    reset_peak(CUDA)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     req = engine.add_request(prompt, params, rung=rung)
     start = time.perf_counter()
@@ -110,7 +106,7 @@ def single_row(engine, name, prompt, rung, rate, new_tokens) -> dict:
 
 def batch_row(engine, name, prompt, rung, rate, batch, new_tokens) -> dict:
     """``batch`` concurrent greedy requests: generated tokens / wall time, and decode-only steps per second."""
-    _peak_reset()
+    reset_peak(CUDA)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     reqs = [engine.add_request(prompt, params, rung=rung) for _ in range(batch)]
     start = time.perf_counter()
@@ -163,7 +159,7 @@ def hf_rows(prompt, new_tokens: int, compiled: bool, compile_mode: str = "reduce
     with torch.device("cuda"):
         hf = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     rows = []
-    _peak_reset()
+    reset_peak(CUDA)
     rows.append(hf_row(hf, prompt, new_tokens, "hf_eager"))
     _print(rows[-1:])
     if compiled:
@@ -176,7 +172,7 @@ def hf_rows(prompt, new_tokens: int, compiled: bool, compile_mode: str = "reduce
             with torch.inference_mode():
                 hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=new_tokens,
                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            _peak_reset()
+            reset_peak(CUDA)
             rows.append({**hf_row(hf, prompt, new_tokens, "hf_compiled"), "compile_mode": compile_mode})
             _print(rows[-1:])
         except Exception as exc:  # noqa: BLE001 (report why the anchor is missing, keep the other rows)

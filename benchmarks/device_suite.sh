@@ -13,18 +13,10 @@
 #   tests    the GPU tests (kernels at real shapes and bf16, runner / SSM graphs, the whole pipeline on cuda, the
 #            server on CUDA); needs .gpuwhl carried (pytest and the server's wheels for the device's Python)
 # e.g. a call with command `SUITE="ab kernels decode" bash benchmarks/device_suite.sh`, then one with SUITE=ssm.
-set -uo pipefail
 : "${OUT:?run on the device machine: \$OUT is where results go}"
-rm -rf /tmp/uniql  # a warm machine keeps the last call's install otherwise (pip --target does not replace it)
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/uniql . >/dev/null || exit 1
-export PYTHONPATH=/tmp/uniql HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-if [[ " ${SUITE:-} " == *" tests "* ]]; then  # one wheel at a time: one for another Python is skipped, not fatal
-    for wheel in .gpuwhl/*.whl; do
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$wheel" >/dev/null 2>&1 \
-            || echo "skipped $wheel"
-    done
-    export PYTHONPATH=/tmp/uniql:/tmp/site
-fi
+# this tree into /tmp/uniql (anew), plus the wheels of whatever .whl / .gpuwhl the call carried (carry .gpuwhl for
+# the tests step only: the others need none, and each wheel costs install time)
+source benchmarks/device_setup.sh || exit 1
 gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 variants=()
 for f in ${GEMV_B:-.ab/int4_gemv_old.py .ab/gemv_variants/*.py}; do  # absolute, as the steps run in benchmarks/

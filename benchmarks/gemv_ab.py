@@ -12,7 +12,6 @@ reference before timing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -21,16 +20,7 @@ from pathlib import Path
 
 import torch
 from kernel_bench import MODELS, Bench, Timer, build_case, check_output, describe, int4_buffers, packed_bytes
-
-
-def load_variant(path: Path):
-    """The file as ``uniql.kernels.<stem>_ab`` (its relative imports resolve inside the package)."""
-    name = f"uniql.kernels.{path.stem}_ab"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from sass_gemv import load_variant
 
 
 def time_variant(bench: Bench, launcher, case, bufs, x) -> float:

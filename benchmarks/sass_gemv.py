@@ -38,16 +38,22 @@ CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode s
 SHARED = re.compile(r"\b(BAR|STS|LDS|LDSM)\b")
 
 
-def kernel_from(path: Path | None):
-    if path is None:
-        from uniql.kernels import int4_gemv
-        return int4_gemv._gemv_h2_kernel
-    name = f"uniql.kernels.{path.stem}_sass"
+def load_variant(path: Path):
+    """A variant ``int4_gemv.py`` as ``uniql.kernels.<stem>_variant`` (its relative imports resolve inside the
+    package; the tree's own module stays as it is)."""
+    name = f"uniql.kernels.{path.stem}_variant"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    return module._gemv_h2_kernel
+    return module
+
+
+def kernel_from(path: Path | None):
+    if path is None:
+        from uniql.kernels import int4_gemv
+        return int4_gemv._gemv_h2_kernel
+    return load_variant(path)._gemv_h2_kernel
 
 
 def compile_cubin(kernel, consts: dict, warps: int, arch: int, stages: int = 2) -> bytes:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from decode_gpu import NullTokenizer, _random_dense, _random_int4
 
-from uniql.runtime.bench import engine_row, hf_row, peak_mem_bytes
+from uniql.runtime.bench import engine_row, hf_row, peak_mem_bytes, reset_peak
 from uniql.runtime.decoder import DecoderLayer, ElasticDecoder, RMSNorm
 from uniql.runtime.engine import Engine
 from uniql.runtime.ladder import Alignment, spec_dim_steps, uniform_ladder
@@ -103,20 +103,13 @@ def build_model(config, weights: str, device, group: int = 128) -> ElasticDecode
     return model.eval()
 
 
-def _reset(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-
-
 def engine_rows(name, config, prompt, new_tokens, device, weights="int4", label=None) -> list[dict]:
     model = build_model(config, weights, device, group=min(128, config.hidden_size // 2))
     engine = Engine(model, NullTokenizer(), max_num_seqs=1, max_model_len=len(prompt) + new_tokens + 8)
     rows = []
     for rate in RATES:
         engine_row(engine, prompt, rate, 4)  # warm-up: compiles the kernels for this rung's shapes
-        _reset(device)
-        row = engine_row(engine, prompt, rate, new_tokens)  # raises if the engine failed the request
+        row = engine_row(engine, prompt, rate, new_tokens)  # resets the peak; raises if the engine failed it
         engine_name = label or ("uniql" if weights == "int4" else "uniql_bf16_dense")
         rows.append({"model": name, **row, "engine": engine_name,
                      "peak_mem_bytes": peak_mem_bytes(device), "cuda_graphs": engine.runner.graphs is not None})
@@ -133,7 +126,7 @@ def hf_rows(name, config, prompt, new_tokens, device) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    _reset(device)
+    reset_peak(device)
     try:
         rows = [{"model": name, **hf_row(hf, prompt, new_tokens, "hf_eager")}]
         _print(rows[-1])

@@ -26,8 +26,9 @@ def peak_mem_bytes(device: torch.device) -> int:
 
 
 def reset_peak(device: torch.device) -> None:
-    """Start a row's GPU peak from what is allocated now (the CPU's peak RSS cannot be reset)."""
+    """Start a row's GPU peak from what is allocated once queued work is done (the CPU's peak RSS cannot be reset)."""
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
 
 
