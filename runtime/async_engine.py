@@ -53,7 +53,7 @@ class AsyncEngine:
         self._lock = threading.Lock()  # the step lock: the engine thread holds it for a whole step
         self._admit = threading.Lock()  # guards _live and the order of _ops; held for microseconds only
         self._live: dict[str, int] = {}  # request id -> rung, from submit until finished or cancelled
-        self._capacity = engine.scheduler.max_num_seqs + engine.scheduler.max_queued
+        self._capacity = engine.scheduler.capacity
         self._ops: queue_mod.SimpleQueue[tuple[str, object]] = queue_mod.SimpleQueue()  # ("add", req) / ("cancel", id)
         self._work = threading.Event()
         self._stop = threading.Event()

@@ -37,6 +37,10 @@ class KVCache:
                               device=device) for i, s in enumerate(sizes)]
         none = [None] * len(sizes)
         self.conv, self.ssm = (none, none) if spec is None else new_ssm_states(spec, sizes, batch, dtype, device)
+        # allocated whole here and never replaced (writes go in place), so the size is counted once: the async
+        # engine publishes the sum over live caches after every step
+        states = [t for t in self.conv + self.ssm if t is not None]
+        self._nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v + states)
 
     @property
     def has_ssm(self) -> bool:
@@ -62,8 +66,7 @@ class KVCache:
         self.length += steps
 
     def nbytes(self) -> int:
-        states = [t for t in self.conv + self.ssm if t is not None]
-        return sum(t.numel() * t.element_size() for t in self.k + self.v + states)
+        return self._nbytes
 
 
 # Tests set this to run the Triton kernel on CPU tensors under TRITON_INTERPRET=1; otherwise CPU decode takes

@@ -123,11 +123,20 @@ class StopMatcher:
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Prompt ids from the tokenizer's own chat template (ValueError for bad messages or no template)."""
+    """Prompt ids from the tokenizer's own chat template (ValueError for bad messages or no template, and for
+    messages the template refuses: its ``raise_exception`` calls, e.g. "roles must alternate", are the caller's
+    mistake; a template that does not even parse stays an error of the model's files)."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; use the completions endpoint")
     _check_messages(messages)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    except TemplateSyntaxError:
+        raise
+    except TemplateError as err:
+        raise ValueError(f"the chat template refused the messages: {err}") from None
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     if hasattr(ids, "tolist"):  # a tensor or array, should a tokenizer return one

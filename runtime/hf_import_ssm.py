@@ -19,7 +19,7 @@ import torch
 
 from .decoder import ElasticDecoder
 from .hf_import import o_cols_to_rank_major, rope_frequencies, v_rows_to_rank_major
-from .spec import ArchSpec, spec_from_hf_config
+from .spec import ArchSpec, dt_limit_fields, spec_from_hf_config
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,7 @@ def _mixer_dt_limit(hf_model, spec: ArchSpec) -> ArchSpec:
         limit = (mixer.time_step_min, math.inf)
     if limit is None:
         return spec
-    lo, hi = limit
-    return replace(spec, ssm_dt_min=float(lo), ssm_dt_max=None if math.isinf(hi) else float(hi))
+    return replace(spec, **dt_limit_fields(limit))
 
 
 def ssm_decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, share: bool = False) -> ElasticDecoder:

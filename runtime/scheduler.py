@@ -81,6 +81,11 @@ class Scheduler:
         return bool(self._waiting or self._running)
 
     @property
+    def capacity(self) -> int:
+        """Sequences the scheduler can ever hold at once: every seat plus every queue place."""
+        return self.max_num_seqs + self.max_queued
+
+    @property
     def room(self) -> int:
         """How many requests ``add`` takes now: the free sequence slots (requests admitted at the next step), plus
         ``max_queued`` waiting beyond them."""

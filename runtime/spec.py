@@ -126,7 +126,8 @@ def _attention_dims(config) -> dict:
             "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
 
 
-def _dt_limit(limit) -> dict:
+def dt_limit_fields(limit) -> dict:
+    """ArchSpec's dt clamp fields from a (min, max) limit (None or an infinite max: no bound there)."""
     lo, hi = (0.0, math.inf) if limit is None else limit
     return {"ssm_dt_min": float(lo), "ssm_dt_max": None if math.isinf(hi) else float(hi)}
 
@@ -195,7 +196,7 @@ def _mamba2_spec(config) -> ArchSpec:
         layer_kinds=("mamba",) * config.num_hidden_layers, rotary_fraction=0.0,
         ssm_heads=config.num_heads, ssm_head_dim=config.head_dim, ssm_groups=config.n_groups,
         ssm_state=config.state_size, ssm_conv=config.conv_kernel, ssm_chunk=config.chunk_size,
-        **_dt_limit(config.time_step_limit), ssm_norm_eps=float(config.layer_norm_epsilon),
+        **dt_limit_fields(config.time_step_limit), ssm_norm_eps=float(config.layer_norm_epsilon),
         ssm_norm_groups=config.n_groups, ssm_conv_bias=bool(config.use_conv_bias),
         ssm_proj_bias=bool(config.use_bias), ssm_act=_check_ssm_act(config.hidden_act),
     )
@@ -217,7 +218,7 @@ def _bamba_spec(config) -> ArchSpec:
         max_position_embeddings=int(config.max_position_embeddings), layer_kinds=kinds, rotary_fraction=fraction,
         ssm_heads=config.mamba_n_heads, ssm_head_dim=config.mamba_d_head, ssm_groups=config.mamba_n_groups,
         ssm_state=config.mamba_d_state, ssm_conv=config.mamba_d_conv, ssm_chunk=config.mamba_chunk_size,
-        **_dt_limit(config.time_step_limit), ssm_norm_eps=float(config.rms_norm_eps),
+        **dt_limit_fields(config.time_step_limit), ssm_norm_eps=float(config.rms_norm_eps),
         ssm_norm_groups=config.mamba_n_groups, ssm_conv_bias=bool(config.mamba_conv_bias),
         ssm_proj_bias=bool(config.mamba_proj_bias), ssm_act=_check_ssm_act(config.hidden_act),
     )
@@ -243,7 +244,7 @@ def _nemotron_h_spec(config) -> ArchSpec:
         ssm_groups=config.n_groups, ssm_state=config.ssm_state_size, ssm_conv=config.conv_kernel,
         ssm_chunk=config.chunk_size,
         # the mixer clamps dt to config.time_step_limit (the import reads the mixer's own value: versions differ)
-        **_dt_limit(config.time_step_limit), ssm_norm_eps=float(config.layer_norm_epsilon),
+        **dt_limit_fields(config.time_step_limit), ssm_norm_eps=float(config.layer_norm_epsilon),
         ssm_norm_groups=config.n_groups, ssm_conv_bias=bool(config.use_conv_bias),
         ssm_proj_bias=bool(config.use_bias), ssm_act=_check_ssm_act(config.mamba_hidden_act),
     )

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
-from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
 from uniql.runtime.async_engine import AsyncEngine
 from uniql.runtime.checkpoint import load_tokenizer
@@ -58,14 +57,8 @@ class EngineBackend:
 
     # ------------------------------------------------------------------------------------------ text
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Prompt ids (ValueError for messages the template refuses: its ``raise_exception`` calls, e.g. "roles
-        must alternate", are the client's mistake; a template that does not even parse stays a server error)."""
-        try:
-            return render_chat(self.tokenizer, messages)
-        except TemplateSyntaxError:
-            raise
-        except TemplateError as err:
-            raise ValueError(f"the chat template refused the messages: {err}") from None
+        """Prompt ids (ValueError for bad messages, or messages the template refuses: ``render_chat``)."""
+        return render_chat(self.tokenizer, messages)
 
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
@@ -82,8 +75,7 @@ class EngineBackend:
     def max_choices(self) -> int:
         """The most sequences one request may queue at once: every seat plus every queue place. More choices
         (``n``) can never be accepted, however idle the server is."""
-        scheduler = self.engine.scheduler
-        return scheduler.max_num_seqs + scheduler.max_queued
+        return self.engine.scheduler.capacity
 
     @property
     def alive(self) -> bool:

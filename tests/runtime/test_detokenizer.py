@@ -231,3 +231,19 @@ def test_chat_refuses_bad_messages(tokenizer, messages, match):
 def test_chat_needs_a_template(sentencepiece_like):
     with pytest.raises(ValueError, match="no chat template"):
         render_chat(sentencepiece_like[0], [{"role": "user", "content": "hi"}])
+
+
+def test_messages_the_template_refuses_are_a_value_error_for_every_caller(tokenizer, monkeypatch):
+    """The server (400) and `uniql generate --chat` (exit 2, no traceback) both see a ValueError when the template
+    itself refuses the messages; a template that does not parse is the model's error, not the caller's."""
+    from jinja2 import TemplateSyntaxError
+
+    monkeypatch.setattr(tokenizer, "chat_template",
+                        "{% if messages | length > 1 %}{{ raise_exception('roles must alternate') }}{% endif %}"
+                        "{{ messages[0]['content'] }}")
+    assert render_chat(tokenizer, [{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="refused the messages: roles must alternate"):
+        render_chat(tokenizer, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    monkeypatch.setattr(tokenizer, "chat_template", "{% if %}")
+    with pytest.raises(TemplateSyntaxError):
+        render_chat(tokenizer, [{"role": "user", "content": "hi"}])
