@@ -27,16 +27,13 @@ test-fast: setup
 
 # `serve` builds the default model's checkpoint once (INT4 GPTQ with a calibration light enough for a CPU: a few
 # minutes) and serves it on http://127.0.0.1:8000/v1 (OpenAI API). Extra flags: make serve SERVE_ARGS="--port 9000".
-# Without the offline data folder (../shared/data or $UNIQL_DATA_DIR, with Alpaca and WikiText-2 in it) it calibrates
-# on the public-domain text shipped in the package (src/uniql/data), so the command works on a fresh machine.
-SERVE_CALIB ?= --calib-samples 64 --bi-samples 8 --bi-seqlen 1024 --quant-samples 16 --quant-seqlen 1024
-SERVE_DATA := from uniql.paths import has_data_dir; \
-	print("" if has_data_dir() else "--calib-data shakespeare --bi-data shakespeare --quant-data shakespeare " \
-	"--calib-samples 32 --calib-seqlen 512")
+# The calibration is the default model's recipe (server/default_model.py: the same as `uniql serve` with no
+# checkpoint); without the offline data folder (../shared/data or $UNIQL_DATA_DIR, with Alpaca and WikiText-2 in it)
+# it calibrates on the public-domain text shipped in the package (src/uniql/data), so it works on a fresh machine.
+SERVE_CALIB ?= $$($(PY) -c 'from uniql.server.default_model import recipe_flags; print(recipe_flags())')
 SERVE_ARGS ?=
 serve: setup
-	@if [ ! -f $(CKPT)/uniql.json ]; then \
-		$(VENV)/bin/uniql compress smollm2-135m --out $(CKPT) $(SERVE_CALIB) $$($(PY) -c '$(SERVE_DATA)'); fi
+	@if [ ! -f $(CKPT)/uniql.json ]; then $(VENV)/bin/uniql compress smollm2-135m --out $(CKPT) $(SERVE_CALIB); fi
 	$(VENV)/bin/uniql serve $(CKPT) --served-model-name smollm2-135m-uniql $(SERVE_ARGS)
 
 lint: setup

@@ -53,6 +53,14 @@ def resolve_source(source: str) -> Path:
     return data_file(NAMED_SOURCES[source]) if source in NAMED_SOURCES else Path(source)
 
 
+def source_file(source: str, role: str) -> Path:
+    """``resolve_source``, or FileNotFoundError naming the role (e.g. "fine-tuning data") when no file is there."""
+    path = resolve_source(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{role} {source!r}: no file at {path}")
+    return path
+
+
 def read_records(path: Path) -> list[dict] | None:
     """Records of a .json/.jsonl file, or None for plain text (a bad record names its file and line)."""
     if path.suffix == ".json":
@@ -81,9 +89,7 @@ def read_records(path: Path) -> list[dict] | None:
 
 def load_texts(source: str) -> tuple[list[str], bool]:
     """(texts, is_examples): examples are separate sequences; otherwise one stream to cut windows from."""
-    path = resolve_source(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration source {source!r}: no file at {path}")
+    path = source_file(source, "calibration source")
     records = read_records(path)
     if records is not None:
         return [_record_text(r) for r in records], True

@@ -131,7 +131,7 @@ def _auto_group(model: ElasticDecoder, quantized: bool) -> Alignment:
     width like OpenLLaMA-3B's 8640 takes 64, not the hidden size's 128), refused now if none does and the model is
     to be quantized (a float checkpoint keeps the hidden size's alignment)."""
     widths = _input_widths(model)
-    group = next((g for g in sorted(GROUP_SIZES, reverse=True) if all(k % g == 0 for k in widths)), None)
+    group = Alignment.largest_group(widths, GROUP_SIZES)
     if group is not None:
         return Alignment(group)
     if quantized:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from uniql.runtime.checkpoint import sha256_file
 from uniql.runtime.decoder import ElasticDecoder
 
-from .calib_data import resolve_source
+from .calib_data import resolve_source, source_file
 from .finetune_data import IGNORE, Batch, Example, StepSchedule, collate, load_examples, loss_tokens
 from .finetune_state import latest_step, load_state, save_state
 from .lora import LoraSettings, adapter_state, add_lora, merge_lora, resolve_targets
@@ -84,9 +84,7 @@ class FinetuneConfig:
         if self.rung_weights is not None and (min(self.rung_weights) < 0 or sum(self.rung_weights) <= 0):
             raise ValueError(f"rung weights must be >= 0 with a positive sum, got {self.rung_weights}")
         for source in self.sources():
-            path = resolve_source(source)
-            if not path.is_file():
-                raise FileNotFoundError(f"fine-tuning data {source!r}: no file at {path}")
+            source_file(source, "fine-tuning data")
         self.lora.validate()
 
     def sources(self) -> list[str]:
@@ -315,7 +313,8 @@ def finetune_decoder(model: ElasticDecoder, tokenizer, cfg: FinetuneConfig) -> t
     targets = resolve_targets(model, cfg.lora.targets)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     digests = [sha256_file(resolve_source(src)) for src in sources]
-    identity = {"base": fingerprint(model), "data_sha256": digests, "ladder": list(model.ladder.rates)}
+    identity = None if not cfg.state_dir else {  # what a resume must match; nothing to resume without a state dir
+        "base": fingerprint(model), "data_sha256": digests, "ladder": list(model.ladder.rates)}
     peft_model = add_lora(model, cfg.lora, cfg.seed)
     acc = _accelerator(cfg)
     provenance, _ = train_lora(peft_model, examples, pad_id, cfg, len(model.ladder.rates), acc, identity)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calib_data import alpaca_prompt, read_records, resolve_source
+from .calib_data import alpaca_prompt, read_records, source_file
 
 IGNORE = -100
 
@@ -58,9 +58,7 @@ def record_windows(tokenizer, text: str, seqlen: int) -> list[Example]:
 
 def load_examples(tokenizer, source: str, seqlen: int, max_examples: int | None = None) -> tuple[list[Example], str]:
     """(examples with at least one loss token in file order, kind: "instruction" | "text" | "mixed")."""
-    path = resolve_source(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"fine-tuning data {source!r}: no file at {path}")
+    path = source_file(source, "fine-tuning data")
     records = read_records(path)
     if records is None:
         examples, kinds = text_windows(tokenizer, path.read_text(encoding="utf-8"), seqlen), {"text"}

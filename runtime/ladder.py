@@ -36,9 +36,14 @@ class Alignment:
     k_pack: int = 8  # 4-bit values per int32 word along K
 
     @staticmethod
+    def largest_group(widths, candidates=(128, 64, 32, 16)) -> int | None:
+        """The largest candidate group size dividing every width (None if none does)."""
+        return next((g for g in sorted(candidates, reverse=True) if all(k % g == 0 for k in widths)), None)
+
+    @staticmethod
     def for_hidden(hidden_size: int) -> Alignment:
         """Largest usual group size dividing the hidden size (SmolLM2's 576 needs 64)."""
-        group = next((g for g in (128, 64, 32, 16) if hidden_size % g == 0), None)
+        group = Alignment.largest_group([hidden_size])
         if group is None:
             raise ValueError(f"hidden size {hidden_size} is not a multiple of 16: no INT4 group size fits it")
         return Alignment(group_size=group)

@@ -23,7 +23,8 @@ from uniql.paths import DEFAULT_MODEL_ALIAS, has_data_dir
 
 log = logging.getLogger(__name__)
 
-# the calibration of `make serve` (Makefile SERVE_CALIB): light enough for a CPU, INT4 GPTQ + Hadamard
+# the calibration of the default model (`uniql serve` with no checkpoint, `make serve`): light enough for a CPU,
+# INT4 GPTQ + Hadamard
 DEFAULT_RECIPE = {"quant": "gptq", "calib_samples": 64, "calib_seqlen": 2048, "bi_samples": 8, "bi_seqlen": 1024,
                   "quant_samples": 16, "quant_seqlen": 1024}
 
@@ -36,6 +37,17 @@ PACKAGED_TEXT_RECIPE = {**DEFAULT_RECIPE, "data": "shakespeare", "calib_samples"
 def default_recipe() -> dict:
     """DEFAULT_RECIPE, or (no offline data folder here) PACKAGED_TEXT_RECIPE."""
     return DEFAULT_RECIPE if has_data_dir() else PACKAGED_TEXT_RECIPE
+
+
+def recipe_flags(recipe: dict | None = None) -> str:
+    """``uniql compress`` flags for a recipe (``make serve`` builds with them: one recipe for both paths)."""
+    recipe = recipe or default_recipe()
+    flags = [f"--quant {recipe['quant']}"] + [f"--{key.replace('_', '-')} {recipe[key]}" for key in
+                                              ("calib_samples", "calib_seqlen", "bi_samples", "bi_seqlen",
+                                               "quant_samples", "quant_seqlen")]
+    if recipe.get("data"):
+        flags += [f"--{role}-data {recipe['data']}" for role in ("calib", "bi", "quant")]
+    return " ".join(flags)
 
 
 def cache_dir() -> Path:

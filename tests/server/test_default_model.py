@@ -58,3 +58,18 @@ def test_a_data_folder_without_the_named_sources_counts_as_none(monkeypatch, tmp
         (tmp_path / relative).parent.mkdir(parents=True)
         (tmp_path / relative).write_text("x")
     assert default_model.default_recipe() == default_model.DEFAULT_RECIPE
+
+
+@pytest.mark.parametrize("recipe", [default_model.DEFAULT_RECIPE, default_model.PACKAGED_TEXT_RECIPE])
+def test_make_serve_flags_are_the_recipe(recipe):
+    """`make serve` passes recipe_flags to `uniql compress`: the CLI reads them back as the recipe."""
+    from uniql.cli import build_parser
+
+    flags = default_model.recipe_flags(recipe).split()
+    args = build_parser().parse_args(["compress", "smollm2-135m", "--out", "x", *flags])
+    data = recipe.get("data")
+    assert (args.quant, args.calib_samples, args.calib_seqlen, args.bi_samples, args.bi_seqlen, args.quant_samples,
+            args.quant_seqlen) == tuple(recipe[k] for k in ("quant", "calib_samples", "calib_seqlen", "bi_samples",
+                                                            "bi_seqlen", "quant_samples", "quant_seqlen"))
+    assert (args.calib_data, args.bi_data, args.quant_data) == ((data,) * 3 if data else ("alpaca", "wikitext2",
+                                                                                            "wikitext2"))
