@@ -34,7 +34,7 @@ class WeightStore(Protocol):
     rung_bytes: tuple[int, ...]  # bytes held with every layer released to each rung
 
     def resident_bytes(self) -> int: ...
-    def release_layer(self, layer: int, rung: int, force: bool = False) -> None: ...
+    def release_layer(self, layer: int, rung: int) -> None: ...
     def reload_layer(self, layer: int, rung: int) -> None: ...
     def settle(self) -> None: ...  # hand freed memory back to the OS / driver
 
@@ -128,8 +128,7 @@ class ResidencyManager:
         """A reload pass cut short (no memory for the next tail): put every layer back where it was, so memory and
         the bookkeeping the controller reads agree again."""
         previous = self.resident_rung
-        self.exclusive(lambda: self._each_layer(lambda layer, rung: self.store.release_layer(layer, rung, force=True),
-                                                previous))
+        self.exclusive(lambda: self._each_layer(self.store.release_layer, previous))
         self.store.settle()
         self._changed(previous)
 

@@ -89,10 +89,9 @@ class ElasticWeights:
         return _storage_bytes(tensors)
 
     # ------------------------------------------------------------------------------------------ release
-    def release_layer(self, layer: int, rung: int, force: bool = False) -> None:
-        """Keep only what ``rung`` and above read. ``force``: also when the layer is recorded at ``rung`` already
-        (a reload cut short left some of its projections wider than its record says)."""
-        if rung < self.layer_rung[layer] or (rung == self.layer_rung[layer] and not force):
+    def release_layer(self, layer: int, rung: int) -> None:
+        """Keep only what ``rung`` and above read."""
+        if rung <= self.layer_rung[layer]:
             return
         shapes = {path: by_rung[rung] for path, by_rung in self.shapes[layer].items()}
         for fused, paths in self.fused[layer]:
@@ -110,14 +109,16 @@ class ElasticWeights:
             raise RuntimeError("this model has no checkpoint file to reload weights from")
         shapes = {path: by_rung[rung] for path, by_rung in self.shapes[layer].items()}
         names, mods = self.names[layer], self.modules[layer]
-        with safe_open(str(self.path), framework="pt", device="cpu") as stored:  # memory-mapped
-            for fused, paths in self.fused[layer]:
-                fused.set_members([_stored_packed(stored, names[p], fused.group_size, *shapes[p]) for p in paths])
-                for p in paths:
-                    mods[p].refresh_host()
-            for path in self.single[layer]:
-                _reload(mods[path], names[path], stored, *shapes[path])
-        self.layer_rung[layer] = rung
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as stored:  # memory-mapped
+                for fused, paths in self.fused[layer]:
+                    fused.set_members([_stored_packed(stored, names[p], fused.group_size, *shapes[p]) for p in paths])
+                    for p in paths:
+                        mods[p].refresh_host()
+                for path in self.single[layer]:
+                    _reload(mods[path], names[path], stored, *shapes[path])
+        finally:  # cut short too: some projections may be that wide now, so a release back must not skip the layer
+            self.layer_rung[layer] = rung
 
     def settle(self) -> None:
         """Give freed memory back: glibc keeps freed heap pages unless trimmed; CUDA's allocator caches blocks."""

@@ -137,7 +137,7 @@ class FakeStore:
     def resident_bytes(self):
         return self.rung_bytes[max(self.layer_rung)] if len(set(self.layer_rung)) == 1 else -1
 
-    def release_layer(self, layer, rung, force=False):
+    def release_layer(self, layer, rung):
         self.calls.append(("release", layer, rung))
         self.layer_rung[layer] = rung
 

@@ -175,6 +175,35 @@ def test_released_tails_free_exactly_the_counted_bytes_and_reload_restores_outpu
         assert torch.equal(model(ids, rung=0), full)
 
 
+def test_a_reload_cut_short_inside_a_layer_is_released_back_to_the_counted_bytes(tiny_ckpt, monkeypatch):
+    """No memory for a tail halfway through one layer's projections: that layer counts as reloaded, so releasing
+    it back (what the residency manager does on such a failure) frees what the cut-short pass brought back."""
+    from uniql.runtime.checkpoint import load_checkpoint
+    from uniql.server import weights
+
+    store = weights.ElasticWeights(load_checkpoint(tiny_ckpt)[0], tiny_ckpt)
+    for layer in range(store.num_layers):
+        store.release_layer(layer, 5)
+    # a layer whose first projections are pruned at rung 5 (so reloading them brings bytes back)
+    layer = next(i for i in range(store.num_layers)
+                 if any(store.shapes[i][p][5] != store.shapes[i][p][0] for p in store.single[i][:-1]))
+    real, calls = weights._reload, {"n": 0}
+
+    def reload_then_fail(*args):
+        calls["n"] += 1
+        if calls["n"] == len(store.single[layer]):  # the layer's last projection
+            raise MemoryError("no memory for the next tail")
+        real(*args)
+
+    monkeypatch.setattr(weights, "_reload", reload_then_fail)
+    with pytest.raises(MemoryError):
+        store.reload_layer(layer, 0)
+    assert store.resident_bytes() > store.rung_bytes[5]  # part of layer 0 is back
+    for layer in range(store.num_layers):
+        store.release_layer(layer, 5)
+    assert store.resident_bytes() == store.rung_bytes[5]
+
+
 def test_the_http_layer_does_not_import_torch():
     import subprocess
     import sys
