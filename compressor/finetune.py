@@ -266,17 +266,22 @@ def _resume_key(cfg: FinetuneConfig, world: int, identity: dict | None = None) -
 
 
 def fingerprint(model: nn.Module) -> str:
-    """The weights' identity for a resume check: per tensor, sum and sum of squares in float64 to 6 digits. A
-    channel permutation (orders may differ in near-ties between runs) and fp noise leave it unchanged; another
-    model, rung ladder or sorting does not."""
+    """The weights' identity for a resume check: per tensor, the sum, the sum of squares and a position-weighted sum
+    (each element times its flat index / numel) in float64 to 6 digits. fp noise leaves it unchanged; another model,
+    rung ladder or sorting changes it, and so does a channel permutation: the saved adapters' rows and columns are
+    bound to positions, so a base sorted into another order (near-ties broken otherwise) must not resume them."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        total = squares = 0.0
-        for chunk in t.detach().reshape(-1).split(1 << 22):  # float64 in slices: no full-size copy of a big table
+        total = squares = moment = 0.0
+        flat, start = t.detach().reshape(-1), 0
+        for chunk in flat.split(1 << 22):  # float64 in slices: no full-size copy of a big table
             c64 = chunk.double()
+            position = torch.arange(start, start + c64.numel(), dtype=torch.float64, device=c64.device)
             total += c64.sum().item()
             squares += c64.square().sum().item()
-        h.update(f"{name}:{tuple(t.shape)}:{total:.6g}:{squares:.6g}".encode())
+            moment += (c64 * position).sum().item() / max(1, flat.numel())
+            start += c64.numel()
+        h.update(f"{name}:{tuple(t.shape)}:{total:.6g}:{squares:.6g}:{moment:.6g}".encode())
     return h.hexdigest()[:16]
 
 

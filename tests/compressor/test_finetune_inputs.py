@@ -75,7 +75,7 @@ def test_a_resume_compares_every_setting_and_the_run_identity():
                                             {"base": "abc", "data_sha256": ["d1"]}))) == {"distill"}
 
 
-def test_the_fingerprint_ignores_permutations_and_sees_other_weights():
+def test_the_fingerprint_sees_permutations_and_other_weights_but_not_fp_noise():
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 8)
     permuted = torch.nn.Linear(16, 8)
@@ -83,6 +83,11 @@ def test_the_fingerprint_ignores_permutations_and_sees_other_weights():
     with torch.no_grad():
         permuted.weight.copy_(model.weight[order])
         permuted.bias.copy_(model.bias[order])
+    # adapters are bound to positions: a base sorted into another order must not resume them
+    assert fingerprint(model) != fingerprint(permuted)
+    with torch.no_grad():
+        permuted.weight.copy_(model.weight * (1 + 1e-9 * torch.randn_like(model.weight)))
+        permuted.bias.copy_(model.bias)
     assert fingerprint(model) == fingerprint(permuted)
     with torch.no_grad():
         permuted.weight[0, 0] += 0.5
