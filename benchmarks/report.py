@@ -215,8 +215,8 @@ def zero_shot(rep: Report, sorting: dict | None) -> None:
 
 # ------------------------------------------------------------------------------------------ kernels
 def kernel_results(results: dict) -> dict | None:
-    """The newest kernel run: H200 (the lent machine since stop 13) before the older H100 file."""
-    return results.get("kernels_h200") or results.get("kernels_h100")
+    """The acceptance device's run (H100, the newest since stop 26) before the H200 file (stops 13-24)."""
+    return results.get("kernels_h100") or results.get("kernels_h200")
 
 
 def section_kernels(rep: Report, results: dict) -> None:

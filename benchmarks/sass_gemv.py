@@ -3,7 +3,8 @@
 Compiles ``_gemv_h2_kernel`` (this tree's, or a variant file's) ahead of time for an sm target with the run-time
 specialisation the launcher gets (16-byte aligned pointers, strides and segment starts / lengths: every rung keeps
 them multiples of 16), disassembles it with the cuobjdump of the triton wheel and reports the longest loop (the
-K-tile loop). A static proxy for kernel work between GPU sessions: an A/B still decides (``gemv_ab.py``).
+K-tile loop). A static proxy only: an A/B decides (``gemv_ab.py``); the barrier-free scale layout had fewer
+instructions in every config here and still measured slower on the H100 (``results/gemv_ab_h100.json``).
 
     python benchmarks/sass_gemv.py                                  # the default configs, sm_90, a table
     python benchmarks/sass_gemv.py --kernel-file ../.ab/gemv_variants/prefetch_regs.py --arch 87 --json
