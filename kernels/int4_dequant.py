@@ -49,23 +49,43 @@ def dequantize_prefix(qweight: torch.Tensor, scales: torch.Tensor, group_size: i
     return out
 
 
+def column_chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    """``(start, width)`` pieces of ``n`` columns: as few as ``chunk`` (a multiple of 128) allows, equally wide in
+    multiples of 128, so no narrow tail runs a GEMM of its own that fills a fraction of the GPU."""
+    parts = triton.cdiv(n, chunk)
+    width = triton.cdiv(triton.cdiv(n, parts), 128) * 128  # <= chunk, as chunk is a multiple of 128
+    return [(c0, min(width, n - c0)) for c0 in range(0, n, width)]
+
+
 def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, k: int,
                    segments: list[tuple[int, int]], bias: torch.Tensor | None, out: torch.Tensor,
                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """``out [M, sum n] = x [M, k] @ W^T`` segment by segment, in column chunks of ``chunk_elements / k``."""
+    """``out [M, sum n] = x [M, k] @ W^T (+ bias)`` segment by segment, in column chunks of at most
+    ``chunk_elements / k``. Each chunk's GEMM writes its columns of ``out`` in place (cuBLAS takes the row stride
+    of ``out`` as the leading dimension) with the bias as its epilogue: no temporary, no second pass."""
     chunk = max(128, chunk_elements // k // 128 * 128)
-    scratch = torch.empty(k, min(chunk, max(n for _, n in segments)), dtype=x.dtype, device=x.device)
-    col = 0
-    for start, n in segments:
-        for c0 in range(0, n, chunk):
-            width = min(chunk, n - c0)
-            w_t = dequantize_prefix(qweight[:, start + c0:], scales[:, start + c0:], group_size, k, width,
-                                    x.dtype, out=scratch[:, :width])
-            out[:, col + c0:col + c0 + width] = x @ w_t
-        col += n
-    if bias is not None:
-        out += bias.to(out.dtype)
+    pieces = [(start, col, c0, width) for (start, n), col in zip(segments, _offsets(segments), strict=True)
+              for c0, width in column_chunks(n, chunk)]
+    scratch = torch.empty(k, max(width for *_, width in pieces), dtype=x.dtype, device=x.device)
+    bias = None if bias is None else bias.to(out.dtype)
+    for start, col, c0, width in pieces:
+        w_t = dequantize_prefix(qweight[:, start + c0:], scales[:, start + c0:], group_size, k, width, x.dtype,
+                                out=scratch[:, :width])
+        dst = out[:, col + c0:col + c0 + width]
+        if bias is None:
+            torch.mm(x, w_t, out=dst)
+        else:
+            torch.addmm(bias[col + c0:col + c0 + width], x, w_t, out=dst)
     return out
+
+
+def _offsets(segments: list[tuple[int, int]]) -> list[int]:
+    """Where each segment's columns begin in the output (segments are packed side by side there)."""
+    offsets, col = [], 0
+    for _, n in segments:
+        offsets.append(col)
+        col += n
+    return offsets
 
 
 def dequantize_prefix_reference(qweight, scales, group_size: int, k: int, n: int, dtype) -> torch.Tensor:

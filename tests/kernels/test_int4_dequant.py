@@ -42,6 +42,16 @@ def test_chunked_prefill_matches_the_reference(chunk_elements):
     assert err < (1e-5 if x.dtype == torch.float32 else 3e-3)
 
 
+@pytest.mark.parametrize(("n", "chunk"), [(18944, 9344), (152064, 9344), (300, 128), (128, 128), (1000, 4096)])
+def test_column_chunks_cover_the_columns_in_equal_pieces_within_the_bound(n, chunk):
+    pieces = dq.column_chunks(n, chunk)
+    assert [c0 for c0, _ in pieces] == [sum(w for _, w in pieces[:i]) for i in range(len(pieces))]
+    assert sum(w for _, w in pieces) == n
+    assert len(pieces) == -(-n // chunk)  # as few as the bound allows
+    assert all(w <= chunk and w % 128 == 0 for _, w in pieces[:-1])
+    assert pieces[-1][1] >= pieces[0][1] - 128 * (len(pieces) - 1)  # no narrow tail (18944: 6400, 6400, 6144)
+
+
 def test_bad_prefix_is_refused():
     qweight, scales = packed(64, 128, 64)
     with pytest.raises(ValueError, match="does not fit"):
