@@ -104,6 +104,20 @@ def single_row(engine, name, prompt, rung, rate, new_tokens) -> dict:
             "peak_mem_bytes": torch.cuda.max_memory_allocated(), "new_tokens": len(stamps)}
 
 
+def ttft_samples(engine, prompt, rung, repeats: int = 5) -> dict:
+    """TTFT of ``repeats`` one-token requests (prefill + first pick): median and spread. One request's TTFT varied
+    2.6x between rungs in a run (76-200 ms), more than the prefill's bytes can explain; a median tells."""
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times = []
+    for _ in range(repeats):
+        req = engine.add_request(prompt, params, rung=rung)
+        start = time.perf_counter()
+        stamps = [time.perf_counter() for _ in engine.stream(req)]
+        check_finished([req], 1)
+        times.append((stamps[0] - start) * 1e3)
+    return {"ttft_median_ms": statistics.median(times), "ttft_min_ms": min(times), "ttft_max_ms": max(times)}
+
+
 def batch_row(engine, name, prompt, rung, rate, batch, new_tokens) -> dict:
     """``batch`` concurrent greedy requests: generated tokens / wall time, and decode-only steps per second."""
     reset_peak(CUDA)
@@ -136,7 +150,7 @@ def engine_rows(weights: str, prompt, new_tokens: int, batches, rates=RATES) -> 
     for rate in rates:
         rung = ladder.nearest(rate)
         single_row(engine, name, prompt, rung, rate, 8)  # warm-up: compiles kernels, captures the batch-1 graph
-        rows.append(single_row(engine, name, prompt, rung, rate, new_tokens))
+        rows.append({**single_row(engine, name, prompt, rung, rate, new_tokens), **ttft_samples(engine, prompt, rung)})
         for b in batches:
             if b > 1:
                 batch_row(engine, name, prompt, rung, rate, b, 8)
