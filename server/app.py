@@ -139,14 +139,24 @@ def _routes(app: FastAPI, state: AppState) -> None:
         data, content_type = state.metrics.exposition()
         return Response(data, media_type=content_type)
 
+    def card(service: AdaptiveService, name: str) -> dict:
+        return {"id": name, "object": "model", "created": state.created, "owned_by": "uniql",
+                "root": state.cfg.ckpt or name, "max_model_len": service.backend.max_model_len,
+                "prune_rates": list(service.backend.rates)}
+
     @app.get("/v1/models")
     async def models(request: Request):
         _check_key(state, request)
         service = state.ready()
-        data = [{"id": name, "object": "model", "created": state.created, "owned_by": "uniql",
-                 "root": state.cfg.ckpt or name, "max_model_len": service.backend.max_model_len,
-                 "prune_rates": list(service.backend.rates)} for name in state.names]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [card(service, name) for name in state.names]}
+
+    # the Models API's retrieve (`client.models.retrieve`); `:path` because served names may hold a slash
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        _check_key(state, request)
+        service = state.ready()
+        schema.check_model(model_id, state.names)
+        return card(service, model_id)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -217,8 +227,9 @@ async def _generate(state: AppState, service: AdaptiveService, request: Request,
     tokens = responses.TokenView(backend.token_text, backend.token_bytes) if params[0].logprobs else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        writer = responses.ChunkWriter(kind, state.names[0], tokens)
-        body = _stream(admission, writer, include_usage, state.metrics.observe_error)
+        continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
+        writer = responses.ChunkWriter(kind, state.names[0], tokens, include_usage)
+        body = _stream(admission, writer, include_usage, state.metrics.observe_error, continuous)
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
     choices = await _collect(request, admission)
     if choices is None:  # the client went away: the requests were cancelled, nobody reads this
@@ -288,13 +299,15 @@ async def _collect(request: Request, admission) -> list[responses.ChoiceState] |
 
 
 async def _stream(admission, writer: responses.ChunkWriter, include_usage: bool,
-                  on_error: Callable[[int], None]) -> AsyncIterator[str]:
+                  on_error: Callable[[int], None], continuous: bool = False) -> AsyncIterator[str]:
     """SSE: a role chunk per choice (chat), a chunk per text piece, the finish, the usage chunk, ``[DONE]``.
 
     A choice the engine fails ends with an error chunk in the OpenAI envelope instead of its finish chunk (the
     200 has gone out; the openai client raises on it); the other choices go on and the stream ends as usual.
     It counts once as a 500 in the error metric, as the same failure unstreamed would."""
     choices = [responses.ChoiceState(i) for i in range(len(admission.streams))]
+    if continuous:  # vLLM's stream_options.continuous_usage_stats: every chunk carries the usage so far
+        writer.usage_now = lambda: responses.usage(admission.prompt_tokens, choices, admission.prune_rate)
     if writer.chat:
         for c in choices:
             yield writer.role(c.index)

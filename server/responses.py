@@ -70,8 +70,13 @@ def chat_logprobs(events: list[TokenEvent], tokens: TokenView) -> dict:
 def _top_keys(event: TokenEvent, tokens: TokenView) -> dict[str, float]:
     """Completions' top_logprobs is a dict keyed by token text, and tokens holding parts of characters all decode
     to U+FFFD: the sampled token keeps its text (it matches ``tokens[i]``), any other token whose text is taken
-    at this position is keyed ``token_id:<id>`` (vLLM's spelling of a token given as its id)."""
-    tops = event.top_logprobs or {}
+    at this position is keyed ``token_id:<id>`` (vLLM's spelling of a token given as its id).
+
+    The sampled token is always in it, as the API documents ("up to logprobs+1 elements"; vLLM does the same):
+    a sampled token outside the top ``logprobs`` joins them."""
+    tops = dict(event.top_logprobs or {})
+    if event.logprob is not None:
+        tops.setdefault(event.token_id, event.logprob)
     order = sorted(tops, key=lambda t: t != event.token_id)  # the sampled token claims its text first
     keys: dict[int, str] = {}
     for t in order:
@@ -120,16 +125,22 @@ def sse(payload: dict | str) -> str:
 class ChunkWriter:
     """SSE chunks of one streamed request (chat or text completion), sharing id / created / model."""
 
-    def __init__(self, kind: str, model: str, tokens: TokenView | None):
+    def __init__(self, kind: str, model: str, tokens: TokenView | None, include_usage: bool = False):
         self.chat = kind == "chat"
         self.rid = new_id("chatcmpl" if self.chat else "cmpl")
         self.object = "chat.completion.chunk" if self.chat else "text_completion"
         self.created, self.model, self.tokens = int(time.time()), model, tokens
+        self.include_usage = include_usage
+        # set for stream_options.continuous_usage_stats: the usage so far, put in every chunk
+        self.usage_now: Callable[[], dict] | None = None
 
     def _chunk(self, choices: list[dict], usage_body: dict | None = None) -> str:
         body = {"id": self.rid, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices}
-        if usage_body is not None:
+        if usage_body is None and self.usage_now is not None:
+            usage_body = self.usage_now()
+        # with include_usage every chunk has the field, null until the last one, as OpenAI documents it
+        if usage_body is not None or self.include_usage:
             body["usage"] = usage_body
         return sse(body)
 

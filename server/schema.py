@@ -31,7 +31,9 @@ NO_OPS = ("user", "metadata", "store", "service_tier")
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool | None = False  # null: the default (no usage chunk)
-    continuous_usage_stats: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM's: the usage so far in every chunk (with include_usage)
+    # OpenAI's padding of chunks against size side channels; false (what this server does anyway) is fine
+    include_obfuscation: bool | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -132,6 +134,13 @@ def _check_specifics(req: BaseModel) -> None:
             raise bad_request("best_of other than n is not supported", "best_of", "unsupported_parameter")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options", "invalid_value")
+    if req.stream_options is not None and req.stream_options.include_obfuscation:
+        raise bad_request("stream_options.include_obfuscation is not supported by this server (its chunks are not "
+                          "padded); leave it out or set it to false", "stream_options.include_obfuscation",
+                          "unsupported_parameter")
+    # checked here so the 400 names the field (the engine's ValueError for it names none)
+    if isinstance(req, ChatRequest) and req.top_logprobs and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
 
 
 def requested_max_tokens(req: BaseModel) -> int | None:
@@ -154,6 +163,8 @@ def sampling_params(req: BaseModel, max_tokens: int, choice: int = 0) -> Samplin
         logprobs, top = req.logprobs is not None, req.logprobs or 0
     given = {k: getattr(req, k) for k in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                                           "frequency_penalty", "repetition_penalty") if getattr(req, k) is not None}
+    if given.get("top_k") == -1:  # vLLM's spelling of "off" (clients written for vLLM send it by default)
+        given["top_k"] = 0
     try:
         return SamplingParams(max_tokens=max_tokens, seed=None if req.seed is None else req.seed + choice,
                               stop=stops(req), stop_token_ids=tuple(req.stop_token_ids or ()),
