@@ -32,9 +32,11 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.context = context
-        self.ids = [int(t) for t in prompt_ids[-context:]] if context > 0 else []
-        self.prefix = 0  # window start: the tokens before `read` give the new text its left context
+        # up to MAX_HELD_TOKENS - 1 more tokens, in case the last `context` ones begin inside a character
+        self.ids = [int(t) for t in prompt_ids[-(context + MAX_HELD_TOKENS - 1):]] if context > 0 else []
         self.read = len(self.ids)  # tokens before this index have had their text emitted
+        # window start: the tokens before `read` give the new text its left context
+        self.prefix = self._char_start(max(0, self.read - context), 0, self.read)
 
     def add(self, token_id: int) -> str:
         """The new text this token completes ("" while a character is still incomplete)."""
@@ -68,13 +70,25 @@ class IncrementalDetokenizer:
                 return self._emit(text[len(before):], upto)
         return self._emit(after[len(before):], len(self.ids)) if held >= MAX_WINDOW else ""
 
+    def _char_start(self, start: int, lowest: int, end: int) -> int:
+        """``start``, moved left (not past ``lowest``, at most 3 tokens) while the context ``ids[start:end]`` begins
+        inside a character. A window cut between the byte tokens of one character decodes to U+FFFD there, and a
+        SentencePiece ``ByteFallback`` decoder turns a whole run of byte tokens into U+FFFD when any of it is
+        invalid: the next character spelled in byte tokens would come out as U+FFFD too."""
+        for _ in range(MAX_HELD_TOKENS - 1):
+            if start <= lowest or not self._decode(self.ids[start:end]).startswith(REPLACEMENT):
+                break
+            start -= 1
+        return start
+
     def _emit(self, new_text: str, upto: int) -> str:
         """Mark ``ids[:upto]`` as emitted (their text ends with ``new_text``)."""
         if new_text:
             self.prefix = self.read  # the tokens just emitted become the next step's context
         else:
-            # nothing new (e.g. skipped special tokens): keep the old context, but never more than `context`
-            self.prefix = max(self.prefix, upto - self.context)
+            # nothing new (e.g. skipped special tokens): keep the old context, but never much more than `context`
+            if upto - self.context > self.prefix:
+                self.prefix = self._char_start(upto - self.context, self.prefix, upto)
         self.read = upto
         # forget tokens left of the window so memory and list copies stay O(window)
         del self.ids[:self.prefix]

@@ -96,11 +96,18 @@ class Engine:
         (the ladder, the spec, the limits), so the async front may call it while a step runs on another thread."""
         self.runner.model.sizes_for(rung)  # a rung outside the ladder fails here, before anything is queued
         req = Request(list(prompt_ids), params or SamplingParams(), rung=rung)
+        # checked here, not left to the embedding lookup: that fails the request only at prefill, with an opaque
+        # IndexError on CPU and a device-side assert (every request lost) on CUDA
+        vocab = self.runner.model.spec.vocab_size
+        bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        # the length first: over max_model_len no rung or budget helps, and the budget's advice would mislead
+        self.scheduler.check_length(req)  # the scheduler's own check, here before any queueing
         need = self.runner.cache_bytes_for(req)
         if self.cache_budget_bytes is not None and need > self.cache_budget_bytes:
             raise ValueError(f"this request's cache ({need} bytes at rung {rung}) exceeds the cache budget "
                              f"({self.cache_budget_bytes} bytes): lower max_tokens or pick a higher rung")
-        self.scheduler.check_length(req)  # the scheduler's own check, here before any queueing
         return req
 
     def enqueue(self, req: Request) -> Request:

@@ -33,6 +33,8 @@ class SamplingParams:
     top_logprobs: int = 0
 
     def __post_init__(self):
+        if isinstance(self.stop, str):  # as in OpenAI's API, one string is one stop string (not one per character)
+            object.__setattr__(self, "stop", (self.stop,))
         checks = {
             "max_tokens": self.max_tokens >= 1,
             "temperature": 0.0 <= self.temperature <= 2.0,

@@ -128,6 +128,9 @@ def test_cache_budget_queues_requests_and_rejects_impossible_ones(model, tokeniz
     while not b.finished:
         engine.step()
     with pytest.raises(ValueError, match="cache budget"):
+        engine.add_request(prompt(tokenizer), SamplingParams(max_tokens=engine.scheduler.max_model_len // 2))
+    # past max_model_len no budget or rung helps: the length error, not the budget's advice
+    with pytest.raises(ValueError, match="exceeds max_model_len"):
         engine.add_request(prompt(tokenizer), SamplingParams(max_tokens=2000))
 
 
