@@ -56,5 +56,19 @@ def load_source(model: str, dtype: torch.dtype = torch.float32) -> SourceModel:
         raise ValueError(f"{path} is neither a .gguf file nor a model directory with config.json")
     tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True, **kwargs)
     hf_model = AutoModelForCausalLM.from_pretrained(str(root), local_files_only=True, dtype=dtype, **kwargs)
-    info = {"name": model, "format": fmt, "path": str(path), "sha256": digest}
+    info = {"name": model, "format": fmt, "path": str(path), "sha256": digest,
+            "eos_token_ids": generation_eos_ids(hf_model, tokenizer)}
     return SourceModel(hf_model.eval(), tokenizer, info)
+
+
+def generation_eos_ids(hf_model, tokenizer) -> list[int]:
+    """Every id that ends generation: the generation config's (Llama-3 lists <|end_of_text|>, <|eom_id|> and
+    <|eot_id|>; SmolLM2's <|endoftext|> is not its tokenizer's eos) with the tokenizer's own. The engine stops
+    on any of them, as transformers' generate and vLLM do."""
+    ids: list[int] = []
+    for source in (getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None),
+                   getattr(tokenizer, "eos_token_id", None)):
+        for t in [source] if isinstance(source, int) else list(source or ()):
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+    return ids

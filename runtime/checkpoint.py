@@ -250,6 +250,13 @@ def load_checkpoint(ckpt_dir: str | Path, *, device="cpu", dtype: torch.dtype | 
     return model.requires_grad_(False).eval(), manifest
 
 
+def eos_token_ids(manifest: dict) -> tuple[int, ...]:
+    """The ids that end generation as the source model's generation config lists them (recorded by `uniql
+    compress` since stop 26; an older checkpoint has none, and the tokenizer's eos alone applies)."""
+    ids = (manifest.get("source") or {}).get("eos_token_ids") or ()
+    return tuple(t for t in ids if isinstance(t, int) and not isinstance(t, bool) and t >= 0)
+
+
 def load_tokenizer(ckpt_dir: str | Path):
     from transformers import AutoTokenizer
 

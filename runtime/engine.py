@@ -59,7 +59,7 @@ def _buckets(max_num_seqs: int) -> tuple[int, ...]:
 class Engine:
     def __init__(self, model: ElasticDecoder, tokenizer, *, max_num_seqs: int = 8, max_queued: int = 64,
                  max_model_len: int | None = None, cache_budget_bytes: int | None = None,
-                 cuda_graphs: bool = True, lookahead: bool = True):
+                 cuda_graphs: bool = True, lookahead: bool = True, eos_token_ids=()):
         self.max_model_len = max_model_len or model.spec.max_position_embeddings
         if self.max_model_len > model.spec.max_position_embeddings:  # as vLLM: RoPE was not trained past it
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context limit "
@@ -70,8 +70,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.cache_budget_bytes = cache_budget_bytes
         self.scheduler = Scheduler(max_num_seqs, max_queued, self.max_model_len, cache_budget=self._cache_fits)
+        # the tokenizer's eos and the checkpoint's (its source's generation config: ``checkpoint.eos_token_ids``)
         eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        self.eos_ids = ({eos} if isinstance(eos, int) else set(eos or ())) | {int(t) for t in eos_token_ids}
         self._reserved: dict[str, int] = {}  # cache bytes of admitted requests
         self.streams: dict[str, _Stream] = {}
         self.requests: dict[str, Request] = {}

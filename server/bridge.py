@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from uniql.runtime.async_engine import AsyncEngine
-from uniql.runtime.checkpoint import load_tokenizer
+from uniql.runtime.checkpoint import eos_token_ids, load_tokenizer
 from uniql.runtime.detokenizer import render_chat
 from uniql.runtime.dtypes import dtype_name, load_for_inference
 from uniql.runtime.engine import Engine
@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class EngineBackend:
-    def __init__(self, model, tokenizer, ckpt_dir: str | Path | None, cfg: ServerConfig):
+    def __init__(self, model, tokenizer, ckpt_dir: str | Path | None, cfg: ServerConfig, eos_ids=()):
         self.engine = Engine(model, tokenizer, max_num_seqs=cfg.max_num_seqs, max_queued=cfg.max_queued_requests,
-                             max_model_len=cfg.max_model_len or model.spec.max_position_embeddings)
+                             max_model_len=cfg.max_model_len or model.spec.max_position_embeddings,
+                             eos_token_ids=eos_ids)
         self.front = AsyncEngine(self.engine)
         self.tokenizer = tokenizer
         self.token_bytes = token_bytes_fn(tokenizer, self.token_text)  # token_id -> its raw bytes (logprobs)
@@ -42,8 +43,8 @@ class EngineBackend:
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, cfg: ServerConfig) -> EngineBackend:
-        model, _ = load_for_inference(ckpt_dir, cfg.device, cfg.dtype)  # cast once here, never per request
-        backend = cls(model, load_tokenizer(ckpt_dir), ckpt_dir, cfg)
+        model, manifest = load_for_inference(ckpt_dir, cfg.device, cfg.dtype)  # cast once here, never per request
+        backend = cls(model, load_tokenizer(ckpt_dir), ckpt_dir, cfg, eos_token_ids(manifest))
         if cfg.device == "cpu":
             backend._leave_a_core()
         return backend

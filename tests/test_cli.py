@@ -56,6 +56,10 @@ def test_compress_writes_a_checkpoint_with_provenance(ckpt):
     assert manifest["calibration"]["sort_data"] == {"source": "alpaca", "samples": 8, "seqlen": 64}
     assert manifest["ladder"]["rates"][0] == 0.0 and len(manifest["ladder"]["rates"]) == 8
     assert (ckpt / "tokenizer.json").is_file() or (ckpt / "tokenizer_config.json").is_file()
+    from uniql.runtime.checkpoint import eos_token_ids, load_tokenizer
+
+    # the ids that end generation travel with the checkpoint (the engines of serve / generate stop on each)
+    assert load_tokenizer(ckpt).eos_token_id in eos_token_ids(manifest)
 
 
 def test_eval_snaps_rate_and_prints_json(ckpt, data_dir, monkeypatch, capsys):

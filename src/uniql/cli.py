@@ -99,15 +99,15 @@ def _add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from uniql.runtime.checkpoint import load_tokenizer
+    from uniql.runtime.checkpoint import eos_token_ids, load_tokenizer
     from uniql.runtime.detokenizer import render_chat
     from uniql.runtime.dtypes import dtype_name, load_for_inference
     from uniql.runtime.engine import Engine
     from uniql.runtime.request import SamplingParams
 
-    model, _ = load_for_inference(args.ckpt, args.device, args.dtype)
+    model, manifest = load_for_inference(args.ckpt, args.device, args.dtype)
     tokenizer = load_tokenizer(args.ckpt)
-    engine = Engine(model, tokenizer, max_num_seqs=1)
+    engine = Engine(model, tokenizer, max_num_seqs=1, eos_token_ids=eos_token_ids(manifest))
     rung = model.ladder.nearest(args.rate)
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this checkpoint's tokenizer has no chat template: drop --chat")

@@ -11,6 +11,7 @@ from uniql.runtime.checkpoint import (
     MANIFEST,
     WEIGHTS,
     CheckpointError,
+    eos_token_ids,
     load_checkpoint,
     save_checkpoint,
     sha256_file,
@@ -59,6 +60,24 @@ def test_manifest_describes_the_checkpoint(model, ckpt):
     expected = {k: ([*v.shape], str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
     assert {k: (t["shape"], t["dtype"]) for k, t in manifest["tensors"].items()} == expected
     assert manifest["files"] == {WEIGHTS: sha256_file(ckpt / WEIGHTS)}
+
+
+def test_eos_ids_come_from_the_source_record_and_an_older_checkpoint_has_none():
+    assert eos_token_ids({"source": {"eos_token_ids": [2, 0, 128009]}}) == (2, 0, 128009)
+    assert eos_token_ids({"source": {"name": "m"}}) == () and eos_token_ids({}) == ()
+    assert eos_token_ids({"source": {"eos_token_ids": [2, -1, "3", True]}}) == (2,)  # junk is not an id
+
+
+def test_generation_eos_ids_join_the_generation_config_and_the_tokenizer():
+    from types import SimpleNamespace
+
+    from uniql.compressor.model_input import generation_eos_ids
+
+    llama3 = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[128001, 128008, 128009]))
+    assert generation_eos_ids(llama3, SimpleNamespace(eos_token_id=128009)) == [128001, 128008, 128009]
+    smol = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=0))
+    assert generation_eos_ids(smol, SimpleNamespace(eos_token_id=2)) == [0, 2]
+    assert generation_eos_ids(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == []
 
 
 def test_saving_without_a_ladder_is_refused(tmp_path):
