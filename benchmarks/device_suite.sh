@@ -10,8 +10,10 @@
 #   decode   decode_gpu.py, Llama-3.1-8B shape, engine + dense bf16 + transformers eager (compiled skipped:
 #            SKIP_COMPILED=0 adds it, several minutes), ~3 min
 #   ssm      ssm_decode_gpu.py, Mamba2-8B / Nemotron-H-8B shapes with the transformers anchor, ~3 min
-#   tests    the GPU tests (kernels at real shapes and bf16, runner / SSM graphs, the whole pipeline on cuda, the
-#            server on CUDA); needs .gpuwhl carried (pytest and the server's wheels for the device's Python)
+#   tests    the GPU tests of the kernels (real shapes, bf16) and the runner / SSM graphs, ~5 min
+#   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
+#            .gpuwhl AND .whl carried (pytest and the server's wheels for the device's Python; lm_eval, which the
+#            pipeline test imports); tests that need the SmolLM2 tokenizer error unless its GGUF is staged
 # e.g. a call with command `SUITE="ab kernels decode" bash benchmarks/device_suite.sh`, then one with SUITE=ssm.
 : "${OUT:?run on the device machine: \$OUT is where results go}"
 # this tree into /tmp/uniql (anew), plus the wheels of whatever .whl / .gpuwhl the call carried (carry .gpuwhl for
@@ -34,9 +36,11 @@ for step in ${SUITE:-ab kernels decode}; do
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
         tests) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/kernels tests/runtime/test_runner.py \
-                    tests/runtime/test_ssm_graphs.py tests/runtime/test_ssm_engine.py tests/test_pipeline_devices.py \
-                    tests/server/test_serve_cuda.py tests/server/test_residency_engine.py) > "$OUT/tests_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, tests)"; continue ;;
+                    tests/runtime/test_ssm_graphs.py) > "$OUT/tests_$gpu.txt" 2>&1 ;;
+        tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
+                     tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
+                    > "$OUT/tests2_$gpu.txt" 2>&1 ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, tests, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done
