@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,9 @@ class ServerConfig:
         if self.max_model_len is not None:  # 0 must not quietly mean "the model's length" (bridge: `or`)
             _at_least("--max-model-len", self.max_model_len, 1)
         _positive("--monitor-interval", self.monitor_interval_s)  # 0 would poll in a busy loop
+        if not self.monitor_interval_s <= threading.TIMEOUT_MAX:  # wait(inf) raises: the monitor thread would die
+            raise ValueError(f"--monitor-interval must be at most {threading.TIMEOUT_MAX:.0f}, "
+                             f"got {self.monitor_interval_s}")
         if self.tpot_target_ms is not None:
             _positive("--tpot-target-ms", self.tpot_target_ms)
         _at_least("--residency-sustain", self.residency_sustain_s, 0)

@@ -13,8 +13,9 @@ the lightest rung is the best the server can do, and the residency manager frees
 Latency rule. When the recent inter-token latency (TPOT) misses the target while several requests share the
 engine, climb one rung above the last decision, once per new measurement: the TPOT window only moves when a
 request finishes, so a burst admitted on one slow reading must not climb once per request. Hold the last
-decision while TPOT stays above the band (``tpot_band * target``), with or without contention; only a TPOT back
-below the band releases the latency rule.
+rung the latency rule climbed to while TPOT stays above the band (``tpot_band * target``), with or without
+contention; only a TPOT back below the band releases the latency rule. A rung that memory chose is not the latency
+rule's to hold: once memory recovers, it comes down with the memory rule's hysteresis alone.
 
 Hysteresis. Climbing happens at once (memory or latency trouble must be answered now); descending to a lower
 rung needs the lower rung to fit with ``hysteresis_bytes`` to spare and TPOT back below the band.
@@ -54,6 +55,7 @@ class Decision:
     rung: int
     reason: str  # "memory" | "latency" | "resident" | "fallback" | "pinned" | "fixed"
     latency_climb: bool = False  # the latency rule climbed on this decision's TPOT measurement
+    latency_rung: int = 0  # the rung the latency rule asked for at least (held until TPOT is back in the band)
 
 
 def model_budget(available_bytes: int, resident_bytes: int, reserve_bytes: int) -> int:
@@ -71,9 +73,11 @@ def memory_rung(inputs: RungInputs, cfg: ControllerConfig, previous: int) -> tup
     return top, False
 
 
-def latency_floor(inputs: RungInputs, cfg: ControllerConfig, previous: int, climbed_at: int | None = None) -> int:
-    """Rung the latency rule asks for at least: previous + 1 on a new miss under contention, previous while TPOT
-    is above the band, 0 once it is below. ``climbed_at``: the measurement (``tpot_seq``) of the last climb."""
+def latency_floor(inputs: RungInputs, cfg: ControllerConfig, previous: int, climbed_at: int | None = None,
+                  held: int | None = None) -> int:
+    """Rung the latency rule asks for at least: previous + 1 on a new miss under contention, ``held`` (the rung it
+    asked for last; None: previous) while TPOT is above the band, 0 once it is below. ``climbed_at``: the
+    measurement (``tpot_seq``) of the last climb."""
     if cfg.tpot_target_s is None or inputs.recent_tpot_s is None:
         return 0
     if inputs.recent_tpot_s <= cfg.tpot_band * cfg.tpot_target_s:
@@ -81,23 +85,23 @@ def latency_floor(inputs: RungInputs, cfg: ControllerConfig, previous: int, clim
     fresh = inputs.tpot_seq != climbed_at
     if inputs.recent_tpot_s > cfg.tpot_target_s and inputs.running >= cfg.contention and fresh:
         return min(previous + 1, len(inputs.rung_weight_bytes) - 1)
-    return previous
+    return previous if held is None else held
 
 
 def choose_rung(inputs: RungInputs, cfg: ControllerConfig, previous: int = 0,
-                climbed_at: int | None = None) -> Decision:
-    """The rung for a new request (see the module doc for the rules)."""
+                climbed_at: int | None = None, held: int | None = None) -> Decision:
+    """The rung for a new request (see the module doc for the rules); ``held``: see ``latency_floor``."""
     if len(inputs.rung_weight_bytes) != len(inputs.request_cache_bytes):
         raise ValueError("one weight size and one cache size per rung")
     mem, fits = memory_rung(inputs, cfg, previous)
-    lat = latency_floor(inputs, cfg, previous, climbed_at)
+    lat = latency_floor(inputs, cfg, previous, climbed_at, held)
     rung = max(mem, lat, inputs.min_rung)
     climbed = lat > previous
     if not fits:
-        return Decision(rung, "fallback", climbed)
+        return Decision(rung, "fallback", climbed, lat)
     if inputs.min_rung > max(mem, lat):
-        return Decision(rung, "resident", climbed)
-    return Decision(rung, "latency" if lat > mem else "memory", climbed)
+        return Decision(rung, "resident", climbed, lat)
+    return Decision(rung, "latency" if lat > mem else "memory", climbed, lat)
 
 
 class TpotWindow:
@@ -143,7 +147,9 @@ class RateController:
             rung = pinned if pinned is not None else self.fixed_rung
             return Decision(max(rung, inputs.min_rung), "pinned" if pinned is not None else "fixed")
         with self._lock:
-            decision = choose_rung(inputs, self.cfg, self.last.rung, self._climbed_at)
+            # held: the latency rule's own rung, not the last decision, which memory may have raised (holding that
+            # while TPOT sat in the band kept a passing memory spike's rung for as long as TPOT stayed there)
+            decision = choose_rung(inputs, self.cfg, self.last.rung, self._climbed_at, self.last.latency_rung)
             if commit:
                 self.last = decision
                 if decision.latency_climb:

@@ -56,9 +56,15 @@ def read_cuda(index: int = 0) -> DeviceReading:
     driver for more, so counting them as used would read as pressure after every large prefill."""
     import torch
 
+    cached = max(0, torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index))
+    if torch.cuda.get_device_properties(index).is_integrated:
+        # unified memory (a Jetson whose jtop is missing or failed to start): the driver's free bytes leave out
+        # the page cache and buffers the kernel reclaims on demand (and swap), so a warm page cache would read as
+        # pressure; the host's available memory is what the model competes for, as read_jtop counts it
+        host = read_host()
+        return DeviceReading(host.total_bytes, min(host.total_bytes, host.available_bytes + cached), None)
     free, total = torch.cuda.mem_get_info(index)
-    cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
-    return DeviceReading(total, min(total, free + max(0, cached)), _nvml_utilization(index))
+    return DeviceReading(total, min(total, free + cached), _nvml_utilization(index))
 
 
 def _nvml_utilization(index: int) -> float | None:
@@ -67,8 +73,13 @@ def _nvml_utilization(index: int) -> float | None:
     except ImportError:
         return None
     try:
+        import torch
+
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        # NVML numbers every GPU of the machine, CUDA only the visible ones from 0: with CUDA_VISIBLE_DEVICES=2,
+        # cuda:0 is NVML's GPU 2 (torch's own mapping, as torch.cuda.utilization uses it)
+        to_nvml = getattr(torch.cuda, "_get_nvml_device_index", lambda i: i)
+        handle = pynvml.nvmlDeviceGetHandleByIndex(to_nvml(index))
         return pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
     except Exception:  # NVML missing from the driver, or a device it cannot see: no utilization, not an error
         return None
@@ -130,8 +141,10 @@ class Monitor:
                  start_attempts: int = 3, retry_s: float = 0.2):
         if primary not in readers:
             raise ValueError(f"primary device {primary!r} has no reader ({sorted(readers)})")
-        if not interval_s > 0:  # 0 would poll in a busy loop
-            raise ValueError(f"the monitor interval must be > 0 seconds, got {interval_s}")
+        # 0 would poll in a busy loop; above TIMEOUT_MAX (inf included) Event.wait raises and the thread dies
+        if not 0 < interval_s <= threading.TIMEOUT_MAX:
+            raise ValueError(f"the monitor interval must be > 0 and <= {threading.TIMEOUT_MAX:.0f} seconds, "
+                             f"got {interval_s}")
         self.readers, self.primary, self.interval_s = readers, primary, interval_s
         self.listeners: list[Callable[[Snapshot], None]] = []
         self._failing: dict[str, Exception] = {}  # reader -> its last error, logged once until it recovers

@@ -4,8 +4,8 @@ Every rung is a prefix of the stored tensors, so the server can drop the tail of
 lowest rung it still serves and keep serving the rungs above it. The policy is a pure function of the model
 budget (``available + resident - reserve``, see controller.py): if the resident rung's weights no longer fit,
 release down to the lowest rung that does (the lightest rung if none); if a lower rung fits again with
-``hysteresis_bytes`` to spare, reload to it. A target must hold for ``sustain_s`` before it is acted on, so a
-short spike never costs a reload.
+``hysteresis_bytes`` to spare, reload to it. A shortage (or a recovery) must last ``sustain_s`` before it is acted
+on, so a short spike never costs a reload.
 
 The manager works on a *weight store* (``server/weights.py``: tensors, a memory-mapped checkpoint) and runs on
 the monitor thread. Before releasing it raises the *floor* (the lowest rung new requests may get) under
@@ -64,7 +64,7 @@ class ResidencyManager:
         self.floor = 0  # lowest rung new requests may get
         self.resident_rung = 0  # lowest rung whose weights are fully resident
         self._resident = store.resident_bytes()
-        self._pending: tuple[int, float] | None = None  # (target, since)
+        self._pending: tuple[bool, float] | None = None  # (release?, since): a shortage or a recovery under way
         self.history: list[tuple[float, int, int]] = []  # (time, resident rung, resident bytes) per change
         self.last_pass_s = 0.0
 
@@ -89,8 +89,12 @@ class ResidencyManager:
                 with self.lock:
                     self.floor = self.resident_rung
             return
-        if self._pending is None or self._pending[0] != target:
-            self._pending = (target, now)
+        # The timer runs while the target stays on one side of the resident rung, not while it stays one rung: a
+        # budget that wobbles across a rung boundary (target 4, 5, 4, ...) is a sustained shortage all the same,
+        # and restarting the timer at every wobble would never release (or reload). The latest target is applied.
+        release = target > self.resident_rung
+        if self._pending is None or self._pending[0] != release:
+            self._pending = (release, now)
         if now - self._pending[1] >= self.sustain_s:
             self.apply(target)
 
