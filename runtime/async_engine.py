@@ -53,6 +53,7 @@ class AsyncEngine:
         self._lock = threading.Lock()  # the step lock: the engine thread holds it for a whole step
         self._admit = threading.Lock()  # guards _live and the order of _ops; held for microseconds only
         self._live: dict[str, int] = {}  # request id -> rung, from submit until finished or cancelled
+        self._committed: dict[str, int] = {}  # request id -> its cache bytes, over the same span as _live
         self._capacity = engine.scheduler.capacity
         self._ops: queue_mod.SimpleQueue[tuple[str, object]] = queue_mod.SimpleQueue()  # ("add", req) / ("cancel", id)
         self._work = threading.Event()
@@ -92,6 +93,7 @@ class AsyncEngine:
             if len(self._live) >= self._capacity:
                 raise QueueFull(self._retry_after_s())
             self._live[req.request_id] = req.rung
+            self._committed[req.request_id] = self.engine.runner.cache_bytes_for(req)
             self._ops.put(("add", req))
 
     def _retry_after_s(self) -> float:
@@ -116,6 +118,7 @@ class AsyncEngine:
         before the next step. Never waits for a step. False if it had already finished (or was never known)."""
         with self._admit:
             rung = self._live.pop(request_id, None)
+            self._committed.pop(request_id, None)
             if rung is not None:
                 self._ops.put(("cancel", request_id))
         sink = self._sinks.pop(request_id, None)  # a stream cancelled before anyone iterated it keeps no sink
@@ -136,6 +139,12 @@ class AsyncEngine:
         residency must not release a rung one of them will run at."""
         with self._admit:
             return min(self._live.values(), default=None)
+
+    def committed_cache_bytes(self) -> int:
+        """Cache bytes of every request submitted and not yet finished or cancelled, allocated or not (queued
+        ones hold none yet): what memory readings taken before their prefill do not show."""
+        with self._admit:
+            return sum(self._committed.values())
 
     def read(self, fn):
         """``fn(engine)`` under the step lock: a consistent view between two steps. It waits for a step in
@@ -203,6 +212,7 @@ class AsyncEngine:
         """Count a request out of the queue capacity (after the scheduler let it go)."""
         with self._admit:
             self._live.pop(request_id, None)
+            self._committed.pop(request_id, None)
 
     def _publish(self) -> None:
         scheduler = self.engine.scheduler

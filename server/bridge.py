@@ -104,6 +104,7 @@ class EngineBackend:
         for a step in progress (seconds, for a long prefill on CPU), so the monitor's gauges stay current."""
         load = self.front.load
         return {"running": load.running, "waiting": load.waiting, "kv_cache_bytes": load.kv_cache_bytes,
+                "committed_cache_bytes": self.front.committed_cache_bytes(),
                 "live_min_rung": self.front.live_min_rung()}
 
     def live_min_rung(self) -> int | None:

@@ -45,6 +45,7 @@ class AdaptiveService:
                                           enabled=cfg.residency, exclusive=backend.change_weights)
         self.tpot = TpotWindow()
         self._running = 0
+        self._kv_counted = 0  # KV cache bytes allocated when the latest memory reading was taken
         monitor.listeners += [self.residency.on_snapshot, self.refresh_gauges]
         self.refresh_gauges(monitor.snapshot())
 
@@ -54,7 +55,11 @@ class AdaptiveService:
         snapshot = snapshot or self.monitor.snapshot()
         tpot, seq = self.tpot.reading()
         cache = tuple(sequences * size for size in self.backend.cache_bytes(max_len))
-        return RungInputs(available_bytes=snapshot.available_bytes, resident_bytes=self.residency.resident_bytes,
+        # the caches of requests admitted since that reading (allocated at their prefill, maybe later) are spoken
+        # for: without them every request of a burst admitted on one reading got rung 0, for room of one cache
+        pending = max(0, self.backend.load_stats().get("committed_cache_bytes", 0) - self._kv_counted)
+        return RungInputs(available_bytes=max(0, snapshot.available_bytes - pending),
+                          resident_bytes=self.residency.resident_bytes,
                           rung_weight_bytes=self.backend.weights.rung_bytes, request_cache_bytes=cache,
                           min_rung=self.residency.floor, recent_tpot_s=tpot, tpot_seq=seq, running=self._running)
 
@@ -118,6 +123,7 @@ class AdaptiveService:
     def refresh_gauges(self, snapshot: Snapshot) -> None:
         """Monitor listener: device memory, engine load, residency and the rung the controller would pick now."""
         stats = self.backend.load_stats()
+        self._kv_counted = stats["kv_cache_bytes"]  # what this reading already counts as used
         nominal = min(self.backend.max_model_len, NOMINAL_PROMPT + self.cfg.default_max_tokens)
         preview = self.controller.decide(self.inputs(nominal, snapshot), commit=False)
         self.metrics.set_devices(snapshot.devices)

@@ -125,3 +125,30 @@ def test_submit_and_cancel_answer_at_once_during_a_step(engines, tokenizer):
     assert first[-1].finish_reason == third[-1].finish_reason == "length" and len(third) == 2
     assert engine.counters.cancelled == 1 and engine.runner.cache_bytes == 0 and not engine.streams
     assert front.live_min_rung() is None and front.load.running == front.load.waiting == 0
+
+
+def test_committed_cache_bytes_count_queued_requests_until_they_end(engines, tokenizer):
+    sync, _ = engines
+    front = AsyncEngine(SlowEngine(sync.runner.model, tokenizer, max_num_seqs=1))  # one seat: the second waits
+    ids = tokenizer("Hello")["input_ids"]
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+
+    async def main():
+        _, a = front.submit(ids, params)
+        b_id, b = front.submit(ids, SamplingParams(max_tokens=30, ignore_eos=True))
+        committed = front.committed_cache_bytes()
+        assert front.cancel(b_id)  # the queued one: its bytes go at once
+        after_cancel = front.committed_cache_bytes()
+        await b.aclose()
+        async for _ in a:
+            pass
+        return committed, after_cancel
+
+    try:
+        committed, after_cancel = asyncio.run(main())
+    finally:
+        front.shutdown()
+    one = sync.runner.cache_bytes_for(sync.new_request(ids, params))
+    two = sync.runner.cache_bytes_for(sync.new_request(ids, SamplingParams(max_tokens=30, ignore_eos=True)))
+    assert committed == one + two and after_cancel == one
+    assert front.committed_cache_bytes() == 0  # the finished one is counted out too

@@ -34,6 +34,7 @@ class FakeBackend:
 
     def __init__(self):
         self.shutdowns = 0
+        self.committed = 0  # cache bytes of the requests submitted (they never finish here)
 
     def nearest_rung(self, rate):
         return 0
@@ -42,6 +43,8 @@ class FakeBackend:
         return (CACHE_PER_SEQUENCE,) * len(RUNG_BYTES)  # one sequence's cache at each rung
 
     def submit(self, ids, params, rung):
+        self.committed += CACHE_PER_SEQUENCE
+
         async def events():
             return
             yield
@@ -58,7 +61,8 @@ class FakeBackend:
         change()
 
     def load_stats(self):
-        return {"running": 0, "waiting": 0, "kv_cache_bytes": 0, "live_min_rung": None}
+        return {"running": 0, "waiting": 0, "kv_cache_bytes": 0, "committed_cache_bytes": self.committed,
+                "live_min_rung": None}
 
     def shutdown(self):
         self.shutdowns += 1
@@ -76,6 +80,15 @@ def test_every_choice_counts_its_own_cache(n, rung):
     # fits (610); four need 640, rung 1 needs 580 + 40 = 620, rung 2 needs 560 + 40 = 600
     admission = asyncio.run(service(15).admit([1, 2, 3], [SamplingParams(max_tokens=8)] * n, None))
     assert (admission.decision.rung, admission.decision.reason) == (rung, "memory")
+
+
+def test_a_burst_admitted_on_one_reading_counts_the_caches_admitted_before_it():
+    # budget 615 MB as above, and the memory reading does not move: the first request fits rung 0 (610), the second
+    # must not (its cache and the first one's: 620), though no reading has seen the first one's cache yet
+    svc = service(15)
+    first = asyncio.run(svc.admit([1, 2, 3], [SamplingParams(max_tokens=8)], None))
+    second = asyncio.run(svc.admit([1, 2, 3], [SamplingParams(max_tokens=8)], None))
+    assert first.decision.rung == 0 and second.decision.rung == 1
 
 
 def test_a_primary_reader_that_fails_once_at_start_does_not_break_the_service():
