@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import statistics
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -105,27 +106,35 @@ def choose_rung(inputs: RungInputs, cfg: ControllerConfig, previous: int = 0,
 
 
 class TpotWindow:
-    """The last inter-token gaps of all requests; its median is the controller's recent TPOT.
+    """The last inter-token gaps of all requests, up to ``max_age_s`` old; their median is the controller's recent
+    TPOT.
 
     ``seq`` counts the additions that brought gaps, so the controller can tell a new measurement from the same
-    median read again (it moves only when a request finishes)."""
+    median read again (it moves only when a request finishes). Gaps age out: after a quiet spell the slow median of
+    a past burst no longer holds a climbed rung (with no recent gap there is no reading, and the latency rule lets
+    go)."""
 
-    def __init__(self, size: int = 64):
-        self._gaps: deque[float] = deque(maxlen=size)
+    def __init__(self, size: int = 64, max_age_s: float = 60.0, clock=time.monotonic):
+        self._gaps: deque[tuple[float, float]] = deque(maxlen=size)  # (when added, gap)
         self._lock = threading.Lock()
+        self.max_age_s, self._clock = max_age_s, clock
         self.seq = 0
 
     def add(self, gaps: list[float]) -> None:
         if not gaps:  # a request that ended before its second token measured nothing
             return
+        now = self._clock()
         with self._lock:
-            self._gaps.extend(gaps)
+            self._gaps.extend((now, g) for g in gaps)
             self.seq += 1
 
     def reading(self) -> tuple[float | None, int]:
         """(median gap or None, seq), read together so the number always names the median it came with."""
+        oldest = self._clock() - self.max_age_s
         with self._lock:
-            return (statistics.median(self._gaps) if self._gaps else None), self.seq
+            while self._gaps and self._gaps[0][0] < oldest:
+                self._gaps.popleft()
+            return (statistics.median(g for _, g in self._gaps) if self._gaps else None), self.seq
 
 
 class RateController:

@@ -235,3 +235,16 @@ def test_reload_restores_every_layer_before_lowering_the_floor(manager):
     assert mgr.resident_rung == 0 and mgr.floor == 0 and mgr.resident_bytes == WEIGHTS[0]
     assert [c[0] for c in store.calls[-4:]] == ["reload", "reload", "reload", "settle"]
     assert [h[1] for h in mgr.history] == [6, 0]
+
+
+def test_tpot_gaps_age_out_so_a_quiet_spell_releases_the_latency_rule():
+    now = [100.0]
+    window = TpotWindow(size=8, max_age_s=60.0, clock=lambda: now[0])
+    window.add([0.2, 0.2])  # a slow burst
+    now[0] += 30.0
+    window.add([0.01])
+    assert window.reading() == (0.2, 2)
+    now[0] += 31.0  # the burst's gaps are 61 s old: only the recent one counts
+    assert window.reading() == (0.01, 2)
+    now[0] += 60.0
+    assert window.reading() == (None, 2)  # nothing recent: no reading, the latency rule asks for nothing
