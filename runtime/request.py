@@ -112,3 +112,6 @@ class TokenEvent:
     finish_reason: str | None = None
     rung: int = 0
     error: str | None = None  # with finish_reason "error": what went wrong (the request was failed, not the engine)
+    # when the engine produced it (time.monotonic): latency measured here, not where a consumer read it (a slow
+    # client or a busy event loop would inflate TPOT and TTFT, and with them the controller's latency rule)
+    time_s: float = field(default_factory=time.monotonic)

@@ -102,7 +102,7 @@ class AdaptiveService:
         self._running += 1
         try:
             async for event in stream:
-                now = time.monotonic()
+                now = event.time_s  # the engine's clock of the token, not when this consumer got to it
                 if event.token_id is not None:
                     generated += 1
                     if first is None:

@@ -4,6 +4,7 @@ memory fails the load with a clear error, and a failed load shuts the loaded bac
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from server_helpers import fails_once
@@ -109,3 +110,26 @@ def test_a_failed_load_says_why_and_shuts_the_backend_down():
     state.load()
     assert state.service is None and backend.shutdowns == 1
     assert state.load_error == "RuntimeError: cannot read memory of cuda:0: OSError: GPU lost"
+
+
+def test_latency_is_measured_on_the_engine_clock_not_when_a_slow_client_reads():
+    from uniql.runtime.request import TokenEvent
+
+    svc = service(5_000)
+    start = time.monotonic()
+
+    def submit(ids, params, rung):  # tokens 10 ms apart on the engine's clock
+        async def events():
+            for i in range(4):
+                yield TokenEvent("id", 7, "x", finish_reason="length" if i == 3 else None, time_s=start + 0.01 * i)
+        return "id", events()
+
+    svc.backend.submit = submit
+
+    async def slow_client():
+        admission = await svc.admit([1, 2, 3], [SamplingParams(max_tokens=4)], None)
+        async for _ in admission.streams[0]:
+            await asyncio.sleep(0.05)  # the reader lags 50 ms per token
+
+    asyncio.run(slow_client())
+    assert svc.tpot.reading()[0] == pytest.approx(0.01)
