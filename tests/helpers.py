@@ -73,6 +73,22 @@ def tiny_ssm_hf_model(family: str = "mamba2", *, vocab: int = 320, hidden: int =
     return model
 
 
+def byte_fallback_tokenizer(words: list[str]):
+    """A Llama-2 / Mistral style SentencePiece tokenizer: '▁' marks spaces, characters outside the vocab are
+    spelled in byte tokens, and its ByteFallback decoder turns a whole run of byte tokens into U+FFFD when any byte
+    of it is invalid; decode strips the first leading space. Returns (tokenizer, piece -> id)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *words]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return tok, vocab
+
+
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|, computed in fp64."""
     a, b = a.double(), b.double()

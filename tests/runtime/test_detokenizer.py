@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from helpers import byte_fallback_tokenizer
 
 from uniql.runtime.detokenizer import MAX_HELD_TOKENS, REPLACEMENT, IncrementalDetokenizer, StopMatcher, render_chat
 
@@ -31,16 +32,7 @@ def byte_token_ids(tokenizer) -> list[int]:
 @pytest.fixture(scope="module")
 def sentencepiece_like():
     """A Llama-style tokenizer: '▁' marks spaces, byte fallback, and decode strips the first leading space."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁Hi", "▁Hello", "▁world", "!", "▁"]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    return tok, vocab
+    return byte_fallback_tokenizer(["▁Hi", "▁Hello", "▁world", "!", "▁"])
 
 
 @pytest.mark.parametrize("text", TEXTS)

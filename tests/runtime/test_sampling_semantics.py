@@ -4,7 +4,7 @@ streamed after a prompt or a special token, and prompt ids the model cannot embe
 from __future__ import annotations
 
 import pytest
-from helpers import tiny_hf_model
+from helpers import byte_fallback_tokenizer, tiny_hf_model
 
 from uniql.runtime.detokenizer import IncrementalDetokenizer
 from uniql.runtime.engine import Engine
@@ -16,16 +16,7 @@ from uniql.runtime.request import SamplingParams
 def byte_fallback():
     """A Llama-2 / Mistral style SentencePiece tokenizer: characters outside the vocab are spelled in byte tokens,
     and its ByteFallback decoder turns a whole run of byte tokens into U+FFFD when any byte of it is invalid."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "▁Hi", "▁world"]
-    vocab = {p: i for i, p in enumerate(pieces)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    return tok, vocab
+    return byte_fallback_tokenizer(["▁Hi", "▁world"])
 
 
 def _bytes(vocab, text: str) -> list[int]:
