@@ -42,9 +42,18 @@ def alpaca_prompt(record: dict) -> str:
 def _record_text(record: dict) -> str:
     if "instruction" in record:
         return alpaca_prompt(record) + record.get("output", "")
-    if "text" in record:
+    if isinstance(record.get("text"), str):  # not a null or a number: the tokenizer's error would not say which
         return record["text"]
-    raise ValueError(f"calibration record has neither Alpaca fields nor 'text': keys {sorted(record)}")
+    raise ValueError(f"calibration record has neither Alpaca fields nor 'text' (a string): keys {sorted(record)}")
+
+
+def read_text(path: Path) -> str:
+    """A text file's contents; a binary file is named in the error (the codec's message alone does not say which
+    of the sources it was)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def resolve_source(source: str) -> Path:
@@ -65,7 +74,7 @@ def read_records(path: Path) -> list[dict] | None:
     """Records of a .json/.jsonl file, or None for plain text (a bad record names its file and line)."""
     if path.suffix == ".json":
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(read_text(path))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -73,7 +82,7 @@ def read_records(path: Path) -> list[dict] | None:
         return records
     if path.suffix == ".jsonl":
         records = []
-        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for no, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -92,8 +101,10 @@ def load_texts(source: str) -> tuple[list[str], bool]:
     path = source_file(source, "calibration source")
     records = read_records(path)
     if records is not None:
+        if not records:  # the tokenizer fails on an empty batch with an IndexError (a traceback)
+            raise ValueError(f"calibration source {source!r}: {path} holds no records")
         return [_record_text(r) for r in records], True
-    return [path.read_text(encoding="utf-8")], False
+    return [read_text(path)], False
 
 
 def _pad_batches(seqs: list[list[int]], batch_size: int, pad_id: int) -> list[CalibBatch]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +17,8 @@ from tqdm.auto import tqdm
 from uniql.kernels.int4_format import GROUP_SIZES
 from uniql.runtime.checkpoint import (
     DTYPES,
+    MANIFEST,
+    WRITE_PROBE_PREFIX,
     load_checkpoint,
     load_tokenizer,
     prepare_out_dir,
@@ -26,7 +30,7 @@ from uniql.runtime.hf_import import decoder_from_hf
 from uniql.runtime.ladder import DEFAULT_RATES, Alignment, spec_dim_steps
 
 from .allocation import build_ladder
-from .calib_data import calibration_batches
+from .calib_data import calibration_batches, source_file
 from .calibrate import BlockImportanceCollector, SortStatsCollector, run_layerwise
 from .finetune import FinetuneConfig, finetune_decoder
 from .model_input import load_source, resolve_model_path
@@ -181,15 +185,89 @@ def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig,
 def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: str = "float32") -> Path:
     """Full offline pipeline: load, calibrate, sort, allocate the ladder, quantize (unless ``cfg.quant`` is None)."""
     cfg.validate()
+    created = not Path(out_dir).expanduser().exists()
     prepare_out_dir(out_dir, (resolve_model_path(model_name),))  # before the work, not after it
-    timings: dict = {}
-    with stage("load", timings, cfg.device):
-        source = load_source(model_name)
-        model = decoder_from_hf(source.hf_model, share=True)  # no second copy of the weights in host memory
-        del source.hf_model
-    model, result = compress_decoder(model, source.tokenizer, cfg, timings)
-    return _finish(model, source.tokenizer, cfg.finetune, cfg.quant, out_dir, timings, cfg.device, dtype,
-                   alignment=result["alignment"], source=source.info, calibration=result["provenance"])
+    with _drop_if_left_empty(out_dir, created):
+        _check_sources(cfg.quant, [("sorting data", cfg.calib_source)] * (cfg.order == "uniql")
+                       + [("block-importance data", cfg.bi_source)])
+        timings: dict = {}
+        with stage("load", timings, cfg.device):
+            source = load_source(model_name)
+            model = decoder_from_hf(source.hf_model, share=True)  # no second copy of the weights in host memory
+            del source.hf_model
+        sort_seqlen = cfg.calib_seqlen if cfg.order == "uniql" else 0  # random / magnitude read no data
+        _check_context(model.spec.max_position_embeddings, cfg.quant, cfg.finetune,
+                       {"--bi-seqlen": cfg.bi_seqlen, "--calib-seqlen": sort_seqlen})
+        model, result = compress_decoder(model, source.tokenizer, cfg, timings)
+        return _finish(model, source.tokenizer, cfg.finetune, cfg.quant, out_dir, timings, cfg.device, dtype,
+                       alignment=result["alignment"], source=source.info, calibration=result["provenance"])
+
+
+def _check_context(context: int, quant: QuantConfig | None, finetune: FinetuneConfig | None,
+                   seqlens: dict[str, int]) -> None:
+    """Calibration and training windows no longer than the model's context, as `uniql eval` and the engine require:
+    RoPE was never trained past it, so statistics (and LoRA updates) from there describe inputs the model never
+    serves; they were silently accepted."""
+    if quant is not None and quant.method == "gptq":
+        seqlens = {**seqlens, "--quant-seqlen": quant.calib_seqlen}
+    if finetune is not None:
+        seqlens = {**seqlens, "--finetune-seqlen": finetune.seqlen}
+    too_long = [f"{flag} {n}" for flag, n in seqlens.items() if n > context]
+    if too_long:
+        raise ValueError(f"{', '.join(too_long)} exceeds the model's context of {context} tokens; pass {context} or "
+                         "less")
+
+
+def _check_sources(quant: QuantConfig | None, sources: list[tuple[str, str]]) -> None:
+    """Every calibration file the run will read, found now: a missing --quant-data otherwise showed only after
+    sorting and fine-tuning, i.e. after the hours it was meant to save."""
+    if quant is not None and quant.method == "gptq":
+        sources = [*sources, ("GPTQ calibration data", quant.calib_source)]
+    for role, source in sources:
+        source_file(source, role)
+
+
+@contextmanager
+def _drop_if_left_empty(out_dir, created: bool):
+    """On an error or Ctrl-C, remove the ``--out`` directory prepare_out_dir created if nothing landed in it (an
+    adapter checkpoint to resume from keeps it): a failed run leaves no trace."""
+    try:
+        yield
+    except BaseException:
+        out = Path(out_dir).expanduser()
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+# what transformers' save_pretrained writes for a tokenizer (a replaced checkpoint's set may differ from the new one)
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                             "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
+                             "merges.txt"})
+
+
+def _save_replacing(model, out_dir, **kwargs) -> Path:
+    """``save_checkpoint`` into a staging folder inside ``out_dir``, then moved in, the manifest last.
+
+    Written in place, an interrupted save (Ctrl-C, a full disk) left an earlier checkpoint's manifest over half-new
+    weights (`uniql info` showed it whole), or a partial model.safetensors that prepare_out_dir then refused as a
+    foreign directory; and files the new tokenizer does not write (an earlier model's chat_template.jinja) stayed
+    and were loaded with the new model. Now an interruption before the move leaves ``out_dir`` as it was."""
+    out = Path(out_dir)
+    # the probe prefix: prepare_out_dir ignores a leftover
+    staging = out / f"{WRITE_PROBE_PREFIX}staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_checkpoint(model, staging, **kwargs)
+        (out / MANIFEST).unlink(missing_ok=True)  # first: until the new manifest lands, this is no checkpoint
+        for old in out.iterdir():  # the replaced checkpoint's tokenizer files (the new one may write fewer); a
+            if old.is_file() and old.name in TOKENIZER_FILES:  # user's own files and folders stay
+                old.unlink()
+        for new in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST):
+            os.replace(new, out / new.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def _finish(model, tokenizer, finetune: FinetuneConfig | None, quant: QuantConfig | None, out_dir, timings: dict,
@@ -210,7 +288,7 @@ def _finish(model, tokenizer, finetune: FinetuneConfig | None, quant: QuantConfi
         with stage("quantize", timings, device):
             quantization = quantize_model(model, tokenizer, quant, device)
     with stage("save", timings, device):
-        out = save_checkpoint(model, out_dir, tokenizer=tokenizer, dtype=DTYPES[dtype], quantization=quantization,
+        out = _save_replacing(model, out_dir, tokenizer=tokenizer, dtype=DTYPES[dtype], quantization=quantization,
                               finetune=ft_provenance, **manifest)
     log.info("wrote %s", out)
     return out
@@ -221,12 +299,20 @@ def finetune_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, finetune: Fin
     """`uniql finetune`: masked LoRA on a SORTED checkpoint (floating-point weights, as `uniql compress --no-quant`
     writes it), merged, then quantized like `uniql compress` (unless ``quant`` is None)."""
     manifest = read_manifest(ckpt_dir)
-    prepare_out_dir(out_dir, (ckpt_dir,))
-    if manifest.get("weights") != "float":
+    if manifest.get("weights") != "float":  # before prepare_out_dir: a refused run creates no --out
         raise ValueError(f"{ckpt_dir} holds {manifest.get('weights')} weights; fine-tuning needs the sorted "
                          "floating-point checkpoint: `uniql compress MODEL --no-quant --out DIR`")
-    model, manifest = load_checkpoint(ckpt_dir, dtype=torch.float32)
-    timings: dict = {}
-    calibration = {**manifest["calibration"], "finetuned_from": str(ckpt_dir), "timings": timings}
-    return _finish(model, load_tokenizer(ckpt_dir), finetune, quant, out_dir, timings, device, dtype,
-                   alignment=Alignment(**manifest["alignment"]), source=manifest["source"], calibration=calibration)
+    finetune.validate()  # its mistakes and quantization's before --out is created, not after loading the model
+    if quant is not None:
+        quant.validate()
+    created = not Path(out_dir).expanduser().exists()
+    prepare_out_dir(out_dir, (ckpt_dir,))
+    with _drop_if_left_empty(out_dir, created):
+        _check_sources(quant, [])
+        model, manifest = load_checkpoint(ckpt_dir, dtype=torch.float32)
+        _check_context(model.spec.max_position_embeddings, quant, finetune, {})
+        timings: dict = {}
+        calibration = {**manifest["calibration"], "finetuned_from": str(ckpt_dir), "timings": timings}
+        return _finish(model, load_tokenizer(ckpt_dir), finetune, quant, out_dir, timings, device, dtype,
+                       alignment=Alignment(**manifest["alignment"]), source=manifest["source"],
+                       calibration=calibration)

@@ -18,6 +18,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,16 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "grad_accum", "seqlen"):
             if getattr(self, name) < 1:
                 raise ValueError(f"fine-tuning {name} must be positive")
+        # each had a silent meaning: max_examples 0 = all of them, -1 = all but the last record; save_every -1 =
+        # every step; a negative warmup a schedule that starts part-way down its decay
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"--finetune-max-examples must be at least 1, got {self.max_examples}")
+        if self.save_every < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
+            raise ValueError(f"--finetune-save-every and --finetune-warmup must be >= 0, got {self.save_every} "
+                             f"and {self.warmup_steps}")
+        if self.state_dir and Path(self.state_dir).exists() and not Path(self.state_dir).is_dir():
+            # found now, not at the first adapter checkpoint after the training it was to keep
+            raise ValueError(f"fine-tuning state directory {self.state_dir} is a file")
         if self.lr <= 0 or self.rung_decay < 0:
             raise ValueError("fine-tuning needs lr > 0 and rung_decay >= 0")
         if not 0.0 <= self.distill <= 1.0 or self.distill_temperature <= 0:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calib_data import alpaca_prompt, read_records, source_file
+from .calib_data import alpaca_prompt, read_records, read_text, source_file
 
 IGNORE = -100
 
@@ -61,7 +61,7 @@ def load_examples(tokenizer, source: str, seqlen: int, max_examples: int | None 
     path = source_file(source, "fine-tuning data")
     records = read_records(path)
     if records is None:
-        examples, kinds = text_windows(tokenizer, path.read_text(encoding="utf-8"), seqlen), {"text"}
+        examples, kinds = text_windows(tokenizer, read_text(path), seqlen), {"text"}
     else:
         examples, kinds = [], set()
         for i, r in enumerate(records[:max_examples] if max_examples else records):

@@ -58,7 +58,16 @@ def save_state(state_dir, peft_model, optimizer, scheduler, acc, run, key: dict)
 
 def latest_step(state_dir) -> int | None:
     path = Path(state_dir) / LATEST
-    return json.loads(path.read_text())["step"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:  # a damaged file is named: the JSON parser's message alone does not say which file it read
+        step = json.loads(path.read_text())["step"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); delete the state directory to start "
+                         "over") from None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{path} is damaged (step {step!r}); delete the state directory to start over")
+    return step
 
 
 # States saved by earlier versions: distillation was recorded only when on, and some settings not at all

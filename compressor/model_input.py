@@ -54,11 +54,28 @@ def load_source(model: str, dtype: torch.dtype = torch.float32) -> SourceModel:
         kwargs, root, fmt, digest = {}, path, "hf", _dir_sha256(path)
     else:
         raise ValueError(f"{path} is neither a .gguf file nor a model directory with config.json")
-    tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True, **kwargs)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(root), local_files_only=True, dtype=dtype, **kwargs)
+    if fmt == "hf" and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the tokenizer of "
+                         "the model into it (a UniQL checkpoint carries it)")
+    tokenizer = _loaded("tokenizer", path, lambda: AutoTokenizer.from_pretrained(str(root), local_files_only=True,
+                                                                                 **kwargs))
+    hf_model = _loaded("model", path, lambda: AutoModelForCausalLM.from_pretrained(
+        str(root), local_files_only=True, dtype=dtype, **kwargs))
     info = {"name": model, "format": fmt, "path": str(path), "sha256": digest,
             "eos_token_ids": generation_eos_ids(hf_model, tokenizer)}
     return SourceModel(hf_model.eval(), tokenizer, info)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _loaded(what: str, path: Path, load):
+    """``load()``; transformers' errors (many types, often several lines) become one line naming the source."""
+    try:
+        return load()
+    except (ValueError, OSError, KeyError, TypeError, RuntimeError, ImportError) as err:
+        raise ValueError(f"the {what} in {path} cannot be loaded ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())})") from None
 
 
 def generation_eos_ids(hf_model, tokenizer) -> list[int]:

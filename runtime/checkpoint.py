@@ -65,7 +65,7 @@ def weights_kind(model: ElasticDecoder) -> str:
 
 # what a UniQL checkpoint directory may hold besides the manifest (a directory with anything else is not ours)
 FINETUNE_STATE = "finetune_state"
-_PROBE = ".uniql-write-probe-"
+WRITE_PROBE_PREFIX = ".uniql-write-probe-"
 
 
 def prepare_out_dir(out_dir: str | Path, sources: tuple[str | Path, ...] = ()) -> Path:
@@ -86,13 +86,13 @@ def prepare_out_dir(out_dir: str | Path, sources: tuple[str | Path, ...] = ()) -
             raise CheckpointError(f"--out {out} would write over the model being read ({source}); "
                                   "choose another directory")
     if out.is_dir():  # (another process of the same `accelerate launch` may be probing it right now)
-        entries = {p.name for p in out.iterdir() if not p.name.startswith(_PROBE)}
+        entries = {p.name for p in out.iterdir() if not p.name.startswith(WRITE_PROBE_PREFIX)}
         if entries and MANIFEST not in entries and entries != {FINETUNE_STATE}:
             raise CheckpointError(f"--out {out} is not empty and is not a UniQL checkpoint; choose a new or empty "
                                   "directory (nothing was written)")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f"{_PROBE}{os.getpid()}"
+        probe = out / f"{WRITE_PROBE_PREFIX}{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:

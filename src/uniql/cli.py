@@ -289,12 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"uniql {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `uniql info CKPT | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except (ValueError, OSError) as err:  # OSError (after BrokenPipeError, one of them): a path we cannot read or
+        # write (permissions, a file where a folder belongs, a full disk)
+        print(f"uniql {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (compress leaves no half-written checkpoint)
+        print(f"\nuniql {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process Ctrl-C stopped
 
 
 if __name__ == "__main__":
