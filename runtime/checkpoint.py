@@ -160,6 +160,9 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
 
 def _verify_files(ckpt: Path, manifest: dict) -> None:
     for name, digest in manifest["files"].items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            # a file of the checkpoint folder itself: a name with a path in it could point anywhere on the disk
+            raise CheckpointError(f"{ckpt / MANIFEST} lists {name!r} as a checkpoint file; the manifest is damaged")
         path = ckpt / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")

@@ -164,6 +164,15 @@ def test_deleted_weights(ckpt):
         load_checkpoint(ckpt)
 
 
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/hostname", "sub/model.safetensors", ".."])
+def test_files_outside_the_checkpoint_folder_are_refused(ckpt, name):
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"][name] = "0" * 64
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="lists .* as a checkpoint file"):
+        load_checkpoint(ckpt)
+
+
 def test_manifest_shape_disagreeing_with_the_file(ckpt):
     manifest = json.loads((ckpt / MANIFEST).read_text())
     manifest["tensors"]["embed.weight"]["shape"] = [1, 2]
