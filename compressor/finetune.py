@@ -226,9 +226,10 @@ def train_lora(peft_model, examples: list[Example], pad_id: int, cfg: FinetuneCo
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))  # stepped by us, once per step
     loss_module = RungLoss(peft_model, cfg.distill, cfg.distill_temperature).train()
     module, optimizer = acc.prepare(loss_module, optimizer)
+    key = _resume_key(cfg, world, identity, acc.mixed_precision)
     run = None
     if cfg.resume:  # after prepare: the optimizer state lands on the parameters' device
-        run = load_state(cfg.state_dir, peft_model, optimizer, scheduler, rank, _Run, _resume_key(cfg, world, identity))
+        run = load_state(cfg.state_dir, peft_model, optimizer, scheduler, rank, _Run, key)
     if run is None:
         run = _Run()
         torch.manual_seed(cfg.seed + 17 * rank)  # LoRA dropout differs by rank; restored exactly on resume
@@ -259,21 +260,23 @@ def train_lora(peft_model, examples: list[Example], pad_id: int, cfg: FinetuneCo
         if cfg.state_dir and (run.step == cfg.steps or (cfg.save_every and run.step % cfg.save_every == 0)):
             run.wall_s += time.perf_counter() - start
             start = time.perf_counter()
-            save_state(cfg.state_dir, peft_model, optimizer, scheduler, acc, run, _resume_key(cfg, world, identity))
+            save_state(cfg.state_dir, peft_model, optimizer, scheduler, acc, run, key)
     bar.close()
     run.wall_s += time.perf_counter() - start
     return {**_provenance(cfg, acc, peft_model, probs, run, global_batch), "resumed_from_step": first_step}, run
 
 
-def _resume_key(cfg: FinetuneConfig, world: int, identity: dict | None = None) -> dict:
+def _resume_key(cfg: FinetuneConfig, world: int, identity: dict | None = None, precision: str | None = None) -> dict:
     """Everything a resumed run must share with the run it continues: the settings that shape batches, rungs and
-    updates, and (``identity``) the base weights and data files themselves."""
+    updates, and (``identity``) the base weights and data files themselves. ``precision``: the one the run
+    resolved (``auto`` is bf16 on a GPU, fp32 on CPU: the setting as typed let a GPU run resume on CPU)."""
     return {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
             "world": world, "seqlen": cfg.seqlen, "data": cfg.data, "rung_decay": cfg.rung_decay,
             "rung_weights": cfg.rung_weights, "lora": asdict(cfg.lora), "lr": cfg.lr, "distill": cfg.distill,
             "distill_temperature": cfg.distill_temperature, "warmup": cfg.warmup(), "weight_decay": cfg.weight_decay,
             "max_grad_norm": cfg.max_grad_norm, "max_examples": cfg.max_examples,
-            "mixed_precision": cfg.mixed_precision, **(identity or {})}
+            "mixed_precision": cfg.mixed_precision, **({"precision": precision} if precision else {}),
+            **(identity or {})}
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -73,6 +73,10 @@ def test_a_resume_compares_every_setting_and_the_run_identity():
     assert _changed(legacy, key) == {}
     assert set(_changed(legacy, _resume_key(FinetuneConfig(steps=4, distill=0.5), 1,
                                             {"base": "abc", "data_sha256": ["d1"]}))) == {"distill"}
+    # "auto" as typed on both sides, resolved differently (a GPU run resumed on CPU): the resolved one tells
+    gpu, cpu = (_resume_key(cfg, 1, {"base": "abc", "data_sha256": ["d1"]}, p) for p in ("bf16", "no"))
+    assert _changed(gpu, cpu) == {"precision": ("bf16", "no")}
+    assert _changed(key, cpu) == {}  # a state saved before the resolved precision was recorded
 
 
 def test_the_fingerprint_sees_permutations_and_other_weights_but_not_fp_noise():
