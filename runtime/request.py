@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 _ids = itertools.count()
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
@@ -57,7 +60,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # below 1e-5 the sampler's temperature floor would sample at 1e-5, i.e. argmax but for exact ties: greedy,
+        # as vLLM treats it (and the fast on-device greedy path serves it)
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 class Status(enum.Enum):

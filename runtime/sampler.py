@@ -8,7 +8,7 @@ Order of operations per row, all in float32:
    a negative one multiplied;
 4. presence / frequency penalties (OpenAI) over generated tokens only:
    ``logit -= presence * (count > 0) + frequency * count``;
-5. greedy rows (temperature 0 or top_k 1) take the argmax; the others go on:
+5. greedy rows (temperature below 1e-5, 0 included, or top_k 1) take the argmax; the others go on:
    temperature -> top_k -> top_p (smallest set whose cumulative probability >= top_p, the top token always
    kept) -> min_p (drop tokens whose probability < min_p * the top probability) -> one draw.
 
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .request import SamplingParams
+from .request import GREEDY_BELOW, SamplingParams
 
 # Temperatures below this are treated as this: dividing logits by a denormal would overflow to inf -> NaN.
-_MIN_TEMPERATURE = 1e-5
+_MIN_TEMPERATURE = GREEDY_BELOW  # every row that gets here is at or above it
 
 
 @dataclass

@@ -112,3 +112,8 @@ def test_prompt_over_max_model_len_is_a_clear_error_and_the_engine_goes_on(small
     req = engine.add_request(list(range(1, 31)), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     assert [e.finish_reason for e in engine.stream(req)][-1] == "length" and len(req.output_ids) == 2
 
+
+
+def test_a_temperature_below_the_floor_is_greedy():
+    assert SamplingParams(temperature=1e-6).greedy and SamplingParams(temperature=0.0).greedy
+    assert not SamplingParams(temperature=1e-5).greedy  # the floor itself samples (at 1e-5)
