@@ -100,6 +100,14 @@ def prepare_out_dir(out_dir: str | Path, sources: tuple[str | Path, ...] = ()) -
     return out
 
 
+def _as_umask_allows(path: Path) -> None:
+    """safetensors writes its file 0600 (a temporary file renamed): give it the mode any other file would get, so
+    a checkpoint built by one user serves as another (the images' uid 1000, the unit's ``uniql`` user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def save_checkpoint(model: ElasticDecoder, out_dir: str | Path, *, alignment: Alignment, source: dict,
                     calibration: dict, tokenizer=None, dtype: torch.dtype = torch.float32,
                     quantization: dict | None = None, finetune: dict | None = None) -> Path:
@@ -115,6 +123,7 @@ def save_checkpoint(model: ElasticDecoder, out_dir: str | Path, *, alignment: Al
                                 else v.dtype).contiguous() for k, v in model.state_dict().items()}
     tensors["inv_freq"] = model.inv_freq.float().cpu()  # RoPE frequencies stay fp32 whatever the weights
     save_file(tensors, out / WEIGHTS, metadata={"format": "uniql"})
+    _as_umask_allows(out / WEIGHTS)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     manifest = {

@@ -19,8 +19,9 @@ def _add_quant_args(p) -> None:
     p.add_argument("--no-quant", action="store_true", help="keep floating-point weights")
     p.add_argument("--hadamard", action=argparse.BooleanOptionalAction, default=None,
                    help="rotate the hidden dim by a randomized Hadamard before INT4 (default: on for gptq, "
-                        "off for rtn; unties a tied lm_head)")
-    p.add_argument("--quant-data", default="wikitext2", help="GPTQ calibration data: wikitext2, alpaca or a path")
+                        "off for rtn; a tied embedding / lm_head stays one table)")
+    p.add_argument("--quant-data", default="wikitext2",
+                   help="GPTQ calibration data: wikitext2, alpaca, shakespeare (shipped) or a path")
     p.add_argument("--quant-samples", type=int, default=128)
     p.add_argument("--quant-seqlen", type=int, default=2048)
     p.add_argument("--gptq-objective", default="rungs", choices=["full", "rungs"],
@@ -51,7 +52,8 @@ def _add_compress(sub) -> None:
                    help="sorting data: alpaca, wikitext2, shakespeare (shipped) or a file path")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
-    p.add_argument("--bi-data", default="wikitext2", help="block-importance data: wikitext2, alpaca or a path")
+    p.add_argument("--bi-data", default="wikitext2",
+                   help="block-importance data: wikitext2, alpaca, shakespeare (shipped) or a path")
     p.add_argument("--bi-samples", type=int, default=32)
     p.add_argument("--bi-seqlen", type=int, default=2048)
     p.add_argument("--group-size", type=int, default=None, help="quantization group along K (default: auto)")

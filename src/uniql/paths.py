@@ -36,7 +36,9 @@ def data_dir() -> Path:
         if path.is_dir():
             return path
     tried = ", ".join(str(p) for p in candidates)
-    raise FileNotFoundError(f"offline data folder not found (tried {tried}); set UNIQL_DATA_DIR")
+    raise FileNotFoundError(f"offline data folder not found (tried {tried}); set UNIQL_DATA_DIR, or calibrate on the "
+                            "text shipped in the package: --calib-data shakespeare --bi-data shakespeare "
+                            "--quant-data shakespeare")
 
 
 def data_file(relative: str) -> Path:

@@ -80,6 +80,15 @@ def test_generation_eos_ids_join_the_generation_config_and_the_tokenizer():
     assert generation_eos_ids(SimpleNamespace(), SimpleNamespace(eos_token_id=None)) == []
 
 
+def test_the_weights_file_is_readable_as_the_umask_allows(ckpt):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    # safetensors alone writes 0600: another user (a container's, a service's) could not read the checkpoint
+    assert (ckpt / WEIGHTS).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_saving_without_a_ladder_is_refused(tmp_path):
     bare = decoder_from_hf(tiny_hf_model("llama", layers=1))
     with pytest.raises(ValueError, match="ladder"):
