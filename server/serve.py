@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from pathlib import Path
 
 from uniql.runtime.dtypes import add_dtype_arg
 
@@ -78,12 +80,31 @@ def build_app(cfg: ServerConfig):
     return create_app(cfg, make_loader(cfg), make_monitor_factory(cfg))
 
 
+def preflight(cfg: ServerConfig) -> None:
+    """What the loading thread would only find after the server is up (a server stuck at 503, exit 0 on Ctrl-C):
+    a CUDA device that is not there, a --max-model-len past the checkpoint's context. ValueError: exit 2."""
+    if cfg.device.startswith("cuda"):
+        import torch  # only for a cuda server: its loading thread imports torch anyway
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: no CUDA device is available (use --device cpu)")
+    if cfg.ckpt and cfg.max_model_len:
+        try:
+            arch = json.loads((Path(cfg.ckpt) / "uniql.json").read_text(encoding="utf-8"))["arch"]
+            context = int(arch["max_position_embeddings"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not readable as a checkpoint: the loader says what is wrong with it
+        if cfg.max_model_len > context:
+            raise ValueError(f"--max-model-len {cfg.max_model_len} exceeds the model's context limit {context}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     cfg = config_from_args(args)
     logging.getLogger("uniql").setLevel(args.log_level.upper())
     app = build_app(cfg)
+    preflight(cfg)
     print(f"uniql serve: http://{cfg.host}:{cfg.port}/v1 (model loading in the background; /health says when)",
           flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)

@@ -55,3 +55,18 @@ def test_good_flags_pass(tmp_path):
     ServerConfig(ckpt=str(tmp_path), memory_reserve="available-300M", hysteresis="0", max_queued_requests=0,
                  max_model_len=1, monitor_interval_s=0.01, tpot_target_ms=20.0, residency_sustain_s=0).check()
     ServerConfig(memory_reserve="1.5G").check()  # no checkpoint: the embedded default model
+
+
+def test_a_max_model_len_past_the_checkpoints_context_exits_2(tmp_path, capsys, no_uvicorn):
+    (tmp_path / "uniql.json").write_text('{"format": "uniql", "arch": {"max_position_embeddings": 8192}}')
+    assert main(["serve", str(tmp_path), "--max-model-len", "100000"]) == 2
+    assert "--max-model-len 100000 exceeds the model's context limit 8192" in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_exits_2(tmp_path, capsys, no_uvicorn):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["serve", str(tmp_path), "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
