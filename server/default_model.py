@@ -65,6 +65,24 @@ def default_checkpoint_dir(recipe: dict | None = None) -> Path:
     return cache_dir() / f"{DEFAULT_MODEL_ALIAS}-uniql-{recipe_tag(recipe or default_recipe())}"
 
 
+def _drop_abandoned_builds(out: Path) -> None:
+    """Remove the build folders of processes that are gone (a server stopped while it built): they would pile up."""
+    for folder in out.parent.glob(out.name + ".building-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        return True
+    return True
+
+
 def ensure_default_checkpoint(recipe: dict | None = None, progress=print) -> Path:
     """The default checkpoint's directory, building it first if it is not there yet."""
     recipe = recipe or default_recipe()
@@ -77,6 +95,7 @@ def ensure_default_checkpoint(recipe: dict | None = None, progress=print) -> Pat
     progress(f"uniql serve: building the default model ({DEFAULT_MODEL_ALIAS}, INT4 {recipe['quant']}) into {out}; "
              "this happens once and takes a few minutes on a CPU")
     tmp = out.with_name(out.name + f".building-{os.getpid()}")
+    _drop_abandoned_builds(out)
     shutil.rmtree(tmp, ignore_errors=True)
     data = recipe.get("data")  # None: the offline data folder's Alpaca (sorting) and WikiText-2 (BI, GPTQ)
     if data:

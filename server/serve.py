@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
+import threading
 from pathlib import Path
 
 from uniql.runtime.dtypes import add_dtype_arg
@@ -108,4 +111,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"uniql serve: http://{cfg.host}:{cfg.port}/v1 (model loading in the background; /health says when)",
           flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
+    if any(t.name == "uniql-load" and t.is_alive() for t in threading.enumerate()):
+        # stopped while the model still loads (or builds): leave now, without the interpreter's teardown, which
+        # would abort the process under torch's running threads ("terminate called without an active exception")
+        print("uniql serve: stopped while the model was loading", file=sys.stderr, flush=True)
+        os._exit(130)
     return 0

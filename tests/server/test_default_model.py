@@ -73,3 +73,20 @@ def test_make_serve_flags_are_the_recipe(recipe):
                                                             "bi_seqlen", "quant_samples", "quant_seqlen"))
     assert (args.calib_data, args.bi_data, args.quant_data) == ((data,) * 3 if data else ("alpaca", "wikitext2",
                                                                                             "wikitext2"))
+
+
+def test_build_folders_of_gone_processes_are_dropped(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from uniql.server.default_model import _drop_abandoned_builds
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has exited
+    out = tmp_path / "smollm2-135m-uniql-abc"
+    for pid in (gone, str(os.getpid()), str(os.getppid())):
+        (out.parent / f"{out.name}.building-{pid}").mkdir()
+    _drop_abandoned_builds(out)
+    left = sorted(p.name.rsplit("-", 1)[-1] for p in tmp_path.iterdir())
+    assert left == sorted([str(os.getpid()), str(os.getppid())])  # live builds (this one's too) stay
