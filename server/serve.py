@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -83,22 +84,40 @@ def build_app(cfg: ServerConfig):
     return create_app(cfg, make_loader(cfg), make_monitor_factory(cfg))
 
 
+def _check_port(host: str, port: int) -> None:
+    """A port another server holds: one line and exit 2 now, not uvicorn's traceback-free exit 3 after start-up.
+    (Bound with SO_REUSEADDR as uvicorn binds, so a port in TIME_WAIT is not mistaken for a busy one.)"""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as err:
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
+def _checkpoint_context(ckpt: str) -> int | None:
+    """The checkpoint's context limit from its manifest; None if unreadable (the loader says what is wrong)."""
+    try:
+        manifest = json.loads((Path(ckpt) / "uniql.json").read_text(encoding="utf-8"))
+        return int(manifest["arch"]["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def preflight(cfg: ServerConfig) -> None:
     """What the loading thread would only find after the server is up (a server stuck at 503, exit 0 on Ctrl-C):
-    a CUDA device that is not there, a --max-model-len past the checkpoint's context. ValueError: exit 2."""
+    a CUDA device that is not there, a --max-model-len past the checkpoint's context, a port already taken.
+    ValueError: exit 2."""
     if cfg.device.startswith("cuda"):
         import torch  # only for a cuda server: its loading thread imports torch anyway
 
         if not torch.cuda.is_available():
             raise ValueError(f"--device {cfg.device}: no CUDA device is available (use --device cpu)")
-    if cfg.ckpt and cfg.max_model_len:
-        try:
-            arch = json.loads((Path(cfg.ckpt) / "uniql.json").read_text(encoding="utf-8"))["arch"]
-            context = int(arch["max_position_embeddings"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # not readable as a checkpoint: the loader says what is wrong with it
-        if cfg.max_model_len > context:
-            raise ValueError(f"--max-model-len {cfg.max_model_len} exceeds the model's context limit {context}")
+    context = _checkpoint_context(cfg.ckpt) if cfg.ckpt and cfg.max_model_len else None
+    if context is not None and cfg.max_model_len > context:
+        raise ValueError(f"--max-model-len {cfg.max_model_len} exceeds the model's context limit {context}")
+    _check_port(cfg.host, cfg.port)  # last: the flags' own mistakes first, whatever holds the port
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -70,3 +70,14 @@ def test_cuda_without_a_gpu_exits_2(tmp_path, capsys, no_uvicorn):
         pytest.skip("this machine has a GPU")
     assert main(["serve", str(tmp_path), "--device", "cuda"]) == 2
     assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_a_port_another_server_holds_exits_2(tmp_path, capsys, no_uvicorn):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--host", "127.0.0.1", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
