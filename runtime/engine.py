@@ -100,8 +100,8 @@ class Engine:
         # checked here, not left to the embedding lookup: that fails the request only at prefill, with an opaque
         # IndexError on CPU and a device-side assert (every request lost) on CUDA
         vocab = self.runner.model.spec.vocab_size
-        bad = next((t for t in req.prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
+        if req.prompt_ids and not (min(req.prompt_ids) >= 0 and max(req.prompt_ids) < vocab):  # (C loops)
+            bad = next(t for t in req.prompt_ids if not 0 <= t < vocab)
             raise ValueError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
         # the length first: over max_model_len no rung or budget helps, and the budget's advice would mislead
         self.scheduler.check_length(req)  # the scheduler's own check, here before any queueing

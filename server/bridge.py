@@ -104,8 +104,11 @@ class EngineBackend:
         for a step in progress (seconds, for a long prefill on CPU), so the monitor's gauges stay current."""
         load = self.front.load
         return {"running": load.running, "waiting": load.waiting, "kv_cache_bytes": load.kv_cache_bytes,
-                "committed_cache_bytes": self.front.committed_cache_bytes(),
                 "live_min_rung": self.front.live_min_rung()}
+
+    def committed_cache_bytes(self) -> int:
+        """Cache bytes of every live request, queued ones included (``AsyncEngine.committed_cache_bytes``)."""
+        return self.front.committed_cache_bytes()
 
     def live_min_rung(self) -> int | None:
         """The lowest rung of any live request, those queued but not yet seen by the engine thread included."""

@@ -57,7 +57,7 @@ class AdaptiveService:
         cache = tuple(sequences * size for size in self.backend.cache_bytes(max_len))
         # the caches of requests admitted since that reading (allocated at their prefill, maybe later) are spoken
         # for: without them every request of a burst admitted on one reading got rung 0, for room of one cache
-        pending = max(0, self.backend.load_stats().get("committed_cache_bytes", 0) - self._kv_counted)
+        pending = max(0, self.backend.committed_cache_bytes() - self._kv_counted)
         return RungInputs(available_bytes=max(0, snapshot.available_bytes - pending),
                           resident_bytes=self.residency.resident_bytes,
                           rung_weight_bytes=self.backend.weights.rung_bytes, request_cache_bytes=cache,

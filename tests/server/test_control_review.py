@@ -7,20 +7,12 @@ import types
 from collections import namedtuple
 
 import pytest
+from test_controller import MB, WEIGHTS, Clock, inputs  # the same 8-rung fixture
 
 from uniql.server.config import ServerConfig
-from uniql.server.controller import ControllerConfig, RateController, RungInputs
+from uniql.server.controller import ControllerConfig, RateController
 from uniql.server.monitor import Monitor, read_cuda, read_host
 from uniql.server.residency import ResidencyManager
-
-MB = 1 << 20
-WEIGHTS = tuple(w * MB for w in (600, 580, 560, 540, 520, 500, 470, 440))
-CACHE = tuple(c * MB for c in (10, 10, 9, 9, 8, 8, 7, 7))
-
-
-def inputs(available_mb: int, **kw) -> RungInputs:
-    return RungInputs(available_bytes=available_mb * MB, resident_bytes=WEIGHTS[0], rung_weight_bytes=WEIGHTS,
-                      request_cache_bytes=CACHE, **kw)
 
 
 # ------------------------------------------------------------------------------------------ residency timer
@@ -42,13 +34,6 @@ class Store:
 
     def settle(self):
         pass
-
-
-class Clock:
-    now = 0.0
-
-    def __call__(self):
-        return self.now
 
 
 class Snap:

@@ -62,8 +62,10 @@ class FakeBackend:
         change()
 
     def load_stats(self):
-        return {"running": 0, "waiting": 0, "kv_cache_bytes": 0, "committed_cache_bytes": self.committed,
-                "live_min_rung": None}
+        return {"running": 0, "waiting": 0, "kv_cache_bytes": 0, "live_min_rung": None}
+
+    def committed_cache_bytes(self):
+        return self.committed
 
     def shutdown(self):
         self.shutdowns += 1
