@@ -185,9 +185,7 @@ def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig,
 def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: str = "float32") -> Path:
     """Full offline pipeline: load, calibrate, sort, allocate the ladder, quantize (unless ``cfg.quant`` is None)."""
     cfg.validate()
-    created = not Path(out_dir).expanduser().exists()
-    prepare_out_dir(out_dir, (resolve_model_path(model_name),))  # before the work, not after it
-    with _drop_if_left_empty(out_dir, created):
+    with _out_dir(out_dir, (resolve_model_path(model_name),)):
         _check_sources(cfg.quant, [("sorting data", cfg.calib_source)] * (cfg.order == "uniql")
                        + [("block-importance data", cfg.bi_source)])
         timings: dict = {}
@@ -228,9 +226,12 @@ def _check_sources(quant: QuantConfig | None, sources: list[tuple[str, str]]) ->
 
 
 @contextmanager
-def _drop_if_left_empty(out_dir, created: bool):
-    """On an error or Ctrl-C, remove the ``--out`` directory prepare_out_dir created if nothing landed in it (an
-    adapter checkpoint to resume from keeps it): a failed run leaves no trace."""
+def _out_dir(out_dir, inputs: tuple):
+    """``prepare_out_dir`` (checked before any work), and on an error or Ctrl-C the ``--out`` directory it created
+    removed again if nothing landed in it (an adapter checkpoint to resume from keeps it): a failed run leaves no
+    trace."""
+    created = not Path(out_dir).expanduser().exists()
+    prepare_out_dir(out_dir, inputs)
     try:
         yield
     except BaseException:
@@ -305,9 +306,7 @@ def finetune_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, finetune: Fin
     finetune.validate()  # its mistakes and quantization's before --out is created, not after loading the model
     if quant is not None:
         quant.validate()
-    created = not Path(out_dir).expanduser().exists()
-    prepare_out_dir(out_dir, (ckpt_dir,))
-    with _drop_if_left_empty(out_dir, created):
+    with _out_dir(out_dir, (ckpt_dir,)):
         _check_sources(quant, [])
         model, manifest = load_checkpoint(ckpt_dir, dtype=torch.float32)
         _check_context(model.spec.max_position_embeddings, quant, finetune, {})
