@@ -3,7 +3,7 @@ time alone, and the whole engine step (replay + sampling + bookkeeping), for the
 ``decode_gpu.py`` (or an SSM shape of ``ssm_decode_gpu.py``) at one rung and batch size.
 
     python benchmarks/profile_decode.py [--model llama-3.1-8b|mamba2-8b-shape|nemotron-h-8b-shape]
-                                        [--rate 0.0] [--batch 1] [--context 1024] [--json out.json]
+                                        [--rates 0,0.35] [--batch 1] [--context 1024] [--json out.json]
 """
 
 from __future__ import annotations
@@ -61,22 +61,13 @@ def _time_replay(runner, rung, reqs, repeats=50) -> float:
     return statistics.median(times)
 
 
-@torch.inference_mode()
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="llama-3.1-8b",
-                    choices=["llama-3.1-8b", "mamba2-8b-shape", "nemotron-h-8b-shape"])
-    ap.add_argument("--rate", type=float, default=0.0)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    model, vocab = _build(args.model)
-    engine = Engine(model, NullTokenizer(), max_num_seqs=max(args.batch, 1), max_model_len=args.context + 64)
-    rung = model.ladder.nearest(args.rate)
-    prompt = torch.randint(0, vocab, (args.context,), generator=torch.Generator().manual_seed(0))
+def profile_rung(model, vocab: int, rate: float, batch: int, context: int) -> dict:
+    """Graph replay time, whole engine step and per-kernel table of one rung (a fresh engine on the same model)."""
+    engine = Engine(model, NullTokenizer(), max_num_seqs=max(batch, 1), max_model_len=context + 64)
+    rung = model.ladder.nearest(rate)
+    prompt = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    reqs = [engine.add_request(prompt.tolist(), params, rung=rung) for _ in range(args.batch)]
+    reqs = [engine.add_request(prompt.tolist(), params, rung=rung) for _ in range(batch)]
     for _ in range(4):  # prefill + a few decode steps (captures the graph)
         engine.step()
     runner = engine.runner
@@ -92,7 +83,6 @@ def main() -> None:
         t0 = time.perf_counter()
         engine.step()
         stamps.append((time.perf_counter() - t0) * 1e6)
-    step_us = statistics.median(stamps)
     # per-kernel GPU time of eager steps (same kernels as the graph, launched one by one)
     graphs, runner.graphs = runner.graphs, None
     steps = 3
@@ -101,14 +91,35 @@ def main() -> None:
             engine.step()
         torch.cuda.synchronize()
     runner.graphs = graphs
-    table = _kernel_table(prof, steps)
-    print(f"{args.model} rung {rung} batch {args.batch}: graph replay {replay_us} us, engine step {step_us:.1f} us, "
-          f"sum of kernels (eager) {sum(r['us_per_step'] for r in table):.1f} us")
-    for r in table[:25]:
-        print(f"{r['us_per_step']:9.1f} us  x{r['launches_per_step']:5.0f}  {r['kernel']}")
+    for req in reqs:
+        engine.cancel(req.request_id)
+    return {"rate": model.ladder.rates[rung], "rung": rung, "replay_us": replay_us,
+            "step_us": statistics.median(stamps), "kernels": _kernel_table(prof, steps)}
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.1-8b",
+                    choices=["llama-3.1-8b", "mamba2-8b-shape", "nemotron-h-8b-shape"])
+    ap.add_argument("--rates", default="0.0", help="comma-separated; each profiled on the same model")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    model, vocab = _build(args.model)
+    runs = []
+    for rate in (float(r) for r in args.rates.split(",")):
+        run = profile_rung(model, vocab, rate, args.batch, args.context)
+        table = run["kernels"]
+        print(f"{args.model} rung {run['rung']} batch {args.batch}: graph replay {run['replay_us']} us, engine step "
+              f"{run['step_us']:.1f} us, sum of kernels (eager) {sum(r['us_per_step'] for r in table):.1f} us")
+        for r in table[:25]:
+            print(f"{r['us_per_step']:9.1f} us  x{r['launches_per_step']:5.0f}  {r['kernel']}")
+        runs.append(run)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "rung": rung, "batch": args.batch,
-                                               "replay_us": replay_us, "step_us": step_us, "kernels": table}, indent=1))
+        Path(args.json).write_text(json.dumps({"model": args.model, "batch": args.batch, "context": args.context,
+                                               "device": torch.cuda.get_device_name(), "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

