@@ -180,8 +180,8 @@ class AsyncEngine:
         for kind, arg in _drained(self._ops):
             if kind == "add":
                 self._add(arg)
-            elif self.engine.cancel(arg):  # False: it finished first, and was forgotten then
-                self._forget(arg)
+            else:  # a cancel (False, nothing to do, if it finished first)
+                self.engine.cancel(arg)
 
     def _add(self, req: Request) -> None:
         try:
@@ -204,10 +204,6 @@ class AsyncEngine:
         if sink is not None:
             self._send(sink, event)
 
-    def _forget(self, request_id: str) -> None:
-        self.engine.streams.pop(request_id, None)
-        self.engine.requests.pop(request_id, None)
-
     def _retire(self, request_id: str) -> None:
         """Count a request out of the queue capacity (after the scheduler let it go)."""
         with self._admit:
@@ -226,8 +222,7 @@ class AsyncEngine:
                 self._apply_ops()
                 busy = self.engine.scheduler.has_work
                 for event in self._step() if busy else []:
-                    if event.finish_reason is not None:  # forget first: a consumer that sees the end sees it clean
-                        self._forget(event.request_id)
+                    if event.finish_reason is not None:  # (the engine has already dropped it)
                         self._retire(event.request_id)
                     self._deliver(event)
                 self._publish()

@@ -3,7 +3,9 @@
 ``add_request`` queues a request at its rung; ``step`` runs one scheduler step (prefills of newly admitted
 requests, then one decode token for every running request, grouped by rung) and returns the events it made;
 ``stream`` drives steps until one request finishes (the synchronous API the CLI and tests use). ``cancel``
-frees a request's slot and cache at once. Counters feed the server's metrics.
+frees a request's slot and cache at once. Counters feed the server's metrics. A request that ends (finished,
+cancelled or failed) leaves every per-request table at once, whichever API drove it: its events stay on the
+``Request`` (``req.events``), which its owner holds, so a long-running process keeps nothing per past request.
 
 A failure while running some requests (an exception in their prefill or decode, non-finite logits in a row)
 fails those requests only: each ends with ``finish_reason="error"`` and the message, its slot and cache are freed,
@@ -36,7 +38,6 @@ RECENT = 4096  # timings kept for callers that look at recent ones (a server run
 class _Stream:
     detok: IncrementalDetokenizer
     stops: StopMatcher
-    events: list[TokenEvent] = field(default_factory=list)
 
 
 @dataclass
@@ -125,11 +126,13 @@ class Engine:
             return False
         self.counters.cancelled += 1
         self._release(req)
-        self.streams[request_id].events.append(TokenEvent(request_id, None, "", finish_reason="cancelled",
-                                                          rung=req.rung))
+        req.events.append(TokenEvent(request_id, None, "", finish_reason="cancelled", rung=req.rung))
         return True
 
     def _release(self, req: Request) -> None:
+        """Everything the engine holds for a request that ended (every end path calls this)."""
+        self.streams.pop(req.request_id, None)
+        self.requests.pop(req.request_id, None)
         self._reserved.pop(req.request_id, None)
         self.runner.free(req.request_id)
         self.sampler.release(req.request_id)
@@ -178,7 +181,7 @@ class Engine:
             self.counters.failed += 1
             self._release(req)
             event = TokenEvent(req.request_id, None, "", finish_reason="error", rung=req.rung, error=message)
-            self.streams[req.request_id].events.append(event)
+            req.events.append(event)
             events.append(event)
         return events
 
@@ -225,7 +228,8 @@ class Engine:
             self.counters.ttft_s.append(req.first_token_s - req.arrival_s)
         stream = self.streams[req.request_id]
         reason, text, hit = self._finish_reason(req, token), "", False
-        if reason != "stop":  # stop tokens (eos, stop_token_ids) add no text of their own
+        stop_token = reason == "stop"  # (a stop string is found below, in the text)
+        if not stop_token:  # stop tokens (eos, stop_token_ids) add no text of their own
             text, hit = stream.stops.feed(stream.detok.add(token))
         if not hit and reason is not None:
             # the stream ends: text held back (a split character, a possible stop string) is released, and may
@@ -237,8 +241,8 @@ class Engine:
             self.scheduler.finish(req, reason)
             self.counters.finished += 1
             self._release(req)
-        event = TokenEvent(req.request_id, token, text, logprob, top, reason, req.rung)
-        stream.events.append(event)
+        event = TokenEvent(req.request_id, token, text, logprob, top, reason, req.rung, stop_token=stop_token)
+        req.events.append(event)
         return [event]
 
     @staticmethod
@@ -254,16 +258,16 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ sync API
     def stream(self, req: Request) -> Iterator[TokenEvent]:
-        """Drive the engine until ``req`` finishes, yielding its events as they come."""
-        stream = self.streams[req.request_id]
+        """Drive the engine until ``req`` finishes, yielding its events as they come (those of steps run before
+        this call included)."""
+        if not req.finished and req.request_id not in self.requests:  # stepping would never finish it
+            raise ValueError(f"request {req.request_id} is not queued in this engine")
         sent = 0
         while True:
-            while sent < len(stream.events):
+            while sent < len(req.events):
                 sent += 1
-                yield stream.events[sent - 1]
-            if req.status is Status.FINISHED:
-                self.streams.pop(req.request_id, None)
-                self.requests.pop(req.request_id, None)
+                yield req.events[sent - 1]
+            if req.finished:
                 return
             self.step()
 

@@ -84,6 +84,9 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     arrival_s: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
+    # every event the engine emitted for it, in order (what Engine.stream replays): kept here, with the request's
+    # owner, not in an engine table that would outlive it
+    events: list[TokenEvent] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.prompt_ids:
@@ -117,6 +120,9 @@ class TokenEvent:
     finish_reason: str | None = None
     rung: int = 0
     error: str | None = None  # with finish_reason "error": what went wrong (the request was failed, not the engine)
+    # the token is the eos / stop_token_ids token that ended generation: it was generated (usage counts it, as
+    # vLLM does) but is no part of the text, so OpenAI's logprobs leave it out
+    stop_token: bool = False
     # when the engine produced it (time.monotonic): latency measured here, not where a consumer read it (a slow
     # client or a busy event loop would inflate TPOT and TTFT, and with them the controller's latency rule)
     time_s: float = field(default_factory=time.monotonic)

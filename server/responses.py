@@ -35,14 +35,18 @@ def finish_reason(reason: str | None) -> str | None:
 class ChoiceState:
     index: int
     text: list[str] = field(default_factory=list)
-    tokens: list[TokenEvent] = field(default_factory=list)  # events that carry a token (for logprobs, usage)
+    tokens: list[TokenEvent] = field(default_factory=list)  # events of the tokens the text is made of (logprobs)
     offsets: list[int] = field(default_factory=list)  # per token: where its text starts in the emitted text
+    # tokens generated, an ending eos / stop token included (usage.completion_tokens, as vLLM counts them)
+    generated: int = 0
     finish_reason: str | None = None
     error: str | None = None  # the engine's message when finish_reason is "error"
     _length: int = field(default=0, init=False, repr=False)  # characters emitted so far
 
     def add(self, event: TokenEvent) -> None:
         if event.token_id is not None:
+            self.generated += 1
+        if event.token_id is not None and not event.stop_token:
             self.tokens.append(event)
             self.offsets.append(self._length)
         self.text.append(event.text)
@@ -94,7 +98,7 @@ def completion_logprobs(events: list[TokenEvent], tokens: TokenView, offsets: li
 
 # --------------------------------------------------------------------------------------------- bodies
 def usage(prompt_tokens: int, choices: list[ChoiceState], prune_rate: float) -> dict:
-    completion = sum(len(c.tokens) for c in choices)
+    completion = sum(c.generated for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion, "prune_rate": prune_rate}
 
@@ -153,7 +157,7 @@ class ChunkWriter:
         not the end)."""
         index, reason = choice.index, finish_reason(event.finish_reason)
         logprobs = None
-        if self.tokens is not None and event.token_id is not None:
+        if self.tokens is not None and event.token_id is not None and not event.stop_token:
             if self.chat:
                 logprobs = chat_logprobs([event], self.tokens)
             else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 from helpers import tiny_hf_model
@@ -154,3 +156,37 @@ def test_bad_rung_is_refused_before_queueing(engine, tokenizer):
     with pytest.raises(ValueError, match="rung"):
         engine.add_request(prompt(tokenizer), rung=9)
     assert engine.scheduler.num_waiting == 0
+
+
+def _step_until_done(engine, reqs, seen) -> None:
+    while any(not r.finished for r in reqs):
+        for event in engine.step():
+            seen[event.request_id].append(event)
+
+
+def test_requests_driven_by_step_leave_nothing_behind_in_the_engine(engine, tokenizer):
+    """A long-running caller of ``step()`` (no ``stream()``): every request that ends (length, stop token,
+    cancelled while waiting or running) leaves the engine's per-request tables, and its events still arrive."""
+    seen, reqs = collections.defaultdict(list), []
+    for _ in range(3):  # waves of requests, as over a server's life
+        batch = [engine.add_request(prompt(tokenizer), SamplingParams(temperature=0, max_tokens=2 + i % 3,
+                                                                      ignore_eos=True), rung=i % 3)
+                 for i in range(8)]
+        engine.cancel(batch[-1].request_id)  # still waiting (4 seats)
+        for event in engine.step():  # prefills the first four
+            seen[event.request_id].append(event)
+        engine.cancel(batch[0].request_id)  # running, one token of two generated
+        _step_until_done(engine, batch, seen)
+        reqs += batch
+    stopped = engine.add_request(prompt(tokenizer), SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                                   stop_token_ids=(reqs[0].output_ids[0],)))
+    _step_until_done(engine, [stopped], seen)
+    reqs.append(stopped)
+    assert not engine.streams and not engine.requests and not engine.scheduler.has_work
+    assert {r.finish_reason for r in reqs} == {"length", "cancelled", "stop"}
+    for req in reqs:
+        assert seen[req.request_id] == [e for e in req.events if e.finish_reason != "cancelled"]
+        assert req.events[-1].finish_reason == req.finish_reason
+        assert list(engine.stream(req)) == req.events  # the synchronous API still replays them
+        if req.finish_reason != "cancelled":
+            assert len(req.events) == len(req.output_ids)
