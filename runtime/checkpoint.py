@@ -167,17 +167,27 @@ def read_manifest(ckpt_dir: str | Path) -> dict:
     return manifest
 
 
-def _verify_files(ckpt: Path, manifest: dict) -> None:
+def file_problems(ckpt: Path, manifest: dict) -> list[str]:
+    """One message per file the manifest lists that is missing or does not match its sha256 (empty: all intact).
+    Every file is checked, so `uniql info --verify` names each damaged one, not only the first."""
+    problems = []
     for name, digest in manifest["files"].items():
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             # a file of the checkpoint folder itself: a name with a path in it could point anywhere on the disk
             raise CheckpointError(f"{ckpt / MANIFEST} lists {name!r} as a checkpoint file; the manifest is damaged")
         path = ckpt / name
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
-        if sha256_file(path) != digest:
-            raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST}: the file is corrupt or "
-                                  "truncated; copy it again or re-run `uniql compress`")
+            problems.append(f"{path} is missing; the checkpoint is incomplete")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path} does not match its sha256 in {MANIFEST}: the file is corrupt or truncated; "
+                            "copy it again or re-run `uniql compress`")
+    return problems
+
+
+def _verify_files(ckpt: Path, manifest: dict) -> None:
+    problems = file_problems(ckpt, manifest)
+    if problems:
+        raise CheckpointError(problems[0])
 
 
 def _check_tensors(tensors: dict, manifest: dict) -> None:

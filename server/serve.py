@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -120,19 +122,54 @@ def preflight(cfg: ServerConfig) -> None:
     _check_port(cfg.host, cfg.port)  # last: the flags' own mistakes first, whatever holds the port
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _loading() -> bool:
+    return any(t.name == "uniql-load" and t.is_alive() for t in threading.enumerate())
+
+
+def _exit_while_loading() -> None:
+    # now, without the interpreter's teardown, which would abort the process under torch's running threads
+    # ("terminate called without an active exception")
+    print("uniql serve: stopped while the model was loading", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def _run_uvicorn(app, cfg: ServerConfig, log_level: str) -> bool:
+    """Serve until a signal stops the server; whether it started (uvicorn logged why not).
+
+    uvicorn handles SIGINT / SIGTERM only while it serves, then restores the handlers it found and re-raises the
+    signals it caught (under asyncio.run: a KeyboardInterrupt inside the event loop), and a second Ctrl-C forces
+    an exit that cancels the app's lifespan (a CancelledError traceback): Ctrl-C twice while the model was
+    loading printed both. So the handler is ours, installed before the loop starts and kept to the end: while
+    the model loads nothing can be in flight (every /v1 route answers 503) and a signal leaves at once; once it
+    has loaded, uvicorn's graceful shutdown runs as before (a second signal forces it)."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield  # our handler stays installed, and nothing is re-raised
+
+    server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level))
+
+    def on_signal(sig, frame) -> None:
+        if _loading():
+            _exit_while_loading()
+        server.handle_exit(sig, frame)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    server.run()
+    return server.started
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     logging.getLogger("uniql").setLevel(args.log_level.upper())
     app = build_app(cfg)
     preflight(cfg)
     print(f"uniql serve: http://{cfg.host}:{cfg.port}/v1 (model loading in the background; /health says when)",
           flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level)
-    if any(t.name == "uniql-load" and t.is_alive() for t in threading.enumerate()):
-        # stopped while the model still loads (or builds): leave now, without the interpreter's teardown, which
-        # would abort the process under torch's running threads ("terminate called without an active exception")
-        print("uniql serve: stopped while the model was loading", file=sys.stderr, flush=True)
-        os._exit(130)
-    return 0
+    started = _run_uvicorn(app, cfg, args.log_level)
+    if _loading():  # the signal came before the lifespan started the loading thread, which runs now
+        _exit_while_loading()
+    return 0 if started else 3  # uvicorn.run's status for a server that could not start

@@ -246,3 +246,29 @@ def test_info_on_a_damaged_manifest_names_it(int4_ckpt, tmp_path, capsys):
     (bad / "uniql.json").write_text(json.dumps(manifest))
     assert main(["info", str(bad)]) == 2
     assert "the manifest is damaged" in capsys.readouterr().err
+
+
+def test_info_verify_recomputes_the_checksums(int4_ckpt, tmp_path, capsys):
+    """Without --verify `info` reads the manifest only; with it, every listed file's sha256 is recomputed: OK, or
+    one line per altered or missing file and exit 2."""
+    import shutil
+
+    assert main(["info", str(int4_ckpt), "--verify"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "checksums OK: model.safetensors"
+    assert main(["info", str(int4_ckpt), "--verify", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verified_files"] == ["model.safetensors"]
+    bad = tmp_path / "bad"
+    shutil.copytree(int4_ckpt, bad)
+    weights = bad / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last tensor's last byte: the file still parses, only its checksum tells
+    weights.write_bytes(bytes(data))
+    assert main(["info", str(bad)]) == 0  # the summary alone, as before
+    capsys.readouterr()
+    for damage in ("does not match its sha256", "is missing"):
+        assert main(["info", str(bad), "--verify"]) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"uniql info: error: {weights} {damage}")
+        assert captured.out == ""
+        weights.unlink(missing_ok=True)

@@ -84,6 +84,9 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="summary of a checkpoint: architecture, ladder, bytes resident per rung")
     p.add_argument("ckpt")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--verify", action="store_true",
+                   help="also recompute the sha256 of every file the manifest lists (exit 2 if one differs or is "
+                        "missing)")
 
 
 def _add_generate(sub) -> None:
@@ -229,6 +232,19 @@ def info_report(manifest: dict) -> dict:
             "fp16_bytes": fp16, "rungs": rungs}
 
 
+def _damaged_files(ckpt: str, manifest: dict) -> bool:
+    """``uniql info --verify``: one error line per missing or altered file (the summary alone reads only the
+    manifest, so it looks fine for a checkpoint whose weights were truncated by a copy)."""
+    from pathlib import Path
+
+    from uniql.runtime.checkpoint import file_problems
+
+    problems = file_problems(Path(ckpt), manifest)
+    for problem in problems:
+        print(f"uniql info: error: {problem}", file=sys.stderr)
+    return bool(problems)
+
+
 def cmd_info(args) -> int:
     from uniql.runtime.checkpoint import CheckpointError, read_manifest
 
@@ -238,6 +254,10 @@ def cmd_info(args) -> int:
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise CheckpointError(f"{args.ckpt}: the manifest is damaged ({type(err).__name__}: {err}); "
                               "re-run `uniql compress`") from None
+    if args.verify:
+        if _damaged_files(args.ckpt, manifest):
+            return 2
+        report["verified_files"] = sorted(manifest["files"])
     if args.json:
         print(json.dumps(report))
         return 0
@@ -253,6 +273,8 @@ def cmd_info(args) -> int:
               f"total {r['total_bytes'] / 1e6:7.1f} MB (fp16 / total = {r['reduction_vs_fp16']:.2f}x); "
               f"mean kept mlp {kept['mlp']:.0f}, "
               f"qk {kept['qk']:.1f}, vo {kept['vo']:.1f}")
+    if args.verify:
+        print(f"checksums OK: {', '.join(report['verified_files'])}")
     return 0
 
 

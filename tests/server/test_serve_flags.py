@@ -33,7 +33,7 @@ def no_uvicorn(monkeypatch):
     def run(*args, **kwargs):
         raise AssertionError("the server started")
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(uvicorn.Server, "run", run)  # (`uniql serve` runs a uvicorn.Server with its own handlers)
 
 
 @pytest.mark.parametrize(("flags", "message"), BAD_FLAGS)
