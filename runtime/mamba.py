@@ -187,13 +187,20 @@ class ElasticMamba(nn.Module):
     def decay_rates(self) -> torch.Tensor:
         """``A = -exp(A_log)`` in fp32 for the decode step, computed once per value of ``A_log`` (three tiny
         launches a layer a token otherwise; inside a CUDA graph they are most of a Mamba layer's fixed cost).
-        Keyed on the parameter's storage and in-place version counter, so loading new weights recomputes it."""
-        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.device)
+        Keyed on the parameter's storage and in-place version counter, so loading new weights recomputes it. A
+        model built under ``torch.inference_mode`` has no version counters: its key is the storage alone, and
+        ``load_state_dict`` drops the cached value (``_load_from_state_dict``)."""
+        version = None if self.A_log.is_inference() else self.A_log._version
+        key = (self.A_log.data_ptr(), version, self.A_log.device)
         cached = self.__dict__.get("_decay")
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 self.__dict__["_decay"] = (key, -torch.exp(self.A_log.float()))
         return self.__dict__["_decay"][1]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_decay", None)  # new A_log values, possibly copied into the same storage
+        super()._load_from_state_dict(*args, **kwargs)
 
     def finish(self, u, y, x, z, p: int):
         """Skip (D x), gated norm and out_proj: ``y, x [b, T, H, p]``, flat rank-major ``z [b, T, H*p]``."""

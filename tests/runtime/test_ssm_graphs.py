@@ -207,3 +207,19 @@ def test_decay_rates_follow_the_parameter():
     torch.testing.assert_close(mixer.decay_rates(), -torch.exp(mixer.A_log.float()), atol=0, rtol=0)
     mixer.A_log = torch.nn.Parameter(torch.zeros_like(mixer.A_log))
     torch.testing.assert_close(mixer.decay_rates(), -torch.ones_like(mixer.A_log), atol=0, rtol=0)
+
+
+def test_decay_rates_of_a_model_built_under_inference_mode():
+    """Parameters made under torch.inference_mode track no version counter (reading it raised, so the decode step
+    of such a model failed); loading new weights into the same storage still refreshes the cached value."""
+    from uniql.runtime.mamba import ElasticMamba
+
+    with torch.inference_mode():
+        model = decoder_from_hf(tiny_ssm_hf_model("mamba2", vocab=64, seed=1))
+        mixer = next(layer.mamba for layer in model.layers)
+        assert isinstance(mixer, ElasticMamba) and mixer.A_log.is_inference()
+        torch.testing.assert_close(mixer.decay_rates(), -torch.exp(mixer.A_log.float()), atol=0, rtol=0)
+        state = {name: t.clone() for name, t in mixer.state_dict().items()}
+        state["A_log"] = torch.zeros_like(state["A_log"])
+        mixer.load_state_dict(state)
+        torch.testing.assert_close(mixer.decay_rates(), -torch.ones_like(mixer.A_log), atol=0, rtol=0)
