@@ -10,8 +10,8 @@
 #   decode   decode_gpu.py, Llama-3.1-8B shape, engine + dense bf16 + transformers eager (compiled skipped:
 #            SKIP_COMPILED=0 adds it, several minutes), ~3 min
 #   ssm      ssm_decode_gpu.py, Mamba2-8B / Nemotron-H-8B shapes with the transformers anchor, ~3 min
-#   profile  profile_decode.py: per-kernel time of a decode step at rates 0 and 0.35, Llama-3.1-8B and Mamba2-8B
-#            shapes (what does not shrink with the rate), ~2 min
+#   profile  profile_decode.py: per-kernel time of a decode step at rates 0, 0.15, 0.25, 0.35, Llama-3.1-8B and
+#            Mamba2-8B shapes (what does not shrink with the rate; why 0.25 decodes no faster than 0.15), ~2 min
 #   tests    the GPU tests of the kernels (real shapes, bf16) and the runner / SSM graphs, ~5 min
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
 #            .gpuwhl AND .whl carried (pytest and the server's wheels for the device's Python; lm_eval, which the
@@ -38,7 +38,7 @@ for step in ${SUITE:-ab kernels decode}; do
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do
-                     python3 profile_decode.py --model $m --rates 0,0.35 --json "$OUT/profile_${m}_$gpu.json"
+                     python3 profile_decode.py --model $m --rates 0,0.15,0.25,0.35 --json "$OUT/profile_${m}_$gpu.json"
                  done > "$OUT/profile_$gpu.txt" ;;
         tests) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/kernels tests/runtime/test_runner.py \
                     tests/runtime/test_ssm_graphs.py) > "$OUT/tests_$gpu.txt" 2>&1 ;;
