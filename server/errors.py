@@ -62,9 +62,10 @@ def engine_error(message: str | None) -> APIError:
 
 def from_validation_error(err: ValidationError | RequestValidationError) -> APIError:
     """The first pydantic error as a 400 naming its field (``messages.0.content``)."""
-    first = err.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    param = ".".join(loc) or None
+    found = [(e, _loc(e)) for e in err.errors()]
+    first, loc = found[0]
+    cut = next((i for i, part in enumerate(loc) if _is_union_tag(part)), None)
+    param = ".".join(loc if cut is None else loc[:cut]) or None
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         return bad_request(f"unknown parameter: {param!r} (this server does not accept it)", param,
@@ -72,7 +73,20 @@ def from_validation_error(err: ValidationError | RequestValidationError) -> APIE
     if kind in ("json_invalid", "json_type"):
         return bad_request("We could not parse the JSON body of your request: it must be a JSON object", None,
                            "invalid_json")
+    if cut is not None:  # a value none of a union's types took: the first member's complaint alone would mislead
+        tags = dict.fromkeys(other[cut] for _, other in found if len(other) > cut and other[:cut] == loc[:cut])
+        return bad_request(f"invalid type for {param!r}: expected one of {', '.join(tags)}", param, "invalid_type")
     return bad_request(f"invalid value for {param!r}: {first.get('msg', 'invalid')}", param, "invalid_value")
+
+
+def _loc(error: dict) -> list[str]:
+    return [str(p) for p in error.get("loc", ()) if p != "body"]
+
+
+def _is_union_tag(part: str) -> bool:
+    """Pydantic puts the member it tried into the location of a union's errors (``stop.list[str].0``); such a
+    tag is no parameter a client sent, so the param stops before it (``stop``)."""
+    return "[" in part or part in ("str", "int", "float", "bool")
 
 
 _FIELD = re.compile(r"invalid (\w+)")

@@ -106,8 +106,8 @@ def parse(model_cls: type[BaseModel], body: Any) -> BaseModel:
     for name, reason in UNSUPPORTED.items():
         if body.get(name) is not None:
             raise bad_request(f"{name}: {reason} by this server", name, "unsupported_parameter")
-    try:
-        req = model_cls.model_validate(body)
+    try:  # strict: `"max_tokens": true` or `"stream": "yes"` is a 400 as in OpenAI, never a silent 1 or true
+        req = model_cls.model_validate(body, strict=True)
     except ValidationError as err:
         raise from_validation_error(err) from None
     _check_specifics(req)
@@ -119,7 +119,10 @@ def _without_nulls(model_cls: type[BaseModel], body: dict) -> dict:
     null of a field this server knows (or refuses by name) is dropped, so it takes its default. Unknown fields
     keep their null and are refused as unknown, as any other value of theirs."""
     known = model_cls.model_fields.keys() | UNSUPPORTED.keys()
-    return {k: v for k, v in body.items() if v is not None or k not in known}
+    body = {k: v for k, v in body.items() if v is not None or k not in known}
+    if body.get("logit_bias") == {}:  # no bias at all: what this server does anyway (OpenAI and vLLM take it)
+        del body["logit_bias"]
+    return body
 
 
 def _check_specifics(req: BaseModel) -> None:
@@ -182,6 +185,7 @@ def chat_messages(req: ChatRequest) -> list[dict]:
     for i, msg in enumerate(req.messages):
         _check_replayed_fields(i, msg)
         content = msg.content
+        _check_content(i, msg)
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
@@ -189,10 +193,19 @@ def chat_messages(req: ChatRequest) -> list[dict]:
                     raise bad_request(f"messages[{i}].content[{j}]: only text parts are supported",
                                       f"messages.{i}.content.{j}", "unsupported_parameter")
                 texts.append(part["text"])
-            content = "".join(texts)
+            content = "\n".join(texts)  # as vLLM: "".join glued the last word of a part to the next part's first
         role = "system" if msg.role == "developer" else msg.role
         out.append({"role": role, "content": content or ""})
     return out
+
+
+def _check_content(i: int, msg: ChatMessage) -> None:
+    """Only an assistant turn may come without content (OpenAI's replayed refusals and tool calls); any other
+    message without text would reach the model as an empty turn the client never wrote."""
+    if msg.role != "assistant" and (msg.content is None or msg.content == []):
+        what = "is required" if msg.content is None else "must not be an empty list"
+        raise bad_request(f"messages[{i}].content {what} for a {msg.role} message", f"messages.{i}.content",
+                          "invalid_value")
 
 
 def _check_replayed_fields(i: int, msg: ChatMessage) -> None:

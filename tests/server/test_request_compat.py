@@ -83,3 +83,60 @@ def test_out_of_range_seed_and_top_k_are_400_naming_the_field(tiny_server, body,
     error = resp.json()["error"]
     assert error["param"] == param and sent in error["message"]
     assert _post(tiny_server, "completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("chat/completions", {"max_tokens": True}, "max_tokens"),  # was 1 token
+    ("chat/completions", {"max_tokens": "5"}, "max_tokens"),  # was 5 tokens
+    ("chat/completions", {"stream": "yes"}, "stream"),  # was a stream
+    ("chat/completions", {"seed": "7"}, "seed"),
+    ("chat/completions", {"n": 2.0}, "n"),
+    ("chat/completions", {"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ("completions", {"prompt": [True, 2]}, "prompt"),  # was token ids [1, 2]
+    ("completions", {"logprobs": True}, "logprobs"),  # was logprobs=1
+])
+def test_a_value_of_the_wrong_type_is_a_400_not_coerced(tiny_server, path, body, param):
+    base = {"messages": [USER]} if path.startswith("chat") else {"prompt": "hi"}
+    resp = _post(tiny_server, path, {**base, "max_tokens": 2, **body})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"] == param
+
+
+def test_a_union_type_error_names_the_parameter_not_pydantics_member(tiny_server):
+    """``"stop": [1]`` was a 400 naming ``stop.str`` ("Input should be a valid string")."""
+    cases = [("chat/completions", {"messages": [USER], "stop": [1]}, "stop"),
+             ("chat/completions", {"messages": [{"role": "user", "content": ["hi"]}]}, "messages.0.content"),
+             ("completions", {"prompt": [[1], [2, "x"]]}, "prompt")]
+    for path, body, param in cases:
+        error = _post(tiny_server, path, body).json()["error"]
+        assert error["param"] == param and error["code"] == "invalid_type", error
+        assert "list[str]" in error["message"] or "list[dict" in error["message"], error
+
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None},
+                                     {"role": "system", "content": []}, {"role": "tool", "tool_call_id": "c"}])
+def test_a_message_without_content_is_a_400_unless_from_the_assistant(tiny_server, message):
+    resp = _post(tiny_server, "chat/completions", {"messages": [message, USER], "max_tokens": 2})
+    assert resp.status_code == 400, resp.text  # was an empty turn the client never wrote
+    assert resp.json()["error"]["param"] == "messages.0.content"
+    replayed = [USER, {"role": "assistant", "content": None, "refusal": "no"}, USER]
+    assert _post(tiny_server, "chat/completions", {"messages": replayed, "max_tokens": 2}).status_code == 200
+
+
+def test_text_parts_of_a_message_are_joined_by_newlines_as_in_vllm(client):
+    """They were joined with nothing: ["Say", "something"] reached the model as "Saysomething"."""
+    def answer(content):
+        resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                              max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        return resp.choices[0].message.content, resp.usage.prompt_tokens
+
+    parts = [{"type": "text", "text": "Say"}, {"type": "text", "text": "something about foxes."}]
+    assert answer(parts) == answer("Say\nsomething about foxes.")
+
+
+def test_an_empty_logit_bias_is_accepted_and_a_real_one_refused(tiny_server):
+    """``"logit_bias": {}`` biases nothing (OpenAI accepts it) and was a 400."""
+    ok = _post(tiny_server, "completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {}})
+    assert ok.status_code == 200, ok.text
+    refused = _post(tiny_server, "completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {"11": 5}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logit_bias"
