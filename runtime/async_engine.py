@@ -8,6 +8,8 @@ applies it between two steps; ``load`` and ``live_min_rung`` read state publishe
 Only a small admission lock, never held during engine work, makes the queue-capacity check atomic.
 ``between_steps`` runs a function ON the engine thread between two steps (elastic residency replaces weight
 tensors there): a queued call is taken before the next step, so a busy engine cannot starve it.
+Once the thread stops (``shutdown``, or a crash) every live stream ends with an "error" event and ``submit``
+raises RuntimeError: nothing may wait for a step that will never come.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class AsyncEngine:
         self._ops: queue_mod.SimpleQueue[tuple[str, object]] = queue_mod.SimpleQueue()  # ("add", req) / ("cancel", id)
         self._work = threading.Event()
         self._stop = threading.Event()
+        self._closed = False  # set (under _admit) once the thread stops: submit refuses, as no step would run it
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._calls: queue_mod.SimpleQueue[tuple[object, Future]] = queue_mod.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="uniql-engine", daemon=True)
@@ -90,6 +93,8 @@ class AsyncEngine:
         holds (ops apply in queue order, and a finish is counted out after the scheduler dropped it), so an add
         this check lets through always finds room when the thread applies it."""
         with self._admit:
+            if self._closed:
+                raise RuntimeError("the engine has stopped")
             if len(self._live) >= self._capacity:
                 raise QueueFull(self._retry_after_s())
             self._live[req.request_id] = req.rung
@@ -215,19 +220,33 @@ class AsyncEngine:
         self.load = Load(scheduler.num_running, scheduler.num_waiting, self.engine.runner.cache_bytes)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:  # stopped or crashed: no stream may wait for a step that will never come
+            with self._admit:
+                self._closed = True  # after this no add is queued, so the drain below sees every one
+            with self._lock:
+                self._apply_ops()
+                self._dispatch(self._fail_live("RuntimeError: the engine stopped"))
+                self._publish()
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             self._work.clear()  # before taking the ops: one queued after this wakes the wait below
             self._run_calls()
             with self._lock:
                 self._apply_ops()
                 busy = self.engine.scheduler.has_work
-                for event in self._step() if busy else []:
-                    if event.finish_reason is not None:  # (the engine has already dropped it)
-                        self._retire(event.request_id)
-                    self._deliver(event)
+                self._dispatch(self._step() if busy else [])
                 self._publish()
             if not busy:
                 self._work.wait(self.idle_wait_s)
+
+    def _dispatch(self, events) -> None:
+        for event in events:
+            if event.finish_reason is not None:  # (the engine has already dropped it)
+                self._retire(event.request_id)
+            self._deliver(event)
 
     def _step(self):
         """One engine step. The engine fails only the requests a failure touches; should the step itself fail
@@ -236,8 +255,11 @@ class AsyncEngine:
             return self.engine.step()
         except Exception as err:  # noqa: BLE001
             log.exception("engine step failed")
-            live = [r for r in self.engine.requests.values() if not r.finished]
-            return self.engine.fail(live, f"{type(err).__name__}: {err}")
+            return self._fail_live(f"{type(err).__name__}: {err}")
+
+    def _fail_live(self, message: str):
+        live = [r for r in self.engine.requests.values() if not r.finished]
+        return self.engine.fail(live, message)
 
     def shutdown(self) -> None:
         self._stop.set()

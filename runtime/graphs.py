@@ -90,6 +90,10 @@ class DecodeGraphs:
         self.graphs.clear()  # a pending lookahead keeps its entry (and host buffers) until it is read
         self.pool = torch.cuda.graph_pool_handle()
 
+    def current(self, entry: _Graph) -> bool:
+        """Whether ``entry`` is still one of the captured graphs (``reset`` drops them all)."""
+        return any(g is entry for g in self.graphs.values())
+
     def run(self, rung: int, ids: list[int], lengths: list[int],
             caches: list[KVCache]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, V]`` and greedy picks ``[2, B]`` for one decode step of these requests (views valid until

@@ -101,7 +101,10 @@ class ModelRunner:
         else:
             picks = self._decode(reqs)[1].tolist()
             return picks[0], [bool(v) for v in picks[1]]
-        if lookahead and all(c.length < c.max_len for c in (self.caches[r.request_id] for r in reqs)):
+        # a pending step read after ``graphs.reset`` ran a dropped graph: replaying it again would read the weight
+        # tensors a residency pass replaced (freed memory); the next step captures a fresh one instead
+        if (lookahead and graphs.current(entry)
+                and all(c.length < c.max_len for c in (self.caches[r.request_id] for r in reqs))):
             graphs.chain(entry)  # room for one more token in every cache checked above: the kernels trust lengths
             graphs.fetch(entry, 1 - slot)
             graphs.pending = Lookahead(key, entry, 1 - slot)

@@ -152,3 +152,31 @@ def test_committed_cache_bytes_count_queued_requests_until_they_end(engines, tok
     two = sync.runner.cache_bytes_for(sync.new_request(ids, SamplingParams(max_tokens=30, ignore_eos=True)))
     assert committed == one + two and after_cancel == one
     assert front.committed_cache_bytes() == 0  # the finished one is counted out too
+
+
+def test_shutdown_ends_every_live_stream_and_later_submits_fail(engines, tokenizer):
+    """Streams still running or queued at shutdown waited forever for a step that never came, and a request
+    submitted afterwards was queued for a thread that was gone: both hung their consumers."""
+    sync, _ = engines
+    front = AsyncEngine(SlowEngine(sync.runner.model, tokenizer, max_num_seqs=1))  # one seat: the second waits
+    ids, params = tokenizer("Hello")["input_ids"], SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def main():
+        running, waiting = await front.generate(ids, params), await front.generate(ids, params)
+        first = await anext(running)
+        await asyncio.to_thread(front.shutdown)
+        with pytest.raises(RuntimeError, match="stopped"):
+            front.submit(ids, params)
+        rest = await asyncio.wait_for(asyncio.gather(collect_all(running), collect_all(waiting)), 5)
+        return [first, *rest[0]], rest[1]
+
+    running, waiting = asyncio.run(main())
+    assert running[-1].finish_reason == waiting[-1].finish_reason == "error"
+    assert "stopped" in running[-1].error and len(waiting) == 1
+    engine = front.engine
+    assert engine.runner.cache_bytes == 0 and not engine.requests and not engine.scheduler.has_work
+    assert front.committed_cache_bytes() == 0 and front.live_min_rung() is None
+
+
+async def collect_all(stream):
+    return [event async for event in stream]
