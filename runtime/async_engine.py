@@ -9,7 +9,7 @@ Only a small admission lock, never held during engine work, makes the queue-capa
 ``between_steps`` runs a function ON the engine thread between two steps (elastic residency replaces weight
 tensors there): a queued call is taken before the next step, so a busy engine cannot starve it.
 Once the thread stops (``shutdown``, or a crash) every live stream ends with an "error" event and ``submit``
-raises RuntimeError: nothing may wait for a step that will never come.
+raises EngineStopped: nothing may wait for a step that will never come.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ def _drained(q: queue_mod.SimpleQueue):
             yield q.get_nowait()
         except queue_mod.Empty:
             return
+
+
+class EngineStopped(RuntimeError):
+    """``submit`` after the engine thread stopped: no step would ever run the request."""
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class AsyncEngine:
         this check lets through always finds room when the thread applies it."""
         with self._admit:
             if self._closed:
-                raise RuntimeError("the engine has stopped")
+                raise EngineStopped("the engine has stopped")
             if len(self._live) >= self._capacity:
                 raise QueueFull(self._retry_after_s())
             self._live[req.request_id] = req.rung

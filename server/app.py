@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from uniql.runtime.async_engine import EngineStopped
 from uniql.runtime.scheduler import QueueFull
 
 from . import errors, responses, schema
@@ -78,7 +79,7 @@ class AppState:
             message = f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
             raise APIError(503, message, None, "model_not_ready")
         if not self.service.backend.alive:  # its requests would wait forever: say so instead
-            raise APIError(503, "the engine has stopped; restart the server", None, "engine_dead")
+            raise _engine_dead()
         return self.service
 
     def close(self) -> None:
@@ -213,6 +214,10 @@ def _max_tokens(req, prompt_len: int, max_model_len: int, default: int, kind: st
     return min(default, room) if asked is None else asked
 
 
+def _engine_dead() -> APIError:
+    return APIError(503, "the engine has stopped; restart the server", None, "engine_dead")
+
+
 async def _generate(state: AppState, service: AdaptiveService, request: Request, req, ids: list[int], kind: str):
     max_tokens = _max_tokens(req, len(ids), service.backend.max_model_len, state.cfg.default_max_tokens, kind)
     if req.n > service.backend.max_choices:  # a 429 would tell the client to retry what can never fit
@@ -223,6 +228,8 @@ async def _generate(state: AppState, service: AdaptiveService, request: Request,
         admission = await service.admit(ids, params, req.prune_rate)
     except QueueFull as err:
         raise errors.queue_full(err.retry_after_s) from None
+    except EngineStopped:  # it stopped after ready() looked: the same 503, not a 500
+        raise _engine_dead() from None
     except ValueError as err:
         raise errors.from_value_error(err) from None
     headers = {"x-uniql-prune-rate": f"{admission.prune_rate:.2f}", "x-uniql-rung": str(admission.decision.rung)}

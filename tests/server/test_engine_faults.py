@@ -159,3 +159,16 @@ def test_health_is_503_once_the_engine_thread_stopped(tiny_ckpt):
         chat = httpx.post(f"{base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=HEADERS,
                           timeout=10)
         assert chat.status_code == 503  # not a request that would wait forever
+
+
+def test_a_request_that_races_the_engine_stopping_is_a_503_not_a_500(tiny_ckpt, monkeypatch):
+    """The engine thread stops between ready()'s alive check and the submit: the submit's EngineStopped is the same
+    503 engine_dead, not an internal error."""
+    from uniql.server.bridge import EngineBackend
+
+    with rigged_server(tiny_config(tiny_ckpt), lambda backend: None) as (base_url, app):
+        app.state.uniql.service.backend.front.shutdown()
+        monkeypatch.setattr(EngineBackend, "alive", property(lambda self: True))  # the check saw it alive
+        reply = httpx.post(f"{base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=HEADERS,
+                           timeout=10)
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "engine_dead"
