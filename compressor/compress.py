@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -19,6 +20,7 @@ from uniql.runtime.checkpoint import (
     DTYPES,
     MANIFEST,
     WRITE_PROBE_PREFIX,
+    checked_device,
     load_checkpoint,
     load_tokenizer,
     prepare_out_dir,
@@ -33,7 +35,7 @@ from .allocation import build_ladder
 from .calib_data import calibration_batches, source_file
 from .calibrate import BlockImportanceCollector, SortStatsCollector, run_layerwise
 from .finetune import FinetuneConfig, finetune_decoder
-from .model_input import load_source, resolve_model_path
+from .model_input import load_source, resolve_model_path, source_spec
 from .orders import ORDERS, magnitude_orders, random_orders, uniql_orders
 from .quantize import QuantConfig, quantize_model
 from .sorting import apply_orders
@@ -67,14 +69,14 @@ class CompressConfig:
         for name in ("calib_samples", "calib_seqlen", "bi_samples", "bi_seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
-        # checked now, not by the allocation after calibration (a ridge lambda of 0 makes every leverage 1: no order)
-        if not (self.eps > 0 and 0 < self.max_prune <= 1 and self.ridge_lambda > 0):
-            raise ValueError(f"need eps > 0, max_prune in (0, 1] and ridge_lambda > 0; got eps {self.eps}, "
+        # checked now, not by the allocation after calibration (a ridge lambda of 0 makes every leverage 1: no order;
+        # an infinite eps flattens the allocation without a word)
+        if not (0 < self.eps < math.inf and 0 < self.max_prune <= 1 and 0 < self.ridge_lambda < math.inf):
+            raise ValueError(f"need a finite eps > 0, max_prune in (0, 1] and ridge_lambda > 0; got eps {self.eps}, "
                              f"max_prune {self.max_prune}, ridge_lambda {self.ridge_lambda}")
         if not all(0 <= r <= self.max_prune for r in self.rates):
             raise ValueError(f"ladder rates {list(self.rates)} must lie within [0, max_prune={self.max_prune}]")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but no CUDA device is available")
+        checked_device(self.device)  # `--device gpu` was a traceback from the first calibration batch
         for stage in (self.quant, self.finetune):  # their mistakes show now, not after hours of calibration
             if stage is not None:
                 stage.validate()
@@ -188,14 +190,14 @@ def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: s
     with _out_dir(out_dir, (resolve_model_path(model_name),)):
         _check_sources(cfg.quant, [("sorting data", cfg.calib_source)] * (cfg.order == "uniql")
                        + [("block-importance data", cfg.bi_source)])
+        sort_seqlen = cfg.calib_seqlen if cfg.order == "uniql" else 0  # random / magnitude read no data
+        _check_context(source_spec(model_name).max_position_embeddings, cfg.quant, cfg.finetune,
+                       {"--bi-seqlen": cfg.bi_seqlen, "--calib-seqlen": sort_seqlen})
         timings: dict = {}
         with stage("load", timings, cfg.device):
             source = load_source(model_name)
             model = decoder_from_hf(source.hf_model, share=True)  # no second copy of the weights in host memory
             del source.hf_model
-        sort_seqlen = cfg.calib_seqlen if cfg.order == "uniql" else 0  # random / magnitude read no data
-        _check_context(model.spec.max_position_embeddings, cfg.quant, cfg.finetune,
-                       {"--bi-seqlen": cfg.bi_seqlen, "--calib-seqlen": sort_seqlen})
         model, result = compress_decoder(model, source.tokenizer, cfg, timings)
         return _finish(model, source.tokenizer, cfg.finetune, cfg.quant, out_dir, timings, cfg.device, dtype,
                        alignment=result["alignment"], source=source.info, calibration=result["provenance"])
@@ -304,6 +306,7 @@ def finetune_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, finetune: Fin
         raise ValueError(f"{ckpt_dir} holds {manifest.get('weights')} weights; fine-tuning needs the sorted "
                          "floating-point checkpoint: `uniql compress MODEL --no-quant --out DIR`")
     finetune.validate()  # its mistakes and quantization's before --out is created, not after loading the model
+    checked_device(device)  # quantization runs there: a bad one was a traceback after the training
     if quant is not None:
         quant.validate()
     with _out_dir(out_dir, (ckpt_dir,)):

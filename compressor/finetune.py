@@ -80,10 +80,12 @@ class FinetuneConfig:
         if self.state_dir and Path(self.state_dir).exists() and not Path(self.state_dir).is_dir():
             # found now, not at the first adapter checkpoint after the training it was to keep
             raise ValueError(f"fine-tuning state directory {self.state_dir} is a file")
-        if self.lr <= 0 or self.rung_decay < 0:
-            raise ValueError("fine-tuning needs lr > 0 and rung_decay >= 0")
-        if not 0.0 <= self.distill <= 1.0 or self.distill_temperature <= 0:
-            raise ValueError("distillation needs a weight in [0, 1] and a positive temperature")
+        # nan / inf passed these comparisons and trained to a NaN checkpoint, written with exit 0
+        if not (0 < self.lr < math.inf and 0 <= self.rung_decay < math.inf):
+            raise ValueError(f"fine-tuning needs a finite lr > 0 and rung_decay >= 0, got {self.lr} and "
+                             f"{self.rung_decay}")
+        if not (0.0 <= self.distill <= 1.0 and 0 < self.distill_temperature < math.inf):
+            raise ValueError("distillation needs a weight in [0, 1] and a positive, finite temperature")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise ValueError(f"mixed_precision must be auto, no or bf16, not {self.mixed_precision!r}")
         if self.resume and not self.state_dir:
@@ -92,7 +94,8 @@ class FinetuneConfig:
         if saved is not None:  # a fresh run would replace that run's checkpoint at its first save
             raise ValueError(f"{self.state_dir} holds the adapter checkpoint of a run at step {saved}: pass --resume "
                              "to continue it, or choose another state directory (--finetune-state-dir / --out)")
-        if self.rung_weights is not None and (min(self.rung_weights) < 0 or sum(self.rung_weights) <= 0):
+        if self.rung_weights is not None and not (all(0 <= w < math.inf for w in self.rung_weights)
+                                                  and sum(self.rung_weights) > 0):
             raise ValueError(f"rung weights must be >= 0 with a positive sum, got {self.rung_weights}")
         for source in self.sources():
             source_file(source, "fine-tuning data")

@@ -9,6 +9,7 @@ inference at that rung reads (no separate training mask that could disagree with
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -32,8 +33,9 @@ class LoraSettings:
     extra: dict = field(default_factory=dict)  # passed through to peft.LoraConfig
 
     def validate(self) -> None:
-        if self.rank < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA needs rank >= 1, alpha > 0 and dropout in [0, 1): {self}")
+        # a nan / inf alpha trained to a NaN checkpoint, written with exit 0
+        if self.rank < 1 or not 0 < self.alpha < math.inf or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA needs rank >= 1, a finite alpha > 0 and dropout in [0, 1): {self}")
 
     def manifest(self, model: ElasticDecoder) -> dict:
         return {**asdict(self), "targets": resolve_targets(model, self.targets)}

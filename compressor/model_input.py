@@ -10,6 +10,7 @@ import torch
 
 from uniql.paths import DEFAULT_MODEL_ALIAS, smollm2_gguf
 from uniql.runtime.checkpoint import sha256_file
+from uniql.runtime.spec import ArchSpec, spec_from_hf_config
 
 
 @dataclass
@@ -42,18 +43,37 @@ def _dir_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _located(model: str) -> tuple[Path, Path, str, dict]:
+    """(path, folder transformers reads, format, its extra loading arguments)."""
+    path = resolve_model_path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        return path, path.parent, "gguf", {"gguf_file": path.name}
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, path, "hf", {}
+    raise ValueError(f"{path} is neither a .gguf file nor a model directory with config.json")
+
+
+def source_spec(model: str) -> ArchSpec:
+    """The source's architecture from its config alone, before any weight is read: an unsupported family (GPT-2,
+    BERT) was refused only after the whole model had loaded, as "GPT2LMHeadModel is not a causal language model";
+    and the model's context is known before the load."""
+    from transformers import AutoConfig
+
+    path, root, _, kwargs = _located(model)
+    config = _loaded("config", path, lambda: AutoConfig.from_pretrained(str(root), local_files_only=True,
+                                                                        **kwargs))
+    try:
+        return spec_from_hf_config(config)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def load_source(model: str, dtype: torch.dtype = torch.float32) -> SourceModel:
     """Load tokenizer and transformers model from local files only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(model)
-    if path.is_file() and path.suffix == ".gguf":
-        kwargs = {"gguf_file": path.name}
-        root, fmt, digest = path.parent, "gguf", sha256_file(path)
-    elif path.is_dir() and (path / "config.json").is_file():
-        kwargs, root, fmt, digest = {}, path, "hf", _dir_sha256(path)
-    else:
-        raise ValueError(f"{path} is neither a .gguf file nor a model directory with config.json")
+    path, root, fmt, kwargs = _located(model)
+    digest = sha256_file(path) if fmt == "gguf" else _dir_sha256(path)
     if fmt == "hf" and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the tokenizer of "
                          "the model into it (a UniQL checkpoint carries it)")

@@ -9,6 +9,7 @@ dt_bias, A_log and D stay floating point (small, and the recurrence is sensitive
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
@@ -75,12 +76,12 @@ class QuantConfig:
             raise ValueError(f"group size must be one of {int4_format.GROUP_SIZES}")
         if self.gptq_objective not in ("full", "rungs"):
             raise ValueError(f"gptq objective must be full or rungs, got {self.gptq_objective!r}")
-        if self.rung0_weight <= 0:
-            raise ValueError(f"rung0 weight must be positive, got {self.rung0_weight}")
+        if not 0 < self.rung0_weight < math.inf:  # nan / inf: a Cholesky traceback after the calibration
+            raise ValueError(f"--gptq-rung0-weight must be positive and finite, got {self.rung0_weight}")
         for name in ("calib_samples", "calib_seqlen", "batch_size", "block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"quantization {name} must be at least 1, got {getattr(self, name)}")
-        if not self.damp > 0:
+        if not 0 < self.damp < math.inf:
             raise ValueError(f"GPTQ damp must be positive, got {self.damp}")
 
     def manifest(self) -> dict:

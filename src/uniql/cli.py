@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
 
-from uniql.cli_finetune import add_finetune_args, add_finetune_parser, cmd_finetune, finetune_config
+from uniql.cli_finetune import (
+    add_finetune_args,
+    add_finetune_parser,
+    cmd_finetune,
+    finetune_config,
+    refuse_ignored_flags,
+)
 from uniql.paths import DEFAULT_MODEL_ALIAS
 from uniql.runtime.dtypes import add_dtype_arg
 
@@ -73,7 +80,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="perplexity windows to evaluate")
     p.add_argument("--seqlen", type=int, default=None,
                    help="perplexity window length (default: 2048, or the model's context if shorter)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="documents per batch of the zero-shot tasks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the model to this dtype (default: as stored)")
@@ -162,7 +169,8 @@ def cmd_bench(args) -> int:
         print(f"uniql bench: error: {err}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"ckpt": args.ckpt, "device": args.device, "dtype": dtype, "rows": rows}))
+        print(json.dumps(json_safe({"ckpt": args.ckpt, "device": args.device, "dtype": dtype, "rows": rows}),
+                         allow_nan=False))
         return 0
     print(f"{args.ckpt} on {args.device} in {dtype}")
     for r in rows:
@@ -174,6 +182,7 @@ def cmd_bench(args) -> int:
 def cmd_compress(args) -> int:
     from uniql.compressor.compress import CompressConfig, compress
 
+    refuse_ignored_flags(args, finetune_optional=True)
     cfg = CompressConfig(quant=_quant_config(args), finetune=finetune_config(args), order=args.order,
                          calib_source=args.calib_data, calib_samples=args.calib_samples,
                          calib_seqlen=args.calib_seqlen, bi_source=args.bi_data, bi_samples=args.bi_samples,
@@ -186,6 +195,18 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def json_safe(value):
+    """``value`` with every NaN / infinity as null: json.dumps wrote them as bare NaN / Infinity, which is not JSON
+    (jq and JSON.parse reject the whole line), e.g. the perplexity of a checkpoint whose logits are NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def cmd_eval(args) -> int:
     from uniql.compressor.evaluate import evaluate
     from uniql.runtime.checkpoint import DTYPES, load_checkpoint, load_tokenizer
@@ -193,15 +214,16 @@ def cmd_eval(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     model, manifest = load_checkpoint(args.ckpt, device=args.device, dtype=dtype)
     rung = model.ladder.nearest(args.rate)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    seqlen = args.seqlen or min(2048, model.spec.max_position_embeddings)
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # a repeat ran twice
+    # `is None`, not `or`: --seqlen 0 silently became the default instead of being refused like -5
+    seqlen = min(2048, model.spec.max_position_embeddings) if args.seqlen is None else args.seqlen
     results = evaluate(model, load_tokenizer(args.ckpt), tasks, rung=rung, limit=args.limit,
                        max_windows=args.max_windows, seqlen=seqlen, batch_size=args.batch_size,
                        device=args.device)
     report = {"ckpt": args.ckpt, "rate": model.ladder.rates[rung], "requested_rate": args.rate, "rung": rung,
               "order": manifest["calibration"].get("order"), "limit": args.limit, "tasks": results}
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(json_safe(report), allow_nan=False))
     else:
         print(f"rate {report['rate']:.2f} (rung {rung}, asked {args.rate})")
         for task, metrics in results.items():

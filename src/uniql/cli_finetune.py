@@ -10,35 +10,77 @@ def _floats(text: str) -> list[float]:
 
 
 def add_finetune_args(p, steps_default: int) -> None:
-    g = p.add_argument_group("masked LoRA recovery (run under `accelerate launch` for several GPUs)")
-    g.add_argument("--finetune-steps", type=int, default=steps_default,
-                   help=f"optimizer steps of masked LoRA (default {steps_default}; 0 = none)")
-    g.add_argument("--finetune-data", default="alpaca",
-                   help="alpaca, wikitext2, or a file: .json/.jsonl Alpaca records (or a 'text' field), plain text")
-    g.add_argument("--finetune-batch-size", type=int, default=8, help="sequences per micro-batch per process")
-    g.add_argument("--finetune-grad-accum", type=int, default=2, help="micro-batches per optimizer step")
-    g.add_argument("--finetune-seqlen", type=int, default=512)
-    g.add_argument("--finetune-lr", type=float, default=2e-4)
-    g.add_argument("--finetune-warmup", type=int, default=None, help="warmup steps (default 10 %% of the steps)")
-    g.add_argument("--finetune-max-examples", type=int, default=None)
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
-    g.add_argument("--lora-dropout", type=float, default=0.05)
-    g.add_argument("--lora-targets", default=None,
-                   help="comma list of projections (default: all, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,...)")
-    g.add_argument("--rung-decay", type=float, default=0.1,
-                   help="P(rung) ~ exp(-decay * (heaviest - rung)): heavier rungs drawn more often; 0 = uniform")
-    g.add_argument("--rung-weights", type=_floats, default=None, help="explicit draw weights, one per rung")
-    g.add_argument("--distill", type=float, default=0.0,
-                   help="weight in [0, 1] of self-distillation towards the model's own rung-0 predictions "
-                        "(KL on the loss tokens; 0 = plain causal-LM loss)")
-    g.add_argument("--distill-temperature", type=float, default=1.0)
-    g.add_argument("--finetune-precision", default="auto", choices=["auto", "no", "bf16"],
-                   help="bf16 autocast: auto = on GPU only; bf16 also on CPU (fast with AMX / AVX512-BF16)")
-    g.add_argument("--finetune-state-dir", default=None,
-                   help="adapter checkpoints (default: OUT/finetune_state)")
-    g.add_argument("--finetune-save-every", type=int, default=100, help="adapter checkpoint period in steps")
-    g.add_argument("--resume", action="store_true", help="continue from the latest adapter checkpoint")
+    group = p.add_argument_group("masked LoRA recovery (run under `accelerate launch` for several GPUs)")
+    dests: list[str] = []
+
+    def add(*names, **kwargs) -> None:  # each flag's name noted: `refuse_ignored_flags` reads them
+        dests.append(group.add_argument(*names, **kwargs).dest)
+
+    add("--finetune-steps", type=int, default=steps_default,
+        help=f"optimizer steps of masked LoRA (default {steps_default}; 0 = none)")
+    add("--finetune-data", default="alpaca",
+        help="alpaca, wikitext2, or a file: .json/.jsonl Alpaca records (or a 'text' field), plain text")
+    add("--finetune-batch-size", type=int, default=8, help="sequences per micro-batch per process")
+    add("--finetune-grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    add("--finetune-seqlen", type=int, default=512)
+    add("--finetune-lr", type=float, default=2e-4)
+    add("--finetune-warmup", type=int, default=None, help="warmup steps (default 10 %% of the steps)")
+    add("--finetune-max-examples", type=int, default=None)
+    add("--lora-rank", type=int, default=8)
+    add("--lora-alpha", type=float, default=16.0)
+    add("--lora-dropout", type=float, default=0.05)
+    add("--lora-targets", default=None,
+        help="comma list of projections (default: all, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,...)")
+    add("--rung-decay", type=float, default=0.1,
+        help="P(rung) ~ exp(-decay * (heaviest - rung)): heavier rungs drawn more often; 0 = uniform")
+    add("--rung-weights", type=_floats, default=None, help="explicit draw weights, one per rung")
+    add("--distill", type=float, default=0.0,
+        help="weight in [0, 1] of self-distillation towards the model's own rung-0 predictions "
+             "(KL on the loss tokens; 0 = plain causal-LM loss)")
+    add("--distill-temperature", type=float, default=1.0)
+    add("--finetune-precision", default="auto", choices=["auto", "no", "bf16"],
+        help="bf16 autocast: auto = on GPU only; bf16 also on CPU (fast with AMX / AVX512-BF16)")
+    add("--finetune-state-dir", default=None,
+        help="adapter checkpoints (default: OUT/finetune_state)")
+    add("--finetune-save-every", type=int, default=100, help="adapter checkpoint period in steps")
+    add("--resume", action="store_true", help="continue from the latest adapter checkpoint")
+    p.set_defaults(finetune_dests=tuple(dests), flag_default=p.get_default)
+
+
+GPTQ_ONLY = ("quant_data", "quant_samples", "quant_seqlen", "gptq_objective", "gptq_rung0_weight")
+QUANT_FLAGS = ("quant", "hadamard", *GPTQ_ONLY)
+
+
+def _changed(args, dests) -> list[str]:
+    """The flags among ``dests`` set to something other than their default (the parser's, kept in the args)."""
+    default = getattr(args, "flag_default", None)
+    names = {"hadamard": "--[no-]hadamard"}
+    return [] if default is None else [names.get(d, "--" + d.replace("_", "-")) for d in dests
+                                       if getattr(args, d) != default(d)]
+
+
+def ignored_flag_sets(args, finetune_optional: bool) -> list[tuple[list[str], str]]:
+    """(flags, why they do nothing) for the flags this run would silently ignore."""
+    finetune = [d for d in getattr(args, "finetune_dests", ()) if d != "finetune_steps"]
+    return [
+        (_changed(args, QUANT_FLAGS), "with --no-quant") if args.no_quant else
+        (_changed(args, GPTQ_ONLY), "with --quant rtn") if args.quant == "rtn" else
+        (_changed(args, ["gptq_rung0_weight"]) if args.gptq_objective == "full" else [],
+         "with --gptq-objective full"),
+        (_changed(args, finetune) if finetune_optional and args.finetune_steps <= 0 else [],
+         "without --finetune-steps N"),
+        (_changed(args, ["distill_temperature"]) if args.distill == 0 else [], "without --distill W"),
+        (_changed(args, ["rung_decay"]) if args.rung_weights is not None else [], "with --rung-weights"),
+    ]
+
+
+def refuse_ignored_flags(args, finetune_optional: bool) -> None:
+    """A flag the run would ignore is a mistake about what it does (`--no-quant --hadamard`, `compress --lora-rank
+    16` without `--finetune-steps`): it was accepted without a word; refused now, before any work."""
+    for flags, why in ignored_flag_sets(args, finetune_optional):
+        if flags:
+            verb, pronoun = ("has", "it") if len(flags) == 1 else ("have", "them")
+            raise ValueError(f"{', '.join(flags)} {verb} no effect {why}; drop {pronoun}")
 
 
 def finetune_config(args):
@@ -82,6 +124,7 @@ def cmd_finetune(args, quant_config) -> int:
         raise ValueError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
     if args.finetune_steps < 1:
         raise ValueError("uniql finetune needs --finetune-steps >= 1")
+    refuse_ignored_flags(args, finetune_optional=False)
     start = time.perf_counter()
     out = finetune_checkpoint(args.ckpt, args.out, finetune_config(args), quant_config(args),
                               device=args.device, dtype=args.dtype)
