@@ -142,6 +142,10 @@ def save_checkpoint(model: ElasticDecoder, out_dir: str | Path, *, alignment: Al
 
 def read_manifest(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / MANIFEST
+    if Path(ckpt_dir).is_file():  # e.g. the manifest itself, or the weights file
+        raise CheckpointError(f"{ckpt_dir} is a file: pass the checkpoint's directory (the one holding {MANIFEST})")
+    if not Path(ckpt_dir).exists():
+        raise CheckpointError(f"{ckpt_dir} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{ckpt_dir} is not a UniQL checkpoint: {MANIFEST} is missing "
                               "(create one with `uniql compress MODEL --out DIR`)")

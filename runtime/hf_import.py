@@ -71,14 +71,15 @@ def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, share: bool = 
     ``share`` reuses the HF tensors that need no re-ordering instead of copying them (halves host memory for
     big models); the HF model must then not be used afterwards.
     """
+    ssm = getattr(hf_model.config, "model_type", None) in SSM_FAMILIES
+    spec = None if ssm else spec_from_hf_config(hf_model.config)  # first: an unsupported family says so by name
     if not type(hf_model).__name__.endswith("ForCausalLM"):
         raise ValueError(f"{type(hf_model).__name__} is not a causal language model (load it with "
                          "AutoModelForCausalLM)")
-    if getattr(hf_model.config, "model_type", None) in SSM_FAMILIES:
+    if ssm:
         from .hf_import_ssm import ssm_decoder_from_hf
 
         return ssm_decoder_from_hf(hf_model, dtype, share)
-    spec = spec_from_hf_config(hf_model.config)
     rotary = hf_model.model.rotary_emb
     spec = ArchSpec.from_dict({**spec.to_dict(), "rope_attention_scaling": float(rotary.attention_scaling)})
     sd = hf_model.state_dict()

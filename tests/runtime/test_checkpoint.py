@@ -124,6 +124,14 @@ def test_missing_manifest(ckpt):
         load_checkpoint(ckpt)
 
 
+def test_a_file_or_a_missing_path_is_named_as_such(ckpt, tmp_path):
+    """The manifest's own path (a natural guess) and a typo both said "uniql.json is missing"."""
+    with pytest.raises(CheckpointError, match="is a file: pass the checkpoint's directory"):
+        load_checkpoint(ckpt / MANIFEST)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "no-such-ckpt")
+
+
 def test_manifest_not_json(ckpt):
     (ckpt / MANIFEST).write_text('{"format": "uniql", ')
     with pytest.raises(CheckpointError, match="not valid JSON"):

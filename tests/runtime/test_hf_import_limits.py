@@ -70,6 +70,15 @@ def test_only_causal_language_models_are_imported():
         decoder_from_hf(LlamaForSequenceClassification(cfg))
 
 
+def test_an_unsupported_family_is_named_as_such_not_as_a_non_causal_model():
+    """GPT-2's head class does not end in ForCausalLM: the message blamed the head instead of the family."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    with pytest.raises(ValueError, match="gpt2.*not supported"):
+        decoder_from_hf(hf)
+
+
 def test_nemotron_h_clamps_dt_as_its_own_mixer_does():
     """dt_bias far below zero makes dt = softplus(.) < time_step_min (0.001): only the mixer's own clamp matches."""
     from transformers import NemotronHForCausalLM
