@@ -86,5 +86,6 @@ def decode_rows(engine, tokenizer, rates, new_tokens: int, prompt: str = PROMPT)
     rows = []
     for rate in rates:
         engine_row(engine, ids, rate, 4)
-        rows.append(engine_row(engine, ids, rate, new_tokens))
+        # the rate asked for kept with the rung it snapped to: `--rates 0.9 0.35` gave two rows "rate 0.35"
+        rows.append({**engine_row(engine, ids, rate, new_tokens), "requested_rate": rate})
     return rows

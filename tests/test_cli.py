@@ -146,6 +146,14 @@ def test_bench_decode_reports_every_rung(int4_ckpt, capsys):
     assert [r["rung"] for r in rows] == [0, 7] and all(r["new_tokens"] == 4 and r["tpot_ms"] > 0 for r in rows)
 
 
+def test_bench_decode_says_which_rate_was_asked_when_it_snaps(int4_ckpt, capsys):
+    """0.9 lies past the ladder: its row is the 0.35 rung's, and says it was asked for 0.9 (two rows read
+    "rate 0.35" before, with nothing to tell them apart)."""
+    assert main(["bench", "decode", str(int4_ckpt), "--rates", "0.9", "0.35", "--new-tokens", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rate")]
+    assert lines[0].startswith("rate 0.35 (rung 7, asked 0.90)") and lines[1].startswith("rate 0.35 (rung 7)")
+
+
 def test_bench_decode_warms_each_rate_up_and_reports_no_speed_for_a_failed_request(int4_ckpt, capsys, monkeypatch):
     from uniql.runtime.engine import Engine
     from uniql.runtime.runner import ModelRunner

@@ -174,8 +174,9 @@ def cmd_bench(args) -> int:
         return 0
     print(f"{args.ckpt} on {args.device} in {dtype}")
     for r in rows:
-        print(f"rate {r['rate']:.2f} (rung {r['rung']}): TTFT {r['ttft_ms']:.1f} ms  TPOT {r['tpot_ms']:.2f} ms  "
-              f"{r['tokens_per_s']:.1f} tok/s")
+        asked = f", asked {r['requested_rate']:.2f}" if abs(r["requested_rate"] - r["rate"]) > 1e-9 else ""
+        print(f"rate {r['rate']:.2f} (rung {r['rung']}{asked}): TTFT {r['ttft_ms']:.1f} ms  "
+              f"TPOT {r['tpot_ms']:.2f} ms  {r['tokens_per_s']:.1f} tok/s")
     return 0
 
 
