@@ -52,6 +52,9 @@ class SamplingParams:
             "seed": self.seed is None or -2**63 <= self.seed < 2**63 - 2**16,
             "stop": len(self.stop) <= 4 and all(isinstance(s, str) and s for s in self.stop),
         }
+        if not checks["stop"]:  # what the rule is, not the whole (possibly long) list back
+            raise ValueError(f"invalid stop: at most 4 non-empty strings, got {len(self.stop)} "
+                             f"({sum(not (isinstance(s, str) and s) for s in self.stop)} empty or not a string)")
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid {name}: {getattr(self, name)!r}")

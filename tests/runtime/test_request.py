@@ -17,6 +17,15 @@ def test_out_of_range_parameters_name_the_field(field, value):
         SamplingParams(**{field: value})
 
 
+def test_a_bad_stop_list_is_told_the_rule_not_echoed_back():
+    long = "x" * 5000
+    with pytest.raises(ValueError, match=r"at most 4 non-empty strings, got 5 \(0 empty") as err:
+        SamplingParams(stop=(long,) * 5)
+    assert long not in str(err.value)
+    with pytest.raises(ValueError, match=r"got 2 \(1 empty"):
+        SamplingParams(stop=("ok", ""))
+
+
 def test_top_logprobs_needs_logprobs():
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(top_logprobs=3)
