@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .engine import Engine
 from .request import Request, SamplingParams, TokenEvent
-from .scheduler import QueueFull, retry_after_s
+from .scheduler import EngineStopped, QueueFull, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ def _drained(q: queue_mod.SimpleQueue):
             yield q.get_nowait()
         except queue_mod.Empty:
             return
-
-
-class EngineStopped(RuntimeError):
-    """``submit`` after the engine thread stopped: no step would ever run the request."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,11 @@ def retry_after_s(waiting: int, max_num_seqs: int) -> float:
     return max(1.0, 1.0 * math.ceil(waiting / max_num_seqs))
 
 
+class EngineStopped(RuntimeError):
+    """``AsyncEngine.submit`` after the engine thread stopped: no step would ever run the request (here, with
+    QueueFull, so the HTTP layer can name it without importing the engine and torch)."""
+
+
 class QueueFull(Exception):
     """The waiting queue is full; the server answers 429 with ``Retry-After: retry_after_s``."""
 

@@ -20,8 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from uniql.runtime.async_engine import EngineStopped
-from uniql.runtime.scheduler import QueueFull
+from uniql.runtime.scheduler import EngineStopped, QueueFull
 
 from . import errors, responses, schema
 from .config import ServerConfig
