@@ -7,6 +7,8 @@ No torch here: this module belongs to the HTTP layer.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -32,14 +34,25 @@ EXPOSED_NAMES = (TTFT, ITL, E2E, PROMPT_TOKENS + "_total", GENERATION_TOKENS + "
                  REQUEST_PRUNE_RATE, PRUNE_RATE, MEMORY_AVAILABLE, MEMORY_USED, WEIGHTS_RESIDENT, KV_CACHE,
                  GPU_UTILIZATION, REQUESTS + "_total", REQUEST_ERRORS + "_total")
 
-# TTFT 10 ms .. 60 s and inter-token latency 1 ms .. 2 s (edge decode runs at a few ms per token)
-TTFT_BUCKETS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
-                15.0, 20.0, 30.0, 45.0, 60.0)
-ITL_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-               0.2, 0.3, 0.5, 0.75, 1.0, 2.0)
+
+def _ladder(low: float, high: float) -> tuple[float, ...]:
+    """Bounds 1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8 x 10^k from ``low`` to ``high``: neighbours at most 1/3 apart, so
+    a quantile interpolated inside one bucket is off by at most ~15 % (a 2x step cannot tell 2.5 ms from 3.9 ms)."""
+    steps = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+    bounds = (round(s * 10.0**k, 6) for k in range(-4, 3) for s in steps)
+    return tuple(b for b in bounds if low <= b <= high)
+
+
+# TPOT: ~2.5-7 ms a token on an H100 (benchmarks/results/decode_h100.json), tens to hundreds of ms on a Jetson
+# Orin Nano: fine steps from 1 ms to 1 s, coarse above (a stall). TTFT includes queueing: fine from 5 ms (a short
+# prompt on a fast GPU) to 5 s, coarse up to 2 minutes (a long queue on the Jetson) so p95 does not pin at the top
+ITL_BUCKETS = _ladder(0.001, 1.0) + (2.0, 5.0)
+TTFT_BUCKETS = _ladder(0.005, 5.0) + (7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
-# the ladder's rates are multiples of 0.05 up to 0.35: one bucket per rung (upper bound just above the rate)
-PRUNE_RATE_BUCKETS = tuple(round(0.05 * i + 0.001, 3) for i in range(10))
+# one bucket per multiple of 0.05 (upper bound just above the rate) over every rate a ladder may have: the default
+# ladder stops at 0.35, but `uniql compress --rates` takes any rate up to max_prune (0.85 by default, at most 1),
+# and every rate above the old top bound (0.451) fell into +Inf, out of the "Rungs served" panel
+PRUNE_RATE_BUCKETS = tuple(round(0.05 * i + 0.001, 3) for i in range(21))
 
 
 class ServerMetrics:
@@ -92,8 +105,13 @@ class ServerMetrics:
         for name, reading in devices.items():
             self.memory_available.labels(name).set(reading.available_bytes)
             self.memory_used.labels(name).set(reading.used_bytes)
-            if reading.utilization is not None and name != "host":  # the host's reading is CPU, not GPU
+            if name == "host":  # the host's utilization is CPU load, not GPU
+                continue
+            if reading.utilization is not None:
                 self.gpu_utilization.labels(name).set(reading.utilization)
+            else:  # NVML or jtop stopped answering: no series, not the last value frozen as if still current
+                with contextlib.suppress(KeyError):  # prometheus-client before 0.21 raises for an unset series
+                    self.gpu_utilization.remove(name)
 
     def set_engine(self, running: int, waiting: int, kv_cache_bytes: int, weights_resident_bytes: int,
                    prune_rate: float) -> None:

@@ -2,7 +2,8 @@
 
 Readers are small functions over the library each device has: psutil for the host, ``torch.cuda.mem_get_info``
 (and NVML for utilization, where installed) for a discrete GPU, jetson-stats' ``jtop`` on Jetson, where host and
-GPU share one RAM (unified memory), so its reading replaces the host's as the memory the model competes for.
+GPU share one RAM (unified memory), so its reading replaces the host's as the memory the model competes for
+(psutil's while jtop is down).
 Every optional library is imported lazily, inside its reader: an x86 host never needs jetson-stats, and the HTTP
 layer never imports torch. Request handlers only read the latest snapshot, so polling never blocks them.
 """
@@ -56,7 +57,7 @@ def read_cuda(index: int = 0) -> DeviceReading:
     driver for more, so counting them as used would read as pressure after every large prefill."""
     import torch
 
-    cached = max(0, torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index))
+    cached = allocator_free_bytes(index)
     if torch.cuda.get_device_properties(index).is_integrated:
         # unified memory (a Jetson whose jtop is missing or failed to start): the driver's free bytes leave out
         # the page cache and buffers the kernel reclaims on demand (and swap), so a warm page cache would read as
@@ -65,6 +66,13 @@ def read_cuda(index: int = 0) -> DeviceReading:
         return DeviceReading(host.total_bytes, min(host.total_bytes, host.available_bytes + cached), None)
     free, total = torch.cuda.mem_get_info(index)
     return DeviceReading(total, min(total, free + cached), _nvml_utilization(index))
+
+
+def allocator_free_bytes(index: int) -> int:
+    """Bytes torch's caching allocator holds on GPU ``index`` without using them (0 before CUDA starts)."""
+    import torch
+
+    return max(0, torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index))
 
 
 def _nvml_utilization(index: int) -> float | None:
@@ -99,6 +107,42 @@ def read_jtop(jetson) -> DeviceReading:
     return DeviceReading(total, max(0, total - used), None if gpu is None else float(gpu) / 100.0)
 
 
+class UnifiedReader:
+    """Jetson's shared RAM as the model sees it: jtop's reading, plus the caching allocator's free blocks when the
+    model runs on the GPU (as ``read_cuda`` counts them on an integrated GPU, else every large prefill would read
+    as pressure: on Jetson those blocks are pinned NvMap memory, "used" for jtop and the kernel alike).
+
+    When jtop stops mid-run (its service restarted or was upgraded: the client never reconnects) the RAM is read
+    through psutil instead, without GPU load: the Monitor would otherwise keep jtop's last reading for good and
+    the controller and residency would act on frozen memory while other processes fill the board.
+    """
+
+    def __init__(self, jetson, cuda_index: int | None):
+        self.jetson, self.cuda_index = jetson, cuda_index
+        self.jtop_error: Exception | None = None  # set while jtop fails (logged once)
+
+    def __call__(self) -> DeviceReading:
+        ram = self._read_ram()
+        if self.cuda_index is None:
+            return ram
+        available = min(ram.total_bytes, ram.available_bytes + allocator_free_bytes(self.cuda_index))
+        return DeviceReading(ram.total_bytes, available, ram.utilization)
+
+    def _read_ram(self) -> DeviceReading:
+        try:
+            reading = read_jtop(self.jetson)
+        except Exception as err:
+            if self.jtop_error is None:
+                log.warning("monitor: jtop failed (%s); reading the shared RAM through psutil, without GPU load", err)
+            self.jtop_error = err
+            host = read_host()
+            return DeviceReading(host.total_bytes, host.available_bytes, None)  # host utilization is CPU load
+        if self.jtop_error is not None:
+            log.warning("monitor: jtop works again")
+            self.jtop_error = None
+        return reading
+
+
 def open_jtop():
     """A started jtop client, or None off Jetson (no jetson-stats, or no jtop service running)."""
     try:
@@ -117,11 +161,11 @@ def open_jtop():
 def default_readers(device: str, jetson=None) -> tuple[dict[str, Callable[[], DeviceReading]], str]:
     """Readers for this machine and the name of the primary one (``jetson``, ``cuda:N`` or ``host``)."""
     readers: dict[str, Callable[[], DeviceReading]] = {"host": read_host}
+    index = (int(device.split(":")[1]) if ":" in device else 0) if device.startswith("cuda") else None
     if jetson is not None:
-        readers["jetson"] = lambda: read_jtop(jetson)
+        readers["jetson"] = UnifiedReader(jetson, index)
         return readers, "jetson"
-    if device.startswith("cuda"):
-        index = int(device.split(":")[1]) if ":" in device else 0
+    if index is not None:
         name = f"cuda:{index}"
         readers[name] = lambda: read_cuda(index)
         return readers, name

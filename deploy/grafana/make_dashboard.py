@@ -95,7 +95,7 @@ def rung_rows() -> list[dict]:
             target(served, "mean served {{model}}", "B"),
         ], (0, 20, 12, 8), unit="percentunit",
             description="Rung the controller would pick now, and the mean rate served to finished requests",
-            defaults={"min": 0, "max": 0.4}),
+            defaults={"min": 0}),  # no max: a ladder may go up to rate 0.85 (`uniql compress --rates`)
         panel("Rungs served (histogram over the time range)", "bargauge", [
             target(f"sum by (le) (increase(uniql_request_prune_rate_bucket{{{M}}}[$__range]))", "{{le}}", "A",
                    format="heatmap", instant=True),

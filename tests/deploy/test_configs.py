@@ -76,6 +76,14 @@ def test_jetson_override_uses_the_jetson_image_runtime_and_jtop_socket():
     assert uniql["deploy"] is None  # !reset: no x86 device reservation on Jetson
 
 
+def test_jetson_server_keeps_the_video_group_for_the_gpu():
+    """Dockerfile.jetson adds its user to `video` (L4T's GPU nodes are root:video 0660), but `USER 1000:1000`
+    named a group, and Docker then ran with that group only: the non-root server saw no GPU."""
+    groups = compose("docker-compose.jetson.yml")["services"]["uniql"]["group_add"]
+    user = re.search(r"^USER (\S+)$", (REPO / "Dockerfile.jetson").read_text(), flags=re.M).group(1)
+    assert ":" not in user and "video" in groups
+
+
 # ------------------------------------------------------------------------------------------ systemd
 def unit_entries(text: str) -> dict[str, list[str]]:
     """``Section.Key`` -> values (systemd allows repeated keys such as Environment)."""

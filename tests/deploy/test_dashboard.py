@@ -54,6 +54,12 @@ def test_latency_panels_show_p50_and_p95_from_histogram_buckets():
         assert panels[title]["fieldConfig"]["defaults"]["unit"] == "s"
 
 
+def test_pruning_rate_panel_does_not_clip_a_ladder_above_0_4():
+    """The y axis stopped at 0.4 while `uniql compress --rates` takes rates up to 0.85: higher rungs left the plot."""
+    panel = next(p for p in load_dashboard()["panels"] if p["title"].startswith("Pruning rate (rung) over time"))
+    assert panel["fieldConfig"]["defaults"].get("max", 1.0) >= 1.0
+
+
 def test_dashboard_structure():
     dash = load_dashboard()
     titles = [p["title"] for p in dash["panels"]]
