@@ -99,28 +99,31 @@ def from_value_error(err: ValueError, default_param: str | None = None) -> APIEr
 
 
 def install(app: FastAPI, on_error=None) -> None:
-    """Exception handlers: every error leaves in the envelope; ``on_error(status)`` counts it."""
+    """Exception handlers: every error leaves in the envelope; ``on_error(status)`` counts those of /v1/ requests."""
 
-    def send(status: int, response: JSONResponse) -> JSONResponse:
-        if on_error is not None:
+    def send(request: Request, status: int, response: JSONResponse) -> JSONResponse:
+        # API requests only: /health's 503s while the model loads (a container healthcheck polls it) and scanners'
+        # 404s made the dashboard's error rate and error fraction spike at every start-up
+        if on_error is not None and request.url.path.startswith("/v1/"):
             on_error(status)
         return response
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        return send(err.status, err.response())
+        return send(request, err.status, err.response())
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, err: RequestValidationError):
         api = from_validation_error(err)
-        return send(400, api.response())
+        return send(request, 400, api.response())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):
         message = "unknown route" if err.status_code == 404 else str(err.detail)
-        return send(err.status_code, error_response(err.status_code, f"{message}: {request.method} {request.url.path}"
-                                                    if err.status_code in (404, 405) else message))
+        if err.status_code in (404, 405):
+            message = f"{message}: {request.method} {request.url.path}"
+        return send(request, err.status_code, error_response(err.status_code, message))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, err: Exception):
-        return send(500, error_response(500, f"internal error: {type(err).__name__}: {err}"))
+        return send(request, 500, error_response(500, f"internal error: {type(err).__name__}: {err}"))

@@ -141,6 +141,16 @@ def test_malformed_bodies_are_400_not_422(tiny_server):
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_only_api_requests_count_as_request_errors(client, tiny_server):
+    """A scanner's 404 (or /health's 503 while loading) is no failed API request: it inflated the error rate."""
+    before = sample(metrics(tiny_server), "uniql_request_errors", "uniql_request_errors_total", status="404")
+    assert httpx.get(f"{tiny_server}/wp-login.php", timeout=10).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=2)
+    after = sample(metrics(tiny_server), "uniql_request_errors", "uniql_request_errors_total", status="404")
+    assert after - before == 1
+
+
 def test_unknown_model_is_404_and_bad_key_401(client, tiny_server):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-9", messages=CHAT)
