@@ -163,6 +163,20 @@ def causal_conv1d_update(xbc: torch.Tensor, state: torch.Tensor,
     return out
 
 
+def _check_reference(xbc, state, weights, biases, activation) -> int:
+    """The kernel's checks, with ``state`` also a list of per-request states (``ch' * (W-1)`` elements each)."""
+    if isinstance(state, torch.Tensor):
+        return _check(xbc, state, weights, biases, activation, None, xbc)
+    width = _check(xbc, xbc.new_zeros(xbc.shape[0], dtype=torch.int64), weights, biases, activation, xbc.dtype,
+                   xbc)  # a table stands in for the list
+    size = xbc.shape[1] * (width - 1)
+    if len(state) != xbc.shape[0] or any(t.dtype not in FLOAT_DTYPES or t.numel() != size
+                                         or t.device != xbc.device for t in state):
+        raise ValueError(f"a list of conv states needs one float state of ch' * (W-1) = {size} elements per row "
+                         f"on {xbc.device}, got {[(t.dtype, t.numel(), str(t.device)) for t in state]}")
+    return width
+
+
 _TORCH_ACTS = {None: lambda v: v, "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu}
 
 
@@ -172,9 +186,9 @@ def causal_conv1d_update_reference(xbc: torch.Tensor, state: torch.Tensor | list
                                    activation: str | None = "silu") -> torch.Tensor:
     """Plain torch, same contract as the kernel; ``state`` is ``[batch, ch', W-1]`` or a list of ``batch``
     per-request states of ``ch' * (W-1)`` elements each (``[1, ch', W-1]`` or ``[ch', W-1]``), shifted in place.
-    The CPU backend of the runtime's decode step."""
-    if activation not in _TORCH_ACTS:
-        raise ValueError(f"conv activation {activation!r} is not supported; one of {sorted(map(str, ACTIVATIONS))}")
+    The CPU backend of the runtime's decode step; checked as the kernel is (broadcasting would take a one-element
+    bias the GPU refuses)."""
+    _check_reference(xbc, state, _segments(weight), _segments(bias), activation)
     w = torch.cat([t.float() for t in _segments(weight)])  # [ch', W]
     ch, width = w.shape
     past = state if isinstance(state, torch.Tensor) else torch.stack([t.view(ch, width - 1) for t in state])

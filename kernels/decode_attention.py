@@ -196,6 +196,11 @@ def _check(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, out, n_kv: int, conti
                            ("caps", caps, torch.int32), ("lengths", lengths, torch.int32)):
         if t.dtype != dtype or t.shape != (b,) or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape ({b},)")
+    tensors = {"q": q, "k_new": k_new, "v_new": v_new, "k_ptrs": k_ptrs, "v_ptrs": v_ptrs, "caps": caps,
+               "lengths": lengths, "out": out}  # one device: a kernel cannot read another device's memory
+    if any(t.device != q.device for t in tensors.values()):
+        raise ValueError(f"all inputs must be on q's device {q.device}, got "
+                         f"{ {name: str(t.device) for name, t in tensors.items()} }")
     if out.shape != (b, n_heads * v_new.shape[2]) or out.stride(1) != 1:
         raise ValueError(f"out must be [B, heads * vo] = ({b}, {n_heads * v_new.shape[2]}), contiguous rows")
 

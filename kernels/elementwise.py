@@ -21,7 +21,7 @@ from .pdl import pdl_enabled, pdl_enter
 def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_d, stride_s, stride_o, n, eps,
                      BLOCK: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64: rows * stride passes 2^31 on long prompts
     cols = tl.arange(0, BLOCK)
     live = cols < n
     x = tl.load(x_ptr + row * stride_x + cols, mask=live, other=0.0)
@@ -39,8 +39,8 @@ def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_d, 
 @triton.jit
 def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
-    row, blk = tl.program_id(0), tl.program_id(1)
-    cols = blk * BLOCK + tl.arange(0, BLOCK)
+    row, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: a 128k-token prefill's gate|up
+    cols = blk * BLOCK + tl.arange(0, BLOCK)  # (Llama-8B: 28672 a row) passes 2^31 elements
     live = cols < n
     gate = tl.load(gu_ptr + row * stride_gu + cols, mask=live, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + row * stride_gu + n + cols, mask=live, other=0.0)
@@ -61,8 +61,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + delta`` (the residual stream) and ``rms_norm(s)``, in one launch; returns ``(s, normed)``."""
-    if delta.shape != x.shape:
-        raise ValueError(f"residual {tuple(x.shape)} and block output {tuple(delta.shape)} must have one shape")
+    if delta.shape != x.shape or delta.device != x.device:
+        raise ValueError(f"residual {tuple(x.shape)} on {x.device} and block output {tuple(delta.shape)} on "
+                         f"{delta.device} must have one shape and device")
     return _norm(x, delta, weight, eps)
 
 

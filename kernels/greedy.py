@@ -19,7 +19,7 @@ CHUNK = 4096
 
 @triton.jit
 def _chunk_kernel(x_ptr, val_ptr, idx_ptr, fin_ptr, stride_x, V, n_chunks, CHUNK: tl.constexpr):
-    row, blk = tl.program_id(0), tl.program_id(1)
+    row, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: B * V may pass 2^31 (prompt logits)
     cols = blk * CHUNK + tl.arange(0, CHUNK)
     live = cols < V
     x = tl.load(x_ptr + row * stride_x + cols, mask=live, other=0.0).to(tl.float32)

@@ -39,6 +39,9 @@ def dequantize_prefix(qweight: torch.Tensor, scales: torch.Tensor, group_size: i
     """``W^T [k, n]`` of the active prefix (views of the stored tensors) in ``dtype``; ``k`` a multiple of 8."""
     if k % PACK or not 0 < k <= qweight.shape[0] * PACK or not 0 < n <= qweight.shape[1]:
         raise ValueError(f"active (k={k}, n={n}) does not fit the stored {tuple(qweight.shape)} (k multiple of 8)")
+    if k * (n if out is None else out.stride(0)) >= 2**31 or qweight.shape[0] * qweight.stride(0) >= 2**31:
+        raise ValueError(f"the dequant kernel indexes in int32: a [k={k}, n={n}] prefix passes 2^31 elements, "
+                         "dequantize it in column chunks (as dequant_matmul does)")
     out = torch.empty(k, n, dtype=dtype, device=qweight.device) if out is None else out
     if out.shape != (k, n) or out.stride(1) != 1:
         raise ValueError(f"out must be a [k={k}, n={n}] tensor with a contiguous last dim")

@@ -169,6 +169,9 @@ def _segments(segments, n: int | None, n_stored: int) -> list[tuple[int, int]]:
 def _check(x, qweight, scales, group_size: int, k: int) -> None:
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
+    if qweight.dim() != 2 or scales.dim() != 2 or x.dim() < 1:
+        raise ValueError(f"qweight [K/8, N] and scales [K/G, N] must be 2-D, x [..., K] at least 1-D: got "
+                         f"{tuple(qweight.shape)}, {tuple(scales.shape)}, {tuple(x.shape)}")
     if qweight.dtype != torch.int32 or scales.dtype != torch.float16:
         raise ValueError(f"qweight must be int32 and scales float16, got {qweight.dtype} / {scales.dtype}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -215,6 +218,15 @@ def glu_width(segments) -> int:
     if len(segs) != 2 or segs[0][1] != segs[1][1]:
         raise ValueError(f"a GLU needs two segments of one width (gate, up), got {segs}")
     return int(segs[0][1])
+
+
+def check_call(x, qweight, scales, group_size: int, k: int, segments, bias=None) -> list[tuple[int, int]]:
+    """What every backend of a W4A16 call accepts (``ops``' CPU path runs it too, so both refuse alike and the
+    fake's output width always holds): the checked segments."""
+    _check(x, qweight, scales, group_size, k)
+    segs = _segments(segments, None, qweight.shape[1])
+    _check_bias(bias, sum(length for _, length in segs), x)
+    return segs
 
 
 def _inputs(x, qweight, scales, group_size: int, n: int | None, k: int | None, segments):
@@ -322,6 +334,9 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
     if cfg.path == "dequant":
         dequant_matmul(x, qweight, scales, group_size, k, segs, bias, out)
         return
+    if max(m * x.stride(0), m * out.stride(0), qweight.shape[0] * qweight.stride(0)) >= 2**31:
+        raise ValueError(f"the {cfg.path} kernel indexes x, out and qweight in int32: {m} rows of x / out at strides "
+                         f"{x.stride(0)} / {out.stride(0)} pass 2^31 elements (the dequant path serves big batches)")
     if cfg.path == "gemv" and (m > cfg.block_m or cfg.block_k > group_size):
         raise ValueError(f"gemv config {cfg} cannot serve batch {m} at group {group_size}")
     if cfg.path == "gemv" and x.dtype != torch.float32 and cfg.block_k % 16:

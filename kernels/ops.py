@@ -38,9 +38,12 @@ def _pairs(flat: list[int]) -> list[tuple[int, int]]:
 
 
 def _cpu_matmul(x, qweight, scales, group_size, segments, k, bias):
-    """The CPU backend: dequantize each active prefix in the activation dtype and multiply."""
+    """The CPU backend: dequantize each active prefix in the activation dtype and multiply. Checked as the
+    Triton launcher checks: slicing would silently clamp a segment past the stored columns (a narrower output
+    than the fake's) and accept what the GPU refuses."""
     from .int4_format import dequantize
 
+    segments = _mm.check_call(x, qweight, scales, group_size, k, segments, bias)
     parts = [x @ dequantize(qweight[:, a:a + n], scales[:, a:a + n], group_size, k, None, x.dtype)
              for a, n in segments]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

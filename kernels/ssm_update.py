@@ -135,6 +135,19 @@ def check_step_operands(state, dt, A, D, z, dt_bias, dims: tuple[int, int, int, 
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
+def _check_reference(state, x, dt, A, B, C, D, z, dt_bias) -> None:
+    """The kernel's checks, with ``state`` also a list of per-request fp32 states (one ``H * P' * N'`` each)."""
+    if isinstance(state, torch.Tensor):
+        _check(state, x, dt, A, B, C, D, z, dt_bias, x)
+        return
+    size = x.shape[1] * x.shape[2] * B.shape[-1]
+    if len(state) != x.shape[0] or any(t.dtype != torch.float32 or t.numel() != size or t.device != x.device
+                                       for t in state):
+        raise ValueError(f"a list of states needs one fp32 state of H * P' * N' = {size} elements per row of x "
+                         f"({x.shape[0]}) on {x.device}, got {[(t.dtype, t.numel(), str(t.device)) for t in state]}")
+    _check(x.new_zeros(x.shape[0], dtype=torch.int64), x, dt, A, B, C, D, z, dt_bias, x)  # a table stands in
+
+
 def block_sizes(p: int, n: int) -> tuple[int, int]:
     """``(BLOCK_P, BLOCK_N)``: all N' states in one tile (B/C read once), about 4096 state elements a program."""
     block_n = max(16, triton.next_power_of_2(n))
@@ -176,7 +189,9 @@ def selective_state_update_reference(state: torch.Tensor | list[torch.Tensor], x
                                      ) -> torch.Tensor:
     """Plain torch, same contract as the kernel; ``state`` is ``[batch, H, P', N']`` fp32 or a list of
     ``batch`` per-request fp32 states of ``H * P' * N'`` elements each (``[1, H, P', N']`` or ``[H, P', N']``),
-    updated in place. Returns ``y [batch, H, P']`` in x's dtype."""
+    updated in place. Returns ``y [batch, H, P']`` in x's dtype. Checked as the kernel is: broadcasting would
+    otherwise take a ``dt [batch, 1]`` or ``A [1]`` the GPU refuses."""
+    _check_reference(state, x, dt, A, B, C, D, z, dt_bias)
     heads = x.shape[1]
     rep = heads // B.shape[1]
     dt = dt.float() + (0 if dt_bias is None else dt_bias.float())

@@ -160,6 +160,23 @@ def test_bad_inputs_are_refused():
         causal_conv1d_update(xbc, state[..., :0], [w[:, :1] for w in weights], None)
 
 
+def test_reference_refuses_what_the_kernel_refuses():
+    """The reference (the CPU backend of ``ops.conv_state_update``) broadcast a one-element bias the kernel
+    refuses, and took a list of states of the wrong size or count."""
+    xbc, weights, biases, state = _inputs(2, (12, 4, 4), 4, torch.float32)
+    short = [b[:1] for b in biases]
+    with pytest.raises(ValueError, match="bias"):
+        causal_conv1d_update_reference(xbc, state.clone(), weights, short)
+    with pytest.raises(ValueError, match="bias"):
+        ops.conv_state_update(xbc, state.clone(), weights, short)
+    with pytest.raises(ValueError, match="list of conv states"):
+        causal_conv1d_update_reference(xbc, [state[0].clone()], weights, biases)
+    with pytest.raises(ValueError, match="list of conv states"):
+        causal_conv1d_update_reference(xbc, [s[:, :2].clone() for s in state], weights, biases)
+    with pytest.raises(ValueError, match="rows"):
+        causal_conv1d_update_reference(xbc, state.clone(), weights[:2], None)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_graph_replay_follows_a_table_refreshed_in_place():
     """Captured once over a table buffer, replayed after the table was pointed at other states: the replay shifts

@@ -148,3 +148,16 @@ def test_fused_rope_refuses_tables_of_different_row_strides():
     idx = torch.arange(8, device=DEVICE).repeat(2, 1)
     with pytest.raises(ValueError, match="share a row stride"):
         decode_attention_rope(q, k, v_new, cos, sin_wide, idx, 4, *_tables(k_caches, v_caches, [3, 2]), 0.25, 4)
+
+
+@pytest.mark.parametrize("name", ["lengths", "k_ptrs", "out"])
+def test_a_tensor_on_another_device_is_refused(name):
+    """Nothing compared devices: a table or ``out`` elsewhere went to the kernel (another GPU's memory read as
+    this one's, or a CPU pointer dereferenced on the device)."""
+    q, k_new, v_new, k_caches, v_caches = _batch([3], [8], 4, 2, 16, 16, torch.float32)
+    k_ptrs, v_ptrs, caps, lengths = _tables(k_caches, v_caches, [3])
+    args = dict(k_ptrs=k_ptrs, v_ptrs=v_ptrs, caps=caps, lengths=lengths,
+                out=torch.empty(1, 4 * 16, device=DEVICE))
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match="device"):
+        decode_attention(q, k_new, v_new, scale=0.25, max_len=8, **args)

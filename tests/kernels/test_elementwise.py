@@ -102,3 +102,33 @@ def test_norm_weights_must_be_one_contiguous_row():
         group_rms_norm(g, torch.rand(12, 2, device=DEVICE)[:, 0], 2, 1e-6)
     with pytest.raises(ValueError, match="1-D weight"):
         group_rms_norm(g, torch.rand(12, 1, device=DEVICE), 2, 1e-6)
+
+
+def _rows_past_int32(cols: int, rows: int = 3) -> torch.Tensor:
+    """``[rows, cols]`` fp16 whose last row starts past element 2^31 (a strided view of a lazily mapped buffer:
+    only the touched pages are ever allocated), as rows of a long prompt's activations would."""
+    stride = (1 << 30) + 128
+    try:
+        big = torch.empty((rows - 1) * stride + cols, dtype=torch.float16)
+    except RuntimeError:  # a host that does not overcommit memory
+        pytest.skip("no 4 GiB of address space")
+    view = big.as_strided((rows, cols), (stride, 1))
+    view.copy_(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).half())
+    return view
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the 4 GiB view is for the interpreter; the GPU run needs real rows")
+def test_row_offsets_past_int32_do_not_wrap():
+    """Row * stride in int32 wrapped to a negative offset (a segfault / illegal address before the fix)."""
+    gate_up = _rows_past_int32(2 * 64)
+    torch.testing.assert_close(silu_mul(gate_up), silu_mul_reference(gate_up), atol=2e-3, rtol=2e-3)
+    x = _rows_past_int32(96)
+    weight = torch.rand(96, dtype=torch.float16) + 0.5
+    torch.testing.assert_close(rms_norm(x, weight, 1e-5), rms_norm_reference(x, weight, 1e-5), atol=2e-3,
+                               rtol=2e-3)
+
+
+def test_add_rms_norm_refuses_a_delta_on_another_device():
+    x = torch.randn(2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="device"):
+        add_rms_norm(x, torch.empty(2, 64, device="meta"), torch.ones(64, device=DEVICE), 1e-5)

@@ -46,3 +46,16 @@ def test_strided_rows_and_bad_shapes():
     assert torch.equal(greedy.greedy_picks(view, use_kernel=True), greedy.greedy_picks_reference(view))
     with pytest.raises(ValueError, match="B, V"):
         greedy.greedy_picks(torch.zeros(5))
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the 4 GiB view is for the interpreter")
+def test_rows_past_int32_elements_are_read_where_they_are():
+    """Row * stride in int32 wrapped past 2^31 elements (B x V prompt logits): a segfault before the fix."""
+    stride, vocab = (1 << 30) + 128, 300
+    try:
+        big = torch.empty(2 * stride + vocab, dtype=torch.float16)  # lazily mapped: only touched pages exist
+    except RuntimeError:  # a host that does not overcommit memory
+        pytest.skip("no 4 GiB of address space")
+    logits = big.as_strided((3, vocab), (stride, 1))
+    logits.copy_(torch.randn(3, vocab, generator=torch.Generator().manual_seed(1)).half())
+    assert torch.equal(greedy.greedy_picks(logits, use_kernel=True), greedy.greedy_picks_reference(logits))

@@ -58,3 +58,18 @@ def test_bad_prefix_is_refused():
         dq.dequantize_prefix(qweight, scales, 64, 132, 64, DTYPES[0])
     with pytest.raises(ValueError, match="does not fit"):
         dq.dequantize_prefix(qweight, scales, 64, 128, 65, DTYPES[0])
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the tensors are lazily mapped on the host only")
+def test_a_prefix_past_2_31_elements_is_refused_not_launched(monkeypatch):
+    """The dequant kernel indexes its output in int32: a whole 8192 x 262144 table at once wrapped."""
+    k, n = 8192, 1 << 18
+    qweight = torch.empty(k // 8, n, dtype=torch.int32)  # never read: lazily mapped
+    scales = torch.empty(k // 128, n, dtype=torch.float16)
+
+    def launched(*_, **__):
+        raise AssertionError("launched a kernel whose int32 offsets wrap")
+
+    monkeypatch.setattr(dq, "_dequant_kernel", type("K", (), {"__getitem__": lambda *_: launched})())
+    with pytest.raises(ValueError, match="int32"):
+        dq.dequantize_prefix(qweight, scales, 128, k, n, torch.float16)

@@ -114,3 +114,32 @@ def test_packed_bytes_of_the_full_matrix_equals_the_stored_tensors():
     assert f4.packed_bytes(128, 40, G) == stored
     q, s = qweight[:5, :24], scales[:2, :24]  # the k=40, n=24 prefix reads exactly these elements
     assert f4.packed_bytes(40, 24, G) == q.numel() * 4 + s.numel() * 2
+
+
+def _pack_by_hand(codes: torch.Tensor) -> torch.Tensor:
+    """The documented layout word by word, independent of ``pack``: word (r, n) holds W[n, 8r + j] at bits 4j."""
+    n, k = codes.shape
+    words = [[sum(int(codes[c, 8 * r + j]) << (4 * j) for j in range(8)) for c in range(n)] for r in range(k // 8)]
+    return torch.tensor([[w - (1 << 32) if w >= 1 << 31 else w for w in row] for row in words], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("segments, k", [([(0, 24)], 96), ([(5, 11), (16, 8)], 72), ([(3, 20)], 8)])
+def test_references_equal_a_dequantize_then_matmul_written_out(segments, k):
+    """``dequantize``, ``int4_matmul_reference`` and the embedding reference against ``(q - 8) * s`` built from the
+    codes and scales directly, on N segments and K prefixes that end inside a group (k = 72, 8 at G = 32)."""
+    from uniql.kernels.embedding import embedding_int4_reference
+    from uniql.kernels.int4_matmul import int4_matmul_reference
+
+    n_stored, k_stored = 24, 96
+    codes = torch.randint(0, 16, (n_stored, k_stored), generator=GEN, dtype=torch.uint8)
+    scales = (torch.rand(n_stored, k_stored // G, generator=GEN) + 0.1).half()  # [N, K/G]
+    w = (codes.double() - 8) * scales.double().repeat_interleave(G, dim=1)  # W [N, K] by definition
+    qweight, scales_kn = _pack_by_hand(codes), scales.T.contiguous()
+    x = torch.randn(3, k, generator=GEN, dtype=torch.float64)
+    want = torch.cat([x @ w[a:a + n, :k].T for a, n in segments], dim=-1)
+    got = int4_matmul_reference(x.float(), qweight, scales_kn, G, k=k, segments=segments)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    a, n = segments[0]
+    assert torch.equal(f4.dequantize(qweight[:, a:a + n], scales_kn[:, a:a + n], G, k).double(), w[a:a + n, :k].T)
+    ids = torch.tensor([[0, 23], [7, 7]])
+    assert torch.equal(embedding_int4_reference(ids, qweight, scales_kn, G).double(), w[ids])

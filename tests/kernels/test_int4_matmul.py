@@ -357,3 +357,20 @@ def test_residual_operands_are_checked():
                          bias=torch.randn(32, 2, device=DEV)[:, 0], config=GEMV4)
     s, sg, _ = im.int4_residual(x, qweight, scales, 32, 64, resid, weight[:, 0].contiguous(), config=GEMV4)
     assert torch.equal(sg, (s.float() * weight[:, 0].float()).half())
+
+
+def _refuse_launch(*_, **__):
+    raise AssertionError("launched a kernel whose int32 offsets wrap")
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the 4 GiB output is lazily mapped on the host only")
+def test_int32_offsets_past_2_31_are_refused_not_launched(monkeypatch):
+    """A batch on the Triton GEMM (an explicit config, as the benchmark sweeps take at prefill sizes) whose output
+    rows pass 2^31 elements: the kernels index x / out / qweight in int32, the offsets wrapped."""
+    n, m = 1 << 20, 2049  # m * n > 2^31
+    qweight = torch.empty(8, n, dtype=torch.int32)  # never read: lazily mapped
+    scales = torch.ones(1, n, dtype=torch.float16)
+    x = torch.randn(m, 64, dtype=torch.float16)
+    monkeypatch.setattr(im, "_gemm_kernel", type("K", (), {"__getitem__": lambda *_: _refuse_launch})())
+    with pytest.raises(ValueError, match="int32"):
+        im.int4_matmul(x, qweight, scales, 64, config=im.Int4Config("gemm", 64, 64, 1, 4, 16))

@@ -75,3 +75,22 @@ def test_int4_glu_needs_two_equal_segments_on_every_device():
     want = torch.nn.functional.silu(ref[:, :24]) * ref[:, 24:]
     assert got.shape == (1, 24)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("segments, k, group, dtype, bias_len, match", [
+    ([(48, 32)], 128, 64, DT, None, "outside the stored"),  # sliced to 16 columns before: the fake said 32
+    ([(0, 64), (40, 40)], 128, 64, DT, None, "outside the stored"),
+    ([(0, 64)], 128, 16, DT, None, "group size"),
+    ([(0, 64)], 120, 64, torch.float64, None, "float16, bfloat16 or float32"),
+    ([(0, 64)], 128, 64, DT, 1, "bias must have shape"),  # broadcast before
+])
+def test_int4_linear_refuses_on_every_backend_what_the_launcher_refuses(segments, k, group, dtype, bias_len, match):
+    """The CPU path (the op's real implementation there) checked nothing: a segment past the stored columns came
+    back narrower than the fake's width, and a group size or bias the Triton path refuses went through."""
+    qweight, scales = packed(64, 128, 64)
+    x = torch.randn(2, k, device=DEV, dtype=dtype)
+    bias = None if bias_len is None else torch.randn(bias_len, device=DEV)
+    with pytest.raises(ValueError, match=match):
+        ops.int4_linear(x, qweight, scales, group, k=k, bias=bias, segments=segments)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.uniql.int4_matmul(x, qweight, scales, group, ops._flat(segments), k, bias)

@@ -121,3 +121,19 @@ def test_bad_inputs_are_refused():
         selective_state_update(torch.zeros(3, dtype=torch.int64, device=DEVICE), x, dt, A, B, C)
     with pytest.raises(ValueError, match=r"dt \[batch, H\]"):
         selective_state_update(state, x, dt[:, :3], A, B, C)
+
+
+def test_reference_refuses_what_the_kernel_refuses():
+    """The reference (the CPU backend of ``ops.ssm_state_update``) broadcast a ``dt [batch, 1]`` or ``A [1]``
+    the kernel refuses, and took a list of states of the wrong size."""
+    state, x, dt, A, B, C, D, *_ = _inputs(2, 4, 2, 6, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"dt \[batch, H\]"):
+        selective_state_update_reference(state.clone(), x, dt[:, :1], A, B, C)
+    with pytest.raises(ValueError, match=r"dt \[batch, H\]"):
+        ops.ssm_state_update(state.clone(), x, dt, A[:1], B, C)
+    with pytest.raises(ValueError, match="D must be"):
+        selective_state_update_reference(state.clone(), x, dt, A, B, C, D=D[:1])
+    with pytest.raises(ValueError, match="list of states"):
+        selective_state_update_reference([s[:, :3].clone() for s in state], x, dt, A, B, C)
+    with pytest.raises(ValueError, match="list of states"):
+        selective_state_update_reference([state[0].clone()], x, dt, A, B, C)
