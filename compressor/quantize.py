@@ -160,6 +160,9 @@ def quantize_model(model: ElasticDecoder, tokenizer, cfg: QuantConfig, device="c
     """Replace every projection of ``model`` by an Int4Linear in place; return provenance for the manifest."""
     cfg.validate()
     rotation = rotate_hidden(model, cfg.seed) if cfg.hadamard else None
+    # tables first: GPTQ then calibrates layer 0 on the embeddings the INT4 model really looks up (sequential GPTQ,
+    # each layer compensating the error before it; the reference does the same)
+    quantize_tables(model, cfg.group_size)
     if cfg.method == "rtn":
         for layer in tqdm(model.layers, desc="quantizing (rtn)", unit="layer"):
             for path in layer.linear_paths:
@@ -169,6 +172,5 @@ def quantize_model(model: ElasticDecoder, tokenizer, cfg: QuantConfig, device="c
                                       cfg.batch_size)
         collector = GPTQCollector(cfg, model, error_log)
         run_layerwise(model, batches, [collector], device, desc="quantizing (gptq)", recompute_outputs=True)
-    quantize_tables(model, cfg.group_size)
     return {**cfg.manifest(), "rotation": rotation}
 

@@ -198,3 +198,33 @@ def test_records_without_known_fields(tokenizer, tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "why?", "answer": "because"}) + "\n")
     with pytest.raises(ValueError, match="neither Alpaca fields nor 'text'"):
         calibration_batches(tokenizer, str(tmp_path / "bad.jsonl"), 2, 16)
+
+
+def test_ssm_statistics_ignore_padding_too():
+    """Mamba2 sorting statistics (C and dt*B energies, chunk-state correlation) of a right-padded batch equal those
+    of its sequences run alone: padded steps get dt = 0, so they write nothing into any state."""
+    from helpers import tiny_ssm_hf_model
+
+    ssm = decoder_from_hf(tiny_ssm_hf_model("mamba2"))
+    padded, bi_padded = _calibrate(ssm, [_padded_batch()])
+    alone, bi_alone = _calibrate(ssm, [_alone(SEQ_A), _alone(SEQ_B)])
+    for p, a in zip(padded, alone, strict=True):
+        for name in ("c_sq", "dtb_sq", "state_corr"):
+            assert max_rel_diff(getattr(p.mamba, name), getattr(a.mamba, name)) <= TOL, name
+    assert bi_padded == pytest.approx(bi_alone, rel=TOL, abs=1e-7)
+
+
+def test_example_sources_are_a_seeded_shuffle_not_the_first_records(tokenizer, alpaca_jsonl):
+    """uniql-method.md bug 16: the reference's ``dataset.shuffle()`` result is discarded, so it always calibrates on
+    the first records. Here the examples are a seeded sample: reproducible, different per seed, not the head."""
+    texts, _ = load_texts(str(alpaca_jsonl))
+    head = {tuple(ids[:SEQLEN]) for ids in tokenizer(texts[:3])["input_ids"]}
+
+    def chosen(seed):
+        batches = calibration_batches(tokenizer, str(alpaca_jsonl), 3, SEQLEN, seed=seed, batch_size=4)
+        return {tuple(ids[:n]) for b in batches for ids, n in zip(b.input_ids.tolist(),
+                                                                  b.attention_mask.sum(1).tolist(), strict=True)}
+
+    picks = [chosen(seed) for seed in range(4)]
+    assert chosen(0) == picks[0] and len({frozenset(p) for p in picks}) > 1
+    assert any(p != head for p in picks)

@@ -63,3 +63,35 @@ def test_tied_int4_checkpoint_with_rotation_round_trips(tmp_path):
     plain = rung_bytes(model.spec, model.ladder.sizes[0], "int4", 32)
     rotated = rung_bytes(model.spec, model.ladder.sizes[0], "int4", 32, runtime_rotation=True)
     assert rotated["total_bytes"] - plain["total_bytes"] == 64 * 64 * 4
+
+
+def _sorted_for_rotation(family):
+    """A sorted model (Qwen2: the V bias now an o_proj bias) or an SSM / hybrid one, with a cutting ladder."""
+    from helpers import sort_with_random_calibration, tiny_ssm_hf_model
+
+    from uniql.runtime.ladder import spec_dim_steps
+
+    hf = tiny_hf_model(family, hidden=64) if family == "qwen2" else tiny_ssm_hf_model(family)
+    model = decoder_from_hf(hf)
+    sort_with_random_calibration(model, "random", seqlen=16)
+    model.ladder = uniform_ladder(model.full_sizes, spec_dim_steps(model.spec, Alignment(16, n_align=4)),
+                                  model.spec.num_layers)
+    return model
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mamba2", "bamba", "nemotron_h"])
+def test_rotation_turns_output_biases_and_ssm_projections_too(family):
+    """Output-side biases (Qwen2's folded V bias on o_proj: the reference skips Hadamard for Qwen rather than
+    rotate it) turn with the stream; Mamba z/x/B/C/dt turn on their input side and out_proj on its output side,
+    while the SSM's own axes (heads, channels, states, gated norm) stay put: every rung is unchanged."""
+    model = _sorted_for_rotation(family)
+    ids = torch.randint(0, 320, (2, 13), generator=torch.Generator().manual_seed(5))
+    last = len(model.ladder.rates) - 1
+    with torch.no_grad():
+        before = [model(ids, rung=r) for r in (0, last)]
+        rotate_hidden(model)
+        after = [model(ids, rung=r) for r in (0, last)]
+    assert max_rel_diff(after[0], before[0]) <= TOL and max_rel_diff(after[1], before[1]) <= TOL
+    assert max_rel_diff(before[1], before[0]) > 1e-2  # the last rung really cuts
+    if family == "qwen2":
+        assert all(layer.attn.o_proj.bias is not None for layer in model.layers)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DATA, tiny_hf_model
+from helpers import DATA, max_rel_diff, tiny_hf_model
 
 import uniql.runtime.linear as linear
 from uniql.compressor.gptq import gptq_quantize, rung_weighted_hessian, weighted_error
@@ -66,6 +66,37 @@ def test_dead_input_column_is_quantized_to_zero(layer):
     hessian[5, :], hessian[:, 5] = 0, 0
     codes = f4.unpack(gptq_quantize(weight, hessian, G)[0])
     assert (codes[5] == f4.ZERO).all() and (codes[4] != f4.ZERO).any()
+
+
+def _reference_gptq(weight, hessian, group_size, damp=0.01):
+    """GPTQ as Frantar et al.'s code writes it, one column at a time: dead inputs (H_ii = 0) zeroed with H_ii = 1,
+    damping ``damp * mean(diag H)``, upper Cholesky of H^-1, columns in natural (= importance) order."""
+    w, h = weight.clone().float(), hessian.clone().float()
+    dead = h.diagonal() == 0
+    h[dead, dead], w[:, dead] = 1.0, 0.0
+    h += torch.eye(h.shape[0]) * damp * h.diagonal().mean()
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes, scales = torch.zeros(w.shape, dtype=torch.uint8), torch.zeros(w.shape[1] // group_size, w.shape[0])
+    for i in range(w.shape[1]):
+        if i % group_size == 0:
+            scales[i // group_size] = (w[:, i:i + group_size].abs().amax(1).clamp_min(1e-8) / 7.5).half().float()
+        s = scales[i // group_size]
+        q = torch.clamp(torch.round(w[:, i] / s) + f4.ZERO, 0, 15)
+        codes[:, i] = q.to(torch.uint8)
+        w[:, i:] -= ((w[:, i] - (q - f4.ZERO) * s) / u[i, i])[:, None] * u[i, i:][None, :]
+    return codes, scales.half()
+
+
+@pytest.mark.parametrize("group_size", [G, 128])
+def test_gptq_is_the_reference_algorithm_in_stored_order(layer, group_size):
+    """Bit-identical codes and scales to plain GPTQ: no act-order (a reordering would break the prefix rule),
+    1 % damping, dead columns zeroed. One block of all K columns: lazy batches sum the same updates in another
+    order, which may flip a rounding tie (test_lazy_batches_do_not_change_the_codes bounds that)."""
+    weight, hessian = layer[0], layer[1].clone()
+    hessian[9, :], hessian[:, 9] = 0, 0
+    qweight, scales = gptq_quantize(weight, hessian, group_size, block=weight.shape[1])
+    codes, ref_scales = _reference_gptq(weight, hessian, group_size)
+    assert torch.equal(f4.unpack(qweight).T.to(torch.uint8), codes) and torch.equal(scales, ref_scales)
 
 
 PREFIXES = (256, 192, 128, 64)  # a ladder's K prefixes, full width first
@@ -248,3 +279,26 @@ def test_rung_switching_reads_the_stored_int4_buffers_without_copies(quantized, 
     after = model.state_dict()
     assert after.keys() == state.keys()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_gptq_calibrates_on_the_quantized_embedding(fp_model, tokenizer, tmp_path, monkeypatch):
+    """uniql-method.md section 6.1: the embedding is quantized BEFORE GPTQ calibrates, so layer 0's Hessian is that
+    of the inputs the INT4 model really sees (sequential GPTQ: each layer compensates the error before it)."""
+    import uniql.compressor.quantize as quantize_mod
+    from uniql.compressor.calib_data import calibration_batches
+
+    calib = tmp_path / "calib.raw"
+    calib.write_text("".join(TEXT_LINES[:40]), encoding="utf-8")
+    hessians = []
+    real_gptq = quantize_mod.gptq_quantize
+    monkeypatch.setattr(quantize_mod, "gptq_quantize", lambda w, h, *a: hessians.append(h) or real_gptq(w, h, *a))
+    model = copy.deepcopy(fp_model)
+    cfg = QuantConfig(group_size=G, calib_source=str(calib), calib_samples=4, calib_seqlen=64)
+    quantize_model(model, tokenizer, cfg)
+    assert isinstance(model.embed, Int4Linear)
+    expected = torch.zeros_like(hessians[0])
+    for batch in calibration_batches(tokenizer, str(calib), 4, 64, cfg.seed, cfg.batch_size):
+        with torch.no_grad():
+            x = model.layers[0].input_norm(model.embed_tokens(batch.input_ids))[batch.attention_mask.bool()].double()
+        expected += x.T @ x
+    assert max_rel_diff(hessians[0], expected) <= 1e-5  # layer 0's q/k/v Hessian: the first GPTQ call

@@ -7,7 +7,7 @@ import torch
 from helpers import DATA, max_rel_diff, random_calib_batches, sort_with_random_calibration, tiny_hf_model
 
 from uniql.compressor.calib_data import calibration_batches
-from uniql.compressor.calibrate import SortStatsCollector, run_layerwise
+from uniql.compressor.calibrate import LayerStats, SortStatsCollector, run_layerwise
 from uniql.compressor.compress import CompressConfig, compress_decoder
 from uniql.compressor.orders import (
     _group_pair_scores,
@@ -18,6 +18,7 @@ from uniql.compressor.orders import (
     ridge_leverage,
 )
 from uniql.compressor.sorting import apply_orders
+from uniql.runtime.decoder import rotate_pairs
 from uniql.runtime.hf_import import decoder_from_hf
 
 TOL = 1e-4  # acceptance: max |logit diff| <= 1e-4 * max |logit| in fp32
@@ -132,3 +133,61 @@ def test_uniql_beats_random_when_truncated():
         with torch.no_grad():
             errors[order] = (model(ids, rung=len(model.ladder.rates) - 1) - ref).pow(2).mean().item()
     assert errors["uniql"] < errors["random"]
+
+
+def _biased_llama():
+    """Llama with ``attention_bias`` (q/k/v AND o_proj biases) and ``mlp_bias`` (gate/up/down biases)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, attention_bias=True, mlp_bias=True, max_position_embeddings=256)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
+    return hf
+
+
+@pytest.mark.parametrize("order", ["uniql", "random"])
+def test_v_bias_folds_into_an_existing_o_bias_as_a_vector(order):
+    """uniql-method.md section 3.3: folding the V bias where o_proj already has one must ADD W_O b_V to it (the
+    released code adds a scalar per head). Also: gate/up biases follow their rows, down's bias stays."""
+    hf = _biased_llama()
+    model = decoder_from_hf(hf)
+    assert model.spec.o_bias and model.spec.v_bias and model.spec.mlp_bias
+    _sort(model, order)
+    assert model.layers[0].attn.v_proj.bias is None
+    ids = torch.randint(0, 320, (2, 19))
+    with torch.no_grad():
+        assert max_rel_diff(model(ids), hf(ids).logits) <= TOL
+
+
+def _rope_energies(attn, x, inv_freq):
+    """E-sums of |q_pair|^2 / |k_pair|^2 AFTER RoPE at the tokens' positions: rows [P*2*heads] as _row_energy."""
+    t = x.shape[1]
+    cos, sin = attn.rope_cos_sin(inv_freq, torch.arange(t)[None], attn.head_dim // 2, 1.0)  # [1, g, T, P]
+    out = []
+    for proj, heads in ((attn.q_proj, attn.n_heads), (attn.k_proj, attn.n_kv)):
+        pairs = attn._pairs_view(proj(x).double(), heads, attn.head_dim)  # [B, heads, T, P, 2]
+        rep = heads // attn.n_kv
+        rot = rotate_pairs(pairs, cos.double().repeat_interleave(rep, 1), sin.double().repeat_interleave(rep, 1))
+        out.append(rot.pow(2).sum((0, 2)).permute(1, 2, 0).flatten())  # [heads, P, 2] -> rows (m, t, head)
+    return out
+
+
+def test_qk_pair_scores_are_those_of_the_rotated_q_and_k():
+    """uniql-method.md bug 13: the reference scores rotated Q against UN-rotated K. Here a pair's energy is
+    RoPE-invariant, so the score from the weights' moments must equal the score of the q and k attention really
+    sees (after RoPE), biases included."""
+    model = decoder_from_hf(tiny_hf_model("qwen2", heads=4, kv_heads=2))
+    attn, norm = model.layers[0].attn, model.layers[0].input_norm
+    ids = torch.randint(0, 320, (3, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        x = norm(model.embed_tokens(ids))
+        flat = x.reshape(-1, x.shape[-1]).double()
+        stats = LayerStats(tokens=flat.shape[0], attn_in_corr=flat.T @ flat, attn_in_sum=flat.sum(0))
+        q_rot, k_rot = _rope_energies(attn, x, model.inv_freq)
+        from_moments = _group_pair_scores(attn, _row_energy(attn.q_proj.weight, attn.q_proj.bias, stats),
+                                          _row_energy(attn.k_proj.weight, attn.k_proj.bias, stats))
+    assert max_rel_diff(from_moments, _group_pair_scores(attn, q_rot, k_rot)) <= 1e-6

@@ -11,7 +11,7 @@ from helpers import DATA, max_rel_diff, random_calib_batches, sort_with_random_c
 
 from uniql.compressor.calibrate import SortStatsCollector, run_layerwise
 from uniql.compressor.compress import CompressConfig, compress_decoder
-from uniql.compressor.orders import magnitude_orders, uniql_orders
+from uniql.compressor.orders import _group_pair_scores, _row_energy, magnitude_orders, uniql_orders
 from uniql.compressor.sorting import permute_mamba
 from uniql.compressor.ssm_orders import MambaOrders, stored_rows
 from uniql.runtime.hf_import import decoder_from_hf
@@ -137,3 +137,27 @@ def test_trained_tiny_model_sorted_beats_random_at_the_top_rung(name):
         ppl[order] = wikitext2_ppl(model, tok, rung=top, path=DATA / "wikitext2_small.raw", seqlen=256,
                                    max_windows=8)["ppl"]
     assert ppl["uniql"] < ppl["random"], ppl
+
+
+def test_bamba_pass_through_pairs_are_ranked_by_their_own_scores():
+    """uniql-method.md bug 12: for partial RoPE the reference ranks the pass-through half with the ROTATED half's
+    scores. Here pass-through channels are pairs with frequency 0, scored like any pair: a dead pass-through pair
+    sorts last in its KV group, its frequency index travels with it, and every group's pair scores (recomputed on
+    the sorted weights) are non-increasing across rotated and pass-through pairs alike."""
+    model = decoder_from_hf(tiny_ssm_hf_model("bamba"))
+    index = model.spec.layers_with("attn")[0]
+    attn = model.layers[index].attn
+    n, g, pairs = attn.n_heads, attn.n_kv, attn.head_dim // 2
+    dead = pairs - 2  # a pass-through pair (Bamba rotates half of each head: pairs >= pairs/2 have frequency 0)
+    assert model.inv_freq[dead] == 0 and model.inv_freq[0] > 0
+    with torch.no_grad():  # pair `dead` of KV group 1: its q rows (heads of group 1) and k rows, both members
+        for t in (0, 1):
+            for head in range(n // g, n):
+                attn.q_proj.weight[(2 * dead + t) * n + head] = 0
+            attn.k_proj.weight[(2 * dead + t) * g + 1] = 0
+    stats = _sort(model)[index]
+    assert attn.rope_index[1, -1] == dead
+    assert all(sorted(row.tolist()) == list(range(pairs)) for row in attn.rope_index)
+    scores = _group_pair_scores(attn, _row_energy(attn.q_proj.weight, None, stats),
+                                _row_energy(attn.k_proj.weight, None, stats))
+    assert (scores[:, 1:] <= scores[:, :-1] * (1 + 1e-9)).all()
