@@ -111,6 +111,39 @@ TINY_RTN_FLAGS = ["--quant", "rtn", "--calib-samples", "8", "--calib-seqlen", "6
                   "--bi-seqlen", "64", "--group-size", "32"]
 
 
+TINY_CALIB_FLAGS = TINY_RTN_FLAGS[2:]  # the tiny calibration, without "--quant rtn"
+
+
+# The CLI tests' fixtures (tests/test_cli_flags.py, tests/compressor/test_cli_robustness.py), registered in each module
+# as ``pytest.fixture(...)(cli_source)`` etc.
+def cli_source(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama folder (context 256) with SmolLM2's tokenizer (it has a chat template)."""
+    out = tmp_path_factory.mktemp("src")
+    tiny_hf_model("llama", vocab=len(tokenizer), hidden=64, inter=128).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def cli_data(tmp_path_factory, monkeypatch) -> Path:
+    """UNIQL_DATA_DIR set to a fresh small data folder."""
+    root = make_data_dir(tmp_path_factory.mktemp("data"))
+    monkeypatch.setenv("UNIQL_DATA_DIR", str(root))
+    return root
+
+
+def cli_sorted_ckpt(source, tmp_path_factory) -> Path:
+    """``uniql compress --no-quant`` of ``source``: the sorted floating-point checkpoint fine-tuning starts from."""
+    import pytest
+
+    from uniql.cli import main
+
+    out = tmp_path_factory.mktemp("ckpt") / "sorted"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UNIQL_DATA_DIR", str(make_data_dir(tmp_path_factory.mktemp("d"))))
+        assert main(["compress", str(source), "--out", str(out), "--no-quant", *TINY_CALIB_FLAGS]) == 0
+    return out
+
+
 def build_tiny_int4_ckpt(source: Path, out: Path, data_dir: Path, tokenizer, seed: int = 0, family: str = "llama",
                          flags: list[str] | None = None) -> Path:
     """`uniql compress` (RTN INT4, light calibration) of a random tiny model with ``tokenizer``: seconds on CPU.

@@ -6,35 +6,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import TINY_RTN_FLAGS, make_data_dir, tiny_hf_model
+from helpers import TINY_CALIB_FLAGS, TINY_RTN_FLAGS, cli_data, cli_sorted_ckpt, cli_source
 
 from uniql.cli import main
 
-CALIB = TINY_RTN_FLAGS[2:]  # the tiny calibration, without "--quant rtn"
+CALIB = TINY_CALIB_FLAGS
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory, tokenizer):
-    out = tmp_path_factory.mktemp("src")
-    tiny_hf_model("llama", vocab=len(tokenizer), hidden=64, inter=128).save_pretrained(out)  # context 256
-    tokenizer.save_pretrained(out)  # SmolLM2's: it has a chat template
-    return out
-
-
-@pytest.fixture(autouse=True)
-def data(tmp_path_factory, monkeypatch):
-    root = make_data_dir(tmp_path_factory.mktemp("data"))
-    monkeypatch.setenv("UNIQL_DATA_DIR", str(root))
-    return root
-
-
-@pytest.fixture(scope="module")
-def sorted_ckpt(source, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "sorted"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("UNIQL_DATA_DIR", str(make_data_dir(tmp_path_factory.mktemp("d"))))
-        assert main(["compress", str(source), "--out", str(out), "--no-quant", *CALIB]) == 0
-    return out
+source_fixture = pytest.fixture(scope="module", name="source")(cli_source)
+data_fixture = pytest.fixture(autouse=True, name="data")(cli_data)
+sorted_ckpt_fixture = pytest.fixture(scope="module", name="sorted_ckpt")(cli_sorted_ckpt)
 
 
 def _fails(capsys, argv, message, rc=2):
