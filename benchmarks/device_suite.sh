@@ -41,7 +41,7 @@ for step in ${SUITE:-ab kernels decode}; do
                      python3 profile_decode.py --model $m --rates 0,0.15,0.25,0.35 --json "$OUT/profile_${m}_$gpu.json"
                  done > "$OUT/profile_$gpu.txt" ;;
         tests) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/kernels tests/runtime/test_runner.py \
-                    tests/runtime/test_ssm_graphs.py) > "$OUT/tests_$gpu.txt" 2>&1 ;;
+                    tests/runtime/test_ssm_graphs.py tests/runtime/test_graph_reset.py) > "$OUT/tests_$gpu.txt" 2>&1 ;;
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
