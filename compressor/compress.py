@@ -244,9 +244,9 @@ def _out_dir(out_dir, inputs: tuple):
 
 
 # what transformers' save_pretrained writes for a tokenizer (a replaced checkpoint's set may differ from the new one)
-TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                             "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
-                             "merges.txt"})
+SAVED_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                   "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                                   "tokenizer.model", "vocab.json", "merges.txt"})
 
 
 def _save_replacing(model, out_dir, **kwargs) -> Path:
@@ -264,7 +264,7 @@ def _save_replacing(model, out_dir, **kwargs) -> Path:
         save_checkpoint(model, staging, **kwargs)
         (out / MANIFEST).unlink(missing_ok=True)  # first: until the new manifest lands, this is no checkpoint
         for old in out.iterdir():  # the replaced checkpoint's tokenizer files (the new one may write fewer); a
-            if old.is_file() and old.name in TOKENIZER_FILES:  # user's own files and folders stay
+            if old.is_file() and old.name in SAVED_TOKENIZER_FILES:  # user's own files and folders stay
                 old.unlink()
         for new in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST):
             os.replace(new, out / new.name)

@@ -86,6 +86,7 @@ def load_source(model: str, dtype: torch.dtype = torch.float32) -> SourceModel:
     return SourceModel(hf_model.eval(), tokenizer, info)
 
 
+# any one of these says the folder carries a tokenizer (compress.SAVED_TOKENIZER_FILES: all that a save writes)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 

@@ -30,6 +30,7 @@ from .monitor import Monitor
 from .service import AdaptiveService
 
 log = logging.getLogger(__name__)
+LOAD_THREAD = "uniql-load"  # the model loading thread (serve.py tells a stop during loading by it)
 DEFAULT_MODEL_NAME = "smollm2-135m-uniql"
 
 
@@ -93,7 +94,7 @@ def create_app(cfg: ServerConfig, loader: Callable[[], object], monitor_factory:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        threading.Thread(target=state.load, name="uniql-load", daemon=True).start()
+        threading.Thread(target=state.load, name=LOAD_THREAD, daemon=True).start()
         yield
         state.close()
 

@@ -46,9 +46,9 @@ class ChoiceState:
     def add(self, event: TokenEvent) -> None:
         if event.token_id is not None:
             self.generated += 1
-        if event.token_id is not None and not event.stop_token:
-            self.tokens.append(event)
-            self.offsets.append(self._length)
+            if not event.stop_token:
+                self.tokens.append(event)
+                self.offsets.append(self._length)
         self.text.append(event.text)
         self._length += len(event.text)
         if event.finish_reason is not None:

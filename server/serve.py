@@ -99,7 +99,8 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _checkpoint_context(ckpt: str) -> int | None:
-    """The checkpoint's context limit from its manifest; None if unreadable (the loader says what is wrong)."""
+    """The checkpoint's context limit from its manifest; None if unreadable (the loader says what is wrong). Read
+    here as plain JSON: runtime.checkpoint.read_manifest would import torch into the HTTP process's start-up."""
     try:
         manifest = json.loads((Path(ckpt) / "uniql.json").read_text(encoding="utf-8"))
         return int(manifest["arch"]["max_position_embeddings"])
@@ -123,7 +124,9 @@ def preflight(cfg: ServerConfig) -> None:
 
 
 def _loading() -> bool:
-    return any(t.name == "uniql-load" and t.is_alive() for t in threading.enumerate())
+    from .app import LOAD_THREAD
+
+    return any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 def _exit_while_loading() -> None:
