@@ -27,10 +27,32 @@ def _kernel_table(prof, steps: int) -> list[dict]:
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
             entry = totals[evt.name[:60]]
-            entry[0] += evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+            entry[0] += _device_us(evt)
             entry[1] += 1
     rows = [{"kernel": k, "us_per_step": v[0] / steps, "launches_per_step": v[1] / steps} for k, v in totals.items()]
     return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def _gemv_positions(prof, steps: int, layers: int) -> dict[str, float]:
+    """Mean GPU time of each GEMV launch by its place in the step: with G GEMVs a layer (the step's launches minus
+    the vocab head, over the layers) ``gemv<i>`` is the i-th of each layer, ``head`` the last launch of a step.
+    Which projection moves with the rate and which does not (e.g. why a rung decodes no faster than the one
+    before it)."""
+    events = sorted((evt.time_range.start, _device_us(evt)) for evt in prof.events()
+                    if evt.device_type == torch.autograd.DeviceType.CUDA and "gemv" in evt.name)
+    per_step = len(events) // steps
+    if steps * per_step != len(events) or (per_step - 1) % layers:
+        return {}
+    per_layer = (per_step - 1) // layers
+    sums: dict[str, float] = defaultdict(float)
+    for i, (_, us) in enumerate(events):
+        pos = i % per_step
+        sums["head" if pos == per_step - 1 else f"gemv{pos % per_layer}"] += us
+    return {name: total / steps / (1 if name == "head" else layers) for name, total in sums.items()}
+
+
+def _device_us(evt) -> float:
+    return evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
 
 
 def _build(name: str):
@@ -94,7 +116,8 @@ def profile_rung(model, vocab: int, rate: float, batch: int, context: int) -> di
     for req in reqs:
         engine.cancel(req.request_id)
     return {"rate": model.ladder.rates[rung], "rung": rung, "replay_us": replay_us,
-            "step_us": statistics.median(stamps), "kernels": _kernel_table(prof, steps)}
+            "step_us": statistics.median(stamps), "kernels": _kernel_table(prof, steps),
+            "gemv_us_by_position": _gemv_positions(prof, steps, model.spec.num_layers)}
 
 
 @torch.inference_mode()
@@ -116,6 +139,8 @@ def main() -> None:
               f"{run['step_us']:.1f} us, sum of kernels (eager) {sum(r['us_per_step'] for r in table):.1f} us")
         for r in table[:25]:
             print(f"{r['us_per_step']:9.1f} us  x{r['launches_per_step']:5.0f}  {r['kernel']}")
+        print("  GEMV us per launch by place in the layer: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in run["gemv_us_by_position"].items()))
         runs.append(run)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "batch": args.batch, "context": args.context,

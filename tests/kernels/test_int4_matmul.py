@@ -205,6 +205,20 @@ def test_configs_cover_the_paths():
     assert im.pick_config(4, 4096, 14336, 64, DEV).block_n == 256  # K-heavy at batch 4 keeps the wide tiles
 
 
+@pytest.mark.parametrize("n", [28672, 24320, 21504, 18688, 37888, 28416, 18560, 128256, 152064, 256000])
+def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
+    """The K split of the wide decode GEMVs (gate|up, Mamba's in_proj, vocab heads) is the largest that keeps
+    every program in one wave of ~8 per SM: rounding up left a second wave of a few dozen programs (the 8B-shaped
+    gate|up at rate 0.25, N = 21504, took as long as at rate 0 in the engine on the H100)."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)  # an H100 SXM, without a GPU
+    cfg = im.pick_config(1, n, 4096, 128, "cuda")
+    blocks, slots, k_tiles = -(-n // cfg.block_n), 8 * 132, 4096 // cfg.block_k
+    assert cfg.block_n == 256 and blocks * cfg.split_k <= slots
+    assert blocks * (cfg.split_k + 1) > slots or cfg.split_k == k_tiles // 2  # and no smaller split than fits
+
+
 @pytest.mark.skipif(not CUDA, reason="real shapes need the GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 4, 16, 300])
