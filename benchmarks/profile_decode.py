@@ -51,6 +51,29 @@ def _gemv_positions(prof, steps: int, layers: int) -> dict[str, float]:
     return {name: total / steps / (1 if name == "head" else layers) for name, total in sums.items()}
 
 
+def _graph_gaps(prof, replays: int) -> float | None:
+    """Idle GPU time per graph replay: the summed gaps between one kernel's end and the next one's start."""
+    spans = sorted((evt.time_range.start, evt.time_range.start + _device_us(evt)) for evt in prof.events()
+                   if evt.device_type == torch.autograd.DeviceType.CUDA)
+    if not spans or replays <= 0:
+        return None
+    per = len(spans) // replays
+    gaps = [max(0.0, spans[i + 1][0] - spans[i][1]) for i in range(len(spans) - 1) if (i + 1) % per]
+    return sum(gaps) / replays
+
+
+def _profile_replays(runner, rung, reqs, layers: int, replays: int = 3) -> dict:
+    """Per-kernel GPU time INSIDE graph replays (eager launches may time differently) and the gaps between them."""
+    entry = runner.graphs._get(rung, runner.graphs.bucket(len(reqs)))
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            entry.graph.replay()
+            torch.cuda.synchronize()  # one replay at a time: gaps are measured within a replay only
+    return {"kernels": _kernel_table(prof, replays), "gemv_us_by_position": _gemv_positions(prof, replays, layers),
+            "gap_us_per_replay": _graph_gaps(prof, replays)}
+
+
 def _device_us(evt) -> float:
     return evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
 
@@ -95,9 +118,10 @@ def profile_rung(model, vocab: int, rate: float, batch: int, context: int) -> di
     runner = engine.runner
     try:
         replay_us = _time_replay(runner, rung, reqs)
+        in_graph = _profile_replays(runner, rung, reqs, model.spec.num_layers)
     except (AttributeError, KeyError, TypeError) as exc:  # a runner without per-request caches (SSM state)
         print(f"graph replay not timed: {type(exc).__name__}: {exc}")
-        replay_us = None
+        replay_us, in_graph = None, None
     # the whole engine step: replay + logits to the sampler + ids to the host + detokenize + bookkeeping
     stamps = []
     for _ in range(20):
@@ -117,7 +141,7 @@ def profile_rung(model, vocab: int, rate: float, batch: int, context: int) -> di
         engine.cancel(req.request_id)
     return {"rate": model.ladder.rates[rung], "rung": rung, "replay_us": replay_us,
             "step_us": statistics.median(stamps), "kernels": _kernel_table(prof, steps),
-            "gemv_us_by_position": _gemv_positions(prof, steps, model.spec.num_layers)}
+            "gemv_us_by_position": _gemv_positions(prof, steps, model.spec.num_layers), "in_graph": in_graph}
 
 
 @torch.inference_mode()
@@ -141,10 +165,35 @@ def main() -> None:
             print(f"{r['us_per_step']:9.1f} us  x{r['launches_per_step']:5.0f}  {r['kernel']}")
         print("  GEMV us per launch by place in the layer: "
               + ", ".join(f"{k} {v:.2f}" for k, v in run["gemv_us_by_position"].items()))
+        if run["in_graph"]:
+            graph = run["in_graph"]
+            total = sum(r["us_per_step"] for r in graph["kernels"])
+            print(f"  inside the graph: kernels {total:.1f} us, gaps {graph['gap_us_per_replay']} us; GEMV by place: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in graph["gemv_us_by_position"].items()))
         runs.append(run)
+    regs = _compiled_gemvs()
+    for row in regs:
+        print(f"  compiled GEMV: { {k: v for k, v in row.items() if k != 'key'} }")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "batch": args.batch, "context": args.context,
-                                               "device": torch.cuda.get_device_name(), "runs": runs}, indent=1))
+                                               "device": torch.cuda.get_device_name(), "runs": runs,
+                                               "compiled_gemvs": regs}, indent=1))
+
+
+def _compiled_gemvs() -> list[dict]:
+    """Registers, spills and shared memory of each compiled decode-GEMV variant (they set how many programs an SM
+    holds, i.e. what one wave is). Best effort: Triton's cache layout differs between versions."""
+    from uniql.kernels import int4_gemv
+
+    rows = []
+    try:
+        for cache in int4_gemv._gemv_h2_kernel.device_caches.values():
+            for key, kernel in cache[0].items():
+                rows.append({"key": str(key), "n_regs": kernel.n_regs, "n_spills": kernel.n_spills,
+                             "shared": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps})
+    except (AttributeError, TypeError, IndexError) as exc:
+        rows.append({"error": f"{type(exc).__name__}: {exc}"})
+    return rows
 
 
 if __name__ == "__main__":
