@@ -130,7 +130,7 @@ async def _body(request: Request) -> dict:
 
 
 def _routes(app: FastAPI, state: AppState) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and curl -I's probes
     async def health():
         service = state.ready()
         return {"status": "ok", "model": state.names[0], **service.state()}
@@ -177,7 +177,16 @@ def _routes(app: FastAPI, state: AppState) -> None:
         service = state.ready()
         req = schema.parse(schema.CompletionRequest, await _body(request))
         schema.check_model(req.model, state.names)
-        return await _generate(state, service, request, req, await _prompt_ids(service, req.prompt), "text")
+        ids = await _prompt_ids(service, req.prompt)
+        echo = await _echo_text(service, req.prompt, ids) if req.echo else ""
+        return await _generate(state, service, request, req, ids, "text", echo)
+
+
+async def _echo_text(service: AdaptiveService, prompt, ids: list[int]) -> str:
+    """The prompt as ``echo`` returns it before the completion: the text sent, or token ids decoded."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else await asyncio.to_thread(service.backend.decode_text, ids)
 
 
 async def _prompt_ids(service: AdaptiveService, prompt) -> list[int]:
@@ -218,7 +227,9 @@ def _engine_dead() -> APIError:
     return APIError(503, "the engine has stopped; restart the server", None, "engine_dead")
 
 
-async def _generate(state: AppState, service: AdaptiveService, request: Request, req, ids: list[int], kind: str):
+async def _generate(state: AppState, service: AdaptiveService, request: Request, req, ids: list[int], kind: str,
+                    echo: str = ""):
+    """``echo``: text every choice starts with (a completion's prompt, echoed)."""
     max_tokens = _max_tokens(req, len(ids), service.backend.max_model_len, state.cfg.default_max_tokens, kind)
     if req.n > service.backend.max_choices:  # a 429 would tell the client to retry what can never fit
         raise errors.bad_request(f"n={req.n} is more than this server can ever hold at once "
@@ -239,9 +250,9 @@ async def _generate(state: AppState, service: AdaptiveService, request: Request,
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
         writer = responses.ChunkWriter(kind, state.names[0], tokens, include_usage)
-        body = _stream(admission, writer, include_usage, state.metrics.observe_error, continuous)
+        body = _stream(admission, writer, include_usage, state.metrics.observe_error, continuous, echo)
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-    choices = await _collect(request, admission)
+    choices = await _collect(request, admission, echo)
     if choices is None:  # the client went away: the requests were cancelled, nobody reads this
         return Response(status_code=499)
     failed = next((c for c in choices if c.finish_reason == "error"), None)
@@ -289,9 +300,9 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def _collect(request: Request, admission) -> list[responses.ChoiceState] | None:
+async def _collect(request: Request, admission, echo: str = "") -> list[responses.ChoiceState] | None:
     """Every choice to its end, or None (all cancelled) if the client disconnects first."""
-    choices = [responses.ChoiceState(i) for i in range(len(admission.streams))]
+    choices = [responses.ChoiceState(i, text=[echo] if echo else []) for i in range(len(admission.streams))]
 
     async def gather() -> None:
         async for index, event in _merged(admission.streams):
@@ -309,7 +320,7 @@ async def _collect(request: Request, admission) -> list[responses.ChoiceState] |
 
 
 async def _stream(admission, writer: responses.ChunkWriter, include_usage: bool,
-                  on_error: Callable[[int], None], continuous: bool = False) -> AsyncIterator[str]:
+                  on_error: Callable[[int], None], continuous: bool = False, echo: str = "") -> AsyncIterator[str]:
     """SSE: a role chunk per choice (chat), a chunk per text piece, the finish, the usage chunk, ``[DONE]``.
 
     A choice the engine fails ends with an error chunk in the OpenAI envelope instead of its finish chunk (the
@@ -321,6 +332,9 @@ async def _stream(admission, writer: responses.ChunkWriter, include_usage: bool,
     if writer.chat:
         for c in choices:
             yield writer.role(c.index)
+    elif echo:  # the echoed prompt first, as its own chunk per choice (vLLM's order)
+        for c in choices:
+            yield writer.text(c.index, echo)
     failed = False
     async for index, event in _merged(admission.streams):
         choice = choices[index]

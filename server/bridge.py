@@ -67,6 +67,10 @@ class EngineBackend:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    def decode_text(self, ids: list[int]) -> str:
+        """A prompt given as token ids, as text (``echo``)."""
+        return self.tokenizer.decode(ids)
+
     @property
     def vocab_size(self) -> int:
         return self.engine.runner.model.spec.vocab_size

@@ -171,5 +171,9 @@ class ChunkWriter:
             choice = {"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": reason}
         return self._chunk([choice])
 
+    def text(self, index: int, text: str) -> str:
+        """A text-completion chunk of text that is not a generated token (the echoed prompt)."""
+        return self._chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": None}])
+
     def usage(self, usage_body: dict) -> str:
         return self._chunk([], usage_body)

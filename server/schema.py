@@ -131,8 +131,9 @@ def _check_specifics(req: BaseModel) -> None:
                           "constrained decoding; ask for JSON in the prompt, or use response_format "
                           "{\"type\": \"text\"}", "response_format", "unsupported_parameter")
     if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise bad_request("echo is not supported by this server", "echo", "unsupported_parameter")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs asks for the prompt's logprobs, which this server does not compute "
+                              "(echo alone, or logprobs alone, are supported)", "echo", "unsupported_parameter")
         if req.best_of not in (None, 1, req.n):
             raise bad_request("best_of other than n is not supported", "best_of", "unsupported_parameter")
     if req.stream_options is not None and not req.stream:

@@ -66,6 +66,26 @@ def test_completions_and_models(client):
     assert [m.id for m in models] == ["tiny"] and models[0].model_extra["prune_rates"][0] == 0.0
 
 
+def test_echo_returns_the_prompt_before_the_completion(client, tokenizer):
+    """echo: the prompt, then the completion (whole and streamed alike; token-id prompts decoded); the prompt is
+    neither generated nor counted as completion tokens. With logprobs it would need the prompt's logprobs: 400."""
+    prompt, kw = "Once upon a time", dict(model="tiny", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(prompt=prompt, **kw)
+    echoed = client.completions.create(prompt=prompt, echo=True, **kw)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    assert echoed.usage.completion_tokens == 4 and echoed.usage.prompt_tokens == plain.usage.prompt_tokens
+    chunks = [c for c in client.completions.create(prompt=prompt, echo=True, stream=True, n=2, **kw) if c.choices]
+    for index in (0, 1):
+        pieces = [c.choices[0].text for c in chunks if c.choices[0].index == index]
+        assert pieces[0] == prompt and "".join(pieces) == echoed.choices[0].text
+    ids = [40, 1211, 2987]
+    from_ids = client.completions.create(prompt=ids, echo=True, **kw).choices[0].text
+    assert from_ids == tokenizer.decode(ids) + client.completions.create(prompt=ids, **kw).choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(prompt=prompt, echo=True, logprobs=2, **kw)
+    assert err.value.body["param"] == "echo"
+
+
 def test_same_seed_same_text(client):
     def sampled(seed):
         return client.chat.completions.create(model="tiny", messages=CHAT, temperature=1.0, seed=seed,
@@ -164,6 +184,8 @@ def test_unknown_model_is_404_and_bad_key_401(client, tiny_server):
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=f"{tiny_server}/v1", api_key="wrong", max_retries=0).models.list()
     assert httpx.get(f"{tiny_server}/health", timeout=10).status_code == 200  # health stays public
+    head = httpx.head(f"{tiny_server}/health", timeout=10)  # probes that send HEAD (curl -I, load balancers)
+    assert head.status_code == 200 and head.content == b""
 
 
 def test_metrics_parse_and_count_the_requests(client, tiny_server):
