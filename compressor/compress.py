@@ -35,7 +35,7 @@ from .allocation import build_ladder
 from .calib_data import calibration_batches, source_file
 from .calibrate import BlockImportanceCollector, SortStatsCollector, run_layerwise
 from .finetune import FinetuneConfig, finetune_decoder
-from .model_input import load_source, resolve_model_path, source_spec
+from .model_input import load_source, resolve_model_path, source_config, source_spec
 from .orders import ORDERS, magnitude_orders, random_orders, uniql_orders
 from .quantize import QuantConfig, quantize_model
 from .sorting import apply_orders
@@ -191,11 +191,12 @@ def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: s
         _check_sources(cfg.quant, [("sorting data", cfg.calib_source)] * (cfg.order == "uniql")
                        + [("block-importance data", cfg.bi_source)])
         sort_seqlen = cfg.calib_seqlen if cfg.order == "uniql" else 0  # random / magnitude read no data
-        _check_context(source_spec(model_name).max_position_embeddings, cfg.quant, cfg.finetune,
+        config = source_config(model_name)  # read once: the checks below, then the load
+        _check_context(source_spec(model_name, config).max_position_embeddings, cfg.quant, cfg.finetune,
                        {"--bi-seqlen": cfg.bi_seqlen, "--calib-seqlen": sort_seqlen})
         timings: dict = {}
         with stage("load", timings, cfg.device):
-            source = load_source(model_name)
+            source = load_source(model_name, config=config)
             model = decoder_from_hf(source.hf_model, share=True)  # no second copy of the weights in host memory
             del source.hf_model
         model, result = compress_decoder(model, source.tokenizer, cfg, timings)

@@ -53,32 +53,41 @@ def _located(model: str) -> tuple[Path, Path, str, dict]:
     raise ValueError(f"{path} is neither a .gguf file nor a model directory with config.json")
 
 
-def source_spec(model: str) -> ArchSpec:
-    """The source's architecture from its config alone, before any weight is read: an unsupported family (GPT-2,
-    BERT) was refused only after the whole model had loaded, as "GPT2LMHeadModel is not a causal language model";
-    and the model's context is known before the load."""
+def source_config(model: str):
+    """The source's transformers config, read alone (a GGUF's takes ~3 s to parse: ``load_source`` takes it back
+    instead of parsing it again)."""
     from transformers import AutoConfig
 
     path, root, _, kwargs = _located(model)
-    config = _loaded("config", path, lambda: AutoConfig.from_pretrained(str(root), local_files_only=True,
-                                                                        **kwargs))
+    return _loaded("config", path, lambda: AutoConfig.from_pretrained(str(root), local_files_only=True, **kwargs))
+
+
+def source_spec(model: str, config=None) -> ArchSpec:
+    """The source's architecture from its config alone (``config``: ``source_config(model)`` if already read),
+    before any weight is read: an unsupported family (GPT-2, BERT) was refused only after the whole model had
+    loaded, as "GPT2LMHeadModel is not a causal language model"; and the model's context is known before the
+    load."""
+    config = source_config(model) if config is None else config
     try:
         return spec_from_hf_config(config)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ValueError(f"{resolve_model_path(model)}: {err}") from None
 
 
-def load_source(model: str, dtype: torch.dtype = torch.float32) -> SourceModel:
-    """Load tokenizer and transformers model from local files only."""
+def load_source(model: str, dtype: torch.dtype = torch.float32, config=None) -> SourceModel:
+    """Load tokenizer and transformers model from local files only (``config``: its ``source_config``, if read)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, root, fmt, kwargs = _located(model)
+    if config is not None:
+        kwargs = {**kwargs, "config": config}
     digest = sha256_file(path) if fmt == "gguf" else _dir_sha256(path)
     if fmt == "hf" and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the tokenizer of "
                          "the model into it (a UniQL checkpoint carries it)")
+    tok_kwargs = {k: v for k, v in kwargs.items() if k != "config"}  # the model's config is no tokenizer's
     tokenizer = _loaded("tokenizer", path, lambda: AutoTokenizer.from_pretrained(str(root), local_files_only=True,
-                                                                                 **kwargs))
+                                                                                 **tok_kwargs))
     hf_model = _loaded("model", path, lambda: AutoModelForCausalLM.from_pretrained(
         str(root), local_files_only=True, dtype=dtype, **kwargs))
     info = {"name": model, "format": fmt, "path": str(path), "sha256": digest,
