@@ -12,6 +12,8 @@
 #   ssm      ssm_decode_gpu.py, Mamba2-8B / Nemotron-H-8B shapes with the transformers anchor, ~3 min
 #   profile  profile_decode.py: per-kernel time of a decode step at rates 0, 0.15, 0.25, 0.35, Llama-3.1-8B and
 #            Mamba2-8B shapes (what does not shrink with the rate; why 0.25 decodes no faster than 0.15), ~2 min
+#   pdl      decode_gpu.py at batch 1 with UNIQL_PDL=0 / 1 / 0 / 1 (same machine, alternating): the
+#            programmatic-dependent-launch A/B, ~1 min -> decode_pdl_ab_<gpu>_<n>_<flag>.json
 #   tests    the GPU tests of the kernels (real shapes, bf16) and the runner / SSM graphs, ~5 min
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
 #            .gpuwhl AND .whl carried (pytest and the server's wheels for the device's Python; lm_eval, which the
@@ -37,6 +39,10 @@ for step in ${SUITE:-ab kernels decode}; do
         decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
+        pdl) for run in 1_0 2_1 3_0 4_1; do
+                 UNIQL_PDL=${run#*_} python3 decode_gpu.py --batches 1 --skip-dense --skip-hf --skip-compiled \
+                     --json "$OUT/decode_pdl_ab_${gpu}_$run.json" | grep "uniql "
+             done > "$OUT/decode_pdl_ab_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do
                      python3 profile_decode.py --model $m --rates 0,0.15,0.25,0.35 --json "$OUT/profile_${m}_$gpu.json"
                  done > "$OUT/profile_$gpu.txt" ;;
@@ -45,7 +51,7 @@ for step in ${SUITE:-ab kernels decode}; do
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, profile, tests, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, pdl, profile, tests, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done

@@ -132,6 +132,11 @@ def _pair16(lo, hi):
 
 # ------------------------------------------------------------------------------------------------- kernel
 
+# Tiles each program pulls into L2 before ``gdc_wait``: only the first ones, to hide the DRAM ramp of a short
+# kernel behind its predecessor's tail. Prefetching every tile (the first version) put a whole gate|up (58 MB at
+# rate 0) into a 50 MB L2 while the predecessor still streamed: evicted before use, read twice, and PDL measured
+# slower at rate 0 (2.96 vs 2.61 ms on the H200, results/decode_pdl_ab_h200.json) and even at 0.35.
+PREFETCH_TILES = tl.constexpr(2)
 _ASM_PREFETCH = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }")
 
 
@@ -244,8 +249,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(rows_k, 2 * SUB_R))
     if PDL and BLOCK_N >= 32:
-        _prefetch_tiles(qw_ptr, stride_qw, col0 + blk * BLOCK_N, n_len - blk * BLOCK_N, t0, t1, rows_k, SUB_R,
-                        BLOCK_N)
+        _prefetch_tiles(qw_ptr, stride_qw, col0 + blk * BLOCK_N, n_len - blk * BLOCK_N, t0,
+                        tl.minimum(t1, t0 + PREFETCH_TILES), rows_k, SUB_R, BLOCK_N)
     pdl_enter(PDL)  # x, the workspace and the counters belong to earlier kernels until here
     acc0 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
     acc1 = tl.zeros([SUB_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)
