@@ -173,16 +173,53 @@ def default_readers(device: str, jetson=None) -> tuple[dict[str, Callable[[], De
 
 
 # ----------------------------------------------------------------------------------------------- monitor
+class _TimedReader:
+    """A reader on its own daemon thread, waited on with a deadline: a call that hangs (a jtop socket that
+    stalls, a wedged driver) is left running and waited on again at the next poll, never started twice, and never
+    holds up the other readers or the listeners (the whole monitor used to freeze on it)."""
+
+    def __init__(self, name: str, read: Callable[[], DeviceReading]):
+        self.name, self.read = name, read
+        self._asked, self._done = threading.Event(), threading.Event()
+        self._outcome: tuple[bool, object] | None = None
+        self._busy = False
+        threading.Thread(target=self._serve, name=f"uniql-read-{name}", daemon=True).start()
+
+    def __call__(self, timeout_s: float) -> DeviceReading:
+        if not self._busy:  # else the last call still runs: wait for it instead of queueing another
+            self._busy = True
+            self._done.clear()
+            self._asked.set()
+        if not self._done.wait(timeout_s):
+            raise TimeoutError(f"no reading within {timeout_s:g} s (the call still runs)")
+        self._busy = False
+        ok, value = self._outcome
+        if ok:
+            return value
+        raise value
+
+    def _serve(self) -> None:
+        while True:
+            self._asked.wait()
+            self._asked.clear()
+            try:
+                self._outcome = (True, self.read())
+            except Exception as err:
+                self._outcome = (False, err)
+            self._done.set()
+
+
 class Monitor:
     """Polls the readers every ``interval_s`` on a daemon thread; ``snapshot()`` returns the latest, at once.
 
     ``listeners`` run after each poll on the monitor thread (metrics gauges, the residency manager), so the
-    slow work of reacting to memory pressure never runs inside a request handler. A reader that fails keeps its
-    last reading; the primary one must succeed once at start, since every decision needs its memory.
+    slow work of reacting to memory pressure never runs inside a request handler. A reader that fails, or takes
+    longer than ``read_timeout_s``, keeps its last reading; the primary one must succeed once at start, since
+    every decision needs its memory.
     """
 
     def __init__(self, readers: dict[str, Callable[[], DeviceReading]], primary: str, interval_s: float = 0.5,
-                 start_attempts: int = 3, retry_s: float = 0.2):
+                 start_attempts: int = 3, retry_s: float = 0.2, read_timeout_s: float = 2.0):
         if primary not in readers:
             raise ValueError(f"primary device {primary!r} has no reader ({sorted(readers)})")
         # 0 would poll in a busy loop; above TIMEOUT_MAX (inf included) Event.wait raises and the thread dies
@@ -190,6 +227,8 @@ class Monitor:
             raise ValueError(f"the monitor interval must be > 0 and <= {threading.TIMEOUT_MAX:.0f} seconds, "
                              f"got {interval_s}")
         self.readers, self.primary, self.interval_s = readers, primary, interval_s
+        self.read_timeout_s = read_timeout_s
+        self._timed: dict[str, _TimedReader] = {}  # one thread per reader, made at its first poll
         self.listeners: list[Callable[[Snapshot], None]] = []
         self._failing: dict[str, Exception] = {}  # reader -> its last error, logged once until it recovers
         self._latest = self._first_poll(start_attempts, retry_s)
@@ -212,8 +251,11 @@ class Monitor:
         previous = getattr(self, "_latest", None)
         devices = {}
         for name, read in self.readers.items():
+            timed = self._timed.get(name)
+            if timed is None or timed.read is not read:  # a reader swapped in after start gets its own thread
+                timed = self._timed[name] = _TimedReader(name, read)
             try:
-                devices[name] = read()
+                devices[name] = timed(self.read_timeout_s)
             except Exception as err:  # a flaky reader must not take the server down; keep the last value
                 self._note_failure(name, err)
                 if previous is not None and name in previous.devices:

@@ -239,3 +239,37 @@ def test_monitor_never_blocks_a_reader_of_the_snapshot():
         assert time.monotonic() - start < 0.5  # the latest snapshot, not the 2 s poll (slack for a loaded CI)
     finally:
         monitor.stop()
+
+
+def test_a_hanging_reader_holds_up_neither_the_others_nor_the_listeners():
+    """A reader call that hangs (a stalled jtop socket) keeps its last reading after the read timeout; the other
+    readers and the listeners go on at every poll, the hung call is never started twice, and its value is taken
+    once it returns. The whole monitor used to freeze on it."""
+    release, calls, polls_seen = threading.Event(), [], []
+    free = {"n": 0}
+
+    def stuck():
+        calls.append(1)
+        if len(calls) > 1:
+            release.wait(30)
+        return DeviceReading(100, 7 * len(calls))
+
+    def other():
+        free["n"] += 1
+        return DeviceReading(10, free["n"])
+
+    monitor = Monitor({"host": other, "cuda:0": stuck}, "cuda:0", read_timeout_s=0.05)
+    monitor.listeners.append(lambda snap: polls_seen.append(snap))
+    assert monitor.snapshot().devices["cuda:0"].available_bytes == 7  # first call returns at once
+    start = time.monotonic()
+    for _ in range(3):
+        snap = monitor.refresh()
+        assert snap.devices["cuda:0"].available_bytes == 7  # the hung call's last value is kept
+    assert time.monotonic() - start < 2.0 and len(polls_seen) == 3
+    assert [s.devices["host"].available_bytes for s in polls_seen] == [2, 3, 4]  # the other reader goes on
+    assert len(calls) == 2  # one hung call, waited on, never a second one beside it
+    release.set()
+    deadline = time.monotonic() + 5
+    while monitor.refresh().devices["cuda:0"].available_bytes != 14 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert monitor.snapshot().devices["cuda:0"].available_bytes == 14
