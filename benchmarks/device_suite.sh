@@ -45,7 +45,7 @@ for step in ${SUITE:-ab kernels decode}; do
                  UNIQL_PDL=${run#*_} python3 decode_gpu.py --batches 1 --skip-dense --skip-hf --skip-compiled \
                      --json "$OUT/decode_pdl_ab_${gpu}_$run.json" | grep "uniql "
              done > "$OUT/decode_pdl_ab_$gpu.txt" ;;
-        splits) python3 split_sweep.py --json "$OUT/split_sweep_$gpu.json" 2> "$OUT/split_sweep_$gpu.txt" ;;
+        splits) python3 split_sweep.py --mamba --json "$OUT/split_sweep_$gpu.json" 2> "$OUT/split_sweep_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do
                      python3 profile_decode.py --model $m --rates 0,0.15,0.25,0.35 --json "$OUT/profile_${m}_$gpu.json"
                  done > "$OUT/profile_$gpu.txt" ;;

@@ -27,7 +27,7 @@ if "--cpu-smoke" in sys.argv:  # Triton reads the flag when a kernel is defined:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from kernel_bench import MODELS, ROTATE_BYTES, Bench, Timer, build_case, int4_buffers, time_ours  # noqa: E402
+from kernel_bench import MODELS, ROTATE_BYTES, Bench, Case, Timer, build_case, int4_buffers, time_ours  # noqa: E402
 
 from uniql.kernels import int4_matmul  # noqa: E402
 from uniql.kernels.int4_format import packed_bytes  # noqa: E402
@@ -52,8 +52,16 @@ def compiled_registers() -> list[dict]:
     return rows
 
 
-def sweep_case(bench: Bench, model: str, layer: str, rate: float, block_ns: list[int]) -> list[dict]:
-    case = build_case(model, layer, rate, bench.group_size)
+# Mamba2-8B's projections (d_model 4096, 128 heads of 64, 8 groups of state 128; ssm_decode_gpu.py's shape) at
+# rates 0 and 0.35 (P' 42, N' 80: runtime/ladder.py), as one segment of the fused z|x|B|C|dt width
+MAMBA2_8B = [Case("mamba2-8b-shape", "in_proj", 0.0, 18560, 4096, 4096, ((0, 18560),)),
+             Case("mamba2-8b-shape", "in_proj", 0.35, 18560, 4096, 4096, ((0, 12160),)),
+             Case("mamba2-8b-shape", "out_proj", 0.0, 4096, 8192, 8192, ((0, 4096),)),
+             Case("mamba2-8b-shape", "out_proj", 0.35, 4096, 8192, 5376, ((0, 4096),))]
+
+
+def sweep_case(bench: Bench, case: Case, block_ns: list[int]) -> list[dict]:
+    model, layer, rate = case.model, case.layer, case.rate
     bufs = int4_buffers(bench, case)
     x = torch.randn(1, case.k_active, dtype=bench.dtype, device=bench.device)
     base = bench.kernel.pick_config(1, case.n_active, case.k_active, bench.group_size, bench.device)
@@ -84,6 +92,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rates", nargs="+", type=float, default=[0.0, 0.35])
     ap.add_argument("--group-size", type=int, default=128, help="the engine's (decode_gpu.py builds g128)")
     ap.add_argument("--block-n", type=int, nargs="*", default=[128, 256], help="column blocks tried besides the pick")
+    ap.add_argument("--mamba", action="store_true", help="also Mamba2-8B's in_proj / out_proj at rates 0, 0.35")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
     ap.add_argument("--json", type=Path, required=True)
@@ -96,11 +105,11 @@ def main(argv=None) -> None:
     bench = Bench(int4_matmul, torch.device("cpu" if smoke else "cuda"), torch.float16 if smoke else torch.bfloat16,
                   args.group_size, Timer(not smoke, 1 if smoke else args.repeats),
                   rotate_bytes=0 if smoke else ROTATE_BYTES, sweep=None)
+    cases = [build_case(model, layer, rate, args.group_size) for model in args.models for layer in args.layers
+             for rate in (args.rates if layer != "lm_head" else [0.0])]
     rows = []
-    for model in args.models:
-        for layer in args.layers:
-            for rate in (args.rates if layer != "lm_head" else [0.0]):
-                rows += sweep_case(bench, model, layer, rate, args.block_n)
+    for case in cases + (MAMBA2_8B if args.mamba and not smoke else []):
+        rows += sweep_case(bench, case, args.block_n)
     out = {"device": "cpu (interpreter)" if smoke else torch.cuda.get_device_name(),
            "sms": None if smoke else torch.cuda.get_device_properties(0).multi_processor_count,
            "group_size": args.group_size, "dtype": str(bench.dtype), "batch": 1, "rows": rows,
