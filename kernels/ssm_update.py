@@ -154,6 +154,12 @@ def block_sizes(p: int, n: int) -> tuple[int, int]:
     return min(triton.next_power_of_2(p), max(4, 4096 // block_n)), block_n
 
 
+def launch_config(p: int, n: int) -> tuple[int, int, int]:
+    """``(BLOCK_P, BLOCK_N, num_warps)`` of a step (benchmarks/ssm_update_probe.py times the alternatives)."""
+    block_p, block_n = block_sizes(p, n)
+    return block_p, block_n, 4 if block_p * block_n >= 2048 else 2
+
+
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                            B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
                            z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
@@ -168,7 +174,7 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     if out is None:
         out = torch.empty(batch, heads, p, dtype=x.dtype, device=x.device)
     _check(state, x, dt, A, B, C, D, z, dt_bias, out)
-    block_p, block_n = block_sizes(p, n)
+    block_p, block_n, warps = launch_config(p, n)
     table = state.dtype == torch.int64
     s_strides = (0, p * n, n, 1) if table else state.stride()
     zs = z.stride() if z is not None else (0, 0, 0)
@@ -177,8 +183,7 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
         state, x, dt, A, B, C, D, z, dt_bias, out, *s_strides, *x.stride(), *dt.stride(), *B.stride(),
         *C.stride(), *zs, *out.stride(), heads // B.shape[1], p, n, float(lo), float(hi),
         TABLE=table, HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, CLAMP=dt_limit is not None, BLOCK_P=block_p, BLOCK_N=block_n,
-        num_warps=4 if block_p * block_n >= 2048 else 2)
+        SOFTPLUS=dt_softplus, CLAMP=dt_limit is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
     return out
 
 
