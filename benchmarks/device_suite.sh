@@ -17,6 +17,7 @@
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min
 #   ssmprobe ssm_update_probe.py: the Mamba2-8B state update alone, per layer, for several launch configs, ~1 min
+#   attnprobe attention_probe.py: batch-1 decode attention alone per layer, Llama shape, several split sizes, ~1 min
 #   tests    the GPU tests of the kernels (real shapes, bf16) and the runner / SSM graphs, ~5 min
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
 #            .gpuwhl AND .whl carried (pytest and the server's wheels for the device's Python; lm_eval, which the
@@ -48,6 +49,7 @@ for step in ${SUITE:-ab kernels decode}; do
              done > "$OUT/decode_pdl_ab_$gpu.txt" ;;
         splits) python3 split_sweep.py --mamba --json "$OUT/split_sweep_$gpu.json" 2> "$OUT/split_sweep_$gpu.txt" ;;
         ssmprobe) python3 ssm_update_probe.py --json "$OUT/ssm_update_probe_$gpu.json" > "$OUT/ssm_update_probe_$gpu.txt" ;;
+        attnprobe) python3 attention_probe.py --json "$OUT/attention_probe_$gpu.json" > "$OUT/attention_probe_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do
                      python3 profile_decode.py --model $m --rates 0,0.15,0.25,0.35 --json "$OUT/profile_${m}_$gpu.json"
                  done > "$OUT/profile_$gpu.txt" ;;
@@ -56,7 +58,7 @@ for step in ${SUITE:-ab kernels decode}; do
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, pdl, splits, ssmprobe, profile, tests, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, pdl, splits, ssmprobe, attnprobe, profile, tests, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done
