@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if "--cpu-smoke" in sys.argv:  # Triton reads the flag when a kernel is defined: before any uniql.kernels import
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+from graph_timing import graph_median_us  # noqa: E402
 
 from uniql.kernels import decode_attention as att  # noqa: E402
 
@@ -50,27 +49,6 @@ def _layers(qk: int, vo: int, heads: int, kv: int, layers: int, context: int, de
     return (q, k_new, v_new), caches, tables, caps, lengths, cap
 
 
-def _median_us(step, cuda: bool, repeats: int) -> float:
-    if not cuda:
-        start = time.perf_counter()
-        step()
-        return (time.perf_counter() - start) * 1e6
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 def probe(rate: float, split: int | None, cuda: bool, repeats: int, smoke: bool) -> dict:
     qk, vo = (16, 12) if smoke else RUNGS[rate]
     heads, kv, layers, context = (4, 2, 2, 40) if smoke else (HEADS, KV_HEADS, LAYERS, CONTEXT)
@@ -91,7 +69,7 @@ def probe(rate: float, split: int | None, cuda: bool, repeats: int, smoke: bool)
             for k_ptrs, v_ptrs in tables:
                 att.decode_attention(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, qk ** -0.5, cap, out=out)
 
-        us = _median_us(step, cuda, repeats) / layers
+        us = graph_median_us(step, cuda, repeats) / layers
         used = att.split_size(cap, kv)
     finally:
         att.split_size = default

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ if "--cpu-smoke" in sys.argv:  # Triton reads the flag when a kernel is defined:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+from graph_timing import graph_median_us  # noqa: E402
 
 from uniql.kernels import ssm_update  # noqa: E402
 
@@ -45,30 +45,6 @@ def _operands(p: int, n: int, heads: int, groups: int, layers: int, device):
     states = [rand(1, heads, p, n, scale=0.1) for _ in range(layers)]
     tables = [torch.tensor([s.data_ptr()], dtype=torch.int64, device=device) for s in states]
     return (x, dt, A, B, C, D, z, dt_bias), states, tables
-
-
-def _time_step(step, cuda: bool, repeats: int) -> float:
-    """Median microseconds of one ``step()`` (all layers), replayed from a CUDA graph on a GPU."""
-    if not cuda:
-        import time
-
-        start = time.perf_counter()
-        step()
-        return (time.perf_counter() - start) * 1e6
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def probe(rate: float, config, cuda: bool, repeats: int, smoke: bool) -> dict:
@@ -94,7 +70,7 @@ def probe(rate: float, config, cuda: bool, repeats: int, smoke: bool) -> dict:
             for table in tables:
                 ssm_update.selective_state_update(table, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
 
-        us = _time_step(step, cuda, repeats) / layers
+        us = graph_median_us(step, cuda, repeats) / layers
     finally:
         ssm_update.launch_config = default
     used = ssm_update.launch_config(p, n) if block_p is None else (block_p, None, warps)
