@@ -13,17 +13,14 @@ attention of every layer, each with its own cache (32 x 4 MB > L2), as in the mo
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 if "--cpu-smoke" in sys.argv:  # Triton reads the flag when a kernel is defined: before any uniql.kernels import
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from graph_timing import graph_median_us  # noqa: E402
+from graph_timing import graph_median_us, run_probes  # noqa: E402
 
 from uniql.kernels import decode_attention as att  # noqa: E402
 
@@ -79,26 +76,11 @@ def probe(rate: float, split: int | None, cuda: bool, repeats: int, smoke: bool)
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args(argv)
-    cuda = not args.cpu_smoke
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("attention_probe.py times a GPU kernel: no CUDA device here (--cpu-smoke: tiny shapes)")
-    rows = []
-    for rate in RUNGS:
-        for split in SPLITS if cuda else SPLITS[:2]:
-            row = probe(rate, split, cuda, args.repeats, args.cpu_smoke)
-            rows.append(row)
-            print(f"rate {rate}: {row['split']} positions a split{' (default)' * row['default']}: "
-                  f"{row['us_per_layer']:.2f} us a layer, cache at {row['cache_TBps']:.2f} TB/s", flush=True)
-    if args.json:
-        device = torch.cuda.get_device_name() if cuda else "cpu (interpreter)"
-        args.json.write_text(json.dumps({"device": device, "shape": "llama-3.1-8b", "context": CONTEXT,
-                                         "layers": LAYERS, "fused_combine": att.FUSED_COMBINE, "rows": rows},
-                                        indent=1))
+    run_probes(__doc__, "attention_probe.py", RUNGS, SPLITS, probe,
+               lambda r: f"{r['split']} positions a split{' (default)' * r['default']}: {r['us_per_layer']:.2f} us a "
+                         f"layer, cache at {r['cache_TBps']:.2f} TB/s",
+               {"shape": "llama-3.1-8b", "context": CONTEXT, "layers": LAYERS, "fused_combine": att.FUSED_COMBINE},
+               argv)
 
 
 if __name__ == "__main__":

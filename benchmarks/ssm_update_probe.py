@@ -13,17 +13,14 @@ through an address table as in the engine), so states rotate like the model's (5
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
 if "--cpu-smoke" in sys.argv:  # Triton reads the flag when a kernel is defined: before any uniql.kernels import
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-from graph_timing import graph_median_us  # noqa: E402
+from graph_timing import graph_median_us, run_probes  # noqa: E402
 
 from uniql.kernels import ssm_update  # noqa: E402
 
@@ -80,25 +77,10 @@ def probe(rate: float, config, cuda: bool, repeats: int, smoke: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args(argv)
-    cuda = not args.cpu_smoke
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("ssm_update_probe.py times a GPU kernel: no CUDA device here (--cpu-smoke runs tiny shapes)")
-    rows = []
-    for rate in RUNGS:
-        for config in CONFIGS if cuda else CONFIGS[:2]:
-            row = probe(rate, config, cuda, args.repeats, args.cpu_smoke)
-            rows.append(row)
-            print(f"rate {rate}: BLOCK_P {row['block_p']} warps {row['num_warps']}{' (default)' * row['default']}: "
-                  f"{row['us_per_layer']:.2f} us a layer, state at {row['state_TBps']:.2f} TB/s", flush=True)
-    if args.json:
-        device = torch.cuda.get_device_name() if cuda else "cpu (interpreter)"
-        args.json.write_text(json.dumps({"device": device, "shape": "mamba2-8b", "layers": LAYERS, "rows": rows},
-                                        indent=1))
+    run_probes(__doc__, "ssm_update_probe.py", RUNGS, CONFIGS, probe,
+               lambda r: f"BLOCK_P {r['block_p']} warps {r['num_warps']}{' (default)' * r['default']}: "
+                         f"{r['us_per_layer']:.2f} us a layer, state at {r['state_TBps']:.2f} TB/s",
+               {"shape": "mamba2-8b", "layers": LAYERS}, argv)
 
 
 if __name__ == "__main__":
