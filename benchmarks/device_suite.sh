@@ -12,8 +12,9 @@
 #   ssm      ssm_decode_gpu.py, Mamba2-8B / Nemotron-H-8B shapes with the transformers anchor, ~3 min
 #   profile  profile_decode.py: per-kernel time of a decode step at rates 0, 0.15, 0.25, 0.35, Llama-3.1-8B and
 #            Mamba2-8B shapes (what does not shrink with the rate; why 0.25 decodes no faster than 0.15), ~2 min
-#   pdl      decode_gpu.py at batch 1 with UNIQL_PDL=0 / 1 / 0 / 1 (same machine, alternating): the
-#            programmatic-dependent-launch A/B, ~1 min -> decode_pdl_ab_<gpu>_<n>_<flag>.json
+#   envab    decode_gpu.py at batch 1, the default tree against each switch in $ENV_AB (default "UNIQL_PDL=1
+#            UNIQL_SPLITK_STEP=8"), two alternating rounds on the same machine, ~20 s a run ->
+#            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min
 #   ssmprobe ssm_update_probe.py: the Mamba2-8B state update alone, per layer, for several launch configs, ~1 min
@@ -43,10 +44,14 @@ for step in ${SUITE:-ab kernels decode}; do
         decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
-        pdl) for run in 1_0 2_1 3_0 4_1; do
-                 UNIQL_PDL=${run#*_} python3 decode_gpu.py --batches 1 --skip-dense --skip-hf --skip-compiled \
-                     --json "$OUT/decode_pdl_ab_${gpu}_$run.json" | grep "uniql "
-             done > "$OUT/decode_pdl_ab_$gpu.txt" ;;
+        envab) for round in 1 2; do
+                   for variant in default ${ENV_AB:-UNIQL_PDL=1 UNIQL_SPLITK_STEP=8}; do
+                       echo "== round $round: $variant"
+                       env $([ "$variant" = default ] || echo "$variant") python3 decode_gpu.py --batches 1 \
+                           --skip-dense --skip-hf --skip-compiled \
+                           --json "$OUT/decode_envab_${gpu}_${round}_${variant//=/_}.json" | grep "uniql "
+                   done
+               done > "$OUT/decode_envab_$gpu.txt" ;;
         splits) python3 split_sweep.py --mamba --json "$OUT/split_sweep_$gpu.json" 2> "$OUT/split_sweep_$gpu.txt" ;;
         ssmprobe) python3 ssm_update_probe.py --json "$OUT/ssm_update_probe_$gpu.json" > "$OUT/ssm_update_probe_$gpu.txt" ;;
         attnprobe) python3 attention_probe.py --json "$OUT/attention_probe_$gpu.json" > "$OUT/attention_probe_$gpu.txt" ;;
@@ -58,7 +63,7 @@ for step in ${SUITE:-ab kernels decode}; do
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, pdl, splits, ssmprobe, attnprobe, profile, tests, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, splits, ssmprobe, attnprobe, profile, tests, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done

@@ -30,7 +30,7 @@ from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_pat
 from .int4_dequant import dequant_matmul
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
 from .int4_gemv import launch_gemv_h2
-from .int4_tiles import _finish, _rows_out, _segment, reserve_workspace, workspace
+from .int4_tiles import _finish, _rows_out, _segment, reserve_workspace, sum_step, workspace
 
 # --------------------------------------------------------------------------------------------------- kernels
 
@@ -46,7 +46,8 @@ def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, K, stride_xm, stride_qw, stride_sc, stride_om,
                  s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits, magic,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                 NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr):
+                 NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
+                 SUM_STEP: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
@@ -104,7 +105,7 @@ def _gemv_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc3 += p3 * scale
     out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
     _finish(out, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m,
-            out0 + offs_n, mask_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
+            out0 + offs_n, mask_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, SUM_STEP)
 
 
 @triton.jit
@@ -113,7 +114,7 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits, n_blocks,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
-                 ALIGNED: tl.constexpr):
+                 ALIGNED: tl.constexpr, SUM_STEP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -151,7 +152,7 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         else:
             acc = tl.dot(a, w, acc)
     _finish(acc, pid_m * n_blocks + pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr,
-            offs_m, mask_m, out0 + offs_n, mask_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)
+            offs_m, mask_m, out0 + offs_n, mask_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, SUM_STEP)
 
 
 # -------------------------------------------------------------------------------------------------- launcher
@@ -359,7 +360,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
             split)
     aligned = all(v % 16 == 0 for seg in segs for v in seg)
     common = dict(GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_SEG=len(segs), SPLIT=split > 1,
-                  ALIGNED=aligned,
+                  ALIGNED=aligned, SUM_STEP=sum_step(cfg.block_m, cfg.block_n),
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if half2_gemv:
         launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, x_bf16=x.dtype == torch.bfloat16,

@@ -7,6 +7,8 @@ bits whatever order programs finish in).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -65,9 +67,11 @@ def _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol,
-            mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+            mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+            SUM_STEP: tl.constexpr = 4):
     """Write the tile, or (split K) park the partial and let the tile's last program sum all partials in order.
-    Returns (the tile's fp32 values, whether this program wrote them) for epilogues that follow (``_glu_pair``)."""
+    Returns (the tile's fp32 values, whether this program wrote them) for epilogues that follow (``_glu_pair``).
+    ``SUM_STEP`` (4 or 8): partials loaded per step of that sum (``sum_step``)."""
     total = acc
     if SPLIT:
         local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -77,25 +81,45 @@ def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bia
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         wrote = arrived == n_splits - 1
         if wrote:
-            # four partials in flight per step (a one-at-a-time loop waits an L2 round trip per split, which
-            # dominated K-heavy layers split 60+ ways); the adds keep split order, so the bits stay the same
+            # SUM_STEP partials in flight per step (a one-at-a-time loop waits an L2 round trip per split, which
+            # dominated K-heavy layers split 60+ ways); the adds keep split order (a missing partial adds an exact
+            # 0), so the bits are the same for any SUM_STEP and whichever program finishes last
             total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             step = BLOCK_M * BLOCK_N
-            for s in range(0, n_splits, 4):
-                p0 = tl.load(tile_ws + s * step + local, cache_modifier=".cg")
-                p1 = tl.load(tile_ws + (s + 1) * step + local, mask=local * 0 + s + 1 < n_splits, other=0.0,
-                             cache_modifier=".cg")
-                p2 = tl.load(tile_ws + (s + 2) * step + local, mask=local * 0 + s + 2 < n_splits, other=0.0,
-                             cache_modifier=".cg")
-                p3 = tl.load(tile_ws + (s + 3) * step + local, mask=local * 0 + s + 3 < n_splits, other=0.0,
-                             cache_modifier=".cg")
+            for s in range(0, n_splits, SUM_STEP):
+                p0 = _part(tile_ws, s, 0, step, local, n_splits)
+                p1 = _part(tile_ws, s, 1, step, local, n_splits)
+                p2 = _part(tile_ws, s, 2, step, local, n_splits)
+                p3 = _part(tile_ws, s, 3, step, local, n_splits)
+                if SUM_STEP == 8:  # all eight loads issued before the first add
+                    p4 = _part(tile_ws, s, 4, step, local, n_splits)
+                    p5 = _part(tile_ws, s, 5, step, local, n_splits)
+                    p6 = _part(tile_ws, s, 6, step, local, n_splits)
+                    p7 = _part(tile_ws, s, 7, step, local, n_splits)
                 total = (((total + p0) + p1) + p2) + p3
+                if SUM_STEP == 8:
+                    total = (((total + p4) + p5) + p6) + p7
             tl.store(cnt_ptr + tile, 0)  # ready for the next launch (graph replays reuse the counters)
             total = _write(total, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
     else:
         wrote = split == 0
         total = _write(acc, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
     return total, wrote
+
+
+@triton.jit
+def _part(tile_ws, s, j: tl.constexpr, step, local, n_splits):
+    """Partial ``s + j`` of a tile (zeros past the last one), read past L1 (.cg): other SMs wrote it."""
+    return tl.load(tile_ws + (s + j) * step + local, mask=local * 0 + s + j < n_splits, other=0.0,
+                   cache_modifier=".cg")
+
+
+def sum_step(block_m: int, block_n: int) -> int:
+    """Partials per step of the split-K sum: ``UNIQL_SPLITK_STEP=8`` loads eight at once where a partial is at
+    most 256 floats (<= 2 a thread at 4 warps, so the sum needs fewer registers than the K loop and the kernel's
+    occupancy stays); the default 4 until a same-machine A/B says otherwise (``SUITE=envab`` in
+    benchmarks/device_suite.sh)."""
+    return 8 if os.environ.get("UNIQL_SPLITK_STEP") == "8" and block_m * block_n <= 256 else 4
 
 
 @triton.jit

@@ -16,7 +16,7 @@ decode step is no faster with it (TPOT 2.61 / 2.26 ms without, 2.96 / 2.28 ms wi
 graph already leaves almost no gap between kernels (replay 2752 us vs 2879 us of summed kernel time), so the
 fixed cost of the small GEMVs is inside each kernel, not between them. That run's GEMVs prefetched ALL their
 tiles, which for gate|up meant more bytes than the L2 holds (see ``int4_gemv.PREFETCH_TILES``, now the first two
-tiles of each program); the A/B is to be repeated (``SUITE=pdl bash benchmarks/device_suite.sh``). Kept for the
+tiles of each program); the A/B is to be repeated (``SUITE=envab bash benchmarks/device_suite.sh``). Kept for the
 GPUs and shapes where it pays; off on devices before sm_90 (Jetson Orin is sm_87) and under the Triton
 interpreter.
 """
