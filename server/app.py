@@ -184,9 +184,15 @@ def _routes(app: FastAPI, state: AppState) -> None:
 
 async def _echo_text(service: AdaptiveService, prompt, ids: list[int]) -> str:
     """The prompt as ``echo`` returns it before the completion: the text sent, or token ids decoded."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+    prompt = _single_prompt(prompt)
     return prompt if isinstance(prompt, str) else await asyncio.to_thread(service.backend.decode_text, ids)
+
+
+def _single_prompt(prompt):
+    """A batch of one prompt (``["text"]`` or ``[[ids]]``) as that prompt; anything else as it came."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        return prompt[0]
+    return prompt
 
 
 async def _prompt_ids(service: AdaptiveService, prompt) -> list[int]:
@@ -194,8 +200,7 @@ async def _prompt_ids(service: AdaptiveService, prompt) -> list[int]:
 
     Text is tokenized (as chat messages are) in a worker thread: the tokenizer releases the GIL, and a prompt of
     megabytes takes seconds, which on the event loop stalled every stream and /health (2.7 s for 4 MB)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+    prompt = _single_prompt(prompt)
     if isinstance(prompt, str):
         ids = await asyncio.to_thread(service.backend.encode_text, prompt)
     elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
