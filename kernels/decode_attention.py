@@ -55,48 +55,42 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
                   cnt_ptr, out_ptr, so_b,
                   REP: tl.constexpr, REP_P: tl.constexpr, QK: tl.constexpr, VO: tl.constexpr,
                   D_QK: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-                  ROPE: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, PDL: tl.constexpr):
+                  ROPE: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, PDL: tl.constexpr,
+                  EARLY: tl.constexpr):
     """FUSED: the last split of each (request, kv group) to finish merges the group's splits (``_combine_group``)
-    instead of a second launch."""
+    instead of a second launch. EARLY: every load that does not need the length (cache bases, q, the new k / v
+    and their RoPE tables) is issued before it is known, and each block's V with its K, so a program waits two
+    memory round trips instead of five (length -> bases -> rope tables -> K -> V); same arithmetic, same bits."""
     pdl_enter(PDL)
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r = tl.arange(0, REP_P)
+    live_r = r < REP
+    dq, dv = tl.arange(0, D_QK), tl.arange(0, D_VO)
+    live_q, live_v = dq < QK, dv < VO
+    cos_b, sin_b, idx_g = cos_ptr + b * s_cos, sin_ptr + b * s_cos, idx_ptr + g * s_idx
+    if EARLY:
+        k_base, v_base = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
+        q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g, ROPE)
+        kn, vn = _new_kv(kn_ptr + b * skn_b, skn_g, skn_c, vn_ptr + b * svn_b + g * svn_g, svn_d, g, dq, live_q,
+                         dv, live_v, cos_b, sin_b, idx_g, ROPE)
     length = tl.load(len_ptr + b)  # tokens including the new one
     start = s * SPLIT
     if start < length:
-        dtype = kn_ptr.dtype.element_ty
-        cap = tl.load(cap_ptr + b).to(tl.int64)
-        k_base = tl.load(kp_ptr + b).to(tl.pointer_type(dtype)) + g * cap * QK
-        v_base = tl.load(vp_ptr + b).to(tl.pointer_type(dtype)) + g * cap * VO
-        r = tl.arange(0, REP_P)
-        live_r = r < REP
-        dq, dv = tl.arange(0, D_QK), tl.arange(0, D_VO)
-        live_q, live_v = dq < QK, dv < VO
-        cos_b, sin_b, idx_g = cos_ptr + b * s_cos, sin_ptr + b * s_cos, idx_ptr + g * s_idx
-        q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g,
-                          ROPE)  # [REP_P, D_QK]
+        if not EARLY:
+            k_base, v_base = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
+            q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g,
+                              ROPE)  # [REP_P, D_QK]
         m_i = tl.full([REP_P], float("-inf"), tl.float32)
         l_i = tl.zeros([REP_P], tl.float32)
         acc = tl.zeros([REP_P, D_VO], tl.float32)
         end = tl.minimum(start + SPLIT, length - 1)  # cached positions; the new token is added below
-        for t0 in range(start, end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            live_t = t < end
-            k = tl.load(k_base + t[:, None] * QK + dq[None, :], mask=live_t[:, None] & live_q[None, :], other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [REP_P, BLOCK_T]
-            scores = tl.where(live_t[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + t[:, None] * VO + dv[None, :], mask=live_t[:, None] & live_v[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        m_i, l_i, acc = _attend(q, k_base, v_base, start, end, dq, dv, live_q, live_v, m_i, l_i, acc, scale, QK,
+                                VO, BLOCK_T, PRECISION, EARLY)
         last = length - 1
         if last < start + SPLIT:  # this split holds the new token: score it, then append it to the cache
-            g_row = g + tl.arange(0, 1)  # this group's k as a one-row tile
-            kn = tl.sum(_load_rotated(kn_ptr + b * skn_b, skn_g, skn_c, g_row, g_row >= 0, dq, live_q, cos_b, sin_b,
-                                      idx_g, ROPE), 0)
-            vn = tl.load(vn_ptr + b * svn_b + g * svn_g + dv * svn_d, mask=live_v, other=0.0)
+            if not EARLY:
+                kn, vn = _new_kv(kn_ptr + b * skn_b, skn_g, skn_c, vn_ptr + b * svn_b + g * svn_g, svn_d, g, dq,
+                                 live_q, dv, live_v, cos_b, sin_b, idx_g, ROPE)
             score = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
             m_new = tl.maximum(m_i, score)
             alpha = tl.exp(m_i - m_new)
@@ -117,6 +111,63 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
                 tl.store(cnt_ptr + b * (n_heads // REP) + g, 0)  # zero again for the next launch / graph replay
                 _combine_group(ws_ptr, out_ptr + b * so_b, b, g, n_heads, n_splits, tl.cdiv(length, SPLIT), REP,
                                VO, D_VO)
+
+
+@triton.jit
+def _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK: tl.constexpr, VO: tl.constexpr, dtype: tl.constexpr):
+    """Where group ``g``'s K and V rows of request ``b`` start in its own cache."""
+    cap = tl.load(cap_ptr + b).to(tl.int64)
+    k_base = tl.load(kp_ptr + b).to(tl.pointer_type(dtype)) + g * cap * QK
+    v_base = tl.load(vp_ptr + b).to(tl.pointer_type(dtype)) + g * cap * VO
+    return k_base, v_base
+
+
+@triton.jit
+def _new_kv(kn_row, skn_g, skn_c, vn_row, svn_d, g, dq, live_q, dv, live_v, cos_b, sin_b, idx_g, ROPE: tl.constexpr):
+    """The new token's k (rotated) and v of group ``g``, as ``[D_QK]`` / ``[D_VO]``."""
+    g_row = g + tl.arange(0, 1)  # this group's k as a one-row tile
+    kn = tl.sum(_load_rotated(kn_row, skn_g, skn_c, g_row, g_row >= 0, dq, live_q, cos_b, sin_b, idx_g, ROPE), 0)
+    vn = tl.load(vn_row + dv * svn_d, mask=live_v, other=0.0)
+    return kn, vn
+
+
+@triton.jit
+def _kv_block(k_base, v_base, t0, end, dq, dv, live_q, live_v, QK: tl.constexpr, VO: tl.constexpr,
+              BLOCK_T: tl.constexpr):
+    """Positions ``t0 .. t0 + BLOCK_T`` (before ``end``) of the cache: K ``[BLOCK_T, D_QK]``, V ``[BLOCK_T, D_VO]``."""
+    t = t0 + tl.arange(0, BLOCK_T)
+    live_t = t < end
+    k = tl.load(k_base + t[:, None] * QK + dq[None, :], mask=live_t[:, None] & live_q[None, :], other=0.0)
+    v = tl.load(v_base + t[:, None] * VO + dv[None, :], mask=live_t[:, None] & live_v[None, :], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend(q, k_base, v_base, start, end, dq, dv, live_q, live_v, m_i, l_i, acc, scale, QK: tl.constexpr,
+            VO: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr, EARLY: tl.constexpr):
+    """Online softmax of the cached positions ``start .. end``; EARLY: each block's K and V loaded together, one
+    block ahead (the first before the loop), else K at the top of the block and V after its softmax."""
+    if EARLY:
+        k_next, v_next = _kv_block(k_base, v_base, start, end, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        live_t = t < end
+        if EARLY:
+            k, v = k_next, v_next
+            k_next, v_next = _kv_block(k_base, v_base, t0 + BLOCK_T, end, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+        else:
+            k = tl.load(k_base + t[:, None] * QK + dq[None, :], mask=live_t[:, None] & live_q[None, :], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [REP_P, BLOCK_T]
+        scores = tl.where(live_t[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if not EARLY:
+            v = tl.load(v_base + t[:, None] * VO + dv[None, :], mask=live_t[:, None] & live_v[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -172,6 +223,12 @@ COMBINE_CHUNK = 32  # output dims per combine program (benchmarks/fusion_probe.p
 # UNIQL_FUSED_COMBINE=1: the split kernel's last program per group merges (no combine launch). Off by default:
 # in the engine's back-to-back decode steps it measured SLOWER (README, results/decode_combine_ab_h200.json)
 FUSED_COMBINE = os.environ.get("UNIQL_FUSED_COMBINE", "0") == "1"
+
+
+def early_loads() -> bool:
+    """``UNIQL_ATTN_EARLY=1``: the split pass issues every load that does not need the length first (see
+    ``_split_kernel``); off until a same-machine A/B (``SUITE=envab`` in benchmarks/device_suite.sh) says so."""
+    return os.environ.get("UNIQL_ATTN_EARLY", "0") == "1"
 
 
 def split_size(max_len: int, programs_per_split: int, target_programs: int = 512) -> int:
@@ -266,7 +323,8 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
         v_new.stride(1), v_new.stride(2), cos.stride(0) if rope else 0, idx.stride(0) if rope else 0, n_heads,
         n_splits, scale, counters, out, out.stride(0), REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk,
         VO=vo, D_QK=d_qk, D_VO=d_vo, SPLIT=split, BLOCK_T=min(split, 64), ROPE=rope is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSED=fused, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSED=fused, PDL=pdl, EARLY=early_loads(),
+        num_warps=4, launch_pdl=pdl)
     if fused:
         return
     chunk = min(d_vo, COMBINE_CHUNK)

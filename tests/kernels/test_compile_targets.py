@@ -30,7 +30,7 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "res_out_ptr": "*bf16", "sg_ptr": "*bf16", "ss_out_ptr": "*fp32", "ss_in_ptr": "*fp32", "inv_k": "fp32",
         "val_ptr": "*fp32", "fin_ptr": "*i32"}
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
-ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, FUSED=True,
+ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, FUSED=True, EARLY=True,
            PDL=PDL)
 MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=8)
 CASES = [

@@ -126,6 +126,35 @@ def test_fused_rope_equals_rope_then_attention(case, dtype):
         torch.testing.assert_close(got, want, atol=0 if exact else 1e-6, rtol=0 if exact else 1e-6)
 
 
+@pytest.mark.parametrize("split", [None, 256])  # 256: four 64-position blocks a program, each loaded one ahead
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_early_loads_give_the_same_bits(monkeypatch, case, split):
+    """UNIQL_ATTN_EARLY=1 issues the split pass's loads in another order (all that need no length first, each
+    block's V with its K, one block ahead): the output and the cache writes must be bit for bit the default's."""
+    from uniql.kernels import decode_attention as att
+
+    if split is not None:
+        monkeypatch.setattr(att, "split_size", lambda max_len, programs, target=512: split)
+    lengths, caps, n_heads, n_kv, qk, head_dim, vo = case
+    _, _, v_new, k_caches, v_caches = _batch(lengths, caps, n_heads, n_kv, qk, vo, torch.float16, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    q_flat = torch.randn(len(lengths), n_heads * qk, generator=gen).to(DEVICE, torch.float16)
+    k_flat = torch.randn(len(lengths), n_kv * qk, generator=gen).to(DEVICE, torch.float16)
+    rope_index = torch.stack([torch.randperm(head_dim // 2, generator=gen) for _ in range(n_kv)]).to(DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    cos, sin = (t.to(DEVICE) for t in rope_tables(inv_freq, torch.tensor(lengths) - 1))
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("UNIQL_ATTN_EARLY", flag)
+        ks, vs = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
+        out = decode_attention_rope(q_flat, k_flat, v_new, cos, sin, rope_index, n_heads,
+                                    *_tables(ks, vs, lengths), qk ** -0.5, max(caps))
+        runs.append((out, ks + vs))
+    (out0, caches0), (out1, caches1) = runs
+    assert torch.equal(out0, out1)
+    assert all(torch.equal(a, b) for a, b in zip(caches0, caches1, strict=True))
+
+
 def test_fused_rope_refuses_mismatched_tables():
     _, _, v_new, k_caches, v_caches = _batch([3], [4], 4, 2, 16, 16, torch.float32)
     q, k = torch.randn(1, 64, device=DEVICE), torch.randn(1, 32, device=DEVICE)
