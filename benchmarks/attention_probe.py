@@ -1,6 +1,6 @@
 """Batch-1 decode attention alone (GPU): time per layer of ``kernels/decode_attention.decode_attention`` at the
 Llama-3.1-8B shape (32 heads, 8 KV heads, 1024 cached tokens) for several positions-per-split, with and without the
-early loads (``UNIQL_ATTN_EARLY``), at rates 0 and 0.35.
+early loads (``UNIQL_EARLY_LOADS``), at rates 0 and 0.35.
 
 Why: in the engine's decode step attention takes ~8.7 us a layer (split pass ~6.5 + combine ~2.2) at every
 rate (results/decode_profile_h100.json), while a layer's cache is ~4 MB (1.4 us at the copy rate): it is
@@ -27,7 +27,7 @@ from uniql.kernels import decode_attention as att  # noqa: E402
 
 HEADS, KV_HEADS, LAYERS, CONTEXT = 32, 8, 32, 1024
 RUNGS = {0.0: (128, 128), 0.35: (84, 84)}  # (qk, vo) kept per head: runtime/ladder.py at keep 1.0 / 0.65
-# (positions a split or None for split_size's choice, early loads: UNIQL_ATTN_EARLY)
+# (positions a split or None for split_size's choice, early loads: UNIQL_EARLY_LOADS)
 CONFIGS = [(None, False), (None, True), (64, False), (64, True), (128, False), (128, True), (256, True)]
 
 
@@ -50,7 +50,7 @@ def _layers(qk: int, vo: int, heads: int, kv: int, layers: int, context: int, de
 
 def probe(rate: float, config: tuple[int | None, bool], cuda: bool, repeats: int, smoke: bool) -> dict:
     split, early = config
-    os.environ["UNIQL_ATTN_EARLY"] = "1" if early else "0"  # read at each launch
+    os.environ["UNIQL_EARLY_LOADS"] = "1" if early else "0"  # read at each launch
     qk, vo = (16, 12) if smoke else RUNGS[rate]
     heads, kv, layers, context = (4, 2, 2, 40) if smoke else (HEADS, KV_HEADS, LAYERS, CONTEXT)
     (q, k_new, v_new), caches, tables, caps, lengths, cap = _layers(qk, vo, heads, kv, layers, context,

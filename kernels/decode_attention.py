@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .int4_tiles import workspace
-from .pdl import pdl_enabled, pdl_enter
+from .pdl import early_loads, pdl_enabled, pdl_enter
 from .rope import _check as rope_check
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -223,12 +223,6 @@ COMBINE_CHUNK = 32  # output dims per combine program (benchmarks/fusion_probe.p
 # UNIQL_FUSED_COMBINE=1: the split kernel's last program per group merges (no combine launch). Off by default:
 # in the engine's back-to-back decode steps it measured SLOWER (README, results/decode_combine_ab_h200.json)
 FUSED_COMBINE = os.environ.get("UNIQL_FUSED_COMBINE", "0") == "1"
-
-
-def early_loads() -> bool:
-    """``UNIQL_ATTN_EARLY=1``: the split pass issues every load that does not need the length first (see
-    ``_split_kernel``); off until a same-machine A/B (``SUITE=envab`` in benchmarks/device_suite.sh) says so."""
-    return os.environ.get("UNIQL_ATTN_EARLY", "0") == "1"
 
 
 def split_size(max_len: int, programs_per_split: int, target_programs: int = 512) -> int:

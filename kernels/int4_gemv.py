@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .int4_tiles import _finish, _glu_pair, _rows_out, _segment
-from .pdl import pdl_enabled, pdl_enter
+from .pdl import early_loads, pdl_enabled, pdl_enter
 
 # fp16 constants (two per register): 1/16, -(1024/16 + 8/16), 1/256, -(1024/256 + 8/16)
 _C_LO_SCALE, _C_LO_BIAS, _C_HI_SCALE, _C_HI_BIAS = 0x2C002C00, 0xD408D408, 0x1C001C00, 0xC480C480
@@ -231,9 +231,11 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                     GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
-                    X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SUM_STEP: tl.constexpr):
+                    X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SUM_STEP: tl.constexpr,
+                    EARLY: tl.constexpr):
     """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``).
-    RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``)."""
+    RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``).
+    EARLY (with RES): the residual input is loaded before the split-K sum, not after it (``pdl.early_loads``)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
@@ -304,12 +306,16 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc3 += d3 * scale
     offs_m = tl.arange(0, BLOCK_M)
     out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
+    if RES and EARLY:  # needs nothing from this kernel: in flight while the split-K sum waits
+        res_x = _residual_in(res_ptr, stride_res, offs_m, offs_m < M, out0 + offs_n, offs_n < n_len)
     total, wrote = _finish(out * 16.0, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr,
                            offs_m, offs_m < M, out0 + offs_n, offs_n < n_len, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS,
                            SUM_STEP)
     if RES:  # noqa: SIM102 (a constexpr, then a run-time branch)
         if wrote:
-            _residual_tile(total, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, pid_n,
+            if not EARLY:
+                res_x = _residual_in(res_ptr, stride_res, offs_m, offs_m < M, out0 + offs_n, offs_n < n_len)
+            _residual_tile(total, res_x, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, pid_n,
                            offs_m, offs_m < M, out0 + offs_n, offs_n < n_len)
     if GLU:  # noqa: SIM102 (a constexpr, then a run-time branch)
         if wrote:  # pair counters follow the 2 * nb0 tile counters
@@ -330,13 +336,20 @@ def _row_rstd(ss_ptr, m: tl.constexpr, M, n_parts, inv_k, eps, ON: tl.constexpr,
 
 
 @triton.jit
-def _residual_tile(delta, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, tile, offs_m,
+def _residual_in(res_ptr, stride_res, offs_m, mask_m, ocol, mask_n):
+    """This tile of the residual stream's input x ``[BLOCK_M, BLOCK_N]``."""
+    offs = offs_m[:, None] * stride_res + ocol[None, :]
+    return tl.load(res_ptr + offs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+
+
+@triton.jit
+def _residual_tile(delta, x, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, tile, offs_m,
                    mask_m, ocol, mask_n):
-    """This tile of the residual stream ``s = x + delta`` (rounded like torch's add), the next norm's input
-    ``s * w`` and the tile's sum of s^2 per row: the next GEMV finishes the norm (``_row_rstd``)."""
+    """This tile of the residual stream ``s = x + delta`` (x from ``_residual_in``, rounded like torch's add),
+    the next norm's input ``s * w`` and the tile's sum of s^2 per row: the next GEMV finishes the norm
+    (``_row_rstd``)."""
     mask = mask_m[:, None] & mask_n[None, :]
     offs = offs_m[:, None] * stride_res + ocol[None, :]
-    x = tl.load(res_ptr + offs, mask=mask, other=0.0)
     s = (x.to(tl.float32) + delta).to(x.dtype)
     tl.store(res_out_ptr + offs, s, mask=mask)
     s32 = s.to(tl.float32)
@@ -360,4 +373,5 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1])) if norm is not None else (out, 1, 1.0, 0.0)
     _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
                           NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
-                          ASM=USE_ASM, PDL=pdl, launch_pdl=pdl, **constexprs)
+                          ASM=USE_ASM, PDL=pdl, EARLY=early_loads() and residual is not None, launch_pdl=pdl,
+                          **constexprs)

@@ -32,7 +32,7 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, FUSED=True, EARLY=True,
            PDL=PDL)
-MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=8)
+MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=8, EARLY=True)
 CASES = [
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, BLOCK_R=8), 8),
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=4, BLOCK_N=64, BLOCK_R=8), 4),

@@ -129,7 +129,7 @@ def test_fused_rope_equals_rope_then_attention(case, dtype):
 @pytest.mark.parametrize("split", [None, 256])  # 256: four 64-position blocks a program, each loaded one ahead
 @pytest.mark.parametrize("case", ROPE_CASES)
 def test_early_loads_give_the_same_bits(monkeypatch, case, split):
-    """UNIQL_ATTN_EARLY=1 issues the split pass's loads in another order (all that need no length first, each
+    """UNIQL_EARLY_LOADS=1 issues the split pass's loads in another order (all that need no length first, each
     block's V with its K, one block ahead): the output and the cache writes must be bit for bit the default's."""
     from uniql.kernels import decode_attention as att
 
@@ -145,7 +145,7 @@ def test_early_loads_give_the_same_bits(monkeypatch, case, split):
     cos, sin = (t.to(DEVICE) for t in rope_tables(inv_freq, torch.tensor(lengths) - 1))
     runs = []
     for flag in ("0", "1"):
-        monkeypatch.setenv("UNIQL_ATTN_EARLY", flag)
+        monkeypatch.setenv("UNIQL_EARLY_LOADS", flag)
         ks, vs = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
         out = decode_attention_rope(q_flat, k_flat, v_new, cos, sin, rope_index, n_heads,
                                     *_tables(ks, vs, lengths), qk ** -0.5, max(caps))
