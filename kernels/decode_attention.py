@@ -201,20 +201,31 @@ def _combine_group(ws_ptr, out_ptr, b, g, n_heads, n_splits, used, REP: tl.const
 @triton.jit
 def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
                     VO: tl.constexpr, D_VO: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
-                    SPLITS_P: tl.constexpr, PDL: tl.constexpr):
+                    SPLITS_P: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     """Grid (B, heads, D_VO / CHUNK): each program merges one CHUNK of one head's output dims over the splits
-    (a whole head per program made each thread hold SPLITS_P * D_VO / 32 floats: spills, ~3 us per layer)."""
+    (a whole head per program made each thread hold SPLITS_P * D_VO / 32 floats: spills, ~3 us per layer).
+    EARLY: every split's partial is loaded together with the length, and the splits past it (stale or never
+    written) are selected away after, instead of loading only the used ones once the length is known."""
     pdl_enter(PDL)
     b, h, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    used = tl.cdiv(tl.load(len_ptr + b), SPLIT)
     s = tl.arange(0, SPLITS_P)
-    live_s = s < used
     dv = c * CHUNK + tl.arange(0, CHUNK)
     row = ((b * n_heads + h) * n_splits + s) * (D_VO + 2)
-    m = tl.load(ws_ptr + row + D_VO, mask=live_s, other=float("-inf"))
-    lsum = tl.load(ws_ptr + row + D_VO + 1, mask=live_s, other=0.0)
+    if EARLY:
+        stored = s < n_splits
+        m = tl.load(ws_ptr + row + D_VO, mask=stored, other=float("-inf"))
+        lsum = tl.load(ws_ptr + row + D_VO + 1, mask=stored, other=0.0)
+        acc = tl.load(ws_ptr + row[:, None] + dv[None, :], mask=stored[:, None], other=0.0)
+    live_s = s < tl.cdiv(tl.load(len_ptr + b), SPLIT)
+    if EARLY:  # a select, not a product: an unused split may hold NaN from an earlier step or none at all
+        m = tl.where(live_s, m, float("-inf"))
+        lsum = tl.where(live_s, lsum, 0.0)
+        acc = tl.where(live_s[:, None], acc, 0.0)
+    else:
+        m = tl.load(ws_ptr + row + D_VO, mask=live_s, other=float("-inf"))
+        lsum = tl.load(ws_ptr + row + D_VO + 1, mask=live_s, other=0.0)
+        acc = tl.load(ws_ptr + row[:, None] + dv[None, :], mask=live_s[:, None], other=0.0)
     w = tl.where(live_s, tl.exp(m - tl.max(m, 0)), 0.0)
-    acc = tl.load(ws_ptr + row[:, None] + dv[None, :], mask=live_s[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
     tl.store(out_ptr + b * so_b + dv * n_heads + h, out.to(out_ptr.dtype.element_ty), mask=dv < VO)
 
@@ -325,7 +336,8 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     _combine_kernel[(b, n_heads, d_vo // chunk)](ws, lengths, out, out.stride(0), n_heads, n_splits, VO=vo,
                                                  D_VO=d_vo, CHUNK=chunk, SPLIT=split,
                                                  SPLITS_P=triton.next_power_of_2(n_splits), PDL=pdl,
-                                                 num_warps=2 if n_splits > 16 else 1, launch_pdl=pdl)
+                                                 EARLY=early_loads(), num_warps=2 if n_splits > 16 else 1,
+                                                 launch_pdl=pdl)
 
 
 def decode_attention_reference(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
