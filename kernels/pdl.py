@@ -55,7 +55,8 @@ def pdl_enter(PDL: tl.constexpr):
 
 def early_loads() -> bool:
     """``UNIQL_EARLY_LOADS=1``: kernels issue the loads that depend on nothing a wait produces before that wait
-    (the attention split pass before it knows the length; the o / down GEMVs' residual input before the split-K
-    sum), so fewer memory round trips sit in a row on a short kernel's critical path. Same arithmetic, same bits;
-    off until a same-machine A/B (``SUITE=envab`` in benchmarks/device_suite.sh) says it pays. Read per launch."""
+    (the attention split pass before it knows the length, its combine every split's partial with the length, the
+    o / down GEMVs their residual input before the split-K sum), so fewer memory round trips sit in a row on a
+    short kernel's critical path. Same arithmetic, same bits; off until a same-machine A/B (``SUITE=envab`` in
+    benchmarks/device_suite.sh) says it pays. Read per launch."""
     return os.environ.get("UNIQL_EARLY_LOADS", "0") == "1"
