@@ -12,8 +12,9 @@
 #   ssm      ssm_decode_gpu.py, Mamba2-8B / Nemotron-H-8B shapes with the transformers anchor, ~3 min
 #   profile  profile_decode.py: per-kernel time of a decode step at rates 0, 0.15, 0.25, 0.35, Llama-3.1-8B and
 #            Mamba2-8B shapes (what does not shrink with the rate; why 0.25 decodes no faster than 0.15), ~2 min
-#   envab    decode_gpu.py at batch 1, the default tree against each switch in $ENV_AB (default "UNIQL_PDL=1
-#            UNIQL_SPLITK_STEP=8 UNIQL_EARLY_LOADS=1"), two alternating rounds on the same machine, ~25 s a run ->
+#   envab    decode_gpu.py at batch 1, the default tree against each variant in $ENV_AB (space-separated; a
+#            variant is VAR=VALUE, several joined by +; default: UNIQL_PDL=1, UNIQL_SPLITK_STEP=8,
+#            UNIQL_EARLY_LOADS=1 and all three), two alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min
@@ -45,11 +46,13 @@ for step in ${SUITE:-ab kernels decode}; do
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
         envab) for round in 1 2; do
-                   for variant in default ${ENV_AB:-UNIQL_PDL=1 UNIQL_SPLITK_STEP=8 UNIQL_EARLY_LOADS=1}; do
+                   for variant in default ${ENV_AB:-UNIQL_PDL=1 UNIQL_SPLITK_STEP=8 UNIQL_EARLY_LOADS=1 \
+                                                   UNIQL_PDL=1+UNIQL_SPLITK_STEP=8+UNIQL_EARLY_LOADS=1}; do
                        echo "== round $round: $variant"
-                       env $([ "$variant" = default ] || echo "$variant") python3 decode_gpu.py --batches 1 \
+                       env $([ "$variant" = default ] || echo "${variant//+/ }") python3 decode_gpu.py --batches 1 \
                            --skip-dense --skip-hf --skip-compiled \
-                           --json "$OUT/decode_envab_${gpu}_${round}_${variant//=/_}.json" | grep "uniql "
+                           --json "$OUT/decode_envab_${gpu}_${round}_$(echo "$variant" | tr '=+' '__').json" \
+                           | grep "uniql "
                    done
                done > "$OUT/decode_envab_$gpu.txt" ;;
         splits) python3 split_sweep.py --mamba --json "$OUT/split_sweep_$gpu.json" 2> "$OUT/split_sweep_$gpu.txt" ;;
