@@ -16,11 +16,14 @@
 #            variant is VAR=VALUE, several joined by +; default: UNIQL_PDL=1, UNIQL_SPLITK_STEP=8,
 #            UNIQL_EARLY_LOADS=1 and all three), two alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
+#   envabssm the same with ssm_decode_gpu.py (Mamba2-8B shape, no transformers anchor), ~35 s a run ->
+#            ssm_envab_<gpu>*
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min
 #   ssmprobe ssm_update_probe.py: the Mamba2-8B state update alone, per layer, for several launch configs, ~1 min
 #   attnprobe attention_probe.py: batch-1 decode attention alone per layer, Llama shape, several split sizes, ~1 min
-#   tests    the GPU tests of the kernels (real shapes, bf16) and the runner / SSM graphs, ~5 min
+#   tests    the GPU tests of the kernels (real shapes, bf16), ~4 min
+#   tests1   the GPU tests of the runner / SSM graphs / graph reset, ~4 min (both were one step: 461 s of 600)
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
 #            .gpuwhl AND .whl carried (pytest and the server's wheels for the device's Python; lm_eval, which the
 #            pipeline test imports); tests that need the SmolLM2 tokenizer error unless its GGUF is staged
@@ -35,6 +38,19 @@ for f in ${GEMV_B:-.ab/int4_gemv_old.py .ab/gemv_variants/*.py}; do  # absolute,
     [ -f "$f" ] && { [[ $f == /* ]] && variants+=("$f") || variants+=("$PWD/$f"); }
 done
 cd benchmarks || exit 1
+
+envab() {  # envab NAME SCRIPT ARGS...: SCRIPT at the default tree and under each $ENV_AB variant, two rounds
+    local name=$1 script=$2 round variant
+    shift 2
+    for round in 1 2; do
+        for variant in default ${ENV_AB:-UNIQL_PDL=1 UNIQL_SPLITK_STEP=8 UNIQL_EARLY_LOADS=1 \
+                                        UNIQL_PDL=1+UNIQL_SPLITK_STEP=8+UNIQL_EARLY_LOADS=1}; do
+            echo "== round $round: $variant"
+            env $([ "$variant" = default ] || echo "${variant//+/ }") python3 "$script" "$@" \
+                --json "$OUT/${name}_envab_${gpu}_${round}_$(echo "$variant" | tr '=+' '__').json" | grep "uniql "
+        done
+    done > "$OUT/${name}_envab_$gpu.txt"
+}
 for step in ${SUITE:-ab kernels decode}; do
     start=$SECONDS
     case $step in
@@ -45,28 +61,21 @@ for step in ${SUITE:-ab kernels decode}; do
         decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
-        envab) for round in 1 2; do
-                   for variant in default ${ENV_AB:-UNIQL_PDL=1 UNIQL_SPLITK_STEP=8 UNIQL_EARLY_LOADS=1 \
-                                                   UNIQL_PDL=1+UNIQL_SPLITK_STEP=8+UNIQL_EARLY_LOADS=1}; do
-                       echo "== round $round: $variant"
-                       env $([ "$variant" = default ] || echo "${variant//+/ }") python3 decode_gpu.py --batches 1 \
-                           --skip-dense --skip-hf --skip-compiled \
-                           --json "$OUT/decode_envab_${gpu}_${round}_$(echo "$variant" | tr '=+' '__').json" \
-                           | grep "uniql "
-                   done
-               done > "$OUT/decode_envab_$gpu.txt" ;;
+        envab) envab decode decode_gpu.py --batches 1 --skip-dense --skip-hf --skip-compiled ;;
+        envabssm) envab ssm ssm_decode_gpu.py --models mamba2-8b-shape --skip-hf ;;
         splits) python3 split_sweep.py --mamba --json "$OUT/split_sweep_$gpu.json" 2> "$OUT/split_sweep_$gpu.txt" ;;
         ssmprobe) python3 ssm_update_probe.py --json "$OUT/ssm_update_probe_$gpu.json" > "$OUT/ssm_update_probe_$gpu.txt" ;;
         attnprobe) python3 attention_probe.py --json "$OUT/attention_probe_$gpu.json" > "$OUT/attention_probe_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do
                      python3 profile_decode.py --model $m --rates 0,0.15,0.25,0.35 --json "$OUT/profile_${m}_$gpu.json"
                  done > "$OUT/profile_$gpu.txt" ;;
-        tests) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/kernels tests/runtime/test_runner.py \
-                    tests/runtime/test_ssm_graphs.py tests/runtime/test_graph_reset.py) > "$OUT/tests_$gpu.txt" 2>&1 ;;
+        tests) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/kernels) > "$OUT/tests_$gpu.txt" 2>&1 ;;
+        tests1) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/runtime/test_runner.py \
+                     tests/runtime/test_ssm_graphs.py tests/runtime/test_graph_reset.py) > "$OUT/tests1_$gpu.txt" 2>&1 ;;
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, splits, ssmprobe, attnprobe, profile, tests, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ssmprobe, attnprobe, profile, tests, tests1, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done
