@@ -130,10 +130,14 @@ async def _body(request: Request) -> dict:
 
 
 def _routes(app: FastAPI, state: AppState) -> None:
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and curl -I's probes
+    @app.get("/health")
     async def health():
         service = state.ready()
         return {"status": "ok", "model": state.names[0], **service.state()}
+
+    # load balancers' and curl -I's probes; its own route (out of the OpenAPI schema): one route with both methods
+    # gave the schema a duplicate operation id
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics")
     async def metrics():
@@ -337,7 +341,7 @@ async def _stream(admission, writer: responses.ChunkWriter, include_usage: bool,
     if writer.chat:
         for c in choices:
             yield writer.role(c.index)
-    elif echo:  # the echoed prompt first, as its own chunk per choice (vLLM's order)
+    elif echo:  # the echoed prompt first, as its own chunk per choice (vLLM sends it with the first token's text)
         for c in choices:
             yield writer.text(c.index, echo)
     failed = False

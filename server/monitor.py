@@ -182,8 +182,13 @@ class _TimedReader:
         self.name, self.read = name, read
         self._asked, self._done = threading.Event(), threading.Event()
         self._outcome: tuple[bool, object] | None = None
-        self._busy = False
+        self._busy = self._closed = False
         threading.Thread(target=self._serve, name=f"uniql-read-{name}", daemon=True).start()
+
+    def close(self) -> None:
+        """Let the thread end: now when idle, else once the call it is in returns."""
+        self._closed = True
+        self._asked.set()
 
     def __call__(self, timeout_s: float) -> DeviceReading:
         if not self._busy:  # else the last call still runs: wait for it instead of queueing another
@@ -202,11 +207,14 @@ class _TimedReader:
         while True:
             self._asked.wait()
             self._asked.clear()
+            if self._closed:
+                return
             try:
                 self._outcome = (True, self.read())
-            except Exception as err:
-                self._outcome = (False, err)
-            self._done.set()
+            except BaseException as err:  # even SystemExit: this call failed, the thread and the monitor go on
+                self._outcome = (False, err if isinstance(err, Exception) else RuntimeError(f"{type(err).__name__}"))
+            finally:
+                self._done.set()
 
 
 class Monitor:
@@ -223,9 +231,10 @@ class Monitor:
         if primary not in readers:
             raise ValueError(f"primary device {primary!r} has no reader ({sorted(readers)})")
         # 0 would poll in a busy loop; above TIMEOUT_MAX (inf included) Event.wait raises and the thread dies
-        if not 0 < interval_s <= threading.TIMEOUT_MAX:
-            raise ValueError(f"the monitor interval must be > 0 and <= {threading.TIMEOUT_MAX:.0f} seconds, "
-                             f"got {interval_s}")
+        for what, seconds in (("interval", interval_s), ("read timeout", read_timeout_s)):
+            if not 0 < seconds <= threading.TIMEOUT_MAX:
+                raise ValueError(f"the monitor {what} must be > 0 and <= {threading.TIMEOUT_MAX:.0f} seconds, "
+                                 f"got {seconds}")
         self.readers, self.primary, self.interval_s = readers, primary, interval_s
         self.read_timeout_s = read_timeout_s
         self._timed: dict[str, _TimedReader] = {}  # one thread per reader, made at its first poll
@@ -253,6 +262,8 @@ class Monitor:
         for name, read in self.readers.items():
             timed = self._timed.get(name)
             if timed is None or timed.read is not read:  # a reader swapped in after start gets its own thread
+                if timed is not None:
+                    timed.close()
                 timed = self._timed[name] = _TimedReader(name, read)
             try:
                 devices[name] = timed(self.read_timeout_s)
@@ -302,3 +313,6 @@ class Monitor:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        for timed in self._timed.values():  # a later refresh() starts fresh reader threads
+            timed.close()
+        self._timed.clear()

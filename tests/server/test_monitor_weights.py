@@ -273,3 +273,38 @@ def test_a_hanging_reader_holds_up_neither_the_others_nor_the_listeners():
     while monitor.refresh().devices["cuda:0"].available_bytes != 14 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert monitor.snapshot().devices["cuda:0"].available_bytes == 14
+
+
+def _reader_threads() -> int:
+    return sum(t.name.startswith("uniql-read-") and t.is_alive() for t in threading.enumerate())
+
+
+def test_reader_threads_end_with_the_monitor_and_survive_any_failure():
+    """Reader threads end when the monitor stops or their reader is replaced (they piled up, one per reader, in
+    every Monitor ever built); a reader raising even SystemExit fails that poll only; a non-positive or infinite
+    read timeout is refused (it made every other poll fail)."""
+    before = _reader_threads()
+    calls = {"n": 0}
+
+    def odd():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SystemExit("reader gave up")
+        return DeviceReading(10, calls["n"])
+
+    monitor = Monitor({"host": odd, "cuda:0": lambda: DeviceReading(5, 5)}, "cuda:0", read_timeout_s=1.0)
+    assert monitor.refresh().devices["host"].available_bytes == 1  # calls 1 (construction) then 2 (SystemExit)
+    assert monitor.refresh().devices["host"].available_bytes == 3  # the thread lived on
+    monitor.readers["host"] = lambda: DeviceReading(10, 9)  # replaced: its old thread ends
+    assert monitor.refresh().devices["host"].available_bytes == 9
+    deadline = time.monotonic() + 5
+    while _reader_threads() > before + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _reader_threads() == before + 2
+    monitor.stop()
+    while _reader_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _reader_threads() == before
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="read timeout"):
+            Monitor({"host": lambda: DeviceReading(1, 1)}, "host", read_timeout_s=bad)
