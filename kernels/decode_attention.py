@@ -56,11 +56,13 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
                   REP: tl.constexpr, REP_P: tl.constexpr, QK: tl.constexpr, VO: tl.constexpr,
                   D_QK: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
                   ROPE: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, PDL: tl.constexpr,
-                  EARLY: tl.constexpr):
+                  EARLY: tl.constexpr, PRELOAD: tl.constexpr):
     """FUSED: the last split of each (request, kv group) to finish merges the group's splits (``_combine_group``)
     instead of a second launch. EARLY: every load that does not need the length (cache bases, q, the new k / v
-    and their RoPE tables) is issued before it is known, and each block's V with its K, so a program waits two
-    memory round trips instead of five (length -> bases -> rope tables -> K -> V); same arithmetic, same bits."""
+    and their RoPE tables; with PRELOAD, a one-block split's K / V, bounded by the capacity and selected once
+    the length is known) is issued before it is known, and each block's V with its K, so a program waits about
+    two memory round trips instead of five (length -> bases -> rope tables -> K -> V); same bits. PRELOAD only
+    where a split is one block: holding a block ahead in a loop spilled registers at 128-wide heads."""
     pdl_enter(PDL)
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, REP_P)
@@ -68,24 +70,30 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
     dq, dv = tl.arange(0, D_QK), tl.arange(0, D_VO)
     live_q, live_v = dq < QK, dv < VO
     cos_b, sin_b, idx_g = cos_ptr + b * s_cos, sin_ptr + b * s_cos, idx_ptr + g * s_idx
+    start = s * SPLIT
     if EARLY:
-        k_base, v_base = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
+        k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
+        if PRELOAD:
+            k0, v0 = _kv_block(k_base, v_base, start, cap, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
         q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g, ROPE)
         kn, vn = _new_kv(kn_ptr + b * skn_b, skn_g, skn_c, vn_ptr + b * svn_b + g * svn_g, svn_d, g, dq, live_q,
                          dv, live_v, cos_b, sin_b, idx_g, ROPE)
     length = tl.load(len_ptr + b)  # tokens including the new one
-    start = s * SPLIT
     if start < length:
         if not EARLY:
-            k_base, v_base = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
+            k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
             q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g,
                               ROPE)  # [REP_P, D_QK]
         m_i = tl.full([REP_P], float("-inf"), tl.float32)
         l_i = tl.zeros([REP_P], tl.float32)
         acc = tl.zeros([REP_P, D_VO], tl.float32)
         end = tl.minimum(start + SPLIT, length - 1)  # cached positions; the new token is added below
-        m_i, l_i, acc = _attend(q, k_base, v_base, start, end, dq, dv, live_q, live_v, m_i, l_i, acc, scale, QK,
-                                VO, BLOCK_T, PRECISION, EARLY)
+        if PRELOAD:  # noqa: SIM102 (a constexpr, then a run-time branch) the split's one block, loaded above
+            if start < end:  # as the loop: a split of only the new token has no cached block (all -inf: NaN)
+                m_i, l_i, acc = _block(q, k0, v0, start, end, m_i, l_i, acc, scale, BLOCK_T, PRECISION)
+        else:
+            m_i, l_i, acc = _attend(q, k_base, v_base, start, end, dq, dv, live_q, live_v, m_i, l_i, acc, scale,
+                                    QK, VO, BLOCK_T, PRECISION, EARLY)
         last = length - 1
         if last < start + SPLIT:  # this split holds the new token: score it, then append it to the cache
             if not EARLY:
@@ -115,11 +123,11 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
 
 @triton.jit
 def _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK: tl.constexpr, VO: tl.constexpr, dtype: tl.constexpr):
-    """Where group ``g``'s K and V rows of request ``b`` start in its own cache."""
+    """Where group ``g``'s K and V rows of request ``b`` start in its own cache, and its capacity (positions)."""
     cap = tl.load(cap_ptr + b).to(tl.int64)
     k_base = tl.load(kp_ptr + b).to(tl.pointer_type(dtype)) + g * cap * QK
     v_base = tl.load(vp_ptr + b).to(tl.pointer_type(dtype)) + g * cap * VO
-    return k_base, v_base
+    return k_base, v_base, cap
 
 
 @triton.jit
@@ -145,29 +153,42 @@ def _kv_block(k_base, v_base, t0, end, dq, dv, live_q, live_v, QK: tl.constexpr,
 @triton.jit
 def _attend(q, k_base, v_base, start, end, dq, dv, live_q, live_v, m_i, l_i, acc, scale, QK: tl.constexpr,
             VO: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr, EARLY: tl.constexpr):
-    """Online softmax of the cached positions ``start .. end``; EARLY: each block's K and V loaded together, one
-    block ahead (the first before the loop), else K at the top of the block and V after its softmax."""
-    if EARLY:
-        k_next, v_next = _kv_block(k_base, v_base, start, end, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+    """Online softmax of the cached positions ``start .. end`` a block at a time; EARLY: each block's K and V
+    loaded together at its top, else K there and V after its softmax."""
     for t0 in range(start, end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        live_t = t < end
         if EARLY:
-            k, v = k_next, v_next
-            k_next, v_next = _kv_block(k_base, v_base, t0 + BLOCK_T, end, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+            k, v = _kv_block(k_base, v_base, t0, end, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+            m_i, l_i, acc = _block(q, k, v, t0, end, m_i, l_i, acc, scale, BLOCK_T, PRECISION)
         else:
+            t = t0 + tl.arange(0, BLOCK_T)
+            live_t = t < end
             k = tl.load(k_base + t[:, None] * QK + dq[None, :], mask=live_t[:, None] & live_q[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [REP_P, BLOCK_T]
-        scores = tl.where(live_t[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if not EARLY:
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [REP_P, BLOCK_T]
+            scores = tl.where(live_t[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + t[:, None] * VO + dv[None, :], mask=live_t[:, None] & live_v[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
     return m_i, l_i, acc
+
+
+@triton.jit
+def _block(q, k, v, t0, end, m_i, l_i, acc, scale, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr):
+    """One block's online-softmax step from loaded K / V tiles; positions from ``end`` on are selected away (a
+    preloaded block may hold anything there, NaN included), so the result equals masked loads' bit for bit."""
+    live_t = (t0 + tl.arange(0, BLOCK_T)) < end
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [REP_P, BLOCK_T]
+    scores = tl.where(live_t[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.where(live_t[:, None], v, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -320,16 +341,16 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     ws = torch.empty(b * n_heads * n_splits * (d_vo + 2), dtype=torch.float32, device=q.device)
     cos, sin, idx = rope if rope is not None else (ws, ws, lengths)  # unused without ROPE
     pdl = pdl_enabled(q.device)
-    fused = FUSED_COMBINE
+    fused, early, block_t = FUSED_COMBINE, early_loads(), min(split, 64)
     # arrival counters, zero between launches (each user resets what it counted); unused by the two-pass path
     counters = workspace(q.device, 0, b * n_kv)[1] if fused else lengths
     _split_kernel[(b, n_kv, n_splits)](
         q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, cos, sin, idx, *q_strides, *k_strides, v_new.stride(0),
         v_new.stride(1), v_new.stride(2), cos.stride(0) if rope else 0, idx.stride(0) if rope else 0, n_heads,
         n_splits, scale, counters, out, out.stride(0), REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk,
-        VO=vo, D_QK=d_qk, D_VO=d_vo, SPLIT=split, BLOCK_T=min(split, 64), ROPE=rope is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSED=fused, PDL=pdl, EARLY=early_loads(),
-        num_warps=4, launch_pdl=pdl)
+        VO=vo, D_QK=d_qk, D_VO=d_vo, SPLIT=split, BLOCK_T=block_t, ROPE=rope is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSED=fused, PDL=pdl, EARLY=early,
+        PRELOAD=early and block_t == split, num_warps=4, launch_pdl=pdl)
     if fused:
         return
     chunk = min(d_vo, COMBINE_CHUNK)

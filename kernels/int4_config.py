@@ -7,6 +7,7 @@ lists what the sweep times.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +43,14 @@ def choose_path(m: int, n: int = 0) -> str:
     return "gemv" if m <= gemv_rows else "gemm" if m < DEQUANT_MIN_M else "dequant"
 
 
-def _split_for(n_blocks: int, k_tiles: int, target: int) -> int:
-    """The most K splits with ``n_blocks * split`` within ``target`` programs (one wave of resident programs),
-    each split >= 2 tiles. Rounding up instead left a second wave of a few dozen programs on some shapes: the
-    8B-shaped gate|up at rate 0.25 (84 blocks x 13 splits = 1092 programs for 1056 slots) ran as slowly as at
-    rate 0 (26.0 vs 26.3 us a launch in the engine, H100, results/decode_profile_h100.json)."""
-    want = max(1, target // max(1, n_blocks))
-    return max(1, min(want, k_tiles // 2 if k_tiles >= 4 else 1))
+def _split_for(n_blocks: int, k_tiles: int, target: int, within: bool = False) -> int:
+    """K splits so that ``n_blocks * split`` reaches ``target`` programs (``within``: the most that stay within
+    it, i.e. one wave of resident programs), each split >= 2 tiles. The half2 GEMV's wide layers take ``within``:
+    rounding up left a second wave of a few dozen programs on some shapes, and the 8B-shaped gate|up at rate 0.25
+    (84 blocks x 13 splits = 1092 programs for 1056 slots) ran as slowly as at rate 0 (26.0 vs 26.3 us a launch
+    in the engine, H100, results/decode_profile_h100.json). The other paths keep rounding up (not re-measured)."""
+    want = target // max(1, n_blocks) if within else math.ceil(target / max(1, n_blocks))
+    return max(1, min(max(1, want), k_tiles // 2 if k_tiles >= 4 else 1))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -80,7 +82,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_k = min(group_size, 32 if n_total > 65536 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         n_blocks = triton.cdiv(n_total, 256)
-        split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms)
+        split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms, within=True)
         return Int4Config("gemv", 256, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;
