@@ -163,16 +163,22 @@ def _attend(q, k_base, v_base, start, end, dq, dv, live_q, live_v, m_i, l_i, acc
             t = t0 + tl.arange(0, BLOCK_T)
             live_t = t < end
             k = tl.load(k_base + t[:, None] * QK + dq[None, :], mask=live_t[:, None] & live_q[None, :], other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [REP_P, BLOCK_T]
-            scores = tl.where(live_t[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_i, l_i = _softmax_step(q, k, live_t, m_i, l_i, scale, PRECISION)
             v = tl.load(v_base + t[:, None] * VO + dv[None, :], mask=live_t[:, None] & live_v[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
     return m_i, l_i, acc
+
+
+@triton.jit
+def _softmax_step(q, k, live_t, m_i, l_i, scale, PRECISION: tl.constexpr):
+    """A block's scores into the running softmax: (its weights p, the rescale alpha of what came before, the new
+    running max and sum). Positions not ``live_t`` weigh 0 whatever their K holds."""
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [REP_P, BLOCK_T]
+    scores = tl.where(live_t[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(scores - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -180,15 +186,9 @@ def _block(q, k, v, t0, end, m_i, l_i, acc, scale, BLOCK_T: tl.constexpr, PRECIS
     """One block's online-softmax step from loaded K / V tiles; positions from ``end`` on are selected away (a
     preloaded block may hold anything there, NaN included), so the result equals masked loads' bit for bit."""
     live_t = (t0 + tl.arange(0, BLOCK_T)) < end
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [REP_P, BLOCK_T]
-    scores = tl.where(live_t[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, m_i, l_i = _softmax_step(q, k, live_t, m_i, l_i, scale, PRECISION)
     v = tl.where(live_t[:, None], v, 0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
+    return m_i, l_i, acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
 
 @triton.jit
