@@ -32,6 +32,7 @@ import statistics
 import torch
 import triton
 import triton.language as tl
+from graph_timing import graph_us
 
 from uniql.kernels import int4_matmul as im
 from uniql.kernels.int4_config import Int4Config
@@ -79,30 +80,6 @@ def _tile_loop_kernel(qw_ptr, out_ptr, N, rows_k, stride_qw, per, BLOCK_R: tl.co
         acc ^= tl.load(qw_ptr + rows[:, None] * stride_qw + offs_n[None, :],
                        mask=(rows < rows_k)[:, None] & (offs_n < N)[None, :], other=0, eviction_policy="evict_first")
     tl.atomic_xor(out_ptr + offs_n, tl.xor_sum(acc, axis=0), mask=offs_n < N)
-
-
-def graph_us(fns, repeats=30, per: int | None = None) -> float:
-    """Median microseconds of one CUDA graph that runs every fn once, divided by ``per`` (default: one per fn).
-
-    The graph timer of the GPU probes (``gemv_probe.py`` and ``l2_prefetch_probe.py`` use it too)."""
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fns:
-            fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / (per or len(fns)))
-    return statistics.median(times)
 
 
 def eager_us(fn, repeats=20) -> float:

@@ -18,7 +18,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from gemv_floor import graph_us as time_us
+from graph_timing import graph_us as time_us
 
 from uniql.kernels import int4_matmul as im
 from uniql.kernels.int4_config import Int4Config

@@ -1,45 +1,53 @@
-"""Median time of one call of a step function, replayed from a CUDA graph (the probes' shared timer)."""
+"""The GPU probes' timer: median time of one replay of a CUDA graph of the calls timed."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 
-def graph_median_us(step: Callable[[], None], cuda: bool, repeats: int) -> float:
-    """Median microseconds of ``step()`` captured once in a CUDA graph (after one warm-up call that compiles the
-    kernels); on CPU (interpreter smoke runs) one timed call."""
-    if not cuda:
-        start = time.perf_counter()
-        step()
-        return (time.perf_counter() - start) * 1e6
-    step()
+def graph_us(fns, repeats=30, per: int | None = None) -> float:
+    """Median microseconds of one CUDA graph that runs every fn once (after an eager warm-up call of each, which
+    compiles the kernels), divided by ``per`` (default: one per fn): the GPU probes' timer."""
+    for fn in fns:
+        fn()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fns:
+            fn()
+    for _ in range(3):
+        g.replay()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / (per or len(fns)))
     return statistics.median(times)
+
+
+def graph_median_us(step: Callable[[], None], cuda: bool, repeats: int) -> float:
+    """``graph_us`` of one ``step()``; on CPU (interpreter smoke runs) one timed call."""
+    if cuda:
+        return graph_us([step], repeats, per=1)
+    start = time.perf_counter()
+    step()
+    return (time.perf_counter() - start) * 1e6
 
 
 def run_probes(doc: str, script: str, rates, configs, probe: Callable, describe: Callable[[dict], str], meta: dict,
                argv=None) -> list[dict]:
     """The probes' command line: ``--repeats``, ``--cpu-smoke`` (only the first two configs, tiny shapes) and
     ``--json``; ``probe(rate, config, cuda, repeats, smoke)`` returns one row, ``describe(row)`` its line."""
-    import argparse
-    import json
-    from pathlib import Path
-
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")

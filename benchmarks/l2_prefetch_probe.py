@@ -27,7 +27,7 @@ import json
 import torch
 import triton
 import triton.language as tl
-from gemv_floor import graph_us
+from graph_timing import graph_us
 
 from uniql.kernels import int4_matmul as im
 
