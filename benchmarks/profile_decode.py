@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from decode_gpu import LLAMA_8B, NullTokenizer, build_model
+from sass_gemv import compiled_gemv_registers
 
 from uniql.runtime.engine import Engine
 from uniql.runtime.request import SamplingParams
@@ -171,29 +172,13 @@ def main() -> None:
             print(f"  inside the graph: kernels {total:.1f} us, gaps {graph['gap_us_per_replay']} us; GEMV by place: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in graph["gemv_us_by_position"].items()))
         runs.append(run)
-    regs = _compiled_gemvs()
+    regs = compiled_gemv_registers()
     for row in regs:
         print(f"  compiled GEMV: { {k: v for k, v in row.items() if k != 'key'} }")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "batch": args.batch, "context": args.context,
                                                "device": torch.cuda.get_device_name(), "runs": runs,
                                                "compiled_gemvs": regs}, indent=1))
-
-
-def _compiled_gemvs() -> list[dict]:
-    """Registers, spills and shared memory of each compiled decode-GEMV variant (they set how many programs an SM
-    holds, i.e. what one wave is). Best effort: Triton's cache layout differs between versions."""
-    from uniql.kernels import int4_gemv
-
-    rows = []
-    try:
-        for cache in int4_gemv._gemv_h2_kernel.device_caches.values():
-            for key, kernel in cache[0].items():
-                rows.append({"key": str(key), "n_regs": kernel.n_regs, "n_spills": kernel.n_spills,
-                             "shared": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps})
-    except (AttributeError, TypeError, IndexError) as exc:
-        rows.append({"error": f"{type(exc).__name__}: {exc}"})
-    return rows
 
 
 if __name__ == "__main__":

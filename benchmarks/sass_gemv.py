@@ -39,6 +39,23 @@ CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode s
 SHARED = re.compile(r"\b(BAR|STS|LDS|LDSM)\b")
 
 
+def compiled_gemv_registers() -> list[dict]:
+    """Registers, spills and shared memory of each ``_gemv_h2_kernel`` variant this process has compiled so far
+    (they set how many programs an SM holds, i.e. what one wave is). Best effort: Triton's cache layout differs
+    between versions."""
+    from uniql.kernels import int4_gemv
+
+    rows = []
+    try:
+        for cache in int4_gemv._gemv_h2_kernel.device_caches.values():
+            for key, kernel in cache[0].items():
+                rows.append({"key": str(key), "n_regs": kernel.n_regs, "n_spills": kernel.n_spills,
+                             "shared": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps})
+    except (AttributeError, TypeError, IndexError) as exc:
+        rows.append({"error": f"{type(exc).__name__}: {exc}"})
+    return rows
+
+
 def load_variant(path: Path):
     """A variant ``int4_gemv.py`` as ``uniql.kernels.<stem>_variant`` (its relative imports resolve inside the
     package; the tree's own module stays as it is)."""

@@ -28,6 +28,7 @@ if "--cpu-smoke" in sys.argv:  # Triton reads the flag when a kernel is defined:
 import torch  # noqa: E402
 import triton  # noqa: E402
 from kernel_bench import MODELS, ROTATE_BYTES, Bench, Case, Timer, build_case, int4_buffers, time_ours  # noqa: E402
+from sass_gemv import compiled_gemv_registers  # noqa: E402
 
 from uniql.kernels import int4_matmul  # noqa: E402
 from uniql.kernels.int4_format import packed_bytes  # noqa: E402
@@ -36,20 +37,6 @@ from uniql.kernels.int4_format import packed_bytes  # noqa: E402
 def distinct_splits(k_tiles: int) -> list[int]:
     """Every split count the launcher can run (it trims a split to ``cdiv(k_tiles, cdiv(k_tiles, split))``)."""
     return sorted({triton.cdiv(k_tiles, per) for per in range(1, k_tiles + 1)}, reverse=True)
-
-
-def compiled_registers() -> list[dict]:
-    """Registers / spills of every compiled half2 GEMV variant so far (best effort across Triton versions)."""
-    from uniql.kernels import int4_gemv
-
-    rows = []
-    try:
-        for cache in int4_gemv._gemv_h2_kernel.device_caches.values():
-            for key, kernel in cache[0].items():
-                rows.append({"key": str(key), "n_regs": kernel.n_regs, "n_spills": kernel.n_spills})
-    except (AttributeError, TypeError, IndexError) as exc:
-        rows.append({"error": f"{type(exc).__name__}: {exc}"})
-    return rows
 
 
 # Mamba2-8B's projections (d_model 4096, 128 heads of 64, 8 groups of state 128; ssm_decode_gpu.py's shape) at
@@ -113,7 +100,7 @@ def main(argv=None) -> None:
     out = {"device": "cpu (interpreter)" if smoke else torch.cuda.get_device_name(),
            "sms": None if smoke else torch.cuda.get_device_properties(0).multi_processor_count,
            "group_size": args.group_size, "dtype": str(bench.dtype), "batch": 1, "rows": rows,
-           "registers": [] if smoke else compiled_registers(), "notes": bench.timer.notes}
+           "registers": [] if smoke else compiled_gemv_registers(), "notes": bench.timer.notes}
     args.json.write_text(json.dumps(out, indent=1))
 
 
