@@ -68,7 +68,7 @@ def _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M: tl.constexpr):
 @triton.jit
 def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol,
             mask_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-            SUM_STEP: tl.constexpr = 4):
+            SUM_STEP: tl.constexpr):
     """Write the tile, or (split K) park the partial and let the tile's last program sum all partials in order.
     Returns (the tile's fp32 values, whether this program wrote them) for epilogues that follow (``_glu_pair``).
     ``SUM_STEP`` (4 or 8): partials loaded per step of that sum (``sum_step``)."""
