@@ -82,7 +82,7 @@ class AsyncEngine:
         self._sinks[req.request_id] = (loop, queue)  # before queueing: the thread may emit at once
         try:
             self._admit_request(req)
-        except QueueFull:
+        except Exception:  # QueueFull, or EngineStopped: each refusal would otherwise leave a sink for good
             self._sinks.pop(req.request_id, None)
             raise
         self._work.set()
@@ -126,9 +126,11 @@ class AsyncEngine:
             self._committed.pop(request_id, None)
             if rung is not None:
                 self._ops.put(("cancel", request_id))
-        sink = self._sinks.pop(request_id, None)  # a stream cancelled before anyone iterated it keeps no sink
         if rung is None:
+            # it has finished, and the engine thread may not have delivered its last event yet (it counts a
+            # request out first): its sink stays for that event, which removes it
             return False
+        sink = self._sinks.pop(request_id, None)  # a stream cancelled before anyone iterated it keeps no sink
         if sink is not None:
             self._send(sink, TokenEvent(request_id, None, "", finish_reason="cancelled", rung=rung))
         self._work.set()
@@ -205,7 +207,9 @@ class AsyncEngine:
             self._sinks.pop(event.request_id, None)
 
     def _deliver(self, event: TokenEvent) -> None:
-        sink = self._sinks.get(event.request_id)
+        # a stream's last event takes its sink along: a stream never iterated nor cancelled leaves nothing behind
+        last = event.finish_reason is not None
+        sink = self._sinks.pop(event.request_id, None) if last else self._sinks.get(event.request_id)
         if sink is not None:
             self._send(sink, event)
 
@@ -222,13 +226,30 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self._serve()
-        finally:  # stopped or crashed: no stream may wait for a step that will never come
-            with self._admit:
-                self._closed = True  # after this no add is queued, so the drain below sees every one
-            with self._lock:
-                self._apply_ops()
-                self._dispatch(self._fail_live("RuntimeError: the engine stopped"))
-                self._publish()
+        finally:  # stopped or crashed: no stream or call may wait for a step that will never come
+            # a crash sets no _stop of its own: set it first, so a ``between_steps`` call queued from now on runs
+            # on its caller's thread, and one queued before is taken by the drain below
+            self._stop.set()
+            try:
+                self._end_streams()
+            finally:
+                self._run_calls()
+
+    def _end_streams(self) -> None:
+        with self._admit:
+            self._closed = True  # after this no add is queued, so the drain below sees every one
+        with self._lock:
+            self._apply_ops()
+            self._dispatch(self._fail_live("RuntimeError: the engine stopped"))
+            self._dispatch(self._fail_orphans("RuntimeError: the engine stopped"))
+            self._publish()
+
+    def _fail_orphans(self, message: str) -> list[TokenEvent]:
+        """An "error" event for every request still counted live that the engine no longer holds (its events were
+        lost with a step that failed outside the per-request guards): their streams must end too."""
+        with self._admit:
+            orphans = [(rid, rung) for rid, rung in self._live.items() if rid not in self.engine.requests]
+        return [TokenEvent(rid, None, "", finish_reason="error", rung=rung, error=message) for rid, rung in orphans]
 
     def _serve(self) -> None:
         while not self._stop.is_set():

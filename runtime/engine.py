@@ -114,10 +114,11 @@ class Engine:
 
     def enqueue(self, req: Request) -> Request:
         """Queue a request from ``new_request`` (scheduler.QueueFull when the queue is full)."""
+        # the stream first: it decodes the prompt and may raise, and a refused request must not stay queued
+        stream = _Stream(IncrementalDetokenizer(self.tokenizer, req.prompt_ids), StopMatcher(req.params.stop))
         self.scheduler.add(req)
         self.requests[req.request_id] = req
-        self.streams[req.request_id] = _Stream(IncrementalDetokenizer(self.tokenizer, req.prompt_ids),
-                                               StopMatcher(req.params.stop))
+        self.streams[req.request_id] = stream
         return req
 
     def cancel(self, request_id: str) -> bool:
@@ -165,11 +166,15 @@ class Engine:
 
     def _guarded(self, reqs: list[Request], run) -> list[TokenEvent]:
         """``run()``'s events; if it raises, ``reqs`` fail (freed, an "error" event each) and the engine goes on."""
+        made = [len(r.events) for r in reqs]
         try:
             return run()
         except Exception as err:  # noqa: BLE001 (any failure of these requests must not stop the others)
             log.exception("requests %s failed", [r.request_id for r in reqs])
-            return self.fail(reqs, f"{type(err).__name__}: {err}")
+            # ``run`` emits request by request: events it made before the failure (one request's last, say) are
+            # real and went with its list; that request has left the engine, and only this event ends its stream
+            kept = [e for r, n in zip(reqs, made, strict=True) for e in r.events[n:]]
+            return kept + self.fail(reqs, f"{type(err).__name__}: {err}")
 
     def fail(self, reqs: list[Request], message: str) -> list[TokenEvent]:
         """End unfinished ``reqs`` with finish_reason "error": slot, cache and sampler state freed at once."""

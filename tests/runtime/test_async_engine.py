@@ -13,7 +13,7 @@ from uniql.runtime.async_engine import AsyncEngine
 from uniql.runtime.engine import Engine
 from uniql.runtime.hf_import import decoder_from_hf
 from uniql.runtime.request import SamplingParams
-from uniql.runtime.scheduler import QueueFull
+from uniql.runtime.scheduler import EngineStopped, QueueFull
 
 
 @pytest.fixture
@@ -180,3 +180,124 @@ def test_shutdown_ends_every_live_stream_and_later_submits_fail(engines, tokeniz
 
 async def collect_all(stream):
     return [event async for event in stream]
+
+
+def test_a_cancel_that_loses_the_race_with_the_finish_leaves_the_stream_its_last_event(engines, tokenizer):
+    """The explicit-cancel race: the engine thread counts a finished request out (``_retire``), then delivers its
+    last event. A ``cancel`` in between found it finished (False) yet dropped its stream's sink, so that last
+    event went nowhere and whoever iterated the stream waited forever."""
+    front = AsyncEngine(Engine(engines[0].runner.model, tokenizer))
+    retired, cancelled = threading.Event(), threading.Event()
+    real_retire = front._retire
+
+    def retire(request_id):
+        real_retire(request_id)
+        retired.set()
+        cancelled.wait(5)  # the event loop's cancel runs here, before the engine thread delivers the event
+
+    front._retire = retire
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+    async def main():
+        request_id, stream = front.submit(tokenizer("Hello")["input_ids"], params)
+        assert await asyncio.to_thread(retired.wait, 10)
+        assert not front.cancel(request_id)  # too late: it has finished
+        cancelled.set()
+        return await asyncio.wait_for(collect_all(stream), 5)
+
+    try:
+        events = asyncio.run(main())
+    finally:
+        cancelled.set()
+        front.shutdown()
+    assert [e.finish_reason for e in events] == [None, "length"] and not front._sinks
+
+
+class WatchedThread:
+    """The engine thread, with ``asked`` set once another thread has asked whether it is alive."""
+
+    def __init__(self, thread: threading.Thread):
+        self.thread, self.asked = thread, threading.Event()
+
+    def is_alive(self) -> bool:
+        alive = self.thread.is_alive()
+        if threading.current_thread() is not self.thread:
+            self.asked.set()
+        return alive
+
+    def __getattr__(self, name):
+        return getattr(self.thread, name)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_call_queued_as_the_engine_thread_crashes_still_runs(engines):
+    """``between_steps`` queued its call, saw the thread alive and waited; the thread then crashed (a bug outside
+    a step) without taking its calls, and no ``shutdown`` came to run it: the caller waited forever."""
+    _, front = engines
+    blocked, crash = threading.Event(), threading.Event()
+    real_publish = front._publish
+
+    def publish():
+        if not crash.is_set():
+            blocked.set()
+            crash.wait(5)
+            raise RuntimeError("a bug in the step loop (simulated)")
+        real_publish()
+
+    front._publish = publish
+    front._thread = watched = WatchedThread(front._thread)
+    front._work.set()
+    assert blocked.wait(10)  # the thread is past this iteration's calls, inside its step lock
+    result = []
+    caller = threading.Thread(target=lambda: result.append(front.between_steps(lambda e: "ran")), daemon=True)
+    caller.start()
+    assert watched.asked.wait(5)  # queued, and saw the thread alive
+    crash.set()
+    caller.join(5)
+    assert result == ["ran"] and not front.alive
+
+
+def test_a_submit_refused_after_shutdown_leaves_no_sink(engines, tokenizer):
+    """Every submit after the engine stopped (a server answering 503 for hours) left its sink behind."""
+    _, front = engines
+    front.shutdown()
+
+    async def main():
+        with pytest.raises(EngineStopped):
+            front.submit(tokenizer("Hello")["input_ids"], SamplingParams(max_tokens=2))
+
+    asyncio.run(main())
+    assert not front._sinks
+
+
+def test_a_finished_stream_nobody_iterated_leaves_no_sink(engines, tokenizer):
+    """A stream dropped before anyone iterated it (and never cancelled) kept its sink, and every event of its
+    request, for the life of the process."""
+    _, front = engines
+
+    async def main():
+        front.submit(tokenizer("Hello")["input_ids"], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        await asyncio.to_thread(front.between_steps, lambda e: None)  # taken in
+        while front.committed_cache_bytes():  # until it has finished
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert not front._sinks
+
+
+def test_shutdown_ends_a_stream_whose_request_the_engine_lost(engines, tokenizer):
+    """A request counted live that the engine no longer holds (its events lost with a step that failed outside
+    the per-request guards) was skipped by the stop path, which only fails what the engine holds: its stream
+    waited forever."""
+    _, front = engines
+
+    async def main():
+        rid, stream = front.submit(tokenizer("Hello")["input_ids"], SamplingParams(max_tokens=200, ignore_eos=True))
+        await asyncio.to_thread(front.between_steps, lambda e: None)  # calls run before the queued add applies
+        assert await asyncio.to_thread(front.between_steps, lambda e: e.cancel(rid))  # freed behind the front's back
+        await asyncio.to_thread(front.shutdown)
+        return [event async for event in stream]
+
+    events = asyncio.run(asyncio.wait_for(main(), 10))
+    assert events[-1].finish_reason == "error" and "stopped" in events[-1].error
+    assert not front._live and not front._sinks

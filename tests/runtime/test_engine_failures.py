@@ -87,6 +87,44 @@ def test_a_prefill_that_raises_fails_its_request_and_the_engine_goes_on(model, t
     assert engine.generate(ids(tokenizer), GREEDY)  # and later requests run as usual
 
 
+def test_events_made_before_a_failure_in_the_same_batch_are_kept(model, tokenizer):
+    """A decode batch emits request by request: when one request's emit raised (its detokenizer, say), the events
+    already made in that batch were dropped with the step's list, a finished request's last event with them. The
+    request had left the engine, so nothing ended its AsyncEngine stream (it waited forever) or freed its place."""
+    engine = Engine(model, tokenizer, max_num_seqs=4, lookahead=False)
+    short = engine.add_request(ids(tokenizer), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    broken = engine.add_request(ids(tokenizer), GREEDY)
+    engine.step()  # both prefilled: one decode batch of [short, broken] next
+
+    def add(token):
+        raise RuntimeError("detokenizer failed (simulated)")
+
+    engine.streams[broken.request_id].detok.add = add
+    events = engine.step()
+    assert short.finish_reason == "length" and broken.finish_reason == "error"
+    assert [e.finish_reason for e in events] == ["length", "error"]
+    assert events == [short.events[-1], broken.events[-1]]
+
+
+class Undecodable:
+    """A tokenizer whose decode raises (as a slow SentencePiece one does for an id past its vocabulary)."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        raise IndexError("piece id is out of range (simulated)")
+
+
+def test_a_request_refused_while_queueing_is_not_left_in_the_scheduler(model):
+    """``enqueue`` queued the request in the scheduler, then built its detokenizer: when that raised, the caller got
+    the error but the scheduler kept the request, which still took a place and later a prefill and a cache (and the
+    AsyncEngine, having counted it out, could then admit one more than the scheduler has room for)."""
+    engine = Engine(model, Undecodable())
+    with pytest.raises(IndexError, match="out of range"):
+        engine.add_request(list(range(1, 11)), GREEDY)  # long enough that the detokenizer decodes its context
+    assert not engine.scheduler.has_work and not engine.requests and not engine.streams
+
+
 def test_a_stop_token_releases_text_held_for_a_possible_stop_string(model, tokenizer):
     """The text before the stop token is all there, even the part held back because it began a stop string."""
     engine = Engine(model, tokenizer)
