@@ -41,7 +41,7 @@ class SamplingParams:
         checks = {
             "max_tokens": self.max_tokens >= 1,
             "temperature": 0.0 <= self.temperature <= 2.0,
-            "top_p": 0.0 < self.top_p <= 1.0,
+            "top_p": 0.0 <= self.top_p <= 1.0,  # 0 (OpenAI allows it): the top token alone
             "top_k": 0 <= self.top_k < 2**31,
             "min_p": 0.0 <= self.min_p <= 1.0,
             "presence_penalty": -2.0 <= self.presence_penalty <= 2.0,

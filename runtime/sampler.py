@@ -198,5 +198,6 @@ def _top_k_top_p_drop(logits_rv: torch.Tensor, params: list[SamplingParams]) -> 
     top_p_r1 = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params], device=dev)[:, None]
     probs_rv = sorted_rv.masked_fill(drop_sorted_rv, -math.inf).softmax(dim=-1)
     mass_before_rv = probs_rv.cumsum(dim=-1) - probs_rv  # mass of strictly higher-ranked tokens
-    drop_sorted_rv |= mass_before_rv >= top_p_r1  # rank 0 has 0 before it, and top_p > 0, so it always stays
+    # rank 0 has 0 before it and always stays (top_p 0 keeps it alone rather than nothing)
+    drop_sorted_rv[:, 1:] |= mass_before_rv[:, 1:] >= top_p_r1
     return torch.zeros_like(drop_sorted_rv).scatter_(1, order_rv, drop_sorted_rv)

@@ -224,7 +224,7 @@ def _max_tokens(req, prompt_len: int, max_model_len: int, default: int, kind: st
     field = "messages" if kind == "chat" else "prompt"
     room = max_model_len - prompt_len
     asked = schema.requested_max_tokens(req)
-    if room < 1 or (asked is not None and asked > room):
+    if room < (1 if asked is None else asked):  # asked 0 (echo alone): a prompt filling the context fits
         want = f"{prompt_len} in the {field}" + ("" if asked is None else f", {asked} in the completion")
         raise errors.bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you "
                                  f"requested {prompt_len + (asked or 0)} tokens ({want}). Please reduce the length "
@@ -243,15 +243,9 @@ async def _generate(state: AppState, service: AdaptiveService, request: Request,
     if req.n > service.backend.max_choices:  # a 429 would tell the client to retry what can never fit
         raise errors.bad_request(f"n={req.n} is more than this server can ever hold at once "
                                  f"({service.backend.max_choices} sequences)", "n", "invalid_value")
-    params = [schema.sampling_params(req, max_tokens, i) for i in range(req.n)]
-    try:
-        admission = await service.admit(ids, params, req.prune_rate)
-    except QueueFull as err:
-        raise errors.queue_full(err.retry_after_s) from None
-    except EngineStopped:  # it stopped after ready() looked: the same 503, not a 500
-        raise _engine_dead() from None
-    except ValueError as err:
-        raise errors.from_value_error(err) from None
+    # built (and so checked) even when nothing will run: a bad temperature is a 400 with max_tokens 0 too
+    params = [schema.sampling_params(req, max(max_tokens, 1), i) for i in range(req.n)]
+    admission = await _admit(service, ids, params, req.prune_rate, max_tokens)
     headers = {"x-uniql-prune-rate": f"{admission.prune_rate:.2f}", "x-uniql-rung": str(admission.decision.rung)}
     backend = service.backend
     tokens = responses.TokenView(backend.token_text, backend.token_bytes) if params[0].logprobs else None
@@ -271,6 +265,20 @@ async def _generate(state: AppState, service: AdaptiveService, request: Request,
     rid = responses.new_id("chatcmpl" if kind == "chat" else "cmpl")
     return JSONResponse(build(rid, state.names[0], choices, admission.prompt_tokens, admission.prune_rate,
                               tokens), headers=headers)
+
+
+async def _admit(service: AdaptiveService, ids: list[int], params: list, prune_rate: float | None,
+                 max_tokens: int):
+    if max_tokens == 0:  # echo alone: the prompt is the whole answer, the engine has nothing to do
+        return service.echo_only(len(ids), len(params), prune_rate)
+    try:
+        return await service.admit(ids, params, prune_rate)
+    except QueueFull as err:
+        raise errors.queue_full(err.retry_after_s) from None
+    except EngineStopped:  # it stopped after ready() looked: the same 503, not a 500
+        raise _engine_dead() from None
+    except ValueError as err:
+        raise errors.from_value_error(err) from None
 
 
 def _choice_error(choice: responses.ChoiceState, n: int) -> str:

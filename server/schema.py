@@ -93,6 +93,8 @@ class ChatRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 with echo: the prompt back, nothing generated (OpenAI's way to echo a prompt); refused without echo
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     best_of: int | None = None
@@ -134,6 +136,9 @@ def _check_specifics(req: BaseModel) -> None:
         if req.echo and req.logprobs is not None:
             raise bad_request("echo with logprobs asks for the prompt's logprobs, which this server does not compute "
                               "(echo alone, or logprobs alone, are supported)", "echo", "unsupported_parameter")
+        if req.max_tokens == 0 and not req.echo:
+            raise bad_request("invalid value for 'max_tokens': 0 generates nothing, which only makes sense with "
+                              "echo (the prompt back alone)", "max_tokens", "invalid_value")
         if req.best_of not in (None, 1, req.n):
             raise bad_request("best_of other than n is not supported", "best_of", "unsupported_parameter")
     if req.stream_options is not None and not req.stream:

@@ -85,6 +85,15 @@ class AdaptiveService:
         streams = [self._track(stream, len(prompt_ids), rate, arrival) for _, stream in submitted]
         return Admission(decision, rate, len(prompt_ids), streams)
 
+    def echo_only(self, prompt_tokens: int, n: int, prune_rate: float | None) -> Admission:
+        """A request that generates nothing (completions' echo with max_tokens 0): every choice ends at once with
+        "length"; nothing is queued, no seat or cache is taken and nothing is measured. Its rate is the one it
+        would have run at, previewed without moving the controller's state."""
+        decision = self.controller.decide(self.inputs(prompt_tokens, sequences=n), self.pinned_rung(prune_rate),
+                                          commit=False)
+        streams = [_ended("length") for _ in range(n)]
+        return Admission(decision, self.backend.rates[decision.rung], prompt_tokens, streams)
+
     async def _roll_back(self, submitted: list[tuple[str, AsyncIterator[TokenEvent]]]) -> None:
         """Undo the choices queued before one was refused: cancel each, then close its stream, since whoever
         holds a stream is the one to close it (it will never be iterated to its end)."""
@@ -142,3 +151,8 @@ class AdaptiveService:
                            "reserve_bytes": self.reserve_bytes,
                            "budget_bytes": self.residency.budget(snapshot.available_bytes)},
                 "prune_rate_now": self.backend.rates[self.last_preview.rung]}
+
+
+async def _ended(reason: str) -> AsyncIterator[TokenEvent]:
+    """A stream that only finishes: no token, no text."""
+    yield TokenEvent("", None, "", finish_reason=reason)

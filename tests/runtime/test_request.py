@@ -8,7 +8,7 @@ from uniql.runtime.request import Request, SamplingParams, Status
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("max_tokens", 0), ("temperature", -0.1), ("temperature", 2.5), ("top_p", 0.0), ("top_p", 1.2),
+    ("max_tokens", 0), ("temperature", -0.1), ("temperature", 2.5), ("top_p", -0.1), ("top_p", 1.2),
     ("top_k", -1), ("min_p", 1.5), ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
     ("repetition_penalty", 0.0), ("top_logprobs", 21), ("stop", ("",)), ("stop", ("a", "b", "c", "d", "e")),
 ])

@@ -61,6 +61,7 @@ def test_top_k_support(top_k, expected):
 
 
 @pytest.mark.parametrize(("top_p", "expected"), [
+    (0.0, {1}),  # OpenAI's top_p 0: the top token alone (was an empty support: NaN)
     (0.3, {1}),  # the top token alone already covers 0.3
     (0.6, {1, 3}),  # 0.4 < 0.6 <= 0.7
     (0.8, {1, 3, 4}),  # 0.7 < 0.8 <= 0.85

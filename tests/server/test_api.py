@@ -137,7 +137,7 @@ def test_pinned_prune_rate(client):
 
 @pytest.mark.parametrize("kwargs, param", [
     ({"temperature": 3.0}, "temperature"),
-    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": -0.5}, "top_p"),
     ({"max_tokens": 100_000}, "messages"),  # prompt + max_tokens over the context
     ({"extra_body": {"frobnicate": 1}}, "frobnicate"),  # unknown field: never silently ignored
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),

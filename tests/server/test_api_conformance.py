@@ -1,7 +1,7 @@
 """Corners of the OpenAI API that a client relies on beyond the basics (test_api.py): the Models API's retrieve,
 completions' logprobs always holding the sampled token, usage on streamed chunks (OpenAI's null before the last,
-vLLM's continuous_usage_stats), stream_options.include_obfuscation, and 400s that name their field. Real uvicorn
-server on the tiny model, the real `openai` client or raw HTTP."""
+vLLM's continuous_usage_stats), stream_options.include_obfuscation, echo with max_tokens 0 (the prompt alone),
+and 400s that name their field. Real uvicorn server on the tiny model, the real `openai` client or raw HTTP."""
 
 from __future__ import annotations
 
@@ -103,3 +103,35 @@ def test_vllm_top_k_minus_one_means_no_top_k(client):
     with pytest.raises(openai.BadRequestError) as err:
         text(-2)
     assert err.value.body["param"] == "top_k"
+
+
+@pytest.mark.parametrize("prompt", ["Once upon a time", [40, 1211, 2987]])
+def test_echo_with_max_tokens_0_returns_the_prompt_alone(client, tokenizer, prompt):
+    """OpenAI's way to get a prompt back without generating (finish_reason "length", no completion tokens): it was
+    a 400 ("max_tokens: should be greater than or equal to 1"), whole and streamed."""
+    text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+    tokens = client.completions.create(model="tiny", prompt=prompt, max_tokens=1).usage.prompt_tokens
+    kw = {"model": "tiny", "prompt": prompt, "echo": True, "max_tokens": 0}
+    whole = client.completions.create(n=2, **kw)
+    assert [(c.index, c.text, c.finish_reason) for c in whole.choices] == [(0, text, "length"), (1, text, "length")]
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (tokens, 0, tokens)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 0
+
+
+def test_max_tokens_0_needs_echo_and_the_rest_is_still_checked(client):
+    full = [40] * client.models.retrieve("tiny").model_extra["max_model_len"]  # nothing generated: it fits
+    fits = client.completions.create(model="tiny", prompt=full, echo=True, max_tokens=0)
+    assert fits.usage.prompt_tokens == len(full) and fits.usage.completion_tokens == 0
+    cases = [({"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # nothing to return at all
+             ({"prompt": "hi", "max_tokens": 0, "echo": True, "temperature": 3.0}, "temperature"),
+             ({"prompt": full + [40], "max_tokens": 0, "echo": True}, "prompt")]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny", **kwargs)
+        assert err.value.body["param"] == param, err.value.body
+    with pytest.raises(openai.BadRequestError) as err:  # chat has no echo: 0 stays refused, as in OpenAI
+        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=0)
+    assert err.value.body["param"] == "max_tokens"
