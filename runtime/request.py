@@ -74,7 +74,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # an entity: equal only to itself (removal from queues compared whole prompts)
 class Request:
     """One sequence: prompt tokens, the rung it runs at from prefill to its last token, and its progress."""
 
