@@ -71,5 +71,55 @@ def test_jetson_image_is_jetpack6_with_cuda_torch_and_jetson_stats():
 def test_cuda_image_pins_a_cuda_torch_before_the_project():
     text = DOCKERFILES["cuda"].read_text()
     torch_line = text.index('pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"')
-    assert torch_line < text.index("RUN pip install .")
+    assert torch_line < text.index("RUN pip install -c constraints.txt .")
     assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cu\d+$", text, flags=re.M)
+
+
+# the x86 image's interpreter (Ubuntu 22.04), where deploy/constraints.txt's markers are evaluated
+IMAGE_ENV = {"python_version": "3.10", "python_full_version": "3.10.12", "sys_platform": "linux",
+             "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+             "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+
+
+def locked_versions() -> dict[str, str]:
+    """deploy/constraints.txt as {normalized name: version} for the image's interpreter (markers applied)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(IMAGE_ENV):
+                (spec,) = req.specifier
+                assert spec.operator == "==", line
+                assert canonicalize_name(req.name) not in pins, f"two pins apply to {req.name}"
+                pins[canonicalize_name(req.name)] = spec.version
+    return pins
+
+
+def test_cuda_image_installs_the_project_under_the_lock():
+    """A rebuild months later must install the versions tested, not whatever the index holds that day."""
+    text = DOCKERFILES["cuda"].read_text()
+    assert "COPY deploy/constraints.txt ./" in text and 'pip install -c constraints.txt . "nvidia-ml-py' in text
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert "!deploy/constraints.txt" in ignore
+    torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, flags=re.M).group(1)
+    assert f"torch=={torch};" in (DEPLOY / "constraints.txt").read_text().splitlines()[1].replace(" ", ""), \
+        "deploy/constraints.txt was resolved for another torch: rerun deploy/lock.sh"
+
+
+def test_lock_pins_every_dependency_within_the_projects_bounds():
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = locked_versions()
+    deps = [Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    for req in deps + [Requirement("nvidia-ml-py>=12")]:
+        name = canonicalize_name(req.name)
+        if name in ("torch", "triton"):  # the torch index's, never the lock's
+            assert name not in pins
+            continue
+        assert name in pins, f"{req.name} is not locked: rerun deploy/lock.sh"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} breaks {req}"
