@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", nargs="+", default=["qkv", "o", "gate_up", "down", "lm_head"])
     ap.add_argument("--rates", nargs="+", type=float, default=[0.0, 0.35])
     ap.add_argument("--group-size", type=int, default=128, help="the engine's (decode_gpu.py builds g128)")
-    ap.add_argument("--block-n", type=int, nargs="*", default=[64, 128, 256], help="column blocks tried besides the pick")
+    ap.add_argument("--block-n", type=int, nargs="*", default=[64, 128, 256], help="column blocks also tried")
     ap.add_argument("--mamba", action="store_true", help="also Mamba2-8B's in_proj / out_proj at rates 0, 0.35")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
