@@ -65,6 +65,17 @@ def rope_frequencies(rotary) -> torch.Tensor:
     return getattr(rotary, "original_inv_freq", rotary.inv_freq).float()
 
 
+def head_is_table(hf_model, config_says: bool) -> bool:
+    """Whether the model's output head IS its input embedding table. The config's ``tie_word_embeddings`` is only
+    what a model class may do with it (transformers' Nemotron-H never ties: its head stays a separate weight), so
+    the modules decide; the config only where they cannot tell (weights not materialised)."""
+    head, table = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
+    if head is None or table is None or head.weight.is_meta:
+        return config_says
+    a, b = head.weight, table.weight
+    return a is b or (a.shape == b.shape and a.data_ptr() == b.data_ptr())
+
+
 def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, share: bool = False) -> ElasticDecoder:
     """An unsorted elastic decoder with exactly the HF model's function (no ladder yet).
 
@@ -81,7 +92,8 @@ def decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, share: bool = 
 
         return ssm_decoder_from_hf(hf_model, dtype, share)
     rotary = hf_model.model.rotary_emb
-    spec = ArchSpec.from_dict({**spec.to_dict(), "rope_attention_scaling": float(rotary.attention_scaling)})
+    spec = ArchSpec.from_dict({**spec.to_dict(), "rope_attention_scaling": float(rotary.attention_scaling),
+                               "tie_embeddings": head_is_table(hf_model, spec.tie_embeddings)})
     sd = hf_model.state_dict()
     tensors = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
                "inv_freq": rope_frequencies(rotary)}

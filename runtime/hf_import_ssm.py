@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .decoder import ElasticDecoder
-from .hf_import import o_cols_to_rank_major, rope_frequencies, v_rows_to_rank_major
+from .hf_import import head_is_table, o_cols_to_rank_major, rope_frequencies, v_rows_to_rank_major
 from .spec import ArchSpec, dt_limit_fields, spec_from_hf_config
 
 
@@ -166,6 +166,7 @@ def _mixer_dt_limit(hf_model, spec: ArchSpec) -> ArchSpec:
 def ssm_decoder_from_hf(hf_model, dtype: torch.dtype = torch.float32, share: bool = False) -> ElasticDecoder:
     """An unsorted elastic decoder with exactly the HF model's function (no ladder yet); see hf_import."""
     spec, inv_freq, rotary_dim = _rope(hf_model, _mixer_dt_limit(hf_model, spec_from_hf_config(hf_model.config)))
+    spec = replace(spec, tie_embeddings=head_is_table(hf_model, spec.tie_embeddings))
     names = NAMES[spec.family]
     sd = hf_model.state_dict()
     tensors = {"embed.weight": sd[names.embed], "norm.weight": sd[names.final_norm], "inv_freq": inv_freq}

@@ -23,10 +23,12 @@ from dataclasses import MISSING, asdict, dataclass, fields
 @dataclass(frozen=True)
 class FamilyTraits:
     qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    bias_flags: bool = False  # transformers' modules read config.attention_bias / mlp_bias (Llama); Mistral and
+    # Qwen2 hard-code their biases, so those keys in their config.json change nothing there and nothing here
 
 
 FAMILIES: dict[str, FamilyTraits] = {
-    "llama": FamilyTraits(qkv_bias=False),
+    "llama": FamilyTraits(qkv_bias=False, bias_flags=True),
     "mistral": FamilyTraits(qkv_bias=False),
     "qwen2": FamilyTraits(qkv_bias=True),
 }
@@ -166,15 +168,16 @@ def _context_limit(config) -> int:
 def _llama_like_spec(config, family: str) -> ArchSpec:
     _check_rope(config)
     traits = FAMILIES[family]
-    qkv_bias = bool(getattr(config, "attention_bias", False)) or traits.qkv_bias
+    attention_bias = traits.bias_flags and bool(getattr(config, "attention_bias", False))
+    qkv_bias = attention_bias or traits.qkv_bias
     return ArchSpec(
         family=family, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers, **_attention_dims(config),
         intermediate_size=config.intermediate_size, rms_norm_eps=float(config.rms_norm_eps),
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         qk_bias=qkv_bias, v_bias=qkv_bias,
-        o_bias=bool(getattr(config, "attention_bias", False)) and family != "qwen2",
-        mlp_bias=bool(getattr(config, "mlp_bias", False)), act=_check_act(getattr(config, "hidden_act", "silu")),
+        o_bias=attention_bias, mlp_bias=traits.bias_flags and bool(getattr(config, "mlp_bias", False)),
+        act=_check_act(getattr(config, "hidden_act", "silu")),
         rope_attention_scaling=1.0, max_position_embeddings=_context_limit(config),
     )
 
