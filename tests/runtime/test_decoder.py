@@ -112,3 +112,20 @@ def test_unknown_rung_is_a_clear_error():
     bare = ElasticDecoder(model.spec)
     with pytest.raises(ValueError, match="no rate ladder"):
         bare(torch.zeros(1, 3, dtype=torch.long), rung=2)
+
+
+def test_unpadded_prompt_without_cache_runs_plain_causal_attention(monkeypatch):
+    """Nothing padded and nothing cached: no mask tensor (SDPA's is_causal kernels), the same logits as the mask."""
+    model = decoder_from_hf(tiny_hf_model("llama"))
+    ids = torch.randint(0, 320, (2, 17))
+    ones = torch.ones_like(ids)
+    assert model.attention_mask(ones, 2, 17, 0, "cpu") is None and model.attention_mask(None, 2, 17, 0, "cpu") is None
+    assert model.attention_mask(None, 2, 17, 4, "cpu") is not None  # a cache before: is_causal would align wrong
+    padded = ones.clone()
+    padded[1, -3:] = 0
+    assert model.attention_mask(padded, 2, 17, 0, "cpu") is not None
+    with torch.no_grad():
+        fast = model(ids, attention_mask=ones)
+        causal = torch.ones(17, 17, dtype=torch.bool).tril()[None, None].expand(2, 1, 17, 17)
+        monkeypatch.setattr(model, "attention_mask", lambda *args: causal)
+        assert max_rel_diff(model(ids, attention_mask=ones), fast) <= 1e-6
