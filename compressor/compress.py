@@ -34,10 +34,10 @@ from uniql.runtime.ladder import DEFAULT_RATES, Alignment, spec_dim_steps
 from .allocation import build_ladder
 from .calib_data import calibration_batches, source_file
 from .calibrate import BlockImportanceCollector, SortStatsCollector, run_layerwise
-from .finetune import FinetuneConfig, finetune_decoder
+from .finetune import FinetuneConfig, finetune_decoder, load_sources
 from .model_input import load_source, resolve_model_path, source_config, source_spec
 from .orders import ORDERS, magnitude_orders, random_orders, uniql_orders
-from .quantize import QuantConfig, quantize_model
+from .quantize import QuantConfig, gptq_batches, quantize_model
 from .sorting import apply_orders
 
 log = logging.getLogger(__name__)
@@ -82,21 +82,28 @@ class CompressConfig:
                 stage.validate()
 
 
-def block_importance(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> list[float]:
-    batches = calibration_batches(tokenizer, cfg.bi_source, cfg.bi_samples, cfg.bi_seqlen, cfg.seed,
-                                  cfg.batch_size)
+def calibration_data(tokenizer, cfg: CompressConfig) -> dict:
+    """The block-importance and sorting batches, both read before either runs: a sorting file that could not be
+    used (not text, too short, records without text) failed only after the block-importance pass."""
+    data = {"bi": calibration_batches(tokenizer, cfg.bi_source, cfg.bi_samples, cfg.bi_seqlen, cfg.seed,
+                                      cfg.batch_size)}
+    if cfg.order == "uniql":  # random / magnitude read no data
+        data["sort"] = calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen,
+                                           cfg.seed, cfg.batch_size)
+    return data
+
+
+def block_importance(model: ElasticDecoder, batches, cfg: CompressConfig) -> list[float]:
     collector = BlockImportanceCollector()
     run_layerwise(model, batches, [collector], cfg.device, desc="block importance")
     return collector.scores
 
 
-def sort_layers(model: ElasticDecoder, tokenizer, cfg: CompressConfig) -> str | None:
+def sort_layers(model: ElasticDecoder, batches, cfg: CompressConfig) -> str | None:
     """Apply the chosen order to every layer in place (a re-parameterisation: rate 0 is unchanged); every block
-    kind (attention, MLP, Mamba2 mixer) is sorted by its own rule. Returns None (no reason to skip)."""
+    kind (attention, MLP, Mamba2 mixer) is sorted by its own rule (``batches``: the sorting data of
+    ``--order uniql``). Returns None (no reason to skip)."""
     if cfg.order == "uniql":
-        batches = calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen,
-                                      cfg.seed, cfg.batch_size)
-
         def on_layer(index, layer, stats):
             apply_orders(layer, uniql_orders(layer, stats, cfg.ridge_lambda))
 
@@ -167,17 +174,20 @@ def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig,
     align = _auto_group(model, cfg.quant is not None) if cfg.group_size is None else _checked_group(model,
                                                                                                     cfg.group_size)
     steps = spec_dim_steps(spec, align)
+    data = calibration_data(tokenizer, cfg)
     with stage("block_importance", timings, cfg.device):
-        scores = block_importance(model, tokenizer, cfg)
+        scores = block_importance(model, data["bi"], cfg)
     with stage("sorting", timings, cfg.device):
-        skipped = sort_layers(model, tokenizer, cfg)
+        skipped = sort_layers(model, data.get("sort"), cfg)
     model.ladder = build_ladder(scores, model.full_sizes, steps, cfg.rates, cfg.eps, cfg.max_prune)
     provenance = {
         "order": "none" if skipped else cfg.order, "sorting_skipped": skipped, "seed": cfg.seed,
         "block_importance": scores, "eps": cfg.eps,
         "max_prune": cfg.max_prune,
         "ridge_lambda_rel": cfg.ridge_lambda, "dim_steps": dataclasses.asdict(steps),
-        "sort_data": {"source": cfg.calib_source, "samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen},
+        # random / magnitude read none: recording the unused settings said they had
+        "sort_data": {"source": cfg.calib_source, "samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen}
+        if cfg.order == "uniql" else None,
         "bi_data": {"source": cfg.bi_source, "samples": cfg.bi_samples, "seqlen": cfg.bi_seqlen},
         "timings": timings,
     }
@@ -187,7 +197,9 @@ def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig,
 def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: str = "float32") -> Path:
     """Full offline pipeline: load, calibrate, sort, allocate the ladder, quantize (unless ``cfg.quant`` is None)."""
     cfg.validate()
-    with _out_dir(out_dir, (resolve_model_path(model_name),)):
+    inputs = (resolve_model_path(model_name),)
+    with _out_dir(out_dir, inputs):  # --out checked first: a default state dir lies inside it
+        _check_state_dir(cfg.finetune, inputs)
         _check_sources(cfg.quant, [("sorting data", cfg.calib_source)] * (cfg.order == "uniql")
                        + [("block-importance data", cfg.bi_source)])
         sort_seqlen = cfg.calib_seqlen if cfg.order == "uniql" else 0  # random / magnitude read no data
@@ -199,9 +211,30 @@ def compress(model_name: str, out_dir: str | Path, cfg: CompressConfig, dtype: s
             source = load_source(model_name, config=config)
             model = decoder_from_hf(source.hf_model, share=True)  # no second copy of the weights in host memory
             del source.hf_model
+        # every file the later stages read, used now: a bad one failed only after the calibration before it
+        later = _later_data(source.tokenizer, cfg.finetune, cfg.quant)
         model, result = compress_decoder(model, source.tokenizer, cfg, timings)
         return _finish(model, source.tokenizer, cfg.finetune, cfg.quant, out_dir, timings, cfg.device, dtype,
-                       alignment=result["alignment"], source=source.info, calibration=result["provenance"])
+                       later, alignment=result["alignment"], source=source.info, calibration=result["provenance"])
+
+
+def _later_data(tokenizer, finetune: FinetuneConfig | None, quant: QuantConfig | None) -> dict:
+    """The fine-tuning examples and the GPTQ batches, read before the work that comes before them."""
+    return {"examples": None if finetune is None else load_sources(tokenizer, finetune),
+            "gptq": gptq_batches(tokenizer, quant)}
+
+
+def _check_state_dir(finetune: FinetuneConfig | None, inputs: tuple) -> None:
+    """``--finetune-state-dir`` at or inside the model being read wrote latest.json and step-N/ into it."""
+    if finetune is None or not finetune.state_dir:
+        return
+    state = Path(finetune.state_dir).expanduser().resolve()
+    for source in inputs:
+        src = Path(source).expanduser().resolve()
+        folder = src if src.is_dir() else src.parent
+        if state == folder or folder in state.parents:
+            raise ValueError(f"--finetune-state-dir {finetune.state_dir} would write into the model being read "
+                             f"({source}); choose another directory")
 
 
 def _check_context(context: int, quant: QuantConfig | None, finetune: FinetuneConfig | None,
@@ -250,6 +283,25 @@ SAVED_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "s
                                    "tokenizer.model", "vocab.json", "merges.txt"})
 
 
+def _drop_stale_staging(out: Path) -> None:
+    """Remove the staging folders of runs that are gone: a run killed outright (the OOM killer, a power cut) runs
+    no ``finally``, and its half-written weights (gigabytes for a large model) stayed hidden in ``--out`` for good."""
+    for folder in out.glob(f"{WRITE_PROBE_PREFIX}staging-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
 def _save_replacing(model, out_dir, **kwargs) -> Path:
     """``save_checkpoint`` into a staging folder inside ``out_dir``, then moved in, the manifest last.
 
@@ -260,6 +312,7 @@ def _save_replacing(model, out_dir, **kwargs) -> Path:
     out = Path(out_dir)
     # the probe prefix: prepare_out_dir ignores a leftover
     staging = out / f"{WRITE_PROBE_PREFIX}staging-{os.getpid()}"
+    _drop_stale_staging(out)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_checkpoint(model, staging, **kwargs)
@@ -275,13 +328,14 @@ def _save_replacing(model, out_dir, **kwargs) -> Path:
 
 
 def _finish(model, tokenizer, finetune: FinetuneConfig | None, quant: QuantConfig | None, out_dir, timings: dict,
-            device: str, dtype: str, **manifest) -> Path | None:
-    """Fine-tune (optional), quantize (optional) and save a sorted decoder. Under ``accelerate launch`` every
-    process trains; only the main one quantizes and writes (the others return None)."""
-    ft_provenance = None
+            device: str, dtype: str, later: dict | None = None, **manifest) -> Path | None:
+    """Fine-tune (optional), quantize (optional) and save a sorted decoder (``later``: their data, from
+    ``_later_data``; None: read when each starts). Under ``accelerate launch`` every process trains; only the main
+    one quantizes and writes (the others return None)."""
+    ft_provenance, later = None, later or {"examples": None, "gptq": None}
     if finetune is not None:
         with stage("finetune", timings, device):
-            model, ft_provenance = finetune_decoder(model, tokenizer, finetune)
+            model, ft_provenance = finetune_decoder(model, tokenizer, finetune, loaded=later["examples"])
         from accelerate import PartialState
 
         if not PartialState().is_main_process:
@@ -290,7 +344,7 @@ def _finish(model, tokenizer, finetune: FinetuneConfig | None, quant: QuantConfi
     if quant is not None:
         quant.group_size = manifest["alignment"].group_size
         with stage("quantize", timings, device):
-            quantization = quantize_model(model, tokenizer, quant, device)
+            quantization = quantize_model(model, tokenizer, quant, device, batches=later["gptq"])
     with stage("save", timings, device):
         out = _save_replacing(model, out_dir, tokenizer=tokenizer, dtype=DTYPES[dtype], quantization=quantization,
                               finetune=ft_provenance, **manifest)
@@ -311,11 +365,14 @@ def finetune_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, finetune: Fin
     if quant is not None:
         quant.validate()
     with _out_dir(out_dir, (ckpt_dir,)):
+        _check_state_dir(finetune, (ckpt_dir,))
         _check_sources(quant, [])
         model, manifest = load_checkpoint(ckpt_dir, dtype=torch.float32)
         _check_context(model.spec.max_position_embeddings, quant, finetune, {})
+        tokenizer = load_tokenizer(ckpt_dir)
+        later = _later_data(tokenizer, finetune, quant)  # the GPTQ data failed only after the training
         timings: dict = {}
         calibration = {**manifest["calibration"], "finetuned_from": str(ckpt_dir), "timings": timings}
-        return _finish(model, load_tokenizer(ckpt_dir), finetune, quant, out_dir, timings, device, dtype,
+        return _finish(model, tokenizer, finetune, quant, out_dir, timings, device, dtype, later,
                        alignment=Alignment(**manifest["alignment"]), source=manifest["source"],
                        calibration=calibration)

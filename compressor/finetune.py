@@ -324,13 +324,20 @@ def _provenance(cfg, acc, peft_model, probs, run: _Run, global_batch: int) -> di
     }
 
 
-def finetune_decoder(model: ElasticDecoder, tokenizer, cfg: FinetuneConfig) -> tuple[ElasticDecoder, dict]:
-    """Masked LoRA on a sorted decoder with a ladder; returns the merged decoder (on CPU) and the provenance."""
+def load_sources(tokenizer, cfg: FinetuneConfig) -> list[tuple[list[Example], str]]:
+    """(examples, kind) of each of ``cfg``'s data sources."""
+    return [load_examples(tokenizer, src, cfg.seqlen, cfg.max_examples) for src in cfg.sources()]
+
+
+def finetune_decoder(model: ElasticDecoder, tokenizer, cfg: FinetuneConfig,
+                     loaded: list | None = None) -> tuple[ElasticDecoder, dict]:
+    """Masked LoRA on a sorted decoder with a ladder; returns the merged decoder (on CPU) and the provenance
+    (``loaded``: ``load_sources(tokenizer, cfg)`` if already read)."""
     cfg.validate()
     if model.ladder is None:
         raise ValueError("fine-tuning needs a sorted model with a rate ladder (run the compressor's sorting first)")
     sources = cfg.sources()
-    loaded = [load_examples(tokenizer, src, cfg.seqlen, cfg.max_examples) for src in sources]
+    loaded = load_sources(tokenizer, cfg) if loaded is None else loaded
     examples = [e for part, _ in loaded for e in part]
     targets = resolve_targets(model, cfg.lora.targets)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

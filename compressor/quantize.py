@@ -155,9 +155,18 @@ def quantize_tables(model: ElasticDecoder, group_size: int) -> None:
         model.lm_head = rtn_linear(model.lm_head, group_size)
 
 
+def gptq_batches(tokenizer, cfg: QuantConfig | None) -> list | None:
+    """GPTQ's calibration batches (None: no quantization, or RTN, which reads no data)."""
+    if cfg is None or cfg.method != "gptq":
+        return None
+    return calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen, cfg.seed,
+                               cfg.batch_size)
+
+
 def quantize_model(model: ElasticDecoder, tokenizer, cfg: QuantConfig, device="cpu",
-                   error_log: list | None = None) -> dict:
-    """Replace every projection of ``model`` by an Int4Linear in place; return provenance for the manifest."""
+                   error_log: list | None = None, batches: list | None = None) -> dict:
+    """Replace every projection of ``model`` by an Int4Linear in place; return provenance for the manifest
+    (``batches``: ``gptq_batches(tokenizer, cfg)`` if already read)."""
     cfg.validate()
     rotation = rotate_hidden(model, cfg.seed) if cfg.hadamard else None
     # tables first: GPTQ then calibrates layer 0 on the embeddings the INT4 model really looks up (sequential GPTQ,
@@ -168,8 +177,7 @@ def quantize_model(model: ElasticDecoder, tokenizer, cfg: QuantConfig, device="c
             for path in layer.linear_paths:
                 layer.set_linear(path, rtn_linear(layer.get_linear(path), cfg.group_size))
     else:
-        batches = calibration_batches(tokenizer, cfg.calib_source, cfg.calib_samples, cfg.calib_seqlen, cfg.seed,
-                                      cfg.batch_size)
+        batches = gptq_batches(tokenizer, cfg) if batches is None else batches
         collector = GPTQCollector(cfg, model, error_log)
         run_layerwise(model, batches, [collector], device, desc="quantizing (gptq)", recompute_outputs=True)
     return {**cfg.manifest(), "rotation": rotation}

@@ -13,10 +13,13 @@ import time
 from uniql.cli_finetune import (
     add_finetune_args,
     add_finetune_parser,
+    changed_flags,
     cmd_finetune,
     finetune_config,
+    refuse_ignored,
     refuse_ignored_flags,
 )
+from uniql.cli_info import add_info_parser, cmd_info, info_report  # noqa: F401 (info_report: its old home)
 from uniql.paths import DEFAULT_MODEL_ALIAS
 from uniql.runtime.dtypes import add_dtype_arg
 
@@ -85,15 +88,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the model to this dtype (default: as stored)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="summary of a checkpoint: architecture, ladder, bytes resident per rung")
-    p.add_argument("ckpt")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--verify", action="store_true",
-                   help="also recompute the sha256 of every file the manifest lists (exit 2 if one differs or is "
-                        "missing)")
+    p.set_defaults(flag_default=p.get_default)  # `_eval_tasks` names the flags set to something else
 
 
 def _add_generate(sub) -> None:
@@ -208,14 +203,33 @@ def json_safe(value):
     return value
 
 
+def _eval_tasks(args) -> list[str]:
+    """``--tasks`` as a list, checked before the checkpoint loads, with the flags none of them reads refused:
+    `uniql eval CKPT --limit 5` (lm-eval's flag for a quick look) evaluated every wikitext2 window without a
+    word."""
+    from uniql.compressor.evaluate import TASKS
+
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # a repeat ran twice
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {unknown}; valid tasks: {list(TASKS)}" if unknown else
+                         f"no task given; valid tasks: {list(TASKS)}")
+    zero_shot = [t for t in tasks if t != "wikitext2"]
+    refuse_ignored([(changed_flags(args, ["limit", "batch_size"]) if not zero_shot else [],
+                     "without a zero-shot task (--tasks piqa, arc_easy, lambada)"),
+                    (changed_flags(args, ["max_windows", "seqlen"]) if "wikitext2" not in tasks else [],
+                     "without wikitext2 in --tasks")])
+    return tasks
+
+
 def cmd_eval(args) -> int:
     from uniql.compressor.evaluate import evaluate
     from uniql.runtime.checkpoint import DTYPES, load_checkpoint, load_tokenizer
 
+    tasks = _eval_tasks(args)
     dtype = DTYPES[args.dtype] if args.dtype else None
     model, manifest = load_checkpoint(args.ckpt, device=args.device, dtype=dtype)
     rung = model.ladder.nearest(args.rate)
-    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # a repeat ran twice
     # `is None`, not `or`: --seqlen 0 silently became the default instead of being refused like -5
     seqlen = min(2048, model.spec.max_position_embeddings) if args.seqlen is None else args.seqlen
     results = evaluate(model, load_tokenizer(args.ckpt), tasks, rung=rung, limit=args.limit,
@@ -229,75 +243,6 @@ def cmd_eval(args) -> int:
         print(f"rate {report['rate']:.2f} (rung {rung}, asked {args.rate})")
         for task, metrics in results.items():
             print(f"  {task:10s} " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return 0
-
-
-def info_report(manifest: dict) -> dict:
-    from uniql.runtime.ladder import RateLadder
-    from uniql.runtime.memory import fp16_bytes, rung_bytes
-    from uniql.runtime.spec import ArchSpec
-
-    spec, ladder = ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"])
-    quant = manifest.get("quantization") or {}
-    kind, group = manifest["weights"], quant.get("group_size", 128)
-    # norms, biases and float tables keep the dtype the checkpoint was written in, INT4 or not
-    float_bytes = 4 if manifest["tensors"]["norm.weight"]["dtype"] == "float32" else 2
-    fp16 = fp16_bytes(spec)
-    rotation = (quant.get("rotation") or {}).get("runtime_rotation", False)
-    rungs = []
-    for rate, sizes in zip(ladder.rates, ladder.sizes, strict=True):
-        row = rung_bytes(spec, sizes, kind, group, float_bytes, runtime_rotation=rotation)
-        rungs.append({"rate": rate, **row, "reduction_vs_fp16": fp16 / row["total_bytes"],
-                      "mean_kept": {f: sum(getattr(s, f) for s in sizes) / len(sizes)
-                                    for f in ("mlp", "qk", "vo", "ssm_p", "ssm_n")}})
-    return {"format_version": manifest["format_version"], "weights": kind, "quantization": quant or None,
-            "arch": manifest["arch"], "source": manifest["source"], "order": manifest["calibration"].get("order"),
-            "fp16_bytes": fp16, "rungs": rungs}
-
-
-def _damaged_files(ckpt: str, manifest: dict) -> bool:
-    """``uniql info --verify``: one error line per missing or altered file (the summary alone reads only the
-    manifest, so it looks fine for a checkpoint whose weights were truncated by a copy)."""
-    from pathlib import Path
-
-    from uniql.runtime.checkpoint import file_problems
-
-    problems = file_problems(Path(ckpt), manifest)
-    for problem in problems:
-        print(f"uniql info: error: {problem}", file=sys.stderr)
-    return bool(problems)
-
-
-def cmd_info(args) -> int:
-    from uniql.runtime.checkpoint import CheckpointError, read_manifest
-
-    manifest = read_manifest(args.ckpt)
-    try:
-        report = info_report(manifest)
-    except (KeyError, TypeError, AttributeError, ValueError) as err:
-        raise CheckpointError(f"{args.ckpt}: the manifest is damaged ({type(err).__name__}: {err}); "
-                              "re-run `uniql compress`") from None
-    if args.verify:
-        if _damaged_files(args.ckpt, manifest):
-            return 2
-        report["verified_files"] = sorted(manifest["files"])
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    arch, quant = report["arch"], report["quantization"] or {}
-    print(f"{args.ckpt}: {arch['family']} {arch['num_layers']} layers, hidden {arch['hidden_size']}, "
-          f"heads {arch['num_heads']}/{arch['num_kv_heads']}x{arch['head_dim']}, mlp {arch['intermediate_size']}")
-    weights = f"int4 {quant.get('method')} g{quant.get('group_size')}" if quant else report["weights"]
-    print(f"source {report['source'].get('name')} ({report['source'].get('format')}), order {report['order']}, "
-          f"weights {weights}; fp16 size {report['fp16_bytes'] / 1e6:.1f} MB")
-    for r in report["rungs"]:
-        kept = r["mean_kept"]
-        print(f"  rate {r['rate']:.2f}: weights {r['weight_bytes'] / 1e6:7.1f} MB, "
-              f"total {r['total_bytes'] / 1e6:7.1f} MB (fp16 / total = {r['reduction_vs_fp16']:.2f}x); "
-              f"mean kept mlp {kept['mlp']:.0f}, "
-              f"qk {kept['qk']:.1f}, vo {kept['vo']:.1f}")
-    if args.verify:
-        print(f"checksums OK: {', '.join(report['verified_files'])}")
     return 0
 
 
@@ -320,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     add_finetune_parser(sub, _add_quant_args)
     _add_eval(sub)
-    _add_info(sub)
+    add_info_parser(sub)
     _add_generate(sub)
     _add_bench(sub)
     _add_serve(sub)

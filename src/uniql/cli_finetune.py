@@ -48,10 +48,11 @@ def add_finetune_args(p, steps_default: int) -> None:
 
 
 GPTQ_ONLY = ("quant_data", "quant_samples", "quant_seqlen", "gptq_objective", "gptq_rung0_weight")
+SORT_DATA = ("calib_data", "calib_samples", "calib_seqlen")  # read by `--order uniql` only
 QUANT_FLAGS = ("quant", "hadamard", *GPTQ_ONLY)
 
 
-def _changed(args, dests) -> list[str]:
+def changed_flags(args, dests) -> list[str]:
     """The flags among ``dests`` set to something other than their default (the parser's, kept in the args)."""
     default = getattr(args, "flag_default", None)
     names = {"hadamard": "--[no-]hadamard"}
@@ -63,21 +64,28 @@ def ignored_flag_sets(args, finetune_optional: bool) -> list[tuple[list[str], st
     """(flags, why they do nothing) for the flags this run would silently ignore."""
     finetune = [d for d in getattr(args, "finetune_dests", ()) if d != "finetune_steps"]
     return [
-        (_changed(args, QUANT_FLAGS), "with --no-quant") if args.no_quant else
-        (_changed(args, GPTQ_ONLY), "with --quant rtn") if args.quant == "rtn" else
-        (_changed(args, ["gptq_rung0_weight"]) if args.gptq_objective == "full" else [],
+        (changed_flags(args, QUANT_FLAGS), "with --no-quant") if args.no_quant else
+        (changed_flags(args, GPTQ_ONLY), "with --quant rtn") if args.quant == "rtn" else
+        (changed_flags(args, ["gptq_rung0_weight"]) if args.gptq_objective == "full" else [],
          "with --gptq-objective full"),
-        (_changed(args, finetune) if finetune_optional and args.finetune_steps <= 0 else [],
+        (changed_flags(args, finetune) if finetune_optional and args.finetune_steps <= 0 else [],
          "without --finetune-steps N"),
-        (_changed(args, ["distill_temperature"]) if args.distill == 0 else [], "without --distill W"),
-        (_changed(args, ["rung_decay"]) if args.rung_weights is not None else [], "with --rung-weights"),
+        (changed_flags(args, ["distill_temperature"]) if args.distill == 0 else [], "without --distill W"),
+        (changed_flags(args, ["rung_decay"]) if args.rung_weights is not None else [], "with --rung-weights"),
+        (changed_flags(args, SORT_DATA) if getattr(args, "order", "uniql") != "uniql" else [],
+         f"with --order {getattr(args, 'order', '')} (it reads no data)"),
     ]
 
 
 def refuse_ignored_flags(args, finetune_optional: bool) -> None:
     """A flag the run would ignore is a mistake about what it does (`--no-quant --hadamard`, `compress --lora-rank
     16` without `--finetune-steps`): it was accepted without a word; refused now, before any work."""
-    for flags, why in ignored_flag_sets(args, finetune_optional):
+    refuse_ignored(ignored_flag_sets(args, finetune_optional))
+
+
+def refuse_ignored(flag_sets: list[tuple[list[str], str]]) -> None:
+    """ValueError naming the first (flags, why they do nothing) with any flag in it."""
+    for flags, why in flag_sets:
         if flags:
             verb, pronoun = ("has", "it") if len(flags) == 1 else ("have", "them")
             raise ValueError(f"{', '.join(flags)} {verb} no effect {why}; drop {pronoun}")
@@ -90,7 +98,9 @@ def finetune_config(args):
     from uniql.compressor.finetune import FinetuneConfig
     from uniql.compressor.lora import LoraSettings
 
-    if args.finetune_steps <= 0:
+    if args.finetune_steps < 0:  # meant no fine-tuning, without a word
+        raise ValueError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
+    if args.finetune_steps == 0:
         return None
     targets = [t.strip() for t in args.lora_targets.split(",")] if args.lora_targets else None
     lora = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)

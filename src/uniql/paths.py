@@ -30,13 +30,14 @@ def has_data_dir() -> bool:
 def data_dir() -> Path:
     """The offline data folder: $UNIQL_DATA_DIR, else ``shared/data`` beside or inside the checkout."""
     env = os.environ.get("UNIQL_DATA_DIR")
-    candidates = [Path(env)] if env else []
-    candidates += [REPO_ROOT.parent / "shared" / "data", REPO_ROOT / "shared" / "data"]
+    # the folder named, or none: a typo in it fell back to ../shared/data, i.e. other data, without a word
+    candidates = [Path(env)] if env else [REPO_ROOT.parent / "shared" / "data", REPO_ROOT / "shared" / "data"]
     for path in candidates:
         if path.is_dir():
             return path
     tried = ", ".join(str(p) for p in candidates)
-    raise FileNotFoundError(f"offline data folder not found (tried {tried}); set UNIQL_DATA_DIR, or calibrate on the "
+    fix = "UNIQL_DATA_DIR is set to no folder: correct it" if env else "set UNIQL_DATA_DIR"
+    raise FileNotFoundError(f"offline data folder not found (tried {tried}); {fix}, or calibrate on the "
                             "text shipped in the package: --calib-data shakespeare --bi-data shakespeare "
                             "--quant-data shakespeare")
 

@@ -237,8 +237,9 @@ def test_the_auto_group_size_divides_every_input_width_or_is_refused_before_cali
     takes 64; a model no group size fits is refused before block importance runs, unless kept floating point."""
     from uniql.compressor import compress as c
 
-    monkeypatch.setattr(c, "block_importance", lambda model, tokenizer, cfg: [0.5] * model.spec.num_layers)
-    monkeypatch.setattr(c, "sort_layers", lambda model, tokenizer, cfg: None)
+    monkeypatch.setattr(c, "calibration_data", lambda tokenizer, cfg: {"bi": None})
+    monkeypatch.setattr(c, "block_importance", lambda model, batches, cfg: [0.5] * model.spec.num_layers)
+    monkeypatch.setattr(c, "sort_layers", lambda model, batches, cfg: None)
     model = decoder_from_hf(tiny_hf_model(hidden=128, inter=192))
     _, result = c.compress_decoder(model, None, c.CompressConfig(quant=QuantConfig(method="rtn")))
     assert result["alignment"].group_size == 64
