@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from uniql.kernels.int4_format import GROUP_SIZES
+from uniql.paths import drop_dead_process_folders
 from uniql.runtime.checkpoint import (
     DTYPES,
     MANIFEST,
@@ -283,25 +284,6 @@ SAVED_TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "s
                                    "tokenizer.model", "vocab.json", "merges.txt"})
 
 
-def _drop_stale_staging(out: Path) -> None:
-    """Remove the staging folders of runs that are gone: a run killed outright (the OOM killer, a power cut) runs
-    no ``finally``, and its half-written weights (gigabytes for a large model) stayed hidden in ``--out`` for good."""
-    for folder in out.glob(f"{WRITE_PROBE_PREFIX}staging-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, as another user's
-        return True
-    return True
-
-
 def _save_replacing(model, out_dir, **kwargs) -> Path:
     """``save_checkpoint`` into a staging folder inside ``out_dir``, then moved in, the manifest last.
 
@@ -312,7 +294,8 @@ def _save_replacing(model, out_dir, **kwargs) -> Path:
     out = Path(out_dir)
     # the probe prefix: prepare_out_dir ignores a leftover
     staging = out / f"{WRITE_PROBE_PREFIX}staging-{os.getpid()}"
-    _drop_stale_staging(out)
+    # a run killed outright (no ``finally``) left its half-written weights hidden in --out for good
+    drop_dead_process_folders(out, f"{WRITE_PROBE_PREFIX}staging-*")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_checkpoint(model, staging, **kwargs)

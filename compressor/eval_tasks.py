@@ -20,7 +20,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from tqdm import tqdm
 
-from uniql.paths import data_file
+from uniql.paths import cache_dir, data_file
 
 _Request = tuple[tuple[str, str], list[int], list[int]]  # ((context, continuation), ctx ids, cont ids)
 
@@ -119,8 +119,7 @@ class ElasticLM(TemplateLM):
 
 
 def _cache_dir() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "uniql" / "eval_data"
+    return cache_dir() / "eval_data"  # UNIQL_CACHE_DIR honoured, as for the default model
 
 
 def _piqa_with_labels(questions: Path) -> Path:

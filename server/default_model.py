@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from uniql.paths import DEFAULT_MODEL_ALIAS, has_data_dir
+from uniql.paths import DEFAULT_MODEL_ALIAS, cache_dir, drop_dead_process_folders, has_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,6 @@ def recipe_flags(recipe: dict | None = None) -> str:
     return " ".join(flags)
 
 
-def cache_dir() -> Path:
-    if os.environ.get("UNIQL_CACHE_DIR"):
-        return Path(os.environ["UNIQL_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "uniql"
-
-
 def recipe_tag(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -67,20 +60,7 @@ def default_checkpoint_dir(recipe: dict | None = None) -> Path:
 
 def _drop_abandoned_builds(out: Path) -> None:
     """Remove the build folders of processes that are gone (a server stopped while it built): they would pile up."""
-    for folder in out.parent.glob(out.name + ".building-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, another user's
-        return True
-    return True
+    drop_dead_process_folders(out.parent, out.name + ".building-*")
 
 
 def ensure_default_checkpoint(recipe: dict | None = None, progress=print) -> Path:

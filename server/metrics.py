@@ -50,8 +50,8 @@ ITL_BUCKETS = _ladder(0.001, 1.0) + (2.0, 5.0)
 TTFT_BUCKETS = _ladder(0.005, 5.0) + (7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 # one bucket per multiple of 0.05 (upper bound just above the rate) over every rate a ladder may have: the default
-# ladder stops at 0.35, but `uniql compress --rates` takes any rate up to max_prune (0.85 by default, at most 1),
-# and every rate above the old top bound (0.451) fell into +Inf, out of the "Rungs served" panel
+# ladder stops at 0.35, but a ladder (`CompressConfig.rates`) may hold any rate up to max_prune (0.85 by default,
+# at most 1), and every rate above the old top bound (0.451) fell into +Inf, out of the "Rungs served" panel
 PRUNE_RATE_BUCKETS = tuple(round(0.05 * i + 0.001, 3) for i in range(21))
 
 

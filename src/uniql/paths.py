@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -13,6 +14,14 @@ PACKAGED_TEXT = Path(__file__).resolve().parent / "data" / "tiny_shakespeare.txt
 
 # the named calibration sources (compressor/calib_data.py): what the default model's recipe reads from the folder
 NAMED_DATA_FILES = {"alpaca": "alpaca/alpaca_5000.json", "wikitext2": "wikitext2/wiki.valid.tokens"}
+
+
+def cache_dir() -> Path:
+    """UniQL's cache (the default model's checkpoint, eval's merged files): $UNIQL_CACHE_DIR, else
+    $XDG_CACHE_HOME/uniql, else ~/.cache/uniql (an empty variable counts as unset)."""
+    if os.environ.get("UNIQL_CACHE_DIR"):
+        return Path(os.environ["UNIQL_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uniql"
 
 
 def has_data_dir() -> bool:
@@ -63,3 +72,22 @@ def smollm2_gguf() -> Path:
     if not found:
         raise FileNotFoundError(f"no .gguf file inside {folder}")
     return found[0]
+
+
+def drop_dead_process_folders(parent: Path, pattern: str) -> None:
+    """Remove the folders ``parent/pattern`` named ``...-PID`` whose process is gone: work folders of runs killed
+    outright (the OOM killer, a power cut, a server stopped mid-build) run no cleanup and would stay for good."""
+    for folder in parent.glob(pattern):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        return True
+    return True

@@ -236,3 +236,16 @@ def test_windows_must_predict_something_and_fit_the_context(decoder):
     context = decoder.spec.max_position_embeddings
     with pytest.raises(ValueError, match=f"seqlen {context + 1} exceeds the model's context of {context}"):
         evaluate(decoder, None, ["wikitext2"], seqlen=context + 1)
+
+
+def test_merged_eval_files_go_to_the_uniql_cache(monkeypatch, tmp_path):
+    """eval's merged PIQA file ignored UNIQL_CACHE_DIR (the default model's cache honours it)."""
+    from uniql.compressor.eval_tasks import _cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("UNIQL_CACHE_DIR", str(tmp_path / "uniql"))
+    assert _cache_dir() == tmp_path / "uniql" / "eval_data"
+    monkeypatch.delenv("UNIQL_CACHE_DIR")
+    assert _cache_dir() == tmp_path / "xdg" / "uniql" / "eval_data"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # empty: unset, not the current directory
+    assert _cache_dir().is_absolute()
