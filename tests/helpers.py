@@ -57,7 +57,12 @@ def tiny_ssm_hf_model(family: str = "mamba2", *, vocab: int = 320, hidden: int =
 
     cls = {"mamba2": Mamba2ForCausalLM, "bamba": BambaForCausalLM, "nemotron_h": NemotronHForCausalLM}[family]
     torch.manual_seed(seed)
-    model = cls(_tiny_ssm_config(family, vocab, hidden, chunk)).eval()
+    return randomize_(cls(_tiny_ssm_config(family, vocab, hidden, chunk)).eval())
+
+
+def randomize_(model):
+    """In place: std-0.1 weights (layers matter), norms in [0.5, 1.5], A_log / dt_bias spread so heads decay at
+    different rates, D not 1 (from the current torch seed)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -112,6 +117,8 @@ TINY_RTN_FLAGS = ["--quant", "rtn", "--calib-samples", "8", "--calib-seqlen", "6
 
 
 TINY_CALIB_FLAGS = TINY_RTN_FLAGS[2:]  # the tiny calibration, without "--quant rtn"
+SMALL_FINETUNE_FLAGS = ["--finetune-steps", "1", "--finetune-seqlen", "64", "--finetune-batch-size", "1",
+                        "--finetune-grad-accum", "1"]
 
 
 # The CLI tests' fixtures (tests/test_cli_flags.py, tests/compressor/test_cli_robustness.py), registered in each module

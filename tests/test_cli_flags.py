@@ -5,13 +5,12 @@ import json
 import math
 
 import pytest
-from helpers import TINY_CALIB_FLAGS, cli_data, cli_sorted_ckpt, cli_source
+from helpers import SMALL_FINETUNE_FLAGS, TINY_CALIB_FLAGS, cli_data, cli_sorted_ckpt, cli_source
 
 from uniql.cli import main
 
 CALIB = TINY_CALIB_FLAGS
-SMALL_FT = ["--finetune-steps", "1", "--finetune-seqlen", "64", "--finetune-batch-size", "1",
-            "--finetune-grad-accum", "1"]
+SMALL_FT = SMALL_FINETUNE_FLAGS
 
 
 source_fixture = pytest.fixture(scope="module", name="source")(cli_source)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import max_rel_diff, sort_with_random_calibration
+from helpers import max_rel_diff, randomize_, sort_with_random_calibration
 
 from uniql.runtime.hf_import import decoder_from_hf
 from uniql.runtime.ladder import Alignment, spec_dim_steps, uniform_ladder
@@ -20,19 +20,7 @@ M, A, F = "linear_attention", "full_attention", "mlp"  # Nemotron-H layer types
 def _randomized(model):
     """std-0.1 weights (layers matter), norms in [0.5, 1.5], SSM decay / dt / skip spread as in helpers."""
     torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("A_log"):
-                p.uniform_(-1.0, 1.5)
-            elif name.endswith("dt_bias"):
-                p.uniform_(-3.0, 0.0)
-            elif name.endswith(".D"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.1)
-    return model.eval()
+    return randomize_(model).eval()
 
 
 def _llama_like(family: str, **overrides):
