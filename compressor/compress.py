@@ -143,7 +143,7 @@ def _input_widths(model: ElasticDecoder) -> list[int]:
 def _auto_group(model: ElasticDecoder, quantized: bool) -> Alignment:
     """No ``--group-size``: the largest group size dividing EVERY input width (not only the hidden size: an MLP
     width like OpenLLaMA-3B's 8640 takes 64, not the hidden size's 128), refused now if none does and the model is
-    to be quantized (a float checkpoint keeps the hidden size's alignment)."""
+    to be quantized (a float checkpoint keeps the hidden size's alignment, 16 where no group divides it)."""
     widths = _input_widths(model)
     group = Alignment.largest_group(widths, GROUP_SIZES)
     if group is not None:
@@ -164,6 +164,16 @@ def _checked_group(model: ElasticDecoder, group_size: int) -> Alignment:
         raise ValueError(f"--group-size {group_size} does not divide the input widths {bad} of this model's "
                          f"projections (all of them: {widths}); pick a group size dividing them")
     return Alignment(group_size)
+
+
+def _check_quantizable(model: ElasticDecoder, group_size: int) -> None:
+    """`uniql finetune` quantizes in the group size the sorted checkpoint's ladder is aligned to; a float checkpoint
+    of a model no INT4 group size fits (hidden 72) failed on it only after the training."""
+    widths = _input_widths(model)
+    if group_size not in GROUP_SIZES or any(k % group_size for k in widths):
+        raise ValueError(f"this checkpoint cannot be quantized: its group size {group_size} is not an INT4 group size "
+                         f"of {GROUP_SIZES} dividing every input width {widths}; add --no-quant to keep it floating "
+                         "point")
 
 
 def compress_decoder(model: ElasticDecoder, tokenizer, cfg: CompressConfig,
@@ -351,6 +361,8 @@ def finetune_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, finetune: Fin
         _check_state_dir(finetune, (ckpt_dir,))
         _check_sources(quant, [])
         model, manifest = load_checkpoint(ckpt_dir, dtype=torch.float32)
+        if quant is not None:
+            _check_quantizable(model, manifest["alignment"]["group_size"])
         _check_context(model.spec.max_position_embeddings, quant, finetune, {})
         tokenizer = load_tokenizer(ckpt_dir)
         later = _later_data(tokenizer, finetune, quant)  # the GPTQ data failed only after the training

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .decoder import ElasticDecoder
-from .ladder import Alignment, RateLadder
+from .ladder import Alignment, RateLadder, check_ladder
 from .linear import DenseLinear, Int4Linear
 from .spec import ArchSpec
 
@@ -204,9 +204,21 @@ def _check_tensors(tensors: dict, manifest: dict) -> None:
                                   f"{info['shape']} {info['dtype']}")
 
 
+def spec_and_ladder(manifest: dict) -> tuple[ArchSpec, RateLadder]:
+    """The manifest's architecture and its ladder, checked against each other (CheckpointError naming the field):
+    what loading and `uniql info` (which reads the manifest alone) build everything else from."""
+    alignment = manifest.get("alignment")
+    try:
+        spec, ladder = ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"])
+        check_ladder(ladder, spec, None if alignment is None else Alignment(**alignment))
+    except ValueError as err:  # (a KeyError / TypeError: the callers' "damaged" message, with its type)
+        raise CheckpointError(f"{MANIFEST}: {err}; the manifest is damaged, re-run `uniql compress`") from None
+    return spec, ladder
+
+
 def _skeleton(manifest: dict, tensors: dict) -> ElasticDecoder:
     """The empty model the manifest describes (its tensors are assigned from the file afterwards)."""
-    model = ElasticDecoder(ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"]))
+    model = ElasticDecoder(*spec_and_ladder(manifest))
     if manifest.get("weights") == "int4":
         group_size = (manifest.get("quantization") or {}).get("group_size")
         if group_size is None:
@@ -246,6 +258,15 @@ def checked_device(device) -> torch.device:
         raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r}: UniQL runs on cpu or cuda")
+    # an index past the last device failed only when the weights were read, blamed on the checkpoint
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device {device!r} does not exist: this machine has {count} CUDA device(s), "
+                         f"cuda:0 to cuda:{count - 1}")
+    if dev.type == "cpu":
+        if dev.index not in (None, 0):
+            raise ValueError(f"device {device!r} does not exist: the CPU is one device, cpu")
+        dev = torch.device("cpu")  # safetensors refuses "cpu:0", which torch accepts
     return dev
 
 

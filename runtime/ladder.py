@@ -42,11 +42,13 @@ class Alignment:
 
     @staticmethod
     def for_hidden(hidden_size: int) -> Alignment:
-        """Largest usual group size dividing the hidden size (SmolLM2's 576 needs 64)."""
-        group = Alignment.largest_group([hidden_size])
-        if group is None:
-            raise ValueError(f"hidden size {hidden_size} is not a multiple of 16: no INT4 group size fits it")
-        return Alignment(group_size=group)
+        """Largest usual group size dividing the hidden size (SmolLM2's 576 needs 64), else the finest, 16.
+
+        The alignment of a floating-point checkpoint, whose group size quantizes nothing and only sets the MLP's
+        rounding step (a multiple of it and of ``n_align``; the float kernels take any width). A hidden size no
+        group divides (72) was refused, with --no-quant too; such a model cannot be quantized (`uniql compress`
+        and `uniql finetune` refuse that)."""
+        return Alignment(group_size=Alignment.largest_group([hidden_size]) or 16)
 
 
 @dataclass(frozen=True)
@@ -163,3 +165,43 @@ class RateLadder:
 def uniform_ladder(full: LayerSizes, steps: DimSteps, num_layers: int, rates=DEFAULT_RATES) -> RateLadder:
     """Every layer pruned at the global rate (no BI allocation): used before calibration and in tests."""
     return RateLadder.build(full, steps, rates, [[1.0 - r] * num_layers for r in rates])
+
+
+# the ArchSpec field each ladder dim is a prefix of (what an error about a size names)
+FULL_FIELDS = {"mlp": "intermediate_size", "qk": "head_dim", "vo": "head_dim", "ssm_p": "ssm_head_dim",
+               "ssm_n": "ssm_state"}
+
+
+def check_ladder(ladder: RateLadder, spec, align: Alignment | None = None) -> None:
+    """A ladder read from a manifest, against the architecture it prunes: ValueError naming the first bad field.
+
+    Each rung lists every layer, and every kept size is a whole number within [1, full] (0 for a dim the model
+    lacks) and, given the checkpoint's alignment, on its dim's step (or the full size), as ``kept_size`` makes
+    them. A hand-edited size past the full width was accepted (a slice past the end takes the whole weight, so
+    `info` showed a rung bigger than the model and `generate` ran); one off its step would cut packed INT4 words
+    or quantization groups apart."""
+    rates = ladder.rates
+    if not all(_is_number(r) for r in rates) or not rates[-1] < 1.0:
+        raise ValueError(f"ladder.rates {rates} must be pruning rates in [0, 1)")
+    full = full_layer_sizes(spec)
+    steps = spec_dim_steps(spec, align) if align is not None else None
+    for r, row in enumerate(ladder.sizes):
+        if len(row) != spec.num_layers:
+            raise ValueError(f"ladder.sizes[{r}] lists {len(row)} layers; the architecture has {spec.num_layers}")
+        for i, sizes in enumerate(row):
+            for dim, arch_field in FULL_FIELDS.items():
+                _check_kept(f"ladder.sizes[{r}][{i}].{dim}", getattr(sizes, dim), getattr(full, dim),
+                            f"arch.{arch_field}", steps and getattr(steps, dim))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_kept(name: str, value, full: int, full_name: str, step: int | None) -> None:
+    low = min(1, full)  # a dim the model lacks (full 0) is carried as 0
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= full:
+        raise ValueError(f"{name} is {value!r}; it must be a whole number in [{low}, {full}] ({full_name} is "
+                         f"{full})")
+    if step and value != full and value % step:
+        raise ValueError(f"{name} is {value}: not a multiple of its step {step} (nor the full {full_name} {full})")

@@ -112,8 +112,43 @@ class ArchSpec:
         missing = required - data.keys()
         if missing:
             raise ValueError(f"architecture spec is missing fields {sorted(missing)}")
+        for f in fields(cls):
+            if f.name in data:
+                _check_field(f.name, f.type, data[f.name])
+        for name, check in (("act", _check_act), ("ssm_act", _check_ssm_act)):
+            try:
+                check(data.get(name, "silu"))  # (ssm_act: absent from manifests written before SSM support)
+            except ValueError as err:
+                raise ValueError(f"arch.{name}: {err}") from None
         names = {f.name for f in fields(cls)}
         return cls(**{k: data[k] for k in names if k in data})
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# a manifest's field by its annotation (a string: postponed annotations): what it must hold, said in words
+_FIELD_KINDS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
+    "float": (_is_number, "a finite number"),
+    "float | None": (lambda v: v is None or _is_number(v), "a finite number or null"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "tuple[str, ...]": (lambda v: isinstance(v, list | tuple) and all(isinstance(k, str) for k in v),
+                        "a list of strings"),
+}
+_AT_LEAST_ONE = ("vocab_size", "hidden_size", "num_layers", "max_position_embeddings")
+
+
+def _check_field(name: str, annotation: str, value) -> None:
+    """One field of a manifest's arch (a hand edit, a damaged copy): a string, a negative size or a NaN failed
+    deep in the model's construction or at the first request, as a TypeError traceback or not at all."""
+    accepts, what = _FIELD_KINDS[annotation]
+    if name in _AT_LEAST_ONE:
+        accepts, what = (lambda v: _FIELD_KINDS["int"][0](v) and v >= 1), "a whole number >= 1"
+    if not accepts(value):
+        raise ValueError(f"arch.{name} is {value!r}; it must be {what}")
 
 
 def _check_act(act: str) -> str:

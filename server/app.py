@@ -1,9 +1,10 @@
 """The HTTP layer: the OpenAI API over the adaptive service (FastAPI). No torch is imported here.
 
 The model loads in a background thread when the app starts, so the server answers at once: 503 (``/health``
-and every ``/v1`` route) until the engine is ready, and again should its thread ever stop. ``--api-key``
-guards ``/v1`` (``Authorization: Bearer`` or ``x-api-key``); ``/health`` and ``/metrics`` stay public, as in
-vLLM. The rung a request ran at is returned in the header ``x-uniql-prune-rate`` and in ``usage.prune_rate``.
+and every ``/v1`` route) until the engine is ready, and again should its thread ever stop. A load that fails
+(a damaged checkpoint) answers 503 with the reason, or, given ``on_load_error`` (`uniql serve`), ends the server.
+``--api-key`` guards ``/v1`` (``Authorization: Bearer`` or ``x-api-key``); ``/health`` and ``/metrics`` stay public,
+as in vLLM. The rung a request ran at is returned in the header ``x-uniql-prune-rate`` and in ``usage.prune_rate``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def served_names(cfg: ServerConfig) -> list[str]:
 class AppState:
     """What the routes share: config, metrics, and the service once the model has loaded."""
 
-    def __init__(self, cfg: ServerConfig, loader: Callable[[], object], monitor_factory: Callable[[], Monitor]):
+    def __init__(self, cfg: ServerConfig, loader: Callable[[], object], monitor_factory: Callable[[], Monitor],
+                 on_load_error: Callable[[Exception], None] | None = None):
         self.cfg, self.loader, self.monitor_factory = cfg, loader, monitor_factory
+        self.on_load_error = on_load_error  # None: keep answering 503 with the reason (an app run in-process)
         self.names = served_names(cfg)
         self.metrics = ServerMetrics(self.names[0])
         self.service: AdaptiveService | None = None
@@ -60,12 +63,15 @@ class AppState:
             self.service = AdaptiveService(backend, self.cfg, self.metrics, self.monitor)
             self.monitor.start()
             log.warning("uniql: serving %s in %s (prune rates %s)", self.names[0], backend.dtype, list(backend.rates))
-        except Exception as err:  # keep answering (503 with the reason) instead of dying silently
-            log.exception("loading the model failed")
+        except Exception as err:  # never silently: 503 with the reason, or `uniql serve` stops (on_load_error)
+            if self.on_load_error is None or not isinstance(err, ValueError | OSError):
+                log.exception("loading the model failed")  # a bad input (a damaged checkpoint) is one line
             self.load_error = f"{type(err).__name__}: {err}"
             self.service = None
             if backend is not None:  # nothing will ever serve from it: free its engine thread and memory now
                 self._shut_down(backend)
+            if self.on_load_error is not None:
+                self.on_load_error(err)
 
     @staticmethod
     def _shut_down(backend) -> None:
@@ -89,8 +95,10 @@ class AppState:
             self.service.backend.shutdown()
 
 
-def create_app(cfg: ServerConfig, loader: Callable[[], object], monitor_factory: Callable[[], Monitor]) -> FastAPI:
-    state = AppState(cfg, loader, monitor_factory)
+def create_app(cfg: ServerConfig, loader: Callable[[], object], monitor_factory: Callable[[], Monitor],
+               on_load_error: Callable[[Exception], None] | None = None) -> FastAPI:
+    """``on_load_error(err)``, if given, is called on the loading thread when the model fails to load."""
+    state = AppState(cfg, loader, monitor_factory, on_load_error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

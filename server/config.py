@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from dataclasses import dataclass, field
@@ -16,7 +17,10 @@ def parse_bytes(text: str) -> int:
     match = _SIZE.match(str(text))
     if not match:
         raise ValueError(f"not a byte size: {text!r} (use e.g. 512M, 1.5G)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(value):  # 400 digits parse to infinity, and int(inf) is an OverflowError traceback
+        raise ValueError(f"byte size {text!r} is too large")
+    return int(value)
 
 
 def resolve_reserve(spec: str, available_bytes: int) -> int:
@@ -56,8 +60,11 @@ class ServerConfig:
     def fixed_rate(self) -> float | None:
         if self.rate == "auto":
             return None
-        rate = float(self.rate)
-        if not 0.0 <= rate < 1.0:
+        try:
+            rate = float(self.rate)
+        except ValueError:  # float's own message ("could not convert string to float") named no flag
+            rate = math.nan
+        if not 0.0 <= rate < 1.0:  # NaN fails this too
             raise ValueError(f"--rate must be 'auto' or a pruning rate in [0, 1), got {self.rate!r}")
         return rate
 
@@ -75,6 +82,9 @@ class ServerConfig:
             raise ValueError(f"checkpoint {self.ckpt!r} is not a directory")
 
     def _check_numbers(self) -> None:
+        # uvicorn's bind raised an OverflowError traceback (exit 1) for 99999, after the start-up banner
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535 (0: any free port), got {self.port}")
         _at_least("--max-num-seqs", self.max_num_seqs, 1)
         _at_least("--max-queued-requests", self.max_queued_requests, 0)
         _at_least("--default-max-tokens", self.default_max_tokens, 1)

@@ -79,11 +79,35 @@ def make_monitor_factory(cfg: ServerConfig):
     return factory
 
 
-def build_app(cfg: ServerConfig):
+def build_app(cfg: ServerConfig, on_load_error=None):
     from .app import create_app
 
     cfg.check()  # a bad flag fails now (`uniql serve` exits 2), not in the loading thread
-    return create_app(cfg, make_loader(cfg), make_monitor_factory(cfg))
+    return create_app(cfg, make_loader(cfg), make_monitor_factory(cfg), on_load_error)
+
+
+class LoadFailure:
+    """Stops `uniql serve` when its model fails to load (a damaged checkpoint: a truncated weights file, a bad
+    manifest field). It kept serving 503 forever (exit 0 on Ctrl-C), which a supervisor takes for a live server.
+    The checkpoint is checked in the loading thread, not before the server listens, so that the server still
+    answers at once (503 while loading) for a good checkpoint. Called on the loading thread."""
+
+    def __init__(self):
+        self.error: Exception | None = None
+        self.server = None  # the uvicorn.Server, once made (the loading thread starts inside its run)
+
+    def __call__(self, err: Exception) -> None:
+        self.error = err
+        if self.server is not None:
+            self.server.should_exit = True  # uvicorn's own graceful shutdown, polled by its main loop
+
+    def exit_status(self) -> int:
+        """One line on stderr for the error, and `uniql serve`'s status: 2 for a bad input (the CLI's status for
+        ValueError / OSError), 1 for anything else (its traceback was logged: a bug)."""
+        bad_input = isinstance(self.error, ValueError | OSError)
+        print(f"uniql serve: error: {'' if bad_input else 'the model failed to load: '}{self.error}",
+              file=sys.stderr, flush=True)
+        return 2 if bad_input else 1
 
 
 def _check_port(host: str, port: int) -> None:
@@ -108,15 +132,25 @@ def _checkpoint_context(ckpt: str) -> int | None:
         return None
 
 
+def _check_device(cfg: ServerConfig) -> None:
+    """A device that is not there (``cuda`` without a GPU, ``cuda:7`` on a machine with fewer, ``cpu:1``); the
+    device normalised as torch names it (``cpu:0``, which safetensors refuses, becomes ``cpu``)."""
+    if cfg.device == "cpu":
+        return  # the default: no torch import before the server listens
+    import torch  # the loading thread imports it anyway
+
+    from uniql.runtime.checkpoint import checked_device
+
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: no CUDA device is available (use --device cpu)")
+    cfg.device = str(checked_device(cfg.device))
+
+
 def preflight(cfg: ServerConfig) -> None:
     """What the loading thread would only find after the server is up (a server stuck at 503, exit 0 on Ctrl-C):
     a CUDA device that is not there, a --max-model-len past the checkpoint's context, a port already taken.
     ValueError: exit 2."""
-    if cfg.device.startswith("cuda"):
-        import torch  # only for a cuda server: its loading thread imports torch anyway
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: no CUDA device is available (use --device cpu)")
+    _check_device(cfg)
     context = _checkpoint_context(cfg.ckpt) if cfg.ckpt and cfg.max_model_len else None
     if context is not None and cfg.max_model_len > context:
         raise ValueError(f"--max-model-len {cfg.max_model_len} exceeds the model's context limit {context}")
@@ -136,7 +170,7 @@ def _exit_while_loading() -> None:
     os._exit(130)
 
 
-def _run_uvicorn(app, cfg: ServerConfig, log_level: str) -> bool:
+def _run_uvicorn(app, cfg: ServerConfig, log_level: str, failure: LoadFailure) -> bool:
     """Serve until a signal stops the server; whether it started (uvicorn logged why not).
 
     uvicorn handles SIGINT / SIGTERM only while it serves, then restores the handlers it found and re-raises the
@@ -153,6 +187,7 @@ def _run_uvicorn(app, cfg: ServerConfig, log_level: str) -> bool:
             yield  # our handler stays installed, and nothing is re-raised
 
     server = Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level))
+    failure.server = server
 
     def on_signal(sig, frame) -> None:
         if _loading():
@@ -168,11 +203,14 @@ def _run_uvicorn(app, cfg: ServerConfig, log_level: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     logging.getLogger("uniql").setLevel(args.log_level.upper())
-    app = build_app(cfg)
+    failure = LoadFailure()
+    app = build_app(cfg, failure)
     preflight(cfg)
     print(f"uniql serve: http://{cfg.host}:{cfg.port}/v1 (model loading in the background; /health says when)",
           flush=True)
-    started = _run_uvicorn(app, cfg, args.log_level)
+    started = _run_uvicorn(app, cfg, args.log_level, failure)
+    if failure.error is not None:
+        return failure.exit_status()
     if _loading():  # the signal came before the lifespan started the loading thread, which runs now
         _exit_while_loading()
     return 0 if started else 3  # uvicorn.run's status for a server that could not start

@@ -227,6 +227,11 @@ def test_info_counts_the_bytes_a_server_holds_at_every_rung(int4_ckpt, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "{ckpt}", "--prompt", "Hi", "--max-tokens", "2", "--device", "gpu"], "invalid device 'gpu'"),
+    # a device index that does not exist: "model.safetensors cannot be read (device cpu:1 is invalid); re-run
+    # `uniql compress`" before, blaming the checkpoint
+    (["generate", "{ckpt}", "--prompt", "Hi", "--device", "cpu:1"], "device 'cpu:1' does not exist"),
+    (["bench", "decode", "{ckpt}", "--device", "cpu:1", "--dtype", "float32"], "device 'cpu:1' does not exist"),
+    (["eval", "{ckpt}", "--device", "cpu:1"], "device 'cpu:1' does not exist"),
     (["bench", "decode", "{ckpt}", "--rates", "0", "--new-tokens", "1"], "--new-tokens must be at least 2"),
     (["eval", "{ckpt}", "--tasks", ",", "--json"], "no task given"),
     (["eval", "{ckpt}", "--seqlen", "1", "--max-windows", "1"], "seqlen must be at least 2"),
@@ -242,6 +247,36 @@ def test_cuda_without_a_gpu_says_so_not_that_the_checkpoint_is_damaged(int4_ckpt
     assert main(["generate", str(int4_ckpt), "--prompt", "Hi", "--max-tokens", "2", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "no CUDA device is available" in err and "re-run" not in err
+
+
+def test_a_cuda_index_past_the_last_gpu_is_named_not_blamed_on_the_checkpoint(int4_ckpt, capsys, monkeypatch):
+    """cuda:7 on a (pretended) machine with 2 GPUs: refused before any file is read, as cpu:1 is."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for argv in (["generate", str(int4_ckpt), "--prompt", "Hi", "--device", "cuda:7"],
+                 ["eval", str(int4_ckpt), "--device", "cuda:7"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "device 'cuda:7' does not exist: this machine has 2 CUDA device(s), cuda:0 to cuda:1" in err, err
+        assert "re-run" not in err and len(err.splitlines()) == 1
+
+
+def test_a_ladder_size_past_the_full_width_is_refused_by_info_and_generate(int4_ckpt, tmp_path, capsys):
+    """Before: `info` showed the hand-edited rung (bigger than the model) and `generate` ran at it."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(int4_ckpt, bad)
+    manifest = json.loads((bad / "uniql.json").read_text())
+    manifest["ladder"]["sizes"][3][1]["mlp"] = 999999
+    (bad / "uniql.json").write_text(json.dumps(manifest))
+    for argv in (["info", str(bad)], ["generate", str(bad), "--prompt", "Hi", "--rate", "0.15", "--max-tokens", "2"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "ladder.sizes[3][1].mlp is 999999; it must be a whole number in " \
+            "[1, 128] (arch.intermediate_size is 128)" in err, err
 
 
 def test_info_on_a_damaged_manifest_names_it(int4_ckpt, tmp_path, capsys):

@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from helpers import SMALL_FINETUNE_FLAGS, TINY_CALIB_FLAGS, cli_data, cli_sorted_ckpt, cli_source
+from helpers import SMALL_FINETUNE_FLAGS, TINY_CALIB_FLAGS, cli_data, cli_sorted_ckpt, cli_source, tiny_hf_model
 
 from uniql.cli import main
 
@@ -52,12 +52,16 @@ def test_a_window_longer_than_the_context_is_refused_before_the_load(source, tmp
            "--bi-seqlen 300 exceeds the model's context of 256")
 
 
+@pytest.mark.parametrize("device, message", [("gpu", "invalid device 'gpu'"),
+                                             ("cpu:1", "device 'cpu:1' does not exist: the CPU is one device")])
 @pytest.mark.parametrize("command", ["compress", "finetune"])
-def test_a_device_torch_does_not_know_is_refused_before_any_work(source, sorted_ckpt, tmp_path, capsys, command):
-    """Before: a RuntimeError traceback from the first calibration batch; for `finetune`, AFTER the training."""
+def test_a_device_torch_does_not_know_is_refused_before_any_work(source, sorted_ckpt, tmp_path, capsys, command,
+                                                                 device, message):
+    """Before: a RuntimeError traceback from the first calibration batch; for `finetune`, AFTER the training.
+    cpu:1 (a device index that does not exist) ran as cpu, or failed reading the weights, blamed on the checkpoint."""
     argv = (["compress", source, *CALIB, "--quant", "rtn"] if command == "compress"
             else ["finetune", sorted_ckpt, *SMALL_FT, "--quant", "rtn"])
-    _fails(capsys, [*argv, "--out", tmp_path / "out", "--device", "gpu"], "invalid device 'gpu'")
+    _fails(capsys, [*argv, "--out", tmp_path / "out", "--device", device], message)
     assert not (tmp_path / "out").exists()
 
 
@@ -131,3 +135,20 @@ def test_eval_json_stays_json_when_a_metric_is_not_finite(sorted_ckpt, capsys, m
     assert json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))["tasks"]["wikitext2"] == {
         "ppl": None, "nll": None, "tokens": 63}
     assert calls == [["wikitext2"]]  # a repeated task runs once
+
+
+def test_a_hidden_size_no_int4_group_fits_compresses_in_floating_point(tokenizer, tmp_path, capsys):
+    """hidden 72: `compress --no-quant` was refused ("hidden size 72 is not a multiple of 16: no INT4 group size fits
+    it"), though a float checkpoint quantizes nothing (its kernels take any width). It now runs at every rung, and
+    `finetune` refuses to quantize it before training, where it failed after ("group size must be one of ...")."""
+    src, ckpt = tmp_path / "src", tmp_path / "ckpt"
+    tiny_hf_model("llama", vocab=len(tokenizer), hidden=72, inter=136).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    no_group = CALIB[:CALIB.index("--group-size")]
+    assert main(["compress", str(src), "--out", str(ckpt), "--no-quant", *no_group]) == 0
+    assert json.loads((ckpt / "uniql.json").read_text())["alignment"]["group_size"] == 16
+    assert main(["generate", str(ckpt), "--prompt", "Hi", "--rate", "0.35", "--max-tokens", "2"]) == 0
+    assert "rung 7" in capsys.readouterr().err
+    _fails(capsys, ["finetune", ckpt, *SMALL_FT, "--device", "cpu", "--quant", "rtn", "--out", tmp_path / "out"],
+           "this checkpoint cannot be quantized: its group size 16 is not an INT4 group size")
+    assert not (tmp_path / "out").exists()

@@ -111,7 +111,7 @@ def finetune_config(args):
         rung_weights=args.rung_weights, distill=args.distill, distill_temperature=args.distill_temperature,
         lora=lora, seed=args.seed, save_every=args.finetune_save_every,
         state_dir=args.finetune_state_dir or str(Path(args.out) / "finetune_state"), resume=args.resume,
-        device="cpu" if args.device == "cpu" else None, mixed_precision=args.finetune_precision)
+        device="cpu" if args.device.startswith("cpu") else None, mixed_precision=args.finetune_precision)
 
 
 def add_finetune_parser(sub, add_quant_args) -> None:

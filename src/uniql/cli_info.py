@@ -31,11 +31,10 @@ def _mean_kept(spec, sizes) -> dict:
 
 
 def info_report(manifest: dict) -> dict:
-    from uniql.runtime.ladder import RateLadder
+    from uniql.runtime.checkpoint import spec_and_ladder
     from uniql.runtime.memory import fp16_bytes, rung_bytes
-    from uniql.runtime.spec import ArchSpec
 
-    spec, ladder = ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"])
+    spec, ladder = spec_and_ladder(manifest)  # a size past the full width showed as a rung bigger than the model
     quant = manifest.get("quantization") or {}
     kind, group = manifest["weights"], quant.get("group_size", 128)
     # norms, biases and float tables keep the dtype the checkpoint was written in, INT4 or not
@@ -107,6 +106,8 @@ def cmd_info(args) -> int:
     manifest = read_manifest(args.ckpt)
     try:
         report = info_report(manifest)
+    except CheckpointError:  # names the field already
+        raise
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise CheckpointError(f"{args.ckpt}: the manifest is damaged ({type(err).__name__}: {err}); "
                               "re-run `uniql compress`") from None

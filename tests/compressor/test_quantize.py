@@ -247,6 +247,12 @@ def test_the_auto_group_size_divides_every_input_width_or_is_refused_before_cali
     with pytest.raises(ValueError, match="no INT4 group size"):
         c.compress_decoder(odd, None, c.CompressConfig(quant=QuantConfig(method="rtn")))
     assert c.compress_decoder(odd, None, c.CompressConfig(quant=None))[1]["alignment"].group_size == 64
+    # hidden 72, a multiple of no group size: INT4 is refused, floating point takes the finest alignment (it was
+    # refused too: "hidden size 72 is not a multiple of 16: no INT4 group size fits it")
+    narrow = decoder_from_hf(tiny_hf_model(hidden=72, inter=136))
+    with pytest.raises(ValueError, match="no INT4 group size"):
+        c.compress_decoder(narrow, None, c.CompressConfig(quant=QuantConfig(method="rtn")))
+    assert c.compress_decoder(narrow, None, c.CompressConfig(quant=None))[1]["alignment"].group_size == 16
 
 
 def _ptr(t):

@@ -24,7 +24,8 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 def _fake_cuda(monkeypatch, bf16: bool) -> list:
-    """torch.cuda as a GPU with (or without) native bf16 would answer; records how the probe was asked."""
+    """torch.cuda as a box of 2 GPUs with (or without) native bf16 would answer (cuda:1 exists: device indices are
+    checked); records how the probe was asked."""
     asked = []
 
     def is_bf16_supported(including_emulation=True):
@@ -32,6 +33,7 @@ def _fake_cuda(monkeypatch, bf16: bool) -> list:
         return bf16
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     return asked
 

@@ -168,7 +168,39 @@ def test_uniform_ladder_sizes_shrink_with_rate_for_every_layer():
     assert ladder.sizes[-1][0].mlp < FULL.mlp  # the ladder actually prunes
 
 
-def test_a_hidden_size_no_group_divides_is_named():
-    with pytest.raises(ValueError, match="hidden size 100 is not a multiple of 16"):
-        Alignment.for_hidden(100)
+def test_a_hidden_size_no_group_divides_takes_the_finest_float_alignment():
+    """A floating-point checkpoint quantizes nothing: hidden 100 (or 72) takes the finest step instead of the refusal
+    "hidden size 100 is not a multiple of 16: no INT4 group size fits it" (`uniql compress --no-quant` failed)."""
+    assert Alignment.for_hidden(100).group_size == 16
     assert Alignment.for_hidden(576).group_size == 64
+
+
+def _checked(sizes_at_rung_2, rates=(0.0, 0.1, 0.2)):
+    """check_ladder over a 2-layer ladder (mlp 256, head_dim 64) whose rung 2 is ``sizes_at_rung_2``."""
+    from types import SimpleNamespace
+
+    from uniql.runtime.ladder import check_ladder
+
+    spec = SimpleNamespace(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=256,
+                           ssm_heads=0, ssm_groups=0, ssm_head_dim=0, ssm_state=0)
+    full = LayerSizes(mlp=256, qk=64, vo=64)
+    ladder = RateLadder(list(rates), [[1.0, 1.0]] * 3, [[full, full], [full, full], sizes_at_rung_2])
+    check_ladder(ladder, spec, Alignment(group_size=64))
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ([LayerSizes(999999, 64, 64)] * 2, r"sizes\[2\]\[0\].mlp is 999999; it must be a whole number in \[1, 256\]"),
+    ([LayerSizes(256, 64, 64), LayerSizes(256, 0, 64)], r"sizes\[2\]\[1\].qk is 0"),
+    ([LayerSizes(256, 64, 64), LayerSizes(256, 64, 64, ssm_p=2)], r"sizes\[2\]\[1\].ssm_p is 2; .* \[0, 0\]"),
+    ([LayerSizes(200, 64, 64)] * 2, r"mlp is 200: not a multiple of its step 64"),
+    ([LayerSizes(256, 64, 64)], r"sizes\[2\] lists 1 layers; the architecture has 2"),
+], ids=["past_full", "zero", "dim_the_model_lacks", "off_step", "missing_layer"])
+def test_check_ladder_names_the_first_bad_size(sizes, message):
+    with pytest.raises(ValueError, match=message):
+        _checked(sizes)
+
+
+def test_check_ladder_takes_what_kept_size_makes():
+    _checked([LayerSizes(128, 32, 64), LayerSizes(192, 64, 16)])
+    with pytest.raises(ValueError, match="must be pruning rates in"):
+        _checked([LayerSizes(128, 32, 64)] * 2, rates=(0.0, 0.1, 1.0))

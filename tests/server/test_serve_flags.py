@@ -22,6 +22,14 @@ BAD_FLAGS = [
     (["--monitor-interval", "-0.5"], "--monitor-interval must be greater than 0, got -0.5"),
     (["--tpot-target-ms", "0"], "--tpot-target-ms must be greater than 0, got 0.0"),
     (["--residency-sustain", "-1"], "--residency-sustain must be at least 0, got -1.0"),
+    # before: an OverflowError traceback from uvicorn's bind (exit 1), after the start-up banner
+    (["--port", "99999"], "--port must be in 0..65535 (0: any free port), got 99999"),
+    (["--port", "-1"], "--port must be in 0..65535 (0: any free port), got -1"),
+    # before: "could not convert string to float: 'abc'", naming no flag
+    (["--rate", "abc"], "--rate must be 'auto' or a pruning rate in [0, 1), got 'abc'"),
+    # before: an OverflowError traceback (400 digits parse to an infinite float)
+    (["--memory-reserve", "9" * 400], "--memory-reserve: byte size '999"),
+    (["--hysteresis", "9" * 400 + "G"], "--hysteresis: byte size '999"),
 ]
 
 
@@ -39,7 +47,21 @@ def no_uvicorn(monkeypatch):
 @pytest.mark.parametrize(("flags", "message"), BAD_FLAGS)
 def test_a_bad_flag_exits_2_before_serving(tmp_path, capsys, no_uvicorn, flags, message):
     assert main(["serve", str(tmp_path), *flags]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("device", ["cpu:1", "cuda:7"])
+def test_a_device_that_does_not_exist_exits_2(tmp_path, capsys, no_uvicorn, monkeypatch, device):
+    """Before: the server started and its loading thread failed ("model.safetensors cannot be read (device cpu:1 is
+    invalid)"), leaving a server at 503. cuda:7 is asked for on a (pretended) machine with 2 GPUs."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(["serve", str(tmp_path), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"device {device!r} does not exist" in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("where", ["missing", "file"])
