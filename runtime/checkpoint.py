@@ -207,10 +207,9 @@ def _check_tensors(tensors: dict, manifest: dict) -> None:
 def spec_and_ladder(manifest: dict) -> tuple[ArchSpec, RateLadder]:
     """The manifest's architecture and its ladder, checked against each other (CheckpointError naming the field):
     what loading and `uniql info` (which reads the manifest alone) build everything else from."""
-    alignment = manifest.get("alignment")
     try:
         spec, ladder = ArchSpec.from_dict(manifest["arch"]), RateLadder.from_dict(manifest["ladder"])
-        check_ladder(ladder, spec, None if alignment is None else Alignment(**alignment))
+        check_ladder(ladder, spec)
     except ValueError as err:  # (a KeyError / TypeError: the callers' "damaged" message, with its type)
         raise CheckpointError(f"{MANIFEST}: {err}; the manifest is damaged, re-run `uniql compress`") from None
     return spec, ladder
