@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,8 @@ def choose_path(m: int, n: int = 0) -> str:
 
 def _split_for(n_blocks: int, k_tiles: int, target: int, within: bool = False) -> int:
     """K splits so that ``n_blocks * split`` reaches ``target`` programs (``within``: the most that stay within
-    it, i.e. one wave of resident programs), each split >= 2 tiles. The half2 GEMV's wide layers take ``within``:
+    it, i.e. one wave of resident programs), each split >= 2 tiles. The half2 GEMV takes ``within`` (its narrow
+    layers at batch 1 too, see ``pick_config``); its wide layers:
     rounding up left a second wave of a few dozen programs on some shapes, and the 8B-shaped gate|up at rate 0.25
     (84 blocks x 13 splits = 1092 programs for 1056 slots) ran as slowly as at rate 0 (26.0 vs 26.3 us a launch
     in the engine, H100, results/decode_profile_h100.json). The other paths keep rounding up (not re-measured)."""
@@ -69,11 +71,17 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
     path = choose_path(m, n_total)
     if path == "gemv" and half2 and n_total <= 8192 and (m == 1 or k <= 8192):
         # H200 sweep (benchmarks/gemv_floor.py --sweep, results/gemv_tiles_sweep_h200.json): attention-sized
-        # outputs (and the K-heavy down projection at batch 1) run fastest on 128 columns and two K tiles per
-        # program, the deepest split: o 6.5 us vs 8.7 on 256 columns, qkv 8.8 vs 9.3, 5.5 / 6.4 us at rate 0.35
+        # outputs (and the K-heavy down projection at batch 1) run fastest on 128 columns. The K split: at most one
+        # wave of 8 programs an SM, at most two K tiles a program (H100 sweep of every split, results/
+        # split_sweep_h100.json): down 14.9 us at 32 splits vs 17.9 at the deepest (112), 11.7 vs 13.0 at rate
+        # 0.35, q|k|v 8.4 vs 9.4, Mamba2's out_proj 10.0 vs 11.6; o and the pruned q|k|v already fit one wave.
+        # UNIQL_NARROW_SPLIT=deep: the deepest split at batch 1, as before (same-machine A/B).
         block_k = min(group_size, 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
-        return Int4Config("gemv", 128, block_k, max(1, triton.cdiv(k, block_k) // 2), num_warps=4, block_m=block_m)
+        k_tiles = triton.cdiv(k, block_k)
+        deepest = m > 1 or os.environ.get("UNIQL_NARROW_SPLIT", "wave") == "deep"
+        split = max(1, k_tiles // 2) if deepest else _split_for(triton.cdiv(n_total, 128), k_tiles, 8 * sms, True)
+        return Int4Config("gemv", 128, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv" and half2:
         # H200 probe (benchmarks/gemv_probe.py, results/gemv_probe_h200.json): 256 columns, 4 warps and a K split
         # to ~8 programs per SM everywhere; 32-row tiles for the vocab head (long K loops: fewer live registers).

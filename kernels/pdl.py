@@ -54,9 +54,11 @@ def pdl_enter(PDL: tl.constexpr):
 
 
 def early_loads() -> bool:
-    """``UNIQL_EARLY_LOADS=1``: kernels issue the loads that depend on nothing a wait produces before that wait
-    (the attention split pass before it knows the length, its combine every split's partial with the length, the
-    o / down GEMVs their residual input before the split-K sum), so fewer memory round trips sit in a row on a
-    short kernel's critical path. Same arithmetic, same bits; off until a same-machine A/B (``SUITE=envab`` in
-    benchmarks/device_suite.sh) says it pays. Read per launch."""
-    return os.environ.get("UNIQL_EARLY_LOADS", "0") == "1"
+    """Kernels issue the loads that depend on nothing a wait produces before that wait (the attention split pass
+    before it knows the length, its combine every split's partial with the length, the o / down GEMVs their residual
+    input before the split-K sum), so fewer memory round trips sit in a row on a short kernel's critical path. Same
+    arithmetic, same bits. On by default since a same-machine A/B (H100, two alternating rounds,
+    benchmarks/results/decode_envab_h100.txt): Llama-8B TPOT 2.413-2.418 / 2.194-2.199 / 2.059 / 1.950-1.956 ms vs
+    2.452-2.456 / 2.241-2.242 / 2.098-2.103 / 1.995-1.996 at rates 0 / 0.15 / 0.25 / 0.35, Mamba2-8B 2.663 vs 2.678
+    ms at rate 0 (``ssm_envab_h100.txt``). ``UNIQL_EARLY_LOADS=0`` turns it off. Read per launch."""
+    return os.environ.get("UNIQL_EARLY_LOADS", "1") != "0"

@@ -216,8 +216,8 @@ def test_configs_cover_the_paths():
         if cfg.path == "gemv":
             assert cfg.block_m >= m and cfg.block_k <= 64
     assert any(c.path == "gemm" for c in im.candidate_configs(2048, 4096, 4096, 64, DEV))  # prefill compares both
-    small = im.pick_config(1, 4096, 4096, 64, DEV)  # attention-sized: 128 columns, two K tiles per program
-    assert (small.path, small.block_n, small.split_k) == ("gemv", 128, 32)
+    small = im.pick_config(1, 4096, 4096, 64, DEV)  # attention-sized: 128 columns
+    assert (small.path, small.block_n) == ("gemv", 128)
     assert small in im.candidate_configs(1, 4096, 4096, 64, DEV)
     assert im.pick_config(4, 4096, 14336, 64, DEV).block_n == 256  # K-heavy at batch 4 keeps the wide tiles
 
@@ -234,6 +234,25 @@ def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
     blocks, slots, k_tiles = -(-n // cfg.block_n), 8 * 132, 4096 // cfg.block_k
     assert cfg.block_n == 256 and blocks * cfg.split_k <= slots
     assert blocks * (cfg.split_k + 1) > slots or cfg.split_k == k_tiles // 2  # and no smaller split than fits
+
+
+@pytest.mark.parametrize(("n", "k", "split"), [(4096, 14336, 33), (4096, 9344, 33), (6144, 4096, 22), (4096, 4096, 32),
+                                                (4992, 4096, 27), (4096, 2688, 21), (4096, 8192, 33)])
+def test_narrow_gemv_split_fills_at_most_one_wave(monkeypatch, n, k, split):
+    """Batch 1, attention-sized outputs and the K-heavy down / out_proj: the deepest split (two K tiles a program)
+    made 3-4 waves of programs on down (32 x 112), 17.9 us vs 14.9 at one wave on the H100; now the most splits
+    that fit one wave of 8 programs an SM, never deeper than two tiles a program. UNIQL_NARROW_SPLIT=deep: as
+    before."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)  # an H100 SXM, without a GPU
+    cfg = im.pick_config(1, n, k, 128, "cuda")
+    blocks, k_tiles = -(-n // 128), -(-k // cfg.block_k)
+    assert (cfg.block_n, cfg.split_k) == (128, split) and blocks * split <= 8 * 132
+    assert blocks * (split + 1) > 8 * 132 or split == k_tiles // 2
+    monkeypatch.setenv("UNIQL_NARROW_SPLIT", "deep")
+    assert im.pick_config(1, n, k, 128, "cuda").split_k == k_tiles // 2
+    assert im.pick_config(3, n, 4096, 128, "cuda").split_k == 4096 // cfg.block_k // 2  # batch 2-4: not measured
 
 
 @pytest.mark.skipif(not CUDA, reason="real shapes need the GPU")
