@@ -77,6 +77,9 @@ class CompressConfig:
                              f"max_prune {self.max_prune}, ridge_lambda {self.ridge_lambda}")
         if not all(0 <= r <= self.max_prune for r in self.rates):
             raise ValueError(f"ladder rates {list(self.rates)} must lie within [0, max_prune={self.max_prune}]")
+        if any(r >= 1 for r in self.rates):  # check_ladder refuses such a checkpoint on load: refuse it before the work
+            raise ValueError(f"ladder rates {list(self.rates)} must each be below 1 (a rate of 1 prunes every "
+                             "channel: no model is left)")
         checked_device(self.device)  # `--device gpu` was a traceback from the first calibration batch
         for stage in (self.quant, self.finetune):  # their mistakes show now, not after hours of calibration
             if stage is not None:
@@ -236,14 +239,17 @@ def _later_data(tokenizer, finetune: FinetuneConfig | None, quant: QuantConfig |
 
 
 def _check_state_dir(finetune: FinetuneConfig | None, inputs: tuple) -> None:
-    """``--finetune-state-dir`` at or inside the model being read wrote latest.json and step-N/ into it."""
+    """``--finetune-state-dir`` at or inside the model being read wrote latest.json and step-N/ into it.
+
+    A file source (a .gguf) is treated as ``prepare_out_dir`` treats it: only the file itself or its folder is
+    refused, not everything below that folder (the default ``--out/finetune_state`` of an --out next to the file
+    was refused, naming a flag the user never passed)."""
     if finetune is None or not finetune.state_dir:
         return
     state = Path(finetune.state_dir).expanduser().resolve()
     for source in inputs:
         src = Path(source).expanduser().resolve()
-        folder = src if src.is_dir() else src.parent
-        if state == folder or folder in state.parents:
+        if (state == src or src in state.parents) if src.is_dir() else state in (src, src.parent):
             raise ValueError(f"--finetune-state-dir {finetune.state_dir} would write into the model being read "
                              f"({source}); choose another directory")
 

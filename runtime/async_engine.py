@@ -272,11 +272,16 @@ class AsyncEngine:
     def _step(self):
         """One engine step. The engine fails only the requests a failure touches; should the step itself fail
         (a bug), every live request fails rather than the thread dying with streams left waiting forever."""
+        # as ``Engine._guarded``: a request that finished inside a step that then raised has left the engine, and
+        # its last event went with the step's list; only its own events (kept on the request) can end its stream.
+        # (Not ``_fail_orphans``: it would fail requests whose "add" is still queued.)
+        made = {rid: (req, len(req.events)) for rid, req in self.engine.requests.items()}
         try:
             return self.engine.step()
         except Exception as err:  # noqa: BLE001
             log.exception("engine step failed")
-            return self._fail_live(f"{type(err).__name__}: {err}")
+            kept = [e for req, n in made.values() for e in req.events[n:]]
+            return kept + self._fail_live(f"{type(err).__name__}: {err}")
 
     def _fail_live(self, message: str):
         live = [r for r in self.engine.requests.values() if not r.finished]

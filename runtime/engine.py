@@ -177,10 +177,18 @@ class Engine:
             return kept + self.fail(reqs, f"{type(err).__name__}: {err}")
 
     def fail(self, reqs: list[Request], message: str) -> list[TokenEvent]:
-        """End unfinished ``reqs`` with finish_reason "error": slot, cache and sampler state freed at once."""
+        """End unfinished ``reqs`` with finish_reason "error": slot, cache and sampler state freed at once.
+
+        A request already finished whose events do not end with a finish event (``_release`` raised after
+        ``scheduler.finish``, so its last event was never made) gets its "error" event too, or its stream would wait
+        forever; it was counted when it finished, so it is not counted again."""
         events = []
         for req in reqs:
             if req.finished:
+                if not req.events or req.events[-1].finish_reason is None:
+                    event = TokenEvent(req.request_id, None, "", finish_reason="error", rung=req.rung, error=message)
+                    req.events.append(event)
+                    events.append(event)
                 continue
             self.scheduler.finish(req, "error")
             self.counters.failed += 1

@@ -66,6 +66,8 @@ class AppState:
         except Exception as err:  # never silently: 503 with the reason, or `uniql serve` stops (on_load_error)
             if self.on_load_error is None or not isinstance(err, ValueError | OSError):
                 log.exception("loading the model failed")  # a bad input (a damaged checkpoint) is one line
+            else:  # ... but a ValueError may also be a bug: its traceback stays one `--log-level debug` away
+                log.debug("loading the model failed", exc_info=True)
             self.load_error = f"{type(err).__name__}: {err}"
             self.service = None
             if backend is not None:  # nothing will ever serve from it: free its engine thread and memory now

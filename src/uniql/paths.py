@@ -79,8 +79,17 @@ def drop_dead_process_folders(parent: Path, pattern: str) -> None:
     outright (the OOM killer, a power cut, a server stopped mid-build) run no cleanup and would stay for good."""
     for folder in parent.glob(pattern):
         pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        # isdigit() alone takes "²" (which int() refuses); a pid past the C long overflows os.kill: neither is a
+        # folder of ours, and neither may fail the save that called this after a whole compression
+        if pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and _dead(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return not _alive(pid)
+    except (OverflowError, ValueError):  # no process can have this id: not a folder we made
+        return False
 
 
 def _alive(pid: int) -> bool:

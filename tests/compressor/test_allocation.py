@@ -83,6 +83,16 @@ def test_compress_settings_the_allocation_cannot_take_are_refused_up_front(kwarg
         CompressConfig(quant=None, **kwargs).validate()
 
 
+def test_a_rate_of_one_is_refused_up_front_not_on_load():
+    """Before: max_prune 1.0 let a rate of 1.0 through; the checkpoint built after hours of work was then refused
+    by check_ladder when loaded."""
+    from uniql.compressor.compress import CompressConfig
+
+    with pytest.raises(ValueError, match="below 1"):
+        CompressConfig(quant=None, max_prune=1.0, rates=(0.0, 0.5, 1.0)).validate()
+    CompressConfig(quant=None, max_prune=1.0, rates=(0.0, 0.5, 0.99)).validate()
+
+
 def test_build_ladder_starts_full_and_sizes_never_grow():
     full = LayerSizes(mlp=1536, qk=64, vo=64)
     steps = dim_steps(9, 3, 64, Alignment(group_size=64))

@@ -177,3 +177,17 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(source, tmp_pat
     (stale / "model.safetensors").write_bytes(b"\0" * 1000)
     assert main(["compress", str(source), "--out", str(out), "--no-quant", *CALIB]) == 0
     assert not stale.exists() and (out / "uniql.json").is_file()
+
+
+def test_the_default_adapter_state_of_an_out_next_to_a_gguf_is_not_refused(tmp_path, capsys):
+    """Before: `compress ./model.gguf --out ./ckpt --finetune-steps N` was refused: its default state dir
+    ./ckpt/finetune_state lies below the gguf's folder, and the message named --finetune-state-dir, never passed.
+    (The file is no real gguf: the run goes past the check and fails reading it.)"""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not a gguf")
+    assert main([str(a) for a in ["compress", gguf, "--out", tmp_path / "ckpt", "--no-quant", *CALIB,
+                                  "--finetune-steps", "2"]]) != 0
+    assert "would write into the model being read" not in capsys.readouterr().err
+    # the gguf's own folder still is refused, as prepare_out_dir refuses it for --out
+    _fails(capsys, ["compress", gguf, "--out", tmp_path / "ckpt", "--no-quant", *CALIB, "--finetune-steps", "2",
+                    "--finetune-state-dir", tmp_path], "would write into the model being read")

@@ -278,7 +278,8 @@ def test_a_finished_stream_nobody_iterated_leaves_no_sink(engines, tokenizer):
     async def main():
         front.submit(tokenizer("Hello")["input_ids"], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
         await asyncio.to_thread(front.between_steps, lambda e: None)  # taken in
-        while front.committed_cache_bytes():  # until it has finished
+        # the sink itself, not committed_cache_bytes(): that drops in _retire, before _deliver removes the sink
+        while front._sinks:  # until it has finished (wait_for below bounds the wait)
             await asyncio.sleep(0.01)
 
     asyncio.run(asyncio.wait_for(main(), 10))
@@ -301,3 +302,25 @@ def test_shutdown_ends_a_stream_whose_request_the_engine_lost(engines, tokenizer
     events = asyncio.run(asyncio.wait_for(main(), 10))
     assert events[-1].finish_reason == "error" and "stopped" in events[-1].error
     assert not front._live and not front._sinks
+
+
+def test_a_request_that_finished_in_a_step_that_then_failed_ends_its_stream(engines, tokenizer, monkeypatch):
+    """A step that raised outside the per-request guards after a request finished in it lost that request's last
+    event with its list; the engine no longer held it, so nothing failed it: its stream hung and its ``_live``
+    entry (queue room, committed bytes) stayed until shutdown."""
+    _, front = engines
+    engine = front.engine
+    real = engine.step
+
+    def step():
+        events = real()
+        if any(e.finish_reason is not None for e in events):
+            monkeypatch.setattr(engine, "step", real)  # fail once
+            raise RuntimeError("a bug after the step")
+        return events
+
+    monkeypatch.setattr(engine, "step", step)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    events = asyncio.run(asyncio.wait_for(collect(front, tokenizer("Hello")["input_ids"], params), 10))
+    assert events[-1].finish_reason == "length" and len(events) == 3  # its real finish event, not an error
+    assert not front._live and front.committed_cache_bytes() == 0

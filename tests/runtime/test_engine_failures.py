@@ -182,3 +182,22 @@ def test_cancelling_an_unread_stream_leaves_no_sink(model, tokenizer):
         assert asyncio.run(submit_and_cancel()) and front._sinks == {}
     finally:
         front.shutdown()
+
+
+def test_a_request_whose_release_raised_after_it_finished_still_ends(model, tokenizer):
+    """``_emit`` finishes a request, then releases it: when the release raised, ``fail`` skipped the request (it
+    was finished) and no event ended it, so its stream waited forever."""
+    engine = Engine(model, tokenizer, max_num_seqs=4, lookahead=False)
+    req = engine.add_request(ids(tokenizer), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    real = engine.runner.free
+
+    def free(request_id):
+        real(request_id)
+        raise RuntimeError("free failed (simulated)")
+
+    engine.runner.free = free
+    events = engine.step()  # the prefill's token finishes it
+    assert req.finished and [e.finish_reason for e in events] == ["error"] and events[-1] is req.events[-1]
+    assert "free failed" in events[-1].error
+    assert engine.counters.finished + engine.counters.failed == 1  # counted once
+    assert engine.fail([req], "again") == []  # and ended once

@@ -87,3 +87,23 @@ def test_a_good_checkpoint_still_answers_503_while_loading_then_serves(tiny_ckpt
         watchdog.cancel()
         proc.kill()
     assert statuses[0] == 503 and set(statuses) == {503, 200} and rc == 0 and "error" not in err, (statuses, err)
+
+
+def test_a_load_error_reported_as_one_line_keeps_its_traceback_at_debug(caplog):
+    """Before: with ``on_load_error`` set a ValueError (a bug's as much as a damaged checkpoint's) left no traceback
+    anywhere, not even under `--log-level debug`."""
+    import logging
+
+    from uniql.server.app import AppState
+    from uniql.server.config import ServerConfig
+
+    def loader():
+        raise ValueError("a bug, say")
+
+    seen = []
+    state = AppState(ServerConfig(served_model_name=["tiny"]), loader, lambda: None, seen.append)
+    with caplog.at_level(logging.DEBUG, logger="uniql.server.app"):
+        state.load()
+    assert [type(e) for e in seen] == [ValueError] and state.load_error == "ValueError: a bug, say"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # still one line, from serve
+    assert [r.levelno for r in caplog.records if r.exc_info] == [logging.DEBUG]
