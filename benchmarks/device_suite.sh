@@ -13,8 +13,8 @@
 #   profile  profile_decode.py: per-kernel time of a decode step at rates 0, 0.15, 0.25, 0.35, Llama-3.1-8B and
 #            Mamba2-8B shapes (what does not shrink with the rate; why 0.25 decodes no faster than 0.15), ~2 min
 #   envab    decode_gpu.py at batch 1, the default tree against each variant in $ENV_AB (space-separated; a
-#            variant is VAR=VALUE, several joined by +; default: UNIQL_PDL=1, UNIQL_SPLITK_STEP=8,
-#            UNIQL_EARLY_LOADS=1 and all three), two alternating rounds on the same machine, ~25 s a run ->
+#            variant is VAR=VALUE, several joined by +; default: UNIQL_NARROW_SPLIT=deep and UNIQL_EARLY_LOADS=0,
+#            the stop-28 behaviours), two alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py (Mamba2-8B shape, no transformers anchor), ~35 s a run ->
 #            ssm_envab_<gpu>*
@@ -43,8 +43,7 @@ envab() {  # envab NAME SCRIPT ARGS...: SCRIPT at the default tree and under eac
     local name=$1 script=$2 round variant
     shift 2
     for round in 1 2; do
-        for variant in default ${ENV_AB:-UNIQL_PDL=1 UNIQL_SPLITK_STEP=8 UNIQL_EARLY_LOADS=1 \
-                                        UNIQL_PDL=1+UNIQL_SPLITK_STEP=8+UNIQL_EARLY_LOADS=1}; do
+        for variant in default ${ENV_AB:-UNIQL_NARROW_SPLIT=deep UNIQL_EARLY_LOADS=0}; do
             echo "== round $round: $variant"
             env $([ "$variant" = default ] || echo "${variant//+/ }") python3 "$script" "$@" \
                 --json "$OUT/${name}_envab_${gpu}_${round}_$(echo "$variant" | tr '=+' '__').json" | grep "uniql "
