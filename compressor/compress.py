@@ -157,12 +157,17 @@ def _auto_group(model: ElasticDecoder, quantized: bool) -> Alignment:
     return Alignment.for_hidden(model.spec.hidden_size)
 
 
+def _undivided(widths: list[int], group_size: int) -> list[int]:
+    """The input widths a quantization group of ``group_size`` does not divide."""
+    return [k for k in widths if k % group_size]
+
+
 def _checked_group(model: ElasticDecoder, group_size: int) -> Alignment:
     """``--group-size``, checked against every projection's input width before any calibration runs."""
     if group_size not in GROUP_SIZES:
         raise ValueError(f"--group-size must be one of {GROUP_SIZES}, got {group_size}")
     widths = _input_widths(model)
-    bad = [k for k in widths if k % group_size]
+    bad = _undivided(widths, group_size)
     if bad:
         raise ValueError(f"--group-size {group_size} does not divide the input widths {bad} of this model's "
                          f"projections (all of them: {widths}); pick a group size dividing them")
@@ -173,7 +178,7 @@ def _check_quantizable(model: ElasticDecoder, group_size: int) -> None:
     """`uniql finetune` quantizes in the group size the sorted checkpoint's ladder is aligned to; a float checkpoint
     of a model no INT4 group size fits (hidden 72) failed on it only after the training."""
     widths = _input_widths(model)
-    if group_size not in GROUP_SIZES or any(k % group_size for k in widths):
+    if group_size not in GROUP_SIZES or _undivided(widths, group_size):
         raise ValueError(f"this checkpoint cannot be quantized: its group size {group_size} is not an INT4 group size "
                          f"of {GROUP_SIZES} dividing every input width {widths}; add --no-quant to keep it floating "
                          "point")

@@ -47,10 +47,10 @@ def choose_path(m: int, n: int = 0) -> str:
 def _split_for(n_blocks: int, k_tiles: int, target: int, within: bool = False) -> int:
     """K splits so that ``n_blocks * split`` reaches ``target`` programs (``within``: the most that stay within
     it, i.e. one wave of resident programs), each split >= 2 tiles. The half2 GEMV takes ``within`` (its narrow
-    layers at batch 1 too, see ``pick_config``); its wide layers:
-    rounding up left a second wave of a few dozen programs on some shapes, and the 8B-shaped gate|up at rate 0.25
-    (84 blocks x 13 splits = 1092 programs for 1056 slots) ran as slowly as at rate 0 (26.0 vs 26.3 us a launch
-    in the engine, H100, results/decode_profile_h100.json). The other paths keep rounding up (not re-measured)."""
+    layers at batch 1 too, see ``pick_config``): on its wide layers rounding up left a second wave of a few dozen
+    programs on some shapes, and the 8B-shaped gate|up at rate 0.25 (84 blocks x 13 splits = 1092 programs for
+    1056 slots) ran as slowly as at rate 0 (26.0 vs 26.3 us a launch in the engine, H100,
+    results/decode_profile_h100.json). The other paths keep rounding up (not re-measured)."""
     want = target // max(1, n_blocks) if within else math.ceil(target / max(1, n_blocks))
     return max(1, min(max(1, want), k_tiles // 2 if k_tiles >= 4 else 1))
 

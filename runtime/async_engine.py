@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from .engine import Engine
+from .engine import Engine, event_marks, events_since
 from .request import Request, SamplingParams, TokenEvent
 from .scheduler import EngineStopped, QueueFull, retry_after_s
 
@@ -272,16 +272,13 @@ class AsyncEngine:
     def _step(self):
         """One engine step. The engine fails only the requests a failure touches; should the step itself fail
         (a bug), every live request fails rather than the thread dying with streams left waiting forever."""
-        # as ``Engine._guarded``: a request that finished inside a step that then raised has left the engine, and
-        # its last event went with the step's list; only its own events (kept on the request) can end its stream.
-        # (Not ``_fail_orphans``: it would fail requests whose "add" is still queued.)
-        made = {rid: (req, len(req.events)) for rid, req in self.engine.requests.items()}
+        # as ``Engine._guarded`` (not ``_fail_orphans``: it would fail requests whose "add" is still queued)
+        marks = event_marks(self.engine.requests.values())
         try:
             return self.engine.step()
         except Exception as err:  # noqa: BLE001
             log.exception("engine step failed")
-            kept = [e for req, n in made.values() for e in req.events[n:]]
-            return kept + self._fail_live(f"{type(err).__name__}: {err}")
+            return events_since(marks) + self._fail_live(f"{type(err).__name__}: {err}")
 
     def _fail_live(self, message: str):
         live = [r for r in self.engine.requests.values() if not r.finished]

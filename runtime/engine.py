@@ -57,6 +57,18 @@ def _buckets(max_num_seqs: int) -> tuple[int, ...]:
     return tuple(sorted(sizes | {max_num_seqs}))
 
 
+def event_marks(reqs) -> list[tuple[Request, int]]:
+    """Each request with its event count now: ``events_since`` returns what was emitted after."""
+    return [(req, len(req.events)) for req in reqs]
+
+
+def events_since(marks: list[tuple[Request, int]]) -> list[TokenEvent]:
+    """The events emitted since ``event_marks``. Work that emits request by request and then raises made real
+    events (one request's last, say) that went with its lost return value; that request has left the engine, and
+    only these events can end its stream."""
+    return [event for req, n in marks for event in req.events[n:]]
+
+
 class Engine:
     def __init__(self, model: ElasticDecoder, tokenizer, *, max_num_seqs: int = 8, max_queued: int = 64,
                  max_model_len: int | None = None, cache_budget_bytes: int | None = None,
@@ -166,15 +178,12 @@ class Engine:
 
     def _guarded(self, reqs: list[Request], run) -> list[TokenEvent]:
         """``run()``'s events; if it raises, ``reqs`` fail (freed, an "error" event each) and the engine goes on."""
-        made = [len(r.events) for r in reqs]
+        marks = event_marks(reqs)
         try:
             return run()
         except Exception as err:  # noqa: BLE001 (any failure of these requests must not stop the others)
             log.exception("requests %s failed", [r.request_id for r in reqs])
-            # ``run`` emits request by request: events it made before the failure (one request's last, say) are
-            # real and went with its list; that request has left the engine, and only this event ends its stream
-            kept = [e for r, n in zip(reqs, made, strict=True) for e in r.events[n:]]
-            return kept + self.fail(reqs, f"{type(err).__name__}: {err}")
+            return events_since(marks) + self.fail(reqs, f"{type(err).__name__}: {err}")
 
     def fail(self, reqs: list[Request], message: str) -> list[TokenEvent]:
         """End unfinished ``reqs`` with finish_reason "error": slot, cache and sampler state freed at once.

@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .spec import is_finite_number
+
 DEFAULT_RATES = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35)
 
 
@@ -181,7 +183,7 @@ def check_ladder(ladder: RateLadder, spec) -> None:
     prefixes that end inside a quantization group are valid (the kernels take them), and a first version of this
     check refused a checkpoint the test suite builds that way."""
     rates = ladder.rates
-    if not all(_is_number(r) for r in rates) or not rates[-1] < 1.0:
+    if not all(is_finite_number(r) for r in rates) or not rates[-1] < 1.0:
         raise ValueError(f"ladder.rates {rates} must be pruning rates in [0, 1)")
     full = full_layer_sizes(spec)
     for r, row in enumerate(ladder.sizes):
@@ -191,10 +193,6 @@ def check_ladder(ladder: RateLadder, spec) -> None:
             for dim, arch_field in FULL_FIELDS.items():
                 _check_kept(f"ladder.sizes[{r}][{i}].{dim}", getattr(sizes, dim), getattr(full, dim),
                             f"arch.{arch_field}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_kept(name: str, value, full: int, full_name: str) -> None:

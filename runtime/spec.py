@@ -124,15 +124,16 @@ class ArchSpec:
         return cls(**{k: data[k] for k in names if k in data})
 
 
-def _is_number(value) -> bool:
+def is_finite_number(value) -> bool:
+    """A JSON number that is finite (``true`` is not a number here)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # a manifest's field by its annotation (a string: postponed annotations): what it must hold, said in words
 _FIELD_KINDS = {
     "int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0"),
-    "float": (_is_number, "a finite number"),
-    "float | None": (lambda v: v is None or _is_number(v), "a finite number or null"),
+    "float": (is_finite_number, "a finite number"),
+    "float | None": (lambda v: v is None or is_finite_number(v), "a finite number or null"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "tuple[str, ...]": (lambda v: isinstance(v, list | tuple) and all(isinstance(k, str) for k in v),

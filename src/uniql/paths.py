@@ -81,22 +81,16 @@ def drop_dead_process_folders(parent: Path, pattern: str) -> None:
         pid = folder.name.rsplit("-", 1)[-1]
         # isdigit() alone takes "²" (which int() refuses); a pid past the C long overflows os.kill: neither is a
         # folder of ours, and neither may fail the save that called this after a whole compression
-        if pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and _dead(int(pid)):
+        if pid.isascii() and pid.isdigit() and int(pid) != os.getpid() and _gone(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _dead(pid: int) -> bool:
+def _gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists (signal 0 only asks)."""
     try:
-        return not _alive(pid)
-    except (OverflowError, ValueError):  # no process can have this id: not a folder we made
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, another user's
         return True
-    return True
+    except (PermissionError, OverflowError, ValueError):  # another user's; or an id no process can have: not ours
+        return False
+    return False
