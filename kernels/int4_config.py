@@ -87,11 +87,14 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         # to ~8 programs per SM everywhere; 32-row tiles for the vocab head (long K loops: fewer live registers).
         # Two 64-row tiles per program for the head won the Llama sweep (97 vs 107 us) but measured mixed in the
         # full benchmark (Llama 101 vs 105 us, Qwen2.5 105 vs 90 us): not taken
+        # UNIQL_WIDE_COLS=128 (experiment, batch 1, not the head): 128 columns for the wide layers; the H100 split
+        # sweep had Mamba2's in_proj at 18.8 us on 128 x 10 vs ~21.3 on 256 columns (results/split_sweep_h100.json)
         block_k = min(group_size, 32 if n_total > 65536 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
-        n_blocks = triton.cdiv(n_total, 256)
+        block_n = 128 if m == 1 and n_total <= 65536 and os.environ.get("UNIQL_WIDE_COLS") == "128" else 256
+        n_blocks = triton.cdiv(n_total, block_n)
         split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms, within=True)
-        return Int4Config("gemv", 256, block_k, split, num_warps=4, block_m=block_m)
+        return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;
         # 64-column blocks (deep K split) for the small attention layers, 128 columns for the wide MLP, the

@@ -226,14 +226,19 @@ def test_configs_cover_the_paths():
 def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
     """The K split of the wide decode GEMVs (gate|up, Mamba's in_proj, vocab heads) is the largest that keeps
     every program in one wave of ~8 per SM: rounding up left a second wave of a few dozen programs (the 8B-shaped
-    gate|up at rate 0.25, N = 21504, took as long as at rate 0 in the engine on the H100)."""
+    gate|up at rate 0.25, N = 21504, took as long as at rate 0 in the engine on the H100). UNIQL_WIDE_COLS=128
+    (experiment): 128-column blocks at batch 1 below vocab size, split the same way."""
     from uniql.kernels import int4_config
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)  # an H100 SXM, without a GPU
-    cfg = im.pick_config(1, n, 4096, 128, "cuda")
-    blocks, slots, k_tiles = -(-n // cfg.block_n), 8 * 132, 4096 // cfg.block_k
-    assert cfg.block_n == 256 and blocks * cfg.split_k <= slots
-    assert blocks * (cfg.split_k + 1) > slots or cfg.split_k == k_tiles // 2  # and no smaller split than fits
+    monkeypatch.delenv("UNIQL_WIDE_COLS", raising=False)
+    for cols in (256, 128 if n <= 65536 else 256):
+        cfg = im.pick_config(1, n, 4096, 128, "cuda")
+        blocks, slots, k_tiles = -(-n // cfg.block_n), 8 * 132, 4096 // cfg.block_k
+        assert cfg.block_n == cols and blocks * cfg.split_k <= slots
+        assert blocks * (cfg.split_k + 1) > slots or cfg.split_k == k_tiles // 2  # and no smaller split than fits
+        monkeypatch.setenv("UNIQL_WIDE_COLS", "128")
+    assert n > 65536 or im.pick_config(4, n, 4096, 128, "cuda").block_n == 256  # batch 2-4: not measured
 
 
 @pytest.mark.parametrize(("n", "k", "split"), [(4096, 14336, 33), (4096, 9344, 33), (6144, 4096, 22), (4096, 4096, 32),
