@@ -1,0 +1,73 @@
+"""Launch configurations of the W4A16 kernels (``int4_config``): the path by batch size, block sizes, K splits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from uniql.kernels import int4_matmul as im  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_path_choice_by_batch():
+    paths = [im.choose_path(m) for m in (1, 2, 4, 5, 16, 255, 256, 2048)]
+    assert paths == ["gemv"] * 3 + ["gemm"] * 3 + ["dequant"] * 2
+    assert [im.choose_path(m, 128256) for m in (1, 2, 4)] == ["gemv", "gemm", "gemm"]
+    with pytest.raises(ValueError):
+        im.choose_path(0)
+
+
+def test_configs_cover_the_paths():
+    for m in (1, 4, 16, 64, 200, 2048):
+        cfg = im.pick_config(m, 28672, 4096, 64, DEV)
+        assert cfg.path == im.choose_path(m, 28672) and cfg.block_k % 8 == 0
+        assert cfg in im.candidate_configs(m, 28672, 4096, 64, DEV)
+        if cfg.path == "gemv":
+            assert cfg.block_m >= m and cfg.block_k <= 64
+    assert any(c.path == "gemm" for c in im.candidate_configs(2048, 4096, 4096, 64, DEV))  # prefill compares both
+    small = im.pick_config(1, 4096, 4096, 64, DEV)  # attention-sized: 128 columns
+    assert (small.path, small.block_n) == ("gemv", 128)
+    assert small in im.candidate_configs(1, 4096, 4096, 64, DEV)
+    assert im.pick_config(4, 4096, 14336, 64, DEV).block_n == 256  # K-heavy at batch 4 keeps the wide tiles
+
+
+@pytest.mark.parametrize("n", [28672, 24320, 21504, 18688, 37888, 28416, 18560, 128256, 152064, 256000])
+def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
+    """The K split of the wide decode GEMVs (gate|up, Mamba's in_proj, vocab heads) is the largest that keeps
+    every program in one wave of ~8 per SM: rounding up left a second wave of a few dozen programs (the 8B-shaped
+    gate|up at rate 0.25, N = 21504, took as long as at rate 0 in the engine on the H100). UNIQL_WIDE_COLS=128
+    (experiment): 128-column blocks at batch 1 below vocab size, split the same way."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)  # an H100 SXM, without a GPU
+    monkeypatch.delenv("UNIQL_WIDE_COLS", raising=False)
+    for cols in (256, 128 if n <= 65536 else 256):
+        cfg = im.pick_config(1, n, 4096, 128, "cuda")
+        blocks, slots, k_tiles = -(-n // cfg.block_n), 8 * 132, 4096 // cfg.block_k
+        assert cfg.block_n == cols and blocks * cfg.split_k <= slots
+        assert blocks * (cfg.split_k + 1) > slots or cfg.split_k == k_tiles // 2  # and no smaller split than fits
+        monkeypatch.setenv("UNIQL_WIDE_COLS", "128")
+    assert n > 65536 or im.pick_config(4, n, 4096, 128, "cuda").block_n == 256  # batch 2-4: not measured
+
+
+@pytest.mark.parametrize(("n", "k", "split"), [(4096, 14336, 33), (4096, 9344, 33), (6144, 4096, 22), (4096, 4096, 32),
+                                                (4992, 4096, 27), (4096, 2688, 21), (4096, 8192, 33)])
+def test_narrow_gemv_split_fills_at_most_one_wave(monkeypatch, n, k, split):
+    """Batch 1, attention-sized outputs and the K-heavy down / out_proj: the deepest split (two K tiles a program)
+    made 3-4 waves of programs on down (32 x 112), 17.9 us vs 14.9 at one wave on the H100; now the most splits
+    that fit one wave of 8 programs an SM, never deeper than two tiles a program. UNIQL_NARROW_SPLIT=deep: as
+    before."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)  # an H100 SXM, without a GPU
+    monkeypatch.delenv("UNIQL_NARROW_SPLIT", raising=False)
+    cfg = im.pick_config(1, n, k, 128, "cuda")
+    blocks, k_tiles = -(-n // 128), -(-k // cfg.block_k)
+    assert (cfg.block_n, cfg.split_k) == (128, split) and blocks * split <= 8 * 132
+    assert blocks * (split + 1) > 8 * 132 or split == k_tiles // 2
+    monkeypatch.setenv("UNIQL_NARROW_SPLIT", "deep")
+    assert im.pick_config(1, n, k, 128, "cuda").split_k == k_tiles // 2
+    assert im.pick_config(3, n, 4096, 128, "cuda").split_k == 4096 // cfg.block_k // 2  # batch 2-4: not measured
