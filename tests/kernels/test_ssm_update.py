@@ -137,3 +137,21 @@ def test_reference_refuses_what_the_kernel_refuses():
         selective_state_update_reference([s[:, :3].clone() for s in state], x, dt, A, B, C)
     with pytest.raises(ValueError, match="list of states"):
         selective_state_update_reference([state[0].clone()], x, dt, A, B, C)
+
+
+@pytest.mark.parametrize("cap", ["2", "3"])
+def test_block_p_cap_splits_heads_and_gives_the_same_result(monkeypatch, cap):
+    """UNIQL_SSM_BLOCK_P (an engine A/B switch) caps the head channels a program owns (rounded up to a power of
+    two): more programs a head, the same state and output."""
+    from uniql.kernels import ssm_update
+
+    case = (2, 4, 2, 10, 24)
+    state, x, dt, A, B, C, D, z, dt_bias = _inputs(*case, torch.float32)
+    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    want_state = state.clone()
+    want = selective_state_update(want_state, x, dt, A, B, C, **kw)
+    monkeypatch.setenv("UNIQL_SSM_BLOCK_P", cap)
+    assert ssm_update.launch_config(10, 24)[0] == {"2": 2, "3": 4}[cap]
+    got = selective_state_update(state, x, dt, A, B, C, **kw)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(state, want_state, atol=1e-6, rtol=1e-6)
