@@ -1,0 +1,74 @@
+"""One JSON from the per-run files of ``device_suite.sh``'s ``envab`` / ``envabssm`` steps: every row of every run
+(round, variant, rate, TPOT ...) and, per variant and rate, the median TPOT over the rounds and its ratio to the
+default tree's (same machine, alternating rounds, so the ratio is the A/B's answer).
+
+    python benchmarks/envab_summary.py DIR --out benchmarks/results/envab_<tag>_h100.json
+
+DIR holds ``<name>_envab_<gpu>_<round>_<variant>.json`` (variant ``default`` or ``VAR_VALUE`` joined by ``_``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+RUN_FILE = re.compile(r"(?P<name>\w+?)_envab_(?P<gpu>[a-z0-9]+)_(?P<round>\d+)_(?P<variant>.+)\.json$")
+
+
+def collect(folder: Path) -> tuple[list[dict], str]:
+    """Every engine row of every run file, tagged with its file's round and variant; and the device name."""
+    rows, device = [], ""
+    for path in sorted(folder.glob("*_envab_*.json")):
+        match = RUN_FILE.match(path.name)
+        if match is None:
+            continue
+        report = json.loads(path.read_text())
+        device = device or report.get("device", "")
+        for row in report.get("rows", []):
+            if row.get("engine") == "uniql" and row.get("batch", 1) == 1:
+                rows.append({**row, "model": row.get("model", report.get("model", match["name"])),
+                             "round": int(match["round"]), "variant": match["variant"], "file": path.name})
+    return rows, device
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Median TPOT per (model, variant, rate) over the rounds, and its ratio to the default's at that rate."""
+    groups: dict[tuple, list[float]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["variant"], row["rate"]), []).append(row["tpot_ms"])
+    out = []
+    for (model, variant, rate), tpots in sorted(groups.items()):
+        base = groups.get((model, "default", rate))
+        median = statistics.median(tpots)
+        out.append({"model": model, "variant": variant, "rate": rate, "runs": len(tpots),
+                    "tpot_ms_median": median, "tpot_ms_all": tpots,
+                    "vs_default": median / statistics.median(base) if base else None})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--what", default="same-machine A/B of kernel switches (device_suite.sh envab / envabssm), "
+                                      "two alternating rounds, batch 1, 1024-token prompt, 256 new tokens")
+    args = ap.parse_args()
+    if not args.folder.is_dir():
+        ap.error(f"{args.folder} is not a folder")
+    rows, device = collect(args.folder)
+    if not rows:
+        ap.error(f"no *_envab_<gpu>_<round>_<variant>.json run files with engine rows in {args.folder}")
+    summary = summarize(rows)
+    args.out.write_text(json.dumps({"device": device, "what": args.what, "summary": summary, "rows": rows},
+                                   indent=1))
+    for s in summary:
+        ratio = f"{s['vs_default']:.3f}" if s["vs_default"] is not None else "-"
+        print(f"{s['model']:<22} {s['variant']:<28} rate {s['rate']:.2f}: TPOT {s['tpot_ms_median']:.3f} ms "
+              f"(x{ratio} of default, {s['runs']} runs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""envab_summary.py: the device A/B's per-run files -> one JSON with per-variant medians and ratios to default."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _run_file(folder: Path, name: str, rnd: int, variant: str, tpots: dict, model: str | None = None) -> None:
+    rows = [{"engine": "uniql", "rate": rate, "batch": 1, "tpot_ms": t} for rate, t in tpots.items()]
+    rows.append({"engine": "uniql", "rate": 0.0, "batch": 4, "tpot_ms": 99.0})  # batch 4: not an A/B row
+    if model:
+        rows = [{**r, "model": model} for r in rows]
+    report = {"device": "NVIDIA H100 80GB HBM3", "model": "llama-3.1-8b", "rows": rows}
+    (folder / f"{name}_envab_h100_{rnd}_{variant}.json").write_text(json.dumps(report))
+
+
+def test_summary_medians_and_ratios(tmp_path):
+    _run_file(tmp_path, "decode", 1, "default", {0.0: 2.4, 0.35: 2.0})
+    _run_file(tmp_path, "decode", 2, "default", {0.0: 2.5, 0.35: 2.0})
+    _run_file(tmp_path, "decode", 1, "UNIQL_NARROW_SPLIT_deep", {0.0: 2.6, 0.35: 2.1})
+    _run_file(tmp_path, "decode", 2, "UNIQL_NARROW_SPLIT_deep", {0.0: 2.8, 0.35: 2.1})
+    _run_file(tmp_path, "ssm", 1, "default", {0.0: 3.0}, model="mamba2-8b-shape")
+    (tmp_path / "decode_envab_h100.txt").write_text("not json")
+    out = tmp_path / "summary.json"
+    result = subprocess.run([sys.executable, str(BENCH / "envab_summary.py"), str(tmp_path), "--out", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["device"] == "NVIDIA H100 80GB HBM3" and len(report["rows"]) == 9
+    by_key = {(s["model"], s["variant"], s["rate"]): s for s in report["summary"]}
+    deep = by_key[("llama-3.1-8b", "UNIQL_NARROW_SPLIT_deep", 0.0)]
+    assert deep["runs"] == 2 and abs(deep["tpot_ms_median"] - 2.7) < 1e-9
+    assert abs(deep["vs_default"] - 2.7 / 2.45) < 1e-9
+    assert by_key[("mamba2-8b-shape", "default", 0.0)]["vs_default"] == 1.0
+
+
+def test_an_empty_folder_is_an_error(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCH / "envab_summary.py"), str(tmp_path), "--out",
+                             str(tmp_path / "x.json")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "no *_envab_" in result.stderr and not (tmp_path / "x.json").exists()
