@@ -160,9 +160,11 @@ def launch_config(p: int, n: int) -> tuple[int, int, int]:
     """``(BLOCK_P, BLOCK_N, num_warps)`` of a step (benchmarks/ssm_update_probe.py times the alternatives).
     ``UNIQL_SSM_BLOCK_P=R`` (experiment, for the engine A/B): at most R head channels a program (more programs)."""
     block_p, block_n = block_sizes(p, n)
-    cap = int(os.environ.get("UNIQL_SSM_BLOCK_P", "0") or 0)
-    if cap > 0:
-        block_p = min(block_p, max(1, triton.next_power_of_2(cap)))
+    raw = os.environ.get("UNIQL_SSM_BLOCK_P", "")
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"UNIQL_SSM_BLOCK_P must be a positive integer, got {raw!r}")
+        block_p = min(block_p, triton.next_power_of_2(int(raw)))
     return block_p, block_n, 4 if block_p * block_n >= 2048 else 2
 
 
