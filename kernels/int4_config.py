@@ -55,6 +55,14 @@ def _split_for(n_blocks: int, k_tiles: int, target: int, within: bool = False) -
     return max(1, min(max(1, want), k_tiles // 2 if k_tiles >= 4 else 1))
 
 
+def _wide_cols() -> int:
+    """``UNIQL_WIDE_COLS``: the wide batch-1 GEMVs' block columns (256 by default; 128 is an experiment)."""
+    raw = os.environ.get("UNIQL_WIDE_COLS", "") or "256"
+    if raw not in ("128", "256"):
+        raise ValueError(f"UNIQL_WIDE_COLS must be 128 or 256, got {raw!r}")
+    return int(raw)
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -91,7 +99,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         # sweep had Mamba2's in_proj at 18.8 us on 128 x 10 vs ~21.3 on 256 columns (results/split_sweep_h100.json)
         block_k = min(group_size, 32 if n_total > 65536 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
-        block_n = 128 if m == 1 and n_total <= 65536 and os.environ.get("UNIQL_WIDE_COLS") == "128" else 256
+        block_n = 128 if m == 1 and n_total <= 65536 and _wide_cols() == 128 else 256
         n_blocks = triton.cdiv(n_total, block_n)
         split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms, within=True)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)

@@ -51,6 +51,9 @@ def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
         assert blocks * (cfg.split_k + 1) > slots or cfg.split_k == k_tiles // 2  # and no smaller split than fits
         monkeypatch.setenv("UNIQL_WIDE_COLS", "128")
     assert n > 65536 or im.pick_config(4, n, 4096, 128, "cuda").block_n == 256  # batch 2-4: not measured
+    monkeypatch.setenv("UNIQL_WIDE_COLS", "64")
+    with pytest.raises(ValueError, match="UNIQL_WIDE_COLS must be 128 or 256"):
+        im.pick_config(1, n, 4096, 128, "cuda")
 
 
 @pytest.mark.parametrize(("n", "k", "split"), [(4096, 14336, 33), (4096, 9344, 33), (6144, 4096, 22), (4096, 4096, 32),
