@@ -99,7 +99,8 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         # sweep had Mamba2's in_proj at 18.8 us on 128 x 10 vs ~21.3 on 256 columns (results/split_sweep_h100.json)
         block_k = min(group_size, 32 if n_total > 65536 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
-        block_n = 128 if m == 1 and n_total <= 65536 and _wide_cols() == 128 else 256
+        wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply
+        block_n = wide_cols if m == 1 and n_total <= 65536 else 256
         n_blocks = triton.cdiv(n_total, block_n)
         split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms, within=True)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
