@@ -162,7 +162,7 @@ def launch_config(p: int, n: int) -> tuple[int, int, int]:
     block_p, block_n = block_sizes(p, n)
     raw = os.environ.get("UNIQL_SSM_BLOCK_P", "")
     if raw:
-        if not raw.isdigit() or int(raw) < 1:
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:  # isdigit() alone takes '²', int() does not
             raise ValueError(f"UNIQL_SSM_BLOCK_P must be a positive integer, got {raw!r}")
         block_p = min(block_p, triton.next_power_of_2(int(raw)))
     return block_p, block_n, 4 if block_p * block_n >= 2048 else 2

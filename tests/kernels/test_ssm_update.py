@@ -155,6 +155,7 @@ def test_block_p_cap_splits_heads_and_gives_the_same_result(monkeypatch, cap):
     got = selective_state_update(state, x, dt, A, B, C, **kw)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(state, want_state, atol=1e-6, rtol=1e-6)
-    monkeypatch.setenv("UNIQL_SSM_BLOCK_P", "eight")
-    with pytest.raises(ValueError, match="UNIQL_SSM_BLOCK_P must be a positive integer"):
-        ssm_update.launch_config(10, 24)
+    for bad in ("eight", "0", "\u00b2"):
+        monkeypatch.setenv("UNIQL_SSM_BLOCK_P", bad)
+        with pytest.raises(ValueError, match="UNIQL_SSM_BLOCK_P must be a positive integer"):
+            ssm_update.launch_config(10, 24)
