@@ -63,6 +63,14 @@ def _wide_cols() -> int:
     return int(raw)
 
 
+def _narrow_split() -> str:
+    """``UNIQL_NARROW_SPLIT``: ``wave`` (default, one wave of programs) or ``deep`` (the stop-28 split, for A/B)."""
+    raw = os.environ.get("UNIQL_NARROW_SPLIT", "") or "wave"
+    if raw not in ("wave", "deep"):
+        raise ValueError(f"UNIQL_NARROW_SPLIT must be wave or deep, got {raw!r}")
+    return raw
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -87,7 +95,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_k = min(group_size, 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         k_tiles = triton.cdiv(k, block_k)
-        deepest = m > 1 or os.environ.get("UNIQL_NARROW_SPLIT", "wave") == "deep"
+        deepest = _narrow_split() == "deep" or m > 1  # checked at every batch size
         split = max(1, k_tiles // 2) if deepest else _split_for(triton.cdiv(n_total, 128), k_tiles, 8 * sms, True)
         return Int4Config("gemv", 128, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv" and half2:

@@ -74,3 +74,9 @@ def test_narrow_gemv_split_fills_at_most_one_wave(monkeypatch, n, k, split):
     monkeypatch.setenv("UNIQL_NARROW_SPLIT", "deep")
     assert im.pick_config(1, n, k, 128, "cuda").split_k == k_tiles // 2
     assert im.pick_config(3, n, 4096, 128, "cuda").split_k == 4096 // cfg.block_k // 2  # batch 2-4: not measured
+    monkeypatch.setenv("UNIQL_NARROW_SPLIT", "")  # empty = unset: the default
+    assert im.pick_config(1, n, k, 128, "cuda").split_k == split
+    for bad in ("Deep", "shallow", "1"):  # a typo must not silently run the default
+        monkeypatch.setenv("UNIQL_NARROW_SPLIT", bad)
+        with pytest.raises(ValueError, match="UNIQL_NARROW_SPLIT must be wave or deep"):
+            im.pick_config(1, n, k, 128, "cuda")
