@@ -186,6 +186,23 @@ def _offline() -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextmanager
+def _no_git_probe() -> Iterator[None]:
+    """lm-eval stamps its results with ``git describe`` of the working directory, whose "fatal: not a git
+    repository" lands on the user's terminal outside a repository; we never read that stamp, so skip the probe."""
+    import lm_eval.evaluator
+
+    if not hasattr(lm_eval.evaluator, "get_git_commit_hash"):  # another lm-eval version: leave it alone
+        yield
+        return
+    saved = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = saved
+
+
 def _task_manager(tasks: Sequence[str]):
     """A TaskManager indexing only our tasks' folders (indexing all of lm-eval's takes ~10 s)."""
     import lm_eval.tasks
@@ -231,7 +248,8 @@ def zero_shot(model, tokenizer, tasks: Sequence[str] = ("piqa", "arc_easy", "lam
         # bootstrap_iters=0: stderr bootstraps (100k resamples by default) cost more than small runs.
         # The *_seed=None: zero-shot scoring draws no random numbers, and simple_evaluate would otherwise
         # reseed the caller's global python/numpy/torch generators.
-        results = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager, limit=limit,
-                                          bootstrap_iters=0, log_samples=per_doc, random_seed=None,
-                                          numpy_random_seed=None, torch_random_seed=None)
+        with _no_git_probe():
+            results = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager, limit=limit,
+                                              bootstrap_iters=0, log_samples=per_doc, random_seed=None,
+                                              numpy_random_seed=None, torch_random_seed=None)
     return {t: _our_metrics(t, results) for t in tasks}

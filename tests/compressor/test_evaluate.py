@@ -148,6 +148,17 @@ def zero_shot_results(decoder, tokenizer, tmp_path_factory):
                          data_paths=FIXTURE_PATHS, per_doc=True)
 
 
+def test_zero_shot_outside_a_git_repository_prints_no_git_error(decoder, tokenizer, tmp_path, monkeypatch, capfd):
+    """lm-eval's ``git describe`` probe wrote "fatal: not a git repository" to the terminal of anyone evaluating
+    outside a repository; the scores must not depend on where it runs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above tmp_path either
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    piqa = zero_shot(decoder, tokenizer, ("piqa",), limit=3, batch_size=16, data_paths=FIXTURE_PATHS)["piqa"]
+    assert piqa["n"] == 3
+    assert "not a git repository" not in capfd.readouterr().err
+
+
 def _choice_correct(lm: ElasticLM, docs: list[tuple[str, list[str], int]]) -> str:
     """Per document, "1" where the argmax log-likelihood choice is gold; docs are (context, choices, gold index)."""
     correct = ""
