@@ -341,7 +341,7 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     ws = torch.empty(b * n_heads * n_splits * (d_vo + 2), dtype=torch.float32, device=q.device)
     cos, sin, idx = rope if rope is not None else (ws, ws, lengths)  # unused without ROPE
     pdl = pdl_enabled(q.device)
-    fused, early, block_t = FUSED_COMBINE, early_loads(), min(split, 64)
+    fused, early, block_t = FUSED_COMBINE, early_loads(b), min(split, 64)
     # arrival counters, zero between launches (each user resets what it counted); unused by the two-pass path
     counters = workspace(q.device, 0, b * n_kv)[1] if fused else lengths
     _split_kernel[(b, n_kv, n_splits)](
@@ -357,7 +357,7 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     _combine_kernel[(b, n_heads, d_vo // chunk)](ws, lengths, out, out.stride(0), n_heads, n_splits, VO=vo,
                                                  D_VO=d_vo, CHUNK=chunk, SPLIT=split,
                                                  SPLITS_P=triton.next_power_of_2(n_splits), PDL=pdl,
-                                                 EARLY=early_loads(), num_warps=2 if n_splits > 16 else 1,
+                                                 EARLY=early, num_warps=2 if n_splits > 16 else 1,
                                                  launch_pdl=pdl)
 
 

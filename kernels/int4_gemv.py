@@ -365,7 +365,7 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` = (ss ``[M, P]``,
     eps): x holds s * w; each activation is multiplied by its row's 1/rms (from those sums) before the fp16
     conversion."""
-    pdl = pdl_enabled(args[0].device)
+    pdl, early = pdl_enabled(args[0].device), early_loads(args[7])  # args[7]: M, the decode rows
     out = args[4]
     glu = (act, act.stride(0)) if act is not None else (out, 0)
     res = (*residual, residual[0].stride(0), residual[4].shape[1]) if residual is not None \
@@ -373,5 +373,5 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1])) if norm is not None else (out, 1, 1.0, 0.0)
     _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
                           NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
-                          ASM=USE_ASM, PDL=pdl, EARLY=early_loads() and residual is not None, launch_pdl=pdl,
+                          ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, launch_pdl=pdl,
                           **constexprs)

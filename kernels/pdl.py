@@ -53,12 +53,20 @@ def pdl_enter(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-def early_loads() -> bool:
+def early_loads(batch: int) -> bool:
     """Kernels issue the loads that depend on nothing a wait produces before that wait (the attention split pass
     before it knows the length, its combine every split's partial with the length, the o / down GEMVs their residual
     input before the split-K sum), so fewer memory round trips sit in a row on a short kernel's critical path. Same
-    arithmetic, same bits. On by default since a same-machine A/B (H100, two alternating rounds,
-    benchmarks/results/decode_envab_h100.txt): Llama-8B TPOT 2.413-2.418 / 2.194-2.199 / 2.059 / 1.950-1.956 ms vs
-    2.452-2.456 / 2.241-2.242 / 2.098-2.103 / 1.995-1.996 at rates 0 / 0.15 / 0.25 / 0.35, Mamba2-8B 2.663 vs 2.678
-    ms at rate 0 (``ssm_envab_h100.txt``). ``UNIQL_EARLY_LOADS=0`` turns it off. Read per launch."""
-    return os.environ.get("UNIQL_EARLY_LOADS", "1") != "0"
+    arithmetic, same bits. ``batch``: the decode rows of the launch.
+
+    ``UNIQL_EARLY_LOADS``: unset or ``1`` = batch 1 only (the default), ``all`` = every batch, ``0`` = never. Same-
+    machine A/Bs on the H100 (two alternating rounds each): at batch 1 on since stop 29 (Llama-8B TPOT 2.413-2.418 /
+    1.950-1.956 ms vs 2.452-2.456 / 1.995-1.996 at rates 0 / 0.35, results/decode_envab_h100.txt; again this
+    session, 2.320 / 1.906 vs 2.358 / 1.944, results/early_loads_batch_ab_h100.json), but at batch 4 and 16 it was
+    slower: 5.28 vs 4.70 ms at batch 4 rate 0, 11.61 vs 6.93 at batch 16 rate 0 and 6-7 % at the other rates (the
+    attention split pass, whose splits run several blocks there, took 982 us a step at batch 4 rate 0). Read per
+    launch; anything else is a clear error."""
+    raw = os.environ.get("UNIQL_EARLY_LOADS", "") or "1"
+    if raw not in ("0", "1", "all"):
+        raise ValueError(f"UNIQL_EARLY_LOADS must be 0, 1 or all, got {raw!r}")
+    return raw == "all" or (raw == "1" and batch == 1)

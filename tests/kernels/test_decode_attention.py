@@ -129,10 +129,10 @@ def test_fused_rope_equals_rope_then_attention(case, dtype):
 @pytest.mark.parametrize("split", [None, 256])  # None: one block a split (preloaded); 256: a loop of 64-wide blocks
 @pytest.mark.parametrize("case", ROPE_CASES)
 def test_early_loads_give_the_same_bits(monkeypatch, case, split):
-    """UNIQL_EARLY_LOADS=1 issues the split pass's loads in another order (all that need no length first: a one-
-    block split's K / V too, bounded by the capacity; each block's V with its K) and the combine loads every
-    split's partial before it knows which are used: the output and the cache writes must be bit for bit the
-    default's, with NaN in every cache slot past the length and in every fresh buffer."""
+    """Early loads (UNIQL_EARLY_LOADS=all: some cases are batches) issue the split pass's loads in another order
+    (all that need no length first: a one-block split's K / V too, bounded by the capacity; each block's V with its
+    K) and the combine loads every split's partial before it knows which are used: the output and the cache writes
+    must be bit for bit the plain order's, with NaN in every cache slot past the length and in every fresh buffer."""
     from uniql.kernels import decode_attention as att
 
     if split is not None:
@@ -155,7 +155,7 @@ def test_early_loads_give_the_same_bits(monkeypatch, case, split):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     runs = []
-    for flag in ("0", "1"):
+    for flag in ("0", "all"):
         monkeypatch.setenv("UNIQL_EARLY_LOADS", flag)
         ks, vs = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
         out = decode_attention_rope(q_flat, k_flat, v_new, cos, sin, rope_index, n_heads,

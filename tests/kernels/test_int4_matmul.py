@@ -339,8 +339,8 @@ def test_norm_sums_must_be_contiguous_fp32_rows_for_every_row():
 
 @pytest.mark.parametrize("split", [1, 3])
 def test_early_residual_load_gives_the_same_bits(monkeypatch, split):
-    """UNIQL_EARLY_LOADS=1 loads the residual input before the split-K sum instead of after it: s, s * w and the
-    sums of squares must be bit for bit the default's."""
+    """Early loads (UNIQL_EARLY_LOADS=all: these are 3 rows) load the residual input before the split-K sum instead
+    of after it: s, s * w and the sums of squares must be bit for bit the plain order's."""
     gen = torch.Generator().manual_seed(4)
     qweight, scales = packed(96, 128, 32, seed=1)
     x_in = torch.randn(3, 120, generator=gen).to(DEV, torch.float16)
@@ -348,7 +348,7 @@ def test_early_residual_load_gives_the_same_bits(monkeypatch, split):
     weight = (torch.rand(96, generator=gen) + 0.5).to(DEV, torch.float16)
     cfg = im.Int4Config("gemv", block_n=32, block_k=32, split_k=split, num_warps=4, block_m=4)
     runs = []
-    for flag in ("0", "1"):
+    for flag in ("0", "all"):
         monkeypatch.setenv("UNIQL_EARLY_LOADS", flag)
         runs.append(im.int4_residual(x_in, qweight, scales, 32, 120, resid, weight, config=cfg))
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

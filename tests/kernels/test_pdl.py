@@ -1,0 +1,87 @@
+"""``pdl.early_loads``: which decode launches issue their loads early (batch 1 by default, as measured), and that
+the attention and GEMV launchers pass it on by their own batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from uniql.kernels import decode_attention as att  # noqa: E402
+from uniql.kernels import int4_gemv  # noqa: E402
+from uniql.kernels import int4_matmul as im  # noqa: E402
+from uniql.kernels.int4_format import rtn_quantize  # noqa: E402
+from uniql.kernels.pdl import early_loads  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_early_loads_default_is_batch_one_only(monkeypatch):
+    """At batch 4 and 16 early loads decoded slower on the H100 (results/early_loads_batch_ab_h100.json)."""
+    for unset in (None, "", "1"):
+        if unset is None:
+            monkeypatch.delenv("UNIQL_EARLY_LOADS", raising=False)
+        else:
+            monkeypatch.setenv("UNIQL_EARLY_LOADS", unset)
+        assert early_loads(1) and not early_loads(2) and not early_loads(16)
+    monkeypatch.setenv("UNIQL_EARLY_LOADS", "all")
+    assert early_loads(1) and early_loads(4)
+    monkeypatch.setenv("UNIQL_EARLY_LOADS", "0")
+    assert not early_loads(1) and not early_loads(4)
+    for bad in ("yes", "ALL", "2"):  # a typo must not silently pick a behaviour
+        monkeypatch.setenv("UNIQL_EARLY_LOADS", bad)
+        with pytest.raises(ValueError, match="UNIQL_EARLY_LOADS must be 0, 1 or all"):
+            early_loads(1)
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **constexprs)`` records the constexprs."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(kwargs)
+
+
+def _attention(batch: int):
+    heads, kv, qk, cap = 4, 2, 16, 8
+    caches = [torch.zeros(kv, cap, qk, device=DEV, dtype=torch.float16) for _ in range(2 * batch)]
+    tables = (torch.tensor([c.data_ptr() for c in caches[:batch]], dtype=torch.int64, device=DEV),
+              torch.tensor([c.data_ptr() for c in caches[batch:]], dtype=torch.int64, device=DEV),
+              torch.full((batch,), cap, dtype=torch.int32, device=DEV),
+              torch.full((batch,), 3, dtype=torch.int32, device=DEV))
+    q = torch.zeros(batch, heads, qk, device=DEV, dtype=torch.float16)
+    new = torch.zeros(batch, kv, qk, device=DEV, dtype=torch.float16)
+    att.decode_attention(q, new, new.clone(), *tables, qk ** -0.5, cap)
+
+
+@pytest.mark.parametrize(("batch", "flag", "early"), [(1, None, True), (3, None, False), (3, "all", True),
+                                                      (1, "0", False)])
+def test_attention_passes_early_loads_by_its_batch(monkeypatch, batch, flag, early):
+    if flag is None:
+        monkeypatch.delenv("UNIQL_EARLY_LOADS", raising=False)
+    else:
+        monkeypatch.setenv("UNIQL_EARLY_LOADS", flag)
+    split, combine = _Recorder(), _Recorder()
+    monkeypatch.setattr(att, "_split_kernel", split)
+    monkeypatch.setattr(att, "_combine_kernel", combine)
+    _attention(batch)
+    assert [c["EARLY"] for c in split.calls] == [early]
+    assert [c["EARLY"] for c in combine.calls] == ([early] if not att.FUSED_COMBINE else [])
+
+
+@pytest.mark.parametrize(("rows", "early"), [(1, True), (3, False)])
+def test_residual_gemv_passes_early_loads_by_its_rows(monkeypatch, rows, early):
+    monkeypatch.delenv("UNIQL_EARLY_LOADS", raising=False)
+    gen = torch.Generator().manual_seed(0)
+    qweight, scales = (t.to(DEV) for t in rtn_quantize(torch.randn(96, 128, generator=gen), 32))
+    x = torch.randn(rows, 128, generator=gen).to(DEV, torch.float16)
+    resid = torch.randn(rows, 96, generator=gen).to(DEV, torch.float16)
+    weight = torch.ones(96, device=DEV, dtype=torch.float16)
+    kernel = _Recorder()
+    monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", kernel)
+    cfg = im.Int4Config("gemv", block_n=32, block_k=32, split_k=1, num_warps=4, block_m=4)
+    im.int4_residual(x, qweight, scales, 32, 128, resid, weight, config=cfg)
+    assert [c["EARLY"] for c in kernel.calls] == [early]
