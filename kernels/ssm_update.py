@@ -151,14 +151,20 @@ def _check_reference(state, x, dt, A, B, C, D, z, dt_bias) -> None:
 
 
 def block_sizes(p: int, n: int) -> tuple[int, int]:
-    """``(BLOCK_P, BLOCK_N)``: all N' states in one tile (B/C read once), about 4096 state elements a program."""
+    """``(BLOCK_P, BLOCK_N)``: all N' states in one tile (B/C read once), about 1024 state elements a program.
+
+    The step is latency bound at batch 1: more, smaller programs keep more loads in flight. H100, Mamba2-8B shape
+    (results/ssm_update_probe_h100.json, the update alone): 8 head channels a program 5.1 / 4.4 us a layer at rates
+    0 / 0.35 against 6.1 / 5.7 with the former 32 (about 4096 elements); in the engine (same machine, two
+    alternating rounds, results/envab_ssm_block_p_h100.json) TPOT 2.503-2.504 / 2.056-2.057 ms against 2.573-2.576 /
+    2.151, ratio 0.821 against 0.836."""
     block_n = max(16, triton.next_power_of_2(n))
-    return min(triton.next_power_of_2(p), max(4, 4096 // block_n)), block_n
+    return min(triton.next_power_of_2(p), max(4, 1024 // block_n)), block_n
 
 
 def launch_config(p: int, n: int) -> tuple[int, int, int]:
     """``(BLOCK_P, BLOCK_N, num_warps)`` of a step (benchmarks/ssm_update_probe.py times the alternatives).
-    ``UNIQL_SSM_BLOCK_P=R`` (experiment, for the engine A/B): at most R head channels a program (more programs)."""
+    ``UNIQL_SSM_BLOCK_P=R`` (experiment, for engine A/Bs): at most R head channels a program (more programs)."""
     block_p, block_n = block_sizes(p, n)
     raw = os.environ.get("UNIQL_SSM_BLOCK_P", "")
     if raw:

@@ -139,6 +139,18 @@ def test_reference_refuses_what_the_kernel_refuses():
         selective_state_update_reference([state[0].clone()], x, dt, A, B, C)
 
 
+def test_default_launch_config_is_the_measured_one(monkeypatch):
+    """Mamba2-8B at rates 0 and 0.35 (P', N' = 64, 128 and 42, 80): 8 head channels a program, 2 warps, the
+    configuration that won the H100 engine A/B (UNIQL_SSM_BLOCK_P=8 there); small states keep bigger tiles."""
+    from uniql.kernels import ssm_update
+
+    monkeypatch.delenv("UNIQL_SSM_BLOCK_P", raising=False)
+    assert ssm_update.launch_config(64, 128) == (8, 128, 2)
+    assert ssm_update.launch_config(42, 80) == (8, 128, 2)
+    assert ssm_update.launch_config(64, 16) == (64, 16, 2)
+    assert ssm_update.launch_config(64, 64) == (16, 64, 2)
+
+
 @pytest.mark.parametrize("cap", ["2", "3"])
 def test_block_p_cap_splits_heads_and_gives_the_same_result(monkeypatch, cap):
     """UNIQL_SSM_BLOCK_P (an engine A/B switch) caps the head channels a program owns (rounded up to a power of
