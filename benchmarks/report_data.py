@@ -59,8 +59,11 @@ def load_results(results_dir: Path) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------------ decode
 def decode_files(results: dict) -> list[str]:
-    """Result files whose rows are decode timings (``tpot_ms``): decode_*, ssm_* and alike."""
-    return [name for name, data in results.items() if timed_rows(data)]
+    """Result files whose rows are decode timings (``tpot_ms``): decode_*, ssm_* and alike. Same-machine A/Bs of
+    launch settings (rows tagged with a ``variant``: envab_*, early_loads_*) are not: one curve through their rows
+    would mix configurations; their own files say the answer (medians per variant) and Inputs lists them."""
+    return [name for name, data in results.items()
+            if timed_rows(data) and not any("variant" in r for r in timed_rows(data))]
 
 
 def timed_rows(data) -> list[dict]:

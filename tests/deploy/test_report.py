@@ -67,6 +67,19 @@ def test_missing_results_are_skipped_with_a_note(tmp_path):
     assert (tmp_path / "out" / "report" / "decode_cpu_tpot.png").is_file()
 
 
+def test_an_ab_of_launch_settings_is_listed_not_plotted(tmp_path):
+    """Rows of several variants (envab_summary.py's files) through one curve would read as one configuration."""
+    results = tmp_path / "results"
+    results.mkdir()
+    ab = gpu_decode_like()
+    ab["rows"] = [{**r, "variant": v, "round": 1} for r in ab["rows"][:4] for v in ("default", "UNIQL_X_1")]
+    (results / "envab_x_h200.json").write_text(json.dumps(ab))
+    (results / "decode_h200.json").write_text(json.dumps(gpu_decode_like()))
+    md = run_report(results, tmp_path / "out" / "REPORT.md")
+    assert "decode_h200_tpot.png" in md and "envab_x_h200_tpot.png" not in md
+    assert "`results/envab_x_h200.json` (not plotted by this report yet)" in md
+
+
 def test_whole_step_efficiency_divides_by_a_kernel_timed_copy():
     """Several files of one device record a copy rate: a kernel-timed one (it also has ``copy_engine_TBps``) wins
     over an older graph ``copy_`` figure (the slower DMA engines), whatever the file order."""
