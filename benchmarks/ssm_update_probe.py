@@ -26,7 +26,7 @@ from uniql.kernels import ssm_update  # noqa: E402
 
 HEADS, GROUPS, LAYERS = 128, 8, 56  # Mamba2-8B (ssm_decode_gpu.py's shape)
 RUNGS = {0.0: (64, 128), 0.35: (42, 80)}  # (P', N'): runtime/ladder.py's sizes at keep 1.0 / 0.65
-CONFIGS = [(None, None), (8, 4), (16, 4), (32, 4), (64, 4), (16, 2), (32, 8), (64, 8)]  # None: the default
+CONFIGS = [(None, None), (4, 2), (4, 4), (8, 2), (8, 4), (16, 2), (16, 4), (32, 4)]  # None: the default (8, 2)
 
 
 def _operands(p: int, n: int, heads: int, groups: int, layers: int, device):
