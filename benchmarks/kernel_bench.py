@@ -272,14 +272,15 @@ def measure(bench: Bench, case: Case, m: int, sweep: bool) -> dict:
     return result
 
 
-def decode_rows(bench: Bench, model: str, layer: str, rates, batches, copy_tbps: float) -> list[dict]:
+def decode_rows(bench: Bench, model: str, layer: str, rates, batches, copy_tbps: float,
+                sweep_batches=(1,)) -> list[dict]:
     tiny_us, tiny_error = time_tinygemm(bench, build_case(model, layer, 0.0, bench.group_size), batches)
     elt = torch.finfo(bench.dtype).bits // 8
     rows = []
     for rate in rates if layer != "lm_head" else [0.0]:
         case = build_case(model, layer, rate, bench.group_size)
         for batch in batches:
-            row = measure(bench, case, batch, sweep=rate == 0.0 and batch == 1)
+            row = measure(bench, case, batch, sweep=rate == 0.0 and batch in sweep_batches)
             row["batch"] = row.pop("M")
             row["bytes"] = packed_bytes(case.k_active, case.n_active, bench.group_size) + batch * elt * (
                 case.k_active + case.n_active)
@@ -344,6 +345,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, help="graph replays per timing; default 20 (--quick: 5)")
     ap.add_argument("--quick", action="store_true", help="Llama only, rates 0/0.35, batch 1, prefill at rate 0")
     ap.add_argument("--sweep", action="store_true", help="also time every kernel.candidate_configs() config")
+    ap.add_argument("--no-prefill", action="store_true", help="decode rows only (e.g. a small-batch sweep)")
+    ap.add_argument("--sweep-batches", type=int, nargs="+", default=[1],
+                    help="decode batches --sweep tunes (rate 0; default 1), e.g. 4 16 for the small-batch GEMM")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
     ap.add_argument("--out", type=Path, help=f"JSON path (default {RESULTS}; a temp file for --cpu-smoke)")
     return ap.parse_args(argv)
@@ -375,8 +379,8 @@ def main(argv=None) -> None:
     rows, prefill = [], []
     for model in models:
         for layer in layers:
-            rows += decode_rows(bench, model, layer, rates, batches, copy_tbps)
-            for rate in [0.0, 0.35] if layer == "gate_up" and not quick else [0.0]:
+            rows += decode_rows(bench, model, layer, rates, batches, copy_tbps, args.sweep_batches)
+            for rate in [] if args.no_prefill else [0.0, 0.35] if layer == "gate_up" and not quick else [0.0]:
                 prefill.append(prefill_row(bench, model, layer, rate, prefill_m))
     report = {"device": "cpu (TRITON_INTERPRET smoke)" if smoke else torch.cuda.get_device_name(),
               "pdl": not smoke and pdl_enabled(torch.device("cuda")),

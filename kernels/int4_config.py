@@ -155,4 +155,22 @@ def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cud
         for bn, bk, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4),
                                       (256, 64, 8, 3), (128, 128, 8, 3)):
             out.add(Int4Config("gemm", bn, bk, base.split_k, warps, block_m, stages))
-    return sorted(out, key=lambda c: (c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages))
+    if 1 < m <= 16:
+        out |= _skinny_gemm_configs(n_total, k, group_size, device)
+    return sorted(out, key=lambda c: (c.path, c.block_n, c.block_k, c.num_warps, c.split_k, c.num_stages))
+
+
+def _skinny_gemm_configs(n_total: int, k: int, group_size: int, device) -> set[Int4Config]:
+    """Tensor-core GEMM configs for 2-16 rows (one 16-row tile): the weights are the bytes, so the K split and
+    the block width decide how many loads are in flight. The default GEMM config ran the 8B-shaped gate|up at batch
+    16 at cuBLAS bf16's speed (76 vs 82 us, H100, results/kernels_h100.json): a quarter of the copy rate its INT4
+    bytes allow. Swept at batch 4 too, against the CUDA-core GEMV (``kernel_bench.py --sweep-batches``)."""
+    sms = _sm_count(torch.device(device))
+    out = set()
+    block_k = min(group_size, 64)
+    for bn, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3), (256, 8, 4)):
+        blocks = triton.cdiv(n_total, bn)
+        for waves in (1, 2, 4, 8):  # programs per SM the K split aims for
+            split = _split_for(blocks, triton.cdiv(k, block_k), waves * sms)
+            out.add(Int4Config("gemm", bn, block_k, split, warps, 16, stages))
+    return out

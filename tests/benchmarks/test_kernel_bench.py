@@ -21,3 +21,17 @@ def test_kernel_bench_cpu_smoke(tmp_path):
                                                                   ("o", 0.35)}
     assert all(r["ours_us"] > 0 and r["n_active"] <= r["N"] for r in report["rows"])
     assert [r["layer"] for r in report["prefill"]] == ["qkv", "o"]
+
+
+def test_kernel_bench_small_batch_sweep(tmp_path):
+    """--sweep-batches: the sweep at batch 4 times GEMV and 16-row GEMM configs; --no-prefill skips prefill."""
+    out = tmp_path / "kernels.json"
+    cmd = [sys.executable, str(BENCH / "kernel_bench.py"), "--cpu-smoke", "--layers", "o", "--rates", "0",
+           "--batches", "4", "--sweep", "--sweep-batches", "4", "--no-prefill", "--repeats", "1", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=BENCH)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["prefill"] == [] and [(r["layer"], r["batch"]) for r in report["rows"]] == [("o", 4)]
+    (sweep,) = report["sweep"]
+    paths = {c["config"]["path"] for c in sweep["configs"] if "us" in c}
+    assert sweep["M"] == 4 and paths == {"gemv", "gemm"} and sweep["best"]["us"] > 0

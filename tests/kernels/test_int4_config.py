@@ -80,3 +80,21 @@ def test_narrow_gemv_split_fills_at_most_one_wave(monkeypatch, n, k, split):
         monkeypatch.setenv("UNIQL_NARROW_SPLIT", bad)
         with pytest.raises(ValueError, match="UNIQL_NARROW_SPLIT must be wave or deep"):
             im.pick_config(1, n, k, 128, "cuda")
+
+
+@pytest.mark.parametrize("m", [3, 16])
+def test_small_batch_sweep_has_skinny_gemm_configs_that_compute(m):
+    """kernel_bench --sweep-batches times 16-row tensor-core GEMM tiles at batch 2-16 (several widths and K splits,
+    against the CUDA-core GEMV at batch <= 4): each must give the reference's result."""
+    from uniql.kernels.int4_format import rtn_quantize
+
+    gen = torch.Generator().manual_seed(m)
+    qweight, scales = (t.to(DEV) for t in rtn_quantize(torch.randn(200, 512, generator=gen), 32))
+    x = torch.randn(m, 512, generator=gen).to(DEV, torch.float16)
+    skinny = [c for c in im.candidate_configs(m, 200, 512, 32, DEV) if c.path == "gemm" and c.block_m == 16]
+    assert len({c.block_n for c in skinny}) == 3 and len({c.split_k for c in skinny}) > 1
+    assert m > 4 or any(c.path == "gemv" for c in im.candidate_configs(m, 200, 512, 32, DEV))
+    want = im.int4_matmul_reference(x.float(), qweight, scales, 32)
+    for cfg in sorted(skinny, key=lambda c: (c.split_k, c.block_n))[::5]:  # a spread: the interpreter is slow
+        got = im.int4_matmul(x, qweight, scales, 32, config=cfg).float()
+        assert (got - want).abs().max() <= 2e-3 * want.abs().max(), cfg
