@@ -22,6 +22,8 @@
 #            ssm_envab_<gpu>*
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min
+#   ksweep   kernel_bench.py's launch-config sweep at batch 4 and 16 (Llama q|k|v, o, gate|up, down at rate 0: the
+#            CUDA-core GEMV and 16-row tensor-core GEMM tiles), to tune pick_config for the server's batches (not yet run: time it alone first)
 #   ssmprobe ssm_update_probe.py: the Mamba2-8B state update alone, per layer, for several launch configs, ~1 min
 #   attnprobe attention_probe.py: batch-1 decode attention alone per layer, Llama shape, several split sizes, ~1 min
 #   tests    the GPU tests of the kernels (real shapes, bf16), ~4 min
@@ -65,6 +67,9 @@ for step in ${SUITE:-ab kernels decode}; do
         envab) envab decode decode_gpu.py --batches 1 --skip-dense --skip-hf --skip-compiled ;;
         envabssm) envab ssm ssm_decode_gpu.py --models mamba2-8b-shape --skip-hf ;;
         splits) python3 split_sweep.py --mamba --json "$OUT/split_sweep_$gpu.json" 2> "$OUT/split_sweep_$gpu.txt" ;;
+        ksweep) python3 kernel_bench.py --quick --batches 4 16 --rates 0 --layers qkv o gate_up down --repeats 3 --sweep \
+                    --sweep-batches 4 16 --no-prefill --out "$OUT/kernels_smallbatch_sweep_$gpu.json" \
+                    > "$OUT/kernels_smallbatch_sweep_$gpu.txt" 2>&1 ;;
         ssmprobe) python3 ssm_update_probe.py --json "$OUT/ssm_update_probe_$gpu.json" > "$OUT/ssm_update_probe_$gpu.txt" ;;
         attnprobe) python3 attention_probe.py --json "$OUT/attention_probe_$gpu.json" > "$OUT/attention_probe_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do
@@ -76,7 +81,7 @@ for step in ${SUITE:-ab kernels decode}; do
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ssmprobe, attnprobe, profile, tests, tests1, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, ssmprobe, attnprobe, profile, tests, tests1, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done
