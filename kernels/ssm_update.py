@@ -154,10 +154,10 @@ def block_sizes(p: int, n: int) -> tuple[int, int]:
     """``(BLOCK_P, BLOCK_N)``: all N' states in one tile (B/C read once), about 1024 state elements a program.
 
     The step is latency bound at batch 1: more, smaller programs keep more loads in flight. H100, Mamba2-8B shape
-    (results/ssm_update_probe_h100.json, the update alone): 8 head channels a program 5.1 / 4.4 us a layer at rates
-    0 / 0.35 against 6.1 / 5.7 with the former 32 (about 4096 elements); in the engine (same machine, two
-    alternating rounds, results/envab_ssm_block_p_h100.json) TPOT 2.503-2.504 / 2.056-2.057 ms against 2.573-2.576 /
-    2.151, ratio 0.821 against 0.836."""
+    (results/ssm_update_probe_h100.json, the update alone, 4 warps): 8 head channels a program 5.1 / 4.4 us a layer
+    at rates 0 / 0.35 against 6.1 / 5.7 with the former 32 (about 4096 elements); in the engine with the 2 warps
+    ``launch_config`` gives it (same machine, two alternating rounds, results/envab_ssm_block_p_h100.json) TPOT
+    2.503-2.504 / 2.056-2.057 ms against 2.573-2.576 / 2.151, ratio 0.821 against 0.836."""
     block_n = max(16, triton.next_power_of_2(n))
     return min(triton.next_power_of_2(p), max(4, 1024 // block_n)), block_n
 
