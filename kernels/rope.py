@@ -75,6 +75,46 @@ def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float 
     return angles.cos() * scaling, angles.sin() * scaling
 
 
+@triton.jit
+def _decode_tables_kernel(len_ptr, freq_ptr, cos_ptr, sin_ptr, half, scaling, SCALE: tl.constexpr,
+                          BLOCK_P: tl.constexpr):
+    """Row ``b``: the angles of position ``lengths[b] - 1`` (fp32, as ``rope_tables``), their cos and sin. On
+    NVIDIA ``tl.cos`` / ``tl.sin`` compile to libdevice's accurate routines (the same PTX as calling libdevice,
+    checked for sm_90), not the ``.approx`` instructions: decode angles reach thousands of radians."""
+    b = tl.program_id(0)
+    pair = tl.arange(0, BLOCK_P)
+    live = pair < half
+    angle = (tl.load(len_ptr + b) - 1).to(tl.float32) * tl.load(freq_ptr + pair, mask=live, other=0.0)
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    if SCALE:
+        cos, sin = cos * scaling, sin * scaling
+    tl.store(cos_ptr + b * half + pair, cos, mask=live)
+    tl.store(sin_ptr + b * half + pair, sin, mask=live)
+
+
+def decode_rope_tables(inv_freq: torch.Tensor, lengths: torch.Tensor, scaling: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_tables`` at positions ``lengths - 1`` (a decode step's new tokens; ``lengths`` int32/int64 ``[B]``
+    counts them) in one launch, where torch takes seven small ones (the positions, a cast, the angles, cos, sin and
+    two scalings): a few microseconds of every graph-replayed step. Off the GPU (and outside the interpreter) it is
+    ``rope_tables`` itself."""
+    if inv_freq.dim() != 1 or lengths.dim() != 1 or lengths.dtype not in INDEX_DTYPES:
+        raise ValueError(f"inv_freq must be [P] and lengths int32/int64 [B], got {tuple(inv_freq.shape)} / "
+                         f"{lengths.dtype} {tuple(lengths.shape)}")
+    if inv_freq.device != lengths.device:
+        raise ValueError(f"inv_freq and lengths must share a device, got {inv_freq.device} / {lengths.device}")
+    if lengths.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return rope_tables(inv_freq, lengths.long() - 1, scaling)
+    half = inv_freq.shape[0]
+    cos = torch.empty(lengths.shape[0], half, dtype=torch.float32, device=lengths.device)
+    sin = torch.empty_like(cos)
+    if lengths.shape[0]:  # inv_freq is fp32 already (ElasticDecoder keeps it so): no copy
+        freqs = inv_freq.float().contiguous()
+        _decode_tables_kernel[(lengths.shape[0],)](lengths, freqs, cos, sin, half, float(scaling),
+                                                   SCALE=scaling != 1.0, BLOCK_P=triton.next_power_of_2(half))
+    return cos, sin
+
+
 def _check(q, k, cos, sin, rope_index, n_heads: int, n_kv: int, qk: int) -> None:
     if n_heads <= 0 or n_kv <= 0 or n_heads % n_kv:
         raise ValueError(f"n_heads ({n_heads}) must be a positive multiple of n_kv ({n_kv})")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniql.kernels import elementwise
-from uniql.kernels.rope import rope_tables
+from uniql.kernels.rope import decode_rope_tables, rope_tables
 
 from .cache import DecodeBatch, KVCache
 from .ladder import LayerSizes, RateLadder, full_layer_sizes
@@ -329,9 +329,8 @@ class ElasticDecoder(nn.Module):
     def context(self, input_ids, attention_mask=None, positions=None, cache=None) -> dict:
         """What every layer needs besides the hidden states (mask, positions, RoPE tables, cache)."""
         if isinstance(cache, DecodeBatch):  # one token per request at positions [B]; no mask, one RoPE table
-            rope = None if not self.spec.num_heads else rope_tables(self.inv_freq, positions.reshape(-1),
-                                                                     self.spec.rope_attention_scaling)
-            return {"inv_freq": self.inv_freq, "positions": positions, "mask": None, "cache": cache, "rope": rope}
+            return {"inv_freq": self.inv_freq, "positions": positions, "mask": None, "cache": cache,
+                    "rope": self._decode_rope(positions, cache)}
         b, t = input_ids.shape
         past = 0 if cache is None else cache.length
         if positions is None:
@@ -339,6 +338,16 @@ class ElasticDecoder(nn.Module):
         mask = self.attention_mask(attention_mask, b, t, past, input_ids.device)
         return {"inv_freq": self.inv_freq, "positions": positions, "mask": mask,
                 "rope_scaling": self.spec.rope_attention_scaling, "cache": cache}
+
+    def _decode_rope(self, positions, cache: DecodeBatch):
+        """The step's cos / sin tables: at ``positions`` when given, else at each request's last position
+        (``cache.lengths - 1``, one launch: what the decode graphs use). None without attention layers."""
+        scaling = self.spec.rope_attention_scaling
+        if not self.spec.num_heads:
+            return None
+        if positions is None:
+            return decode_rope_tables(self.inv_freq, cache.lengths, scaling)
+        return rope_tables(self.inv_freq, positions.reshape(-1), scaling)
 
     def forward(self, input_ids, rung: int | None = None, attention_mask=None, positions=None,
                 cache: KVCache | None = None, sizes: list[LayerSizes] | None = None,

@@ -139,9 +139,8 @@ class DecodeGraphs:
     def _forward(self, entry: _Graph) -> torch.Tensor:
         entry.batch.lengths.copy_(entry.step_in[1])
         b = entry.step_in.shape[1]
-        ids = entry.step_in[0].view(b, 1)
-        positions = (entry.step_in[1] - 1).view(b, 1)
-        return self.model(ids, positions=positions, cache=entry.batch, logits_to_keep=1)[:, -1]
+        ids = entry.step_in[0].view(b, 1)  # positions: the batch's lengths - 1 (the RoPE tables in one launch)
+        return self.model(ids, cache=entry.batch, logits_to_keep=1)[:, -1]
 
     @torch.inference_mode()
     def _get(self, rung: int, size: int) -> _Graph:

@@ -28,7 +28,7 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "vn_ptr": "*bf16", "kp_ptr": "*i64", "vp_ptr": "*i64", "cap_ptr": "*i32", "len_ptr": "*i32",
         "scale": "fp32", "eps": "fp32", "g_ptr": "*bf16", "act_ptr": "*bf16", "res_ptr": "*bf16",
         "res_out_ptr": "*bf16", "sg_ptr": "*bf16", "ss_out_ptr": "*fp32", "ss_in_ptr": "*fp32", "inv_k": "fp32",
-        "val_ptr": "*fp32", "fin_ptr": "*i32"}
+        "val_ptr": "*fp32", "fin_ptr": "*i32", "freq_ptr": "*fp32", "scaling": "fp32"}
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, FUSED=True,
            PDL=PDL)
@@ -48,6 +48,7 @@ CASES = [
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, DOT_IEEE=False, SPLIT=False), 4, 4),
     (int4_dequant._dequant_kernel, dict(GROUP=64, BLOCK_R=8, BLOCK_N=128), 4),
     (rope._rope_qk_kernel, dict(BLOCK_P=64, PDL=PDL), 2),
+    (rope._decode_tables_kernel, dict(SCALE=True, BLOCK_P=64), 1),
     (embedding._embedding_int4_kernel, dict(GROUP=64, BLOCK_R=64), 4),
     (elementwise._rms_norm_kernel, dict(BLOCK=4096, ADD=True, PDL=PDL), 4),
     (elementwise._silu_mul_kernel, dict(BLOCK=1024, PDL=PDL), 4),
@@ -72,6 +73,8 @@ for arch in map(int, sys.argv[1:]):
                                   target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": warps, "num_stages": (stages or [3])[0]})
         assert compiled.metadata.shared <= SHARED_MAX[arch], (kernel.__name__, consts, compiled.metadata.shared)
+        if kernel is rope._decode_tables_kernel:  # accurate cos / sin: decode angles reach thousands of radians
+            assert ".approx" not in compiled.asm["ptx"], "the RoPE tables compiled to approximate cos / sin"
         print("ok", arch, kernel.__name__, consts.get("BLOCK_M", ""), compiled.metadata.shared)
 """
 
@@ -82,4 +85,4 @@ def test_kernels_compile_for_jetson_and_hopper(arch):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(f"ok {arch}") == 21  # every case of CASES
+    assert done.stdout.count(f"ok {arch}") == 22  # every case of CASES

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from uniql.kernels.rope import rope_qk, rope_qk_reference, rope_tables  # noqa: E402
+from uniql.kernels.rope import decode_rope_tables, rope_qk, rope_qk_reference, rope_tables  # noqa: E402
 from uniql.runtime.decoder import ElasticAttention, rotate_pairs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,3 +132,31 @@ def test_cpu_tensors_without_interpreter_point_to_the_reference(monkeypatch):
     c = _case(2, 2, 2, 8, 8, torch.float32)
     with pytest.raises(ValueError, match="use rope_qk_reference on CPU"):
         rope_qk(c.q.cpu(), c.k.cpu(), c.cos.cpu(), c.sin.cpu(), c.rope_index.cpu(), *c.args)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("scaling", [1.0, 0.7])
+def test_decode_tables_equal_rope_tables_at_the_last_positions(index_dtype, scaling):
+    """One launch for a decode step's tables: ``rope_tables`` at ``lengths - 1``, to the last bits on the GPU
+    (both are libdevice's accurate cos / sin); angles up to ~1e5 radians, a pair count that is not a power of two."""
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, 48, 2).float() / 48))  # 24 pairs, as a long-context Llama's
+    lengths = torch.tensor([1, 2, 1000, 131072, 77], dtype=index_dtype)
+    cos, sin = decode_rope_tables(inv_freq.to(DEVICE), lengths.to(DEVICE), scaling)
+    want_cos, want_sin = rope_tables(inv_freq, lengths.long() - 1, scaling)
+    assert cos.shape == sin.shape == (5, 24) and cos.dtype == sin.dtype == torch.float32
+    tol = 2e-6 if DEVICE == "cuda" else 1e-5  # the interpreter's numpy cos / sin may differ from torch's in a bit
+    torch.testing.assert_close(cos.cpu(), want_cos, atol=tol, rtol=0)
+    torch.testing.assert_close(sin.cpu(), want_sin, atol=tol, rtol=0)
+    assert decode_rope_tables(inv_freq.to(DEVICE), lengths[:0].to(DEVICE))[0].shape == (0, 24)
+
+
+def test_decode_tables_check_their_inputs(monkeypatch):
+    inv_freq = torch.rand(8, device=DEVICE)
+    with pytest.raises(ValueError, match="lengths int32/int64"):
+        decode_rope_tables(inv_freq, torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="inv_freq must be"):
+        decode_rope_tables(inv_freq[None], torch.ones(3, dtype=torch.int32, device=DEVICE))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: rope_tables itself
+    lengths = torch.tensor([5, 9])
+    assert all(torch.equal(a, b) for a, b in zip(decode_rope_tables(inv_freq.cpu(), lengths, 0.5),
+                                                 rope_tables(inv_freq.cpu(), lengths - 1, 0.5), strict=True))
