@@ -24,7 +24,9 @@ MAX_BLOCK_R = 64  # 512 outputs per program
 
 @triton.jit
 def _embedding_int4_kernel(ids_ptr, qw_ptr, sc_ptr, out_ptr, qw_row_stride, sc_row_stride, rows,
-                           GROUP: tl.constexpr, BLOCK_R: tl.constexpr):
+                           w_ptr, sg_ptr, ss_ptr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, NORM: tl.constexpr):
+    """NORM: also the first RMSNorm's half (as an output GEMV's residual epilogue does): ``s * w`` in the output
+    dtype and this tile's sum of s^2 (``ss [tokens, tiles]`` fp32), s the rounded row; the next GEMV finishes it."""
     token = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # packed row r holds hidden 8r .. 8r+7
     live = row < rows
@@ -38,7 +40,14 @@ def _embedding_int4_kernel(ids_ptr, qw_ptr, sc_ptr, out_ptr, qw_row_stride, sc_r
     values = (codes.to(tl.float32) - 8.0) * scale[:, None]
     hidden_idx = row[:, None] * 8 + nibble[None, :]
     out = out_ptr + token * rows * 8 + hidden_idx
-    tl.store(out, values.to(out_ptr.dtype.element_ty), mask=hidden_idx < rows * 8)
+    rounded = values.to(out_ptr.dtype.element_ty)
+    tl.store(out, rounded, mask=hidden_idx < rows * 8)
+    if NORM:
+        s32 = rounded.to(tl.float32)  # past the row's end: codes 0 times scale 0, so nothing in the sum
+        w = tl.load(w_ptr + hidden_idx, mask=hidden_idx < rows * 8, other=0.0).to(tl.float32)
+        tl.store(sg_ptr + token * rows * 8 + hidden_idx, (s32 * w).to(out_ptr.dtype.element_ty),
+                 mask=hidden_idx < rows * 8)
+        tl.store(ss_ptr + token * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(s32 * s32, axis=1), axis=0))
 
 
 def _check(ids, qweight, scales, group_size: int, dtype) -> None:
@@ -71,11 +80,13 @@ def _check_ids_in_range(flat_ids: torch.Tensor, vocab: int) -> None:
 
 
 def embedding_int4(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                   dtype: torch.dtype = torch.float32, check_ids: bool = True) -> torch.Tensor:
+                   dtype: torch.dtype = torch.float32, check_ids: bool = True, norm_weight: torch.Tensor | None = None):
     """Triton: rows ``ids`` (any shape) of the packed table -> ``[*ids.shape, hidden]`` in ``dtype``.
 
     The id range check costs a device->host sync (~60 us on an H100, most of a decode step's lookup) and cannot
     run inside a CUDA graph capture; callers whose ids are already validated (the engine) pass ``check_ids=False``.
+    ``norm_weight [hidden]``: return ``(rows, rows * w, sums [tokens, tiles])`` instead, the first half of the
+    RMSNorm that follows (``runtime.linear.Prenormed``), in the same launch.
     """
     _check(ids, qweight, scales, group_size, dtype)
     if ids.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -84,17 +95,24 @@ def embedding_int4(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     if qweight.stride(1) != 1 or scales.stride(1) != 1:
         raise ValueError("qweight and scales need a contiguous last (vocab) dim")
     rows, vocab = qweight.shape
+    if norm_weight is not None and (norm_weight.shape != (rows * PACK,) or norm_weight.stride(0) != 1
+                                    or norm_weight.device != ids.device):
+        raise ValueError(f"norm_weight must be a contiguous [{rows * PACK}] tensor on {ids.device}")
     out = torch.empty(*ids.shape, rows * PACK, dtype=dtype, device=ids.device)
     flat = ids.reshape(-1).contiguous()  # a strided 1-D view would reshape to itself
-    if flat.numel() == 0:
-        return out
-    if check_ids:
-        _check_ids_in_range(flat, vocab)
     block_r = min(MAX_BLOCK_R, triton.next_power_of_2(rows))
     grid = (flat.numel(), triton.cdiv(rows, block_r))
-    _embedding_int4_kernel[grid](flat, qweight, scales, out, qweight.stride(0), scales.stride(0), rows,
-                                 GROUP=group_size, BLOCK_R=block_r, num_warps=4 if block_r >= 32 else 1)
-    return out
+    sg = torch.empty_like(out) if norm_weight is not None else out
+    sums = torch.empty(flat.numel(), grid[1], dtype=torch.float32, device=ids.device) if norm_weight is not None \
+        else out
+    if flat.numel():
+        if check_ids:
+            _check_ids_in_range(flat, vocab)
+        w = norm_weight if norm_weight is not None else out
+        _embedding_int4_kernel[grid](flat, qweight, scales, out, qweight.stride(0), scales.stride(0), rows, w, sg,
+                                     sums, GROUP=group_size, BLOCK_R=block_r, NORM=norm_weight is not None,
+                                     num_warps=4 if block_r >= 32 else 1)
+    return out if norm_weight is None else (out, sg, sums)
 
 
 def embedding_int4_reference(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,

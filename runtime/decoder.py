@@ -301,7 +301,10 @@ class ElasticDecoder(nn.Module):
         return self.embed if self.lm_head is None else self.lm_head
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed.lookup(input_ids).to(self.norm.weight.dtype)
+        dtype = self.norm.weight.dtype
+        if isinstance(self.embed, Int4Linear):  # rows in the model dtype straight from the kernel (fp32 math, one
+            return self.embed.lookup(input_ids, dtype)  # rounding: the same bits as a cast after), no cast launch
+        return self.embed.lookup(input_ids).to(dtype)
 
     def final_hidden(self, x: torch.Tensor, pending: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm of ``x + pending`` (in the original basis when a tied table is rotated, see
@@ -355,13 +358,32 @@ class ElasticDecoder(nn.Module):
         """Logits [B, T, V] at a rung of the ladder (or explicit per-layer ``sizes``)."""
         sizes = sizes or (cache.sizes if cache is not None else self.sizes_for(rung))
         ctx = self.context(input_ids, attention_mask, positions, cache)
-        x, pending = self.embed_tokens(input_ids), None
+        x, pending = self._embed(input_ids, cache)
         for i, layer in enumerate(self.layers):
             after = self.layers[i + 1] if i + 1 < len(self.layers) else None
             next_norm = after.first_norm if after is not None and after.takes_prenormed else None
+            if after is None and self.head_takes_prenormed:
+                next_norm = self.norm
             x, pending = layer(x, sizes[i], ctx, layer=i, pending=pending, defer=True, next_norm=next_norm)
         if isinstance(cache, KVCache):
             cache.advance(input_ids.shape[1])
-        if logits_to_keep:
+        if logits_to_keep and not isinstance(pending, Prenormed):  # a Prenormed comes from a one-token step
             x, pending = x[:, -logits_to_keep:], None if pending is None else pending[:, -logits_to_keep:]
         return self.head(self.final_hidden(x, pending))
+
+    def _embed(self, input_ids, cache) -> tuple[torch.Tensor, Prenormed | None]:
+        """The token rows, and ``pending``: in a fused decode step (bf16, INT4 table) whose first layer finishes a
+        norm begun before it, that norm's first half from the lookup itself (one launch less a step)."""
+        first = self.layers[0] if len(self.layers) else None
+        if (isinstance(cache, DecodeBatch) and _fused_kernels(input_ids) and isinstance(self.embed, Int4Linear)
+                and self.norm.weight.dtype == torch.bfloat16 and first is not None and first.takes_prenormed):
+            begun = self.embed.lookup_prenormed(input_ids, torch.bfloat16, first.first_norm)
+            return begun.x, begun
+        return self.embed_tokens(input_ids), None
+
+    @property
+    def head_takes_prenormed(self) -> bool:
+        """The vocab projection can finish the final norm begun by the last block's output GEMV in a decode step
+        (an INT4 head, one launch less a step): not a rotated tied table, normalised in the original basis
+        (``final_hidden``)."""
+        return self.hidden_rotation is None and isinstance(self.head, Int4Linear)

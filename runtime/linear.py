@@ -14,6 +14,7 @@ from torch import nn
 
 from uniql.kernels import int4_cpu, int4_format, ops
 from uniql.kernels import int4_matmul as _mm
+from uniql.kernels.embedding import embedding_int4
 
 from .host_forms import HOST, DenseHost, Int4Host
 
@@ -140,6 +141,13 @@ class Int4Linear(nn.Module):
     def lookup(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """Embedding rows: row ``v`` of the table is column ``v`` of the packed ``[hidden, vocab]``."""
         return ops.embedding(ids, self.qweight, self.scales, self.group_size, dtype)
+
+    def lookup_prenormed(self, ids: torch.Tensor, dtype: torch.dtype, norm) -> Prenormed:
+        """Embedding rows with the first half of ``norm`` (the first layer's RMSNorm) done in the same launch: a
+        :class:`Prenormed` the first projection finishes (Triton: CUDA, or the interpreter in tests)."""
+        rows, rows_w, sums = embedding_int4(ids, self.qweight, self.scales, self.group_size, dtype, check_ids=False,
+                                            norm_weight=norm.weight)
+        return Prenormed(rows, rows_w, sums, norm)
 
     def nbytes(self, n: int | None = None, k: int | None = None) -> int:
         n = self.out_features if n is None else n

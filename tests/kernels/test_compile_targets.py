@@ -28,7 +28,7 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "vn_ptr": "*bf16", "kp_ptr": "*i64", "vp_ptr": "*i64", "cap_ptr": "*i32", "len_ptr": "*i32",
         "scale": "fp32", "eps": "fp32", "g_ptr": "*bf16", "act_ptr": "*bf16", "res_ptr": "*bf16",
         "res_out_ptr": "*bf16", "sg_ptr": "*bf16", "ss_out_ptr": "*fp32", "ss_in_ptr": "*fp32", "inv_k": "fp32",
-        "val_ptr": "*fp32", "fin_ptr": "*i32", "freq_ptr": "*fp32", "scaling": "fp32"}
+        "val_ptr": "*fp32", "fin_ptr": "*i32", "freq_ptr": "*fp32", "scaling": "fp32", "ss_ptr": "*fp32"}
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, FUSED=True,
            PDL=PDL)
@@ -49,7 +49,7 @@ CASES = [
     (int4_dequant._dequant_kernel, dict(GROUP=64, BLOCK_R=8, BLOCK_N=128), 4),
     (rope._rope_qk_kernel, dict(BLOCK_P=64, PDL=PDL), 2),
     (rope._decode_tables_kernel, dict(SCALE=True, BLOCK_P=64), 1),
-    (embedding._embedding_int4_kernel, dict(GROUP=64, BLOCK_R=64), 4),
+    (embedding._embedding_int4_kernel, dict(GROUP=64, BLOCK_R=64, NORM=True), 4),
     (elementwise._rms_norm_kernel, dict(BLOCK=4096, ADD=True, PDL=PDL), 4),
     (elementwise._silu_mul_kernel, dict(BLOCK=1024, PDL=PDL), 4),
     (elementwise._group_rms_kernel, dict(BLOCK_H=16, BLOCK_P=64), 4),

@@ -103,3 +103,22 @@ def test_cpu_tensors_without_interpreter_point_to_the_reference(monkeypatch):
     qweight, scales = _table(10, 64, 32)
     with pytest.raises(ValueError, match="use embedding_int4_reference on CPU"):
         embedding_int4(torch.tensor([1]), qweight, scales, 32)
+
+
+@pytest.mark.parametrize(("hidden", "dtype"), [(1024, torch.float16), (96, torch.float32), (4096, torch.float16)])
+def test_kernel_begins_the_next_rmsnorm(hidden, dtype):
+    """norm_weight: the rows, rows * w rounded like them, and each tile's fp32 sum of the rounded rows' squares
+    (what an output GEMV's residual epilogue hands the next GEMV); tiles of 512 values, the last one partial."""
+    qweight, scales = _table(300, hidden, 32, seed=3)
+    ids = torch.tensor([[5, 299, 0]], device=DEVICE)
+    weight = (torch.rand(hidden) + 0.5).to(DEVICE, dtype)
+    rows, rows_w, sums = embedding_int4(ids, qweight, scales, 32, dtype, norm_weight=weight)
+    want = embedding_int4_reference(ids, qweight, scales, 32, dtype)
+    assert torch.equal(rows, want) and torch.equal(embedding_int4(ids, qweight, scales, 32, dtype), want)
+    assert torch.equal(rows_w, (want.float() * weight.float()).to(dtype))
+    tiles = -(-hidden // 512)
+    per_tile = torch.nn.functional.pad(want.float().reshape(3, hidden) ** 2, (0, tiles * 512 - hidden))
+    assert sums.shape == (3, tiles) and sums.dtype == torch.float32
+    torch.testing.assert_close(sums, per_tile.reshape(3, tiles, 512).sum(-1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="norm_weight must be a contiguous"):
+        embedding_int4(ids, qweight, scales, 32, dtype, norm_weight=weight[:-1])

@@ -287,10 +287,11 @@ def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkey
     """A decode step whose o/down/out_proj GEMVs do the residual add and half of the next RMSNorm (the q|k|v,
     z|x|B|C|dt and gate|up GEMVs finish it) gives the logits of the same step with separate add+RMSNorm kernels, in
     bf16 (the fold serves bf16 streams only). CPU: the Triton kernels in the interpreter. Every block's output
-    folds into the next block's norm but the last one's (the final norm before the head)."""
+    folds into the next block's norm, the last one's into the final norm where an INT4 head finishes it; an INT4
+    table's lookup begins the first norm."""
     import uniql.runtime.decoder as decoder_module
     from uniql.runtime.cache import DecodeBatch
-    from uniql.runtime.decoder import DecoderLayer, ElasticMLP
+    from uniql.runtime.decoder import DecoderLayer, ElasticDecoder, ElasticMLP
     from uniql.runtime.linear import Int4Linear
 
     dev = torch.device("cuda" if CUDA else "cpu")
@@ -302,6 +303,9 @@ def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkey
     folds = []
     real = Int4Linear.forward_residual
     monkeypatch.setattr(Int4Linear, "forward_residual", lambda *a: folds.append(1) or real(*a))
+    begun = []  # the INT4 table's lookup doing the first norm's half
+    real_lookup = Int4Linear.lookup_prenormed
+    monkeypatch.setattr(Int4Linear, "lookup_prenormed", lambda *a: begun.append(1) or real_lookup(*a))
 
     def step() -> torch.Tensor:
         cache = model.new_cache(1, 8, rung, torch.bfloat16)
@@ -314,9 +318,12 @@ def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkey
 
     folded = step()
     blocks = sum(len(layer.blocks) for layer in model.layers)
-    assert len(folds) == blocks - 1
+    assert len(folds) == (blocks if isinstance(model.head, Int4Linear) else blocks - 1)  # the SSM ones: dense heads
+    assert family != "llama" or isinstance(model.head, Int4Linear)
+    assert len(begun) == (1 if isinstance(model.embed, Int4Linear) else 0) and (family != "llama" or begun)
     monkeypatch.setattr(DecoderLayer, "takes_prenormed", property(lambda self: False))
     monkeypatch.setattr(ElasticMLP, "takes_prenormed", property(lambda self: False))
+    monkeypatch.setattr(ElasticDecoder, "head_takes_prenormed", property(lambda self: False))
     plain = step()
     assert torch.isfinite(folded).all()
     torch.testing.assert_close(folded.float(), plain.float(), atol=3e-2, rtol=3e-2)
