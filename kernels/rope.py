@@ -96,15 +96,15 @@ def decode_rope_tables(inv_freq: torch.Tensor, lengths: torch.Tensor, scaling: f
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rope_tables`` at positions ``lengths - 1`` (a decode step's new tokens; ``lengths`` int32/int64 ``[B]``
     counts them) in one launch, where torch takes seven small ones (the positions, a cast, the angles, cos, sin and
-    two scalings): a few microseconds of every graph-replayed step. Off the GPU (and outside the interpreter) it is
-    ``rope_tables`` itself."""
+    two scalings): a few microseconds of every graph-replayed step. Off the GPU (and outside the interpreter) or under
+    ``torch.compile`` it is ``rope_tables`` itself."""
     if inv_freq.dim() != 1 or lengths.dim() != 1 or lengths.dtype not in INDEX_DTYPES:
         raise ValueError(f"inv_freq must be [P] and lengths int32/int64 [B], got {tuple(inv_freq.shape)} / "
                          f"{lengths.dtype} {tuple(lengths.shape)}")
     if inv_freq.device != lengths.device:
         raise ValueError(f"inv_freq and lengths must share a device, got {inv_freq.device} / {lengths.device}")
-    if lengths.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return rope_tables(inv_freq, lengths.long() - 1, scaling)
+    if torch.compiler.is_compiling() or (lengths.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return rope_tables(inv_freq, lengths.long() - 1, scaling)  # torch ops: what torch.compile can trace
     half = inv_freq.shape[0]
     cos = torch.empty(lengths.shape[0], half, dtype=torch.float32, device=lengths.device)
     sin = torch.empty_like(cos)

@@ -376,7 +376,8 @@ class ElasticDecoder(nn.Module):
         norm begun before it, that norm's first half from the lookup itself (one launch less a step)."""
         first = self.layers[0] if len(self.layers) else None
         if (isinstance(cache, DecodeBatch) and _fused_kernels(input_ids) and isinstance(self.embed, Int4Linear)
-                and self.norm.weight.dtype == torch.bfloat16 and first is not None and first.takes_prenormed):
+                and self.norm.weight.dtype == torch.bfloat16 and first is not None and first.takes_prenormed
+                and not torch.compiler.is_compiling()):  # as forward_residual: the fold is for eager / graphs
             begun = self.embed.lookup_prenormed(input_ids, torch.bfloat16, first.first_norm)
             return begun.x, begun
         return self.embed_tokens(input_ids), None

@@ -160,3 +160,11 @@ def test_decode_tables_check_their_inputs(monkeypatch):
     lengths = torch.tensor([5, 9])
     assert all(torch.equal(a, b) for a, b in zip(decode_rope_tables(inv_freq.cpu(), lengths, 0.5),
                                                  rope_tables(inv_freq.cpu(), lengths - 1, 0.5), strict=True))
+
+
+def test_decode_tables_trace_under_torch_compile():
+    """torch.compile cannot trace the direct Triton launch: compiled code takes the torch ops, same tables."""
+    inv_freq, lengths = torch.rand(8), torch.tensor([3, 40], dtype=torch.int32)
+    compiled = torch.compile(lambda f, n: decode_rope_tables(f, n, 0.5), backend="eager", fullgraph=True)
+    got, want = compiled(inv_freq, lengths), rope_tables(inv_freq, lengths.long() - 1, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
