@@ -154,9 +154,8 @@ class ModelRunner:
     def _decode_eager(self, rung: int, ids: list[int], lengths: list[int], caches: list[KVCache]) -> torch.Tensor:
         batch = DecodeBatch(self.model.sizes_for(rung), len(caches), max(c.max_len for c in caches), self.device)
         batch.bind(caches, torch.tensor(lengths, dtype=torch.int32))
-        ids_t = torch.tensor(ids, device=self.device).view(-1, 1)
-        positions = torch.tensor(lengths, device=self.device).view(-1, 1) - 1
-        return self.model(ids_t, positions=positions, cache=batch, logits_to_keep=1)[:, -1]
+        ids_t = torch.tensor(ids, device=self.device).view(-1, 1)  # positions: the bound lengths - 1
+        return self.model(ids_t, cache=batch, logits_to_keep=1)[:, -1]
 
     def free(self, request_id: str) -> None:
         """Drop a request's cache at once (finished or cancelled). A queued lookahead may still write to it: the
