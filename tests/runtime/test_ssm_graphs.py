@@ -115,7 +115,7 @@ def test_rebinding_keeps_the_tables_and_reads_the_new_requests(small, monkeypatc
         assert ssm_table.tolist() == [c.ssm[mamba].data_ptr() for c in caches]
         ids = torch.tensor([[r.output_ids[-1]] for r in reqs])
         with torch.inference_mode():
-            got = small(ids, positions=lengths.long().view(-1, 1) - 1, cache=held, logits_to_keep=1)[:, -1]
+            got = small(ids, cache=held, logits_to_keep=1)[:, -1]  # positions from the bound lengths, as the runner
         for c, saved in zip(caches, before, strict=True):  # the step moved each bound request's own states;
             states = [t for t in c.conv + c.ssm if t is not None]  # undo, then step through a fresh batch
             assert not any(torch.equal(t, old) for t, old in zip(states, saved, strict=True))
