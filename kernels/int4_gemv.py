@@ -28,6 +28,7 @@ import os
 import triton
 import triton.language as tl
 
+from .gemv_norm import _group_rstd, _pick_group, _row_rstd
 from .int4_tiles import _finish, _glu_pair, _rows_out, _segment
 from .pdl import early_loads, pdl_enabled, pdl_enter
 
@@ -153,7 +154,6 @@ def _prefetch_tiles(qw_ptr, stride_qw, col, n_left, t0, t1, rows_k, SUB_R: tl.co
         tl.inline_asm_elementwise(_ASM_PREFETCH, "=r,l,r", [ptrs, live], dtype=tl.int32, is_pure=False, pack=1)
 
 
-
 @triton.jit
 def _dot1(wa, wb, p):
     return tl.inline_asm_elementwise(_ASM_DOT1, _CON_DOT1, [wa, wb, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]],
@@ -213,12 +213,12 @@ def _xs(p, j: tl.constexpr, mask, rs):
 
 
 @triton.jit
-def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, rs, X_BF16: tl.constexpr, ASM: tl.constexpr,
-               NORM: tl.constexpr):
+def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, rs_a, rs_b, X_BF16: tl.constexpr,
+               ASM: tl.constexpr, NORM: tl.constexpr):
     """Activation row m's pairs for both row blocks of the tile (8 int32 tensors [SUB_R, 1]); zero past M."""
     ok = (ra * 0 + m) < M  # a tensor predicate (a Python bool breaks the interpreter's masks)
-    a0, a1, a2, a3 = _x_pairs(x_ptr + m * stride_xm, ra, ma & ok, rs, X_BF16, ASM, NORM)
-    b0, b1, b2, b3 = _x_pairs(x_ptr + m * stride_xm, rb, mb & ok, rs, X_BF16, ASM, NORM)
+    a0, a1, a2, a3 = _x_pairs(x_ptr + m * stride_xm, ra, ma & ok, rs_a, X_BF16, ASM, NORM)
+    b0, b1, b2, b3 = _x_pairs(x_ptr + m * stride_xm, rb, mb & ok, rs_b, X_BF16, ASM, NORM)
     return a0, a1, a2, a3, b0, b1, b2, b3
 
 
@@ -227,14 +227,16 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
                     s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
                     act_ptr, stride_am, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles,
-                    ss_in_ptr, n_parts, inv_k, eps,
+                    ss_in_ptr, n_parts, inv_k, eps, norm_heads, norm_hpg, norm_groups,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                     GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
                     X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SUM_STEP: tl.constexpr,
-                    EARLY: tl.constexpr):
+                    EARLY: tl.constexpr, NORM_G: tl.constexpr):
     """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``).
     RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``).
+    NORM_G (> 0, with NORM, one row): a group RMSNorm instead (Mamba2's gated norm, ``gemv_norm``): x holds
+    g * w in the rank-major layout, each packed row of 8 inputs takes its head group's 1 / rms.
     EARLY (with RES): the residual input is loaded before the split-K sum, not after it (``pdl.early_loads``)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -260,7 +262,9 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     acc3 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
     # x holds s * w of an RMSNorm (NORM): each row's 1 / rms(s) scales its activations before the fp16 pack
     # (loads of rows a BLOCK_M never reaches are dead code)
-    rs0 = _row_rstd(ss_in_ptr, 0, M, n_parts, inv_k, eps, NORM, PARTS_P)
+    rs0 = _row_rstd(ss_in_ptr, 0, M, n_parts, inv_k, eps, NORM and NORM_G == 0, PARTS_P)
+    if NORM_G > 0:
+        grp_rs = _group_rstd(ss_in_ptr, n_parts, inv_k, eps, norm_groups, NORM_G, PARTS_P)  # [NORM_G]
     rs1 = _row_rstd(ss_in_ptr, 1, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs2 = _row_rstd(ss_in_ptr, 2, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs3 = _row_rstd(ss_in_ptr, 3, M, n_parts, inv_k, eps, NORM, PARTS_P)
@@ -276,7 +280,12 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         # 17-30 % slower on the H100 (benchmarks/results/gemv_ab_h100.json)
         scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
         scale = scale.to(tl.float32)
-        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0, X_BF16, ASM, NORM)
+        if NORM_G > 0:
+            rs0a = _pick_group(grp_rs, ra, norm_heads, norm_hpg, NORM_G)
+            rs0b = _pick_group(grp_rs, rb, norm_heads, norm_hpg, NORM_G)
+        else:
+            rs0a, rs0b = rs0, rs0
+        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0a, rs0b, X_BF16, ASM, NORM)
         if BLOCK_M == 1:
             if ASM:  # noqa: SIM108 (a constexpr branch, not a run-time select)
                 d0 = _dot1(wa, wb, p0)
@@ -284,7 +293,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 d0 = _dot_emulated(wa, wb, p0)
             acc0 += d0 * scale
         elif BLOCK_M == 2:
-            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
+            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, rs1, X_BF16, ASM, NORM)
             if ASM:
                 d0, d1 = _dot2(wa, wb, p0, p1)
             else:
@@ -292,9 +301,9 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc0 += d0 * scale
             acc1 += d1 * scale
         else:
-            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
-            p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, rs2, X_BF16, ASM, NORM)
-            p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, rs3, X_BF16, ASM, NORM)
+            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, rs1, X_BF16, ASM, NORM)
+            p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, rs2, rs2, X_BF16, ASM, NORM)
+            p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, rs3, rs3, X_BF16, ASM, NORM)
             if ASM:
                 d0, d1, d2, d3 = _dot4(wa, wb, p0, p1, p2, p3)
             else:
@@ -323,16 +332,6 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             _glu_pair(total, cnt_ptr + 2 * nb0 + blk, is_gate, out_ptr, stride_om, act_ptr, stride_am, offs_m,
                       offs_m < M, out0 + offs_n, offs_n, offs_n < n_len, tl.where(is_gate, l0, -l0))
 
-
-@triton.jit
-def _row_rstd(ss_ptr, m: tl.constexpr, M, n_parts, inv_k, eps, ON: tl.constexpr, PARTS_P: tl.constexpr):
-    """Row m's 1 / sqrt(mean(s^2) + eps) from the producer's per-tile sums of squares ``[M, n_parts]`` (1.0 when
-    not ON; rows past M are masked anyway)."""
-    if ON:
-        parts = tl.arange(0, PARTS_P)
-        ss = tl.load(ss_ptr + m * n_parts + parts, mask=(parts < n_parts) & ((parts * 0 + m) < M), other=0.0)
-        return 1.0 / tl.sqrt(tl.sum(ss, axis=0) * inv_k + eps)
-    return 1.0
 
 
 @triton.jit
@@ -364,14 +363,21 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there. ``residual`` = (x, s_out, w,
     sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` = (ss ``[M, P]``,
     eps): x holds s * w; each activation is multiplied by its row's 1/rms (from those sums) before the fp16
-    conversion."""
+    conversion; (ss ``[1, groups * P]``, eps, heads, groups, count): the same per head group (``gemv_norm``),
+    ``count`` values a group."""
     pdl, early = pdl_enabled(args[0].device), early_loads(args[7])  # args[7]: M, the decode rows
     out = args[4]
     glu = (act, act.stride(0)) if act is not None else (out, 0)
     res = (*residual, residual[0].stride(0), residual[4].shape[1]) if residual is not None \
         else (out, out, out, out, out, 0, 1)
-    nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1])) if norm is not None else (out, 1, 1.0, 0.0)
+    nrm, norm_g = (out, 1, 1.0, 0.0, 8, 8, 1), 0
+    if norm is not None and len(norm) == 5:  # per head group
+        ss, eps, heads, groups, count = norm
+        nrm, norm_g = (ss, ss.shape[1] // groups, 1.0 / count, float(eps), heads, heads // groups, groups), groups
+    elif norm is not None:
+        nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1]), 8, 8, 1)
     _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
                           NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
                           ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, launch_pdl=pdl,
+                          NORM_G=triton.next_power_of_2(norm_g) if norm_g else 0,
                           **constexprs)

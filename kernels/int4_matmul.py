@@ -203,10 +203,17 @@ def _check_bias(bias, n_total: int, x) -> None:
 
 
 def _check_norm(norm, m: int, x) -> None:
-    """``norm`` = (ss, eps): the GEMV reads row r's P partial sums at ``ss + r * P`` (P = ss.shape[1]), fp32."""
+    """``norm`` = (ss, eps): the GEMV reads row r's P partial sums at ``ss + r * P`` (P = ss.shape[1]), fp32; or
+    (ss, eps, heads, groups, count), a group norm over rank-major inputs (one row; 8 | heads per group)."""
     if norm is None:
         return
     ss = norm[0]
+    if len(norm) == 5:
+        _, _, heads, groups, count = norm
+        if m != 1 or groups < 1 or heads % groups or (heads // groups) % 8 or ss.shape[-1] % groups or count < 1:
+            raise ValueError(f"a group norm in the GEMV needs one row, heads per group a multiple of 8 and sums of "
+                             f"groups x parts: got {m} rows, {heads} heads, {groups} groups, sums "
+                             f"{tuple(ss.shape)}")
     if ss.dtype != torch.float32 or ss.dim() != 2 or ss.shape[0] < m or ss.shape[1] < 1 \
             or not ss.is_contiguous() or ss.device != x.device:
         raise ValueError(f"norm sums must be a contiguous fp32 [>= {m} rows, parts] tensor on {x.device}, got "
@@ -273,11 +280,11 @@ def half2_gemv_config(m: int, n_total: int, k: int, group_size: int, x: torch.Te
 
 def int4_residual(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, k: int,
                   residual: torch.Tensor, norm_weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: Int4Config | None = None):
+                  config: Int4Config | None = None, norm=None):
     """A block's output projection fused with the residual add and the first half of the next RMSNorm:
     ``s = residual + x @ W`` (every output column, ``k`` active inputs), ``s * norm_weight`` and per-tile sums
     of s^2 ``[M, tiles]`` fp32, in one launch. Returns ``(s, s * w, sums)``, or None when the half2 GEMV does
-    not serve this shape (the caller then runs the plain projection)."""
+    not serve this shape (the caller then runs the plain projection). ``norm``: as ``int4_matmul``'s."""
     n = qweight.shape[1]
     k, _, lead, x2 = _inputs(x, qweight, scales, group_size, None, k, None)
     cfg = config or half2_gemv_config(x2.shape[0], n, k, group_size, x)
@@ -294,7 +301,8 @@ def int4_residual(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     res2 = residual.reshape(-1, n).contiguous()
     out, s, sg = (torch.empty_like(res2) for _ in range(3))
     sums = torch.empty(res2.shape[0], triton.cdiv(n, cfg.block_n), dtype=torch.float32, device=x.device)
-    _launch(cfg, x2, qweight, scales, group_size, k, [(0, n)], bias, out, residual=(res2, s, norm_weight, sg, sums))
+    _launch(cfg, x2, qweight, scales, group_size, k, [(0, n)], bias, out, residual=(res2, s, norm_weight, sg, sums),
+            norm=norm)
     return s.reshape(*lead, n), sg.reshape(*lead, n), sums
 
 

@@ -77,9 +77,12 @@ def _state_tile(state_ptr, b, h, p, n, s_b, s_h, s_p, s_n, P, N, TABLE: tl.const
 @triton.jit
 def _update_kernel(state_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, out_ptr,
                    s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n,
-                   z_b, z_h, z_p, o_b, o_h, o_p, heads_per_group, P, N, dt_lo, dt_hi,
+                   z_b, z_h, z_p, o_b, o_h, o_p, heads_per_group, P, N, dt_lo, dt_hi, w_ptr, ss_ptr,
                    TABLE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-                   SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NORM_OUT: tl.constexpr):
+    """NORM_OUT: begin the gated RMSNorm: write y * w (w rank-major, channel ``p * H + h``) and this tile's sum of
+    y^2 at ``ss[b, h * tiles + pb]``, which the out_proj GEMV finishes (``gemv_norm``)."""
     b, h, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // heads_per_group
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -97,6 +100,11 @@ def _update_kernel(state_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, 
     if HAS_Z:
         z = tl.load(z_ptr + b * z_b + h * z_h + p * z_p, mask=live_p, other=0.0).to(tl.float32)
     y = _advance(s_ptrs, live, x, dt, a, bv, cv, d_ptr, h, z, HAS_D, HAS_Z)
+    if NORM_OUT:
+        heads, tiles = tl.num_programs(1), tl.num_programs(2)
+        w = tl.load(w_ptr + p * heads + h, mask=live_p, other=0.0).to(tl.float32)
+        tl.store(ss_ptr + (b * heads + h) * tiles + pb, tl.sum(tl.where(live_p, y * y, 0.0), axis=0))
+        y = y * w
     tl.store(out_ptr + b * o_b + h * o_h + p * o_p, y.to(out_ptr.dtype.element_ty), mask=live_p)
 
 
@@ -178,10 +186,12 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
                            B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
                            z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
                            dt_softplus: bool = False, dt_limit: tuple[float, float] | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None):
     """One decode step (Triton); ``state`` (tensor or address table, see the module doc) is updated in place.
 
     Returns ``y [batch, H, P']``. Addresses in a table are trusted: the runtime builds them from live caches.
+    ``norm_weight`` (Mamba2's gated-norm weight, rank-major, >= H * P'): returns ``(y * w, sums)`` instead, sums
+    ``[batch, H * tiles]`` fp32 the tiles' sums of y^2, head by head (a group's partials side by side).
     """
     batch, heads, p = x.shape
     n = B.shape[-1]
@@ -189,16 +199,25 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
         out = torch.empty(batch, heads, p, dtype=x.dtype, device=x.device)
     _check(state, x, dt, A, B, C, D, z, dt_bias, out)
     block_p, block_n, warps = launch_config(p, n)
+    tiles = triton.cdiv(p, block_p)
+    sums = out
+    if norm_weight is not None:
+        if norm_weight.dim() != 1 or norm_weight.numel() < heads * p or norm_weight.stride(0) != 1 \
+                or norm_weight.device != x.device:
+            raise ValueError(f"norm_weight must be a contiguous 1-D tensor of >= {heads * p} on {x.device}")
+        sums = torch.empty(batch, heads * tiles, dtype=torch.float32, device=x.device)
     table = state.dtype == torch.int64
     s_strides = (0, p * n, n, 1) if table else state.stride()
     zs = z.stride() if z is not None else (0, 0, 0)
     lo, hi = dt_limit if dt_limit is not None else (0.0, float("inf"))
-    _update_kernel[(batch, heads, triton.cdiv(p, block_p))](
+    _update_kernel[(batch, heads, tiles)](
         state, x, dt, A, B, C, D, z, dt_bias, out, *s_strides, *x.stride(), *dt.stride(), *B.stride(),
         *C.stride(), *zs, *out.stride(), heads // B.shape[1], p, n, float(lo), float(hi),
+        out if norm_weight is None else norm_weight, sums,
         TABLE=table, HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, CLAMP=dt_limit is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
-    return out
+        SOFTPLUS=dt_softplus, CLAMP=dt_limit is not None, BLOCK_P=block_p, BLOCK_N=block_n,
+        NORM_OUT=norm_weight is not None, num_warps=warps)
+    return out if norm_weight is None else (out, sums)
 
 
 def selective_state_update_reference(state: torch.Tensor | list[torch.Tensor], x: torch.Tensor, dt: torch.Tensor,

@@ -28,15 +28,17 @@ the unfused kernels (``kernels/conv_update.py``, ``kernels/ssm_update.py``) run 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniql.kernels import elementwise, ops, ssm_step
+from uniql.kernels import elementwise, ops, ssm_step, ssm_update
 from uniql.kernels.ssm_scan import chunked_scan
 
 from .cache import DecodeBatch
-from .linear import DenseLinear, FusedInt4, Prenormed, fold_norm
+from .linear import DenseLinear, FusedInt4, GroupNormed, Prenormed, fold_norm
 from .spec import ArchSpec
 
 _CONV_ACTS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu}
@@ -175,6 +177,8 @@ class ElasticMamba(nn.Module):
         else:  # three launches (tables) or the torch references (lists of each request's states)
             xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
             x, B, C = self.split_heads(xbc, p, n)
+            if self._folds_norm(ssm_state, stream, p):  # two launches: the norm splits across update and out_proj
+                return self._update_folded(ssm_state, x, dt_raw, B, C, step, p, residual)
             gated = ops.ssm_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step)
             if gated.is_cuda:
                 normed = elementwise.group_rms_norm(gated, self.norm_weight, self.norm_groups, self.norm_eps, dtype)
@@ -183,6 +187,29 @@ class ElasticMamba(nn.Module):
         k = self.heads * p
         done = fold_norm(self.out_proj, normed[:, None], k, residual)
         return done if done is not None else self.out_proj(normed[:, None], k=k)
+
+    def _folds_norm(self, ssm_state, stream: torch.Tensor, p: int) -> bool:
+        """``UNIQL_SSM_NORM_FOLD=1`` (an experiment until its engine A/B): one request over an address table, head
+        groups of a multiple of 8 heads, and an out_proj the half2 GEMV serves."""
+        raw = os.environ.get("UNIQL_SSM_NORM_FOLD", "") or "0"
+        if raw not in ("0", "1"):
+            raise ValueError(f"UNIQL_SSM_NORM_FOLD must be 0 or 1, got {raw!r}")
+        per_group = self.heads // self.norm_groups
+        return (raw == "1" and isinstance(ssm_state, torch.Tensor) and ssm_state.dtype == torch.int64
+                and stream.shape[0] == 1 and per_group % 8 == 0 and stream.dtype in (torch.float16, torch.bfloat16)
+                and GroupNormed.serves(self.out_proj, stream, self.heads * p))
+
+    def _update_folded(self, ssm_state, x, dt_raw, B, C, step: dict, p: int, residual):
+        """The state update writes ``g * w`` rank-major and its tiles' sums of g^2; out_proj finishes the norm."""
+        k = self.heads * p
+        gw = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
+        _, sums = ssm_update.selective_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C,
+                                                    out=gw.view(-1, p, self.heads).transpose(1, 2),
+                                                    norm_weight=self.norm_weight, **step)
+        begun = GroupNormed(gw[:, None], sums, self.norm_eps, self.heads, self.norm_groups,
+                            self.heads // self.norm_groups * p)
+        done = fold_norm(self.out_proj, begun, k, residual)
+        return done if done is not None else self.out_proj(begun, k=k)
 
     def decay_rates(self) -> torch.Tensor:
         """``A = -exp(A_log)`` in fp32 for the decode step, computed once per value of ``A_log`` (three tiny

@@ -1,0 +1,42 @@
+"""The decode GEMV's norm prologue (``int4_gemv._gemv_h2_kernel``): the producer of its input wrote ``s * w`` and
+partial sums of ``s^2``; the GEMV scales each activation by 1 / rms before its fp16 conversion.
+
+* per row (an RMSNorm over the whole input, ``_row_rstd``): one scale a row, from ``[M, parts]`` sums.
+* per head group (Mamba2's gated RMSNorm, ``_group_rstd`` / ``_pick_group``): the input is rank-major (flat
+  channel ``c * H + h``), the sums ``[groups * parts]`` hold each group's partials side by side. When 8 divides both
+  H and the heads per group, the 8 inputs of a packed row (channels 8r .. 8r+7: one ``c``, heads ``h .. h+7``)
+  share a group, so the scale is one value per packed row.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_rstd(ss_ptr, m: tl.constexpr, M, n_parts, inv_k, eps, ON: tl.constexpr, PARTS_P: tl.constexpr):
+    """Row m's 1 / sqrt(mean(s^2) + eps) from the producer's per-tile sums of squares ``[M, n_parts]`` (1.0 when
+    not ON; rows past M are masked anyway)."""
+    if ON:
+        parts = tl.arange(0, PARTS_P)
+        ss = tl.load(ss_ptr + m * n_parts + parts, mask=(parts < n_parts) & ((parts * 0 + m) < M), other=0.0)
+        return 1.0 / tl.sqrt(tl.sum(ss, axis=0) * inv_k + eps)
+    return 1.0
+
+
+@triton.jit
+def _group_rstd(ss_ptr, n_parts, inv_count, eps, groups, G: tl.constexpr, PARTS_P: tl.constexpr):
+    """Each head group's 1 / sqrt(mean(g^2) + eps) ``[G]`` (row 0) from ``groups x n_parts`` partial sums, summed
+    in a fixed order (the same bits every step); ``inv_count`` = 1 / (heads per group x channels)."""
+    grp = tl.arange(0, G)[:, None]
+    part = tl.arange(0, PARTS_P)[None, :]
+    ss = tl.load(ss_ptr + grp * n_parts + part, mask=(grp < groups) & (part < n_parts), other=0.0)
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=1) * inv_count + eps)
+
+
+@triton.jit
+def _pick_group(grp_rs, rows, heads, heads_per_group, G: tl.constexpr):
+    """The scale of packed rows ``rows [R, 1]`` (inputs 8r .. 8r+7, one head group): ``[R, 1]``."""
+    grp = ((rows * 8) % heads) // heads_per_group
+    return tl.sum(tl.where(grp == tl.arange(0, G)[None, :], grp_rs[None, :], 0.0), axis=1)[:, None]
