@@ -18,7 +18,8 @@
 #            alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
-#            state update's head channels a program), ~35 s a run ->
+#            state update's head channels a program, UNIQL_SSM_NORM_FOLD=1 folds the gated norm into the update and
+#            out_proj, UNIQL_SSM_FUSED=1 the two-launch step), ~35 s a run ->
 #            ssm_envab_<gpu>*
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min
