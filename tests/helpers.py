@@ -209,3 +209,19 @@ def sort_with_random_calibration(model, order: str = "uniql", seqlen: int = 24) 
 
     run_layerwise(model, random_calib_batches(seqlen=seqlen), [SortStatsCollector(on_layer)])
     return stats_by_layer
+
+
+def int4_ssm_decoder(hf_model):
+    """A UniQL decoder of a transformers SSM / hybrid: a three-rung ladder (rates 0 / 0.25 / 0.5, g32 alignment) and
+    every layer projection RTN INT4 (g32), in eval mode."""
+    from uniql.compressor.quantize import rtn_linear
+    from uniql.runtime.hf_import import decoder_from_hf
+    from uniql.runtime.ladder import Alignment, spec_dim_steps, uniform_ladder
+
+    model = decoder_from_hf(hf_model)
+    model.ladder = uniform_ladder(model.full_sizes, spec_dim_steps(model.spec, Alignment(group_size=32)),
+                                  model.spec.num_layers, rates=(0.0, 0.25, 0.5))
+    for layer in model.layers:
+        for path in layer.linear_paths:
+            layer.set_linear(path, rtn_linear(layer.get_linear(path), 32))
+    return model.eval()

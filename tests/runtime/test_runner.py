@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_hf_model, tiny_ssm_hf_model
+from helpers import int4_ssm_decoder, tiny_hf_model, tiny_ssm_hf_model
 
 import uniql.runtime.cache as cache_module
 from uniql.compressor.quantize import quantize_tables, rtn_linear
@@ -210,13 +210,7 @@ class _Tok:
 
 
 def _ssm_model(family: str):
-    model = decoder_from_hf(tiny_ssm_hf_model(family, vocab=256, seed=2))
-    model.ladder = uniform_ladder(model.full_sizes, spec_dim_steps(model.spec, Alignment(group_size=32)),
-                                  model.spec.num_layers, rates=(0.0, 0.25, 0.5))
-    for layer in model.layers:
-        for path in layer.linear_paths:
-            layer.set_linear(path, rtn_linear(layer.get_linear(path), 32))
-    return model.eval()
+    return int4_ssm_decoder(tiny_ssm_hf_model(family, vocab=256, seed=2))
 
 
 @pytest.fixture(scope="module", params=["llama", "nemotron_h"])

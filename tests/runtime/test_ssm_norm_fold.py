@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_
+from helpers import int4_ssm_decoder, randomize_
 
 import uniql.runtime.cache as cache_module
 import uniql.runtime.decoder as decoder_module
-from uniql.compressor.quantize import rtn_linear
 from uniql.kernels import ssm_update
 from uniql.runtime.cache import DecodeBatch
 from uniql.runtime.fusion import fuse_projections
-from uniql.runtime.hf_import import decoder_from_hf
-from uniql.runtime.ladder import Alignment, spec_dim_steps, uniform_ladder
 
 pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
@@ -28,13 +25,7 @@ def _mamba2_one_group():
     torch.manual_seed(3)
     config = Mamba2Config(vocab_size=256, hidden_size=64, num_hidden_layers=2, chunk_size=8, num_heads=8, head_dim=16,
                           n_groups=1, state_size=16, conv_kernel=4, expand=2)
-    model = decoder_from_hf(randomize_(Mamba2ForCausalLM(config).eval()))
-    model.ladder = uniform_ladder(model.full_sizes, spec_dim_steps(model.spec, Alignment(group_size=32)),
-                                  model.spec.num_layers, rates=(0.0, 0.25, 0.5))
-    for layer in model.layers:
-        for path in layer.linear_paths:
-            layer.set_linear(path, rtn_linear(layer.get_linear(path), 32))
-    return model.eval()
+    return int4_ssm_decoder(randomize_(Mamba2ForCausalLM(config).eval()))
 
 
 @pytest.mark.parametrize("rung", [0, 2])
