@@ -69,7 +69,7 @@ for step in ${SUITE:-ab kernels decode}; do
         envabssm) envab ssm ssm_decode_gpu.py --models mamba2-8b-shape --skip-hf ;;
         splits) python3 split_sweep.py --mamba --json "$OUT/split_sweep_$gpu.json" 2> "$OUT/split_sweep_$gpu.txt" ;;
         ksweep) python3 kernel_bench.py --quick --batches 4 16 --rates 0 --layers qkv o gate_up down --repeats 3 --sweep \
-                    --sweep-batches 4 16 --no-prefill --out "$OUT/kernels_smallbatch_sweep_$gpu.json" \
+                    --sweep-batches 4 16 --prefill-m 0 --out "$OUT/kernels_smallbatch_sweep_$gpu.json" \
                     > "$OUT/kernels_smallbatch_sweep_$gpu.txt" 2>&1 ;;
         ssmprobe) python3 ssm_update_probe.py --json "$OUT/ssm_update_probe_$gpu.json" > "$OUT/ssm_update_probe_$gpu.txt" ;;
         attnprobe) python3 attention_probe.py --json "$OUT/attention_probe_$gpu.json" > "$OUT/attention_probe_$gpu.txt" ;;

@@ -272,8 +272,7 @@ def measure(bench: Bench, case: Case, m: int, sweep: bool) -> dict:
     return result
 
 
-def decode_rows(bench: Bench, model: str, layer: str, rates, batches, copy_tbps: float,
-                sweep_batches=(1,)) -> list[dict]:
+def decode_rows(bench: Bench, model: str, layer: str, rates, batches, copy_tbps: float, sweep_batches=(1,)):
     tiny_us, tiny_error = time_tinygemm(bench, build_case(model, layer, 0.0, bench.group_size), batches)
     elt = torch.finfo(bench.dtype).bits // 8
     rows = []
@@ -338,14 +337,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--layers", nargs="+", choices=LAYERS, help="default: all")
     ap.add_argument("--rates", nargs="+", type=float, help="default 0 0.15 0.25 0.35 (--quick: 0 0.35)")
     ap.add_argument("--batches", nargs="+", type=int, help="decode M; default 1 4 16 (--quick: 1)")
-    ap.add_argument("--prefill-m", type=int, default=2048)
+    ap.add_argument("--prefill-m", type=int, default=2048, help="0: no prefill rows (e.g. a small-batch sweep)")
     ap.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     ap.add_argument("--dtype", choices=("bfloat16", "float16"),
                     help="our activations; default bfloat16 (float16 for --cpu-smoke: the interpreter's bf16 is weak)")
     ap.add_argument("--repeats", type=int, help="graph replays per timing; default 20 (--quick: 5)")
     ap.add_argument("--quick", action="store_true", help="Llama only, rates 0/0.35, batch 1, prefill at rate 0")
     ap.add_argument("--sweep", action="store_true", help="also time every kernel.candidate_configs() config")
-    ap.add_argument("--no-prefill", action="store_true", help="decode rows only (e.g. a small-batch sweep)")
     ap.add_argument("--sweep-batches", type=int, nargs="+", default=[1],
                     help="decode batches --sweep tunes (rate 0; default 1), e.g. 4 16 for the small-batch GEMM")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
@@ -369,7 +367,7 @@ def main(argv=None) -> None:
     layers = args.layers or (["qkv", "o"] if smoke else list(LAYERS))
     rates = sorted(set(args.rates or ([0.0, 0.35] if quick else [0.0, 0.15, 0.25, 0.35])))
     batches = args.batches or ([1] if quick else [1, 4, 16])
-    prefill_m = 8 if smoke else args.prefill_m
+    prefill_m = min(8, args.prefill_m) if smoke else args.prefill_m
     timer = Timer(cuda=not smoke, repeats=args.repeats or (2 if smoke else 5 if quick else 20))
     bench = Bench(int4_matmul, torch.device("cpu" if smoke else "cuda"), getattr(torch, args.dtype), args.group_size,
                   timer, rotate_bytes=0 if smoke else ROTATE_BYTES, sweep=[] if args.sweep else None)
@@ -380,7 +378,7 @@ def main(argv=None) -> None:
     for model in models:
         for layer in layers:
             rows += decode_rows(bench, model, layer, rates, batches, copy_tbps, args.sweep_batches)
-            for rate in [] if args.no_prefill else [0.0, 0.35] if layer == "gate_up" and not quick else [0.0]:
+            for rate in [] if not prefill_m else [0.0, 0.35] if layer == "gate_up" and not quick else [0.0]:
                 prefill.append(prefill_row(bench, model, layer, rate, prefill_m))
     report = {"device": "cpu (TRITON_INTERPRET smoke)" if smoke else torch.cuda.get_device_name(),
               "pdl": not smoke and pdl_enabled(torch.device("cuda")),

@@ -63,7 +63,7 @@ def decode_files(results: dict) -> list[str]:
     launch settings (rows tagged with a ``variant``: envab_*, early_loads_*) are not: one curve through their rows
     would mix configurations; their own files say the answer (medians per variant) and Inputs lists them."""
     return [name for name, data in results.items()
-            if timed_rows(data) and not any("variant" in r for r in timed_rows(data))]
+            if (rows := timed_rows(data)) and not any("variant" in r for r in rows)]
 
 
 def timed_rows(data) -> list[dict]:

@@ -6,10 +6,13 @@ partial sums of ``s^2``; the GEMV scales each activation by 1 / rms before its f
   channel ``c * H + h``), the sums ``[groups * parts]`` hold each group's partials side by side. When 8 divides both
   H and the heads per group, the 8 inputs of a packed row (channels 8r .. 8r+7: one ``c``, heads ``h .. h+7``)
   share a group, so the scale is one value per packed row.
+
+``check_norm`` is the launchers' check of the ``norm`` argument that selects either.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -40,3 +43,21 @@ def _pick_group(grp_rs, rows, heads, heads_per_group, G: tl.constexpr):
     """The scale of packed rows ``rows [R, 1]`` (inputs 8r .. 8r+7, one head group): ``[R, 1]``."""
     grp = ((rows * 8) % heads) // heads_per_group
     return tl.sum(tl.where(grp == tl.arange(0, G)[None, :], grp_rs[None, :], 0.0), axis=1)[:, None]
+
+
+def check_norm(norm, m: int, x) -> None:
+    """``norm`` = (ss, eps): the GEMV reads row r's P partial sums at ``ss + r * P`` (P = ss.shape[1]), fp32; or
+    (ss, eps, heads, groups, count), a group norm over rank-major inputs (one row; 8 | heads per group)."""
+    if norm is None:
+        return
+    ss = norm[0]
+    if len(norm) == 5:
+        _, _, heads, groups, count = norm
+        if m != 1 or groups < 1 or heads % groups or (heads // groups) % 8 or ss.shape[-1] % groups or count < 1:
+            raise ValueError(f"a group norm in the GEMV needs one row, heads per group a multiple of 8 and sums of "
+                             f"groups x parts: got {m} rows, {heads} heads, {groups} groups, sums "
+                             f"{tuple(ss.shape)}")
+    if ss.dtype != torch.float32 or ss.dim() != 2 or ss.shape[0] < m or ss.shape[1] < 1 \
+            or not ss.is_contiguous() or ss.device != x.device:
+        raise ValueError(f"norm sums must be a contiguous fp32 [>= {m} rows, parts] tensor on {x.device}, got "
+                         f"{ss.dtype} {tuple(ss.shape)} stride {ss.stride()} on {ss.device}")

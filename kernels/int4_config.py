@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
+
+from .switches import env_choice
 
 MAX_SEGMENTS = 5  # q|k|v, gate|up, Mamba's z|x|B|C|dt
 GEMV_MAX_M = 4
@@ -57,18 +58,12 @@ def _split_for(n_blocks: int, k_tiles: int, target: int, within: bool = False) -
 
 def _wide_cols() -> int:
     """``UNIQL_WIDE_COLS``: the wide batch-1 GEMVs' block columns (256 by default; 128 is an experiment)."""
-    raw = os.environ.get("UNIQL_WIDE_COLS", "") or "256"
-    if raw not in ("128", "256"):
-        raise ValueError(f"UNIQL_WIDE_COLS must be 128 or 256, got {raw!r}")
-    return int(raw)
+    return int(env_choice("UNIQL_WIDE_COLS", ("128", "256"), "256"))
 
 
 def _narrow_split() -> str:
     """``UNIQL_NARROW_SPLIT``: ``wave`` (default, one wave of programs) or ``deep`` (the stop-28 split, for A/B)."""
-    raw = os.environ.get("UNIQL_NARROW_SPLIT", "") or "wave"
-    if raw not in ("wave", "deep"):
-        raise ValueError(f"UNIQL_NARROW_SPLIT must be wave or deep, got {raw!r}")
-    return raw
+    return env_choice("UNIQL_NARROW_SPLIT", ("wave", "deep"), "wave")
 
 
 def _sm_count(device: torch.device) -> int:

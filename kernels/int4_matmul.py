@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .elementwise import silu_mul
+from .gemv_norm import check_norm
 from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_path, pick_config
 from .int4_dequant import dequant_matmul
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
@@ -202,24 +203,6 @@ def _check_bias(bias, n_total: int, x) -> None:
                          f"{bias.device}")
 
 
-def _check_norm(norm, m: int, x) -> None:
-    """``norm`` = (ss, eps): the GEMV reads row r's P partial sums at ``ss + r * P`` (P = ss.shape[1]), fp32; or
-    (ss, eps, heads, groups, count), a group norm over rank-major inputs (one row; 8 | heads per group)."""
-    if norm is None:
-        return
-    ss = norm[0]
-    if len(norm) == 5:
-        _, _, heads, groups, count = norm
-        if m != 1 or groups < 1 or heads % groups or (heads // groups) % 8 or ss.shape[-1] % groups or count < 1:
-            raise ValueError(f"a group norm in the GEMV needs one row, heads per group a multiple of 8 and sums of "
-                             f"groups x parts: got {m} rows, {heads} heads, {groups} groups, sums "
-                             f"{tuple(ss.shape)}")
-    if ss.dtype != torch.float32 or ss.dim() != 2 or ss.shape[0] < m or ss.shape[1] < 1 \
-            or not ss.is_contiguous() or ss.device != x.device:
-        raise ValueError(f"norm sums must be a contiguous fp32 [>= {m} rows, parts] tensor on {x.device}, got "
-                         f"{ss.dtype} {tuple(ss.shape)} stride {ss.stride()} on {ss.device}")
-
-
 def glu_width(segments) -> int:
     """The width of a GLU's (gate, up) segments, which must be two of one width."""
     segs = [tuple(seg) for seg in segments]
@@ -339,7 +322,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
     if (residual is not None or norm is not None) and not half2_gemv:  # before any path could ignore them
         raise ValueError(f"the RMSNorm split runs in the half2 GEMV only, not on the {cfg.path} path "
                          f"({x.dtype} activations)")
-    _check_norm(norm, m, x)
+    check_norm(norm, m, x)
     if cfg.path == "dequant":
         dequant_matmul(x, qweight, scales, group_size, k, segs, bias, out)
         return

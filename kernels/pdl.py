@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .switches import env_choice
+
 
 @functools.cache
 def _capable(index: int) -> bool:
@@ -66,7 +68,5 @@ def early_loads(batch: int) -> bool:
     slower: 5.28 vs 4.70 ms at batch 4 rate 0, 11.61 vs 6.93 at batch 16 rate 0 and 6-7 % at the other rates (the
     attention split pass, whose splits run several blocks there, took 982 us a step at batch 4 rate 0). Read per
     launch; anything else is a clear error."""
-    raw = os.environ.get("UNIQL_EARLY_LOADS", "") or "1"
-    if raw not in ("0", "1", "all"):
-        raise ValueError(f"UNIQL_EARLY_LOADS must be 0, 1 or all, got {raw!r}")
+    raw = env_choice("UNIQL_EARLY_LOADS", ("0", "1", "all"), "1")
     return raw == "all" or (raw == "1" and batch == 1)

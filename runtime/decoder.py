@@ -301,10 +301,9 @@ class ElasticDecoder(nn.Module):
         return self.embed if self.lm_head is None else self.lm_head
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        dtype = self.norm.weight.dtype
-        if isinstance(self.embed, Int4Linear):  # rows in the model dtype straight from the kernel (fp32 math, one
-            return self.embed.lookup(input_ids, dtype)  # rounding: the same bits as a cast after), no cast launch
-        return self.embed.lookup(input_ids).to(dtype)
+        # an INT4 table's rows come out of its kernel in the model dtype (fp32 math, one rounding: the bits of a
+        # cast after it), so a decode step spends no launch on a cast
+        return self.embed.lookup(input_ids, self.norm.weight.dtype)
 
     def final_hidden(self, x: torch.Tensor, pending: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm of ``x + pending`` (in the original basis when a tied table is rotated, see

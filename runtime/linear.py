@@ -36,9 +36,10 @@ class DenseLinear(nn.Module):
         bias = self.bias if n is None or self.bias is None else self.bias[:n]
         return F.linear(x, weight, bias)
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Use as an embedding table: rows of ``weight [vocab, hidden]``."""
-        return F.embedding(ids, self.weight)
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Use as an embedding table: rows of ``weight [vocab, hidden]`` (in ``dtype`` when given)."""
+        rows = F.embedding(ids, self.weight)
+        return rows if dtype is None else rows.to(dtype)
 
     def nbytes(self, n: int | None = None, k: int | None = None) -> int:
         n = self.out_features if n is None else n

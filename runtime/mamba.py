@@ -28,14 +28,13 @@ the unfused kernels (``kernels/conv_update.py``, ``kernels/ssm_update.py``) run 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from uniql.kernels import elementwise, ops, ssm_step, ssm_update
 from uniql.kernels.ssm_scan import chunked_scan
+from uniql.kernels.switches import env_choice
 
 from .cache import DecodeBatch
 from .linear import DenseLinear, FusedInt4, GroupNormed, Prenormed, fold_norm
@@ -191,9 +190,7 @@ class ElasticMamba(nn.Module):
     def _folds_norm(self, ssm_state, stream: torch.Tensor, p: int) -> bool:
         """``UNIQL_SSM_NORM_FOLD=1`` (an experiment until its engine A/B): one request over an address table, head
         groups of a multiple of 8 heads, and an out_proj the half2 GEMV serves."""
-        raw = os.environ.get("UNIQL_SSM_NORM_FOLD", "") or "0"
-        if raw not in ("0", "1"):
-            raise ValueError(f"UNIQL_SSM_NORM_FOLD must be 0 or 1, got {raw!r}")
+        raw = env_choice("UNIQL_SSM_NORM_FOLD", ("0", "1"), "0")
         per_group = self.heads // self.norm_groups
         return (raw == "1" and isinstance(ssm_state, torch.Tensor) and ssm_state.dtype == torch.int64
                 and stream.shape[0] == 1 and per_group % 8 == 0 and stream.dtype in (torch.float16, torch.bfloat16)

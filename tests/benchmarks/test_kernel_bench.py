@@ -24,10 +24,10 @@ def test_kernel_bench_cpu_smoke(tmp_path):
 
 
 def test_kernel_bench_small_batch_sweep(tmp_path):
-    """--sweep-batches: the sweep at batch 4 times GEMV and 16-row GEMM configs; --no-prefill skips prefill."""
+    """--sweep-batches: the sweep at batch 4 times GEMV and 16-row GEMM configs; --prefill-m 0 skips prefill."""
     out = tmp_path / "kernels.json"
     cmd = [sys.executable, str(BENCH / "kernel_bench.py"), "--cpu-smoke", "--layers", "o", "--rates", "0",
-           "--batches", "4", "--sweep", "--sweep-batches", "4", "--no-prefill", "--repeats", "1", "--out", str(out)]
+           "--batches", "4", "--sweep", "--sweep-batches", "4", "--prefill-m", "0", "--repeats", "1", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=BENCH)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
