@@ -24,6 +24,7 @@ from torch import nn
 
 from uniql.kernels import elementwise
 from uniql.kernels.rope import decode_rope_tables, rope_tables
+from uniql.kernels.switches import env_choice
 
 from .cache import DecodeBatch, KVCache
 from .ladder import LayerSizes, RateLadder, full_layer_sizes
@@ -385,5 +386,9 @@ class ElasticDecoder(nn.Module):
     def head_takes_prenormed(self) -> bool:
         """The vocab projection can finish the final norm begun by the last block's output GEMV in a decode step
         (an INT4 head, one launch less a step): not a rotated tied table, normalised in the original basis
-        (``final_hidden``)."""
-        return self.hidden_rotation is None and isinstance(self.head, Int4Linear)
+        (``final_hidden``). ``UNIQL_HEAD_FOLD=0`` keeps the final norm as its own launch: the H100 profile had the 8B
+        head at 106 us a step with the norm prologue vs 96 us without it, for a ~2 us launch saved (results/
+        decode_profile_graph_h100.json vs decode_profile_graph_folds_h100.json); on until an engine A/B says so
+        (the decode figures were measured with it on)."""
+        fold = env_choice("UNIQL_HEAD_FOLD", ("0", "1"), "1") == "1"
+        return fold and self.hidden_rotation is None and isinstance(self.head, Int4Linear)

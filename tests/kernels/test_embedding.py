@@ -109,7 +109,7 @@ def test_cpu_tensors_without_interpreter_point_to_the_reference(monkeypatch):
 def test_kernel_begins_the_next_rmsnorm(hidden, dtype):
     """norm_weight: the rows, rows * w rounded like them, and each tile's fp32 sum of the rounded rows' squares
     (what an output GEMV's residual epilogue hands the next GEMV); tiles of 512 values, the last one partial."""
-    qweight, scales = _table(300, hidden, 32, seed=3)
+    qweight, scales = (t.to(DEVICE) for t in _table(300, hidden, 32, seed=3))
     ids = torch.tensor([[5, 299, 0]], device=DEVICE)
     weight = (torch.rand(hidden) + 0.5).to(DEVICE, dtype)
     rows, rows_w, sums = embedding_int4(ids, qweight, scales, 32, dtype, norm_weight=weight)

@@ -281,14 +281,15 @@ def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkey
     """A decode step whose o/down/out_proj GEMVs do the residual add and half of the next RMSNorm (the q|k|v,
     z|x|B|C|dt and gate|up GEMVs finish it) gives the logits of the same step with separate add+RMSNorm kernels, in
     bf16 (the fold serves bf16 streams only). CPU: the Triton kernels in the interpreter. Every block's output
-    folds into the next block's norm, the last one's into the final norm where an INT4 head finishes it; an INT4
-    table's lookup begins the first norm."""
+    folds into the next block's norm, the last one's into the final norm where an INT4 head finishes it
+    (UNIQL_HEAD_FOLD, on by default); an INT4 table's lookup begins the first norm."""
     import uniql.runtime.decoder as decoder_module
     from uniql.runtime.cache import DecodeBatch
     from uniql.runtime.decoder import DecoderLayer, ElasticDecoder, ElasticMLP
     from uniql.runtime.linear import Int4Linear
 
     dev = torch.device("cuda" if CUDA else "cpu")
+    monkeypatch.setenv("UNIQL_HEAD_FOLD", "1")
     if not CUDA:
         monkeypatch.setattr(decoder_module, "_fused_kernels", lambda x: not torch.is_grad_enabled())
     model = (_model(int4=True) if family == "llama" else _ssm_model(family)).to(dev, torch.bfloat16)
@@ -322,6 +323,19 @@ def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkey
     assert torch.isfinite(folded).all()
     torch.testing.assert_close(folded.float(), plain.float(), atol=3e-2, rtol=3e-2)
     assert not torch.equal(folded, plain)  # the folded path really ran (it rounds differently)
+
+
+def test_the_head_finishes_the_final_norm_only_when_asked(monkeypatch):
+    """UNIQL_HEAD_FOLD: on by default for an INT4 head, 0 keeps the final norm as its own launch (the A/B: the H100
+    profile had the head slower with the norm prologue than the launch it saves), a typo is refused."""
+    model = _model(int4=True)
+    monkeypatch.delenv("UNIQL_HEAD_FOLD", raising=False)
+    assert model.head_takes_prenormed
+    monkeypatch.setenv("UNIQL_HEAD_FOLD", "0")
+    assert not model.head_takes_prenormed
+    monkeypatch.setenv("UNIQL_HEAD_FOLD", "on")
+    with pytest.raises(ValueError, match="UNIQL_HEAD_FOLD must be 0 or 1"):
+        model.head_takes_prenormed  # noqa: B018 (the property is the call under test)
 
 
 def test_graph_capture_collects_garbage_first_and_pauses_the_collector():
