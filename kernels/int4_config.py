@@ -51,8 +51,14 @@ def _split_for(n_blocks: int, k_tiles: int, target: int, within: bool = False) -
     layers at batch 1 too, see ``pick_config``): on its wide layers rounding up left a second wave of a few dozen
     programs on some shapes, and the 8B-shaped gate|up at rate 0.25 (84 blocks x 13 splits = 1092 programs for
     1056 slots) ran as slowly as at rate 0 (26.0 vs 26.3 us a launch in the engine, H100,
-    results/decode_profile_h100.json). The other paths keep rounding up (not re-measured)."""
-    want = target // max(1, n_blocks) if within else math.ceil(target / max(1, n_blocks))
+    results/decode_profile_h100.json). The other paths keep rounding up (not re-measured).
+    Rounding down has a floor: where it would fill under 3/4 of the wave (few, long programs: 4.5 an SM for Qwen2.5's
+    152064-wide vocab head, 594 x 1 split), it rounds up instead; that head took 171 us on one split against 118 us
+    on two (H100, kernels_h100.json of stops 32 and 27), while gate|up at 0.25 keeps its 12 (1008 programs)."""
+    n_blocks = max(1, n_blocks)
+    want = target // n_blocks if within else math.ceil(target / n_blocks)
+    if within and n_blocks * want < 0.75 * target:
+        want += 1
     return max(1, min(max(1, want), k_tiles // 2 if k_tiles >= 4 else 1))
 
 

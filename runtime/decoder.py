@@ -386,9 +386,8 @@ class ElasticDecoder(nn.Module):
     def head_takes_prenormed(self) -> bool:
         """The vocab projection can finish the final norm begun by the last block's output GEMV in a decode step
         (an INT4 head, one launch less a step): not a rotated tied table, normalised in the original basis
-        (``final_hidden``). ``UNIQL_HEAD_FOLD=0`` keeps the final norm as its own launch: the H100 profile had the 8B
-        head at 106 us a step with the norm prologue vs 96 us without it, for a ~2 us launch saved (results/
-        decode_profile_graph_h100.json vs decode_profile_graph_folds_h100.json); on until an engine A/B says so
-        (the decode figures were measured with it on)."""
-        fold = env_choice("UNIQL_HEAD_FOLD", ("0", "1"), "1") == "1"
+        (``final_hidden``). Off unless ``UNIQL_HEAD_FOLD=1``: the norm prologue slows the 8B head's GEMV by more
+        than the ~2 us launch it saves (in-graph profile 106 vs 96 us a step; engine A/B, H100, two rounds, FOLD=0
+        faster at every rate: Llama 5-12 us, Mamba2 1-6 us a step, results/envab_head_fold_h100.json)."""
+        fold = env_choice("UNIQL_HEAD_FOLD", ("0", "1"), "0") == "1"
         return fold and self.hidden_rotation is None and isinstance(self.head, Int4Linear)

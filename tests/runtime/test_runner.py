@@ -282,7 +282,7 @@ def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkey
     z|x|B|C|dt and gate|up GEMVs finish it) gives the logits of the same step with separate add+RMSNorm kernels, in
     bf16 (the fold serves bf16 streams only). CPU: the Triton kernels in the interpreter. Every block's output
     folds into the next block's norm, the last one's into the final norm where an INT4 head finishes it
-    (UNIQL_HEAD_FOLD, on by default); an INT4 table's lookup begins the first norm."""
+    (UNIQL_HEAD_FOLD=1, off by default); an INT4 table's lookup begins the first norm."""
     import uniql.runtime.decoder as decoder_module
     from uniql.runtime.cache import DecodeBatch
     from uniql.runtime.decoder import DecoderLayer, ElasticDecoder, ElasticMLP
@@ -326,13 +326,13 @@ def test_norm_folded_into_the_gemvs_equals_the_norm_kernels(rung, family, monkey
 
 
 def test_the_head_finishes_the_final_norm_only_when_asked(monkeypatch):
-    """UNIQL_HEAD_FOLD: on by default for an INT4 head, 0 keeps the final norm as its own launch (the A/B: the H100
-    profile had the head slower with the norm prologue than the launch it saves), a typo is refused."""
+    """UNIQL_HEAD_FOLD: off by default (the H100 A/B: the head's norm prologue costs more than the launch it saves),
+    1 lets an INT4 head finish the final norm, and a typo is refused rather than silently ignored."""
     model = _model(int4=True)
     monkeypatch.delenv("UNIQL_HEAD_FOLD", raising=False)
-    assert model.head_takes_prenormed
-    monkeypatch.setenv("UNIQL_HEAD_FOLD", "0")
     assert not model.head_takes_prenormed
+    monkeypatch.setenv("UNIQL_HEAD_FOLD", "1")
+    assert model.head_takes_prenormed
     monkeypatch.setenv("UNIQL_HEAD_FOLD", "on")
     with pytest.raises(ValueError, match="UNIQL_HEAD_FOLD must be 0 or 1"):
         model.head_takes_prenormed  # noqa: B018 (the property is the call under test)
