@@ -35,6 +35,8 @@ CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode s
     "m1_n256_glu_norm": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=2, GLU=True, NORM=True), 4),
     "m1_n128_qkv_norm": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=3, NORM=True), 4),
     "m4_n128_residual": (dict(BLOCK_M=4, BLOCK_N=128, RES=True, X_BF16=False), 4),
+    "m1_n128_residual": (dict(BLOCK_M=1, BLOCK_N=128, RES=True), 4),  # Mamba2's out_proj: the group norm's anchor
+    "m1_n128_group_norm": (dict(BLOCK_M=1, BLOCK_N=128, RES=True, NORM=True, NORM_G=8, PARTS_P=128), 4),
 }
 SHARED = re.compile(r"\b(BAR|STS|LDS|LDSM)\b")
 
