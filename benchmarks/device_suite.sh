@@ -14,7 +14,8 @@
 #            Mamba2-8B shapes (what does not shrink with the rate; why 0.25 decodes no faster than 0.15), ~2 min
 #   envab    decode_gpu.py at batch 1, the default tree against each variant in $ENV_AB (space-separated; a
 #            variant is VAR=VALUE, several joined by +; default: UNIQL_NARROW_SPLIT=deep and UNIQL_EARLY_LOADS=0,
-#            the stop-28 behaviours; UNIQL_WIDE_COLS=128 tries 128-column blocks on the wide batch-1 GEMVs), two
+#            the stop-28 behaviours; UNIQL_WIDE_COLS=128 tries 128-column blocks on the wide batch-1 GEMVs;
+#            UNIQL_PDL=1+UNIQL_GEMV_PER_SM=4: PDL with GEMV waves of 4 programs an SM, room for early starts), two
 #            alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the

@@ -67,6 +67,14 @@ def _wide_cols() -> int:
     return int(env_choice("UNIQL_WIDE_COLS", ("128", "256"), "256"))
 
 
+def _programs_per_sm() -> int:
+    """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave (8 by default; 4 is an experiment:
+    at 8 programs of 4 warps and 48-64 registers a thread the register file is full, so a programmatic dependent
+    launch (``UNIQL_PDL=1``) finds no room for the next kernel's programs to start early and prefetch, which is
+    where PDL lost on the H100, 2.70 vs 2.41 ms a step; half the programs leave that room)."""
+    return int(env_choice("UNIQL_GEMV_PER_SM", ("4", "8"), "8"))
+
+
 def _narrow_split() -> str:
     """``UNIQL_NARROW_SPLIT``: ``wave`` (default, one wave of programs) or ``deep`` (the stop-28 split, for A/B)."""
     return env_choice("UNIQL_NARROW_SPLIT", ("wave", "deep"), "wave")
@@ -97,7 +105,8 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         k_tiles = triton.cdiv(k, block_k)
         deepest = _narrow_split() == "deep" or m > 1  # checked at every batch size
-        split = max(1, k_tiles // 2) if deepest else _split_for(triton.cdiv(n_total, 128), k_tiles, 8 * sms, True)
+        wave = _programs_per_sm() * sms
+        split = max(1, k_tiles // 2) if deepest else _split_for(triton.cdiv(n_total, 128), k_tiles, wave, True)
         return Int4Config("gemv", 128, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv" and half2:
         # H200 probe (benchmarks/gemv_probe.py, results/gemv_probe_h200.json): 256 columns, 4 warps and a K split
@@ -111,7 +120,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply
         block_n = wide_cols if m == 1 and n_total <= 65536 else 256
         n_blocks = triton.cdiv(n_total, block_n)
-        split = _split_for(n_blocks, triton.cdiv(k, block_k), 8 * sms, within=True)
+        split = _split_for(n_blocks, triton.cdiv(k, block_k), _programs_per_sm() * sms, within=True)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;

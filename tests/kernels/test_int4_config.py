@@ -89,6 +89,26 @@ def test_narrow_gemv_split_fills_at_most_one_wave(monkeypatch, n, k, split):
             im.pick_config(1, n, k, 128, "cuda")
 
 
+@pytest.mark.parametrize(("n", "k"), [(4096, 14336), (6144, 4096), (28672, 4096), (21504, 4096), (128256, 4096)])
+def test_gemv_programs_per_sm_switch_sizes_the_wave(monkeypatch, n, k):
+    """UNIQL_GEMV_PER_SM=4 (an experiment for PDL: room on each SM for the next kernel's programs) fills a wave of
+    4 programs an SM instead of 8 on the batch-1 half2 GEMVs, narrow and wide; a typo is refused."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    monkeypatch.delenv("UNIQL_GEMV_PER_SM", raising=False)
+    programs = {}
+    for per_sm in ("8", "4"):
+        monkeypatch.setenv("UNIQL_GEMV_PER_SM", per_sm)
+        cfg = im.pick_config(1, n, k, 128, "cuda")
+        programs[per_sm] = -(-n // cfg.block_n) * cfg.split_k
+        assert 0.75 * int(per_sm) * 132 <= programs[per_sm] <= int(per_sm) * 132 * 1.5
+    assert programs["4"] < programs["8"]
+    monkeypatch.setenv("UNIQL_GEMV_PER_SM", "6")
+    with pytest.raises(ValueError, match="UNIQL_GEMV_PER_SM must be 4 or 8"):
+        im.pick_config(1, n, k, 128, "cuda")
+
+
 @pytest.mark.parametrize("m", [3, 16])
 def test_small_batch_sweep_has_skinny_gemm_configs_that_compute(m, monkeypatch):
     """kernel_bench --sweep-batches times 16-row tensor-core GEMM tiles at batch 2-16 (several widths and K splits,
