@@ -28,7 +28,7 @@ import os
 import triton
 import triton.language as tl
 
-from .gemv_norm import _group_rstd, _pick_group, _row_rstd
+from .gemv_norm import _group_rstd, _group_scalars, _pick_group, _row_rstd
 from .int4_tiles import _finish, _glu_pair, _rows_out, _segment
 from .pdl import early_loads, pdl_enabled, pdl_enter
 
@@ -227,12 +227,13 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
                     s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
                     act_ptr, stride_am, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles,
-                    ss_in_ptr, n_parts, inv_k, eps, norm_heads, norm_hpg, norm_groups,
+                    ss_in_ptr, n_parts, inv_k, eps, norm_groups,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                     GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
                     X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SUM_STEP: tl.constexpr,
-                    EARLY: tl.constexpr, NORM_G: tl.constexpr):
+                    EARLY: tl.constexpr, NORM_G: tl.constexpr, NORM_RH: tl.constexpr,
+                    NORM_RG: tl.constexpr):
     """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``).
     RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``).
     NORM_G (> 0, with NORM, one row): a group RMSNorm instead (Mamba2's gated norm, ``gemv_norm``): x holds
@@ -264,7 +265,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     # (loads of rows a BLOCK_M never reaches are dead code)
     rs0 = _row_rstd(ss_in_ptr, 0, M, n_parts, inv_k, eps, NORM and NORM_G == 0, PARTS_P)
     if NORM_G > 0:
-        grp_rs = _group_rstd(ss_in_ptr, n_parts, inv_k, eps, norm_groups, NORM_G, PARTS_P)  # [NORM_G]
+        grp_rs = _group_scalars(_group_rstd(ss_in_ptr, n_parts, inv_k, eps, norm_groups, NORM_G, PARTS_P), NORM_G)
     rs1 = _row_rstd(ss_in_ptr, 1, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs2 = _row_rstd(ss_in_ptr, 2, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs3 = _row_rstd(ss_in_ptr, 3, M, n_parts, inv_k, eps, NORM, PARTS_P)
@@ -281,8 +282,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
         scale = scale.to(tl.float32)
         if NORM_G > 0:
-            rs0a = _pick_group(grp_rs, ra, norm_heads, norm_hpg, NORM_G)
-            rs0b = _pick_group(grp_rs, rb, norm_heads, norm_hpg, NORM_G)
+            rs0a = _pick_group(grp_rs, ra, NORM_RH, NORM_RG, NORM_G)
+            rs0b = _pick_group(grp_rs, rb, NORM_RH, NORM_RG, NORM_G)
         else:
             rs0a, rs0b = rs0, rs0
         p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0a, rs0b, X_BF16, ASM, NORM)
@@ -370,14 +371,15 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     glu = (act, act.stride(0)) if act is not None else (out, 0)
     res = (*residual, residual[0].stride(0), residual[4].shape[1]) if residual is not None \
         else (out, out, out, out, out, 0, 1)
-    nrm, norm_g = (out, 1, 1.0, 0.0, 8, 8, 1), 0
+    nrm, norm_g, rows_h, rows_g = (out, 1, 1.0, 0.0, 1), 0, 1, 1
     if norm is not None and len(norm) == 5:  # per head group
         ss, eps, heads, groups, count = norm
-        nrm, norm_g = (ss, ss.shape[1] // groups, 1.0 / count, float(eps), heads, heads // groups, groups), groups
+        nrm, norm_g = (ss, ss.shape[1] // groups, 1.0 / count, float(eps), groups), groups
+        rows_h, rows_g = heads // 8, heads // groups // 8  # packed rows per cycle of heads, per group
     elif norm is not None:
-        nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1]), 8, 8, 1)
+        nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1]), 1)
     _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
                           NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
                           ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, launch_pdl=pdl,
-                          NORM_G=triton.next_power_of_2(norm_g) if norm_g else 0,
+                          NORM_G=triton.next_power_of_2(norm_g) if norm_g else 0, NORM_RH=rows_h, NORM_RG=rows_g,
                           **constexprs)
