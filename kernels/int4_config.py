@@ -75,6 +75,14 @@ def _programs_per_sm() -> int:
     return int(env_choice("UNIQL_GEMV_PER_SM", ("4", "8"), "8"))
 
 
+def _tile_k() -> int:
+    """``UNIQL_GEMV_BLOCK_K``: K values a tile of the batch-1 half2 GEMVs (64 by default; 32 is an experiment). In one
+    wave a GEMV lasts about as long as its programs' tiles each, a small integer: Mamba2's out_proj has 4 a program
+    at rate 0 and 3 at 0.35 (0.75, measured 0.77, for 0.66 of the bytes), in_proj 5 and 4. Halving the tile halves
+    that rounding step, for twice the per-tile overhead (a scale row, two barriers)."""
+    return int(env_choice("UNIQL_GEMV_BLOCK_K", ("32", "64"), "64"))
+
+
 def _narrow_split() -> str:
     """``UNIQL_NARROW_SPLIT``: ``wave`` (default, one wave of programs) or ``deep`` (the stop-28 split, for A/B)."""
     return env_choice("UNIQL_NARROW_SPLIT", ("wave", "deep"), "wave")
@@ -101,7 +109,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         # split_sweep_h100.json): down 14.9 us at 32 splits vs 17.9 at the deepest (112), 11.7 vs 13.0 at rate
         # 0.35, q|k|v 8.4 vs 9.4, Mamba2's out_proj 10.0 vs 11.6; o and the pruned q|k|v already fit one wave.
         # UNIQL_NARROW_SPLIT=deep: the deepest split at batch 1, as before (same-machine A/B).
-        block_k = min(group_size, 64)
+        block_k = min(group_size, _tile_k() if m == 1 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         k_tiles = triton.cdiv(k, block_k)
         deepest = _narrow_split() == "deep" or m > 1  # checked at every batch size
@@ -115,7 +123,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         # full benchmark (Llama 101 vs 105 us, Qwen2.5 105 vs 90 us): not taken
         # UNIQL_WIDE_COLS=128 (experiment, batch 1, not the head): 128 columns for the wide layers; the H100 split
         # sweep had Mamba2's in_proj at 18.8 us on 128 x 10 vs ~21.3 on 256 columns (results/split_sweep_h100.json)
-        block_k = min(group_size, 32 if n_total > 65536 else 64)
+        block_k = min(group_size, 32 if n_total > 65536 else _tile_k() if m == 1 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply
         block_n = wide_cols if m == 1 and n_total <= 65536 else 256

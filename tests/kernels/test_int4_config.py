@@ -109,6 +109,25 @@ def test_gemv_programs_per_sm_switch_sizes_the_wave(monkeypatch, n, k):
         im.pick_config(1, n, k, 128, "cuda")
 
 
+@pytest.mark.parametrize(("n", "k"), [(4096, 8192), (18560, 4096), (4096, 14336)])
+def test_gemv_tile_k_switch(monkeypatch, n, k):
+    """UNIQL_GEMV_BLOCK_K=32 (an experiment: a finer rounding step of the tiles each program streams) halves the
+    batch-1 GEMV tiles, narrow and wide, and still fills one wave; batch 4 and the vocab head keep theirs."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    monkeypatch.setenv("UNIQL_GEMV_BLOCK_K", "32")
+    cfg = im.pick_config(1, n, k, 128, "cuda")
+    assert cfg.block_k == 32 and 0.75 * 8 * 132 <= -(-n // cfg.block_n) * cfg.split_k <= 8 * 132
+    assert im.pick_config(4, n, 4096, 128, "cuda").block_k == 64
+    assert im.pick_config(1, 128256, 4096, 128, "cuda").block_k == 32  # the head's own choice
+    monkeypatch.delenv("UNIQL_GEMV_BLOCK_K")
+    assert im.pick_config(1, n, k, 128, "cuda").block_k == 64
+    monkeypatch.setenv("UNIQL_GEMV_BLOCK_K", "16")
+    with pytest.raises(ValueError, match="UNIQL_GEMV_BLOCK_K must be 32 or 64"):
+        im.pick_config(1, n, k, 128, "cuda")
+
+
 @pytest.mark.parametrize("m", [3, 16])
 def test_small_batch_sweep_has_skinny_gemm_configs_that_compute(m, monkeypatch):
     """kernel_bench --sweep-batches times 16-row tensor-core GEMM tiles at batch 2-16 (several widths and K splits,
