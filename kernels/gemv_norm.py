@@ -1,7 +1,8 @@
 """The decode GEMV's norm prologue (``int4_gemv._gemv_h2_kernel``): the producer of its input wrote ``s * w`` and
 partial sums of ``s^2``; the GEMV scales each activation by 1 / rms before its fp16 conversion.
 
-* per row (an RMSNorm over the whole input, ``_row_rstd``): one scale a row, from ``[M, parts]`` sums.
+* per row (an RMSNorm over the whole input, ``_row_rstd``): one scale a row, from ``[M, parts]`` sums, which the
+  previous GEMV's residual epilogue wrote (``_residual_in`` / ``_residual_tile``: s = x + out, s * w, sums of s^2).
 * per head group (Mamba2's gated RMSNorm, ``_group_rstd`` / ``_pick_group``): the input is rank-major (flat
   channel ``c * H + h``), the sums ``[groups * parts]`` hold each group's partials side by side. When 8 divides both
   H and the heads per group, the 8 inputs of a packed row (channels 8r .. 8r+7: one ``c``, heads ``h .. h+7``)
@@ -71,6 +72,29 @@ def _pick_group(scales, rows, RH: tl.constexpr, RG: tl.constexpr, G: tl.constexp
         rs = tl.where(grp == 6, scales[6], rs)
         rs = tl.where(grp == 7, scales[7], rs)
     return rs
+
+
+@triton.jit
+def _residual_in(res_ptr, stride_res, offs_m, mask_m, ocol, mask_n):
+    """This tile of the residual stream's input x ``[BLOCK_M, BLOCK_N]``."""
+    offs = offs_m[:, None] * stride_res + ocol[None, :]
+    return tl.load(res_ptr + offs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+
+
+@triton.jit
+def _residual_tile(delta, x, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, tile, offs_m,
+                   mask_m, ocol, mask_n):
+    """This tile of the residual stream ``s = x + delta`` (x from ``_residual_in``, rounded like torch's add),
+    the next norm's input ``s * w`` and the tile's sum of s^2 per row: the next GEMV finishes the norm
+    (``_row_rstd``)."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs = offs_m[:, None] * stride_res + ocol[None, :]
+    s = (x.to(tl.float32) + delta).to(x.dtype)
+    tl.store(res_out_ptr + offs, s, mask=mask)
+    s32 = s.to(tl.float32)
+    w = tl.load(g_ptr + ocol, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(sg_ptr + offs, (s32 * w[None, :]).to(x.dtype), mask=mask)
+    tl.store(ss_out_ptr + offs_m * n_tiles + tile, tl.sum(s32 * s32, axis=1), mask=mask_m)
 
 
 def check_norm(norm, m: int, x) -> None:

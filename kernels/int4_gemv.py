@@ -28,7 +28,7 @@ import os
 import triton
 import triton.language as tl
 
-from .gemv_norm import _group_rstd, _group_scalars, _pick_group, _row_rstd
+from .gemv_norm import _group_rstd, _group_scalars, _pick_group, _residual_in, _residual_tile, _row_rstd
 from .int4_tiles import _finish, _glu_pair, _rows_out, _segment
 from .pdl import early_loads, pdl_enabled, pdl_enter
 
@@ -333,29 +333,6 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             _glu_pair(total, cnt_ptr + 2 * nb0 + blk, is_gate, out_ptr, stride_om, act_ptr, stride_am, offs_m,
                       offs_m < M, out0 + offs_n, offs_n, offs_n < n_len, tl.where(is_gate, l0, -l0))
 
-
-
-@triton.jit
-def _residual_in(res_ptr, stride_res, offs_m, mask_m, ocol, mask_n):
-    """This tile of the residual stream's input x ``[BLOCK_M, BLOCK_N]``."""
-    offs = offs_m[:, None] * stride_res + ocol[None, :]
-    return tl.load(res_ptr + offs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-
-
-@triton.jit
-def _residual_tile(delta, x, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, tile, offs_m,
-                   mask_m, ocol, mask_n):
-    """This tile of the residual stream ``s = x + delta`` (x from ``_residual_in``, rounded like torch's add),
-    the next norm's input ``s * w`` and the tile's sum of s^2 per row: the next GEMV finishes the norm
-    (``_row_rstd``)."""
-    mask = mask_m[:, None] & mask_n[None, :]
-    offs = offs_m[:, None] * stride_res + ocol[None, :]
-    s = (x.to(tl.float32) + delta).to(x.dtype)
-    tl.store(res_out_ptr + offs, s, mask=mask)
-    s32 = s.to(tl.float32)
-    w = tl.load(g_ptr + ocol, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(sg_ptr + offs, (s32 * w[None, :]).to(x.dtype), mask=mask)
-    tl.store(ss_out_ptr + offs_m * n_tiles + tile, tl.sum(s32 * s32, axis=1), mask=mask_m)
 
 
 def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, residual=None, norm=None,
