@@ -21,7 +21,8 @@
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
 #            state update's head channels a program, UNIQL_SSM_NORM_FOLD=1 folds the gated norm into the update and
-#            out_proj, UNIQL_SSM_FUSED=1 the two-launch step), ~35 s a run ->
+#            out_proj, UNIQL_SSM_CONV_FOLD=1 runs the causal conv in in_proj's GEMV epilogue, UNIQL_SSM_FUSED=1 the
+#            two-launch step), ~35 s a run ->
 #            ssm_envab_<gpu>*
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min
@@ -80,7 +81,8 @@ for step in ${SUITE:-ab kernels decode}; do
                  done > "$OUT/profile_$gpu.txt" ;;
         tests) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/kernels) > "$OUT/tests_$gpu.txt" 2>&1 ;;
         tests1) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/runtime/test_runner.py \
-                     tests/runtime/test_ssm_graphs.py tests/runtime/test_graph_reset.py tests/runtime/test_ssm_norm_fold.py) > "$OUT/tests1_$gpu.txt" 2>&1 ;;
+                     tests/runtime/test_ssm_graphs.py tests/runtime/test_graph_reset.py tests/runtime/test_ssm_norm_fold.py \
+                     tests/runtime/test_ssm_conv_fold.py) > "$OUT/tests1_$gpu.txt" 2>&1 ;;
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;

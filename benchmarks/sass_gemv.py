@@ -24,11 +24,14 @@ import tempfile
 from pathlib import Path
 
 TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-         "ss_out_ptr": "*fp32", "ss_in_ptr": "*fp32", "inv_k": "fp32", "eps": "fp32"}
+         "ss_out_ptr": "*fp32", "ss_in_ptr": "*fp32", "inv_k": "fp32", "eps": "fp32", "conv_tab": "*i64",
+         "cw0": "*bf16", "cw1": "*bf16", "cw2": "*bf16", "cb0": "*bf16", "cb1": "*bf16", "cb2": "*bf16",
+         "conv_out": "*bf16"}
 ALIGNED_INTS = ("K", "stride_xm", "stride_qw", "stride_sc", "stride_om", "s0", "s1", "s2", "s3", "s4", "l0", "l1",
                 "l2", "l3", "l4")
 BASE = dict(GROUP=64, NUM_SEG=1, SPLIT=True, HAS_BIAS=False, ALIGNED=True, SUM_STEP=4, SUB_R=4, GLU=False, RES=False,
-            NORM=False, PARTS_P=32, X_BF16=True, ASM=True, PDL=False, EARLY=False, NORM_G=0, NORM_RH=1, NORM_RG=1)
+            NORM=False, PARTS_P=32, X_BF16=True, ASM=True, PDL=False, EARLY=False, NORM_G=0, NORM_RH=1, NORM_RG=1,
+            CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=None)
 CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode step takes
     "m1_n128": (dict(BLOCK_M=1, BLOCK_N=128), 4),
     "m1_n256": (dict(BLOCK_M=1, BLOCK_N=256), 4),
@@ -36,6 +39,9 @@ CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode s
     "m1_n128_qkv_norm": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=3, NORM=True), 4),
     "m4_n128_residual": (dict(BLOCK_M=4, BLOCK_N=128, RES=True, X_BF16=False), 4),
     "m1_n128_residual": (dict(BLOCK_M=1, BLOCK_N=128, RES=True), 4),  # Mamba2's out_proj: the group norm's anchor
+    "m1_n256_conv": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=5, NORM=True, CONV=True, CONV_W=4, CONV_ACT=1, CONV_BIAS=True,
+                          CONV_DTYPE="bfloat16"), 4),  # Mamba2's in_proj with the conv epilogue (UNIQL_SSM_CONV_FOLD)
+    "m1_n256_in_proj": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=5, NORM=True), 4),  # its anchor
     "m1_n128_group_norm": (dict(BLOCK_M=1, BLOCK_N=128, RES=True, NORM=True, NORM_G=8, PARTS_P=128, NORM_RH=16,
                                 NORM_RG=2), 4),  # Mamba2-8B: 128 heads in 8 groups
 }
@@ -83,6 +89,7 @@ def compile_cubin(kernel, consts: dict, warps: int, arch: int, stages: int = 2) 
     from triton.compiler import ASTSource
 
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
+    consts["CONV_DTYPE"] = getattr(triton.language, consts.get("CONV_DTYPE") or "float32")  # a dtype by name
     sig = {a: "constexpr" if a in consts else TYPES.get(a, "*bf16" if a.endswith("_ptr") else "i32")
            for a in kernel.arg_names}
     aligned = [a for a in kernel.arg_names if a not in consts and (a.endswith("_ptr") or a in ALIGNED_INTS)]

@@ -28,6 +28,7 @@ import os
 import triton
 import triton.language as tl
 
+from .gemv_conv import _conv_tile, conv_args
 from .gemv_norm import _group_rstd, _group_scalars, _pick_group, _residual_in, _residual_tile, _row_rstd
 from .int4_tiles import _finish, _glu_pair, _rows_out, _segment
 from .pdl import early_loads, pdl_enabled, pdl_enter
@@ -228,17 +229,20 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
                     act_ptr, stride_am, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles,
                     ss_in_ptr, n_parts, inv_k, eps, norm_groups,
+                    conv_tab, cw0, cw1, cw2, cb0, cb1, cb2, cw_r0, cw_r1, cw_r2, conv_out, stride_co,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                     GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
                     X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SUM_STEP: tl.constexpr,
                     EARLY: tl.constexpr, NORM_G: tl.constexpr, NORM_RH: tl.constexpr,
-                    NORM_RG: tl.constexpr):
+                    NORM_RG: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_ACT: tl.constexpr,
+                    CONV_BIAS: tl.constexpr, CONV_DTYPE: tl.constexpr):
     """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``).
     RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``).
     NORM_G (> 0, with NORM, one row): a group RMSNorm instead (Mamba2's gated norm, ``gemv_norm``): x holds
     g * w in the rank-major layout, each packed row of 8 inputs takes its head group's 1 / rms.
-    EARLY (with RES): the residual input is loaded before the split-K sum, not after it (``pdl.early_loads``)."""
+    EARLY (with RES): the residual input is loaded before the split-K sum, not after it (``pdl.early_loads``).
+    CONV (segments z | x | B | C | dt): the x / B / C tiles end with Mamba2's causal-conv step (``gemv_conv``)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
@@ -327,6 +331,11 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 res_x = _residual_in(res_ptr, stride_res, offs_m, offs_m < M, out0 + offs_n, offs_n < n_len)
             _residual_tile(total, res_x, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, pid_n,
                            offs_m, offs_m < M, out0 + offs_n, offs_n < n_len)
+    if CONV:  # noqa: SIM102 (a constexpr, then a run-time branch)
+        if wrote & (pid_n >= nb0) & (pid_n < nb0 + nb1 + nb2 + nb3):  # an x / B / C tile
+            _conv_tile(total, out0 + offs_n, offs_n < n_len, offs_m, M, l0, l1, l2, l1 + l2 + l3, conv_tab, cw0,
+                       cw1, cw2, cb0, cb1, cb2, cw_r0, cw_r1, cw_r2, conv_out, stride_co, BLOCK_M, CONV_W, CONV_ACT,
+                       CONV_BIAS, CONV_DTYPE)
     if GLU:  # noqa: SIM102 (a constexpr, then a run-time branch)
         if wrote:  # pair counters follow the 2 * nb0 tile counters
             is_gate = pid_n < nb0
@@ -335,14 +344,14 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
 
 
 
-def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, residual=None, norm=None,
+def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, residual=None, norm=None, conv=None,
                    **constexprs) -> None:
     """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it).
     ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there. ``residual`` = (x, s_out, w,
     sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` = (ss ``[M, P]``,
     eps): x holds s * w; each activation is multiplied by its row's 1/rms (from those sums) before the fp16
     conversion; (ss ``[1, groups * P]``, eps, heads, groups, count): the same per head group (``gemv_norm``),
-    ``count`` values a group."""
+    ``count`` values a group. ``conv``: a ``gemv_conv.ConvStep`` for the x / B / C segments."""
     pdl, early = pdl_enabled(args[0].device), early_loads(args[7])  # args[7]: M, the decode rows
     out = args[4]
     glu = (act, act.stride(0)) if act is not None else (out, 0)
@@ -355,8 +364,9 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
         rows_h, rows_g = heads // 8, heads // groups // 8  # packed rows per cycle of heads, per group
     elif norm is not None:
         nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1]), 1)
-    _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
+    cnv, cnv_consts = conv_args(conv, out)
+    _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, *cnv, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
                           NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
                           ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, launch_pdl=pdl,
                           NORM_G=triton.next_power_of_2(norm_g) if norm_g else 0, NORM_RH=rows_h, NORM_RG=rows_g,
-                          **constexprs)
+                          **cnv_consts, **constexprs)

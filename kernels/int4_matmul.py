@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .elementwise import silu_mul
+from .gemv_conv import check_conv
 from .gemv_norm import check_norm
 from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_path, pick_config
 from .int4_dequant import dequant_matmul
@@ -233,13 +234,14 @@ def _inputs(x, qweight, scales, group_size: int, n: int | None, k: int | None, s
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                 n: int | None = None, k: int | None = None, bias: torch.Tensor | None = None,
-                segments=None, config: Int4Config | None = None, norm=None) -> torch.Tensor:
+                segments=None, config: Int4Config | None = None, norm=None, conv=None) -> torch.Tensor:
     """``x [..., k]`` times the active prefix of a packed weight -> ``[..., n]`` (or the segments side by side).
 
     ``bias`` is indexed by OUTPUT column (already concatenated for segments). ``norm`` = (ss ``[M, P]`` fp32,
     eps): x holds ``s * w`` of an RMSNorm whose per-row sums of s^2 come in P parts (``int4_residual``); each
     activation is multiplied by its row's 1/rms(s) in fp32 before the fp16 conversion (half2 GEMV only, see
-    ``half2_gemv_config``).
+    ``half2_gemv_config``). ``conv`` (a ``gemv_conv.ConvStep``, half2 GEMV only): Mamba2's causal-conv step on the
+    x / B / C segments too, into ``conv.out``.
     """
     k, segs, lead, x2 = _inputs(x, qweight, scales, group_size, n, k, segments)
     m, n_total = x2.shape[0], sum(length for _, length in segs)
@@ -248,7 +250,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     if m == 0:
         return out.reshape(*lead, n_total)
     cfg = config or pick_config(m, n_total, k, group_size, x.device, half2=x.dtype != torch.float32)
-    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, out, norm=norm)
+    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, out, norm=norm, conv=conv)
     return out.reshape(*lead, n_total)
 
 
@@ -316,13 +318,14 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
 
 
 def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out, act=None, residual=None,
-            norm=None) -> None:
+            norm=None, conv=None) -> None:
     m = x.shape[0]
     half2_gemv = cfg.path == "gemv" and x.dtype != torch.float32
-    if (residual is not None or norm is not None) and not half2_gemv:  # before any path could ignore them
-        raise ValueError(f"the RMSNorm split runs in the half2 GEMV only, not on the {cfg.path} path "
-                         f"({x.dtype} activations)")
+    if (residual is not None or norm is not None or conv is not None) and not half2_gemv:  # before any path ignores
+        raise ValueError(f"the RMSNorm split and the conv epilogue run in the half2 GEMV only, not on the {cfg.path} "
+                         f"path ({x.dtype} activations)")
     check_norm(norm, m, x)
+    check_conv(conv, segs, m, x)
     if cfg.path == "dequant":
         dequant_matmul(x, qweight, scales, group_size, k, segs, bias, out)
         return
@@ -355,7 +358,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if half2_gemv:
         launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, x_bf16=x.dtype == torch.bfloat16,
-                       act=act, residual=residual, norm=norm, **common)
+                       act=act, residual=residual, norm=norm, conv=conv, **common)
         return
     if cfg.path == "gemv":
         # the exponent bits of 2^23 travel as an argument so they sit in one register and each LOP3 takes its

@@ -297,3 +297,19 @@ class FusedInt4(nn.Module):
             x = x.normed() if isinstance(x, Prenormed) else x
             out = ops.int4_linear(x, self.qweight, self.scales, self.group_size, segments=segments, bias=bias)
         return out if cat else out.split(list(n_active), dim=-1)
+
+    def project_conv(self, x: torch.Tensor | Prenormed, n_active: tuple[int, ...], conv) -> torch.Tensor | None:
+        """``forward(x, n_active, cat=True)`` with Mamba2's causal-conv step on members 1-3 (x | B | C) in the same
+        launch, into ``conv.out`` (``kernels/gemv_conv.py``); None where the half2 decode GEMV does not serve the
+        call (the caller then convolves separately)."""
+        xs = x.xw if isinstance(x, Prenormed) else x
+        rows = xs.reshape(-1, xs.shape[-1]).shape[0]
+        if torch.compiler.is_compiling() or _mm.half2_gemv_config(rows, sum(n_active), xs.shape[-1],
+                                                                   self.group_size, xs) is None:
+            return None
+        segments, bias = self._segments_bias(x, n_active)
+        norm = self._norm_args(x, sum(n_active)) if isinstance(x, Prenormed) else None
+        if isinstance(x, Prenormed) and norm is None:
+            xs = x.normed()
+        return _mm.int4_matmul(xs, self.qweight, self.scales, self.group_size, bias=bias, segments=segments,
+                               norm=norm, conv=conv)

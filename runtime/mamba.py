@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniql.kernels import elementwise, ops, ssm_step, ssm_update
+from uniql.kernels.gemv_conv import ConvStep
 from uniql.kernels.ssm_scan import chunked_scan
 from uniql.kernels.switches import env_choice
 
@@ -162,9 +163,11 @@ class ElasticMamba(nn.Module):
         stream = u.x if isinstance(u, Prenormed) else u
         b, dtype = stream.shape[0], stream.dtype
         conv_state, ssm_state = batch.ssm_states(layer)
-        projected = self.project(u if isinstance(u, Prenormed) else u[:, 0], p, n)
-        z, xbc, dt_raw = (t.reshape(b, -1) for t in projected)  # [B, H*p], [B, ch'], [B, H] (views)
         weight, bias = self.conv_segments(p, n)
+        convolved = self._project_conv(u if isinstance(u, Prenormed) else u[:, 0], p, n, conv_state, weight, bias,
+                                       batch.conv_dtype)
+        projected = convolved or self.project(u if isinstance(u, Prenormed) else u[:, 0], p, n)
+        z, xbc, dt_raw = (t.reshape(b, -1) for t in projected)  # [B, H*p], [B, ch'], [B, H] (views)
         z = z.unflatten(-1, (p, self.heads)).transpose(-1, -2)  # [B, H, p] view of the rank-major channels
         step = dict(D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
         if isinstance(conv_state, torch.Tensor) and self.fused_step:  # address tables: two launches
@@ -173,8 +176,9 @@ class ElasticMamba(nn.Module):
                                            conv_dtype=batch.conv_dtype, **step)
             normed = ssm_step.group_norm_shift(gated, self.norm_weight, self.norm_groups, self.norm_eps, xbc,
                                                conv_state, self.kernel, dtype, batch.conv_dtype)
-        else:  # three launches (tables) or the torch references (lists of each request's states)
-            xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
+        else:  # three launches (tables; two with the conv in the in-projection) or the torch references (lists)
+            if convolved is None:
+                xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
             x, B, C = self.split_heads(xbc, p, n)
             if self._folds_norm(ssm_state, stream, p):  # two launches: the norm splits across update and out_proj
                 return self._update_folded(ssm_state, x, dt_raw, B, C, step, p, residual)
@@ -186,6 +190,24 @@ class ElasticMamba(nn.Module):
         k = self.heads * p
         done = fold_norm(self.out_proj, normed[:, None], k, residual)
         return done if done is not None else self.out_proj(normed[:, None], k=k)
+
+    def _project_conv(self, u, p: int, n: int, conv_state, weight, bias, conv_dtype):
+        """``UNIQL_SSM_CONV_FOLD=1`` (an experiment until its engine A/B): z, the ACTIVATED conv of x | B | C (the
+        state shifted) and raw dt from the in-projection's one launch (``kernels/gemv_conv.py``: no conv kernel);
+        None where it does not serve (no fused in-projection, states not in an address table, not the half2 GEMV)."""
+        if (env_choice("UNIQL_SSM_CONV_FOLD", ("0", "1"), "0") != "1" or self.fused_step or self.in_proj is None
+                or not isinstance(conv_state, torch.Tensor) or conv_state.dtype != torch.int64):
+            return None
+        hp, gn = self.heads * p, self.groups * n
+        stream = u.xw if isinstance(u, Prenormed) else u
+        out = torch.empty(conv_state.shape[0], hp + 2 * gn, dtype=stream.dtype, device=stream.device)
+        conv = ConvStep(conv_state, tuple(weight), None if bias is None else tuple(bias), self.act_name, conv_dtype,
+                        out)
+        proj = self.in_proj.project_conv(u, (hp, hp, gn, gn, self.heads), conv)
+        if proj is None:
+            return None
+        proj = proj.reshape(out.shape[0], -1)
+        return proj[:, :hp], out, proj[:, 2 * hp + 2 * gn:]
 
     def _folds_norm(self, ssm_state, stream: torch.Tensor, p: int) -> bool:
         """``UNIQL_SSM_NORM_FOLD=1`` (an experiment until its engine A/B): one request over an address table, head
