@@ -81,8 +81,7 @@ for step in ${SUITE:-ab kernels decode}; do
                  done > "$OUT/profile_$gpu.txt" ;;
         tests) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/kernels) > "$OUT/tests_$gpu.txt" 2>&1 ;;
         tests1) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/runtime/test_runner.py \
-                     tests/runtime/test_ssm_graphs.py tests/runtime/test_graph_reset.py tests/runtime/test_ssm_norm_fold.py \
-                     tests/runtime/test_ssm_conv_fold.py) > "$OUT/tests1_$gpu.txt" 2>&1 ;;
+                     tests/runtime/test_ssm_graphs.py tests/runtime/test_graph_reset.py tests/runtime/test_ssm_folds.py) > "$OUT/tests1_$gpu.txt" 2>&1 ;;
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;

@@ -225,3 +225,36 @@ def int4_ssm_decoder(hf_model):
         for path in layer.linear_paths:
             layer.set_linear(path, rtn_linear(layer.get_linear(path), 32))
     return model.eval()
+
+
+def int4_mamba2_decoder(groups: int, seed: int):
+    """A two-layer Mamba2 (8 heads of 16 channels in ``groups`` groups, conv width 4) as ``int4_ssm_decoder``."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Mamba2Config(vocab_size=256, hidden_size=64, num_hidden_layers=2, chunk_size=8, num_heads=8, head_dim=16,
+                          n_groups=groups, state_size=16, conv_kernel=4, expand=2)
+    return int4_ssm_decoder(randomize_(Mamba2ForCausalLM(config).eval()))
+
+
+def interpret_decode_kernels(monkeypatch) -> None:
+    """CPU: a decode step over address tables through the Triton kernels, interpreted (what a GPU step runs)."""
+    import uniql.runtime.cache as cache_module
+    import uniql.runtime.decoder as decoder_module
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(cache_module, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(decoder_module, "_fused_kernels", lambda x: not torch.is_grad_enabled())
+
+
+def fused_mamba2_for_decode(monkeypatch, groups: int, seed: int):
+    """(model, device, prompt ``[1, 6]``): ``int4_mamba2_decoder`` in bf16 with fused projections on the GPU, or on
+    the CPU with the decode kernels interpreted (``interpret_decode_kernels``)."""
+    from uniql.runtime.fusion import fuse_projections
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu":
+        interpret_decode_kernels(monkeypatch)
+    model = int4_mamba2_decoder(groups, seed).to(dev, torch.bfloat16)
+    assert fuse_projections(model) > 0
+    return model, dev, torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(4)).to(dev)

@@ -1,0 +1,88 @@
+"""Mamba2 decode-step folds, each one launch less a layer, against the unfused step. CPU: the Triton kernels in the
+interpreter, over address tables.
+
+* UNIQL_SSM_NORM_FOLD=1: the gated group RMSNorm split across the state update (g * w and partial sums of g^2) and
+  out_proj's GEMV (each packed row's group 1 / rms): a decode step gives the logits of the step with the norm kernel.
+* UNIQL_SSM_CONV_FOLD=1: the causal-conv step in the z|x|B|C|dt GEMV's epilogue (``kernels/gemv_conv.py``): three
+  decode steps (each reads the conv state the one before shifted) give the unfused logits, bit for bit in the
+  interpreter (the same fp32 arithmetic on the same stored values)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import fused_mamba2_for_decode
+
+from uniql.kernels import ops, ssm_update
+from uniql.runtime.cache import DecodeBatch
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("rung", [0, 2])
+def test_norm_split_across_update_and_out_proj_equals_the_norm_kernel(rung, monkeypatch):
+    model, dev, prompt = fused_mamba2_for_decode(monkeypatch, 1, 3)
+    begun = []
+    real = ssm_update.selective_state_update
+    monkeypatch.setattr(ssm_update, "selective_state_update",
+                        lambda *a, **kw: begun.append("norm_weight" in kw) or real(*a, **kw))
+
+    def step(fold: str) -> torch.Tensor:
+        monkeypatch.setenv("UNIQL_SSM_NORM_FOLD", fold)
+        cache = model.new_cache(1, 8, rung, torch.bfloat16)
+        with torch.inference_mode():
+            model(prompt, cache=cache)
+            batch = DecodeBatch(model.sizes_for(rung), 1, 8, dev)
+            batch.bind([cache], torch.tensor([7], dtype=torch.int32, device=dev))
+            return model(torch.tensor([[5]], device=dev), cache=batch, logits_to_keep=1).float()
+
+    folded = step("1")
+    assert begun == [True] * model.spec.num_layers
+    plain = step("0")
+    assert begun[model.spec.num_layers:] == [False] * model.spec.num_layers
+    assert torch.isfinite(folded).all()
+    # bf16 rounds g * w before the 1 / rms here, after it in the norm kernel: 0.6 % of the largest logit on CPU;
+    # a group scale 13 % off moved them 1.6 %
+    torch.testing.assert_close(folded, plain, atol=1.1e-2 * plain.abs().max().item(), rtol=0)
+    assert not torch.equal(folded, plain)
+    monkeypatch.setenv("UNIQL_SSM_NORM_FOLD", "yes")
+    with pytest.raises(ValueError, match="UNIQL_SSM_NORM_FOLD must be 0 or 1"):
+        step("yes")
+
+
+@pytest.mark.parametrize("rung", [0, 2])
+def test_conv_in_the_in_projection_equals_the_conv_kernel(rung, monkeypatch):
+    model, dev, prompt = fused_mamba2_for_decode(monkeypatch, 2, 5)
+    convs = []
+    real, real_enabled = ops.conv_state_update, ops.triton_enabled
+    monkeypatch.setattr(ops, "conv_state_update", lambda *a, **kw: convs.append(1) or real(*a, **kw))
+
+    def steps(fold: str) -> list[torch.Tensor]:
+        monkeypatch.setenv("UNIQL_SSM_CONV_FOLD", fold)
+        cache = model.new_cache(1, 10, rung, torch.bfloat16)
+        logits = []
+        with torch.inference_mode():
+            model(prompt, cache=cache)
+            if not CUDA:  # both paths' decode GEMVs are the (interpreted) Triton kernels, as on a GPU
+                monkeypatch.setattr(ops, "triton_enabled", lambda device: True)
+            for i, token in enumerate((5, 17, 3)):
+                batch = DecodeBatch(model.sizes_for(rung), 1, 10, dev)
+                batch.bind([cache], torch.tensor([7 + i], dtype=torch.int32, device=dev))
+                logits.append(model(torch.tensor([[token]], device=dev), cache=batch, logits_to_keep=1).float())
+        monkeypatch.setattr(ops, "triton_enabled", real_enabled)
+        return logits
+
+    folded = steps("1")
+    assert not convs  # no conv kernel ran
+    plain = steps("0")
+    assert len(convs) == 3 * model.spec.num_layers
+    for mine, theirs in zip(folded, plain, strict=True):
+        assert torch.isfinite(mine).all()
+        if CUDA:  # FMA contraction may differ between the two kernels
+            torch.testing.assert_close(mine, theirs, atol=2e-2 * theirs.abs().max().item(), rtol=0)
+        else:
+            assert torch.equal(mine, theirs)
+    monkeypatch.setenv("UNIQL_SSM_CONV_FOLD", "on")
+    with pytest.raises(ValueError, match="UNIQL_SSM_CONV_FOLD must be 0 or 1"):
+        steps("on")
