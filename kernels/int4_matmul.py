@@ -354,7 +354,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
             split)
     aligned = all(v % 16 == 0 for seg in segs for v in seg)
     common = dict(GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NUM_SEG=len(segs), SPLIT=split > 1,
-                  ALIGNED=aligned, SUM_STEP=sum_step(cfg.block_m, cfg.block_n),
+                  ALIGNED=aligned, SUM_STEP=sum_step(cfg.block_m, cfg.block_n, split),
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if half2_gemv:
         launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, x_bf16=x.dtype == torch.bfloat16,

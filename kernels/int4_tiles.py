@@ -7,11 +7,11 @@ bits whatever order programs finish in).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .switches import env_choice
 
 
 @triton.jit
@@ -71,7 +71,8 @@ def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bia
             SUM_STEP: tl.constexpr):
     """Write the tile, or (split K) park the partial and let the tile's last program sum all partials in order.
     Returns (the tile's fp32 values, whether this program wrote them) for epilogues that follow (``_glu_pair``).
-    ``SUM_STEP`` (4 or 8): partials loaded per step of that sum (``sum_step``)."""
+    ``SUM_STEP`` (4 or 8): partials loaded per step of that sum; above 8, every partial in one unrolled sweep of
+    SUM_STEP (>= the splits) loads (``sum_step``)."""
     total = acc
     if SPLIT:
         local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -86,7 +87,10 @@ def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bia
             # 0), so the bits are the same for any SUM_STEP and whichever program finishes last
             total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             step = BLOCK_M * BLOCK_N
-            for s in range(0, n_splits, SUM_STEP):
+            if SUM_STEP > 8:  # unrolled: nothing orders the loads, so they can all be in flight before the adds
+                for j in tl.static_range(SUM_STEP):
+                    total = total + _part(tile_ws, 0, j, step, local, n_splits)
+            for s in range(0, n_splits if SUM_STEP <= 8 else 0, SUM_STEP):
                 p0 = _part(tile_ws, s, 0, step, local, n_splits)
                 p1 = _part(tile_ws, s, 1, step, local, n_splits)
                 p2 = _part(tile_ws, s, 2, step, local, n_splits)
@@ -114,12 +118,19 @@ def _part(tile_ws, s, j: tl.constexpr, step, local, n_splits):
                    cache_modifier=".cg")
 
 
-def sum_step(block_m: int, block_n: int) -> int:
-    """Partials per step of the split-K sum: ``UNIQL_SPLITK_STEP=8`` loads eight at once where a partial is at
-    most 256 floats (<= 2 a thread at 4 warps, so the sum needs fewer registers than the K loop and the kernel's
-    occupancy stays); the default 4 until a same-machine A/B says otherwise (``SUITE=envab`` in
-    benchmarks/device_suite.sh)."""
-    return 8 if os.environ.get("UNIQL_SPLITK_STEP") == "8" and block_m * block_n <= 256 else 4
+def sum_step(block_m: int, block_n: int, splits: int = 1) -> int:
+    """Partials per step of the split-K sum. ``UNIQL_SPLITK_STEP``: 4 (default), 8 (eight loads at once) or ``all``
+    (every partial in one unrolled sweep of the next power of two >= ``splits``, at most 64: the default's
+    ``splits / 4`` L2 round trips in a row become one), each where a partial is at most 256 floats (<= 2 a thread at
+    4 warps, so the sum needs fewer registers than the K loop and the kernel's occupancy stays). The same bits
+    every way (the adds keep split order). Same-machine A/Bs decide (``SUITE=envab`` in
+    benchmarks/device_suite.sh): 8 measured slower (2.49 vs 2.41 ms a step, H100, stop 29)."""
+    raw = env_choice("UNIQL_SPLITK_STEP", ("4", "8", "all"), "4")
+    if raw == "4" or block_m * block_n > 256:
+        return 4
+    if raw == "8" or splits <= 8:
+        return 8
+    return max(16, triton.next_power_of_2(splits)) if splits <= 64 else 8
 
 
 @triton.jit

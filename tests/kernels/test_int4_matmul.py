@@ -87,9 +87,9 @@ def test_many_splits_sum_in_a_fixed_order(path):
 
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 def test_eight_partials_a_step_sum_to_the_same_bits(monkeypatch, path):
-    """UNIQL_SPLITK_STEP=8 loads eight split-K partials per step of the last program's sum instead of four; the
-    adds keep split order, so every output bit is the same (42 K tiles in 21 splits: a partial last step at
-    either width)."""
+    """UNIQL_SPLITK_STEP=8 loads eight split-K partials per step of the last program's sum instead of four, ``all``
+    every partial in one unrolled sweep; the adds keep split order, so every output bit is the same (42 K tiles in
+    21 splits: a partial last step at either width, 11 masked loads in the sweep)."""
     qweight, scales = packed(64, 1344, 32)
     m = 1 if path == "gemv" else 5
     x = torch.randn(m, 1344, device=DEV, dtype=torch.float32 if not CUDA else torch.float16)
@@ -99,7 +99,14 @@ def test_eight_partials_a_step_sum_to_the_same_bits(monkeypatch, path):
     monkeypatch.setenv("UNIQL_SPLITK_STEP", "8")
     assert im.sum_step(cfg.block_m, cfg.block_n) == 8
     assert torch.equal(im.int4_matmul(x, qweight, scales, 32, n=60, config=cfg), four)
+    monkeypatch.setenv("UNIQL_SPLITK_STEP", "all")  # all 21 partials in one unrolled sweep of 32 loads
+    assert im.sum_step(cfg.block_m, cfg.block_n, 21) == 32 and im.sum_step(cfg.block_m, cfg.block_n, 6) == 8
+    assert im.sum_step(4, 128, 21) == 4  # 512 floats a partial: the default step
+    assert torch.equal(im.int4_matmul(x, qweight, scales, 32, n=60, config=cfg), four)
     assert rel_err(four, im.int4_matmul_reference(x, qweight, scales, 32, n=60)) < 3 * tol(x.dtype)
+    monkeypatch.setenv("UNIQL_SPLITK_STEP", "16")
+    with pytest.raises(ValueError, match="UNIQL_SPLITK_STEP must be 4, 8 or all"):
+        im.sum_step(1, 64, 21)
 
 
 def test_gemm_with_split_k_and_an_inner_group_tail():
