@@ -62,6 +62,18 @@ def _split_for(n_blocks: int, k_tiles: int, target: int, within: bool = False) -
     return max(1, min(max(1, want), k_tiles // 2 if k_tiles >= 4 else 1))
 
 
+def launch_split(k_tiles: int, split_k: int) -> tuple[int, int]:
+    """``(splits, K tiles a split)`` a launch runs for a config's ``split_k``: equal splits, none empty, so the
+    splits can be fewer than asked (64 tiles asked 14 ways run as 13 of 5)."""
+    per_split = triton.cdiv(k_tiles, max(1, min(split_k, k_tiles)))
+    return triton.cdiv(k_tiles, per_split), per_split
+
+
+def _blocks(n_total: int, block_n: int, widths: tuple[int, ...] | None) -> int:
+    """Column blocks of a launch: each output segment starts its own."""
+    return sum(triton.cdiv(w, block_n) for w in widths) if widths else triton.cdiv(n_total, block_n)
+
+
 def _wide_cols() -> int:
     """``UNIQL_WIDE_COLS``: the wide batch-1 GEMVs' block columns (256 by default; 128 is an experiment)."""
     return int(env_choice("UNIQL_WIDE_COLS", ("128", "256"), "256"))
@@ -95,10 +107,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.device | str = "cuda",
-                half2: bool = True) -> Int4Config:
+                half2: bool = True, widths: tuple[int, ...] | None = None) -> Int4Config:
     """The default launch configuration (block sizes, K split) for one call (benchmarks/kernels.py tunes it).
 
     ``half2``: the GEMV takes fp16/bf16 activations through ``int4_gemv`` (False: fp32 activations, exact kernel).
+    ``widths``: the output segments (q|k|v, z|x|B|C|dt): each starts a column block, so the half2 GEMV's one-wave
+    split counts their blocks (Mamba2's in-projection at rate 0.35: 49 blocks, not 12160 / 256 = 48; sized for 48,
+    its 22 splits put 22 programs in a second wave).
     """
     sms = _sm_count(torch.device(device))
     path = choose_path(m, n_total)
@@ -114,7 +129,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         k_tiles = triton.cdiv(k, block_k)
         deepest = _narrow_split() == "deep" or m > 1  # checked at every batch size
         wave = _programs_per_sm() * sms
-        split = max(1, k_tiles // 2) if deepest else _split_for(triton.cdiv(n_total, 128), k_tiles, wave, True)
+        split = max(1, k_tiles // 2) if deepest else _split_for(_blocks(n_total, 128, widths), k_tiles, wave, True)
         return Int4Config("gemv", 128, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv" and half2:
         # H200 probe (benchmarks/gemv_probe.py, results/gemv_probe_h200.json): 256 columns, 4 warps and a K split
@@ -127,7 +142,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply
         block_n = wide_cols if m == 1 and n_total <= 65536 else 256
-        n_blocks = triton.cdiv(n_total, block_n)
+        n_blocks = _blocks(n_total, block_n, widths)
         split = _split_for(n_blocks, triton.cdiv(k, block_k), _programs_per_sm() * sms, within=True)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":

@@ -28,7 +28,7 @@ import triton.language as tl
 from .elementwise import silu_mul
 from .gemv_conv import check_conv
 from .gemv_norm import check_norm
-from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_path, pick_config
+from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_path, launch_split, pick_config
 from .int4_dequant import dequant_matmul
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
 from .int4_gemv import launch_gemv_h2
@@ -249,7 +249,8 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     out = torch.empty(m, n_total, dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n_total)
-    cfg = config or pick_config(m, n_total, k, group_size, x.device, half2=x.dtype != torch.float32)
+    cfg = config or pick_config(m, n_total, k, group_size, x.device, half2=x.dtype != torch.float32,
+                                widths=tuple(length for _, length in segs))
     _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, out, norm=norm, conv=conv)
     return out.reshape(*lead, n_total)
 
@@ -303,7 +304,7 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
     _check_bias(bias, 2 * n, x)
     if m == 0:  # (pick_config has no path for an empty batch)
         return torch.empty(*lead, n, dtype=x.dtype, device=x.device)
-    cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32)
+    cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32, widths=(n, n))
     if cfg.path != "gemv" or x.dtype == torch.float32:
         gate_up = int4_matmul(x2, qweight, scales, group_size, k=k, bias=bias, segments=segs, config=config,
                               norm=norm)
@@ -341,9 +342,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
     starts, lengths = zip(*(segs + pad), strict=True)
     nb = blocks + [0] * (MAX_SEGMENTS - len(blocks))
     k_tiles = triton.cdiv(k, cfg.block_k)
-    split = max(1, min(cfg.split_k, k_tiles))
-    per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, per_split)  # no empty splits
+    split, per_split = launch_split(k_tiles, cfg.split_k)
     m_blocks = 1 if cfg.path == "gemv" else triton.cdiv(m, cfg.block_m)
     tiles = m_blocks * sum(blocks)
     pair_counters = blocks[0] if act is not None else 0  # after the tile counters (int4_gemv's GLU epilogue)

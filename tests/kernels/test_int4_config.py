@@ -109,6 +109,32 @@ def test_gemv_programs_per_sm_switch_sizes_the_wave(monkeypatch, n, k):
         im.pick_config(1, n, k, 128, "cuda")
 
 
+def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
+    """Each output segment starts a column block: Mamba2-8B's z|x|B|C|dt at rate 0.35 is 49 blocks of 256, not
+    12160 / 256 = 48; split for 48 (22 ways) it ran 1078 programs, 22 in a second wave. With the widths the split
+    keeps one wave; int4_matmul and int4_glu pass their segments' widths."""
+    from uniql.kernels import int4_config
+    from uniql.kernels.int4_format import rtn_quantize
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    widths = (5376, 5376, 640, 640, 128)
+    cfg = im.pick_config(1, sum(widths), 4096, 128, "cuda", widths=widths)
+    blocks = sum(-(-w // cfg.block_n) for w in widths)
+    splits, _ = int4_config.launch_split(4096 // cfg.block_k, cfg.split_k)
+    assert blocks == 49 and blocks * splits <= 8 * 132
+    blind = im.pick_config(1, sum(widths), 4096, 128, "cuda")
+    assert blocks * int4_config.launch_split(4096 // blind.block_k, blind.split_k)[0] > 8 * 132  # the old count
+
+    seen = []
+    real = im.pick_config
+    monkeypatch.setattr(im, "pick_config", lambda *a, **kw: seen.append(kw.get("widths")) or real(*a, **kw))
+    qweight, scales = (t.to(DEV) for t in rtn_quantize(torch.randn(96, 64), 32))
+    x = torch.randn(1, 64).to(DEV, torch.float16)
+    im.int4_matmul(x, qweight, scales, 32, segments=[(0, 20), (40, 30)])
+    im.int4_glu(x, qweight, scales, 32, [(0, 24), (48, 24)])
+    assert seen == [(20, 30), (24, 24)]
+
+
 @pytest.mark.parametrize(("n", "k"), [(4096, 8192), (18560, 4096), (4096, 14336)])
 def test_gemv_tile_k_switch(monkeypatch, n, k):
     """UNIQL_GEMV_BLOCK_K=32 (an experiment: a finer rounding step of the tiles each program streams) halves the
