@@ -343,7 +343,6 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                       offs_m < M, out0 + offs_n, offs_n, offs_n < n_len, tl.where(is_gate, l0, -l0))
 
 
-
 def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, residual=None, norm=None, conv=None,
                    **constexprs) -> None:
     """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it).

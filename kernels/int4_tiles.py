@@ -90,19 +90,20 @@ def _finish(acc, tile, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bia
             if SUM_STEP > 8:  # unrolled: nothing orders the loads, so they can all be in flight before the adds
                 for j in tl.static_range(SUM_STEP):
                     total = total + _part(tile_ws, 0, j, step, local, n_splits)
-            for s in range(0, n_splits if SUM_STEP <= 8 else 0, SUM_STEP):
-                p0 = _part(tile_ws, s, 0, step, local, n_splits)
-                p1 = _part(tile_ws, s, 1, step, local, n_splits)
-                p2 = _part(tile_ws, s, 2, step, local, n_splits)
-                p3 = _part(tile_ws, s, 3, step, local, n_splits)
-                if SUM_STEP == 8:  # all eight loads issued before the first add
-                    p4 = _part(tile_ws, s, 4, step, local, n_splits)
-                    p5 = _part(tile_ws, s, 5, step, local, n_splits)
-                    p6 = _part(tile_ws, s, 6, step, local, n_splits)
-                    p7 = _part(tile_ws, s, 7, step, local, n_splits)
-                total = (((total + p0) + p1) + p2) + p3
-                if SUM_STEP == 8:
-                    total = (((total + p4) + p5) + p6) + p7
+            else:
+                for s in range(0, n_splits, SUM_STEP):
+                    p0 = _part(tile_ws, s, 0, step, local, n_splits)
+                    p1 = _part(tile_ws, s, 1, step, local, n_splits)
+                    p2 = _part(tile_ws, s, 2, step, local, n_splits)
+                    p3 = _part(tile_ws, s, 3, step, local, n_splits)
+                    if SUM_STEP == 8:  # all eight loads issued before the first add
+                        p4 = _part(tile_ws, s, 4, step, local, n_splits)
+                        p5 = _part(tile_ws, s, 5, step, local, n_splits)
+                        p6 = _part(tile_ws, s, 6, step, local, n_splits)
+                        p7 = _part(tile_ws, s, 7, step, local, n_splits)
+                    total = (((total + p0) + p1) + p2) + p3
+                    if SUM_STEP == 8:
+                        total = (((total + p4) + p5) + p6) + p7
             tl.store(cnt_ptr + tile, 0)  # ready for the next launch (graph replays reuse the counters)
             total = _write(total, out_ptr, stride_om, bias_ptr, offs_m, mask_m, ocol, mask_n, HAS_BIAS)
     else:

@@ -39,10 +39,11 @@ def _capable(index: int) -> bool:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels launched on ``device`` use programmatic dependent launch (read per launch: tests flip it)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    """Whether kernels launched on ``device`` use programmatic dependent launch (read per launch: tests flip it).
+    ``UNIQL_PDL``: 0 (default) or 1; anything else is refused, on every device."""
+    if env_choice("UNIQL_PDL", ("0", "1"), "0") != "1":
         return False
-    if os.environ.get("UNIQL_PDL", "0") != "1":
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 

@@ -164,9 +164,9 @@ class ElasticMamba(nn.Module):
         b, dtype = stream.shape[0], stream.dtype
         conv_state, ssm_state = batch.ssm_states(layer)
         weight, bias = self.conv_segments(p, n)
-        convolved = self._project_conv(u if isinstance(u, Prenormed) else u[:, 0], p, n, conv_state, weight, bias,
-                                       batch.conv_dtype)
-        projected = convolved or self.project(u if isinstance(u, Prenormed) else u[:, 0], p, n)
+        u_step = u if isinstance(u, Prenormed) else u[:, 0]
+        convolved = self._project_conv(u_step, p, n, conv_state, weight, bias, batch.conv_dtype)
+        projected = convolved or self.project(u_step, p, n)
         z, xbc, dt_raw = (t.reshape(b, -1) for t in projected)  # [B, H*p], [B, ch'], [B, H] (views)
         z = z.unflatten(-1, (p, self.heads)).transpose(-1, -2)  # [B, H, p] view of the rank-major channels
         step = dict(D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
@@ -210,12 +210,13 @@ class ElasticMamba(nn.Module):
         return proj[:, :hp], out, proj[:, 2 * hp + 2 * gn:]
 
     def _folds_norm(self, ssm_state, stream: torch.Tensor, p: int) -> bool:
-        """``UNIQL_SSM_NORM_FOLD=1`` (an experiment until its engine A/B): one request over an address table, head
-        groups of a multiple of 8 heads, and an out_proj the half2 GEMV serves."""
+        """``UNIQL_SSM_NORM_FOLD=1`` (an experiment until its engine A/B): one request over an address table, at most
+        8 head groups (``gemv_norm``) of a multiple of 8 heads, and an out_proj the half2 GEMV serves."""
         raw = env_choice("UNIQL_SSM_NORM_FOLD", ("0", "1"), "0")
         per_group = self.heads // self.norm_groups
         return (raw == "1" and isinstance(ssm_state, torch.Tensor) and ssm_state.dtype == torch.int64
-                and stream.shape[0] == 1 and per_group % 8 == 0 and stream.dtype in (torch.float16, torch.bfloat16)
+                and stream.shape[0] == 1 and per_group % 8 == 0 and self.norm_groups <= 8
+                and stream.dtype in (torch.float16, torch.bfloat16)
                 and GroupNormed.serves(self.out_proj, stream, self.heads * p))
 
     def _update_folded(self, ssm_state, x, dt_raw, B, C, step: dict, p: int, residual):

@@ -86,3 +86,17 @@ def test_conv_in_the_in_projection_equals_the_conv_kernel(rung, monkeypatch):
     monkeypatch.setenv("UNIQL_SSM_CONV_FOLD", "on")
     with pytest.raises(ValueError, match="UNIQL_SSM_CONV_FOLD must be 0 or 1"):
         steps("on")
+
+
+def test_norm_fold_declines_more_than_eight_groups(monkeypatch):
+    """The GEMV picks among at most 8 group scales (``gemv_norm.check_norm`` refuses more): a mixer with 16 norm
+    groups takes the norm kernel instead of failing the step."""
+    model, dev, _ = fused_mamba2_for_decode(monkeypatch, 1, 3)
+    mixer = next(layer.mamba for layer in model.layers if layer.mamba is not None)
+    monkeypatch.setenv("UNIQL_SSM_NORM_FOLD", "1")
+    table = torch.zeros(1, dtype=torch.int64, device=dev)
+    stream = torch.zeros(1, model.spec.hidden_size, dtype=torch.bfloat16, device=dev)
+    assert mixer._folds_norm(table, stream, mixer.head_dim)
+    monkeypatch.setattr(mixer, "heads", 128)
+    monkeypatch.setattr(mixer, "norm_groups", 16)  # 8 heads a group: whole packed rows, but 16 scales
+    assert not mixer._folds_norm(table, stream, mixer.head_dim)
