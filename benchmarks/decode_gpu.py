@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from uniql.kernels.pdl import pdl_enabled
+from uniql.kernels.switches import set_switches
 from uniql.runtime.bench import check_finished, reset_peak
 from uniql.runtime.decoder import LINEAR_PATHS, ElasticDecoder
 from uniql.runtime.engine import Engine
@@ -226,7 +227,7 @@ def main() -> None:
     if not args.skip_hf:
         rows += hf_rows(prompt, args.new_tokens, not args.skip_compiled, args.compile_mode)
     report = {"device": torch.cuda.get_device_name(), "model": "llama-3.1-8b shape, random weights",
-              "torch": torch.__version__, "pdl": pdl_enabled(torch.device("cuda")),
+              "torch": torch.__version__, "pdl": pdl_enabled(torch.device("cuda")), "switches": set_switches(),
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "quantization": "INT4 g128 symmetric (random codes), uniform rate ladder", "rows": rows}
     if args.json:

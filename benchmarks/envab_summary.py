@@ -5,6 +5,8 @@ default tree's (same machine, alternating rounds, so the ratio is the A/B's answ
     python benchmarks/envab_summary.py DIR --out benchmarks/results/envab_<tag>_h100.json
 
 DIR holds ``<name>_envab_<gpu>_<round>_<variant>.json`` (variant ``default`` or ``VAR_VALUE`` joined by ``_``).
+A run whose JSON did not come back from the device (a call returns a limited number of files) is read from the
+step's log ``<name>_envab_<gpu>.txt`` instead (its printed TPOT, TTFT and peak; rows marked ``"from": "log"``).
 """
 
 from __future__ import annotations
@@ -16,21 +18,48 @@ import statistics
 from pathlib import Path
 
 RUN_FILE = re.compile(r"(?P<name>\w+?)_envab_(?P<gpu>[a-z0-9]+)_(?P<round>\d+)_(?P<variant>.+)\.json$")
+LOG_FILE = re.compile(r"(?P<name>\w+?)_envab_(?P<gpu>[a-z0-9]+)\.txt$")
+ROUND = re.compile(r"== round (?P<round>\d+): (?P<variant>\S+)")
+# a printed engine row: "[model] uniql  rate 0.15 [batch  1]: TTFT 81.0 ms  TPOT 2.083 ms [...] peak 4.2 GiB"
+LOG_ROW = re.compile(r"^(?:(?P<model>\S+)\s+)?uniql\s+rate (?P<rate>[\d.]+)(?: batch\s+(?P<batch>\d+))?: "
+                     r"TTFT\s+(?P<ttft>[\d.]+) ms\s+TPOT\s+(?P<tpot>[\d.]+) ms.*peak\s+(?P<peak>[\d.]+) GiB")
+
+
+def log_rows(path: Path, have: set[tuple[str, int, str]], model: str) -> list[dict]:
+    """The rows of the runs in an envab log that are not in ``have`` ((name, round, variant) with a JSON); ``model``
+    names rows that print none (decode_gpu.py's)."""
+    name, rows, run = LOG_FILE.match(path.name)["name"], [], None
+    for line in path.read_text().splitlines():
+        if (head := ROUND.match(line)) is not None:
+            run = (name, int(head["round"]), re.sub(r"[=+]", "_", head["variant"]))  # as the run file names it
+            continue
+        row = LOG_ROW.match(line) if run is not None and run not in have else None
+        if row is not None and int(row["batch"] or 1) == 1:  # batch 1 only, as from the run files
+            rows.append({"model": row["model"] or model, "engine": "uniql", "rate": float(row["rate"]), "batch": 1,
+                         "ttft_ms": float(row["ttft"]), "tpot_ms": float(row["tpot"]),
+                         "peak_mem_bytes": round(float(row["peak"]) * 2**30), "round": run[1], "variant": run[2],
+                         "file": path.name, "from": "log"})
+    return rows
 
 
 def collect(folder: Path) -> tuple[list[dict], str]:
     """Every engine row of every run file, tagged with its file's round and variant; and the device name."""
-    rows, device = [], ""
+    rows, device, models = [], "", {}
     for path in sorted(folder.glob("*_envab_*.json")):
         match = RUN_FILE.match(path.name)
         if match is None:
             continue
         report = json.loads(path.read_text())
         device = device or report.get("device", "")
+        models[match["name"]] = report.get("model", match["name"])
         for row in report.get("rows", []):
             if row.get("engine") == "uniql" and row.get("batch", 1) == 1:
                 rows.append({**row, "model": row.get("model", report.get("model", match["name"])),
                              "round": int(match["round"]), "variant": match["variant"], "file": path.name})
+    have = {(RUN_FILE.match(row["file"])["name"], row["round"], row["variant"]) for row in rows}
+    for path in sorted(folder.glob("*_envab_*.txt")):
+        if (match := LOG_FILE.match(path.name)) is not None:
+            rows += log_rows(path, have, models.get(match["name"], match["name"]))
     return rows, device
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from uniql.kernels.int4_format import PACK, dequantize, packed_bytes
+from uniql.kernels.switches import set_switches
 from uniql.runtime.ladder import Alignment, dim_steps, kept_size
 
 RESULTS = Path(__file__).parent / "results" / "kernels_h100.json"
@@ -381,7 +382,7 @@ def main(argv=None) -> None:
             for rate in [] if not prefill_m else [0.0, 0.35] if layer == "gate_up" and not quick else [0.0]:
                 prefill.append(prefill_row(bench, model, layer, rate, prefill_m))
     report = {"device": "cpu (TRITON_INTERPRET smoke)" if smoke else torch.cuda.get_device_name(),
-              "pdl": not smoke and pdl_enabled(torch.device("cuda")),
+              "pdl": not smoke and pdl_enabled(torch.device("cuda")), "switches": set_switches(),
               "torch": torch.__version__, "triton": getattr(sys.modules.get("triton"), "__version__", None),
               "dtype": args.dtype, "group_size": args.group_size, "repeats": timer.repeats,
               "rotate_bytes": bench.rotate_bytes, "copy_TBps": copy_tbps,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from decode_gpu import NullTokenizer, _random_dense, _random_int4
 
+from uniql.kernels.switches import set_switches
 from uniql.runtime.bench import engine_row, hf_row, peak_mem_bytes, reset_peak
 from uniql.runtime.decoder import DecoderLayer, ElasticDecoder, RMSNorm
 from uniql.runtime.engine import Engine
@@ -211,7 +212,8 @@ def _mamba_norm_kernels():
 
 def _write(args, device, rows) -> None:
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "tiny": args.tiny, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "tiny": args.tiny, "switches": set_switches(), "prompt_tokens": args.prompt_tokens,
+              "new_tokens": args.new_tokens,
               "quantization": "INT4 g128 symmetric (random codes), uniform rate ladder; transformers bf16",
               "tpot_ratio_035_over_0": tpot_ratios(rows), "rows": rows}
     if args.json:

@@ -120,13 +120,16 @@ def _part(tile_ws, s, j: tl.constexpr, step, local, n_splits):
 
 
 def sum_step(block_m: int, block_n: int, splits: int = 1) -> int:
-    """Partials per step of the split-K sum. ``UNIQL_SPLITK_STEP``: 4 (default), 8 (eight loads at once) or ``all``
-    (every partial in one unrolled sweep of the next power of two >= ``splits``, at most 64: the default's
-    ``splits / 4`` L2 round trips in a row become one), each where a partial is at most 256 floats (<= 2 a thread at
-    4 warps, so the sum needs fewer registers than the K loop and the kernel's occupancy stays). The same bits
-    every way (the adds keep split order). Same-machine A/Bs decide (``SUITE=envab`` in
-    benchmarks/device_suite.sh): 8 measured slower (2.49 vs 2.41 ms a step, H100, stop 29)."""
-    raw = env_choice("UNIQL_SPLITK_STEP", ("4", "8", "all"), "4")
+    """Partials per step of the split-K sum. ``UNIQL_SPLITK_STEP``: ``all`` (default: every partial in one unrolled
+    sweep of the next power of two >= ``splits``, at most 64, so the ``splits / 4`` L2 round trips in a row of a
+    four-a-step loop become one; eight a step up to 8 splits), 4 or 8 (a loop of that many loads a step), each
+    where a partial is at most 256 floats (<= 2 a thread at 4 warps, so the sum needs fewer registers than the K
+    loop and the kernel's occupancy stays). The same bits every way (the adds keep split order). Same-machine
+    engine A/Bs on the H100 (``SUITE=envab`` / ``envabssm`` in benchmarks/device_suite.sh, two rounds, stop 33):
+    ``all`` beat 4 at every rate in both rounds, Llama-8B 2.236 / 1.827 ms vs 2.272 / 1.866 at rates 0 / 0.35,
+    Mamba2-8B 2.422 / 1.982 vs 2.470 / 2.035 (results/envab_splitk_conv_h100.json); 8 lost at stop 29 (2.49 vs
+    2.41 ms)."""
+    raw = env_choice("UNIQL_SPLITK_STEP", ("4", "8", "all"), "all")
     if raw == "4" or block_m * block_n > 256:
         return 4
     if raw == "8" or splits <= 8:

@@ -39,6 +39,35 @@ def test_summary_medians_and_ratios(tmp_path):
     assert by_key[("mamba2-8b-shape", "default", 0.0)]["vs_default"] == 1.0
 
 
+def test_runs_missing_their_json_are_read_from_the_log(tmp_path):
+    """The device returns a limited number of files: round 2's JSONs did not come back, its log lines did."""
+    _run_file(tmp_path, "decode", 1, "default", {0.0: 2.4})
+    _run_file(tmp_path, "decode", 1, "UNIQL_PDL_1_UNIQL_GEMV_PER_SM_4", {0.0: 2.6})
+    (tmp_path / "decode_envab_h100.txt").write_text(
+        "== round 1: default\n"
+        "uniql             rate 0.00 batch  1: TTFT    208.6 ms  TPOT   9.999 ms     324.8 tok/s  peak   4.2 GiB\n"
+        "== round 2: default\n"
+        "uniql             rate 0.00 batch  1: TTFT    165.0 ms  TPOT   2.200 ms     343.7 tok/s  peak   4.2 GiB\n"
+        "uniql             rate 0.00 batch  4: TTFT    348.1 ms  TPOT   4.685 ms     663.7 tok/s  peak   4.7 GiB\n"
+        "== round 2: UNIQL_PDL=1+UNIQL_GEMV_PER_SM=4\n"
+        "uniql             rate 0.00 batch  1: TTFT    169.0 ms  TPOT   2.800 ms     304.9 tok/s  peak   4.2 GiB\n")
+    (tmp_path / "ssm_envab_h100.txt").write_text(
+        "== round 1: default\n"
+        "mamba2-8b-shape      uniql             rate 0.35: TTFT    256.4 ms  TPOT   2.034 ms  peak   5.4 GiB\n")
+    out = tmp_path / "summary.json"
+    result = subprocess.run([sys.executable, str(BENCH / "envab_summary.py"), str(tmp_path), "--out", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    logged = [r for r in report["rows"] if r.get("from") == "log"]
+    # round 1's log lines duplicate its JSONs (9.999 would show); batch 4 is not an A/B row
+    assert sorted((r["model"], r["round"], r["tpot_ms"]) for r in logged) == [
+        ("llama-3.1-8b", 2, 2.2), ("llama-3.1-8b", 2, 2.8), ("mamba2-8b-shape", 1, 2.034)]
+    by_key = {(s["model"], s["variant"], s["rate"]): s for s in report["summary"]}
+    pdl = by_key[("llama-3.1-8b", "UNIQL_PDL_1_UNIQL_GEMV_PER_SM_4", 0.0)]
+    assert pdl["runs"] == 2 and abs(pdl["vs_default"] - 2.7 / 2.3) < 1e-9
+
+
 def test_an_empty_folder_is_an_error(tmp_path):
     result = subprocess.run([sys.executable, str(BENCH / "envab_summary.py"), str(tmp_path), "--out",
                              str(tmp_path / "x.json")], capture_output=True, text=True, timeout=60)

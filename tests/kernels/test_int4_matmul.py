@@ -95,15 +95,19 @@ def test_eight_partials_a_step_sum_to_the_same_bits(monkeypatch, path):
     x = torch.randn(m, 1344, device=DEV, dtype=torch.float32 if not CUDA else torch.float16)
     cfg = im.Int4Config(path, block_n=64 if path == "gemv" else 16, block_k=32, split_k=21, num_warps=4,
                         block_m=1 if path == "gemv" else 16)
+    monkeypatch.setenv("UNIQL_SPLITK_STEP", "4")
+    assert im.sum_step(cfg.block_m, cfg.block_n, 21) == 4
     four = im.int4_matmul(x, qweight, scales, 32, n=60, config=cfg)
     monkeypatch.setenv("UNIQL_SPLITK_STEP", "8")
     assert im.sum_step(cfg.block_m, cfg.block_n) == 8
     assert torch.equal(im.int4_matmul(x, qweight, scales, 32, n=60, config=cfg), four)
     monkeypatch.setenv("UNIQL_SPLITK_STEP", "all")  # all 21 partials in one unrolled sweep of 32 loads
     assert im.sum_step(cfg.block_m, cfg.block_n, 21) == 32 and im.sum_step(cfg.block_m, cfg.block_n, 6) == 8
-    assert im.sum_step(4, 128, 21) == 4  # 512 floats a partial: the default step
+    assert im.sum_step(4, 128, 21) == 4  # 512 floats a partial: the four-a-step loop
     assert torch.equal(im.int4_matmul(x, qweight, scales, 32, n=60, config=cfg), four)
     assert rel_err(four, im.int4_matmul_reference(x, qweight, scales, 32, n=60)) < 3 * tol(x.dtype)
+    monkeypatch.delenv("UNIQL_SPLITK_STEP")  # the default since the stop-33 A/B
+    assert im.sum_step(cfg.block_m, cfg.block_n, 21) == 32
     monkeypatch.setenv("UNIQL_SPLITK_STEP", "16")
     with pytest.raises(ValueError, match="UNIQL_SPLITK_STEP must be 4, 8 or all"):
         im.sum_step(1, 64, 21)
