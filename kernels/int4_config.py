@@ -74,9 +74,27 @@ def _blocks(n_total: int, block_n: int, widths: tuple[int, ...] | None) -> int:
     return sum(triton.cdiv(w, block_n) for w in widths) if widths else triton.cdiv(n_total, block_n)
 
 
-def _wide_cols() -> int:
-    """``UNIQL_WIDE_COLS``: the wide batch-1 GEMVs' block columns (256 by default; 128 is an experiment)."""
-    return int(env_choice("UNIQL_WIDE_COLS", ("128", "256"), "256"))
+def _wide_cols() -> str:
+    """``UNIQL_WIDE_COLS``: the wide batch-1 GEMVs' block columns: 256 (default), 128, or ``auto`` (experiment,
+    ``_wide_block_n``)."""
+    return env_choice("UNIQL_WIDE_COLS", ("128", "256", "auto"), "256")
+
+
+def _wide_block_n(choice: str, n_total: int, k_tiles: int, wave: int, widths: tuple[int, ...] | None) -> int:
+    """The columns of a wide batch-1 GEMV's blocks. ``auto``: 128 only where its one-wave split leaves each program
+    fewer weight bytes than 256 columns do (a program's K tiles x its columns; ties keep 256, which measured faster
+    a byte). In one wave a GEMV lasts about as long as a program's share, a small integer of tiles that rounds up:
+    Mamba2-8B's z|x|B|C|dt at rate 0.35 runs 784 programs of 4 tiles x 256 columns, or 1045 of 6 x 128 (3 x 256's
+    bytes; the H100 split sweep: 12.9 vs 14.3-14.5 us, results/split_sweep_h100.json). On the 8B ladders only that
+    launch and Llama's gate|up at rate 0.25 (5.5 against 6) change; every other wide launch ties (wave_plan.py)."""
+    if choice != "auto":
+        return int(choice)
+
+    def share(block_n: int) -> int:  # a program's weight columns x K tiles in the one-wave split
+        split = _split_for(_blocks(n_total, block_n, widths), k_tiles, wave, within=True)
+        return launch_split(k_tiles, split)[1] * block_n
+
+    return 128 if share(128) < share(256) else 256
 
 
 def _programs_per_sm() -> int:
@@ -136,14 +154,14 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         # to ~8 programs per SM everywhere; 32-row tiles for the vocab head (long K loops: fewer live registers).
         # Two 64-row tiles per program for the head won the Llama sweep (97 vs 107 us) but measured mixed in the
         # full benchmark (Llama 101 vs 105 us, Qwen2.5 105 vs 90 us): not taken
-        # UNIQL_WIDE_COLS=128 (experiment, batch 1, not the head): 128 columns for the wide layers; the H100 split
-        # sweep had Mamba2's in_proj at 18.8 us on 128 x 10 vs ~21.3 on 256 columns (results/split_sweep_h100.json)
+        # UNIQL_WIDE_COLS=128 / auto (experiments, batch 1, not the head): 128 columns for the wide layers (128 lost
+        # the Llama engine A/B, results/envab_wave_h100.json), or where they round a program's share down
         block_k = min(group_size, 32 if n_total > 65536 else _tile_k() if m == 1 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply
-        block_n = wide_cols if m == 1 and n_total <= 65536 else 256
-        n_blocks = _blocks(n_total, block_n, widths)
-        split = _split_for(n_blocks, triton.cdiv(k, block_k), _programs_per_sm() * sms, within=True)
+        k_tiles, wave = triton.cdiv(k, block_k), _programs_per_sm() * sms
+        block_n = _wide_block_n(wide_cols, n_total, k_tiles, wave, widths) if m == 1 and n_total <= 65536 else 256
+        split = _split_for(_blocks(n_total, block_n, widths), k_tiles, wave, within=True)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;

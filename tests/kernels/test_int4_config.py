@@ -59,7 +59,7 @@ def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
         assert im.pick_config(1, n, 4096, 128, "cuda").split_k == 2
     assert n > 65536 or im.pick_config(4, n, 4096, 128, "cuda").block_n == 256  # batch 2-4: not measured
     monkeypatch.setenv("UNIQL_WIDE_COLS", "64")
-    with pytest.raises(ValueError, match="UNIQL_WIDE_COLS must be 128 or 256"):
+    with pytest.raises(ValueError, match="UNIQL_WIDE_COLS must be 128, 256 or auto"):
         im.pick_config(1, n, 4096, 128, "cuda")
 
 
@@ -133,6 +133,39 @@ def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
     im.int4_matmul(x, qweight, scales, 32, segments=[(0, 20), (40, 30)])
     im.int4_glu(x, qweight, scales, 32, [(0, 24), (48, 24)])
     assert seen == [(20, 30), (24, 24)]
+
+
+def test_auto_wide_cols_take_128_only_where_a_program_reads_less(monkeypatch):
+    """UNIQL_WIDE_COLS=auto: 128-column blocks where their one-wave split leaves a program fewer weight bytes than
+    256 columns (Mamba2-8B's z|x|B|C|dt at rate 0.35: 6 tiles x 128 against 4 x 256; Llama-8B's gate|up at rate
+    0.25: 11 x 128 against 6 x 256), 256 on ties (both at rate 0); never a larger share than 256's."""
+    import random
+
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    monkeypatch.setenv("UNIQL_WIDE_COLS", "auto")
+
+    def share(widths, k=4096):  # (block_n, a program's K tiles x columns, programs)
+        cfg = im.pick_config(1, sum(widths), k, 128, "cuda", widths=widths)
+        splits, per = int4_config.launch_split(-(-k // cfg.block_k), cfg.split_k)
+        return cfg.block_n, per * cfg.block_n, sum(-(-w // cfg.block_n) for w in widths) * splits
+
+    assert share((5376, 5376, 640, 640, 128))[:2] == (128, 6 * 128)
+    assert share((8192, 8192, 1024, 1024, 128))[:2] == (256, 5 * 256)
+    assert share((10752, 10752))[:2] == (128, 11 * 128) and share((14336, 14336))[:2] == (256, 8 * 256)
+    rng = random.Random(0)
+    for _ in range(200):
+        widths = tuple(rng.randrange(64, 16384, 64) for _ in range(rng.choice((1, 2, 5))))
+        if sum(widths) <= 8192:  # the narrow layers' path: 128 columns always
+            continue
+        k = rng.choice((2048, 4096, 8192))
+        block_n, auto, _ = share(widths, k)
+        monkeypatch.setenv("UNIQL_WIDE_COLS", "256")
+        wide = share(widths, k)
+        monkeypatch.setenv("UNIQL_WIDE_COLS", "auto")
+        assert auto <= wide[1], widths
+        assert block_n == 256 or auto < wide[1]  # ties keep 256
 
 
 @pytest.mark.parametrize(("n", "k"), [(4096, 8192), (18560, 4096), (4096, 14336)])
