@@ -42,6 +42,8 @@ CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode s
     "m1_n256_conv": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=5, NORM=True, CONV=True, CONV_W=4, CONV_ACT=1, CONV_BIAS=True,
                           CONV_DTYPE="bfloat16"), 4),  # Mamba2's in_proj with the conv epilogue (UNIQL_SSM_CONV_FOLD)
     "m1_n256_in_proj": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=5, NORM=True), 4),  # its anchor
+    "m1_n128_conv": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=5, NORM=True, CONV=True, CONV_W=4, CONV_ACT=1, CONV_BIAS=True,
+                          CONV_DTYPE="bfloat16", SUM_STEP=16), 4),  # the same at rate 0.35 with UNIQL_WIDE_COLS=auto
     "m1_n128_group_norm": (dict(BLOCK_M=1, BLOCK_N=128, RES=True, NORM=True, NORM_G=8, PARTS_P=128, NORM_RH=16,
                                 NORM_RG=2), 4),  # Mamba2-8B: 128 heads in 8 groups
 }
