@@ -17,7 +17,8 @@
 #            the stop-28 behaviours; UNIQL_WIDE_COLS=128 tries 128-column blocks on the wide batch-1 GEMVs (lost),
 #            UNIQL_WIDE_COLS=auto only where they leave a program fewer bytes (Mamba2's in_proj at 0.35, Llama's
 #            gate|up at 0.25);
-#            UNIQL_PDL=1+UNIQL_GEMV_PER_SM=4: PDL with GEMV waves of 4 programs an SM, room for early starts;
+#            UNIQL_PDL=1+UNIQL_GEMV_PER_SM=4: PDL with GEMV waves of 4 programs an SM, room for early starts (lost);
+#            UNIQL_GEMV_PER_SM=regs: waves of what the register file holds (10 an SM on 128 columns);
 #            UNIQL_GEMV_BLOCK_K=32: half-size batch-1 GEMV tiles, a finer rounding of the tiles per program), two
 #            alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json

@@ -37,6 +37,7 @@ CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode s
     "m1_n256": (dict(BLOCK_M=1, BLOCK_N=256), 4),
     "m1_n256_glu_norm": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=2, GLU=True, NORM=True), 4),
     "m1_n128_qkv_norm": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=3, NORM=True), 4),
+    "m1_n128_glu_norm": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=2, GLU=True, NORM=True), 4),  # gate|up, WIDE_COLS=128
     "m4_n128_residual": (dict(BLOCK_M=4, BLOCK_N=128, RES=True, X_BF16=False), 4),
     "m1_n128_residual": (dict(BLOCK_M=1, BLOCK_N=128, RES=True), 4),  # Mamba2's out_proj: the group norm's anchor
     "m1_n256_conv": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=5, NORM=True, CONV=True, CONV_W=4, CONV_ACT=1, CONV_BIAS=True,

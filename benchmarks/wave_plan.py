@@ -9,6 +9,7 @@ H100 profiles measured (``profile_decode.py``), to see how far the rounding expl
     python benchmarks/wave_plan.py [--json benchmarks/results/wave_plan_h100.json]
     UNIQL_GEMV_BLOCK_K=32 python benchmarks/wave_plan.py        # the plan with half-size tiles
     UNIQL_WIDE_COLS=auto python benchmarks/wave_plan.py         # 128 columns where they round a program's share down
+    UNIQL_GEMV_PER_SM=regs python benchmarks/wave_plan.py       # waves of 10 programs an SM on 128 columns
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def _wide_cols() -> str:
     return env_choice("UNIQL_WIDE_COLS", ("128", "256", "auto"), "256")
 
 
-def _wide_block_n(choice: str, n_total: int, k_tiles: int, wave: int, widths: tuple[int, ...] | None) -> int:
+def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None) -> int:
     """The columns of a wide batch-1 GEMV's blocks. ``auto``: 128 only where its one-wave split leaves each program
     fewer weight bytes than 256 columns do (a program's K tiles x its columns; ties keep 256, which measured faster
     a byte). In one wave a GEMV lasts about as long as a program's share, a small integer of tiles that rounds up:
@@ -91,18 +91,24 @@ def _wide_block_n(choice: str, n_total: int, k_tiles: int, wave: int, widths: tu
         return int(choice)
 
     def share(block_n: int) -> int:  # a program's weight columns x K tiles in the one-wave split
-        split = _split_for(_blocks(n_total, block_n, widths), k_tiles, wave, within=True)
+        split = _split_for(_blocks(n_total, block_n, widths), k_tiles, _programs_per_sm(block_n) * sms, within=True)
         return launch_split(k_tiles, split)[1] * block_n
 
     return 128 if share(128) < share(256) else 256
 
 
-def _programs_per_sm() -> int:
-    """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave (8 by default; 4 is an experiment:
-    at 8 programs of 4 warps and 48-64 registers a thread the register file is full, so a programmatic dependent
-    launch (``UNIQL_PDL=1``) finds no room for the next kernel's programs to start early and prefetch, which is
-    where PDL lost on the H100, 2.70 vs 2.41 ms a step; half the programs leave that room)."""
-    return int(env_choice("UNIQL_GEMV_PER_SM", ("4", "8"), "8"))
+def _programs_per_sm(block_n: int) -> int:
+    """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave. 8 (default); 4 (experiment: at 8
+    programs of 4 warps and 48-64 registers a thread the register file is full, so a programmatic dependent launch
+    found no room for the next kernel's programs; with ``UNIQL_PDL=1`` it lost, 2.63 vs 2.27 ms a step, H100, stop
+    33); ``regs`` (experiment): what the register file holds, 10 programs of 128 columns (48 registers a thread on
+    sm_90: the profiles' ``compiled_gemvs``, ``sass_gemv.py``), 8 of 256 (56-64). At 10 an SM Llama-8B's down gets
+    6 K tiles a program instead of 7 at rate 0 and 4 instead of 5 at 0.35 (the H100 split sweep: 14.7 vs 14.9 and
+    10.8 vs 11.7 us, results/split_sweep_h100.json); no other 8B-ladder launch changes."""
+    raw = env_choice("UNIQL_GEMV_PER_SM", ("4", "8", "regs"), "8")
+    if raw != "regs":
+        return int(raw)
+    return 10 if block_n <= 128 else 8
 
 
 def _tile_k() -> int:
@@ -146,7 +152,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         k_tiles = triton.cdiv(k, block_k)
         deepest = _narrow_split() == "deep" or m > 1  # checked at every batch size
-        wave = _programs_per_sm() * sms
+        wave = _programs_per_sm(128) * sms
         split = max(1, k_tiles // 2) if deepest else _split_for(_blocks(n_total, 128, widths), k_tiles, wave, True)
         return Int4Config("gemv", 128, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv" and half2:
@@ -159,9 +165,9 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_k = min(group_size, 32 if n_total > 65536 else _tile_k() if m == 1 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply
-        k_tiles, wave = triton.cdiv(k, block_k), _programs_per_sm() * sms
-        block_n = _wide_block_n(wide_cols, n_total, k_tiles, wave, widths) if m == 1 and n_total <= 65536 else 256
-        split = _split_for(_blocks(n_total, block_n, widths), k_tiles, wave, within=True)
+        k_tiles = triton.cdiv(k, block_k)
+        block_n = _wide_block_n(wide_cols, n_total, k_tiles, sms, widths) if m == 1 and n_total <= 65536 else 256
+        split = _split_for(_blocks(n_total, block_n, widths), k_tiles, _programs_per_sm(block_n) * sms, within=True)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;

@@ -105,8 +105,29 @@ def test_gemv_programs_per_sm_switch_sizes_the_wave(monkeypatch, n, k):
         assert 0.75 * int(per_sm) * 132 <= programs[per_sm] <= int(per_sm) * 132 * 1.5
     assert programs["4"] < programs["8"]
     monkeypatch.setenv("UNIQL_GEMV_PER_SM", "6")
-    with pytest.raises(ValueError, match="UNIQL_GEMV_PER_SM must be 4 or 8"):
+    with pytest.raises(ValueError, match="UNIQL_GEMV_PER_SM must be 4, 8 or regs"):
         im.pick_config(1, n, k, 128, "cuda")
+
+
+def test_register_sized_wave(monkeypatch):
+    """UNIQL_GEMV_PER_SM=regs: a wave of what the register file holds, 10 programs an SM on 128 columns (48 registers
+    a thread), 8 on 256: Llama-8B's down (K = 14336 / 9344 at rates 0 / 0.35) gets 38 x 6 / 37 x 4 K tiles instead
+    of 32 x 7 / 30 x 5; the wide gate|up keeps 256 columns and its 8 an SM."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+
+    def launch(n, k):
+        cfg = im.pick_config(1, n, k, 128, "cuda")
+        splits, per = int4_config.launch_split(-(-k // cfg.block_k), cfg.split_k)
+        return cfg.block_n, -(-n // cfg.block_n) * splits, per
+
+    monkeypatch.setenv("UNIQL_GEMV_PER_SM", "8")
+    assert launch(4096, 14336) == (128, 1024, 7) and launch(4096, 9344) == (128, 960, 5)
+    gate_up = launch(28672, 4096)
+    monkeypatch.setenv("UNIQL_GEMV_PER_SM", "regs")
+    assert launch(4096, 14336) == (128, 1216, 6) and launch(4096, 9344) == (128, 1184, 4)
+    assert launch(28672, 4096) == gate_up and gate_up[0] == 256 and gate_up[1] <= 8 * 132
 
 
 def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
