@@ -182,11 +182,7 @@ class ElasticMamba(nn.Module):
             x, B, C = self.split_heads(xbc, p, n)
             if self._folds_norm(ssm_state, stream, p):  # two launches: the norm splits across update and out_proj
                 return self._update_folded(ssm_state, x, dt_raw, B, C, step, p, residual)
-            gated = ops.ssm_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step)
-            if gated.is_cuda:
-                normed = elementwise.group_rms_norm(gated, self.norm_weight, self.norm_groups, self.norm_eps, dtype)
-            else:
-                normed = self.group_rms(gated[:, None], p).to(dtype)[:, 0]
+            normed = self._update_normed(ssm_state, x, dt_raw, B, C, step, p, dtype)
         k = self.heads * p
         done = fold_norm(self.out_proj, normed[:, None], k, residual)
         return done if done is not None else self.out_proj(normed[:, None], k=k)
@@ -209,6 +205,21 @@ class ElasticMamba(nn.Module):
             return None
         proj = proj.reshape(out.shape[0], -1)
         return proj[:, :hp], out, proj[:, 2 * hp + 2 * gn:]
+
+    def _update_normed(self, ssm_state, x, dt_raw, B, C, step: dict, p: int, dtype) -> torch.Tensor:
+        """The state update, then the gated group norm: ``[B, P' * H]`` rank-major, what out_proj reads. With
+        ``UNIQL_SSM_UPDATE_NORM=1`` (an experiment until its engine A/B) over an address table on the Triton path,
+        the update's last program of each norm group normalises it (one launch less a layer, the same bits)."""
+        triton = isinstance(ssm_state, torch.Tensor) and ssm_state.dtype == torch.int64 \
+            and ops.triton_enabled(x.device)
+        if env_choice("UNIQL_SSM_UPDATE_NORM", ("0", "1"), "0") == "1" and triton:
+            return ssm_update.selective_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step,
+                                                     group_norm=(self.norm_weight, self.norm_groups, self.norm_eps,
+                                                                 dtype))
+        gated = ops.ssm_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step)
+        if ops.triton_enabled(gated.device):
+            return elementwise.group_rms_norm(gated, self.norm_weight, self.norm_groups, self.norm_eps, dtype)
+        return self.group_rms(gated[:, None], p).to(dtype)[:, 0]
 
     def _folds_norm(self, ssm_state, stream: torch.Tensor, p: int) -> bool:
         """``UNIQL_SSM_NORM_FOLD=1`` (an experiment until its engine A/B): one request over an address table, at most

@@ -5,7 +5,9 @@ interpreter, over address tables.
   out_proj's GEMV (each packed row's group 1 / rms): a decode step gives the logits of the step with the norm kernel.
 * UNIQL_SSM_CONV_FOLD=1: the causal-conv step in the z|x|B|C|dt GEMV's epilogue (``kernels/gemv_conv.py``): three
   decode steps (each reads the conv state the one before shifted) give the unfused logits, bit for bit in the
-  interpreter (the same fp32 arithmetic on the same stored values)."""
+  interpreter (the same fp32 arithmetic on the same stored values).
+* UNIQL_SSM_UPDATE_NORM=1: the state update's last program of each norm group normalises it (no norm launch):
+  the same tile function on the same stored values, so the same logits bit for bit."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 from helpers import fused_mamba2_for_decode
 
-from uniql.kernels import ops, ssm_update
+from uniql.kernels import elementwise, ops, ssm_update
 from uniql.runtime.cache import DecodeBatch
 
 pytest.importorskip("triton")
@@ -100,3 +102,36 @@ def test_norm_fold_declines_more_than_eight_groups(monkeypatch):
     monkeypatch.setattr(mixer, "heads", 128)
     monkeypatch.setattr(mixer, "norm_groups", 16)  # 8 heads a group: whole packed rows, but 16 scales
     assert not mixer._folds_norm(table, stream, mixer.head_dim)
+
+
+@pytest.mark.parametrize("rung", [0, 2])
+def test_group_norm_in_the_state_update_equals_the_norm_kernel(rung, monkeypatch):
+    model, dev, prompt = fused_mamba2_for_decode(monkeypatch, 2, 5)
+    norms = []
+    real_norm, real_enabled = elementwise.group_rms_norm, ops.triton_enabled
+    monkeypatch.setattr(elementwise, "group_rms_norm", lambda *a, **kw: norms.append(1) or real_norm(*a, **kw))
+
+    def steps(fold: str) -> list[torch.Tensor]:
+        monkeypatch.setenv("UNIQL_SSM_UPDATE_NORM", fold)
+        cache = model.new_cache(1, 10, rung, torch.bfloat16)
+        logits = []
+        with torch.inference_mode():
+            model(prompt, cache=cache)
+            if not CUDA:  # both paths' decode kernels are the (interpreted) Triton ones, as on a GPU
+                monkeypatch.setattr(ops, "triton_enabled", lambda device: True)
+            for i, token in enumerate((5, 17)):
+                batch = DecodeBatch(model.sizes_for(rung), 1, 10, dev)
+                batch.bind([cache], torch.tensor([7 + i], dtype=torch.int32, device=dev))
+                logits.append(model(torch.tensor([[token]], device=dev), cache=batch, logits_to_keep=1).float())
+        monkeypatch.setattr(ops, "triton_enabled", real_enabled)
+        return logits
+
+    fused = steps("1")
+    assert not norms  # no norm launch
+    plain = steps("0")
+    assert len(norms) == 2 * model.spec.num_layers
+    for mine, theirs in zip(fused, plain, strict=True):
+        assert torch.isfinite(mine).all() and torch.equal(mine, theirs)
+    monkeypatch.setenv("UNIQL_SSM_UPDATE_NORM", "yes")
+    with pytest.raises(ValueError, match="UNIQL_SSM_UPDATE_NORM must be 0 or 1"):
+        steps("yes")
