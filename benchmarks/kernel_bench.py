@@ -1,9 +1,8 @@
 """W4A16 Triton kernels (`uniql.kernels.int4_matmul`) vs cuBLAS bf16 and torch's int4 tinygemm, 8B-class shapes.
 
-Decode (batch 1/4/16) at rates 0/0.15/0.25/0.35 on Llama-3.1-8B and Qwen2.5-7B linears, plus prefill (M=2048).
-Weights are random (shapes decide speed); each case rotates through weight copies (> 128 MiB touched) so L2 flatters
-nobody, inside one CUDA graph (no launch noise); time = median over replays / launches per graph. Bandwidth is also
-given as a fraction of a copy measured in the same run. Our output is checked against a reference before timing.
+Decode (batch 1/4/16, rates 0-0.35) on Llama-3.1-8B / Qwen2.5-7B linears, prefill (M=2048). Random weights rotated
+(> 128 MiB, so L2 flatters nobody) in one CUDA graph; time = median replay / launches; bandwidth also as a fraction of
+a copy in the same run; the UNIQL_* switches set are recorded; our output is checked against a reference first.
 
     python benchmarks/kernel_bench.py                       # H100: table on stdout, JSON in results/kernels_h100.json
     python benchmarks/kernel_bench.py --quick --sweep       # fewer cases; time every candidate config too
@@ -384,10 +383,10 @@ def main(argv=None) -> None:
     report = {"device": "cpu (TRITON_INTERPRET smoke)" if smoke else torch.cuda.get_device_name(),
               "pdl": not smoke and pdl_enabled(torch.device("cuda")), "switches": set_switches(),
               "torch": torch.__version__, "triton": getattr(sys.modules.get("triton"), "__version__", None),
-              "dtype": args.dtype, "group_size": args.group_size, "repeats": timer.repeats,
-              "rotate_bytes": bench.rotate_bytes, "copy_TBps": copy_tbps,
-              "copy_engine_TBps": engine_tbps, "notes": NOTES + timer.notes, "rows": rows,
-              "rate_ratios": rate_ratios(rows, max(rates)), "prefill": prefill, "sweep": bench.sweep}
+              "dtype": args.dtype, "group_size": args.group_size, "repeats": timer.repeats, "sweep": bench.sweep,
+              "rotate_bytes": bench.rotate_bytes, "copy_TBps": copy_tbps, "copy_engine_TBps": engine_tbps,
+              "notes": NOTES + timer.notes, "rows": rows, "rate_ratios": rate_ratios(rows, max(rates)),
+              "prefill": prefill}
     print(f"\n{report['device']}: copy {copy_tbps:.2f} TB/s (read + write)")
     print_table(rows, DECODE_TABLE)
     print_table(prefill, PREFILL_TABLE)

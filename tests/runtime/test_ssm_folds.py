@@ -22,6 +22,36 @@ pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
 
 
+def decode_steps(model, dev, prompt, rung: int, tokens: tuple[int, ...], monkeypatch) -> list[torch.Tensor]:
+    """The prompt's prefill, then one decode step a token over an address table: each step's logits. On CPU the
+    decode kernels are the (interpreted) Triton ones, as on a GPU."""
+    cache = model.new_cache(1, 10, rung, torch.bfloat16)
+    real_enabled, logits = ops.triton_enabled, []
+    with torch.inference_mode():
+        model(prompt, cache=cache)
+        if not CUDA:
+            monkeypatch.setattr(ops, "triton_enabled", lambda device: True)
+        for i, token in enumerate(tokens):
+            batch = DecodeBatch(model.sizes_for(rung), 1, 10, dev)
+            batch.bind([cache], torch.tensor([7 + i], dtype=torch.int32, device=dev))
+            logits.append(model(torch.tensor([[token]], device=dev), cache=batch, logits_to_keep=1).float())
+    monkeypatch.setattr(ops, "triton_enabled", real_enabled)
+    return logits
+
+
+def switch_ab(monkeypatch, env: str, counted: tuple, model, dev, prompt, rung: int, tokens: tuple[int, ...]):
+    """``decode_steps`` with ``env`` at 1, then at 0: per run its logits and how often ``counted`` = (module,
+    function name) was called."""
+    module, name = counted
+    real, calls, runs = getattr(module, name), [], []
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for value in ("1", "0"):
+        monkeypatch.setenv(env, value)
+        before = len(calls)
+        runs.append((decode_steps(model, dev, prompt, rung, tokens, monkeypatch), len(calls) - before))
+    return runs
+
+
 @pytest.mark.parametrize("rung", [0, 2])
 def test_norm_split_across_update_and_out_proj_equals_the_norm_kernel(rung, monkeypatch):
     model, dev, prompt = fused_mamba2_for_decode(monkeypatch, 1, 3)
@@ -56,29 +86,9 @@ def test_norm_split_across_update_and_out_proj_equals_the_norm_kernel(rung, monk
 @pytest.mark.parametrize("rung", [0, 2])
 def test_conv_in_the_in_projection_equals_the_conv_kernel(rung, monkeypatch):
     model, dev, prompt = fused_mamba2_for_decode(monkeypatch, 2, 5)
-    convs = []
-    real, real_enabled = ops.conv_state_update, ops.triton_enabled
-    monkeypatch.setattr(ops, "conv_state_update", lambda *a, **kw: convs.append(1) or real(*a, **kw))
-
-    def steps(fold: str) -> list[torch.Tensor]:
-        monkeypatch.setenv("UNIQL_SSM_CONV_FOLD", fold)
-        cache = model.new_cache(1, 10, rung, torch.bfloat16)
-        logits = []
-        with torch.inference_mode():
-            model(prompt, cache=cache)
-            if not CUDA:  # both paths' decode GEMVs are the (interpreted) Triton kernels, as on a GPU
-                monkeypatch.setattr(ops, "triton_enabled", lambda device: True)
-            for i, token in enumerate((5, 17, 3)):
-                batch = DecodeBatch(model.sizes_for(rung), 1, 10, dev)
-                batch.bind([cache], torch.tensor([7 + i], dtype=torch.int32, device=dev))
-                logits.append(model(torch.tensor([[token]], device=dev), cache=batch, logits_to_keep=1).float())
-        monkeypatch.setattr(ops, "triton_enabled", real_enabled)
-        return logits
-
-    folded = steps("1")
-    assert not convs  # no conv kernel ran
-    plain = steps("0")
-    assert len(convs) == 3 * model.spec.num_layers
+    (folded, convs_on), (plain, convs_off) = switch_ab(monkeypatch, "UNIQL_SSM_CONV_FOLD", (ops, "conv_state_update"),
+                                                       model, dev, prompt, rung, (5, 17, 3))
+    assert convs_on == 0 and convs_off == 3 * model.spec.num_layers  # no conv kernel ran with the fold
     for mine, theirs in zip(folded, plain, strict=True):
         assert torch.isfinite(mine).all()
         if CUDA:  # FMA contraction may differ between the two kernels
@@ -87,7 +97,7 @@ def test_conv_in_the_in_projection_equals_the_conv_kernel(rung, monkeypatch):
             assert torch.equal(mine, theirs)
     monkeypatch.setenv("UNIQL_SSM_CONV_FOLD", "on")
     with pytest.raises(ValueError, match="UNIQL_SSM_CONV_FOLD must be 0 or 1"):
-        steps("on")
+        decode_steps(model, dev, prompt, rung, (5,), monkeypatch)
 
 
 def test_norm_fold_declines_more_than_eight_groups(monkeypatch):
@@ -107,31 +117,12 @@ def test_norm_fold_declines_more_than_eight_groups(monkeypatch):
 @pytest.mark.parametrize("rung", [0, 2])
 def test_group_norm_in_the_state_update_equals_the_norm_kernel(rung, monkeypatch):
     model, dev, prompt = fused_mamba2_for_decode(monkeypatch, 2, 5)
-    norms = []
-    real_norm, real_enabled = elementwise.group_rms_norm, ops.triton_enabled
-    monkeypatch.setattr(elementwise, "group_rms_norm", lambda *a, **kw: norms.append(1) or real_norm(*a, **kw))
-
-    def steps(fold: str) -> list[torch.Tensor]:
-        monkeypatch.setenv("UNIQL_SSM_UPDATE_NORM", fold)
-        cache = model.new_cache(1, 10, rung, torch.bfloat16)
-        logits = []
-        with torch.inference_mode():
-            model(prompt, cache=cache)
-            if not CUDA:  # both paths' decode kernels are the (interpreted) Triton ones, as on a GPU
-                monkeypatch.setattr(ops, "triton_enabled", lambda device: True)
-            for i, token in enumerate((5, 17)):
-                batch = DecodeBatch(model.sizes_for(rung), 1, 10, dev)
-                batch.bind([cache], torch.tensor([7 + i], dtype=torch.int32, device=dev))
-                logits.append(model(torch.tensor([[token]], device=dev), cache=batch, logits_to_keep=1).float())
-        monkeypatch.setattr(ops, "triton_enabled", real_enabled)
-        return logits
-
-    fused = steps("1")
-    assert not norms  # no norm launch
-    plain = steps("0")
-    assert len(norms) == 2 * model.spec.num_layers
+    counted = (elementwise, "group_rms_norm")
+    (fused, norms_on), (plain, norms_off) = switch_ab(monkeypatch, "UNIQL_SSM_UPDATE_NORM", counted, model, dev,
+                                                      prompt, rung, (5, 17))
+    assert norms_on == 0 and norms_off == 2 * model.spec.num_layers  # no norm launch with it
     for mine, theirs in zip(fused, plain, strict=True):
         assert torch.isfinite(mine).all() and torch.equal(mine, theirs)
     monkeypatch.setenv("UNIQL_SSM_UPDATE_NORM", "yes")
     with pytest.raises(ValueError, match="UNIQL_SSM_UPDATE_NORM must be 0 or 1"):
-        steps("yes")
+        decode_steps(model, dev, prompt, rung, (5,), monkeypatch)
