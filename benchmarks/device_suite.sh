@@ -93,3 +93,10 @@ for step in ${SUITE:-ab kernels decode}; do
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done
+# a call returns a limited number of files: the A/B steps' per-run JSONs go back as one archive, which
+# envab_summary.py reads as it is (their logs, *_envab_<gpu>.txt, stay beside it)
+shopt -s nullglob
+runs=("$OUT"/*_envab_*_[0-9]*_*.json)
+if [ ${#runs[@]} -gt 0 ]; then
+    tar czf "$OUT/envab_runs_$gpu.tgz" -C "$OUT" "${runs[@]##*/}" && rm -f "${runs[@]}"
+fi

@@ -4,7 +4,8 @@ default tree's (same machine, alternating rounds, so the ratio is the A/B's answ
 
     python benchmarks/envab_summary.py DIR --out benchmarks/results/envab_<tag>_h100.json
 
-DIR holds ``<name>_envab_<gpu>_<round>_<variant>.json`` (variant ``default`` or ``VAR_VALUE`` joined by ``_``).
+DIR holds ``<name>_envab_<gpu>_<round>_<variant>.json`` (variant ``default`` or ``VAR_VALUE`` joined by ``_``),
+loose or in the archive ``device_suite.sh`` packs them into (``envab_runs_<gpu>.tgz``, read as it is).
 A run whose JSON did not come back from the device (a call returns a limited number of files) is read from the
 step's log ``<name>_envab_<gpu>.txt`` instead (its printed TPOT, TTFT and peak; rows marked ``"from": "log"``).
 """
@@ -15,6 +16,7 @@ import argparse
 import json
 import re
 import statistics
+import tarfile
 from pathlib import Path
 
 RUN_FILE = re.compile(r"(?P<name>\w+?)_envab_(?P<gpu>[a-z0-9]+)_(?P<round>\d+)_(?P<variant>.+)\.json$")
@@ -42,20 +44,29 @@ def log_rows(path: Path, have: set[tuple[str, int, str]], model: str) -> list[di
     return rows
 
 
+def run_files(folder: Path) -> list[tuple[str, str]]:
+    """``(name, text)`` of every run JSON in ``folder`` and in its ``envab_runs_*.tgz`` archives."""
+    files = [(path.name, path.read_text()) for path in folder.glob("*_envab_*.json")]
+    for archive in folder.glob("envab_runs_*.tgz"):
+        with tarfile.open(archive) as tar:
+            files += [(Path(m.name).name, tar.extractfile(m).read().decode()) for m in tar.getmembers() if m.isfile()]
+    return sorted(files)
+
+
 def collect(folder: Path) -> tuple[list[dict], str]:
     """Every engine row of every run file, tagged with its file's round and variant; and the device name."""
     rows, device, models = [], "", {}
-    for path in sorted(folder.glob("*_envab_*.json")):
-        match = RUN_FILE.match(path.name)
+    for name, text in run_files(folder):
+        match = RUN_FILE.match(name)
         if match is None:
             continue
-        report = json.loads(path.read_text())
+        report = json.loads(text)
         device = device or report.get("device", "")
         models[match["name"]] = report.get("model", match["name"])
         for row in report.get("rows", []):
             if row.get("engine") == "uniql" and row.get("batch", 1) == 1:
                 rows.append({**row, "model": row.get("model", report.get("model", match["name"])),
-                             "round": int(match["round"]), "variant": match["variant"], "file": path.name})
+                             "round": int(match["round"]), "variant": match["variant"], "file": name})
     have = {(RUN_FILE.match(row["file"])["name"], row["round"], row["variant"]) for row in rows}
     for path in sorted(folder.glob("*_envab_*.txt")):
         if (match := LOG_FILE.match(path.name)) is not None:

@@ -68,6 +68,25 @@ def test_runs_missing_their_json_are_read_from_the_log(tmp_path):
     assert pdl["runs"] == 2 and abs(pdl["vs_default"] - 2.7 / 2.3) < 1e-9
 
 
+def test_runs_are_read_from_the_archive_the_device_suite_packs(tmp_path):
+    """device_suite.sh packs the per-run JSONs into envab_runs_<gpu>.tgz (a call returns few files)."""
+    import tarfile
+
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    _run_file(loose, "ssm", 1, "default", {0.35: 2.0}, model="mamba2-8b-shape")
+    _run_file(loose, "ssm", 1, "UNIQL_WIDE_COLS_auto", {0.35: 1.9}, model="mamba2-8b-shape")
+    with tarfile.open(tmp_path / "envab_runs_h100.tgz", "w:gz") as tar:
+        for path in sorted(loose.iterdir()):
+            tar.add(path, arcname=path.name)
+    out = tmp_path / "summary.json"
+    result = subprocess.run([sys.executable, str(BENCH / "envab_summary.py"), str(tmp_path), "--out", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    by_key = {(s["variant"], s["rate"]): s for s in json.loads(out.read_text())["summary"]}
+    assert abs(by_key[("UNIQL_WIDE_COLS_auto", 0.35)]["vs_default"] - 0.95) < 1e-9
+
+
 def test_an_empty_folder_is_an_error(tmp_path):
     result = subprocess.run([sys.executable, str(BENCH / "envab_summary.py"), str(tmp_path), "--out",
                              str(tmp_path / "x.json")], capture_output=True, text=True, timeout=60)
