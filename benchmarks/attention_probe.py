@@ -28,7 +28,7 @@ from uniql.kernels import decode_attention as att  # noqa: E402
 HEADS, KV_HEADS, LAYERS, CONTEXT = 32, 8, 32, 1024
 RUNGS = {0.0: (128, 128), 0.35: (84, 84)}  # (qk, vo) kept per head: runtime/ladder.py at keep 1.0 / 0.65
 # (positions a split or None for split_size's choice, early loads: UNIQL_EARLY_LOADS)
-CONFIGS = [(None, False), (None, True), (64, False), (64, True), (128, False), (128, True), (256, True)]
+CONFIGS = [(None, False), (None, True), (16, True), (64, False), (64, True), (128, False), (128, True), (256, True)]
 
 
 def _layers(qk: int, vo: int, heads: int, kv: int, layers: int, context: int, device):
