@@ -27,7 +27,7 @@ import triton.language as tl
 from .int4_tiles import workspace
 from .pdl import early_loads, pdl_enabled, pdl_enter
 from .rope import _check as rope_check
-from .switches import env_choice
+from .switches import switch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -253,7 +253,7 @@ def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
 COMBINE_CHUNK = 32  # output dims per combine program (benchmarks/fusion_probe.py times the alternatives)
 # UNIQL_FUSED_COMBINE=1: the split kernel's last program per group merges (no combine launch). Off by default:
 # in the engine's back-to-back decode steps it measured SLOWER (README, results/decode_combine_ab_h200.json)
-FUSED_COMBINE = env_choice("UNIQL_FUSED_COMBINE", ("0", "1"), "0") == "1"  # read once, at import
+FUSED_COMBINE = switch("UNIQL_FUSED_COMBINE") == "1"  # read once, at import
 
 
 def split_size(max_len: int, programs_per_split: int, target_programs: int = 512) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .switches import env_choice
+from .switches import switch
 
 MAX_SEGMENTS = 5  # q|k|v, gate|up, Mamba's z|x|B|C|dt
 GEMV_MAX_M = 4
@@ -77,7 +77,7 @@ def _blocks(n_total: int, block_n: int, widths: tuple[int, ...] | None) -> int:
 def _wide_cols() -> str:
     """``UNIQL_WIDE_COLS``: the wide batch-1 GEMVs' block columns: 256 (default), 128, or ``auto`` (experiment,
     ``_wide_block_n``)."""
-    return env_choice("UNIQL_WIDE_COLS", ("128", "256", "auto"), "256")
+    return switch("UNIQL_WIDE_COLS")
 
 
 def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None) -> int:
@@ -105,7 +105,7 @@ def _programs_per_sm(block_n: int) -> int:
     sm_90: the profiles' ``compiled_gemvs``, ``sass_gemv.py``), 8 of 256 (56-64). At 10 an SM Llama-8B's down gets
     6 K tiles a program instead of 7 at rate 0 and 4 instead of 5 at 0.35 (the H100 split sweep: 14.7 vs 14.9 and
     10.8 vs 11.7 us, results/split_sweep_h100.json); no other 8B-ladder launch changes."""
-    raw = env_choice("UNIQL_GEMV_PER_SM", ("4", "8", "regs"), "8")
+    raw = switch("UNIQL_GEMV_PER_SM")
     if raw != "regs":
         return int(raw)
     return 10 if block_n <= 128 else 8
@@ -116,12 +116,12 @@ def _tile_k() -> int:
     wave a GEMV lasts about as long as its programs' tiles each, a small integer: Mamba2's out_proj has 4 a program
     at rate 0 and 3 at 0.35 (0.75, measured 0.77, for 0.66 of the bytes), in_proj 5 and 4. Halving the tile halves
     that rounding step, for twice the per-tile overhead (a scale row, two barriers)."""
-    return int(env_choice("UNIQL_GEMV_BLOCK_K", ("32", "64"), "64"))
+    return int(switch("UNIQL_GEMV_BLOCK_K"))
 
 
 def _narrow_split() -> str:
     """``UNIQL_NARROW_SPLIT``: ``wave`` (default, one wave of programs) or ``deep`` (the stop-28 split, for A/B)."""
-    return env_choice("UNIQL_NARROW_SPLIT", ("wave", "deep"), "wave")
+    return switch("UNIQL_NARROW_SPLIT")
 
 
 def _sm_count(device: torch.device) -> int:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .switches import env_choice
+from .switches import switch
 
 
 @triton.jit
@@ -129,7 +129,7 @@ def sum_step(block_m: int, block_n: int, splits: int = 1) -> int:
     ``all`` beat 4 at every rate in both rounds, Llama-8B 2.236 / 1.827 ms vs 2.272 / 1.866 at rates 0 / 0.35,
     Mamba2-8B 2.422 / 1.982 vs 2.470 / 2.035 (results/envab_splitk_conv_h100.json); 8 lost at stop 29 (2.49 vs
     2.41 ms)."""
-    raw = env_choice("UNIQL_SPLITK_STEP", ("4", "8", "all"), "all")
+    raw = switch("UNIQL_SPLITK_STEP")
     if raw == "4" or block_m * block_n > 256:
         return 4
     if raw == "8" or splits <= 8:

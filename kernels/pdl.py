@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .switches import env_choice
+from .switches import switch
 
 
 @functools.cache
@@ -41,7 +41,7 @@ def _capable(index: int) -> bool:
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` use programmatic dependent launch (read per launch: tests flip it).
     ``UNIQL_PDL``: 0 (default) or 1; anything else is refused, on every device."""
-    if env_choice("UNIQL_PDL", ("0", "1"), "0") != "1":
+    if switch("UNIQL_PDL") != "1":
         return False
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
@@ -69,5 +69,5 @@ def early_loads(batch: int) -> bool:
     slower: 5.28 vs 4.70 ms at batch 4 rate 0, 11.61 vs 6.93 at batch 16 rate 0 and 6-7 % at the other rates (the
     attention split pass, whose splits run several blocks there, took 982 us a step at batch 4 rate 0). Read per
     launch; anything else is a clear error."""
-    raw = env_choice("UNIQL_EARLY_LOADS", ("0", "1", "all"), "1")
+    raw = switch("UNIQL_EARLY_LOADS")
     return raw == "all" or (raw == "1" and batch == 1)

@@ -33,7 +33,7 @@ from . import conv_update as _conv
 from . import elementwise as _ew
 from . import ssm_update as _ssm
 from .conv_update import _TL_DTYPES, ACTIVATIONS, _activate
-from .switches import env_choice
+from .switches import switch
 
 SHIFT_BLOCK = 256  # conv channels a shift program moves (one load and one store of its [256, W-1] tile)
 
@@ -44,7 +44,7 @@ def fused_enabled() -> bool:
     than the unfused three: Mamba2-8B shape TPOT 3.00 / 3.01 ms at rates 0 / 0.35 vs 2.54 / 2.17 ms
     (every program of a group recomputes its group's B/C conv channels: 2 N' W multiply-adds per program).
     Kept, tested, as the opt-in for further work."""
-    return env_choice("UNIQL_SSM_FUSED", ("0", "1"), "0") == "1"
+    return switch("UNIQL_SSM_FUSED") == "1"
 
 
 @triton.jit

@@ -1,9 +1,33 @@
-"""Environment switches of the kernels and the decode step (experiments and their A/B baselines): one reader, so
-every switch treats an empty value as unset and refuses a typo instead of silently running the default."""
+"""Environment switches of the kernels and the decode step (experiments and their A/B baselines): one registry
+and one reader, so every switch treats an empty value as unset, refuses a typo instead of silently running the
+default, and the CLI can check them all before it loads a model (``check_switches``). The README's Decode engine
+table gives each switch's verdict; a test keeps it in step with ``SWITCHES``."""
 
 from __future__ import annotations
 
+import logging
 import os
+
+# name -> (accepted values, default)
+SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
+    "UNIQL_SPLITK_STEP": (("4", "8", "all"), "all"),
+    "UNIQL_SSM_CONV_FOLD": (("0", "1"), "1"),
+    "UNIQL_EARLY_LOADS": (("0", "1", "all"), "1"),
+    "UNIQL_NARROW_SPLIT": (("wave", "deep"), "wave"),
+    "UNIQL_HEAD_FOLD": (("0", "1"), "0"),
+    "UNIQL_WIDE_COLS": (("128", "256", "auto"), "256"),
+    "UNIQL_GEMV_PER_SM": (("4", "8", "regs"), "8"),
+    "UNIQL_GEMV_BLOCK_K": (("32", "64"), "64"),
+    "UNIQL_PDL": (("0", "1"), "0"),
+    "UNIQL_SSM_NORM_FOLD": (("0", "1"), "0"),
+    "UNIQL_SSM_UPDATE_NORM": (("0", "1"), "0"),
+    "UNIQL_SSM_FUSED": (("0", "1"), "0"),
+    "UNIQL_FUSED_COMBINE": (("0", "1"), "0"),
+}
+# the other UNIQL_* variables the project reads (paths; an integer cap checked where it is read) or its deployment
+# files set (deploy/uniql.service, docker-compose.yml: the checkpoint and extra flags of `uniql serve`)
+OTHER_VARIABLES = ("UNIQL_CACHE_DIR", "UNIQL_DATA_DIR", "UNIQL_SSM_BLOCK_P", "UNIQL_CKPT", "UNIQL_ARGS")
+log = logging.getLogger(__name__)
 
 
 def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
@@ -13,6 +37,24 @@ def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
         allowed = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
         raise ValueError(f"{name} must be {allowed}, got {raw!r}")
     return raw
+
+
+def switch(name: str) -> str:
+    """The value of the registered switch ``name`` (its default when unset)."""
+    choices, default = SWITCHES[name]
+    return env_choice(name, choices, default)
+
+
+def check_switches() -> list[str]:
+    """Every registered switch's value (a typo raises ValueError); returns, and logs a warning for, the ``UNIQL_*``
+    variables set that the project does not read (a misspelt switch name would otherwise be ignored)."""
+    for name in SWITCHES:
+        switch(name)
+    unknown = sorted(name for name in os.environ
+                     if name.startswith("UNIQL_") and name not in SWITCHES and name not in OTHER_VARIABLES)
+    for name in unknown:
+        log.warning("%s is set but UniQL reads no such variable (switches: %s)", name, ", ".join(SWITCHES))
+    return unknown
 
 
 def set_switches() -> dict[str, str]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from uniql.kernels import elementwise
 from uniql.kernels.rope import decode_rope_tables, rope_tables
-from uniql.kernels.switches import env_choice
+from uniql.kernels.switches import switch
 
 from .cache import DecodeBatch, KVCache
 from .ladder import LayerSizes, RateLadder, full_layer_sizes
@@ -389,5 +389,5 @@ class ElasticDecoder(nn.Module):
         (``final_hidden``). Off unless ``UNIQL_HEAD_FOLD=1``: the norm prologue slows the 8B head's GEMV by more
         than the ~2 us launch it saves (in-graph profile 106 vs 96 us a step; engine A/B, H100, two rounds, FOLD=0
         faster at every rate: Llama 5-12 us, Mamba2 1-6 us a step, results/envab_head_fold_h100.json)."""
-        fold = env_choice("UNIQL_HEAD_FOLD", ("0", "1"), "0") == "1"
+        fold = switch("UNIQL_HEAD_FOLD") == "1"
         return fold and self.hidden_rotation is None and isinstance(self.head, Int4Linear)

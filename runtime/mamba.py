@@ -35,7 +35,7 @@ from torch import nn
 from uniql.kernels import elementwise, ops, ssm_step, ssm_update
 from uniql.kernels.gemv_conv import ConvStep
 from uniql.kernels.ssm_scan import chunked_scan
-from uniql.kernels.switches import env_choice
+from uniql.kernels.switches import switch
 
 from .cache import DecodeBatch
 from .linear import DenseLinear, FusedInt4, GroupNormed, Prenormed, fold_norm
@@ -192,7 +192,7 @@ class ElasticMamba(nn.Module):
         (``kernels/gemv_conv.py``: no conv kernel); None where it does not serve (no fused in-projection, states not
         in an address table, not the half2 GEMV). ``UNIQL_SSM_CONV_FOLD=0`` turns it off: it won the H100 engine A/B
         at every rate in both rounds (Mamba2-8B 2.399 / 1.973 ms vs 2.470 / 2.036 at rates 0 / 0.35, stop 33)."""
-        if (env_choice("UNIQL_SSM_CONV_FOLD", ("0", "1"), "1") != "1" or self.fused_step or self.in_proj is None
+        if (switch("UNIQL_SSM_CONV_FOLD") != "1" or self.fused_step or self.in_proj is None
                 or not isinstance(conv_state, torch.Tensor) or conv_state.dtype != torch.int64):
             return None
         hp, gn = self.heads * p, self.groups * n
@@ -212,7 +212,7 @@ class ElasticMamba(nn.Module):
         the update's last program of each norm group normalises it (one launch less a layer, the same bits)."""
         triton = isinstance(ssm_state, torch.Tensor) and ssm_state.dtype == torch.int64 \
             and ops.triton_enabled(x.device)
-        if env_choice("UNIQL_SSM_UPDATE_NORM", ("0", "1"), "0") == "1" and triton:
+        if switch("UNIQL_SSM_UPDATE_NORM") == "1" and triton:
             return ssm_update.selective_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step,
                                                      group_norm=(self.norm_weight, self.norm_groups, self.norm_eps,
                                                                  dtype))
@@ -224,7 +224,7 @@ class ElasticMamba(nn.Module):
     def _folds_norm(self, ssm_state, stream: torch.Tensor, p: int) -> bool:
         """``UNIQL_SSM_NORM_FOLD=1`` (an experiment until its engine A/B): one request over an address table, at most
         8 head groups (``gemv_norm``) of a multiple of 8 heads, and an out_proj the half2 GEMV serves."""
-        raw = env_choice("UNIQL_SSM_NORM_FOLD", ("0", "1"), "0")
+        raw = switch("UNIQL_SSM_NORM_FOLD")
         per_group = self.heads // self.norm_groups
         return (raw == "1" and isinstance(ssm_state, torch.Tensor) and ssm_state.dtype == torch.int64
                 and stream.shape[0] == 1 and per_group % 8 == 0 and self.norm_groups <= 8

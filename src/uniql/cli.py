@@ -20,6 +20,7 @@ from uniql.cli_finetune import (
     refuse_ignored_flags,
 )
 from uniql.cli_info import add_info_parser, cmd_info, info_report  # noqa: F401 (info_report: its old home)
+from uniql.kernels.switches import check_switches
 from uniql.paths import DEFAULT_MODEL_ALIAS
 from uniql.runtime.dtypes import add_dtype_arg
 
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        check_switches()  # a mistyped UNIQL_* switch fails here, before any model loads
         return COMMANDS[args.command](args)
     except BrokenPipeError:  # `uniql info CKPT | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
