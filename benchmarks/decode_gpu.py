@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from uniql.kernels.pdl import pdl_enabled
-from uniql.kernels.switches import set_switches
+from uniql.kernels.switches import check_switches, set_switches
 from uniql.runtime.bench import check_finished, reset_peak
 from uniql.runtime.decoder import LINEAR_PATHS, ElasticDecoder
 from uniql.runtime.engine import Engine
@@ -219,6 +219,7 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of hf_compiled")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_switches(strict=True)  # an A/B under a misspelt switch would time the default
     prompt = torch.randint(0, LLAMA_8B.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
     prompt = prompt.tolist()
     rows = [] if args.skip_engine else engine_rows("int4", prompt, args.new_tokens, args.batches)

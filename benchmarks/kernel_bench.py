@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from uniql.kernels.int4_format import PACK, dequantize, packed_bytes
-from uniql.kernels.switches import set_switches
+from uniql.kernels.switches import check_switches, set_switches
 from uniql.runtime.ladder import Alignment, dim_steps, kept_size
 
 RESULTS = Path(__file__).parent / "results" / "kernels_h100.json"
@@ -339,16 +339,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batches", nargs="+", type=int, help="decode M; default 1 4 16 (--quick: 1)")
     ap.add_argument("--prefill-m", type=int, default=2048, help="0: no prefill rows (e.g. a small-batch sweep)")
     ap.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
-    ap.add_argument("--dtype", choices=("bfloat16", "float16"),
-                    help="our activations; default bfloat16 (float16 for --cpu-smoke: the interpreter's bf16 is weak)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), help="default bfloat16 (float16 for --cpu-smoke)")
     ap.add_argument("--repeats", type=int, help="graph replays per timing; default 20 (--quick: 5)")
     ap.add_argument("--quick", action="store_true", help="Llama only, rates 0/0.35, batch 1, prefill at rate 0")
     ap.add_argument("--sweep", action="store_true", help="also time every kernel.candidate_configs() config")
-    ap.add_argument("--sweep-batches", type=int, nargs="+", default=[1],
-                    help="decode batches --sweep tunes (rate 0; default 1), e.g. 4 16 for the small-batch GEMM")
+    ap.add_argument("--sweep-batches", type=int, nargs="+", default=[1], help="decode batches --sweep tunes (rate 0)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
     ap.add_argument("--out", type=Path, help=f"JSON path (default {RESULTS}; a temp file for --cpu-smoke)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    check_switches(strict=True)  # an A/B under a misspelt switch would time the default
+    return args
 
 
 def main(argv=None) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from decode_gpu import NullTokenizer, _random_dense, _random_int4
 
-from uniql.kernels.switches import set_switches
+from uniql.kernels.switches import check_switches, set_switches
 from uniql.runtime.bench import engine_row, hf_row, peak_mem_bytes, reset_peak
 from uniql.runtime.decoder import DecoderLayer, ElasticDecoder, RMSNorm
 from uniql.runtime.engine import Engine
@@ -171,6 +171,7 @@ def main() -> None:
                          "out_proj / in_proj), same run: rows 'uniql_mamba_norm_kernels'")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    check_switches(strict=True)  # an A/B under a misspelt switch would time the default
     device = torch.device(args.device)
     rows = []
     for name in args.models:

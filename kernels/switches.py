@@ -45,13 +45,17 @@ def switch(name: str) -> str:
     return env_choice(name, choices, default)
 
 
-def check_switches() -> list[str]:
+def check_switches(strict: bool = False) -> list[str]:
     """Every registered switch's value (a typo raises ValueError); returns, and logs a warning for, the ``UNIQL_*``
-    variables set that the project does not read (a misspelt switch name would otherwise be ignored)."""
+    variables set that the project does not read (a misspelt switch name would otherwise be ignored). ``strict``
+    (the benchmarks: an A/B under a misspelt switch would time the default): those raise ValueError too."""
     for name in SWITCHES:
         switch(name)
     unknown = sorted(name for name in os.environ
                      if name.startswith("UNIQL_") and name not in SWITCHES and name not in OTHER_VARIABLES)
+    if strict and unknown:
+        raise ValueError(f"{', '.join(unknown)} set, but UniQL reads no such variable "
+                         f"(switches: {', '.join(SWITCHES)})")
     for name in unknown:
         log.warning("%s is set but UniQL reads no such variable (switches: %s)", name, ", ".join(SWITCHES))
     return unknown

@@ -52,6 +52,8 @@ def test_an_unknown_uniql_variable_is_named(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         assert switches.check_switches() == ["UNIQL_SPLITK_STPE"]
     assert "UNIQL_SPLITK_STPE is set but UniQL reads no such variable" in caplog.text
+    with pytest.raises(ValueError, match="UNIQL_SPLITK_STPE set, but UniQL reads no such variable"):
+        switches.check_switches(strict=True)  # the benchmarks: an A/B must not time the default by mistake
 
 
 def test_the_cli_refuses_a_mistyped_switch_before_it_loads_anything(monkeypatch, tmp_path, capsys):
