@@ -55,7 +55,7 @@ def run_files(folder: Path) -> list[tuple[str, str]]:
 
 def collect(folder: Path) -> tuple[list[dict], str]:
     """Every engine row of every run file, tagged with its file's round and variant; and the device name."""
-    rows, device, models = [], "", {}
+    rows, device, models, have = [], "", {}, set()
     for name, text in run_files(folder):
         match = RUN_FILE.match(name)
         if match is None:
@@ -63,11 +63,11 @@ def collect(folder: Path) -> tuple[list[dict], str]:
         report = json.loads(text)
         device = device or report.get("device", "")
         models[match["name"]] = report.get("model", match["name"])
+        have.add((match["name"], int(match["round"]), match["variant"]))  # its log lines are not read again
         for row in report.get("rows", []):
             if row.get("engine") == "uniql" and row.get("batch", 1) == 1:
                 rows.append({**row, "model": row.get("model", report.get("model", match["name"])),
                              "round": int(match["round"]), "variant": match["variant"], "file": name})
-    have = {(RUN_FILE.match(row["file"])["name"], row["round"], row["variant"]) for row in rows}
     for path in sorted(folder.glob("*_envab_*.txt")):
         if (match := LOG_FILE.match(path.name)) is not None:
             rows += log_rows(path, have, models.get(match["name"], match["name"]))

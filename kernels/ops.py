@@ -25,10 +25,6 @@ def triton_enabled(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _is_table(state) -> bool:
-    return isinstance(state, torch.Tensor) and state.dtype == torch.int64
-
-
 def _flat(segments: list[tuple[int, int]]) -> list[int]:
     return [v for seg in segments for v in seg]
 
@@ -165,7 +161,7 @@ def ssm_state_update_op(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, 
     """``state``: fp32 ``[batch, H, P', N']`` or an int64 table of per-request state addresses (CUDA only); the
     states behind a table are mutated too, which the op's schema cannot name (same as the KV-cache tables)."""
     limit = None if dt_limit is None else (dt_limit[0], dt_limit[1])
-    if triton_enabled(x.device) or _is_table(state):
+    if triton_enabled(x.device) or _ssm.is_table(state):
         return _ssm.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, limit)
     return _ssm.selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, limit)
 
@@ -183,7 +179,7 @@ def ssm_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: 
     if torch.compiler.is_compiling():
         limit = None if dt_limit is None else [float(v) for v in dt_limit]
         return torch.ops.uniql.ssm_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, limit)
-    if triton_enabled(x.device) or _is_table(state):
+    if triton_enabled(x.device) or _ssm.is_table(state):
         return _ssm.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
     return _ssm.selective_state_update_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
 
@@ -203,7 +199,7 @@ def _conv_state_update_fake(xbc, state, weight, bias, activation, state_dtype):
 
 
 def _conv_update(xbc, state, weight, bias, activation, state_dtype):
-    if triton_enabled(xbc.device) or _is_table(state):
+    if triton_enabled(xbc.device) or _ssm.is_table(state):
         return _conv.causal_conv1d_update(xbc, state, weight, bias, activation, state_dtype)
     return _conv.causal_conv1d_update_reference(xbc, state, weight, bias, activation)
 

@@ -135,7 +135,7 @@ def _norm_shift_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, hea
 
 
 def _check_conv_state(conv_state, batch: int, ch: int, width: int, conv_dtype) -> None:
-    if _is_table(conv_state):
+    if _ssm.is_table(conv_state):
         if conv_state.shape != (batch,) or conv_dtype not in _conv.FLOAT_DTYPES:
             raise ValueError(f"a conv state table must be int64 ({batch},) with its states' float conv_dtype")
     elif conv_state.shape != (batch, ch, width - 1):
@@ -149,18 +149,14 @@ def _check(xbc, conv_state, weights, biases, state, conv_dtype) -> int:
     width = _conv._check_params(weights, biases, ch)
     if len(weights) != 3:
         raise ValueError("the fused step needs the conv weight as three segments (x | B | C)")
-    if _is_table(conv_state) != _is_table(state):
+    if _ssm.is_table(conv_state) != _ssm.is_table(state):
         raise ValueError("conv and SSM states must both be tensors or both be address tables")
     _check_conv_state(conv_state, batch, ch, width, conv_dtype)
     return width
 
 
-def _is_table(t: torch.Tensor) -> bool:
-    return t.dtype == torch.int64
-
-
 def _conv_state_strides(conv_state: torch.Tensor, width: int) -> tuple[int, int, int]:
-    return (0, width - 1, 1) if _is_table(conv_state) else conv_state.stride()
+    return (0, width - 1, 1) if _ssm.is_table(conv_state) else conv_state.stride()
 
 
 def ssm_conv_step(xbc: torch.Tensor, conv_state: torch.Tensor, weight: Sequence[torch.Tensor],
@@ -184,7 +180,7 @@ def ssm_conv_step(xbc: torch.Tensor, conv_state: torch.Tensor, weight: Sequence[
                              (xbc, conv_state, *weights, *biases))
     out = torch.empty(batch, heads, p, dtype=xbc.dtype, device=xbc.device)
     block_p, block_n = _ssm.block_sizes(p, n)
-    table = _is_table(state)
+    table = _ssm.is_table(state)
     bs = biases or weights
     lo, hi = dt_limit if dt_limit is not None else (0.0, float("inf"))
     _conv_step_kernel[(batch, heads, triton.cdiv(p, block_p))](
@@ -209,7 +205,7 @@ def group_norm_shift(g: torch.Tensor, weight: torch.Tensor, groups: int, eps: fl
     ch = xbc.shape[1]
     _ew.check_group_norm(g, weight, groups)
     _check_conv_state(conv_state, batch, ch, width, conv_dtype)
-    table = _is_table(conv_state)
+    table = _ssm.is_table(conv_state)
     out = torch.empty(batch, p * heads, dtype=out_dtype or g.dtype, device=g.device)
     per_group = heads // groups
     _norm_shift_kernel[(batch, groups + triton.cdiv(ch, SHIFT_BLOCK))](

@@ -34,6 +34,12 @@ from .int4_tiles import workspace
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def is_table(state) -> bool:
+    """Whether ``state`` is an int64 address table of per-request states (the engine's decode batches), not the
+    states themselves (a tensor, or a list of them)."""
+    return isinstance(state, torch.Tensor) and state.dtype == torch.int64
+
+
 @triton.jit
 def _softplus(v):
     return tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)  # threshold as torch's softplus

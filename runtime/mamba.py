@@ -193,7 +193,7 @@ class ElasticMamba(nn.Module):
         in an address table, not the half2 GEMV). ``UNIQL_SSM_CONV_FOLD=0`` turns it off: it won the H100 engine A/B
         at every rate in both rounds (Mamba2-8B 2.399 / 1.973 ms vs 2.470 / 2.036 at rates 0 / 0.35, stop 33)."""
         if (switch("UNIQL_SSM_CONV_FOLD") != "1" or self.fused_step or self.in_proj is None
-                or not isinstance(conv_state, torch.Tensor) or conv_state.dtype != torch.int64):
+                or not ssm_update.is_table(conv_state)):
             return None
         hp, gn = self.heads * p, self.groups * n
         stream = u.xw if isinstance(u, Prenormed) else u
@@ -210,9 +210,8 @@ class ElasticMamba(nn.Module):
         """The state update, then the gated group norm: ``[B, P' * H]`` rank-major, what out_proj reads. With
         ``UNIQL_SSM_UPDATE_NORM=1`` (an experiment until its engine A/B) over an address table on the Triton path,
         the update's last program of each norm group normalises it (one launch less a layer, the same bits)."""
-        triton = isinstance(ssm_state, torch.Tensor) and ssm_state.dtype == torch.int64 \
-            and ops.triton_enabled(x.device)
-        if switch("UNIQL_SSM_UPDATE_NORM") == "1" and triton:
+        fused = switch("UNIQL_SSM_UPDATE_NORM") == "1"  # read (and checked) on every path
+        if fused and ssm_update.is_table(ssm_state) and ops.triton_enabled(x.device):
             return ssm_update.selective_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step,
                                                      group_norm=(self.norm_weight, self.norm_groups, self.norm_eps,
                                                                  dtype))
@@ -226,7 +225,7 @@ class ElasticMamba(nn.Module):
         8 head groups (``gemv_norm``) of a multiple of 8 heads, and an out_proj the half2 GEMV serves."""
         raw = switch("UNIQL_SSM_NORM_FOLD")
         per_group = self.heads // self.norm_groups
-        return (raw == "1" and isinstance(ssm_state, torch.Tensor) and ssm_state.dtype == torch.int64
+        return (raw == "1" and ssm_update.is_table(ssm_state)
                 and stream.shape[0] == 1 and per_group % 8 == 0 and self.norm_groups <= 8
                 and stream.dtype in (torch.float16, torch.bfloat16)
                 and GroupNormed.serves(self.out_proj, stream, self.heads * p))
