@@ -15,17 +15,16 @@
 #   envab    decode_gpu.py at batch 1, the default tree against each variant in $ENV_AB (space-separated; a
 #            variant is VAR=VALUE, several joined by +; default: UNIQL_NARROW_SPLIT=deep and UNIQL_EARLY_LOADS=0,
 #            the stop-28 behaviours; UNIQL_WIDE_COLS=128 tries 128-column blocks on the wide batch-1 GEMVs (lost),
-#            UNIQL_WIDE_COLS=auto only where they leave a program fewer bytes (Mamba2's in_proj at 0.35, Llama's
-#            gate|up at 0.25);
+#            UNIQL_WIDE_COLS=256 never (the default auto takes them where a program reads <= 0.8 of the bytes);
 #            UNIQL_PDL=1+UNIQL_GEMV_PER_SM=4: PDL with GEMV waves of 4 programs an SM, room for early starts (lost);
-#            UNIQL_GEMV_PER_SM=regs: waves of what the register file holds (10 an SM on 128 columns);
+#            UNIQL_GEMV_PER_SM=regs: waves of what the register file holds (10 an SM on 128 columns; mixed);
 #            UNIQL_GEMV_BLOCK_K=32: half-size batch-1 GEMV tiles, a finer rounding of the tiles per program), two
 #            alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
 #            state update's head channels a program, UNIQL_SSM_NORM_FOLD=1 folds the gated norm into the update and
 #            out_proj, UNIQL_SSM_CONV_FOLD=0 runs the causal conv as its own kernel (the fold is the default since stop
-#            33), UNIQL_SSM_UPDATE_NORM=1 the group norm in the state update's last programs, UNIQL_SSM_FUSED=1 the
+#            33), UNIQL_SSM_UPDATE_NORM=1 the group norm in the state update's last programs (lost), UNIQL_SSM_FUSED=1 the
 #            two-launch step), ~35 s a run ->
 #            ssm_envab_<gpu>*
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with

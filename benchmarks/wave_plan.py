@@ -8,7 +8,7 @@ H100 profiles measured (``profile_decode.py``), to see how far the rounding expl
 
     python benchmarks/wave_plan.py [--json benchmarks/results/wave_plan_h100.json]
     UNIQL_GEMV_BLOCK_K=32 python benchmarks/wave_plan.py        # the plan with half-size tiles
-    UNIQL_WIDE_COLS=auto python benchmarks/wave_plan.py         # 128 columns where they round a program's share down
+    UNIQL_WIDE_COLS=256 python benchmarks/wave_plan.py          # without auto's 128-column blocks
     UNIQL_GEMV_PER_SM=regs python benchmarks/wave_plan.py       # waves of 10 programs an SM on 128 columns
 """
 
@@ -72,7 +72,9 @@ def model_rows(name: str, spec) -> list[dict]:
     base = {(r["model"], r["place"]): r for r in rows if r["rate"] == 0.0}
     for r in rows:
         b = base[(r["model"], r["place"])]
-        r["tiles_ratio"] = r["k_tiles_a_program"] / b["k_tiles_a_program"]
+        # a program's share of the weights (tiles x their size: 128-column tiles are half a 256-column one)
+        r["tiles_ratio"] = (r["k_tiles_a_program"] * r["block_k"] * r["block_n"]
+                            / (b["k_tiles_a_program"] * b["block_k"] * b["block_n"]))
         r["bytes_ratio"] = r["weight_bytes"] / b["weight_bytes"]
         both = r["measured_us"] is not None and b["measured_us"]
         r["measured_ratio"] = r["measured_us"] / b["measured_us"] if both else None
@@ -95,12 +97,14 @@ def main(argv=None) -> None:
     int4_config._sm_count = lambda device: SMS  # an H100 SXM, without a GPU
     rows = model_rows("llama-3.1-8b", LLAMA_8B)
     rows += model_rows("mamba2-8b-shape", spec_from_hf_config(hf_config("mamba2-8b-shape", tiny=False)))
-    print("| model | place | rate | N x K | programs | K tiles a program | tiles / bytes / measured vs rate 0 |")
+    print("| model | place | rate | N x K | programs | K tiles a program (x K x N) | "
+          "share / bytes / measured vs rate 0 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         measured = f"{r['measured_ratio']:.2f}" if r["measured_ratio"] is not None else "-"
         print(f"| {r['model']} | {r['place']} | {r['rate']:.2f} | {r['N']} x {r['K']} | {r['programs']} | "
-              f"{r['k_tiles_a_program']} x {r['block_k']} | {r['tiles_ratio']:.2f} / {r['bytes_ratio']:.2f} / "
+              f"{r['k_tiles_a_program']} x {r['block_k']} x {r['block_n']} | {r['tiles_ratio']:.2f} / "
+              f"{r['bytes_ratio']:.2f} / "
               f"{measured} |")
     if args.json:
         args.json.write_text(json.dumps({"sms": SMS, "group": GROUP, "block_k_env": int4_config._tile_k(),

@@ -17,6 +17,8 @@ from .switches import switch
 
 MAX_SEGMENTS = 5  # q|k|v, gate|up, Mamba's z|x|B|C|dt
 GEMV_MAX_M = 4
+# UNIQL_WIDE_COLS=auto: 128-column blocks only where a program's share of the bytes falls at least to this
+WIDE_128_SHARE = 0.8
 # From here on dequantize + cuBLAS beats the in-loop GEMM: the dequant pass costs ~2.5 bytes per weight
 # (~120 us for Llama-8B's gate_up on an H100) while the Triton GEMM runs ~2.2x cuBLAS time (~0.36 us a row there)
 DEQUANT_MIN_M = 256
@@ -75,18 +77,20 @@ def _blocks(n_total: int, block_n: int, widths: tuple[int, ...] | None) -> int:
 
 
 def _wide_cols() -> str:
-    """``UNIQL_WIDE_COLS``: the wide batch-1 GEMVs' block columns: 256 (default), 128, or ``auto`` (experiment,
-    ``_wide_block_n``)."""
+    """``UNIQL_WIDE_COLS``: the wide batch-1 GEMVs' block columns: ``auto`` (default, ``_wide_block_n``), 256 (the
+    stop-33 default) or 128 (lost everywhere)."""
     return switch("UNIQL_WIDE_COLS")
 
 
 def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None) -> int:
-    """The columns of a wide batch-1 GEMV's blocks. ``auto``: 128 only where its one-wave split leaves each program
-    fewer weight bytes than 256 columns do (a program's K tiles x its columns; ties keep 256, which measured faster
-    a byte). In one wave a GEMV lasts about as long as a program's share, a small integer of tiles that rounds up:
-    Mamba2-8B's z|x|B|C|dt at rate 0.35 runs 784 programs of 4 tiles x 256 columns, or 1045 of 6 x 128 (3 x 256's
-    bytes; the H100 split sweep: 12.9 vs 14.3-14.5 us, results/split_sweep_h100.json). On the 8B ladders only that
-    launch and Llama's gate|up at rate 0.25 (5.5 against 6) change; every other wide launch ties (wave_plan.py)."""
+    """The columns of a wide batch-1 GEMV's blocks. ``auto`` (the default): 128 only where its one-wave split leaves
+    each program at most ``WIDE_128_SHARE`` of the weight bytes 256 columns do (a program's K tiles x its columns;
+    256 measured faster a byte, so a small saving does not pay). In one wave a GEMV lasts about as long as a
+    program's share, a small integer of tiles that rounds up: Mamba2-8B's z|x|B|C|dt at rate 0.35 runs 784 programs
+    of 4 tiles x 256 columns, or 1045 of 6 x 128 (0.75 of the bytes; engine A/B, H100: 1.863 / 1.864 ms a step
+    against 1.880 / 1.883, both rounds, results/envab_wide_norm_h100.json); Llama-8B's gate|up at rate 0.25 would
+    run 11 x 128 against 6 x 256 (0.92: lost, 1.987 / 1.989 against 1.967 / 1.966). On the 8B ladders only the
+    Mamba2 launch changes (wave_plan.py)."""
     if choice != "auto":
         return int(choice)
 
@@ -94,17 +98,18 @@ def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tup
         split = _split_for(_blocks(n_total, block_n, widths), k_tiles, _programs_per_sm(block_n) * sms, within=True)
         return launch_split(k_tiles, split)[1] * block_n
 
-    return 128 if share(128) < share(256) else 256
+    return 128 if share(128) <= WIDE_128_SHARE * share(256) else 256
 
 
 def _programs_per_sm(block_n: int) -> int:
     """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave. 8 (default); 4 (experiment: at 8
     programs of 4 warps and 48-64 registers a thread the register file is full, so a programmatic dependent launch
     found no room for the next kernel's programs; with ``UNIQL_PDL=1`` it lost, 2.63 vs 2.27 ms a step, H100, stop
-    33); ``regs`` (experiment): what the register file holds, 10 programs of 128 columns (48 registers a thread on
-    sm_90: the profiles' ``compiled_gemvs``, ``sass_gemv.py``), 8 of 256 (56-64). At 10 an SM Llama-8B's down gets
-    6 K tiles a program instead of 7 at rate 0 and 4 instead of 5 at 0.35 (the H100 split sweep: 14.7 vs 14.9 and
-    10.8 vs 11.7 us, results/split_sweep_h100.json); no other 8B-ladder launch changes."""
+    33); ``regs`` (experiment; mixed in the engine A/B, stop 34: x0.988 at rate 0.35, x1.012 at 0.15,
+    results/envab_wide_norm_h100.json): what the register file holds, 10 programs of 128 columns (48 registers a
+    thread on sm_90: the profiles' ``compiled_gemvs``, ``sass_gemv.py``), 8 of 256 (56-64). At 10 an SM Llama-8B's
+    down gets 6 K tiles a program instead of 7 at rate 0 and 4 instead of 5 at 0.35 (the H100 split sweep: 14.7 vs
+    14.9 and 10.8 vs 11.7 us, results/split_sweep_h100.json); q|k|v and the other rates' downs change too."""
     raw = switch("UNIQL_GEMV_PER_SM")
     if raw != "regs":
         return int(raw)
@@ -160,8 +165,8 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         # to ~8 programs per SM everywhere; 32-row tiles for the vocab head (long K loops: fewer live registers).
         # Two 64-row tiles per program for the head won the Llama sweep (97 vs 107 us) but measured mixed in the
         # full benchmark (Llama 101 vs 105 us, Qwen2.5 105 vs 90 us): not taken
-        # UNIQL_WIDE_COLS=128 / auto (experiments, batch 1, not the head): 128 columns for the wide layers (128 lost
-        # the Llama engine A/B, results/envab_wave_h100.json), or where they round a program's share down
+        # UNIQL_WIDE_COLS (batch 1, not the head): auto, 128 columns where they cut a program's share of the bytes by a
+        # fifth or more; 128 everywhere lost the Llama engine A/B (results/envab_wave_h100.json)
         block_k = min(group_size, 32 if n_total > 65536 else _tile_k() if m == 1 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply

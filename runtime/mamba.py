@@ -208,8 +208,9 @@ class ElasticMamba(nn.Module):
 
     def _update_normed(self, ssm_state, x, dt_raw, B, C, step: dict, p: int, dtype) -> torch.Tensor:
         """The state update, then the gated group norm: ``[B, P' * H]`` rank-major, what out_proj reads. With
-        ``UNIQL_SSM_UPDATE_NORM=1`` (an experiment until its engine A/B) over an address table on the Triton path,
-        the update's last program of each norm group normalises it (one launch less a layer, the same bits)."""
+        ``UNIQL_SSM_UPDATE_NORM=1`` (an experiment: it lost the H100 engine A/B at rates 0 / 0.25) over an address
+        table on the Triton path, the update's last program of each norm group normalises it (one launch less a
+        layer, the same bits)."""
         fused = switch("UNIQL_SSM_UPDATE_NORM") == "1"  # read (and checked) on every path
         if fused and ssm_update.is_table(ssm_state) and ops.triton_enabled(x.device):
             return ssm_update.selective_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step,
