@@ -19,10 +19,9 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float16
 
 
-def _case(widths, batch: int, width: int, seed: int, state_dtype, bias: bool):
+def _case(widths, batch: int, width: int, seed: int, state_dtype, bias: bool, k: int = 64):
     """A fused z|x|B|C|dt weight (each member stored wider than kept), activations, per-request conv states."""
     gen = torch.Generator().manual_seed(seed)
-    k = 64
     stored = [w + 8 for w in widths]
     qweight, scales = rtn_quantize(torch.randn(sum(stored), k, generator=gen), 32)
     starts = [sum(stored[:i]) for i in range(len(stored))]
@@ -42,8 +41,31 @@ def _case(widths, batch: int, width: int, seed: int, state_dtype, bias: bool):
     ((24, 24, 16, 16, 3), 3, 3, torch.float32, True),  # three requests, each its own state
 ])
 def test_epilogue_equals_gemv_then_conv_update(widths, batch, width, state_dtype, bias):
-    qweight, scales, segments, x, conv_w, conv_b, states = _case(widths, batch, width, 7, state_dtype, bias)
     cfg = im.Int4Config("gemv", block_n=16, block_k=32, split_k=2, num_warps=4, block_m=4 if batch > 1 else 1)
+    _check_epilogue(_case(widths, batch, width, 7, state_dtype, bias), widths, cfg)
+
+
+@pytest.mark.parametrize("block_n", [128, 256])
+def test_epilogue_at_the_decode_block_widths(block_n):
+    """The column blocks the decode step launches (UNIQL_WIDE_COLS=auto: 128 on Mamba2-8B's in-projection at rate
+    0.35, else 256), compiled at those widths on a GPU: each segment's last block part-filled, a split K."""
+    widths = (200, 200, 40, 40, 8)
+    cfg = im.Int4Config("gemv", block_n=block_n, block_k=32, split_k=3, num_warps=4, block_m=1)
+    _check_epilogue(_case(widths, 1, 4, 11, torch.float32, True, k=192), widths, cfg)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the real shape: too slow for the interpreter")
+@pytest.mark.parametrize("cols", ["auto", "256"])
+def test_epilogue_at_mamba2_8b_rate_035(monkeypatch, cols):
+    """Mamba2-8B's z|x|B|C|dt at rate 0.35 with the launch config the engine picks (auto: 128 columns)."""
+    monkeypatch.setenv("UNIQL_WIDE_COLS", cols)
+    widths = (5376, 5376, 640, 640, 128)
+    _check_epilogue(_case(widths, 1, 4, 5, torch.float32, True, k=4096), widths, None)
+
+
+def _check_epilogue(case, widths, cfg) -> None:
+    qweight, scales, segments, x, conv_w, conv_b, states = case
+    batch, state_dtype = x.shape[0], states[0].dtype
     theirs = [s.clone() for s in states]
     table = torch.tensor([s.data_ptr() for s in theirs], dtype=torch.int64, device=DEV)
     plain = im.int4_matmul(x, qweight, scales, 32, segments=segments, config=cfg)
