@@ -15,7 +15,7 @@
 #   envab    decode_gpu.py at batch 1, the default tree against each variant in $ENV_AB (space-separated; a
 #            variant is VAR=VALUE, several joined by +; default: UNIQL_NARROW_SPLIT=deep and UNIQL_EARLY_LOADS=0,
 #            the stop-28 behaviours; UNIQL_WIDE_COLS=128 tries 128-column blocks on the wide batch-1 GEMVs (lost),
-#            UNIQL_WIDE_COLS=256 never (the default auto takes them where a program reads <= 0.8 of the bytes);
+#            UNIQL_WIDE_COLS=256 never takes them (the default, auto, where a program reads <= 0.8 of the bytes);
 #            UNIQL_PDL=1+UNIQL_GEMV_PER_SM=4: PDL with GEMV waves of 4 programs an SM, room for early starts (lost);
 #            UNIQL_GEMV_PER_SM=regs: waves of what the register file holds (10 an SM on 128 columns; mixed);
 #            UNIQL_GEMV_BLOCK_K=32: half-size batch-1 GEMV tiles, a finer rounding of the tiles per program), two
