@@ -21,7 +21,8 @@
 #            UNIQL_GEMV_BLOCK_K=32: half-size batch-1 GEMV tiles, a finer rounding of the tiles per program), two
 #            alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
-#   envabssm the same with ssm_decode_gpu.py (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
+#   envabssm the same with ssm_decode_gpu.py, variants in $ENV_AB_SSM if set (else $ENV_AB: one call can run both
+#            steps with different lists) (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
 #            state update's head channels a program, UNIQL_SSM_NORM_FOLD=1 folds the gated norm into the update and
 #            out_proj, UNIQL_SSM_CONV_FOLD=0 runs the causal conv as its own kernel (the fold is the default since stop
 #            33), UNIQL_SSM_UPDATE_NORM=1 the group norm in the state update's last programs (lost), UNIQL_SSM_FUSED=1 the
@@ -50,11 +51,11 @@ for f in ${GEMV_B:-.ab/int4_gemv_old.py .ab/gemv_variants/*.py}; do  # absolute,
 done
 cd benchmarks || exit 1
 
-envab() {  # envab NAME SCRIPT ARGS...: SCRIPT at the default tree and under each $ENV_AB variant, two rounds
-    local name=$1 script=$2 round variant
-    shift 2
+envab() {  # envab NAME VARIANTS SCRIPT ARGS...: SCRIPT at the default tree and under each variant, two rounds
+    local name=$1 list=$2 script=$3 round variant
+    shift 3
     for round in 1 2; do
-        for variant in default ${ENV_AB:-UNIQL_NARROW_SPLIT=deep UNIQL_EARLY_LOADS=0}; do
+        for variant in default $list; do
             echo "== round $round: $variant"
             env $([ "$variant" = default ] || echo "${variant//+/ }") python3 "$script" "$@" \
                 --json "$OUT/${name}_envab_${gpu}_${round}_$(echo "$variant" | tr '=+' '__').json" | grep "uniql "
@@ -71,8 +72,10 @@ for step in ${SUITE:-ab kernels decode}; do
         decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
-        envab) envab decode decode_gpu.py --batches 1 --skip-dense --skip-hf --skip-compiled ;;
-        envabssm) envab ssm ssm_decode_gpu.py --models mamba2-8b-shape --skip-hf ;;
+        envab) envab decode "${ENV_AB:-UNIQL_NARROW_SPLIT=deep UNIQL_EARLY_LOADS=0}" decode_gpu.py --batches 1 \
+                   --skip-dense --skip-hf --skip-compiled ;;
+        envabssm) envab ssm "${ENV_AB_SSM:-${ENV_AB:-UNIQL_NARROW_SPLIT=deep UNIQL_EARLY_LOADS=0}}" ssm_decode_gpu.py \
+                      --models mamba2-8b-shape --skip-hf ;;
         splits) python3 split_sweep.py --mamba --json "$OUT/split_sweep_$gpu.json" 2> "$OUT/split_sweep_$gpu.txt" ;;
         ksweep) python3 kernel_bench.py --quick --batches 4 16 --rates 0 --layers qkv o gate_up down --repeats 3 --sweep \
                     --sweep-batches 4 16 --prefill-m 0 --out "$OUT/kernels_smallbatch_sweep_$gpu.json" \
