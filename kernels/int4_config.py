@@ -76,6 +76,11 @@ def _blocks(n_total: int, block_n: int, widths: tuple[int, ...] | None) -> int:
     return sum(triton.cdiv(w, block_n) for w in widths) if widths else triton.cdiv(n_total, block_n)
 
 
+def _wave_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None) -> int:
+    """The batch-1 half2 GEMV's K split that keeps its programs in one wave (``_programs_per_sm`` an SM)."""
+    return _split_for(_blocks(n_total, block_n, widths), k_tiles, _programs_per_sm(block_n) * sms, within=True)
+
+
 def _wide_cols() -> str:
     """``UNIQL_WIDE_COLS``: the wide batch-1 GEMVs' block columns: ``auto`` (default, ``_wide_block_n``), 256 (the
     stop-33 default) or 128 (lost everywhere)."""
@@ -95,8 +100,7 @@ def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tup
         return int(choice)
 
     def share(block_n: int) -> int:  # a program's weight columns x K tiles in the one-wave split
-        split = _split_for(_blocks(n_total, block_n, widths), k_tiles, _programs_per_sm(block_n) * sms, within=True)
-        return launch_split(k_tiles, split)[1] * block_n
+        return launch_split(k_tiles, _wave_split(n_total, block_n, k_tiles, sms, widths))[1] * block_n
 
     return 128 if share(128) <= WIDE_128_SHARE * share(256) else 256
 
@@ -157,8 +161,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         k_tiles = triton.cdiv(k, block_k)
         deepest = _narrow_split() == "deep" or m > 1  # checked at every batch size
-        wave = _programs_per_sm(128) * sms
-        split = max(1, k_tiles // 2) if deepest else _split_for(_blocks(n_total, 128, widths), k_tiles, wave, True)
+        split = max(1, k_tiles // 2) if deepest else _wave_split(n_total, 128, k_tiles, sms, widths)
         return Int4Config("gemv", 128, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv" and half2:
         # H200 probe (benchmarks/gemv_probe.py, results/gemv_probe_h200.json): 256 columns, 4 warps and a K split
@@ -172,7 +175,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply
         k_tiles = triton.cdiv(k, block_k)
         block_n = _wide_block_n(wide_cols, n_total, k_tiles, sms, widths) if m == 1 and n_total <= 65536 else 256
-        split = _split_for(_blocks(n_total, block_n, widths), k_tiles, _programs_per_sm(block_n) * sms, within=True)
+        split = _wave_split(n_total, block_n, k_tiles, sms, widths)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;
