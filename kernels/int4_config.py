@@ -17,8 +17,9 @@ from .switches import switch
 
 MAX_SEGMENTS = 5  # q|k|v, gate|up, Mamba's z|x|B|C|dt
 GEMV_MAX_M = 4
-# UNIQL_WIDE_COLS=auto: 128-column blocks only where a program's share of the bytes falls at least to this
-WIDE_128_SHARE = 0.8
+# UNIQL_WIDE_COLS=auto: 128-column blocks only where a program's share of the bytes falls at least to this (0.75
+# won twice on the H100, 0.8 and 0.92 lost: see _wide_block_n)
+WIDE_128_SHARE = 0.78
 # From here on dequantize + cuBLAS beats the in-loop GEMM: the dequant pass costs ~2.5 bytes per weight
 # (~120 us for Llama-8B's gate_up on an H100) while the Triton GEMM runs ~2.2x cuBLAS time (~0.36 us a row there)
 DEQUANT_MIN_M = 256
@@ -76,9 +77,12 @@ def _blocks(n_total: int, block_n: int, widths: tuple[int, ...] | None) -> int:
     return sum(triton.cdiv(w, block_n) for w in widths) if widths else triton.cdiv(n_total, block_n)
 
 
-def _wave_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None) -> int:
-    """The batch-1 half2 GEMV's K split that keeps its programs in one wave (``_programs_per_sm`` an SM)."""
-    return _split_for(_blocks(n_total, block_n, widths), k_tiles, _programs_per_sm(block_n) * sms, within=True)
+def _wave_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None,
+                wide: bool = False) -> int:
+    """The batch-1 half2 GEMV's K split that keeps its programs in one wave (``_programs_per_sm`` an SM; ``wide``:
+    a launch of the wide path)."""
+    per_sm = _programs_per_sm(block_n, wide)
+    return _split_for(_blocks(n_total, block_n, widths), k_tiles, per_sm * sms, within=True)
 
 
 def _wide_cols() -> str:
@@ -95,26 +99,38 @@ def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tup
     of 4 tiles x 256 columns, or 1045 of 6 x 128 (0.75 of the bytes; engine A/B, H100: 1.863 / 1.864 ms a step
     against 1.880 / 1.883, both rounds, results/envab_wide_norm_h100.json); Llama-8B's gate|up at rate 0.25 would
     run 11 x 128 against 6 x 256 (0.92: lost, 1.987 / 1.989 against 1.967 / 1.966). On the 8B ladders only the
-    Mamba2 launch changes (wave_plan.py)."""
+    Mamba2 launch changes (wave_plan.py). With 10 programs an SM on 128 columns (``UNIQL_GEMV_PER_SM=wide``, the
+    default since stop 35) Mamba2's in-projection at rate 0 would run 8 x 128 against 5 x 256 (0.8: lost, 2.430 /
+    2.434 against 2.322 / 2.322 ms, results/envab_regs_combine_h100.json), hence a margin under 0.8; at 0.25 it takes
+    6 x 128 against 4 x 256 (0.75: won, 1.933 / 1.935 against 1.967 / 1.964)."""
     if choice != "auto":
         return int(choice)
 
     def share(block_n: int) -> int:  # a program's weight columns x K tiles in the one-wave split
-        return launch_split(k_tiles, _wave_split(n_total, block_n, k_tiles, sms, widths))[1] * block_n
+        return launch_split(k_tiles, _wave_split(n_total, block_n, k_tiles, sms, widths, wide=True))[1] * block_n
 
     return 128 if share(128) <= WIDE_128_SHARE * share(256) else 256
 
 
-def _programs_per_sm(block_n: int) -> int:
-    """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave. 8 (default); 4 (experiment: at 8
+def _programs_per_sm(block_n: int, wide: bool = False) -> int:
+    """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave (``wide``: a launch of the wide
+    path). ``wide`` (default since stop 35): ``regs`` on the wide path only, 10 programs an SM where it runs 128
+    columns, 8 elsewhere: on the 8B ladders Mamba2's (and Nemotron-H's) in-projection at rates 0.25 / 0.35 and
+    Nemotron-H's MLP up-projection at 0.35 (H100 engine A/B, stop 35, two alternating rounds: Mamba2-8B 1.933 / 1.935
+    against 1.967 / 1.964 ms at 0.25, 1.833 / 1.835 against 1.845 / 1.840 at 0.35, the other rates' launches the
+    same; results/envab_gemv_per_sm_h100.json); 8 (the stop-34 default); 4 (experiment: at 8
     programs of 4 warps and 48-64 registers a thread the register file is full, so a programmatic dependent launch
     found no room for the next kernel's programs; with ``UNIQL_PDL=1`` it lost, 2.63 vs 2.27 ms a step, H100, stop
     33); ``regs`` (experiment; mixed in the engine A/B, stop 34: x0.988 at rate 0.35, x1.012 at 0.15,
     results/envab_wide_norm_h100.json): what the register file holds, 10 programs of 128 columns (48 registers a
     thread on sm_90: the profiles' ``compiled_gemvs``, ``sass_gemv.py``), 8 of 256 (56-64). At 10 an SM Llama-8B's
     down gets 6 K tiles a program instead of 7 at rate 0 and 4 instead of 5 at 0.35 (the H100 split sweep: 14.7 vs
-    14.9 and 10.8 vs 11.7 us, results/split_sweep_h100.json); q|k|v and the other rates' downs change too."""
+    14.9 and 10.8 vs 11.7 us, results/split_sweep_h100.json); q|k|v and the other rates' downs change too. On
+    Mamba2-8B regs lost at rate 0 (x1.047: the in-projection at 8 x 128, see ``_wide_block_n``) and moved out_proj
+    at 0.15 for nothing (stop 35, results/envab_regs_combine_h100.json)."""
     raw = switch("UNIQL_GEMV_PER_SM")
+    if raw == "wide":
+        return 10 if wide and block_n <= 128 else 8
     if raw != "regs":
         return int(raw)
     return 10 if block_n <= 128 else 8
@@ -175,7 +191,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply
         k_tiles = triton.cdiv(k, block_k)
         block_n = _wide_block_n(wide_cols, n_total, k_tiles, sms, widths) if m == 1 and n_total <= 65536 else 256
-        split = _wave_split(n_total, block_n, k_tiles, sms, widths)
+        split = _wave_split(n_total, block_n, k_tiles, sms, widths, wide=True)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;

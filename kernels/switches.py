@@ -16,7 +16,7 @@ SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
     "UNIQL_NARROW_SPLIT": (("wave", "deep"), "wave"),
     "UNIQL_HEAD_FOLD": (("0", "1"), "0"),
     "UNIQL_WIDE_COLS": (("128", "256", "auto"), "auto"),
-    "UNIQL_GEMV_PER_SM": (("4", "8", "regs"), "8"),
+    "UNIQL_GEMV_PER_SM": (("4", "8", "regs", "wide"), "wide"),
     "UNIQL_GEMV_BLOCK_K": (("32", "64"), "64"),
     "UNIQL_PDL": (("0", "1"), "0"),
     "UNIQL_SSM_NORM_FOLD": (("0", "1"), "0"),

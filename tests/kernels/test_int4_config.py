@@ -37,7 +37,7 @@ def test_configs_cover_the_paths():
 @pytest.mark.parametrize("n", [28672, 24320, 21504, 18688, 37888, 28416, 18560, 128256, 152064, 256000])
 def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
     """The K split of the wide decode GEMVs (gate|up, Mamba's in_proj, vocab heads) is the largest that keeps
-    every program in one wave of ~8 per SM: rounding up left a second wave of a few dozen programs (the 8B-shaped
+    every program in one wave of ~8 per SM (10 on 128 columns): rounding up left a second wave of a few dozen programs (the 8B-shaped
     gate|up at rate 0.25, N = 21504, took as long as at rate 0 in the engine on the H100), unless that wave would be
     under 3/4 full: then one split more (Qwen2.5's vocab head, 152064 wide: 171 us on one split, 118 on two).
     UNIQL_WIDE_COLS=128 (experiment): 128-column blocks at batch 1 below vocab size, split the same way."""
@@ -47,7 +47,8 @@ def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
     monkeypatch.delenv("UNIQL_WIDE_COLS", raising=False)
     for cols in (256, 128 if n <= 65536 else 256):
         cfg = im.pick_config(1, n, 4096, 128, "cuda")
-        blocks, slots, k_tiles = -(-n // cfg.block_n), 8 * 132, 4096 // cfg.block_k
+        # 10 programs an SM on 128 columns (UNIQL_GEMV_PER_SM=wide, the default)
+        blocks, slots, k_tiles = -(-n // cfg.block_n), (10 if cfg.block_n == 128 else 8) * 132, 4096 // cfg.block_k
         fits = blocks * cfg.split_k <= slots and (blocks * (cfg.split_k + 1) > slots or cfg.split_k == k_tiles // 2)
         # or one wave would be under 3/4 full (few long programs): one split more
         fewer = blocks * (cfg.split_k - 1)
@@ -105,7 +106,7 @@ def test_gemv_programs_per_sm_switch_sizes_the_wave(monkeypatch, n, k):
         assert 0.75 * int(per_sm) * 132 <= programs[per_sm] <= int(per_sm) * 132 * 1.5
     assert programs["4"] < programs["8"]
     monkeypatch.setenv("UNIQL_GEMV_PER_SM", "6")
-    with pytest.raises(ValueError, match="UNIQL_GEMV_PER_SM must be 4, 8 or regs"):
+    with pytest.raises(ValueError, match="UNIQL_GEMV_PER_SM must be 4, 8, regs or wide"):
         im.pick_config(1, n, k, 128, "cuda")
 
 
@@ -128,6 +129,31 @@ def test_register_sized_wave(monkeypatch):
     monkeypatch.setenv("UNIQL_GEMV_PER_SM", "regs")
     assert launch(4096, 14336) == (128, 1216, 6) and launch(4096, 9344) == (128, 1184, 4)
     assert launch(28672, 4096) == gate_up and gate_up[0] == 256 and gate_up[1] <= 8 * 132
+
+
+def test_wide_default_gives_10_an_sm_to_the_wide_path_128_column_launches_only(monkeypatch):
+    """UNIQL_GEMV_PER_SM=wide (the default): 10 programs an SM where the wide path runs 128 columns (Mamba2-8B's
+    z|x|B|C|dt at rates 0.25 / 0.35: 6 x 128 and 5 x 128 K tiles a program, instead of 4 x 256 and 6 x 128 at 8 an
+    SM), 8 on its 256-column launches and on every narrow launch (Llama-8B's down keeps 32 x 7 / 30 x 5)."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+
+    def launch(widths, k=4096):  # (block_n, programs, K tiles a program)
+        cfg = im.pick_config(1, sum(widths), k, 128, "cuda", widths=widths)
+        splits, per = int4_config.launch_split(-(-k // cfg.block_k), cfg.split_k)
+        return cfg.block_n, sum(-(-w // cfg.block_n) for w in widths) * splits, per
+
+    in_proj = {0.0: (8192, 8192, 1024, 1024, 128), 0.25: (6144, 6144, 768, 768, 128),
+               0.35: (5376, 5376, 640, 640, 128)}
+    monkeypatch.delenv("UNIQL_GEMV_PER_SM", raising=False)
+    default = {rate: launch(w) for rate, w in in_proj.items()}
+    assert default == {0.0: (256, 949, 5), 0.25: (128, 1199, 6), 0.35: (128, 1235, 5)}
+    assert all(progs <= (10 if block_n == 128 else 8) * 132 for block_n, progs, _ in default.values())
+    assert launch((4096,), 14336) == (128, 1024, 7) and launch((4096,), 9344) == (128, 960, 5)
+    monkeypatch.setenv("UNIQL_GEMV_PER_SM", "8")
+    assert {rate: launch(w) for rate, w in in_proj.items()} == {0.0: (256, 949, 5), 0.25: (256, 880, 4),
+                                                                0.35: (128, 1045, 6)}
 
 
 def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
@@ -158,10 +184,11 @@ def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
 
 
 def test_auto_wide_cols_take_128_only_where_a_program_reads_a_fifth_less(monkeypatch):
-    """UNIQL_WIDE_COLS=auto (the default): 128-column blocks where their one-wave split leaves a program at most 0.8
-    of the weight bytes 256 columns do (Mamba2-8B's z|x|B|C|dt at rate 0.35: 6 tiles x 128 against 4 x 256, 0.75;
-    it won the H100 engine A/B), 256 elsewhere: on ties (both at rate 0) and on small savings (Llama-8B's gate|up at
-    rate 0.25: 11 x 128 against 6 x 256, 0.92; it lost the A/B). Never a larger share than 256's."""
+    """UNIQL_WIDE_COLS=auto (the default): 128-column blocks where their one-wave split (10 programs an SM on them,
+    UNIQL_GEMV_PER_SM=wide) leaves a program at most 0.78 of the weight bytes 256 columns do (Mamba2-8B's z|x|B|C|dt
+    at rates 0.25 / 0.35: 6 x 128 against 4 x 256, 5 x 128 against 5 x 256; both won the H100 engine A/B), 256
+    elsewhere: at 0.8 (Mamba2's rate 0: 8 x 128 against 5 x 256, lost) and on smaller savings (Llama-8B's gate|up at
+    rate 0.25, 0.83; at 8 an SM 0.92, lost). Never a larger share than 256's."""
     import random
 
     from uniql.kernels import int4_config
@@ -174,11 +201,13 @@ def test_auto_wide_cols_take_128_only_where_a_program_reads_a_fifth_less(monkeyp
         splits, per = int4_config.launch_split(-(-k // cfg.block_k), cfg.split_k)
         return cfg.block_n, per * cfg.block_n, sum(-(-w // cfg.block_n) for w in widths) * splits
 
-    assert share((5376, 5376, 640, 640, 128))[:2] == (128, 6 * 128)
-    assert share((8192, 8192, 1024, 1024, 128))[:2] == (256, 5 * 256)
+    assert share((5376, 5376, 640, 640, 128))[:2] == (128, 5 * 128)
+    assert share((6144, 6144, 768, 768, 128))[:2] == (128, 6 * 128)
+    assert share((8192, 8192, 1024, 1024, 128))[:2] == (256, 5 * 256)  # 8 x 128: 0.8, lost the A/B
     assert share((10752, 10752))[:2] == (256, 6 * 256) and share((14336, 14336))[:2] == (256, 8 * 256)
     monkeypatch.setenv("UNIQL_WIDE_COLS", "128")
-    assert share((10752, 10752))[:2] == (128, 11 * 128)  # what auto turned down
+    assert share((10752, 10752))[:2] == (128, 10 * 128)  # what auto turned down (0.83)
+    assert share((8192, 8192, 1024, 1024, 128))[:2] == (128, 8 * 128)
     rng = random.Random(0)
     took_128 = 0
     for _ in range(300):
@@ -207,7 +236,8 @@ def test_gemv_tile_k_switch(monkeypatch, n, k):
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
     monkeypatch.setenv("UNIQL_GEMV_BLOCK_K", "32")
     cfg = im.pick_config(1, n, k, 128, "cuda")
-    assert cfg.block_k == 32 and 0.75 * 8 * 132 <= -(-n // cfg.block_n) * cfg.split_k <= 8 * 132
+    per_sm = 10 if cfg.block_n == 128 and n > 8192 else 8  # UNIQL_GEMV_PER_SM=wide
+    assert cfg.block_k == 32 and 0.75 * per_sm * 132 <= -(-n // cfg.block_n) * cfg.split_k <= per_sm * 132
     assert im.pick_config(4, n, 4096, 128, "cuda").block_k == 64
     assert im.pick_config(1, 128256, 4096, 128, "cuda").block_k == 32  # the head's own choice
     monkeypatch.delenv("UNIQL_GEMV_BLOCK_K")
