@@ -1,7 +1,7 @@
 """benchmarks/wave_plan.py lays out the 8B-shaped models' batch-1 decode GEMVs offline: every launch fits one wave
-of 8 programs (10 on the wide path's 128-column launches) on each of an H100's 132 SMs at every rung (Mamba2's in-projection at rate 0.35 spilled 22 programs
-into a second wave while the split counted its blocks without the segments; test_int4_config checks that count),
-and the JSON carries the ratios."""
+of 8 programs (10 on the wide path's 128-column launches) on each of an H100's 132 SMs at every rung (Mamba2's
+in-projection at rate 0.35 spilled 22 programs into a second wave while the split counted its blocks without the
+segments; test_int4_config checks that count), and the JSON carries the ratios."""
 
 from __future__ import annotations
 
