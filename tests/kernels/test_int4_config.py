@@ -39,7 +39,8 @@ def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
     """The K split of the wide decode GEMVs (gate|up, Mamba's in_proj, vocab heads) is the largest that keeps
     every program in one wave of ~8 per SM (10 on 128 columns): rounding up left a second wave of a few dozen
     programs (the 8B-shaped gate|up at rate 0.25, N = 21504, took as long as at rate 0 in the engine on the H100),
-    unless that wave would be under 3/4 full: then one split more (Qwen2.5's vocab head, 152064 wide: 171 us on one split, 118 on two).
+    unless that wave would be under 3/4 full: then one split more (Qwen2.5's vocab head, 152064 wide: 171 us on one
+    split, 118 on two).
     UNIQL_WIDE_COLS=128 (experiment): 128-column blocks at batch 1 below vocab size, split the same way."""
     from uniql.kernels import int4_config
 
