@@ -35,7 +35,7 @@ from uniql.runtime.spec import spec_from_hf_config  # noqa: E402
 
 SMS, GROUP = 132, 128
 # measured per-GEMV us by place in a layer (in-graph H100 profiles), and the profile files they come from
-PROFILES = {"llama-3.1-8b": "decode_profile_graph_folds_h100.json", "mamba2-8b-shape": "ssm_decode_profile_h100.json"}
+PROFILES = {"llama-3.1-8b": "decode_profile_stop35_h100.json", "mamba2-8b-shape": "ssm_decode_profile_stop35_h100.json"}
 
 
 def layer_gemvs(spec, sizes) -> list[tuple[str, list[int], int]]:
