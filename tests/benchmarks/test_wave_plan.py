@@ -26,7 +26,7 @@ def test_every_decode_gemv_fits_one_wave(tmp_path):
     assert all(r["programs"] <= wave[r["model"] + r["place"] + str(r["rate"])] for r in rows)
     in_proj = {r["rate"]: (r["N"], r["programs"], r["k_tiles_a_program"], r["block_n"]) for r in rows
                if r["model"] == "mamba2-8b-shape" and r["place"] == "gemv0"}
-    # UNIQL_WIDE_COLS=auto: 128 columns at 0.25 / 0.35 (0.75 / 1.0 of 256 columns' 4 x 256 / 5 x 256 at 10 an SM)
+    # UNIQL_WIDE_COLS=auto: 128 columns at 0.25 / 0.35 (a program's share 0.75 / 0.625 of 256 columns' 4 x 256)
     assert in_proj[0.25] == (13952, 1199, 6, 128) and in_proj[0.35] == (12160, 1235, 5, 128)
     assert in_proj[0.0][3] == 256
     assert all(0 < r["tiles_ratio"] <= 1 and 0 < r["bytes_ratio"] <= 1 for r in rows)

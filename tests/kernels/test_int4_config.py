@@ -187,7 +187,7 @@ def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
 def test_auto_wide_cols_take_128_only_where_a_program_reads_a_fifth_less(monkeypatch):
     """UNIQL_WIDE_COLS=auto (the default): 128-column blocks where their one-wave split (10 programs an SM on them,
     UNIQL_GEMV_PER_SM=wide) leaves a program at most 0.78 of the weight bytes 256 columns do (Mamba2-8B's z|x|B|C|dt
-    at rates 0.25 / 0.35: 6 x 128 against 4 x 256, 5 x 128 against 5 x 256; both won the H100 engine A/B), 256
+    at rates 0.25 / 0.35: 6 x 128 and 5 x 128 against 4 x 256, 0.75 and 0.625; both won the H100 engine A/B), 256
     elsewhere: at 0.8 (Mamba2's rate 0: 8 x 128 against 5 x 256, lost) and on smaller savings (Llama-8B's gate|up at
     rate 0.25, 0.83; at 8 an SM 0.92, lost). Never a larger share than 256's."""
     import random
