@@ -33,6 +33,8 @@ import triton.language as tl
 from uniql.kernels import int4_matmul as im
 from uniql.kernels.int4_format import ZERO, dequantize, rtn_quantize
 
+_MAGIC_ZERO = tl.constexpr(8388608.0 + ZERO)  # 2^23 + the zero point: a code's fp32 bit pattern minus it is w / s
+
 
 @triton.jit
 def _chain_kernel(acts_ptr, qw_ptr, sc_ptr, ticket_ptr, done_ptr, K, n_layers, blocks, splits,
@@ -41,7 +43,7 @@ def _chain_kernel(acts_ptr, qw_ptr, sc_ptr, ticket_ptr, done_ptr, K, n_layers, b
     [L, K / 8, K]; sc fp16 [L, K / GROUP, K]; ticket int32 [1] and done int32 [L] zeroed. A task is ROWS packed rows
     (8 x ROWS K values) of BLOCK_N output columns of one layer."""
     tasks = blocks * splits
-    t = tl.atomic_add(ticket_ptr, 1)
+    t = tl.atomic_add(ticket_ptr, 1, sem="relaxed")  # a ticket carries no data: no fence
     while t < n_layers * tasks:
         layer = t // tasks
         col = (t % tasks) // splits
@@ -53,6 +55,9 @@ def _chain_kernel(acts_ptr, qw_ptr, sc_ptr, ticket_ptr, done_ptr, K, n_layers, b
         words = tl.load(qw_ptr + layer * (K // 8) * K + rows[:, None] * K + offs_n[None, :], mask=live, other=0)
         scale = tl.load(sc_ptr + layer * (K // GROUP) * K + (rows * 8 // GROUP)[:, None] * K + offs_n[None, :],
                         mask=live, other=0).to(tl.float32)
+        # the next ticket now, so its round trip overlaps this task (the program finishes this task before it starts
+        # that one, so no task waits on a ticket its own program holds back)
+        t_next = tl.atomic_add(ticket_ptr, 1, sem="relaxed")
         if layer > 0:  # every task of the previous layer has added its part of this layer's input
             while tl.atomic_add(done_ptr + layer - 1, 0, sem="acquire") < tasks:
                 pass
@@ -61,12 +66,14 @@ def _chain_kernel(acts_ptr, qw_ptr, sc_ptr, ticket_ptr, done_ptr, K, n_layers, b
             x = tl.load(acts_ptr + layer * K + rows * 8 + j, mask=rows < K // 8, other=0.0,
                         cache_modifier=".cg")  # written by other programs: read at L2, not from L1
             # 2^23 + code as an fp32 bit pattern: the int -> float conversion in one OR
-            code = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + ZERO)
+            code = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - _MAGIC_ZERO
             acc += code * x[:, None]
         part = tl.sum(acc * scale, axis=0)
-        tl.atomic_add(acts_ptr + (layer + 1) * K + offs_n, part, mask=offs_n < K)
+        tl.atomic_add(acts_ptr + (layer + 1) * K + offs_n, part, mask=offs_n < K, sem="relaxed")
+        # Triton puts a CTA barrier before a scalar atomic: every thread's sums are issued, then one thread's release
+        # (fence + add) publishes them (CUTLASS's semaphore does the same)
         tl.atomic_add(done_ptr + layer, 1, sem="release")
-        t = tl.atomic_add(ticket_ptr, 1)
+        t = t_next
 
 
 def chain_persistent(x: torch.Tensor, qw: torch.Tensor, sc: torch.Tensor, group: int, programs: int,
