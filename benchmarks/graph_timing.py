@@ -44,10 +44,9 @@ def graph_median_us(step: Callable[[], None], cuda: bool, repeats: int) -> float
     return (time.perf_counter() - start) * 1e6
 
 
-def run_probes(doc: str, script: str, rates, configs, probe: Callable, describe: Callable[[dict], str], meta: dict,
-               argv=None) -> list[dict]:
-    """The probes' command line: ``--repeats``, ``--cpu-smoke`` (only the first two configs, tiny shapes) and
-    ``--json``; ``probe(rate, config, cuda, repeats, smoke)`` returns one row, ``describe(row)`` its line."""
+def probe_args(doc: str, script: str, argv=None) -> tuple[argparse.Namespace, bool]:
+    """A GPU probe's command line (``--repeats``, ``--cpu-smoke``, ``--json``) and whether it runs on CUDA; without
+    a GPU and without ``--cpu-smoke`` it exits with a message."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
@@ -56,6 +55,14 @@ def run_probes(doc: str, script: str, rates, configs, probe: Callable, describe:
     cuda = not args.cpu_smoke
     if cuda and not torch.cuda.is_available():
         raise SystemExit(f"{script} times a GPU kernel: no CUDA device here (--cpu-smoke runs tiny shapes)")
+    return args, cuda
+
+
+def run_probes(doc: str, script: str, rates, configs, probe: Callable, describe: Callable[[dict], str], meta: dict,
+               argv=None) -> list[dict]:
+    """The probes' command line: ``--repeats``, ``--cpu-smoke`` (only the first two configs, tiny shapes) and
+    ``--json``; ``probe(rate, config, cuda, repeats, smoke)`` returns one row, ``describe(row)`` its line."""
+    args, cuda = probe_args(doc, script, argv)
     rows = []
     for rate in rates:
         for config in configs if cuda else configs[:2]:

@@ -22,13 +22,12 @@ output is checked against the fp32 torch reference first.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+from graph_timing import graph_us, probe_args
 
 from uniql.kernels import int4_matmul as im
 from uniql.kernels.int4_format import ZERO, dequantize, rtn_quantize
@@ -144,7 +143,6 @@ def probe(n_layers: int, k: int, group: int, configs, cuda: bool, repeats: int) 
     xh = x.to(torch.bfloat16 if cuda else torch.float32)
     row["launches_rel_err"] = _rel_err(chain_launches(xh, qw, sc, group), ref)
     if cuda:
-        from graph_timing import graph_us
         row["launches_us_a_layer"] = graph_us([lambda: chain_launches(xh, qw, sc, group)], repeats) / n_layers
     row["persistent"] = []
     buffers = (torch.empty(n_layers + 1, k, dtype=torch.float32, device=device),
@@ -156,27 +154,18 @@ def probe(n_layers: int, k: int, group: int, configs, cuda: bool, repeats: int) 
                 return chain_persistent(x, qw, sc, group, p, b, r, per, buffers)
             entry[name + "rel_err"] = _rel_err(run(), ref)
             if cuda:
-                from graph_timing import graph_us
                 entry[name + "us_a_layer"] = graph_us([run], repeats) / n_layers
         row["persistent"].append(entry)
     return row
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args(argv)
-    cuda = not args.cpu_smoke
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("persistent_probe.py times a GPU kernel: no CUDA device here (--cpu-smoke: tiny shapes)")
+    args, cuda = probe_args(__doc__, "persistent_probe.py", argv)
     out = {"what": __doc__.splitlines()[0], "rows": []}
     if cuda:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         out["device"] = torch.cuda.get_device_name()
         big = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")  # the copy anchor, as kernel_bench.py
-        from graph_timing import graph_us
         copy_us = graph_us([lambda: torch.add(big[: 2**27], 0, out=big[2**27:])], args.repeats)
         out["copy_TBps"] = 2 * 2**27 * 2 / copy_us / 1e6
         shapes = [(32, 4096, 128), (16, 8192, 128)]
