@@ -22,32 +22,38 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize(("programs", "block_n", "rows", "per_launch"), [(1, 32, 4, None), (3, 32, 8, None),
                                                                          (2, 64, 4, 1), (5, 16, 8, 2)])
-def test_chain_matches_the_reference(programs, block_n, rows, per_launch):
-    x, qw, sc = pp.random_chain(3, 64, 32, DEV, seed=1)
-    ref = pp.chain_reference(x, qw, sc, 32)
-    got = pp.chain_persistent(x, qw, sc, 32, programs, block_n, rows, per_launch)
-    assert ref.abs().max() > 0.1  # the chain keeps the activations' scale: the comparison means something
+@pytest.mark.parametrize("dims", [[64] * 4, [64, 96, 32, 64, 160]], ids=["square", "mixed"])
+def test_chain_matches_the_reference(programs, block_n, rows, per_launch, dims):
+    """Square layers and mixed ones (N 96 / 160: partial column blocks; K 96: a partial K split at 8 rows)."""
+    x, layers = pp.random_chain(dims, 32, DEV, seed=1)
+    ref = pp.chain_reference(layers, x, 32)
+    got = pp.chain_persistent(pp.plan_chain(layers, 32, block_n, rows), x, programs, per_launch, check=True)
+    assert got.shape == (dims[-1],) and ref.abs().max() > 0.1  # the chain keeps the activations' scale
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-    prod = pp.chain_launches(x, qw, sc, 32)
+    prod = pp.chain_launches(layers, x, 32)
     torch.testing.assert_close(prod.float(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def test_chain_refuses_shapes_it_cannot_run():
-    x, qw, sc = pp.random_chain(2, 64, 32, DEV)
-    with pytest.raises(ValueError, match="square layers"):
-        pp.chain_persistent(x[:32], qw, sc, 32, 1)
+def test_chain_refuses_what_it_cannot_run():
+    x, layers = pp.random_chain([64, 64, 64], 32, DEV)
+    with pytest.raises(ValueError, match="takes a \\[64\\] input"):
+        pp.chain_persistent(pp.plan_chain(layers, 32), x[:32], 1)
     for bad in ({"rows": 12}, {"block_n": 48}):
         with pytest.raises(ValueError, match="powers of two"):
-            pp.chain_persistent(x, qw, sc, 32, 1, **bad)
+            pp.plan_chain(layers, 32, **bad)
+    _, other = pp.random_chain([32, 64], 32, DEV)
+    with pytest.raises(ValueError, match="layer 1: .* do not follow a layer with 64 outputs"):
+        pp.plan_chain([layers[0], other[0]], 32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programs wait for each other only on a GPU")
 def test_chain_on_the_gpu_at_a_real_size():
-    x, qw, sc = pp.random_chain(8, 4096, 128, "cuda")
-    ref = pp.chain_reference(x, qw, sc, 128)
+    x, layers = pp.random_chain([4096, 14336, 4096, 4096, 4096], 128, "cuda")
+    ref = pp.chain_reference(layers, x, 128)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    plan = pp.plan_chain(layers, 128)
     for programs in (sms, 8 * sms, 40 * sms):  # more than fit at once too: tickets keep it deadlock-free
-        got = pp.chain_persistent(x, qw, sc, 128, programs)
+        got = pp.chain_persistent(plan, x, programs, check=True)
         assert ((got - ref).norm() / ref.norm()).item() < 1e-4
 
 
@@ -59,9 +65,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import persistent_probe as pp
 kernel = pp._chain_kernel
-types = {"acts_ptr": "*fp32", "qw_ptr": "*i32", "sc_ptr": "*fp16", "ticket_ptr": "*i32", "done_ptr": "*i32"}
+types = {"acts_ptr": "*fp32", "qw_ptr": "*i32", "sc_ptr": "*fp16", "start_ptr": "*i32", "meta_ptr": "*i64",
+         "ticket_ptr": "*i32", "done_ptr": "*i32", "err_ptr": "*i32"}
 for rows, block_n in ((8, 128), (16, 256)):
-    consts = {"GROUP": 128, "BLOCK_N": block_n, "ROWS": rows}
+    consts = {"GROUP": 128, "BLOCK_N": block_n, "ROWS": rows, "WAIT": True}
     sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in kernel.arg_names}
     done = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4})
