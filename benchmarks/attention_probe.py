@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     run_probes(__doc__, "attention_probe.py", RUNGS, CONFIGS, probe,
                lambda r: f"{r['split']} positions a split{', early loads' * r['early']}{' (default)' * r['default']}: "
                          f"{r['us_per_layer']:.2f} us a layer, cache at {r['cache_TBps']:.2f} TB/s",
-               {"shape": "llama-3.1-8b", "context": CONTEXT, "layers": LAYERS, "fused_combine": att.FUSED_COMBINE},
+               {"shape": "llama-3.1-8b", "context": CONTEXT, "layers": LAYERS},
                argv)
 
 

@@ -2,10 +2,9 @@
 lookahead, ``run``) vs model forwards (prefill, eager decode) per request, with its TPOT, at rates 0 and 0.35.
 Used to check that a TPOT above the graph-replay time is GPU time, not a host fallback.
 
-    UNIQL_FUSED_COMBINE=0 python benchmarks/diag_engine.py [MAX_NUM_SEQS]
+    python benchmarks/diag_engine.py [MAX_NUM_SEQS]
 """
 
-import os
 import sys
 
 import torch
@@ -38,7 +37,7 @@ def main() -> None:
         single_row(engine, "uniql", prompt, rung, rate, 8)  # warm-up: compiles, captures
         counts.update(dict.fromkeys(counts, 0))
         row = single_row(engine, "uniql", prompt, rung, rate, 128)
-        print(f"UNIQL_FUSED_COMBINE={os.environ.get('UNIQL_FUSED_COMBINE', '0')} rate {rate}: "
+        print(f"rate {rate}: "
               f"TPOT {row['tpot_ms']:.3f} ms, calls per 128 tokens {counts}", flush=True)
 
 

@@ -68,9 +68,9 @@ def _unfused_glu(real):
 
 
 # A/B of real alternatives (right outputs): the separate RoPE kernel; the separate silu_mul kernel; separate
-# add+RMSNorm kernels instead of the norm split across the GEMVs; fewer, longer attention splits; the attention
-# combine merged inside the split kernel, or one combine program per whole head (isolated replays: the fused merge
-# times faster here but slower in the engine's back-to-back steps, results/decode_combine_ab_h200.json)
+# add+RMSNorm kernels instead of the norm split across the GEMVs; fewer, longer attention splits; one combine program
+# per whole head (the combine merged inside the split kernel was timed here too, faster in isolated replays, slower
+# in the engine's back-to-back steps: results/decode_combine_ab_h200.json; removed, stop 35)
 ALTERNATIVES = {
     "rope_kernel": [(cache_mod.DecodeBatch, "attend_rope", _unfused_rope)],
     "silu_kernel": [(FusedInt4, "glu", _unfused_glu)],
@@ -78,14 +78,13 @@ ALTERNATIVES = {
                      (ElasticMLP, "takes_prenormed", _Const(property(lambda self: False)))],
     "attention_256_programs": [(attn_mod, "split_size", lambda real: lambda m, p: real(m, p, 256))],
     "attention_128_programs": [(attn_mod, "split_size", lambda real: lambda m, p: real(m, p, 128))],
-    "combine_fused": [(attn_mod, "FUSED_COMBINE", _Const(True))],
-    "combine_whole_head": [(attn_mod, "FUSED_COMBINE", _Const(False)), (attn_mod, "COMBINE_CHUNK", _Const(1 << 20))],
+    "combine_whole_head": [(attn_mod, "COMBINE_CHUNK", _Const(1 << 20))],
 }
 
 STAND_INS = {
     "rope": [(cache_mod.DecodeBatch, "attend_rope", _no_rope)],
     # the kernel itself, so every attention entry point (decode_attention, decode_attention_rope) skips it
-    "combine": [(attn_mod, "FUSED_COMBINE", _Const(False)), (attn_mod, "_combine_kernel", lambda real: _Skip())],
+    "combine": [(attn_mod, "_combine_kernel", lambda real: _Skip())],
     "silu_mul": [(FusedInt4, "glu", lambda real: lambda self, x, n: self(x, (n, n))[0])],
     "add_rms_norm": [(RMSNorm, "add_forward", lambda real: lambda self, x, d: (x, x))],
 }

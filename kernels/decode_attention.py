@@ -12,10 +12,10 @@ writes it into the cache for later steps, so one launch both appends and attends
 Pass 1, grid ``(B, kv_heads, splits)``: each program scores its positions for the ``rep = heads / kv_heads``
 query heads of its group (padded to 16 rows for ``tl.dot``) with an online softmax and parks
 ``(acc[vo], max, sum)`` per head. Pass 2 combines the used splits and writes the output rank-major
-(``out[b, j * heads + h]``), the order ``o_proj``'s columns are stored in: by default as its own launch, grid
-``(B, heads, vo chunks)``; with ``FUSED_COMBINE`` inside pass 1, where the last split of each (request, group) to
-finish merges them (an arrival counter, as split-K GEMVs do). That saves the launch but runs the merge serially
-in one program per group, and measured slower in the engine's back-to-back decode steps (README).
+(``out[b, j * heads + h]``), the order ``o_proj``'s columns are stored in, as its own launch, grid ``(B, heads, vo
+chunks)``. (Merging inside pass 1, in the last split of each group to finish, saved the launch but ran the merge
+serially in one program per group: 14-23 % slower decode steps on the H100, slower on the H200 too; removed, stop 35,
+docs/performance-log.md.)
 """
 
 from __future__ import annotations
@@ -24,10 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .int4_tiles import workspace
 from .pdl import early_loads, pdl_enabled, pdl_enter
 from .rope import _check as rope_check
-from .switches import switch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -51,13 +49,11 @@ def _load_rotated(ptr, s_head, s_chan, head, live_h, dq, live_q, cos_ptr, sin_pt
 @triton.jit
 def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_ptr, cos_ptr, sin_ptr, idx_ptr,
                   sq_b, sq_h, sq_c, skn_b, skn_g, skn_c, svn_b, svn_g, svn_d, s_cos, s_idx, n_heads, n_splits, scale,
-                  cnt_ptr, out_ptr, so_b,
                   REP: tl.constexpr, REP_P: tl.constexpr, QK: tl.constexpr, VO: tl.constexpr,
                   D_QK: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-                  ROPE: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, PDL: tl.constexpr,
-                  EARLY: tl.constexpr, PRELOAD: tl.constexpr):
-    """FUSED: the last split of each (request, kv group) to finish merges the group's splits (``_combine_group``)
-    instead of a second launch. EARLY: every load that does not need the length (cache bases, q, the new k / v
+                  ROPE: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+                  PRELOAD: tl.constexpr):
+    """EARLY: every load that does not need the length (cache bases, q, the new k / v
     and their RoPE tables; with PRELOAD, a one-block split's K / V, bounded by the capacity and selected once
     the length is known) is issued before it is known, and each block's V with its K, so a program waits about
     two memory round trips instead of five (length -> bases -> rope tables -> K -> V); same bits. PRELOAD only
@@ -111,13 +107,6 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
         tl.store(ws_ptr + row[:, None] + dv[None, :], acc, mask=live_r[:, None])
         tl.store(ws_ptr + row + D_VO, m_i, mask=live_r)
         tl.store(ws_ptr + row + D_VO + 1, l_i, mask=live_r)
-        if FUSED:
-            tl.debug_barrier()  # every thread's partial is written before one thread releases the counter
-            arrived = tl.atomic_add(cnt_ptr + b * (n_heads // REP) + g, 1, sem="acq_rel")
-            if arrived == tl.cdiv(length, SPLIT) - 1:
-                tl.store(cnt_ptr + b * (n_heads // REP) + g, 0)  # zero again for the next launch / graph replay
-                _combine_group(ws_ptr, out_ptr + b * so_b, b, g, n_heads, n_splits, tl.cdiv(length, SPLIT), REP,
-                               VO, D_VO)
 
 
 @triton.jit
@@ -191,34 +180,6 @@ def _block(q, k, v, t0, end, m_i, l_i, acc, scale, BLOCK_T: tl.constexpr, PRECIS
 
 
 @triton.jit
-def _combine_group(ws_ptr, out_ptr, b, g, n_heads, n_splits, used, REP: tl.constexpr, VO: tl.constexpr,
-                   D_VO: tl.constexpr):
-    """Merge the ``used`` splits' (acc, max, sum) of the group's REP heads, 16 splits at a time with a running
-    max, and write each head's output rank-major (``out[j * heads + h]``). Reads bypass L1 (.cg): the other
-    splits wrote them from other SMs."""
-    dv = tl.arange(0, D_VO)
-    for r in tl.static_range(REP):
-        h = g * REP + r
-        m_run = tl.full([1], float("-inf"), tl.float32)
-        l_run = tl.zeros([1], tl.float32)
-        acc = tl.zeros([D_VO], tl.float32)
-        for s0 in range(0, used, 16):
-            s = s0 + tl.arange(0, 16)
-            live = s < used
-            row = ((b * n_heads + h) * n_splits + s) * (D_VO + 2)
-            m = tl.load(ws_ptr + row + D_VO, mask=live, other=float("-inf"), cache_modifier=".cg")
-            lsum = tl.load(ws_ptr + row + D_VO + 1, mask=live, other=0.0, cache_modifier=".cg")
-            part = tl.load(ws_ptr + row[:, None] + dv[None, :], mask=live[:, None], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_run, tl.max(m, 0))
-            alpha = tl.exp(m_run - m_new)
-            w = tl.where(live, tl.exp(m - m_new), 0.0)
-            acc = acc * alpha + tl.sum(part * w[:, None], 0)
-            l_run = l_run * alpha + tl.sum(lsum * w, 0)
-            m_run = m_new
-        tl.store(out_ptr + dv * n_heads + h, (acc / l_run).to(out_ptr.dtype.element_ty), mask=dv < VO)
-
-
-@triton.jit
 def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
                     VO: tl.constexpr, D_VO: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
                     SPLITS_P: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
@@ -251,9 +212,6 @@ def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
 
 
 COMBINE_CHUNK = 32  # output dims per combine program (benchmarks/fusion_probe.py times the alternatives)
-# UNIQL_FUSED_COMBINE=1: the split kernel's last program per group merges (no combine launch). Off by default:
-# in the engine's back-to-back decode steps it measured SLOWER (README, results/decode_combine_ab_h200.json)
-FUSED_COMBINE = switch("UNIQL_FUSED_COMBINE") == "1"  # read once, at import
 
 
 def split_size(max_len: int, programs_per_split: int, target_programs: int = 512) -> int:
@@ -340,18 +298,14 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     ws = torch.empty(b * n_heads * n_splits * (d_vo + 2), dtype=torch.float32, device=q.device)
     cos, sin, idx = rope if rope is not None else (ws, ws, lengths)  # unused without ROPE
     pdl = pdl_enabled(q.device)
-    fused, early, block_t = FUSED_COMBINE, early_loads(b), min(split, 64)
-    # arrival counters, zero between launches (each user resets what it counted); unused by the two-pass path
-    counters = workspace(q.device, 0, b * n_kv)[1] if fused else lengths
+    early, block_t = early_loads(b), min(split, 64)
     _split_kernel[(b, n_kv, n_splits)](
         q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, cos, sin, idx, *q_strides, *k_strides, v_new.stride(0),
         v_new.stride(1), v_new.stride(2), cos.stride(0) if rope else 0, idx.stride(0) if rope else 0, n_heads,
-        n_splits, scale, counters, out, out.stride(0), REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk,
+        n_splits, scale, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk,
         VO=vo, D_QK=d_qk, D_VO=d_vo, SPLIT=split, BLOCK_T=block_t, ROPE=rope is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FUSED=fused, PDL=pdl, EARLY=early,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, EARLY=early,
         PRELOAD=early and block_t == split, num_warps=4, launch_pdl=pdl)
-    if fused:
-        return
     chunk = min(d_vo, COMBINE_CHUNK)
     _combine_kernel[(b, n_heads, d_vo // chunk)](ws, lengths, out, out.stride(0), n_heads, n_splits, VO=vo,
                                                  D_VO=d_vo, CHUNK=chunk, SPLIT=split,

@@ -22,7 +22,6 @@ SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
     "UNIQL_SSM_NORM_FOLD": (("0", "1"), "0"),
     "UNIQL_SSM_UPDATE_NORM": (("0", "1"), "0"),
     "UNIQL_SSM_FUSED": (("0", "1"), "0"),
-    "UNIQL_FUSED_COMBINE": (("0", "1"), "0"),
 }
 # the other UNIQL_* variables the project reads (paths; an integer cap checked where it is read) or its deployment
 # files set (deploy/uniql.service, docker-compose.yml: the checkpoint and extra flags of `uniql serve`)

@@ -38,8 +38,7 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
 SSM = dict(TABLE=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP=False, BLOCK_P=8, BLOCK_N=128,
            NORM_OUT=False, NORM_BH=16, NORM_BP=64)  # Mamba2-8B's decode step
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
-ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, FUSED=True,
-           PDL=PDL)
+ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, PDL=PDL)
 MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=4, EARLY=False, NORM_G=0, NORM_RH=1,
           NORM_RG=1, CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=tl.float32)
 SWITCHED = dict(SUM_STEP=8, EARLY=True)  # UNIQL_SPLITK_STEP=8 / UNIQL_EARLY_LOADS=1: both settings compile

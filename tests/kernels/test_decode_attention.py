@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from uniql.kernels import decode_attention as attn_module  # noqa: E402
 from uniql.kernels.decode_attention import (  # noqa: E402
     decode_attention,
     decode_attention_reference,
@@ -49,15 +48,13 @@ CASES = [  # lengths, caps, heads, kv heads, qk, vo
     ([5, 70, 33], [9, 70, 200], 9, 3, 40, 24),  # SmolLM2-like group (rep 3), pruned dims, new token at cap
     ([130], [300], 8, 2, 64, 64),  # several splits
     ([17, 1, 64, 2], [64, 3, 64, 2], 6, 1, 8, 32),  # MQA, tiny qk (padded to 16)
-    ([600, 40], [700, 64], 4, 2, 32, 32),  # 19 splits: the fused combine merges them 16 at a time
+    ([600, 40], [700, 64], 4, 2, 32, 32),  # 19 splits
 ]
 
 
-@pytest.mark.parametrize("fused", [True, False])  # the combine inside the split kernel, or its own launch
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_equals_reference_and_appends(case, dtype, fused, monkeypatch):
-    monkeypatch.setattr(attn_module, "FUSED_COMBINE", fused)
+def test_kernel_equals_reference_and_appends(case, dtype):
     lengths, caps, n_heads, n_kv, qk, vo = case
     q, k_new, v_new, k_caches, v_caches = _batch(lengths, caps, n_heads, n_kv, qk, vo, dtype)
     k_ref, v_ref = [c.clone() for c in k_caches], [c.clone() for c in v_caches]

@@ -85,7 +85,7 @@ def test_attention_passes_early_loads_by_its_batch(monkeypatch, batch, flag, ear
     monkeypatch.setattr(att, "_combine_kernel", combine)
     _attention(batch)
     assert [c["EARLY"] for c in split.calls] == [early]
-    assert [c["EARLY"] for c in combine.calls] == ([early] if not att.FUSED_COMBINE else [])
+    assert [c["EARLY"] for c in combine.calls] == [early]
 
 
 @pytest.mark.parametrize(("rows", "early"), [(1, True), (3, False)])
