@@ -23,10 +23,8 @@
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py, variants in $ENV_AB_SSM if set (else $ENV_AB: one call can run both
 #            steps with different lists) (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
-#            state update's head channels a program, UNIQL_SSM_NORM_FOLD=1 folds the gated norm into the update and
-#            out_proj, UNIQL_SSM_CONV_FOLD=0 runs the causal conv as its own kernel (the fold is the default since stop
-#            33), UNIQL_SSM_UPDATE_NORM=1 the group norm in the state update's last programs (lost), UNIQL_SSM_FUSED=1 the
-#            two-launch step), ~35 s a run ->
+#            state update's head channels a program, UNIQL_SSM_CONV_FOLD=0 runs the causal conv as its own kernel (the
+#            fold is the default since stop 33), UNIQL_SSM_FUSED=1 the two-launch step), ~35 s a run ->
 #            ssm_envab_<gpu>*
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min

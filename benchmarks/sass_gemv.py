@@ -30,7 +30,7 @@ TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "ws_ptr": "*fp32
 ALIGNED_INTS = ("K", "stride_xm", "stride_qw", "stride_sc", "stride_om", "s0", "s1", "s2", "s3", "s4", "l0", "l1",
                 "l2", "l3", "l4")
 BASE = dict(GROUP=64, NUM_SEG=1, SPLIT=True, HAS_BIAS=False, ALIGNED=True, SUM_STEP=4, SUB_R=4, GLU=False, RES=False,
-            NORM=False, PARTS_P=32, X_BF16=True, ASM=True, PDL=False, EARLY=False, NORM_G=0, NORM_RH=1, NORM_RG=1,
+            NORM=False, PARTS_P=32, X_BF16=True, ASM=True, PDL=False, EARLY=False,
             CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=None)
 CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode step takes
     "m1_n128": (dict(BLOCK_M=1, BLOCK_N=128), 4),
@@ -45,8 +45,6 @@ CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode s
     "m1_n256_in_proj": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=5, NORM=True), 4),  # its anchor
     "m1_n128_conv": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=5, NORM=True, CONV=True, CONV_W=4, CONV_ACT=1, CONV_BIAS=True,
                           CONV_DTYPE="bfloat16", SUM_STEP=16), 4),  # the same at rate 0.35 with UNIQL_WIDE_COLS=auto
-    "m1_n128_group_norm": (dict(BLOCK_M=1, BLOCK_N=128, RES=True, NORM=True, NORM_G=8, PARTS_P=128, NORM_RH=16,
-                                NORM_RG=2), 4),  # Mamba2-8B: 128 heads in 8 groups
 }
 SHARED = re.compile(r"\b(BAR|STS|LDS|LDSM)\b")
 

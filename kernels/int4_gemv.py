@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .gemv_conv import _conv_tile, conv_args
-from .gemv_norm import _group_rstd, _group_scalars, _pick_group, _residual_in, _residual_tile, _row_rstd
+from .gemv_norm import _residual_in, _residual_tile, _row_rstd
 from .int4_tiles import _finish, _glu_pair, _rows_out, _segment
 from .pdl import early_loads, pdl_enabled, pdl_enter
 
@@ -228,19 +228,16 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
                     s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
                     act_ptr, stride_am, res_ptr, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles,
-                    ss_in_ptr, n_parts, inv_k, eps, norm_groups,
+                    ss_in_ptr, n_parts, inv_k, eps,
                     conv_tab, cw0, cw1, cw2, cb0, cb1, cb2, cw_r0, cw_r1, cw_r2, conv_out, stride_co,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                     GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
                     X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SUM_STEP: tl.constexpr,
-                    EARLY: tl.constexpr, NORM_G: tl.constexpr, NORM_RH: tl.constexpr,
-                    NORM_RG: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_ACT: tl.constexpr,
+                    EARLY: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_ACT: tl.constexpr,
                     CONV_BIAS: tl.constexpr, CONV_DTYPE: tl.constexpr):
     """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``).
     RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``).
-    NORM_G (> 0, with NORM, one row): a group RMSNorm instead (Mamba2's gated norm, ``gemv_norm``): x holds
-    g * w in the rank-major layout, each packed row of 8 inputs takes its head group's 1 / rms.
     EARLY (with RES): the residual input is loaded before the split-K sum, not after it (``pdl.early_loads``).
     CONV (segments z | x | B | C | dt): the x / B / C tiles end with Mamba2's causal-conv step (``gemv_conv``)."""
     pid_n = tl.program_id(0)
@@ -267,9 +264,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     acc3 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
     # x holds s * w of an RMSNorm (NORM): each row's 1 / rms(s) scales its activations before the fp16 pack
     # (loads of rows a BLOCK_M never reaches are dead code)
-    rs0 = _row_rstd(ss_in_ptr, 0, M, n_parts, inv_k, eps, NORM and NORM_G == 0, PARTS_P)
-    if NORM_G > 0:
-        grp_rs = _group_scalars(_group_rstd(ss_in_ptr, n_parts, inv_k, eps, norm_groups, NORM_G, PARTS_P), NORM_G)
+    rs0 = _row_rstd(ss_in_ptr, 0, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs1 = _row_rstd(ss_in_ptr, 1, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs2 = _row_rstd(ss_in_ptr, 2, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs3 = _row_rstd(ss_in_ptr, 3, M, n_parts, inv_k, eps, NORM, PARTS_P)
@@ -285,12 +280,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         # 17-30 % slower on the H100 (benchmarks/results/gemv_ab_h100.json)
         scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
         scale = scale.to(tl.float32)
-        if NORM_G > 0:
-            rs0a = _pick_group(grp_rs, ra, NORM_RH, NORM_RG, NORM_G)
-            rs0b = _pick_group(grp_rs, rb, NORM_RH, NORM_RG, NORM_G)
-        else:
-            rs0a, rs0b = rs0, rs0
-        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0a, rs0b, X_BF16, ASM, NORM)
+        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0, rs0, X_BF16, ASM, NORM)
         if BLOCK_M == 1:
             if ASM:  # noqa: SIM108 (a constexpr branch, not a run-time select)
                 d0 = _dot1(wa, wb, p0)
@@ -349,23 +339,15 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there. ``residual`` = (x, s_out, w,
     sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` = (ss ``[M, P]``,
     eps): x holds s * w; each activation is multiplied by its row's 1/rms (from those sums) before the fp16
-    conversion; (ss ``[1, groups * P]``, eps, heads, groups, count): the same per head group (``gemv_norm``),
-    ``count`` values a group. ``conv``: a ``gemv_conv.ConvStep`` for the x / B / C segments."""
+    conversion. ``conv``: a ``gemv_conv.ConvStep`` for the x / B / C segments."""
     pdl, early = pdl_enabled(args[0].device), early_loads(args[7])  # args[7]: M, the decode rows
     out = args[4]
     glu = (act, act.stride(0)) if act is not None else (out, 0)
     res = (*residual, residual[0].stride(0), residual[4].shape[1]) if residual is not None \
         else (out, out, out, out, out, 0, 1)
-    nrm, norm_g, rows_h, rows_g = (out, 1, 1.0, 0.0, 1), 0, 1, 1
-    if norm is not None and len(norm) == 5:  # per head group
-        ss, eps, heads, groups, count = norm
-        nrm, norm_g = (ss, ss.shape[1] // groups, 1.0 / count, float(eps), groups), groups
-        rows_h, rows_g = heads // 8, heads // groups // 8  # packed rows per cycle of heads, per group
-    elif norm is not None:
-        nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1]), 1)
+    nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1])) if norm is not None else (out, 1, 1.0, 0.0)
     cnv, cnv_consts = conv_args(conv, out)
     _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, *cnv, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
                           NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
                           ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, launch_pdl=pdl,
-                          NORM_G=triton.next_power_of_2(norm_g) if norm_g else 0, NORM_RH=rows_h, NORM_RG=rows_g,
                           **cnv_consts, **constexprs)

@@ -28,9 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .elementwise import _group_rms_tile, check_group_norm
-from .int4_tiles import workspace
-
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -86,17 +83,9 @@ def _state_tile(state_ptr, b, h, p, n, s_b, s_h, s_p, s_n, P, N, TABLE: tl.const
 @triton.jit
 def _update_kernel(state_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, dtb_ptr, out_ptr,
                    s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n,
-                   z_b, z_h, z_p, o_b, o_h, o_p, heads_per_group, P, N, dt_lo, dt_hi, w_ptr, ss_ptr,
-                   cnt_ptr, norm_out_ptr, s_nb, heads_per_norm, eps,
+                   z_b, z_h, z_p, o_b, o_h, o_p, heads_per_group, P, N, dt_lo, dt_hi,
                    TABLE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-                   SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                   NORM_OUT: tl.constexpr, GROUP_NORM: tl.constexpr, NORM_BH: tl.constexpr,
-                   NORM_BP: tl.constexpr):
-    """NORM_OUT: begin the gated RMSNorm: write y * w (w rank-major, channel ``p * H + h``) and this tile's sum of
-    y^2 at ``ss[b, h * tiles + pb]``, which the out_proj GEMV finishes (``gemv_norm``). GROUP_NORM: the whole
-    norm here: the last program of a norm group's heads to write its gated y (an arrival counter per row and
-    group, zero between launches) normalises the group as ``elementwise.group_rms_norm`` does (the same tile
-    function, so the same bits) into ``norm_out`` rank-major: no norm launch."""
+                   SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     b, h, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // heads_per_group
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -114,20 +103,7 @@ def _update_kernel(state_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, 
     if HAS_Z:
         z = tl.load(z_ptr + b * z_b + h * z_h + p * z_p, mask=live_p, other=0.0).to(tl.float32)
     y = _advance(s_ptrs, live, x, dt, a, bv, cv, d_ptr, h, z, HAS_D, HAS_Z)
-    if NORM_OUT:
-        heads, tiles = tl.num_programs(1), tl.num_programs(2)
-        w = tl.load(w_ptr + p * heads + h, mask=live_p, other=0.0).to(tl.float32)
-        tl.store(ss_ptr + (b * heads + h) * tiles + pb, tl.sum(tl.where(live_p, y * y, 0.0), axis=0))
-        y = y * w
     tl.store(out_ptr + b * o_b + h * o_h + p * o_p, y.to(out_ptr.dtype.element_ty), mask=live_p)
-    if GROUP_NORM:
-        ng = h // heads_per_norm
-        tl.debug_barrier()  # every thread's y is written before one thread releases the counter
-        arrived = tl.atomic_add(cnt_ptr + b * (tl.num_programs(1) // heads_per_norm) + ng, 1, sem="acq_rel")
-        if arrived == heads_per_norm * tl.num_programs(2) - 1:
-            tl.store(cnt_ptr + b * (tl.num_programs(1) // heads_per_norm) + ng, 0)  # zero for the next launch
-            _group_rms_tile(out_ptr, w_ptr, norm_out_ptr, b, ng, o_b, o_h, o_p, s_nb, tl.num_programs(1), P,
-                            heads_per_norm, eps, NORM_BH, NORM_BP, ".cg")  # .cg: other SMs wrote the group
 
 
 def _check(state, x, dt, A, B, C, D, z, dt_bias, out) -> None:
@@ -208,15 +184,12 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
                            B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
                            z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
                            dt_softplus: bool = False, dt_limit: tuple[float, float] | None = None,
-                           out: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                           group_norm: tuple[torch.Tensor, int, float, torch.dtype] | None = None):
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step (Triton); ``state`` (tensor or address table, see the module doc) is updated in place.
 
     Returns ``y [batch, H, P']``. Addresses in a table are trusted: the runtime builds them from live caches.
-    ``norm_weight`` (Mamba2's gated-norm weight, rank-major, >= H * P'): returns ``(y * w, sums)`` instead, sums
-    ``[batch, H * tiles]`` fp32 the tiles' sums of y^2, head by head (a group's partials side by side).
-    ``group_norm`` = (weight, groups, eps, dtype): returns ``elementwise.group_rms_norm(y, ...)``'s
-    ``[batch, P' * H]`` (same bits), normalised by the launch itself (``y`` still goes to ``out``).
+    (Two experiments that normalised inside this launch, the gated norm begun here and finished by out_proj's
+    GEMV, or done here by each norm group's last program, lost the H100 engine A/Bs and were removed, stop 35.)
     """
     batch, heads, p = x.shape
     n = B.shape[-1]
@@ -224,42 +197,16 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
         out = torch.empty(batch, heads, p, dtype=x.dtype, device=x.device)
     _check(state, x, dt, A, B, C, D, z, dt_bias, out)
     block_p, block_n, warps = launch_config(p, n)
-    tiles = triton.cdiv(p, block_p)
-    w, sums, norm_out, cnt, per_norm, eps = _norm_operands(out, tiles, norm_weight, group_norm)
     table = state.dtype == torch.int64
     s_strides = (0, p * n, n, 1) if table else state.stride()
     zs = z.stride() if z is not None else (0, 0, 0)
     lo, hi = dt_limit if dt_limit is not None else (0.0, float("inf"))
-    _update_kernel[(batch, heads, tiles)](
+    _update_kernel[(batch, heads, triton.cdiv(p, block_p))](
         state, x, dt, A, B, C, D, z, dt_bias, out, *s_strides, *x.stride(), *dt.stride(), *B.stride(),
-        *C.stride(), *zs, *out.stride(), heads // B.shape[1], p, n, float(lo), float(hi), w, sums,
-        cnt, norm_out, norm_out.stride(0), per_norm, float(eps),
+        *C.stride(), *zs, *out.stride(), heads // B.shape[1], p, n, float(lo), float(hi),
         TABLE=table, HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, CLAMP=dt_limit is not None, BLOCK_P=block_p, BLOCK_N=block_n,
-        NORM_OUT=norm_weight is not None, GROUP_NORM=group_norm is not None,
-        NORM_BH=triton.next_power_of_2(per_norm), NORM_BP=triton.next_power_of_2(p), num_warps=warps)
-    if group_norm is not None:
-        return norm_out
-    return out if norm_weight is None else (out, sums)
-
-
-def _norm_operands(out: torch.Tensor, tiles: int, norm_weight, group_norm):
-    """``(w, sums, norm_out, counters, heads a norm group, eps)`` of a launch; unused ones point at ``out``."""
-    batch, heads, p = out.shape
-    if norm_weight is not None:
-        if group_norm is not None:
-            raise ValueError("norm_weight (the norm begun here) and group_norm (done here) exclude each other")
-        if norm_weight.dim() != 1 or norm_weight.numel() < heads * p or norm_weight.stride(0) != 1 \
-                or norm_weight.device != out.device:
-            raise ValueError(f"norm_weight must be a contiguous 1-D tensor of >= {heads * p} on {out.device}")
-        sums = torch.empty(batch, heads * tiles, dtype=torch.float32, device=out.device)
-        return norm_weight, sums, out, out, 1, 0.0
-    if group_norm is None:
-        return out, out, out, out, 1, 0.0
-    weight, groups, eps, dtype = group_norm
-    check_group_norm(out, weight, groups)
-    norm_out = torch.empty(batch, p * heads, dtype=dtype, device=out.device)
-    return weight, out, norm_out, workspace(out.device, 0, batch * groups)[1], heads // groups, eps
+        SOFTPLUS=dt_softplus, CLAMP=dt_limit is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+    return out
 
 
 def selective_state_update_reference(state: torch.Tensor | list[torch.Tensor], x: torch.Tensor, dt: torch.Tensor,

@@ -19,8 +19,6 @@ SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
     "UNIQL_GEMV_PER_SM": (("4", "8", "regs", "wide"), "wide"),
     "UNIQL_GEMV_BLOCK_K": (("32", "64"), "64"),
     "UNIQL_PDL": (("0", "1"), "0"),
-    "UNIQL_SSM_NORM_FOLD": (("0", "1"), "0"),
-    "UNIQL_SSM_UPDATE_NORM": (("0", "1"), "0"),
     "UNIQL_SSM_FUSED": (("0", "1"), "0"),
 }
 # the other UNIQL_* variables the project reads (paths; an integer cap checked where it is read) or its deployment

@@ -91,9 +91,6 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | Prenormed, n: int | None = None, k: int | None = None) -> torch.Tensor:
         bias = prefix(self.bias, n if n is not None else self.out_features)
-        if isinstance(x, GroupNormed):  # built only where the half2 GEMV serves (GroupNormed.serves)
-            return _mm.int4_matmul(x.xw, self.qweight, self.scales, self.group_size, n=n, k=k, bias=bias,
-                                   norm=x.args)
         if isinstance(x, Prenormed):  # finish the norm inside the decode GEMV where it serves this call
             norm = _norm_args(x, n or self.out_features, self.in_features, self.group_size)
             if norm is not None and k in (None, self.in_features):
@@ -111,9 +108,8 @@ class Int4Linear(nn.Module):
         output (normalised first) does not."""
         if HOST in self.__dict__ or torch.compiler.is_compiling() or residual.dtype != torch.bfloat16:
             return None
-        group = x.args if isinstance(x, GroupNormed) else None
-        done = _mm.int4_residual(x.xw if group else x, self.qweight, self.scales, self.group_size, k, residual,
-                                 norm.weight, prefix(self.bias, self.out_features), norm=group)
+        done = _mm.int4_residual(x, self.qweight, self.scales, self.group_size, k, residual, norm.weight,
+                                 prefix(self.bias, self.out_features))
         return None if done is None else Prenormed(*done, norm)
 
     def prepare_host(self, dtype: torch.dtype = torch.float32, kind: str = "auto") -> None:
@@ -174,31 +170,6 @@ class Prenormed:
     def normed(self) -> torch.Tensor:
         """The norm's output computed by the norm itself (for a consumer outside the decode GEMV)."""
         return self.norm(self.x)
-
-
-@dataclass
-class GroupNormed:
-    """Mamba2's gated group RMSNorm begun by the state update (``ssm_update``'s ``norm_weight``): ``xw [B, 1, K]``
-    the rank-major ``g * w``, ``sums [B, heads * tiles]`` each tile's sum of g^2 (a head group's side by side).
-    Only the half2 decode GEMV finishes it (``serves``); the Mamba block builds one only where it does."""
-    xw: torch.Tensor
-    sums: torch.Tensor
-    eps: float
-    heads: int
-    groups: int
-    count: int  # values a group: heads per group x kept channels
-
-    @property
-    def args(self) -> tuple:
-        return (self.sums, self.eps, self.heads, self.groups, self.count)
-
-    @staticmethod
-    def serves(proj, x: torch.Tensor, k: int) -> bool:
-        """Whether ``proj`` (out_proj) runs one row of ``x``'s dtype through the half2 GEMV at ``k`` inputs."""
-        if not isinstance(proj, Int4Linear) or HOST in proj.__dict__ or torch.compiler.is_compiling():
-            return False
-        cfg = _mm.half2_gemv_config(1, proj.out_features, k, proj.group_size, x)
-        return cfg is not None and cfg.block_m == 1
 
 
 def fold_norm(proj, x, k: int, residual) -> Prenormed | None:

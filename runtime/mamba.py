@@ -38,7 +38,7 @@ from uniql.kernels.ssm_scan import chunked_scan
 from uniql.kernels.switches import switch
 
 from .cache import DecodeBatch
-from .linear import DenseLinear, FusedInt4, GroupNormed, Prenormed, fold_norm
+from .linear import DenseLinear, FusedInt4, Prenormed, fold_norm
 from .spec import ArchSpec
 
 _CONV_ACTS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu}
@@ -180,8 +180,6 @@ class ElasticMamba(nn.Module):
             if convolved is None:
                 xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
             x, B, C = self.split_heads(xbc, p, n)
-            if self._folds_norm(ssm_state, stream, p):  # two launches: the norm splits across update and out_proj
-                return self._update_folded(ssm_state, x, dt_raw, B, C, step, p, residual)
             normed = self._update_normed(ssm_state, x, dt_raw, B, C, step, p, dtype)
         k = self.heads * p
         done = fold_norm(self.out_proj, normed[:, None], k, residual)
@@ -207,41 +205,13 @@ class ElasticMamba(nn.Module):
         return proj[:, :hp], out, proj[:, 2 * hp + 2 * gn:]
 
     def _update_normed(self, ssm_state, x, dt_raw, B, C, step: dict, p: int, dtype) -> torch.Tensor:
-        """The state update, then the gated group norm: ``[B, P' * H]`` rank-major, what out_proj reads. With
-        ``UNIQL_SSM_UPDATE_NORM=1`` (an experiment: it lost the H100 engine A/B at rates 0 / 0.25) over an address
-        table on the Triton path, the update's last program of each norm group normalises it (one launch less a
-        layer, the same bits)."""
-        fused = switch("UNIQL_SSM_UPDATE_NORM") == "1"  # read (and checked) on every path
-        if fused and ssm_update.is_table(ssm_state) and ops.triton_enabled(x.device):
-            return ssm_update.selective_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step,
-                                                     group_norm=(self.norm_weight, self.norm_groups, self.norm_eps,
-                                                                 dtype))
+        """The state update, then the gated group norm: ``[B, P' * H]`` rank-major, what out_proj reads. (The norm
+        inside the update's launch, or split across it and out_proj's GEMV, lost the H100 engine A/Bs: removed,
+        stop 35.)"""
         gated = ops.ssm_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C, **step)
         if ops.triton_enabled(gated.device):
             return elementwise.group_rms_norm(gated, self.norm_weight, self.norm_groups, self.norm_eps, dtype)
         return self.group_rms(gated[:, None], p).to(dtype)[:, 0]
-
-    def _folds_norm(self, ssm_state, stream: torch.Tensor, p: int) -> bool:
-        """``UNIQL_SSM_NORM_FOLD=1`` (an experiment until its engine A/B): one request over an address table, at most
-        8 head groups (``gemv_norm``) of a multiple of 8 heads, and an out_proj the half2 GEMV serves."""
-        raw = switch("UNIQL_SSM_NORM_FOLD")
-        per_group = self.heads // self.norm_groups
-        return (raw == "1" and ssm_update.is_table(ssm_state)
-                and stream.shape[0] == 1 and per_group % 8 == 0 and self.norm_groups <= 8
-                and stream.dtype in (torch.float16, torch.bfloat16)
-                and GroupNormed.serves(self.out_proj, stream, self.heads * p))
-
-    def _update_folded(self, ssm_state, x, dt_raw, B, C, step: dict, p: int, residual):
-        """The state update writes ``g * w`` rank-major and its tiles' sums of g^2; out_proj finishes the norm."""
-        k = self.heads * p
-        gw = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
-        _, sums = ssm_update.selective_state_update(ssm_state, x, dt_raw, self.decay_rates(), B, C,
-                                                    out=gw.view(-1, p, self.heads).transpose(1, 2),
-                                                    norm_weight=self.norm_weight, **step)
-        begun = GroupNormed(gw[:, None], sums, self.norm_eps, self.heads, self.norm_groups,
-                            self.heads // self.norm_groups * p)
-        done = fold_norm(self.out_proj, begun, k, residual)
-        return done if done is not None else self.out_proj(begun, k=k)
 
     def decay_rates(self) -> torch.Tensor:
         """``A = -exp(A_log)`` in fp32 for the decode step, computed once per value of ``A_log`` (three tiny

@@ -35,12 +35,12 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "cb2": "*bf16", "conv_out": "*bf16", "state_ptr": "*i64", "dt_ptr": "*bf16", "a_ptr": "*fp32",
         "b_ptr": "*bf16", "c_ptr": "*bf16", "z_ptr": "*bf16", "dtb_ptr": "*fp32", "norm_out_ptr": "*bf16",
         "dt_lo": "fp32", "dt_hi": "fp32"}
-SSM = dict(TABLE=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP=False, BLOCK_P=8, BLOCK_N=128,
-           NORM_OUT=False, NORM_BH=16, NORM_BP=64)  # Mamba2-8B's decode step
+SSM = dict(TABLE=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP=False, BLOCK_P=8,
+           BLOCK_N=128)  # Mamba2-8B's decode step
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, PDL=PDL)
-MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=4, EARLY=False, NORM_G=0, NORM_RH=1,
-          NORM_RG=1, CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=tl.float32)
+MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=4, EARLY=False, CONV=False, CONV_W=2,
+          CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=tl.float32)
 SWITCHED = dict(SUM_STEP=8, EARLY=True)  # UNIQL_SPLITK_STEP=8 / UNIQL_EARLY_LOADS=1: both settings compile
 CASES = [
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, BLOCK_R=8), 8),
@@ -53,9 +53,6 @@ CASES = [
                                       NORM=True, PARTS_P=32, X_BF16=True, ASM=True, PDL=PDL), 4),
     (int4_gemv._gemv_h2_kernel, dict(MM, SUM_STEP=32, BLOCK_M=1, BLOCK_N=128, SUB_R=4, GLU=False, RES=True,
                                       NORM=True, PARTS_P=32, X_BF16=True, ASM=True, PDL=PDL), 4),  # SPLITK_STEP=all
-    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, SUB_R=4, GLU=False, RES=True, NORM=True,
-                                      NORM_G=8, NORM_RH=16, NORM_RG=2, PARTS_P=128, X_BF16=True, ASM=True,
-                                      PDL=PDL), 4),  # Mamba's norm
     (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=1, BLOCK_N=256, SUB_R=4, NUM_SEG=5, GLU=False, RES=False, NORM=True,
                                       PARTS_P=32, X_BF16=True, ASM=True, PDL=PDL, CONV=True, CONV_W=4, CONV_ACT=1,
                                       CONV_BIAS=True, CONV_DTYPE=tl.bfloat16), 4),  # Mamba's in_proj + conv
@@ -72,8 +69,7 @@ CASES = [
     (elementwise._rms_norm_kernel, dict(BLOCK=4096, ADD=True, PDL=PDL), 4),
     (elementwise._silu_mul_kernel, dict(BLOCK=1024, PDL=PDL), 4),
     (elementwise._group_rms_kernel, dict(BLOCK_H=16, BLOCK_P=64), 4),
-    (ssm_update._update_kernel, dict(SSM, GROUP_NORM=False), 2),
-    (ssm_update._update_kernel, dict(SSM, GROUP_NORM=True), 2),  # UNIQL_SSM_UPDATE_NORM=1
+    (ssm_update._update_kernel, SSM, 2),
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=False, PRELOAD=False), 4),
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=True, PRELOAD=True), 4),
     (decode_attention._split_kernel, dict(ATT, SPLIT=256, BLOCK_T=64, PRECISION="tf32", EARLY=True,
@@ -106,4 +102,4 @@ def test_kernels_compile_for_jetson_and_hopper(arch):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(f"ok {arch}") == 28  # every case of CASES
+    assert done.stdout.count(f"ok {arch}") == 26  # every case of CASES

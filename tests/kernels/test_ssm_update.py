@@ -171,31 +171,3 @@ def test_block_p_cap_splits_heads_and_gives_the_same_result(monkeypatch, cap):
         monkeypatch.setenv("UNIQL_SSM_BLOCK_P", bad)
         with pytest.raises(ValueError, match="UNIQL_SSM_BLOCK_P must be a positive integer"):
             ssm_update.launch_config(10, 24)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("case", "norm_groups", "cap"), [((2, 8, 2, 10, 24), 2, "4"), ((3, 6, 2, 6, 24), 3, ""),
-                                                          ((1, 4, 1, 16, 16), 1, "2")])
-def test_group_norm_in_the_update_equals_the_norm_kernel(monkeypatch, case, norm_groups, cap, dtype):
-    """``group_norm``: the last program of each norm group to write its gated y normalises the group (the norm
-    kernel's tile function, so the same bits), for several rows, several tiles a head (UNIQL_SSM_BLOCK_P) and norm
-    groups unlike B / C's; the state as without it, the arrival counters back at zero for the next launch."""
-    from uniql.kernels import elementwise
-    from uniql.kernels.int4_tiles import workspace
-
-    monkeypatch.setenv("UNIQL_SSM_BLOCK_P", cap)
-    state, x, dt, A, B, C, D, z, dt_bias = _inputs(*case, dtype)
-    weight = torch.randn(case[1] * case[3] + 5, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
-    kw = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
-    plain_state = state.clone()
-    gated = selective_state_update(plain_state, x, dt, A, B, C, **kw)
-    want = elementwise.group_rms_norm(gated, weight, norm_groups, 1e-5, torch.float16)
-    got = selective_state_update(state, x, dt, A, B, C, group_norm=(weight, norm_groups, 1e-5, torch.float16),
-                                 **kw)
-    assert got.shape == (case[0], case[1] * case[3]) and got.dtype == torch.float16
-    assert torch.equal(got, want) and torch.equal(state, plain_state)
-    assert int(workspace(torch.device(DEVICE), 0, 0)[1].abs().sum()) == 0
-    with pytest.raises(ValueError, match="exclude each other"):
-        selective_state_update(state, x, dt, A, B, C, norm_weight=weight, group_norm=(weight, 1, 1e-5, dtype), **kw)
-    with pytest.raises(ValueError, match="divisible by 5 groups"):
-        selective_state_update(state, x, dt, A, B, C, group_norm=(weight, 5, 1e-5, dtype), **kw)
