@@ -25,6 +25,7 @@ output is checked against the fp32 torch reference first.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import torch
@@ -49,8 +50,8 @@ def _chain_kernel(acts_ptr, qw_ptr, sc_ptr, start_ptr, meta_ptr, ticket_ptr, don
     (8 x ROWS K values) of BLOCK_N output columns of one layer. WAIT False (the interpreter, which runs programs one
     after another): a task whose input is unfinished never gets it, so it counts an error in err instead of
     spinning (a broken dependency order fails a test rather than hanging it)."""
-    end = tl.load(start_ptr + last)
-    t = tl.load(start_ptr + first) + tl.atomic_add(ticket_ptr, 1, sem="relaxed")  # a ticket carries no data
+    first_task, end = tl.load(start_ptr + first), tl.load(start_ptr + last)
+    t = first_task + tl.atomic_add(ticket_ptr, 1, sem="relaxed")  # a ticket carries no data
     layer = first
     while t < end:
         while t >= tl.load(start_ptr + layer + 1):  # a program's tickets only grow: its layer too
@@ -69,7 +70,7 @@ def _chain_kernel(acts_ptr, qw_ptr, sc_ptr, start_ptr, meta_ptr, ticket_ptr, don
                         other=0).to(tl.float32)
         # the next ticket now, so its round trip overlaps this task (the program finishes this task before it starts
         # that one, so no task waits on a ticket its own program holds back)
-        t_next = tl.load(start_ptr + first) + tl.atomic_add(ticket_ptr, 1, sem="relaxed")
+        t_next = first_task + tl.atomic_add(ticket_ptr, 1, sem="relaxed")
         if layer > 0:  # every task of the previous layer has added its part of this layer's input
             before = tl.load(start_ptr + layer) - tl.load(start_ptr + layer - 1)
             if WAIT:
@@ -78,8 +79,9 @@ def _chain_kernel(acts_ptr, qw_ptr, sc_ptr, start_ptr, meta_ptr, ticket_ptr, don
             elif tl.atomic_add(done_ptr + layer - 1, 0, sem="acquire") < before:
                 tl.atomic_add(err_ptr, 1, sem="relaxed")
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        inputs = acts_ptr + tl.load(row + 5)
         for j in tl.static_range(8):  # code j of every word: K index 8 x row + j
-            x = tl.load(acts_ptr + tl.load(row + 5) + rows * 8 + j, mask=rows < k // 8, other=0.0,
+            x = tl.load(inputs + rows * 8 + j, mask=rows < k // 8, other=0.0,
                         cache_modifier=".cg")  # written by other programs: read at L2, not from L1
             # 2^23 + code as an fp32 bit pattern: the int -> float conversion in one OR
             code = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - _MAGIC_ZERO
@@ -121,7 +123,7 @@ def plan_chain(layers: list[tuple[torch.Tensor, torch.Tensor]], group: int, bloc
                              f"{dims[-1]} outputs in groups of {group} (widths: multiples of 16)")
         dims.append(n)
     starts, meta, q_at, s_at, a_at = [0], [], 0, 0, 0
-    for k, n in zip(dims, dims[1:], strict=False):
+    for k, n in itertools.pairwise(dims):
         splits = triton.cdiv(k // 8, rows)
         meta.append([n, k, splits, q_at, s_at, a_at, a_at + k])
         starts.append(starts[-1] + triton.cdiv(n, block_n) * splits)
@@ -177,7 +179,7 @@ def random_chain(dims: list[int], group: int, device, seed: int = 0):
     chain), and an input."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     layers = [rtn_quantize((torch.randn(n, k, generator=gen) / k**0.5).to(device), group)
-              for k, n in zip(dims, dims[1:], strict=False)]
+              for k, n in itertools.pairwise(dims)]
     return torch.randn(dims[0], generator=gen).to(device), layers
 
 

@@ -117,15 +117,13 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _group_rms_tile(g_ptr, w_ptr, out_ptr, b, grp, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
-                    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, CACHE: tl.constexpr):
-    """Row ``b``, group ``grp``: its heads' ``g`` normalised together, weighted, stored rank-major. ``CACHE``: the
-    load's cache modifier (``.cg`` where other programs of the same launch wrote ``g``)."""
+                    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Row ``b``, group ``grp``: its heads' ``g`` normalised together, weighted, stored rank-major."""
     local = tl.arange(0, BLOCK_H)
     h = grp * heads_per_group + local
     c = tl.arange(0, BLOCK_P)
     live = (local < heads_per_group)[:, None] & (c < p)[None, :]
-    g = tl.load(g_ptr + b * s_b + h[:, None] * s_h + c[None, :] * s_p, mask=live, other=0.0,
-                cache_modifier=CACHE).to(tl.float32)
+    g = tl.load(g_ptr + b * s_b + h[:, None] * s_h + c[None, :] * s_p, mask=live, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(g * g, 1), 0) / (heads_per_group * p) + eps)
     rank_major = c[None, :] * heads + h[:, None]  # channel c of head h sits at c * H + h
     w = tl.load(w_ptr + rank_major, mask=live, other=0.0).to(tl.float32)
@@ -136,7 +134,7 @@ def _group_rms_tile(g_ptr, w_ptr, out_ptr, b, grp, s_b, s_h, s_p, s_ob, heads, p
 def _group_rms_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
                       BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     _group_rms_tile(g_ptr, w_ptr, out_ptr, tl.program_id(0), tl.program_id(1), s_b, s_h, s_p, s_ob, heads, p,
-                    heads_per_group, eps, BLOCK_H, BLOCK_P, "")
+                    heads_per_group, eps, BLOCK_H, BLOCK_P)
 
 
 def check_group_norm(g: torch.Tensor, weight: torch.Tensor, groups: int) -> None:

@@ -1,8 +1,7 @@
 """The decode GEMV's norm prologue (``int4_gemv._gemv_h2_kernel``): the producer of its input wrote ``s * w`` and
-partial sums of ``s^2``; the GEMV scales each activation by 1 / rms before its fp16 conversion.
-
-* per row (an RMSNorm over the whole input, ``_row_rstd``): one scale a row, from ``[M, parts]`` sums, which the
-  previous GEMV's residual epilogue wrote (``_residual_in`` / ``_residual_tile``: s = x + out, s * w, sums of s^2).
+partial sums of ``s^2``; the GEMV scales each activation by 1 / rms before its fp16 conversion: one scale a row
+(an RMSNorm over the whole input, ``_row_rstd``), from the ``[M, parts]`` sums the previous GEMV's residual epilogue
+wrote (``_residual_in`` / ``_residual_tile``: s = x + out, s * w, sums of s^2).
 
 (A per-head-group variant for Mamba2's gated norm, begun by the state update, lost the H100 engine A/Bs and was
 removed, stop 35.) ``check_norm`` is the launchers' check of the ``norm`` argument.

@@ -129,11 +129,9 @@ def _programs_per_sm(block_n: int, wide: bool = False) -> int:
     Mamba2-8B regs lost at rate 0 (x1.047: the in-projection at 8 x 128, see ``_wide_block_n``) and moved out_proj
     at 0.15 for nothing (stop 35, results/envab_regs_combine_h100.json)."""
     raw = switch("UNIQL_GEMV_PER_SM")
-    if raw == "wide":
-        return 10 if wide and block_n <= 128 else 8
-    if raw != "regs":
-        return int(raw)
-    return 10 if block_n <= 128 else 8
+    if raw in ("regs", "wide"):
+        return 10 if block_n <= 128 and (raw == "regs" or wide) else 8
+    return int(raw)
 
 
 def _tile_k() -> int:
@@ -184,8 +182,8 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         # to ~8 programs per SM everywhere; 32-row tiles for the vocab head (long K loops: fewer live registers).
         # Two 64-row tiles per program for the head won the Llama sweep (97 vs 107 us) but measured mixed in the
         # full benchmark (Llama 101 vs 105 us, Qwen2.5 105 vs 90 us): not taken
-        # UNIQL_WIDE_COLS (batch 1, not the head): auto, 128 columns where they cut a program's share of the bytes by a
-        # fifth or more; 128 everywhere lost the Llama engine A/B (results/envab_wave_h100.json)
+        # UNIQL_WIDE_COLS (batch 1, not the head): auto, 128 columns where a program's share of the bytes falls to
+        # WIDE_128_SHARE or less; 128 everywhere lost the Llama engine A/B (results/envab_wave_h100.json)
         block_k = min(group_size, 32 if n_total > 65536 else _tile_k() if m == 1 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply

@@ -214,12 +214,13 @@ def _xs(p, j: tl.constexpr, mask, rs):
 
 
 @triton.jit
-def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, rs_a, rs_b, X_BF16: tl.constexpr,
+def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, rs, X_BF16: tl.constexpr,
                ASM: tl.constexpr, NORM: tl.constexpr):
-    """Activation row m's pairs for both row blocks of the tile (8 int32 tensors [SUB_R, 1]); zero past M."""
+    """Activation row m's pairs for both row blocks of the tile (8 int32 tensors [SUB_R, 1]), scaled by the row's
+    1 / rms ``rs`` under NORM; zero past M."""
     ok = (ra * 0 + m) < M  # a tensor predicate (a Python bool breaks the interpreter's masks)
-    a0, a1, a2, a3 = _x_pairs(x_ptr + m * stride_xm, ra, ma & ok, rs_a, X_BF16, ASM, NORM)
-    b0, b1, b2, b3 = _x_pairs(x_ptr + m * stride_xm, rb, mb & ok, rs_b, X_BF16, ASM, NORM)
+    a0, a1, a2, a3 = _x_pairs(x_ptr + m * stride_xm, ra, ma & ok, rs, X_BF16, ASM, NORM)
+    b0, b1, b2, b3 = _x_pairs(x_ptr + m * stride_xm, rb, mb & ok, rs, X_BF16, ASM, NORM)
     return a0, a1, a2, a3, b0, b1, b2, b3
 
 
@@ -280,7 +281,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         # 17-30 % slower on the H100 (benchmarks/results/gemv_ab_h100.json)
         scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
         scale = scale.to(tl.float32)
-        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0, rs0, X_BF16, ASM, NORM)
+        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0, X_BF16, ASM, NORM)
         if BLOCK_M == 1:
             if ASM:  # noqa: SIM108 (a constexpr branch, not a run-time select)
                 d0 = _dot1(wa, wb, p0)
@@ -288,7 +289,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                 d0 = _dot_emulated(wa, wb, p0)
             acc0 += d0 * scale
         elif BLOCK_M == 2:
-            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, rs1, X_BF16, ASM, NORM)
+            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
             if ASM:
                 d0, d1 = _dot2(wa, wb, p0, p1)
             else:
@@ -296,9 +297,9 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc0 += d0 * scale
             acc1 += d1 * scale
         else:
-            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, rs1, X_BF16, ASM, NORM)
-            p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, rs2, rs2, X_BF16, ASM, NORM)
-            p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, rs3, rs3, X_BF16, ASM, NORM)
+            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
+            p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, rs2, X_BF16, ASM, NORM)
+            p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, rs3, X_BF16, ASM, NORM)
             if ASM:
                 d0, d1, d2, d3 = _dot4(wa, wb, p0, p1, p2, p3)
             else:

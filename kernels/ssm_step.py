@@ -120,7 +120,7 @@ def _norm_shift_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, hea
     b, pid = tl.program_id(0), tl.program_id(1)
     if pid < groups:
         _ew._group_rms_tile(g_ptr, w_ptr, out_ptr, b, pid, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
-                            BLOCK_H, BLOCK_P, "")
+                            BLOCK_H, BLOCK_P)
     else:
         c = (pid - groups) * BLOCK_C + tl.arange(0, BLOCK_C)
         k = tl.arange(0, BLOCK_W)

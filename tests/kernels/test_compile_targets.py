@@ -33,7 +33,7 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "val_ptr": "*fp32", "fin_ptr": "*i32", "freq_ptr": "*fp32", "scaling": "fp32", "ss_ptr": "*fp32",
         "conv_tab": "*i64", "cw0": "*bf16", "cw1": "*bf16", "cw2": "*bf16", "cb0": "*bf16", "cb1": "*bf16",
         "cb2": "*bf16", "conv_out": "*bf16", "state_ptr": "*i64", "dt_ptr": "*bf16", "a_ptr": "*fp32",
-        "b_ptr": "*bf16", "c_ptr": "*bf16", "z_ptr": "*bf16", "dtb_ptr": "*fp32", "norm_out_ptr": "*bf16",
+        "b_ptr": "*bf16", "c_ptr": "*bf16", "z_ptr": "*bf16", "dtb_ptr": "*fp32",
         "dt_lo": "fp32", "dt_hi": "fp32"}
 SSM = dict(TABLE=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP=False, BLOCK_P=8,
            BLOCK_N=128)  # Mamba2-8B's decode step
