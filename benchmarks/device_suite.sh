@@ -24,7 +24,7 @@
 #   envabssm the same with ssm_decode_gpu.py, variants in $ENV_AB_SSM if set (else $ENV_AB: one call can run both
 #            steps with different lists) (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
 #            state update's head channels a program, UNIQL_SSM_CONV_FOLD=0 runs the causal conv as its own kernel (the
-#            fold is the default since stop 33), UNIQL_SSM_FUSED=1 the two-launch step), ~35 s a run ->
+#            fold is the default since stop 33)), ~35 s a run ->
 #            ssm_envab_<gpu>*
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min

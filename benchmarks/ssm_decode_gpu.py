@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -164,8 +163,6 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--dense", action="store_true", help="also the engine with dense bf16 weights")
-    ap.add_argument("--ab-fused", action="store_true",
-                    help="also the engine with the fused two-launch Mamba step (UNIQL_SSM_FUSED=1), same run")
     ap.add_argument("--ab-mamba-fold", action="store_true",
                     help="also the engine with the Mamba blocks' own norm kernels (no RMSNorm split across "
                          "out_proj / in_proj), same run: rows 'uniql_mamba_norm_kernels'")
@@ -180,12 +177,6 @@ def main() -> None:
                                generator=torch.Generator().manual_seed(0)).tolist()
         rows += engine_rows(name, config, prompt, args.new_tokens, device)
         _write(args, device, rows)  # after every block of rows: a run cut short keeps what it measured
-        if args.ab_fused:
-            os.environ["UNIQL_SSM_FUSED"] = "1"
-            try:
-                rows += engine_rows(name, config, prompt, args.new_tokens, device, label="uniql_fused_step")
-            finally:
-                os.environ.pop("UNIQL_SSM_FUSED")
         if args.ab_mamba_fold:
             with _mamba_norm_kernels():
                 rows += engine_rows(name, config, prompt, args.new_tokens, device, label="uniql_mamba_norm_kernels")

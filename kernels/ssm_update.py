@@ -119,8 +119,8 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias, out) -> None:
 
 
 def check_step_operands(state, dt, A, D, z, dt_bias, dims: tuple[int, int, int, int], others=()) -> None:
-    """The state and per-head operands of one step, shared with ``ssm_step.ssm_conv_step`` (which makes x, B, C
-    itself): ``dims`` = (batch, H, P', N'); ``others`` are further tensors that must share the device."""
+    """The state and per-head operands of one step: ``dims`` = (batch, H, P', N'); ``others`` are further tensors
+    that must share the device."""
     batch, heads, p, n = dims
     if dt.shape != (batch, heads) or A.shape != (heads,):
         raise ValueError(f"dt [batch, H], A [H]: got {tuple(dt.shape)}, {tuple(A.shape)} for batch {batch}, "

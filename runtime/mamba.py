@@ -20,10 +20,11 @@ applied at every step, prefill and decode alike (transformers' torch decode path
 output depend on whether it was prefilled or decoded).
 Prefill scans in chunks (``kernels/ssm_scan.py``, torch) over a per-request cache. A decode step over a
 ``DecodeBatch`` updates each request's own states in place. On CUDA, through the batch's fixed address tables (so
-a CUDA graph captured once serves any bound requests), that is two Triton launches between the projections
-(``kernels/ssm_step.py``): causal conv (fed the three kept weight prefixes as segments: no per-step cat of
-parameters) + selective state update + gate, then group norm + conv-state shift. On CPU the torch references of
-the unfused kernels (``kernels/conv_update.py``, ``kernels/ssm_update.py``) run over lists of the states.
+a CUDA graph captured once serves any bound requests), those are Triton launches: the causal conv (fed the three
+kept weight prefixes as segments: no per-step cat of parameters; inside the in-projection's GEMV where that
+serves, ``kernels/gemv_conv.py``, else ``kernels/conv_update.py``), the selective state update + gate
+(``kernels/ssm_update.py``), then the group norm. On CPU the torch references of those kernels run over lists of
+the states.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniql.kernels import elementwise, ops, ssm_step, ssm_update
+from uniql.kernels import elementwise, ops, ssm_update
 from uniql.kernels.gemv_conv import ConvStep
 from uniql.kernels.ssm_scan import chunked_scan
 from uniql.kernels.switches import switch
@@ -67,7 +68,6 @@ class ElasticMamba(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(heads * p))
         self.out_proj = DenseLinear(heads * p, h, bias)
         self.in_proj: FusedInt4 | None = None  # z|x|B|C|dt in one packed tensor (runtime/fusion.py), one launch
-        self.fused_step = ssm_step.fused_enabled()  # two-launch decode step over address tables (ssm_step.py)
 
     def conv_params(self, p: int, n: int):
         """Conv weight ``[ch', W]`` and bias ``[ch']`` of the kept channels x | B | C (cat of three prefixes)."""
@@ -155,8 +155,7 @@ class ElasticMamba(nn.Module):
         decode GEMV serves it.
 
         The state update also applies dt's bias/softplus/limit, the D skip and the ``silu(z)`` gate (the same
-        math as ``forward``'s torch ops). Over address tables (CUDA; CPU tests under the interpreter) the step
-        between the projections is two launches: conv + state update, then group norm + conv-state shift."""
+        math as ``forward``'s torch ops)."""
         p, n = sizes.ssm_p, sizes.ssm_n
         if isinstance(u, Prenormed) and self.in_proj is None:  # only the fused in-projection finishes a norm
             u = u.normed()
@@ -170,17 +169,11 @@ class ElasticMamba(nn.Module):
         z, xbc, dt_raw = (t.reshape(b, -1) for t in projected)  # [B, H*p], [B, ch'], [B, H] (views)
         z = z.unflatten(-1, (p, self.heads)).transpose(-1, -2)  # [B, H, p] view of the rank-major channels
         step = dict(D=self.D, z=z, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
-        if isinstance(conv_state, torch.Tensor) and self.fused_step:  # address tables: two launches
-            gated = ssm_step.ssm_conv_step(xbc, conv_state, weight, bias, self.act_name, ssm_state, dt_raw,
-                                           self.decay_rates(), self.heads, self.groups,
-                                           conv_dtype=batch.conv_dtype, **step)
-            normed = ssm_step.group_norm_shift(gated, self.norm_weight, self.norm_groups, self.norm_eps, xbc,
-                                               conv_state, self.kernel, dtype, batch.conv_dtype)
-        else:  # three launches (tables; two with the conv in the in-projection) or the torch references (lists)
-            if convolved is None:
-                xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
-            x, B, C = self.split_heads(xbc, p, n)
-            normed = self._update_normed(ssm_state, x, dt_raw, B, C, step, p, dtype)
+        # three launches (tables; two with the conv in the in-projection) or the torch references (lists)
+        if convolved is None:
+            xbc = ops.conv_state_update(xbc, conv_state, weight, bias, self.act_name, batch.conv_dtype)
+        x, B, C = self.split_heads(xbc, p, n)
+        normed = self._update_normed(ssm_state, x, dt_raw, B, C, step, p, dtype)
         k = self.heads * p
         done = fold_norm(self.out_proj, normed[:, None], k, residual)
         return done if done is not None else self.out_proj(normed[:, None], k=k)
@@ -190,8 +183,7 @@ class ElasticMamba(nn.Module):
         (``kernels/gemv_conv.py``: no conv kernel); None where it does not serve (no fused in-projection, states not
         in an address table, not the half2 GEMV). ``UNIQL_SSM_CONV_FOLD=0`` turns it off: it won the H100 engine A/B
         at every rate in both rounds (Mamba2-8B 2.399 / 1.973 ms vs 2.470 / 2.036 at rates 0 / 0.35, stop 33)."""
-        if (switch("UNIQL_SSM_CONV_FOLD") != "1" or self.fused_step or self.in_proj is None
-                or not ssm_update.is_table(conv_state)):
+        if switch("UNIQL_SSM_CONV_FOLD") != "1" or self.in_proj is None or not ssm_update.is_table(conv_state):
             return None
         hp, gn = self.heads * p, self.groups * n
         stream = u.xw if isinstance(u, Prenormed) else u

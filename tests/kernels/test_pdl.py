@@ -1,5 +1,5 @@
 """``pdl.early_loads``: which decode launches issue their loads early (batch 1 by default, as measured), and that
-the attention and GEMV launchers pass it on by their own batch; ``UNIQL_PDL`` and ``UNIQL_SSM_FUSED`` refuse typos."""
+the attention and GEMV launchers pass it on by their own batch; ``UNIQL_PDL`` refuses typos."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from uniql.kernels import decode_attention as att  # noqa: E402
-from uniql.kernels import int4_gemv, ssm_step  # noqa: E402
+from uniql.kernels import int4_gemv  # noqa: E402
 from uniql.kernels import int4_matmul as im  # noqa: E402
 from uniql.kernels.int4_format import rtn_quantize  # noqa: E402
 from uniql.kernels.pdl import early_loads, pdl_enabled  # noqa: E402
@@ -35,20 +35,15 @@ def test_early_loads_default_is_batch_one_only(monkeypatch):
             early_loads(1)
 
 
-def test_pdl_and_fused_step_switches_refuse_typos(monkeypatch):
+def test_pdl_switch_refuses_typos(monkeypatch):
     """Off unless 1 (PDL also needs sm_90 and no interpreter); a typo ("true", "on") must not silently run off."""
     monkeypatch.delenv("UNIQL_PDL", raising=False)
-    monkeypatch.delenv("UNIQL_SSM_FUSED", raising=False)
-    assert not pdl_enabled(torch.device("cpu")) and not ssm_step.fused_enabled()
+    assert not pdl_enabled(torch.device("cpu"))
     monkeypatch.setenv("UNIQL_PDL", "1")
     assert not pdl_enabled(torch.device("cpu"))  # no PDL off the GPU
-    monkeypatch.setenv("UNIQL_SSM_FUSED", "1")
-    assert ssm_step.fused_enabled()
-    checks = (("UNIQL_PDL", lambda: pdl_enabled(torch.device("cpu"))), ("UNIQL_SSM_FUSED", ssm_step.fused_enabled))
-    for name, call in checks:
-        monkeypatch.setenv(name, "true")
-        with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
-            call()
+    monkeypatch.setenv("UNIQL_PDL", "true")
+    with pytest.raises(ValueError, match="UNIQL_PDL must be 0 or 1"):
+        pdl_enabled(torch.device("cpu"))
 
 
 class _Recorder:

@@ -70,14 +70,9 @@ def test_batched_decode_equals_each_request_alone(small, triton, monkeypatch):
             single.output_ids.append(req.output_ids[-1])
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_triton_step_equals_the_torch_references(small, monkeypatch, fused):
-    """The decode step over address tables (three launches a Mamba layer, or the two fused launches of
-    kernels/ssm_step.py with UNIQL_SSM_FUSED=1; interpreted) gives the logits of the torch references over lists
-    of states, step after step."""
-    for module in small.modules():
-        if hasattr(module, "fused_step"):
-            monkeypatch.setattr(module, "fused_step", fused)
+def test_triton_step_equals_the_torch_references(small, monkeypatch):
+    """The decode step over address tables (three launches a Mamba layer; interpreted) gives the logits of the
+    torch references over lists of states, step after step."""
     runs = {}
     for triton in (False, True):
         _triton_on_cpu(monkeypatch, triton)
