@@ -35,7 +35,7 @@
 #            bytes (the floor of one launch that only streams them) next to our GEMV (run on the H200 only so far)
 #   attnprobe attention_probe.py: batch-1 decode attention alone per layer, Llama shape, several split sizes, ~1 min
 #   chain    persistent_probe.py: chains of dependent INT4 GEMVs (32 o-sized, 16 Llama MLP up/down pairs) in one persistent launch
-#            vs the production GEMV a layer vs the same kernel launched per layer (never run yet: time it alone)
+#            vs the production GEMV a layer vs the same kernel launched per layer (tickets, then static grids one tile ahead), ~1-2 min
 #   tests    the GPU tests of the kernels (real shapes, bf16), ~4 min
 #   tests1   the GPU tests of the runner / SSM graphs / graph reset, ~4 min (both were one step: 461 s of 600)
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need

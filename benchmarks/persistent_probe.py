@@ -36,6 +36,7 @@ from graph_timing import graph_us, probe_args
 from uniql.kernels import int4_matmul as im
 from uniql.kernels.int4_format import ZERO, dequantize, rtn_quantize
 
+SCHEDULES = ("tickets", "static", "static_once")
 _MAGIC_ZERO = tl.constexpr(8388608.0 + ZERO)  # 2^23 + the zero point: a code's fp32 bit pattern minus it is w / s
 # a layer's row of the table: N, K, K splits, codes offset, scales offset, input offset, output offset
 META = tl.constexpr(7)
@@ -57,17 +58,9 @@ def _chain_kernel(acts_ptr, qw_ptr, sc_ptr, start_ptr, meta_ptr, ticket_ptr, don
         while t >= tl.load(start_ptr + layer + 1):  # a program's tickets only grow: its layer too
             layer += 1
         row = meta_ptr + layer * META
-        # every width and offset is a multiple of 16 (plan_chain checks): 16-byte loads along the columns
-        n, k, splits = tl.multiple_of(tl.load(row), 16), tl.multiple_of(tl.load(row + 1), 16), tl.load(row + 2)
-        task = t - tl.load(start_ptr + layer)
-        offs_n = (task // splits) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = (task % splits) * ROWS + tl.arange(0, ROWS)
-        live = (rows < k // 8)[:, None] & (offs_n < n)[None, :]
         # the weight tile and its scales first: they do not depend on the previous layer
-        codes_at, scales_at = tl.multiple_of(tl.load(row + 3), 16), tl.multiple_of(tl.load(row + 4), 16)
-        words = tl.load(qw_ptr + codes_at + rows[:, None] * n + offs_n[None, :], mask=live, other=0)
-        scale = tl.load(sc_ptr + scales_at + (rows * 8 // GROUP)[:, None] * n + offs_n[None, :], mask=live,
-                        other=0).to(tl.float32)
+        words, scale, rows, offs_n, n, k = _task_tile(qw_ptr, sc_ptr, row, t - tl.load(start_ptr + layer), True,
+                                                      GROUP, BLOCK_N, ROWS)
         # the next ticket now, so its round trip overlaps this task (the program finishes this task before it starts
         # that one, so no task waits on a ticket its own program holds back)
         t_next = first_task + tl.atomic_add(ticket_ptr, 1, sem="relaxed")
@@ -78,20 +71,94 @@ def _chain_kernel(acts_ptr, qw_ptr, sc_ptr, start_ptr, meta_ptr, ticket_ptr, don
                     pass
             elif tl.atomic_add(done_ptr + layer - 1, 0, sem="acquire") < before:
                 tl.atomic_add(err_ptr, 1, sem="relaxed")
-        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        inputs = acts_ptr + tl.load(row + 5)
-        for j in tl.static_range(8):  # code j of every word: K index 8 x row + j
-            x = tl.load(inputs + rows * 8 + j, mask=rows < k // 8, other=0.0,
-                        cache_modifier=".cg")  # written by other programs: read at L2, not from L1
-            # 2^23 + code as an fp32 bit pattern: the int -> float conversion in one OR
-            code = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - _MAGIC_ZERO
-            acc += code * x[:, None]
-        part = tl.sum(acc * scale, axis=0)
-        tl.atomic_add(acts_ptr + tl.multiple_of(tl.load(row + 6), 16) + offs_n, part, mask=offs_n < n, sem="relaxed")
-        # Triton puts a CTA barrier before a scalar atomic: every thread's sums are issued, then one thread's release
-        # (fence + add) publishes them (CUTLASS's semaphore does the same)
-        tl.atomic_add(done_ptr + layer, 1, sem="release")
+        _add_partial(acts_ptr, row, words, scale, rows, offs_n, n, k, GROUP, ROWS, BLOCK_N)
+        tl.atomic_add(done_ptr + layer, 1, sem="release")  # see _add_partial
         t = t_next
+
+
+@triton.jit
+def _static_chain_kernel(acts_ptr, qw_ptr, sc_ptr, start_ptr, meta_ptr, done_ptr, err_ptr, first, last,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, WAIT: tl.constexpr,
+                         ONCE: tl.constexpr):
+    """``_chain_kernel``'s layers without tickets, one tile ahead: program p takes tasks p, p + P, ... of every layer
+    (P programs, each layer has >= P tasks: the launcher checks) and loads its NEXT task's tile, which may be the next
+    layer's, before it waits for the current task's input, so a layer's wait overlaps the following layer's weight
+    stream. Every program must be resident at once (a program waits on tasks of all others): the launcher keeps P
+    within what the SMs hold. ONCE: a program publishes its sums once a layer, after its last task there (one
+    release fence a layer instead of one a task; a layer is then done at P releases). WAIT False (the interpreter): a
+    task whose input is unfinished counts an error."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    layer, task = first, pid
+    words, scale, rows, offs_n, n, k = _task_tile(qw_ptr, sc_ptr, meta_ptr + layer * META, task, True, GROUP,
+                                                  BLOCK_N, ROWS)
+    while layer < last:
+        count = tl.load(start_ptr + layer + 1) - tl.load(start_ptr + layer)
+        wrap = task + programs >= count
+        next_layer, next_task = layer + wrap.to(tl.int32), tl.where(wrap, pid, task + programs)
+        ahead = _task_tile(qw_ptr, sc_ptr, meta_ptr + tl.minimum(next_layer, last - 1) * META, next_task,
+                           next_layer < last, GROUP, BLOCK_N, ROWS)
+        if layer > first and task == pid:  # the previous layer of this launch is complete (the launch before
+            # finished its own; a program's later tasks of a layer follow its first)
+            before = programs if ONCE else tl.load(start_ptr + layer) - tl.load(start_ptr + layer - 1)
+            if WAIT:
+                while _load_acquire(done_ptr + layer - 1) < before:
+                    pass
+            elif tl.atomic_add(done_ptr + layer - 1, 0, sem="acquire") < before:
+                tl.atomic_add(err_ptr, 1, sem="relaxed")
+        _add_partial(acts_ptr, meta_ptr + layer * META, words, scale, rows, offs_n, n, k, GROUP, ROWS,
+                     BLOCK_N)
+        if wrap or not ONCE:
+            tl.atomic_add(done_ptr + layer, 1, sem="release")  # see _add_partial
+        layer, task = next_layer, next_task
+        words, scale, rows, offs_n, n, k = ahead
+
+
+@triton.jit
+def _load_acquire(ptr):
+    """A GPU-scope acquire load (a plain load, not an atomic: spinning programs do not queue read-modify-writes at
+    the counter's L2 slice)."""
+    return tl.inline_asm_elementwise("ld.global.acquire.gpu.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _add_partial(acts_ptr, row, words, scale, rows, offs_n, n, k, GROUP: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """A task's partial sums (its K rows against its columns) added into the layer's fp32 output. The caller then
+    publishes them with a release add on the layer's done counter: Triton puts a CTA barrier before a scalar atomic,
+    so every thread's sums are issued before one thread's release (fence + add), as CUTLASS's semaphore does."""
+    SCALE_ROWS: tl.constexpr = (ROWS * 8 + GROUP - 1) // GROUP
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    inputs = acts_ptr + tl.load(row + 5)
+    for j in tl.static_range(8):  # code j of every word: K index 8 x row + j
+        x = tl.load(inputs + rows * 8 + j, mask=rows < k // 8, other=0.0,
+                    cache_modifier=".cg")  # written by other programs: read at L2, not from L1
+        # 2^23 + code as an fp32 bit pattern: the int -> float conversion in one OR
+        code = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - _MAGIC_ZERO
+        acc += code * x[:, None]
+    # the sums of each scale group's rows, then scaled: one scale row per group in registers, not one per row
+    part = tl.sum(tl.sum(tl.reshape(acc, [SCALE_ROWS, ROWS // SCALE_ROWS, BLOCK_N]), axis=1) * scale, axis=0)
+    tl.atomic_add(acts_ptr + tl.multiple_of(tl.load(row + 6), 16) + offs_n, part, mask=offs_n < n, sem="relaxed")
+
+
+@triton.jit
+def _task_tile(qw_ptr, sc_ptr, row, task, live, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    """Task ``task`` of the layer whose table row is ``row``: its K rows, columns, codes and scales (zeros where
+    not ``live``: a program's look-ahead past its last task)."""
+    # every width and offset is a multiple of 16 (plan_chain checks): 16-byte loads along the columns
+    n, k, splits = tl.multiple_of(tl.load(row), 16), tl.multiple_of(tl.load(row + 1), 16), tl.load(row + 2)
+    offs_n = (task // splits) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (task % splits) * ROWS + tl.arange(0, ROWS)
+    inside = (rows < tl.where(live, k // 8, 0))[:, None] & (offs_n < n)[None, :]  # no rows where not live
+    codes_at, scales_at = tl.multiple_of(tl.load(row + 3), 16), tl.multiple_of(tl.load(row + 4), 16)
+    words = tl.load(qw_ptr + codes_at + rows[:, None] * n + offs_n[None, :], mask=inside, other=0)
+    # the tile's scale groups (plan_chain: a tile holds whole groups, or lies in one)
+    SCALE_ROWS: tl.constexpr = (ROWS * 8 + GROUP - 1) // GROUP
+    groups = (task % splits) * ROWS * 8 // GROUP + tl.arange(0, SCALE_ROWS)
+    in_groups = (groups < tl.where(live, k // GROUP, 0))[:, None] & (offs_n < n)[None, :]
+    scale = tl.load(sc_ptr + scales_at + groups[:, None] * n + offs_n[None, :], mask=in_groups,
+                    other=0).to(tl.float32)
+    return words, scale, rows, offs_n, n, k
 
 
 @dataclasses.dataclass
@@ -104,6 +171,7 @@ class ChainPlan:
     acts: torch.Tensor
     sync: torch.Tensor  # [0, L): a ticket counter per launch; [L, 2 L): each layer's done counter; [2 L]: errors
     dims: list[int]  # K of the first layer, then every layer's N
+    tasks: list[int]  # each layer's task count (host side: the launcher checks grids without a sync)
     group: int
     block_n: int
     rows: int
@@ -112,8 +180,8 @@ class ChainPlan:
 def plan_chain(layers: list[tuple[torch.Tensor, torch.Tensor]], group: int, block_n: int = 128,
                rows: int = 16) -> ChainPlan:
     """Lay out ``layers`` ((qw [K/8, N], sc [K/G, N]) each, K of one = N of the one before)."""
-    if group % 8 or any(v < 1 or v & (v - 1) for v in (rows, block_n)):
-        raise ValueError(f"the group size ({group}) must be a multiple of 8, rows ({rows}) and block_n ({block_n}) "
+    if any(v < 1 or v & (v - 1) for v in (group // 8, rows, block_n)) or group % 8:
+        raise ValueError(f"the group size ({group}) must be 8 x a power of two, rows ({rows}) and block_n ({block_n}) "
                          "powers of two")
     dims = [layers[0][0].shape[0] * 8]
     for i, (qw, sc) in enumerate(layers):
@@ -133,29 +201,74 @@ def plan_chain(layers: list[tuple[torch.Tensor, torch.Tensor]], group: int, bloc
                      torch.tensor(starts, dtype=torch.int32, device=device),
                      torch.tensor(meta, dtype=torch.int64, device=device),
                      torch.empty(sum(dims), dtype=torch.float32, device=device),
-                     torch.empty(2 * len(layers) + 1, dtype=torch.int32, device=device), dims, group, block_n, rows)
+                     torch.empty(2 * len(layers) + 1, dtype=torch.int32, device=device), dims,
+                     [b - a for a, b in itertools.pairwise(starts)], group, block_n, rows)
 
 
 def chain_persistent(plan: ChainPlan, x: torch.Tensor, programs: int, per_launch: int | None = None,
-                     check: bool = False) -> torch.Tensor:
+                     check: bool = False, schedule: str = "tickets") -> torch.Tensor:
     """The chain's output (fp32 [N of the last layer]) from launches of ``programs`` persistent programs,
     ``per_launch`` layers each (default all: one launch; 1 is the same kernel launched per layer, the anchor).
-    ``check`` (a host sync: not in a graph): raise if a task ran before its input was complete (interpreter)."""
+    ``schedule``: "tickets" (``_chain_kernel``), "static" or "static_once" (``_static_chain_kernel``, publishing
+    each task or once a layer; both take at most every layer's task
+    count and, on a GPU, what the SMs hold at once). ``check`` (a host sync: not in a graph): raise if a task ran
+    before its input was complete (interpreter)."""
     n_layers = len(plan.dims) - 1
     if x.shape != (plan.dims[0],):
         raise ValueError(f"the chain takes a [{plan.dims[0]}] input, got {tuple(x.shape)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
     plan.acts.zero_()
     plan.sync.zero_()
     plan.acts[: plan.dims[0]].copy_(x)
     per_launch = per_launch or n_layers
+    common = {"GROUP": plan.group, "BLOCK_N": plan.block_n, "ROWS": plan.rows, "WAIT": x.is_cuda, "num_warps": 4}
     for launch, first in enumerate(range(0, n_layers, per_launch)):
-        _chain_kernel[(programs,)](plan.acts, plan.qw, plan.sc, plan.start, plan.meta, plan.sync[launch:],
-                                   plan.sync[n_layers:], plan.sync[2 * n_layers:], first,
-                                   min(first + per_launch, n_layers), GROUP=plan.group, BLOCK_N=plan.block_n,
-                                   ROWS=plan.rows, WAIT=x.is_cuda, num_warps=4)
+        last = min(first + per_launch, n_layers)
+        if schedule == "tickets":
+            _chain_kernel[(programs,)](plan.acts, plan.qw, plan.sc, plan.start, plan.meta, plan.sync[launch:],
+                                       plan.sync[n_layers:], plan.sync[2 * n_layers:], first, last, **common)
+            continue
+        args = (plan.acts, plan.qw, plan.sc, plan.start, plan.meta, plan.sync[n_layers:], plan.sync[2 * n_layers:],
+                first, last)
+        _check_static(plan, programs, args, common)
+        _static_chain_kernel[(programs,)](*args, **common, ONCE=schedule == "static_once")
     if check and plan.sync[2 * n_layers].item():
         raise RuntimeError(f"{plan.sync[2 * n_layers].item()} tasks ran before their input was complete")
     return plan.acts[-plan.dims[-1]:]
+
+
+def _check_static(plan: ChainPlan, programs: int, args, common: dict) -> None:
+    """Refuse a static grid that could not run: more programs than a layer has tasks, or (GPU) more than the SMs
+    hold at once (programs that never start would leave the others waiting forever)."""
+    fewest = min(plan.tasks)
+    if programs > fewest:
+        raise ValueError(f"a static schedule takes at most {fewest} programs here (a layer's tasks), not {programs}")
+    if common["WAIT"] and programs > (resident := resident_programs(args, common)):
+        raise ValueError(f"{programs} programs do not fit on the GPU at once (it holds {resident} of them)")
+
+
+_RESIDENT: dict[tuple, int] = {}
+
+
+def resident_programs(args, common: dict) -> int:
+    """How many ``_static_chain_kernel`` programs the GPU holds at once, from the compiled kernel's registers and
+    shared memory (the limits of sm_80 / sm_90: 64 K registers, 64 warps and 32 blocks an SM). Cached: the first
+    call (eager, before a graph capture, which cannot load a module) compiles."""
+    key = tuple(sorted(common.items()))
+    if key not in _RESIDENT:
+        _RESIDENT[key] = _resident_programs(args, common)
+    return _RESIDENT[key]
+
+
+def _resident_programs(args, common: dict) -> int:
+    compiled = _static_chain_kernel.warmup(*args, grid=(1,), **common, ONCE=False)  # ONCE: the same registers
+    compiled._init_handles()
+    warps = common["num_warps"]
+    props = torch.cuda.get_device_properties(0)
+    by_regs = 65536 // (-(-compiled.n_regs // 8) * 8 * 32 * warps)
+    by_smem = props.shared_memory_per_multiprocessor // max(compiled.metadata.shared, 1)
+    return props.multi_processor_count * min(by_regs, by_smem, 64 // warps, 32)
 
 
 def chain_launches(layers, x: torch.Tensor, group: int) -> torch.Tensor:
@@ -188,6 +301,8 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def probe(name: str, dims: list[int], group: int, configs, cuda: bool, repeats: int) -> dict:
+    """One chain: the production GEMV a layer, then each (schedule, programs, block_n, rows) config in one launch
+    and launched per layer (a config the static schedule refuses is recorded with the reason)."""
     x, layers = random_chain(dims, group, "cuda" if cuda else "cpu")
     ref = chain_reference(layers, x, group)
     n_layers = len(layers)
@@ -198,35 +313,46 @@ def probe(name: str, dims: list[int], group: int, configs, cuda: bool, repeats: 
     if cuda:
         row["launches_us_a_layer"] = graph_us([lambda: chain_launches(layers, xh, group)], repeats) / n_layers
     row["persistent"] = []
-    for programs, block_n, rows in configs:
+    for schedule, programs, block_n, rows in configs:
         plan = plan_chain(layers, group, block_n, rows)
-        entry = {"programs": programs, "block_n": block_n, "rows": rows}
-        for prefix, per_launch in (("", None), ("per_layer_", 1)):
-            def run(pl=plan, p=programs, per=per_launch):
-                return chain_persistent(pl, x, p, per)
-            entry[prefix + "rel_err"] = _rel_err(chain_persistent(plan, x, programs, per_launch, check=True), ref)
-            if cuda:
-                entry[prefix + "us_a_layer"] = graph_us([run], repeats) / n_layers
+        entry = {"schedule": schedule, "programs": programs, "block_n": block_n, "rows": rows}
+        try:
+            for prefix, per_launch in (("", None), ("per_layer_", 1)):
+                def run(pl=plan, p=programs, per=per_launch, sch=schedule):
+                    return chain_persistent(pl, x, p, per, schedule=sch)
+                got = chain_persistent(plan, x, programs, per_launch, check=True, schedule=schedule)
+                entry[prefix + "rel_err"] = _rel_err(got, ref)
+                if cuda:
+                    entry[prefix + "us_a_layer"] = graph_us([run], repeats) / n_layers
+        except ValueError as exc:  # a static grid that cannot run here
+            entry = {**entry, "skipped": str(exc)}
         row["persistent"].append(entry)
     return row
 
 
 def report(row: dict, copy_tbps: float | None) -> None:
+    ran = [e for e in row["persistent"] if "skipped" not in e]
     if copy_tbps is None:
-        worst = max(max(e["rel_err"], e["per_layer_rel_err"]) for e in row["persistent"])
+        worst = max(max(e["rel_err"], e["per_layer_rel_err"]) for e in ran)
         print(f"{row['chain']}: relative errors launches {row['launches_rel_err']:.1e}, persistent {worst:.1e} "
-              f"(worst of {len(row['persistent'])} configs, one launch and per layer)")
+              f"(worst of {len(ran)} configs, one launch and per layer)")
         return
     ideal = row["bytes_a_layer"] / 1e6 / copy_tbps
-    best = min(row["persistent"], key=lambda e: e["us_a_layer"])
     print(f"{row['chain']}: production GEMV {row['launches_us_a_layer']:.2f} us a layer "
-          f"({ideal / row['launches_us_a_layer']:.0%} of copy); one persistent launch {best['us_a_layer']:.2f} "
-          f"({ideal / best['us_a_layer']:.0%}) at {best['programs']} programs x {best['block_n']} columns x "
-          f"{best['rows']} rows, the same kernel per layer {best['per_layer_us_a_layer']:.2f}; errors "
-          f"{row['launches_rel_err']:.1e} / {best['rel_err']:.1e}", flush=True)
+          f"({ideal / row['launches_us_a_layer']:.0%} of copy, the bytes alone {ideal:.2f} us)", flush=True)
+    for schedule in SCHEDULES:
+        mine = [e for e in ran if e["schedule"] == schedule]
+        if mine:
+            best = min(mine, key=lambda e: e["us_a_layer"])
+            us, vs = best["us_a_layer"], best["us_a_layer"] / row["launches_us_a_layer"]
+            print(f"  best {schedule}: {us:.2f} us a layer in one launch ({ideal / us:.0%} of copy; x{vs:.2f} of the "
+                  f"production GEMV) at {best['programs']} programs x {best['block_n']} x {best['rows']}, "
+                  f"{best['per_layer_us_a_layer']:.2f} launched per layer, error {best['rel_err']:.1e}", flush=True)
     for e in row["persistent"]:
-        print(f"    {e['programs']:5d} programs x {e['block_n']:3d} x {e['rows']:2d}: {e['us_a_layer']:.2f} us a layer "
-              f"in one launch, {e['per_layer_us_a_layer']:.2f} launched per layer", flush=True)
+        head = f"    {e['schedule']:7s} {e['programs']:5d} programs x {e['block_n']:3d} x {e['rows']:2d}: "
+        print(head + (f"skipped ({e['skipped']})" if "skipped" in e else
+                      f"{e['us_a_layer']:.2f} us a layer in one launch, {e['per_layer_us_a_layer']:.2f} per layer"),
+              flush=True)
 
 
 def main(argv=None) -> None:
@@ -240,10 +366,15 @@ def main(argv=None) -> None:
         out["copy_TBps"] = 2 * 2**28 / copy_us / 1e6
         del big
         chains = {"o-sized 32 x 4096": [4096] * 33, "mlp up/down 16 x 2": [4096, 14336] * 16 + [4096]}
-        group, configs = 128, [(sms * p, b, r) for p in (4, 8) for b in (128, 256) for r in (8, 16)]
+        # the tickets' and the static grids' best of stop 36's first runs, then static grids publishing once a layer
+        # at 1-4 programs an SM, up to one task a program a layer (128 x 64 tiles: 256 tasks in an o-sized layer)
+        tiles = ((128, 16), (256, 16), (128, 32), (128, 64))  # 256 x 32 spills (ptxas, sm_90)
+        group, configs = 128, ([("tickets", sms * 8, 128, 16), ("static", sms * 2, 128, 32)]
+                               + [("static_once", sms * p, b, r) for p in (1, 2, 3, 4) for b, r in tiles])
     else:
         chains = {"tiny square": [64] * 4, "tiny mixed": [64, 96, 32, 64]}
-        group, configs = 32, [(1, 32, 4), (3, 32, 8), (2, 64, 4)]
+        group, configs = 32, [("tickets", 1, 32, 4), ("tickets", 3, 32, 8), ("tickets", 2, 64, 4),
+                              ("static", 1, 32, 4), ("static_once", 1, 64, 8)]  # the interpreter: one static program
     for name, dims in chains.items():
         row = probe(name, dims, group, configs, cuda, args.repeats)
         out["rows"].append(row)
