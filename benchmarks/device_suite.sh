@@ -36,6 +36,8 @@
 #   attnprobe attention_probe.py: batch-1 decode attention alone per layer, Llama shape, several split sizes, ~1 min
 #   chain    persistent_probe.py: chains of dependent INT4 GEMVs (32 o-sized, 16 Llama MLP up/down pairs) in one persistent launch
 #            vs the production GEMV a layer vs the same kernel launched per layer (tickets, then static grids one tile ahead), ~1-2 min
+#   loop     layer_loop_probe.py: the same chains in one persistent launch whose tasks run the production GEMV's body
+#            and split-K finish (never run yet: time it alone, ~1-2 min)
 #   tests    the GPU tests of the kernels (real shapes, bf16), ~4 min
 #   tests1   the GPU tests of the runner / SSM graphs / graph reset, ~4 min (both were one step: 461 s of 600)
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
@@ -85,6 +87,7 @@ for step in ${SUITE:-ab kernels decode}; do
         ssmprobe) python3 ssm_update_probe.py --json "$OUT/ssm_update_probe_$gpu.json" > "$OUT/ssm_update_probe_$gpu.txt" ;;
         floor) python3 gemv_floor.py --json "$OUT/gemv_floor_$gpu.json" > "$OUT/gemv_floor_$gpu.txt" ;;
         attnprobe) python3 attention_probe.py --json "$OUT/attention_probe_$gpu.json" > "$OUT/attention_probe_$gpu.txt" ;;
+        loop) python3 layer_loop_probe.py --json "$OUT/layer_loop_probe_$gpu.json" > "$OUT/layer_loop_probe_$gpu.txt" ;;
         chain) python3 persistent_probe.py --json "$OUT/persistent_probe_$gpu.json" > "$OUT/persistent_probe_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do
                      python3 profile_decode.py --model $m --rates 0,0.15,0.25,0.35 --json "$OUT/profile_${m}_$gpu.json"
@@ -95,7 +98,7 @@ for step in ${SUITE:-ab kernels decode}; do
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, ssmprobe, attnprobe, chain, floor, profile, tests, tests1, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, ssmprobe, attnprobe, chain, loop, floor, profile, tests, tests1, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done

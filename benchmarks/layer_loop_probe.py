@@ -1,0 +1,277 @@
+"""A persistent chain of batch-1 INT4 GEMVs whose task body IS the production GEMV's (GPU probe, issue 5).
+
+``persistent_probe.py`` (stop 36) found one launch for a chain of dependent layers saves 1.5-2.9 us a layer against
+the same kernel launched per layer, but its simple task bodies ran ~2x slower than the production GEMV a layer. This
+probe keeps the production arithmetic and only moves the launch boundary: ``_layer_loop_kernel`` loops over the
+layers inside one launch, and each of its tasks (a column block and a K split of one layer) runs
+``int4_gemv._gemv_h2_kernel``'s batch-1 body (its tiles, the half2 dot in inline PTX, the scale row) and its split-K
+finish (``int4_tiles._finish``: the partials parked, the column block's last program sums them in split order and
+writes the bf16 output). That last program then publishes the block (a release add on the layer's done counter); a
+program's first task of a layer pulls its weight tiles into L2 (``_prefetch_tiles``) and then waits (an acquire
+load) until every block of the previous layer is out. Program p takes tasks p, p + P, ... of every layer, so the
+grid must be resident at once (the launcher checks the compiled kernel's registers).
+
+Timed per layer, against the production GEMV a layer (``persistent_probe.chain_launches``) in the same run: the
+loop in ONE launch and the same kernel launched once a layer. A chain is 32 o-sized 4096 layers or 16 Llama-MLP
+up / down pairs, the outputs checked against the fp32 torch reference first.
+
+    python benchmarks/layer_loop_probe.py --json benchmarks/results/layer_loop_probe_h100.json
+    TRITON_INTERPRET=1 python benchmarks/layer_loop_probe.py --cpu-smoke     # tiny shapes, no GPU: code paths only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+import triton
+import triton.language as tl
+from graph_timing import graph_us, probe_args
+from persistent_probe import _load_acquire, _rel_err, chain_launches, chain_reference, random_chain
+
+from uniql.kernels import int4_gemv as ig
+from uniql.kernels.int4_tiles import _finish
+
+# a layer's row: N, K, K splits, tiles a split, codes / scales / input / output / workspace / counter offsets
+META = tl.constexpr(10)
+
+
+@triton.jit
+def _layer_loop_kernel(acts_ptr, qw_ptr, sc_ptr, meta_ptr, ws_ptr, cnt_ptr, done_ptr, err_ptr, first, last,
+                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr, SUM_STEP: tl.constexpr,
+                       PREFETCH: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr):
+    """Layers [first, last) of a chain; acts (bf16 / fp16): the input, then each layer's output. WAIT False (the
+    interpreter, programs one after another): a task whose input is unfinished counts an error instead of waiting."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    layer, task = first, pid
+    while layer < last:
+        row = meta_ptr + layer * META
+        n, k, splits, per_split = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+        n = tl.multiple_of(n, 16)  # plan_loop checks: 16-byte weight loads
+        blocks = tl.cdiv(n, BLOCK_N)
+        blk, split = task // splits, task % splits
+        qw = qw_ptr + tl.multiple_of(tl.load(row + 4), 16)  # every offset a multiple of 16 (plan_loop)
+        rows_k = k // 8
+        t0 = split * per_split
+        t1 = tl.minimum(t0 + per_split, tl.cdiv(rows_k, 2 * SUB_R))
+        if (task == pid) & (layer > first):  # a program's first task of a layer: its input must be complete
+            if ASM and PREFETCH > 0:  # this task's first tiles into L2 meanwhile (they do not depend on the input;
+                # inline PTX: not in the interpreter)
+                ig._prefetch_tiles(qw, n, blk * BLOCK_N, n - blk * BLOCK_N, t0, tl.minimum(t1, t0 + PREFETCH),
+                                   rows_k, SUB_R, BLOCK_N)
+            before = tl.cdiv(tl.load(row - META), BLOCK_N)  # the previous layer's column blocks
+            if WAIT:
+                while _load_acquire(done_ptr + layer - 1) < before:
+                    pass
+            elif tl.atomic_add(done_ptr + layer - 1, 0, sem="acquire") < before:
+                tl.atomic_add(err_ptr, 1, sem="relaxed")
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        x_at, sc_at = tl.multiple_of(tl.load(row + 6), 16), tl.multiple_of(tl.load(row + 5), 16)
+        acc = _task_sum(acts_ptr + x_at, qw, sc_ptr + sc_at, n, rows_k, offs_n, t0, t1, GROUP, SUB_R, X_BF16, ASM)
+        ws_at, out_at = tl.multiple_of(tl.load(row + 8), 16), tl.multiple_of(tl.load(row + 7), 16)
+        offs_m = tl.arange(0, 1)
+        _, wrote = _finish(acc * 16.0, blk, split, splits, ws_ptr + ws_at, cnt_ptr + tl.load(row + 9),
+                           acts_ptr + out_at, 0, acts_ptr, offs_m, offs_m < 1, offs_n, offs_n < n, 1, BLOCK_N, True,
+                           False, SUM_STEP)
+        if wrote:  # the block's output is stored (a CTA barrier precedes a scalar atomic): publish it
+            tl.atomic_add(done_ptr + layer, 1, sem="release")
+        task += programs
+        if task >= blocks * splits:
+            layer, task = layer + 1, pid
+
+
+@triton.jit
+def _task_sum(x_ptr, qw, sc, n, rows_k, offs_n, t0, t1, GROUP: tl.constexpr, SUB_R: tl.constexpr,
+              X_BF16: tl.constexpr, ASM: tl.constexpr):
+    """``_gemv_h2_kernel``'s batch-1 K loop over tiles [t0, t1) of one column block: the [1, BLOCK_N] sum / 16."""
+    mask_n = (offs_n < n)[None, :]
+    wcol = offs_n[None, :]
+    offs_r = tl.arange(0, SUB_R)[:, None]
+    acc = tl.zeros([SUB_R, offs_n.shape[0]], tl.float32)
+    one = tl.full([], 1.0, tl.float32)
+    for t in range(t0, t1):
+        ra = t * 2 * SUB_R + offs_r
+        rb = ra + SUB_R
+        ma, mb = ra < rows_k, rb < rows_k
+        wa = tl.load(qw + ra * n + wcol, mask=ma & mask_n, other=0, eviction_policy="evict_first")
+        wb = tl.load(qw + rb * n + wcol, mask=mb & mask_n, other=0, eviction_policy="evict_first")
+        scale = tl.load(sc + (t * 2 * SUB_R * 8 // GROUP) * n + wcol, mask=mask_n, other=0.0).to(tl.float32)
+        p = ig._row_pairs(x_ptr, 0, 0, 1, ra, rb, ma, mb, one, X_BF16, ASM, False)
+        if ASM:  # noqa: SIM108 (a constexpr branch)
+            d = ig._dot1(wa, wb, p)
+        else:
+            d = ig._dot_emulated(wa, wb, p)
+        acc += d * scale
+    return tl.sum(acc, axis=0)[None, :]
+
+
+@dataclasses.dataclass
+class LoopPlan:
+    """A chain laid out for ``_layer_loop_kernel`` (the weights copied into flat buffers)."""
+    qw: torch.Tensor
+    sc: torch.Tensor
+    meta: torch.Tensor
+    acts: torch.Tensor  # the input, then each layer's output
+    ws: torch.Tensor  # split-K partials, every layer's column blocks x splits x BLOCK_N
+    cnt: torch.Tensor  # every layer's column-block arrival counters (zero between launches: _finish resets them)
+    sync: torch.Tensor  # [0, L): each layer's done counter; [L]: errors
+    dims: list[int]
+    tasks: list[int]
+    programs: int
+    group: int
+    block_n: int
+    sub_r: int
+    sum_step: int
+
+
+def plan_loop(layers, group: int, programs: int, block_n: int = 128, sub_r: int = 4,
+              dtype: torch.dtype = torch.bfloat16) -> LoopPlan:
+    """Lay out ``layers`` ((qw [K/8, N], sc [K/G, N]) each) with K splits that give every layer >= ``programs``
+    tasks where its tiles allow; the grid is then the fewest tasks of a layer (at most ``programs``)."""
+    if 2 * sub_r * 8 > group or group % (2 * sub_r * 8) or block_n % 16:
+        raise ValueError(f"a tile of 2 x {sub_r} packed rows must fit a scale group of {group}, block_n ({block_n}) "
+                         "a multiple of 16")
+    dims, meta, tasks, at = [layers[0][0].shape[0] * 8], [], [], {"q": 0, "s": 0, "a": 0, "w": 0, "c": 0}
+    for i, (qw, sc) in enumerate(layers):
+        k, n = qw.shape[0] * 8, qw.shape[1]
+        if k != dims[-1] or k % group or n % 16 or sc.shape != (k // group, n):
+            raise ValueError(f"layer {i}: qw {tuple(qw.shape)}, sc {tuple(sc.shape)} do not follow a layer with "
+                             f"{dims[-1]} outputs in groups of {group} (widths: multiples of 16)")
+        dims.append(n)
+        blocks, tiles = triton.cdiv(n, block_n), triton.cdiv(k // 8, 2 * sub_r)
+        per_split = triton.cdiv(tiles, min(tiles, triton.cdiv(programs, blocks)))
+        splits = triton.cdiv(tiles, per_split)
+        meta.append([n, k, splits, per_split, at["q"], at["s"], at["a"], at["a"] + k, at["w"], at["c"]])
+        tasks.append(blocks * splits)
+        at = {"q": at["q"] + k // 8 * n, "s": at["s"] + k // group * n, "a": at["a"] + k,
+              "w": at["w"] + blocks * splits * block_n, "c": at["c"] + blocks}
+    device = layers[0][0].device
+    most = max(m[2] for m in meta)
+    if most > 64:  # _finish's one-sweep split-K sum takes at most 64 partials
+        raise ValueError(f"{most} K splits in a layer (at most 64): fewer programs")
+    return LoopPlan(torch.cat([qw.reshape(-1) for qw, _ in layers]), torch.cat([sc.reshape(-1) for _, sc in layers]),
+                    torch.tensor(meta, dtype=torch.int64, device=device),
+                    torch.empty(sum(dims), dtype=dtype, device=device),
+                    torch.empty(at["w"], dtype=torch.float32, device=device),
+                    torch.zeros(at["c"], dtype=torch.int32, device=device),
+                    torch.empty(len(layers) + 1, dtype=torch.int32, device=device), dims, tasks,
+                    min(programs, *tasks), group, block_n, sub_r, max(8, triton.next_power_of_2(most)))
+
+
+def chain_loop(plan: LoopPlan, x: torch.Tensor, per_launch: int | None = None, prefetch: int = 2,
+               check: bool = False) -> torch.Tensor:
+    """The chain's output ([N of the last layer], the plan's dtype) from launches of ``plan.programs`` programs,
+    ``per_launch`` layers each (default all: one launch). ``check`` (a host sync): raise if a task ran before its
+    input was complete (interpreter)."""
+    n_layers = len(plan.dims) - 1
+    if x.shape != (plan.dims[0],):
+        raise ValueError(f"the chain takes a [{plan.dims[0]}] input, got {tuple(x.shape)}")
+    plan.sync.zero_()
+    plan.acts[: plan.dims[0]].copy_(x)
+    per_launch = per_launch or n_layers
+    consts = {"GROUP": plan.group, "BLOCK_N": plan.block_n, "SUB_R": plan.sub_r, "SUM_STEP": plan.sum_step,
+              "PREFETCH": prefetch, "X_BF16": plan.acts.dtype == torch.bfloat16, "ASM": ig.USE_ASM,
+              "WAIT": x.is_cuda, "num_warps": 4}
+    for first in range(0, n_layers, per_launch):
+        args = (plan.acts, plan.qw, plan.sc, plan.meta, plan.ws, plan.cnt, plan.sync, plan.sync[n_layers:], first,
+                min(first + per_launch, n_layers))
+        if x.is_cuda and plan.programs > (held := _resident(args, consts)):
+            raise ValueError(f"{plan.programs} programs do not fit on the GPU at once (it holds {held} of them)")
+        _layer_loop_kernel[(plan.programs,)](*args, **consts)
+    if check and plan.sync[n_layers].item():
+        raise RuntimeError(f"{plan.sync[n_layers].item()} tasks ran before their input was complete")
+    return plan.acts[-plan.dims[-1]:]
+
+
+_HELD: dict[tuple, int] = {}
+
+
+def _resident(args, consts: dict) -> int:
+    """Programs the GPU holds at once (registers, shared memory; 64 warps and 32 blocks an SM), cached: the first
+    call compiles, before any graph capture."""
+    key = tuple(sorted(consts.items()))
+    if key not in _HELD:
+        compiled = _layer_loop_kernel.warmup(*args, grid=(1,), **consts)
+        compiled._init_handles()
+        props = torch.cuda.get_device_properties(0)
+        warps = consts["num_warps"]
+        per_sm = min(65536 // (-(-compiled.n_regs // 8) * 8 * 32 * warps),
+                     props.shared_memory_per_multiprocessor // max(compiled.metadata.shared, 1), 64 // warps, 32)
+        _HELD[key] = props.multi_processor_count * per_sm
+    return _HELD[key]
+
+
+def probe(name: str, dims: list[int], group: int, configs, cuda: bool, repeats: int) -> dict:
+    """One chain: the production GEMV a layer, then each (programs, block_n, sub_r, prefetch) config of the loop
+    in one launch and launched per layer (a grid that cannot be resident is recorded with the reason)."""
+    x, layers = random_chain(dims, group, "cuda" if cuda else "cpu")
+    ref = chain_reference(layers, x, group)
+    dtype = torch.bfloat16 if cuda else torch.float16
+    xh, n_layers = x.to(dtype), len(layers)
+    row = {"chain": name, "dims": dims, "group": group, "launches_rel_err": _rel_err(chain_launches(layers, xh, group),
+                                                                                    ref),
+           "bytes_a_layer": sum(qw.numel() * 4 + sc.numel() * 2 for qw, sc in layers) / n_layers, "loop": []}
+    if cuda:
+        row["launches_us_a_layer"] = graph_us([lambda: chain_launches(layers, xh, group)], repeats) / n_layers
+    for programs, block_n, sub_r, prefetch in configs:
+        plan = plan_loop(layers, group, programs, block_n, sub_r, dtype)
+        entry = {"programs": plan.programs, "block_n": block_n, "sub_r": sub_r, "prefetch": prefetch}
+        try:
+            for prefix, per_launch in (("", None), ("per_layer_", 1)):
+                def run(pl=plan, per=per_launch, pf=prefetch):
+                    return chain_loop(pl, xh, per, pf)
+                entry[prefix + "rel_err"] = _rel_err(chain_loop(plan, xh, per_launch, prefetch, check=True), ref)
+                if cuda:
+                    entry[prefix + "us_a_layer"] = graph_us([run], repeats) / n_layers
+        except ValueError as exc:
+            entry["skipped"] = str(exc)
+        row["loop"].append(entry)
+    return row
+
+
+def report(row: dict, copy_tbps: float | None) -> None:
+    ran = [e for e in row["loop"] if "skipped" not in e]
+    if copy_tbps is None:
+        worst = max(max(e["rel_err"], e["per_layer_rel_err"]) for e in ran)
+        print(f"{row['chain']}: relative errors launches {row['launches_rel_err']:.1e}, loop {worst:.1e} (worst of "
+              f"{len(ran)} configs, one launch and per layer)")
+        return
+    ideal, prod = row["bytes_a_layer"] / 1e6 / copy_tbps, row["launches_us_a_layer"]
+    print(f"{row['chain']}: production GEMV {prod:.2f} us a layer ({ideal / prod:.0%} of copy, the bytes alone "
+          f"{ideal:.2f} us)", flush=True)
+    for e in row["loop"]:
+        head = f"    {e['programs']:5d} programs x {e['block_n']:3d} x {e['sub_r']} rows, prefetch {e['prefetch']}: "
+        print(head + (f"skipped ({e['skipped']})" if "skipped" in e else
+                      f"{e['us_a_layer']:.2f} us a layer in one launch (x{e['us_a_layer'] / prod:.2f} of the "
+                      f"production GEMV), {e['per_layer_us_a_layer']:.2f} per layer, error {e['rel_err']:.1e}"),
+              flush=True)
+
+
+def main(argv=None) -> None:
+    args, cuda = probe_args(__doc__, "layer_loop_probe.py", argv)
+    out = {"what": __doc__.splitlines()[0], "device": "cpu (interpreter)", "copy_TBps": None, "rows": []}
+    if cuda:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        out["device"] = torch.cuda.get_device_name()
+        big = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")  # the copy anchor, as kernel_bench.py
+        out["copy_TBps"] = 2 * 2**28 / graph_us([lambda: torch.add(big[: 2**27], 0, out=big[2**27:])],
+                                                args.repeats) / 1e6
+        del big
+        chains = {"o-sized 32 x 4096": [4096] * 33, "mlp up/down 16 x 2": [4096, 14336] * 16 + [4096]}
+        # the production GEMV's batch-1 tiles (128 columns, 2 x 4 packed rows) at its 8 programs an SM (63
+        # registers: 8 fit), with and without the L2 prefetch before the wait; fewer, wider programs
+        group, configs = 128, [(sms * 8, 128, 4, 2), (sms * 8, 128, 4, 0), (sms * 4, 256, 4, 2), (sms * 2, 128, 4, 2)]
+    else:
+        chains = {"tiny square": [64] * 4, "tiny mixed": [64, 96, 32, 64]}
+        group, configs = 32, [(1, 32, 2, 2), (1, 16, 1, 0)]  # the interpreter: one program a launch of all layers
+    for name, dims in chains.items():
+        row = probe(name, dims, group, configs, cuda, args.repeats)
+        out["rows"].append(row)
+        report(row, out["copy_TBps"])
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
