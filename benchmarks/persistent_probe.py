@@ -289,11 +289,11 @@ def chain_reference(layers, x: torch.Tensor, group: int) -> torch.Tensor:
 
 def random_chain(dims: list[int], group: int, device, seed: int = 0):
     """INT4 layers dims[l] -> dims[l + 1] of a Gaussian W / sqrt(K) (the activations keep their scale down the
-    chain), and an input."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    layers = [rtn_quantize((torch.randn(n, k, generator=gen) / k**0.5).to(device), group)
+    chain), and an input, drawn on ``device`` (the GPU's generator: a 16-pair MLP chain is 1.9 G values)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    layers = [rtn_quantize(torch.randn(n, k, generator=gen, device=device) / k**0.5, group)
               for k, n in itertools.pairwise(dims)]
-    return torch.randn(dims[0], generator=gen).to(device), layers
+    return torch.randn(dims[0], generator=gen, device=device), layers
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
