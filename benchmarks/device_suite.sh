@@ -37,7 +37,7 @@
 #   chain    persistent_probe.py: chains of dependent INT4 GEMVs (32 o-sized, 16 Llama MLP up/down pairs) in one persistent launch
 #            vs the production GEMV a layer vs the same kernel launched per layer (tickets, then static grids one tile ahead), ~1-2 min
 #   loop     layer_loop_probe.py: the same chains in one persistent launch whose tasks run the production GEMV's body
-#            and split-K finish (never run yet: time it alone, ~1-2 min)
+#            and split-K finish, incl. the 129 GEMVs of a Llama-8B step at rates 0 and 0.35 (never run yet: ~2 min)
 #   tests    the GPU tests of the kernels (real shapes, bf16), ~4 min
 #   tests1   the GPU tests of the runner / SSM graphs / graph reset, ~4 min (both were one step: 461 s of 600)
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need

@@ -12,8 +12,10 @@ load) until every block of the previous layer is out. Program p takes tasks p, p
 grid must be resident at once (the launcher checks the compiled kernel's registers).
 
 Timed per layer, against the production GEMV a layer (``persistent_probe.chain_launches``) in the same run: the
-loop in ONE launch and the same kernel launched once a layer. A chain is 32 o-sized 4096 layers or 16 Llama-MLP
-up / down pairs, the outputs checked against the fp32 torch reference first.
+loop in ONE launch and the same kernel launched once a layer. A chain is 32 o-sized 4096 layers, 16 Llama-MLP
+up / down pairs, or the 129 GEMVs of a Llama-3.1-8B decode step at rates 0 and 0.35 (``llama_step``: the step's
+GEMV bytes and dependencies, without attention, norms and activations), the outputs checked against the fp32 torch
+reference first. A program with no task in a layer (more programs than tasks) goes on to the next.
 
     python benchmarks/layer_loop_probe.py --json benchmarks/results/layer_loop_probe_h100.json
     TRITON_INTERPRET=1 python benchmarks/layer_loop_probe.py --cpu-smoke     # tiny shapes, no GPU: code paths only
@@ -28,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 from graph_timing import graph_us, probe_args
-from persistent_probe import _load_acquire, _rel_err, chain_launches, chain_reference, random_chain
+from kernel_bench import build_case
+from persistent_probe import _load_acquire, _rel_err, chain_launches, chain_reference, random_layers
 
 from uniql.kernels import int4_gemv as ig
 from uniql.kernels.int4_tiles import _finish
@@ -41,44 +44,56 @@ META = tl.constexpr(10)
 def _layer_loop_kernel(acts_ptr, qw_ptr, sc_ptr, meta_ptr, ws_ptr, cnt_ptr, done_ptr, err_ptr, first, last,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr, SUM_STEP: tl.constexpr,
                        PREFETCH: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr):
-    """Layers [first, last) of a chain; acts (bf16 / fp16): the input, then each layer's output. WAIT False (the
+    """Layers [first, last) of a chain; acts (bf16 / fp16): the input, then each layer's output. Program p runs
+    tasks p, p + P, ... of each layer (none where the layer has fewer: it goes on to the next). WAIT False (the
     interpreter, programs one after another): a task whose input is unfinished counts an error instead of waiting."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
     layer, task = first, pid
     while layer < last:
         row = meta_ptr + layer * META
-        n, k, splits, per_split = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
-        n = tl.multiple_of(n, 16)  # plan_loop checks: 16-byte weight loads
-        blocks = tl.cdiv(n, BLOCK_N)
-        blk, split = task // splits, task % splits
-        qw = qw_ptr + tl.multiple_of(tl.load(row + 4), 16)  # every offset a multiple of 16 (plan_loop)
-        rows_k = k // 8
-        t0 = split * per_split
-        t1 = tl.minimum(t0 + per_split, tl.cdiv(rows_k, 2 * SUB_R))
-        if (task == pid) & (layer > first):  # a program's first task of a layer: its input must be complete
-            if ASM and PREFETCH > 0:  # this task's first tiles into L2 meanwhile (they do not depend on the input;
-                # inline PTX: not in the interpreter)
-                ig._prefetch_tiles(qw, n, blk * BLOCK_N, n - blk * BLOCK_N, t0, tl.minimum(t1, t0 + PREFETCH),
-                                   rows_k, SUB_R, BLOCK_N)
-            before = tl.cdiv(tl.load(row - META), BLOCK_N)  # the previous layer's column blocks
-            if WAIT:
-                while _load_acquire(done_ptr + layer - 1) < before:
-                    pass
-            elif tl.atomic_add(done_ptr + layer - 1, 0, sem="acquire") < before:
-                tl.atomic_add(err_ptr, 1, sem="relaxed")
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        x_at, sc_at = tl.multiple_of(tl.load(row + 6), 16), tl.multiple_of(tl.load(row + 5), 16)
-        acc = _task_sum(acts_ptr + x_at, qw, sc_ptr + sc_at, n, rows_k, offs_n, t0, t1, GROUP, SUB_R, X_BF16, ASM)
-        ws_at, out_at = tl.multiple_of(tl.load(row + 8), 16), tl.multiple_of(tl.load(row + 7), 16)
-        offs_m = tl.arange(0, 1)
-        _, wrote = _finish(acc * 16.0, blk, split, splits, ws_ptr + ws_at, cnt_ptr + tl.load(row + 9),
-                           acts_ptr + out_at, 0, acts_ptr, offs_m, offs_m < 1, offs_n, offs_n < n, 1, BLOCK_N, True,
-                           False, SUM_STEP)
-        if wrote:  # the block's output is stored (a CTA barrier precedes a scalar atomic): publish it
-            tl.atomic_add(done_ptr + layer, 1, sem="release")
+        n, splits = tl.multiple_of(tl.load(row), 16), tl.load(row + 2)  # plan_loop checks: 16-byte weight loads
+        count = tl.cdiv(n, BLOCK_N) * splits
+        if task < count:
+            _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr, layer, n, splits, task,
+                      (task == pid) & (layer > first), GROUP, BLOCK_N, SUB_R, SUM_STEP, PREFETCH, X_BF16, ASM, WAIT)
         task += programs
-        if task >= blocks * splits:
+        if task >= count:
             layer, task = layer + 1, pid
+
+
+@triton.jit
+def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr, layer, n, splits, task, wait,
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr, SUM_STEP: tl.constexpr,
+              PREFETCH: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr):
+    """One task (column block ``task // splits``, K split ``task % splits``) of the layer whose table row is
+    ``row``; ``wait``: the program's first task of a layer past the launch's first, whose input must be complete
+    (every column block of the layer before published: the tasks of that layer waited for theirs)."""
+    k = tl.load(row + 1)
+    blk, split = task // splits, task % splits
+    qw = qw_ptr + tl.multiple_of(tl.load(row + 4), 16)  # every offset a multiple of 16 (plan_loop)
+    rows_k = k // 8
+    t0 = split * tl.load(row + 3)
+    t1 = tl.minimum(t0 + tl.load(row + 3), tl.cdiv(rows_k, 2 * SUB_R))
+    if wait:
+        if ASM and PREFETCH > 0:  # this task's first tiles into L2 meanwhile (they do not depend on the input;
+            # inline PTX: not in the interpreter)
+            ig._prefetch_tiles(qw, n, blk * BLOCK_N, n - blk * BLOCK_N, t0, tl.minimum(t1, t0 + PREFETCH), rows_k,
+                               SUB_R, BLOCK_N)
+        before = tl.cdiv(tl.load(row - META), BLOCK_N)  # the previous layer's column blocks
+        if WAIT:
+            while _load_acquire(done_ptr + layer - 1) < before:
+                pass
+        elif tl.atomic_add(done_ptr + layer - 1, 0, sem="acquire") < before:
+            tl.atomic_add(err_ptr, 1, sem="relaxed")
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_at, sc_at = tl.multiple_of(tl.load(row + 6), 16), tl.multiple_of(tl.load(row + 5), 16)
+    acc = _task_sum(acts_ptr + x_at, qw, sc_ptr + sc_at, n, rows_k, offs_n, t0, t1, GROUP, SUB_R, X_BF16, ASM)
+    ws_at, out_at = tl.multiple_of(tl.load(row + 8), 16), tl.multiple_of(tl.load(row + 7), 16)
+    offs_m = tl.arange(0, 1)
+    _, wrote = _finish(acc * 16.0, blk, split, splits, ws_ptr + ws_at, cnt_ptr + tl.load(row + 9), acts_ptr + out_at,
+                       0, acts_ptr, offs_m, offs_m < 1, offs_n, offs_n < n, 1, BLOCK_N, True, False, SUM_STEP)
+    if wrote:  # the block's output is stored (a CTA barrier precedes a scalar atomic): publish it
+        tl.atomic_add(done_ptr + layer, 1, sem="release")
 
 
 @triton.jit
@@ -117,7 +132,6 @@ class LoopPlan:
     cnt: torch.Tensor  # every layer's column-block arrival counters (zero between launches: _finish resets them)
     sync: torch.Tensor  # [0, L): each layer's done counter; [L]: errors
     dims: list[int]
-    tasks: list[int]
     programs: int
     group: int
     block_n: int
@@ -127,24 +141,24 @@ class LoopPlan:
 
 def plan_loop(layers, group: int, programs: int, block_n: int = 128, sub_r: int = 4,
               dtype: torch.dtype = torch.bfloat16) -> LoopPlan:
-    """Lay out ``layers`` ((qw [K/8, N], sc [K/G, N]) each) with K splits that give every layer >= ``programs``
-    tasks where its tiles allow; the grid is then the fewest tasks of a layer (at most ``programs``)."""
+    """Lay out ``layers`` ((qw [K/8, N], sc [K/G, N]) each; a layer reads the first K outputs of the one before)
+    for a grid of ``programs``, with K splits that give every layer >= ``programs`` tasks where its tiles allow."""
     if 2 * sub_r * 8 > group or group % (2 * sub_r * 8) or block_n % 16:
         raise ValueError(f"a tile of 2 x {sub_r} packed rows must fit a scale group of {group}, block_n ({block_n}) "
                          "a multiple of 16")
-    dims, meta, tasks, at = [layers[0][0].shape[0] * 8], [], [], {"q": 0, "s": 0, "a": 0, "w": 0, "c": 0}
+    dims, meta, at = [layers[0][0].shape[0] * 8], [], {"q": 0, "s": 0, "a": 0, "w": 0, "c": 0}
     for i, (qw, sc) in enumerate(layers):
         k, n = qw.shape[0] * 8, qw.shape[1]
-        if k != dims[-1] or k % group or n % 16 or sc.shape != (k // group, n):
+        if k > dims[-1] or k % group or n % 16 or sc.shape != (k // group, n):
             raise ValueError(f"layer {i}: qw {tuple(qw.shape)}, sc {tuple(sc.shape)} do not follow a layer with "
                              f"{dims[-1]} outputs in groups of {group} (widths: multiples of 16)")
         dims.append(n)
         blocks, tiles = triton.cdiv(n, block_n), triton.cdiv(k // 8, 2 * sub_r)
         per_split = triton.cdiv(tiles, min(tiles, triton.cdiv(programs, blocks)))
         splits = triton.cdiv(tiles, per_split)
-        meta.append([n, k, splits, per_split, at["q"], at["s"], at["a"], at["a"] + k, at["w"], at["c"]])
-        tasks.append(blocks * splits)
-        at = {"q": at["q"] + k // 8 * n, "s": at["s"] + k // group * n, "a": at["a"] + k,
+        # acts: the input, then each layer's output; this layer reads the start of the one before
+        meta.append([n, k, splits, per_split, at["q"], at["s"], at["a"], at["a"] + dims[-2], at["w"], at["c"]])
+        at = {"q": at["q"] + k // 8 * n, "s": at["s"] + k // group * n, "a": at["a"] + dims[-2],
               "w": at["w"] + blocks * splits * block_n, "c": at["c"] + blocks}
     device = layers[0][0].device
     most = max(m[2] for m in meta)
@@ -155,8 +169,8 @@ def plan_loop(layers, group: int, programs: int, block_n: int = 128, sub_r: int 
                     torch.empty(sum(dims), dtype=dtype, device=device),
                     torch.empty(at["w"], dtype=torch.float32, device=device),
                     torch.zeros(at["c"], dtype=torch.int32, device=device),
-                    torch.empty(len(layers) + 1, dtype=torch.int32, device=device), dims, tasks,
-                    min(programs, *tasks), group, block_n, sub_r, max(8, triton.next_power_of_2(most)))
+                    torch.empty(len(layers) + 1, dtype=torch.int32, device=device), dims,
+                    programs, group, block_n, sub_r, max(8, triton.next_power_of_2(most)))
 
 
 def chain_loop(plan: LoopPlan, x: torch.Tensor, per_launch: int | None = None, prefetch: int = 2,
@@ -202,15 +216,16 @@ def _resident(args, consts: dict) -> int:
     return _HELD[key]
 
 
-def probe(name: str, dims: list[int], group: int, configs, cuda: bool, repeats: int) -> dict:
-    """One chain: the production GEMV a layer, then each (programs, block_n, sub_r, prefetch) config of the loop
-    in one launch and launched per layer (a grid that cannot be resident is recorded with the reason)."""
-    x, layers = random_chain(dims, group, "cuda" if cuda else "cpu")
+def probe(name: str, shapes: list[tuple[int, int]], group: int, configs, cuda: bool, repeats: int) -> dict:
+    """One chain of (K, N) layers: the production GEMV a layer, then each (programs, block_n, sub_r, prefetch)
+    config of the loop in one launch and launched per layer (a grid that cannot be resident is recorded with the
+    reason)."""
+    x, layers = random_layers(shapes, group, "cuda" if cuda else "cpu")
     ref = chain_reference(layers, x, group)
     dtype = torch.bfloat16 if cuda else torch.float16
     xh, n_layers = x.to(dtype), len(layers)
-    row = {"chain": name, "dims": dims, "group": group, "launches_rel_err": _rel_err(chain_launches(layers, xh, group),
-                                                                                    ref),
+    row = {"chain": name, "shapes": shapes, "group": group,
+           "launches_rel_err": _rel_err(chain_launches(layers, xh, group), ref),
            "bytes_a_layer": sum(qw.numel() * 4 + sc.numel() * 2 for qw, sc in layers) / n_layers, "loop": []}
     if cuda:
         row["launches_us_a_layer"] = graph_us([lambda: chain_launches(layers, xh, group)], repeats) / n_layers
@@ -228,6 +243,25 @@ def probe(name: str, dims: list[int], group: int, configs, cuda: bool, repeats: 
             entry["skipped"] = str(exc)
         row["loop"].append(entry)
     return row
+
+
+def square(width: int, count: int) -> list[tuple[int, int]]:
+    return [(width, width)] * count
+
+
+def pairs(hidden: int, inner: int, count: int) -> list[tuple[int, int]]:
+    return [(hidden, inner), (inner, hidden)] * count
+
+
+def llama_step(rate: float, group: int, blocks: int = 32) -> list[tuple[int, int]]:
+    """The (K, N) of every GEMV of a Llama-3.1-8B decode step at ``rate`` (a uniform ladder's active sizes,
+    ``kernel_bench.build_case``): q|k|v, o, gate|up, down a block, then the vocab head. o reads the start of q|k|v's
+    output and down the start of gate|up's (stand-ins for attention and SiLU-mul): the bytes and the dependencies of
+    the step's GEMVs, none of its other kernels."""
+    def active(layer: str) -> tuple[int, int]:
+        case = build_case("llama-3.1-8b", layer, rate if layer != "lm_head" else 0.0, group)
+        return case.k_active, case.n_active
+    return [active(layer) for layer in ("qkv", "o", "gate_up", "down")] * blocks + [active("lm_head")]
 
 
 def report(row: dict, copy_tbps: float | None) -> None:
@@ -258,15 +292,17 @@ def main(argv=None) -> None:
         out["copy_TBps"] = 2 * 2**28 / graph_us([lambda: torch.add(big[: 2**27], 0, out=big[2**27:])],
                                                 args.repeats) / 1e6
         del big
-        chains = {"o-sized 32 x 4096": [4096] * 33, "mlp up/down 16 x 2": [4096, 14336] * 16 + [4096]}
+        chains = {"o-sized 32 x 4096": square(4096, 32), "mlp up/down 16 x 2": pairs(4096, 14336, 16),
+                  **{f"llama-8b step GEMVs, rate {r}": llama_step(r, 128) for r in (0.0, 0.35)}}
         # the production GEMV's batch-1 tiles (128 columns, 2 x 4 packed rows) at its 8 programs an SM (63
         # registers: 8 fit), with and without the L2 prefetch before the wait; fewer, wider programs
         group, configs = 128, [(sms * 8, 128, 4, 2), (sms * 8, 128, 4, 0), (sms * 4, 256, 4, 2), (sms * 2, 128, 4, 2)]
     else:
-        chains = {"tiny square": [64] * 4, "tiny mixed": [64, 96, 32, 64]}
+        chains = {"tiny square": square(64, 3), "tiny mixed": [(64, 96), (96, 32), (32, 64)],
+                  "tiny prefixes": [(64, 96), (64, 64), (32, 160), (96, 64)]}  # reading the start of the last output
         group, configs = 32, [(1, 32, 2, 2), (1, 16, 1, 0)]  # the interpreter: one program a launch of all layers
-    for name, dims in chains.items():
-        row = probe(name, dims, group, configs, cuda, args.repeats)
+    for name, shapes in chains.items():
+        row = probe(name, shapes, group, configs, cuda, args.repeats)
         out["rows"].append(row)
         report(row, out["copy_TBps"])
     if args.json:

@@ -272,28 +272,33 @@ def _resident_programs(args, common: dict) -> int:
 
 
 def chain_launches(layers, x: torch.Tensor, group: int) -> torch.Tensor:
-    """The same chain through the production GEMV, one launch a layer (activations in x's dtype)."""
+    """The same chain through the production GEMV, one launch a layer (activations in x's dtype). A layer reads
+    the first K outputs of the one before (all of them in a plain chain)."""
     h = x[None, :]
     for qw, sc in layers:
-        h = im.int4_matmul(h, qw, sc, group)
+        h = im.int4_matmul(h[:, : qw.shape[0] * 8], qw, sc, group)
     return h[0]
 
 
 def chain_reference(layers, x: torch.Tensor, group: int) -> torch.Tensor:
-    """fp32 torch: dequantize each layer and multiply."""
+    """fp32 torch: dequantize each layer and multiply (a layer reads the first K outputs of the one before)."""
     h = x.float()
     for qw, sc in layers:
-        h = h @ dequantize(qw, sc, group)
+        h = h[: qw.shape[0] * 8] @ dequantize(qw, sc, group)
     return h
 
 
 def random_chain(dims: list[int], group: int, device, seed: int = 0):
-    """INT4 layers dims[l] -> dims[l + 1] of a Gaussian W / sqrt(K) (the activations keep their scale down the
-    chain), and an input, drawn on ``device`` (the GPU's generator: a 16-pair MLP chain is 1.9 G values)."""
+    """INT4 layers dims[l] -> dims[l + 1] (``random_layers``) and an input."""
+    return random_layers(list(itertools.pairwise(dims)), group, device, seed)
+
+
+def random_layers(shapes: list[tuple[int, int]], group: int, device, seed: int = 0):
+    """INT4 layers of the (K, N) ``shapes``, a Gaussian W / sqrt(K) each (the activations keep their scale down the
+    chain), and an input of the first K, drawn on ``device`` (the GPU's generator: a Llama-8B step is 7 G values)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    layers = [rtn_quantize(torch.randn(n, k, generator=gen, device=device) / k**0.5, group)
-              for k, n in itertools.pairwise(dims)]
-    return torch.randn(dims[0], generator=gen, device=device), layers
+    layers = [rtn_quantize(torch.randn(n, k, generator=gen, device=device) / k**0.5, group) for k, n in shapes]
+    return torch.randn(shapes[0][0], generator=gen, device=device), layers
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -28,17 +28,19 @@ def _close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
 
 @pytest.mark.parametrize(("programs", "block_n", "sub_r", "per_launch"),
                          [(1, 32, 2, None), (1, 16, 1, 2), (3, 32, 2, 1), (8, 16, 1, 1)])
-@pytest.mark.parametrize("dims", [[64] * 4, [64, 96, 32, 64, 160]], ids=["square", "mixed"])
-def test_loop_matches_the_reference(programs, block_n, sub_r, per_launch, dims):
-    """Mixed widths: partial column blocks (96, 160 at 32 / 64 columns) and K splits of unequal tile counts. The
-    interpreter runs programs one after another: several programs only one layer a launch."""
-    x, layers = pp.random_chain(dims, 32, DEV, seed=2)
+@pytest.mark.parametrize("shapes", [[(64, 64)] * 3, [(64, 96), (96, 32), (32, 64), (64, 160)],
+                                    [(64, 96), (64, 64), (32, 160), (96, 64)]], ids=["square", "mixed", "prefixes"])
+def test_loop_matches_the_reference(programs, block_n, sub_r, per_launch, shapes):
+    """Mixed widths: partial column blocks (96, 160 at 32 / 64 columns) and K splits of unequal tile counts;
+    prefixes: layers that read the start of the output before (as o reads attention's stand-in in a Llama step).
+    The interpreter runs programs one after another: several programs only one layer a launch."""
+    x, layers = pp.random_layers(shapes, 32, DEV, seed=2)
     ref = pp.chain_reference(layers, x, 32)
     plan = lp.plan_loop(layers, 32, programs, block_n, sub_r, DTYPE)
     if programs == 8:  # more programs than column blocks: some layers split K, and their partials are summed
         assert plan.meta[:, 2].max().item() > 1
     got = lp.chain_loop(plan, x.to(DTYPE), per_launch, check=True)
-    assert got.shape == (dims[-1],) and got.dtype == DTYPE
+    assert got.shape == (shapes[-1][1],) and got.dtype == DTYPE
     _close(got, ref, 2e-3)
     prod = pp.chain_launches(layers, x.to(DTYPE), 32)  # the same arithmetic a layer at a time
     _close(got, prod.float(), 2e-3)
@@ -54,13 +56,25 @@ def test_the_loop_catches_a_task_that_would_read_an_unfinished_input():
         lp.chain_loop(lp.plan_loop(layers, 32, 2, 32, 2, DTYPE), x.to(DTYPE), check=True)
 
 
+def test_the_llama_step_chain_has_the_steps_gemvs():
+    """129 GEMVs at the ladder's active sizes: at rate 0 the full Llama-3.1-8B shapes; at 0.35 o and down read a
+    prefix of what q|k|v and gate|up wrote; the head is never pruned."""
+    full, pruned = lp.llama_step(0.0, 128), lp.llama_step(0.35, 128)
+    assert len(full) == len(pruned) == 129
+    assert full[:4] == [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)] and full[-1] == (4096, 128256)
+    assert pruned[-1] == full[-1]
+    for (_, n_before), (k, _) in zip(pruned, pruned[1:], strict=False):
+        assert k <= n_before
+    assert pruned[1][0] < pruned[0][1] and pruned[3][0] == pruned[2][1] // 2
+
+
 def test_the_plan_refuses_what_the_kernel_cannot_run():
     x, layers = pp.random_chain([64, 64, 64], 32, DEV)
     with pytest.raises(ValueError, match="must fit a scale group of 32"):
         lp.plan_loop(layers, 32, 1, 32, sub_r=4)
     with pytest.raises(ValueError, match="multiple of 16"):
         lp.plan_loop(layers, 32, 1, 40)
-    _, other = pp.random_chain([32, 64], 32, DEV)
+    _, other = pp.random_chain([128, 64], 32, DEV)  # K 128 after 64 outputs (a shorter K reads their start)
     with pytest.raises(ValueError, match="layer 1: .* do not follow a layer with 64 outputs"):
         lp.plan_loop([layers[0], other[0]], 32, 1, 32, 2)
     _, deep = pp.random_chain([8192, 16], 32, DEV)  # one column block, 512 tiles: 100 programs would split 100 ways
