@@ -87,8 +87,10 @@ for step in ${SUITE:-ab kernels decode}; do
         ssmprobe) python3 ssm_update_probe.py --json "$OUT/ssm_update_probe_$gpu.json" > "$OUT/ssm_update_probe_$gpu.txt" ;;
         floor) python3 gemv_floor.py --json "$OUT/gemv_floor_$gpu.json" > "$OUT/gemv_floor_$gpu.txt" ;;
         attnprobe) python3 attention_probe.py --json "$OUT/attention_probe_$gpu.json" > "$OUT/attention_probe_$gpu.txt" ;;
-        loop) python3 layer_loop_probe.py --json "$OUT/layer_loop_probe_$gpu.json" > "$OUT/layer_loop_probe_$gpu.txt" ;;
-        chain) python3 persistent_probe.py --json "$OUT/persistent_probe_$gpu.json" > "$OUT/persistent_probe_$gpu.txt" ;;
+        # the persistent probes spin on each other's programs: a grid that did not fit would hang, so a time limit
+        loop) timeout 420 python3 layer_loop_probe.py --json "$OUT/layer_loop_probe_$gpu.json" \
+                  > "$OUT/layer_loop_probe_$gpu.txt" ;;
+        chain) timeout 420 python3 persistent_probe.py --json "$OUT/persistent_probe_$gpu.json" > "$OUT/persistent_probe_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do
                      python3 profile_decode.py --model $m --rates 0,0.15,0.25,0.35 --json "$OUT/profile_${m}_$gpu.json"
                  done > "$OUT/profile_$gpu.txt" ;;
