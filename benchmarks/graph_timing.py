@@ -44,6 +44,31 @@ def graph_median_us(step: Callable[[], None], cuda: bool, repeats: int) -> float
     return (time.perf_counter() - start) * 1e6
 
 
+_HELD: dict[tuple, int] = {}
+
+
+def programs_held(kernel, args, consts: dict) -> int:
+    """How many programs of the Triton ``kernel`` (at ``consts``, ``num_warps`` among them) the GPU holds at once,
+    from the compiled kernel's registers and shared memory (the limits of sm_80 / sm_90: 64 K registers, 64 warps and
+    32 blocks an SM): what a persistent kernel whose programs wait on each other may launch. Cached: the first call
+    (eager, before a graph capture, which cannot load a module) compiles."""
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, *sorted(consts.items()))
+    if key not in _HELD:
+        compiled = kernel.warmup(*args, grid=(1,), **consts)
+        compiled._init_handles()
+        props, warps = torch.cuda.get_device_properties(0), consts["num_warps"]
+        per_sm = min(65536 // (-(-compiled.n_regs // 8) * 8 * 32 * warps),
+                     props.shared_memory_per_multiprocessor // max(compiled.metadata.shared, 1), 64 // warps, 32)
+        _HELD[key] = props.multi_processor_count * per_sm
+    return _HELD[key]
+
+
+def copy_tbps(repeats: int) -> float:
+    """The probes' bandwidth anchor (as kernel_bench.py): TB/s (read + write) of a 256 MiB bf16 copy in a graph."""
+    big = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")
+    return 2 * 2**28 / graph_us([lambda: torch.add(big[: 2**27], 0, out=big[2**27:])], repeats) / 1e6
+
+
 def probe_args(doc: str, script: str, argv=None) -> tuple[argparse.Namespace, bool]:
     """A GPU probe's command line (``--repeats``, ``--cpu-smoke``, ``--json``) and whether it runs on CUDA; without
     a GPU and without ``--cpu-smoke`` it exits with a message."""

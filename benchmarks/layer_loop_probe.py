@@ -24,14 +24,13 @@ reference first. A program with no task in a layer (more programs than tasks) go
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import torch
 import triton
 import triton.language as tl
-from graph_timing import graph_us, probe_args
+from graph_timing import programs_held
 from kernel_bench import build_case
-from persistent_probe import _load_acquire, _rel_err, chain_launches, chain_reference, random_layers
+from persistent_probe import _load_acquire, anchor_row, both_ways, report_head, run_chains
 
 from uniql.kernels import int4_gemv as ig
 from uniql.kernels.int4_tiles import _finish
@@ -190,7 +189,7 @@ def chain_loop(plan: LoopPlan, x: torch.Tensor, per_launch: int | None = None, p
     for first in range(0, n_layers, per_launch):
         args = (plan.acts, plan.qw, plan.sc, plan.meta, plan.ws, plan.cnt, plan.sync, plan.sync[n_layers:], first,
                 min(first + per_launch, n_layers))
-        if x.is_cuda and plan.programs > (held := _resident(args, consts)):
+        if x.is_cuda and plan.programs > (held := programs_held(_layer_loop_kernel, args, consts)):
             raise ValueError(f"{plan.programs} programs do not fit on the GPU at once (it holds {held} of them)")
         _layer_loop_kernel[(plan.programs,)](*args, **consts)
     if check and plan.sync[n_layers].item():
@@ -198,50 +197,19 @@ def chain_loop(plan: LoopPlan, x: torch.Tensor, per_launch: int | None = None, p
     return plan.acts[-plan.dims[-1]:]
 
 
-_HELD: dict[tuple, int] = {}
-
-
-def _resident(args, consts: dict) -> int:
-    """Programs the GPU holds at once (registers, shared memory; 64 warps and 32 blocks an SM), cached: the first
-    call compiles, before any graph capture."""
-    key = tuple(sorted(consts.items()))
-    if key not in _HELD:
-        compiled = _layer_loop_kernel.warmup(*args, grid=(1,), **consts)
-        compiled._init_handles()
-        props = torch.cuda.get_device_properties(0)
-        warps = consts["num_warps"]
-        per_sm = min(65536 // (-(-compiled.n_regs // 8) * 8 * 32 * warps),
-                     props.shared_memory_per_multiprocessor // max(compiled.metadata.shared, 1), 64 // warps, 32)
-        _HELD[key] = props.multi_processor_count * per_sm
-    return _HELD[key]
-
-
 def probe(name: str, shapes: list[tuple[int, int]], group: int, configs, cuda: bool, repeats: int) -> dict:
     """One chain of (K, N) layers: the production GEMV a layer, then each (programs, block_n, sub_r, prefetch)
     config of the loop in one launch and launched per layer (a grid that cannot be resident is recorded with the
     reason)."""
-    x, layers = random_layers(shapes, group, "cuda" if cuda else "cpu")
-    ref = chain_reference(layers, x, group)
     dtype = torch.bfloat16 if cuda else torch.float16
-    xh, n_layers = x.to(dtype), len(layers)
-    row = {"chain": name, "shapes": shapes, "group": group,
-           "launches_rel_err": _rel_err(chain_launches(layers, xh, group), ref),
-           "bytes_a_layer": sum(qw.numel() * 4 + sc.numel() * 2 for qw, sc in layers) / n_layers, "loop": []}
-    if cuda:
-        row["launches_us_a_layer"] = graph_us([lambda: chain_launches(layers, xh, group)], repeats) / n_layers
+    row, x, layers, ref = anchor_row(name, shapes, group, cuda, repeats, dtype)
+    xh, row["loop"] = x.to(dtype), []
     for programs, block_n, sub_r, prefetch in configs:
         plan = plan_loop(layers, group, programs, block_n, sub_r, dtype)
+        def call(per_launch, check, pl=plan, pf=prefetch):
+            return chain_loop(pl, xh, per_launch, pf, check)
         entry = {"programs": plan.programs, "block_n": block_n, "sub_r": sub_r, "prefetch": prefetch}
-        try:
-            for prefix, per_launch in (("", None), ("per_layer_", 1)):
-                def run(pl=plan, per=per_launch, pf=prefetch):
-                    return chain_loop(pl, xh, per, pf)
-                entry[prefix + "rel_err"] = _rel_err(chain_loop(plan, xh, per_launch, prefetch, check=True), ref)
-                if cuda:
-                    entry[prefix + "us_a_layer"] = graph_us([run], repeats) / n_layers
-        except ValueError as exc:
-            entry["skipped"] = str(exc)
-        row["loop"].append(entry)
+        row["loop"].append(both_ways(entry, call, ref, cuda, repeats, len(layers)))
     return row
 
 
@@ -265,15 +233,9 @@ def llama_step(rate: float, group: int, blocks: int = 32) -> list[tuple[int, int
 
 
 def report(row: dict, copy_tbps: float | None) -> None:
-    ran = [e for e in row["loop"] if "skipped" not in e]
-    if copy_tbps is None:
-        worst = max(max(e["rel_err"], e["per_layer_rel_err"]) for e in ran)
-        print(f"{row['chain']}: relative errors launches {row['launches_rel_err']:.1e}, loop {worst:.1e} (worst of "
-              f"{len(ran)} configs, one launch and per layer)")
+    if report_head(row, copy_tbps, "loop") is None:
         return
-    ideal, prod = row["bytes_a_layer"] / 1e6 / copy_tbps, row["launches_us_a_layer"]
-    print(f"{row['chain']}: production GEMV {prod:.2f} us a layer ({ideal / prod:.0%} of copy, the bytes alone "
-          f"{ideal:.2f} us)", flush=True)
+    prod = row["launches_us_a_layer"]
     for e in row["loop"]:
         head = f"    {e['programs']:5d} programs x {e['block_n']:3d} x {e['sub_r']} rows, prefetch {e['prefetch']}: "
         print(head + (f"skipped ({e['skipped']})" if "skipped" in e else
@@ -282,31 +244,20 @@ def report(row: dict, copy_tbps: float | None) -> None:
               flush=True)
 
 
+def setup_chains(cuda: bool, sms: int):
+    if not cuda:  # the interpreter: one program a launch of all layers
+        return ({"tiny square": square(64, 3), "tiny mixed": [(64, 96), (96, 32), (32, 64)],
+                 "tiny prefixes": [(64, 96), (64, 64), (32, 160), (96, 64)]},  # reading the start of the last output
+                32, [(1, 32, 2, 2), (1, 16, 1, 0)])
+    # the production GEMV's batch-1 tiles (128 columns, 2 x 4 packed rows) at its 8 programs an SM (63 registers: 8
+    # fit), with and without the L2 prefetch before the wait; fewer, wider programs
+    return ({"o-sized 32 x 4096": square(4096, 32), "mlp up/down 16 x 2": pairs(4096, 14336, 16),
+             **{f"llama-8b step GEMVs, rate {r}": llama_step(r, 128) for r in (0.0, 0.35)}}, 128,
+            [(sms * 8, 128, 4, 2), (sms * 8, 128, 4, 0), (sms * 4, 256, 4, 2), (sms * 2, 128, 4, 2)])
+
+
 def main(argv=None) -> None:
-    args, cuda = probe_args(__doc__, "layer_loop_probe.py", argv)
-    out = {"what": __doc__.splitlines()[0], "device": "cpu (interpreter)", "copy_TBps": None, "rows": []}
-    if cuda:
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        out["device"] = torch.cuda.get_device_name()
-        big = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")  # the copy anchor, as kernel_bench.py
-        out["copy_TBps"] = 2 * 2**28 / graph_us([lambda: torch.add(big[: 2**27], 0, out=big[2**27:])],
-                                                args.repeats) / 1e6
-        del big
-        chains = {"o-sized 32 x 4096": square(4096, 32), "mlp up/down 16 x 2": pairs(4096, 14336, 16),
-                  **{f"llama-8b step GEMVs, rate {r}": llama_step(r, 128) for r in (0.0, 0.35)}}
-        # the production GEMV's batch-1 tiles (128 columns, 2 x 4 packed rows) at its 8 programs an SM (63
-        # registers: 8 fit), with and without the L2 prefetch before the wait; fewer, wider programs
-        group, configs = 128, [(sms * 8, 128, 4, 2), (sms * 8, 128, 4, 0), (sms * 4, 256, 4, 2), (sms * 2, 128, 4, 2)]
-    else:
-        chains = {"tiny square": square(64, 3), "tiny mixed": [(64, 96), (96, 32), (32, 64)],
-                  "tiny prefixes": [(64, 96), (64, 64), (32, 160), (96, 64)]}  # reading the start of the last output
-        group, configs = 32, [(1, 32, 2, 2), (1, 16, 1, 0)]  # the interpreter: one program a launch of all layers
-    for name, shapes in chains.items():
-        row = probe(name, shapes, group, configs, cuda, args.repeats)
-        out["rows"].append(row)
-        report(row, out["copy_TBps"])
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+    run_chains(__doc__, "layer_loop_probe.py", setup_chains, probe, report, argv)
 
 
 if __name__ == "__main__":

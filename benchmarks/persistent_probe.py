@@ -25,13 +25,14 @@ output is checked against the fp32 torch reference first.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 
 import torch
 import triton
 import triton.language as tl
-from graph_timing import graph_us, probe_args
+from graph_timing import copy_tbps, graph_us, probe_args, programs_held
 
 from uniql.kernels import int4_matmul as im
 from uniql.kernels.int4_format import ZERO, dequantize, rtn_quantize
@@ -231,44 +232,22 @@ def chain_persistent(plan: ChainPlan, x: torch.Tensor, programs: int, per_launch
             continue
         args = (plan.acts, plan.qw, plan.sc, plan.start, plan.meta, plan.sync[n_layers:], plan.sync[2 * n_layers:],
                 first, last)
-        _check_static(plan, programs, args, common)
-        _static_chain_kernel[(programs,)](*args, **common, ONCE=schedule == "static_once")
+        consts = {**common, "ONCE": schedule == "static_once"}
+        _check_static(plan, programs, args, consts)
+        _static_chain_kernel[(programs,)](*args, **consts)
     if check and plan.sync[2 * n_layers].item():
         raise RuntimeError(f"{plan.sync[2 * n_layers].item()} tasks ran before their input was complete")
     return plan.acts[-plan.dims[-1]:]
 
 
-def _check_static(plan: ChainPlan, programs: int, args, common: dict) -> None:
+def _check_static(plan: ChainPlan, programs: int, args, consts: dict) -> None:
     """Refuse a static grid that could not run: more programs than a layer has tasks, or (GPU) more than the SMs
     hold at once (programs that never start would leave the others waiting forever)."""
     fewest = min(plan.tasks)
     if programs > fewest:
         raise ValueError(f"a static schedule takes at most {fewest} programs here (a layer's tasks), not {programs}")
-    if common["WAIT"] and programs > (resident := resident_programs(args, common)):
+    if consts["WAIT"] and programs > (resident := programs_held(_static_chain_kernel, args, consts)):
         raise ValueError(f"{programs} programs do not fit on the GPU at once (it holds {resident} of them)")
-
-
-_RESIDENT: dict[tuple, int] = {}
-
-
-def resident_programs(args, common: dict) -> int:
-    """How many ``_static_chain_kernel`` programs the GPU holds at once, from the compiled kernel's registers and
-    shared memory (the limits of sm_80 / sm_90: 64 K registers, 64 warps and 32 blocks an SM). Cached: the first
-    call (eager, before a graph capture, which cannot load a module) compiles."""
-    key = tuple(sorted(common.items()))
-    if key not in _RESIDENT:
-        _RESIDENT[key] = _resident_programs(args, common)
-    return _RESIDENT[key]
-
-
-def _resident_programs(args, common: dict) -> int:
-    compiled = _static_chain_kernel.warmup(*args, grid=(1,), **common, ONCE=False)  # ONCE: the same registers
-    compiled._init_handles()
-    warps = common["num_warps"]
-    props = torch.cuda.get_device_properties(0)
-    by_regs = 65536 // (-(-compiled.n_regs // 8) * 8 * 32 * warps)
-    by_smem = props.shared_memory_per_multiprocessor // max(compiled.metadata.shared, 1)
-    return props.multi_processor_count * min(by_regs, by_smem, 64 // warps, 32)
 
 
 def chain_launches(layers, x: torch.Tensor, group: int) -> torch.Tensor:
@@ -305,46 +284,67 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref).norm() / ref.norm()).item()
 
 
+def anchor_row(name: str, shapes, group: int, cuda: bool, repeats: int, act_dtype: torch.dtype):
+    """A chain of random (K, N) layers and its row: bytes a layer, the production GEMV a layer (error against the
+    fp32 reference; on a GPU, microseconds a layer). Returns (row, input, layers, reference)."""
+    x, layers = random_layers(shapes, group, "cuda" if cuda else "cpu")
+    ref, n_layers, xh = chain_reference(layers, x, group), len(layers), x.to(act_dtype)
+    row = {"chain": name, "shapes": shapes, "group": group, "launches_rel_err": _rel_err(chain_launches(layers, xh,
+                                                                                                       group), ref),
+           "bytes_a_layer": sum(qw.numel() * 4 + sc.numel() * 2 for qw, sc in layers) / n_layers}
+    if cuda:
+        row["launches_us_a_layer"] = graph_us([lambda: chain_launches(layers, xh, group)], repeats) / n_layers
+    return row, x, layers, ref
+
+
+def both_ways(entry: dict, call, ref: torch.Tensor, cuda: bool, repeats: int, n_layers: int) -> dict:
+    """``call(per_launch, check)`` in one launch (per_launch None) and launched per layer (1): its error against
+    ``ref`` and, on a GPU, microseconds a layer; a grid that cannot run (ValueError) is recorded as skipped."""
+    try:
+        for prefix, per_launch in (("", None), ("per_layer_", 1)):
+            entry[prefix + "rel_err"] = _rel_err(call(per_launch, True), ref)
+            if cuda:
+                entry[prefix + "us_a_layer"] = graph_us([functools.partial(call, per_launch, False)],
+                                                        repeats) / n_layers
+    except ValueError as exc:
+        entry = {**entry, "skipped": str(exc)}
+    return entry
+
+
 def probe(name: str, dims: list[int], group: int, configs, cuda: bool, repeats: int) -> dict:
     """One chain: the production GEMV a layer, then each (schedule, programs, block_n, rows) config in one launch
     and launched per layer (a config the static schedule refuses is recorded with the reason)."""
-    x, layers = random_chain(dims, group, "cuda" if cuda else "cpu")
-    ref = chain_reference(layers, x, group)
-    n_layers = len(layers)
-    row = {"chain": name, "dims": dims, "group": group,
-           "bytes_a_layer": sum(qw.numel() * 4 + sc.numel() * 2 for qw, sc in layers) / n_layers}
-    xh = x.to(torch.bfloat16 if cuda else torch.float32)
-    row["launches_rel_err"] = _rel_err(chain_launches(layers, xh, group), ref)
-    if cuda:
-        row["launches_us_a_layer"] = graph_us([lambda: chain_launches(layers, xh, group)], repeats) / n_layers
+    row, x, layers, ref = anchor_row(name, list(itertools.pairwise(dims)), group, cuda, repeats,
+                                     torch.bfloat16 if cuda else torch.float32)
     row["persistent"] = []
     for schedule, programs, block_n, rows in configs:
         plan = plan_chain(layers, group, block_n, rows)
+        def call(per_launch, check, pl=plan, p=programs, sch=schedule):
+            return chain_persistent(pl, x, p, per_launch, check, schedule=sch)
         entry = {"schedule": schedule, "programs": programs, "block_n": block_n, "rows": rows}
-        try:
-            for prefix, per_launch in (("", None), ("per_layer_", 1)):
-                def run(pl=plan, p=programs, per=per_launch, sch=schedule):
-                    return chain_persistent(pl, x, p, per, schedule=sch)
-                got = chain_persistent(plan, x, programs, per_launch, check=True, schedule=schedule)
-                entry[prefix + "rel_err"] = _rel_err(got, ref)
-                if cuda:
-                    entry[prefix + "us_a_layer"] = graph_us([run], repeats) / n_layers
-        except ValueError as exc:  # a static grid that cannot run here
-            entry = {**entry, "skipped": str(exc)}
-        row["persistent"].append(entry)
+        row["persistent"].append(both_ways(entry, call, ref, cuda, repeats, len(layers)))
     return row
 
 
-def report(row: dict, copy_tbps: float | None) -> None:
-    ran = [e for e in row["persistent"] if "skipped" not in e]
+def report_head(row: dict, copy_tbps: float | None, key: str) -> tuple[list[dict], float] | None:
+    """A chain's first report line: the worst error of the configs under ``key`` (interpreter: then None), or the
+    production GEMV's time against the bytes'. Returns the configs that ran and the bytes' microseconds a layer."""
+    ran = [e for e in row[key] if "skipped" not in e]
     if copy_tbps is None:
         worst = max(max(e["rel_err"], e["per_layer_rel_err"]) for e in ran)
-        print(f"{row['chain']}: relative errors launches {row['launches_rel_err']:.1e}, persistent {worst:.1e} "
+        print(f"{row['chain']}: relative errors launches {row['launches_rel_err']:.1e}, {key} {worst:.1e} "
               f"(worst of {len(ran)} configs, one launch and per layer)")
-        return
+        return None
     ideal = row["bytes_a_layer"] / 1e6 / copy_tbps
     print(f"{row['chain']}: production GEMV {row['launches_us_a_layer']:.2f} us a layer "
           f"({ideal / row['launches_us_a_layer']:.0%} of copy, the bytes alone {ideal:.2f} us)", flush=True)
+    return ran, ideal
+
+
+def report(row: dict, copy_tbps: float | None) -> None:
+    if (head := report_head(row, copy_tbps, "persistent")) is None:
+        return
+    ran, ideal = head
     for schedule in SCHEDULES:
         mine = [e for e in ran if e["schedule"] == schedule]
         if mine:
@@ -360,32 +360,36 @@ def report(row: dict, copy_tbps: float | None) -> None:
               flush=True)
 
 
-def main(argv=None) -> None:
-    args, cuda = probe_args(__doc__, "persistent_probe.py", argv)
-    out = {"what": __doc__.splitlines()[0], "device": "cpu (interpreter)", "copy_TBps": None, "rows": []}
+def run_chains(doc: str, script: str, setup, probe_fn, report_fn, argv=None) -> None:
+    """The chain probes' main: ``setup(cuda, sms)`` gives (chains, group, configs); each chain's row from
+    ``probe_fn(name, chain, group, configs, cuda, repeats)``, printed by ``report_fn``; JSON with the copy anchor."""
+    args, cuda = probe_args(doc, script, argv)
+    out = {"what": doc.splitlines()[0], "device": "cpu (interpreter)", "copy_TBps": None, "rows": []}
     if cuda:
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        out["device"] = torch.cuda.get_device_name()
-        big = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")  # the copy anchor, as kernel_bench.py
-        copy_us = graph_us([lambda: torch.add(big[: 2**27], 0, out=big[2**27:])], args.repeats)
-        out["copy_TBps"] = 2 * 2**28 / copy_us / 1e6
-        del big
-        chains = {"o-sized 32 x 4096": [4096] * 33, "mlp up/down 16 x 2": [4096, 14336] * 16 + [4096]}
-        # the tickets' and the static grids' best of stop 36's first runs, then static grids publishing once a layer
-        # at 1-4 programs an SM, up to one task a program a layer (128 x 64 tiles: 256 tasks in an o-sized layer)
-        tiles = ((128, 16), (256, 16), (128, 32), (128, 64))  # 256 x 32 spills (ptxas, sm_90)
-        group, configs = 128, ([("tickets", sms * 8, 128, 16), ("static", sms * 2, 128, 32)]
-                               + [("static_once", sms * p, b, r) for p in (1, 2, 3, 4) for b, r in tiles])
-    else:
-        chains = {"tiny square": [64] * 4, "tiny mixed": [64, 96, 32, 64]}
-        group, configs = 32, [("tickets", 1, 32, 4), ("tickets", 3, 32, 8), ("tickets", 2, 64, 4),
-                              ("static", 1, 32, 4), ("static_once", 1, 64, 8)]  # the interpreter: one static program
-    for name, dims in chains.items():
-        row = probe(name, dims, group, configs, cuda, args.repeats)
-        out["rows"].append(row)
-        report(row, out["copy_TBps"])
+        out["device"], out["copy_TBps"] = torch.cuda.get_device_name(), copy_tbps(args.repeats)
+    chains, group, configs = setup(cuda, torch.cuda.get_device_properties(0).multi_processor_count if cuda else 1)
+    for name, chain in chains.items():
+        out["rows"].append(probe_fn(name, chain, group, configs, cuda, args.repeats))
+        report_fn(out["rows"][-1], out["copy_TBps"])
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
+
+
+def setup_chains(cuda: bool, sms: int):
+    if not cuda:
+        return ({"tiny square": [64] * 4, "tiny mixed": [64, 96, 32, 64]}, 32,
+                [("tickets", 1, 32, 4), ("tickets", 3, 32, 8), ("tickets", 2, 64, 4), ("static", 1, 32, 4),
+                 ("static_once", 1, 64, 8)])  # the interpreter: one static program
+    # the tickets' and the static grids' best of stop 36's first runs, then static grids publishing once a layer at
+    # 1-4 programs an SM, up to one task a program a layer (128 x 64 tiles: 256 tasks in an o-sized layer)
+    tiles = ((128, 16), (256, 16), (128, 32), (128, 64))  # 256 x 32 spills (ptxas, sm_90)
+    return ({"o-sized 32 x 4096": [4096] * 33, "mlp up/down 16 x 2": [4096, 14336] * 16 + [4096]}, 128,
+            [("tickets", sms * 8, 128, 16), ("static", sms * 2, 128, 32)]
+            + [("static_once", sms * p, b, r) for p in (1, 2, 3, 4) for b, r in tiles])
+
+
+def main(argv=None) -> None:
+    run_chains(__doc__, "persistent_probe.py", setup_chains, probe, report, argv)
 
 
 if __name__ == "__main__":

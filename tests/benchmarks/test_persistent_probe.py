@@ -65,11 +65,17 @@ def test_a_static_task_that_would_read_an_unfinished_input_is_caught():
         pp.chain_persistent(pp.plan_chain(layers, 32, 32, 4), x, 2, check=True, schedule="static")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="programs wait for each other only on a GPU")
-def test_static_chain_on_the_gpu_at_a_real_size():
+@pytest.fixture(scope="module")
+def real_chain():
+    """An MLP pair and three o-sized layers on the GPU: input, layers, fp32 reference, SM count."""
+    if not torch.cuda.is_available():
+        pytest.skip("programs wait for each other only on a GPU")
     x, layers = pp.random_chain([4096, 14336, 4096, 4096, 4096], 128, "cuda")
-    ref = pp.chain_reference(layers, x, 128)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return x, layers, pp.chain_reference(layers, x, 128), torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def test_static_chain_on_the_gpu_at_a_real_size(real_chain):
+    x, layers, ref, sms = real_chain
     plan = pp.plan_chain(layers, 128)
     for programs, schedule in itertools.product((sms, 2 * sms), ("static", "static_once")):
         got = pp.chain_persistent(plan, x, programs, check=True, schedule=schedule)
@@ -79,11 +85,8 @@ def test_static_chain_on_the_gpu_at_a_real_size():
         pp.chain_persistent(pp.plan_chain(layers, 128, 32, 8), x, 20 * sms, schedule="static")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="programs wait for each other only on a GPU")
-def test_chain_on_the_gpu_at_a_real_size():
-    x, layers = pp.random_chain([4096, 14336, 4096, 4096, 4096], 128, "cuda")
-    ref = pp.chain_reference(layers, x, 128)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+def test_chain_on_the_gpu_at_a_real_size(real_chain):
+    x, layers, ref, sms = real_chain
     plan = pp.plan_chain(layers, 128)
     for programs in (sms, 8 * sms, 40 * sms):  # more than fit at once too: tickets keep it deadlock-free
         got = pp.chain_persistent(plan, x, programs, check=True)
