@@ -1,6 +1,6 @@
 """A persistent chain of batch-1 INT4 GEMVs whose task body IS the production GEMV's (GPU probe, issue 5).
 
-``persistent_probe.py`` (stop 36) found one launch for a chain of dependent layers saves 1.5-2.9 us a layer against
+``persistent_probe.py`` (stop 36) found one launch for a chain of dependent layers saves up to ~2.6 us a layer against
 the same kernel launched per layer, but its simple task bodies ran ~2x slower than the production GEMV a layer. This
 probe keeps the production arithmetic and only moves the launch boundary: ``_layer_loop_kernel`` loops over the
 layers inside one launch, and each of its tasks (a column block and a K split of one layer) runs
