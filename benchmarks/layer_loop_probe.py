@@ -1,15 +1,16 @@
 """A persistent chain of batch-1 INT4 GEMVs whose task body IS the production GEMV's (GPU probe, issue 5).
 
-``persistent_probe.py`` (stop 36) found one launch for a chain of dependent layers saves up to ~2.6 us a layer against
-the same kernel launched per layer, but its simple task bodies ran ~2x slower than the production GEMV a layer. This
-probe keeps the production arithmetic and only moves the launch boundary: ``_layer_loop_kernel`` loops over the
-layers inside one launch, and each of its tasks (a column block and a K split of one layer) runs
-``int4_gemv._gemv_h2_kernel``'s batch-1 body (its tiles, the half2 dot in inline PTX, the scale row) and its split-K
-finish (``int4_tiles._finish``: the partials parked, the column block's last program sums them in split order and
-writes the bf16 output). That last program then publishes the block (a release add on the layer's done counter); a
-program's first task of a layer pulls its weight tiles into L2 (``_prefetch_tiles``) and then waits (an acquire
-load) until every block of the previous layer is out. Program p takes tasks p, p + P, ... of every layer, so the
-grid must be resident at once (the launcher checks the compiled kernel's registers).
+``persistent_probe.py`` (stop 36) found one launch for a chain of dependent layers saves up to ~2.6 us a layer
+against the same kernel launched per layer, but its simple task bodies ran ~2x slower than the production GEMV a
+layer. This probe keeps the production arithmetic and only moves the launch boundary: ``_layer_loop_kernel`` loops
+over the layers inside one launch, and each of its tasks (a column block and a K split of one layer) runs
+``int4_gemv._gemv_h2_kernel``'s batch-1 K loop from its own pieces (``_tile``: codes and scale row, ``_row_pairs``,
+``_dot_row``: the half2 dot in inline PTX) and its split-K finish (``int4_tiles._finish``: the partials parked, the
+column block's last program sums them in split order and writes the bf16 output). That last program then publishes
+the block (a release add on the layer's done counter); a program's first task of a layer pulls its weight tiles into
+L2 (``_prefetch_tiles``) and then waits (an acquire load) until every block of the previous layer is out. Program p
+takes tasks p, p + P, ... of every layer, so the grid must be resident at once (the launcher checks the compiled
+kernel's registers).
 
 Timed per layer, against the production GEMV a layer (``persistent_probe.chain_launches``) in the same run: the
 loop in ONE launch and the same kernel launched once a layer. A chain is 32 o-sized 4096 layers, 16 Llama-MLP
@@ -98,25 +99,17 @@ def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr,
 @triton.jit
 def _task_sum(x_ptr, qw, sc, n, rows_k, offs_n, t0, t1, GROUP: tl.constexpr, SUB_R: tl.constexpr,
               X_BF16: tl.constexpr, ASM: tl.constexpr):
-    """``_gemv_h2_kernel``'s batch-1 K loop over tiles [t0, t1) of one column block: the [1, BLOCK_N] sum / 16."""
+    """``_gemv_h2_kernel``'s batch-1 K loop over tiles [t0, t1) of one column block (stride n: a compact layer):
+    the [1, BLOCK_N] sum / 16."""
     mask_n = (offs_n < n)[None, :]
     wcol = offs_n[None, :]
     offs_r = tl.arange(0, SUB_R)[:, None]
     acc = tl.zeros([SUB_R, offs_n.shape[0]], tl.float32)
     one = tl.full([], 1.0, tl.float32)
-    for t in range(t0, t1):
-        ra = t * 2 * SUB_R + offs_r
-        rb = ra + SUB_R
-        ma, mb = ra < rows_k, rb < rows_k
-        wa = tl.load(qw + ra * n + wcol, mask=ma & mask_n, other=0, eviction_policy="evict_first")
-        wb = tl.load(qw + rb * n + wcol, mask=mb & mask_n, other=0, eviction_policy="evict_first")
-        scale = tl.load(sc + (t * 2 * SUB_R * 8 // GROUP) * n + wcol, mask=mask_n, other=0.0).to(tl.float32)
+    for t in range(t0, t1):  # the production K loop's own pieces: tile loads, activation pairs, dot
+        ra, rb, ma, mb, wa, wb, scale = ig._tile(qw, n, sc, n, wcol, mask_n, offs_r, t, rows_k, GROUP, SUB_R)
         p = ig._row_pairs(x_ptr, 0, 0, 1, ra, rb, ma, mb, one, X_BF16, ASM, False)
-        if ASM:  # noqa: SIM108 (a constexpr branch)
-            d = ig._dot1(wa, wb, p)
-        else:
-            d = ig._dot_emulated(wa, wb, p)
-        acc += d * scale
+        acc += ig._dot_row(wa, wb, p, ASM) * scale
     return tl.sum(acc, axis=0)[None, :]
 
 

@@ -1,6 +1,6 @@
 """Does one persistent kernel remove the per-launch cost of a chain of dependent batch-1 INT4 GEMVs? (GPU probe)
 
-The Llama-8B decode step runs ~0.9 ms above its bytes (docs/performance-log.md, stop 34): ~130 launches a step, each
+The Llama-8B decode step runs ~0.9 ms above its bytes (docs/performance-log.md, stop 34): ~200 launches a step, each
 paying its launch, its first loads and its tail, which only fewer, longer-lived kernels remove (issue 5's 0.75 ratio
 needs ~0.4 ms of it gone). This probe measures the idea on chains of layers x_{l+1} = W_l x_l (INT4 codes + fp16
 group scales in the project's format, batch 1): 32 square 4096 layers (o-sized), and 16 pairs of the Llama-8B MLP's
@@ -13,6 +13,9 @@ up (14336 x 4096) and down (4096 x 14336) shapes. Each chain is timed as
   layer's fp32 output with atomics. The weight stream of layer l+1 thus overlaps the tail of layer l, and there is no
   launch between layers. Tickets are handed out in order, so a task waits only for tasks that running programs
   hold: no deadlock at any grid size, and the Triton interpreter (programs run one after another) runs it too;
+* ``static`` / ``static_once``: ONE launch of ``_static_chain_kernel``: no tickets; program p takes tasks p, p + P, ...
+  of every layer and loads its next task's tile before it waits, publishing after each task or once a layer (the
+  grid must be resident at once: checked);
 * ``per_layer``: the same kernel launched once a layer (the anchor with the same arithmetic).
 
 Per layer: microseconds and the fraction of a copy's bandwidth (codes + scales over time). Every configuration's
@@ -164,7 +167,8 @@ def _task_tile(qw_ptr, sc_ptr, row, task, live, GROUP: tl.constexpr, BLOCK_N: tl
 
 @dataclasses.dataclass
 class ChainPlan:
-    """A chain laid out for ``_chain_kernel`` at one tiling (the weights copied into flat buffers)."""
+    """A chain laid out for ``_chain_kernel`` / ``_static_chain_kernel`` at one tiling (the weights copied into flat
+    buffers)."""
     qw: torch.Tensor
     sc: torch.Tensor
     start: torch.Tensor
@@ -289,8 +293,8 @@ def anchor_row(name: str, shapes, group: int, cuda: bool, repeats: int, act_dtyp
     fp32 reference; on a GPU, microseconds a layer). Returns (row, input, layers, reference)."""
     x, layers = random_layers(shapes, group, "cuda" if cuda else "cpu")
     ref, n_layers, xh = chain_reference(layers, x, group), len(layers), x.to(act_dtype)
-    row = {"chain": name, "shapes": shapes, "group": group, "launches_rel_err": _rel_err(chain_launches(layers, xh,
-                                                                                                       group), ref),
+    row = {"chain": name, "shapes": shapes, "group": group,
+           "launches_rel_err": _rel_err(chain_launches(layers, xh, group), ref),
            "bytes_a_layer": sum(qw.numel() * 4 + sc.numel() * 2 for qw, sc in layers) / n_layers}
     if cuda:
         row["launches_us_a_layer"] = graph_us([lambda: chain_launches(layers, xh, group)], repeats) / n_layers

@@ -225,6 +225,34 @@ def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, rs, X_BF16:
 
 
 @triton.jit
+def _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t, rows_k, GROUP: tl.constexpr,
+          SUB_R: tl.constexpr):
+    """K tile ``t`` of one column block (``wcol`` [1, BLOCK_N], ``mask_n``): its two row blocks' packed rows and
+    masks ``[SUB_R, 1]``, their codes ``[SUB_R, BLOCK_N]`` and the tile's fp32 scale row ``[1, BLOCK_N]``."""
+    ra = t * 2 * SUB_R + offs_r  # the tile's first SUB_R packed rows, then the next SUB_R
+    rb = ra + SUB_R
+    ma = ra < rows_k
+    mb = rb < rows_k
+    wa = tl.load(qw_ptr + ra * stride_qw + wcol, mask=ma & mask_n, other=0, eviction_policy="evict_first")
+    wb = tl.load(qw_ptr + rb * stride_qw + wcol, mask=mb & mask_n, other=0, eviction_policy="evict_first")
+    # the tile's scale row as [1, BLOCK_N]: the compiler moves the dot results through shared memory for it (two
+    # barriers per tile), yet loading it in the weights' [SUB_R, BLOCK_N] layout instead, barrier-free, measured
+    # 17-30 % slower on the H100 (benchmarks/results/gemv_ab_h100.json)
+    scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
+    return ra, rb, ma, mb, wa, wb, scale.to(tl.float32)
+
+
+@triton.jit
+def _dot_row(wa, wb, p, ASM: tl.constexpr):
+    """One activation row's dot with the tile (``_dot1``; its plain-Triton twin under the interpreter)."""
+    if ASM:  # noqa: SIM108 (a constexpr branch, not a run-time select)
+        d = _dot1(wa, wb, p)
+    else:
+        d = _dot_emulated(wa, wb, p)
+    return d
+
+
+@triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
                     s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
@@ -270,24 +298,11 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     rs2 = _row_rstd(ss_in_ptr, 2, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs3 = _row_rstd(ss_in_ptr, 3, M, n_parts, inv_k, eps, NORM, PARTS_P)
     for t in range(t0, t1):
-        ra = t * 2 * SUB_R + offs_r  # the tile's first SUB_R packed rows, then the next SUB_R
-        rb = ra + SUB_R
-        ma = ra < rows_k
-        mb = rb < rows_k
-        wa = tl.load(qw_ptr + ra * stride_qw + wcol, mask=ma & mask_n, other=0, eviction_policy="evict_first")
-        wb = tl.load(qw_ptr + rb * stride_qw + wcol, mask=mb & mask_n, other=0, eviction_policy="evict_first")
-        # the tile's scale row as [1, BLOCK_N]: the compiler moves the dot results through shared memory for it (two
-        # barriers per tile), yet loading it in the weights' [SUB_R, BLOCK_N] layout instead, barrier-free, measured
-        # 17-30 % slower on the H100 (benchmarks/results/gemv_ab_h100.json)
-        scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
-        scale = scale.to(tl.float32)
+        ra, rb, ma, mb, wa, wb, scale = _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t, rows_k,
+                                              GROUP, SUB_R)
         p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0, X_BF16, ASM, NORM)
         if BLOCK_M == 1:
-            if ASM:  # noqa: SIM108 (a constexpr branch, not a run-time select)
-                d0 = _dot1(wa, wb, p0)
-            else:
-                d0 = _dot_emulated(wa, wb, p0)
-            acc0 += d0 * scale
+            acc0 += _dot_row(wa, wb, p0, ASM) * scale
         elif BLOCK_M == 2:
             p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
             if ASM:
