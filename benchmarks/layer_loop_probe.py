@@ -38,12 +38,23 @@ from uniql.kernels.int4_tiles import _finish
 
 # a layer's row: N, K, K splits, tiles a split, codes / scales / input / output / workspace / counter offsets
 META = tl.constexpr(10)
+LINE_WORDS = 32  # int32s a 128-byte line: each layer's done counter on its own (polls of one layer's do not
+# queue behind the release adds on the next one's)
+LINE = tl.constexpr(LINE_WORDS)
+
+
+@triton.jit
+def _poll_after_sleep(ptr, ns):
+    """Sleep about ``ns`` nanoseconds, then ``_load_acquire(ptr)``."""
+    return tl.inline_asm_elementwise("nanosleep.u32 $2;\n\tld.global.acquire.gpu.b32 $0, [$1];", "=r,l,r",
+                                     [ptr, ns], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _layer_loop_kernel(acts_ptr, qw_ptr, sc_ptr, meta_ptr, ws_ptr, cnt_ptr, done_ptr, err_ptr, first, last,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr, SUM_STEP: tl.constexpr,
-                       PREFETCH: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr):
+                       PREFETCH: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr,
+                       SLEEP: tl.constexpr):
     """Layers [first, last) of a chain; acts (bf16 / fp16): the input, then each layer's output. Program p runs
     tasks p, p + P, ... of each layer (none where the layer has fewer: it goes on to the next). WAIT False (the
     interpreter, programs one after another): a task whose input is unfinished counts an error instead of waiting."""
@@ -55,7 +66,8 @@ def _layer_loop_kernel(acts_ptr, qw_ptr, sc_ptr, meta_ptr, ws_ptr, cnt_ptr, done
         count = tl.cdiv(n, BLOCK_N) * splits
         if task < count:
             _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr, layer, n, splits, task,
-                      (task == pid) & (layer > first), GROUP, BLOCK_N, SUB_R, SUM_STEP, PREFETCH, X_BF16, ASM, WAIT)
+                      (task == pid) & (layer > first), GROUP, BLOCK_N, SUB_R, SUM_STEP, PREFETCH, X_BF16, ASM, WAIT,
+                      SLEEP)
         task += programs
         if task >= count:
             layer, task = layer + 1, pid
@@ -64,7 +76,8 @@ def _layer_loop_kernel(acts_ptr, qw_ptr, sc_ptr, meta_ptr, ws_ptr, cnt_ptr, done
 @triton.jit
 def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr, layer, n, splits, task, wait,
               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr, SUM_STEP: tl.constexpr,
-              PREFETCH: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr):
+              PREFETCH: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr,
+              SLEEP: tl.constexpr):
     """One task (column block ``task // splits``, K split ``task % splits``) of the layer whose table row is
     ``row``; ``wait``: the program's first task of a layer past the launch's first, whose input must be complete
     (every column block of the layer before published: the tasks of that layer waited for theirs)."""
@@ -80,10 +93,12 @@ def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr,
             ig._prefetch_tiles(qw, n, blk * BLOCK_N, n - blk * BLOCK_N, t0, tl.minimum(t1, t0 + PREFETCH), rows_k,
                                SUB_R, BLOCK_N)
         before = tl.cdiv(tl.load(row - META), BLOCK_N)  # the previous layer's column blocks
+        done_at = done_ptr + (layer - 1) * LINE
         if WAIT:
-            while _load_acquire(done_ptr + layer - 1) < before:
-                pass
-        elif tl.atomic_add(done_ptr + layer - 1, 0, sem="acquire") < before:
+            seen = _load_acquire(done_at)
+            while seen < before:  # SLEEP ns between polls (fewer loads queued at the counter's L2 slice)
+                seen = _poll_after_sleep(done_at, SLEEP) if SLEEP > 0 else _load_acquire(done_at)
+        elif tl.atomic_add(done_at, 0, sem="acquire") < before:
             tl.atomic_add(err_ptr, 1, sem="relaxed")
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     x_at, sc_at = tl.multiple_of(tl.load(row + 6), 16), tl.multiple_of(tl.load(row + 5), 16)
@@ -93,7 +108,7 @@ def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr,
     _, wrote = _finish(acc * 16.0, blk, split, splits, ws_ptr + ws_at, cnt_ptr + tl.load(row + 9), acts_ptr + out_at,
                        0, acts_ptr, offs_m, offs_m < 1, offs_n, offs_n < n, 1, BLOCK_N, True, False, SUM_STEP)
     if wrote:  # the block's output is stored (a CTA barrier precedes a scalar atomic): publish it
-        tl.atomic_add(done_ptr + layer, 1, sem="release")
+        tl.atomic_add(done_ptr + layer * LINE, 1, sem="release")
 
 
 @triton.jit
@@ -122,7 +137,7 @@ class LoopPlan:
     acts: torch.Tensor  # the input, then each layer's output
     ws: torch.Tensor  # split-K partials, every layer's column blocks x splits x BLOCK_N
     cnt: torch.Tensor  # every layer's column-block arrival counters (zero between launches: _finish resets them)
-    sync: torch.Tensor  # [0, L): each layer's done counter; [L]: errors
+    sync: torch.Tensor  # each layer's done counter (LINE apart), then the error count
     dims: list[int]
     programs: int
     group: int
@@ -161,15 +176,15 @@ def plan_loop(layers, group: int, programs: int, block_n: int = 128, sub_r: int 
                     torch.empty(sum(dims), dtype=dtype, device=device),
                     torch.empty(at["w"], dtype=torch.float32, device=device),
                     torch.zeros(at["c"], dtype=torch.int32, device=device),
-                    torch.empty(len(layers) + 1, dtype=torch.int32, device=device), dims,
+                    torch.empty(len(layers) * LINE_WORDS + 1, dtype=torch.int32, device=device), dims,
                     programs, group, block_n, sub_r, max(8, triton.next_power_of_2(most)))
 
 
 def chain_loop(plan: LoopPlan, x: torch.Tensor, per_launch: int | None = None, prefetch: int = 2,
-               check: bool = False) -> torch.Tensor:
+               check: bool = False, sleep_ns: int = 0) -> torch.Tensor:
     """The chain's output ([N of the last layer], the plan's dtype) from launches of ``plan.programs`` programs,
-    ``per_launch`` layers each (default all: one launch). ``check`` (a host sync): raise if a task ran before its
-    input was complete (interpreter)."""
+    ``per_launch`` layers each (default all: one launch); a waiting program sleeps ``sleep_ns`` between polls.
+    ``check`` (a host sync): raise if a task ran before its input was complete (interpreter)."""
     n_layers = len(plan.dims) - 1
     if x.shape != (plan.dims[0],):
         raise ValueError(f"the chain takes a [{plan.dims[0]}] input, got {tuple(x.shape)}")
@@ -178,30 +193,31 @@ def chain_loop(plan: LoopPlan, x: torch.Tensor, per_launch: int | None = None, p
     per_launch = per_launch or n_layers
     consts = {"GROUP": plan.group, "BLOCK_N": plan.block_n, "SUB_R": plan.sub_r, "SUM_STEP": plan.sum_step,
               "PREFETCH": prefetch, "X_BF16": plan.acts.dtype == torch.bfloat16, "ASM": ig.USE_ASM,
-              "WAIT": x.is_cuda, "num_warps": 4}
+              "WAIT": x.is_cuda, "SLEEP": sleep_ns, "num_warps": 4}
     for first in range(0, n_layers, per_launch):
-        args = (plan.acts, plan.qw, plan.sc, plan.meta, plan.ws, plan.cnt, plan.sync, plan.sync[n_layers:], first,
+        errors = plan.sync[n_layers * LINE_WORDS:]
+        args = (plan.acts, plan.qw, plan.sc, plan.meta, plan.ws, plan.cnt, plan.sync, errors, first,
                 min(first + per_launch, n_layers))
         if x.is_cuda and plan.programs > (held := programs_held(_layer_loop_kernel, args, consts)):
             raise ValueError(f"{plan.programs} programs do not fit on the GPU at once (it holds {held} of them)")
         _layer_loop_kernel[(plan.programs,)](*args, **consts)
-    if check and plan.sync[n_layers].item():
-        raise RuntimeError(f"{plan.sync[n_layers].item()} tasks ran before their input was complete")
+    if check and (bad := plan.sync[n_layers * LINE_WORDS].item()):
+        raise RuntimeError(f"{bad} tasks ran before their input was complete")
     return plan.acts[-plan.dims[-1]:]
 
 
 def probe(name: str, shapes: list[tuple[int, int]], group: int, configs, cuda: bool, repeats: int) -> dict:
-    """One chain of (K, N) layers: the production GEMV a layer, then each (programs, block_n, sub_r, prefetch)
-    config of the loop in one launch and launched per layer (a grid that cannot be resident is recorded with the
-    reason)."""
+    """One chain of (K, N) layers: the production GEMV a layer, then each (programs, block_n, sub_r, prefetch,
+    sleep ns) config of the loop in one launch and launched per layer (a grid that cannot be resident is recorded
+    with the reason)."""
     dtype = torch.bfloat16 if cuda else torch.float16
     row, x, layers, ref = anchor_row(name, shapes, group, cuda, repeats, dtype)
     xh, row["loop"] = x.to(dtype), []
-    for programs, block_n, sub_r, prefetch in configs:
+    for programs, block_n, sub_r, prefetch, sleep in configs:
         plan = plan_loop(layers, group, programs, block_n, sub_r, dtype)
-        def call(per_launch, check, pl=plan, pf=prefetch):
-            return chain_loop(pl, xh, per_launch, pf, check)
-        entry = {"programs": plan.programs, "block_n": block_n, "sub_r": sub_r, "prefetch": prefetch}
+        def call(per_launch, check, pl=plan, pf=prefetch, ns=sleep):
+            return chain_loop(pl, xh, per_launch, pf, check, ns)
+        entry = {"programs": plan.programs, "block_n": block_n, "sub_r": sub_r, "prefetch": prefetch, "sleep_ns": sleep}
         row["loop"].append(both_ways(entry, call, ref, cuda, repeats, len(layers)))
     return row
 
@@ -230,7 +246,8 @@ def report(row: dict, copy_tbps: float | None) -> None:
         return
     prod = row["launches_us_a_layer"]
     for e in row["loop"]:
-        head = f"    {e['programs']:5d} programs x {e['block_n']:3d} x {e['sub_r']} rows, prefetch {e['prefetch']}: "
+        head = (f"    {e['programs']:5d} programs x {e['block_n']:3d} x {e['sub_r']} rows, prefetch {e['prefetch']}, "
+                f"sleep {e.get('sleep_ns', 0)}: ")
         print(head + (f"skipped ({e['skipped']})" if "skipped" in e else
                       f"{e['us_a_layer']:.2f} us a layer in one launch (x{e['us_a_layer'] / prod:.2f} of the "
                       f"production GEMV), {e['per_layer_us_a_layer']:.2f} per layer, error {e['rel_err']:.1e}"),
@@ -241,12 +258,15 @@ def setup_chains(cuda: bool, sms: int):
     if not cuda:  # the interpreter: one program a launch of all layers
         return ({"tiny square": square(64, 3), "tiny mixed": [(64, 96), (96, 32), (32, 64)],
                  "tiny prefixes": [(64, 96), (64, 64), (32, 160), (96, 64)]},  # reading the start of the last output
-                32, [(1, 32, 2, 2), (1, 16, 1, 0)])
+                32, [(1, 32, 2, 2, 0), (1, 16, 1, 0, 0)])
     # the production GEMV's batch-1 tiles (128 columns, 2 x 4 packed rows) at its 8 programs an SM (63 registers: 8
-    # fit), with and without the L2 prefetch before the wait; fewer, wider programs
-    return ({"o-sized 32 x 4096": square(4096, 32), "mlp up/down 16 x 2": pairs(4096, 14336, 16),
+    # fit), fewer and wider programs, each with and without a sleep between polls (stop 37's first run: the 1056-
+    # program grids lost to their own per-layer launches, the 528- and 264-program ones won by ~1 us a layer); the
+    # 512-wide chain's layers are all boundary (next to no bytes): what one costs inside a launch and between two
+    return ({"tiny 32 x 512": square(512, 32), "o-sized 32 x 4096": square(4096, 32),
+             "mlp up/down 16 x 2": pairs(4096, 14336, 16),
              **{f"llama-8b step GEMVs, rate {r}": llama_step(r, 128) for r in (0.0, 0.35)}}, 128,
-            [(sms * 8, 128, 4, 2), (sms * 8, 128, 4, 0), (sms * 4, 256, 4, 2), (sms * 2, 128, 4, 2)])
+            [(p, b, 4, 2, ns) for p, b in ((sms * 8, 128), (sms * 4, 256), (sms * 2, 128)) for ns in (0, 256)])
 
 
 def main(argv=None) -> None:
