@@ -38,9 +38,8 @@ from uniql.kernels.int4_tiles import _finish
 
 # a layer's row: N, K, K splits, tiles a split, codes / scales / input / output / workspace / counter offsets
 META = tl.constexpr(10)
-LINE_WORDS = 32  # int32s a 128-byte line: each layer's done counter on its own (polls of one layer's do not
-# queue behind the release adds on the next one's)
-LINE = tl.constexpr(LINE_WORDS)
+# (the layers' done counters are adjacent int32s: one 128-byte line apart took 8 more registers, 8 -> 7 programs an
+# SM, and its 256-column grids ran 15-40 % slower on the H100, results/layer_loop_probe_sleep_h100.json)
 
 
 @triton.jit
@@ -93,11 +92,13 @@ def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr,
             ig._prefetch_tiles(qw, n, blk * BLOCK_N, n - blk * BLOCK_N, t0, tl.minimum(t1, t0 + PREFETCH), rows_k,
                                SUB_R, BLOCK_N)
         before = tl.cdiv(tl.load(row - META), BLOCK_N)  # the previous layer's column blocks
-        done_at = done_ptr + (layer - 1) * LINE
-        if WAIT:
-            seen = _load_acquire(done_at)
-            while seen < before:  # SLEEP ns between polls (fewer loads queued at the counter's L2 slice)
-                seen = _poll_after_sleep(done_at, SLEEP) if SLEEP > 0 else _load_acquire(done_at)
+        done_at = done_ptr + layer - 1
+        if WAIT and SLEEP > 0:  # SLEEP ns before each poll: fewer loads queued at the counter's L2 slice
+            while _poll_after_sleep(done_at, SLEEP) < before:
+                pass
+        elif WAIT:
+            while _load_acquire(done_at) < before:
+                pass
         elif tl.atomic_add(done_at, 0, sem="acquire") < before:
             tl.atomic_add(err_ptr, 1, sem="relaxed")
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -108,7 +109,7 @@ def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr,
     _, wrote = _finish(acc * 16.0, blk, split, splits, ws_ptr + ws_at, cnt_ptr + tl.load(row + 9), acts_ptr + out_at,
                        0, acts_ptr, offs_m, offs_m < 1, offs_n, offs_n < n, 1, BLOCK_N, True, False, SUM_STEP)
     if wrote:  # the block's output is stored (a CTA barrier precedes a scalar atomic): publish it
-        tl.atomic_add(done_ptr + layer * LINE, 1, sem="release")
+        tl.atomic_add(done_ptr + layer, 1, sem="release")
 
 
 @triton.jit
@@ -137,7 +138,7 @@ class LoopPlan:
     acts: torch.Tensor  # the input, then each layer's output
     ws: torch.Tensor  # split-K partials, every layer's column blocks x splits x BLOCK_N
     cnt: torch.Tensor  # every layer's column-block arrival counters (zero between launches: _finish resets them)
-    sync: torch.Tensor  # each layer's done counter (LINE apart), then the error count
+    sync: torch.Tensor  # each layer's done counter, then the error count
     dims: list[int]
     programs: int
     group: int
@@ -176,7 +177,7 @@ def plan_loop(layers, group: int, programs: int, block_n: int = 128, sub_r: int 
                     torch.empty(sum(dims), dtype=dtype, device=device),
                     torch.empty(at["w"], dtype=torch.float32, device=device),
                     torch.zeros(at["c"], dtype=torch.int32, device=device),
-                    torch.empty(len(layers) * LINE_WORDS + 1, dtype=torch.int32, device=device), dims,
+                    torch.empty(len(layers) + 1, dtype=torch.int32, device=device), dims,
                     programs, group, block_n, sub_r, max(8, triton.next_power_of_2(most)))
 
 
@@ -195,13 +196,13 @@ def chain_loop(plan: LoopPlan, x: torch.Tensor, per_launch: int | None = None, p
               "PREFETCH": prefetch, "X_BF16": plan.acts.dtype == torch.bfloat16, "ASM": ig.USE_ASM,
               "WAIT": x.is_cuda, "SLEEP": sleep_ns, "num_warps": 4}
     for first in range(0, n_layers, per_launch):
-        errors = plan.sync[n_layers * LINE_WORDS:]
+        errors = plan.sync[n_layers:]
         args = (plan.acts, plan.qw, plan.sc, plan.meta, plan.ws, plan.cnt, plan.sync, errors, first,
                 min(first + per_launch, n_layers))
         if x.is_cuda and plan.programs > (held := programs_held(_layer_loop_kernel, args, consts)):
             raise ValueError(f"{plan.programs} programs do not fit on the GPU at once (it holds {held} of them)")
         _layer_loop_kernel[(plan.programs,)](*args, **consts)
-    if check and (bad := plan.sync[n_layers * LINE_WORDS].item()):
+    if check and (bad := plan.sync[n_layers].item()):
         raise RuntimeError(f"{bad} tasks ran before their input was complete")
     return plan.acts[-plan.dims[-1]:]
 
@@ -260,13 +261,14 @@ def setup_chains(cuda: bool, sms: int):
                  "tiny prefixes": [(64, 96), (64, 64), (32, 160), (96, 64)]},  # reading the start of the last output
                 32, [(1, 32, 2, 2, 0), (1, 16, 1, 0, 0)])
     # the production GEMV's batch-1 tiles (128 columns, 2 x 4 packed rows) at its 8 programs an SM (63 registers: 8
-    # fit), fewer and wider programs, each with and without a sleep between polls (stop 37's first run: the 1056-
-    # program grids lost to their own per-layer launches, the 528- and 264-program ones won by ~1 us a layer); the
-    # 512-wide chain's layers are all boundary (next to no bytes): what one costs inside a launch and between two
+    # fit), fewer and wider programs; a 256 ns sleep between polls (stop 37's first run: the 1056-program grids lost
+    # to their own per-layer launches, the 528- and 264-program ones won by ~1 us a layer); the 512-wide chain's
+    # layers are all boundary (next to no bytes): what one costs inside a launch and between two
+    configs = [(sms * 8, 128, 4, 2, 0), (sms * 8, 128, 4, 2, 256), (sms * 8, 128, 4, 0, 256), (sms * 4, 256, 4, 2, 0),
+               (sms * 4, 256, 4, 2, 256), (sms * 2, 128, 4, 2, 256)]
     return ({"tiny 32 x 512": square(512, 32), "o-sized 32 x 4096": square(4096, 32),
              "mlp up/down 16 x 2": pairs(4096, 14336, 16),
-             **{f"llama-8b step GEMVs, rate {r}": llama_step(r, 128) for r in (0.0, 0.35)}}, 128,
-            [(p, b, 4, 2, ns) for p, b in ((sms * 8, 128), (sms * 4, 256), (sms * 2, 128)) for ns in (0, 256)])
+             **{f"llama-8b step GEMVs, rate {r}": llama_step(r, 128) for r in (0.0, 0.35)}}, 128, configs)
 
 
 def main(argv=None) -> None:
