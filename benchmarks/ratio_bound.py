@@ -1,0 +1,107 @@
+"""How low can TPOT(0.35) / TPOT(0) go on the Llama-3.1-8B shape? A model from measured figures (issue 5).
+
+A batch-1 decode step is a chain of dependent stages (each launch of the step's CUDA graph waits for the one
+before). Model its time as the bytes it streams at the copy rate plus a fixed latency L for every stage:
+
+    t(rate) = bytes(rate) / copy  +  stages(rate) * L
+
+Every figure comes from a committed result: the bytes (weights and scales of the active prefixes from the kernel
+benchmark's shapes, rescaled to the decode run's scale group, plus the KV cache a step reads), the copy rate of the
+kernel benchmark, the stages (launches a step in the decode profile's graph), and L: the time a layer of a chain of
+512 x 512 GEMVs takes (next to no bytes, so all boundary), the lower of the production GEMV launched a layer in a
+graph and the layer-loop probe's one persistent launch (where the boundary is a barrier inside the kernel). The
+ratio the model gives is a projection, not a measurement; it binds any design whose stages start streaming bytes
+only once their inputs are ready (today's kernels and the persistent probes; not one that streams the next stage's
+weights during the wait, which nothing built so far has made pay).
+
+    python benchmarks/ratio_bound.py --json benchmarks/results/ratio_bound_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import report_data as rd
+from kernel_bench import build_case
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "llama-3.1-8b"
+TINY = "tiny 32 x 512"
+
+
+def kv_bytes(rate: float, tokens: float, group: int, itemsize: int = 2) -> float:
+    """KV-cache bytes one batch-1 step reads at ``rate``: every layer's kept K and V dims over ``tokens``."""
+    segments = build_case(MODEL, "qkv", rate, group).segments  # (q, k, v) starts and kept widths
+    return rd.NUM_LAYERS[MODEL] * (segments[1][1] + segments[2][1]) * tokens * itemsize
+
+
+def step_bytes(kernels: dict, group: int, tokens: float) -> dict[float, float]:
+    """{rate: bytes a step streams}: the kernel benchmark's weight bytes at ``group`` plus the KV cache."""
+    scale = rd.bits_per_weight(group) / rd.bits_per_weight(kernels["group_size"])
+    return {p["rate"]: p["bytes"] * scale + kv_bytes(p["rate"], tokens, group) for p in rd.per_token(kernels, MODEL)}
+
+
+def stage_latency_us(probe: dict) -> tuple[float, str]:
+    """L: the lower per-layer time of the all-boundary chain, production launches or one persistent launch."""
+    row = next((r for r in probe["rows"] if r["chain"] == TINY), None)
+    if row is None:
+        raise ValueError(f"the probe file has no {TINY!r} chain (layer_loop_probe.py's runs from stop 37 on do)")
+    options = [(row["launches_us_a_layer"], "production GEMV a launch")]
+    options += [(e["us_a_layer"], f"one launch, {e['programs']} programs") for e in row["loop"] if "us_a_layer" in e]
+    return min(options)
+
+
+def bound(bytes_by_rate: dict[float, float], copy_tbps: float, stages: dict[float, float], latency_us: float,
+          rates=(0.0, 0.35), target: float = 0.75) -> dict:
+    """The model's step times and ratio, and the stage latency at which it would reach ``target``."""
+    floor = {r: bytes_by_rate[r] / (copy_tbps * 1e12) * 1e3 for r in rates}  # ms
+    fixed = {r: stages[r] * latency_us * 1e-3 for r in rates}
+    lo, hi = rates
+    # t_hi / t_lo = target  <=>  floor_hi + s_hi L = target (floor_lo + s_lo L)
+    needed = (floor[hi] - target * floor[lo]) / (target * stages[lo] - stages[hi]) * 1e3
+    return {"floor_ms": floor, "fixed_ms": fixed, "model_ms": {r: floor[r] + fixed[r] for r in rates},
+            "ratio": (floor[hi] + fixed[hi]) / (floor[lo] + fixed[lo]), "bytes_ratio": floor[hi] / floor[lo],
+            "latency_for_target_us": needed, "target": target}
+
+
+def load_inputs(kernels_file: Path, decode_file: Path, profile_file: Path, probe_file: Path) -> dict:
+    kernels, decode = json.loads(kernels_file.read_text()), json.loads(decode_file.read_text())
+    profile, probe = json.loads(profile_file.read_text()), json.loads(probe_file.read_text())
+    group = int(re.search(r"\bg(\d+)\b", decode["quantization"]).group(1))
+    tokens = decode["prompt_tokens"] + decode["rows"][0]["new_tokens"] / 2  # the cache's mean length over the run
+    measured = {r["rate"]: r["tpot_ms"] for r in decode["rows"] if r["engine"] == "uniql" and r["batch"] == 1}
+    stages = {r["rate"]: sum(k["launches_per_step"] for k in r["in_graph"]["kernels"]) for r in profile["runs"]}
+    latency, source = stage_latency_us(probe)
+    return {"bytes": step_bytes(kernels, group, tokens), "copy_TBps": kernels["copy_TBps"], "stages": stages,
+            "latency_us": latency, "latency_from": source, "measured_ms": measured, "group": group,
+            "cache_tokens": tokens, "device": decode["device"]}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels", type=Path, default=RESULTS / "kernels_h100.json")
+    ap.add_argument("--decode", type=Path, default=RESULTS / "decode_h100.json")
+    ap.add_argument("--profile", type=Path, default=RESULTS / "decode_profile_stop35_h100.json")
+    ap.add_argument("--probe", type=Path, default=RESULTS / "layer_loop_probe_sleep_h100.json")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    inp = load_inputs(args.kernels, args.decode, args.profile, args.probe)
+    out = {**inp, **bound(inp["bytes"], inp["copy_TBps"], inp["stages"], inp["latency_us"])}
+    m = inp["measured_ms"]
+    print(f"{inp['device']}: copy {inp['copy_TBps']:.2f} TB/s, stage latency L = {inp['latency_us']:.2f} us "
+          f"({inp['latency_from']}, {TINY} chain)")
+    for r in (0.0, 0.35):
+        print(f"  rate {r:4}: {inp['bytes'][r] / 1e9:.2f} GB -> {out['floor_ms'][r]:.3f} ms at copy + "
+              f"{inp['stages'][r]:.0f} stages x L = {out['fixed_ms'][r]:.3f} ms -> model {out['model_ms'][r]:.3f} ms "
+              f"(measured {m[r]:.3f})")
+    print(f"  ratio: bytes alone {out['bytes_ratio']:.3f}, model {out['ratio']:.3f}, measured {m[0.35] / m[0.0]:.3f};"
+          f" the model reaches {out['target']} only at L <= {out['latency_for_target_us']:.2f} us a stage")
+    if args.json:
+        args.json.write_text(json.dumps({str(k): v for k, v in out.items()}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
