@@ -87,8 +87,8 @@ def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr,
     t0 = split * tl.load(row + 3)
     t1 = tl.minimum(t0 + tl.load(row + 3), tl.cdiv(rows_k, 2 * SUB_R))
     if wait:
-        if ASM and PREFETCH > 0:  # this task's first tiles into L2 meanwhile (they do not depend on the input;
-            # inline PTX: not in the interpreter)
+        if ASM and PREFETCH > 0 and BLOCK_N >= 32:  # this task's first tiles into L2 meanwhile (they do not depend
+            # on the input; inline PTX: not in the interpreter; one request a 32-word line: blocks of >= 32 columns)
             ig._prefetch_tiles(qw, n, blk * BLOCK_N, n - blk * BLOCK_N, t0, tl.minimum(t1, t0 + PREFETCH), rows_k,
                                SUB_R, BLOCK_N)
         before = tl.cdiv(tl.load(row - META), BLOCK_N)  # the previous layer's column blocks
