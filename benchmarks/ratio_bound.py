@@ -1,4 +1,4 @@
-"""How low can TPOT(0.35) / TPOT(0) go on the Llama-3.1-8B shape? A model from measured figures (issue 5).
+"""How low can TPOT(0.35) / TPOT(0) go on the Llama-3.1-8B shape? A model from measured figures (issues 5 and 4).
 
 A batch-1 decode step is a chain of dependent stages (each launch of the step's CUDA graph waits for the one
 before). Model its time as the bytes it streams at the copy rate plus a fixed latency L for every stage:
@@ -13,6 +13,11 @@ graph and the layer-loop probe's one persistent launch (where the boundary is a 
 ratio the model gives is a projection, not a measurement; it binds any design whose stages start streaming bytes
 only once their inputs are ready (today's kernels and the persistent probes; not one that streams the next stage's
 weights during the wait, which nothing built so far has made pay).
+
+The same model for one batch-1 GEMV (issue 4's kernel table: one stage, its bytes at the copy rate plus L) gives the
+fraction of copy a launch can reach and its time ratio between rates 0.35 and 0, next to the measured ones and to
+the largest L at which issue 4's targets (>= 65 % of copy on q|k|v and o, >= 80 % on the others; a ratio <= 0.72)
+would be reachable.
 
     python benchmarks/ratio_bound.py --json benchmarks/results/ratio_bound_h100.json
 """
@@ -67,6 +72,41 @@ def bound(bytes_by_rate: dict[float, float], copy_tbps: float, stages: dict[floa
             "latency_for_target_us": needed, "target": target}
 
 
+def kernel_bounds(kernels: dict, latency_us: float, ratio_target: float = 0.72) -> list[dict]:
+    """Each batch-1 shape of the kernel table under the one-stage model, with the L each issue-4 target needs."""
+    rows = {(r["model"], r["layer"], r["rate"]): r for r in kernels["rows"] if r["batch"] == 1}
+    out = []
+    for (model, layer, rate), r0 in rows.items():
+        if rate != 0.0:
+            continue
+        f0 = r0["bytes"] / (kernels["copy_TBps"] * 1e6)  # us at the copy rate
+        frac_target = 0.65 if layer in ("qkv", "o") else 0.80
+        row = {"model": model, "layer": layer, "bytes_us": f0, "frac_measured": r0["frac_of_copy"],
+               "frac_model": f0 / (f0 + latency_us), "frac_target": frac_target,
+               "latency_for_frac_us": f0 * (1 / frac_target - 1)}
+        if (r1 := rows.get((model, layer, 0.35))) is not None:
+            f1 = r1["bytes"] / (kernels["copy_TBps"] * 1e6)
+            row.update(ratio_measured=r1["ours_us"] / r0["ours_us"], ratio_model=(f1 + latency_us) / (f0 + latency_us),
+                       model_us={0.0: f0 + latency_us, 0.35: f1 + latency_us},
+                       measured_us={0.0: r0["ours_us"], 0.35: r1["ours_us"]},
+                       latency_for_ratio_us=(ratio_target * f0 - f1) / (1 - ratio_target))
+        out.append(row)
+    return out
+
+
+def print_kernels(rows: list[dict], latency_us: float) -> None:
+    print(f"one batch-1 GEMV as one stage (L = {latency_us:.2f} us): fraction of copy and t(0.35) / t(0), measured /"
+          " model, and the L each target needs")
+    for r in rows:
+        line = (f"  {r['model']:12s} {r['layer']:8s} copy {r['frac_measured']:.0%} / {r['frac_model']:.0%} "
+                f"(>= {r['frac_target']:.0%} needs L <= {r['latency_for_frac_us']:.2f} us)")
+        if "ratio_model" in r:
+            need = r["latency_for_ratio_us"]
+            line += (f"; ratio {r['ratio_measured']:.3f} / {r['ratio_model']:.3f} (<= 0.72 needs L <= "
+                     + (f"{need:.2f} us)" if need > 0 else "0: the bytes alone miss it)"))
+        print(line)
+
+
 def load_inputs(kernels_file: Path, decode_file: Path, profile_file: Path, probe_file: Path) -> dict:
     kernels, decode = json.loads(kernels_file.read_text()), json.loads(decode_file.read_text())
     profile, probe = json.loads(profile_file.read_text()), json.loads(probe_file.read_text())
@@ -77,7 +117,7 @@ def load_inputs(kernels_file: Path, decode_file: Path, profile_file: Path, probe
     latency, source = stage_latency_us(probe)
     return {"bytes": step_bytes(kernels, group, tokens), "copy_TBps": kernels["copy_TBps"], "stages": stages,
             "latency_us": latency, "latency_from": source, "measured_ms": measured, "group": group,
-            "cache_tokens": tokens, "device": decode["device"]}
+            "cache_tokens": tokens, "device": decode["device"], "kernels": kernels}
 
 
 def main(argv=None) -> None:
@@ -89,7 +129,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     inp = load_inputs(args.kernels, args.decode, args.profile, args.probe)
-    out = {**inp, **bound(inp["bytes"], inp["copy_TBps"], inp["stages"], inp["latency_us"])}
+    kernels = inp.pop("kernels")
+    out = {**inp, **bound(inp["bytes"], inp["copy_TBps"], inp["stages"], inp["latency_us"]),
+           "kernel_rows": kernel_bounds(kernels, inp["latency_us"])}
     m = inp["measured_ms"]
     print(f"{inp['device']}: copy {inp['copy_TBps']:.2f} TB/s, stage latency L = {inp['latency_us']:.2f} us "
           f"({inp['latency_from']}, {TINY} chain)")
@@ -99,6 +141,7 @@ def main(argv=None) -> None:
               f"(measured {m[r]:.3f})")
     print(f"  ratio: bytes alone {out['bytes_ratio']:.3f}, model {out['ratio']:.3f}, measured {m[0.35] / m[0.0]:.3f};"
           f" the model reaches {out['target']} only at L <= {out['latency_for_target_us']:.2f} us a stage")
+    print_kernels(out["kernel_rows"], inp["latency_us"])
     if args.json:
         args.json.write_text(json.dumps({str(k): v for k, v in out.items()}, indent=1, default=str))
 
