@@ -18,6 +18,10 @@ up / down pairs, or the 129 GEMVs of a Llama-3.1-8B decode step at rates 0 and 0
 GEMV bytes and dependencies, without attention, norms and activations), the outputs checked against the fp32 torch
 reference first. A program with no task in a layer (more programs than tasks) goes on to the next.
 
+Result (stop 37, three H100 runs): slower than the production launches on every chain (the step's GEMVs x1.24-1.37
+at best), and a layer of the all-boundary 512-wide chain costs ~2.8 us in one launch as launched: the stage-latency
+model of ``ratio_bound.py`` and ``docs/decode-megakernel.md`` take it from here.
+
     python benchmarks/layer_loop_probe.py --json benchmarks/results/layer_loop_probe_h100.json
     TRITON_INTERPRET=1 python benchmarks/layer_loop_probe.py --cpu-smoke     # tiny shapes, no GPU: code paths only
 """
