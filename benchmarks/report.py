@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules next to this script
 
+import report_bounds as rb  # noqa: E402
 import report_data as rd  # noqa: E402
 import report_plots as rp  # noqa: E402
 
@@ -368,10 +369,10 @@ def build(results_dir: Path, md_path: Path) -> Report:
             "Measured numbers come from the device named in each section; **Jetson and A6000 numbers are "
             "projections**.", "")
     for section in (section_decode, section_projection, section_memory, section_quality, section_kernels,
-                    section_compress):
+                    rb.section_bounds, section_compress):
         section(rep, results)
     used = set(rd.decode_files(results)) | {n for n, _ in QUALITY_FILES} | {
-        "kernels_h100", "kernels_h200", "quant_smollm2", "compress_scale_h100"}
+        "kernels_h100", "kernels_h200", "quant_smollm2", "compress_scale_h100", rb.FILE}
     section_inputs(rep, results, used)
     rep.write()
     return rep

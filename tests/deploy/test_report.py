@@ -34,6 +34,8 @@ def test_report_on_the_committed_results(tmp_path):
     assert "TPOT_projected = bytes_per_token / (efficiency x bandwidth)" in md
     for device in ("68 GB/s", "102 GB/s", "768 GB/s"):
         assert device in md
+    bound = json.loads((BENCH / "results" / "ratio_bound_h100.json").read_text())  # the stage-latency section
+    assert f"model {bound['ratio']:.3f}" in md and "| llama-3.1-8b | o | 45% / 51% |" in md
     # the committed report's figures are committed too (it may lag behind newly added results: rerun report.py)
     committed = linked_pngs((BENCH / "REPORT.md").read_text())
     assert committed and all((BENCH / rel).is_file() for rel in committed)
@@ -63,6 +65,7 @@ def test_missing_results_are_skipped_with_a_note(tmp_path):
     md = run_report(results, tmp_path / "out" / "REPORT.md")
     assert "decode_h200_tpot.png" in md and "hf_compiled` did not run" in md and "| uniql | 0.35 | 4 |" in md
     assert "_Skipped: kernel bandwidth" in md and "_Skipped: projections" in md
+    assert "_Skipped: the stage-latency model" in md
     assert "quality_lora_smollm2.png" in md and "| after |" in md
     assert (tmp_path / "out" / "report" / "decode_cpu_tpot.png").is_file()
 
