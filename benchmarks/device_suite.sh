@@ -30,6 +30,10 @@
 #            the compiled kernels' registers, ~2 min
 #   ksweep   kernel_bench.py's launch-config sweep at batch 4 and 16 (Llama q|k|v, o, gate|up, down at rate 0: the
 #            CUDA-core GEMV and 16-row tensor-core GEMM tiles), to tune pick_config for the server's batches (not yet run: time it alone first)
+#   downsweep kernel_bench.py's batch-1 launch-config sweep on the down projections of both models (rate 0; rates 0 and
+#            0.35 timed at the default): Qwen's down is the one issue-4 miss the stage-latency model leaves room for
+#            (ratio_bound.py: ~1.6 us a launch), not yet run ->
+#            kernels_down_sweep_<gpu>.json
 #   ssmprobe ssm_update_probe.py: the Mamba2-8B state update alone, per layer, for several launch configs, ~1 min
 #   floor    gemv_floor.py: copy four ways, an empty graph node, load-only kernels over the Llama layers' packed
 #            bytes (the floor of one launch that only streams them) next to our GEMV (run on the H200 only so far)
@@ -84,6 +88,8 @@ for step in ${SUITE:-ab kernels decode}; do
         ksweep) python3 kernel_bench.py --quick --batches 4 16 --rates 0 --layers qkv o gate_up down --repeats 3 --sweep \
                     --sweep-batches 4 16 --prefill-m 0 --out "$OUT/kernels_smallbatch_sweep_$gpu.json" \
                     > "$OUT/kernels_smallbatch_sweep_$gpu.txt" 2>&1 ;;
+        downsweep) timeout 420 python3 kernel_bench.py --layers down --rates 0 0.35 --batches 1 --prefill-m 0 --sweep \
+                       --out "$OUT/kernels_down_sweep_$gpu.json" > "$OUT/kernels_down_sweep_$gpu.txt" 2>&1 ;;
         ssmprobe) python3 ssm_update_probe.py --json "$OUT/ssm_update_probe_$gpu.json" > "$OUT/ssm_update_probe_$gpu.txt" ;;
         floor) python3 gemv_floor.py --json "$OUT/gemv_floor_$gpu.json" > "$OUT/gemv_floor_$gpu.txt" ;;
         attnprobe) python3 attention_probe.py --json "$OUT/attention_probe_$gpu.json" > "$OUT/attention_probe_$gpu.txt" ;;
@@ -100,7 +106,7 @@ for step in ${SUITE:-ab kernels decode}; do
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, ssmprobe, attnprobe, chain, loop, floor, profile, tests, tests1, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, downsweep, ssmprobe, attnprobe, chain, loop, floor, profile, tests, tests1, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done
