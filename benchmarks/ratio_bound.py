@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import report_data as rd
@@ -45,8 +44,8 @@ def kv_bytes(rate: float, tokens: float, group: int, itemsize: int = 2) -> float
 
 def step_bytes(kernels: dict, group: int, tokens: float) -> dict[float, float]:
     """{rate: bytes a step streams}: the kernel benchmark's weight bytes at ``group`` plus the KV cache."""
-    scale = rd.bits_per_weight(group) / rd.bits_per_weight(kernels["group_size"])
-    return {p["rate"]: p["bytes"] * scale + kv_bytes(p["rate"], tokens, group) for p in rd.per_token(kernels, MODEL)}
+    return {rate: nbytes + kv_bytes(rate, tokens, group)
+            for rate, nbytes in rd.bytes_at_group(kernels, MODEL, group).items()}
 
 
 def stage_latency_us(probe: dict) -> tuple[float, str]:
@@ -110,7 +109,9 @@ def print_kernels(rows: list[dict], latency_us: float) -> None:
 def load_inputs(kernels_file: Path, decode_file: Path, profile_file: Path, probe_file: Path) -> dict:
     kernels, decode = json.loads(kernels_file.read_text()), json.loads(decode_file.read_text())
     profile, probe = json.loads(profile_file.read_text()), json.loads(probe_file.read_text())
-    group = int(re.search(r"\bg(\d+)\b", decode["quantization"]).group(1))
+    group = rd.quant_group(decode)
+    if group is None:
+        raise ValueError(f"{decode_file} names no scale group (g64, g128, ...) in its quantization note")
     tokens = decode["prompt_tokens"] + decode["rows"][0]["new_tokens"] / 2  # the cache's mean length over the run
     measured = {r["rate"]: r["tpot_ms"] for r in decode["rows"] if r["engine"] == "uniql" and r["batch"] == 1}
     stages = {r["rate"]: sum(k["launches_per_step"] for k in r["in_graph"]["kernels"]) for r in profile["runs"]}

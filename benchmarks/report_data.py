@@ -193,25 +193,33 @@ def same_device_copy(results: dict, device: str | None) -> float | None:
     return max(found)[1] if found else None
 
 
-def step_efficiency(results: dict, kernels: dict, model: str) -> dict | None:
-    """Whole-step efficiency per rate of ``model`` from a GPU decode run, or None when there is none yet.
+def quant_group(data: dict) -> int | None:
+    """The scale group of a decode run (``g128`` in its ``quantization`` note), or None."""
+    found = re.search(r"\bg(\d+)\b", str(data.get("quantization", "")))
+    return int(found.group(1)) if found else None
 
-    Bytes per token come from the kernel benchmark's shapes (they do not depend on the GPU), rescaled to the
-    decode run's quantization group (``g128`` in its ``quantization`` note); KV-cache reads are not counted.
-    """
-    points = {p["rate"]: p for p in per_token(kernels, model)}
+
+def bytes_at_group(kernels: dict, model: str, group: int) -> dict[float, float]:
+    """{rate: weight bytes a batch-1 step streams}: ``per_token``'s bytes rescaled from the kernel benchmark's scale
+    group to ``group`` (the shapes do not depend on the GPU; KV-cache reads are not counted)."""
+    scale = bits_per_weight(group) / bits_per_weight(kernels["group_size"])
+    return {p["rate"]: p["bytes"] * scale for p in per_token(kernels, model)}
+
+
+def step_efficiency(results: dict, kernels: dict, model: str) -> dict | None:
+    """Whole-step efficiency per rate of ``model`` from a GPU decode run, or None when there is none yet: the
+    bytes of ``bytes_at_group`` at the run's scale group over its TPOT and the same device's copy rate."""
     for name in decode_files(results):
         data = results[name]
         copy = data.get("copy_TBps") or same_device_copy(results, data.get("device"))
-        group = re.search(r"\bg(\d+)\b", str(data.get("quantization", "")))
-        if not (str(data.get("model", "")).startswith(model) and copy and group and points):
+        group = quant_group(data)
+        points = bytes_at_group(kernels, model, group) if group else {}
+        if not (str(data.get("model", "")).startswith(model) and copy and points):
             continue
-        scale = bits_per_weight(int(group.group(1))) / bits_per_weight(kernels["group_size"])
         ours, _ = split_decode_rows(timed_rows(data))
-        eff = {r["rate"]: points[r["rate"]]["bytes"] * scale / (r["tpot_ms"] * 1e-3) / (copy * 1e12)
+        eff = {r["rate"]: points[r["rate"]] / (r["tpot_ms"] * 1e-3) / (copy * 1e12)
                for r in ours if r["rate"] in points}
-        return {"file": name, "device": data["device"], "copy_TBps": copy, "group": int(group.group(1)),
-                "efficiency": eff}
+        return {"file": name, "device": data["device"], "copy_TBps": copy, "group": group, "efficiency": eff}
     return None
 
 

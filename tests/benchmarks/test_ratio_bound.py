@@ -76,3 +76,13 @@ def test_issue_4s_small_layers_under_the_committed_h100_figures():
             assert r["frac_model"] < r["frac_target"] and r["latency_for_ratio_us"] < latency / 2
         for rate, t in r.get("measured_us", {}).items():
             assert r["model_us"][rate] < t
+
+
+def test_a_decode_run_without_its_scale_group_is_refused(tmp_path):
+    decode = json.loads((rb.RESULTS / "decode_h100.json").read_text())
+    decode["quantization"] = "INT4 symmetric"  # no g64 / g128: the weight bytes would be guessed
+    (tmp_path / "decode.json").write_text(json.dumps(decode))
+    files = [rb.RESULTS / "kernels_h100.json", tmp_path / "decode.json", rb.RESULTS / "decode_profile_stop35_h100.json",
+             rb.RESULTS / "layer_loop_probe_sleep_h100.json"]
+    with pytest.raises(ValueError, match="names no scale group"):
+        rb.load_inputs(*files)
