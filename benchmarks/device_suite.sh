@@ -42,6 +42,9 @@
 #            vs the production GEMV a layer vs the same kernel launched per layer (tickets, then static grids one tile ahead), ~1-2 min
 #   loop     layer_loop_probe.py: the same chains in one persistent launch whose tasks run the production GEMV's body
 #            and split-K finish, incl. the 129 GEMVs of a Llama-8B step at rates 0 and 0.35 (never run yet: ~2 min)
+#   short    short_path_probe.py: the 32 x 512 and o-sized chains with the shortest dependent path (weights loaded
+#            before the wait, split partials summed by the next layer, one release add a task) and its sync-only
+#            path, then its GPU tests (stop 38; ~1-2 min)
 #   tests    the GPU tests of the kernels (real shapes, bf16), ~4 min
 #   tests1   the GPU tests of the runner / SSM graphs / graph reset, ~4 min (both were one step: 461 s of 600)
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
@@ -96,6 +99,9 @@ for step in ${SUITE:-ab kernels decode}; do
         # the persistent probes spin on each other's programs: a grid that did not fit would hang, so a time limit
         loop) timeout 420 python3 layer_loop_probe.py --json "$OUT/layer_loop_probe_$gpu.json" \
                   > "$OUT/layer_loop_probe_$gpu.txt" ;;
+        short) { timeout 300 python3 short_path_probe.py --json "$OUT/short_path_probe_$gpu.json"
+                 (cd .. && timeout 200 python3 -m pytest -q -p no:cacheprovider tests/benchmarks/test_short_path_probe.py)
+               } > "$OUT/short_path_probe_$gpu.txt" 2>&1 ;;
         chain) timeout 420 python3 persistent_probe.py --json "$OUT/persistent_probe_$gpu.json" > "$OUT/persistent_probe_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do
                      python3 profile_decode.py --model $m --rates 0,0.15,0.25,0.35 --json "$OUT/profile_${m}_$gpu.json"
@@ -106,7 +112,7 @@ for step in ${SUITE:-ab kernels decode}; do
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, downsweep, ssmprobe, attnprobe, chain, loop, floor, profile, tests, tests1, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, downsweep, ssmprobe, attnprobe, chain, loop, short, floor, profile, tests, tests1, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done

@@ -1,0 +1,234 @@
+"""The shortest dependent path between batch-1 INT4 GEMVs in one persistent launch (GPU probe, issue 5).
+
+Stop 37 measured a stage (a dependent GEMV) at ~2.8 us inside one launch as between graph launches
+(``layer_loop_probe.py``'s all-boundary 512-wide chain), and ``ratio_bound.py`` needs <= 1.95 us for a Llama ratio of
+0.75. That probe's stage keeps the production GEMV's chain of memory round trips: wait, load the input, load the
+first weights, park split-K partials, count arrivals, the last program sums and stores, publish. This one keeps only
+what a dependency needs:
+
+* a task (a column block and a K slice of one layer) loads its weight codes and scales into registers BEFORE it
+  waits: they do not depend on the input;
+* it waits for the column block of the previous layer that holds its K slice (``LAYER_WAIT``: for the whole
+  previous layer instead), polling an acquire load;
+* its input is the sum of the previous layer's split-K partials, read in one tile and reduced in a fixed order (no
+  arrival counter, no finishing program, no fp32 atomics: same input, same bits);
+* it stores its own fp32 partials with plain stores and publishes them with one release add on its block's counter.
+
+A round trip fewer than that is not a GEMV. ``SYNC_ONLY`` runs the waits and the publishes alone (no loads, no
+arithmetic): the latency of the dependency itself. Timed per layer against the production GEMV a layer in the same
+run (``persistent_probe.anchor_row``), in one launch and launched per layer (no waits: the anchor with the same
+arithmetic), on the 32 x 512 chain (all boundary) and the 32 x 4096 o-sized chain; outputs checked against the
+fp32 torch reference first.
+
+    python benchmarks/short_path_probe.py --json benchmarks/results/short_path_probe_h100.json
+    TRITON_INTERPRET=1 python benchmarks/short_path_probe.py --cpu-smoke     # tiny shapes, no GPU: code paths only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from graph_timing import programs_held
+from persistent_probe import _MAGIC_ZERO, _load_acquire, _task_tile, anchor_row, both_ways, report_head, run_chains
+
+# a layer's row: N, K, K splits, codes, scales, input partials, output partials, the input's splits and row stride,
+# this layer's counters (_task_tile reads the first five)
+META = tl.constexpr(10)
+
+
+@triton.jit
+def _short_chain_kernel(part_ptr, qw_ptr, sc_ptr, meta_ptr, cnt_ptr, err_ptr, first, last, GROUP: tl.constexpr,
+                        BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IN_SPLITS: tl.constexpr,
+                        LAYER_WAIT: tl.constexpr, SYNC_ONLY: tl.constexpr, WAIT: tl.constexpr):
+    """Layers [first, last) of a chain: program p runs tasks p, p + P, ... of each layer (none where the layer has
+    fewer). ``part_ptr``: the input (one split), then each layer's [splits, N] fp32 partials. WAIT False (the
+    interpreter, programs one after another): a task whose input is unfinished counts an error instead."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    layer, task = first, pid
+    while layer < last:
+        row = meta_ptr + layer * META
+        n, splits = tl.load(row), tl.load(row + 2)
+        count = tl.cdiv(n, BLOCK_N) * splits
+        if task < count:
+            _short_task(part_ptr, qw_ptr, sc_ptr, row, cnt_ptr, err_ptr, task, layer > first, GROUP, BLOCK_N, ROWS,
+                        IN_SPLITS, LAYER_WAIT, SYNC_ONLY, WAIT)
+        task += programs
+        if task >= count:
+            layer, task = layer + 1, pid
+
+
+@triton.jit
+def _short_task(part_ptr, qw_ptr, sc_ptr, row, cnt_ptr, err_ptr, task, wait, GROUP: tl.constexpr,
+                BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IN_SPLITS: tl.constexpr, LAYER_WAIT: tl.constexpr,
+                SYNC_ONLY: tl.constexpr, WAIT: tl.constexpr):
+    """Task ``task`` of the layer at ``row``: weights, wait, input (the partials' fixed-order sum), its partials,
+    publish. ``wait``: the input comes from this launch (False for a launch's first layer: the stream orders it)."""
+    splits = tl.load(row + 2)
+    blk, split = task // splits, task % splits
+    if not SYNC_ONLY:  # issued first: the codes and scales do not depend on the input
+        words, scale, rows, offs_n, n, k = _task_tile(qw_ptr, sc_ptr, row, task, True, GROUP, BLOCK_N, ROWS)
+    if wait:
+        _wait_input(row, cnt_ptr, err_ptr, split, BLOCK_N, ROWS, LAYER_WAIT, WAIT)
+    if not SYNC_ONLY:
+        in_at, in_splits, stride = tl.load(row + 5), tl.load(row + 7), tl.load(row + 8)
+        live = (tl.arange(0, IN_SPLITS) < in_splits)[:, None] & (rows < k // 8)[None, :]
+        at = part_ptr + in_at + tl.arange(0, IN_SPLITS)[:, None] * stride + rows[None, :] * 8
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(8):  # code j of every word: K index 8 x row + j
+            # the input's rows, each the sum of the previous layer's split partials (written by other programs:
+            # read at L2, not from L1; a fixed tree over IN_SPLITS: the same bits every run)
+            x = tl.sum(tl.load(at + j, mask=live, other=0.0, cache_modifier=".cg"), axis=0)
+            code = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - _MAGIC_ZERO
+            acc += code * x[:, None]
+        SCALE_ROWS: tl.constexpr = (ROWS * 8 + GROUP - 1) // GROUP
+        part = tl.sum(tl.sum(tl.reshape(acc, [SCALE_ROWS, ROWS // SCALE_ROWS, BLOCK_N]), axis=1) * scale, axis=0)
+        tl.store(part_ptr + tl.load(row + 6) + split * n + offs_n, part, mask=offs_n < n)
+    # Triton puts a CTA barrier before a scalar atomic: every thread's stores are issued before the release
+    tl.atomic_add(cnt_ptr + tl.load(row + 9) + (0 if LAYER_WAIT else blk), 1, sem="release")
+
+
+@triton.jit
+def _wait_input(row, cnt_ptr, err_ptr, split, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, LAYER_WAIT: tl.constexpr,
+                WAIT: tl.constexpr):
+    """Until the previous layer's column block holding this task's K slice (plan_short: one block) has all its
+    splits' partials out, or (LAYER_WAIT) every task of that layer."""
+    before = row - META
+    if LAYER_WAIT:
+        at, need = cnt_ptr + tl.load(before + 9), tl.cdiv(tl.load(before), BLOCK_N) * tl.load(before + 2)
+    else:
+        at, need = cnt_ptr + tl.load(before + 9) + split * ROWS * 8 // BLOCK_N, tl.load(before + 2)
+    if WAIT:
+        while _load_acquire(at) < need:
+            pass
+    elif tl.atomic_add(at, 0, sem="acquire") < need:
+        tl.atomic_add(err_ptr, 1, sem="relaxed")
+
+
+@dataclasses.dataclass
+class ShortPlan:
+    """A chain laid out for ``_short_chain_kernel`` (the weights copied into flat buffers)."""
+    qw: torch.Tensor
+    sc: torch.Tensor
+    meta: torch.Tensor
+    part: torch.Tensor  # the input, then each layer's [splits, N] partials (fp32)
+    sync: torch.Tensor  # the layers' counters (zeroed a run), then the error count
+    dims: list[int]
+    tasks: list[int]  # a layer's task count
+    group: int
+    block_n: int
+    rows: int
+    in_splits: int  # the most splits a layer's input has, to a power of two
+
+
+def plan_short(layers, group: int, block_n: int = 128, rows: int = 16) -> ShortPlan:
+    """Lay out ``layers`` ((qw [K/8, N], sc [K/G, N]) each; a layer reads the first K outputs of the one before) in
+    tasks of ``block_n`` columns and ``rows`` packed K rows (8 x rows inputs: one column block of the layer before)."""
+    if any(v < 1 or v & (v - 1) for v in (group // 8, rows, block_n)) or group % 8 or block_n % (8 * rows):
+        raise ValueError(f"the group ({group}) must be 8 x a power of two, rows ({rows}) and block_n ({block_n}) "
+                         "powers of two, block_n a multiple of 8 x rows (a task's input is one block)")
+    dims, meta, tasks, at = [layers[0][0].shape[0] * 8], [], [], {"q": 0, "s": 0, "p": 0, "c": 0}
+    in_at, in_splits = 0, 1
+    at["p"] = dims[0]
+    for i, (qw, sc) in enumerate(layers):
+        k, n = qw.shape[0] * 8, qw.shape[1]
+        if k > dims[-1] or k % group or n % 16 or sc.shape != (k // group, n):
+            raise ValueError(f"layer {i}: qw {tuple(qw.shape)}, sc {tuple(sc.shape)} do not follow a layer with "
+                             f"{dims[-1]} outputs in groups of {group} (widths: multiples of 16)")
+        splits, blocks = triton.cdiv(k // 8, rows), triton.cdiv(n, block_n)
+        meta.append([n, k, splits, at["q"], at["s"], in_at, at["p"], in_splits, dims[-1], at["c"]])
+        tasks.append(blocks * splits)
+        dims.append(n)
+        in_at, in_splits = at["p"], splits
+        at = {"q": at["q"] + k // 8 * n, "s": at["s"] + k // group * n, "p": at["p"] + splits * n,
+              "c": at["c"] + blocks}
+    most = max(m[7] for m in meta)
+    if most > 64:  # the input tile holds every split's partials of a task's rows
+        raise ValueError(f"a layer's input has {most} K splits (at most 64): more rows a task")
+    device = layers[0][0].device
+    return ShortPlan(torch.cat([qw.reshape(-1) for qw, _ in layers]), torch.cat([sc.reshape(-1) for _, sc in layers]),
+                     torch.tensor(meta, dtype=torch.int64, device=device),
+                     torch.empty(at["p"], dtype=torch.float32, device=device),
+                     torch.zeros(at["c"] + 1, dtype=torch.int32, device=device), dims, tasks, group, block_n, rows,
+                     max(2, triton.next_power_of_2(most)))
+
+
+def chain_short(plan: ShortPlan, x: torch.Tensor, programs: int | None = None, per_launch: int | None = None,
+                layer_wait: bool = False, sync_only: bool = False, check: bool = False) -> torch.Tensor | None:
+    """Run the chain in launches of ``programs`` programs (default: the most tasks a layer has, or on a GPU what it
+    holds at once if fewer), ``per_launch`` layers each (default all: one launch). ``check`` (a host sync): raise
+    if a task ran before its input was complete (interpreter) and return the output (fp32 [N of the last layer]);
+    otherwise None (the partials' sum is not timed)."""
+    n_layers = len(plan.dims) - 1
+    if x.shape != (plan.dims[0],):
+        raise ValueError(f"the chain takes a [{plan.dims[0]}] input, got {tuple(x.shape)}")
+    plan.sync.zero_()
+    plan.part[: plan.dims[0]].copy_(x)
+    per_launch, errors = per_launch or n_layers, plan.sync[-1:]
+    consts = {"GROUP": plan.group, "BLOCK_N": plan.block_n, "ROWS": plan.rows, "IN_SPLITS": plan.in_splits,
+              "LAYER_WAIT": layer_wait, "SYNC_ONLY": sync_only, "WAIT": x.is_cuda, "num_warps": 4}
+    for first in range(0, n_layers, per_launch):
+        args = (plan.part, plan.qw, plan.sc, plan.meta, plan.sync, errors, first, min(first + per_launch, n_layers))
+        grid = programs or max(plan.tasks)
+        if x.is_cuda:
+            held = programs_held(_short_chain_kernel, args, consts)
+            if programs is None:
+                grid = min(grid, held)
+            elif programs > held:
+                raise ValueError(f"{programs} programs do not fit on the GPU at once (it holds {held} of them)")
+        _short_chain_kernel[(grid,)](*args, **consts)
+    if not check:
+        return None
+    if bad := plan.sync[-1].item():
+        raise RuntimeError(f"{bad} tasks ran before their input was complete")
+    last = plan.meta[-1].tolist()
+    return plan.part[last[6]: last[6] + last[2] * last[0]].view(last[2], last[0]).sum(0)
+
+
+def probe(name: str, shapes: list[tuple[int, int]], group: int, configs, cuda: bool, repeats: int) -> dict:
+    """One chain of (K, N) layers: the production GEMV a layer, then each (block_n, rows, layer_wait, sync_only)
+    config in one launch and launched per layer."""
+    row, x, layers, ref = anchor_row(name, shapes, group, cuda, repeats,
+                                     torch.bfloat16 if cuda else torch.float32)
+    row["short"] = []
+    for block_n, rows, layer_wait, sync_only in configs:
+        plan = plan_short(layers, group, block_n, rows)
+        def call(per_launch, check, pl=plan, lw=layer_wait, so=sync_only):
+            got = chain_short(pl, x, None if cuda else 1, per_launch, lw, so, check)  # interpreter: in order
+            return ref if so and check else got  # sync only: nothing computed to compare
+        entry = {"block_n": block_n, "rows": rows, "layer_wait": layer_wait, "sync_only": sync_only,
+                 "tasks_a_layer": max(plan.tasks)}
+        row["short"].append(both_ways(entry, call, ref, cuda, repeats, len(layers)))
+    return row
+
+
+def report(row: dict, copy_tbps: float | None) -> None:
+    if report_head(row, copy_tbps, "short") is None:
+        return
+    prod = row["launches_us_a_layer"]
+    for e in row["short"]:
+        head = (f"    {e['block_n']:3d} columns x {8 * e['rows']:3d} K, {e['tasks_a_layer']:4d} tasks, "
+                f"{'layer' if e['layer_wait'] else 'block'} wait{', sync only' if e['sync_only'] else ''}: ")
+        print(head + (f"skipped ({e['skipped']})" if "skipped" in e else
+                      f"{e['us_a_layer']:.2f} us a layer in one launch (x{e['us_a_layer'] / prod:.2f} of the "
+                      f"production GEMV), {e['per_layer_us_a_layer']:.2f} per layer"), flush=True)
+
+
+def setup_chains(cuda: bool, sms: int):
+    if not cuda:  # the interpreter: one program a launch of all layers
+        return ({"tiny square": [(64, 64)] * 3, "tiny prefixes": [(64, 96), (64, 64), (32, 160), (96, 64)]}, 32,
+                [(32, 4, False, False), (16, 2, True, False), (32, 2, False, True)])
+    # 512-wide: 16, 32 and 64 tasks a layer (next to no bytes: the path alone); o-sized: 1024 / 512 tasks
+    configs = [(128, 16, False, True), (128, 16, False, False), (128, 16, True, False), (128, 8, False, False),
+               (64, 8, False, False), (64, 8, True, False), (64, 8, False, True)]
+    return ({"tiny 32 x 512": [(512, 512)] * 32, "o-sized 32 x 4096": [(4096, 4096)] * 32}, 128, configs)
+
+
+def main(argv=None) -> None:
+    run_chains(__doc__, "short_path_probe.py", setup_chains, probe, report, argv)
+
+
+if __name__ == "__main__":
+    main()
