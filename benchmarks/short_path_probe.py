@@ -32,17 +32,21 @@ import torch
 import triton
 import triton.language as tl
 from graph_timing import programs_held
+from layer_loop_probe import _poll_after_sleep
 from persistent_probe import _MAGIC_ZERO, _load_acquire, _task_tile, anchor_row, both_ways, report_head, run_chains
 
 # a layer's row: N, K, K splits, codes, scales, input partials, output partials, the input's splits and row stride,
 # this layer's counters (_task_tile reads the first five)
 META = tl.constexpr(10)
+# int32s between two counters: one 128-byte line each (adjacent counters put a layer's pollers and its publishers on
+# one L2 line)
+LINE = tl.constexpr(32)
 
 
 @triton.jit
 def _short_chain_kernel(part_ptr, qw_ptr, sc_ptr, meta_ptr, cnt_ptr, err_ptr, first, last, GROUP: tl.constexpr,
                         BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IN_SPLITS: tl.constexpr,
-                        LAYER_WAIT: tl.constexpr, SYNC_ONLY: tl.constexpr, WAIT: tl.constexpr):
+                        LAYER_WAIT: tl.constexpr, SYNC_ONLY: tl.constexpr, WAIT: tl.constexpr, SLEEP: tl.constexpr):
     """Layers [first, last) of a chain: program p runs tasks p, p + P, ... of each layer (none where the layer has
     fewer). ``part_ptr``: the input (one split), then each layer's [splits, N] fp32 partials. WAIT False (the
     interpreter, programs one after another): a task whose input is unfinished counts an error instead."""
@@ -54,7 +58,7 @@ def _short_chain_kernel(part_ptr, qw_ptr, sc_ptr, meta_ptr, cnt_ptr, err_ptr, fi
         count = tl.cdiv(n, BLOCK_N) * splits
         if task < count:
             _short_task(part_ptr, qw_ptr, sc_ptr, row, cnt_ptr, err_ptr, task, layer > first, GROUP, BLOCK_N, ROWS,
-                        IN_SPLITS, LAYER_WAIT, SYNC_ONLY, WAIT)
+                        IN_SPLITS, LAYER_WAIT, SYNC_ONLY, WAIT, SLEEP)
         task += programs
         if task >= count:
             layer, task = layer + 1, pid
@@ -63,47 +67,67 @@ def _short_chain_kernel(part_ptr, qw_ptr, sc_ptr, meta_ptr, cnt_ptr, err_ptr, fi
 @triton.jit
 def _short_task(part_ptr, qw_ptr, sc_ptr, row, cnt_ptr, err_ptr, task, wait, GROUP: tl.constexpr,
                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IN_SPLITS: tl.constexpr, LAYER_WAIT: tl.constexpr,
-                SYNC_ONLY: tl.constexpr, WAIT: tl.constexpr):
+                SYNC_ONLY: tl.constexpr, WAIT: tl.constexpr, SLEEP: tl.constexpr):
     """Task ``task`` of the layer at ``row``: weights, wait, input (the partials' fixed-order sum), its partials,
-    publish. ``wait``: the input comes from this launch (False for a launch's first layer: the stream orders it)."""
+    publish. ``wait``: the input comes from this launch (False for a launch's first layer: the stream orders it).
+    Every load that does not depend on the input (the table's fields among them) is issued before the wait."""
     splits = tl.load(row + 2)
     blk, split = task // splits, task % splits
-    if not SYNC_ONLY:  # issued first: the codes and scales do not depend on the input
-        words, scale, rows, offs_n, n, k = _task_tile(qw_ptr, sc_ptr, row, task, True, GROUP, BLOCK_N, ROWS)
-    if wait:
-        _wait_input(row, cnt_ptr, err_ptr, split, BLOCK_N, ROWS, LAYER_WAIT, WAIT)
+    publish_at = cnt_ptr + tl.load(row + 9) + (0 if LAYER_WAIT else blk * LINE)
+    before = row - META * wait.to(tl.int32)  # the layer before (a launch's first layer: its own row, not waited on)
+    if LAYER_WAIT:
+        wait_at, need = cnt_ptr + tl.load(before + 9), tl.cdiv(tl.load(before), BLOCK_N) * tl.load(before + 2)
+    else:  # the one column block of the layer before that holds this task's K slice (plan_short)
+        wait_at, need = cnt_ptr + tl.load(before + 9) + split * ROWS * 8 // BLOCK_N * LINE, tl.load(before + 2)
     if not SYNC_ONLY:
-        in_at, in_splits, stride = tl.load(row + 5), tl.load(row + 7), tl.load(row + 8)
-        live = (tl.arange(0, IN_SPLITS) < in_splits)[:, None] & (rows < k // 8)[None, :]
-        at = part_ptr + in_at + tl.arange(0, IN_SPLITS)[:, None] * stride + rows[None, :] * 8
+        words, scale, rows, offs_n, n, k = _task_tile(qw_ptr, sc_ptr, row, task, True, GROUP, BLOCK_N, ROWS)
+        offs_k = split * ROWS * 8 + tl.arange(0, ROWS * 8)
+        in_at, in_splits, stride = part_ptr + tl.load(row + 5) + offs_k, tl.load(row + 7), tl.load(row + 8)
+        out_at = part_ptr + tl.load(row + 6) + split * n + offs_n
+    if wait:
+        _wait_input(wait_at, need, err_ptr, WAIT, SLEEP)
+    if not SYNC_ONLY:
+        xs = _input_rows(in_at, offs_k, k, in_splits, stride, ROWS, IN_SPLITS)
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for j in tl.static_range(8):  # code j of every word: K index 8 x row + j
-            # the input's rows, each the sum of the previous layer's split partials (written by other programs:
-            # read at L2, not from L1; a fixed tree over IN_SPLITS: the same bits every run)
-            x = tl.sum(tl.load(at + j, mask=live, other=0.0, cache_modifier=".cg"), axis=0)
             code = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - _MAGIC_ZERO
-            acc += code * x[:, None]
+            acc += code * xs[j][:, None]
         SCALE_ROWS: tl.constexpr = (ROWS * 8 + GROUP - 1) // GROUP
         part = tl.sum(tl.sum(tl.reshape(acc, [SCALE_ROWS, ROWS // SCALE_ROWS, BLOCK_N]), axis=1) * scale, axis=0)
-        tl.store(part_ptr + tl.load(row + 6) + split * n + offs_n, part, mask=offs_n < n)
+        tl.store(out_at, part, mask=offs_n < n)
     # Triton puts a CTA barrier before a scalar atomic: every thread's stores are issued before the release
-    tl.atomic_add(cnt_ptr + tl.load(row + 9) + (0 if LAYER_WAIT else blk), 1, sem="release")
+    tl.atomic_add(publish_at, 1, sem="release")
 
 
 @triton.jit
-def _wait_input(row, cnt_ptr, err_ptr, split, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, LAYER_WAIT: tl.constexpr,
-                WAIT: tl.constexpr):
-    """Until the previous layer's column block holding this task's K slice (plan_short: one block) has all its
-    splits' partials out, or (LAYER_WAIT) every task of that layer."""
-    before = row - META
-    if LAYER_WAIT:
-        at, need = cnt_ptr + tl.load(before + 9), tl.cdiv(tl.load(before), BLOCK_N) * tl.load(before + 2)
-    else:
-        at, need = cnt_ptr + tl.load(before + 9) + split * ROWS * 8 // BLOCK_N, tl.load(before + 2)
-    if WAIT:
-        while _load_acquire(at) < need:
+def _input_rows(in_at, offs_k, k, in_splits, stride, ROWS: tl.constexpr, IN_SPLITS: tl.constexpr):
+    """The task's K slice of the input (``in_at``: its first split's pointers to inputs ``offs_k``) as eight [ROWS]
+    vectors, vector j holding inputs 8 r + j: each split's slice loaded whole (contiguous; written by other programs:
+    read at L2, not from L1), every load issued before the first add, summed in split order (the same bits every
+    run), then taken apart in registers (no cross-warp sum)."""
+    x = tl.zeros([ROWS * 8], dtype=tl.float32)
+    for s in tl.static_range(IN_SPLITS):
+        x += tl.load(in_at + s * stride, mask=offs_k < tl.where(in_splits > s, k, 0), other=0.0, cache_modifier=".cg")
+    even, odd = tl.split(tl.reshape(x, [ROWS, 2, 2, 2]))  # input 8 r + 4 a + 2 b + c: c = 0, 1
+    x04, x26 = tl.split(even)
+    x15, x37 = tl.split(odd)
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _wait_input(wait_at, need, err_ptr, WAIT: tl.constexpr, SLEEP: tl.constexpr):
+    """Until the counter at ``wait_at`` reaches ``need`` (the interpreter, WAIT False: count an error if not yet)."""
+    if WAIT and SLEEP > 0:  # SLEEP ns before each poll: fewer loads queued at the counter's L2 slice
+        while _poll_after_sleep(wait_at, SLEEP) < need:
             pass
-    elif tl.atomic_add(at, 0, sem="acquire") < need:
+    elif WAIT:
+        while _load_acquire(wait_at) < need:
+            pass
+    elif tl.atomic_add(wait_at, 0, sem="acquire") < need:
         tl.atomic_add(err_ptr, 1, sem="relaxed")
 
 
@@ -143,7 +167,7 @@ def plan_short(layers, group: int, block_n: int = 128, rows: int = 16) -> ShortP
         dims.append(n)
         in_at, in_splits = at["p"], splits
         at = {"q": at["q"] + k // 8 * n, "s": at["s"] + k // group * n, "p": at["p"] + splits * n,
-              "c": at["c"] + blocks}
+              "c": at["c"] + blocks * LINE.value}
     most = max(m[7] for m in meta)
     if most > 64:  # the input tile holds every split's partials of a task's rows
         raise ValueError(f"a layer's input has {most} K splits (at most 64): more rows a task")
@@ -155,10 +179,12 @@ def plan_short(layers, group: int, block_n: int = 128, rows: int = 16) -> ShortP
                      max(2, triton.next_power_of_2(most)))
 
 
-def chain_short(plan: ShortPlan, x: torch.Tensor, programs: int | None = None, per_launch: int | None = None,
-                layer_wait: bool = False, sync_only: bool = False, check: bool = False) -> torch.Tensor | None:
+def chain_short(plan: ShortPlan, x: torch.Tensor, programs: int | None = None, per_launch: int | None = None, *,
+                layer_wait: bool = False, sync_only: bool = False, sleep_ns: int = 0,
+                check: bool = False) -> torch.Tensor | None:
     """Run the chain in launches of ``programs`` programs (default: the most tasks a layer has, or on a GPU what it
-    holds at once if fewer), ``per_launch`` layers each (default all: one launch). ``check`` (a host sync): raise
+    holds at once if fewer), ``per_launch`` layers each (default all: one launch); a waiting task sleeps ``sleep_ns``
+    between polls. ``check`` (a host sync): raise
     if a task ran before its input was complete (interpreter) and return the output (fp32 [N of the last layer]);
     otherwise None (the partials' sum is not timed)."""
     n_layers = len(plan.dims) - 1
@@ -168,7 +194,8 @@ def chain_short(plan: ShortPlan, x: torch.Tensor, programs: int | None = None, p
     plan.part[: plan.dims[0]].copy_(x)
     per_launch, errors = per_launch or n_layers, plan.sync[-1:]
     consts = {"GROUP": plan.group, "BLOCK_N": plan.block_n, "ROWS": plan.rows, "IN_SPLITS": plan.in_splits,
-              "LAYER_WAIT": layer_wait, "SYNC_ONLY": sync_only, "WAIT": x.is_cuda, "num_warps": 4}
+              "LAYER_WAIT": layer_wait, "SYNC_ONLY": sync_only, "WAIT": x.is_cuda, "SLEEP": sleep_ns,
+              "num_warps": 8 if plan.block_n * plan.rows >= 4096 else 4}  # codes and sums: <= 64 registers each
     for first in range(0, n_layers, per_launch):
         args = (plan.part, plan.qw, plan.sc, plan.meta, plan.sync, errors, first, min(first + per_launch, n_layers))
         grid = programs or max(plan.tasks)
@@ -188,18 +215,19 @@ def chain_short(plan: ShortPlan, x: torch.Tensor, programs: int | None = None, p
 
 
 def probe(name: str, shapes: list[tuple[int, int]], group: int, configs, cuda: bool, repeats: int) -> dict:
-    """One chain of (K, N) layers: the production GEMV a layer, then each (block_n, rows, layer_wait, sync_only)
-    config in one launch and launched per layer."""
+    """One chain of (K, N) layers: the production GEMV a layer, then each (block_n, rows, layer_wait, sync_only,
+    sleep ns) config in one launch and launched per layer."""
     row, x, layers, ref = anchor_row(name, shapes, group, cuda, repeats,
                                      torch.bfloat16 if cuda else torch.float32)
     row["short"] = []
-    for block_n, rows, layer_wait, sync_only in configs:
+    for block_n, rows, layer_wait, sync_only, sleep in configs:
         plan = plan_short(layers, group, block_n, rows)
-        def call(per_launch, check, pl=plan, lw=layer_wait, so=sync_only):
-            got = chain_short(pl, x, None if cuda else 1, per_launch, lw, so, check)  # interpreter: in order
+        def call(per_launch, check, pl=plan, lw=layer_wait, so=sync_only, ns=sleep):
+            got = chain_short(pl, x, None if cuda else 1, per_launch, layer_wait=lw, sync_only=so, sleep_ns=ns,
+                              check=check)  # the interpreter: one program, tasks in order
             return ref if so and check else got  # sync only: nothing computed to compare
         entry = {"block_n": block_n, "rows": rows, "layer_wait": layer_wait, "sync_only": sync_only,
-                 "tasks_a_layer": max(plan.tasks)}
+                 "sleep_ns": sleep, "tasks_a_layer": max(plan.tasks)}
         row["short"].append(both_ways(entry, call, ref, cuda, repeats, len(layers)))
     return row
 
@@ -210,7 +238,8 @@ def report(row: dict, copy_tbps: float | None) -> None:
     prod = row["launches_us_a_layer"]
     for e in row["short"]:
         head = (f"    {e['block_n']:3d} columns x {8 * e['rows']:3d} K, {e['tasks_a_layer']:4d} tasks, "
-                f"{'layer' if e['layer_wait'] else 'block'} wait{', sync only' if e['sync_only'] else ''}: ")
+                f"{'layer' if e['layer_wait'] else 'block'} wait{', sync only' if e['sync_only'] else ''}, "
+                f"sleep {e['sleep_ns']}: ")
         print(head + (f"skipped ({e['skipped']})" if "skipped" in e else
                       f"{e['us_a_layer']:.2f} us a layer in one launch (x{e['us_a_layer'] / prod:.2f} of the "
                       f"production GEMV), {e['per_layer_us_a_layer']:.2f} per layer"), flush=True)
@@ -219,10 +248,13 @@ def report(row: dict, copy_tbps: float | None) -> None:
 def setup_chains(cuda: bool, sms: int):
     if not cuda:  # the interpreter: one program a launch of all layers
         return ({"tiny square": [(64, 64)] * 3, "tiny prefixes": [(64, 96), (64, 64), (32, 160), (96, 64)]}, 32,
-                [(32, 4, False, False), (16, 2, True, False), (32, 2, False, True)])
-    # 512-wide: 16, 32 and 64 tasks a layer (next to no bytes: the path alone); o-sized: 1024 / 512 tasks
-    configs = [(128, 16, False, True), (128, 16, False, False), (128, 16, True, False), (128, 8, False, False),
-               (64, 8, False, False), (64, 8, True, False), (64, 8, False, True)]
+                [(32, 4, False, False, 0), (16, 2, True, False, 0), (32, 2, False, True, 0)])
+    # 512-wide: 16 / 32 / 64 tasks a layer (next to no bytes: the path alone); o-sized: 1024 / 512 / 256 tasks
+    # (run 1, stop 38: 1024 tasks on adjacent counters took 10.7 us a layer to only wait and publish)
+    configs = [(128, 16, False, True, 0), (128, 16, False, False, 0), (128, 16, True, False, 0),
+               (128, 8, False, False, 0), (64, 8, False, False, 0), (128, 16, False, True, 256),
+               (128, 16, False, False, 256), (256, 16, False, True, 0), (256, 16, False, False, 0),
+               (256, 16, False, False, 256), (256, 32, False, False, 0)]
     return ({"tiny 32 x 512": [(512, 512)] * 32, "o-sized 32 x 4096": [(4096, 4096)] * 32}, 128, configs)
 
 

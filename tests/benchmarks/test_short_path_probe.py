@@ -36,10 +36,10 @@ def test_chain_matches_the_reference(block_n, rows, layer_wait, per_launch, shap
     ref = pp.chain_reference(layers, x, 32)
     plan = sp.plan_short(layers, 32, block_n, rows)
     assert plan.meta[1:, 7].max().item() > 1  # an input made of several splits
-    got = sp.chain_short(plan, x, None if DEV == "cuda" else 1, per_launch, layer_wait, check=True)
+    got = sp.chain_short(plan, x, None if DEV == "cuda" else 1, per_launch, layer_wait=layer_wait, check=True)
     assert got.shape == (shapes[-1][1],) and got.dtype == torch.float32
     _close(got, ref)
-    again = sp.chain_short(plan, x, None if DEV == "cuda" else 1, per_launch, layer_wait, check=True)
+    again = sp.chain_short(plan, x, None if DEV == "cuda" else 1, per_launch, layer_wait=layer_wait, check=True)
     assert torch.equal(got, again)  # no atomics in the sums: the same bits
 
 
@@ -49,7 +49,8 @@ def test_sync_only_runs_the_waits_without_touching_the_partials():
     plan.part.fill_(7.0)
     assert sp.chain_short(plan, x, None if DEV == "cuda" else 1, sync_only=True) is None
     assert plan.part[64:].eq(7.0).all()  # nothing stored past the input
-    assert plan.sync[:-1].tolist() == [2, 2, 2, 2] and plan.sync[-1].item() == 0  # every task published, in order
+    # every task published, each block on its own 128-byte line; no error
+    assert plan.sync[:-1:32].tolist() == [2, 2, 2, 2] and plan.sync[:-1].sum().item() == 8 and plan.sync[-1] == 0
 
 
 def test_the_chain_catches_a_task_that_would_read_an_unfinished_block():
@@ -82,10 +83,11 @@ def test_the_plan_refuses_what_the_kernel_cannot_run():
 def test_chain_on_the_gpu_at_a_real_size():
     x, layers = pp.random_chain([4096, 4096, 1024, 4096, 4096], 128, "cuda")
     ref = pp.chain_reference(layers, x, 128)
-    for block_n, rows, layer_wait in ((128, 16, False), (128, 16, True), (64, 8, False)):
+    for block_n, rows, layer_wait, sleep in ((128, 16, False, 0), (128, 16, True, 0), (64, 8, False, 0),
+                                             (256, 16, False, 256), (256, 32, False, 0)):
         plan = sp.plan_short(layers, 128, block_n, rows)
         for _ in range(2):
-            _close(sp.chain_short(plan, x, layer_wait=layer_wait, check=True), ref, 1e-4)
+            _close(sp.chain_short(plan, x, layer_wait=layer_wait, sleep_ns=sleep, check=True), ref, 1e-4)
     with pytest.raises(ValueError, match="do not fit on the GPU at once"):
         sp.chain_short(sp.plan_short(layers, 128, 128, 16), x, 10**5)
 
@@ -105,12 +107,13 @@ types = {"part_ptr": "*fp32", "qw_ptr": "*i32", "sc_ptr": "*fp16", "meta_ptr": "
          "err_ptr": "*i32"}
 attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in types}
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-for block_n, rows, in_splits, sync_only in ((128, 16, 32, False), (64, 8, 8, False), (128, 16, 4, True)):
+for block_n, rows, in_splits, sync_only, warps in ((128, 16, 32, False, 4), (64, 8, 8, False, 4),
+                                                   (128, 16, 4, True, 4), (256, 32, 16, False, 8)):
     consts = {"GROUP": 128, "BLOCK_N": block_n, "ROWS": rows, "IN_SPLITS": in_splits, "LAYER_WAIT": False,
-              "SYNC_ONLY": sync_only, "WAIT": True}
+              "SYNC_ONLY": sync_only, "WAIT": True, "SLEEP": 256 if sync_only else 0}
     sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in kernel.arg_names}
     done = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     usage = ""
     if cuobjdump.exists():
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -129,6 +132,6 @@ def test_short_kernel_compiles_for_hopper():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("ok")]
-    assert len(lines) == 3
+    assert len(lines) == 4
     for line in lines:
         assert line[3] == "no-usage" or line[4] == "True", line
