@@ -49,12 +49,18 @@ def step_bytes(kernels: dict, group: int, tokens: float) -> dict[float, float]:
 
 
 def stage_latency_us(probe: dict) -> tuple[float, str]:
-    """L: the lower per-layer time of the all-boundary chain, production launches or one persistent launch."""
+    """L: the lowest per-layer time of the all-boundary chain: production launches, or one persistent launch of
+    ``layer_loop_probe.py`` (key "loop") or of ``short_path_probe.py`` (key "short"; not its sync-only runs, which
+    compute nothing)."""
     row = next((r for r in probe["rows"] if r["chain"] == TINY), None)
     if row is None:
-        raise ValueError(f"the probe file has no {TINY!r} chain (layer_loop_probe.py's runs from stop 37 on do)")
+        raise ValueError(f"the probe file has no {TINY!r} chain (layer_loop_probe.py's runs from stop 37 on and "
+                         "short_path_probe.py's do)")
     options = [(row["launches_us_a_layer"], "production GEMV a launch")]
-    options += [(e["us_a_layer"], f"one launch, {e['programs']} programs") for e in row["loop"] if "us_a_layer" in e]
+    options += [(e["us_a_layer"], f"one launch, {e['programs']} programs") for e in row.get("loop", [])
+                if "us_a_layer" in e]
+    options += [(e["us_a_layer"], f"shortest path, one launch, {e['block_n']} x {8 * e['rows']} tasks")
+                for e in row.get("short", []) if "us_a_layer" in e and not e["sync_only"]]
     return min(options)
 
 
@@ -66,9 +72,11 @@ def bound(bytes_by_rate: dict[float, float], copy_tbps: float, stages: dict[floa
     lo, hi = rates
     # t_hi / t_lo = target  <=>  floor_hi + s_hi L = target (floor_lo + s_lo L)
     needed = (floor[hi] - target * floor[lo]) / (target * stages[lo] - stages[hi]) * 1e3
+    # or, at this L, the stages (both rates' counts scaled alike) at which the ratio is the target
+    scale = (target * floor[lo] - floor[hi]) / ((stages[hi] - target * stages[lo]) * latency_us * 1e-3)
     return {"floor_ms": floor, "fixed_ms": fixed, "model_ms": {r: floor[r] + fixed[r] for r in rates},
             "ratio": (floor[hi] + fixed[hi]) / (floor[lo] + fixed[lo]), "bytes_ratio": floor[hi] / floor[lo],
-            "latency_for_target_us": needed, "target": target}
+            "latency_for_target_us": needed, "stages_for_target": scale * stages[lo], "target": target}
 
 
 def kernel_bounds(kernels: dict, latency_us: float, ratio_target: float = 0.72) -> list[dict]:
@@ -127,12 +135,18 @@ def main(argv=None) -> None:
     ap.add_argument("--decode", type=Path, default=RESULTS / "decode_h100.json")
     ap.add_argument("--profile", type=Path, default=RESULTS / "decode_profile_stop35_h100.json")
     ap.add_argument("--probe", type=Path, default=RESULTS / "layer_loop_probe_sleep_h100.json")
+    ap.add_argument("--short-probe", type=Path, default=RESULTS / "short_path_probe_h100.json",
+                    help="short_path_probe.py's results: the step model again at its L (skipped if absent)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     inp = load_inputs(args.kernels, args.decode, args.profile, args.probe)
     kernels = inp.pop("kernels")
     out = {**inp, **bound(inp["bytes"], inp["copy_TBps"], inp["stages"], inp["latency_us"]),
            "kernel_rows": kernel_bounds(kernels, inp["latency_us"])}
+    if args.short_probe.exists():
+        latency, source = stage_latency_us(json.loads(args.short_probe.read_text()))
+        out["short_path"] = {"latency_us": latency, "latency_from": source,
+                             **bound(inp["bytes"], inp["copy_TBps"], inp["stages"], latency)}
     m = inp["measured_ms"]
     print(f"{inp['device']}: copy {inp['copy_TBps']:.2f} TB/s, stage latency L = {inp['latency_us']:.2f} us "
           f"({inp['latency_from']}, {TINY} chain)")
@@ -141,7 +155,12 @@ def main(argv=None) -> None:
               f"{inp['stages'][r]:.0f} stages x L = {out['fixed_ms'][r]:.3f} ms -> model {out['model_ms'][r]:.3f} ms "
               f"(measured {m[r]:.3f})")
     print(f"  ratio: bytes alone {out['bytes_ratio']:.3f}, model {out['ratio']:.3f}, measured {m[0.35] / m[0.0]:.3f};"
-          f" the model reaches {out['target']} only at L <= {out['latency_for_target_us']:.2f} us a stage")
+          f" the model reaches {out['target']} only at L <= {out['latency_for_target_us']:.2f} us a stage (or "
+          f"<= {out['stages_for_target']:.0f} stages)")
+    if short := out.get("short_path"):
+        print(f"  at the shortest path's L = {short['latency_us']:.2f} us ({short['latency_from']}): model "
+              f"{short['model_ms'][0.0]:.3f} / {short['model_ms'][0.35]:.3f} ms, ratio {short['ratio']:.3f}; "
+              f"{out['target']} at <= {short['stages_for_target']:.0f} stages")
     print_kernels(out["kernel_rows"], inp["latency_us"])
     if args.json:
         args.json.write_text(json.dumps({str(k): v for k, v in out.items()}, indent=1, default=str))

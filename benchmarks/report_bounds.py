@@ -24,7 +24,13 @@ def section_bounds(rep, results: dict) -> None:
     rep.add(*rp.md_table(["rate", "GB a step", "stages", "bytes at copy ms", "model ms", "measured TPOT ms"], rows),
             "", f"Ratio 0.35 / 0: bytes alone {data['bytes_ratio']:.3f}, model {data['ratio']:.3f}, measured "
             f"{measured:.3f}; the model reaches {data['target']} only at <= {data['latency_for_target_us']:.2f} us a "
-            "stage.", "")
+            f"stage, or with <= {data['stages_for_target']:.0f} stages.", "")
+    if short := data.get("short_path"):
+        rep.add(f"The shortest dependent path measured (`short_path_probe.py`: weights loaded before the wait, the "
+                f"split partials summed by the next layer, one release add a task; {short['latency_from']}) takes "
+                f"{short['latency_us']:.2f} us a stage: the model then gives {short['model_ms']['0.0']:.3f} / "
+                f"{short['model_ms']['0.35']:.3f} ms, a ratio of {short['ratio']:.3f}, and {data['target']} with <= "
+                f"{short['stages_for_target']:.0f} stages.", "")
     rows = [(r["model"], r["layer"], f"{r['frac_measured']:.0%} / {r['frac_model']:.0%}",
              f"{r['frac_target']:.0%}: L <= {r['latency_for_frac_us']:.2f} us",
              f"{r['ratio_measured']:.3f} / {r['ratio_model']:.3f}" if "ratio_model" in r else "-",

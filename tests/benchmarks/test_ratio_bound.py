@@ -23,6 +23,9 @@ def test_the_model_on_numbers_worked_by_hand():
     # 0.75 = (0.6 + 0.1 L) / (1.0 + 0.1 L) at L = 6 us; at that latency the model gives the target exactly
     assert out["latency_for_target_us"] == pytest.approx(6.0)
     assert rb.bound({0.0: 1e9, 0.35: 0.6e9}, 1.0, {0.0: 100, 0.35: 100}, 6.0)["ratio"] == pytest.approx(0.75)
+    # or at 2 us, 300 stages: (0.6 + 0.6) / (1.0 + 0.6) = 0.75
+    assert out["stages_for_target"] == pytest.approx(300.0)
+    assert rb.bound({0.0: 1e9, 0.35: 0.6e9}, 1.0, {0.0: 300, 0.35: 300}, 2.0)["ratio"] == pytest.approx(0.75)
 
 
 def test_kv_bytes_follow_the_kept_head_dims():
@@ -40,6 +43,32 @@ def test_the_committed_h100_results():
     for rate in (0.0, 0.35):  # a floor: under every measured step
         assert out["model_ms"][rate] < inp["measured_ms"][rate]
     assert out["bytes_ratio"] < out["ratio"] < inp["measured_ms"][0.35] / inp["measured_ms"][0.0]
+
+
+def test_the_short_path_probes_latency_leaves_out_its_sync_only_runs():
+    row = {"chain": "tiny 32 x 512", "launches_us_a_layer": 2.9,
+           "short": [{"block_n": 128, "rows": 16, "sync_only": True, "us_a_layer": 1.2},
+                     {"block_n": 64, "rows": 8, "sync_only": False, "us_a_layer": 2.3},
+                     {"block_n": 128, "rows": 8, "sync_only": False, "skipped": "did not fit"}]}
+    assert rb.stage_latency_us({"rows": [row]}) == (2.3, "shortest path, one launch, 64 x 64 tasks")
+    row["short"][1]["us_a_layer"] = 3.5  # slower than the launches: the production boundary stays L
+    assert rb.stage_latency_us({"rows": [row]}) == (2.9, "production GEMV a launch")
+
+
+def test_the_committed_short_path_run():
+    """Stop 38's shortest dependent path: under the production boundary and the layer loop's, above its own
+    sync-only floor; the step model at its L stays under the measured times and still above 0.75."""
+    probe = json.loads((rb.RESULTS / "short_path_probe_h100.json").read_text())
+    short, _ = rb.stage_latency_us(probe)
+    loop, _ = rb.stage_latency_us(json.loads((rb.RESULTS / "layer_loop_probe_sleep_h100.json").read_text()))
+    tiny = next(r for r in probe["rows"] if r["chain"] == rb.TINY)
+    sync = min(e["us_a_layer"] for e in tiny["short"] if e["sync_only"])
+    assert sync < short < loop < tiny["launches_us_a_layer"]
+    files = ("kernels_h100", "decode_h100", "decode_profile_stop35_h100", "layer_loop_probe_sleep_h100")
+    inp = rb.load_inputs(*(rb.RESULTS / f"{name}.json" for name in files))
+    out = rb.bound(inp["bytes"], inp["copy_TBps"], inp["stages"], short)
+    assert 0.75 < out["ratio"] < rb.bound(inp["bytes"], inp["copy_TBps"], inp["stages"], loop)["ratio"]
+    assert out["stages_for_target"] < inp["stages"][0.0]
 
 
 def test_a_probe_file_without_the_all_boundary_chain_is_refused():

@@ -35,7 +35,9 @@ def test_report_on_the_committed_results(tmp_path):
     for device in ("68 GB/s", "102 GB/s", "768 GB/s"):
         assert device in md
     bound = json.loads((BENCH / "results" / "ratio_bound_h100.json").read_text())  # the stage-latency section
-    assert f"model {bound['ratio']:.3f}" in md and "| llama-3.1-8b | o | 45% / 51% |" in md
+    o = next(r for r in bound["kernel_rows"] if (r["model"], r["layer"]) == ("llama-3.1-8b", "o"))
+    assert f"model {bound['ratio']:.3f}" in md and f"| llama-3.1-8b | o | {o['frac_measured']:.0%} / " in md
+    assert f"a ratio of {bound['short_path']['ratio']:.3f}" in md  # the shortest path's L (stop 38)
     # the committed report's figures are committed too (it may lag behind newly added results: rerun report.py)
     committed = linked_pngs((BENCH / "REPORT.md").read_text())
     assert committed and all((BENCH / rel).is_file() for rel in committed)
