@@ -99,8 +99,8 @@ for step in ${SUITE:-ab kernels decode}; do
         # the persistent probes spin on each other's programs: a grid that did not fit would hang, so a time limit
         loop) timeout 420 python3 layer_loop_probe.py --json "$OUT/layer_loop_probe_$gpu.json" \
                   > "$OUT/layer_loop_probe_$gpu.txt" ;;
-        short) { timeout 300 python3 short_path_probe.py --json "$OUT/short_path_probe_$gpu.json"
-                 (cd .. && timeout 200 python3 -m pytest -q -p no:cacheprovider tests/benchmarks/test_short_path_probe.py)
+        short) { timeout 420 python3 short_path_probe.py --json "$OUT/short_path_probe_$gpu.json"
+                 (cd .. && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/benchmarks/test_short_path_probe.py)
                } > "$OUT/short_path_probe_$gpu.txt" 2>&1 ;;
         chain) timeout 420 python3 persistent_probe.py --json "$OUT/persistent_probe_$gpu.json" > "$OUT/persistent_probe_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do

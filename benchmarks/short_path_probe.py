@@ -15,10 +15,17 @@ what a dependency needs:
 * it stores its own fp32 partials with plain stores and publishes them with one release add on its block's counter.
 
 A round trip fewer than that is not a GEMV. ``SYNC_ONLY`` runs the waits and the publishes alone (no loads, no
-arithmetic): the latency of the dependency itself. Timed per layer against the production GEMV a layer in the same
-run (``persistent_probe.anchor_row``), in one launch and launched per layer (no waits: the anchor with the same
-arithmetic), on the 32 x 512 chain (all boundary) and the 32 x 4096 o-sized chain; outputs checked against the
-fp32 torch reference first.
+arithmetic): the latency of the dependency itself. Run 2 (stop 38, H100): a 512-wide stage 2.28 us in one launch
+against 2.88 launched, the sync alone 1.20; but at o's size x1.8-2.4 slower than the production GEMV, as every
+column block's task re-reads the input's split partials from L2 (8 x splits / block_n of the weight bytes).
+
+Whole-K tasks (a narrow column block, 16-64 columns, and all of K or half, with ``LAYER_WAIT``) remove that re-read
+and put a task's whole weight tile in registers before its wait: a layer's weights stream while the layer before
+computes, the one design the stage-latency model does not bind. Timed per layer against the production GEMV a layer
+in the same run (``persistent_probe.anchor_row``), in one launch and launched per layer (no waits: the anchor with
+the same arithmetic), on the 32 x 512 chain (all boundary), the 32 x 4096 o-sized chain, Llama MLP up / down pairs
+and the 129 GEMVs of a Llama-3.1-8B step (``layer_loop_probe.llama_step``); outputs checked against the fp32 torch
+reference first.
 
     python benchmarks/short_path_probe.py --json benchmarks/results/short_path_probe_h100.json
     TRITON_INTERPRET=1 python benchmarks/short_path_probe.py --cpu-smoke     # tiny shapes, no GPU: code paths only
@@ -32,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 from graph_timing import programs_held
-from layer_loop_probe import _poll_after_sleep
+from layer_loop_probe import _poll_after_sleep, llama_step, pairs
 from persistent_probe import _MAGIC_ZERO, _load_acquire, _task_tile, anchor_row, both_ways, report_head, run_chains
 
 # a layer's row: N, K, K splits, codes, scales, input partials, output partials, the input's splits and row stride,
@@ -150,9 +157,9 @@ class ShortPlan:
 def plan_short(layers, group: int, block_n: int = 128, rows: int = 16) -> ShortPlan:
     """Lay out ``layers`` ((qw [K/8, N], sc [K/G, N]) each; a layer reads the first K outputs of the one before) in
     tasks of ``block_n`` columns and ``rows`` packed K rows (8 x rows inputs: one column block of the layer before)."""
-    if any(v < 1 or v & (v - 1) for v in (group // 8, rows, block_n)) or group % 8 or block_n % (8 * rows):
+    if any(v < 1 or v & (v - 1) for v in (group // 8, rows, block_n)) or group % 8:
         raise ValueError(f"the group ({group}) must be 8 x a power of two, rows ({rows}) and block_n ({block_n}) "
-                         "powers of two, block_n a multiple of 8 x rows (a task's input is one block)")
+                         "powers of two")
     dims, meta, tasks, at = [layers[0][0].shape[0] * 8], [], [], {"q": 0, "s": 0, "p": 0, "c": 0}
     in_at, in_splits = 0, 1
     at["p"] = dims[0]
@@ -190,6 +197,9 @@ def chain_short(plan: ShortPlan, x: torch.Tensor, programs: int | None = None, p
     n_layers = len(plan.dims) - 1
     if x.shape != (plan.dims[0],):
         raise ValueError(f"the chain takes a [{plan.dims[0]}] input, got {tuple(x.shape)}")
+    if not layer_wait and plan.block_n % (8 * plan.rows):
+        raise ValueError(f"a block wait needs block_n ({plan.block_n}) a multiple of 8 x rows ({8 * plan.rows}): a "
+                         "task's K slice inside one column block of the layer before (or wait for the whole layer)")
     plan.sync.zero_()
     plan.part[: plan.dims[0]].copy_(x)
     per_launch, errors = per_launch or n_layers, plan.sync[-1:]
@@ -220,8 +230,13 @@ def probe(name: str, shapes: list[tuple[int, int]], group: int, configs, cuda: b
     row, x, layers, ref = anchor_row(name, shapes, group, cuda, repeats,
                                      torch.bfloat16 if cuda else torch.float32)
     row["short"] = []
-    for block_n, rows, layer_wait, sync_only, sleep in configs:
-        plan = plan_short(layers, group, block_n, rows)
+    for block_n, rows, layer_wait, sync_only, sleep in configs[name] if isinstance(configs, dict) else configs:
+        try:
+            plan = plan_short(layers, group, block_n, rows)
+        except ValueError as exc:  # e.g. a layer whose input would have too many splits at these tiles
+            row["short"].append({"block_n": block_n, "rows": rows, "layer_wait": layer_wait, "sync_only": sync_only,
+                                 "sleep_ns": sleep, "skipped": str(exc)})
+            continue
         def call(per_launch, check, pl=plan, lw=layer_wait, so=sync_only, ns=sleep):
             got = chain_short(pl, x, None if cuda else 1, per_launch, layer_wait=lw, sync_only=so, sleep_ns=ns,
                               check=check)  # the interpreter: one program, tasks in order
@@ -237,7 +252,7 @@ def report(row: dict, copy_tbps: float | None) -> None:
         return
     prod = row["launches_us_a_layer"]
     for e in row["short"]:
-        head = (f"    {e['block_n']:3d} columns x {8 * e['rows']:3d} K, {e['tasks_a_layer']:4d} tasks, "
+        head = (f"    {e['block_n']:3d} columns x {8 * e['rows']:3d} K, {e.get('tasks_a_layer', 0):4d} tasks, "
                 f"{'layer' if e['layer_wait'] else 'block'} wait{', sync only' if e['sync_only'] else ''}, "
                 f"sleep {e['sleep_ns']}: ")
         print(head + (f"skipped ({e['skipped']})" if "skipped" in e else
@@ -248,14 +263,18 @@ def report(row: dict, copy_tbps: float | None) -> None:
 def setup_chains(cuda: bool, sms: int):
     if not cuda:  # the interpreter: one program a launch of all layers
         return ({"tiny square": [(64, 64)] * 3, "tiny prefixes": [(64, 96), (64, 64), (32, 160), (96, 64)]}, 32,
-                [(32, 4, False, False, 0), (16, 2, True, False, 0), (32, 2, False, True, 0)])
-    # 512-wide: 16 / 32 / 64 tasks a layer (next to no bytes: the path alone); o-sized: 1024 / 512 / 256 tasks
-    # (run 1, stop 38: 1024 tasks on adjacent counters took 10.7 us a layer to only wait and publish)
-    configs = [(128, 16, False, True, 0), (128, 16, False, False, 0), (128, 16, True, False, 0),
-               (128, 8, False, False, 0), (64, 8, False, False, 0), (128, 16, False, True, 256),
-               (128, 16, False, False, 256), (256, 16, False, True, 0), (256, 16, False, False, 0),
-               (256, 16, False, False, 256), (256, 32, False, False, 0)]
-    return ({"tiny 32 x 512": [(512, 512)] * 32, "o-sized 32 x 4096": [(4096, 4096)] * 32}, 128, configs)
+                [(32, 4, False, False, 0), (16, 2, True, False, 0), (32, 2, False, True, 0), (16, 8, True, False, 0)])
+    # block waits (run 2, stop 38: 512-wide 2.28 us a layer; o-sized x1.77-2.4 of the production GEMV, the summed
+    # partials' L2 reads) against whole-K tasks (16 / 32 / 64 columns, 1-2 K splits, layer waits): a task's whole
+    # weight tile in registers before the wait, so a layer's weights stream while the layer before computes
+    block = [(128, 16, False, True, 0), (128, 16, False, False, 0), (256, 32, False, False, 0)]
+    whole = [(16, 512, True, False, 0), (32, 256, True, False, 0), (64, 256, True, False, 0)]
+    chains = {"tiny 32 x 512": [(512, 512)] * 32, "o-sized 32 x 4096": [(4096, 4096)] * 32,
+              "mlp up/down 8 x 2": pairs(4096, 14336, 8),
+              **{f"llama-8b step GEMVs, rate {r}": llama_step(r, 128) for r in (0.0, 0.35)}}
+    configs = {name: (block if "mlp" not in name and "step" not in name else []) + whole for name in chains}
+    configs["tiny 32 x 512"] += [(16, 64, True, False, 0), (32, 64, True, False, 0)]  # whole K = 512 there
+    return chains, 128, configs
 
 
 def main(argv=None) -> None:

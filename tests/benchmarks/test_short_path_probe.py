@@ -43,6 +43,18 @@ def test_chain_matches_the_reference(block_n, rows, layer_wait, per_launch, shap
     assert torch.equal(got, again)  # no atomics in the sums: the same bits
 
 
+@pytest.mark.parametrize(("block_n", "rows"), [(16, 8), (32, 16)])
+def test_whole_k_tasks_wait_for_the_whole_layer_before(block_n, rows):
+    """Tasks of 64-128 inputs against 16-32 columns (one or two K splits): only a layer wait can run them."""
+    shapes = [(64, 96), (96, 32), (32, 128), (128, 64)]
+    x, layers = pp.random_layers(shapes, 32, DEV, seed=4)
+    plan = sp.plan_short(layers, 32, block_n, rows)
+    got = sp.chain_short(plan, x, None if DEV == "cuda" else 1, layer_wait=True, check=True)
+    _close(got, pp.chain_reference(layers, x, 32))
+    with pytest.raises(ValueError, match="a block wait needs block_n"):
+        sp.chain_short(plan, x)
+
+
 def test_sync_only_runs_the_waits_without_touching_the_partials():
     x, layers = pp.random_chain([64, 64, 64], 32, DEV)
     plan = sp.plan_short(layers, 32, 32, 4)
@@ -66,7 +78,7 @@ def test_the_chain_catches_a_task_that_would_read_an_unfinished_block():
 def test_the_plan_refuses_what_the_kernel_cannot_run():
     x, layers = pp.random_chain([64, 64, 64], 32, DEV)
     with pytest.raises(ValueError, match="a multiple of 8 x rows"):
-        sp.plan_short(layers, 32, 16, 4)
+        sp.chain_short(sp.plan_short(layers, 32, 16, 4), x)
     with pytest.raises(ValueError, match="powers of two"):
         sp.plan_short(layers, 32, 48, 2)
     _, other = pp.random_chain([128, 64], 32, DEV)
@@ -84,7 +96,8 @@ def test_chain_on_the_gpu_at_a_real_size():
     x, layers = pp.random_chain([4096, 4096, 1024, 4096, 4096], 128, "cuda")
     ref = pp.chain_reference(layers, x, 128)
     for block_n, rows, layer_wait, sleep in ((128, 16, False, 0), (128, 16, True, 0), (64, 8, False, 0),
-                                             (256, 16, False, 256), (256, 32, False, 0)):
+                                             (256, 16, False, 256), (256, 32, False, 0), (16, 512, True, 0),
+                                             (32, 256, True, 0)):
         plan = sp.plan_short(layers, 128, block_n, rows)
         for _ in range(2):
             _close(sp.chain_short(plan, x, layer_wait=layer_wait, sleep_ns=sleep, check=True), ref, 1e-4)
@@ -107,9 +120,9 @@ types = {"part_ptr": "*fp32", "qw_ptr": "*i32", "sc_ptr": "*fp16", "meta_ptr": "
          "err_ptr": "*i32"}
 attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in types}
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-for block_n, rows, in_splits, sync_only, warps in ((128, 16, 32, False, 4), (64, 8, 8, False, 4),
-                                                   (128, 16, 4, True, 4), (256, 32, 16, False, 8)):
-    consts = {"GROUP": 128, "BLOCK_N": block_n, "ROWS": rows, "IN_SPLITS": in_splits, "LAYER_WAIT": False,
+for block_n, rows, in_splits, sync_only, warps in ((128, 16, 32, False, 4), (64, 8, 8, False, 4), (128, 16, 4, True, 4),
+                                                   (256, 32, 16, False, 8), (16, 512, 2, False, 8)):
+    consts = {"GROUP": 128, "BLOCK_N": block_n, "ROWS": rows, "IN_SPLITS": in_splits, "LAYER_WAIT": in_splits == 2,
               "SYNC_ONLY": sync_only, "WAIT": True, "SLEEP": 256 if sync_only else 0}
     sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in kernel.arg_names}
     done = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
@@ -132,6 +145,6 @@ def test_short_kernel_compiles_for_hopper():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith("ok")]
-    assert len(lines) == 4
+    assert len(lines) == 5
     for line in lines:
         assert line[3] == "no-usage" or line[4] == "True", line
