@@ -135,17 +135,18 @@ def main(argv=None) -> None:
     ap.add_argument("--decode", type=Path, default=RESULTS / "decode_h100.json")
     ap.add_argument("--profile", type=Path, default=RESULTS / "decode_profile_stop35_h100.json")
     ap.add_argument("--probe", type=Path, default=RESULTS / "layer_loop_probe_sleep_h100.json")
-    ap.add_argument("--short-probe", type=Path, default=RESULTS / "short_path_probe_h100.json",
-                    help="short_path_probe.py's results: the step model again at its L (skipped if absent)")
+    ap.add_argument("--short-probe", type=Path, nargs="*",
+                    default=[RESULTS / f"short_path_probe_run{i}_h100.json" for i in (2, 3)],
+                    help="short_path_probe.py's results: the step model again at their lowest L (files absent: skipped)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     inp = load_inputs(args.kernels, args.decode, args.profile, args.probe)
     kernels = inp.pop("kernels")
     out = {**inp, **bound(inp["bytes"], inp["copy_TBps"], inp["stages"], inp["latency_us"]),
            "kernel_rows": kernel_bounds(kernels, inp["latency_us"])}
-    if args.short_probe.exists():
-        latency, source = stage_latency_us(json.loads(args.short_probe.read_text()))
-        out["short_path"] = {"latency_us": latency, "latency_from": source,
+    if found := [f for f in args.short_probe if f.exists()]:
+        latency, source, name = min(stage_latency_us(json.loads(f.read_text())) + (f.name,) for f in found)
+        out["short_path"] = {"latency_us": latency, "latency_from": f"{source}, {name}",
                              **bound(inp["bytes"], inp["copy_TBps"], inp["stages"], latency)}
     m = inp["measured_ms"]
     print(f"{inp['device']}: copy {inp['copy_TBps']:.2f} TB/s, stage latency L = {inp['latency_us']:.2f} us "

@@ -55,10 +55,11 @@ def test_the_short_path_probes_latency_leaves_out_its_sync_only_runs():
     assert rb.stage_latency_us({"rows": [row]}) == (2.9, "production GEMV a launch")
 
 
-def test_the_committed_short_path_run():
+@pytest.mark.parametrize("run", [2, 3])
+def test_the_committed_short_path_runs(run):
     """Stop 38's shortest dependent path: under the production boundary and the layer loop's, above its own
     sync-only floor; the step model at its L stays under the measured times and still above 0.75."""
-    probe = json.loads((rb.RESULTS / "short_path_probe_h100.json").read_text())
+    probe = json.loads((rb.RESULTS / f"short_path_probe_run{run}_h100.json").read_text())
     short, _ = rb.stage_latency_us(probe)
     loop, _ = rb.stage_latency_us(json.loads((rb.RESULTS / "layer_loop_probe_sleep_h100.json").read_text()))
     tiny = next(r for r in probe["rows"] if r["chain"] == rb.TINY)
