@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     ap.add_argument("--probe", type=Path, default=RESULTS / "layer_loop_probe_sleep_h100.json")
     ap.add_argument("--short-probe", type=Path, nargs="*",
                     default=[RESULTS / f"short_path_probe_run{i}_h100.json" for i in (2, 3)],
-                    help="short_path_probe.py's results: the step model again at their lowest L (files absent: skipped)")
+                    help="short_path_probe.py's results: the step model again at their lowest L (absent: skipped)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     inp = load_inputs(args.kernels, args.decode, args.profile, args.probe)
