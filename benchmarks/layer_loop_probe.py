@@ -54,6 +54,21 @@ def _poll_after_sleep(ptr, ns):
 
 
 @triton.jit
+def _wait_until(at, need, err_ptr, WAIT: tl.constexpr, SLEEP: tl.constexpr):
+    """Until the counter at ``at`` reaches ``need``, polling an acquire load, SLEEP ns before each poll if > 0 (fewer
+    loads queued at the counter's L2 slice). WAIT False (the interpreter, programs one after another): count an
+    error at ``err_ptr`` if it has not."""
+    if WAIT and SLEEP > 0:
+        while _poll_after_sleep(at, SLEEP) < need:
+            pass
+    elif WAIT:
+        while _load_acquire(at) < need:
+            pass
+    elif tl.atomic_add(at, 0, sem="acquire") < need:
+        tl.atomic_add(err_ptr, 1, sem="relaxed")
+
+
+@triton.jit
 def _layer_loop_kernel(acts_ptr, qw_ptr, sc_ptr, meta_ptr, ws_ptr, cnt_ptr, done_ptr, err_ptr, first, last,
                        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SUB_R: tl.constexpr, SUM_STEP: tl.constexpr,
                        PREFETCH: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, WAIT: tl.constexpr,
@@ -95,16 +110,8 @@ def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr,
             # on the input; inline PTX: not in the interpreter; one request a 32-word line: blocks of >= 32 columns)
             ig._prefetch_tiles(qw, n, blk * BLOCK_N, n - blk * BLOCK_N, t0, tl.minimum(t1, t0 + PREFETCH), rows_k,
                                SUB_R, BLOCK_N)
-        before = tl.cdiv(tl.load(row - META), BLOCK_N)  # the previous layer's column blocks
-        done_at = done_ptr + layer - 1
-        if WAIT and SLEEP > 0:  # SLEEP ns before each poll: fewer loads queued at the counter's L2 slice
-            while _poll_after_sleep(done_at, SLEEP) < before:
-                pass
-        elif WAIT:
-            while _load_acquire(done_at) < before:
-                pass
-        elif tl.atomic_add(done_at, 0, sem="acquire") < before:
-            tl.atomic_add(err_ptr, 1, sem="relaxed")
+        # every column block of the previous layer
+        _wait_until(done_ptr + layer - 1, tl.cdiv(tl.load(row - META), BLOCK_N), err_ptr, WAIT, SLEEP)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     x_at, sc_at = tl.multiple_of(tl.load(row + 6), 16), tl.multiple_of(tl.load(row + 5), 16)
     acc = _task_sum(acts_ptr + x_at, qw, sc_ptr + sc_at, n, rows_k, offs_n, t0, t1, GROUP, SUB_R, X_BF16, ASM)

@@ -44,8 +44,8 @@ import torch
 import triton
 import triton.language as tl
 from graph_timing import programs_held
-from layer_loop_probe import _poll_after_sleep, llama_step, pairs
-from persistent_probe import _MAGIC_ZERO, _load_acquire, _task_tile, anchor_row, both_ways, report_head, run_chains
+from layer_loop_probe import _wait_until, llama_step, pairs
+from persistent_probe import _MAGIC_ZERO, _task_tile, anchor_row, both_ways, report_head, run_chains
 
 # a layer's row: N, K, K splits, codes, scales, input partials, output partials, the input's splits and row stride,
 # this layer's counters (_task_tile reads the first five)
@@ -97,7 +97,7 @@ def _short_task(part_ptr, qw_ptr, sc_ptr, row, cnt_ptr, err_ptr, task, wait, GRO
         in_at, in_splits, stride = part_ptr + tl.load(row + 5) + offs_k, tl.load(row + 7), tl.load(row + 8)
         out_at = part_ptr + tl.load(row + 6) + split * n + offs_n
     if wait:
-        _wait_input(wait_at, need, err_ptr, WAIT, SLEEP)
+        _wait_until(wait_at, need, err_ptr, WAIT, SLEEP)
     if not SYNC_ONLY:
         xs = _input_rows(in_at, offs_k, k, in_splits, stride, ROWS, IN_SPLITS)
         acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
@@ -128,19 +128,6 @@ def _input_rows(in_at, offs_k, k, in_splits, stride, ROWS: tl.constexpr, IN_SPLI
     x1, x5 = tl.split(x15)
     x3, x7 = tl.split(x37)
     return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def _wait_input(wait_at, need, err_ptr, WAIT: tl.constexpr, SLEEP: tl.constexpr):
-    """Until the counter at ``wait_at`` reaches ``need`` (the interpreter, WAIT False: count an error if not yet)."""
-    if WAIT and SLEEP > 0:  # SLEEP ns before each poll: fewer loads queued at the counter's L2 slice
-        while _poll_after_sleep(wait_at, SLEEP) < need:
-            pass
-    elif WAIT:
-        while _load_acquire(wait_at) < need:
-            pass
-    elif tl.atomic_add(wait_at, 0, sem="acquire") < need:
-        tl.atomic_add(err_ptr, 1, sem="relaxed")
 
 
 @dataclasses.dataclass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -258,3 +261,13 @@ def fused_mamba2_for_decode(monkeypatch, groups: int, seed: int):
     model = int4_mamba2_decoder(groups, seed).to(dev, torch.bfloat16)
     assert fuse_projections(model) > 0
     return model, dev, torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(4)).to(dev)
+
+
+def compile_script_lines(script: str, module_dir: Path) -> list[list[str]]:
+    """Run ``script`` (ahead-of-time compiles that print "ok ..." lines) in a fresh interpreter without
+    TRITON_INTERPRET, with ``module_dir`` as its argument; its "ok" lines, split. Fails with its stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script, str(module_dir)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [line.split() for line in done.stdout.splitlines() if line.startswith("ok")]

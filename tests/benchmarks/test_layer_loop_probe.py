@@ -5,13 +5,12 @@ where programs really wait for each other; the kernel compiles for sm_90 with it
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import compile_script_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -137,11 +136,7 @@ def test_loop_kernel_compiles_for_hopper():
     kernel ahead of time for sm_90, without a GPU, with the alignment a launch gets; where the wheel brings
     cuobjdump, the weights load 16 bytes at a time (the alignment hints on the table's offsets hold), nothing
     spills and the polls sleep only where SLEEP says."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE, str(Path(lp.__file__).parent)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line.split() for line in done.stdout.splitlines() if line.startswith("ok")]
+    lines = compile_script_lines(COMPILE, Path(lp.__file__).parent)
     assert len(lines) == 2
     for line in lines:
         assert line[3] == "no-sass" or line[4:] == ["True", "True", "True"], line

@@ -5,13 +5,12 @@ unfinished block; on a GPU programs really wait; the kernel compiles for sm_90 w
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import compile_script_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -140,11 +139,7 @@ for block_n, rows, in_splits, sync_only, warps in ((128, 16, 32, False, 4), (64,
 def test_short_kernel_compiles_for_hopper():
     """The interpreter never runs the acquire poll (inline PTX): compile ahead of time for sm_90 without a GPU; where
     the wheel brings cuobjdump, nothing spills."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE, str(Path(sp.__file__).parent)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line.split() for line in done.stdout.splitlines() if line.startswith("ok")]
+    lines = compile_script_lines(COMPILE, Path(sp.__file__).parent)
     assert len(lines) == 5
     for line in lines:
         assert line[3] == "no-usage" or line[4] == "True", line
