@@ -42,9 +42,9 @@
 #            vs the production GEMV a layer vs the same kernel launched per layer (tickets, then static grids one tile ahead), ~1-2 min
 #   loop     layer_loop_probe.py: the same chains in one persistent launch whose tasks run the production GEMV's body
 #            and split-K finish, incl. the 129 GEMVs of a Llama-8B step at rates 0 and 0.35 (never run yet: ~2 min)
-#   short    short_path_probe.py: the 32 x 512 and o-sized chains with the shortest dependent path (weights loaded
-#            before the wait, split partials summed by the next layer, one release add a task) and its sync-only
-#            path, then its GPU tests (stop 38; ~1-2 min)
+#   short    short_path_probe.py: the shortest dependent path (weights loaded before the wait, split partials summed
+#            by the next layer, one release add a task; its sync-only path; whole-K tasks) on the 32 x 512, o-sized,
+#            MLP and Llama-step chains, then its GPU tests (stop 38: ran three times, ~2 min)
 #   tests    the GPU tests of the kernels (real shapes, bf16), ~4 min
 #   tests1   the GPU tests of the runner / SSM graphs / graph reset, ~4 min (both were one step: 461 s of 600)
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
