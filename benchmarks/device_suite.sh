@@ -34,6 +34,9 @@
 #            0.35 timed at the default): Qwen's down is the one issue-4 miss the stage-latency model leaves room for
 #            (ratio_bound.py: ~1.6 us a launch), not yet run ->
 #            kernels_down_sweep_<gpu>.json
+#   prunedsweep kernel_bench.py's batch-1 config sweep on the PRUNED (rate 0.35) shapes of Llama's q|k|v, o and down:
+#            step_residual.py puts o's and down's residual a launch higher at 0.35 than at 0 (+0.2 / +0.7 us), and
+#            pick_config was tuned on full shapes; g128 as the engine builds; not yet run -> kernels_pruned_sweep_<gpu>.json
 #   ssmprobe ssm_update_probe.py: the Mamba2-8B state update alone, per layer, for several launch configs, ~1 min
 #   floor    gemv_floor.py: copy four ways, an empty graph node, load-only kernels over the Llama layers' packed
 #            bytes (the floor of one launch that only streams them) next to our GEMV (run on the H200 only so far)
@@ -93,6 +96,9 @@ for step in ${SUITE:-ab kernels decode}; do
                     > "$OUT/kernels_smallbatch_sweep_$gpu.txt" 2>&1 ;;
         downsweep) timeout 420 python3 kernel_bench.py --layers down --rates 0 0.35 --batches 1 --prefill-m 0 --sweep \
                        --out "$OUT/kernels_down_sweep_$gpu.json" > "$OUT/kernels_down_sweep_$gpu.txt" 2>&1 ;;
+        prunedsweep) timeout 420 python3 kernel_bench.py --models llama-3.1-8b --layers qkv o down --rates 0 0.35 \
+                         --batches 1 --group-size 128 --prefill-m 0 --sweep --sweep-rates 0.35 \
+                         --out "$OUT/kernels_pruned_sweep_$gpu.json" > "$OUT/kernels_pruned_sweep_$gpu.txt" 2>&1 ;;
         ssmprobe) python3 ssm_update_probe.py --json "$OUT/ssm_update_probe_$gpu.json" > "$OUT/ssm_update_probe_$gpu.txt" ;;
         floor) python3 gemv_floor.py --json "$OUT/gemv_floor_$gpu.json" > "$OUT/gemv_floor_$gpu.txt" ;;
         attnprobe) python3 attention_probe.py --json "$OUT/attention_probe_$gpu.json" > "$OUT/attention_probe_$gpu.txt" ;;
@@ -112,7 +118,7 @@ for step in ${SUITE:-ab kernels decode}; do
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, downsweep, ssmprobe, attnprobe, chain, loop, short, floor, profile, tests, tests1, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, downsweep, prunedsweep, ssmprobe, attnprobe, chain, loop, short, floor, profile, tests, tests1, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done

@@ -272,14 +272,14 @@ def measure(bench: Bench, case: Case, m: int, sweep: bool) -> dict:
     return result
 
 
-def decode_rows(bench: Bench, model: str, layer: str, rates, batches, copy_tbps: float, sweep_batches=(1,)):
+def decode_rows(bench: Bench, model: str, layer: str, rates, batches, copy_tbps, sweep_batches=(1,), sweep_rates=(0,)):
     tiny_us, tiny_error = time_tinygemm(bench, build_case(model, layer, 0.0, bench.group_size), batches)
     elt = torch.finfo(bench.dtype).bits // 8
     rows = []
     for rate in rates if layer != "lm_head" else [0.0]:
         case = build_case(model, layer, rate, bench.group_size)
         for batch in batches:
-            row = measure(bench, case, batch, sweep=rate == 0.0 and batch in sweep_batches)
+            row = measure(bench, case, batch, sweep=rate in sweep_rates and batch in sweep_batches)
             row["batch"] = row.pop("M")
             row["bytes"] = packed_bytes(case.k_active, case.n_active, bench.group_size) + batch * elt * (
                 case.k_active + case.n_active)
@@ -314,8 +314,7 @@ def copy_bandwidth(bench: Bench, nbytes: int, engine: bool = False) -> float:
     src = torch.zeros(nbytes // 2, dtype=torch.bfloat16, device=bench.device)
     dst = torch.empty_like(src)
     copy = partial(dst.copy_, src) if engine else partial(torch.add, src, 0, out=dst)
-    us = bench.timer.per_launch_us([copy])
-    return 2 * nbytes / (us * 1e-6) / 1e12
+    return 2 * nbytes / (bench.timer.per_launch_us([copy]) * 1e-6) / 1e12
 
 
 DECODE_TABLE = ("model", "layer", "N", "K", "batch", "rate", "n_active", "k_active", "ours_us", "ours_TBps",
@@ -343,7 +342,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, help="graph replays per timing; default 20 (--quick: 5)")
     ap.add_argument("--quick", action="store_true", help="Llama only, rates 0/0.35, batch 1, prefill at rate 0")
     ap.add_argument("--sweep", action="store_true", help="also time every kernel.candidate_configs() config")
-    ap.add_argument("--sweep-batches", type=int, nargs="+", default=[1], help="decode batches --sweep tunes (rate 0)")
+    ap.add_argument("--sweep-batches", type=int, nargs="+", default=[1], help="decode batches --sweep tunes")
+    ap.add_argument("--sweep-rates", type=float, nargs="+", default=[0.0], help="rates --sweep tunes (of --rates)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
     ap.add_argument("--out", type=Path, help=f"JSON path (default {RESULTS}; a temp file for --cpu-smoke)")
     args = ap.parse_args(argv)
@@ -377,7 +377,7 @@ def main(argv=None) -> None:
     rows, prefill = [], []
     for model in models:
         for layer in layers:
-            rows += decode_rows(bench, model, layer, rates, batches, copy_tbps, args.sweep_batches)
+            rows += decode_rows(bench, model, layer, rates, batches, copy_tbps, args.sweep_batches, args.sweep_rates)
             for rate in [] if not prefill_m else [0.0, 0.35] if layer == "gate_up" and not quick else [0.0]:
                 prefill.append(prefill_row(bench, model, layer, rate, prefill_m))
     report = {"device": "cpu (TRITON_INTERPRET smoke)" if smoke else torch.cuda.get_device_name(),

@@ -1,16 +1,22 @@
-"""The report's stage-latency section: ``results/ratio_bound_h100.json`` (written by ``ratio_bound.py``) as tables."""
+"""The report's stage-latency section: ``results/ratio_bound_h100.json`` (written by ``ratio_bound.py``) and
+``results/step_residual_h100.json`` (``step_residual.py``) as tables."""
 
 from __future__ import annotations
 
 import report_plots as rp
 
 FILE = "ratio_bound_h100"
+RESIDUAL = "step_residual_h100"
 
 
 def section_bounds(rep, results: dict) -> None:
-    """The step model's times and ratio, then each batch-1 GEMV's, next to the measured figures (projections)."""
-    data = results.get(FILE)
     rep.add("## Stage-latency model: what the bytes and the boundaries allow (projections)", "")
+    section_model(rep, results.get(FILE))
+    section_residual(rep, results.get(RESIDUAL))
+
+
+def section_model(rep, data: dict | None) -> None:
+    """The step model's times and ratio, then each batch-1 GEMV's, next to the measured figures (projections)."""
     if not data or "_error" in data:
         rep.missing("the stage-latency model", f"{FILE}.json")
         return
@@ -37,3 +43,21 @@ def section_bounds(rep, results: dict) -> None:
              f"L <= {r['latency_for_ratio_us']:.2f} us" if "ratio_model" in r else "-") for r in data["kernel_rows"]]
     rep.add(*rp.md_table(["model", "layer", "copy measured / model", "copy target needs", "t(0.35)/t(0) measured / "
                           "model", "<= 0.72 needs"], rows), "")
+
+
+def section_residual(rep, data: dict | None) -> None:
+    """``step_residual.py``'s split of the profiled step: what neither the bytes nor the stages explain, by class."""
+    if not data or "_error" in data:
+        rep.missing("the step's residual by kernel class", f"{RESIDUAL}.json")
+        return
+    lo, hi = data["rates"]["0.0"], data["rates"]["0.35"]
+    rows = [(a["kernel"], f"{a['measured_us']:.1f} / {b['measured_us']:.1f}", f"{a['bytes_us']:.1f} / "
+             f"{b['bytes_us']:.1f}", f"{a['stages']:.0f}", f"{a['residual_us']:.1f} / {b['residual_us']:.1f}")
+            for a, b in zip(lo["rows"], hi["rows"], strict=True)]
+    rep.add(f"`python benchmarks/step_residual.py`: the profiled step (in-graph kernel times) by kernel class at rates "
+            f"0 / 0.35, against its bytes at the copy rate and its launches x {data['latency_us']:.2f} us; the "
+            "residual is what neither explains.", "",
+            *rp.md_table(["class", "measured us", "bytes at copy us", "launches", "residual us"], rows), "",
+            f"Residual a step: {lo['total']['residual_us']:.0f} / {hi['total']['residual_us']:.0f} us (the classes "
+            f"add up to {lo['total']['measured_us']:.0f} / {hi['total']['measured_us']:.0f} us against profiled "
+            f"replays of {lo['replay_us']:.0f} / {hi['replay_us']:.0f}).", "")

@@ -35,3 +35,17 @@ def test_kernel_bench_small_batch_sweep(tmp_path):
     (sweep,) = report["sweep"]
     paths = {c["config"]["path"] for c in sweep["configs"] if "us" in c}
     assert sweep["M"] == 4 and paths == {"gemv", "gemm"} and sweep["best"]["us"] > 0
+
+
+def test_kernel_bench_sweeps_a_pruned_shape(tmp_path):
+    """--sweep-rates: the sweep tunes the rate-0.35 shape (its active K and N), not the rate-0 one."""
+    out = tmp_path / "kernels.json"
+    cmd = [sys.executable, str(BENCH / "kernel_bench.py"), "--cpu-smoke", "--layers", "o", "--rates", "0", "0.35",
+           "--sweep", "--sweep-rates", "0.35", "--prefill-m", "0", "--repeats", "1", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=BENCH)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    (sweep,) = report["sweep"]
+    pruned = next(r for r in report["rows"] if r["rate"] == 0.35)
+    assert sweep["rate"] == 0.35 and (sweep["k_active"], sweep["n_active"]) == (pruned["k_active"], pruned["n_active"])
+    assert sweep["k_active"] < sweep["K"] and sweep["best"]["us"] > 0

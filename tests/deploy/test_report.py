@@ -38,6 +38,8 @@ def test_report_on_the_committed_results(tmp_path):
     o = next(r for r in bound["kernel_rows"] if (r["model"], r["layer"]) == ("llama-3.1-8b", "o"))
     assert f"model {bound['ratio']:.3f}" in md and f"| llama-3.1-8b | o | {o['frac_measured']:.0%} / " in md
     assert f"a ratio of {bound['short_path']['ratio']:.3f}" in md  # the shortest path's L (stop 38)
+    residual = json.loads((BENCH / "results" / "step_residual_h100.json").read_text())["rates"]
+    assert f"Residual a step: {residual['0.0']['total']['residual_us']:.0f} / " in md and "| gate_up | " in md
     # the committed report's figures are committed too (it may lag behind newly added results: rerun report.py)
     committed = linked_pngs((BENCH / "REPORT.md").read_text())
     assert committed and all((BENCH / rel).is_file() for rel in committed)
@@ -67,7 +69,7 @@ def test_missing_results_are_skipped_with_a_note(tmp_path):
     md = run_report(results, tmp_path / "out" / "REPORT.md")
     assert "decode_h200_tpot.png" in md and "hf_compiled` did not run" in md and "| uniql | 0.35 | 4 |" in md
     assert "_Skipped: kernel bandwidth" in md and "_Skipped: projections" in md
-    assert "_Skipped: the stage-latency model" in md
+    assert "_Skipped: the stage-latency model" in md and "_Skipped: the step's residual by kernel class" in md
     assert "quality_lora_smollm2.png" in md and "| after |" in md
     assert (tmp_path / "out" / "report" / "decode_cpu_tpot.png").is_file()
 
