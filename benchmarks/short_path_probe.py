@@ -28,8 +28,9 @@ and the 129 GEMVs of a Llama-3.1-8B step (``layer_loop_probe.llama_step``); outp
 reference first.
 
 Result (stop 38, runs 2-3 on H100s): the 512-wide stage takes 2.20-2.28 us in one launch (the production GEMV a launch
-2.88-3.05, the dependency alone ~1.2); every real-sized chain runs x1.3-3.0 slower than the production GEMV, in one
-launch and launched a layer alike (whole-K tiles of 32 KB hold two programs an SM: too few loads in flight).
+2.88-3.05, the dependency alone ~1.2); every real-sized chain runs x1.3-2.9 slower than the production GEMV at its
+best config, in one launch and launched a layer alike (whole-K tiles of 32 KB hold two programs an SM: too few loads
+in flight).
 ``ratio_bound.py`` at 2.20 us: a ratio of 0.757 for the step's 201 stages.
 
     python benchmarks/short_path_probe.py --json benchmarks/results/short_path_probe_run3_h100.json
