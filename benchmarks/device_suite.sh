@@ -32,7 +32,7 @@
 #            CUDA-core GEMV and 16-row tensor-core GEMM tiles), to tune pick_config for the server's batches (not yet run: time it alone first)
 #   downsweep kernel_bench.py's batch-1 launch-config sweep on the down projections of both models (rate 0; rates 0 and
 #            0.35 timed at the default): Qwen's down is the one issue-4 miss the stage-latency model leaves room for
-#            (ratio_bound.py: ~1.6 us a launch), not yet run ->
+#            (ratio_bound.py: ~1.6 us a launch); stop 38: the default config is the fastest on both ->
 #            kernels_down_sweep_<gpu>.json
 #   prunedsweep kernel_bench.py's batch-1 config sweep on the PRUNED (rate 0.35) shapes of Llama's q|k|v, o and down:
 #            step_residual.py puts o's and down's residual a launch higher at 0.35 than at 0 (+0.2 / +0.7 us), and
@@ -44,7 +44,7 @@
 #   chain    persistent_probe.py: chains of dependent INT4 GEMVs (32 o-sized, 16 Llama MLP up/down pairs) in one persistent launch
 #            vs the production GEMV a layer vs the same kernel launched per layer (tickets, then static grids one tile ahead), ~1-2 min
 #   loop     layer_loop_probe.py: the same chains in one persistent launch whose tasks run the production GEMV's body
-#            and split-K finish, incl. the 129 GEMVs of a Llama-8B step at rates 0 and 0.35 (never run yet: ~2 min)
+#            and split-K finish, incl. the 129 GEMVs of a Llama-8B step at rates 0 and 0.35 (stop 37, three runs; ~2 min)
 #   short    short_path_probe.py: the shortest dependent path (weights loaded before the wait, split partials summed
 #            by the next layer, one release add a task; its sync-only path; whole-K tasks) on the 32 x 512, o-sized,
 #            MLP and Llama-step chains, then its GPU tests (stop 38: ran three times, ~2 min)

@@ -126,7 +126,7 @@ def load_inputs(kernels_file: Path, decode_file: Path, profile_file: Path, probe
     latency, source = stage_latency_us(probe)
     return {"bytes": step_bytes(kernels, group, tokens), "copy_TBps": kernels["copy_TBps"], "stages": stages,
             "latency_us": latency, "latency_from": source, "measured_ms": measured, "group": group,
-            "cache_tokens": tokens, "device": decode["device"], "kernels": kernels}
+            "cache_tokens": tokens, "device": decode["device"], "kernels": kernels, "profile": profile}
 
 
 def main(argv=None) -> None:
@@ -142,6 +142,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     inp = load_inputs(args.kernels, args.decode, args.profile, args.probe)
     kernels = inp.pop("kernels")
+    del inp["profile"]  # step_residual.py's input, not this model's output
     out = {**inp, **bound(inp["bytes"], inp["copy_TBps"], inp["stages"], inp["latency_us"]),
            "kernel_rows": kernel_bounds(kernels, inp["latency_us"])}
     if found := [f for f in args.short_probe if f.exists()]:

@@ -202,8 +202,12 @@ def quant_group(data: dict) -> int | None:
 def bytes_at_group(kernels: dict, model: str, group: int) -> dict[float, float]:
     """{rate: weight bytes a batch-1 step streams}: ``per_token``'s bytes rescaled from the kernel benchmark's scale
     group to ``group`` (the shapes do not depend on the GPU; KV-cache reads are not counted)."""
-    scale = bits_per_weight(group) / bits_per_weight(kernels["group_size"])
-    return {p["rate"]: p["bytes"] * scale for p in per_token(kernels, model)}
+    return {p["rate"]: p["bytes"] * group_scale(kernels, group) for p in per_token(kernels, model)}
+
+
+def group_scale(kernels: dict, group: int) -> float:
+    """Packed bytes at scale group ``group`` over the kernel benchmark's (its table's ``group_size``)."""
+    return bits_per_weight(group) / bits_per_weight(kernels["group_size"])
 
 
 def step_efficiency(results: dict, kernels: dict, model: str) -> dict | None:

@@ -224,18 +224,17 @@ def probe(name: str, shapes: list[tuple[int, int]], group: int, configs, cuda: b
                                      torch.bfloat16 if cuda else torch.float32)
     row["short"] = []
     for block_n, rows, layer_wait, sync_only, sleep in configs[name] if isinstance(configs, dict) else configs:
+        entry = {"block_n": block_n, "rows": rows, "layer_wait": layer_wait, "sync_only": sync_only, "sleep_ns": sleep}
         try:
             plan = plan_short(layers, group, block_n, rows)
         except ValueError as exc:  # e.g. a layer whose input would have too many splits at these tiles
-            row["short"].append({"block_n": block_n, "rows": rows, "layer_wait": layer_wait, "sync_only": sync_only,
-                                 "sleep_ns": sleep, "skipped": str(exc)})
+            row["short"].append({**entry, "skipped": str(exc)})
             continue
         def call(per_launch, check, pl=plan, lw=layer_wait, so=sync_only, ns=sleep):
             got = chain_short(pl, x, None if cuda else 1, per_launch, layer_wait=lw, sync_only=so, sleep_ns=ns,
                               check=check)  # the interpreter: one program, tasks in order
             return ref if so and check else got  # sync only: nothing computed to compare
-        entry = {"block_n": block_n, "rows": rows, "layer_wait": layer_wait, "sync_only": sync_only,
-                 "sleep_ns": sleep, "tasks_a_layer": max(plan.tasks)}
+        entry["tasks_a_layer"] = max(plan.tasks)
         row["short"].append(both_ways(entry, call, ref, cuda, repeats, len(layers)))
     return row
 

@@ -36,7 +36,7 @@ def class_rows(run: dict, kernels: dict, group: int, tokens: float, latency_us: 
     combine kernels against the KV cache's bytes), the other kernels, the gaps between kernels."""
     rate, graph, copy = run["rate"], run["in_graph"], kernels["copy_TBps"]
     layers = rd.NUM_LAYERS[rb.MODEL]
-    scale = rd.bits_per_weight(group) / rd.bits_per_weight(kernels["group_size"])  # the table's group -> the run's
+    scale = rd.group_scale(kernels, group)  # the table's group -> the run's
     table = {(r["layer"], r["rate"]): r for r in rd.kernel_rows(kernels, rb.MODEL)}
     missing = [layer for layer in POSITIONS.values() if (layer, rate) not in table]
     if missing or ("lm_head", 0.0) not in table:
@@ -66,8 +66,7 @@ def residuals(profile: dict, kernels: dict, group: int, tokens: float, latency_u
     for rate in rates:
         rows = class_rows(runs[rate], kernels, group, tokens, latency_us)
         total = {key: sum(r[key] for r in rows) for key in ("measured_us", "bytes_us", "stage_us", "residual_us")}
-        out[rate] = {"rows": rows, "total": total, "replay_us": runs[rate]["in_graph"].get("replay_us",
-                                                                                           runs[rate]["replay_us"])}
+        out[rate] = {"rows": rows, "total": total, "replay_us": runs[rate]["replay_us"]}
     return out
 
 
@@ -93,8 +92,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     inp = rb.load_inputs(args.kernels, args.decode, args.profile, args.probe)
-    res = residuals(json.loads(args.profile.read_text()), inp["kernels"], inp["group"], inp["cache_tokens"],
-                    inp["latency_us"])
+    res = residuals(inp["profile"], inp["kernels"], inp["group"], inp["cache_tokens"], inp["latency_us"])
     print_residuals(res, inp["latency_us"])
     if args.json:
         out = {"device": inp["device"], "latency_us": inp["latency_us"], "latency_from": inp["latency_from"],

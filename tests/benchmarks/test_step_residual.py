@@ -3,7 +3,6 @@ L and the residual, on numbers worked by hand and on the committed H100 results.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def test_the_committed_h100_step():
     and ~0.3-0.4 ms is left over at both rates: time that does not shrink with the rate."""
     files = ("kernels_h100", "decode_h100", "decode_profile_stop35_h100", "layer_loop_probe_sleep_h100")
     inp = rb.load_inputs(*(rb.RESULTS / f"{name}.json" for name in files))
-    profile = json.loads((rb.RESULTS / "decode_profile_stop35_h100.json").read_text())
+    profile = inp["profile"]
     res = sr.residuals(profile, inp["kernels"], inp["group"], inp["cache_tokens"], inp["latency_us"])
     runs = {r["rate"]: r for r in profile["runs"]}
     for rate, step in res.items():
