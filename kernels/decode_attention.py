@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import early_loads, pdl_enabled, pdl_enter
+from .pdl import early_loads, pdl_enter, pdl_mode, pdl_release, pdl_wait
 from .rope import _check as rope_check
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,7 +58,7 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
     the length is known) is issued before it is known, and each block's V with its K, so a program waits about
     two memory round trips instead of five (length -> bases -> rope tables -> K -> V); same bits. PRELOAD only
     where a split is one block: holding a block ahead in a loop spilled registers at 128-wide heads."""
-    pdl_enter(PDL)
+    pdl_wait(PDL)
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r = tl.arange(0, REP_P)
     live_r = r < REP
@@ -103,6 +103,7 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
             m_i = m_new
             tl.store(k_base + last * QK + dq, kn, mask=live_q)
             tl.store(v_base + last * VO + dv, vn, mask=live_v)
+        pdl_release(PDL)  # mode 2: the combine launches while the partials are stored
         row = ((b * n_heads + g * REP + r) * n_splits + s) * (D_VO + 2)  # ws [B, heads, splits, D_VO + 2]
         tl.store(ws_ptr + row[:, None] + dv[None, :], acc, mask=live_r[:, None])
         tl.store(ws_ptr + row + D_VO, m_i, mask=live_r)
@@ -297,14 +298,15 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     d_qk, d_vo = (max(16, triton.next_power_of_2(d)) for d in (qk, vo))
     ws = torch.empty(b * n_heads * n_splits * (d_vo + 2), dtype=torch.float32, device=q.device)
     cos, sin, idx = rope if rope is not None else (ws, ws, lengths)  # unused without ROPE
-    pdl = pdl_enabled(q.device)
+    mode = pdl_mode(q.device)  # the split pass may release its dependents late (mode 2); the combine is short
+    pdl = mode > 0
     early, block_t = early_loads(b), min(split, 64)
     _split_kernel[(b, n_kv, n_splits)](
         q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, cos, sin, idx, *q_strides, *k_strides, v_new.stride(0),
         v_new.stride(1), v_new.stride(2), cos.stride(0) if rope else 0, idx.stride(0) if rope else 0, n_heads,
         n_splits, scale, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk,
         VO=vo, D_QK=d_qk, D_VO=d_vo, SPLIT=split, BLOCK_T=block_t, ROPE=rope is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, EARLY=early,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=mode, EARLY=early,
         PRELOAD=early and block_t == split, num_warps=4, launch_pdl=pdl)
     chunk = min(d_vo, COMBINE_CHUNK)
     _combine_kernel[(b, n_heads, d_vo // chunk)](ws, lengths, out, out.stride(0), n_heads, n_splits, VO=vo,

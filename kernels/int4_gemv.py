@@ -31,7 +31,7 @@ import triton.language as tl
 from .gemv_conv import _conv_tile, conv_args
 from .gemv_norm import _residual_in, _residual_tile, _row_rstd
 from .int4_tiles import _finish, _glu_pair, _rows_out, _segment
-from .pdl import early_loads, pdl_enabled, pdl_enter
+from .pdl import early_loads, pdl_mode, pdl_release, pdl_wait
 
 # fp16 constants (two per register): 1/16, -(1024/16 + 8/16), 1/256, -(1024/256 + 8/16)
 _C_LO_SCALE, _C_LO_BIAS, _C_HI_SCALE, _C_HI_BIAS = 0x2C002C00, 0xD408D408, 0x1C001C00, 0xC480C480
@@ -286,7 +286,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     if PDL and BLOCK_N >= 32:
         _prefetch_tiles(qw_ptr, stride_qw, col0 + blk * BLOCK_N, n_len - blk * BLOCK_N, t0,
                         tl.minimum(t1, t0 + PREFETCH_TILES), rows_k, SUB_R, BLOCK_N)
-    pdl_enter(PDL)  # x, the workspace and the counters belong to earlier kernels until here
+    pdl_wait(PDL)  # x, the workspace and the counters belong to earlier kernels until here
     acc0 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
     acc1 = tl.zeros([SUB_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)
     acc2 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
@@ -324,6 +324,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
             acc1 += d1 * scale
             acc2 += d2 * scale
             acc3 += d3 * scale
+    pdl_release(PDL)  # mode 2: the next kernel launches during the split-K sums and epilogues
     offs_m = tl.arange(0, BLOCK_M)
     out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
     if RES and EARLY:  # needs nothing from this kernel: in flight while the split-K sum waits
@@ -356,7 +357,7 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` = (ss ``[M, P]``,
     eps): x holds s * w; each activation is multiplied by its row's 1/rms (from those sums) before the fp16
     conversion. ``conv``: a ``gemv_conv.ConvStep`` for the x / B / C segments."""
-    pdl, early = pdl_enabled(args[0].device), early_loads(args[7])  # args[7]: M, the decode rows
+    pdl, early = pdl_mode(args[0].device), early_loads(args[7])  # args[7]: M, the decode rows
     out = args[4]
     glu = (act, act.stride(0)) if act is not None else (out, 0)
     res = (*residual, residual[0].stride(0), residual[4].shape[1]) if residual is not None \
@@ -365,5 +366,5 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     cnv, cnv_consts = conv_args(conv, out)
     _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, *cnv, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
                           NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
-                          ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, launch_pdl=pdl,
+                          ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, launch_pdl=pdl > 0,
                           **cnv_consts, **constexprs)

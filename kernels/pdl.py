@@ -38,21 +38,48 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def pdl_mode(device: torch.device) -> int:
+    """How kernels launched on ``device`` use programmatic dependent launch (read per launch: tests flip it): 0 off,
+    1 every kernel lets the next one launch right after its wait, 2 (``late``) the long kernels (GEMVs, the
+    attention split pass) only once their main loop is done (``pdl_release``), so the next kernel's programs land
+    during their tail instead of sharing the SMs with their whole run. ``UNIQL_PDL``: 0 (default), 1 or late;
+    anything else is refused, on every device. Off before sm_90 and under the interpreter."""
+    raw = switch("UNIQL_PDL")
+    if raw == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return 0
+    if not _capable(device.index if device.index is not None else torch.cuda.current_device()):
+        return 0
+    return 2 if raw == "late" else 1
+
+
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels launched on ``device`` use programmatic dependent launch (read per launch: tests flip it).
-    ``UNIQL_PDL``: 0 (default) or 1; anything else is refused, on every device."""
-    if switch("UNIQL_PDL") != "1":
-        return False
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
-    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+    """Whether kernels launched on ``device`` use programmatic dependent launch at all (``pdl_mode`` > 0)."""
+    return pdl_mode(device) > 0
 
 
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
-    """Wait for the previous kernel's results, then allow the next kernel to launch (see the module contract)."""
+    """Wait for the previous kernel's results, then allow the next kernel to launch (see the module contract):
+    what the short kernels call, in either mode."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """A long kernel's wait: in mode 1 it also lets the next kernel launch; in mode 2 ``pdl_release`` does, later."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """Mode 2: let the next kernel launch once this program's main loop is done (a program that never gets here
+    releases it by exiting)."""
+    if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
 
 

@@ -38,6 +38,7 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
 SSM = dict(TABLE=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP=False, BLOCK_P=8,
            BLOCK_N=128)  # Mamba2-8B's decode step
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
+LATE = "late"  # placeholder: UNIQL_PDL=late's mode 2 (dependents released after the main loop) on sm_90+
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, PDL=PDL)
 MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=4, EARLY=False, CONV=False, CONV_W=2,
           CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=tl.float32)
@@ -59,6 +60,8 @@ CASES = [
     (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, SUB_R=4, NUM_SEG=5, GLU=False, RES=False, NORM=True,
                                       PARTS_P=16, X_BF16=True, ASM=True, PDL=PDL, CONV=True, CONV_W=4, CONV_ACT=1,
                                       CONV_BIAS=True, CONV_DTYPE=tl.bfloat16, SUM_STEP=16), 4),  # WIDE_COLS=auto
+    (int4_gemv._gemv_h2_kernel, dict(MM, SUM_STEP=32, BLOCK_M=1, BLOCK_N=128, SUB_R=4, GLU=False, RES=True,
+                                      NORM=True, PARTS_P=32, X_BF16=True, ASM=True, PDL=LATE), 4),  # UNIQL_PDL=late
     (int4_matmul._gemm_kernel, dict(MM, **SWITCHED, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, DOT_IEEE=False), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_IEEE=False), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, DOT_IEEE=False, SPLIT=False), 4, 4),
@@ -74,6 +77,7 @@ CASES = [
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=True, PRELOAD=True), 4),
     (decode_attention._split_kernel, dict(ATT, SPLIT=256, BLOCK_T=64, PRECISION="tf32", EARLY=True,
                                           PRELOAD=False), 4),
+    (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=True, PRELOAD=True, PDL=LATE), 4),
     (decode_attention._combine_kernel, dict(ATT, SPLITS_P=32, EARLY=False), 1),
     (decode_attention._combine_kernel, dict(ATT, SPLITS_P=32, EARLY=True), 1),
     (greedy._chunk_kernel, dict(CHUNK=4096), 8),
@@ -84,12 +88,16 @@ CASES = [
 SHARED_MAX = {86: 99 * 1024, 87: 163 * 1024, 90: 227 * 1024}
 for arch in map(int, sys.argv[1:]):
     for kernel, consts, warps, *stages in CASES:  # stages: pick_config's num_stages where it sets one (else 3)
-        consts = {k: (arch >= 90 if v == PDL else v) for k, v in consts.items() if k in kernel.arg_names}
+        modes = {PDL: int(arch >= 90), LATE: 2 * (arch >= 90)}
+        consts = {k: modes.get(v, v) if isinstance(v, str) else v for k, v in consts.items() if k in kernel.arg_names}
         sig = {a: "constexpr" if a in consts else PTRS.get(a, "i32") for a in kernel.arg_names}
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
                                   target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": warps, "num_stages": (stages or [3])[0]})
         assert compiled.metadata.shared <= SHARED_MAX[arch], (kernel.__name__, consts, compiled.metadata.shared)
+        if consts.get("PDL"):  # the wait, and (mode 1 right after it, mode 2 after the main loop) the release
+            ptx = compiled.asm["ptx"]
+            assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, kernel.__name__
         if kernel is rope._decode_tables_kernel:  # accurate cos / sin: decode angles reach thousands of radians
             assert ".approx" not in compiled.asm["ptx"], "the RoPE tables compiled to approximate cos / sin"
         print("ok", arch, kernel.__name__, consts.get("BLOCK_M", ""), compiled.metadata.shared)
@@ -102,4 +110,4 @@ def test_kernels_compile_for_jetson_and_hopper(arch):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(f"ok {arch}") == 26  # every case of CASES
+    assert done.stdout.count(f"ok {arch}") == 28  # every case of CASES

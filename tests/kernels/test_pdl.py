@@ -12,7 +12,7 @@ from uniql.kernels import decode_attention as att  # noqa: E402
 from uniql.kernels import int4_gemv  # noqa: E402
 from uniql.kernels import int4_matmul as im  # noqa: E402
 from uniql.kernels.int4_format import rtn_quantize  # noqa: E402
-from uniql.kernels.pdl import early_loads, pdl_enabled  # noqa: E402
+from uniql.kernels.pdl import early_loads, pdl_enabled, pdl_mode  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -41,9 +41,28 @@ def test_pdl_switch_refuses_typos(monkeypatch):
     assert not pdl_enabled(torch.device("cpu"))
     monkeypatch.setenv("UNIQL_PDL", "1")
     assert not pdl_enabled(torch.device("cpu"))  # no PDL off the GPU
-    monkeypatch.setenv("UNIQL_PDL", "true")
-    with pytest.raises(ValueError, match="UNIQL_PDL must be 0 or 1"):
-        pdl_enabled(torch.device("cpu"))
+    monkeypatch.setenv("UNIQL_PDL", "late")
+    assert pdl_mode(torch.device("cpu")) == 0
+    for bad in ("true", "LATE", "2"):
+        monkeypatch.setenv("UNIQL_PDL", bad)
+        with pytest.raises(ValueError, match="UNIQL_PDL must be 0, 1 or late"):
+            pdl_enabled(torch.device("cpu"))
+
+
+def test_late_mode_reaches_the_long_kernels_only(monkeypatch):
+    """UNIQL_PDL=late: the GEMV and the attention split pass get mode 2 (release after their main loop), the
+    short combine keeps mode 1's release right after its wait; every one of them is launched with PDL."""
+    monkeypatch.setattr(att, "pdl_mode", lambda device: 2)
+    monkeypatch.setattr(int4_gemv, "pdl_mode", lambda device: 2)
+    split, combine, gemv = _Recorder(), _Recorder(), _Recorder()
+    monkeypatch.setattr(att, "_split_kernel", split)
+    monkeypatch.setattr(att, "_combine_kernel", combine)
+    monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", gemv)
+    _attention(1)
+    _residual_gemv(1)
+    assert [(c["PDL"], c["launch_pdl"]) for c in split.calls] == [(2, True)]
+    assert [(c["PDL"], c["launch_pdl"]) for c in combine.calls] == [(True, True)]
+    assert [(c["PDL"], c["launch_pdl"]) for c in gemv.calls] == [(2, True)]
 
 
 class _Recorder:
@@ -83,16 +102,20 @@ def test_attention_passes_early_loads_by_its_batch(monkeypatch, batch, flag, ear
     assert [c["EARLY"] for c in combine.calls] == [early]
 
 
-@pytest.mark.parametrize(("rows", "early"), [(1, True), (3, False)])
-def test_residual_gemv_passes_early_loads_by_its_rows(monkeypatch, rows, early):
-    monkeypatch.delenv("UNIQL_EARLY_LOADS", raising=False)
+def _residual_gemv(rows: int):
     gen = torch.Generator().manual_seed(0)
     qweight, scales = (t.to(DEV) for t in rtn_quantize(torch.randn(96, 128, generator=gen), 32))
     x = torch.randn(rows, 128, generator=gen).to(DEV, torch.float16)
     resid = torch.randn(rows, 96, generator=gen).to(DEV, torch.float16)
     weight = torch.ones(96, device=DEV, dtype=torch.float16)
-    kernel = _Recorder()
-    monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", kernel)
     cfg = im.Int4Config("gemv", block_n=32, block_k=32, split_k=1, num_warps=4, block_m=4)
     im.int4_residual(x, qweight, scales, 32, 128, resid, weight, config=cfg)
+
+
+@pytest.mark.parametrize(("rows", "early"), [(1, True), (3, False)])
+def test_residual_gemv_passes_early_loads_by_its_rows(monkeypatch, rows, early):
+    monkeypatch.delenv("UNIQL_EARLY_LOADS", raising=False)
+    kernel = _Recorder()
+    monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", kernel)
+    _residual_gemv(rows)
     assert [c["EARLY"] for c in kernel.calls] == [early]

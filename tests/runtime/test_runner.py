@@ -153,12 +153,12 @@ def test_graph_replays_equal_eager_decode_on_gpu(dtype):
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
     """Graphs captured with PDL (every decode kernel waits on its predecessor, GEMVs prefetch weights before the
-    wait) replay the same logits as graphs captured without it, step after step (the cache is written too)."""
+    wait; with ``late``, GEMVs and the attention split pass release their successor after their main loop) replay the same logits as graphs captured without it, step after step (the cache is written too)."""
     from uniql.kernels.pdl import pdl_enabled
 
     base = _model(int4=True).to("cuda", torch.bfloat16)
     logits = {}
-    for flag in ("0", "1"):
+    for flag in ("0", "1", "late"):
         monkeypatch.setenv("UNIQL_PDL", flag)
         runner = ModelRunner(copy.deepcopy(base), max_model_len=64, graph_buckets=(1, 4))
         reqs = _requests(1, (5, 11, 2))
@@ -174,6 +174,7 @@ def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
     if not pdl_enabled(torch.device("cuda")):
         pytest.skip("this GPU has no programmatic dependent launch (sm_90+)")
     torch.testing.assert_close(logits["1"], logits["0"], atol=0, rtol=0)
+    torch.testing.assert_close(logits["late"], logits["0"], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["mamba2", "nemotron_h"])
