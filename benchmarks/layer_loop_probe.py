@@ -46,6 +46,22 @@ META = tl.constexpr(10)
 # SM, and its 256-column grids ran 15-40 % slower on the H100, results/layer_loop_probe_sleep_h100.json)
 
 
+_ASM_PREFETCH = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }")
+
+
+@triton.jit
+def _prefetch_tiles(qw_ptr, stride_qw, col, n_left, t0, t1, rows_k, SUB_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pull a task's weight tiles into L2, one request per 128-byte line, before it waits (the production GEMV
+    did the same before ``gdc_wait`` until stop 39, when PDL without it won)."""
+    lines = tl.arange(0, BLOCK_N // 32) * 32  # int32 columns: 32 words = one line
+    r = tl.arange(0, 2 * SUB_R)
+    for t in range(t0, t1):
+        rows = t * 2 * SUB_R + r
+        ptrs = qw_ptr + rows[:, None] * stride_qw + col + lines[None, :]
+        live = ((rows < rows_k)[:, None] & (lines < n_left)[None, :]).to(tl.int32)
+        tl.inline_asm_elementwise(_ASM_PREFETCH, "=r,l,r", [ptrs, live], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def _poll_after_sleep(ptr, ns):
     """Sleep about ``ns`` nanoseconds, then ``_load_acquire(ptr)``."""
@@ -108,7 +124,7 @@ def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr,
     if wait:
         if ASM and PREFETCH > 0 and BLOCK_N >= 32:  # this task's first tiles into L2 meanwhile (they do not depend
             # on the input; inline PTX: not in the interpreter; one request a 32-word line: blocks of >= 32 columns)
-            ig._prefetch_tiles(qw, n, blk * BLOCK_N, n - blk * BLOCK_N, t0, tl.minimum(t1, t0 + PREFETCH), rows_k,
+            _prefetch_tiles(qw, n, blk * BLOCK_N, n - blk * BLOCK_N, t0, tl.minimum(t1, t0 + PREFETCH), rows_k,
                                SUB_R, BLOCK_N)
         # every column block of the previous layer
         _wait_until(done_ptr + layer - 1, tl.cdiv(tl.load(row - META), BLOCK_N), err_ptr, WAIT, SLEEP)

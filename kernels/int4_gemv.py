@@ -134,27 +134,6 @@ def _pair16(lo, hi):
 
 # ------------------------------------------------------------------------------------------------- kernel
 
-# Tiles each program pulls into L2 before ``gdc_wait``: only the first ones, to hide the DRAM ramp of a short
-# kernel behind its predecessor's tail. Prefetching every tile (the first version) put a whole gate|up (58 MB at
-# rate 0) into a 50 MB L2 while the predecessor still streamed: evicted before use, read twice, and PDL measured
-# slower at rate 0 (2.96 vs 2.61 ms on the H200, results/decode_pdl_ab_h200.json) and even at 0.35.
-PREFETCH_TILES = tl.constexpr(2)
-_ASM_PREFETCH = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }")
-
-
-@triton.jit
-def _prefetch_tiles(qw_ptr, stride_qw, col, n_left, t0, t1, rows_k, SUB_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Pull this program's weight tiles into L2, one request per 128-byte line. Runs before ``gdc_wait``: the
-    weights never depend on the previous kernel, so their DRAM latency overlaps its tail (``pdl.py``)."""
-    lines = tl.arange(0, BLOCK_N // 32) * 32  # int32 columns: 32 words = one line
-    r = tl.arange(0, 2 * SUB_R)
-    for t in range(t0, t1):
-        rows = t * 2 * SUB_R + r
-        ptrs = qw_ptr + rows[:, None] * stride_qw + col + lines[None, :]
-        live = ((rows < rows_k)[:, None] & (lines < n_left)[None, :]).to(tl.int32)
-        tl.inline_asm_elementwise(_ASM_PREFETCH, "=r,l,r", [ptrs, live], dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _dot1(wa, wb, p):
     return tl.inline_asm_elementwise(_ASM_DOT1, _CON_DOT1, [wa, wb, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]],
@@ -283,9 +262,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     rows_k = K // 8
     t0 = split * tiles_per_split
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(rows_k, 2 * SUB_R))
-    if PDL and BLOCK_N >= 32:
-        _prefetch_tiles(qw_ptr, stride_qw, col0 + blk * BLOCK_N, n_len - blk * BLOCK_N, t0,
-                        tl.minimum(t1, t0 + PREFETCH_TILES), rows_k, SUB_R, BLOCK_N)
+    # No L2 prefetch of the weights before the wait: two tiles a program pulled in here made every PDL mode lose
+    # (H100 engine A/B, stop 39: 2.39-2.44 ms against 2.24 at rate 0; without them 2.13, docs/performance-log.md)
     pdl_wait(PDL)  # x, the workspace and the counters belong to earlier kernels until here
     acc0 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
     acc1 = tl.zeros([SUB_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)

@@ -1,24 +1,24 @@
-"""Programmatic dependent launch (PDL, sm_90+): let each decode kernel start while its predecessor drains.
+"""Programmatic dependent launch (PDL, sm_90+): let each decode kernel launch while its predecessor drains.
 
-At batch 1 a decode step is ~10 short kernels per layer. Between two kernels of a CUDA graph the GPU idles for
-the launch latency plus the ramp-up of the next kernel's memory pipeline, a few microseconds each: comparable
-to the time of a 4096x4096 INT4 GEMV itself. With PDL a kernel is launched while its predecessor still runs
-(``launch_pdl=True``); it may do work that does not depend on the predecessor (the GEMVs prefetch their weight
-tiles into L2), then ``gdc_wait`` blocks until the predecessor has finished and its writes are visible.
+At batch 1 a decode step is ~6 dependent kernels per layer. Between two kernels of a CUDA graph the GPU idles for
+the launch latency and the next kernel's dispatch, ~0.4 us a boundary on the H100 (stop 35's in-graph profile),
+next to GEMVs of 5-25 us. With PDL a kernel is launched while its predecessor still runs (``launch_pdl=True``);
+``gdc_wait`` then blocks until the predecessor has finished and its writes are visible.
 
 The contract every PDL kernel of this package keeps: nothing is read that an earlier kernel may write, and
 nothing is written, before ``gdc_wait``; every program calls ``gdc_wait`` (so a finished kernel implies that
-all kernels before it finished too). ``gdc_launch_dependents`` comes right after the wait, so at most one kernel
-runs ahead. A non-PDL kernel (torch ops) between two PDL kernels just restores ordinary stream order.
+all kernels before it finished too), and releases its dependents (``gdc_launch_dependents``) only after it, so at
+most one kernel runs ahead. A non-PDL kernel (torch ops) between two PDL kernels just restores ordinary stream
+order. Where the release sits is the mode (``pdl_mode``): right after the wait everywhere (``UNIQL_PDL=1``), or,
+the default (``late``), after the main loop of the long kernels (the GEMVs, the attention split pass) and right
+after the wait in the short ones.
 
-Opt-in (``UNIQL_PDL=1``): measured on the H200 (``benchmarks/results/decode_pdl_ab_h200.json``), the 8B-shaped
-decode step is no faster with it (TPOT 2.61 / 2.26 ms without, 2.96 / 2.28 ms with, at rates 0 / 0.35): a CUDA
-graph already leaves almost no gap between kernels (replay 2752 us vs 2879 us of summed kernel time), so the
-fixed cost of the small GEMVs is inside each kernel, not between them. That run's GEMVs prefetched ALL their
-tiles, which for gate|up meant more bytes than the L2 holds (see ``int4_gemv.PREFETCH_TILES``, now the first two
-tiles of each program); the A/B is to be repeated (``SUITE=envab bash benchmarks/device_suite.sh``). Kept for the
-GPUs and shapes where it pays; off on devices before sm_90 (Jetson Orin is sm_87) and under the Triton
-interpreter.
+Measured (H100, Llama-8B shape, batch 1, engine A/B of two alternating rounds, stop 39,
+``results/pdl_ab_h100.json``): late 2.128-2.130 / 1.701-1.705 ms at rates 0 / 0.35 against 2.236-2.239 /
+1.828-1.829 without PDL; mode 1 2.205-2.210 / 1.746-1.749. Until stop 39 every GEMV pulled its first two weight
+tiles into L2 before the wait, and with that prefetch both modes lost (2.39 / 2.44 ms at rate 0; the H200 in stop
+27 and the H100 in stop 29 measured the same loss with it): it is gone. Off on devices before sm_90 (Jetson Orin
+is sm_87) and under the Triton interpreter.
 """
 
 from __future__ import annotations
