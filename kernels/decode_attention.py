@@ -298,7 +298,7 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     d_qk, d_vo = (max(16, triton.next_power_of_2(d)) for d in (qk, vo))
     ws = torch.empty(b * n_heads * n_splits * (d_vo + 2), dtype=torch.float32, device=q.device)
     cos, sin, idx = rope if rope is not None else (ws, ws, lengths)  # unused without ROPE
-    mode = pdl_mode(q.device)  # the split pass may release its dependents late (mode 2); the combine is short
+    mode = pdl_mode(q.device, b)  # the split pass may release its dependents late (mode 2); the combine is short
     pdl = mode > 0
     early, block_t = early_loads(b), min(split, 64)
     _split_kernel[(b, n_kv, n_splits)](

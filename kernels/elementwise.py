@@ -78,7 +78,7 @@ def _norm(x, delta, weight, eps):
     summed = x2 if delta is None else torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, delta.dtype),
                                                     device=x.device)
     out = torch.empty(x2.shape, dtype=torch.promote_types(summed.dtype, weight.dtype), device=x.device)
-    block, pdl = triton.next_power_of_2(n), pdl_enabled(x.device)
+    block, pdl = triton.next_power_of_2(n), pdl_enabled(x.device, x2.shape[0])
     _rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, summed, out, x2.stride(0), d2.stride(0), summed.stride(0),
                                      out.stride(0), n, eps, BLOCK=block, ADD=delta is not None, PDL=pdl,
                                      num_warps=4 if block >= 2048 else 2, launch_pdl=pdl)
@@ -104,7 +104,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n = g2.shape[1] // 2
     out = torch.empty(g2.shape[0], n, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(n))
-    pdl = pdl_enabled(gate_up.device)
+    pdl = pdl_enabled(gate_up.device, g2.shape[0])
     _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](g2, out, g2.stride(0), out.stride(0), n, BLOCK=block,
                                                            PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out.reshape(gate_up.shape[:-1] + (n,))

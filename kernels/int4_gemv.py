@@ -335,7 +335,7 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` = (ss ``[M, P]``,
     eps): x holds s * w; each activation is multiplied by its row's 1/rms (from those sums) before the fp16
     conversion. ``conv``: a ``gemv_conv.ConvStep`` for the x / B / C segments."""
-    pdl, early = pdl_mode(args[0].device), early_loads(args[7])  # args[7]: M, the decode rows
+    pdl, early = pdl_mode(args[0].device, args[7]), early_loads(args[7])  # args[7]: M, the decode rows
     out = args[4]
     glu = (act, act.stride(0)) if act is not None else (out, 0)
     res = (*residual, residual[0].stride(0), residual[4].shape[1]) if residual is not None \

@@ -11,11 +11,12 @@ all kernels before it finished too), and releases its dependents (``gdc_launch_d
 most one kernel runs ahead. A non-PDL kernel (torch ops) between two PDL kernels just restores ordinary stream
 order. Where the release sits is the mode (``pdl_mode``): right after the wait everywhere (``UNIQL_PDL=1``), or,
 the default (``late``), after the main loop of the long kernels (the GEMVs, the attention split pass) and right
-after the wait in the short ones.
+after the wait in the short ones. Decode launches of at most ``PDL_MAX_ROWS`` rows only.
 
 Measured (H100, Llama-8B shape, batch 1, engine A/B of two alternating rounds, stop 39,
 ``results/pdl_ab_h100.json``): late 2.128-2.130 / 1.701-1.705 ms at rates 0 / 0.35 against 2.236-2.239 /
-1.828-1.829 without PDL; mode 1 2.205-2.210 / 1.746-1.749. Until stop 39 every GEMV pulled its first two weight
+1.828-1.829 without PDL; mode 1 2.205-2.210 / 1.746-1.749. At batch 4 late won too (x0.97), at batch 16 it lost
+(x1.01-1.02; ``results/pdl_batch_ab_h100.json``). Until stop 39 every GEMV pulled its first two weight
 tiles into L2 before the wait, and with that prefetch both modes lost (2.39 / 2.44 ms at rate 0; the H200 in stop
 27 and the H100 in stop 29 measured the same loss with it): it is gone. Off on devices before sm_90 (Jetson Orin
 is sm_87) and under the Triton interpreter.
@@ -38,23 +39,30 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def pdl_mode(device: torch.device) -> int:
-    """How kernels launched on ``device`` use programmatic dependent launch (read per launch: tests flip it): 0 off,
-    1 every kernel lets the next one launch right after its wait, 2 (``late``) the long kernels (GEMVs, the
+# The most decode rows a launch may have to use PDL: batch 1 and 4 decoded faster with it, batch 16 slower
+# (H100, same machine, two rounds, stop 39, results/pdl_batch_ab_h100.json: x0.93-0.95 / x0.97 / x1.01-1.02);
+# batch 8 was not timed, so it keeps the behaviour from before PDL. Prefill launches never use it.
+PDL_MAX_ROWS = 4
+
+
+def pdl_mode(device: torch.device, rows: int) -> int:
+    """How a launch of ``rows`` rows on ``device`` uses programmatic dependent launch (read per launch: tests flip
+    it): 0 off, 1 it lets the next kernel launch right after its wait, 2 (``late``) the long kernels (GEMVs, the
     attention split pass) only once their main loop is done (``pdl_release``), so the next kernel's programs land
-    during their tail instead of sharing the SMs with their whole run. ``UNIQL_PDL``: 0 (default), 1 or late;
-    anything else is refused, on every device. Off before sm_90 and under the interpreter."""
+    during their tail instead of sharing the SMs with their whole run. ``UNIQL_PDL``: late (default), 1 or 0;
+    anything else is refused, on every device. Off for more than ``PDL_MAX_ROWS`` rows, before sm_90 and under the
+    interpreter."""
     raw = switch("UNIQL_PDL")
-    if raw == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if raw == "0" or rows > PDL_MAX_ROWS or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return 0
     if not _capable(device.index if device.index is not None else torch.cuda.current_device()):
         return 0
     return 2 if raw == "late" else 1
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels launched on ``device`` use programmatic dependent launch at all (``pdl_mode`` > 0)."""
-    return pdl_mode(device) > 0
+def pdl_enabled(device: torch.device, rows: int = 1) -> bool:
+    """Whether a launch of ``rows`` rows on ``device`` uses programmatic dependent launch (``pdl_mode`` > 0)."""
+    return pdl_mode(device, rows) > 0
 
 
 @triton.jit

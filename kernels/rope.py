@@ -166,11 +166,11 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     k_rot = torch.empty(n_kv, n_tokens, qk, dtype=k.dtype, device=k.device)
     if n_tokens == 0:
         return q_rot, k_rot
-    half = qk // 2
+    half, pdl = qk // 2, pdl_enabled(q.device, n_tokens)
     _rope_qk_kernel[(n_tokens, n_heads + n_kv)](
         q, k, q_rot, k_rot, cos, sin, rope_index, q.stride(0), k.stride(0), cos.stride(0), rope_index.stride(0),
-        n_tokens, n_heads, n_kv, half, BLOCK_P=triton.next_power_of_2(half), PDL=pdl_enabled(q.device),
-        num_warps=1 if half <= 32 else 2, launch_pdl=pdl_enabled(q.device))
+        n_tokens, n_heads, n_kv, half, BLOCK_P=triton.next_power_of_2(half), PDL=pdl,
+        num_warps=1 if half <= 32 else 2, launch_pdl=pdl)
     return q_rot, k_rot
 
 

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from uniql.kernels import decode_attention as att  # noqa: E402
-from uniql.kernels import int4_gemv  # noqa: E402
+from uniql.kernels import int4_gemv, pdl  # noqa: E402
 from uniql.kernels import int4_matmul as im  # noqa: E402
 from uniql.kernels.int4_format import rtn_quantize  # noqa: E402
 from uniql.kernels.pdl import early_loads, pdl_enabled, pdl_mode  # noqa: E402
@@ -42,24 +42,53 @@ def test_pdl_switch_refuses_typos(monkeypatch):
     monkeypatch.setenv("UNIQL_PDL", "1")
     assert not pdl_enabled(torch.device("cpu"))  # no PDL off the GPU
     monkeypatch.setenv("UNIQL_PDL", "late")
-    assert pdl_mode(torch.device("cpu")) == 0
+    assert pdl_mode(torch.device("cpu"), 1) == 0
     for bad in ("true", "LATE", "2"):
         monkeypatch.setenv("UNIQL_PDL", bad)
         with pytest.raises(ValueError, match="UNIQL_PDL must be 0, 1 or late"):
             pdl_enabled(torch.device("cpu"))
 
 
-def test_late_mode_reaches_the_long_kernels_only(monkeypatch):
+def test_pdl_mode_by_switch_rows_and_device(monkeypatch):
+    """On an sm_90+ GPU: late -> 2, 1 -> 1, 0 -> 0; off above PDL_MAX_ROWS rows (batch 16 lost) and under the
+    interpreter."""
+    monkeypatch.setattr(pdl, "_capable", lambda index: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    gpu = torch.device("cuda", 0)
+    monkeypatch.delenv("UNIQL_PDL", raising=False)
+    assert [pdl_mode(gpu, rows) for rows in (1, 4, 5, 16)] == [2, 2, 0, 0]
+    monkeypatch.setenv("UNIQL_PDL", "1")
+    assert [pdl_mode(gpu, rows) for rows in (1, 4, 5)] == [1, 1, 0]
+    monkeypatch.setenv("UNIQL_PDL", "0")
+    assert pdl_mode(gpu, 1) == 0
+    monkeypatch.setenv("UNIQL_PDL", "late")
+    monkeypatch.setattr(pdl, "_capable", lambda index: False)  # before sm_90 (Jetson Orin's sm_87)
+    assert pdl_mode(gpu, 1) == 0
+    monkeypatch.setattr(pdl, "_capable", lambda index: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pdl_mode(gpu, 1) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_late_mode_reaches_the_long_kernels_only(monkeypatch, rows):
     """UNIQL_PDL=late: the GEMV and the attention split pass get mode 2 (release after their main loop), the
-    short combine keeps mode 1's release right after its wait; every one of them is launched with PDL."""
-    monkeypatch.setattr(att, "pdl_mode", lambda device: 2)
-    monkeypatch.setattr(int4_gemv, "pdl_mode", lambda device: 2)
+    short combine keeps mode 1's release right after its wait; every one of them is launched with PDL, and each
+    launcher asks for the mode with its own decode rows."""
+    asked = []
+
+    def mode(device, n):
+        asked.append(n)
+        return 2
+
+    monkeypatch.setattr(att, "pdl_mode", mode)
+    monkeypatch.setattr(int4_gemv, "pdl_mode", mode)
     split, combine, gemv = _Recorder(), _Recorder(), _Recorder()
     monkeypatch.setattr(att, "_split_kernel", split)
     monkeypatch.setattr(att, "_combine_kernel", combine)
     monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", gemv)
-    _attention(1)
-    _residual_gemv(1)
+    _attention(rows)
+    _residual_gemv(rows)
+    assert asked == [rows, rows]
     assert [(c["PDL"], c["launch_pdl"]) for c in split.calls] == [(2, True)]
     assert [(c["PDL"], c["launch_pdl"]) for c in combine.calls] == [(True, True)]
     assert [(c["PDL"], c["launch_pdl"]) for c in gemv.calls] == [(2, True)]

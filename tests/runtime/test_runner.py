@@ -152,8 +152,9 @@ def test_graph_replays_equal_eager_decode_on_gpu(dtype):
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_programmatic_dependent_launch_changes_no_bit(monkeypatch):
-    """Graphs captured with PDL (every decode kernel waits on its predecessor, GEMVs prefetch weights before the
-    wait; with ``late``, GEMVs and the attention split pass release their successor after their main loop) replay the same logits as graphs captured without it, step after step (the cache is written too)."""
+    """Graphs captured with PDL (every decode kernel waits on its predecessor; mode 1 releases the next kernel
+    right after the wait, ``late`` after the GEMVs' and the attention split pass's main loop) replay the same
+    logits as graphs captured without it, step after step (the cache is written too)."""
     from uniql.kernels.pdl import pdl_enabled
 
     base = _model(int4=True).to("cuda", torch.bfloat16)
