@@ -16,15 +16,18 @@
 #            variant is VAR=VALUE, several joined by +; default: UNIQL_NARROW_SPLIT=deep and UNIQL_EARLY_LOADS=0,
 #            the stop-28 behaviours; UNIQL_WIDE_COLS=128 tries 128-column blocks on the wide batch-1 GEMVs (lost),
 #            UNIQL_WIDE_COLS=256 never takes them (the default, auto, where a program reads <= 0.8 of the bytes);
-#            UNIQL_PDL=1+UNIQL_GEMV_PER_SM=4: PDL with GEMV waves of 4 programs an SM, room for early starts (lost);
+#            UNIQL_PDL=1+UNIQL_GEMV_PER_SM=4: PDL with GEMV waves of 4 programs an SM, room for early starts (lost,
+#            with the L2 prefetch since removed);
 #            UNIQL_GEMV_PER_SM=regs: waves of what the register file holds (10 an SM on 128 columns; mixed);
-#            UNIQL_GEMV_BLOCK_K=32: half-size batch-1 GEMV tiles, a finer rounding of the tiles per program), two
+#            UNIQL_GEMV_BLOCK_K=32: half-size batch-1 GEMV tiles, a finer rounding of the tiles per program;
+#            UNIQL_PDL=0 / 1: without PDL / every kernel releasing the next right after its wait (default late)), two
 #            alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py, variants in $ENV_AB_SSM if set (else $ENV_AB: one call can run both
 #            steps with different lists) (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
 #            state update's head channels a program, UNIQL_SSM_CONV_FOLD=0 runs the causal conv as its own kernel (the
-#            fold is the default since stop 33)), ~35 s a run ->
+#            fold is the default since stop 33); UNIQL_PDL_SSM=1 puts the state update and the group norm in the
+#            PDL chain (queued, stop 39)), ~35 s a run ->
 #            ssm_envab_<gpu>*
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .pdl import pdl_enabled, pdl_enter
+from .pdl import pdl_enabled, pdl_enter, pdl_ssm
 
 
 @triton.jit
@@ -132,7 +132,8 @@ def _group_rms_tile(g_ptr, w_ptr, out_ptr, b, grp, s_b, s_h, s_p, s_ob, heads, p
 
 @triton.jit
 def _group_rms_kernel(g_ptr, w_ptr, out_ptr, s_b, s_h, s_p, s_ob, heads, p, heads_per_group, eps,
-                      BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+                      BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     _group_rms_tile(g_ptr, w_ptr, out_ptr, tl.program_id(0), tl.program_id(1), s_b, s_h, s_p, s_ob, heads, p,
                     heads_per_group, eps, BLOCK_H, BLOCK_P)
 
@@ -156,10 +157,10 @@ def group_rms_norm(g: torch.Tensor, weight: torch.Tensor, groups: int, eps: floa
     b, heads, p = g.shape
     check_group_norm(g, weight, groups)
     out = torch.empty(b, p * heads, dtype=out_dtype or g.dtype, device=g.device)
-    per_group = heads // groups
+    per_group, pdl = heads // groups, pdl_ssm(g.device, b)
     _group_rms_kernel[(b, groups)](g, weight, out, g.stride(0), g.stride(1), g.stride(2), out.stride(0), heads, p,
                                    per_group, eps, BLOCK_H=triton.next_power_of_2(per_group),
-                                   BLOCK_P=triton.next_power_of_2(p), num_warps=4)
+                                   BLOCK_P=triton.next_power_of_2(p), PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 

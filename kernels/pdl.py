@@ -65,6 +65,13 @@ def pdl_enabled(device: torch.device, rows: int = 1) -> bool:
     return pdl_mode(device, rows) > 0
 
 
+def pdl_ssm(device: torch.device, rows: int) -> bool:
+    """Whether the Mamba step's state update and group norm take part in PDL too (``UNIQL_PDL_SSM=1``, off by
+    default until its A/B runs: ``ENV_AB_SSM=UNIQL_PDL_SSM=1 SUITE=envabssm``). Off, each of them breaks the chain
+    of early launches twice a layer (stop 39: PDL made Mamba2-8B x0.95 faster at rate 0 but only x0.97 at 0.35)."""
+    return switch("UNIQL_PDL_SSM") == "1" and pdl_enabled(device, rows)
+
+
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
     """Wait for the previous kernel's results, then allow the next kernel to launch (see the module contract):

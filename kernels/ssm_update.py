@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enter, pdl_ssm
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -85,7 +87,9 @@ def _update_kernel(state_ptr, x_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, 
                    s_b, s_h, s_p, s_n, x_b, x_h, x_p, dt_b, dt_h, b_b, b_g, b_n, c_b, c_g, c_n,
                    z_b, z_h, z_p, o_b, o_h, o_p, heads_per_group, P, N, dt_lo, dt_hi,
                    TABLE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-                   SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PDL: tl.constexpr):
+    pdl_enter(PDL)  # everything below reads what earlier kernels wrote (x, dt, B, C, z, the state)
     b, h, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = h // heads_per_group
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -201,11 +205,13 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     s_strides = (0, p * n, n, 1) if table else state.stride()
     zs = z.stride() if z is not None else (0, 0, 0)
     lo, hi = dt_limit if dt_limit is not None else (0.0, float("inf"))
+    pdl = pdl_ssm(x.device, batch)
     _update_kernel[(batch, heads, triton.cdiv(p, block_p))](
         state, x, dt, A, B, C, D, z, dt_bias, out, *s_strides, *x.stride(), *dt.stride(), *B.stride(),
         *C.stride(), *zs, *out.stride(), heads // B.shape[1], p, n, float(lo), float(hi),
         TABLE=table, HAS_D=D is not None, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
-        SOFTPLUS=dt_softplus, CLAMP=dt_limit is not None, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+        SOFTPLUS=dt_softplus, CLAMP=dt_limit is not None, BLOCK_P=block_p, BLOCK_N=block_n, PDL=pdl,
+        num_warps=warps, launch_pdl=pdl)
     return out
 
 

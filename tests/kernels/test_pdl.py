@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from uniql.kernels import decode_attention as att  # noqa: E402
-from uniql.kernels import int4_gemv, pdl  # noqa: E402
+from uniql.kernels import elementwise, int4_gemv, pdl, ssm_update  # noqa: E402
 from uniql.kernels import int4_matmul as im  # noqa: E402
 from uniql.kernels.int4_format import rtn_quantize  # noqa: E402
 from uniql.kernels.pdl import early_loads, pdl_enabled, pdl_mode  # noqa: E402
@@ -148,3 +148,24 @@ def test_residual_gemv_passes_early_loads_by_its_rows(monkeypatch, rows, early):
     monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", kernel)
     _residual_gemv(rows)
     assert [c["EARLY"] for c in kernel.calls] == [early]
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_ssm_kernels_join_pdl_only_when_switched_on(monkeypatch, flag):
+    """UNIQL_PDL_SSM=1 launches the state update and the group norm with PDL (where PDL is on at all); the
+    default keeps them out (queued A/B), and each asks with its own rows."""
+    monkeypatch.setattr(pdl, "pdl_enabled", lambda device, rows=1: rows <= pdl.PDL_MAX_ROWS)
+    monkeypatch.setenv("UNIQL_PDL_SSM", flag)
+    update, norm = _Recorder(), _Recorder()
+    monkeypatch.setattr(ssm_update, "_update_kernel", update)
+    monkeypatch.setattr(elementwise, "_group_rms_kernel", norm)
+    for batch in (1, 16):
+        heads, p, n = 4, 8, 16
+        x = torch.zeros(batch, heads, p, device=DEV)
+        ssm_update.selective_state_update(torch.zeros(batch, heads, p, n, device=DEV), x, torch.zeros(batch, heads,
+                                          device=DEV), torch.zeros(heads, device=DEV), torch.zeros(batch, 1, n,
+                                          device=DEV), torch.zeros(batch, 1, n, device=DEV))
+        elementwise.group_rms_norm(x, torch.ones(heads * p, device=DEV), 2, 1e-5)
+    on = flag == "1"
+    assert [(c["PDL"], c["launch_pdl"]) for c in update.calls] == [(on, on), (False, False)]
+    assert [(c["PDL"], c["launch_pdl"]) for c in norm.calls] == [(on, on), (False, False)]

@@ -189,6 +189,28 @@ def test_graph_replays_equal_eager_decode_as_requests_join_and_leave(family, dty
     assert not graphed.caches and not eager.caches
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["mamba2", "nemotron_h"])
+def test_ssm_kernels_in_the_pdl_chain_change_no_bit(family, monkeypatch):
+    """UNIQL_PDL_SSM=1 (the state update and the group norm launched with PDL too) replays the same logits as
+    without it, step after step, as requests join and leave."""
+    from uniql.kernels.pdl import pdl_enabled
+
+    base = _model(family).to("cuda", torch.bfloat16)
+    got = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("UNIQL_PDL_SSM", flag)
+        runner = ModelRunner(copy.deepcopy(base), max_model_len=64, graph_buckets=(1, 2, 4))
+        lengths = dict(zip("abcdef", (5, 11, 2, 8, 3, 6), strict=True))
+        reqs = _requests(2, lengths.values(), seed=12, max_tokens=len(SCHEDULE) + 1)
+        for name, req in zip(lengths, reqs, strict=True):
+            req.request_id = f"{name}-{flag}"
+        got[flag] = torch.stack(_run_schedule(runner, 2, dict(zip(lengths, reqs, strict=True)), {}))
+    if not pdl_enabled(torch.device("cuda")):
+        pytest.skip("this GPU has no programmatic dependent launch (sm_90+)")
+    torch.testing.assert_close(got["1"], got["0"], atol=0, rtol=0)
+
+
 def test_decay_rates_follow_the_parameter():
     """The decode step's cached A = -exp(A_log) is recomputed when A_log is replaced or changed in place."""
     from uniql.runtime.mamba import ElasticMamba
