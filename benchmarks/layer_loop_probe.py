@@ -125,7 +125,7 @@ def _run_task(acts_ptr, qw_ptr, sc_ptr, row, ws_ptr, cnt_ptr, done_ptr, err_ptr,
         if ASM and PREFETCH > 0 and BLOCK_N >= 32:  # this task's first tiles into L2 meanwhile (they do not depend
             # on the input; inline PTX: not in the interpreter; one request a 32-word line: blocks of >= 32 columns)
             _prefetch_tiles(qw, n, blk * BLOCK_N, n - blk * BLOCK_N, t0, tl.minimum(t1, t0 + PREFETCH), rows_k,
-                               SUB_R, BLOCK_N)
+                            SUB_R, BLOCK_N)
         # every column block of the previous layer
         _wait_until(done_ptr + layer - 1, tl.cdiv(tl.load(row - META), BLOCK_N), err_ptr, WAIT, SLEEP)
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)

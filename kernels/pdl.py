@@ -41,7 +41,8 @@ def _capable(index: int) -> bool:
 
 # The most decode rows a launch may have to use PDL: batch 1 and 4 decoded faster with it, batch 16 slower
 # (H100, same machine, two rounds, stop 39, results/pdl_batch_ab_h100.json: x0.93-0.95 / x0.97 / x1.01-1.02);
-# batch 8 was not timed, so it keeps the behaviour from before PDL. Prefill launches never use it.
+# batch 8 was not timed, so it keeps the behaviour from before PDL. Launches of more rows (prefill of longer
+# prompts, larger batches) never use it.
 PDL_MAX_ROWS = 4
 
 

@@ -197,18 +197,19 @@ def test_ssm_kernels_in_the_pdl_chain_change_no_bit(family, monkeypatch):
     from uniql.kernels.pdl import pdl_enabled
 
     base = _model(family).to("cuda", torch.bfloat16)
-    got = {}
+    lengths = dict(zip("abcdef", (5, 11, 2, 8, 3, 6), strict=True))
+    prompts = dict(zip(lengths, _requests(2, lengths.values(), seed=12, max_tokens=len(SCHEDULE) + 1), strict=True))
+    for name, req in prompts.items():
+        req.request_id = name
+    got, tokens = {}, {}  # both runs are fed the first run's tokens, as the eager / graphed test does
     for flag in ("0", "1"):
         monkeypatch.setenv("UNIQL_PDL_SSM", flag)
         runner = ModelRunner(copy.deepcopy(base), max_model_len=64, graph_buckets=(1, 2, 4))
-        lengths = dict(zip("abcdef", (5, 11, 2, 8, 3, 6), strict=True))
-        reqs = _requests(2, lengths.values(), seed=12, max_tokens=len(SCHEDULE) + 1)
-        for name, req in zip(lengths, reqs, strict=True):
-            req.request_id = f"{name}-{flag}"
-        got[flag] = torch.stack(_run_schedule(runner, 2, dict(zip(lengths, reqs, strict=True)), {}))
+        got[flag] = _run_schedule(runner, 2, prompts, tokens)  # one [rows, vocab] tensor a step, rows vary
     if not pdl_enabled(torch.device("cuda")):
         pytest.skip("this GPU has no programmatic dependent launch (sm_90+)")
-    torch.testing.assert_close(got["1"], got["0"], atol=0, rtol=0)
+    for step, (with_ssm, without) in enumerate(zip(got["1"], got["0"], strict=True)):
+        torch.testing.assert_close(with_ssm, without, atol=0, rtol=0, msg=f"{family} step {step}")
 
 
 def test_decay_rates_follow_the_parameter():
