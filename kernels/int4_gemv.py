@@ -31,7 +31,7 @@ import triton.language as tl
 from .gemv_conv import _conv_tile, conv_args
 from .gemv_norm import _residual_in, _residual_tile, _row_rstd
 from .int4_tiles import _finish, _glu_pair, _rows_out, _segment
-from .pdl import early_loads, pdl_mode, pdl_release, pdl_wait
+from .pdl import early_loads, gemv_preload, pdl_mode, pdl_release, pdl_wait
 
 # fp16 constants (two per register): 1/16, -(1024/16 + 8/16), 1/256, -(1024/256 + 8/16)
 _C_LO_SCALE, _C_LO_BIAS, _C_HI_SCALE, _C_HI_BIAS = 0x2C002C00, 0xD408D408, 0x1C001C00, 0xC480C480
@@ -232,6 +232,37 @@ def _dot_row(wa, wb, p, ASM: tl.constexpr):
 
 
 @triton.jit
+def _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra, rb, ma, mb, wa, wb, scale,
+              BLOCK_M: tl.constexpr, X_BF16: tl.constexpr, ASM: tl.constexpr, NORM: tl.constexpr):
+    """The accumulators plus one loaded tile's dots with the BLOCK_M activation rows (rows past M are zero)."""
+    p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0, X_BF16, ASM, NORM)
+    if BLOCK_M == 1:
+        acc0 += _dot_row(wa, wb, p0, ASM) * scale
+    elif BLOCK_M == 2:
+        p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
+        if ASM:
+            d0, d1 = _dot2(wa, wb, p0, p1)
+        else:
+            d0, d1 = _dot_emulated(wa, wb, p0), _dot_emulated(wa, wb, p1)
+        acc0 += d0 * scale
+        acc1 += d1 * scale
+    else:
+        p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
+        p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, rs2, X_BF16, ASM, NORM)
+        p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, rs3, X_BF16, ASM, NORM)
+        if ASM:
+            d0, d1, d2, d3 = _dot4(wa, wb, p0, p1, p2, p3)
+        else:
+            d0, d1 = _dot_emulated(wa, wb, p0), _dot_emulated(wa, wb, p1)
+            d2, d3 = _dot_emulated(wa, wb, p2), _dot_emulated(wa, wb, p3)
+        acc0 += d0 * scale
+        acc1 += d1 * scale
+        acc2 += d2 * scale
+        acc3 += d3 * scale
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     M, K, stride_xm, stride_qw, stride_sc, stride_om,
                     s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits,
@@ -242,11 +273,12 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                     GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
                     X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SUM_STEP: tl.constexpr,
-                    EARLY: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_ACT: tl.constexpr,
-                    CONV_BIAS: tl.constexpr, CONV_DTYPE: tl.constexpr):
+                    EARLY: tl.constexpr, PRELOAD: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
+                    CONV_ACT: tl.constexpr, CONV_BIAS: tl.constexpr, CONV_DTYPE: tl.constexpr):
     """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``).
     RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``).
     EARLY (with RES): the residual input is loaded before the split-K sum, not after it (``pdl.early_loads``).
+    PRELOAD (0 / 1): the first K tile's weights and scales are loaded before the PDL wait (``pdl.gemv_preload``).
     CONV (segments z | x | B | C | dt): the x / B / C tiles end with Mamba2's causal-conv step (``gemv_conv``)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -264,6 +296,9 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(rows_k, 2 * SUB_R))
     # No L2 prefetch of the weights before the wait: two tiles a program pulled in here made every PDL mode lose
     # (H100 engine A/B, stop 39: 2.39-2.44 ms against 2.24 at rate 0; without them 2.13, docs/performance-log.md)
+    if PRELOAD:  # (the switch UNIQL_GEMV_PRELOAD) the first tile into registers instead
+        ra, rb, ma, mb, wa, wb, scale = _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t0, rows_k,
+                                              GROUP, SUB_R)
     pdl_wait(PDL)  # x, the workspace and the counters belong to earlier kernels until here
     acc0 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
     acc1 = tl.zeros([SUB_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)
@@ -275,33 +310,14 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     rs1 = _row_rstd(ss_in_ptr, 1, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs2 = _row_rstd(ss_in_ptr, 2, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs3 = _row_rstd(ss_in_ptr, 3, M, n_parts, inv_k, eps, NORM, PARTS_P)
-    for t in range(t0, t1):
+    if PRELOAD:  # the first tile is in flight before the wait (weights depend on no kernel); consumed after it
+        acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra, rb,
+                                           ma, mb, wa, wb, scale, BLOCK_M, X_BF16, ASM, NORM)
+    for t in range(t0 + PRELOAD, t1):
         ra, rb, ma, mb, wa, wb, scale = _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t, rows_k,
                                               GROUP, SUB_R)
-        p0 = _row_pairs(x_ptr, stride_xm, 0, M, ra, rb, ma, mb, rs0, X_BF16, ASM, NORM)
-        if BLOCK_M == 1:
-            acc0 += _dot_row(wa, wb, p0, ASM) * scale
-        elif BLOCK_M == 2:
-            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
-            if ASM:
-                d0, d1 = _dot2(wa, wb, p0, p1)
-            else:
-                d0, d1 = _dot_emulated(wa, wb, p0), _dot_emulated(wa, wb, p1)
-            acc0 += d0 * scale
-            acc1 += d1 * scale
-        else:
-            p1 = _row_pairs(x_ptr, stride_xm, 1, M, ra, rb, ma, mb, rs1, X_BF16, ASM, NORM)
-            p2 = _row_pairs(x_ptr, stride_xm, 2, M, ra, rb, ma, mb, rs2, X_BF16, ASM, NORM)
-            p3 = _row_pairs(x_ptr, stride_xm, 3, M, ra, rb, ma, mb, rs3, X_BF16, ASM, NORM)
-            if ASM:
-                d0, d1, d2, d3 = _dot4(wa, wb, p0, p1, p2, p3)
-            else:
-                d0, d1 = _dot_emulated(wa, wb, p0), _dot_emulated(wa, wb, p1)
-                d2, d3 = _dot_emulated(wa, wb, p2), _dot_emulated(wa, wb, p3)
-            acc0 += d0 * scale
-            acc1 += d1 * scale
-            acc2 += d2 * scale
-            acc3 += d3 * scale
+        acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra, rb,
+                                           ma, mb, wa, wb, scale, BLOCK_M, X_BF16, ASM, NORM)
     pdl_release(PDL)  # mode 2: the next kernel launches during the split-K sums and epilogues
     offs_m = tl.arange(0, BLOCK_M)
     out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
@@ -344,5 +360,6 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     cnv, cnv_consts = conv_args(conv, out)
     _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, *cnv, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
                           NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
-                          ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, launch_pdl=pdl > 0,
+                          ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, PRELOAD=int(gemv_preload()),
+                          launch_pdl=pdl > 0,
                           **cnv_consts, **constexprs)

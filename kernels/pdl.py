@@ -73,6 +73,15 @@ def pdl_ssm(device: torch.device, rows: int) -> bool:
     return switch("UNIQL_PDL_SSM") == "1" and pdl_enabled(device, rows)
 
 
+def gemv_preload() -> bool:
+    """Whether the decode GEMVs load their first K tile (weights and scales) before ``gdc_wait``
+    (``UNIQL_GEMV_PRELOAD=1``, off until its A/B runs: ``ENV_AB=UNIQL_GEMV_PRELOAD=1 SUITE=envab``). The weights
+    depend on no kernel, so under PDL that first DRAM round trip would overlap the previous kernel's tail instead of
+    following the wait; unlike the L2 prefetch that lost (above), it fetches one tile into registers the loop needs
+    anyway. Same arithmetic, same bits, on any device (without PDL the wait is nothing and the loop is peeled)."""
+    return switch("UNIQL_GEMV_PRELOAD") == "1"
+
+
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
     """Wait for the previous kernel's results, then allow the next kernel to launch (see the module contract):

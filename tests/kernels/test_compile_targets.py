@@ -40,8 +40,8 @@ SSM = dict(TABLE=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, SOFTPLUS=True, 
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 LATE = "late"  # placeholder: UNIQL_PDL=late's mode 2 (dependents released after the main loop) on sm_90+
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, PDL=PDL)
-MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=4, EARLY=False, CONV=False, CONV_W=2,
-          CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=tl.float32)
+MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=4, EARLY=False, PRELOAD=0,
+          CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=tl.float32)
 SWITCHED = dict(SUM_STEP=8, EARLY=True)  # UNIQL_SPLITK_STEP=8 / UNIQL_EARLY_LOADS=1: both settings compile
 CASES = [
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, BLOCK_R=8), 8),
@@ -61,7 +61,8 @@ CASES = [
                                       PARTS_P=16, X_BF16=True, ASM=True, PDL=PDL, CONV=True, CONV_W=4, CONV_ACT=1,
                                       CONV_BIAS=True, CONV_DTYPE=tl.bfloat16, SUM_STEP=16), 4),  # WIDE_COLS=auto
     (int4_gemv._gemv_h2_kernel, dict(MM, SUM_STEP=32, BLOCK_M=1, BLOCK_N=128, SUB_R=4, GLU=False, RES=True,
-                                      NORM=True, PARTS_P=32, X_BF16=True, ASM=True, PDL=LATE), 4),  # UNIQL_PDL=late
+                                      NORM=True, PARTS_P=32, X_BF16=True, ASM=True, PDL=LATE, PRELOAD=1), 4),
+    # UNIQL_PDL=late with UNIQL_GEMV_PRELOAD=1
     (int4_matmul._gemm_kernel, dict(MM, **SWITCHED, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, DOT_IEEE=False), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_IEEE=False), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, DOT_IEEE=False, SPLIT=False), 4, 4),
