@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import early_loads, pdl_enter, pdl_mode, pdl_release, pdl_wait
+from .pdl import attention_prewait, early_loads, pdl_enter, pdl_mode, pdl_release, pdl_wait
 from .rope import _check as rope_check
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -52,28 +52,39 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
                   REP: tl.constexpr, REP_P: tl.constexpr, QK: tl.constexpr, VO: tl.constexpr,
                   D_QK: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
                   ROPE: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
-                  PRELOAD: tl.constexpr):
+                  PRELOAD: tl.constexpr, PRE_WAIT: tl.constexpr):
     """EARLY: every load that does not need the length (cache bases, q, the new k / v
     and their RoPE tables; with PRELOAD, a one-block split's K / V, bounded by the capacity and selected once
     the length is known) is issued before it is known, and each block's V with its K, so a program waits about
     two memory round trips instead of five (length -> bases -> rope tables -> K -> V); same bits. PRELOAD only
-    where a split is one block: holding a block ahead in a loop spilled registers at 128-wide heads."""
-    pdl_wait(PDL)
+    where a split is one block: holding a block ahead in a loop spilled registers at 128-wide heads.
+    PRE_WAIT (with EARLY; ``pdl.attention_prewait``): the cache bases, the length and the preloaded block
+    come before the PDL wait: no kernel of the chain before this one writes them (the lengths are copied at the
+    step's start, the cache is this layer's own), and a kernel runs only once its predecessor passed its own wait,
+    so everything two or more kernels back is done."""
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r = tl.arange(0, REP_P)
-    live_r = r < REP
+    start = s * SPLIT
     dq, dv = tl.arange(0, D_QK), tl.arange(0, D_VO)
     live_q, live_v = dq < QK, dv < VO
-    cos_b, sin_b, idx_g = cos_ptr + b * s_cos, sin_ptr + b * s_cos, idx_ptr + g * s_idx
-    start = s * SPLIT
-    if EARLY:
+    if PRE_WAIT:
         k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
         if PRELOAD:
             k0, v0 = _kv_block(k_base, v_base, start, cap, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+        length = tl.load(len_ptr + b)
+    pdl_wait(PDL)
+    r = tl.arange(0, REP_P)
+    live_r = r < REP
+    cos_b, sin_b, idx_g = cos_ptr + b * s_cos, sin_ptr + b * s_cos, idx_ptr + g * s_idx
+    if EARLY:
+        if not PRE_WAIT:
+            k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
+            if PRELOAD:
+                k0, v0 = _kv_block(k_base, v_base, start, cap, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
         q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g, ROPE)
         kn, vn = _new_kv(kn_ptr + b * skn_b, skn_g, skn_c, vn_ptr + b * svn_b + g * svn_g, svn_d, g, dq, live_q,
                          dv, live_v, cos_b, sin_b, idx_g, ROPE)
-    length = tl.load(len_ptr + b)  # tokens including the new one
+    if not PRE_WAIT:
+        length = tl.load(len_ptr + b)  # tokens including the new one
     if start < length:
         if not EARLY:
             k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
@@ -307,7 +318,8 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
         n_splits, scale, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk,
         VO=vo, D_QK=d_qk, D_VO=d_vo, SPLIT=split, BLOCK_T=block_t, ROPE=rope is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=mode, EARLY=early,
-        PRELOAD=early and block_t == split, num_warps=4, launch_pdl=pdl)
+        PRELOAD=early and block_t == split, PRE_WAIT=early and attention_prewait(), num_warps=4,
+        launch_pdl=pdl)
     chunk = min(d_vo, COMBINE_CHUNK)
     _combine_kernel[(b, n_heads, d_vo // chunk)](ws, lengths, out, out.stride(0), n_heads, n_splits, VO=vo,
                                                  D_VO=d_vo, CHUNK=chunk, SPLIT=split,

@@ -5,13 +5,14 @@ the launch latency and the next kernel's dispatch, ~0.4 us a boundary on the H10
 next to GEMVs of 5-25 us. With PDL a kernel is launched while its predecessor still runs (``launch_pdl=True``);
 ``gdc_wait`` then blocks until the predecessor has finished and its writes are visible.
 
-The contract every PDL kernel of this package keeps: nothing is read that an earlier kernel may write, and
+The contract every PDL kernel of this package keeps: nothing is read that the previous kernel may write, and
 nothing is written, before ``gdc_wait``; every program calls ``gdc_wait`` (so a finished kernel implies that
 all kernels before it finished too), and releases its dependents (``gdc_launch_dependents``) only after it, so at
-most one kernel runs ahead. A non-PDL kernel (torch ops) between two PDL kernels just restores ordinary stream
-order. Where the release sits is the mode (``pdl_mode``): right after the wait everywhere (``UNIQL_PDL=1``), or,
-the default (``late``), after the main loop of the long kernels (the GEMVs, the attention split pass) and right
-after the wait in the short ones. Decode launches of at most ``PDL_MAX_ROWS`` rows only.
+most one kernel runs ahead: what kernels two or more back wrote is complete before a kernel starts, and may be read
+before its wait (``attention_prewait``). A non-PDL kernel (torch ops) between two PDL kernels just restores
+ordinary stream order. Where the release sits is the mode (``pdl_mode``): right after the wait everywhere
+(``UNIQL_PDL=1``), or, the default (``late``), after the main loop of the long kernels (the GEMVs, the attention
+split pass) and right after the wait in the short ones. Decode launches of at most ``PDL_MAX_ROWS`` rows only.
 
 Measured (H100, Llama-8B shape, batch 1, engine A/B of two alternating rounds, stop 39,
 ``results/pdl_ab_h100.json``): late 2.128-2.130 / 1.701-1.705 ms at rates 0 / 0.35 against 2.236-2.239 /
@@ -80,6 +81,14 @@ def gemv_preload() -> bool:
     following the wait; unlike the L2 prefetch that lost (above), it fetches one tile into registers the loop needs
     anyway. Same arithmetic, same bits, on any device (without PDL the wait is nothing and the loop is peeled)."""
     return switch("UNIQL_GEMV_PRELOAD") == "1"
+
+
+def attention_prewait() -> bool:
+    """Whether the decode attention's split pass issues its cache loads (bases, length, a one-block split's K / V)
+    before ``gdc_wait`` where it loads early under PDL (``UNIQL_ATTN_PREWAIT=1``, off until its A/B runs:
+    ``ENV_AB=UNIQL_ATTN_PREWAIT=1 SUITE=envab``): none of them is written by the q|k|v GEMV it waits for, so the
+    K / V stream would overlap that GEMV's tail. Same bits; without PDL merely another order."""
+    return switch("UNIQL_ATTN_PREWAIT") == "1"
 
 
 @triton.jit

@@ -129,7 +129,8 @@ def test_early_loads_give_the_same_bits(monkeypatch, case, split):
     """Early loads (UNIQL_EARLY_LOADS=all: some cases are batches) issue the split pass's loads in another order
     (all that need no length first: a one-block split's K / V too, bounded by the capacity; each block's V with its
     K) and the combine loads every split's partial before it knows which are used: the output and the cache writes
-    must be bit for bit the plain order's, with NaN in every cache slot past the length and in every fresh buffer."""
+    must be bit for bit the plain order's, with NaN in every cache slot past the length and in every fresh buffer;
+    so must UNIQL_ATTN_PREWAIT's order (the bases, the length and the block before the PDL wait)."""
     from uniql.kernels import decode_attention as att
 
     if split is not None:
@@ -152,16 +153,19 @@ def test_early_loads_give_the_same_bits(monkeypatch, case, split):
 
     monkeypatch.setattr(torch, "empty", nan_empty)
     runs = []
-    for flag in ("0", "all"):
+    for flag, prewait in (("0", "0"), ("all", "0"), ("all", "1")):  # UNIQL_ATTN_PREWAIT: bases, length, block first
         monkeypatch.setenv("UNIQL_EARLY_LOADS", flag)
+        monkeypatch.setenv("UNIQL_ATTN_PREWAIT", prewait)
         ks, vs = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
         out = decode_attention_rope(q_flat, k_flat, v_new, cos, sin, rope_index, n_heads,
                                     *_tables(ks, vs, lengths), qk ** -0.5, max(caps))
         runs.append((out, ks + vs))
-    (out0, caches0), (out1, caches1) = runs
-    assert torch.isfinite(out0).all() and torch.equal(out0, out1)
-    for a, b in zip(caches0, caches1, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    out0, caches0 = runs[0]
+    assert torch.isfinite(out0).all()
+    for out, caches in runs[1:]:
+        assert torch.equal(out0, out)
+        for a, b in zip(caches0, caches, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def test_fused_rope_refuses_mismatched_tables():
