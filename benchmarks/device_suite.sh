@@ -20,7 +20,9 @@
 #            with the L2 prefetch since removed);
 #            UNIQL_GEMV_PER_SM=regs: waves of what the register file holds (10 an SM on 128 columns; mixed);
 #            UNIQL_GEMV_BLOCK_K=32: half-size batch-1 GEMV tiles, a finer rounding of the tiles per program;
-#            UNIQL_PDL=0 / 1: without PDL / every kernel releasing the next right after its wait (default late)), two
+#            UNIQL_PDL=0 / 1: without PDL / every kernel releasing the next right after its wait (default late);
+#            UNIQL_GEMV_PRELOAD=1 / UNIQL_ATTN_PREWAIT=1: the GEMV's first tile / attention's cache loads before the
+#            PDL wait (stop 40)), two
 #            alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py, variants in $ENV_AB_SSM if set (else $ENV_AB: one call can run both
