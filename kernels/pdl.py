@@ -68,15 +68,16 @@ def pdl_enabled(device: torch.device, rows: int = 1) -> bool:
 
 
 def pdl_ssm(device: torch.device, rows: int) -> bool:
-    """Whether the Mamba step's state update and group norm take part in PDL too (``UNIQL_PDL_SSM=1``, off by
-    default until its A/B runs: ``ENV_AB_SSM=UNIQL_PDL_SSM=1 SUITE=envabssm``). Off, each of them breaks the chain
-    of early launches twice a layer (stop 39: PDL made Mamba2-8B x0.95 faster at rate 0 but only x0.97 at 0.35)."""
+    """Whether the Mamba step's state update and group norm take part in PDL too (``UNIQL_PDL_SSM``: 1, the
+    default since stop 40, or 0). Off, each of them breaks the chain of early launches twice a layer. H100 A/B,
+    Mamba2-8B shape, two rounds (``results/prewait_ab_h100.json``): 2.168 / 1.994 / 1.788 / 1.690 ms against
+    2.187 / 2.087 / 1.881 / 1.778 at rates 0 / 0.15 / 0.25 / 0.35."""
     return switch("UNIQL_PDL_SSM") == "1" and pdl_enabled(device, rows)
 
 
 def gemv_preload() -> bool:
     """Whether the decode GEMVs load their first K tile (weights and scales) before ``gdc_wait``
-    (``UNIQL_GEMV_PRELOAD=1``, off until its A/B runs: ``ENV_AB=UNIQL_GEMV_PRELOAD=1 SUITE=envab``). The weights
+    (``UNIQL_GEMV_PRELOAD``: 1, the default since stop 40, or 0; ``results/prewait_ab_h100.json``). The weights
     depend on no kernel, so under PDL that first DRAM round trip would overlap the previous kernel's tail instead of
     following the wait; unlike the L2 prefetch that lost (above), it fetches one tile into registers the loop needs
     anyway. Same arithmetic, same bits, on any device (without PDL the wait is nothing and the loop is peeled)."""
@@ -85,8 +86,8 @@ def gemv_preload() -> bool:
 
 def attention_prewait() -> bool:
     """Whether the decode attention's split pass issues its cache loads (bases, length, a one-block split's K / V)
-    before ``gdc_wait`` where it loads early under PDL (``UNIQL_ATTN_PREWAIT=1``, off until its A/B runs:
-    ``ENV_AB=UNIQL_ATTN_PREWAIT=1 SUITE=envab``): none of them is written by the q|k|v GEMV it waits for, so the
+    before ``gdc_wait`` where it loads early under PDL (``UNIQL_ATTN_PREWAIT``: 1, the default since stop 40, or 0;
+    ``results/prewait_ab_h100.json``): none of them is written by the q|k|v GEMV it waits for, so the
     K / V stream would overlap that GEMV's tail. Same bits; without PDL merely another order."""
     return switch("UNIQL_ATTN_PREWAIT") == "1"
 

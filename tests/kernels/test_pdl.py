@@ -195,7 +195,7 @@ def test_gemv_preload_gives_the_same_bits(monkeypatch, rows, split):
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
-@pytest.mark.parametrize(("flag", "preload"), [(None, 0), ("0", 0), ("1", 1)])
+@pytest.mark.parametrize(("flag", "preload"), [(None, 1), ("0", 0), ("1", 1)])
 def test_gemv_launcher_passes_the_preload_switch(monkeypatch, flag, preload):
     if flag is None:
         monkeypatch.delenv("UNIQL_GEMV_PRELOAD", raising=False)
