@@ -278,7 +278,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``).
     RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``).
     EARLY (with RES): the residual input is loaded before the split-K sum, not after it (``pdl.early_loads``).
-    PRELOAD (0 / 1): the first K tile's weights and scales are loaded before the PDL wait (``pdl.gemv_preload``).
+    PRELOAD (0 / 1 / 2): the first K tiles' weights and scales are loaded before the PDL wait (``pdl.gemv_preload``).
     CONV (segments z | x | B | C | dt): the x / B / C tiles end with Mamba2's causal-conv step (``gemv_conv``)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -296,9 +296,12 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(rows_k, 2 * SUB_R))
     # No L2 prefetch of the weights before the wait: two tiles a program pulled in here made every PDL mode lose
     # (H100 engine A/B, stop 39: 2.39-2.44 ms against 2.24 at rate 0; without them 2.13, docs/performance-log.md)
-    if PRELOAD:  # (the switch UNIQL_GEMV_PRELOAD) the first tile into registers instead
+    if PRELOAD:  # (the switch UNIQL_GEMV_PRELOAD) the first tile (or two) into registers instead
         ra, rb, ma, mb, wa, wb, scale = _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t0, rows_k,
                                               GROUP, SUB_R)
+    if PRELOAD == 2:  # a real tile of this split, used only if the split has two (splits are never empty)
+        ra2, rb2, ma2, mb2, wa2, wb2, scale2 = _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r,
+                                                     tl.minimum(t0 + 1, t1 - 1), rows_k, GROUP, SUB_R)
     pdl_wait(PDL)  # x, the workspace and the counters belong to earlier kernels until here
     acc0 = tl.zeros([SUB_R, BLOCK_N], tl.float32)
     acc1 = tl.zeros([SUB_R, BLOCK_N], tl.float32)  # rows 1..3 exist only when BLOCK_M says so (else dead code)
@@ -313,6 +316,10 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     if PRELOAD:  # the first tile is in flight before the wait (weights depend on no kernel); consumed after it
         acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra, rb,
                                            ma, mb, wa, wb, scale, BLOCK_M, X_BF16, ASM, NORM)
+    if PRELOAD == 2:  # noqa: SIM102 (a constexpr, then a run-time branch)
+        if t0 + 1 < t1:
+            acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra2,
+                                               rb2, ma2, mb2, wa2, wb2, scale2, BLOCK_M, X_BF16, ASM, NORM)
     for t in range(t0 + PRELOAD, t1):
         ra, rb, ma, mb, wa, wb, scale = _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t, rows_k,
                                               GROUP, SUB_R)
@@ -360,6 +367,6 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
     cnv, cnv_consts = conv_args(conv, out)
     _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, *cnv, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
                           NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
-                          ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, PRELOAD=int(gemv_preload()),
+                          ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, PRELOAD=gemv_preload(),
                           launch_pdl=pdl > 0,
                           **cnv_consts, **constexprs)

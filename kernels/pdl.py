@@ -75,13 +75,14 @@ def pdl_ssm(device: torch.device, rows: int) -> bool:
     return switch("UNIQL_PDL_SSM") == "1" and pdl_enabled(device, rows)
 
 
-def gemv_preload() -> bool:
-    """Whether the decode GEMVs load their first K tile (weights and scales) before ``gdc_wait``
-    (``UNIQL_GEMV_PRELOAD``: 1, the default since stop 40, or 0; ``results/prewait_ab_h100.json``). The weights
+def gemv_preload() -> int:
+    """How many of their first K tiles (weights and scales) the decode GEMVs load before ``gdc_wait``
+    (``UNIQL_GEMV_PRELOAD``: 1, the default since stop 40, 0, or 2: o and the pruned q|k|v run two tiles a
+    program at batch 1, so all their weights; queued; ``results/prewait_ab_h100.json``). The weights
     depend on no kernel, so under PDL that first DRAM round trip would overlap the previous kernel's tail instead of
     following the wait; unlike the L2 prefetch that lost (above), it fetches one tile into registers the loop needs
     anyway. Same arithmetic, same bits, on any device (without PDL the wait is nothing and the loop is peeled)."""
-    return switch("UNIQL_GEMV_PRELOAD") == "1"
+    return int(switch("UNIQL_GEMV_PRELOAD"))
 
 
 def attention_prewait() -> bool:

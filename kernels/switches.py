@@ -20,7 +20,7 @@ SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
     "UNIQL_GEMV_BLOCK_K": (("32", "64"), "64"),
     "UNIQL_PDL": (("0", "1", "late"), "late"),
     "UNIQL_PDL_SSM": (("0", "1"), "1"),
-    "UNIQL_GEMV_PRELOAD": (("0", "1"), "1"),
+    "UNIQL_GEMV_PRELOAD": (("0", "1", "2"), "1"),
     "UNIQL_ATTN_PREWAIT": (("0", "1"), "1"),
 }
 # the other UNIQL_* variables the project reads (paths; an integer cap checked where it is read) or its deployment

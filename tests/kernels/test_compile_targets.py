@@ -62,8 +62,8 @@ CASES = [
                                       PARTS_P=16, X_BF16=True, ASM=True, PDL=PDL, CONV=True, CONV_W=4, CONV_ACT=1,
                                       CONV_BIAS=True, CONV_DTYPE=tl.bfloat16, SUM_STEP=16), 4),  # WIDE_COLS=auto
     (int4_gemv._gemv_h2_kernel, dict(MM, SUM_STEP=32, BLOCK_M=1, BLOCK_N=128, SUB_R=4, GLU=False, RES=True,
-                                      NORM=True, PARTS_P=32, X_BF16=True, ASM=True, PDL=LATE, PRELOAD=1), 4),
-    # UNIQL_PDL=late with UNIQL_GEMV_PRELOAD=1
+                                      NORM=True, PARTS_P=32, X_BF16=True, ASM=True, PDL=LATE, PRELOAD=2), 4),
+    # UNIQL_PDL=late with UNIQL_GEMV_PRELOAD=2 (1 is benchmarks/sass_gemv.py's, tested for sm_87 / sm_90)
     (int4_matmul._gemm_kernel, dict(MM, **SWITCHED, BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, DOT_IEEE=False), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_IEEE=False), 4),
     (int4_matmul._gemm_kernel, dict(MM, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, DOT_IEEE=False, SPLIT=False), 4, 4),

@@ -171,12 +171,12 @@ def test_ssm_kernels_join_pdl_only_when_switched_on(monkeypatch, flag):
     assert [(c["PDL"], c["launch_pdl"]) for c in norm.calls] == [(on, on), (False, False)]
 
 
-@pytest.mark.parametrize(("rows", "split"), [(1, 1), (1, 3), (3, 5)])
+@pytest.mark.parametrize(("rows", "split"), [(1, 1), (1, 3), (3, 5), (1, 7)])
 def test_gemv_preload_gives_the_same_bits(monkeypatch, rows, split):
-    """UNIQL_GEMV_PRELOAD=1 loads each program's first K tile before the PDL wait and peels it off the loop: the
-    same products summed in the same order, so the projection, the residual epilogue and the GLU pair must be bit for
-    bit the plain loop's (K = 200 of 256: 25 packed rows in 7 tiles, a ragged last one; at split 5 a program has no
-    tile at all)."""
+    """UNIQL_GEMV_PRELOAD=1 (2) loads each program's first K tile (two) before the PDL wait and peels it off the
+    loop (the second used only where the split has two): the same products summed in the same order, so the
+    projection, the residual epilogue and the GLU pair must be bit for bit the plain loop's (K = 200 of 256: 25
+    packed rows in 7 tiles, a ragged last one; splits of 7, of 3, 3 and 1, of 2, 2, 2 and 1, and of one tile)."""
     gen = torch.Generator().manual_seed(7)
     qweight, scales = (t.to(DEV) for t in rtn_quantize(torch.randn(96, 256, generator=gen), 32))
     x = torch.randn(rows, 200, generator=gen).to(DEV, torch.float16)
@@ -184,18 +184,19 @@ def test_gemv_preload_gives_the_same_bits(monkeypatch, rows, split):
     weight = (torch.rand(96, generator=gen) + 0.5).to(DEV, torch.float16)
     cfg = im.Int4Config("gemv", block_n=32, block_k=32, split_k=split, num_warps=4, block_m=4 if rows > 1 else 1)
     runs = []
-    for flag in ("0", "1"):
+    for flag in ("0", "1", "2"):
         monkeypatch.setenv("UNIQL_GEMV_PRELOAD", flag)
         runs.append([im.int4_matmul(x, qweight, scales, 32, k=200, config=cfg),
                      *im.int4_residual(x, qweight, scales, 32, 200, resid, weight, config=cfg),
                      im.int4_glu(x, qweight, scales, 32, [(0, 48), (48, 48)], k=200, config=cfg)])
     ref = im.int4_matmul_reference(x, qweight, scales, 32, k=200)
     err = ((runs[0][0].double() - ref.double()).abs().max() / ref.double().abs().max()).item()
-    assert err < 3e-3  # both runs are right, not merely equal
-    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    assert err < 3e-3  # every run is right, not merely equal
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
 
 
-@pytest.mark.parametrize(("flag", "preload"), [(None, 1), ("0", 0), ("1", 1)])
+@pytest.mark.parametrize(("flag", "preload"), [(None, 1), ("0", 0), ("1", 1), ("2", 2)])
 def test_gemv_launcher_passes_the_preload_switch(monkeypatch, flag, preload):
     if flag is None:
         monkeypatch.delenv("UNIQL_GEMV_PRELOAD", raising=False)
