@@ -80,7 +80,7 @@ def gemv_preload() -> int:
     (``UNIQL_GEMV_PRELOAD``: 1, the default since stop 40, 0, or 2: o and the pruned q|k|v run two tiles a
     program at batch 1, so all their weights; queued; ``results/prewait_ab_h100.json``). The weights
     depend on no kernel, so under PDL that first DRAM round trip would overlap the previous kernel's tail instead of
-    following the wait; unlike the L2 prefetch that lost (above), it fetches one tile into registers the loop needs
+    following the wait; unlike the L2 prefetch that lost (above), it fetches tiles into registers the loop needs
     anyway. Same arithmetic, same bits, on any device (without PDL the wait is nothing and the loop is peeled)."""
     return int(switch("UNIQL_GEMV_PRELOAD"))
 

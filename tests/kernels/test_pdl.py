@@ -152,8 +152,8 @@ def test_residual_gemv_passes_early_loads_by_its_rows(monkeypatch, rows, early):
 
 @pytest.mark.parametrize("flag", ["0", "1"])
 def test_ssm_kernels_join_pdl_only_when_switched_on(monkeypatch, flag):
-    """UNIQL_PDL_SSM=1 launches the state update and the group norm with PDL (where PDL is on at all); the
-    default keeps them out (queued A/B), and each asks with its own rows."""
+    """UNIQL_PDL_SSM=1 (the default since stop 40) launches the state update and the group norm with PDL (where PDL
+    is on at all), 0 keeps them out, and each asks with its own rows."""
     monkeypatch.setattr(pdl, "pdl_enabled", lambda device, rows=1: rows <= pdl.PDL_MAX_ROWS)
     monkeypatch.setenv("UNIQL_PDL_SSM", flag)
     update, norm = _Recorder(), _Recorder()
