@@ -36,7 +36,7 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "b_ptr": "*bf16", "c_ptr": "*bf16", "z_ptr": "*bf16", "dtb_ptr": "*fp32",
         "dt_lo": "fp32", "dt_hi": "fp32"}
 SSM = dict(TABLE=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP=False, BLOCK_P=8,
-           BLOCK_N=128)  # Mamba2-8B's decode step
+           BLOCK_N=128, PRE_WAIT=False)  # Mamba2-8B's decode step
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 LATE = "late"  # placeholder: UNIQL_PDL=late's mode 2 (dependents released after the main loop) on sm_90+
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, PDL=PDL,
@@ -75,6 +75,7 @@ CASES = [
     (elementwise._silu_mul_kernel, dict(BLOCK=1024, PDL=PDL), 4),
     (elementwise._group_rms_kernel, dict(BLOCK_H=16, BLOCK_P=64, PDL=PDL), 4),
     (ssm_update._update_kernel, dict(SSM, PDL=PDL), 2),
+    (ssm_update._update_kernel, dict(SSM, PDL=PDL, PRE_WAIT=True), 2),  # UNIQL_SSM_PREWAIT=1
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=False, PRELOAD=False), 4),
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=True, PRELOAD=True), 4),
     (decode_attention._split_kernel, dict(ATT, SPLIT=256, BLOCK_T=64, PRECISION="tf32", EARLY=True,
@@ -113,4 +114,4 @@ def test_kernels_compile_for_jetson_and_hopper(arch):
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count(f"ok {arch}") == 28  # every case of CASES
+    assert done.stdout.count(f"ok {arch}") == 29  # every case of CASES
