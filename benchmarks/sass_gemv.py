@@ -30,7 +30,7 @@ TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "ws_ptr": "*fp32
 ALIGNED_INTS = ("K", "stride_xm", "stride_qw", "stride_sc", "stride_om", "s0", "s1", "s2", "s3", "s4", "l0", "l1",
                 "l2", "l3", "l4")
 BASE = dict(GROUP=64, NUM_SEG=1, SPLIT=True, HAS_BIAS=False, ALIGNED=True, SUM_STEP=4, SUB_R=4, GLU=False, RES=False,
-            NORM=False, PARTS_P=32, X_BF16=True, ASM=True, PDL=False, EARLY=False, PRELOAD=1,
+            NORM=False, PARTS_P=32, X_BF16=True, ASM=True, PDL=False, EARLY=False,
             CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=None)
 CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode step takes
     "m1_n128": (dict(BLOCK_M=1, BLOCK_N=128), 4),
@@ -129,13 +129,16 @@ def k_loop_stats(sass: str) -> dict:
 def analyse(kernel, arch: int, names) -> list[dict]:
     import triton
 
+    from uniql.kernels.pdl import gemv_preload
+
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             consts, warps = CONFIGS[name]
             path = Path(tmp) / f"{name}.cubin"
-            path.write_bytes(compile_cubin(kernel, {**BASE, **consts}, warps, arch))
+            # the GEMV preload as the launcher passes it (UNIQL_GEMV_PRELOAD, its default unless set)
+            path.write_bytes(compile_cubin(kernel, {**BASE, "PRELOAD": gemv_preload(), **consts}, warps, arch))
             sass, usage = (subprocess.run([str(cuobjdump), flag, str(path)], capture_output=True, text=True,
                                           check=True).stdout for flag in ("-sass", "-res-usage"))
             regs = int(re.search(r"REG:(\d+)", usage).group(1))

@@ -67,9 +67,8 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
     dq, dv = tl.arange(0, D_QK), tl.arange(0, D_VO)
     live_q, live_v = dq < QK, dv < VO
     if PRE_WAIT:
-        k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
-        if PRELOAD:
-            k0, v0 = _kv_block(k_base, v_base, start, cap, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+        k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, start, dq, dv, live_q, live_v,
+                                                   QK, VO, BLOCK_T, kn_ptr.dtype.element_ty, PRELOAD)
         length = tl.load(len_ptr + b)
     pdl_wait(PDL)
     r = tl.arange(0, REP_P)
@@ -77,9 +76,8 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
     cos_b, sin_b, idx_g = cos_ptr + b * s_cos, sin_ptr + b * s_cos, idx_ptr + g * s_idx
     if EARLY:
         if not PRE_WAIT:
-            k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
-            if PRELOAD:
-                k0, v0 = _kv_block(k_base, v_base, start, cap, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+            k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, start, dq, dv, live_q, live_v,
+                                                       QK, VO, BLOCK_T, kn_ptr.dtype.element_ty, PRELOAD)
         q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g, ROPE)
         kn, vn = _new_kv(kn_ptr + b * skn_b, skn_g, skn_c, vn_ptr + b * svn_b + g * svn_g, svn_d, g, dq, live_q,
                          dv, live_v, cos_b, sin_b, idx_g, ROPE)
@@ -128,6 +126,18 @@ def _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK: tl.constexpr, VO: tl.constex
     k_base = tl.load(kp_ptr + b).to(tl.pointer_type(dtype)) + g * cap * QK
     v_base = tl.load(vp_ptr + b).to(tl.pointer_type(dtype)) + g * cap * VO
     return k_base, v_base, cap
+
+
+@triton.jit
+def _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, start, dq, dv, live_q, live_v, QK: tl.constexpr, VO: tl.constexpr,
+                 BLOCK_T: tl.constexpr, dtype: tl.constexpr, PRELOAD: tl.constexpr):
+    """What the split pass loads ahead of the length: group ``g``'s cache bases and capacity, and with PRELOAD its
+    split's one block of K / V (``k0``, ``v0``; without it they stand for nothing and go unused)."""
+    k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, dtype)
+    k0, v0 = k_base, v_base
+    if PRELOAD:
+        k0, v0 = _kv_block(k_base, v_base, start, cap, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+    return k_base, v_base, cap, k0, v0
 
 
 @triton.jit

@@ -176,7 +176,7 @@ def test_block_p_cap_splits_heads_and_gives_the_same_result(monkeypatch, cap):
 @pytest.mark.parametrize("table", [False, True])
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]])
 def test_state_loaded_before_the_wait_gives_the_same_bits(monkeypatch, case, table):
-    """UNIQL_SSM_PREWAIT=1 loads each program's state tile before the PDL wait (a strided state tensor, or each
+    """UNIQL_SSM_PREWAIT=1 loads each program's state tile before the PDL wait (one state tensor, or each
     request's own state through the address table): the same state and output, bit for bit, as loading it after."""
     runs = []
     for flag in ("0", "1"):
