@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .gemv_conv import _conv_tile, conv_args
 from .gemv_norm import _residual_in, _residual_tile, _row_rstd
-from .int4_tiles import _finish, _glu_pair, _rows_out, _segment
+from .int4_tiles import _columns, _finish, _glu_pair, _glu_tile, _rows_out
 from .pdl import early_loads, gemv_preload, pdl_mode, pdl_release, pdl_wait
 
 # fp16 constants (two per register): 1/16, -(1024/16 + 8/16), 1/256, -(1024/256 + 8/16)
@@ -274,22 +274,21 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
                     X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SUM_STEP: tl.constexpr,
                     EARLY: tl.constexpr, PRELOAD: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
-                    CONV_ACT: tl.constexpr, CONV_BIAS: tl.constexpr, CONV_DTYPE: tl.constexpr):
-    """GLU: two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up`` (``_glu_pair``).
+                    CONV_ACT: tl.constexpr, CONV_BIAS: tl.constexpr, CONV_DTYPE: tl.constexpr,
+                    UP_SHIFT: tl.constexpr):
+    """GLU (1 / 2): two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up``, applied by the
+    second program of each gate / up column-block pair to finish (1, ``_glu_pair``) or by the one program holding
+    the same channels of both (2, ``int4_tiles.glu_paired``, ``_glu_tile``).
     RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``).
     EARLY (with RES): the residual input is loaded before the split-K sum, not after it (``pdl.early_loads``).
     PRELOAD (0 / 1 / 2): the first K tiles' weights and scales are loaded before the PDL wait (``pdl.gemv_preload``).
     CONV (segments z | x | B | C | dt): the x / B / C tiles end with Mamba2's causal-conv step (``gemv_conv``)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3,
-                                        NUM_SEG)
-    if ALIGNED:  # segment starts and lengths are multiples of 16: 16-byte weight loads
-        col0 = tl.multiple_of(col0, 16)
-        n_len = tl.multiple_of(n_len, 16)
-    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = (offs_n < n_len)[None, :]
-    wcol = (col0 + offs_n)[None, :]
+    blk, wcol, live_n, ocol = _columns(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, NUM_SEG,
+                                       BLOCK_N, ALIGNED, UP_SHIFT)
+    mask_n = live_n[None, :]
+    wcol = wcol[None, :]
     offs_r = tl.arange(0, SUB_R)[:, None]
     rows_k = K // 8
     t0 = split * tiles_per_split
@@ -329,35 +328,38 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     offs_m = tl.arange(0, BLOCK_M)
     out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
     if RES and EARLY:  # needs nothing from this kernel: in flight while the split-K sum waits
-        res_x = _residual_in(res_ptr, stride_res, offs_m, offs_m < M, out0 + offs_n, offs_n < n_len)
+        res_x = _residual_in(res_ptr, stride_res, offs_m, offs_m < M, ocol, live_n)
     total, wrote = _finish(out * 16.0, pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr,
-                           offs_m, offs_m < M, out0 + offs_n, offs_n < n_len, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS,
-                           SUM_STEP)
+                           offs_m, offs_m < M, ocol, live_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, SUM_STEP)
     if RES:  # noqa: SIM102 (a constexpr, then a run-time branch)
         if wrote:
             if not EARLY:
-                res_x = _residual_in(res_ptr, stride_res, offs_m, offs_m < M, out0 + offs_n, offs_n < n_len)
+                res_x = _residual_in(res_ptr, stride_res, offs_m, offs_m < M, ocol, live_n)
             _residual_tile(total, res_x, res_out_ptr, g_ptr, sg_ptr, ss_out_ptr, stride_res, n_tiles, pid_n,
-                           offs_m, offs_m < M, out0 + offs_n, offs_n < n_len)
+                           offs_m, offs_m < M, ocol, live_n)
     if CONV:  # noqa: SIM102 (a constexpr, then a run-time branch)
         if wrote & (pid_n >= nb0) & (pid_n < nb0 + nb1 + nb2 + nb3):  # an x / B / C tile
-            _conv_tile(total, out0 + offs_n, offs_n < n_len, offs_m, M, l0, l1, l2, l1 + l2 + l3, conv_tab, cw0,
+            _conv_tile(total, ocol, live_n, offs_m, M, l0, l1, l2, l1 + l2 + l3, conv_tab, cw0,
                        cw1, cw2, cb0, cb1, cb2, cw_r0, cw_r1, cw_r2, conv_out, stride_co, BLOCK_M, CONV_W, CONV_ACT,
                        CONV_BIAS, CONV_DTYPE)
-    if GLU:  # noqa: SIM102 (a constexpr, then a run-time branch)
+    if GLU == 1:  # noqa: SIM102 (a constexpr, then a run-time branch)
         if wrote:  # pair counters follow the 2 * nb0 tile counters
             is_gate = pid_n < nb0
             _glu_pair(total, cnt_ptr + 2 * nb0 + blk, is_gate, out_ptr, stride_om, act_ptr, stride_am, offs_m,
-                      offs_m < M, out0 + offs_n, offs_n, offs_n < n_len, tl.where(is_gate, l0, -l0))
+                      offs_m < M, ocol, tl.where(is_gate, ocol, ocol - l0), live_n, tl.where(is_gate, l0, -l0))
+    if GLU == 2:  # noqa: SIM102 (a constexpr, then a run-time branch)
+        if wrote:
+            _glu_tile(total, act_ptr, stride_am, offs_m, offs_m < M, blk * (BLOCK_N // 2), l0, BLOCK_M, BLOCK_N)
 
 
-def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, residual=None, norm=None, conv=None,
-                   **constexprs) -> None:
+def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, paired=False, residual=None, norm=None,
+                   conv=None, **constexprs) -> None:
     """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it).
-    ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there. ``residual`` = (x, s_out, w,
-    sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` = (ss ``[M, P]``,
-    eps): x holds s * w; each activation is multiplied by its row's 1/rms (from those sums) before the fp16
-    conversion. ``conv``: a ``gemv_conv.ConvStep`` for the x / B / C segments."""
+    ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there (``paired``: the grid's programs
+    each hold BLOCK_N / 2 channels of both; args[13:15] are the segments' first stored columns). ``residual`` =
+    (x, s_out, w, sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` =
+    (ss ``[M, P]``, eps): x holds s * w; each activation is multiplied by its row's 1/rms (from those sums) before
+    the fp16 conversion. ``conv``: a ``gemv_conv.ConvStep`` for the x / B / C segments."""
     pdl, early = pdl_mode(args[0].device, args[7]), early_loads(args[7])  # args[7]: M, the decode rows
     out = args[4]
     glu = (act, act.stride(0)) if act is not None else (out, 0)
@@ -365,8 +367,8 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, res
         else (out, out, out, out, out, 0, 1)
     nrm = (norm[0], norm[0].shape[1], 1.0 / args[8], float(norm[1])) if norm is not None else (out, 1, 1.0, 0.0)
     cnv, cnv_consts = conv_args(conv, out)
-    _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, *cnv, SUB_R=sub_r, GLU=act is not None, RES=residual is not None,
-                          NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]), X_BF16=x_bf16,
-                          ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None, PRELOAD=gemv_preload(),
-                          launch_pdl=pdl > 0,
+    _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, *cnv, SUB_R=sub_r, GLU=0 if act is None else 2 if paired else 1,
+                          RES=residual is not None, NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]),
+                          X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None,
+                          PRELOAD=gemv_preload(), UP_SHIFT=args[14] - args[13] if paired else 0, launch_pdl=pdl > 0,
                           **cnv_consts, **constexprs)

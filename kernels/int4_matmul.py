@@ -32,7 +32,7 @@ from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_pat
 from .int4_dequant import dequant_matmul
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
 from .int4_gemv import launch_gemv_h2
-from .int4_tiles import _finish, _rows_out, _segment, reserve_workspace, sum_step, workspace
+from .int4_tiles import _finish, _rows_out, _segment, glu_paired, reserve_workspace, sum_step, workspace
 
 # --------------------------------------------------------------------------------------------------- kernels
 
@@ -304,7 +304,9 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
     _check_bias(bias, 2 * n, x)
     if m == 0:  # (pick_config has no path for an empty batch)
         return torch.empty(*lead, n, dtype=x.dtype, device=x.device)
-    cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32, widths=(n, n))
+    paired = glu_paired()  # the half2 GEMV's programs hold gate and up channels alike: one segment of 2n columns
+    cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32,
+                                widths=(2 * n,) if paired else (n, n))
     if cfg.path != "gemv" or x.dtype == torch.float32:
         gate_up = int4_matmul(x2, qweight, scales, group_size, k=k, bias=bias, segments=segs, config=config,
                               norm=norm)
@@ -314,12 +316,12 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
         return (torch.nn.functional.silu(gate.float()).to(x.dtype) * up).reshape(*lead, n)
     gate_up = torch.empty(m, 2 * n, dtype=x.dtype, device=x.device)
     act = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, gate_up, act, norm=norm)
+    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, gate_up, act, norm=norm, paired=paired)
     return act.reshape(*lead, n)
 
 
 def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out, act=None, residual=None,
-            norm=None, conv=None) -> None:
+            norm=None, conv=None, paired=False) -> None:
     m = x.shape[0]
     half2_gemv = cfg.path == "gemv" and x.dtype != torch.float32
     if (residual is not None or norm is not None or conv is not None) and not half2_gemv:  # before any path ignores
@@ -337,7 +339,8 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
         raise ValueError(f"gemv config {cfg} cannot serve batch {m} at group {group_size}")
     if cfg.path == "gemv" and x.dtype != torch.float32 and cfg.block_k % 16:
         raise ValueError(f"the half2 gemv reads tiles of two row blocks: block_k must be a multiple of 16 ({cfg})")
-    blocks = [triton.cdiv(length, cfg.block_n) for _, length in segs]
+    paired = paired and half2_gemv and act is not None
+    blocks = [triton.cdiv(segs[0][1], cfg.block_n // 2)] if paired else [triton.cdiv(n, cfg.block_n) for _, n in segs]
     pad = [(0, 0)] * (MAX_SEGMENTS - len(segs))
     starts, lengths = zip(*(segs + pad), strict=True)
     nb = blocks + [0] * (MAX_SEGMENTS - len(blocks))
@@ -345,7 +348,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
     split, per_split = launch_split(k_tiles, cfg.split_k)
     m_blocks = 1 if cfg.path == "gemv" else triton.cdiv(m, cfg.block_m)
     tiles = m_blocks * sum(blocks)
-    pair_counters = blocks[0] if act is not None else 0  # after the tile counters (int4_gemv's GLU epilogue)
+    pair_counters = blocks[0] if act is not None and not paired else 0  # after the tile counters (``_glu_pair``)
     ws, cnt = workspace(x.device, tiles * split * cfg.block_m * cfg.block_n if split > 1 else 0,
                         tiles + pair_counters)
     args = (x, qweight, scales, bias if bias is not None else out, out, ws, cnt, m, k, x.stride(0),
@@ -357,7 +360,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
                   HAS_BIAS=bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if half2_gemv:
         launch_gemv_h2((sum(blocks), split), args, sub_r=cfg.block_k // 16, x_bf16=x.dtype == torch.bfloat16,
-                       act=act, residual=residual, norm=norm, conv=conv, **common)
+                       act=act, paired=paired, residual=residual, norm=norm, conv=conv, **common)
         return
     if cfg.path == "gemv":
         # the exponent bits of 2^23 travel as an argument so they sit in one register and each LOP3 takes its

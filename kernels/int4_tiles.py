@@ -35,6 +35,28 @@ def _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, 
 
 
 @triton.jit
+def _columns(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, NUM_SEG: tl.constexpr,
+             BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, UP_SHIFT: tl.constexpr):
+    """Program ``pid_n``'s BLOCK_N columns: (its block within its segment, their stored columns, which are live,
+    their output columns), the last three ``[BLOCK_N]``. UP_SHIFT > 0 pairs a GLU's two segments in one program
+    (``glu_paired``): the first half are channels ``blk * BLOCK_N / 2 ...`` of the gate segment, the second half
+    the same channels of the up segment, UP_SHIFT = s1 - s0 stored columns on, so one program holds both factors of
+    its silu(gate) * up. (A constexpr: a run-time shift took sm_90's 256-column config from 56 to 72 registers,
+    one program an SM fewer; a constant one rides in the loads' immediate offsets.)"""
+    j = tl.arange(0, BLOCK_N)
+    if UP_SHIFT:
+        up = j // (BLOCK_N // 2)
+        chan = pid_n * (BLOCK_N // 2) + j % (BLOCK_N // 2)
+        return pid_n, s0 + up * UP_SHIFT + chan, chan < l0, up * l0 + chan
+    blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, NUM_SEG)
+    if ALIGNED:  # segment starts and lengths are multiples of 16: 16-byte weight loads
+        col0 = tl.multiple_of(col0, 16)
+        n_len = tl.multiple_of(n_len, 16)
+    offs_n = blk * BLOCK_N + j
+    return blk, col0 + offs_n, offs_n < n_len, out0 + offs_n
+
+
+@triton.jit
 def _next_segment(pid_n, blk, col0, n_len, out0, first_program, start, length, first_out):
     """Move to the next segment when ``pid_n`` is at or past its first program."""
     inside = pid_n >= first_program
@@ -151,15 +173,39 @@ def _glu_pair(mine, pair_cnt_ptr, is_gate, out_ptr, stride_om, act_ptr, stride_a
         tl.store(pair_cnt_ptr, 0)
         mask = mask_m[:, None] & mask_n[None, :]
         partner = tl.load(out_ptr + offs_m[:, None] * stride_om + (ocol + partner_shift)[None, :], mask=mask,
-                          other=0.0, cache_modifier=".cg")
-        dtype = partner.dtype
-        gate = tl.where(is_gate, mine, partner.to(tl.float32))
-        up = tl.where(is_gate, partner.to(tl.float32), mine).to(dtype)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-        # the product of two 16-bit floats is exact in fp32, so this rounds once like a 16-bit multiply (and the
-        # interpreter, whose bf16 arithmetic is not native, gets it right too)
-        prod = (act.to(tl.float32) * up.to(tl.float32)).to(dtype)
-        tl.store(act_ptr + offs_m[:, None] * stride_am + acol[None, :], prod, mask=mask)
+                          other=0.0, cache_modifier=".cg").to(tl.float32)
+        _store_act(tl.where(is_gate, mine, partner), tl.where(is_gate, partner, mine), act_ptr, stride_am, offs_m,
+                   mask_m, acol, mask_n)
+
+
+@triton.jit
+def _glu_tile(total, act_ptr, stride_am, offs_m, mask_m, first, l0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """silu(gate) * up of a paired tile (``_columns``): ``total [BLOCK_M, BLOCK_N]`` holds the stored gate values
+    of channels ``first ...`` (fp32), then the stored up values of the same channels; no other program involved."""
+    gate, up = tl.split(tl.permute(tl.reshape(total, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1)))
+    chan = first + tl.arange(0, BLOCK_N // 2)
+    _store_act(gate, up, act_ptr, stride_am, offs_m, mask_m, chan, chan < l0)
+
+
+@triton.jit
+def _store_act(gate, up, act_ptr, stride_am, offs_m, mask_m, acol, mask_n):
+    """``silu(gate) * up`` from the STORED (16-bit rounded, here as fp32) gate and up values, rounded as
+    ``elementwise.silu_mul`` rounds: the activation once, then the product once."""
+    dtype = act_ptr.dtype.element_ty
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+    # the product of two 16-bit floats is exact in fp32, so this rounds once like a 16-bit multiply (and the
+    # interpreter, whose bf16 arithmetic is not native, gets it right too)
+    prod = (act.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+    tl.store(act_ptr + offs_m[:, None] * stride_am + acol[None, :], prod, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def glu_paired() -> bool:
+    """Whether the decode GEMV of a fused gate|up computes the same channels' gate and up in one program
+    (``UNIQL_GLU_PAIRED=1``; queued, off until its A/B runs), so silu(gate) * up is that program's epilogue. Off, each
+    column block of gate and of up is its own program and the second of a pair to finish applies it
+    (``_glu_pair``): two more L2 round trips (a pair counter, the partner's stored values) on the last program's
+    path. Same bits either way."""
+    return switch("UNIQL_GLU_PAIRED") == "1"
 
 
 _WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
