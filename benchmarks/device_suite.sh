@@ -22,7 +22,8 @@
 #            UNIQL_GEMV_BLOCK_K=32: half-size batch-1 GEMV tiles, a finer rounding of the tiles per program;
 #            UNIQL_PDL=0 / 1: without PDL / every kernel releasing the next right after its wait (default late);
 #            UNIQL_GEMV_PRELOAD=1 / UNIQL_ATTN_PREWAIT=1: the GEMV's first tile / attention's cache loads before the
-#            PDL wait (stop 40)), two
+#            PDL wait (stop 40); UNIQL_WIDE_COLS=128+UNIQL_GLU_PAIRED=1: gate and up of the same channels in one
+#            program, silu(gate) * up its own epilogue (queued, stop 41; 70 registers at 256 columns)), two
 #            alternating rounds on the same machine, ~25 s a run ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py, variants in $ENV_AB_SSM if set (else $ENV_AB: one call can run both
