@@ -304,7 +304,8 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
     _check_bias(bias, 2 * n, x)
     if m == 0:  # (pick_config has no path for an empty batch)
         return torch.empty(*lead, n, dtype=x.dtype, device=x.device)
-    paired = glu_paired()  # the half2 GEMV's programs hold gate and up channels alike: one segment of 2n columns
+    # paired (half2 GEMV only): each program holds gate and up channels alike, so its wave plan sees 2n columns
+    paired = glu_paired() and x.dtype != torch.float32
     cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32,
                                 widths=(2 * n,) if paired else (n, n))
     if cfg.path != "gemv" or x.dtype == torch.float32:

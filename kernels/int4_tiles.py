@@ -41,8 +41,7 @@ def _columns(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, 
     their output columns), the last three ``[BLOCK_N]``. UP_SHIFT > 0 pairs a GLU's two segments in one program
     (``glu_paired``): the first half are channels ``blk * BLOCK_N / 2 ...`` of the gate segment, the second half
     the same channels of the up segment, UP_SHIFT = s1 - s0 stored columns on, so one program holds both factors of
-    its silu(gate) * up. (A constexpr: a run-time shift took sm_90's 256-column config from 56 to 72 registers,
-    one program an SM fewer; a constant one rides in the loads' immediate offsets.)"""
+    its silu(gate) * up (a constexpr: one compile per stored gate width, which no rung changes)."""
     j = tl.arange(0, BLOCK_N)
     if UP_SHIFT:
         up = j // (BLOCK_N // 2)
@@ -204,7 +203,9 @@ def glu_paired() -> bool:
     (``UNIQL_GLU_PAIRED=1``; queued, off until its A/B runs), so silu(gate) * up is that program's epilogue. Off, each
     column block of gate and of up is its own program and the second of a pair to finish applies it
     (``_glu_pair``): two more L2 round trips (a pair counter, the partner's stored values) on the last program's
-    path. Same bits either way."""
+    path. Same bits either way. Paired costs registers (``benchmarks/sass_gemv.py``, sm_90): 70 against 56 at 256
+    columns (7 programs an SM where the wave plan counts 8; a run-time shift or a [2, BLOCK_N / 2] index the same),
+    48 against 40 at 128, so its A/B runs with ``UNIQL_WIDE_COLS=128``."""
     return switch("UNIQL_GLU_PAIRED") == "1"
 
 
