@@ -31,17 +31,15 @@ ALIGNED_INTS = ("K", "stride_xm", "stride_qw", "stride_sc", "stride_om", "s0", "
                 "l2", "l3", "l4")
 BASE = dict(GROUP=64, NUM_SEG=1, SPLIT=True, HAS_BIAS=False, ALIGNED=True, SUM_STEP=4, SUB_R=4, GLU=False, RES=False,
             NORM=False, PARTS_P=32, X_BF16=True, ASM=True, PDL=False, EARLY=False,
-            CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=None, UP_SHIFT=0)
+            CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=None)
 CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode step takes
     "m1_n128": (dict(BLOCK_M=1, BLOCK_N=128), 4),
     "m1_n256": (dict(BLOCK_M=1, BLOCK_N=256), 4),
     "m1_n256_glu_norm": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=2, GLU=True, NORM=True), 4),
     "m1_n128_qkv_norm": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=3, NORM=True), 4),
     "m1_n128_glu_norm": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=2, GLU=True, NORM=True), 4),  # gate|up, WIDE_COLS=128
-    "m1_n256_glu_paired_norm": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=2, GLU=2, NORM=True, UP_SHIFT=14336),
-                                4),  # UNIQL_GLU_PAIRED=1 on Llama-8B's gate|up
-    "m1_n128_glu_paired_norm": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=2, GLU=2, NORM=True, UP_SHIFT=14336),
-                                4),  # the same, 128 wide
+    "m1_n256_glu_paired_norm": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=2, GLU=2, NORM=True), 4),  # UNIQL_GLU_PAIRED=1
+    "m1_n128_glu_paired_norm": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=2, GLU=2, NORM=True), 4),  # the same, 128 wide
     "m4_n128_residual": (dict(BLOCK_M=4, BLOCK_N=128, RES=True, X_BF16=False), 4),
     "m1_n128_residual": (dict(BLOCK_M=1, BLOCK_N=128, RES=True), 4),  # Mamba2's out_proj: the group norm's anchor
     "m1_n256_conv": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=5, NORM=True, CONV=True, CONV_W=4, CONV_ACT=1, CONV_BIAS=True,

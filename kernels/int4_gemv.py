@@ -274,8 +274,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
                     X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SUM_STEP: tl.constexpr,
                     EARLY: tl.constexpr, PRELOAD: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
-                    CONV_ACT: tl.constexpr, CONV_BIAS: tl.constexpr, CONV_DTYPE: tl.constexpr,
-                    UP_SHIFT: tl.constexpr):
+                    CONV_ACT: tl.constexpr, CONV_BIAS: tl.constexpr, CONV_DTYPE: tl.constexpr):
     """GLU (1 / 2): two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up``, applied by the
     second program of each gate / up column-block pair to finish (1, ``_glu_pair``) or by the one program holding
     the same channels of both (2, ``int4_tiles.glu_paired``, ``_glu_tile``).
@@ -286,7 +285,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     blk, wcol, live_n, ocol = _columns(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, NUM_SEG,
-                                       BLOCK_N, ALIGNED, UP_SHIFT)
+                                       BLOCK_N, ALIGNED, GLU == 2)
     mask_n = live_n[None, :]
     wcol = wcol[None, :]
     offs_r = tl.arange(0, SUB_R)[:, None]
@@ -356,7 +355,7 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, pai
                    conv=None, **constexprs) -> None:
     """Launch with the int4_matmul argument tuple (the launcher in int4_matmul checks shapes and builds it).
     ``act`` ``[M, l0]``: also write silu(gate) * up of the two segments there (``paired``: the grid's programs
-    each hold BLOCK_N / 2 channels of both; args[13:15] are the segments' first stored columns). ``residual`` =
+    each hold BLOCK_N / 2 channels of both). ``residual`` =
     (x, s_out, w, sg_out, ss_out ``[M, tiles]``): write s = x + out, s * w and per-tile sums of s^2. ``norm`` =
     (ss ``[M, P]``, eps): x holds s * w; each activation is multiplied by its row's 1/rms (from those sums) before
     the fp16 conversion. ``conv``: a ``gemv_conv.ConvStep`` for the x / B / C segments."""
@@ -370,5 +369,4 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, pai
     _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, *cnv, SUB_R=sub_r, GLU=0 if act is None else 2 if paired else 1,
                           RES=residual is not None, NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]),
                           X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None,
-                          PRELOAD=gemv_preload(), UP_SHIFT=args[14] - args[13] if paired else 0, launch_pdl=pdl > 0,
-                          **cnv_consts, **constexprs)
+                          PRELOAD=gemv_preload(), launch_pdl=pdl > 0, **cnv_consts, **constexprs)

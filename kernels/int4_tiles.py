@@ -36,17 +36,16 @@ def _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, 
 
 @triton.jit
 def _columns(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, NUM_SEG: tl.constexpr,
-             BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, UP_SHIFT: tl.constexpr):
+             BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, PAIRED: tl.constexpr):
     """Program ``pid_n``'s BLOCK_N columns: (its block within its segment, their stored columns, which are live,
-    their output columns), the last three ``[BLOCK_N]``. UP_SHIFT > 0 pairs a GLU's two segments in one program
-    (``glu_paired``): the first half are channels ``blk * BLOCK_N / 2 ...`` of the gate segment, the second half
-    the same channels of the up segment, UP_SHIFT = s1 - s0 stored columns on, so one program holds both factors of
-    its silu(gate) * up (a constexpr: one compile per stored gate width, which no rung changes)."""
+    their output columns), the last three ``[BLOCK_N]``. PAIRED (a GLU's two segments in one program,
+    ``glu_paired``): the first half are channels ``blk * BLOCK_N / 2 ...`` of the gate segment, the second half
+    the same channels of the up segment, so one program holds both factors of its silu(gate) * up."""
     j = tl.arange(0, BLOCK_N)
-    if UP_SHIFT:
+    if PAIRED:
         up = j // (BLOCK_N // 2)
         chan = pid_n * (BLOCK_N // 2) + j % (BLOCK_N // 2)
-        return pid_n, s0 + up * UP_SHIFT + chan, chan < l0, up * l0 + chan
+        return pid_n, s0 + up * (s1 - s0) + chan, chan < l0, up * l0 + chan
     blk, col0, n_len, out0 = _segment(pid_n, s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, NUM_SEG)
     if ALIGNED:  # segment starts and lengths are multiples of 16: 16-byte weight loads
         col0 = tl.multiple_of(col0, 16)

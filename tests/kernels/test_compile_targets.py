@@ -42,7 +42,7 @@ LATE = "late"  # placeholder: UNIQL_PDL=late's mode 2 (dependents released after
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, PDL=PDL,
            PRE_WAIT=False)
 MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=4, EARLY=False, PRELOAD=0,
-          CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=tl.float32, UP_SHIFT=0)
+          CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=tl.float32)
 SWITCHED = dict(SUM_STEP=8, EARLY=True)  # UNIQL_SPLITK_STEP=8 / UNIQL_EARLY_LOADS=1: both settings compile
 CASES = [
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=1, BLOCK_N=128, BLOCK_R=8), 8),

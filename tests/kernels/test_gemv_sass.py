@@ -21,7 +21,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 TOOL = Path(__file__).resolve().parents[2] / "benchmarks" / "sass_gemv.py"
-CONFIGS = ["m1_n256_glu_norm", "m1_n128_qkv_norm", "m4_n128_residual"]
+CONFIGS = ["m1_n256_glu_norm", "m1_n128_qkv_norm", "m4_n128_residual", "m1_n128_glu_paired_norm"]
 
 
 @pytest.mark.parametrize("arch", [90, 87])
