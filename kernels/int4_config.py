@@ -20,6 +20,7 @@ GEMV_MAX_M = 4
 # UNIQL_WIDE_COLS=auto: 128-column blocks only where a program's share of the bytes falls at least to this (0.75
 # won twice on the H100, 0.8 and 0.92 lost: see _wide_block_n)
 WIDE_128_SHARE = 0.78
+PAIRED_256_PER_SM = 7  # a paired gate|up's 256-column programs an SM (70 registers a thread: _programs_per_sm)
 # From here on dequantize + cuBLAS beats the in-loop GEMM: the dequant pass costs ~2.5 bytes per weight
 # (~120 us for Llama-8B's gate_up on an H100) while the Triton GEMM runs ~2.2x cuBLAS time (~0.36 us a row there)
 DEQUANT_MIN_M = 256
@@ -78,10 +79,10 @@ def _blocks(n_total: int, block_n: int, widths: tuple[int, ...] | None) -> int:
 
 
 def _wave_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None,
-                wide: bool = False) -> int:
+                wide: bool = False, paired: bool = False) -> int:
     """The batch-1 half2 GEMV's K split that keeps its programs in one wave (``_programs_per_sm`` an SM; ``wide``:
-    a launch of the wide path)."""
-    per_sm = _programs_per_sm(block_n, wide)
+    a launch of the wide path; ``paired``: a gate|up whose programs hold both halves, ``int4_tiles.glu_paired``)."""
+    per_sm = _programs_per_sm(block_n, wide, paired)
     return _split_for(_blocks(n_total, block_n, widths), k_tiles, per_sm * sms, within=True)
 
 
@@ -91,7 +92,8 @@ def _wide_cols() -> str:
     return switch("UNIQL_WIDE_COLS")
 
 
-def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None) -> int:
+def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None,
+                  paired: bool = False) -> int:
     """The columns of a wide batch-1 GEMV's blocks. ``auto`` (the default): 128 only where its one-wave split leaves
     each program at most ``WIDE_128_SHARE`` of the weight bytes 256 columns do (a program's K tiles x its columns;
     256 measured faster a byte, so a small saving does not pay). In one wave a GEMV lasts about as long as a
@@ -107,15 +109,19 @@ def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tup
         return int(choice)
 
     def share(block_n: int) -> int:  # a program's weight columns x K tiles in the one-wave split
-        return launch_split(k_tiles, _wave_split(n_total, block_n, k_tiles, sms, widths, wide=True))[1] * block_n
+        return launch_split(k_tiles, _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired))[1] * block_n
 
     return 128 if share(128) <= WIDE_128_SHARE * share(256) else 256
 
 
-def _programs_per_sm(block_n: int, wide: bool = False) -> int:
+def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False) -> int:
     """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave (``wide``: a launch of the wide
-    path). ``wide`` (default since stop 35): ``regs`` on the wide path only, 10 programs an SM where it runs 128
-    columns, 8 elsewhere: on the 8B ladders Mamba2's (and Nemotron-H's) in-projection at rates 0.25 / 0.35 and
+    path). A paired gate|up at 256 columns gets 7 at most: its column mapping takes 70 registers a thread on sm_90
+    (``sass_gemv.py``), and 7 x 128 threads x 72 is what the 64K register file holds. Planned for 8, its Llama-8B
+    launches at rates 0.15 and 0.35 (1045 and 949 programs) left a second wave and lost 3 % a step, while rates 0
+    and 0.25 (896 and 924) fitted and won 5 % (H100 engine A/B, stop 42, results/glu_paired_ab_h100.json).
+    ``wide`` (default since stop 35): ``regs`` on the wide path only, 10 programs an SM where it runs 128 columns, 8
+    elsewhere: on the 8B ladders Mamba2's (and Nemotron-H's) in-projection at rates 0.25 / 0.35 and
     Nemotron-H's MLP up-projection at 0.35 (H100 engine A/B, stop 35, two alternating rounds: Mamba2-8B 1.933 / 1.935
     against 1.967 / 1.964 ms at 0.25, 1.833 / 1.835 against 1.845 / 1.840 at 0.35, the other rates' launches the
     same; results/envab_gemv_per_sm_h100.json); 8 (the stop-34 default); 4 (experiment: at 8
@@ -129,9 +135,8 @@ def _programs_per_sm(block_n: int, wide: bool = False) -> int:
     Mamba2-8B regs lost at rate 0 (x1.047: the in-projection at 8 x 128, see ``_wide_block_n``) and moved out_proj
     at 0.15 for nothing (stop 35, results/envab_regs_combine_h100.json)."""
     raw = switch("UNIQL_GEMV_PER_SM")
-    if raw in ("regs", "wide"):
-        return 10 if block_n <= 128 and (raw == "regs" or wide) else 8
-    return int(raw)
+    per_sm = (10 if block_n <= 128 and (raw == "regs" or wide) else 8) if raw in ("regs", "wide") else int(raw)
+    return min(per_sm, PAIRED_256_PER_SM) if paired and block_n > 128 else per_sm
 
 
 def _tile_k() -> int:
@@ -154,13 +159,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.device | str = "cuda",
-                half2: bool = True, widths: tuple[int, ...] | None = None) -> Int4Config:
+                half2: bool = True, widths: tuple[int, ...] | None = None, paired: bool = False) -> Int4Config:
     """The default launch configuration (block sizes, K split) for one call (benchmarks/kernels.py tunes it).
 
     ``half2``: the GEMV takes fp16/bf16 activations through ``int4_gemv`` (False: fp32 activations, exact kernel).
     ``widths``: the output segments (q|k|v, z|x|B|C|dt): each starts a column block, so the half2 GEMV's one-wave
     split counts their blocks (Mamba2's in-projection at rate 0.35: 49 blocks, not 12160 / 256 = 48; sized for 48,
-    its 22 splits put 22 programs in a second wave).
+    its 22 splits put 22 programs in a second wave). ``paired``: a gate|up whose programs hold both halves
+    (``int4_matmul.int4_glu``; ``widths`` then one segment of both): fewer programs an SM at 256 columns.
     """
     sms = _sm_count(torch.device(device))
     path = choose_path(m, n_total)
@@ -188,8 +194,9 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply
         k_tiles = triton.cdiv(k, block_k)
-        block_n = _wide_block_n(wide_cols, n_total, k_tiles, sms, widths) if m == 1 and n_total <= 65536 else 256
-        split = _wave_split(n_total, block_n, k_tiles, sms, widths, wide=True)
+        block_n = _wide_block_n(wide_cols, n_total, k_tiles, sms, widths, paired) \
+            if m == 1 and n_total <= 65536 else 256
+        split = _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;

@@ -307,7 +307,7 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
     # paired (half2 GEMV only): each program holds gate and up channels alike, so its wave plan sees 2n columns
     paired = glu_paired() and x.dtype != torch.float32
     cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32,
-                                widths=(2 * n,) if paired else (n, n))
+                                widths=(2 * n,) if paired else (n, n), paired=paired)
     if cfg.path != "gemv" or x.dtype == torch.float32:
         gate_up = int4_matmul(x2, qweight, scales, group_size, k=k, bias=bias, segments=segs, config=config,
                               norm=norm)

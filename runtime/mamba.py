@@ -35,6 +35,7 @@ from torch import nn
 
 from uniql.kernels import elementwise, ops, ssm_update
 from uniql.kernels.gemv_conv import ConvStep
+from uniql.kernels.pdl import ssm_gemv_preload
 from uniql.kernels.ssm_scan import chunked_scan
 from uniql.kernels.switches import switch
 
@@ -149,6 +150,12 @@ class ElasticMamba(nn.Module):
         return self.finish(u, y, x, z, p)
 
     def decode(self, u, sizes, batch: DecodeBatch, layer: int, residual=None):
+        """``_decode`` with this block's GEMVs preloading at most ``UNIQL_SSM_GEMV_PRELOAD`` tiles
+        (``pdl.ssm_gemv_preload``)."""
+        with ssm_gemv_preload():
+            return self._decode(u, sizes, batch, layer, residual)
+
+    def _decode(self, u, sizes, batch: DecodeBatch, layer: int, residual=None):
         """One token per request (``u [B, 1, hidden]``, or a :class:`Prenormed` residual whose norm the fused
         in-projection finishes) over each request's own conv/SSM states, in place. ``residual`` = (stream, next
         norm): return the stream after this block with that norm half done by out_proj (a Prenormed), where the

@@ -176,12 +176,33 @@ def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
 
     seen = []
     real = im.pick_config
-    monkeypatch.setattr(im, "pick_config", lambda *a, **kw: seen.append(kw.get("widths")) or real(*a, **kw))
+    monkeypatch.setattr(im, "pick_config", lambda *a, **kw: seen.append((kw.get("widths"), kw.get("paired")))
+                        or real(*a, **kw))
     qweight, scales = (t.to(DEV) for t in rtn_quantize(torch.randn(96, 64), 32))
     x = torch.randn(1, 64).to(DEV, torch.float16)
     im.int4_matmul(x, qweight, scales, 32, segments=[(0, 20), (40, 30)])
+    im.int4_glu(x, qweight, scales, 32, [(0, 24), (48, 24)])  # paired (the default): one segment of both halves
+    monkeypatch.setenv("UNIQL_GLU_PAIRED", "0")
     im.int4_glu(x, qweight, scales, 32, [(0, 24), (48, 24)])
-    assert seen == [(20, 30), (24, 24)]
+    assert seen == [((20, 30), None), ((48,), True), ((24, 24), False)]
+
+
+@pytest.mark.parametrize("n, paired_cols, paired_programs", [(14336, 256, 896), (12160, 128, 1140),
+                                                             (10752, 256, 924), (9344, 128, 1168)])
+def test_paired_glu_plans_seven_programs_an_sm_at_256_columns(monkeypatch, n, paired_cols, paired_programs):
+    """A paired gate|up takes 70 registers a thread at 256 columns (7 programs of 128 threads an SM): its one-wave
+    split counts 7 an SM there, so Llama-8B's gate|up at rates 0.15 / 0.35 (1045 / 949 programs when planned for 8,
+    a second wave on 924 slots) takes 128 columns instead (auto's share rule), and rates 0 / 0.25 fit 256."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    cfg = im.pick_config(1, 2 * n, 4096, 128, "cuda", widths=(2 * n,), paired=True)
+    splits, _ = int4_config.launch_split(4096 // cfg.block_k, cfg.split_k)
+    programs = -(-2 * n // cfg.block_n) * splits
+    assert (cfg.block_n, programs) == (paired_cols, paired_programs)
+    assert programs <= (7 if cfg.block_n == 256 else 10) * 132
+    unpaired = im.pick_config(1, 2 * n, 4096, 128, "cuda", widths=(n, n))
+    assert unpaired.block_n == 256  # the pair epilogue's plan is unchanged (8 an SM)
 
 
 def test_auto_wide_cols_take_128_only_where_a_program_reads_a_fifth_less(monkeypatch):

@@ -206,3 +206,26 @@ def test_gemv_launcher_passes_the_preload_switch(monkeypatch, flag, preload):
     monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", kernel)
     _residual_gemv(1)
     assert [c["PRELOAD"] for c in kernel.calls] == [preload]
+
+
+def test_ssm_scope_caps_the_gemv_preload(monkeypatch):
+    """Inside ``ssm_gemv_preload`` (a Mamba block's decode) the GEMVs preload at most UNIQL_SSM_GEMV_PRELOAD tiles
+    (0 by default), read when the scope opens; outside it UNIQL_GEMV_PRELOAD holds."""
+    from uniql.kernels import pdl
+
+    monkeypatch.setenv("UNIQL_GEMV_PRELOAD", "2")
+    assert pdl.gemv_preload() == 2
+    with pdl.ssm_gemv_preload():
+        assert pdl.gemv_preload() == 0
+        monkeypatch.setenv("UNIQL_SSM_GEMV_PRELOAD", "1")
+        assert pdl.gemv_preload() == 0
+        with pdl.ssm_gemv_preload():
+            assert pdl.gemv_preload() == 1
+        assert pdl.gemv_preload() == 0
+    assert pdl.gemv_preload() == 2
+    monkeypatch.setenv("UNIQL_GEMV_PRELOAD", "0")
+    with pdl.ssm_gemv_preload():
+        assert pdl.gemv_preload() == 0  # a cap, never more than the global switch
+    monkeypatch.setenv("UNIQL_SSM_GEMV_PRELOAD", "3")
+    with pytest.raises(ValueError, match="UNIQL_SSM_GEMV_PRELOAD"), pdl.ssm_gemv_preload():
+        pass

@@ -43,6 +43,23 @@ def test_batched_decode_equals_full_forward(small, rung):
     _check_batched_decode(ModelRunner(small, cuda_graphs=False), small, rung, torch.Generator().manual_seed(rung))
 
 
+def test_mamba_decode_runs_in_the_ssm_preload_scope(small, monkeypatch):
+    """Each Mamba layer's decode step launches its GEMVs inside ``pdl.ssm_gemv_preload`` (their preload depth is
+    ``UNIQL_SSM_GEMV_PRELOAD``'s), and nothing else of the step does."""
+    import contextlib
+
+    from uniql.runtime import mamba
+
+    entered = []
+    monkeypatch.setattr(mamba, "ssm_gemv_preload", lambda: entered.append(1) or contextlib.nullcontext())
+    runner = ModelRunner(small, cuda_graphs=False)
+    req = Request([3, 1, 4, 1, 5], SamplingParams(max_tokens=2), rung=0)
+    req.output_ids.append(int(runner.prefill(req).argmax()))
+    assert not entered  # prefill is not a decode step
+    runner.decode([req])
+    assert len(entered) == sum(layer.mamba is not None for layer in small.layers) > 0
+
+
 def _check_batched_decode(runner, model, rung: int, gen) -> None:
     """Three requests (prompts of 3, 9, 5 tokens) decode three steps as one batch; every row equals a full
     forward of that request's own tokens."""
