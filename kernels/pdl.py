@@ -84,7 +84,7 @@ _SSM_SCOPE: contextvars.ContextVar[int | None] = contextvars.ContextVar("uniql_s
 def gemv_preload() -> int:
     """How many of their first K tiles (weights and scales) the decode GEMVs load before ``gdc_wait``
     (``UNIQL_GEMV_PRELOAD``: 1, the default since stop 40, 0, or 2, which lost: x1.03 at every rate on Llama-8B,
-    H100, stop 42, results/glu_paired_ab_h100.json). The weights depend on no kernel, so under PDL that first DRAM
+    H100, stop 42, results/stop42_ab_h100.json). The weights depend on no kernel, so under PDL that first DRAM
     round trip overlaps the previous kernel's tail instead of following the wait; unlike the L2 prefetch that lost
     (above), it fetches tiles into registers the loop needs anyway. Same arithmetic, same bits, on any device
     (without PDL the wait is nothing and the loop is peeled). Inside a Mamba block (``ssm_gemv_preload``) at most
@@ -99,7 +99,7 @@ def ssm_gemv_preload():
     """The scope of a Mamba block's decode GEMVs (in- and out-projection): they preload at most
     ``UNIQL_SSM_GEMV_PRELOAD`` tiles (0 by default). With the preload Mamba2-8B decoded 1-3 % slower at the pruned
     rates and no faster at rate 0, while Llama-8B gains from it (H100 engine A/Bs of ``UNIQL_GEMV_PRELOAD=0``, stops 40
-    and 42: 1.793 / 1.702 ms against 1.846 / 1.732 at rates 0.25 / 0.35, results/prewait_ssm_ab_h100.json), so the
+    and 42: 1.793 / 1.702 ms against 1.846 / 1.732 at rates 0.25 / 0.35, results/stop42_ab_h100.json), so the
     switch is per block kind, read when the kernels launch (a CUDA graph keeps what its capture saw)."""
     token = _SSM_SCOPE.set(int(switch("UNIQL_SSM_GEMV_PRELOAD")))
     try:
