@@ -30,8 +30,8 @@
 #            steps with different lists) (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
 #            state update's head channels a program, UNIQL_SSM_CONV_FOLD=0 runs the causal conv as its own kernel (the
 #            fold is the default since stop 33); UNIQL_PDL_SSM=1 puts the state update and the group norm in the
-#            PDL chain (the default since stop 40); UNIQL_SSM_PREWAIT=1 loads the state before the PDL wait (queued,
-#            stop 40); UNIQL_GEMV_PRELOAD=0 / 2: Mamba2 lost 1-3 % at the pruned rates with the default 1), ~35 s a run ->
+#            PDL chain (the default since stop 40); the state loaded before the PDL wait was even, stop 42 (removed);
+#            UNIQL_SSM_GEMV_PRELOAD=1: a Mamba block's GEMVs preload a tile (0, the default since stop 42, won)), ~35 s a run ->
 #            ssm_envab_<gpu>*
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min

@@ -116,13 +116,6 @@ def attention_prewait() -> bool:
     return switch("UNIQL_ATTN_PREWAIT") == "1"
 
 
-def ssm_prewait() -> bool:
-    """Whether the Mamba state update loads its state tile before ``gdc_wait`` (``UNIQL_SSM_PREWAIT=1``; queued,
-    off until its A/B runs: ``ENV_AB_SSM=UNIQL_SSM_PREWAIT=1 SUITE=envabssm``): the state is the update's main read
-    (2 x 4 bytes x H P' N' a layer with the write) and no kernel just before it writes it. Same bits."""
-    return switch("UNIQL_SSM_PREWAIT") == "1"
-
-
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
     """Wait for the previous kernel's results, then allow the next kernel to launch (see the module contract):

@@ -36,7 +36,7 @@ PTRS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "bias_ptr": "*bf1
         "b_ptr": "*bf16", "c_ptr": "*bf16", "z_ptr": "*bf16", "dtb_ptr": "*fp32",
         "dt_lo": "fp32", "dt_hi": "fp32"}
 SSM = dict(TABLE=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, SOFTPLUS=True, CLAMP=False, BLOCK_P=8,
-           BLOCK_N=128, PRE_WAIT=False)  # Mamba2-8B's decode step
+           BLOCK_N=128)  # Mamba2-8B's decode step
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 LATE = "late"  # placeholder: UNIQL_PDL=late's mode 2 (dependents released after the main loop) on sm_90+
 ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, PDL=PDL,
@@ -49,6 +49,8 @@ CASES = [
     (int4_matmul._gemv_kernel, dict(MM, BLOCK_M=4, BLOCK_N=64, BLOCK_R=8), 4),
     (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=1, BLOCK_N=256, SUB_R=4, GLU=True, RES=False, NORM=True,
                                       PARTS_P=32, X_BF16=True, ASM=True, PDL=PDL), 4),
+    (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=1, BLOCK_N=256, SUB_R=4, GLU=2, RES=False, NORM=True,
+                                      PARTS_P=32, X_BF16=True, ASM=True, PDL=LATE, PRELOAD=1), 4),  # GLU paired
     (int4_gemv._gemv_h2_kernel, dict(MM, BLOCK_M=4, BLOCK_N=128, SUB_R=2, GLU=False, RES=True, NORM=True,
                                       PARTS_P=2, X_BF16=False, ASM=True, PDL=PDL), 4),
     (int4_gemv._gemv_h2_kernel, dict(MM, **SWITCHED, BLOCK_M=1, BLOCK_N=128, SUB_R=4, GLU=False, RES=True,
@@ -75,7 +77,6 @@ CASES = [
     (elementwise._silu_mul_kernel, dict(BLOCK=1024, PDL=PDL), 4),
     (elementwise._group_rms_kernel, dict(BLOCK_H=16, BLOCK_P=64, PDL=PDL), 4),
     (ssm_update._update_kernel, dict(SSM, PDL=PDL), 2),
-    (ssm_update._update_kernel, dict(SSM, PDL=PDL, PRE_WAIT=True), 2),  # UNIQL_SSM_PREWAIT=1
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=False, PRELOAD=False), 4),
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=True, PRELOAD=True), 4),
     (decode_attention._split_kernel, dict(ATT, SPLIT=256, BLOCK_T=64, PRECISION="tf32", EARLY=True,

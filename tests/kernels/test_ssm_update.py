@@ -171,23 +171,3 @@ def test_block_p_cap_splits_heads_and_gives_the_same_result(monkeypatch, cap):
         monkeypatch.setenv("UNIQL_SSM_BLOCK_P", bad)
         with pytest.raises(ValueError, match="UNIQL_SSM_BLOCK_P must be a positive integer"):
             ssm_update.launch_config(10, 24)
-
-
-@pytest.mark.parametrize("table", [False, True])
-@pytest.mark.parametrize("case", [CASES[1], CASES[3]])
-def test_state_loaded_before_the_wait_gives_the_same_bits(monkeypatch, case, table):
-    """UNIQL_SSM_PREWAIT=1 loads each program's state tile before the PDL wait (one state tensor, or each
-    request's own state through the address table): the same state and output, bit for bit, as loading it after."""
-    runs = []
-    for flag in ("0", "1"):
-        monkeypatch.setenv("UNIQL_SSM_PREWAIT", flag)
-        state, x, dt, A, B, C, D, z, dt_bias = _inputs(*case, torch.float16, seed=3)
-        own = [s.clone() for s in state]  # one contiguous [H, P', N'] per request
-        target = torch.tensor([s.data_ptr() for s in own], dtype=torch.int64, device=DEVICE) if table else state
-        y = selective_state_update(target, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
-        runs.append((y, torch.stack(own) if table else state))
-    (y0, s0), (y1, s1) = runs
-    assert torch.equal(y0, y1) and torch.equal(s0, s1)
-    want_state = _inputs(*case, torch.float16, seed=3)[0]
-    selective_state_update_reference(want_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
-    torch.testing.assert_close(s1, want_state, atol=1e-5, rtol=1e-5)  # and the state did advance
