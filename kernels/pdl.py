@@ -77,8 +77,8 @@ def pdl_ssm(device: torch.device, rows: int) -> bool:
     return switch("UNIQL_PDL_SSM") == "1" and pdl_enabled(device, rows)
 
 
-# The preload depth of the GEMVs launched inside ``ssm_gemv_preload`` (a Mamba block's decode), None elsewhere
-_SSM_SCOPE: contextvars.ContextVar[int | None] = contextvars.ContextVar("uniql_ssm_gemv_preload", default=None)
+# The preload cap of the GEMVs launched inside a ``ssm_gemv_preload`` / ``head_gemv_preload`` scope, None elsewhere
+_SCOPE: contextvars.ContextVar[int | None] = contextvars.ContextVar("uniql_gemv_preload_cap", default=None)
 
 
 def gemv_preload() -> int:
@@ -87,25 +87,34 @@ def gemv_preload() -> int:
     H100, stop 42, results/stop42_ab_h100.json). The weights depend on no kernel, so under PDL that first DRAM
     round trip overlaps the previous kernel's tail instead of following the wait; unlike the L2 prefetch that lost
     (above), it fetches tiles into registers the loop needs anyway. Same arithmetic, same bits, on any device
-    (without PDL the wait is nothing and the loop is peeled). Inside a Mamba block (``ssm_gemv_preload``) at most
-    ``UNIQL_SSM_GEMV_PRELOAD`` tiles."""
+    (without PDL the wait is nothing and the loop is peeled). Inside a scope below, at most its switch's tiles."""
     tiles = int(switch("UNIQL_GEMV_PRELOAD"))
-    scoped = _SSM_SCOPE.get()
-    return tiles if scoped is None else min(tiles, scoped)
+    cap = _SCOPE.get()
+    return tiles if cap is None else min(tiles, cap)
 
 
 @contextlib.contextmanager
-def ssm_gemv_preload():
-    """The scope of a Mamba block's decode GEMVs (in- and out-projection): they preload at most
-    ``UNIQL_SSM_GEMV_PRELOAD`` tiles (0 by default). With the preload Mamba2-8B decoded 1-3 % slower at the pruned
-    rates and no faster at rate 0, while Llama-8B gains from it (H100 engine A/Bs of ``UNIQL_GEMV_PRELOAD=0``, stops 40
-    and 42: 1.793 / 1.702 ms against 1.846 / 1.732 at rates 0.25 / 0.35, results/stop42_ab_h100.json), so the
-    switch is per block kind, read when the kernels launch (a CUDA graph keeps what its capture saw)."""
-    token = _SSM_SCOPE.set(int(switch("UNIQL_SSM_GEMV_PRELOAD")))
+def _preload_cap(tiles: int):
+    token = _SCOPE.set(tiles)
     try:
         yield
     finally:
-        _SSM_SCOPE.reset(token)
+        _SCOPE.reset(token)
+
+
+def ssm_gemv_preload():
+    """The scope of a Mamba block's decode GEMVs (in- and out-projection): they preload at most
+    ``UNIQL_SSM_GEMV_PRELOAD`` tiles (0 by default). With the preload Mamba2-8B decoded 1-3 % slower at the pruned
+    rates and no faster at rate 0, while Llama-8B gains from it (H100 engine A/Bs of ``UNIQL_GEMV_PRELOAD=0``, stops
+    40 and 42: 1.793 / 1.702 ms against 1.846 / 1.732 at rates 0.25 / 0.35, results/stop42_ab_h100.json)."""
+    return _preload_cap(int(switch("UNIQL_SSM_GEMV_PRELOAD")))  # read as the scope opens: a graph keeps its capture's
+
+
+def head_gemv_preload():
+    """The scope of the vocab head's GEMV: it preloads at most ``UNIQL_HEAD_PRELOAD`` tiles (1 by default, i.e.
+    as every GEMV; queued: 0). Alone, the 8B heads took 128.5 / 126.4 us with the preload against 116.2 / 120.9
+    before it (same launch config; H100 kernel tables of stops 42 and 39, results/kernels_h100.json)."""
+    return _preload_cap(int(switch("UNIQL_HEAD_PRELOAD")))
 
 
 def attention_prewait() -> bool:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniql.kernels import elementwise
+from uniql.kernels.pdl import head_gemv_preload
 from uniql.kernels.rope import decode_rope_tables, rope_tables
 from uniql.kernels.switches import switch
 
@@ -369,7 +370,9 @@ class ElasticDecoder(nn.Module):
             cache.advance(input_ids.shape[1])
         if logits_to_keep and not isinstance(pending, Prenormed):  # a Prenormed comes from a one-token step
             x, pending = x[:, -logits_to_keep:], None if pending is None else pending[:, -logits_to_keep:]
-        return self.head(self.final_hidden(x, pending))
+        hidden = self.final_hidden(x, pending)
+        with head_gemv_preload():
+            return self.head(hidden)
 
     def _embed(self, input_ids, cache) -> tuple[torch.Tensor, Prenormed | None]:
         """The token rows, and ``pending``: in a fused decode step (bf16, INT4 table) whose first layer finishes a

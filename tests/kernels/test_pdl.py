@@ -208,6 +208,19 @@ def test_gemv_launcher_passes_the_preload_switch(monkeypatch, flag, preload):
     assert [c["PRELOAD"] for c in kernel.calls] == [preload]
 
 
+def test_head_scope_caps_the_gemv_preload(monkeypatch):
+    """Inside ``head_gemv_preload`` the GEMV preloads at most UNIQL_HEAD_PRELOAD tiles (1 by default)."""
+    from uniql.kernels import pdl
+
+    monkeypatch.setenv("UNIQL_GEMV_PRELOAD", "2")
+    with pdl.head_gemv_preload():
+        assert pdl.gemv_preload() == 1
+        monkeypatch.setenv("UNIQL_HEAD_PRELOAD", "0")
+        with pdl.head_gemv_preload():
+            assert pdl.gemv_preload() == 0
+    assert pdl.gemv_preload() == 2
+
+
 def test_ssm_scope_caps_the_gemv_preload(monkeypatch):
     """Inside ``ssm_gemv_preload`` (a Mamba block's decode) the GEMVs preload at most UNIQL_SSM_GEMV_PRELOAD tiles
     (0 by default), read when the scope opens; outside it UNIQL_GEMV_PRELOAD holds."""

@@ -45,19 +45,23 @@ def test_batched_decode_equals_full_forward(small, rung):
 
 def test_mamba_decode_runs_in_the_ssm_preload_scope(small, monkeypatch):
     """Each Mamba layer's decode step launches its GEMVs inside ``pdl.ssm_gemv_preload`` (their preload depth is
-    ``UNIQL_SSM_GEMV_PRELOAD``'s), and nothing else of the step does."""
+    ``UNIQL_SSM_GEMV_PRELOAD``'s), the vocab head inside ``pdl.head_gemv_preload``, and nothing else of the step
+    opens either."""
     import contextlib
 
+    from uniql.runtime import decoder as decoder_module
     from uniql.runtime import mamba
 
     entered = []
-    monkeypatch.setattr(mamba, "ssm_gemv_preload", lambda: entered.append(1) or contextlib.nullcontext())
+    monkeypatch.setattr(mamba, "ssm_gemv_preload", lambda: entered.append("ssm") or contextlib.nullcontext())
+    monkeypatch.setattr(decoder_module, "head_gemv_preload", lambda: entered.append("head") or contextlib.nullcontext())
     runner = ModelRunner(small, cuda_graphs=False)
     req = Request([3, 1, 4, 1, 5], SamplingParams(max_tokens=2), rung=0)
     req.output_ids.append(int(runner.prefill(req).argmax()))
-    assert not entered  # prefill is not a decode step
+    assert entered == ["head"]  # prefill is not a decode step; its head is the head
     runner.decode([req])
-    assert len(entered) == sum(layer.mamba is not None for layer in small.layers) > 0
+    mamba_layers = sum(layer.mamba is not None for layer in small.layers)
+    assert mamba_layers > 0 and entered == ["head"] + ["ssm"] * mamba_layers + ["head"]
 
 
 def _check_batched_decode(runner, model, rung: int, gen) -> None:
