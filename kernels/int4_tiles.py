@@ -199,12 +199,13 @@ def _store_act(gate, up, act_ptr, stride_am, offs_m, mask_m, acol, mask_n):
 
 def glu_paired() -> bool:
     """Whether the decode GEMV of a fused gate|up computes the same channels' gate and up in one program
-    (``UNIQL_GLU_PAIRED=1``; queued, off until its A/B runs), so silu(gate) * up is that program's epilogue. Off, each
+    (``UNIQL_GLU_PAIRED=1``, the default since stop 42: x0.95-0.99 a Llama-8B step, H100,
+    results/glu_paired_plan_ab_h100.json), so silu(gate) * up is that program's epilogue. Off, each
     column block of gate and of up is its own program and the second of a pair to finish applies it
     (``_glu_pair``): two more L2 round trips (a pair counter, the partner's stored values) on the last program's
     path. Same bits either way. Paired costs registers (``benchmarks/sass_gemv.py``, sm_90): 70 against 56 at 256
-    columns (7 programs an SM where the wave plan counts 8; a run-time shift or a [2, BLOCK_N / 2] index the same),
-    48 against 40 at 128, so its A/B runs with ``UNIQL_WIDE_COLS=128``."""
+    columns (a run-time shift or a [2, BLOCK_N / 2] index the same; 56 without the one-tile preload), 48 against 40 at
+    128: 7 programs an SM at 256 columns, which its wave plan counts (``int4_config._programs_per_sm``)."""
     return switch("UNIQL_GLU_PAIRED") == "1"
 
 
