@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .pdl import gemv_preload
 from .switches import switch
 
 MAX_SEGMENTS = 5  # q|k|v, gate|up, Mamba's z|x|B|C|dt
@@ -116,8 +117,9 @@ def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tup
 
 def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False) -> int:
     """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave (``wide``: a launch of the wide
-    path). A paired gate|up at 256 columns gets 7 at most: its column mapping takes 70 registers a thread on sm_90
-    (``sass_gemv.py``), and 7 x 128 threads x 72 is what the 64K register file holds. Planned for 8, its Llama-8B
+    path). A paired gate|up at 256 columns gets 7 at most: its column mapping with the preload takes 70 registers
+    a thread on sm_90 (``sass_gemv.py``; 56 without it), and 7 x 128 threads x 72 is what the 64K register file
+    holds. Planned for 8, its Llama-8B
     launches at rates 0.15 and 0.35 (1045 and 949 programs) left a second wave and lost 3 % a step, while rates 0
     and 0.25 (896 and 924) fitted and won 5 % (H100 engine A/B, stop 42, results/glu_paired_ab_h100.json). Planned
     for 7: x0.948 / 0.986 / 0.964 / 0.978 at rates 0 / 0.15 / 0.25 / 0.35 against the pair epilogue
@@ -138,7 +140,8 @@ def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False) -> 
     at 0.15 for nothing (stop 35, results/envab_regs_combine_h100.json)."""
     raw = switch("UNIQL_GEMV_PER_SM")
     per_sm = (10 if block_n <= 128 and (raw == "regs" or wide) else 8) if raw in ("regs", "wide") else int(raw)
-    return min(per_sm, PAIRED_256_PER_SM) if paired and block_n > 128 else per_sm
+    paired_regs = paired and block_n > 128 and gemv_preload() > 0  # 56 registers without the preload: as unpaired
+    return min(per_sm, PAIRED_256_PER_SM) if paired_regs else per_sm
 
 
 def _tile_k() -> int:

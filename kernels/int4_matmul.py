@@ -21,6 +21,8 @@ pairs read in one launch, written side by side in the output.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +35,7 @@ from .int4_dequant import dequant_matmul
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
 from .int4_gemv import launch_gemv_h2
 from .int4_tiles import _finish, _rows_out, _segment, glu_paired, reserve_workspace, sum_step, workspace
+from .pdl import glu_gemv_preload
 
 # --------------------------------------------------------------------------------------------------- kernels
 
@@ -306,19 +309,19 @@ def int4_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group
         return torch.empty(*lead, n, dtype=x.dtype, device=x.device)
     # paired (half2 GEMV only): each program holds gate and up channels alike, so its wave plan sees 2n columns
     paired = glu_paired() and x.dtype != torch.float32
-    cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32,
-                                widths=(2 * n,) if paired else (n, n), paired=paired)
-    if cfg.path != "gemv" or x.dtype == torch.float32:
-        gate_up = int4_matmul(x2, qweight, scales, group_size, k=k, bias=bias, segments=segs, config=config,
-                              norm=norm)
-        if x.device.type == "cuda":
-            return silu_mul(gate_up).reshape(*lead, n)
-        gate, up = gate_up.split(n, dim=-1)
-        return (torch.nn.functional.silu(gate.float()).to(x.dtype) * up).reshape(*lead, n)
-    gate_up = torch.empty(m, 2 * n, dtype=x.dtype, device=x.device)
-    act = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, gate_up, act, norm=norm, paired=paired)
-    return act.reshape(*lead, n)
+    with glu_gemv_preload() if paired else contextlib.nullcontext():  # its preload cap: the plan and the launch
+        cfg = config or pick_config(m, 2 * n, k, group_size, x.device, half2=x.dtype != torch.float32,
+                                    widths=(2 * n,) if paired else (n, n), paired=paired)
+        if cfg.path == "gemv" and x.dtype != torch.float32:
+            gate_up = torch.empty(m, 2 * n, dtype=x.dtype, device=x.device)
+            act = torch.empty(m, n, dtype=x.dtype, device=x.device)
+            _launch(cfg, x2, qweight, scales, group_size, k, segs, bias, gate_up, act, norm=norm, paired=paired)
+            return act.reshape(*lead, n)
+    gate_up = int4_matmul(x2, qweight, scales, group_size, k=k, bias=bias, segments=segs, config=config, norm=norm)
+    if x.device.type == "cuda":
+        return silu_mul(gate_up).reshape(*lead, n)
+    gate, up = gate_up.split(n, dim=-1)
+    return (torch.nn.functional.silu(gate.float()).to(x.dtype) * up).reshape(*lead, n)
 
 
 def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out, act=None, residual=None,

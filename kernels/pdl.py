@@ -110,6 +110,14 @@ def ssm_gemv_preload():
     return _preload_cap(int(switch("UNIQL_SSM_GEMV_PRELOAD")))  # read as the scope opens: a graph keeps its capture's
 
 
+def glu_gemv_preload():
+    """The scope of a paired gate|up GEMV (``int4_tiles.glu_paired``): it preloads at most ``UNIQL_GLU_PRELOAD``
+    tiles (1 by default, as every GEMV; queued: 0). Without the preload its 256-column programs take 56 registers
+    instead of 70 (sm_90, ``benchmarks/sass_gemv.py``), 8 an SM instead of 7, so Llama-8B's pruned gate|up could keep
+    256 columns in one wave (``int4_config._programs_per_sm``)."""
+    return _preload_cap(int(switch("UNIQL_GLU_PRELOAD")))
+
+
 def head_gemv_preload():
     """The scope of the vocab head's GEMV: it preloads at most ``UNIQL_HEAD_PRELOAD`` tiles (1 by default, i.e.
     as every GEMV; queued: 0). Alone, the 8B heads took 128.5 / 126.4 us with the preload against 116.2 / 120.9

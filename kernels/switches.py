@@ -25,6 +25,7 @@ SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
     "UNIQL_GLU_PAIRED": (("0", "1"), "1"),
     "UNIQL_SSM_GEMV_PRELOAD": (("0", "1", "2"), "0"),
     "UNIQL_HEAD_PRELOAD": (("0", "1", "2"), "1"),
+    "UNIQL_GLU_PRELOAD": (("0", "1", "2"), "1"),
 }
 # the other UNIQL_* variables the project reads (paths; an integer cap checked where it is read) or its deployment
 # files set (deploy/uniql.service, docker-compose.yml: the checkpoint and extra flags of `uniql serve`)

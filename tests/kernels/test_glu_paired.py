@@ -13,6 +13,7 @@ triton = pytest.importorskip("triton")
 from uniql.kernels import int4_gemv  # noqa: E402
 from uniql.kernels import int4_matmul as im  # noqa: E402
 from uniql.kernels.int4_format import rtn_quantize  # noqa: E402
+from uniql.kernels.pdl import glu_gemv_preload  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -77,3 +78,38 @@ def test_paired_glu_is_refused_by_typo(monkeypatch):
     qweight, scales = (t.to(DEV) for t in rtn_quantize(torch.randn(64, 64), 32))
     with pytest.raises(ValueError, match="UNIQL_GLU_PAIRED"):
         im.int4_glu(torch.randn(1, 64, device=DEV).half(), qweight, scales, 32, [(0, 32), (32, 32)])
+
+
+def test_paired_glu_preload_cap_sets_the_launch_and_its_plan(monkeypatch):
+    """UNIQL_GLU_PRELOAD caps the paired launch's preload (the PRELOAD constexpr it gets) without touching other
+    GEMVs', and its wave plan follows: 7 programs an SM at 256 columns with the preload (70 registers), 8 without
+    (56, as unpaired). Same bits either way."""
+    from uniql.kernels import int4_config
+
+    qweight, scales = (t.to(DEV) for t in rtn_quantize(torch.randn(128, 256), 32))
+    x = torch.randn(1, 256).to(DEV, torch.bfloat16 if CUDA else torch.float16)
+    seen, real = [], int4_gemv._gemv_h2_kernel
+
+    class _PreloadSpy(_Spy):
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append((kw["GLU"], kw["PRELOAD"])) or self.kernel[grid](*a, **kw)
+
+    monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", _PreloadSpy(real))
+    acts = []
+    for cap in ("1", "0"):
+        monkeypatch.setenv("UNIQL_GLU_PRELOAD", cap)
+        acts.append(im.int4_glu(x, qweight, scales, 32, [(0, 64), (64, 64)]))
+        im.int4_matmul(x, qweight, scales, 32)  # an ordinary GEMV keeps UNIQL_GEMV_PRELOAD's
+    assert seen == [(2, 1), (0, 1), (2, 0), (0, 1)]
+    assert torch.equal(acts[0], acts[1])
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    n = 9344  # Llama-8B's gate|up at rate 0.35: 73 blocks of 256
+    for cap, per_sm in (("1", 7), ("0", 8)):
+        monkeypatch.setenv("UNIQL_GLU_PRELOAD", cap)
+        with glu_gemv_preload():
+            assert int4_config._programs_per_sm(256, True, paired=True) == per_sm
+        assert int4_config._programs_per_sm(256, True, paired=True) == 7  # outside the scope: the global preload
+    with glu_gemv_preload():
+        cfg = im.pick_config(1, 2 * n, 4096, 128, "cuda", widths=(2 * n,), paired=True)
+    assert cfg.block_n == 256 and -(-2 * n // 256) * int4_config.launch_split(64, cfg.split_k)[0] <= 8 * 132
