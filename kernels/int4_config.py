@@ -119,11 +119,10 @@ def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False) -> 
     """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave (``wide``: a launch of the wide
     path). A paired gate|up at 256 columns gets 7 at most: its column mapping with the preload takes 70 registers
     a thread on sm_90 (``sass_gemv.py``; 56 without it), and 7 x 128 threads x 72 is what the 64K register file
-    holds. Planned for 8, its Llama-8B
-    launches at rates 0.15 and 0.35 (1045 and 949 programs) left a second wave and lost 3 % a step, while rates 0
-    and 0.25 (896 and 924) fitted and won 5 % (H100 engine A/B, stop 42, results/glu_paired_ab_h100.json). Planned
-    for 7: x0.948 / 0.986 / 0.964 / 0.978 at rates 0 / 0.15 / 0.25 / 0.35 against the pair epilogue
-    (results/glu_paired_plan_ab_h100.json).
+    holds. Planned for 8, its Llama-8B launches at rates 0.15 and 0.35 (1045 and 949 programs) left a second wave
+    and lost 3 % a step, while rates 0 and 0.25 (896 and 924) fitted and won 5 % (H100 engine A/B, stop 42,
+    results/glu_paired_ab_h100.json). Planned for 7: x0.948 / 0.986 / 0.964 / 0.978 at rates 0 / 0.15 / 0.25 / 0.35
+    against the pair epilogue (results/glu_paired_plan_ab_h100.json).
     ``wide`` (default since stop 35): ``regs`` on the wide path only, 10 programs an SM where it runs 128 columns, 8
     elsewhere: on the 8B ladders Mamba2's (and Nemotron-H's) in-projection at rates 0.25 / 0.35 and
     Nemotron-H's MLP up-projection at 0.35 (H100 engine A/B, stop 35, two alternating rounds: Mamba2-8B 1.933 / 1.935

@@ -77,7 +77,8 @@ def pdl_ssm(device: torch.device, rows: int) -> bool:
     return switch("UNIQL_PDL_SSM") == "1" and pdl_enabled(device, rows)
 
 
-# The preload cap of the GEMVs launched inside a ``ssm_gemv_preload`` / ``head_gemv_preload`` scope, None elsewhere
+# The preload cap of the GEMVs launched inside a ``ssm_gemv_preload`` / ``glu_gemv_preload`` / ``head_gemv_preload``
+# scope (the innermost one's; they do not nest in a decode step), None elsewhere
 _SCOPE: contextvars.ContextVar[int | None] = contextvars.ContextVar("uniql_gemv_preload_cap", default=None)
 
 
