@@ -15,6 +15,7 @@ H100 profiles measured (``profile_decode.py``), to see how far the rounding expl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -29,6 +30,8 @@ from decode_gpu import LLAMA_8B, RATES  # noqa: E402
 from ssm_decode_gpu import hf_config  # noqa: E402
 
 from uniql.kernels import int4_config  # noqa: E402
+from uniql.kernels.int4_tiles import glu_paired  # noqa: E402
+from uniql.kernels.pdl import glu_gemv_preload  # noqa: E402
 from uniql.runtime.decoder import ElasticDecoder  # noqa: E402
 from uniql.runtime.ladder import Alignment, spec_dim_steps, uniform_ladder  # noqa: E402
 from uniql.runtime.spec import spec_from_hf_config  # noqa: E402
@@ -39,18 +42,22 @@ PROFILES = {"llama-3.1-8b": "decode_profile_stop35_h100.json", "mamba2-8b-shape"
 
 
 def layer_gemvs(spec, sizes) -> list[tuple[str, list[int], int]]:
-    """(place, output segment widths, K) of one layer's decode GEMVs at a rung's sizes, in launch order."""
+    """(place, output segment widths, K) of one layer's decode GEMVs at a rung's sizes, in launch order; a paired
+    gate|up (``UNIQL_GLU_PAIRED=1``, the default) is one segment of both halves, as ``int4_glu`` plans it."""
     if spec.ssm_heads:
         hp, gn = spec.ssm_heads * sizes.ssm_p, spec.ssm_groups * sizes.ssm_n
         return [("gemv0", [hp, hp, gn, gn, spec.ssm_heads], spec.hidden_size), ("gemv1", [spec.hidden_size], hp)]
     q, kv = spec.num_heads * sizes.qk, spec.num_kv_heads * sizes.qk
     return [("gemv0", [q, kv, spec.num_kv_heads * sizes.vo], spec.hidden_size),
             ("gemv1", [spec.hidden_size], spec.num_heads * sizes.vo),
-            ("gemv2", [sizes.mlp, sizes.mlp], spec.hidden_size), ("gemv3", [spec.hidden_size], sizes.mlp)]
+            ("gemv2", [2 * sizes.mlp] if glu_paired() else [sizes.mlp, sizes.mlp], spec.hidden_size),
+            ("gemv3", [spec.hidden_size], sizes.mlp)]
 
 
-def plan(widths: list[int], k: int) -> dict:
-    cfg = int4_config.pick_config(1, sum(widths), k, GROUP, "cuda", widths=tuple(widths))
+def plan(place: str, widths: list[int], k: int) -> dict:
+    paired = place == "gemv2" and len(widths) == 1  # a Llama layer's gate|up, paired
+    with glu_gemv_preload() if paired else contextlib.nullcontext():
+        cfg = int4_config.pick_config(1, sum(widths), k, GROUP, "cuda", widths=tuple(widths), paired=paired)
     splits, per_split = int4_config.launch_split(triton.cdiv(k, cfg.block_k), cfg.split_k)
     blocks = sum(triton.cdiv(w, cfg.block_n) for w in widths)
     return {"N": sum(widths), "K": k, "block_n": cfg.block_n, "block_k": cfg.block_k, "programs": blocks * splits,
@@ -67,7 +74,7 @@ def model_rows(name: str, spec) -> list[dict]:
     rows = []
     for rung, rate in enumerate(ladder.rates):
         for place, widths, k in layer_gemvs(spec, ladder.sizes[rung][layer]):
-            rows.append({"model": name, "rate": rate, "place": place, **plan(widths, k),
+            rows.append({"model": name, "rate": rate, "place": place, **plan(place, widths, k),
                          "measured_us": measured.get((rate, place))})
     base = {(r["model"], r["place"]): r for r in rows if r["rate"] == 0.0}
     for r in rows:

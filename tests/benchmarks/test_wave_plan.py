@@ -20,9 +20,11 @@ def test_every_decode_gemv_fits_one_wave(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["model"] for r in rows} == {"llama-3.1-8b", "mamba2-8b-shape"} and len(rows) == 4 * (4 + 2)
-    # 8 programs an SM, 10 on the wide path's (N > 8192) 128-column launches (UNIQL_GEMV_PER_SM=wide)
+    # 8 programs an SM, 10 on the wide path's (N > 8192) 128-column launches (UNIQL_GEMV_PER_SM=wide), 7 on the
+    # paired gate|up's 256-column ones (70 registers with the preload)
     def slots(r: dict) -> int:
-        return (10 if r["N"] > 8192 and r["block_n"] == 128 else 8) * 132
+        wide = r["N"] > 8192
+        return (10 if wide and r["block_n"] == 128 else 7 if r["place"] == "gemv2" and r["block_n"] == 256 else 8) * 132
 
     assert all(r["programs"] <= slots(r) for r in rows), [r for r in rows if r["programs"] > slots(r)]
     in_proj = {r["rate"]: (r["N"], r["programs"], r["k_tiles_a_program"], r["block_n"]) for r in rows
@@ -30,4 +32,7 @@ def test_every_decode_gemv_fits_one_wave(tmp_path):
     # UNIQL_WIDE_COLS=auto: 128 columns at 0.25 / 0.35 (a program's share 0.75 / 0.625 of 256 columns' 4 x 256)
     assert in_proj[0.25] == (13952, 1199, 6, 128) and in_proj[0.35] == (12160, 1235, 5, 128)
     assert in_proj[0.0][3] == 256
+    gate_up = {r["rate"]: (r["block_n"], r["programs"], r["k_tiles_a_program"]) for r in rows
+               if r["model"] == "llama-3.1-8b" and r["place"] == "gemv2"}
+    assert gate_up == {0.0: (256, 896, 8), 0.15: (128, 1140, 11), 0.25: (256, 924, 6), 0.35: (128, 1168, 8)}
     assert all(0 < r["tiles_ratio"] <= 1 and 0 < r["bytes_ratio"] <= 1 for r in rows)
