@@ -41,21 +41,22 @@ SMS, GROUP = 132, 128
 PROFILES = {"llama-3.1-8b": "decode_profile_stop35_h100.json", "mamba2-8b-shape": "ssm_decode_profile_stop35_h100.json"}
 
 
-def layer_gemvs(spec, sizes) -> list[tuple[str, list[int], int]]:
-    """(place, output segment widths, K) of one layer's decode GEMVs at a rung's sizes, in launch order; a paired
-    gate|up (``UNIQL_GLU_PAIRED=1``, the default) is one segment of both halves, as ``int4_glu`` plans it."""
+def layer_gemvs(spec, sizes) -> list[tuple[str, list[int], int, bool]]:
+    """(place, output segment widths, K, paired) of one layer's decode GEMVs at a rung's sizes, in launch order; a
+    paired gate|up (``UNIQL_GLU_PAIRED=1``, the default) is one segment of both halves, as ``int4_glu`` plans it."""
     if spec.ssm_heads:
         hp, gn = spec.ssm_heads * sizes.ssm_p, spec.ssm_groups * sizes.ssm_n
-        return [("gemv0", [hp, hp, gn, gn, spec.ssm_heads], spec.hidden_size), ("gemv1", [spec.hidden_size], hp)]
+        return [("gemv0", [hp, hp, gn, gn, spec.ssm_heads], spec.hidden_size, False),
+                ("gemv1", [spec.hidden_size], hp, False)]
     q, kv = spec.num_heads * sizes.qk, spec.num_kv_heads * sizes.qk
-    return [("gemv0", [q, kv, spec.num_kv_heads * sizes.vo], spec.hidden_size),
-            ("gemv1", [spec.hidden_size], spec.num_heads * sizes.vo),
-            ("gemv2", [2 * sizes.mlp] if glu_paired() else [sizes.mlp, sizes.mlp], spec.hidden_size),
-            ("gemv3", [spec.hidden_size], sizes.mlp)]
+    paired = glu_paired()
+    return [("gemv0", [q, kv, spec.num_kv_heads * sizes.vo], spec.hidden_size, False),
+            ("gemv1", [spec.hidden_size], spec.num_heads * sizes.vo, False),
+            ("gemv2", [2 * sizes.mlp] if paired else [sizes.mlp, sizes.mlp], spec.hidden_size, paired),
+            ("gemv3", [spec.hidden_size], sizes.mlp, False)]
 
 
-def plan(place: str, widths: list[int], k: int) -> dict:
-    paired = place == "gemv2" and len(widths) == 1  # a Llama layer's gate|up, paired
+def plan(widths: list[int], k: int, paired: bool) -> dict:
     with glu_gemv_preload() if paired else contextlib.nullcontext():
         cfg = int4_config.pick_config(1, sum(widths), k, GROUP, "cuda", widths=tuple(widths), paired=paired)
     splits, per_split = int4_config.launch_split(triton.cdiv(k, cfg.block_k), cfg.split_k)
@@ -73,8 +74,8 @@ def model_rows(name: str, spec) -> list[dict]:
     measured = _measured(name)
     rows = []
     for rung, rate in enumerate(ladder.rates):
-        for place, widths, k in layer_gemvs(spec, ladder.sizes[rung][layer]):
-            rows.append({"model": name, "rate": rate, "place": place, **plan(place, widths, k),
+        for place, widths, k, paired in layer_gemvs(spec, ladder.sizes[rung][layer]):
+            rows.append({"model": name, "rate": rate, "place": place, **plan(widths, k, paired),
                          "measured_us": measured.get((rate, place))})
     base = {(r["model"], r["place"]): r for r in rows if r["rate"] == 0.0}
     for r in rows:

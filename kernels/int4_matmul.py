@@ -344,7 +344,8 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
     if cfg.path == "gemv" and x.dtype != torch.float32 and cfg.block_k % 16:
         raise ValueError(f"the half2 gemv reads tiles of two row blocks: block_k must be a multiple of 16 ({cfg})")
     paired = paired and half2_gemv and act is not None
-    blocks = [triton.cdiv(segs[0][1], cfg.block_n // 2)] if paired else [triton.cdiv(n, cfg.block_n) for _, n in segs]
+    blocks = [triton.cdiv(segs[0][1], cfg.block_n // 2)] if paired else \
+        [triton.cdiv(length, cfg.block_n) for _, length in segs]
     pad = [(0, 0)] * (MAX_SEGMENTS - len(segs))
     starts, lengths = zip(*(segs + pad), strict=True)
     nb = blocks + [0] * (MAX_SEGMENTS - len(blocks))

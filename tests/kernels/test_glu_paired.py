@@ -20,14 +20,14 @@ DEV = "cuda" if CUDA else "cpu"
 
 
 class _Spy:
-    """Runs the real kernel and records each launch's grid and GLU mode."""
+    """Runs the real kernel and records each launch's grid, GLU mode and preload depth."""
 
     def __init__(self, kernel):
         self.kernel, self.calls = kernel, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.calls.append((grid, kwargs["GLU"]))
+            self.calls.append((grid, kwargs["GLU"], kwargs["PRELOAD"]))
             return self.kernel[grid](*args, **kwargs)
         return launch
 
@@ -56,7 +56,7 @@ def test_paired_glu_gives_the_bits_of_the_pair_epilogue(monkeypatch, rows, split
                                 norm=(sums, 1e-5) if norm else None))
         _, counters = im.workspace(x.device, 0, 0)
         assert int(counters.abs().sum()) == 0  # tile (and pair) counters back at zero for the next replay
-    assert [glu for _, glu in spy.calls] == [1, 2]
+    assert [glu for _, glu, _ in spy.calls] == [1, 2]
     assert spy.calls[1][0][0] == 6  # ceil(90 / 16) programs of 16 gate + 16 up channels (unpaired: 3 + 3)
     assert torch.equal(acts[0], acts[1])
     # the gate|up tile a paired program stores (and rounds its factors by) is the plain projection's, bit for bit
@@ -88,19 +88,14 @@ def test_paired_glu_preload_cap_sets_the_launch_and_its_plan(monkeypatch):
 
     qweight, scales = (t.to(DEV) for t in rtn_quantize(torch.randn(128, 256), 32))
     x = torch.randn(1, 256).to(DEV, torch.bfloat16 if CUDA else torch.float16)
-    seen, real = [], int4_gemv._gemv_h2_kernel
-
-    class _PreloadSpy(_Spy):
-        def __getitem__(self, grid):
-            return lambda *a, **kw: seen.append((kw["GLU"], kw["PRELOAD"])) or self.kernel[grid](*a, **kw)
-
-    monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", _PreloadSpy(real))
+    spy = _Spy(int4_gemv._gemv_h2_kernel)
+    monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", spy)
     acts = []
     for cap in ("1", "0"):
         monkeypatch.setenv("UNIQL_GLU_PRELOAD", cap)
         acts.append(im.int4_glu(x, qweight, scales, 32, [(0, 64), (64, 64)]))
         im.int4_matmul(x, qweight, scales, 32)  # an ordinary GEMV keeps UNIQL_GEMV_PRELOAD's
-    assert seen == [(2, 1), (0, 1), (2, 0), (0, 1)]
+    assert [(glu, preload) for _, glu, preload in spy.calls] == [(2, 1), (0, 1), (2, 0), (0, 1)]
     assert torch.equal(acts[0], acts[1])
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
