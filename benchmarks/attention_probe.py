@@ -4,8 +4,8 @@ early loads (``UNIQL_EARLY_LOADS``), at rates 0 and 0.35.
 
 Why: in the engine's decode step attention takes ~8.7 us a layer (split pass ~6.5 + combine ~2.2) at every
 rate (results/decode_profile_h100.json), while a layer's cache is ~4 MB (1.4 us at the copy rate): it is
-bound by latency, and the split size (``split_size``: 32 positions a program at this length, one BLOCK_T
-iteration each) was never timed against the alternatives on the real shape. One CUDA graph replays the
+bound by latency, and the split size (``split_count`` / ``split_len``: 32 positions a program at this length,
+one BLOCK_T iteration each) was never timed against the alternatives on the real shape. One CUDA graph replays the
 attention of every layer, each with its own cache (32 x 4 MB > L2), as in the model.
 
     python benchmarks/attention_probe.py --json benchmarks/results/attention_probe_h100.json
@@ -27,7 +27,7 @@ from uniql.kernels import decode_attention as att  # noqa: E402
 
 HEADS, KV_HEADS, LAYERS, CONTEXT = 32, 8, 32, 1024
 RUNGS = {0.0: (128, 128), 0.35: (84, 84)}  # (qk, vo) kept per head: runtime/ladder.py at keep 1.0 / 0.65
-# (positions a split or None for split_size's choice, early loads: UNIQL_EARLY_LOADS)
+# (positions a split or None for split_count / split_len's choice, early loads: UNIQL_EARLY_LOADS)
 CONFIGS = [(None, False), (None, True), (16, True), (64, False), (64, True), (128, False), (128, True), (256, True)]
 
 
@@ -55,9 +55,10 @@ def probe(rate: float, config: tuple[int | None, bool], cuda: bool, repeats: int
     heads, kv, layers, context = (4, 2, 2, 40) if smoke else (HEADS, KV_HEADS, LAYERS, CONTEXT)
     (q, k_new, v_new), caches, tables, caps, lengths, cap = _layers(qk, vo, heads, kv, layers, context,
                                                                     "cuda" if cuda else "cpu")
-    default = att.split_size
-    if split is not None:
-        att.split_size = lambda max_len, programs_per_split, target_programs=512: split
+    defaults = att.MIN_SPLIT, att.split_count
+    if split is not None:  # every split `split` positions: the least a split covers, and as many as the bound needs
+        att.MIN_SPLIT = split
+        att.split_count = lambda max_len, programs_per_split, target_programs=512: -(-max_len // split)
     try:
         k_ref, v_ref = [caches[0][0].clone()], [caches[0][1].clone()]
         out = att.decode_attention(q, k_new, v_new, *tables[0], caps, lengths, qk ** -0.5, cap)
@@ -71,9 +72,9 @@ def probe(rate: float, config: tuple[int | None, bool], cuda: bool, repeats: int
                 att.decode_attention(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, qk ** -0.5, cap, out=out)
 
         us = graph_median_us(step, cuda, repeats) / layers
-        used = att.split_size(cap, kv)
+        used = att.split_len(context + 1, att.split_count(cap, kv))
     finally:
-        att.split_size = default
+        att.MIN_SPLIT, att.split_count = defaults
     cache_bytes = 2 * kv * (context + 1) * (qk + vo)  # bf16 K and V read
     return {"rate": rate, "qk": qk, "vo": vo, "split": used, "early": early, "default": split is None and not early,
             "us_per_layer": us, "cache_TBps": cache_bytes / us / 1e6}

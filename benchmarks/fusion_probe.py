@@ -76,8 +76,8 @@ ALTERNATIVES = {
     "silu_kernel": [(FusedInt4, "glu", _unfused_glu)],
     "norm_kernels": [(DecoderLayer, "takes_prenormed", _Const(property(lambda self: False))),
                      (ElasticMLP, "takes_prenormed", _Const(property(lambda self: False)))],
-    "attention_256_programs": [(attn_mod, "split_size", lambda real: lambda m, p: real(m, p, 256))],
-    "attention_128_programs": [(attn_mod, "split_size", lambda real: lambda m, p: real(m, p, 128))],
+    "attention_256_programs": [(attn_mod, "split_count", lambda real: lambda m, p: real(m, p, 256))],
+    "attention_128_programs": [(attn_mod, "split_count", lambda real: lambda m, p: real(m, p, 128))],
     "combine_whole_head": [(attn_mod, "COMBINE_CHUNK", _Const(1 << 20))],
 }
 

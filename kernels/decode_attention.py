@@ -50,39 +50,48 @@ def _load_rotated(ptr, s_head, s_chan, head, live_h, dq, live_q, cos_ptr, sin_pt
 def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_ptr, cos_ptr, sin_ptr, idx_ptr,
                   sq_b, sq_h, sq_c, skn_b, skn_g, skn_c, svn_b, svn_g, svn_d, s_cos, s_idx, n_heads, n_splits, scale,
                   REP: tl.constexpr, REP_P: tl.constexpr, QK: tl.constexpr, VO: tl.constexpr,
-                  D_QK: tl.constexpr, D_VO: tl.constexpr, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
-                  ROPE: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
-                  PRELOAD: tl.constexpr, PRE_WAIT: tl.constexpr):
-    """EARLY: every load that does not need the length (cache bases, q, the new k / v
-    and their RoPE tables; with PRELOAD, a one-block split's K / V, bounded by the capacity and selected once
-    the length is known) is issued before it is known, and each block's V with its K, so a program waits about
-    two memory round trips instead of five (length -> bases -> rope tables -> K -> V); same bits. PRELOAD only
-    where a split is one block: holding a block ahead in a loop spilled registers at 128-wide heads.
+                  D_QK: tl.constexpr, D_VO: tl.constexpr, MIN_SPLIT: tl.constexpr, DOUBLINGS: tl.constexpr,
+                  BLOCK_T: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+                  EARLY: tl.constexpr, PRELOAD: tl.constexpr, LOOP: tl.constexpr, PRE_WAIT: tl.constexpr):
+    """A split's positions follow the request's length (``_split_len``), not the grid's bound: a graph sized for a
+    long context runs a short one on as many programs as a graph sized for it.
+    EARLY: every load that does not wait for the q|k|v GEMV (cache bases, q, the new k / v and their RoPE
+    tables, the length; with PRELOAD, the split's first block of K / V, bounded by the split and the capacity and
+    selected once the length is known) is issued at once, and each block's V with its K, so a program waits about
+    two memory round trips instead of five (length -> bases -> rope tables -> K -> V); same bits. LOOP: the split
+    may hold more than one block (the grid's bound allows it): the blocks after the first in a loop (holding a
+    block ahead in a loop spilled registers at 128-wide heads).
     PRE_WAIT (with EARLY; ``pdl.attention_prewait``): the cache bases, the length and the preloaded block
     come before the PDL wait: no kernel of the chain before this one writes them (the lengths are copied at the
     step's start, the cache is this layer's own), and a kernel runs only once its predecessor passed its own wait,
     so everything two or more kernels back is done."""
     b, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = s * SPLIT
     dq, dv = tl.arange(0, D_QK), tl.arange(0, D_VO)
     live_q, live_v = dq < QK, dv < VO
     if PRE_WAIT:
-        k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, start, dq, dv, live_q, live_v,
-                                                   QK, VO, BLOCK_T, kn_ptr.dtype.element_ty, PRELOAD)
-        length = tl.load(len_ptr + b)
+        length = tl.load(len_ptr + b)  # tokens including the new one
+        split = _split_len(length, n_splits, MIN_SPLIT, DOUBLINGS)
+        k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, s * split, split, dq, dv, live_q,
+                                                   live_v, QK, VO, BLOCK_T, MIN_SPLIT, kn_ptr.dtype.element_ty,
+                                                   PRELOAD)
     pdl_wait(PDL)
     r = tl.arange(0, REP_P)
     live_r = r < REP
     cos_b, sin_b, idx_g = cos_ptr + b * s_cos, sin_ptr + b * s_cos, idx_ptr + g * s_idx
     if EARLY:
-        if not PRE_WAIT:
-            k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, start, dq, dv, live_q, live_v,
-                                                       QK, VO, BLOCK_T, kn_ptr.dtype.element_ty, PRELOAD)
+        if not PRE_WAIT:  # the length and the bases load side by side; a split's block needs both
+            length = tl.load(len_ptr + b)
+            split = _split_len(length, n_splits, MIN_SPLIT, DOUBLINGS)
+            k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, s * split, split, dq, dv,
+                                                       live_q, live_v, QK, VO, BLOCK_T, MIN_SPLIT,
+                                                       kn_ptr.dtype.element_ty, PRELOAD)
         q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g, ROPE)
         kn, vn = _new_kv(kn_ptr + b * skn_b, skn_g, skn_c, vn_ptr + b * svn_b + g * svn_g, svn_d, g, dq, live_q,
                          dv, live_v, cos_b, sin_b, idx_g, ROPE)
-    if not PRE_WAIT:
-        length = tl.load(len_ptr + b)  # tokens including the new one
+    else:
+        length = tl.load(len_ptr + b)
+        split = _split_len(length, n_splits, MIN_SPLIT, DOUBLINGS)
+    start = s * split
     if start < length:
         if not EARLY:
             k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, kn_ptr.dtype.element_ty)
@@ -91,15 +100,18 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
         m_i = tl.full([REP_P], float("-inf"), tl.float32)
         l_i = tl.zeros([REP_P], tl.float32)
         acc = tl.zeros([REP_P, D_VO], tl.float32)
-        end = tl.minimum(start + SPLIT, length - 1)  # cached positions; the new token is added below
-        if PRELOAD:  # noqa: SIM102 (a constexpr, then a run-time branch) the split's one block, loaded above
+        end = tl.minimum(start + split, length - 1)  # cached positions; the new token is added below
+        if PRELOAD:  # the split's first block, loaded above, then (LOOP) the rest: the loop's blocks, same bits
             if start < end:  # as the loop: a split of only the new token has no cached block (all -inf: NaN)
                 m_i, l_i, acc = _block(q, k0, v0, start, end, m_i, l_i, acc, scale, BLOCK_T, PRECISION)
+            if LOOP:
+                m_i, l_i, acc = _attend(q, k_base, v_base, start + BLOCK_T, end, dq, dv, live_q, live_v, m_i, l_i,
+                                        acc, scale, QK, VO, BLOCK_T, PRECISION, EARLY)
         else:
             m_i, l_i, acc = _attend(q, k_base, v_base, start, end, dq, dv, live_q, live_v, m_i, l_i, acc, scale,
                                     QK, VO, BLOCK_T, PRECISION, EARLY)
         last = length - 1
-        if last < start + SPLIT:  # this split holds the new token: score it, then append it to the cache
+        if last < start + split:  # this split holds the new token: score it, then append it to the cache
             if not EARLY:
                 kn, vn = _new_kv(kn_ptr + b * skn_b, skn_g, skn_c, vn_ptr + b * svn_b + g * svn_g, svn_d, g, dq,
                                  live_q, dv, live_v, cos_b, sin_b, idx_g, ROPE)
@@ -129,15 +141,30 @@ def _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK: tl.constexpr, VO: tl.constex
 
 
 @triton.jit
-def _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, start, dq, dv, live_q, live_v, QK: tl.constexpr, VO: tl.constexpr,
-                 BLOCK_T: tl.constexpr, dtype: tl.constexpr, PRELOAD: tl.constexpr):
-    """What the split pass loads ahead of the length: group ``g``'s cache bases and capacity, and with PRELOAD its
-    split's one block of K / V (``k0``, ``v0``; without it they stand for nothing and go unused)."""
+def _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, start, split, dq, dv, live_q, live_v, QK: tl.constexpr,
+                 VO: tl.constexpr, BLOCK_T: tl.constexpr, MIN_SPLIT: tl.constexpr, dtype: tl.constexpr,
+                 PRELOAD: tl.constexpr):
+    """What the split pass loads ahead of the q|k|v GEMV: group ``g``'s cache bases and capacity, and with PRELOAD
+    the first block of its split at ``start`` (``k0``, ``v0``; without it they stand for nothing and go unused)."""
     k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, dtype)
     k0, v0 = k_base, v_base
     if PRELOAD:
-        k0, v0 = _kv_block(k_base, v_base, start, cap, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+        bound = cap
+        if MIN_SPLIT < BLOCK_T:  # a split shorter than a block: not the next one's positions too (their bytes)
+            bound = tl.minimum(start + split, cap)
+        k0, v0 = _kv_block(k_base, v_base, start, bound, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
     return k_base, v_base, cap, k0, v0
+
+
+@triton.jit
+def _split_len(length, n_splits, MIN_SPLIT: tl.constexpr, DOUBLINGS: tl.constexpr):
+    """Positions each of ``n_splits`` splits covers for a request of ``length`` tokens (``split_len`` on the host):
+    the least power of two from MIN_SPLIT on that covers the length, at most DOUBLINGS doublings (the grid's
+    bound; 0: always MIN_SPLIT, the constant the compiler folds)."""
+    split = length * 0 + MIN_SPLIT
+    for _ in tl.static_range(DOUBLINGS):
+        split = tl.where(split * n_splits < length, split * 2, split)
+    return split
 
 
 @triton.jit
@@ -203,8 +230,8 @@ def _block(q, k, v, t0, end, m_i, l_i, acc, scale, BLOCK_T: tl.constexpr, PRECIS
 
 @triton.jit
 def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
-                    VO: tl.constexpr, D_VO: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
-                    SPLITS_P: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+                    VO: tl.constexpr, D_VO: tl.constexpr, CHUNK: tl.constexpr, MIN_SPLIT: tl.constexpr,
+                    DOUBLINGS: tl.constexpr, SPLITS_P: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
     """Grid (B, heads, D_VO / CHUNK): each program merges one CHUNK of one head's output dims over the splits
     (a whole head per program made each thread hold SPLITS_P * D_VO / 32 floats: spills, ~3 us per layer).
     EARLY: every split's partial is loaded together with the length, and the splits past it (stale or never
@@ -219,7 +246,8 @@ def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
         m = tl.load(ws_ptr + row + D_VO, mask=stored, other=float("-inf"))
         lsum = tl.load(ws_ptr + row + D_VO + 1, mask=stored, other=0.0)
         acc = tl.load(ws_ptr + row[:, None] + dv[None, :], mask=stored[:, None], other=0.0)
-    live_s = s < tl.cdiv(tl.load(len_ptr + b), SPLIT)
+    length = tl.load(len_ptr + b)
+    live_s = s < tl.cdiv(length, _split_len(length, n_splits, MIN_SPLIT, DOUBLINGS))
     if EARLY:  # a select, not a product: an unused split may hold NaN from an earlier step or none at all
         m = tl.where(live_s, m, float("-inf"))
         lsum = tl.where(live_s, lsum, 0.0)
@@ -236,12 +264,24 @@ def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
 COMBINE_CHUNK = 32  # output dims per combine program (benchmarks/fusion_probe.py times the alternatives)
 
 
-def split_size(max_len: int, programs_per_split: int, target_programs: int = 512) -> int:
-    """Positions per split: enough splits to fill the GPU at the batch's upper bound ``max_len``."""
-    for size in (32, 64, 128, 256):
-        if programs_per_split * triton.cdiv(max_len, size) <= target_programs:
-            return size
-    return 512
+MIN_SPLIT = 32  # the fewest positions a split covers (a power of two)
+
+
+def split_count(max_len: int, programs_per_split: int, target_programs: int = 512) -> int:
+    """The grid's splits: up to ``target_programs`` programs, no more splits than ``MIN_SPLIT``-position ones
+    the batch's upper bound ``max_len`` needs."""
+    return max(1, min(triton.cdiv(max_len, MIN_SPLIT), target_programs // programs_per_split))
+
+
+def split_len(length: int, n_splits: int) -> int:
+    """Positions a split covers for a request of ``length`` tokens (the kernels' ``_split_len``): the least power
+    of two from ``MIN_SPLIT`` on with which ``n_splits`` splits cover the length. A 1288-token bound at batch 1 with
+    8 KV heads: 41 splits of 32 positions; a 131072 bound: 64 splits, of 32 positions up to 2048 tokens, of 2048 at
+    131072 (before, the bound set the split: 256 of 512 positions at every length, 3 programs a group busy at 1280)."""
+    split = MIN_SPLIT
+    while split * n_splits < length:
+        split *= 2
+    return split
 
 
 def _check(q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, out, n_kv: int, contiguous_qk: bool = True) -> None:
@@ -314,25 +354,26 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     b = q.shape[0]
     n_heads, n_kv, qk, vo = dims
     rep = n_heads // n_kv
-    split = split_size(max_len, b * n_kv)
-    n_splits = triton.cdiv(max_len, split)
+    n_splits = split_count(max_len, b * n_kv)
+    max_split = split_len(max_len, n_splits)
+    splits = dict(MIN_SPLIT=MIN_SPLIT, DOUBLINGS=(max_split // MIN_SPLIT).bit_length() - 1)
     d_qk, d_vo = (max(16, triton.next_power_of_2(d)) for d in (qk, vo))
     ws = torch.empty(b * n_heads * n_splits * (d_vo + 2), dtype=torch.float32, device=q.device)
     cos, sin, idx = rope if rope is not None else (ws, ws, lengths)  # unused without ROPE
     mode = pdl_mode(q.device, b)  # the split pass may release its dependents late (mode 2); the combine is short
     pdl = mode > 0
-    early, block_t = early_loads(b), min(split, 64)
+    early, block_t = early_loads(b), min(max_split, 64)
     _split_kernel[(b, n_kv, n_splits)](
         q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, cos, sin, idx, *q_strides, *k_strides, v_new.stride(0),
         v_new.stride(1), v_new.stride(2), cos.stride(0) if rope else 0, idx.stride(0) if rope else 0, n_heads,
         n_splits, scale, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), QK=qk,
-        VO=vo, D_QK=d_qk, D_VO=d_vo, SPLIT=split, BLOCK_T=block_t, ROPE=rope is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=mode, EARLY=early,
-        PRELOAD=early and block_t == split, PRE_WAIT=early and attention_prewait(), num_warps=4,
+        VO=vo, D_QK=d_qk, D_VO=d_vo, **splits, BLOCK_T=block_t, ROPE=rope is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=mode, EARLY=early, PRELOAD=early,
+        LOOP=max_split > block_t, PRE_WAIT=early and attention_prewait(), num_warps=4,
         launch_pdl=pdl)
     chunk = min(d_vo, COMBINE_CHUNK)
     _combine_kernel[(b, n_heads, d_vo // chunk)](ws, lengths, out, out.stride(0), n_heads, n_splits, VO=vo,
-                                                 D_VO=d_vo, CHUNK=chunk, SPLIT=split,
+                                                 D_VO=d_vo, CHUNK=chunk, **splits,
                                                  SPLITS_P=triton.next_power_of_2(n_splits), PDL=pdl,
                                                  EARLY=early, num_warps=2 if n_splits > 16 else 1,
                                                  launch_pdl=pdl)

@@ -39,8 +39,8 @@ SSM = dict(TABLE=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, SOFTPLUS=True, 
            BLOCK_N=128)  # Mamba2-8B's decode step
 PDL = "pdl"  # placeholder: programmatic dependent launch where the target has it (sm_90+), off on sm_87
 LATE = "late"  # placeholder: UNIQL_PDL=late's mode 2 (dependents released after the main loop) on sm_90+
-ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, SPLIT=64, ROPE=True, CHUNK=32, PDL=PDL,
-           PRE_WAIT=False)
+ATT = dict(REP=4, REP_P=16, QK=128, VO=128, D_QK=128, D_VO=128, MIN_SPLIT=32, DOUBLINGS=1, ROPE=True, CHUNK=32,
+           PDL=PDL, PRE_WAIT=False, LOOP=False)
 MM = dict(GROUP=64, NUM_SEG=2, SPLIT=True, HAS_BIAS=True, ALIGNED=True, SUM_STEP=4, EARLY=False, PRELOAD=0,
           CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=tl.float32)
 SWITCHED = dict(SUM_STEP=8, EARLY=True)  # UNIQL_SPLITK_STEP=8 / UNIQL_EARLY_LOADS=1: both settings compile
@@ -79,8 +79,8 @@ CASES = [
     (ssm_update._update_kernel, dict(SSM, PDL=PDL), 2),
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=False, PRELOAD=False), 4),
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=True, PRELOAD=True), 4),
-    (decode_attention._split_kernel, dict(ATT, SPLIT=256, BLOCK_T=64, PRECISION="tf32", EARLY=True,
-                                          PRELOAD=False, PRE_WAIT=True), 4),
+    (decode_attention._split_kernel, dict(ATT, DOUBLINGS=6, BLOCK_T=64, PRECISION="tf32", EARLY=True,
+                                          PRELOAD=True, LOOP=True, PRE_WAIT=True), 4),  # a long context's bound
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=True, PRELOAD=True, PDL=LATE,
                                           PRE_WAIT=True), 4),  # UNIQL_ATTN_PREWAIT=1
     (decode_attention._combine_kernel, dict(ATT, SPLITS_P=32, EARLY=False), 1),

@@ -123,7 +123,8 @@ def test_fused_rope_equals_rope_then_attention(case, dtype):
         torch.testing.assert_close(got, want, atol=0 if exact else 1e-6, rtol=0 if exact else 1e-6)
 
 
-@pytest.mark.parametrize("split", [None, 256])  # None: one block a split (preloaded); 256: a loop of 64-wide blocks
+@pytest.mark.parametrize("split", [None, 256])  # None: one block a split (preloaded); 256: the first block
+# preloaded, then a loop of 64-wide blocks (early) or all in the loop
 @pytest.mark.parametrize("case", ROPE_CASES)
 def test_early_loads_give_the_same_bits(monkeypatch, case, split):
     """Early loads (UNIQL_EARLY_LOADS=all: some cases are batches) issue the split pass's loads in another order
@@ -134,7 +135,7 @@ def test_early_loads_give_the_same_bits(monkeypatch, case, split):
     from uniql.kernels import decode_attention as att
 
     if split is not None:
-        monkeypatch.setattr(att, "split_size", lambda max_len, programs, target=512: split)
+        monkeypatch.setattr(att, "MIN_SPLIT", split)
     lengths, caps, n_heads, n_kv, qk, head_dim, vo = case
     _, _, v_new, k_caches, v_caches = _batch(lengths, caps, n_heads, n_kv, qk, vo, torch.float16, seed=7)
     for cache, length in zip(k_caches + v_caches, lengths + lengths, strict=True):
@@ -166,6 +167,43 @@ def test_early_loads_give_the_same_bits(monkeypatch, case, split):
         assert torch.equal(out0, out)
         for a, b in zip(caches0, caches, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_split_plan_follows_the_length():
+    """The grid's splits come from the bound, a split's positions from the length: the benchmark's 1288-token
+    graph keeps the partition it had (41 x 32 at batch 1; 128 positions at batch 4, 512 at batch 16), and a graph
+    sized for a 131072-token context runs a 1280-token request on 40 splits of 32, not 3 of 512."""
+    from uniql.kernels.decode_attention import split_count, split_len
+
+    assert (split_count(1288, 8), split_len(1280, 41)) == (41, 32)
+    assert (split_count(1288, 4 * 8), split_len(1280, 16)) == (16, 128)
+    assert (split_count(1288, 16 * 8), split_len(1280, 4)) == (4, 512)
+    assert (split_count(131072, 8), split_len(1280, 64), split_len(131072, 64)) == (64, 32, 2048)
+    assert split_count(5, 1000) == 1 and split_len(1, 1) == 32
+
+
+@pytest.mark.parametrize(("early", "prewait"), [("0", "0"), ("all", "0"), ("all", "1")])
+def test_splits_follow_the_length_not_the_bound(monkeypatch, early, prewait):
+    """A grid sized for a long bound (four splits of up to 256 positions) attends like the reference at any
+    length: 40 tokens take splits of 32 positions, shorter than a 64-wide block, two of them used; 300 tokens
+    splits of 128 (with early loads the first block preloaded, the second in the loop), three used. The combine
+    must use the same splits: the unused ones' partials are NaN (every fresh buffer is)."""
+    from uniql.kernels import decode_attention as att
+
+    monkeypatch.setattr(att, "split_count", lambda max_len, programs, target=512: 4)
+    monkeypatch.setenv("UNIQL_EARLY_LOADS", early)
+    monkeypatch.setenv("UNIQL_ATTN_PREWAIT", prewait)
+    lengths, caps, n_heads, n_kv, qk, vo = [40, 300], [64, 320], 4, 2, 32, 32
+    assert [att.split_len(n, 4) for n in (*lengths, 1024)] == [32, 128, 256]
+    q, k_new, v_new, k_caches, v_caches = _batch(lengths, caps, n_heads, n_kv, qk, vo, torch.float32, seed=9)
+    k_ref, v_ref = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
+    expected = decode_attention_reference(q, k_new, v_new, k_ref, v_ref, lengths, qk ** -0.5)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    out = decode_attention(q, k_new, v_new, *_tables(k_caches, v_caches, lengths), qk ** -0.5, 1024)
+    torch.testing.assert_close(out, expected, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+    for got, want in zip(k_caches + v_caches, k_ref + v_ref, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_fused_rope_refuses_mismatched_tables():
