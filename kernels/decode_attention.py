@@ -56,11 +56,12 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
     """A split's positions follow the request's length (``_split_len``), not the grid's bound: a graph sized for a
     long context runs a short one on as many programs as a graph sized for it.
     EARLY: every load that does not wait for the q|k|v GEMV (cache bases, q, the new k / v and their RoPE
-    tables, the length; with PRELOAD, the split's first block of K / V, bounded by the split and the capacity and
-    selected once the length is known) is issued at once, and each block's V with its K, so a program waits about
-    two memory round trips instead of five (length -> bases -> rope tables -> K -> V); same bits. LOOP: the split
-    may hold more than one block (the grid's bound allows it): the blocks after the first in a loop (holding a
-    block ahead in a loop spilled registers at 128-wide heads).
+    tables, the length; with PRELOAD, the split's first block of K / V, bounded by the capacity and selected once
+    the length is known) is issued at once, and each block's V with its K, so a program waits about
+    two memory round trips instead of five (length -> bases -> rope tables -> K -> V); same bits. LOOP: a split
+    may hold more than one block (the grid's bound allows it): with PRELOAD the first is the preloaded one, the
+    others come in the loop, each loaded at its top (holding the next one ahead spilled registers at 128-wide
+    heads).
     PRE_WAIT (with EARLY; ``pdl.attention_prewait``): the cache bases, the length and the preloaded block
     come before the PDL wait: no kernel of the chain before this one writes them (the lengths are copied at the
     step's start, the cache is this layer's own), and a kernel runs only once its predecessor passed its own wait,
@@ -71,9 +72,8 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
     if PRE_WAIT:
         length = tl.load(len_ptr + b)  # tokens including the new one
         split = _split_len(length, n_splits, MIN_SPLIT, DOUBLINGS)
-        k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, s * split, split, dq, dv, live_q,
-                                                   live_v, QK, VO, BLOCK_T, MIN_SPLIT, kn_ptr.dtype.element_ty,
-                                                   PRELOAD)
+        k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, s * split, dq, dv, live_q, live_v,
+                                                   QK, VO, BLOCK_T, kn_ptr.dtype.element_ty, PRELOAD)
     pdl_wait(PDL)
     r = tl.arange(0, REP_P)
     live_r = r < REP
@@ -82,9 +82,8 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
         if not PRE_WAIT:  # the length and the bases load side by side; a split's block needs both
             length = tl.load(len_ptr + b)
             split = _split_len(length, n_splits, MIN_SPLIT, DOUBLINGS)
-            k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, s * split, split, dq, dv,
-                                                       live_q, live_v, QK, VO, BLOCK_T, MIN_SPLIT,
-                                                       kn_ptr.dtype.element_ty, PRELOAD)
+            k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, s * split, dq, dv, live_q,
+                                                       live_v, QK, VO, BLOCK_T, kn_ptr.dtype.element_ty, PRELOAD)
         q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g, ROPE)
         kn, vn = _new_kv(kn_ptr + b * skn_b, skn_g, skn_c, vn_ptr + b * svn_b + g * svn_g, svn_d, g, dq, live_q,
                          dv, live_v, cos_b, sin_b, idx_g, ROPE)
@@ -141,18 +140,14 @@ def _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK: tl.constexpr, VO: tl.constex
 
 
 @triton.jit
-def _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, start, split, dq, dv, live_q, live_v, QK: tl.constexpr,
-                 VO: tl.constexpr, BLOCK_T: tl.constexpr, MIN_SPLIT: tl.constexpr, dtype: tl.constexpr,
-                 PRELOAD: tl.constexpr):
+def _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, start, dq, dv, live_q, live_v, QK: tl.constexpr, VO: tl.constexpr,
+                 BLOCK_T: tl.constexpr, dtype: tl.constexpr, PRELOAD: tl.constexpr):
     """What the split pass loads ahead of the q|k|v GEMV: group ``g``'s cache bases and capacity, and with PRELOAD
     the first block of its split at ``start`` (``k0``, ``v0``; without it they stand for nothing and go unused)."""
     k_base, v_base, cap = _cache_bases(kp_ptr, vp_ptr, cap_ptr, b, g, QK, VO, dtype)
     k0, v0 = k_base, v_base
-    if PRELOAD:
-        bound = cap
-        if MIN_SPLIT < BLOCK_T:  # a split shorter than a block: not the next one's positions too (their bytes)
-            bound = tl.minimum(start + split, cap)
-        k0, v0 = _kv_block(k_base, v_base, start, bound, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
+    if PRELOAD:  # a block is never longer than a split (MIN_SPLIT): no other split's positions
+        k0, v0 = _kv_block(k_base, v_base, start, cap, dq, dv, live_q, live_v, QK, VO, BLOCK_T)
     return k_base, v_base, cap, k0, v0
 
 
@@ -362,7 +357,11 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     cos, sin, idx = rope if rope is not None else (ws, ws, lengths)  # unused without ROPE
     mode = pdl_mode(q.device, b)  # the split pass may release its dependents late (mode 2); the combine is short
     pdl = mode > 0
-    early, block_t = early_loads(b), min(max_split, 64)
+    early = early_loads(b)
+    # with early loads (batch 1) a block is MIN_SPLIT positions: the preloaded block is a whole short split, and a
+    # long split's loop takes 168 registers a thread on sm_90 at 128-wide heads (254 with 64-position blocks: 2
+    # programs an SM, where a graph sized for a long context runs short ones)
+    block_t = min(MIN_SPLIT if early else max_split, 64)
     _split_kernel[(b, n_kv, n_splits)](
         q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, cos, sin, idx, *q_strides, *k_strides, v_new.stride(0),
         v_new.stride(1), v_new.stride(2), cos.stride(0) if rope else 0, idx.stride(0) if rope else 0, n_heads,

@@ -79,7 +79,7 @@ CASES = [
     (ssm_update._update_kernel, dict(SSM, PDL=PDL), 2),
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=False, PRELOAD=False), 4),
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=True, PRELOAD=True), 4),
-    (decode_attention._split_kernel, dict(ATT, DOUBLINGS=6, BLOCK_T=64, PRECISION="tf32", EARLY=True,
+    (decode_attention._split_kernel, dict(ATT, DOUBLINGS=6, BLOCK_T=32, PRECISION="tf32", EARLY=True,
                                           PRELOAD=True, LOOP=True, PRE_WAIT=True), 4),  # a long context's bound
     (decode_attention._split_kernel, dict(ATT, BLOCK_T=64, PRECISION="tf32", EARLY=True, PRELOAD=True, PDL=LATE,
                                           PRE_WAIT=True), 4),  # UNIQL_ATTN_PREWAIT=1

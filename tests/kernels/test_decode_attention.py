@@ -185,9 +185,10 @@ def test_split_plan_follows_the_length():
 @pytest.mark.parametrize(("early", "prewait"), [("0", "0"), ("all", "0"), ("all", "1")])
 def test_splits_follow_the_length_not_the_bound(monkeypatch, early, prewait):
     """A grid sized for a long bound (four splits of up to 256 positions) attends like the reference at any
-    length: 40 tokens take splits of 32 positions, shorter than a 64-wide block, two of them used; 300 tokens
-    splits of 128 (with early loads the first block preloaded, the second in the loop), three used. The combine
-    must use the same splits: the unused ones' partials are NaN (every fresh buffer is)."""
+    length: 40 tokens take splits of 32 positions, two of them used (without early loads shorter than a block, 64
+    positions); 300 tokens splits of 128, three used (with early loads the first 32-position block preloaded, the
+    other three in the loop). The combine must use the same splits: the unused ones' partials are NaN (every fresh
+    buffer is)."""
     from uniql.kernels import decode_attention as att
 
     monkeypatch.setattr(att, "split_count", lambda max_len, programs, target=512: 4)
