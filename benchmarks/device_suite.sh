@@ -9,8 +9,9 @@
 #            every candidate config at batch 1, rate 0: pick_config was tuned on the H200)
 #   decode   decode_gpu.py, Llama-3.1-8B shape, engine + dense bf16 + transformers eager (compiled skipped:
 #            SKIP_COMPILED=0 adds it, several minutes), ~3 min
-#   longctx  the engine at batch 1 with the graphs sized for a server's default context (MAX_MODEL_LEN, default
-#            131072: the attention grid follows it), against the same engine sized for the prompt, ~1 min
+#   longctx  bound_ab.py: batch-1 TPOT with the graphs sized for the prompt (1288) and for a server's default
+#            context (131072), two rounds; ATTENTION_B=FILE (a carried decode_attention.py, e.g. stop 42's from
+#            `git show 6dc6675:kernels/decode_attention.py`) times that file's attention in the same run, ~2 min
 #   ssm      ssm_decode_gpu.py, Mamba2-8B / Nemotron-H-8B shapes with the transformers anchor, ~3 min
 #   profile  profile_decode.py: per-kernel time of a decode step at rates 0, 0.15, 0.25, 0.35, Llama-3.1-8B and
 #            Mamba2-8B shapes (what does not shrink with the rate; why 0.25 decodes no faster than 0.15), ~2 min
@@ -94,10 +95,8 @@ for step in ${SUITE:-ab kernels decode}; do
                      > "$OUT/kernels_$gpu.txt" ;;
         decode) python3 decode_gpu.py $([ "${SKIP_COMPILED:-1}" = 1 ] && echo --skip-compiled) \
                     --json "$OUT/decode_$gpu.json" > "$OUT/decode_$gpu.txt" ;;
-        longctx) for len in 0 "${MAX_MODEL_LEN:-131072}"; do
-                     python3 decode_gpu.py --batches 1 --skip-dense --skip-hf --max-model-len "$len" \
-                         --json "$OUT/decode_ctx${len}_$gpu.json"
-                 done > "$OUT/decode_longctx_$gpu.txt" ;;
+        longctx) python3 bound_ab.py ${ATTENTION_B:+--attention-b "$(cd .. && realpath "$ATTENTION_B")"} \
+                     --json "$OUT/bound_ab_$gpu.json" > "$OUT/bound_ab_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
         envab) envab decode "${ENV_AB:-UNIQL_NARROW_SPLIT=deep UNIQL_EARLY_LOADS=0}" decode_gpu.py --batches 1 \
                    --skip-dense --skip-hf --skip-compiled ;;
