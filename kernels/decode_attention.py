@@ -60,8 +60,9 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
     the length is known) is issued at once, and each block's V with its K, so a program waits about
     two memory round trips instead of five (length -> bases -> rope tables -> K -> V); same bits. LOOP: a split
     may hold more than one block (the grid's bound allows it): with PRELOAD the first is the preloaded one, the
-    others come in the loop, each loaded at its top (holding the next one ahead spilled registers at 128-wide
-    heads).
+    others come in the loop in the plain order, K then V (with V loaded along with K, 128-position splits took
+    27.4 us a layer against 12.0, results/attention_probe_h100.json; holding the next block ahead spilled
+    registers at 128-wide heads).
     PRE_WAIT (with EARLY; ``pdl.attention_prewait``): the cache bases, the length and the preloaded block
     come before the PDL wait: no kernel of the chain before this one writes them (the lengths are copied at the
     step's start, the cache is this layer's own), and a kernel runs only once its predecessor passed its own wait,
@@ -103,9 +104,9 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
         if PRELOAD:  # the split's first block, loaded above, then (LOOP) the rest: the loop's blocks, same bits
             if start < end:  # as the loop: a split of only the new token has no cached block (all -inf: NaN)
                 m_i, l_i, acc = _block(q, k0, v0, start, end, m_i, l_i, acc, scale, BLOCK_T, PRECISION)
-            if LOOP:
+            if LOOP:  # each block's V after its softmax: 130 registers a thread, not 168 (sm_90, 128-wide heads)
                 m_i, l_i, acc = _attend(q, k_base, v_base, start + BLOCK_T, end, dq, dv, live_q, live_v, m_i, l_i,
-                                        acc, scale, QK, VO, BLOCK_T, PRECISION, EARLY)
+                                        acc, scale, QK, VO, BLOCK_T, PRECISION, False)
         else:
             m_i, l_i, acc = _attend(q, k_base, v_base, start, end, dq, dv, live_q, live_v, m_i, l_i, acc, scale,
                                     QK, VO, BLOCK_T, PRECISION, EARLY)
@@ -358,9 +359,9 @@ def _launch(q, q_strides, k_new, k_strides, v_new, rope, dims, k_ptrs, v_ptrs, c
     mode = pdl_mode(q.device, b)  # the split pass may release its dependents late (mode 2); the combine is short
     pdl = mode > 0
     early = early_loads(b)
-    # with early loads (batch 1) a block is MIN_SPLIT positions: the preloaded block is a whole short split, and a
-    # long split's loop takes 168 registers a thread on sm_90 at 128-wide heads (254 with 64-position blocks: 2
-    # programs an SM, where a graph sized for a long context runs short ones)
+    # with early loads (batch 1) a block is MIN_SPLIT positions: the preloaded block is a whole short split, and the
+    # kernel of a long bound takes 130 registers a thread on sm_90 at 128-wide heads (231 with 64-position blocks:
+    # 2 programs an SM instead of 4, where a graph sized for a long context runs short requests)
     block_t = min(MIN_SPLIT if early else max_split, 64)
     _split_kernel[(b, n_kv, n_splits)](
         q, k_new, v_new, k_ptrs, v_ptrs, caps, lengths, ws, cos, sin, idx, *q_strides, *k_strides, v_new.stride(0),
