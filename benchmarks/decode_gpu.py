@@ -226,11 +226,10 @@ def main() -> None:
     check_switches(strict=True)  # an A/B under a misspelt switch would time the default
     prompt = torch.randint(0, LLAMA_8B.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
     prompt = prompt.tolist()
-    rows = [] if args.skip_engine else engine_rows("int4", prompt, args.new_tokens, args.batches,
-                                                           max_model_len=args.max_model_len)
+    bound = args.max_model_len
+    rows = [] if args.skip_engine else engine_rows("int4", prompt, args.new_tokens, args.batches, max_model_len=bound)
     if not args.skip_dense and not args.skip_engine:
-        rows += engine_rows("dense", prompt, args.new_tokens, args.batches, rates=(0.0, 0.35),
-                            max_model_len=args.max_model_len)
+        rows += engine_rows("dense", prompt, args.new_tokens, args.batches, rates=(0.0, 0.35), max_model_len=bound)
     if not args.skip_hf:
         rows += hf_rows(prompt, args.new_tokens, not args.skip_compiled, args.compile_mode)
     report = {"device": torch.cuda.get_device_name(), "model": "llama-3.1-8b shape, random weights",
