@@ -61,8 +61,8 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
     two memory round trips instead of five (length -> bases -> rope tables -> K -> V); same bits. LOOP: a split
     may hold more than one block (the grid's bound allows it): with PRELOAD the first is the preloaded one, the
     others come in the loop in the plain order, K then V (with V loaded along with K, 128-position splits took
-    27.4 us a layer against 12.0, results/attention_probe_h100.json; holding the next block ahead spilled
-    registers at 128-wide heads).
+    27.4 us a layer against 12.0 at rate 0, results/attention_probe_h100.json; holding the next block ahead
+    spilled registers at 128-wide heads).
     PRE_WAIT (with EARLY; ``pdl.attention_prewait``): the cache bases, the length and the preloaded block
     come before the PDL wait: no kernel of the chain before this one writes them (the lengths are copied at the
     step's start, the cache is this layer's own), and a kernel runs only once its predecessor passed its own wait,
