@@ -142,12 +142,10 @@ def batch_row(engine, name, prompt, rung, rate, batch, new_tokens) -> dict:
             "peak_mem_bytes": torch.cuda.max_memory_allocated(), "new_tokens": new_tokens}
 
 
-def engine_rows(weights: str, prompt, new_tokens: int, batches, rates=RATES, max_model_len: int = 0) -> list[dict]:
+def engine_rows(weights: str, prompt, new_tokens: int, batches, rates=RATES) -> list[dict]:
     name = "uniql" if weights == "int4" else "uniql_bf16_dense"
     model = build_model(LLAMA_8B, weights)
-    # the graphs' attention grid is sized for max_model_len (0: just the prompt and the new tokens)
-    engine = Engine(model, NullTokenizer(), max_num_seqs=max(batches),
-                    max_model_len=max_model_len or len(prompt) + new_tokens + 8)
+    engine = Engine(model, NullTokenizer(), max_num_seqs=max(batches), max_model_len=len(prompt) + new_tokens + 8)
     ladder = model.ladder
     rows = []
     for rate in rates:
@@ -219,23 +217,19 @@ def main() -> None:
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--skip-engine", action="store_true", help="only the transformers anchors")
     ap.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of hf_compiled")
-    ap.add_argument("--max-model-len", type=int, default=0,
-                    help="the engine's context bound (default: prompt + new tokens; a server's default is the model's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     check_switches(strict=True)  # an A/B under a misspelt switch would time the default
     prompt = torch.randint(0, LLAMA_8B.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
     prompt = prompt.tolist()
-    bound = args.max_model_len
-    rows = [] if args.skip_engine else engine_rows("int4", prompt, args.new_tokens, args.batches, max_model_len=bound)
+    rows = [] if args.skip_engine else engine_rows("int4", prompt, args.new_tokens, args.batches)
     if not args.skip_dense and not args.skip_engine:
-        rows += engine_rows("dense", prompt, args.new_tokens, args.batches, rates=(0.0, 0.35), max_model_len=bound)
+        rows += engine_rows("dense", prompt, args.new_tokens, args.batches, rates=(0.0, 0.35))
     if not args.skip_hf:
         rows += hf_rows(prompt, args.new_tokens, not args.skip_compiled, args.compile_mode)
     report = {"device": torch.cuda.get_device_name(), "model": "llama-3.1-8b shape, random weights",
               "torch": torch.__version__, "pdl": pdl_enabled(torch.device("cuda")), "switches": set_switches(),
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-              "max_model_len": args.max_model_len or args.prompt_tokens + args.new_tokens + 8,
               "quantization": "INT4 g128 symmetric (random codes), uniform rate ladder", "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
