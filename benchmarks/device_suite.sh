@@ -20,7 +20,7 @@
 #            the stop-28 behaviours; UNIQL_WIDE_COLS=128 tries 128-column blocks on the wide batch-1 GEMVs (lost),
 #            UNIQL_WIDE_COLS=256 never takes them (the default, auto, where a program reads <= 0.8 of the bytes);
 #            UNIQL_PDL=1+UNIQL_GEMV_PER_SM=4: PDL with GEMV waves of 4 programs an SM, room for early starts (lost,
-#            with the L2 prefetch since removed);
+#            with the L2 prefetch since removed; lost again at stop 44 with UNIQL_GEMV_PRELOAD=2, x1.15-1.44);
 #            UNIQL_GEMV_PER_SM=regs: waves of what the register file holds (10 an SM on 128 columns; mixed);
 #            UNIQL_GEMV_BLOCK_K=32: half-size batch-1 GEMV tiles, a finer rounding of the tiles per program;
 #            UNIQL_PDL=0 / 1: without PDL / every kernel releasing the next right after its wait (default late);

@@ -113,16 +113,19 @@ def ssm_gemv_preload():
 
 def glu_gemv_preload():
     """The scope of a paired gate|up GEMV (``int4_tiles.glu_paired``): it preloads at most ``UNIQL_GLU_PRELOAD``
-    tiles (1 by default, as every GEMV; queued: 0). Without the preload its 256-column programs take 56 registers
-    instead of 70 (sm_90, ``benchmarks/sass_gemv.py``), 8 an SM instead of 7, so Llama-8B's pruned gate|up could keep
-    256 columns in one wave (``int4_config._programs_per_sm``)."""
+    tiles (1 by default, as every GEMV). Without the preload its 256-column programs take 56 registers instead of 70
+    (sm_90, ``benchmarks/sass_gemv.py``) and 8 fit an SM instead of 7, but 0 lost at every rate on Llama-8B: x1.056 /
+    1.005 / 1.044 / 1.019 at rates 0 / 0.15 / 0.25 / 0.35 (H100 engine A/B, stop 44,
+    results/head_glu_preload_ab_h100.json)."""
     return _preload_cap(int(switch("UNIQL_GLU_PRELOAD")))
 
 
 def head_gemv_preload():
-    """The scope of the vocab head's GEMV: it preloads at most ``UNIQL_HEAD_PRELOAD`` tiles (1 by default, i.e.
-    as every GEMV; queued: 0). Alone, the 8B heads took 128.5 / 126.4 us with the preload against 116.2 / 120.9
-    before it (same launch config; H100 kernel tables of stops 42 and 39, results/kernels_h100.json)."""
+    """The scope of the vocab head's GEMV: it preloads at most ``UNIQL_HEAD_PRELOAD`` tiles (0 by default since stop
+    44). With one tile the 8B heads took 128.5 / 126.4 us alone against 116.3 / 119.0 without (Llama / Qwen2.5, H100
+    kernel tables of stops 42 and 44, results/kernels_h100.json), and the Llama-8B step x0.994-0.996 at every rate
+    (engine A/B, both rounds, results/head_glu_preload_ab_h100.json). Its programs are long (64 K tiles of 32
+    x 256), so one tile's early start is worth little to them; why it costs ~10 us was not profiled."""
     return _preload_cap(int(switch("UNIQL_HEAD_PRELOAD")))
 
 

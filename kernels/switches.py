@@ -24,7 +24,7 @@ SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
     "UNIQL_ATTN_PREWAIT": (("0", "1"), "1"),
     "UNIQL_GLU_PAIRED": (("0", "1"), "1"),
     "UNIQL_SSM_GEMV_PRELOAD": (("0", "1", "2"), "0"),
-    "UNIQL_HEAD_PRELOAD": (("0", "1", "2"), "1"),
+    "UNIQL_HEAD_PRELOAD": (("0", "1", "2"), "0"),
     "UNIQL_GLU_PRELOAD": (("0", "1", "2"), "1"),
 }
 # the other UNIQL_* variables the project reads (paths; an integer cap checked where it is read) or its deployment

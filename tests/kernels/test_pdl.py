@@ -209,15 +209,15 @@ def test_gemv_launcher_passes_the_preload_switch(monkeypatch, flag, preload):
 
 
 def test_head_scope_caps_the_gemv_preload(monkeypatch):
-    """Inside ``head_gemv_preload`` the GEMV preloads at most UNIQL_HEAD_PRELOAD tiles (1 by default)."""
+    """Inside ``head_gemv_preload`` the GEMV preloads at most UNIQL_HEAD_PRELOAD tiles (none by default)."""
     from uniql.kernels import pdl
 
     monkeypatch.setenv("UNIQL_GEMV_PRELOAD", "2")
     with pdl.head_gemv_preload():
-        assert pdl.gemv_preload() == 1
-        monkeypatch.setenv("UNIQL_HEAD_PRELOAD", "0")
+        assert pdl.gemv_preload() == 0
+        monkeypatch.setenv("UNIQL_HEAD_PRELOAD", "1")
         with pdl.head_gemv_preload():
-            assert pdl.gemv_preload() == 0
+            assert pdl.gemv_preload() == 1
     assert pdl.gemv_preload() == 2
 
 
