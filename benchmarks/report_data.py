@@ -59,11 +59,11 @@ def load_results(results_dir: Path) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------------ decode
 def decode_files(results: dict) -> list[str]:
-    """Result files whose rows are decode timings (``tpot_ms``): decode_*, ssm_* and alike. Same-machine A/Bs of
-    launch settings (rows tagged with a ``variant``: envab_*, early_loads_*) are not: one curve through their rows
-    would mix configurations; their own files say the answer (medians per variant) and Inputs lists them."""
+    """Result files whose rows are decode timings (``tpot_ms``): decode_*, ssm_* and alike. Same-machine A/Bs (rows
+    tagged with a ``variant``: envab_*, early_loads_*; or with a ``round``: bound_ab_*, two code trees) are not: one
+    curve through their rows would mix configurations; their own files say the answer and Inputs lists them."""
     return [name for name, data in results.items()
-            if (rows := timed_rows(data)) and not any("variant" in r for r in rows)]
+            if (rows := timed_rows(data)) and not any("variant" in r or "round" in r for r in rows)]
 
 
 def timed_rows(data) -> list[dict]:

@@ -81,10 +81,15 @@ def test_an_ab_of_launch_settings_is_listed_not_plotted(tmp_path):
     ab = gpu_decode_like()
     ab["rows"] = [{**r, "variant": v, "round": 1} for r in ab["rows"][:4] for v in ("default", "UNIQL_X_1")]
     (results / "envab_x_h200.json").write_text(json.dumps(ab))
+    trees = gpu_decode_like()  # bound_ab.py: two code trees ("tree", "b") in alternating rounds, no variant key
+    trees["rows"] = [{**r, "engine": e, "round": 1} for r in trees["rows"][:4] for e in ("tree", "b")]
+    (results / "bound_ab_h200.json").write_text(json.dumps(trees))
     (results / "decode_h200.json").write_text(json.dumps(gpu_decode_like()))
     md = run_report(results, tmp_path / "out" / "REPORT.md")
     assert "decode_h200_tpot.png" in md and "envab_x_h200_tpot.png" not in md
     assert "`results/envab_x_h200.json` (not plotted by this report yet)" in md
+    assert "`bound_ab_h200.json`: no UniQL engine rows" not in md
+    assert "`results/bound_ab_h200.json` (not plotted by this report yet)" in md
 
 
 def test_whole_step_efficiency_divides_by_a_kernel_timed_copy():
