@@ -32,7 +32,7 @@ TINY = replace(LLAMA_8B, vocab_size=512, hidden_size=256, num_layers=2, num_head
 CATEGORIES = (
     ("dequantize", ("dequant",)),
     ("int4 kernels", ("_gemv", "_gemm_kernel", "int4")),
-    ("attention", ("flash", "fmha", "attention", "softmax")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("cublas gemm", ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm")),
 )
 

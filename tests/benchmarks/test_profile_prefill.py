@@ -25,6 +25,7 @@ import profile_prefill as pp  # noqa: E402
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "cublas gemm"),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
     ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "attention"),  # cutlass in the name, attention first
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0", "attention"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "other"),
 ])
 def test_kernel_names_fall_into_their_kind(name, kind):
