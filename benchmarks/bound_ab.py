@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -44,7 +45,9 @@ def use_attention(module: ModuleType | None) -> None:
 
 
 def main(argv=None) -> None:
-    from decode_gpu import LLAMA_8B, Engine, NullTokenizer, build_model, single_row  # GPU-only imports
+    from decode_gpu import LLAMA_8B, NullTokenizer, build_model, single_row  # GPU-only imports
+
+    from uniql.runtime.engine import Engine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bounds", type=int, nargs="+", default=[1288, 131072], help="max_model_len of each engine")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from decode_gpu import LLAMA_8B, NullTokenizer, build_model, ttft_samples
+from profile_decode import _kernel_table
 
 from uniql.kernels.switches import check_switches, set_switches
 from uniql.runtime.engine import Engine
@@ -44,20 +45,14 @@ def category(kernel: str) -> str:
 
 
 def kernel_table(prof, cuda: bool) -> list[dict]:
-    """GPU time per kernel name (CUDA), or self CPU time per op (CPU), in microseconds, largest first."""
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    """GPU time per kernel name (CUDA, as ``profile_decode``), or self CPU time per op (CPU), in microseconds,
+    largest first."""
     if cuda:
-        for evt in prof.events():
-            if evt.device_type == torch.autograd.DeviceType.CUDA:
-                entry = totals[evt.name[:80]]
-                entry[0] += getattr(evt, "device_time_total", None) or evt.cuda_time_total
-                entry[1] += 1
+        rows = [(r["kernel"], r["us_per_step"], r["launches_per_step"]) for r in _kernel_table(prof, 1)]
     else:
-        for evt in prof.key_averages():
-            if evt.self_cpu_time_total > 0:
-                totals[evt.key[:80]] = [evt.self_cpu_time_total, evt.count]
-    rows = [{"kernel": k, "us": v[0], "launches": v[1], "category": category(k)} for k, v in totals.items()]
-    return sorted(rows, key=lambda r: -r["us"])
+        rows = [(e.key[:80], e.self_cpu_time_total, e.count) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    table = [{"kernel": k, "us": us, "launches": n, "category": category(k)} for k, us, n in rows]
+    return sorted(table, key=lambda r: -r["us"])
 
 
 def summarize(table: list[dict], wall_ms: float) -> dict:

@@ -53,7 +53,7 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
                   D_QK: tl.constexpr, D_VO: tl.constexpr, MIN_SPLIT: tl.constexpr, DOUBLINGS: tl.constexpr,
                   BLOCK_T: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
                   EARLY: tl.constexpr, PRELOAD: tl.constexpr, LOOP: tl.constexpr, PRE_WAIT: tl.constexpr):
-    """A split's positions follow the request's length (``_split_len``), not the grid's bound: a graph sized for a
+    """A split's positions follow the request's length (``_length_split``), not the grid's bound: a graph sized for a
     long context runs a short one on as many programs as a graph sized for it.
     EARLY: every load that does not wait for the q|k|v GEMV (cache bases, q, the new k / v and their RoPE
     tables, the length; with PRELOAD, the split's first block of K / V, bounded by the capacity and selected once
@@ -71,8 +71,7 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
     dq, dv = tl.arange(0, D_QK), tl.arange(0, D_VO)
     live_q, live_v = dq < QK, dv < VO
     if PRE_WAIT:
-        length = tl.load(len_ptr + b)  # tokens including the new one
-        split = _split_len(length, n_splits, MIN_SPLIT, DOUBLINGS)
+        length, split = _length_split(len_ptr + b, n_splits, MIN_SPLIT, DOUBLINGS)
         k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, s * split, dq, dv, live_q, live_v,
                                                    QK, VO, BLOCK_T, kn_ptr.dtype.element_ty, PRELOAD)
     pdl_wait(PDL)
@@ -81,16 +80,14 @@ def _split_kernel(q_ptr, kn_ptr, vn_ptr, kp_ptr, vp_ptr, cap_ptr, len_ptr, ws_pt
     cos_b, sin_b, idx_g = cos_ptr + b * s_cos, sin_ptr + b * s_cos, idx_ptr + g * s_idx
     if EARLY:
         if not PRE_WAIT:  # the length and the bases load side by side; a split's block needs both
-            length = tl.load(len_ptr + b)
-            split = _split_len(length, n_splits, MIN_SPLIT, DOUBLINGS)
+            length, split = _length_split(len_ptr + b, n_splits, MIN_SPLIT, DOUBLINGS)
             k_base, v_base, cap, k0, v0 = _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, s * split, dq, dv, live_q,
                                                        live_v, QK, VO, BLOCK_T, kn_ptr.dtype.element_ty, PRELOAD)
         q = _load_rotated(q_ptr + b * sq_b, sq_h, sq_c, g * REP + r, live_r, dq, live_q, cos_b, sin_b, idx_g, ROPE)
         kn, vn = _new_kv(kn_ptr + b * skn_b, skn_g, skn_c, vn_ptr + b * svn_b + g * svn_g, svn_d, g, dq, live_q,
                          dv, live_v, cos_b, sin_b, idx_g, ROPE)
     else:
-        length = tl.load(len_ptr + b)
-        split = _split_len(length, n_splits, MIN_SPLIT, DOUBLINGS)
+        length, split = _length_split(len_ptr + b, n_splits, MIN_SPLIT, DOUBLINGS)
     start = s * split
     if start < length:
         if not EARLY:
@@ -153,14 +150,15 @@ def _cache_ahead(kp_ptr, vp_ptr, cap_ptr, b, g, start, dq, dv, live_q, live_v, Q
 
 
 @triton.jit
-def _split_len(length, n_splits, MIN_SPLIT: tl.constexpr, DOUBLINGS: tl.constexpr):
-    """Positions each of ``n_splits`` splits covers for a request of ``length`` tokens (``split_len`` on the host):
-    the least power of two from MIN_SPLIT on that covers the length, at most DOUBLINGS doublings (the grid's
-    bound; 0: always MIN_SPLIT, the constant the compiler folds)."""
+def _length_split(len_row, n_splits, MIN_SPLIT: tl.constexpr, DOUBLINGS: tl.constexpr):
+    """A request's ``length`` (tokens including the new one) and the positions each of ``n_splits`` splits covers
+    (``split_len`` on the host): the least power of two from MIN_SPLIT on that covers the length, at most DOUBLINGS
+    doublings (the grid's bound; 0: always MIN_SPLIT, the constant the compiler folds)."""
+    length = tl.load(len_row)
     split = length * 0 + MIN_SPLIT
     for _ in tl.static_range(DOUBLINGS):
         split = tl.where(split * n_splits < length, split * 2, split)
-    return split
+    return length, split
 
 
 @triton.jit
@@ -242,8 +240,8 @@ def _combine_kernel(ws_ptr, len_ptr, out_ptr, so_b, n_heads, n_splits,
         m = tl.load(ws_ptr + row + D_VO, mask=stored, other=float("-inf"))
         lsum = tl.load(ws_ptr + row + D_VO + 1, mask=stored, other=0.0)
         acc = tl.load(ws_ptr + row[:, None] + dv[None, :], mask=stored[:, None], other=0.0)
-    length = tl.load(len_ptr + b)
-    live_s = s < tl.cdiv(length, _split_len(length, n_splits, MIN_SPLIT, DOUBLINGS))
+    length, split = _length_split(len_ptr + b, n_splits, MIN_SPLIT, DOUBLINGS)
+    live_s = s < tl.cdiv(length, split)
     if EARLY:  # a select, not a product: an unused split may hold NaN from an earlier step or none at all
         m = tl.where(live_s, m, float("-inf"))
         lsum = tl.where(live_s, lsum, 0.0)
@@ -270,7 +268,7 @@ def split_count(max_len: int, programs_per_split: int, target_programs: int = 51
 
 
 def split_len(length: int, n_splits: int) -> int:
-    """Positions a split covers for a request of ``length`` tokens (the kernels' ``_split_len``): the least power
+    """Positions a split covers for a request of ``length`` tokens (the kernels' ``_length_split``): the least power
     of two from ``MIN_SPLIT`` on with which ``n_splits`` splits cover the length. A 1288-token bound at batch 1 with
     8 KV heads: 41 splits of 32 positions; a 131072 bound: 64 splits, of 32 positions up to 2048 tokens, of 2048 at
     131072 (before, the bound set the split: 256 of 512 positions at every length, 3 programs a group busy at 1280)."""
