@@ -14,7 +14,9 @@ which explains a few ms, not 29. This says whether the rest is GPU work (which k
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -78,7 +80,24 @@ def profile_one(engine: Engine, prompt: list[int], rung: int, device: torch.devi
         if cuda:
             torch.cuda.synchronize()
     table = kernel_table(prof, cuda)
-    return {**samples, **summarize(table, samples["ttft_median_ms"]), "kernels": table[:40]}
+    return {**samples, **summarize(table, samples["ttft_median_ms"]), "kernels": table[:40],
+            "host_functions": host_functions(engine, prompt, rung, params, cuda)}
+
+
+def host_functions(engine: Engine, prompt: list[int], rung: int, params, cuda: bool, top: int = 30) -> list[dict]:
+    """One more request under cProfile: the Python functions where the host spends its time issuing the prefill
+    (largest own time first), to tell launch overhead from work the host need not do."""
+    profiler = cProfile.Profile()
+    with profiler:
+        req = engine.add_request(prompt, params, rung=rung)
+        for _ in engine.stream(req):
+            pass
+        if cuda:
+            torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats
+    rows = [{"function": f"{Path(file).name}:{line}:{name}", "calls": calls, "own_ms": own * 1e3, "cum_ms": cum * 1e3}
+            for (file, line, name), (_, calls, own, cum, _) in stats.items()]
+    return sorted(rows, key=lambda r: -r["own_ms"])[:top]
 
 
 def run(weights: str, spec, rates, prompt_tokens: int, device: torch.device) -> list[dict]:
@@ -93,6 +112,9 @@ def run(weights: str, spec, rates, prompt_tokens: int, device: torch.device) -> 
         cats = ", ".join(f"{k} {v:.1f}" for k, v in row["by_category_ms"].items())
         print(f"{weights:5s} rate {row['rate']:.2f}: TTFT median {row['ttft_median_ms']:.1f} ms, kernels "
               f"{row['busy_ms']:.1f} ms ({cats}), host or idle {row['host_or_idle_ms']:.1f} ms", flush=True)
+        for fn in row["host_functions"][:12]:
+            print(f"    host {fn['own_ms']:7.2f} ms own {fn['cum_ms']:7.2f} cum {fn['calls']:6d} calls  "
+                  f"{fn['function']}")
         rows.append(row)
     return rows
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniql.kernels import elementwise
+from uniql.kernels import elementwise, ops
 from uniql.kernels.pdl import head_gemv_preload
 from uniql.kernels.rope import decode_rope_tables, rope_tables
 from uniql.kernels.switches import switch
@@ -95,11 +95,6 @@ class ElasticAttention(nn.Module):
         b, t, _ = flat.shape
         return flat.view(b, t, qk // 2, 2, heads).permute(0, 4, 1, 2, 3)
 
-    @staticmethod
-    def _qk(x, proj, heads, qk):
-        """Project to the kept channels: [B, T, heads*qk] -> [B, heads, T, qk/2, 2]."""
-        return ElasticAttention._pairs_view(proj(x, n=heads * qk), heads, qk)
-
     def rope_cos_sin(self, inv_freq, positions, pairs, scaling):
         """cos/sin [B, kv_heads, T, pairs] from each group's stored frequency indices."""
         freqs = inv_freq[self.rope_index[:, :pairs]]  # [g, P]
@@ -132,16 +127,20 @@ class ElasticAttention(nn.Module):
         n, g, qk, vo = self.n_heads, self.n_kv, sizes.qk, sizes.vo
         q_flat, k_flat, v = self.project(x, sizes)
         b, t, _ = v.shape
-        q, k = self._pairs_view(q_flat, n, qk), self._pairs_view(k_flat, g, qk)
-        cos, sin = self.rope_cos_sin(inv_freq, positions, qk // 2, rope_scaling)
-        k = rotate_pairs(k, cos, sin).flatten(-2).to(x.dtype)  # fp32 angles, activations stay in the model dtype
-        rep = n // g
-        q = rotate_pairs(q, cos.repeat_interleave(rep, 1), sin.repeat_interleave(rep, 1)).flatten(-2).to(x.dtype)
+        if rope is not None:  # CUDA inference: the forward's tables, q and k rotated in one launch (as decode)
+            q, k = ops.rope(q_flat.reshape(b * t, -1), k_flat.reshape(b * t, -1), *rope, self.rope_index, n, g, qk)
+            q, k = q.view(n, b, t, qk).transpose(0, 1), k.view(g, b, t, qk).transpose(0, 1)
+        else:
+            q, k = self._pairs_view(q_flat, n, qk), self._pairs_view(k_flat, g, qk)
+            cos, sin = self.rope_cos_sin(inv_freq, positions, qk // 2, rope_scaling)
+            k = rotate_pairs(k, cos, sin).flatten(-2).to(x.dtype)  # fp32 angles, activations in the model dtype
+            rep = n // g
+            q = rotate_pairs(q, cos.repeat_interleave(rep, 1), sin.repeat_interleave(rep, 1)).flatten(-2).to(x.dtype)
         v = v.view(b, t, vo, g).permute(0, 3, 1, 2)
         if cache is not None:
             k, v = cache.update(layer, k.to(cache.k[layer].dtype), v.to(cache.v[layer].dtype))
         out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
-                                             scale=self.scale, enable_gqa=rep > 1)
+                                             scale=self.scale, enable_gqa=n > g)
         out = out.permute(0, 2, 3, 1).reshape(b, t, vo * n)  # rank-major, matches o_proj's columns
         return self.o_proj(out, k=n * vo)
 
@@ -340,8 +339,12 @@ class ElasticDecoder(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         mask = self.attention_mask(attention_mask, b, t, past, input_ids.device)
-        return {"inv_freq": self.inv_freq, "positions": positions, "mask": mask,
-                "rope_scaling": self.spec.rope_attention_scaling, "cache": cache}
+        scaling = self.spec.rope_attention_scaling
+        # fused path: the tables once a forward (every layer gathers its own frequencies from them)
+        rope = rope_tables(self.inv_freq, positions.reshape(-1), scaling) \
+            if self.spec.num_heads and _fused_kernels(input_ids) else None
+        return {"inv_freq": self.inv_freq, "positions": positions, "mask": mask, "rope_scaling": scaling,
+                "cache": cache, "rope": rope}
 
     def _decode_rope(self, positions, cache: DecodeBatch):
         """The step's cos / sin tables: at ``positions`` when given, else at each request's last position

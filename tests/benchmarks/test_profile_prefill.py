@@ -55,6 +55,9 @@ def test_tiny_model_on_cpu(tmp_path):
     for row in rows:
         assert row["ttft_median_ms"] > 0 and row["busy_ms"] > 0 and row["kernels"]
         assert row["busy_ms"] == pytest.approx(sum(row["by_category_ms"].values()))
+        host = row["host_functions"]
+        assert host and all(f["cum_ms"] >= f["own_ms"] >= 0 and f["calls"] > 0 for f in host)
+        assert [f["own_ms"] for f in host] == sorted((f["own_ms"] for f in host), reverse=True)
     int4_kinds = {k["category"] for r in rows if r["weights"] == "int4" for k in r["kernels"]}
     dense_kinds = {k["category"] for r in rows if r["weights"] == "dense" for k in r["kernels"]}
     assert "int4 kernels" in int4_kinds and "int4 kernels" not in dense_kinds

@@ -42,6 +42,30 @@ def test_chunked_prefill_matches_the_reference(chunk_elements):
     assert err < (1e-5 if x.dtype == torch.float32 else 3e-3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("segments", "col0", "width"), [
+    ([(0, 300), (320, 256)], 0, 556),  # both whole
+    ([(0, 300), (320, 256)], 256, 128),  # a chunk across the boundary
+    ([(5, 37), (64, 70), (200, 3), (300, 90), (500, 100)], 20, 280),  # five narrow, unaligned segments
+    ([(0, 96), (96, 32), (128, 32)], 96, 64),  # q|k|v side by side, a chunk of k and v
+])
+def test_columns_across_segments_are_exact(dtype, segments, col0, width):
+    """One launch dequantizes columns of several segments' prefixes, as they lie side by side in the output."""
+    qweight, scales = packed(640, 128, 64)
+    got = dq.dequantize_columns(qweight, scales, 64, 120, segments, col0, width, dtype)
+    ref = torch.cat([dq.dequantize_prefix_reference(qweight[:, a:], scales[:, a:], 64, 120, n, dtype)
+                     for a, n in segments], dim=1)[:, col0:col0 + width]
+    assert torch.equal(got, ref)
+
+
+def test_chunk_budget_grows_with_the_device_within_bounds(monkeypatch):
+    assert dq.chunk_budget(torch.device("cpu")) == dq.CHUNK_ELEMENTS
+    for total, want in [(8 << 30, dq.CHUNK_ELEMENTS), (48 << 30, 96 << 20), (80 << 30, dq.MAX_CHUNK_ELEMENTS)]:
+        props = type("P", (), {"total_memory": total})()
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d, p=props: p)
+        assert dq.chunk_budget(torch.device("cuda")) == want
+
+
 @pytest.mark.parametrize(("n", "chunk"), [(18944, 9344), (152064, 9344), (300, 128), (128, 128), (1000, 4096)])
 def test_column_chunks_cover_the_columns_in_equal_pieces_within_the_bound(n, chunk):
     pieces = dq.column_chunks(n, chunk)
@@ -54,10 +78,14 @@ def test_column_chunks_cover_the_columns_in_equal_pieces_within_the_bound(n, chu
 
 def test_bad_prefix_is_refused():
     qweight, scales = packed(64, 128, 64)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="do not fit"):
         dq.dequantize_prefix(qweight, scales, 64, 132, 64, DTYPES[0])
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="do not fit"):
         dq.dequantize_prefix(qweight, scales, 64, 128, 65, DTYPES[0])
+    with pytest.raises(ValueError, match="do not fit"):  # six segments
+        dq.dequantize_columns(qweight, scales, 64, 128, [(i, 1) for i in range(6)], 0, 6, DTYPES[0])
+    with pytest.raises(ValueError, match="outside"):
+        dq.dequantize_columns(qweight, scales, 64, 128, [(0, 30), (32, 30)], 40, 30, DTYPES[0])
 
 
 @pytest.mark.skipif(DEV == "cuda", reason="the tensors are lazily mapped on the host only")

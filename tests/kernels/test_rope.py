@@ -33,13 +33,13 @@ def _case(n_tokens, n_heads, n_kv, head_dim, qk, dtype, seed=0, row_pad=0):
 
 
 def _decoder_rope(c):
-    """What ElasticAttention.forward does for one batch element: its _qk view, rope_cos_sin, rotate_pairs."""
+    """What ElasticAttention.forward does for one batch element: its _pairs_view, rope_cos_sin, rotate_pairs."""
     n_heads, n_kv, qk = c.args
     attn = SimpleNamespace(rope_index=c.rope_index.cpu())
     cos, sin = ElasticAttention.rope_cos_sin(attn, c.inv_freq, c.positions[None], qk // 2, 0.9)
     rep = n_heads // n_kv
-    q = ElasticAttention._qk(c.q.cpu()[None], lambda x, n: x, n_heads, qk)
-    k = ElasticAttention._qk(c.k.cpu()[None], lambda x, n: x, n_kv, qk)
+    q = ElasticAttention._pairs_view(c.q.cpu()[None], n_heads, qk)
+    k = ElasticAttention._pairs_view(c.k.cpu()[None], n_kv, qk)
     q = rotate_pairs(q, cos.repeat_interleave(rep, 1), sin.repeat_interleave(rep, 1)).flatten(-2)
     return q[0], rotate_pairs(k, cos, sin).flatten(-2)[0]
 

@@ -129,3 +129,33 @@ def test_unpadded_prompt_without_cache_runs_plain_causal_attention(monkeypatch):
         causal = torch.ones(17, 17, dtype=torch.bool).tril()[None, None].expand(2, 1, 17, 17)
         monkeypatch.setattr(model, "attention_mask", lambda *args: causal)
         assert max_rel_diff(model(ids, attention_mask=ones), fast) <= 1e-6
+
+
+@pytest.mark.parametrize("rung", [0, 7])
+def test_prefill_rotation_from_the_forwards_tables_equals_the_per_layer_one(rung):
+    """The fused path's prefill (CUDA): q and k rotated by ``ops.rope`` from cos/sin tables built once a forward
+    (the Triton kernel there, its reference here) equal the torch path's per-layer rotation: batch 2 after a
+    cached prefix, at a pruned rung, with an attention scaling."""
+    from uniql.kernels.rope import rope_tables
+
+    model = _laddered("qwen2")
+    attn, sizes = model.layers[0].attn, model.sizes_for(rung)[0]
+    assert rung == 0 or sizes.qk < model.spec.head_dim
+    past, steps, scaling = 3, 7, 0.9
+    x = torch.randn(2, steps, model.spec.hidden_size, generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(past, past + steps).expand(2, steps)
+    mask = model.attention_mask(None, 2, steps, past, "cpu")
+    prefix = [torch.randn(2, model.spec.num_kv_heads, past, d) for d in (sizes.qk, sizes.vo)]
+
+    def attend(rope):
+        cache = model.new_cache(batch=2, max_len=16, rung=rung)
+        cache.k[0][:, :, :past], cache.v[0][:, :, :past] = prefix
+        cache.length = past
+        with torch.inference_mode():
+            out = attn(x, sizes, model.inv_freq, positions, mask, scaling, cache=cache, layer=0, rope=rope)
+        return out, cache.k[0][:, :, :past + steps]
+
+    tables = rope_tables(model.inv_freq, positions.reshape(-1), scaling)
+    (fused, k_fused), (plain, k_plain) = attend(tables), attend(None)
+    torch.testing.assert_close(k_fused, k_plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
