@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .int4_config import MAX_SEGMENTS
 from .int4_format import PACK, dequantize
+from .switches import switch
 
 CHUNK_ELEMENTS = 32 << 20  # the least weights dequantized at a time (64 MiB of bf16 scratch)
 MAX_CHUNK_ELEMENTS = 128 << 20  # the most: a whole 8B gate|up (117 M weights) in one launch and one GEMM
@@ -25,6 +26,9 @@ def chunk_budget(device: torch.device) -> int:
     """Weights dequantized at a time on ``device``. Why more than the floor where memory allows: each chunk is a
     dequantize launch and a GEMM launch, and a 1024-token prefill is bound by the host issuing them (stop 45, H100:
     GPU busy 34 ms of a 63 ms TTFT); a bigger chunk costs no more bytes, only scratch."""
+    chosen = switch("UNIQL_DEQUANT_CHUNK")  # millions of weights, or auto
+    if chosen != "auto":
+        return int(chosen) << 20
     if device.type != "cuda":
         return CHUNK_ELEMENTS
     share = torch.cuda.get_device_properties(device).total_memory // SCRATCH_SHARE // 2  # bf16 elements

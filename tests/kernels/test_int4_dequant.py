@@ -101,3 +101,9 @@ def test_a_prefix_past_2_31_elements_is_refused_not_launched(monkeypatch):
     monkeypatch.setattr(dq, "_dequant_kernel", type("K", (), {"__getitem__": lambda *_: launched})())
     with pytest.raises(ValueError, match="int32"):
         dq.dequantize_prefix(qweight, scales, 128, k, n, torch.float16)
+
+
+@pytest.mark.parametrize("value", ["32", "64", "128"])
+def test_the_switch_fixes_the_chunk(value, monkeypatch):
+    monkeypatch.setenv("UNIQL_DEQUANT_CHUNK", value)
+    assert dq.chunk_budget(torch.device("cpu")) == int(value) << 20
