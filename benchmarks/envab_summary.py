@@ -75,18 +75,26 @@ def collect(folder: Path) -> tuple[list[dict], str]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Median TPOT per (model, variant, rate) over the rounds, and its ratio to the default's at that rate."""
-    groups: dict[tuple, list[float]] = {}
+    """Median TPOT per (model, variant, rate) over the rounds and its ratio to the default's at that rate; likewise
+    the runs' TTFT medians where they recorded them (``decode_gpu.py``'s five one-token requests a rate)."""
+    groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["variant"], row["rate"]), []).append(row["tpot_ms"])
+        groups.setdefault((row["model"], row["variant"], row["rate"]), []).append(row)
     out = []
-    for (model, variant, rate), tpots in sorted(groups.items()):
-        base = groups.get((model, "default", rate))
-        median = statistics.median(tpots)
-        out.append({"model": model, "variant": variant, "rate": rate, "runs": len(tpots),
-                    "tpot_ms_median": median, "tpot_ms_all": tpots,
-                    "vs_default": median / statistics.median(base) if base else None})
+    for (model, variant, rate), runs in sorted(groups.items()):
+        base = groups.get((model, "default", rate), [])
+        tpot, tpot_base = _median(runs, "tpot_ms"), _median(base, "tpot_ms")
+        ttft, ttft_base = _median(runs, "ttft_median_ms"), _median(base, "ttft_median_ms")
+        out.append({"model": model, "variant": variant, "rate": rate, "runs": len(runs),
+                    "tpot_ms_median": tpot, "tpot_ms_all": [r["tpot_ms"] for r in runs],
+                    "vs_default": tpot / tpot_base if tpot_base else None, "ttft_ms_median": ttft,
+                    "ttft_vs_default": ttft / ttft_base if ttft is not None and ttft_base else None})
     return out
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
 
 
 def main() -> None:
@@ -106,8 +114,10 @@ def main() -> None:
                                    indent=1))
     for s in summary:
         ratio = f"{s['vs_default']:.3f}" if s["vs_default"] is not None else "-"
+        ttft = "" if s["ttft_ms_median"] is None else \
+            f", TTFT {s['ttft_ms_median']:.1f} ms (x{s['ttft_vs_default'] or float('nan'):.3f})"
         print(f"{s['model']:<22} {s['variant']:<28} rate {s['rate']:.2f}: TPOT {s['tpot_ms_median']:.3f} ms "
-              f"(x{ratio} of default, {s['runs']} runs)")
+              f"(x{ratio} of default, {s['runs']} runs){ttft}")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _run_file(folder: Path, name: str, rnd: int, variant: str, tpots: dict, model: str | None = None) -> None:
+def _run_file(folder: Path, name: str, rnd: int, variant: str, tpots: dict, model: str | None = None,
+              ttft: float | None = None) -> None:
     rows = [{"engine": "uniql", "rate": rate, "batch": 1, "tpot_ms": t} for rate, t in tpots.items()]
+    if ttft is not None:  # decode_gpu.py's TTFT median of its one-token requests
+        rows = [{**r, "ttft_median_ms": ttft + r["rate"]} for r in rows]
     rows.append({"engine": "uniql", "rate": 0.0, "batch": 4, "tpot_ms": 99.0})  # batch 4: not an A/B row
     if model:
         rows = [{**r, "model": model} for r in rows]
@@ -20,10 +23,10 @@ def _run_file(folder: Path, name: str, rnd: int, variant: str, tpots: dict, mode
 
 
 def test_summary_medians_and_ratios(tmp_path):
-    _run_file(tmp_path, "decode", 1, "default", {0.0: 2.4, 0.35: 2.0})
-    _run_file(tmp_path, "decode", 2, "default", {0.0: 2.5, 0.35: 2.0})
-    _run_file(tmp_path, "decode", 1, "UNIQL_NARROW_SPLIT_deep", {0.0: 2.6, 0.35: 2.1})
-    _run_file(tmp_path, "decode", 2, "UNIQL_NARROW_SPLIT_deep", {0.0: 2.8, 0.35: 2.1})
+    _run_file(tmp_path, "decode", 1, "default", {0.0: 2.4, 0.35: 2.0}, ttft=30.0)
+    _run_file(tmp_path, "decode", 2, "default", {0.0: 2.5, 0.35: 2.0}, ttft=34.0)
+    _run_file(tmp_path, "decode", 1, "UNIQL_NARROW_SPLIT_deep", {0.0: 2.6, 0.35: 2.1}, ttft=40.0)
+    _run_file(tmp_path, "decode", 2, "UNIQL_NARROW_SPLIT_deep", {0.0: 2.8, 0.35: 2.1}, ttft=44.0)
     _run_file(tmp_path, "ssm", 1, "default", {0.0: 3.0}, model="mamba2-8b-shape")
     (tmp_path / "decode_envab_h100.txt").write_text("not json")
     out = tmp_path / "summary.json"
@@ -36,7 +39,10 @@ def test_summary_medians_and_ratios(tmp_path):
     deep = by_key[("llama-3.1-8b", "UNIQL_NARROW_SPLIT_deep", 0.0)]
     assert deep["runs"] == 2 and abs(deep["tpot_ms_median"] - 2.7) < 1e-9
     assert abs(deep["vs_default"] - 2.7 / 2.45) < 1e-9
-    assert by_key[("mamba2-8b-shape", "default", 0.0)]["vs_default"] == 1.0
+    assert deep["ttft_ms_median"] == 42.0 and abs(deep["ttft_vs_default"] - 42.0 / 32.0) < 1e-9
+    assert by_key[("llama-3.1-8b", "default", 0.35)]["ttft_ms_median"] == 32.35
+    ssm = by_key[("mamba2-8b-shape", "default", 0.0)]
+    assert ssm["vs_default"] == 1.0 and ssm["ttft_ms_median"] is None and ssm["ttft_vs_default"] is None
 
 
 def test_runs_missing_their_json_are_read_from_the_log(tmp_path):
