@@ -17,7 +17,8 @@
 #            Mamba2-8B shapes (what does not shrink with the rate; why 0.25 decodes no faster than 0.15), ~2 min
 #   prefill  profile_prefill.py: a 1024-token prefill's TTFT on INT4 and dense bf16 weights at rates 0 / 0.35 and its
 #            GPU time by kind of kernel (dequantize, cuBLAS, attention, INT4 Triton, rest) against the wall time
-#            (stop 44: INT4 TTFT 63 ms against 34 dense; not yet run), ~2 min
+#            and the host's Python functions (stop 45: host-bound; the fixes took INT4 from 63-72 to 33-36 ms), ~1 min
+#   prefillgraphs  prefill_graphs.py: TTFT with and without the prefill CUDA graphs at 16-1024 tokens, ~1 min
 #   envab    decode_gpu.py at batch 1, the default tree against each variant in $ENV_AB (space-separated; a
 #            variant is VAR=VALUE, several joined by +; default: UNIQL_NARROW_SPLIT=deep and UNIQL_EARLY_LOADS=0,
 #            the stop-28 behaviours; UNIQL_WIDE_COLS=128 tries 128-column blocks on the wide batch-1 GEMVs (lost),
@@ -128,13 +129,14 @@ for step in ${SUITE:-ab kernels decode}; do
                      python3 profile_decode.py --model $m --rates 0,0.15,0.25,0.35 --json "$OUT/profile_${m}_$gpu.json"
                  done > "$OUT/profile_$gpu.txt" ;;
         prefill) python3 profile_prefill.py --json "$OUT/prefill_profile_$gpu.json" > "$OUT/prefill_profile_$gpu.txt" 2>&1 ;;
+        prefillgraphs) python3 prefill_graphs.py --json "$OUT/prefill_graphs_$gpu.json" > "$OUT/prefill_graphs_$gpu.txt" 2>&1 ;;
         tests) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/kernels) > "$OUT/tests_$gpu.txt" 2>&1 ;;
         tests1) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/runtime/test_runner.py \
                      tests/runtime/test_ssm_graphs.py tests/runtime/test_graph_reset.py tests/runtime/test_ssm_folds.py) > "$OUT/tests1_$gpu.txt" 2>&1 ;;
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, downsweep, prunedsweep, ssmprobe, attnprobe, chain, loop, short, floor, profile, prefill, tests, tests1, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, downsweep, prunedsweep, ssmprobe, attnprobe, chain, loop, short, floor, profile, prefill, prefillgraphs, tests, tests1, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done

@@ -358,8 +358,9 @@ class ElasticDecoder(nn.Module):
 
     def forward(self, input_ids, rung: int | None = None, attention_mask=None, positions=None,
                 cache: KVCache | None = None, sizes: list[LayerSizes] | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        """Logits [B, T, V] at a rung of the ladder (or explicit per-layer ``sizes``)."""
+                logits_to_keep: int = 0, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] at a rung of the ladder (or explicit per-layer ``sizes``); ``[B, 1, V]`` at the one
+        position a device index ``last_index`` [1] names (a graphed prefill's last real token, no host sync)."""
         sizes = sizes or (cache.sizes if cache is not None else self.sizes_for(rung))
         ctx = self.context(input_ids, attention_mask, positions, cache)
         x, pending = self._embed(input_ids, cache)
@@ -371,7 +372,9 @@ class ElasticDecoder(nn.Module):
             x, pending = layer(x, sizes[i], ctx, layer=i, pending=pending, defer=True, next_norm=next_norm)
         if isinstance(cache, KVCache):
             cache.advance(input_ids.shape[1])
-        if logits_to_keep and not isinstance(pending, Prenormed):  # a Prenormed comes from a one-token step
+        if last_index is not None and not isinstance(pending, Prenormed):
+            x, pending = x.index_select(1, last_index), None if pending is None else pending.index_select(1, last_index)
+        elif logits_to_keep and not isinstance(pending, Prenormed):  # a Prenormed comes from a one-token step
             x, pending = x[:, -logits_to_keep:], None if pending is None else pending[:, -logits_to_keep:]
         hidden = self.final_hidden(x, pending)
         with head_gemv_preload():
@@ -390,10 +393,8 @@ class ElasticDecoder(nn.Module):
 
     @property
     def head_takes_prenormed(self) -> bool:
-        """The vocab projection can finish the final norm begun by the last block's output GEMV in a decode step
-        (an INT4 head, one launch less a step): not a rotated tied table, normalised in the original basis
-        (``final_hidden``). Off unless ``UNIQL_HEAD_FOLD=1``: the norm prologue slows the 8B head's GEMV by more
-        than the ~2 us launch it saves (in-graph profile 106 vs 96 us a step; engine A/B, H100, two rounds, FOLD=0
-        faster at every rate: Llama 5-12 us, Mamba2 1-6 us a step, results/envab_head_fold_h100.json)."""
+        """The INT4 vocab projection can finish the final norm begun by the last block's output GEMV in a decode
+        step (not a rotated tied table, normalised in the original basis: ``final_hidden``). Off unless
+        ``UNIQL_HEAD_FOLD=1``: its prologue slows the 8B head by more than the launch it saves (README switches)."""
         fold = switch("UNIQL_HEAD_FOLD") == "1"
         return fold and self.hidden_rotation is None and isinstance(self.head, Int4Linear)

@@ -27,6 +27,12 @@ from .decoder import ElasticDecoder
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
 
 
+def smallest_bucket(buckets: tuple[int, ...], n: int) -> int | None:
+    """The smallest of the sorted ``buckets`` that holds ``n`` (None: ``n`` is larger than all of them)."""
+    i = bisect.bisect_left(buckets, n)
+    return buckets[i] if i < len(buckets) else None
+
+
 def greedy_picks(logits_bv: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """int64 ``[2, B]``: each row's argmax over the vocabulary and whether the row is finite. Inside the graph,
     so a greedy step costs the host one small read instead of the sampler's ~7 launches over ``[B, V]`` (the same
@@ -69,8 +75,7 @@ class DecodeGraphs:
 
     def bucket(self, batch: int) -> int | None:
         """The smallest captured batch size that holds ``batch`` rows (None: larger than every bucket)."""
-        i = bisect.bisect_left(self.buckets, batch)
-        return self.buckets[i] if i < len(self.buckets) else None
+        return smallest_bucket(self.buckets, batch)
 
     def capture_all(self, rungs) -> None:
         """Capture every (rung, bucket) now instead of on first use (start-up cost for steady latency)."""
@@ -160,7 +165,7 @@ class DecodeGraphs:
             for _ in range(2):
                 self._forward(entry)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        with _collector_paused(), torch.cuda.graph(entry.graph, pool=self.pool):
+        with collector_paused(), torch.cuda.graph(entry.graph, pool=self.pool):
             entry.logits = self._forward(entry)
             entry.picks = greedy_picks(entry.logits, self.model.spec.vocab_size)
             # the next step's inputs, for ``chain``: the picks in, real rows one longer (pads stay at length 1)
@@ -171,7 +176,7 @@ class DecodeGraphs:
 
 
 @contextlib.contextmanager
-def _collector_paused():
+def collector_paused():
     """Collect Python garbage now and not during the capture: a dead engine's CUDA graph (or pinned buffer) freed
     by the cycle collector mid-capture is a CUDA call the capture forbids, and it invalidates the capture ("operation
     not permitted when stream is capturing"). torch no longer collects at capture start by default."""

@@ -21,6 +21,7 @@ from .decoder import ElasticDecoder
 from .fusion import fuse_projections
 from .graphs import DEFAULT_BUCKETS, DecodeGraphs, Lookahead, greedy_picks
 from .linear import Int4Linear
+from .prefill_graphs import DEFAULT_PREFILL_BUCKETS, PrefillGraphs
 from .request import Request
 from .ssm_cache import cache_bytes
 
@@ -28,12 +29,14 @@ from .ssm_cache import cache_bytes
 class ModelRunner:
     def __init__(self, model: ElasticDecoder, cache_dtype: torch.dtype | None = None, *,
                  max_model_len: int | None = None, cuda_graphs: bool = True,
-                 graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+                 graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+                 prefill_buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS):
         self.model = model.eval()
         self.cache_dtype = cache_dtype or model.norm.weight.dtype
         self.max_model_len = max_model_len or model.spec.max_position_embeddings
         self.caches: dict[str, KVCache] = {}
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.lookahead_reads = 0  # greedy steps that were already on the GPU when asked for
         if self.device.type == "cpu":  # no Triton on CPU: a host form per projection (aten int4 GEMM or dense)
             dtype = model.norm.weight.dtype
@@ -45,6 +48,8 @@ class ModelRunner:
             reserve_workspace(self.device, floats=1 << 23)  # split-K scratch, allocated before any capture
             if cuda_graphs:
                 self.graphs = DecodeGraphs(model, self.max_model_len, self.cache_dtype, graph_buckets)
+            if cuda_graphs and prefill_buckets and PrefillGraphs.supports(model):
+                self.prefill_graphs = PrefillGraphs(model, self.cache_dtype, prefill_buckets)
 
     @property
     def device(self) -> torch.device:
@@ -68,6 +73,11 @@ class ModelRunner:
         """Run the prompt, fill a fresh cache; returns the last position's logits [V] (fp32)."""
         cache = self.model.new_cache(1, req.max_len, req.rung, self.cache_dtype)
         self.caches[req.request_id] = cache
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.bucket(len(req.prompt_ids)) is not None:
+            logits = graphs.run(req.rung, req.prompt_ids, cache)
+            if logits is not None:
+                return logits.float()
         ids = torch.tensor([req.prompt_ids], device=self.device)
         return self.model(ids, cache=cache, logits_to_keep=1)[0, -1].float()
 
@@ -110,6 +120,12 @@ class ModelRunner:
             graphs.pending = Lookahead(key, entry, 1 - slot)
         picks = graphs.read(entry, slot, len(reqs))
         return picks[0], [bool(v) for v in picks[1]]
+
+    def reset_graphs(self) -> None:
+        """Drop every captured graph, decode and prefill (weights were replaced); each is recaptured on next use."""
+        for graphs in (self.graphs, self.prefill_graphs):
+            if graphs is not None:
+                graphs.reset()
 
     @property
     def lookahead_key(self) -> tuple[str, ...] | None:

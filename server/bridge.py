@@ -120,12 +120,11 @@ class EngineBackend:
 
     def change_weights(self, change) -> None:
         """Run ``change()`` (a residency pass that swaps weight tensors) where no forward can overlap it: on the
-        engine thread between two steps. The captured decode graphs hold the old tensors' addresses, so they are
-        dropped first (their pool too, before the pass allocates) and recaptured at the next decode of each
-        (rung, batch bucket). Decoding waits for the whole pass (its cost: ``ResidencyManager.last_pass_s``)."""
+        engine thread between two steps. The captured decode and prefill graphs hold the old tensors' addresses, so
+        they are dropped first (their pools too, before the pass allocates) and recaptured at their next use.
+        Decoding waits for the whole pass (its cost: ``ResidencyManager.last_pass_s``)."""
         def run(engine: Engine) -> None:
-            if engine.runner.graphs is not None:
-                engine.runner.graphs.reset()
+            engine.runner.reset_graphs()
             change()
         self.front.between_steps(run)
 

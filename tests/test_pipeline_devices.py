@@ -97,14 +97,12 @@ def test_compress_serve_release_reload_on_the_device(case, device, tokenizer, tm
     weights = ElasticWeights(engine.runner.model, ckpt)
     for layer in range(weights.num_layers):
         weights.release_layer(layer, top)
-    if engine.runner.graphs is not None:
-        engine.runner.graphs.reset()
+    engine.runner.reset_graphs()
     assert run_all(engine, ids, top) == outputs[True][top]  # the top rung never reads a released tail
     for layer in range(weights.num_layers):
         weights.reload_layer(layer, 0)
     weights.settle()
-    if engine.runner.graphs is not None:
-        engine.runner.graphs.reset()
+    engine.runner.reset_graphs()
     assert run_all(engine, ids, 0) == outputs[True][0]  # the reloaded tails are the stored ones
 
     ppl = wikitext2_ppl(engine.runner.model, tokenizer, rung=top, path=WIKI, seqlen=32, max_windows=2)["ppl"]

@@ -29,7 +29,7 @@ def _swap_norm_weight(engine: Engine) -> torch.Tensor:
     """What a residency pass does (``EngineBackend.change_weights``): graphs dropped, then a weight tensor replaced
     by a copy; the old memory is then free for anything (NaN here, so reading it shows)."""
     model = engine.runner.model
-    engine.runner.graphs.reset()
+    engine.runner.reset_graphs()
     old = model.norm.weight
     model.norm.weight = torch.nn.Parameter(old.detach().clone(), requires_grad=False)
     old.data.fill_(float("nan"))

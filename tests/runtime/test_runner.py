@@ -346,7 +346,7 @@ def test_graph_capture_collects_garbage_first_and_pauses_the_collector():
     import gc
     import weakref
 
-    from uniql.runtime.graphs import _collector_paused
+    from uniql.runtime.graphs import collector_paused
 
     class Node:
         pass
@@ -356,6 +356,6 @@ def test_graph_capture_collects_garbage_first_and_pauses_the_collector():
     dead = weakref.ref(node)
     del node
     assert gc.isenabled()
-    with _collector_paused():
+    with collector_paused():
         assert dead() is None and not gc.isenabled()
     assert gc.isenabled()

@@ -1,0 +1,129 @@
+"""CUDA graphs for the prefill of short prompts: one graph per (rung, length bucket), captured lazily, one pool.
+
+Why: an eager prefill is bound by the host issuing its ~20 launches a layer. At stop 45 (H100) a 1024-token INT4
+prefill kept the GPU busy 28 of its 33 ms, and a shorter prompt's GPU time shrinks with it while the host's does
+not. A graph issues every launch at once.
+
+A prompt of ``n`` tokens runs in the smallest bucket ``L >= n``, its ids padded after the real ones. Causal
+attention keeps the real positions blind to the padding, so their K/V and the last real position's logits are
+those of the unpadded prompt (up to the kernels' choice of tiles for ``L`` rows). The graph gathers that one
+position before the head through a device index, with no host sync. Its K/V land in the graph's own staging cache
+and are copied into the request's cache after the replay (``n`` positions a layer).
+
+Models with Mamba layers are not graphed: the padding would run through their recurrent state. A capture that
+fails turns the graphs off for good, with a warning; every prompt then runs eagerly, as one past the largest
+bucket does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .cache import KVCache
+from .decoder import ElasticDecoder
+from .graphs import collector_paused, smallest_bucket
+
+DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512)
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Prefill:
+    graph: torch.cuda.CUDAGraph
+    cache: KVCache  # staging: batch 1, max_len = the bucket
+    step_in: torch.Tensor  # int64 [L + 1] on the device: the padded ids, then the last real position
+    host_in: torch.Tensor  # its pinned host twin
+    copied: torch.cuda.Event  # the last host-to-device copy of host_in has landed (host_in may be rewritten)
+    logits: torch.Tensor | None = None  # [1, V], written by every replay
+
+
+def padded_forward(model: ElasticDecoder, step_in: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Logits ``[1, V]`` of the last real token of a padded prompt: ``step_in`` = ids ``[L]`` then that token's
+    position; K/V of all ``L`` positions written to ``cache`` from position 0 (what a graph replays)."""
+    size = step_in.shape[0] - 1
+    cache.length = 0  # every replay prefills from the start
+    return model(step_in[:size].view(1, size), cache=cache, last_index=step_in[size:])[:, 0]
+
+
+def fill_step(host_in: torch.Tensor, prompt_ids: list[int]) -> None:
+    """``host_in [L + 1]``: the prompt's ids, zeros after them (any valid id: causal attention hides them), then
+    the last real position."""
+    n, size = len(prompt_ids), host_in.shape[0] - 1
+    if not 0 < n <= size:
+        raise ValueError(f"a {n}-token prompt does not fit a {size}-token bucket")
+    host_in[:n].copy_(torch.tensor(prompt_ids, dtype=torch.int64))
+    host_in[n:size].zero_()
+    host_in[size] = n - 1
+
+
+class PrefillGraphs:
+    def __init__(self, model: ElasticDecoder, cache_dtype: torch.dtype,
+                 buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS):
+        self.model, self.cache_dtype = model, cache_dtype
+        self.buckets = tuple(sorted(buckets))
+        self.device = model.norm.weight.device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], _Prefill] = {}
+        self.enabled = self.supports(model)
+        self._attn_layers = model.spec.layers_with("attn")
+
+    @staticmethod
+    def supports(model: ElasticDecoder) -> bool:
+        """Whether padding a prompt changes nothing real: no Mamba layer (their state would run through it)."""
+        return not model.spec.layers_with("mamba")
+
+    def bucket(self, n: int) -> int | None:
+        """The smallest bucket that holds ``n`` tokens (None: graphs off, or longer than every bucket)."""
+        return smallest_bucket(self.buckets, n) if self.enabled and n > 0 else None
+
+    def reset(self) -> None:
+        """Drop every captured graph and its pool (the weights they read were replaced); recaptured on next use."""
+        torch.cuda.synchronize(self.device)
+        self.graphs.clear()
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def run(self, rung: int, prompt_ids: list[int], cache: KVCache) -> torch.Tensor | None:
+        """The prompt's last logits ``[V]`` (a view valid until the next replay) with its K/V written to ``cache``,
+        or None when the graph could not be captured (graphs now off: run it eagerly)."""
+        n = len(prompt_ids)
+        entry = self._get(rung, self.bucket(n))
+        if entry is None:
+            return None
+        entry.copied.synchronize()  # the previous replay's copy has read host_in
+        fill_step(entry.host_in, prompt_ids)
+        entry.step_in.copy_(entry.host_in, non_blocking=True)
+        entry.copied.record()
+        entry.graph.replay()
+        for layer in self._attn_layers:
+            cache.k[layer][:, :, :n].copy_(entry.cache.k[layer][:, :, :n])
+            cache.v[layer][:, :, :n].copy_(entry.cache.v[layer][:, :, :n])
+        cache.advance(n)
+        return entry.logits[0]
+
+    @torch.inference_mode()
+    def _get(self, rung: int, size: int) -> _Prefill | None:
+        if (rung, size) in self.graphs:
+            return self.graphs[(rung, size)]
+        entry = _Prefill(torch.cuda.CUDAGraph(), self.model.new_cache(1, size, rung, self.cache_dtype),
+                         torch.zeros(size + 1, dtype=torch.int64, device=self.device),
+                         torch.zeros(size + 1, dtype=torch.int64).pin_memory(), torch.cuda.Event())
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: compiles the kernels for L rows, settles allocations
+                for _ in range(2):
+                    padded_forward(self.model, entry.step_in, entry.cache)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            with collector_paused(), torch.cuda.graph(entry.graph, pool=self.pool):
+                entry.logits = padded_forward(self.model, entry.step_in, entry.cache)
+        except RuntimeError as exc:  # e.g. an op that syncs the host: eager prefill is still right
+            log.warning("prefill CUDA graphs off: capturing (rung %d, %d tokens) failed: %s", rung, size, exc)
+            self.enabled = False
+            self.graphs.clear()
+            return None
+        entry.copied.record()
+        self.graphs[(rung, size)] = entry
+        return entry
