@@ -22,9 +22,12 @@ GEMV_MAX_M = 4
 # won twice on the H100, 0.8 and 0.92 lost: see _wide_block_n)
 WIDE_128_SHARE = 0.78
 PAIRED_256_PER_SM = 7  # a paired gate|up's 256-column programs an SM (70 registers a thread: _programs_per_sm)
-# From here on dequantize + cuBLAS beats the in-loop GEMM: the dequant pass costs ~2.5 bytes per weight
-# (~120 us for Llama-8B's gate_up on an H100) while the Triton GEMM runs ~2.2x cuBLAS time (~0.36 us a row there)
-DEQUANT_MIN_M = 256
+# From here on dequantize + cuBLAS beats the in-loop GEMM. The dequant pass costs ~2.5 bytes per weight (~120 us
+# for Llama-8B's gate_up on an H100), the Triton GEMM's tiles cost more per row than cuBLAS's. Was 256 until stop
+# 45: in the engine's graphed prefill (H100, results/prefill_graphs_h100.json) 128 rows through the GEMM took
+# 18.5 / 15.5 ms (rates 0 / 0.35) against 15.6 / 11.6 ms for 256 rows through dequant + cuBLAS, which at 128 rows
+# does the same dequant and a smaller GEMM. Between 64 and 128 rows is not measured yet.
+DEQUANT_MIN_M = 128
 
 
 @dataclass(frozen=True)
