@@ -7,8 +7,10 @@ not. A graph issues every launch at once.
 A prompt of ``n`` tokens runs in the smallest bucket ``L >= n``, its ids padded after the real ones. Causal
 attention keeps the real positions blind to the padding, so their K/V and the last real position's logits are
 those of the unpadded prompt (up to the kernels' choice of tiles for ``L`` rows). The graph gathers that one
-position before the head through a device index, with no host sync. Its K/V land in the graph's own staging cache
-and are copied into the request's cache after the replay (``n`` positions a layer).
+position before the head through a device index, with no host sync. Its K/V land in a staging cache (one a rung,
+as long as the largest bucket: 67 MB for an 8B shape at 512 tokens) and are copied into the request's cache after
+the replay (``n`` positions a layer). The graphs share one memory pool (their activations and dequantize scratch:
+captures run one at a time, replays too).
 
 Models with Mamba layers are not graphed: the padding would run through their recurrent state. A capture that
 fails turns the graphs off for good, with a warning; every prompt then runs eagerly, as one past the largest
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Prefill:
     graph: torch.cuda.CUDAGraph
-    cache: KVCache  # staging: batch 1, max_len = the bucket
+    cache: KVCache  # the rung's staging cache (batch 1, the largest bucket's length), shared by its buckets
     step_in: torch.Tensor  # int64 [L + 1] on the device: the padded ids, then the last real position
     host_in: torch.Tensor  # its pinned host twin
     copied: torch.cuda.Event  # the last host-to-device copy of host_in has landed (host_in may be rewritten)
@@ -67,6 +69,7 @@ class PrefillGraphs:
         self.device = model.norm.weight.device
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], _Prefill] = {}
+        self._staging: dict[int, KVCache] = {}  # one a rung: replays never overlap, each copies its K/V out first
         self.enabled = self.supports(model)
         self._attn_layers = model.spec.layers_with("attn")
 
@@ -79,10 +82,18 @@ class PrefillGraphs:
         """The smallest bucket that holds ``n`` tokens (None: graphs off, or longer than every bucket)."""
         return smallest_bucket(self.buckets, n) if self.enabled and n > 0 else None
 
+    def capture_all(self, rungs) -> None:
+        """Capture every (rung, bucket) now instead of at first use (a capture that fails turns the graphs off)."""
+        for rung in rungs:
+            for size in self.buckets:
+                if self.enabled:
+                    self._get(rung, size)
+
     def reset(self) -> None:
         """Drop every captured graph and its pool (the weights they read were replaced); recaptured on next use."""
         torch.cuda.synchronize(self.device)
         self.graphs.clear()
+        self._staging.clear()
         self.pool = torch.cuda.graph_pool_handle()
 
     def run(self, rung: int, prompt_ids: list[int], cache: KVCache) -> torch.Tensor | None:
@@ -107,7 +118,9 @@ class PrefillGraphs:
     def _get(self, rung: int, size: int) -> _Prefill | None:
         if (rung, size) in self.graphs:
             return self.graphs[(rung, size)]
-        entry = _Prefill(torch.cuda.CUDAGraph(), self.model.new_cache(1, size, rung, self.cache_dtype),
+        if rung not in self._staging:
+            self._staging[rung] = self.model.new_cache(1, self.buckets[-1], rung, self.cache_dtype)
+        entry = _Prefill(torch.cuda.CUDAGraph(), self._staging[rung],
                          torch.zeros(size + 1, dtype=torch.int64, device=self.device),
                          torch.zeros(size + 1, dtype=torch.int64).pin_memory(), torch.cuda.Event())
         try:

@@ -121,6 +121,13 @@ class ModelRunner:
         picks = graphs.read(entry, slot, len(reqs))
         return picks[0], [bool(v) for v in picks[1]]
 
+    def capture_graphs(self, rungs) -> None:
+        """Capture every decode and prefill graph of these rungs now (start-up cost for steady latency); no-op
+        without graphs (CPU, ``cuda_graphs=False``)."""
+        for graphs in (self.graphs, self.prefill_graphs):
+            if graphs is not None:
+                graphs.capture_all(rungs)
+
     def reset_graphs(self) -> None:
         """Drop every captured graph, decode and prefill (weights were replaced); each is recaptured on next use."""
         for graphs in (self.graphs, self.prefill_graphs):

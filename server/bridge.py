@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class EngineBackend:
         self.engine = Engine(model, tokenizer, max_num_seqs=cfg.max_num_seqs, max_queued=cfg.max_queued_requests,
                              max_model_len=cfg.max_model_len or model.spec.max_position_embeddings,
                              eos_token_ids=eos_ids)
+        if cfg.capture_graphs == "startup" and self.engine.runner.graphs is not None:  # CUDA: before the engine
+            # thread exists, as a capture allows no other CUDA work meanwhile
+            self._capture_graphs(model)
         self.front = AsyncEngine(self.engine)
         self.tokenizer = tokenizer
         self.token_bytes = token_bytes_fn(tokenizer, self.token_text)  # token_id -> its raw bytes (logprobs)
@@ -40,6 +44,12 @@ class EngineBackend:
         self.max_model_len = self.engine.max_model_len
         self.weights = ElasticWeights(model, ckpt_dir)
         self.weights.settle()  # the runner's one-time dequantization leaves temporaries in the heap
+
+    def _capture_graphs(self, model) -> None:
+        runner, start = self.engine.runner, time.perf_counter()
+        for rung in range(len(model.ladder.rates)):
+            runner.capture_graphs([rung])
+            log.info("CUDA graphs of rung %d captured (%.1f s so far)", rung, time.perf_counter() - start)
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, cfg: ServerConfig) -> EngineBackend:

@@ -55,6 +55,7 @@ class ServerConfig:
     monitor_interval_s: float = 0.5
     residency: bool = True  # release weight tails under sustained pressure
     residency_sustain_s: float = 2.0
+    capture_graphs: str = "lazy"  # CUDA graphs captured at first use, or every one at start-up ("startup")
     log_level: str = "info"
 
     def fixed_rate(self) -> float | None:
@@ -75,6 +76,8 @@ class ServerConfig:
 
         self.fixed_rate()
         check_dtype_name(self.dtype)
+        if self.capture_graphs not in ("lazy", "startup"):
+            raise ValueError(f"--capture-graphs must be lazy or startup, got {self.capture_graphs!r}")
         _check_size("--memory-reserve", lambda: resolve_reserve(self.memory_reserve, 0))  # syntax only
         _check_size("--hysteresis", lambda: parse_bytes(self.hysteresis))
         self._check_numbers()

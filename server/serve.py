@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-residency", action="store_true", help="never release weight tails under memory pressure")
     p.add_argument("--residency-sustain", type=float, default=2.0,
                    help="seconds a memory shortage (or recovery) must last before weights are released (reloaded)")
+    p.add_argument("--capture-graphs", default="lazy", choices=["lazy", "startup"],
+                   help="CUDA: capture each decode / prefill graph at its first use (lazy), or all at start-up "
+                        "(slower start, no first-request capture)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -58,7 +61,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         device=args.device, dtype=args.dtype, default_max_tokens=args.default_max_tokens,
                         tpot_target_ms=args.tpot_target_ms, hysteresis=args.hysteresis,
                         monitor_interval_s=args.monitor_interval, residency=not args.no_residency,
-                        residency_sustain_s=args.residency_sustain, log_level=args.log_level)
+                        residency_sustain_s=args.residency_sustain, capture_graphs=args.capture_graphs,
+                        log_level=args.log_level)
 
 
 def make_loader(cfg: ServerConfig):

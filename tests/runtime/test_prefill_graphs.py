@@ -60,7 +60,7 @@ def test_a_padded_prompt_gives_the_unpadded_logits_and_cache(rung, n):
     with torch.inference_mode():
         eager_cache = model.new_cache(1, 40, rung)
         eager = model(torch.tensor([prompt]), cache=eager_cache, logits_to_keep=1)[0, -1]
-        staging = model.new_cache(1, size, rung)
+        staging = model.new_cache(1, 32, rung)  # the rung's staging cache: as long as the largest bucket
         step = torch.empty(size + 1, dtype=torch.int64)
         fill_step(step, prompt)
         padded = padded_forward(model, step, staging)
@@ -117,3 +117,18 @@ def test_a_prompt_longer_than_every_bucket_runs_eagerly_on_gpu():
     runner = ModelRunner(_int4_llama().to("cuda", torch.bfloat16), max_model_len=64, prefill_buckets=(8,))
     _prefill(runner, list(range(1, 12)), 0)
     assert runner.prefill_graphs.graphs == {}
+
+
+def test_capturing_at_start_up_is_a_no_op_without_graphs():
+    runner = ModelRunner(_laddered())  # CPU: neither kind of graph
+    runner.capture_graphs([0, 1])
+    assert runner.graphs is None and runner.prefill_graphs is None
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_capturing_at_start_up_takes_every_bucket_of_the_rungs_on_gpu():
+    runner = ModelRunner(_int4_llama().to("cuda", torch.bfloat16), max_model_len=64, graph_buckets=(1, 2),
+                         prefill_buckets=(8, 16))
+    runner.capture_graphs([0, 2])
+    assert sorted(runner.prefill_graphs.graphs) == [(0, 8), (0, 16), (2, 8), (2, 16)]
+    assert sorted(runner.graphs.graphs) == [(0, 1), (0, 2), (2, 1), (2, 2)]

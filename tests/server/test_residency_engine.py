@@ -119,3 +119,23 @@ def test_between_steps_runs_on_the_engine_thread_and_raises_there_errors_here(ba
     with pytest.raises(ZeroDivisionError):
         backend.front.between_steps(lambda engine: 1 / 0)
     assert greedy(backend, 7)  # the engine still steps
+
+
+def test_start_up_capture_takes_every_graph_before_the_first_request(portable_tiny_ckpt):
+    """``--capture-graphs startup``: on CUDA every rung's decode and prefill graphs exist before any request (no
+    capture in a request's latency), and they serve the same tokens; on CPU (no graphs) it loads as ever."""
+    from uniql.server.bridge import EngineBackend
+
+    backend = EngineBackend.load(portable_tiny_ckpt, ServerConfig(device=DEVICE, max_num_seqs=2,
+                                                                  capture_graphs="startup"))
+    try:
+        runner = backend.engine.runner
+        if CUDA:
+            rungs = range(len(backend.rates))
+            assert set(runner.graphs.graphs) == {(r, b) for r in rungs for b in runner.graphs.buckets}
+            assert set(runner.prefill_graphs.graphs) == {(r, b) for r in rungs for b in runner.prefill_graphs.buckets}
+        else:
+            assert runner.graphs is None and runner.prefill_graphs is None
+        assert all(len(t) == GREEDY.max_tokens for t in greedy(backend, 0))
+    finally:
+        backend.shutdown()

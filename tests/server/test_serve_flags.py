@@ -77,6 +77,9 @@ def test_good_flags_pass(tmp_path):
     ServerConfig(ckpt=str(tmp_path), memory_reserve="available-300M", hysteresis="0", max_queued_requests=0,
                  max_model_len=1, monitor_interval_s=0.01, tpot_target_ms=20.0, residency_sustain_s=0).check()
     ServerConfig(memory_reserve="1.5G").check()  # no checkpoint: the embedded default model
+    ServerConfig(capture_graphs="startup").check()
+    with pytest.raises(ValueError, match="--capture-graphs must be lazy or startup"):
+        ServerConfig(capture_graphs="eager").check()
 
 
 def test_a_max_model_len_past_the_checkpoints_context_exits_2(tmp_path, capsys, no_uvicorn):
