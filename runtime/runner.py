@@ -76,8 +76,8 @@ class ModelRunner:
         graphs = self.prefill_graphs
         if graphs is not None and graphs.bucket(len(req.prompt_ids)) is not None:
             logits = graphs.run(req.rung, req.prompt_ids, cache)
-            if logits is not None:
-                return logits.float()
+            if logits is not None:  # a copy: the graph's output buffer is rewritten by its next replay
+                return logits.to(torch.float32, copy=True)
         ids = torch.tensor([req.prompt_ids], device=self.device)
         return self.model(ids, cache=cache, logits_to_keep=1)[0, -1].float()
 
