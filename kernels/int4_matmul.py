@@ -9,8 +9,9 @@ row strides of the FULL stored tensors, so a rung is just smaller ``n``/``k`` ar
   the float ``2^23 + q * 16^j`` exactly (j < 5; the top three codes are read after one 20-bit shift), so one
   LOP3 + one FADD + one FFMA per weight and row, with ``x`` pre-scaled by 16^-j. No int-to-float conversions,
   few int-pipe instructions.
-* ``gemm`` (batch 5 .. 255): dequantizes a ``[BK, BN]`` tile to the activation dtype and runs ``tl.dot``.
-* ``dequant`` (prefill, 256+ rows): ``int4_dequant`` writes the active prefix in column chunks, cuBLAS multiplies.
+* ``gemm`` (batch 5 .. 127): dequantizes a ``[BK, BN]`` tile to the activation dtype and runs ``tl.dot``.
+* ``dequant`` (prefill, 128+ rows: ``DEQUANT_MIN_M``): ``int4_dequant`` writes the active prefix in column
+  chunks, cuBLAS multiplies.
 
 The Triton paths split K across programs where the N blocks alone cannot fill the GPU (the fixup that sums the
 partials deterministically is in ``int4_tiles``).
