@@ -2,9 +2,10 @@
 
 The 8B-shaped INT4 engine (random weights, as ``decode_gpu.py``) at each prompt length and rate: the median TTFT of
 five one-token requests with the graphs on, then off (each mode's first request captures or compiles; the median
-leaves it out). Prompts longer than the largest bucket run eagerly in both modes: an anchor for noise.
+leaves it out). A prompt longer than the largest bucket (1024 tokens; the default lengths end at 2048) runs eagerly
+in both modes: an anchor for noise.
 
-    python benchmarks/prefill_graphs.py [--lengths 16 64 128 256 512 1024] [--rates 0 0.35] [--json out.json]
+    python benchmarks/prefill_graphs.py [--lengths 16 64 128 256 512 1024 2048] [--rates 0 0.35] [--json out.json]
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def rows_for(engine: Engine, lengths, rates) -> list[dict]:
 @torch.inference_mode()
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 256, 512, 1024])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 128, 256, 512, 1024, 2048])
     ap.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.35])
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

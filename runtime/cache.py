@@ -42,6 +42,22 @@ class KVCache:
         states = [t for t in self.conv + self.ssm if t is not None]
         self._nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v + states)
 
+    def narrowed(self, sizes: list[LayerSizes]) -> KVCache:
+        """This cache's K/V as head-dim prefix views sized for ``sizes`` (a rung whose dims are at most this
+        cache's): one allocation serves every rung. Attention-only caches (an SSM state is no prefix of another
+        rung's); the views own no bytes, so ``nbytes`` is 0."""
+        if self.has_ssm:
+            raise ValueError("a cache with Mamba states cannot be narrowed")
+        if len(sizes) != len(self.sizes) or \
+                any(s.qk > o.qk or s.vo > o.vo for s, o in zip(sizes, self.sizes, strict=True)):
+            raise ValueError("narrowed sizes must have one entry a layer, each at most this cache's head dims")
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.sizes, view.length, view.serial, view._nbytes = list(sizes), 0, next(_serials), 0
+        view.k = [t[..., :s.qk] if t.shape[-1] else t for t, s in zip(self.k, sizes, strict=True)]
+        view.v = [t[..., :s.vo] if t.shape[-1] else t for t, s in zip(self.v, sizes, strict=True)]
+        return view
+
     @property
     def has_ssm(self) -> bool:
         return any(s is not None for s in self.ssm)

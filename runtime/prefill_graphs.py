@@ -1,4 +1,4 @@
-"""CUDA graphs for the prefill of short prompts: one graph per (rung, length bucket), captured lazily, one pool.
+"""CUDA graphs for prompts up to 1024 tokens: one graph per (rung, length bucket), captured lazily, one pool.
 
 Why: an eager prefill is bound by the host issuing its ~20 launches a layer. At stop 45 (H100) a 1024-token INT4
 prefill kept the GPU busy 28 of its 33 ms, and a shorter prompt's GPU time shrinks with it while the host's does
@@ -7,10 +7,10 @@ not. A graph issues every launch at once.
 A prompt of ``n`` tokens runs in the smallest bucket ``L >= n``, its ids padded after the real ones. Causal
 attention keeps the real positions blind to the padding, so their K/V and the last real position's logits are
 those of the unpadded prompt (up to the kernels' choice of tiles for ``L`` rows). The graph gathers that one
-position before the head through a device index, with no host sync. Its K/V land in a staging cache (one a rung,
-as long as the largest bucket: 67 MB for an 8B shape at 512 tokens) and are copied into the request's cache after
-the replay (``n`` positions a layer). The graphs share one memory pool (their activations and dequantize scratch:
-captures run one at a time, replays too).
+position before the head through a device index, with no host sync. Its K/V land in a staging cache (one for
+every rung: views of its head-dim prefixes; as long as the largest bucket, 134 MB for an 8B shape at 1024 tokens)
+and are copied into the request's cache after the replay (``n`` positions a layer). The graphs share one memory
+pool (their activations and dequantize scratch: captures run one at a time, replays too).
 
 Models with Mamba layers are not graphed: the padding would run through their recurrent state. A capture that
 fails turns the graphs off for good, with a warning; every prompt then runs eagerly, as one past the largest
@@ -28,7 +28,9 @@ from .cache import KVCache
 from .decoder import ElasticDecoder
 from .graphs import collector_paused, smallest_bucket
 
-DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512)
+# up to 1024 tokens: at 1024 an eager INT4 prefill left the GPU idle 5 ms of 33 at rate 0 and 18 of 38 at 0.35 (H100,
+# results/prefill_profile_h100.json); past it the GPU's work dominates and padding would only add to it
+DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +42,16 @@ class _Prefill:
     host_in: torch.Tensor  # its pinned host twin
     copied: torch.cuda.Event  # the last host-to-device copy of host_in has landed (host_in may be rewritten)
     logits: torch.Tensor | None = None  # [1, V], written by every replay
+
+
+def buckets_within(buckets: tuple[int, ...], max_len: int | None) -> tuple[int, ...]:
+    """The sorted buckets a prompt of at most ``max_len`` tokens can need: up to the first that holds ``max_len``
+    (no graph, nor staging memory, for lengths no prompt reaches)."""
+    ordered = tuple(sorted(buckets))
+    if max_len is None:
+        return ordered
+    last = smallest_bucket(ordered, max_len)
+    return ordered if last is None else tuple(b for b in ordered if b <= last)
 
 
 def padded_forward(model: ElasticDecoder, step_in: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -63,13 +75,15 @@ def fill_step(host_in: torch.Tensor, prompt_ids: list[int]) -> None:
 
 class PrefillGraphs:
     def __init__(self, model: ElasticDecoder, cache_dtype: torch.dtype,
-                 buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS):
+                 buckets: tuple[int, ...] = DEFAULT_PREFILL_BUCKETS, max_len: int | None = None):
         self.model, self.cache_dtype = model, cache_dtype
-        self.buckets = tuple(sorted(buckets))
+        self.buckets = buckets_within(buckets, max_len)
         self.device = model.norm.weight.device
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], _Prefill] = {}
-        self._staging: dict[int, KVCache] = {}  # one a rung: replays never overlap, each copies its K/V out first
+        # K/V of the replay: one allocation at full head dims, a view of it a rung (replays never overlap, and each
+        # copies its K/V out before the next)
+        self._staging: dict[int | str, KVCache] = {}
         self.enabled = self.supports(model)
         self._attn_layers = model.spec.layers_with("attn")
 
@@ -114,12 +128,18 @@ class PrefillGraphs:
         cache.advance(n)
         return entry.logits[0]
 
+    def _full_staging(self) -> KVCache:
+        """The staging cache at the full head dims, as long as the largest bucket; every rung's is a view of it."""
+        if "full" not in self._staging:
+            self._staging["full"] = self.model.new_cache(1, self.buckets[-1], None, self.cache_dtype)
+        return self._staging["full"]
+
     @torch.inference_mode()
     def _get(self, rung: int, size: int) -> _Prefill | None:
         if (rung, size) in self.graphs:
             return self.graphs[(rung, size)]
         if rung not in self._staging:
-            self._staging[rung] = self.model.new_cache(1, self.buckets[-1], rung, self.cache_dtype)
+            self._staging[rung] = self._full_staging().narrowed(self.model.sizes_for(rung))
         entry = _Prefill(torch.cuda.CUDAGraph(), self._staging[rung],
                          torch.zeros(size + 1, dtype=torch.int64, device=self.device),
                          torch.zeros(size + 1, dtype=torch.int64).pin_memory(), torch.cuda.Event())

@@ -49,7 +49,7 @@ class ModelRunner:
             if cuda_graphs:
                 self.graphs = DecodeGraphs(model, self.max_model_len, self.cache_dtype, graph_buckets)
             if cuda_graphs and prefill_buckets and PrefillGraphs.supports(model):
-                self.prefill_graphs = PrefillGraphs(model, self.cache_dtype, prefill_buckets)
+                self.prefill_graphs = PrefillGraphs(model, self.cache_dtype, prefill_buckets, self.max_model_len)
 
     @property
     def device(self) -> torch.device:

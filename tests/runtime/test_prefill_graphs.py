@@ -51,6 +51,14 @@ def test_a_prompt_takes_the_smallest_bucket_that_holds_it(n, want):
     assert smallest_bucket((16, 32, 64, 128, 256, 512), n) == want
 
 
+@pytest.mark.parametrize(("max_len", "want"), [(None, (16, 64, 256)), (64, (16, 64)), (65, (16, 64, 256)),
+                                                 (10, (16,)), (4096, (16, 64, 256))])
+def test_buckets_stop_at_the_first_that_holds_the_longest_prompt(max_len, want):
+    from uniql.runtime.prefill_graphs import buckets_within
+
+    assert buckets_within((256, 16, 64), max_len) == want
+
+
 @pytest.mark.parametrize("rung", [0, 7])  # rung 7 keeps half the head dims
 @pytest.mark.parametrize("n", [5, 16])  # padded to 16 and 32; 16 also exactly fills its bucket
 def test_a_padded_prompt_gives_the_unpadded_logits_and_cache(rung, n):
@@ -60,7 +68,8 @@ def test_a_padded_prompt_gives_the_unpadded_logits_and_cache(rung, n):
     with torch.inference_mode():
         eager_cache = model.new_cache(1, 40, rung)
         eager = model(torch.tensor([prompt]), cache=eager_cache, logits_to_keep=1)[0, -1]
-        staging = model.new_cache(1, 32, rung)  # the rung's staging cache: as long as the largest bucket
+        # the rung's staging cache: views of one full-width cache as long as the largest bucket
+        staging = model.new_cache(1, 32).narrowed(model.sizes_for(rung))
         step = torch.empty(size + 1, dtype=torch.int64)
         fill_step(step, prompt)
         padded = padded_forward(model, step, staging)
@@ -70,6 +79,24 @@ def test_a_padded_prompt_gives_the_unpadded_logits_and_cache(rung, n):
     for layer in range(model.spec.num_layers):
         torch.testing.assert_close(staging.k[layer][:, :, :n], eager_cache.k[layer][:, :, :n], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(staging.v[layer][:, :, :n], eager_cache.v[layer][:, :, :n], atol=1e-6, rtol=1e-6)
+
+
+def test_a_narrowed_cache_is_views_of_the_full_one():
+    model = _laddered()
+    full = model.new_cache(1, 12)
+    top = model.sizes_for(7)
+    view = full.narrowed(top)
+    assert view.sizes == top and view.length == 0 and view.nbytes() == 0 and view.serial != full.serial
+    for layer, size in enumerate(top):
+        assert view.k[layer].shape[-1] == size.qk < full.k[layer].shape[-1] and view.v[layer].shape[-1] == size.vo
+        assert view.k[layer].data_ptr() == full.k[layer].data_ptr()  # a view: written through
+    view.k[0][..., 0].fill_(3.0)
+    assert torch.all(full.k[0][..., 0] == 3.0)
+    with pytest.raises(ValueError, match="at most"):
+        model.new_cache(1, 12, 7).narrowed(model.sizes_for(0))  # wider than the cache
+    hybrid = int4_ssm_decoder(tiny_ssm_hf_model("bamba", vocab=256, seed=2))
+    with pytest.raises(ValueError, match="Mamba"):
+        hybrid.new_cache(1, 4).narrowed(hybrid.sizes_for(0))
 
 
 def test_mamba_models_are_not_graphed():
