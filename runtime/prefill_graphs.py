@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Prefill:
     graph: torch.cuda.CUDAGraph
-    cache: KVCache  # the rung's staging cache (batch 1, the largest bucket's length), shared by its buckets
+    cache: KVCache  # the rung's view of the staging cache (batch 1, the largest bucket's length)
     step_in: torch.Tensor  # int64 [L + 1] on the device: the padded ids, then the last real position
     host_in: torch.Tensor  # its pinned host twin
     copied: torch.cuda.Event  # the last host-to-device copy of host_in has landed (host_in may be rewritten)
@@ -83,7 +83,8 @@ class PrefillGraphs:
         self.graphs: dict[tuple[int, int], _Prefill] = {}
         # K/V of the replay: one allocation at full head dims, a view of it a rung (replays never overlap, and each
         # copies its K/V out before the next)
-        self._staging: dict[int | str, KVCache] = {}
+        self._full: KVCache | None = None
+        self._staging: dict[int, KVCache] = {}
         self.enabled = self.supports(model)
         self._attn_layers = model.spec.layers_with("attn")
 
@@ -108,6 +109,7 @@ class PrefillGraphs:
         torch.cuda.synchronize(self.device)
         self.graphs.clear()
         self._staging.clear()
+        self._full = None
         self.pool = torch.cuda.graph_pool_handle()
 
     def run(self, rung: int, prompt_ids: list[int], cache: KVCache) -> torch.Tensor | None:
@@ -128,18 +130,14 @@ class PrefillGraphs:
         cache.advance(n)
         return entry.logits[0]
 
-    def _full_staging(self) -> KVCache:
-        """The staging cache at the full head dims, as long as the largest bucket; every rung's is a view of it."""
-        if "full" not in self._staging:
-            self._staging["full"] = self.model.new_cache(1, self.buckets[-1], None, self.cache_dtype)
-        return self._staging["full"]
-
     @torch.inference_mode()
     def _get(self, rung: int, size: int) -> _Prefill | None:
         if (rung, size) in self.graphs:
             return self.graphs[(rung, size)]
+        if self._full is None:  # full head dims, as long as the largest bucket
+            self._full = self.model.new_cache(1, self.buckets[-1], None, self.cache_dtype)
         if rung not in self._staging:
-            self._staging[rung] = self._full_staging().narrowed(self.model.sizes_for(rung))
+            self._staging[rung] = self._full.narrowed(self.model.sizes_for(rung))
         entry = _Prefill(torch.cuda.CUDAGraph(), self._staging[rung],
                          torch.zeros(size + 1, dtype=torch.int64, device=self.device),
                          torch.zeros(size + 1, dtype=torch.int64).pin_memory(), torch.cuda.Event())
