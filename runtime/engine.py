@@ -24,6 +24,7 @@ import torch
 
 from .decoder import ElasticDecoder
 from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .prefill_graphs import DEFAULT_PREFILL_BUCKETS
 from .request import Request, SamplingParams, Status, TokenEvent
 from .runner import ModelRunner
 from .sampler import Sampler
@@ -72,13 +73,15 @@ def events_since(marks: list[tuple[Request, int]]) -> list[TokenEvent]:
 class Engine:
     def __init__(self, model: ElasticDecoder, tokenizer, *, max_num_seqs: int = 8, max_queued: int = 64,
                  max_model_len: int | None = None, cache_budget_bytes: int | None = None,
-                 cuda_graphs: bool = True, lookahead: bool = True, eos_token_ids=()):
+                 cuda_graphs: bool = True, lookahead: bool = True, eos_token_ids=(),
+                 prefill_graph_tokens: int = DEFAULT_PREFILL_BUCKETS[-1]):
         self.max_model_len = max_model_len or model.spec.max_position_embeddings
         if self.max_model_len > model.spec.max_position_embeddings:  # as vLLM: RoPE was not trained past it
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's context limit "
                              f"{model.spec.max_position_embeddings} (max_position_embeddings, or its sliding window)")
+        prefill_buckets = tuple(b for b in DEFAULT_PREFILL_BUCKETS if b <= prefill_graph_tokens)
         self.runner = ModelRunner(model, max_model_len=self.max_model_len, cuda_graphs=cuda_graphs,
-                                  graph_buckets=_buckets(max_num_seqs))
+                                  graph_buckets=_buckets(max_num_seqs), prefill_buckets=prefill_buckets)
         self.sampler = Sampler(model.spec.vocab_size)
         self.tokenizer = tokenizer
         self.cache_budget_bytes = cache_budget_bytes

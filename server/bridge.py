@@ -32,7 +32,7 @@ class EngineBackend:
     def __init__(self, model, tokenizer, ckpt_dir: str | Path | None, cfg: ServerConfig, eos_ids=()):
         self.engine = Engine(model, tokenizer, max_num_seqs=cfg.max_num_seqs, max_queued=cfg.max_queued_requests,
                              max_model_len=cfg.max_model_len or model.spec.max_position_embeddings,
-                             eos_token_ids=eos_ids)
+                             eos_token_ids=eos_ids, prefill_graph_tokens=cfg.prefill_graph_tokens)
         if cfg.capture_graphs == "startup" and self.engine.runner.graphs is not None:  # CUDA: before the engine
             # thread exists, as a capture allows no other CUDA work meanwhile
             self._capture_graphs(model)

@@ -56,6 +56,7 @@ class ServerConfig:
     residency: bool = True  # release weight tails under sustained pressure
     residency_sustain_s: float = 2.0
     capture_graphs: str = "lazy"  # CUDA graphs captured at first use, or every one at start-up ("startup")
+    prefill_graph_tokens: int = 1024  # the longest prompt a prefill CUDA graph serves (0: prefill eagerly)
     log_level: str = "info"
 
     def fixed_rate(self) -> float | None:
@@ -100,6 +101,7 @@ class ServerConfig:
         if self.tpot_target_ms is not None:
             _positive("--tpot-target-ms", self.tpot_target_ms)
         _at_least("--residency-sustain", self.residency_sustain_s, 0)
+        _at_least("--prefill-graph-tokens", self.prefill_graph_tokens, 0)
 
 
 def _check_size(flag: str, parse) -> None:

@@ -50,6 +50,9 @@ def add_parser(sub) -> None:
     p.add_argument("--capture-graphs", default="lazy", choices=["lazy", "startup"],
                    help="CUDA: capture each decode / prefill graph at its first use (lazy), or all at start-up "
                         "(slower start, no first-request capture)")
+    p.add_argument("--prefill-graph-tokens", type=int, default=1024,
+                   help="CUDA: the longest prompt replayed from a prefill graph (0: every prefill eager; a smaller "
+                        "value holds less graph memory)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -62,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         tpot_target_ms=args.tpot_target_ms, hysteresis=args.hysteresis,
                         monitor_interval_s=args.monitor_interval, residency=not args.no_residency,
                         residency_sustain_s=args.residency_sustain, capture_graphs=args.capture_graphs,
+                        prefill_graph_tokens=args.prefill_graph_tokens,
                         log_level=args.log_level)
 
 

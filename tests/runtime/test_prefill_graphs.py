@@ -159,3 +159,13 @@ def test_capturing_at_start_up_takes_every_bucket_of_the_rungs_on_gpu():
     runner.capture_graphs([0, 2])
     assert sorted(runner.prefill_graphs.graphs) == [(0, 8), (0, 16), (2, 8), (2, 16)]
     assert sorted(runner.graphs.graphs) == [(0, 1), (0, 2), (2, 1), (2, 2)]
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize(("tokens", "want"), [(64, (16, 32, 64)), (100, (16, 32, 64)), (0, None)])
+def test_the_engine_graphs_prompts_up_to_its_limit_on_gpu(tokens, want):
+    from uniql.runtime.engine import Engine
+
+    engine = Engine(_int4_llama().to("cuda", torch.bfloat16), None, max_model_len=64, prefill_graph_tokens=tokens)
+    graphs = engine.runner.prefill_graphs
+    assert (None if graphs is None else graphs.buckets) == want

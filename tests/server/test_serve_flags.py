@@ -22,6 +22,7 @@ BAD_FLAGS = [
     (["--monitor-interval", "-0.5"], "--monitor-interval must be greater than 0, got -0.5"),
     (["--tpot-target-ms", "0"], "--tpot-target-ms must be greater than 0, got 0.0"),
     (["--residency-sustain", "-1"], "--residency-sustain must be at least 0, got -1.0"),
+    (["--prefill-graph-tokens", "-1"], "--prefill-graph-tokens must be at least 0, got -1"),
     # before: an OverflowError traceback from uvicorn's bind (exit 1), after the start-up banner
     (["--port", "99999"], "--port must be in 0..65535 (0: any free port), got 99999"),
     (["--port", "-1"], "--port must be in 0..65535 (0: any free port), got -1"),
