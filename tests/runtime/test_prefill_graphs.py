@@ -169,3 +169,88 @@ def test_the_engine_graphs_prompts_up_to_its_limit_on_gpu(tokens, want):
     engine = Engine(_int4_llama().to("cuda", torch.bfloat16), None, max_model_len=64, prefill_graph_tokens=tokens)
     graphs = engine.runner.prefill_graphs
     assert (None if graphs is None else graphs.buckets) == want
+
+
+class _FakeGraph:
+    """Stands in for ``torch.cuda.CUDAGraph`` on CPU: the capture records the forward's call and output, a replay
+    reruns it into that output (what a replay does), so the bookkeeping around the graphs runs in CI."""
+    capturing: _FakeGraph | None = None
+
+    def __init__(self):
+        self.call, self.out, self.replays = None, None, 0
+
+    def replay(self):
+        self.out.copy_(_REAL_FORWARD(*self.call))
+        self.replays += 1
+
+
+_REAL_FORWARD = padded_forward
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    import contextlib
+
+    import uniql.runtime.prefill_graphs as pg
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        _FakeGraph.capturing = g
+        try:
+            yield
+        finally:
+            _FakeGraph.capturing = None
+
+    def recording_forward(*args):
+        out = _REAL_FORWARD(*args)
+        if _FakeGraph.capturing is not None:
+            _FakeGraph.capturing.call, _FakeGraph.capturing.out = args, out
+        return out
+
+    nothing = type("Nothing", (), {"__init__": lambda self, *a: None, "record": lambda self: None,
+                                   "synchronize": lambda self: None, "wait_stream": lambda self, s: None})
+    monkeypatch.setattr(pg, "padded_forward", recording_forward)
+    for name, value in [("graph_pool_handle", lambda: None), ("CUDAGraph", _FakeGraph), ("graph", graph),
+                        ("Stream", nothing), ("Event", nothing), ("stream", lambda s: contextlib.nullcontext()),
+                        ("current_stream", lambda d=None: nothing()), ("synchronize", lambda d=None: None)]:
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    return pg
+
+
+@pytest.mark.parametrize("rung", [0, 7])
+def test_runs_replay_captured_graphs_and_fill_the_requests_cache(fake_cuda_graphs, rung):
+    model = _laddered()
+    graphs = fake_cuda_graphs.PrefillGraphs(model, torch.float32, (8, 16, 64), max_len=20)
+    assert graphs.buckets == (8, 16, 64)  # 64 holds a 20-token context: kept, nothing past it
+    gen = torch.Generator().manual_seed(rung)
+    for n in (11, 13, 5):  # 11 captures bucket 16, 13 replays it, 5 captures bucket 8
+        prompt = torch.randint(1, 320, (n,), generator=gen).tolist()
+        cache, eager_cache = model.new_cache(1, 24, rung), model.new_cache(1, 24, rung)
+        with torch.inference_mode():
+            got = graphs.run(rung, prompt, cache).clone()
+            want = model(torch.tensor([prompt]), cache=eager_cache, logits_to_keep=1)[0, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert cache.length == n
+        for layer in range(model.spec.num_layers):
+            torch.testing.assert_close(cache.k[layer][:, :, :n], eager_cache.k[layer][:, :, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache.v[layer][:, :, :n], eager_cache.v[layer][:, :, :n], atol=1e-5, rtol=1e-5)
+    assert sorted(graphs.graphs) == [(rung, 8), (rung, 16)] and graphs.graphs[(rung, 16)].graph.replays == 2
+    assert graphs._full.k[0].shape[2] == 64  # one staging allocation, as long as the largest bucket
+    graphs.capture_all([rung])
+    assert sorted(graphs.graphs) == [(rung, 8), (rung, 16), (rung, 64)]
+    graphs.reset()
+    assert graphs.graphs == {} and graphs._full is None
+
+
+def test_a_failed_capture_turns_the_graphs_off(fake_cuda_graphs, monkeypatch, caplog):
+    model = _laddered()
+    graphs = fake_cuda_graphs.PrefillGraphs(model, torch.float32, (8, 16))
+
+    def syncs(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fake_cuda_graphs, "padded_forward", syncs)
+    with caplog.at_level("WARNING"):
+        assert graphs.run(0, [5, 6, 7], model.new_cache(1, 8, 0)) is None
+    assert not graphs.enabled and graphs.bucket(3) is None and "prefill CUDA graphs off" in caplog.text
