@@ -215,8 +215,8 @@ def sort_with_random_calibration(model, order: str = "uniql", seqlen: int = 24) 
 
 
 def int4_ssm_decoder(hf_model):
-    """A UniQL decoder of a transformers SSM / hybrid: a three-rung ladder (rates 0 / 0.25 / 0.5, g32 alignment) and
-    every layer projection RTN INT4 (g32), in eval mode."""
+    """A UniQL decoder of a transformers model (written for SSMs / hybrids; attention-only ones work the same): a
+    three-rung ladder (rates 0 / 0.25 / 0.5, g32 alignment) and every layer projection RTN INT4 (g32), in eval mode."""
     from uniql.compressor.quantize import rtn_linear
     from uniql.runtime.hf_import import decoder_from_hf
     from uniql.runtime.ladder import Alignment, spec_dim_steps, uniform_ladder
