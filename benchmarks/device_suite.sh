@@ -18,7 +18,7 @@
 #   prefill  profile_prefill.py: a 1024-token prefill's TTFT on INT4 and dense bf16 weights at rates 0 / 0.35 and its
 #            GPU time by kind of kernel (dequantize, cuBLAS, attention, INT4 Triton, rest) against the wall time
 #            and the host's Python functions (stop 45: host-bound; the fixes took INT4 from 63-72 to 33-36 ms), ~1 min
-#   prefillgraphs  prefill_graphs.py: TTFT with and without the prefill CUDA graphs at 16-1024 tokens, ~1 min
+#   prefillgraphs  prefill_graphs.py: TTFT with and without the prefill CUDA graphs at 16-2048 tokens, ~1 min
 #   envab    decode_gpu.py at batch 1, the default tree against each variant in $ENV_AB (space-separated; a
 #            variant is VAR=VALUE, several joined by +; default: UNIQL_NARROW_SPLIT=deep and UNIQL_EARLY_LOADS=0,
 #            the stop-28 behaviours; UNIQL_WIDE_COLS=128 tries 128-column blocks on the wide batch-1 GEMVs (lost),

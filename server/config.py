@@ -56,7 +56,7 @@ class ServerConfig:
     residency: bool = True  # release weight tails under sustained pressure
     residency_sustain_s: float = 2.0
     capture_graphs: str = "lazy"  # CUDA graphs captured at first use, or every one at start-up ("startup")
-    prefill_graph_tokens: int = 1024  # the longest prompt a prefill CUDA graph serves (0: prefill eagerly)
+    prefill_graph_tokens: int = 1024  # prompts up to the largest bucket <= this are graphed (0: eager)
     log_level: str = "info"
 
     def fixed_rate(self) -> float | None:

@@ -51,8 +51,8 @@ def add_parser(sub) -> None:
                    help="CUDA: capture each decode / prefill graph at its first use (lazy), or all at start-up "
                         "(slower start, no first-request capture)")
     p.add_argument("--prefill-graph-tokens", type=int, default=1024,
-                   help="CUDA: the longest prompt replayed from a prefill graph (0: every prefill eager; a smaller "
-                        "value holds less graph memory)")
+                   help="CUDA: prompts up to the largest length bucket <= N replay a prefill graph (buckets 16..1024; "
+                        "0: every prefill eager; a smaller value holds less graph memory)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
