@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -18,9 +19,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(base_url: str, timeout_s: float = 120.0) -> None:
+def wait_ready(base_url: str, timeout_s: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll /health until it answers 200; ``proc``: the server's process, whose exit ends the wait at once."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server at {base_url} exited with code {proc.returncode} before it was ready")
         with contextlib.suppress(httpx.TransportError):
             resp = httpx.get(f"{base_url}/health", timeout=5)
             if resp.status_code == 200:

@@ -44,7 +44,7 @@ def default_server(default_cache, tmp_path_factory):
                              "--default-max-tokens", "16"], env=env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base_url, timeout_s=300)
+        wait_ready(base_url, timeout_s=300, proc=proc)
         yield base_url
     finally:
         proc.terminate()

@@ -58,7 +58,7 @@ def cuda_server(portable_tiny_ckpt, tmp_path_factory):
                             stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base_url, timeout_s=300)
+        wait_ready(base_url, timeout_s=300, proc=proc)
         yield base_url, headroom
     finally:
         proc.terminate()
