@@ -29,8 +29,11 @@ from .decoder import ElasticDecoder
 from .graphs import collector_paused, smallest_bucket
 
 # up to 1024 tokens: at 1024 an eager INT4 prefill left the GPU idle 5 ms of 33 at rate 0 and 18 of 38 at 0.35 (H100,
-# results/prefill_profile_h100.json); past it the GPU's work dominates and padding would only add to it
-DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)
+# results/prefill_profile_h100.json); past it the GPU's work dominates and padding would only add to it. No 192:
+# graphed, 192 rows took 16.0 / 13.8 ms at rates 0 / 0.35 against 15.8 / 12.0 for 256 (H100, stop 46,
+# results/prefill_graphs_buckets_h100.json); 384 and 768 beat the next bucket (18.7 / 13.9 against 19.9 / 14.7 ms,
+# 25.7 / 18.6 against 29.3 / 22.1)
+DEFAULT_PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024)
 log = logging.getLogger(__name__)
 
 
