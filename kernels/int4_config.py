@@ -53,15 +53,6 @@ def choose_path(m: int, n: int = 0) -> str:
     return "gemv" if m <= gemv_rows else "gemm" if m < DEQUANT_MIN_M else "dequant"
 
 
-def gemm_magic(dtype: torch.dtype, block_k: int, group_size: int) -> int:
-    """The tensor-core GEMM's code-to-half trick (``int4_matmul._gemm_kernel``'s MAGIC): the bits of 128.0 in bf16 or
-    1024.0 in fp16; 0 (the int-to-float dequantize) for fp32 activations, for tiles that span scale groups, or with
-    ``UNIQL_GEMM_MAGIC=0``."""
-    if dtype == torch.float32 or block_k > group_size or switch("UNIQL_GEMM_MAGIC") == "0":
-        return 0
-    return 0x4300 if dtype == torch.bfloat16 else 0x6400
-
-
 def _split_for(n_blocks: int, k_tiles: int, target: int, within: bool = False) -> int:
     """K splits so that ``n_blocks * split`` reaches ``target`` programs (``within``: the most that stay within
     it, i.e. one wave of resident programs), each split >= 2 tiles. The half2 GEMV takes ``within`` (its narrow

@@ -31,7 +31,7 @@ import triton.language as tl
 from .elementwise import silu_mul
 from .gemv_conv import check_conv
 from .gemv_norm import check_norm
-from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_path, gemm_magic, launch_split, pick_config
+from .int4_config import MAX_SEGMENTS, Int4Config, candidate_configs, choose_path, launch_split, pick_config
 from .int4_dequant import dequant_matmul
 from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
 from .int4_gemv import launch_gemv_h2
@@ -120,12 +120,7 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  s0, s1, s2, s3, s4, l0, l1, l2, l3, l4, nb0, nb1, nb2, nb3, tiles_per_split, n_splits, n_blocks,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IEEE: tl.constexpr,
-                 ALIGNED: tl.constexpr, SUM_STEP: tl.constexpr, MAGIC: tl.constexpr):
-    """MAGIC (fp16 / bf16 activations, BLOCK_K <= GROUP; ``gemm_magic``): each code becomes the half ``MAGIC + q``
-    (1024 + q in fp16, 128 + q in bf16: exact) by OR-ing it into that half's bits, so no int-to-float conversion
-    (16 a clock an SM on sm_80-90, against 64-128 for the integer ops: the dequantize, not the bytes, bounded this
-    kernel). The tile's dot runs on those integers, exactly; ``(dot - (MAGIC + 8) * sum(x)) * scale`` follows in
-    fp32 (the scale is one row a tile)."""
+                 ALIGNED: tl.constexpr, SUM_STEP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -152,30 +147,18 @@ def _gemm_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
         words = tl.load(qw_ptr + rows[:, None] * stride_qw + wcol[None, :],
                         mask=(rows < K // 8)[:, None] & mask_n[None, :], other=0)
         codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 15, [BLOCK_K, BLOCK_N])  # row 8r+j
-        if MAGIC:
-            acc = _magic_dot(acc, a, codes, sc_ptr + (t * BLOCK_K // GROUP) * stride_sc + wcol, mask_n, MAGIC)
+        if BLOCK_K <= GROUP:  # noqa: SIM108 (a constexpr branch, not a run-time select)
+            scale = tl.load(sc_ptr + (t * BLOCK_K // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)[None, :]
         else:
-            if BLOCK_K <= GROUP:  # noqa: SIM108 (a constexpr branch, not a run-time select)
-                scale = tl.load(sc_ptr + (t * BLOCK_K // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)[None, :]
-            else:
-                scale = tl.load(sc_ptr + (offs_k // GROUP)[:, None] * stride_sc + wcol[None, :],
-                                mask=(offs_k < K)[:, None] & mask_n[None, :], other=0.0)
-            w = ((codes - 8).to(tl.float32) * scale.to(tl.float32)).to(a.dtype)
-            if DOT_IEEE:  # noqa: SIM108 (a constexpr branch)
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
+            scale = tl.load(sc_ptr + (offs_k // GROUP)[:, None] * stride_sc + wcol[None, :],
+                            mask=(offs_k < K)[:, None] & mask_n[None, :], other=0.0)
+        w = ((codes - 8).to(tl.float32) * scale.to(tl.float32)).to(a.dtype)
+        if DOT_IEEE:  # noqa: SIM108 (a constexpr branch)
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
     _finish(acc, pid_m * n_blocks + pid_n, split, n_splits, ws_ptr, cnt_ptr, out_ptr, stride_om, bias_ptr,
             offs_m, mask_m, out0 + offs_n, mask_n, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS, SUM_STEP)
-
-
-@triton.jit
-def _magic_dot(acc, a, codes, scale_ptrs, mask_n, MAGIC: tl.constexpr):
-    """``acc + a @ ((codes - 8) * scale)`` for a tile within one scale row, without converting an int to a float."""
-    w = (codes | MAGIC).to(tl.int16).to(a.dtype, bitcast=True)  # MAGIC + q: a bitcast, no conversion
-    zero = 136.0 if MAGIC == 0x4300 else 1032.0  # MAGIC's value + 8, the codes' zero point
-    scale = tl.load(scale_ptrs, mask=mask_n, other=0.0).to(tl.float32)
-    return acc + (tl.dot(a, w) - zero * tl.sum(a.to(tl.float32), 1)[:, None]) * scale[None, :]
 
 
 # -------------------------------------------------------------------------------------------------- launcher
@@ -391,9 +374,7 @@ def _launch(cfg: Int4Config, x, qweight, scales, group_size, k, segs, bias, out,
         _gemv_kernel[(sum(blocks), split)](*args, 0x4B000000, BLOCK_R=cfg.block_k // 8, **common)
     else:
         _gemm_kernel[(m_blocks, sum(blocks), split)](*args, sum(blocks), BLOCK_K=cfg.block_k,
-                                                     DOT_IEEE=x.dtype == torch.float32,
-                                                     MAGIC=gemm_magic(x.dtype, cfg.block_k, group_size), **common)
-
+                                                     DOT_IEEE=x.dtype == torch.float32, **common)
 
 
 def int4_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
