@@ -340,8 +340,7 @@ class ElasticDecoder(nn.Module):
             positions = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         mask = self.attention_mask(attention_mask, b, t, past, input_ids.device)
         scaling = self.spec.rope_attention_scaling
-        # fused path: the tables once a forward (every layer gathers its own frequencies from them); inv_freq may be
-        # elsewhere: layer-wise calibration keeps the model on the host and runs its layers on the device
+        # fused path: the tables once a forward, on the ids' device (layer-wise calibration keeps the model on the host)
         rope = rope_tables(self.inv_freq.to(positions.device), positions.reshape(-1), scaling) \
             if self.spec.num_heads and _fused_kernels(input_ids) else None
         return {"inv_freq": self.inv_freq, "positions": positions, "mask": mask, "rope_scaling": scaling,
