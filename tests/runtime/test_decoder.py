@@ -159,3 +159,17 @@ def test_prefill_rotation_from_the_forwards_tables_equals_the_per_layer_one(rung
     (fused, k_fused), (plain, k_plain) = attend(tables), attend(None)
     torch.testing.assert_close(k_fused, k_plain, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_rope_tables_are_built_on_the_ids_device(monkeypatch):
+    """Layer-wise calibration keeps the model on the host and runs each layer on the device: the fused path's
+    RoPE tables must follow the ids, not ``inv_freq`` (``uniql compress --device cuda`` crashed on that, stop 45).
+    The meta device stands in for the GPU here: an op mixing it with a host tensor raises, as a CUDA one would."""
+    import uniql.runtime.decoder as dec
+
+    model = _laddered()
+    monkeypatch.setattr(dec, "_fused_kernels", lambda x: True)  # the fused path, as on a GPU
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    cos, sin = model.context(ids)["rope"]
+    assert cos.device.type == sin.device.type == "meta" and cos.shape[0] == 10
+    assert model.inv_freq.device.type == "cpu"  # the model itself stays where it was
