@@ -70,3 +70,18 @@ def test_readme_switch_table_lists_every_switch_with_its_default():
     assert registered <= set(rows), sorted(registered - set(rows))
     for name, (_, default) in switches.SWITCHES.items():
         assert rows[name].strip().startswith(f"`{default}`"), (name, rows[name])
+
+
+def test_importing_the_kernels_keeps_fp_fusion_on_unless_the_user_chose():
+    """Triton 3.10 turns FMA fusion off by default; the kernels were tuned and checked with it on."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, uniql.kernels; print(os.environ['TRITON_DEFAULT_FP_FUSION'])"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_DEFAULT_FP_FUSION"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "TRITON_DEFAULT_FP_FUSION": "0"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
