@@ -9,6 +9,8 @@ on an 8 GB board) whatever the layer size; each chunk spans every segment it cov
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,12 @@ def chunk_budget(device: torch.device) -> int:
         return int(chosen) << 20
     if device.type != "cuda":
         return CHUNK_ELEMENTS
+    return _auto_chunk(device)
+
+
+@functools.cache
+def _auto_chunk(device: torch.device) -> int:
+    """``auto``'s budget for one GPU, looked up once (every linear of an eager prefill asks)."""
     share = torch.cuda.get_device_properties(device).total_memory // SCRATCH_SHARE // 2  # bf16 elements
     return max(CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, share))
 

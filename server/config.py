@@ -56,7 +56,9 @@ class ServerConfig:
     residency: bool = True  # release weight tails under sustained pressure
     residency_sustain_s: float = 2.0
     capture_graphs: str = "lazy"  # CUDA graphs captured at first use, or every one at start-up ("startup")
-    prefill_graph_tokens: int = 1024  # prompts up to the largest bucket <= this are graphed (0: eager)
+    # prompts up to the largest bucket <= this are graphed (0: eager); the engine's largest bucket (a test keeps
+    # them in step: this module stays free of torch, which runtime.prefill_graphs imports)
+    prefill_graph_tokens: int = 1024
     log_level: str = "info"
 
     def fixed_rate(self) -> float | None:

@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--capture-graphs", default="lazy", choices=["lazy", "startup"],
                    help="CUDA: capture each decode / prefill graph at its first use (lazy), or all at start-up "
                         "(slower start, no first-request capture)")
-    p.add_argument("--prefill-graph-tokens", type=int, default=1024,
+    p.add_argument("--prefill-graph-tokens", type=int, default=ServerConfig.prefill_graph_tokens,
                    help="CUDA: prompts up to the largest length bucket <= N replay a prefill graph (buckets 16..1024; "
                         "0: every prefill eager; a smaller value holds less graph memory)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

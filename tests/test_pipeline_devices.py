@@ -24,10 +24,12 @@ from uniql.compressor.quantize import QuantConfig
 from uniql.runtime.checkpoint import load_checkpoint
 from uniql.runtime.engine import Engine
 from uniql.runtime.hf_import import decoder_from_hf
+from uniql.runtime.prefill_graphs import DEFAULT_PREFILL_BUCKETS
 from uniql.runtime.request import SamplingParams
 
 WIKI, ALPACA = str(DATA / "wikitext2_small.raw"), str(DATA / "alpaca_small.json")
 ROOT = DATA.parent.parent
+ALL = DEFAULT_PREFILL_BUCKETS[-1]  # the engine's default: prompts up to its largest bucket replay prefill graphs
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 # family, tied embeddings, order, quantization (None: float), Hadamard, masked LoRA steps
 CASES = [("llama", False, "uniql", "gptq", True, False), ("llama", True, "uniql", "gptq", True, False),
@@ -89,14 +91,14 @@ def test_compress_serve_release_reload_on_the_device(case, device, tokenizer, tm
     # A prefill graph pads the prompt to its bucket, so its GEMMs run other shapes: close to the eager prefill, not
     # the same bits (tests/runtime/test_prefill_graphs.py), which a tiny model's near-tied logits can turn into
     # other tokens; so only the decode graphs are held to the eager tokens. On CPU there are no graphs of either kind.
-    configs = [(False, 0), (True, 1024)] if device == "cpu" else [(False, 0), (True, 0), (True, 1024)]
+    configs = [(False, 0), (True, ALL)] if device == "cpu" else [(False, 0), (True, 0), (True, ALL)]
     for graphs, prefill_tokens in configs:
         model, _ = load_checkpoint(ckpt, device=device)
         top = len(model.ladder.rates) - 1
         engine = Engine(model, tokenizer, max_num_seqs=4, max_model_len=128, cuda_graphs=graphs,
                         prefill_graph_tokens=prefill_tokens)
         outputs[graphs, prefill_tokens] = {rung: run_all(engine, ids, rung) for rung in (0, top)}
-    decode_graphs = (True, 1024) if device == "cpu" else (True, 0)
+    decode_graphs = (True, ALL) if device == "cpu" else (True, 0)
     if device == "cpu" or case[3] is not None:  # INT4 kernels give the same bits whatever the batch padding; a
         for rung in (0, top):  # float model's cuBLAS may pick another kernel for a padded batch: tokens may differ
             assert outputs[decode_graphs][rung] == outputs[False, 0][rung]
@@ -105,12 +107,12 @@ def test_compress_serve_release_reload_on_the_device(case, device, tokenizer, tm
     for layer in range(weights.num_layers):
         weights.release_layer(layer, top)
     engine.runner.reset_graphs()
-    assert run_all(engine, ids, top) == outputs[True, 1024][top]  # the top rung never reads a released tail
+    assert run_all(engine, ids, top) == outputs[True, ALL][top]  # the top rung never reads a released tail
     for layer in range(weights.num_layers):
         weights.reload_layer(layer, 0)
     weights.settle()
     engine.runner.reset_graphs()
-    assert run_all(engine, ids, 0) == outputs[True, 1024][0]  # the reloaded tails are the stored ones
+    assert run_all(engine, ids, 0) == outputs[True, ALL][0]  # the reloaded tails are the stored ones
 
     ppl = wikitext2_ppl(engine.runner.model, tokenizer, rung=top, path=WIKI, seqlen=32, max_windows=2)["ppl"]
     assert math.isfinite(ppl) and ppl > 1

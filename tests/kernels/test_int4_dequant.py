@@ -61,9 +61,13 @@ def test_columns_across_segments_are_exact(dtype, segments, col0, width):
 def test_chunk_budget_grows_with_the_device_within_bounds(monkeypatch):
     assert dq.chunk_budget(torch.device("cpu")) == dq.CHUNK_ELEMENTS
     for total, want in [(8 << 30, dq.CHUNK_ELEMENTS), (48 << 30, 96 << 20), (80 << 30, dq.MAX_CHUNK_ELEMENTS)]:
+        asked = []
         props = type("P", (), {"total_memory": total})()
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d, p=props: p)
-        assert dq.chunk_budget(torch.device("cuda")) == want
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, p=props, log=asked: log.append(d) or p)
+        dq._auto_chunk.cache_clear()  # another "device" each round
+        assert dq.chunk_budget(torch.device("cuda")) == dq.chunk_budget(torch.device("cuda")) == want
+        assert len(asked) == 1  # looked up once, not once a linear
+    dq._auto_chunk.cache_clear()  # no stand-in device's budget left behind
 
 
 @pytest.mark.parametrize(("n", "chunk"), [(18944, 9344), (152064, 9344), (300, 128), (128, 128), (1000, 4096)])

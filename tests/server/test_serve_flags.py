@@ -3,6 +3,8 @@ of a server that answers 503 forever because its loading thread failed."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from uniql.cli import main
@@ -81,6 +83,16 @@ def test_good_flags_pass(tmp_path):
     ServerConfig(capture_graphs="startup").check()
     with pytest.raises(ValueError, match="--capture-graphs must be lazy or startup"):
         ServerConfig(capture_graphs="eager").check()
+
+
+def test_the_default_prefill_graph_limit_is_the_engines_largest_bucket():
+    from uniql.runtime.prefill_graphs import DEFAULT_PREFILL_BUCKETS
+    from uniql.server.serve import add_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    args = sub.choices["serve"].parse_args([])
+    assert args.prefill_graph_tokens == ServerConfig().prefill_graph_tokens == DEFAULT_PREFILL_BUCKETS[-1]
 
 
 def test_a_max_model_len_past_the_checkpoints_context_exits_2(tmp_path, capsys, no_uvicorn):
