@@ -31,7 +31,7 @@
 #            UNIQL_GEMV_PRELOAD=1 / UNIQL_ATTN_PREWAIT=1: the GEMV's first tile / attention's cache loads before the
 #            PDL wait (stop 40); UNIQL_WIDE_COLS=128+UNIQL_GLU_PAIRED=1: gate and up of the same channels in one
 #            program, silu(gate) * up its own epilogue (queued, stop 41; 70 registers at 256 columns)), two
-#            alternating rounds on the same machine, ~25 s a run ->
+#            alternating rounds on the same machine, ~25 s a run (ENVAB_BATCHES="1 4": those batches in each run) ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py, variants in $ENV_AB_SSM if set (else $ENV_AB: one call can run both
 #            steps with different lists) (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
@@ -102,7 +102,7 @@ for step in ${SUITE:-ab kernels decode}; do
         longctx) python3 bound_ab.py ${ATTENTION_B:+--attention-b "$(cd .. && realpath "$ATTENTION_B")"} \
                      --json "$OUT/bound_ab_$gpu.json" > "$OUT/bound_ab_$gpu.txt" ;;
         ssm) python3 ssm_decode_gpu.py --json "$OUT/ssm_decode_$gpu.json" > "$OUT/ssm_decode_$gpu.txt" ;;
-        envab) envab decode "${ENV_AB:-UNIQL_NARROW_SPLIT=deep UNIQL_EARLY_LOADS=0}" decode_gpu.py --batches 1 \
+        envab) envab decode "${ENV_AB:-UNIQL_NARROW_SPLIT=deep UNIQL_EARLY_LOADS=0}" decode_gpu.py --batches ${ENVAB_BATCHES:-1} \
                    --skip-dense --skip-hf --skip-compiled ;;
         envabssm) envab ssm "${ENV_AB_SSM:-${ENV_AB:-UNIQL_NARROW_SPLIT=deep UNIQL_EARLY_LOADS=0}}" ssm_decode_gpu.py \
                       --models mamba2-8b-shape --skip-hf ;;

@@ -41,6 +41,9 @@ CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode s
     "m1_n256_glu_paired_norm": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=2, GLU=2, NORM=True), 4),  # UNIQL_GLU_PAIRED=1
     "m1_n128_glu_paired_norm": (dict(BLOCK_M=1, BLOCK_N=128, NUM_SEG=2, GLU=2, NORM=True), 4),  # the same, 128 wide
     "m4_n128_residual": (dict(BLOCK_M=4, BLOCK_N=128, RES=True, X_BF16=False), 4),
+    "m4_n128": (dict(BLOCK_M=4, BLOCK_N=128), 4),  # batch 4 (bf16 activations, as the engine's)
+    "m4_n256": (dict(BLOCK_M=4, BLOCK_N=256), 4),
+    "m4_n256_w8": (dict(BLOCK_M=4, BLOCK_N=256), 8),
     "m1_n128_residual": (dict(BLOCK_M=1, BLOCK_N=128, RES=True), 4),  # Mamba2's out_proj: the group norm's anchor
     "m1_n256_conv": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=5, NORM=True, CONV=True, CONV_W=4, CONV_ACT=1, CONV_BIAS=True,
                           CONV_DTYPE="bfloat16"), 4),  # Mamba2's in_proj with the conv epilogue (UNIQL_SSM_CONV_FOLD)
@@ -131,7 +134,7 @@ def k_loop_stats(sass: str) -> dict:
 def analyse(kernel, arch: int, names) -> list[dict]:
     import triton
 
-    from uniql.kernels.pdl import gemv_preload
+    from uniql.kernels.pdl import gemv_pipe, gemv_preload
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rows = []
@@ -139,8 +142,9 @@ def analyse(kernel, arch: int, names) -> list[dict]:
         for name in names:
             consts, warps = CONFIGS[name]
             path = Path(tmp) / f"{name}.cubin"
-            # the GEMV preload as the launcher passes it (UNIQL_GEMV_PRELOAD, its default unless set)
-            path.write_bytes(compile_cubin(kernel, {**BASE, "PRELOAD": gemv_preload(), **consts}, warps, arch))
+            # the GEMV preload and pipelining as the launcher passes them (UNIQL_GEMV_PRELOAD / _PIPE, else defaults)
+            launch = {"PRELOAD": gemv_preload(), "PIPE": gemv_pipe(consts["BLOCK_M"])}
+            path.write_bytes(compile_cubin(kernel, {**BASE, **launch, **consts}, warps, arch))
             sass, usage = (subprocess.run([str(cuobjdump), flag, str(path)], capture_output=True, text=True,
                                           check=True).stdout for flag in ("-sass", "-res-usage"))
             regs = int(re.search(r"REG:(\d+)", usage).group(1))

@@ -31,7 +31,7 @@ import triton.language as tl
 from .gemv_conv import _conv_tile, conv_args
 from .gemv_norm import _residual_in, _residual_tile, _row_rstd
 from .int4_tiles import _columns, _finish, _glu_pair, _glu_tile, _rows_out
-from .pdl import early_loads, gemv_preload, pdl_mode, pdl_release, pdl_wait
+from .pdl import early_loads, gemv_pipe, gemv_preload, pdl_mode, pdl_release, pdl_wait
 
 # fp16 constants (two per register): 1/16, -(1024/16 + 8/16), 1/256, -(1024/256 + 8/16)
 _C_LO_SCALE, _C_LO_BIAS, _C_HI_SCALE, _C_HI_BIAS = 0x2C002C00, 0xD408D408, 0x1C001C00, 0xC480C480
@@ -205,9 +205,10 @@ def _row_pairs(x_ptr, stride_xm, m: tl.constexpr, M, ra, rb, ma, mb, rs, X_BF16:
 
 @triton.jit
 def _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t, rows_k, GROUP: tl.constexpr,
-          SUB_R: tl.constexpr):
+          SUB_R: tl.constexpr, AHEAD: tl.constexpr = False):
     """K tile ``t`` of one column block (``wcol`` [1, BLOCK_N], ``mask_n``): its two row blocks' packed rows and
-    masks ``[SUB_R, 1]``, their codes ``[SUB_R, BLOCK_N]`` and the tile's fp32 scale row ``[1, BLOCK_N]``."""
+    masks ``[SUB_R, 1]``, their codes ``[SUB_R, BLOCK_N]`` and the tile's fp32 scale row ``[1, BLOCK_N]``; nothing
+    at or past packed row ``rows_k`` is read (AHEAD, the pipelined loop's look-ahead: 0 past its split, nothing)."""
     ra = t * 2 * SUB_R + offs_r  # the tile's first SUB_R packed rows, then the next SUB_R
     rb = ra + SUB_R
     ma = ra < rows_k
@@ -217,6 +218,8 @@ def _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t, rows_k,
     # the tile's scale row as [1, BLOCK_N]: the compiler moves the dot results through shared memory for it (two
     # barriers per tile), yet loading it in the weights' [SUB_R, BLOCK_N] layout instead, barrier-free, measured
     # 17-30 % slower on the H100 (benchmarks/results/gemv_ab_h100.json)
+    if AHEAD:  # a look-ahead tile may lie past K: its scale row too (a tensor test: Python ints in the interpreter)
+        mask_n = mask_n & ((wcol * 0 + t * 2 * SUB_R) < rows_k)
     scale = tl.load(sc_ptr + (t * 2 * SUB_R * 8 // GROUP) * stride_sc + wcol, mask=mask_n, other=0.0)
     return ra, rb, ma, mb, wa, wb, scale.to(tl.float32)
 
@@ -273,14 +276,15 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                     NUM_SEG: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
                     GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, PARTS_P: tl.constexpr,
                     X_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, SUM_STEP: tl.constexpr,
-                    EARLY: tl.constexpr, PRELOAD: tl.constexpr, CONV: tl.constexpr, CONV_W: tl.constexpr,
-                    CONV_ACT: tl.constexpr, CONV_BIAS: tl.constexpr, CONV_DTYPE: tl.constexpr):
+                    EARLY: tl.constexpr, PRELOAD: tl.constexpr, PIPE: tl.constexpr, CONV: tl.constexpr,
+                    CONV_W: tl.constexpr, CONV_ACT: tl.constexpr, CONV_BIAS: tl.constexpr, CONV_DTYPE: tl.constexpr):
     """GLU (1 / 2): two equal segments (gate, up); besides gate|up in ``out``, ``act = silu(gate) * up``, applied by the
     second program of each gate / up column-block pair to finish (1, ``_glu_pair``) or by the one program holding
     the same channels of both (2, ``int4_tiles.glu_paired``, ``_glu_tile``).
     RES / NORM: the next RMSNorm split across this GEMV and the next one (``_residual_tile``, ``_row_rstd``).
     EARLY (with RES): the residual input is loaded before the split-K sum, not after it (``pdl.early_loads``).
     PRELOAD (0 / 1 / 2): the first K tiles' weights and scales are loaded before the PDL wait (``pdl.gemv_preload``).
+    PIPE: the K loop loads tile t + 1 before it computes tile t (``pdl.gemv_pipe``; PRELOAD 2 is then moot).
     CONV (segments z | x | B | C | dt): the x / B / C tiles end with Mamba2's causal-conv step (``gemv_conv``)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -311,18 +315,29 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, sc_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
     rs1 = _row_rstd(ss_in_ptr, 1, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs2 = _row_rstd(ss_in_ptr, 2, M, n_parts, inv_k, eps, NORM, PARTS_P)
     rs3 = _row_rstd(ss_in_ptr, 3, M, n_parts, inv_k, eps, NORM, PARTS_P)
-    if PRELOAD:  # the first tile is in flight before the wait (weights depend on no kernel); consumed after it
-        acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra, rb,
-                                           ma, mb, wa, wb, scale, BLOCK_M, X_BF16, ASM, NORM)
-    if PRELOAD == 2:  # noqa: SIM102 (a constexpr, then a run-time branch)
-        if t0 + 1 < t1:
-            acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra2,
-                                               rb2, ma2, mb2, wa2, wb2, scale2, BLOCK_M, X_BF16, ASM, NORM)
-    for t in range(t0 + PRELOAD, t1):
-        ra, rb, ma, mb, wa, wb, scale = _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t, rows_k,
-                                              GROUP, SUB_R)
-        acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra, rb,
-                                           ma, mb, wa, wb, scale, BLOCK_M, X_BF16, ASM, NORM)
+    if PIPE:  # tile t + 1's loads go out before tile t's arithmetic (the registers of one more tile)
+        if not PRELOAD:
+            ra, rb, ma, mb, wa, wb, scale = _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t0,
+                                                  rows_k, GROUP, SUB_R)
+        for t in range(t0, t1):
+            na, nb, nma, nmb, nwa, nwb, nscale = _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r,
+                                                       t + 1, tl.where(t + 1 < t1, rows_k, 0), GROUP, SUB_R, True)
+            acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra,
+                                               rb, ma, mb, wa, wb, scale, BLOCK_M, X_BF16, ASM, NORM)
+            ra, rb, ma, mb, wa, wb, scale = na, nb, nma, nmb, nwa, nwb, nscale
+    else:
+        if PRELOAD:  # the first tile is in flight before the wait (weights depend on no kernel); consumed after it
+            acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra,
+                                               rb, ma, mb, wa, wb, scale, BLOCK_M, X_BF16, ASM, NORM)
+        if PRELOAD == 2:  # noqa: SIM102 (a constexpr, then a run-time branch)
+            if t0 + 1 < t1:
+                acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3,
+                                                   ra2, rb2, ma2, mb2, wa2, wb2, scale2, BLOCK_M, X_BF16, ASM, NORM)
+        for t in range(t0 + PRELOAD, t1):
+            ra, rb, ma, mb, wa, wb, scale = _tile(qw_ptr, stride_qw, sc_ptr, stride_sc, wcol, mask_n, offs_r, t,
+                                                  rows_k, GROUP, SUB_R)
+            acc0, acc1, acc2, acc3 = _acc_tile(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, rs0, rs1, rs2, rs3, ra,
+                                               rb, ma, mb, wa, wb, scale, BLOCK_M, X_BF16, ASM, NORM)
     pdl_release(PDL)  # mode 2: the next kernel launches during the split-K sums and epilogues
     offs_m = tl.arange(0, BLOCK_M)
     out = _rows_out(acc0, acc1, acc2, acc3, offs_m, BLOCK_M)
@@ -369,4 +384,5 @@ def launch_gemv_h2(grid, args: tuple, *, sub_r: int, x_bf16: bool, act=None, pai
     _gemv_h2_kernel[grid](*args, *glu, *res, *nrm, *cnv, SUB_R=sub_r, GLU=0 if act is None else 2 if paired else 1,
                           RES=residual is not None, NORM=norm is not None, PARTS_P=triton.next_power_of_2(nrm[1]),
                           X_BF16=x_bf16, ASM=USE_ASM, PDL=pdl, EARLY=early and residual is not None,
-                          PRELOAD=gemv_preload(), launch_pdl=pdl > 0, **cnv_consts, **constexprs)
+                          PRELOAD=gemv_preload(), PIPE=gemv_pipe(args[7]), launch_pdl=pdl > 0, **cnv_consts,
+                          **constexprs)

@@ -175,8 +175,9 @@ def test_ssm_kernels_join_pdl_only_when_switched_on(monkeypatch, flag):
 @pytest.mark.parametrize(("rows", "split"), [(1, 1), (1, 3), (3, 5), (1, 7)])
 def test_gemv_preload_gives_the_same_bits(monkeypatch, rows, split):
     """UNIQL_GEMV_PRELOAD=1 (2) loads each program's first K tile (two) before the PDL wait and peels it off the
-    loop (the second used only where the split has two): the same products summed in the same order, so the
-    projection, the residual epilogue and the GLU pair must be bit for bit the plain loop's (K = 200 of 256: 25
+    loop (the second used only where the split has two), UNIQL_GEMV_PIPE=1 loads tile t + 1 before computing tile t:
+    the same products summed in the same order, so the projection, the residual epilogue and the GLU pair must be
+    bit for bit the plain loop's (K = 200 of 256: 25
     packed rows in 7 tiles, a ragged last one; splits of 7, of 3, 3 and 1, of 2, 2, 2 and 1, and of one tile)."""
     gen = torch.Generator().manual_seed(7)
     qweight, scales = (t.to(DEV) for t in rtn_quantize(torch.randn(96, 256, generator=gen), 32))
@@ -185,8 +186,10 @@ def test_gemv_preload_gives_the_same_bits(monkeypatch, rows, split):
     weight = (torch.rand(96, generator=gen) + 0.5).to(DEV, torch.float16)
     cfg = im.Int4Config("gemv", block_n=32, block_k=32, split_k=split, num_warps=4, block_m=4 if rows > 1 else 1)
     runs = []
-    for flag in ("0", "1", "2"):
+    # then UNIQL_GEMV_PIPE=1 (the loop one tile ahead, its look-ahead past the split masked off) with each preload
+    for flag, pipe in (("0", "0"), ("1", "0"), ("2", "0"), ("0", "1"), ("1", "1"), ("2", "1")):
         monkeypatch.setenv("UNIQL_GEMV_PRELOAD", flag)
+        monkeypatch.setenv("UNIQL_GEMV_PIPE", pipe)
         runs.append([im.int4_matmul(x, qweight, scales, 32, k=200, config=cfg),
                      *im.int4_residual(x, qweight, scales, 32, 200, resid, weight, config=cfg),
                      im.int4_glu(x, qweight, scales, 32, [(0, 48), (48, 48)], k=200, config=cfg)])
@@ -206,6 +209,21 @@ def test_gemv_launcher_passes_the_preload_switch(monkeypatch, flag, preload):
     monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", kernel)
     _residual_gemv(1)
     assert [c["PRELOAD"] for c in kernel.calls] == [preload]
+
+
+@pytest.mark.parametrize(("flag", "pipes"), [(None, [False, False]), ("0", [False, False]), ("1", [True, True]),
+                                             ("rows", [False, True])])
+def test_gemv_launcher_passes_the_pipe_switch(monkeypatch, flag, pipes):
+    """UNIQL_GEMV_PIPE: off by default, ``1`` at every batch, ``rows`` only for launches of more than one row."""
+    if flag is None:
+        monkeypatch.delenv("UNIQL_GEMV_PIPE", raising=False)
+    else:
+        monkeypatch.setenv("UNIQL_GEMV_PIPE", flag)
+    kernel = _Recorder()
+    monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", kernel)
+    _residual_gemv(1)
+    _residual_gemv(3)
+    assert [c["PIPE"] for c in kernel.calls] == pipes
 
 
 def test_head_scope_caps_the_gemv_preload(monkeypatch):
