@@ -219,14 +219,30 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
     if path == "dequant":
         return Int4Config("dequant", block_n=128, block_k=64, split_k=1, num_warps=4)
     if m <= 16:
-        block_m, block_n, block_k, warps = 16, 64, 64, 4
-    elif m <= 64:
+        return _skinny_gemm(n_total, k, sms)
+    if m <= 64:
         block_m, block_n, block_k, warps = 64, 64, 64, 4
     else:
         block_m, block_n, block_k, warps = 128, 128, 64, 4
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n_total, block_n)
     split = _split_for(tiles, triton.cdiv(k, block_k), 2 * sms) if m <= 64 else 1
     return Int4Config("gemm", block_n, block_k, split, warps, block_m, num_stages=4 if m > 64 else 3)
+
+
+def _skinny_gemm(n_total: int, k: int, sms: int) -> Int4Config:
+    """The tensor-core GEMM of 5-16 rows (one 16-row tile): its weights are its bytes, so the K split decides how
+    many loads are in flight. H100 sweep at batch 16 (``kernel_bench.py --sweep-batches 16``,
+    results/kernels_smallbatch_sweep_h100.json; stop 47): 64 columns and ~4 programs an SM on the attention-sized
+    layers (Llama q|k|v 18.7 us at 6 splits, o 13.9 at 9), 128 columns on the K-heavy down (36.8 at 17 splits) and
+    ~8 an SM on the wide gate|up (61.0 at 5); the stop-46 plan (64 columns, ~2 an SM: 24.4 / 16.4 / 77.6 / 48.4 us)
+    is ``UNIQL_SKINNY_PLAN=old``."""
+    if switch("UNIQL_SKINNY_PLAN") == "old":
+        block_n, target = 64, 2 * sms
+    else:
+        block_n = 64 if n_total <= 8192 and k <= 8192 else 128
+        target = (8 if n_total > 16384 else 4) * sms
+    split = _split_for(triton.cdiv(n_total, block_n), triton.cdiv(k, 64), target)
+    return Int4Config("gemm", block_n, 64, split, 4, 16, num_stages=3)
 
 
 def candidate_configs(m: int, n_total: int, k: int, group_size: int, device="cuda",

@@ -22,6 +22,7 @@ SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
     "UNIQL_PDL_SSM": (("0", "1"), "1"),
     "UNIQL_GEMV_PRELOAD": (("0", "1", "2"), "1"),
     "UNIQL_GEMV_PIPE": (("0", "1", "rows"), "0"),
+    "UNIQL_SKINNY_PLAN": (("wave", "old"), "wave"),
     "UNIQL_ATTN_PREWAIT": (("0", "1"), "1"),
     "UNIQL_GLU_PAIRED": (("0", "1"), "1"),
     "UNIQL_SSM_GEMV_PRELOAD": (("0", "1", "2"), "0"),
