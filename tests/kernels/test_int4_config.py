@@ -289,3 +289,25 @@ def test_small_batch_sweep_has_skinny_gemm_configs_that_compute(m, monkeypatch):
     for cfg in sorted(skinny, key=lambda c: (c.split_k, c.block_n))[::5]:  # a spread: the interpreter is slow
         got = im.int4_matmul(x, qweight, scales, 32, config=cfg).float()
         assert (got - want).abs().max() <= 2e-3 * want.abs().max(), cfg
+
+
+@pytest.mark.parametrize(("n", "k", "plan", "old"), [
+    (6144, 4096, (64, 6), (64, 3)),  # Llama-8B q|k|v: ~4 programs an SM
+    (4096, 4096, (64, 9), (64, 5)),  # o
+    (28672, 4096, (128, 5), (64, 1)),  # gate|up: wide, ~8 an SM on 128 columns
+    (4096, 14336, (128, 17), (64, 5)),  # down: K-heavy, 128 columns
+    (4096, 9344, (128, 17), (64, 5)),  # down at rate 0.35
+])
+def test_skinny_gemm_plan(monkeypatch, n, k, plan, old):
+    """5-16 rows take the tensor-core GEMM (one 16-row tile) with the block width and K split of the H100 batch-16
+    sweep (stop 47): each was the sweep's best for its Llama-8B shape; UNIQL_SKINNY_PLAN=old restores stop 46's."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    for rows in (5, 16):
+        monkeypatch.delenv("UNIQL_SKINNY_PLAN", raising=False)
+        cfg = im.pick_config(rows, n, k, 64, "cuda")
+        assert (cfg.path, cfg.block_m, cfg.block_k, cfg.num_warps) == ("gemm", 16, 64, 4)
+        assert (cfg.block_n, cfg.split_k) == plan
+        monkeypatch.setenv("UNIQL_SKINNY_PLAN", "old")
+        assert (im.pick_config(rows, n, k, 64, "cuda").block_n, im.pick_config(rows, n, k, 64, "cuda").split_k) == old
