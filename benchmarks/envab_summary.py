@@ -36,8 +36,9 @@ def log_rows(path: Path, have: set[tuple[str, int, str]], model: str) -> list[di
             run = (name, int(head["round"]), re.sub(r"[=+]", "_", head["variant"]))  # as the run file names it
             continue
         row = LOG_ROW.match(line) if run is not None and run not in have else None
-        if row is not None and int(row["batch"] or 1) == 1:  # batch 1 only, as from the run files
-            rows.append({"model": row["model"] or model, "engine": "uniql", "rate": float(row["rate"]), "batch": 1,
+        if row is not None:
+            rows.append({"model": row["model"] or model, "engine": "uniql", "rate": float(row["rate"]),
+                         "batch": int(row["batch"] or 1),
                          "ttft_ms": float(row["ttft"]), "tpot_ms": float(row["tpot"]),
                          "peak_mem_bytes": round(float(row["peak"]) * 2**30), "round": run[1], "variant": run[2],
                          "file": path.name, "from": "log"})
@@ -65,7 +66,7 @@ def collect(folder: Path) -> tuple[list[dict], str]:
         models[match["name"]] = report.get("model", match["name"])
         have.add((match["name"], int(match["round"]), match["variant"]))  # its log lines are not read again
         for row in report.get("rows", []):
-            if row.get("engine") == "uniql" and row.get("batch", 1) == 1:
+            if row.get("engine") == "uniql":
                 rows.append({**row, "model": row.get("model", report.get("model", match["name"])),
                              "round": int(match["round"]), "variant": match["variant"], "file": name})
     for path in sorted(folder.glob("*_envab_*.txt")):
@@ -75,17 +76,18 @@ def collect(folder: Path) -> tuple[list[dict], str]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Median TPOT per (model, variant, rate) over the rounds and its ratio to the default's at that rate; likewise
-    the runs' TTFT medians where they recorded them (``decode_gpu.py``'s five one-token requests a rate)."""
+    """Median TPOT per (model, variant, rate, batch) over the rounds and its ratio to the default's at that rate and
+    batch (``ENVAB_BATCHES``); likewise the runs' TTFT medians where they recorded them (``decode_gpu.py``'s five
+    one-token requests a rate, batch 1)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["model"], row["variant"], row["rate"]), []).append(row)
+        groups.setdefault((row["model"], row["variant"], row["rate"], row.get("batch", 1)), []).append(row)
     out = []
-    for (model, variant, rate), runs in sorted(groups.items()):
-        base = groups.get((model, "default", rate), [])
+    for (model, variant, rate, batch), runs in sorted(groups.items()):
+        base = groups.get((model, "default", rate, batch), [])
         tpot, tpot_base = _median(runs, "tpot_ms"), _median(base, "tpot_ms")
         ttft, ttft_base = _median(runs, "ttft_median_ms"), _median(base, "ttft_median_ms")
-        out.append({"model": model, "variant": variant, "rate": rate, "runs": len(runs),
+        out.append({"model": model, "variant": variant, "rate": rate, "batch": batch, "runs": len(runs),
                     "tpot_ms_median": tpot, "tpot_ms_all": [r["tpot_ms"] for r in runs],
                     "vs_default": tpot / tpot_base if tpot_base else None, "ttft_ms_median": ttft,
                     "ttft_vs_default": ttft / ttft_base if ttft is not None and ttft_base else None})
@@ -101,8 +103,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--what", default="same-machine A/B of kernel switches (device_suite.sh envab / envabssm), "
-                                      "two alternating rounds, batch 1, 1024-token prompt, 256 new tokens")
+    ap.add_argument("--what", default="same-machine A/B of kernel switches (device_suite.sh envab / envabssm), two "
+                                      "alternating rounds, batch 1 (and ENVAB_BATCHES), 1024-token prompt, 256 new "
+                                      "tokens")
     args = ap.parse_args()
     if not args.folder.is_dir():
         ap.error(f"{args.folder} is not a folder")
@@ -116,7 +119,8 @@ def main() -> None:
         ratio = f"{s['vs_default']:.3f}" if s["vs_default"] is not None else "-"
         ttft = "" if s["ttft_ms_median"] is None else \
             f", TTFT {s['ttft_ms_median']:.1f} ms (x{s['ttft_vs_default'] or float('nan'):.3f})"
-        print(f"{s['model']:<22} {s['variant']:<28} rate {s['rate']:.2f}: TPOT {s['tpot_ms_median']:.3f} ms "
+        print(f"{s['model']:<22} {s['variant']:<28} rate {s['rate']:.2f} batch {s['batch']:>2}: "
+              f"TPOT {s['tpot_ms_median']:.3f} ms "
               f"(x{ratio} of default, {s['runs']} runs){ttft}")
 
 

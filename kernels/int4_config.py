@@ -90,6 +90,17 @@ def _wave_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tupl
     return _split_for(_blocks(n_total, block_n, widths), k_tiles, per_sm * sms, within=True)
 
 
+def _rows_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None) -> int:
+    """The K split of a 2-4-row half2 GEMV on attention-sized outputs (and the K-heavy down projection): ~4 programs
+    an SM (96-127 registers a thread at 4 rows: 4-5 fit). H100 sweep at batch 4 with ``UNIQL_GEMV_PIPE=1``
+    (``kernel_bench.py --sweep-batches 4``, results/kernels_batch4_pipe_sweep_h100.json, stop 47): Llama q|k|v 12.2 us
+    at 11 splits, o 9.3 at 17, down 23.4 at 33 on 256 columns, against 15.2 / 11.5 / 25.5 on stop 46's plan (two K
+    tiles a program; 8 programs an SM on down), which ``UNIQL_ROWS_PLAN=old`` keeps."""
+    if switch("UNIQL_ROWS_PLAN") == "old":
+        return max(1, k_tiles // 2) if block_n == 128 else _wave_split(n_total, block_n, k_tiles, sms, widths, True)
+    return _split_for(_blocks(n_total, block_n, widths), k_tiles, 4 * sms)
+
+
 def _wide_cols() -> str:
     """``UNIQL_WIDE_COLS``: the wide batch-1 GEMVs' block columns: ``auto`` (default, ``_wide_block_n``), 256 (the
     stop-33 default) or 128 (lost everywhere)."""
@@ -187,8 +198,11 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_k = min(group_size, _tile_k() if m == 1 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         k_tiles = triton.cdiv(k, block_k)
-        deepest = _narrow_split() == "deep" or m > 1  # checked at every batch size
-        split = max(1, k_tiles // 2) if deepest else _wave_split(n_total, 128, k_tiles, sms, widths)
+        deepest = _narrow_split() == "deep"  # checked at every batch size
+        if m > 1:
+            split = _rows_split(n_total, 128, k_tiles, sms, widths)
+        else:
+            split = max(1, k_tiles // 2) if deepest else _wave_split(n_total, 128, k_tiles, sms, widths)
         return Int4Config("gemv", 128, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv" and half2:
         # H200 probe (benchmarks/gemv_probe.py, results/gemv_probe_h200.json): 256 columns, 4 warps and a K split
@@ -203,7 +217,10 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         k_tiles = triton.cdiv(k, block_k)
         block_n = _wide_block_n(wide_cols, n_total, k_tiles, sms, widths, paired) \
             if m == 1 and n_total <= 65536 else 256
-        split = _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired)
+        if m > 1 and n_total <= 8192:  # the K-heavy down projection of a few rows
+            split = _rows_split(n_total, block_n, k_tiles, sms, widths)
+        else:
+            split = _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;

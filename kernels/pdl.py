@@ -97,7 +97,8 @@ def gemv_preload() -> int:
 def gemv_pipe(rows: int) -> bool:
     """Whether a decode GEMV of ``rows`` activation rows runs its K loop one tile ahead: tile t + 1's weights and
     scales are loaded before tile t's arithmetic, so each program keeps a tile's loads in flight while it computes
-    (``UNIQL_GEMV_PIPE``: ``0``, ``1`` every batch, ``rows`` only above one row, where a tile's arithmetic is longest).
+    (``UNIQL_GEMV_PIPE``: ``rows``, the default, only above one row, where a tile's arithmetic is longest; ``1``
+    every batch; ``0`` never).
     Same products in the same order: same bits."""
     mode = switch("UNIQL_GEMV_PIPE")
     return mode == "1" or (mode == "rows" and rows > 1)

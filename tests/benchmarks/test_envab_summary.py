@@ -15,7 +15,7 @@ def _run_file(folder: Path, name: str, rnd: int, variant: str, tpots: dict, mode
     rows = [{"engine": "uniql", "rate": rate, "batch": 1, "tpot_ms": t} for rate, t in tpots.items()]
     if ttft is not None:  # decode_gpu.py's TTFT median of its one-token requests
         rows = [{**r, "ttft_median_ms": ttft + r["rate"]} for r in rows]
-    rows.append({"engine": "uniql", "rate": 0.0, "batch": 4, "tpot_ms": 99.0})  # batch 4: not an A/B row
+    rows.append({"engine": "uniql", "rate": 0.0, "batch": 4, "tpot_ms": 90.0 + rnd})  # ENVAB_BATCHES: its own rows
     if model:
         rows = [{**r, "model": model} for r in rows]
     report = {"device": "NVIDIA H100 80GB HBM3", "model": "llama-3.1-8b", "rows": rows}
@@ -34,8 +34,8 @@ def test_summary_medians_and_ratios(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert report["device"] == "NVIDIA H100 80GB HBM3" and len(report["rows"]) == 9
-    by_key = {(s["model"], s["variant"], s["rate"]): s for s in report["summary"]}
+    assert report["device"] == "NVIDIA H100 80GB HBM3" and len(report["rows"]) == 14
+    by_key = {(s["model"], s["variant"], s["rate"]): s for s in report["summary"] if s["batch"] == 1}
     deep = by_key[("llama-3.1-8b", "UNIQL_NARROW_SPLIT_deep", 0.0)]
     assert deep["runs"] == 2 and abs(deep["tpot_ms_median"] - 2.7) < 1e-9
     assert abs(deep["vs_default"] - 2.7 / 2.45) < 1e-9
@@ -43,6 +43,8 @@ def test_summary_medians_and_ratios(tmp_path):
     assert by_key[("llama-3.1-8b", "default", 0.35)]["ttft_ms_median"] == 32.35
     ssm = by_key[("mamba2-8b-shape", "default", 0.0)]
     assert ssm["vs_default"] == 1.0 and ssm["ttft_ms_median"] is None and ssm["ttft_vs_default"] is None
+    batch4 = [s for s in report["summary"] if s["batch"] == 4 and s["variant"] == "UNIQL_NARROW_SPLIT_deep"]
+    assert len(batch4) == 1 and batch4[0]["tpot_ms_median"] == 91.5 and batch4[0]["vs_default"] == 1.0  # vs batch 4
 
 
 def test_runs_missing_their_json_are_read_from_the_log(tmp_path):
@@ -66,10 +68,11 @@ def test_runs_missing_their_json_are_read_from_the_log(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     logged = [r for r in report["rows"] if r.get("from") == "log"]
-    # round 1's log lines duplicate its JSONs (9.999 would show); batch 4 is not an A/B row
-    assert sorted((r["model"], r["round"], r["tpot_ms"]) for r in logged) == [
-        ("llama-3.1-8b", 2, 2.2), ("llama-3.1-8b", 2, 2.8), ("mamba2-8b-shape", 1, 2.034)]
-    by_key = {(s["model"], s["variant"], s["rate"]): s for s in report["summary"]}
+    # round 1's log lines duplicate its JSONs (9.999 would show); batch 4 rows are their own rows
+    assert sorted((r["model"], r["round"], r["batch"], r["tpot_ms"]) for r in logged) == [
+        ("llama-3.1-8b", 2, 1, 2.2), ("llama-3.1-8b", 2, 1, 2.8), ("llama-3.1-8b", 2, 4, 4.685),
+        ("mamba2-8b-shape", 1, 1, 2.034)]
+    by_key = {(s["model"], s["variant"], s["rate"]): s for s in report["summary"] if s["batch"] == 1}
     pdl = by_key[("llama-3.1-8b", "UNIQL_PDL_1_UNIQL_GEMV_PER_SM_4", 0.0)]
     assert pdl["runs"] == 2 and abs(pdl["vs_default"] - 2.7 / 2.3) < 1e-9
 

@@ -82,7 +82,9 @@ def test_narrow_gemv_split_fills_at_most_one_wave(monkeypatch, n, k, split):
     assert blocks * (split + 1) > 8 * 132 or split == k_tiles // 2
     monkeypatch.setenv("UNIQL_NARROW_SPLIT", "deep")
     assert im.pick_config(1, n, k, 128, "cuda").split_k == k_tiles // 2
-    assert im.pick_config(3, n, 4096, 128, "cuda").split_k == 4096 // cfg.block_k // 2  # batch 2-4: not measured
+    monkeypatch.setenv("UNIQL_ROWS_PLAN", "old")  # batch 2-4 follow their own plan (test_rows_gemv_plan); stop 46's:
+    assert im.pick_config(3, n, 4096, 128, "cuda").split_k == 4096 // cfg.block_k // 2
+    monkeypatch.delenv("UNIQL_ROWS_PLAN")
     monkeypatch.setenv("UNIQL_NARROW_SPLIT", "")  # empty = unset: the default
     assert im.pick_config(1, n, k, 128, "cuda").split_k == split
     for bad in ("Deep", "shallow", "1"):  # a typo must not silently run the default
@@ -311,3 +313,24 @@ def test_skinny_gemm_plan(monkeypatch, n, k, plan, old):
         assert (cfg.block_n, cfg.split_k) == plan
         monkeypatch.setenv("UNIQL_SKINNY_PLAN", "old")
         assert (im.pick_config(rows, n, k, 64, "cuda").block_n, im.pick_config(rows, n, k, 64, "cuda").split_k) == old
+
+
+@pytest.mark.parametrize(("n", "k", "plan", "old"), [
+    (6144, 4096, (128, 11), (128, 32)),  # Llama-8B q|k|v: ~4 programs an SM
+    (4096, 4096, (128, 17), (128, 32)),  # o
+    (4096, 14336, (256, 33), (256, 66)),  # down (K-heavy: the wide path's 256 columns)
+    (28672, 4096, (256, 9), (256, 9)),  # gate|up keeps the wide path's one-wave plan
+])
+def test_rows_gemv_plan(monkeypatch, n, k, plan, old):
+    """2-4 rows on the half2 GEMV: ~4 programs an SM on attention-sized and K-heavy layers, the H100 batch-4 sweep's
+    best for each Llama-8B shape (stop 47); UNIQL_ROWS_PLAN=old restores stop 46's two tiles a program."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    for rows in (2, 4):
+        monkeypatch.delenv("UNIQL_ROWS_PLAN", raising=False)
+        cfg = im.pick_config(rows, n, k, 64, "cuda")
+        assert (cfg.path, cfg.block_m, cfg.block_n, cfg.split_k) == ("gemv", rows, *plan)
+        monkeypatch.setenv("UNIQL_ROWS_PLAN", "old")
+        cfg = im.pick_config(rows, n, k, 64, "cuda")
+        assert (cfg.block_n, cfg.split_k) == old

@@ -211,10 +211,10 @@ def test_gemv_launcher_passes_the_preload_switch(monkeypatch, flag, preload):
     assert [c["PRELOAD"] for c in kernel.calls] == [preload]
 
 
-@pytest.mark.parametrize(("flag", "pipes"), [(None, [False, False]), ("0", [False, False]), ("1", [True, True]),
+@pytest.mark.parametrize(("flag", "pipes"), [(None, [False, True]), ("0", [False, False]), ("1", [True, True]),
                                              ("rows", [False, True])])
 def test_gemv_launcher_passes_the_pipe_switch(monkeypatch, flag, pipes):
-    """UNIQL_GEMV_PIPE: off by default, ``1`` at every batch, ``rows`` only for launches of more than one row."""
+    """UNIQL_GEMV_PIPE: ``rows`` (the default) in launches of 2+ rows, ``1`` at every batch, ``0`` never."""
     if flag is None:
         monkeypatch.delenv("UNIQL_GEMV_PIPE", raising=False)
     else:
