@@ -43,7 +43,7 @@
 #   splits   split_sweep.py: batch-1 GEMV time against every K split (Llama shapes, g128, rates 0 / 0.35) with
 #            the compiled kernels' registers, ~2 min
 #   ksweep   kernel_bench.py's launch-config sweep at batch 4 and 16 (Llama q|k|v, o, gate|up, down at rate 0: the
-#            CUDA-core GEMV and 16-row tensor-core GEMM tiles), to tune pick_config for the server's batches (not yet run: time it alone first)
+#            CUDA-core GEMV and 16-row tensor-core GEMM tiles), to tune pick_config for the server's batches (stop 47: ~100 s)
 #   downsweep kernel_bench.py's batch-1 launch-config sweep on the down projections of both models (rate 0; rates 0 and
 #            0.35 timed at the default): Qwen's down is the one issue-4 miss the stage-latency model leaves room for
 #            (ratio_bound.py: ~1.6 us a launch); stop 38: the default config is the fastest on both ->
