@@ -199,31 +199,29 @@ def test_gemv_preload_gives_the_same_bits(monkeypatch, rows, split):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
 
 
-@pytest.mark.parametrize(("flag", "preload"), [(None, 1), ("0", 0), ("1", 1), ("2", 2)])
-def test_gemv_launcher_passes_the_preload_switch(monkeypatch, flag, preload):
+def _launched(monkeypatch, name: str, flag: str | None, key: str, rows: tuple[int, ...]) -> list:
+    """The constexpr ``key`` the launcher passed for residual GEMVs of ``rows`` rows with switch ``name`` = ``flag``."""
     if flag is None:
-        monkeypatch.delenv("UNIQL_GEMV_PRELOAD", raising=False)
+        monkeypatch.delenv(name, raising=False)
     else:
-        monkeypatch.setenv("UNIQL_GEMV_PRELOAD", flag)
+        monkeypatch.setenv(name, flag)
     kernel = _Recorder()
     monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", kernel)
-    _residual_gemv(1)
-    assert [c["PRELOAD"] for c in kernel.calls] == [preload]
+    for m in rows:
+        _residual_gemv(m)
+    return [c[key] for c in kernel.calls]
+
+
+@pytest.mark.parametrize(("flag", "preload"), [(None, 1), ("0", 0), ("1", 1), ("2", 2)])
+def test_gemv_launcher_passes_the_preload_switch(monkeypatch, flag, preload):
+    assert _launched(monkeypatch, "UNIQL_GEMV_PRELOAD", flag, "PRELOAD", (1,)) == [preload]
 
 
 @pytest.mark.parametrize(("flag", "pipes"), [(None, [False, True]), ("0", [False, False]), ("1", [True, True]),
                                              ("rows", [False, True])])
 def test_gemv_launcher_passes_the_pipe_switch(monkeypatch, flag, pipes):
     """UNIQL_GEMV_PIPE: ``rows`` (the default) in launches of 2+ rows, ``1`` at every batch, ``0`` never."""
-    if flag is None:
-        monkeypatch.delenv("UNIQL_GEMV_PIPE", raising=False)
-    else:
-        monkeypatch.setenv("UNIQL_GEMV_PIPE", flag)
-    kernel = _Recorder()
-    monkeypatch.setattr(int4_gemv, "_gemv_h2_kernel", kernel)
-    _residual_gemv(1)
-    _residual_gemv(3)
-    assert [c["PIPE"] for c in kernel.calls] == pipes
+    assert _launched(monkeypatch, "UNIQL_GEMV_PIPE", flag, "PIPE", (1, 3)) == pipes
 
 
 def test_head_scope_caps_the_gemv_preload(monkeypatch):
