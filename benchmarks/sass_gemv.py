@@ -30,7 +30,7 @@ TYPES = {"x_ptr": "*bf16", "qw_ptr": "*i32", "sc_ptr": "*fp16", "ws_ptr": "*fp32
 ALIGNED_INTS = ("K", "stride_xm", "stride_qw", "stride_sc", "stride_om", "s0", "s1", "s2", "s3", "s4", "l0", "l1",
                 "l2", "l3", "l4")
 BASE = dict(GROUP=64, NUM_SEG=1, SPLIT=True, HAS_BIAS=False, ALIGNED=True, SUM_STEP=4, SUB_R=4, GLU=False, RES=False,
-            NORM=False, PARTS_P=32, X_BF16=True, ASM=True, PDL=False, EARLY=False,
+            NORM=False, PARTS_P=32, X_BF16=True, ASM=True, PDL=False, EARLY=False, PIPE=False,
             CONV=False, CONV_W=2, CONV_ACT=0, CONV_BIAS=False, CONV_DTYPE=None)
 CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode step takes
     "m1_n128": (dict(BLOCK_M=1, BLOCK_N=128), 4),
@@ -132,20 +132,24 @@ def k_loop_stats(sass: str) -> dict:
             "shared_or_barrier": sum(bool(SHARED.search(t)) for t in body)}
 
 
+def config_constexprs(name: str) -> dict:
+    """Every constexpr of config ``name``: BASE, the preload and pipelining as the launcher passes them
+    (``UNIQL_GEMV_PRELOAD`` / ``UNIQL_GEMV_PIPE``, else their defaults), then the config's own."""
+    from uniql.kernels.pdl import gemv_pipe, gemv_preload
+
+    consts = CONFIGS[name][0]
+    return {**BASE, "PRELOAD": gemv_preload(), "PIPE": gemv_pipe(consts["BLOCK_M"]), **consts}
+
+
 def analyse(kernel, arch: int, names) -> list[dict]:
     import triton
-
-    from uniql.kernels.pdl import gemv_pipe, gemv_preload
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            consts, warps = CONFIGS[name]
             path = Path(tmp) / f"{name}.cubin"
-            # the GEMV preload and pipelining as the launcher passes them (UNIQL_GEMV_PRELOAD / _PIPE, else defaults)
-            launch = {"PRELOAD": gemv_preload(), "PIPE": gemv_pipe(consts["BLOCK_M"])}
-            path.write_bytes(compile_cubin(kernel, {**BASE, **launch, **consts}, warps, arch))
+            path.write_bytes(compile_cubin(kernel, config_constexprs(name), CONFIGS[name][1], arch))
             sass, usage = (subprocess.run([str(cuobjdump), flag, str(path)], capture_output=True, text=True,
                                           check=True).stdout for flag in ("-sass", "-res-usage"))
             regs = int(re.search(r"REG:(\d+)", usage).group(1))

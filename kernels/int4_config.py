@@ -198,11 +198,13 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_k = min(group_size, _tile_k() if m == 1 else 64)
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         k_tiles = triton.cdiv(k, block_k)
-        deepest = _narrow_split() == "deep"  # checked at every batch size
+        deepest = _narrow_split() == "deep"  # checked at every batch size (it applies to one row)
         if m > 1:
             split = _rows_split(n_total, 128, k_tiles, sms, widths)
+        elif deepest:
+            split = max(1, k_tiles // 2)
         else:
-            split = max(1, k_tiles // 2) if deepest else _wave_split(n_total, 128, k_tiles, sms, widths)
+            split = _wave_split(n_total, 128, k_tiles, sms, widths)
         return Int4Config("gemv", 128, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv" and half2:
         # H200 probe (benchmarks/gemv_probe.py, results/gemv_probe_h200.json): 256 columns, 4 warps and a K split
@@ -217,7 +219,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         k_tiles = triton.cdiv(k, block_k)
         block_n = _wide_block_n(wide_cols, n_total, k_tiles, sms, widths, paired) \
             if m == 1 and n_total <= 65536 else 256
-        if m > 1 and n_total <= 8192:  # the K-heavy down projection of a few rows
+        if m > 1 and n_total <= 8192:  # narrow outputs reach this path at 2-4 rows only when K > 8192: down
             split = _rows_split(n_total, block_n, k_tiles, sms, widths)
         else:
             split = _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired)
