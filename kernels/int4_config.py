@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .pdl import gemv_preload
+from .pdl import gemv_pipe, gemv_preload
 from .switches import switch
 
 MAX_SEGMENTS = 5  # q|k|v, gate|up, Mamba's z|x|B|C|dt
@@ -22,6 +22,10 @@ GEMV_MAX_M = 4
 # won twice on the H100, 0.8 and 0.92 lost: see _wide_block_n)
 WIDE_128_SHARE = 0.78
 PAIRED_256_PER_SM = 7  # a paired gate|up's 256-column programs an SM (70 registers a thread: _programs_per_sm)
+# one-row 256-column programs an SM with the K loop one tile ahead (UNIQL_GEMV_PIPE=1): 72 registers a thread, 79
+# with five output segments (Mamba's in-projection); sm_90, benchmarks/sass_gemv.py, stop 48
+PIPE_256_PER_SM = 7
+PIPE_256_FIVE_SEG_PER_SM = 6
 # From here on dequantize + cuBLAS beats the in-loop GEMM. The dequant pass costs ~2.5 bytes per weight (~120 us
 # for Llama-8B's gate_up on an H100), the Triton GEMM's tiles cost more per row than cuBLAS's. Was 256 until stop
 # 45: in the engine's graphed prefill (H100, results/prefill_graphs_h100.json) 128 rows through the GEMM took
@@ -83,10 +87,11 @@ def _blocks(n_total: int, block_n: int, widths: tuple[int, ...] | None) -> int:
 
 
 def _wave_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None,
-                wide: bool = False, paired: bool = False) -> int:
+                wide: bool = False, paired: bool = False, rows: int = 1) -> int:
     """The batch-1 half2 GEMV's K split that keeps its programs in one wave (``_programs_per_sm`` an SM; ``wide``:
-    a launch of the wide path; ``paired``: a gate|up whose programs hold both halves, ``int4_tiles.glu_paired``)."""
-    per_sm = _programs_per_sm(block_n, wide, paired)
+    a launch of the wide path; ``paired``: a gate|up whose programs hold both halves, ``int4_tiles.glu_paired``;
+    ``rows``: the activation rows, 2-4 on the wide path)."""
+    per_sm = _programs_per_sm(block_n, wide, paired, rows, len(widths) if widths else 1)
     return _split_for(_blocks(n_total, block_n, widths), k_tiles, per_sm * sms, within=True)
 
 
@@ -129,7 +134,8 @@ def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tup
     return 128 if share(128) <= WIDE_128_SHARE * share(256) else 256
 
 
-def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False) -> int:
+def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False, rows: int = 1,
+                     segments: int = 1) -> int:
     """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave (``wide``: a launch of the wide
     path). A paired gate|up at 256 columns gets 7 at most: its column mapping with the preload takes 70 registers
     a thread on sm_90 (``sass_gemv.py``; 56 without it), and 7 x 128 threads x 72 is what the 64K register file
@@ -137,6 +143,8 @@ def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False) -> 
     and lost 3 % a step, while rates 0 and 0.25 (896 and 924) fitted and won 5 % (H100 engine A/B, stop 42,
     results/glu_paired_ab_h100.json). Planned for 7: x0.948 / 0.986 / 0.964 / 0.978 at rates 0 / 0.15 / 0.25 / 0.35
     against the pair epilogue (results/glu_paired_plan_ab_h100.json).
+    One row with the K loop one tile ahead (``UNIQL_GEMV_PIPE=1``) at 256 columns: 72 registers a thread (7 an SM), 79
+    with five segments (6); at 2-4 rows the wide path keeps 8 (its ~9 K splits on gate|up won the batch-4 sweep).
     ``wide`` (default since stop 35): ``regs`` on the wide path only, 10 programs an SM where it runs 128 columns, 8
     elsewhere: on the 8B ladders Mamba2's (and Nemotron-H's) in-projection at rates 0.25 / 0.35 and
     Nemotron-H's MLP up-projection at 0.35 (H100 engine A/B, stop 35, two alternating rounds: Mamba2-8B 1.933 / 1.935
@@ -154,7 +162,11 @@ def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False) -> 
     raw = switch("UNIQL_GEMV_PER_SM")
     per_sm = (10 if block_n <= 128 and (raw == "regs" or wide) else 8) if raw in ("regs", "wide") else int(raw)
     paired_regs = paired and block_n > 128 and gemv_preload() > 0  # 56 registers without the preload: as unpaired
-    return min(per_sm, PAIRED_256_PER_SM) if paired_regs else per_sm
+    if paired_regs:
+        per_sm = min(per_sm, PAIRED_256_PER_SM)
+    if rows == 1 and block_n > 128 and gemv_pipe(1):
+        per_sm = min(per_sm, PIPE_256_FIVE_SEG_PER_SM if segments >= 5 else PIPE_256_PER_SM)
+    return per_sm
 
 
 def _tile_k() -> int:
@@ -222,7 +234,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         if m > 1 and n_total <= 8192:  # narrow outputs reach this path at 2-4 rows only when K > 8192: down
             split = _rows_split(n_total, block_n, k_tiles, sms, widths)
         else:
-            split = _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired)
+            split = _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired, m)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;

@@ -334,3 +334,25 @@ def test_rows_gemv_plan(monkeypatch, n, k, plan, old):
         monkeypatch.setenv("UNIQL_ROWS_PLAN", "old")
         cfg = im.pick_config(rows, n, k, 64, "cuda")
         assert (cfg.block_n, cfg.split_k) == old
+
+
+def test_pipelined_one_row_wave_counts_its_registers(monkeypatch):
+    """With the K loop one tile ahead at one row (UNIQL_GEMV_PIPE=1) a 256-column program takes 72 registers a thread
+    (79 with five segments), so a wave holds 7 (6) an SM, not 8: the plan must keep every program in that wave. At
+    2-4 rows (pipelined by default) and without the look-ahead the 256-column wave stays 8 an SM."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    monkeypatch.setenv("UNIQL_GEMV_PIPE", "1")
+    assert int4_config._programs_per_sm(256, True) == 7
+    assert int4_config._programs_per_sm(256, True, segments=5) == 6
+    assert int4_config._programs_per_sm(256, True, rows=4) == 8
+    assert int4_config._programs_per_sm(128, True, segments=5) == 10  # 40 registers at 128 columns
+    in_proj = (8192, 8192, 128, 128, 128)  # Mamba2-8B's z|x|B|C|dt at rate 0 (widths as the engine passes them)
+    for widths, per_sm in ((in_proj, 6), ((21504,), 7)):
+        cfg = im.pick_config(1, sum(widths), 4096, 64, "cuda", widths=widths)
+        blocks = sum(-(-w // cfg.block_n) for w in widths)
+        splits, _ = int4_config.launch_split(-(-4096 // cfg.block_k), cfg.split_k)
+        assert blocks * splits <= (per_sm if cfg.block_n > 128 else 10) * 132
+    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
+    assert int4_config._programs_per_sm(256, True) == 8 and int4_config._programs_per_sm(256, True, segments=5) == 8
