@@ -87,11 +87,11 @@ def _blocks(n_total: int, block_n: int, widths: tuple[int, ...] | None) -> int:
 
 
 def _wave_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None,
-                wide: bool = False, paired: bool = False, rows: int = 1) -> int:
+                wide: bool = False, paired: bool = False, rows: int = 1, block_k: int = 64) -> int:
     """The batch-1 half2 GEMV's K split that keeps its programs in one wave (``_programs_per_sm`` an SM; ``wide``:
     a launch of the wide path; ``paired``: a gate|up whose programs hold both halves, ``int4_tiles.glu_paired``;
-    ``rows``: the activation rows, 2-4 on the wide path)."""
-    per_sm = _programs_per_sm(block_n, wide, paired, rows, len(widths) if widths else 1)
+    ``rows``: the activation rows, 2-4 on the wide path; ``block_k``: K values a tile, 32 on the vocab heads)."""
+    per_sm = _programs_per_sm(block_n, wide, paired, rows, len(widths) if widths else 1, block_k)
     return _split_for(_blocks(n_total, block_n, widths), k_tiles, per_sm * sms, within=True)
 
 
@@ -102,7 +102,8 @@ def _rows_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tupl
     at 11 splits, o 9.3 at 17, down 23.4 at 33 on 256 columns, against 15.2 / 11.5 / 25.5 on stop 46's plan (two K
     tiles a program; 8 programs an SM on down), which ``UNIQL_ROWS_PLAN=old`` keeps."""
     if switch("UNIQL_ROWS_PLAN") == "old":
-        return max(1, k_tiles // 2) if block_n == 128 else _wave_split(n_total, block_n, k_tiles, sms, widths, True)
+        return max(1, k_tiles // 2) if block_n == 128 else _wave_split(n_total, block_n, k_tiles, sms, widths, True,
+                                                                        rows=4)
     return _split_for(_blocks(n_total, block_n, widths), k_tiles, 4 * sms)
 
 
@@ -135,7 +136,7 @@ def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tup
 
 
 def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False, rows: int = 1,
-                     segments: int = 1) -> int:
+                     segments: int = 1, block_k: int = 64) -> int:
     """``UNIQL_GEMV_PER_SM``: the programs an SM gets in the half2 GEMV's one wave (``wide``: a launch of the wide
     path). A paired gate|up at 256 columns gets 7 at most: its column mapping with the preload takes 70 registers
     a thread on sm_90 (``sass_gemv.py``; 56 without it), and 7 x 128 threads x 72 is what the 64K register file
@@ -144,7 +145,8 @@ def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False, row
     results/glu_paired_ab_h100.json). Planned for 7: x0.948 / 0.986 / 0.964 / 0.978 at rates 0 / 0.15 / 0.25 / 0.35
     against the pair epilogue (results/glu_paired_plan_ab_h100.json).
     One row with the K loop one tile ahead (``UNIQL_GEMV_PIPE=1``) at 256 columns: 72 registers a thread (7 an SM), 79
-    with five segments (6); at 2-4 rows the wide path keeps 8 (its ~9 K splits on gate|up won the batch-4 sweep).
+    with five segments (6); the vocab heads' 32-K tiles take 40 (8 an SM), and at 2-4 rows the wide path keeps 8 (its
+    ~9 K splits on gate|up won the batch-4 sweep).
     ``wide`` (default since stop 35): ``regs`` on the wide path only, 10 programs an SM where it runs 128 columns, 8
     elsewhere: on the 8B ladders Mamba2's (and Nemotron-H's) in-projection at rates 0.25 / 0.35 and
     Nemotron-H's MLP up-projection at 0.35 (H100 engine A/B, stop 35, two alternating rounds: Mamba2-8B 1.933 / 1.935
@@ -164,7 +166,7 @@ def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False, row
     paired_regs = paired and block_n > 128 and gemv_preload() > 0  # 56 registers without the preload: as unpaired
     if paired_regs:
         per_sm = min(per_sm, PAIRED_256_PER_SM)
-    if rows == 1 and block_n > 128 and gemv_pipe(1):
+    if rows == 1 and block_n > 128 and block_k > 32 and gemv_pipe(1):
         per_sm = min(per_sm, PIPE_256_FIVE_SEG_PER_SM if segments >= 5 else PIPE_256_PER_SM)
     return per_sm
 
@@ -234,7 +236,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         if m > 1 and n_total <= 8192:  # narrow outputs reach this path at 2-4 rows only when K > 8192: down
             split = _rows_split(n_total, block_n, k_tiles, sms, widths)
         else:
-            split = _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired, m)
+            split = _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired, m, block_k)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)
     if path == "gemv":
         # H100 sweeps (benchmarks/results/kernels_h100*.json): 4 warps and ~8 programs per SM everywhere;

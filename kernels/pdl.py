@@ -97,8 +97,11 @@ def gemv_preload() -> int:
 def gemv_pipe(rows: int) -> bool:
     """Whether a decode GEMV of ``rows`` activation rows runs its K loop one tile ahead: tile t + 1's weights and
     scales are loaded before tile t's arithmetic, so each program keeps a tile's loads in flight while it computes
-    (``UNIQL_GEMV_PIPE``: ``rows``, the default, only above one row, where a tile's arithmetic is longest; ``1``
-    every batch; ``0`` never).
+    (``UNIQL_GEMV_PIPE``: ``1``, the default since stop 48, every batch; ``rows`` only above one row, where a tile's
+    arithmetic is longest (the stop-47 default); ``0`` never). At one row the 256-column programs take 72 registers
+    (79 with five segments), which the wave plans count (``int4_config._programs_per_sm``); with that, ``1`` against
+    ``rows`` (H100 engine A/B, two rounds each): Llama-8B x0.998 / 0.988 / 0.993 / 0.987 at rates 0 / 0.15 / 0.25 /
+    0.35, Mamba2-8B x0.971 / 0.966 / 0.984 / 0.980 (results/envab_pipe1_h100.json, envab_ssm_pipe1_h100.json).
     Same products in the same order: same bits."""
     mode = switch("UNIQL_GEMV_PIPE")
     return mode == "1" or (mode == "rows" and rows > 1)

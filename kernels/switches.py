@@ -21,7 +21,7 @@ SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
     "UNIQL_PDL": (("0", "1", "late"), "late"),
     "UNIQL_PDL_SSM": (("0", "1"), "1"),
     "UNIQL_GEMV_PRELOAD": (("0", "1", "2"), "1"),
-    "UNIQL_GEMV_PIPE": (("0", "1", "rows"), "rows"),
+    "UNIQL_GEMV_PIPE": (("0", "1", "rows"), "1"),
     "UNIQL_ROWS_PLAN": (("wave", "old"), "wave"),
     "UNIQL_SKINNY_PLAN": (("wave", "old"), "wave"),
     "UNIQL_ATTN_PREWAIT": (("0", "1"), "1"),

@@ -45,6 +45,9 @@ def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
     from uniql.kernels import int4_config
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)  # an H100 SXM, without a GPU
+    # the one-row loop without the look-ahead (its registers: 8 programs an SM at 256 columns); the pipelined
+    # default's plan: test_pipelined_one_row_wave_counts_its_registers
+    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
     monkeypatch.delenv("UNIQL_WIDE_COLS", raising=False)
     for cols in (256, 128 if n <= 65536 else 256):
         cfg = im.pick_config(1, n, 4096, 128, "cuda")
@@ -141,6 +144,9 @@ def test_wide_default_gives_10_an_sm_to_the_wide_path_128_column_launches_only(m
     from uniql.kernels import int4_config
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    # the one-row loop without the look-ahead (its registers: 8 programs an SM at 256 columns); the pipelined
+    # default's plan: test_pipelined_one_row_wave_counts_its_registers
+    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
 
     def launch(widths, k=4096):  # (block_n, programs, K tiles a program)
         cfg = im.pick_config(1, sum(widths), k, 128, "cuda", widths=widths)
@@ -167,6 +173,9 @@ def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
     from uniql.kernels.int4_format import rtn_quantize
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    # the one-row loop without the look-ahead (its registers: 8 programs an SM at 256 columns); the pipelined
+    # default's plan: test_pipelined_one_row_wave_counts_its_registers
+    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
     monkeypatch.setenv("UNIQL_WIDE_COLS", "256")  # auto takes 128 columns on this launch
     widths = (5376, 5376, 640, 640, 128)
     cfg = im.pick_config(1, sum(widths), 4096, 128, "cuda", widths=widths)
@@ -198,6 +207,9 @@ def test_paired_glu_plans_seven_programs_an_sm_at_256_columns(monkeypatch, n, pa
     from uniql.kernels import int4_config
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    # the one-row loop without the look-ahead (its registers: 8 programs an SM at 256 columns); the pipelined
+    # default's plan: test_pipelined_one_row_wave_counts_its_registers
+    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
     cfg = im.pick_config(1, 2 * n, 4096, 128, "cuda", widths=(2 * n,), paired=True)
     splits, _ = int4_config.launch_split(4096 // cfg.block_k, cfg.split_k)
     programs = -(-2 * n // cfg.block_n) * splits
@@ -218,6 +230,9 @@ def test_auto_wide_cols_take_128_only_where_a_program_reads_a_fifth_less(monkeyp
     from uniql.kernels import int4_config
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    # the one-row loop without the look-ahead (its registers: 8 programs an SM at 256 columns); the pipelined
+    # default's plan: test_pipelined_one_row_wave_counts_its_registers
+    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
     monkeypatch.delenv("UNIQL_WIDE_COLS", raising=False)
 
     def share(widths, k=4096):  # (block_n, a program's K tiles x columns, programs)
@@ -348,6 +363,7 @@ def test_pipelined_one_row_wave_counts_its_registers(monkeypatch):
     assert int4_config._programs_per_sm(256, True, segments=5) == 6
     assert int4_config._programs_per_sm(256, True, rows=4) == 8
     assert int4_config._programs_per_sm(128, True, segments=5) == 10  # 40 registers at 128 columns
+    assert int4_config._programs_per_sm(256, True, block_k=32) == 8  # the vocab heads' tiles: 40 registers
     in_proj = (8192, 8192, 128, 128, 128)  # Mamba2-8B's z|x|B|C|dt at rate 0 (widths as the engine passes them)
     for widths, per_sm in ((in_proj, 6), ((21504,), 7)):
         cfg = im.pick_config(1, sum(widths), 4096, 64, "cuda", widths=widths)

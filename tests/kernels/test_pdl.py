@@ -217,10 +217,10 @@ def test_gemv_launcher_passes_the_preload_switch(monkeypatch, flag, preload):
     assert _launched(monkeypatch, "UNIQL_GEMV_PRELOAD", flag, "PRELOAD", (1,)) == [preload]
 
 
-@pytest.mark.parametrize(("flag", "pipes"), [(None, [False, True]), ("0", [False, False]), ("1", [True, True]),
+@pytest.mark.parametrize(("flag", "pipes"), [(None, [True, True]), ("0", [False, False]), ("1", [True, True]),
                                              ("rows", [False, True])])
 def test_gemv_launcher_passes_the_pipe_switch(monkeypatch, flag, pipes):
-    """UNIQL_GEMV_PIPE: ``rows`` (the default) in launches of 2+ rows, ``1`` at every batch, ``0`` never."""
+    """UNIQL_GEMV_PIPE: ``1`` (the default) at every batch, ``rows`` in launches of 2+ rows, ``0`` never."""
     assert _launched(monkeypatch, "UNIQL_GEMV_PIPE", flag, "PIPE", (1, 3)) == pipes
 
 
