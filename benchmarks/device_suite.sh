@@ -62,7 +62,7 @@
 #   short    short_path_probe.py: the shortest dependent path (weights loaded before the wait, split partials summed
 #            by the next layer, one release add a task; its sync-only path; whole-K tasks) on the 32 x 512, o-sized,
 #            MLP and Llama-step chains, then its GPU tests (stop 38: ran three times, ~2 min)
-#   tests    the GPU tests of the kernels (real shapes, bf16), ~4 min
+#   tests    the GPU tests of the kernels (real shapes, bf16), ~6 min (stop 48: 351 s, 579 tests)
 #   tests1   the GPU tests of the runner / SSM graphs / graph reset, ~4 min (both were one step: 461 s of 600)
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
 #            .gpuwhl AND .whl carried (pytest and the server's wheels for the device's Python; lm_eval, which the
