@@ -95,7 +95,8 @@ def _wave_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tupl
     return _split_for(_blocks(n_total, block_n, widths), k_tiles, per_sm * sms, within=True)
 
 
-def _rows_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None) -> int:
+def _rows_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None,
+                rows: int) -> int:
     """The K split of a 2-4-row half2 GEMV on attention-sized outputs (and the K-heavy down projection): ~4 programs
     an SM (96-127 registers a thread at 4 rows: 4-5 fit). H100 sweep at batch 4 with ``UNIQL_GEMV_PIPE=1``
     (``kernel_bench.py --sweep-batches 4``, results/kernels_batch4_pipe_sweep_h100.json, stop 47): Llama q|k|v 12.2 us
@@ -103,7 +104,7 @@ def _rows_split(n_total: int, block_n: int, k_tiles: int, sms: int, widths: tupl
     tiles a program; 8 programs an SM on down), which ``UNIQL_ROWS_PLAN=old`` keeps."""
     if switch("UNIQL_ROWS_PLAN") == "old":
         return max(1, k_tiles // 2) if block_n == 128 else _wave_split(n_total, block_n, k_tiles, sms, widths, True,
-                                                                        rows=4)
+                                                                        rows=rows)
     return _split_for(_blocks(n_total, block_n, widths), k_tiles, 4 * sms)
 
 
@@ -214,7 +215,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         k_tiles = triton.cdiv(k, block_k)
         deepest = _narrow_split() == "deep"  # checked at every batch size (it applies to one row)
         if m > 1:
-            split = _rows_split(n_total, 128, k_tiles, sms, widths)
+            split = _rows_split(n_total, 128, k_tiles, sms, widths, m)
         elif deepest:
             split = max(1, k_tiles // 2)
         else:
@@ -234,7 +235,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_n = _wide_block_n(wide_cols, n_total, k_tiles, sms, widths, paired) \
             if m == 1 and n_total <= 65536 else 256
         if m > 1 and n_total <= 8192:  # narrow outputs reach this path at 2-4 rows only when K > 8192: down
-            split = _rows_split(n_total, block_n, k_tiles, sms, widths)
+            split = _rows_split(n_total, block_n, k_tiles, sms, widths, m)
         else:
             split = _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired, m, block_k)
         return Int4Config("gemv", block_n, block_k, split, num_warps=4, block_m=block_m)

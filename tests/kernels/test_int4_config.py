@@ -12,6 +12,14 @@ from uniql.kernels import int4_matmul as im  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture
+def unpipelined_one_row(monkeypatch):
+    """One-row GEMVs without the K loop's look-ahead (``UNIQL_GEMV_PIPE=rows``): their 256-column programs hold 8 an
+    SM, the plans these tests were measured on; the pipelined default's (7, 6 with five segments):
+    test_pipelined_one_row_wave_counts_its_registers."""
+    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
+
+
 def test_path_choice_by_batch():
     paths = [im.choose_path(m) for m in (1, 2, 4, 5, 16, 127, 128, 2048)]
     assert paths == ["gemv"] * 3 + ["gemm"] * 3 + ["dequant"] * 2
@@ -35,7 +43,7 @@ def test_configs_cover_the_paths():
 
 
 @pytest.mark.parametrize("n", [28672, 24320, 21504, 18688, 37888, 28416, 18560, 128256, 152064, 256000])
-def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
+def test_wide_gemv_split_fills_one_wave(monkeypatch, unpipelined_one_row, n):
     """The K split of the wide decode GEMVs (gate|up, Mamba's in_proj, vocab heads) is the largest that keeps
     every program in one wave of ~8 per SM (10 on 128 columns): rounding up left a second wave of a few dozen
     programs (the 8B-shaped gate|up at rate 0.25, N = 21504, took as long as at rate 0 in the engine on the H100),
@@ -45,9 +53,6 @@ def test_wide_gemv_split_fills_one_wave(monkeypatch, n):
     from uniql.kernels import int4_config
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)  # an H100 SXM, without a GPU
-    # the one-row loop without the look-ahead (its registers: 8 programs an SM at 256 columns); the pipelined
-    # default's plan: test_pipelined_one_row_wave_counts_its_registers
-    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
     monkeypatch.delenv("UNIQL_WIDE_COLS", raising=False)
     for cols in (256, 128 if n <= 65536 else 256):
         cfg = im.pick_config(1, n, 4096, 128, "cuda")
@@ -137,16 +142,13 @@ def test_register_sized_wave(monkeypatch):
     assert launch(28672, 4096) == gate_up and gate_up[0] == 256 and gate_up[1] <= 8 * 132
 
 
-def test_wide_default_gives_10_an_sm_to_the_wide_path_128_column_launches_only(monkeypatch):
+def test_wide_default_gives_10_an_sm_to_the_wide_path_128_column_launches_only(monkeypatch, unpipelined_one_row):
     """UNIQL_GEMV_PER_SM=wide (the default): 10 programs an SM where the wide path runs 128 columns (Mamba2-8B's
     z|x|B|C|dt at rates 0.25 / 0.35: 6 x 128 and 5 x 128 K tiles a program, instead of 4 x 256 and 6 x 128 at 8 an
     SM), 8 on its 256-column launches and on every narrow launch (Llama-8B's down keeps 32 x 7 / 30 x 5)."""
     from uniql.kernels import int4_config
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
-    # the one-row loop without the look-ahead (its registers: 8 programs an SM at 256 columns); the pipelined
-    # default's plan: test_pipelined_one_row_wave_counts_its_registers
-    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
 
     def launch(widths, k=4096):  # (block_n, programs, K tiles a program)
         cfg = im.pick_config(1, sum(widths), k, 128, "cuda", widths=widths)
@@ -165,7 +167,7 @@ def test_wide_default_gives_10_an_sm_to_the_wide_path_128_column_launches_only(m
                                                                 0.35: (128, 1045, 6)}
 
 
-def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
+def test_segmented_launch_counts_each_segments_blocks(monkeypatch, unpipelined_one_row):
     """Each output segment starts a column block: Mamba2-8B's z|x|B|C|dt at rate 0.35 is 49 blocks of 256, not
     12160 / 256 = 48; split for 48 (22 ways) it ran 1078 programs, 22 in a second wave. With the widths the split
     keeps one wave; int4_matmul and int4_glu pass their segments' widths."""
@@ -173,9 +175,6 @@ def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
     from uniql.kernels.int4_format import rtn_quantize
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
-    # the one-row loop without the look-ahead (its registers: 8 programs an SM at 256 columns); the pipelined
-    # default's plan: test_pipelined_one_row_wave_counts_its_registers
-    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
     monkeypatch.setenv("UNIQL_WIDE_COLS", "256")  # auto takes 128 columns on this launch
     widths = (5376, 5376, 640, 640, 128)
     cfg = im.pick_config(1, sum(widths), 4096, 128, "cuda", widths=widths)
@@ -200,16 +199,14 @@ def test_segmented_launch_counts_each_segments_blocks(monkeypatch):
 
 @pytest.mark.parametrize("n, paired_cols, paired_programs", [(14336, 256, 896), (12160, 128, 1140),
                                                              (10752, 256, 924), (9344, 128, 1168)])
-def test_paired_glu_plans_seven_programs_an_sm_at_256_columns(monkeypatch, n, paired_cols, paired_programs):
+def test_paired_glu_plans_seven_programs_an_sm_at_256_columns(monkeypatch, unpipelined_one_row, n, paired_cols,
+                                                              paired_programs):
     """A paired gate|up takes 70 registers a thread at 256 columns (7 programs of 128 threads an SM): its one-wave
     split counts 7 an SM there, so Llama-8B's gate|up at rates 0.15 / 0.35 (1045 / 949 programs when planned for 8,
     a second wave on 924 slots) takes 128 columns instead (auto's share rule), and rates 0 / 0.25 fit 256."""
     from uniql.kernels import int4_config
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
-    # the one-row loop without the look-ahead (its registers: 8 programs an SM at 256 columns); the pipelined
-    # default's plan: test_pipelined_one_row_wave_counts_its_registers
-    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
     cfg = im.pick_config(1, 2 * n, 4096, 128, "cuda", widths=(2 * n,), paired=True)
     splits, _ = int4_config.launch_split(4096 // cfg.block_k, cfg.split_k)
     programs = -(-2 * n // cfg.block_n) * splits
@@ -219,7 +216,7 @@ def test_paired_glu_plans_seven_programs_an_sm_at_256_columns(monkeypatch, n, pa
     assert unpaired.block_n == 256  # the pair epilogue's plan is unchanged (8 an SM)
 
 
-def test_auto_wide_cols_take_128_only_where_a_program_reads_a_fifth_less(monkeypatch):
+def test_auto_wide_cols_take_128_only_where_a_program_reads_a_fifth_less(monkeypatch, unpipelined_one_row):
     """UNIQL_WIDE_COLS=auto (the default): 128-column blocks where their one-wave split (10 programs an SM on them,
     UNIQL_GEMV_PER_SM=wide) leaves a program at most 0.78 of the weight bytes 256 columns do (Mamba2-8B's z|x|B|C|dt
     at rates 0.25 / 0.35: 6 x 128 and 5 x 128 against 4 x 256, 0.75 and 0.625; both won the H100 engine A/B), 256
@@ -230,9 +227,6 @@ def test_auto_wide_cols_take_128_only_where_a_program_reads_a_fifth_less(monkeyp
     from uniql.kernels import int4_config
 
     monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
-    # the one-row loop without the look-ahead (its registers: 8 programs an SM at 256 columns); the pipelined
-    # default's plan: test_pipelined_one_row_wave_counts_its_registers
-    monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
     monkeypatch.delenv("UNIQL_WIDE_COLS", raising=False)
 
     def share(widths, k=4096):  # (block_n, a program's K tiles x columns, programs)
