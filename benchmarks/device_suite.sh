@@ -65,8 +65,9 @@
 #   tests    the GPU tests of the kernels (real shapes, bf16), ~6 min (stop 48: 351 s, 579 tests)
 #   tests1   the GPU tests of the runner / SSM graphs / graph reset, ~4 min (both were one step: 461 s of 600)
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
-#            .gpuwhl AND .whl carried (pytest and the server's wheels for the device's Python; lm_eval, which the
-#            pipeline test imports); tests that need the SmolLM2 tokenizer error unless its GGUF is staged
+#            .gpuwhl carried, built by `bash benchmarks/gpu_wheels.sh eval` (the server's wheels for the device's
+#            Python and lm_eval, which the pipeline test imports: without it that file fails to collect and the
+#            step stops there, stop 49); tests that need the SmolLM2 tokenizer error unless its GGUF is staged
 # e.g. a call with command `SUITE="ab kernels decode" bash benchmarks/device_suite.sh`, then one with SUITE=ssm.
 : "${OUT:?run on the device machine: \$OUT is where results go}"
 # this tree into /tmp/uniql (anew), plus the wheels of whatever .whl / .gpuwhl the call carried (carry .gpuwhl for
