@@ -34,7 +34,8 @@
 #            alternating rounds on the same machine, ~25 s a run (ENVAB_BATCHES="1 4": those batches in each run) ->
 #            decode_envab_<gpu>.txt and decode_envab_<gpu>_<round>_<variant>.json
 #   envabssm the same with ssm_decode_gpu.py, variants in $ENV_AB_SSM if set (else $ENV_AB: one call can run both
-#            steps with different lists) (Mamba2-8B shape, no transformers anchor; UNIQL_SSM_BLOCK_P=R caps the
+#            steps with different lists) (Mamba2-8B shape, no transformers anchor; ENVAB_SSM_MODELS="mamba2-8b-shape
+#            nemotron-h-8b-shape" adds the hybrid (~2x the time); UNIQL_SSM_BLOCK_P=R caps the
 #            state update's head channels a program, UNIQL_SSM_CONV_FOLD=0 runs the causal conv as its own kernel (the
 #            fold is the default since stop 33); UNIQL_PDL_SSM=1 puts the state update and the group norm in the
 #            PDL chain (the default since stop 40); the state loaded before the PDL wait was even, stop 42 (removed);
@@ -106,7 +107,7 @@ for step in ${SUITE:-ab kernels decode}; do
         envab) envab decode "${ENV_AB:-UNIQL_NARROW_SPLIT=deep UNIQL_EARLY_LOADS=0}" decode_gpu.py --batches ${ENVAB_BATCHES:-1} \
                    --skip-dense --skip-hf --skip-compiled ;;
         envabssm) envab ssm "${ENV_AB_SSM:-${ENV_AB:-UNIQL_NARROW_SPLIT=deep UNIQL_EARLY_LOADS=0}}" ssm_decode_gpu.py \
-                      --models mamba2-8b-shape --skip-hf ;;
+                      --models ${ENVAB_SSM_MODELS:-mamba2-8b-shape} --skip-hf ;;
         splits) python3 split_sweep.py --mamba --json "$OUT/split_sweep_$gpu.json" 2> "$OUT/split_sweep_$gpu.txt" ;;
         ksweep) python3 kernel_bench.py --quick --batches 4 16 --rates 0 --layers qkv o gate_up down --repeats 3 --sweep \
                     --sweep-batches 4 16 --prefill-m 0 --out "$OUT/kernels_smallbatch_sweep_$gpu.json" \
