@@ -62,7 +62,7 @@ class AppState:
             self.monitor = self.monitor_factory()
             self.service = AdaptiveService(backend, self.cfg, self.metrics, self.monitor)
             self.monitor.start()
-            log.warning("uniql: serving %s in %s (prune rates %s)", self.names[0], backend.dtype, list(backend.rates))
+            log.info("uniql: serving %s in %s (prune rates %s)", self.names[0], backend.dtype, list(backend.rates))
         except Exception as err:  # never silently: 503 with the reason, or `uniql serve` stops (on_load_error)
             if self.on_load_error is None or not isinstance(err, ValueError | OSError):
                 log.exception("loading the model failed")  # a bad input (a damaged checkpoint) is one line
