@@ -47,6 +47,7 @@ CONFIGS = {  # name -> (constexprs over BASE, num_warps): the paths the decode s
     "m4_n512": (dict(BLOCK_M=4, BLOCK_N=512), 4),
     "m1_n128_residual": (dict(BLOCK_M=1, BLOCK_N=128, RES=True), 4),  # Mamba2's out_proj: the group norm's anchor
     "m1_n256_head": (dict(BLOCK_M=1, BLOCK_N=256, SUB_R=2, GROUP=128, PRELOAD=0), 4),  # the vocab heads (32-K tiles)
+    "m1_n256_g32": (dict(BLOCK_M=1, BLOCK_N=256, SUB_R=2, GROUP=32), 4),  # a g32 checkpoint (32-K tiles, preload)
     "m1_n256_conv": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=5, NORM=True, CONV=True, CONV_W=4, CONV_ACT=1, CONV_BIAS=True,
                           CONV_DTYPE="bfloat16"), 4),  # Mamba2's in_proj with the conv epilogue (UNIQL_SSM_CONV_FOLD)
     "m1_n256_in_proj": (dict(BLOCK_M=1, BLOCK_N=256, NUM_SEG=5, NORM=True), 4),  # its anchor

@@ -115,7 +115,7 @@ def _wide_cols() -> str:
 
 
 def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tuple[int, ...] | None,
-                  paired: bool = False) -> int:
+                  paired: bool = False, block_k: int = 64) -> int:
     """The columns of a wide batch-1 GEMV's blocks. ``auto`` (the default): 128 only where its one-wave split leaves
     each program at most ``WIDE_128_SHARE`` of the weight bytes 256 columns do (a program's K tiles x its columns;
     256 measured faster a byte, so a small saving does not pay). In one wave a GEMV lasts about as long as a
@@ -131,7 +131,8 @@ def _wide_block_n(choice: str, n_total: int, k_tiles: int, sms: int, widths: tup
         return int(choice)
 
     def share(block_n: int) -> int:  # a program's weight columns x K tiles in the one-wave split
-        return launch_split(k_tiles, _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired))[1] * block_n
+        split = _wave_split(n_total, block_n, k_tiles, sms, widths, True, paired, block_k=block_k)
+        return launch_split(k_tiles, split)[1] * block_n
 
     return 128 if share(128) <= WIDE_128_SHARE * share(256) else 256
 
@@ -146,8 +147,8 @@ def _programs_per_sm(block_n: int, wide: bool = False, paired: bool = False, row
     results/glu_paired_ab_h100.json). Planned for 7: x0.948 / 0.986 / 0.964 / 0.978 at rates 0 / 0.15 / 0.25 / 0.35
     against the pair epilogue (results/glu_paired_plan_ab_h100.json).
     One row with the K loop one tile ahead (``UNIQL_GEMV_PIPE=1``) at 256 columns: 72 registers a thread (7 an SM), 79
-    with five segments (6); the vocab heads' 32-K tiles take 40 (8 an SM), and at 2-4 rows the wide path keeps 8 (its
-    ~9 K splits on gate|up won the batch-4 sweep).
+    with five segments (6); 32-K tiles (the vocab heads, g32 checkpoints) take 40 (8 an SM), and at 2-4 rows the wide
+    path keeps 8 (its ~9 K splits on gate|up won the batch-4 sweep).
     ``wide`` (default since stop 35): ``regs`` on the wide path only, 10 programs an SM where it runs 128 columns, 8
     elsewhere: on the 8B ladders Mamba2's (and Nemotron-H's) in-projection at rates 0.25 / 0.35 and
     Nemotron-H's MLP up-projection at 0.35 (H100 engine A/B, stop 35, two alternating rounds: Mamba2-8B 1.933 / 1.935
@@ -232,7 +233,7 @@ def pick_config(m: int, n_total: int, k: int, group_size: int, device: torch.dev
         block_m = 1 if m == 1 else 2 if m == 2 else 4
         wide_cols = _wide_cols()  # checked wherever this path runs, also where it does not apply
         k_tiles = triton.cdiv(k, block_k)
-        block_n = _wide_block_n(wide_cols, n_total, k_tiles, sms, widths, paired) \
+        block_n = _wide_block_n(wide_cols, n_total, k_tiles, sms, widths, paired, block_k) \
             if m == 1 and n_total <= 65536 else 256
         if m > 1 and n_total <= 8192:  # narrow outputs reach this path at 2-4 rows only when K > 8192: down
             split = _rows_split(n_total, block_n, k_tiles, sms, widths, m)

@@ -366,3 +366,23 @@ def test_pipelined_one_row_wave_counts_its_registers(monkeypatch):
         assert blocks * splits <= (per_sm if cfg.block_n > 128 else 10) * 132
     monkeypatch.setenv("UNIQL_GEMV_PIPE", "rows")
     assert int4_config._programs_per_sm(256, True) == 8 and int4_config._programs_per_sm(256, True, segments=5) == 8
+
+
+@pytest.mark.parametrize("group_size, block_k", [(32, 32), (64, 64)])
+def test_wide_plan_counts_the_launch_tile_in_every_step(monkeypatch, group_size, block_k):
+    """The wide batch-1 GEMV's column choice (``_wide_block_n``) and its K split count programs an SM for the tile the
+    launch runs: a g32 checkpoint's 32-K tiles take 40 registers with the look-ahead (8 an SM), its 64-K ones 72 (7).
+    The column choice once counted every launch as 64-K, so a g32 gate|up chose its columns for 7 an SM and split for
+    8."""
+    from uniql.kernels import int4_config
+
+    monkeypatch.setattr(int4_config, "_sm_count", lambda device: 132)
+    monkeypatch.setenv("UNIQL_GEMV_PIPE", "1")
+    seen = []
+    counted = int4_config._programs_per_sm
+    monkeypatch.setattr(int4_config, "_programs_per_sm",
+                        lambda *args, **kw: seen.append(args[5] if len(args) > 5 else kw.get("block_k", 64))
+                        or counted(*args, **kw))
+    cfg = im.pick_config(1, 28672, 4096, group_size, "cuda", widths=(14336, 14336))
+    assert cfg.block_k == block_k
+    assert seen and set(seen) == {block_k}, seen
