@@ -1,0 +1,203 @@
+"""A decode GEMV stage whose weights are staged in shared memory by TMA before its PDL wait (GPU probe, issue 5).
+
+``docs/decode-megakernel.md`` ends with the one design the stage-latency model does not bind: a stage that streams
+its weights while the stage before it still computes. Triton keeps a preloaded tile in registers (one or two tiles
+before the wait, ``UNIQL_GEMV_PRELOAD``), and stop 38's whole-K register tiles held two programs an SM, too few loads
+in flight. A TMA copy has no such limit: one thread queues a program's whole weight slice (64 KB for o) into shared
+memory, the copy engine streams it, and the registers stay free. This probe (Gluon, sm_90) builds that stage:
+
+* a program owns BN output columns and ALL of K (no split-K partials, no finishing round trip, no atomics): its
+  codes (two TMA descriptors, the even and the odd packed rows, so one scale row serves each pair of words) and its
+  scales are requested before ``griddepcontrol.wait``; they depend on no kernel;
+* after the wait it releases the next launch at once (``griddepcontrol.launch_dependents``), so the next layer's
+  programs queue THEIR copies while this one computes (64 KB a program leaves room for both on an SM);
+* then it loads its input, runs the production GEMV's half2 PTX (``int4_gemv._dot_asm``, ``_x_bf16_asm``: the same
+  products, summed in another order) over the staged words, reduces over K inside the program and stores bf16.
+
+Chains of 32 layers (distinct weights, > 128 MB for o: L2 flatters nobody) are timed per layer in one CUDA graph
+against the production GEMV a layer (PDL, ``persistent_probe.chain_launches``) in the same run, for the 512-wide
+chain (all boundary: the stage latency itself), o (4096 x 4096) and q|k|v (4096 -> 6144) sizes, with and without
+PDL (without it the staging cannot overlap anything: what the early start buys). Outputs are checked against the
+fp32 torch reference first. Weights larger than the shared memory (down, gate|up) would need a ring of buffers:
+not built until this stage pays.
+
+    python benchmarks/staged_probe.py --json benchmarks/results/staged_probe_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import triton
+from graph_timing import copy_tbps, graph_us
+from persistent_probe import _rel_err, chain_launches, chain_reference, random_layers
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from uniql.kernels.int4_gemv import _dot_asm, _x_bf16_asm
+
+ASM_DOT = gl.constexpr(_dot_asm(1))  # out = sum over 2 words x 8 codes of (q - 8) / 16 * x, fp32
+CON_DOT = gl.constexpr("=r" + ",r" * 10)
+ASM_X = gl.constexpr(_x_bf16_asm(False))  # 8 bf16 (4 int32) -> the 4 fp16 pairs the dot expects
+CON_X = gl.constexpr("=r,=r,=r,=r,r,r,r,r")
+GROUP = 128
+SMEM_PER_SM = 227 * 1024
+
+
+@gluon.jit
+def _x_pairs(x_ptr, base):
+    """The fp16 pairs of 8 consecutive bf16 activations (4 int32 from ``base`` on, one set per row of ``base``)."""
+    w0 = gl.load(x_ptr + base)
+    w1 = gl.load(x_ptr + base + 1)
+    w2 = gl.load(x_ptr + base + 2)
+    w3 = gl.load(x_ptr + base + 3)
+    return gl.inline_asm_elementwise(ASM_X, CON_X, [w0, w1, w2, w3],
+                                     dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+
+
+@gluon.jit
+def _staged_gemv(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS: gl.constexpr, BN: gl.constexpr,
+                 G16: gl.constexpr, SPT: gl.constexpr, TN: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr,
+                 EARLY: gl.constexpr):
+    """out[n0:n0+BN] = x @ W[:, n0:n0+BN]; x as int32 (bf16 pairs), W as its even / odd packed rows (PAIRS each,
+    one TMA box: K <= 4096)."""
+    L: gl.constexpr = gl.BlockedLayout([1, SPT], [32 // TN, TN], [WARPS, 1], [1, 0])
+    n0 = gl.program_id(0) * BN
+    wa_s = gl.allocate_shared_memory(gl.int32, [PAIRS, BN], wa_desc.layout)
+    wb_s = gl.allocate_shared_memory(gl.int32, [PAIRS, BN], wb_desc.layout)
+    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(bar, count=1)
+    if EARLY:  # the next launch may start before this one waits (it still waits for this one to finish)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+    mbarrier.expect(bar, 2 * PAIRS * BN * 4)  # the whole weight slice, queued before the wait: it depends on no kernel
+    tma.async_copy_global_to_shared(wa_desc, [0, n0], bar, wa_s)
+    tma.async_copy_global_to_shared(wb_desc, [0, n0], bar, wb_s)
+    pair = gl.arange(0, PAIRS, layout=gl.SliceLayout(1, L))  # packed rows 2 pair (K 16 pair ..) and 2 pair + 1
+    cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, L))
+    scale = gl.load(s_ptr + gl.expand_dims(pair // G16, 1) * N + gl.expand_dims(cols, 0)).to(gl.float32)
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+    xa0, xa1, xa2, xa3 = _x_pairs(x_ptr, pair * 8)
+    xb0, xb1, xb2, xb3 = _x_pairs(x_ptr, pair * 8 + 4)
+    mbarrier.wait(bar, 0)
+    dot = gl.inline_asm_elementwise(
+        ASM_DOT, CON_DOT,
+        [wa_s.load(L), wb_s.load(L), gl.expand_dims(xa0, 1), gl.expand_dims(xa1, 1), gl.expand_dims(xa2, 1),
+         gl.expand_dims(xa3, 1), gl.expand_dims(xb0, 1), gl.expand_dims(xb1, 1), gl.expand_dims(xb2, 1),
+         gl.expand_dims(xb3, 1)],
+        dtype=gl.float32, is_pure=True, pack=1)
+    mbarrier.invalidate(bar)
+    y = gl.sum(dot * scale, axis=0) * 16.0
+    gl.store(out_ptr + cols, y.to(gl.bfloat16))
+
+
+def plan(k: int, n: int, bn: int, warps: int) -> dict:
+    """Tile constants of one layer, or ValueError where the stage does not fit (shared memory, shapes)."""
+    pairs = k // 16
+    spt = min(8, bn)
+    tn = bn // spt
+    # one TMA box a descriptor (at most 256 rows), a power of two for the layout
+    if k % 16 or n % bn or pairs > 256 or pairs & (pairs - 1) or tn > 32 or pairs < (32 // tn) * warps:
+        raise ValueError(f"K {k} / N {n} / BN {bn} / {warps} warps do not tile")
+    smem = 2 * pairs * bn * 4
+    if 2 * smem > SMEM_PER_SM:
+        raise ValueError(f"{smem} B a program leaves no room for the next layer's on an SM")
+    return {"PAIRS": pairs, "BN": bn, "G16": GROUP // 16, "SPT": spt, "TN": tn, "WARPS": warps}
+
+
+class StagedLayer:
+    """One layer's descriptors and constants, built once (a graph replays the launches)."""
+
+    def __init__(self, qw: torch.Tensor, sc: torch.Tensor, bn: int, warps: int):
+        k, n = qw.shape[0] * 8, qw.shape[1]
+        self.consts, self.n, self.k, self.sc = plan(k, n, bn, warps), n, k, sc
+        box = [self.consts["PAIRS"], bn]
+        layout = gl.NVMMASharedLayout.get_default_for(box, gl.int32)
+        even, odd = qw[0::2], qw[1::2]
+        self.wa = TensorDescriptor(even, [k // 16, n], [2 * n, 1], box, layout)
+        self.wb = TensorDescriptor(odd, [k // 16, n], [2 * n, 1], box, layout)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, pdl: bool, early: bool) -> torch.Tensor:
+        x32 = x[: self.k].view(torch.int32)
+        _staged_gemv[(self.n // self.consts["BN"],)](x32, self.wa, self.wb, self.sc, out, self.n, **self.consts,
+                                                     PDL=pdl, EARLY=early, num_warps=self.consts["WARPS"],
+                                                     launch_pdl=pdl)
+        return out
+
+
+def staged_chain(layers: list[StagedLayer], x: torch.Tensor, outs: list[torch.Tensor], pdl: bool, early: bool):
+    h = x
+    for layer, out in zip(layers, outs, strict=True):
+        h = layer(h, out, pdl, early)
+    return h
+
+
+CHAINS = {"512": [(512, 512)] * 32, "o": [(4096, 4096)] * 32, "qkv": [(4096, 6144)] * 32}
+CONFIGS = [(16, 4), (16, 8), (32, 4), (32, 8), (32, 16), (64, 8)]  # (columns a program, warps)
+MODES = [("pdl", True, False), ("pdl_early", True, True), ("no_pdl", False, False)]
+
+
+def probe(name: str, shapes, repeats: int) -> dict:
+    x, layers = random_layers(shapes, GROUP, "cuda")
+    ref = chain_reference(layers, x, GROUP)
+    xh = x.to(torch.bfloat16)
+    row = {"chain": name, "shapes": shapes[0], "layers": len(shapes),
+           "bytes_a_layer": sum(qw.numel() * 4 + sc.numel() * 2 for qw, sc in layers) / len(layers),
+           "production_rel_err": _rel_err(chain_launches(layers, xh, GROUP), ref),
+           "production_us_a_layer": graph_us([lambda: chain_launches(layers, xh, GROUP)], repeats) / len(layers),
+           "staged": []}
+    for bn, warps in CONFIGS:
+        entry = {"block_n": bn, "warps": warps}
+        try:
+            staged = [StagedLayer(qw, sc, bn, warps) for qw, sc in layers]
+        except ValueError as exc:
+            row["staged"].append({**entry, "skipped": str(exc)})
+            continue
+        outs = [torch.empty(n, dtype=torch.bfloat16, device="cuda") for _, n in shapes]
+        for mode, pdl, early in MODES:
+            try:
+                got = staged_chain(staged, xh, outs, pdl, early).clone()
+                entry[mode + "_rel_err"] = _rel_err(got, ref)
+                entry[mode + "_us_a_layer"] = graph_us(
+                    [lambda s=staged, o=outs, p=pdl, e=early: staged_chain(s, xh, o, p, e)], repeats) / len(layers)
+            except Exception as exc:  # a config the compiler or the launch refuses is recorded, not fatal
+                entry[mode + "_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        row["staged"].append(entry)
+        print(name, entry, flush=True)
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--chains", nargs="*", default=list(CHAINS))
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        raise SystemExit("staged_probe needs an sm_90+ GPU (TMA, PDL)")
+    rows, copy = [], copy_tbps(args.repeats)
+    print(f"copy {copy:.2f} TB/s", flush=True)
+    for name in args.chains:
+        rows.append(probe(name, CHAINS[name], args.repeats))
+        r = rows[-1]
+        print(f"{name}: production {r['production_us_a_layer']:.2f} us a layer (rel err "
+              f"{r['production_rel_err']:.2e}), {r['bytes_a_layer'] / 1e6:.2f} MB a layer", flush=True)
+    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "group": GROUP, "copy_TBps": copy,
+           "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
