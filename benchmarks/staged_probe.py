@@ -36,7 +36,7 @@ from graph_timing import copy_tbps, graph_us
 from persistent_probe import _rel_err, chain_launches, chain_reference, random_layers
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from uniql.kernels.int4_gemv import _dot_asm, _x_bf16_asm
@@ -61,65 +61,86 @@ def _x_pairs(x_ptr, base):
 
 
 @gluon.jit
-def _staged_gemv(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS: gl.constexpr, BN: gl.constexpr,
-                 G16: gl.constexpr, SPT: gl.constexpr, TN: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr,
-                 EARLY: gl.constexpr):
-    """out[n0:n0+BN] = x @ W[:, n0:n0+BN]; x as int32 (bf16 pairs), W as its even / odd packed rows (PAIRS each,
-    one TMA box: K <= 4096)."""
+def _staged_gemv(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS: gl.constexpr, RB: gl.constexpr,
+                 NBUF: gl.constexpr, BN: gl.constexpr, G16: gl.constexpr, SPT: gl.constexpr, TN: gl.constexpr,
+                 WARPS: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr):
+    """out[n0:n0+BN] = x @ W[:, n0:n0+BN]; x as int32 (bf16 pairs), W as its even / odd packed rows (PAIRS each) in
+    chunks of RB, NBUF of them in shared memory at a time (NBUF = PAIRS / RB: the whole slice before the wait)."""
+    CH: gl.constexpr = PAIRS // RB
     L: gl.constexpr = gl.BlockedLayout([1, SPT], [32 // TN, TN], [WARPS, 1], [1, 0])
     n0 = gl.program_id(0) * BN
-    wa_s = gl.allocate_shared_memory(gl.int32, [PAIRS, BN], wa_desc.layout)
-    wb_s = gl.allocate_shared_memory(gl.int32, [PAIRS, BN], wb_desc.layout)
-    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(bar, count=1)
+    wa_s = gl.allocate_shared_memory(gl.int32, [NBUF, RB, BN], wa_desc.layout)
+    wb_s = gl.allocate_shared_memory(gl.int32, [NBUF, RB, BN], wb_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(NBUF):
+        mbarrier.init(bars.index(b), count=1)
     if EARLY:  # the next launch may start before this one waits (it still waits for this one to finish)
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
-    mbarrier.expect(bar, 2 * PAIRS * BN * 4)  # the whole weight slice, queued before the wait: it depends on no kernel
-    tma.async_copy_global_to_shared(wa_desc, [0, n0], bar, wa_s)
-    tma.async_copy_global_to_shared(wb_desc, [0, n0], bar, wb_s)
-    pair = gl.arange(0, PAIRS, layout=gl.SliceLayout(1, L))  # packed rows 2 pair (K 16 pair ..) and 2 pair + 1
+    for b in gl.static_range(NBUF):  # queued before the wait: the weights depend on no kernel
+        mbarrier.expect(bars.index(b), 2 * RB * BN * 4)
+        tma.async_copy_global_to_shared(wa_desc, [b * RB, n0], bars.index(b), wa_s.index(b))
+        tma.async_copy_global_to_shared(wb_desc, [b * RB, n0], bars.index(b), wb_s.index(b))
+    rows = gl.arange(0, RB, layout=gl.SliceLayout(1, L))  # pair p: packed rows 2p (K 16p ..) and 2p + 1
     cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, L))
-    scale = gl.load(s_ptr + gl.expand_dims(pair // G16, 1) * N + gl.expand_dims(cols, 0)).to(gl.float32)
+    scale = gl.load(s_ptr + gl.expand_dims(rows // G16, 1) * N + gl.expand_dims(cols, 0)).to(gl.float32)
     if PDL:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
-    xa0, xa1, xa2, xa3 = _x_pairs(x_ptr, pair * 8)
-    xb0, xb1, xb2, xb3 = _x_pairs(x_ptr, pair * 8 + 4)
-    mbarrier.wait(bar, 0)
-    dot = gl.inline_asm_elementwise(
-        ASM_DOT, CON_DOT,
-        [wa_s.load(L), wb_s.load(L), gl.expand_dims(xa0, 1), gl.expand_dims(xa1, 1), gl.expand_dims(xa2, 1),
-         gl.expand_dims(xa3, 1), gl.expand_dims(xb0, 1), gl.expand_dims(xb1, 1), gl.expand_dims(xb2, 1),
-         gl.expand_dims(xb3, 1)],
-        dtype=gl.float32, is_pure=True, pack=1)
-    mbarrier.invalidate(bar)
-    y = gl.sum(dot * scale, axis=0) * 16.0
+    acc = gl.zeros([RB, BN], gl.float32, L)
+    for c in gl.static_range(CH):
+        pair = c * RB + rows
+        xa0, xa1, xa2, xa3 = _x_pairs(x_ptr, pair * 8)
+        xb0, xb1, xb2, xb3 = _x_pairs(x_ptr, pair * 8 + 4)
+        mbarrier.wait(bars.index(c % NBUF), (c // NBUF) % 2)
+        dot = gl.inline_asm_elementwise(
+            ASM_DOT, CON_DOT,
+            [wa_s.index(c % NBUF).load(L), wb_s.index(c % NBUF).load(L), gl.expand_dims(xa0, 1),
+             gl.expand_dims(xa1, 1), gl.expand_dims(xa2, 1), gl.expand_dims(xa3, 1), gl.expand_dims(xb0, 1),
+             gl.expand_dims(xb1, 1), gl.expand_dims(xb2, 1), gl.expand_dims(xb3, 1)],
+            dtype=gl.float32, is_pure=True, pack=1)
+        acc += dot * scale
+        if c + NBUF < CH:  # refill this buffer once every thread has read it
+            gl.thread_barrier()
+            fence_async_shared()
+            mbarrier.expect(bars.index(c % NBUF), 2 * RB * BN * 4)
+            tma.async_copy_global_to_shared(wa_desc, [(c + NBUF) * RB, n0], bars.index(c % NBUF),
+                                            wa_s.index(c % NBUF))
+            tma.async_copy_global_to_shared(wb_desc, [(c + NBUF) * RB, n0], bars.index(c % NBUF),
+                                            wb_s.index(c % NBUF))
+        if c + 1 < CH:
+            scale = gl.load(s_ptr + gl.expand_dims((pair + RB) // G16, 1) * N
+                            + gl.expand_dims(cols, 0)).to(gl.float32)
+    for b in gl.static_range(NBUF):
+        mbarrier.invalidate(bars.index(b))
+    y = gl.sum(acc, axis=0) * 16.0
     gl.store(out_ptr + cols, y.to(gl.bfloat16))
 
 
-def plan(k: int, n: int, bn: int, warps: int) -> dict:
+def plan(k: int, n: int, bn: int, warps: int, rb: int, nbuf: int) -> dict:
     """Tile constants of one layer, or ValueError where the stage does not fit (shared memory, shapes)."""
-    pairs = k // 16
+    pairs, rb = k // 16, min(rb, k // 16)
     spt = min(8, bn)
     tn = bn // spt
-    # one TMA box a descriptor (at most 256 rows), a power of two for the layout
-    if k % 16 or n % bn or pairs > 256 or pairs & (pairs - 1) or tn > 32 or pairs < (32 // tn) * warps:
-        raise ValueError(f"K {k} / N {n} / BN {bn} / {warps} warps do not tile")
-    smem = 2 * pairs * bn * 4
+    nbuf = min(nbuf, pairs // max(rb, 1))
+    # a chunk is one TMA box (at most 256 rows), a power of two for the layout
+    if k % 16 or n % bn or pairs % rb or rb > 256 or rb & (rb - 1) or tn > 32 or rb < (32 // tn) * warps:
+        raise ValueError(f"K {k} / N {n} / BN {bn} / {warps} warps / {rb} rows a chunk do not tile")
+    smem = nbuf * 2 * rb * bn * 4
     if 2 * smem > SMEM_PER_SM:
         raise ValueError(f"{smem} B a program leaves no room for the next layer's on an SM")
-    return {"PAIRS": pairs, "BN": bn, "G16": GROUP // 16, "SPT": spt, "TN": tn, "WARPS": warps}
+    return {"PAIRS": pairs, "RB": rb, "NBUF": nbuf, "BN": bn, "G16": GROUP // 16, "SPT": spt, "TN": tn,
+            "WARPS": warps}
 
 
 class StagedLayer:
     """One layer's descriptors and constants, built once (a graph replays the launches)."""
 
-    def __init__(self, qw: torch.Tensor, sc: torch.Tensor, bn: int, warps: int):
+    def __init__(self, qw: torch.Tensor, sc: torch.Tensor, config: tuple[int, int, int, int]):
         k, n = qw.shape[0] * 8, qw.shape[1]
-        self.consts, self.n, self.k, self.sc = plan(k, n, bn, warps), n, k, sc
-        box = [self.consts["PAIRS"], bn]
+        self.consts, self.n, self.k, self.sc = plan(k, n, *config), n, k, sc
+        box = [self.consts["RB"], config[0]]
         layout = gl.NVMMASharedLayout.get_default_for(box, gl.int32)
         even, odd = qw[0::2], qw[1::2]
         self.wa = TensorDescriptor(even, [k // 16, n], [2 * n, 1], box, layout)
@@ -140,8 +161,11 @@ def staged_chain(layers: list[StagedLayer], x: torch.Tensor, outs: list[torch.Te
     return h
 
 
-CHAINS = {"512": [(512, 512)] * 32, "o": [(4096, 4096)] * 32, "qkv": [(4096, 6144)] * 32}
-CONFIGS = [(16, 4), (16, 8), (32, 4), (32, 8), (32, 16), (64, 8)]  # (columns a program, warps)
+CHAINS = {"512": [(512, 512)] * 32, "o": [(4096, 4096)] * 32, "qkv": [(4096, 6144)] * 32,
+          "mlp": [(4096, 14336), (14336, 4096)] * 16}
+# (columns a program, warps, pair rows a chunk, chunks in shared memory at once)
+CONFIGS = [(16, 4, 256, 4), (16, 8, 256, 4), (32, 4, 256, 4), (32, 8, 256, 4), (32, 16, 256, 4), (64, 8, 256, 4),
+           (32, 8, 128, 2), (16, 8, 128, 3)]
 MODES = [("pdl", True, False), ("pdl_early", True, True), ("no_pdl", False, False)]
 
 
@@ -154,10 +178,10 @@ def probe(name: str, shapes, repeats: int) -> dict:
            "production_rel_err": _rel_err(chain_launches(layers, xh, GROUP), ref),
            "production_us_a_layer": graph_us([lambda: chain_launches(layers, xh, GROUP)], repeats) / len(layers),
            "staged": []}
-    for bn, warps in CONFIGS:
-        entry = {"block_n": bn, "warps": warps}
+    for config in CONFIGS:
+        entry = dict(zip(("block_n", "warps", "chunk_rows", "buffers"), config, strict=True))
         try:
-            staged = [StagedLayer(qw, sc, bn, warps) for qw, sc in layers]
+            staged = [StagedLayer(qw, sc, config) for qw, sc in layers]
         except ValueError as exc:
             row["staged"].append({**entry, "skipped": str(exc)})
             continue
