@@ -11,8 +11,9 @@ kernel benchmark, the stages (launches a step in the decode profile's graph), an
 512 x 512 GEMVs takes (next to no bytes, so all boundary), the lower of the production GEMV launched a layer in a
 graph and the layer-loop probe's one persistent launch (where the boundary is a barrier inside the kernel). The
 ratio the model gives is a projection, not a measurement; it binds any design whose stages start streaming bytes
-only once their inputs are ready (today's kernels and the persistent probes; not one that streams the next stage's
-weights during the wait, which nothing built so far has made pay).
+only once their inputs are ready (today's kernels and the persistent probes). ``staged_probe.py`` (stop 50) built one
+that streams its weights during the wait (TMA into shared memory): its all-boundary L is modelled too, as if every
+stage were one (only q|k|v- and o-sized GEMVs are so far; a projection).
 
 The same model for one batch-1 GEMV (issue 4's kernel table: one stage, its bytes at the copy rate plus L) gives the
 fraction of copy a launch can reach and its time ratio between rates 0.35 and 0, next to the measured ones and to
@@ -66,6 +67,15 @@ def stage_latency_us(probe: dict) -> tuple[float, str]:
     options += [(e["us_a_layer"], f"shortest path, one launch, {e['block_n']} x {8 * e['rows']} tasks")
                 for e in row.get("short", []) if "us_a_layer" in e and not e["sync_only"]]
     return min(options)
+
+
+def staged_latency_us(probe: dict) -> tuple[float, str]:
+    """L of ``staged_probe.py``'s all-boundary chain (32 x 512): its best staged config under PDL, and the production
+    GEMV's L in the same run next to it (the probe's anchor)."""
+    row = next(r for r in probe["rows"] if r["chain"] == "512")
+    best = min((e for e in row["staged"] if "pdl_us_a_layer" in e), key=lambda e: e["pdl_us_a_layer"])
+    return best["pdl_us_a_layer"], (f"TMA-staged GEMV a launch, {best['block_n']} columns x {best['warps']} warps "
+                                    f"(production GEMV {row['production_us_a_layer']:.2f} us in the same run)")
 
 
 def bound(bytes_by_rate: dict[float, float], copy_tbps: float, stages: dict[float, float], latency_us: float,
@@ -143,6 +153,9 @@ def main(argv=None) -> None:
     ap.add_argument("--short-probe", type=Path, nargs="*",
                     default=[RESULTS / f"short_path_probe_run{i}_h100.json" for i in (2, 3)],
                     help="short_path_probe.py's results: the step model again at their lowest L (absent: skipped)")
+    ap.add_argument("--staged-probe", type=Path, nargs="*",
+                    default=[RESULTS / f"staged_probe{run}_h100.json" for run in ("", "_run2")],
+                    help="staged_probe.py's results: the step model at its staged stage's L (absent: skipped)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     inp = load_inputs(args.kernels, args.decode, args.profile, args.probe)
@@ -154,6 +167,10 @@ def main(argv=None) -> None:
         latency, source, name = min(stage_latency_us(json.loads(f.read_text())) + (f.name,) for f in found)
         out["short_path"] = {"latency_us": latency, "latency_from": f"{source}, {name}",
                              **bound(inp["bytes"], inp["copy_TBps"], inp["stages"], latency)}
+    if found := [f for f in args.staged_probe if f.exists()]:
+        latency, source, name = min(staged_latency_us(json.loads(f.read_text())) + (f.name,) for f in found)
+        out["staged"] = {"latency_us": latency, "latency_from": f"{source}, {name}",
+                         **bound(inp["bytes"], inp["copy_TBps"], inp["stages"], latency)}
     m = inp["measured_ms"]
     print(f"{inp['device']}: copy {inp['copy_TBps']:.2f} TB/s, stage latency L = {inp['latency_us']:.2f} us "
           f"({inp['latency_from']}, {TINY} chain)")
@@ -168,6 +185,10 @@ def main(argv=None) -> None:
         print(f"  at the shortest path's L = {short['latency_us']:.2f} us ({short['latency_from']}): model "
               f"{short['model_ms'][0.0]:.3f} / {short['model_ms'][0.35]:.3f} ms, ratio {short['ratio']:.3f}; "
               f"{out['target']} at <= {short['stages_for_target']:.0f} stages")
+    if staged := out.get("staged"):
+        print(f"  at the staged stage's L = {staged['latency_us']:.2f} us ({staged['latency_from']}): model "
+              f"{staged['model_ms'][0.0]:.3f} / {staged['model_ms'][0.35]:.3f} ms, ratio {staged['ratio']:.3f} "
+              "(if every stage were one)")
     print_kernels(out["kernel_rows"])
     if args.json:
         args.json.write_text(json.dumps({str(k): v for k, v in out.items()}, indent=1, default=str))
