@@ -41,6 +41,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from uniql.kernels.int4_gemv import _dot_asm, _x_bf16_asm
 
+# triton 3.6 (the device's) names the TMA load async_copy_global_to_shared; 3.9 only async_load
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 ASM_DOT = gl.constexpr(_dot_asm(1))  # out = sum over 2 words x 8 codes of (q - 8) / 16 * x, fp32
 CON_DOT = gl.constexpr("=r" + ",r" * 10)
 ASM_X = gl.constexpr(_x_bf16_asm(False))  # 8 bf16 (4 int32) -> the 4 fp16 pairs the dot expects
@@ -79,8 +82,8 @@ def _staged_gemv(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS: gl.constexpr
                                   is_pure=False, pack=1)
     for b in gl.static_range(NBUF):  # queued before the wait: the weights depend on no kernel
         mbarrier.expect(bars.index(b), 2 * RB * BN * 4)
-        tma.async_copy_global_to_shared(wa_desc, [b * RB, n0], bars.index(b), wa_s.index(b))
-        tma.async_copy_global_to_shared(wb_desc, [b * RB, n0], bars.index(b), wb_s.index(b))
+        _tma_load(wa_desc, [b * RB, n0], bars.index(b), wa_s.index(b))
+        _tma_load(wb_desc, [b * RB, n0], bars.index(b), wb_s.index(b))
     rows = gl.arange(0, RB, layout=gl.SliceLayout(1, L))  # pair p: packed rows 2p (K 16p ..) and 2p + 1
     cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, L))
     scale = gl.load(s_ptr + gl.expand_dims(rows // G16, 1) * N + gl.expand_dims(cols, 0)).to(gl.float32)
@@ -105,9 +108,9 @@ def _staged_gemv(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS: gl.constexpr
             gl.thread_barrier()
             fence_async_shared()
             mbarrier.expect(bars.index(c % NBUF), 2 * RB * BN * 4)
-            tma.async_copy_global_to_shared(wa_desc, [(c + NBUF) * RB, n0], bars.index(c % NBUF),
+            _tma_load(wa_desc, [(c + NBUF) * RB, n0], bars.index(c % NBUF),
                                             wa_s.index(c % NBUF))
-            tma.async_copy_global_to_shared(wb_desc, [(c + NBUF) * RB, n0], bars.index(c % NBUF),
+            _tma_load(wb_desc, [(c + NBUF) * RB, n0], bars.index(c % NBUF),
                                             wb_s.index(c % NBUF))
         if c + 1 < CH:
             scale = gl.load(s_ptr + gl.expand_dims((pair + RB) // G16, 1) * N

@@ -1,0 +1,72 @@
+"""Compile the TMA-staged GEMV (``kernels/int4_staged.py``) for sm_90 ahead of time (no GPU needed) and report its
+registers, shared memory, TMA loads, spills and packed-fp16 dot count from the triton wheel's cuobjdump.
+
+    python benchmarks/sass_staged.py --k 4096 2688 512 --dtype bf16 --json
+Run without TRITON_INTERPRET (an interpreted helper cannot be compiled into a Gluon kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+
+from uniql.kernels import int4_staged as staged
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def compile_cubin(config: staged.StagedConfig, k: int, dtype: str, group: int = 128, arch: int = 90) -> bytes:
+    """The kernel as the launcher specialises it (PDL on), compiled for ``arch``."""
+    consts = staged.staged_constexprs(config, k, group)
+    layout = gl.NVMMASharedLayout.get_default_for([consts["RB"], consts["BN"]], gl.int32)
+    desc = f"tensordesc<i32[{consts['RB']}, {consts['BN']}],{layout!r}>"
+    fn = staged._staged_gemv_kernel
+    names = list(fn.arg_names)
+    runtime = ["*i32", desc, desc, "*fp16", f"*{dtype}", "i32", "i32", "i32"]
+    values = {**consts, "F16": dtype == "fp16", "PDL": True}
+    sig = dict(zip(names, runtime + ["constexpr"] * (len(names) - len(runtime)), strict=True))
+    src = GluonASTSource(fn, sig, constexprs={(names.index(name),): v for name, v in values.items()},
+                         attrs={(i,): [["tt.divisibility", 16]] for i in (0, 3, 4)})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": consts["WARPS"]}).asm["cubin"]
+
+
+def analyse(config: staged.StagedConfig, k: int, dtype: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(compile_cubin(config, k, dtype))
+        usage, sass = (subprocess.run([str(CUOBJDUMP), flag, str(path)], capture_output=True, text=True,
+                                      check=True).stdout for flag in ("-res-usage", "-sass"))
+    return {"k": k, "dtype": dtype, "config": vars(config) if hasattr(config, "__dict__") else str(config),
+            "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "tma_loads": len(re.findall(r"\bUTMALDG\b", sass)), "local_memory": bool(re.search(r"\b(LDL|STL)\b", sass)),
+            "hfma2": len(re.findall(r"\bHFMA2\b", sass)), "staged_bytes": staged.staged_smem_bytes(config, k)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, nargs="+", default=[4096, 2688, 512])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    ap.add_argument("--json", action="store_true", help="one JSON list on stdout instead of lines")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: interpreted helpers cannot be compiled")
+    # the configs staged_config picks on an sm_90 device (its decision is host-side arithmetic)
+    torch.cuda.get_device_capability = lambda *a, **kw: (9, 0)
+    rows = [analyse(staged.staged_config(1, args.n, k, 128, torch.device("cuda", 0)), k, args.dtype) for k in args.k]
+    print(json.dumps(rows) if args.json else "\n".join(map(str, rows)))
+
+
+if __name__ == "__main__":
+    main()

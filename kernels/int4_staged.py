@@ -1,0 +1,208 @@
+"""Batch-1 decode GEMV whose weights a TMA copy stages in shared memory before its PDL wait (Gluon, sm_90+).
+
+Why: a decode step is ~200 dependent launches, and each costs ~2.5 us beyond its bytes with the split-K GEMV of
+``int4_gemv``, whose programs can start streaming weights only once the previous kernel is done (one preloaded tile
+aside): registers cannot hold more across the wait. A TMA copy needs no registers. Here a program owns ``BLOCK_N``
+output columns and ALL of K (no split-K partials, no finishing round trip, no atomics), queues its whole weight
+slice into shared memory before ``griddepcontrol.wait``, and releases the next launch right after it, so a layer's
+weights stream while the layer before still computes. ``benchmarks/staged_probe.py`` (stop 50, H100, chains of 32
+dependent layers against the production GEMV in the same run): 1.49 us a layer on an all-boundary 512-wide chain
+against 2.45; o-sized 4.27-4.35 us against 6.10-6.15; q|k|v-sized 5.78-5.82 against 7.35-7.42. Where the slice does
+not fit next to the next layer's (the MLP's 14336-wide K), a ring of chunks lost (x1.17): ``staged_config`` refuses.
+
+Layout: the packed rows are read as two TMA views, the even rows ``2p`` (K 16p .. 16p+7) and the odd ``2p + 1``
+(K 16p+8 .. 16p+15), so the production half2 dot (``int4_gemv._dot_asm``: 2 words -> one fp32) takes one word of
+each, and one scale row (``16p // group``) serves the pair. A K prefix is a shorter view: TMA fills rows past it
+with zeros and the activations there are masked to zero; an N prefix likewise (the stores are masked).
+
+Not yet on the engine's decode path (its q|k|v GEMV has an RMSNorm prologue and segments, its o GEMV a residual
+epilogue): this is the kernel, its launcher, checks and reference, GPU-tested at real shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .int4_format import PACK, unpack
+from .int4_gemv import _dot_asm, _x_bf16_asm
+from .pdl import pdl_mode
+
+_ASM_DOT = gl.constexpr(_dot_asm(1))  # 2 words x 8 codes -> sum of (q - 8) / 16 * x in fp32
+_CON_DOT = gl.constexpr("=r" + ",r" * 10)
+_ASM_X_BF16 = gl.constexpr(_x_bf16_asm(False))  # 8 bf16 (4 int32) -> fp16 pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7)
+_ASM_X_F16 = gl.constexpr("prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632; "
+                          "prmt.b32 $2, $5, $7, 0x5410; prmt.b32 $3, $5, $7, 0x7632;")
+_CON_X = gl.constexpr("=r,=r,=r,=r,r,r,r,r")
+# triton 3.6 (the lent H100's) names the TMA load async_copy_global_to_shared; 3.9 only async_load
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+PAIR_K = 2 * PACK  # K values of one pair of packed rows
+SMEM_BYTES = 227 * 1024  # an sm_90 SM's shared memory for blocks
+MAX_BOX_ROWS = 256  # a TMA box's rows
+
+
+@dataclass(frozen=True)
+class StagedConfig:
+    block_n: int = 32  # output columns a program
+    warps: int = 8
+    chunk_rows: int = 256  # pairs of packed rows a TMA box (a power of two, <= 256)
+
+
+@gluon.jit
+def _x_pairs(x_ptr, pair, live, F16: gl.constexpr, HALF: gl.constexpr):
+    """The fp16 pairs of the 8 activations of pair ``pair``'s even (HALF 0) or odd (1) packed row; 0 where dead."""
+    base = pair * 8 + HALF * 4  # int32 (two activations each) before it
+    w0 = gl.load(x_ptr + base, mask=live, other=0)
+    w1 = gl.load(x_ptr + base + 1, mask=live, other=0)
+    w2 = gl.load(x_ptr + base + 2, mask=live, other=0)
+    w3 = gl.load(x_ptr + base + 3, mask=live, other=0)
+    if F16:
+        return gl.inline_asm_elementwise(_ASM_X_F16, _CON_X, [w0, w1, w2, w3],
+                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+    return gl.inline_asm_elementwise(_ASM_X_BF16, _CON_X, [w0, w1, w2, w3],
+                                     dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+
+
+@gluon.jit
+def _griddep(WAIT: gl.constexpr):
+    if WAIT:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    else:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+
+@gluon.jit
+def _staged_gemv_kernel(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS, S_STRIDE, CHUNKS: gl.constexpr,
+                        RB: gl.constexpr, BN: gl.constexpr, G16: gl.constexpr, SPT: gl.constexpr, TN: gl.constexpr,
+                        WARPS: gl.constexpr, F16: gl.constexpr, PDL: gl.constexpr):
+    """out[n0 : n0 + BN] = x @ W[:PAIRS * 16, n0 : n0 + BN]; x as int32 (activation pairs), W as its even / odd
+    packed rows in CHUNKS boxes of RB, all staged before the wait."""
+    L: gl.constexpr = gl.BlockedLayout([1, SPT], [32 // TN, TN], [WARPS, 1], [1, 0])
+    n0 = gl.program_id(0) * BN
+    wa_s = gl.allocate_shared_memory(gl.int32, [CHUNKS, RB, BN], wa_desc.layout)
+    wb_s = gl.allocate_shared_memory(gl.int32, [CHUNKS, RB, BN], wb_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [CHUNKS, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(CHUNKS):  # the weights depend on no kernel: queued before the wait
+        mbarrier.init(bars.index(c), count=1)
+        mbarrier.expect(bars.index(c), 2 * RB * BN * 4)
+        _tma_load(wa_desc, [c * RB, n0], bars.index(c), wa_s.index(c))
+        _tma_load(wb_desc, [c * RB, n0], bars.index(c), wb_s.index(c))
+    rows = gl.arange(0, RB, layout=gl.SliceLayout(1, L))
+    cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, L))
+    col_live = gl.expand_dims(cols < N, 0)
+    if PDL:
+        _griddep(True)
+        _griddep(False)
+    acc = gl.zeros([RB, BN], gl.float32, L)
+    for c in gl.static_range(CHUNKS):
+        pair = c * RB + rows
+        live = pair < PAIRS
+        scale = gl.load(s_ptr + gl.expand_dims(pair // G16, 1) * S_STRIDE + gl.expand_dims(cols, 0),
+                        mask=gl.expand_dims(live, 1) & col_live, other=0.0)
+        xa0, xa1, xa2, xa3 = _x_pairs(x_ptr, pair, live, F16, 0)
+        xb0, xb1, xb2, xb3 = _x_pairs(x_ptr, pair, live, F16, 1)
+        mbarrier.wait(bars.index(c), 0)
+        dot = gl.inline_asm_elementwise(
+            _ASM_DOT, _CON_DOT,
+            [wa_s.index(c).load(L), wb_s.index(c).load(L), gl.expand_dims(xa0, 1), gl.expand_dims(xa1, 1),
+             gl.expand_dims(xa2, 1), gl.expand_dims(xa3, 1), gl.expand_dims(xb0, 1), gl.expand_dims(xb1, 1),
+             gl.expand_dims(xb2, 1), gl.expand_dims(xb3, 1)],
+            dtype=gl.float32, is_pure=True, pack=1)
+        acc += dot * scale.to(gl.float32)
+    for c in gl.static_range(CHUNKS):
+        mbarrier.invalidate(bars.index(c))
+    y = gl.sum(acc, axis=0) * 16.0  # the dot's (q - 8) / 16 keeps fp16 sums in range
+    gl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+def staged_constexprs(config: StagedConfig, k: int, group_size: int) -> dict:
+    """The kernel's tile constexprs for a K prefix of ``k`` (ValueError where the config does not tile)."""
+    bn, warps, rb = config.block_n, config.warps, config.chunk_rows
+    spt = min(8, bn)
+    tn = bn // spt
+    if bn % spt or tn > 32 or rb > MAX_BOX_ROWS or rb & (rb - 1) or rb < (32 // tn) * warps:
+        raise ValueError(f"{config}: the layout does not tile (BN {bn}, {warps} warps, {rb} rows a chunk)")
+    if k % PAIR_K or group_size % PAIR_K:
+        raise ValueError(f"K {k} and the group size {group_size} must be multiples of {PAIR_K}")
+    return {"CHUNKS": math.ceil(k // PAIR_K / rb), "RB": rb, "BN": bn, "G16": group_size // PAIR_K, "SPT": spt,
+            "TN": tn, "WARPS": warps}
+
+
+def staged_smem_bytes(config: StagedConfig, k: int) -> int:
+    """Shared memory a program stages: every chunk of the even and the odd rows."""
+    return math.ceil(k / PAIR_K / config.chunk_rows) * 2 * config.chunk_rows * config.block_n * 4
+
+
+def staged_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> StagedConfig | None:
+    """The staged GEMV's config for a launch, or None where it does not serve: more than one activation row, a CPU
+    or pre-sm_90 device, the interpreter, a K or group not a multiple of 16, or a weight slice too large to sit in
+    shared memory next to the next layer's (K > 4096 at 32 columns; the ring of chunks that would serve it lost)."""
+    if m != 1 or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    if torch.cuda.get_device_capability(device)[0] < 9 or k % PAIR_K or group_size % PAIR_K or n < 1:
+        return None
+    rows = min(MAX_BOX_ROWS, max(8, 1 << math.ceil(math.log2(k // PAIR_K))))  # a box covers a prefix's pairs
+    config = StagedConfig(warps=max(1, min(8, rows // 8)), chunk_rows=rows)  # 8 rows of threads a warp at 32 columns
+    return config if 2 * staged_smem_bytes(config, k) <= SMEM_BYTES else None
+
+
+def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, n: int, k: int) -> None:
+    k_stored, n_stored = qweight.shape[0] * PACK, qweight.shape[1]
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"activations must be fp16 or bf16, got {x.dtype}")
+    if qweight.dtype != torch.int32 or not qweight.is_contiguous() or scales.dtype != torch.float16:
+        raise TypeError("qweight must be contiguous int32 [K/8, N] and scales fp16 [K/group, N]")
+    if x.numel() < k or not 0 < k <= k_stored or not 0 < n <= n_stored or n_stored % 4:
+        raise ValueError(f"k {k} / n {n} outside x ({x.numel()}) or the stored weight [{k_stored}, {n_stored}] "
+                         "(N a multiple of 4: the odd rows' view must start 16-byte aligned)")
+    if scales.shape[1] != n_stored or scales.stride(1) != 1 or scales.shape[0] * group_size < k:
+        raise ValueError(f"scales {tuple(scales.shape)} do not cover [{k}, {n}] at group {group_size}")
+
+
+def staged_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                n: int | None = None, k: int | None = None, config: StagedConfig | None = None) -> torch.Tensor:
+    """``x [1, >= k]`` (or 1-D) times the active prefix ``[k, n]`` of a packed INT4 weight -> ``[1, n]`` in x's
+    dtype, on the staged kernel (``staged_config``'s default config; ValueError where none serves)."""
+    k = qweight.shape[0] * PACK if k is None else k
+    n = qweight.shape[1] if n is None else n
+    _check(x, qweight, scales, group_size, n, k)
+    config = config or staged_config(1, n, k, group_size, x.device)
+    if config is None:
+        raise ValueError(f"the staged GEMV does not serve [{k}, {n}] on {x.device} (see staged_config)")
+    consts = staged_constexprs(config, k, group_size)
+    n_stored = qweight.shape[1]
+    box = [consts["RB"], consts["BN"]]
+    layout = gl.NVMMASharedLayout.get_default_for(box, gl.int32)
+    even = TensorDescriptor(qweight, [k // PAIR_K, n], [2 * n_stored, 1], box, layout)
+    odd = TensorDescriptor(qweight[1:], [k // PAIR_K, n], [2 * n_stored, 1], box, layout)
+    x32 = x.reshape(-1)[:k].contiguous().view(torch.int32)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    pdl = pdl_mode(x.device, 1) > 0
+    _staged_gemv_kernel[(triton.cdiv(n, consts["BN"]),)](
+        x32, even, odd, scales, out, n, k // PAIR_K, n_stored, **consts, F16=x.dtype == torch.float16, PDL=pdl,
+        num_warps=consts["WARPS"], launch_pdl=pdl)
+    return out
+
+
+def staged_gemv_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                          n: int | None = None, k: int | None = None) -> torch.Tensor:
+    """The kernel's sum in torch, fp32: over pairs p, (even row's 8 codes . x[16p:16p+8] + odd row's . x[16p+8:
+    16p+16]) times scale row 16p // group; equal to the dequantized product up to fp32 rounding -> ``[1, n]``."""
+    k = qweight.shape[0] * PACK if k is None else k
+    n = qweight.shape[1] if n is None else n
+    codes = unpack(qweight[: k // PACK, :n]).float() - 8  # [k, n]
+    xs = x.reshape(-1)[:k].float()
+    pairs = k // PAIR_K
+    per_pair = (codes.reshape(pairs, PAIR_K, n) * xs.reshape(pairs, PAIR_K, 1)).sum(1)  # [pairs, n]
+    rows = torch.arange(pairs, device=qweight.device) * PAIR_K // group_size
+    return (per_pair * scales[rows, :n].float()).sum(0, keepdim=True)
