@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .int4_format import PACK, unpack
-from .int4_gemv import _dot_asm, _x_bf16_asm
+from .int4_gemv import _ASM_X_F16_SCALED, _dot_asm, _x_bf16_asm
 from .pdl import pdl_mode
 
 _ASM_DOT = gl.constexpr(_dot_asm(1))  # 2 words x 8 codes -> sum of (q - 8) / 16 * x in fp32
@@ -42,12 +42,19 @@ _ASM_X_BF16 = gl.constexpr(_x_bf16_asm(False))  # 8 bf16 (4 int32) -> fp16 pairs
 _ASM_X_F16 = gl.constexpr("prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632; "
                           "prmt.b32 $2, $5, $7, 0x5410; prmt.b32 $3, $5, $7, 0x7632;")
 _CON_X = gl.constexpr("=r,=r,=r,=r,r,r,r,r")
+# with an RMSNorm's 1 / rms (fp32 bits, ``$8``) applied to each activation before its fp16 rounding
+_ASM_XS_BF16 = gl.constexpr(_x_bf16_asm(True))
+_ASM_XS_F16 = gl.constexpr(_ASM_X_F16_SCALED.value)
+_CON_XS = gl.constexpr("=r,=r,=r,=r,r,r,r,r,r")
 # triton 3.6 (the lent H100's) names the TMA load async_copy_global_to_shared; 3.9 only async_load
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 PAIR_K = 2 * PACK  # K values of one pair of packed rows
 SMEM_BYTES = 227 * 1024  # an sm_90 SM's shared memory for blocks
 MAX_BOX_ROWS = 256  # a TMA box's rows
+# at most 128 registers a thread: two programs of 8 warps (this layer's and the next's) fit an SM's 64 K (the residual
+# epilogue takes 137 unbounded with triton 3.9, and spills nothing at 128)
+MAX_REGISTERS = 128
 
 
 @dataclass(frozen=True)
@@ -58,13 +65,20 @@ class StagedConfig:
 
 
 @gluon.jit
-def _x_pairs(x_ptr, pair, live, F16: gl.constexpr, HALF: gl.constexpr):
-    """The fp16 pairs of the 8 activations of pair ``pair``'s even (HALF 0) or odd (1) packed row; 0 where dead."""
+def _x_pairs(x_ptr, pair, live, rs_bits, F16: gl.constexpr, HALF: gl.constexpr, NORM: gl.constexpr):
+    """The fp16 pairs of the 8 activations of pair ``pair``'s even (HALF 0) or odd (1) packed row; 0 where dead.
+    NORM: each activation times the fp32 ``rs_bits`` (int32 bits, one a row) first."""
     base = pair * 8 + HALF * 4  # int32 (two activations each) before it
     w0 = gl.load(x_ptr + base, mask=live, other=0)
     w1 = gl.load(x_ptr + base + 1, mask=live, other=0)
     w2 = gl.load(x_ptr + base + 2, mask=live, other=0)
     w3 = gl.load(x_ptr + base + 3, mask=live, other=0)
+    if NORM:
+        if F16:
+            return gl.inline_asm_elementwise(_ASM_XS_F16, _CON_XS, [w0, w1, w2, w3, rs_bits],
+                                             dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+        return gl.inline_asm_elementwise(_ASM_XS_BF16, _CON_XS, [w0, w1, w2, w3, rs_bits],
+                                         dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
     if F16:
         return gl.inline_asm_elementwise(_ASM_X_F16, _CON_X, [w0, w1, w2, w3],
                                          dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
@@ -82,11 +96,15 @@ def _griddep(WAIT: gl.constexpr):
 
 
 @gluon.jit
-def _staged_gemv_kernel(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS, S_STRIDE, CHUNKS: gl.constexpr,
-                        RB: gl.constexpr, BN: gl.constexpr, G16: gl.constexpr, SPT: gl.constexpr, TN: gl.constexpr,
-                        WARPS: gl.constexpr, F16: gl.constexpr, PDL: gl.constexpr):
+def _staged_gemv_kernel(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS, S_STRIDE, res_ptr, g_ptr, sg_ptr,
+                        sums_out_ptr, sums_in_ptr, n_parts, inv_k, eps, CHUNKS: gl.constexpr, RB: gl.constexpr,
+                        BN: gl.constexpr, G16: gl.constexpr, SPT: gl.constexpr, TN: gl.constexpr,
+                        WARPS: gl.constexpr, F16: gl.constexpr, PDL: gl.constexpr, RES: gl.constexpr,
+                        NORM: gl.constexpr, PARTS_P: gl.constexpr):
     """out[n0 : n0 + BN] = x @ W[:PAIRS * 16, n0 : n0 + BN]; x as int32 (activation pairs), W as its even / odd
-    packed rows in CHUNKS boxes of RB, all staged before the wait."""
+    packed rows in CHUNKS boxes of RB, all staged before the wait. NORM: x holds s * w of an RMSNorm whose sums of
+    s^2 come in ``n_parts`` parts. RES: out = residual + x @ W, plus s * g and this tile's sum of s^2 for the next
+    norm (``gemv_norm._residual_tile``'s contract)."""
     L: gl.constexpr = gl.BlockedLayout([1, SPT], [32 // TN, TN], [WARPS, 1], [1, 0])
     n0 = gl.program_id(0) * BN
     wa_s = gl.allocate_shared_memory(gl.int32, [CHUNKS, RB, BN], wa_desc.layout)
@@ -99,18 +117,26 @@ def _staged_gemv_kernel(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS, S_STR
         _tma_load(wb_desc, [c * RB, n0], bars.index(c), wb_s.index(c))
     rows = gl.arange(0, RB, layout=gl.SliceLayout(1, L))
     cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, L))
-    col_live = gl.expand_dims(cols < N, 0)
+    col_live = cols < N
+    if RES:  # written two or more kernels back: complete before this one starts (kernels/pdl.py's contract)
+        residual = gl.load(res_ptr + cols, mask=col_live, other=0.0)
     if PDL:
         _griddep(True)
         _griddep(False)
+    rs = 1.0
+    if NORM:
+        parts = gl.arange(0, PARTS_P, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+        part_sums = gl.load(sums_in_ptr + parts, mask=parts < n_parts, other=0.0)
+        rs = 1.0 / gl.sqrt(gl.sum(part_sums, axis=0) * inv_k + eps)
+    rs_bits = (gl.zeros([RB], gl.float32, gl.SliceLayout(1, L)) + rs).to(gl.int32, bitcast=True)
     acc = gl.zeros([RB, BN], gl.float32, L)
     for c in gl.static_range(CHUNKS):
         pair = c * RB + rows
         live = pair < PAIRS
         scale = gl.load(s_ptr + gl.expand_dims(pair // G16, 1) * S_STRIDE + gl.expand_dims(cols, 0),
-                        mask=gl.expand_dims(live, 1) & col_live, other=0.0)
-        xa0, xa1, xa2, xa3 = _x_pairs(x_ptr, pair, live, F16, 0)
-        xb0, xb1, xb2, xb3 = _x_pairs(x_ptr, pair, live, F16, 1)
+                        mask=gl.expand_dims(live, 1) & gl.expand_dims(col_live, 0), other=0.0)
+        xa0, xa1, xa2, xa3 = _x_pairs(x_ptr, pair, live, rs_bits, F16, 0, NORM)
+        xb0, xb1, xb2, xb3 = _x_pairs(x_ptr, pair, live, rs_bits, F16, 1, NORM)
         mbarrier.wait(bars.index(c), 0)
         dot = gl.inline_asm_elementwise(
             _ASM_DOT, _CON_DOT,
@@ -122,7 +148,15 @@ def _staged_gemv_kernel(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS, S_STR
     for c in gl.static_range(CHUNKS):
         mbarrier.invalidate(bars.index(c))
     y = gl.sum(acc, axis=0) * 16.0  # the dot's (q - 8) / 16 keeps fp16 sums in range
-    gl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=cols < N)
+    if RES:
+        s = (residual.to(gl.float32) + y).to(out_ptr.dtype.element_ty)  # rounded like torch's add
+        gl.store(out_ptr + cols, s, mask=col_live)
+        s32 = gl.where(col_live, s.to(gl.float32), 0.0)
+        g = gl.load(g_ptr + cols, mask=col_live, other=0.0).to(gl.float32)
+        gl.store(sg_ptr + cols, (s32 * g).to(out_ptr.dtype.element_ty), mask=col_live)
+        gl.store(sums_out_ptr + gl.program_id(0), gl.sum(s32 * s32, axis=0))
+    else:
+        gl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=col_live)
 
 
 def staged_constexprs(config: StagedConfig, k: int, group_size: int) -> dict:
@@ -169,13 +203,7 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_s
         raise ValueError(f"scales {tuple(scales.shape)} do not cover [{k}, {n}] at group {group_size}")
 
 
-def staged_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                n: int | None = None, k: int | None = None, config: StagedConfig | None = None) -> torch.Tensor:
-    """``x [1, >= k]`` (or 1-D) times the active prefix ``[k, n]`` of a packed INT4 weight -> ``[1, n]`` in x's
-    dtype, on the staged kernel (``staged_config``'s default config; ValueError where none serves)."""
-    k = qweight.shape[0] * PACK if k is None else k
-    n = qweight.shape[1] if n is None else n
-    _check(x, qweight, scales, group_size, n, k)
+def _launch(x, qweight, scales, group_size, n, k, config, out, res=None, norm=None) -> None:
     config = config or staged_config(1, n, k, group_size, x.device)
     if config is None:
         raise ValueError(f"the staged GEMV does not serve [{k}, {n}] on {x.device} (see staged_config)")
@@ -186,23 +214,81 @@ def staged_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     even = TensorDescriptor(qweight, [k // PAIR_K, n], [2 * n_stored, 1], box, layout)
     odd = TensorDescriptor(qweight[1:], [k // PAIR_K, n], [2 * n_stored, 1], box, layout)
     x32 = x.reshape(-1)[:k].contiguous().view(torch.int32)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    res_args = res if res is not None else (out, out, out, out)  # residual, g, s * g, sums out
+    parts = norm[0].shape[1] if norm is not None else 1
+    norm_args = (norm[0], parts, 1.0 / k, float(norm[1])) if norm is not None else (out, 1, 1.0, 0.0)
     pdl = pdl_mode(x.device, 1) > 0
     _staged_gemv_kernel[(triton.cdiv(n, consts["BN"]),)](
-        x32, even, odd, scales, out, n, k // PAIR_K, n_stored, **consts, F16=x.dtype == torch.float16, PDL=pdl,
-        num_warps=consts["WARPS"], launch_pdl=pdl)
+        x32, even, odd, scales, out, n, k // PAIR_K, n_stored, *res_args, *norm_args, **consts,
+        F16=x.dtype == torch.float16, PDL=pdl, RES=res is not None, NORM=norm is not None,
+        PARTS_P=triton.next_power_of_2(parts), num_warps=consts["WARPS"], maxnreg=MAX_REGISTERS, launch_pdl=pdl)
+
+
+def _check_norm(norm, x: torch.Tensor) -> None:
+    if norm is not None and (len(norm) != 2 or norm[0].dtype != torch.float32 or norm[0].dim() != 2
+                             or norm[0].shape[0] != 1 or not norm[0].is_contiguous() or norm[0].device != x.device):
+        raise ValueError("norm must be (sums, eps) with sums a contiguous fp32 [1, parts] tensor on x's device")
+
+
+def staged_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                n: int | None = None, k: int | None = None, config: StagedConfig | None = None,
+                norm=None) -> torch.Tensor:
+    """``x [1, >= k]`` (or 1-D) times the active prefix ``[k, n]`` of a packed INT4 weight -> ``[1, n]`` in x's
+    dtype, on the staged kernel (``staged_config``'s default config; ValueError where none serves). ``norm`` =
+    (sums ``[1, P]`` fp32, eps): x holds s * w of an RMSNorm over k; each activation is scaled by its 1 / rms
+    (from the P partial sums of s^2) before the fp16 rounding, as ``int4_matmul``'s."""
+    k = qweight.shape[0] * PACK if k is None else k
+    n = qweight.shape[1] if n is None else n
+    _check(x, qweight, scales, group_size, n, k)
+    _check_norm(norm, x)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _launch(x, qweight, scales, group_size, n, k, config, out, norm=norm)
     return out
 
 
+def staged_residual(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, k: int,
+                    residual: torch.Tensor, norm_weight: torch.Tensor, config: StagedConfig | None = None,
+                    norm=None):
+    """A block's output projection with the residual add and the first half of the next RMSNorm, as
+    ``int4_matmul.int4_residual``: ``s = residual + x @ W[:k]`` (every column), ``s * norm_weight`` and the sums of
+    s^2 per program ``[1, tiles]`` fp32. Returns ``(s, s * w, sums)``."""
+    n = qweight.shape[1]
+    _check(x, qweight, scales, group_size, n, k)
+    _check_norm(norm, x)
+    if residual.numel() != n or residual.dtype != x.dtype or norm_weight.shape != (n,) \
+            or residual.device != x.device or norm_weight.device != x.device:
+        raise ValueError(f"residual must be one row of {n} in x's dtype and norm_weight [{n}], on x's device")
+    res = residual.reshape(1, n).contiguous()
+    s, sg = torch.empty_like(res), torch.empty_like(res)
+    config = config or staged_config(1, n, k, group_size, x.device)
+    sums = torch.empty(1, triton.cdiv(n, config.block_n if config else 1), dtype=torch.float32, device=x.device)
+    _launch(x, qweight, scales, group_size, n, k, config, s, res=(res, norm_weight.contiguous(), sg, sums), norm=norm)
+    return s, sg, sums
+
+
 def staged_gemv_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
-                          n: int | None = None, k: int | None = None) -> torch.Tensor:
+                          n: int | None = None, k: int | None = None, norm=None) -> torch.Tensor:
     """The kernel's sum in torch, fp32: over pairs p, (even row's 8 codes . x[16p:16p+8] + odd row's . x[16p+8:
-    16p+16]) times scale row 16p // group; equal to the dequantized product up to fp32 rounding -> ``[1, n]``."""
+    16p+16]) times scale row 16p // group; equal to the dequantized product up to fp32 rounding -> ``[1, n]``.
+    ``norm``: x times 1 / sqrt(sum(sums) / k + eps) first (rounded to fp16 as the kernel's pairs are)."""
     k = qweight.shape[0] * PACK if k is None else k
     n = qweight.shape[1] if n is None else n
     codes = unpack(qweight[: k // PACK, :n]).float() - 8  # [k, n]
     xs = x.reshape(-1)[:k].float()
+    if norm is not None:
+        xs = (xs / torch.sqrt(norm[0].float().sum() / k + norm[1])).half().float()
     pairs = k // PAIR_K
     per_pair = (codes.reshape(pairs, PAIR_K, n) * xs.reshape(pairs, PAIR_K, 1)).sum(1)  # [pairs, n]
     rows = torch.arange(pairs, device=qweight.device) * PAIR_K // group_size
     return (per_pair * scales[rows, :n].float()).sum(0, keepdim=True)
+
+
+def staged_residual_reference(x, qweight, scales, group_size: int, k: int, residual, norm_weight,
+                              block_n: int = 32, norm=None):
+    """``staged_residual`` in torch: s rounded to the residual's dtype, s * w, sums of s^2 per ``block_n`` columns."""
+    n = qweight.shape[1]
+    y = staged_gemv_reference(x, qweight, scales, group_size, n=n, k=k, norm=norm)
+    s = (residual.reshape(1, n).float() + y).to(residual.dtype)
+    s32 = s.float()
+    pad = torch.nn.functional.pad(s32 * s32, (0, -n % block_n))
+    return s, (s32 * norm_weight.float()).to(residual.dtype), pad.reshape(1, -1, block_n).sum(-1)

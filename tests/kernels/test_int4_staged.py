@@ -39,6 +39,31 @@ def test_reference_pairs_equal_the_dequantized_product(k_stored, n_stored, k, n,
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
 
 
+def test_norm_reference_scales_each_activation_by_the_rms_before_fp16():
+    x, qweight, scales = _weights(512, 64, 64)
+    parts = torch.rand(1, 5) * 100
+    got = staged.staged_gemv_reference(x, qweight, scales, 64, norm=(parts, 1e-5))
+    rms = torch.sqrt(parts.sum() / 512 + 1e-5)
+    want = int4_matmul_reference((x / rms).half().float(), qweight, scales, 64)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,block_n", [(96, 32), (80, 32), (40, 16)])
+def test_residual_reference_rounds_s_and_sums_each_tile(n, block_n):
+    x, qweight, scales = _weights(256, n, 32)
+    residual = torch.randn(1, n).bfloat16()
+    w = torch.rand(n) + 0.5
+    s, sg, sums = staged.staged_residual_reference(x, qweight, scales, 32, 256, residual, w, block_n=block_n)
+    y = int4_matmul_reference(x, qweight, scales, 32).float()
+    assert s.dtype == sg.dtype == torch.bfloat16
+    torch.testing.assert_close(s, (residual.float() + y).bfloat16())
+    assert sums.shape == (1, -(-n // block_n))
+    s32 = s.float()[0]
+    for t in range(sums.shape[1]):  # the last tile is partial where block_n does not divide n
+        torch.testing.assert_close(sums[0, t], (s32[t * block_n:(t + 1) * block_n] ** 2).sum())
+    torch.testing.assert_close(sg, (s.float() * w).bfloat16())
+
+
 @pytest.fixture
 def as_sm90(monkeypatch):
     """staged_config as on an sm_90 GPU outside the interpreter (the decision is host-side arithmetic)."""
@@ -104,7 +129,8 @@ def test_sm90_build_stages_by_tma_and_leaves_room_for_the_next_layer(dtype):
                           env=env, capture_output=True, text=True, timeout=600, cwd=TOOL.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [r["k"] for r in rows] == [4096, 2688, 512]
+    variants = ("plain", "res", "norm")
+    assert [(r["k"], r["variant"]) for r in rows] == [(k, v) for k in (4096, 2688, 512) for v in variants]
     for r in rows:
         assert r["tma_loads"] >= 2, f"{r}: the weights are not copied by TMA"
         assert not r["local_memory"], f"{r}: registers spill to local memory"
@@ -125,3 +151,39 @@ def test_staged_gemv_matches_its_reference_on_the_gpu(k_stored, n_stored, k, n, 
     want = staged.staged_gemv_reference(x.to(dtype), qweight, scales, 128, n=n, k=k)
     assert got.shape == (1, n) and got.dtype == dtype
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not CUDA90, reason="needs an sm_90+ GPU")
+@pytest.mark.parametrize("k", [4096, 2688])
+def test_staged_residual_matches_the_production_epilogue(k):
+    """Against ``int4_matmul.int4_residual`` (the engine's o / down GEMV): the same s and s * w, and the same total
+    of the sums of s^2 (the two kernels cut the columns into different tiles)."""
+    from uniql.kernels.int4_matmul import int4_residual
+
+    x, qweight, scales = _weights(4096, 4096, 128, "cuda")
+    x = x.bfloat16()
+    residual = torch.randn(1, 4096, device="cuda").bfloat16()
+    w = torch.rand(4096, device="cuda").bfloat16() + 0.5
+    s, sg, sums = staged.staged_residual(x, qweight, scales, 128, k, residual, w)
+    ref_s, ref_sg, ref_sums = staged.staged_residual_reference(x, qweight, scales, 128, k, residual, w)
+    prod_s, prod_sg, prod_sums = int4_residual(x, qweight, scales, 128, k, residual, w)
+    for got in (ref_s, prod_s):
+        torch.testing.assert_close(s.float(), got.float(), rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(sg.float(), ref_sg.float(), rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(sums, ref_sums, rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(sums.sum(), prod_sums.sum(), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not CUDA90, reason="needs an sm_90+ GPU")
+def test_staged_norm_prologue_matches_the_production_one():
+    from uniql.kernels.int4_matmul import int4_matmul
+
+    x, qweight, scales = _weights(4096, 6144, 128, "cuda")
+    x = x.bfloat16() * 3
+    parts = torch.rand(1, 128, device="cuda") * 50
+    got = staged.staged_gemv(x, qweight, scales, 128, norm=(parts, 1e-5))
+    want = staged.staged_gemv_reference(x, qweight, scales, 128, norm=(parts, 1e-5))
+    prod = int4_matmul(x, qweight, scales, 128, norm=(parts, 1e-5))
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * scale)
+    torch.testing.assert_close(got.float(), prod.float(), rtol=2e-2, atol=2e-2 * scale)
