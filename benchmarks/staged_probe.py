@@ -199,7 +199,26 @@ def probe(name: str, shapes, repeats: int) -> dict:
                 entry[mode + "_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         row["staged"].append(entry)
         print(name, entry, flush=True)
+    row["module"] = module_row(layers, xh, ref, repeats)
+    print(name, "kernels/int4_staged.py:", row["module"], flush=True)
     return row
+
+
+def module_row(layers, xh: torch.Tensor, ref: torch.Tensor, repeats: int) -> dict:
+    """The same chain through ``kernels/int4_staged.staged_gemv`` (its default config: K / N masks, <= 128
+    registers), or why it does not serve."""
+    from uniql.kernels.int4_staged import staged_gemv
+
+    def chain():
+        h = xh[None, :]
+        for qw, sc in layers:
+            h = staged_gemv(h, qw, sc, GROUP, k=qw.shape[0] * 8)
+        return h[0]
+
+    try:
+        return {"rel_err": _rel_err(chain(), ref), "us_a_layer": graph_us([chain], repeats) / len(layers)}
+    except (ValueError, RuntimeError) as exc:
+        return {"skipped": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
 def main(argv=None) -> None:
