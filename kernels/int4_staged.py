@@ -15,8 +15,10 @@ Layout: the packed rows are read as two TMA views, the even rows ``2p`` (K 16p .
 each, and one scale row (``16p // group``) serves the pair. A K prefix is a shorter view: TMA fills rows past it
 with zeros and the activations there are masked to zero; an N prefix likewise (the stores are masked).
 
-Not yet on the engine's decode path (its q|k|v GEMV has an RMSNorm prologue and segments, its o GEMV a residual
-epilogue): this is the kernel, its launcher, checks and reference, GPU-tested at real shapes.
+``staged_residual`` is the o GEMV's shape (residual add, s * w and sums of s^2 for the next norm, as
+``int4_matmul.int4_residual``), ``norm=`` the q|k|v GEMV's prologue (1 / rms from those sums, as ``int4_matmul``'s).
+Not yet on the engine's decode path (stop 50): the kernel, its launchers, checks and references; its sm_90 builds are
+checked in CI (``benchmarks/sass_staged.py``), its GPU tests are written and have not run yet.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def staged_config(m: int, n: int, k: int, group_size: int, device: torch.device)
     shared memory next to the next layer's (K > 4096 at 32 columns; the ring of chunks that would serve it lost)."""
     if m != 1 or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return None
-    if torch.cuda.get_device_capability(device)[0] < 9 or k % PAIR_K or group_size % PAIR_K or n < 1:
+    if torch.cuda.get_device_capability(device)[0] < 9 or k < PAIR_K or k % PAIR_K or group_size % PAIR_K or n < 1:
         return None
     rows = min(MAX_BOX_ROWS, max(8, 1 << math.ceil(math.log2(k // PAIR_K))))  # a box covers a prefix's pairs
     config = StagedConfig(warps=max(1, min(8, rows // 8)), chunk_rows=rows)  # 8 rows of threads a warp at 32 columns

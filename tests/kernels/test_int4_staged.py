@@ -84,6 +84,7 @@ def test_config_takes_what_fits_next_to_the_next_layer(as_sm90):
 
 
 @pytest.mark.parametrize("m,k,group,why", [(2, 4096, 128, "two rows"), (1, 8192, 128, "slice too large"),
+                                           (1, 0, 128, "no K"),
                                            (1, 14336, 128, "the MLP's down"), (1, 4104, 8, "K not a multiple of 16"),
                                            (1, 4096, 24, "group 24")])
 def test_config_refuses_what_it_does_not_serve(as_sm90, m, k, group, why):
