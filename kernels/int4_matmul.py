@@ -37,6 +37,7 @@ from .int4_format import GROUP_SIZES, PACK, ZERO, dequantize
 from .int4_gemv import launch_gemv_h2
 from .int4_tiles import _finish, _rows_out, _segment, glu_paired, reserve_workspace, sum_step, workspace
 from .pdl import glu_gemv_preload
+from .switches import switch
 
 # --------------------------------------------------------------------------------------------------- kernels
 
@@ -289,6 +290,10 @@ def int4_residual(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         raise ValueError(f"residual and norm_weight must be on x's device {x.device}")
     _check_bias(bias, n, x)
     res2 = residual.reshape(-1, n).contiguous()
+    if switch("UNIQL_GEMV_STAGED") == "1" and bias is None and config is None:
+        from .int4_staged import staged_residual_if_served  # Gluon: imported only when asked for
+        if (done := staged_residual_if_served(x2, qweight, scales, group_size, k, res2, norm_weight, norm)) is not None:
+            return done[0].reshape(*lead, n), done[1].reshape(*lead, n), done[2]
     out, s, sg = (torch.empty_like(res2) for _ in range(3))
     sums = torch.empty(res2.shape[0], triton.cdiv(n, cfg.block_n), dtype=torch.float32, device=x.device)
     _launch(cfg, x2, qweight, scales, group_size, k, [(0, n)], bias, out, residual=(res2, s, norm_weight, sg, sums),

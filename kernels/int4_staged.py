@@ -268,6 +268,15 @@ def staged_residual(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return s, sg, sums
 
 
+def staged_residual_if_served(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                              k: int, residual: torch.Tensor, norm_weight: torch.Tensor, norm=None):
+    """``int4_residual``'s route under ``UNIQL_GEMV_STAGED=1``: ``staged_residual`` for one row where
+    ``staged_config`` serves the shape (o at every rung of an 8B model; not down: K > 4096), else None."""
+    if x2.shape[0] != 1 or staged_config(1, qweight.shape[1], k, group_size, x2.device) is None:
+        return None
+    return staged_residual(x2, qweight, scales, group_size, k, residual, norm_weight, norm=norm)
+
+
 def staged_gemv_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
                           n: int | None = None, k: int | None = None, norm=None) -> torch.Tensor:
     """The kernel's sum in torch, fp32: over pairs p, (even row's 8 codes . x[16p:16p+8] + odd row's . x[16p+8:

@@ -30,6 +30,7 @@ SWITCHES: dict[str, tuple[tuple[str, ...], str]] = {
     "UNIQL_HEAD_PRELOAD": (("0", "1", "2"), "0"),
     "UNIQL_GLU_PRELOAD": (("0", "1", "2"), "1"),
     "UNIQL_DEQUANT_CHUNK": (("32", "64", "128", "auto"), "auto"),
+    "UNIQL_GEMV_STAGED": (("0", "1"), "0"),
 }
 # the other UNIQL_* variables the project reads (paths; an integer cap checked where it is read) or its deployment
 # files set (deploy/uniql.service, docker-compose.yml: the checkpoint and extra flags of `uniql serve`)

@@ -188,3 +188,31 @@ def test_staged_norm_prologue_matches_the_production_one():
     scale = want.abs().max().item()
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * scale)
     torch.testing.assert_close(got.float(), prod.float(), rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_int4_residual_takes_the_staged_kernel_only_when_switched_on(monkeypatch):
+    """``UNIQL_GEMV_STAGED=1`` routes a one-row ``int4_residual`` through ``staged_residual_if_served`` (stubbed
+    here: the kernel needs an sm_90 GPU) and keeps the production kernel's result where it declines or is off."""
+    from uniql.kernels import int4_matmul as im
+
+    x, qweight, scales = _weights(256, 64, 32)
+    xh, residual, w = x.bfloat16(), torch.randn(1, 64).bfloat16(), torch.rand(64).bfloat16()
+    calls = []
+
+    def staged_stub(x2, qw, sc, group, k, res, nw, norm=None):
+        calls.append((tuple(x2.shape), k, group, norm))
+        return (res + 1, res + 2, torch.zeros(1, 2)) if served else None
+
+    monkeypatch.setattr(staged, "staged_residual_if_served", staged_stub)
+    monkeypatch.setenv("UNIQL_GEMV_STAGED", "0")
+    want = im.int4_residual(xh, qweight, scales, 32, 256, residual, w)
+    assert calls == []
+    monkeypatch.setenv("UNIQL_GEMV_STAGED", "1")
+    served = True
+    s, sg, sums = im.int4_residual(xh, qweight, scales, 32, 256, residual, w)
+    assert calls == [((1, 256), 256, 32, None)]
+    assert torch.equal(s, residual + 1) and torch.equal(sg, residual + 2) and sums.shape == (1, 2)
+    served = False  # declined (e.g. K > 4096): the production kernel's result
+    got = im.int4_residual(xh, qweight, scales, 32, 256, residual, w)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
