@@ -17,8 +17,9 @@ with zeros and the activations there are masked to zero; an N prefix likewise (t
 
 ``staged_residual`` is the o GEMV's shape (residual add, s * w and sums of s^2 for the next norm, as
 ``int4_matmul.int4_residual``), ``norm=`` the q|k|v GEMV's prologue (1 / rms from those sums, as ``int4_matmul``'s).
-Not yet on the engine's decode path (stop 50): the kernel, its launchers, checks and references; its sm_90 builds are
-checked in CI (``benchmarks/sass_staged.py``), its GPU tests are written and have not run yet.
+On the engine's decode path only under ``UNIQL_GEMV_STAGED=1`` (queued, stop 50: ``int4_residual`` routes a one-row o
+projection here through ``staged_residual_if_served``); its sm_90 builds are checked in CI
+(``benchmarks/sass_staged.py``), its GPU tests are written and have not run yet.
 """
 
 from __future__ import annotations
