@@ -64,7 +64,9 @@
 #            by the next layer, one release add a task; its sync-only path; whole-K tasks) on the 32 x 512, o-sized,
 #            MLP and Llama-step chains, then its GPU tests (stop 38: ran three times, ~2 min)
 #   staged   staged_probe.py: a GEMV stage whose weights TMA stages in shared memory before its PDL wait (Gluon), on
-#            the 512-wide, o- and q|k|v-sized chains against the production GEMV a layer, ~2 min
+#            the 512-wide, o- and q|k|v-sized chains against the production GEMV a layer, ~1 min
+#   stagedtests  tests/kernels/test_int4_staged.py on the GPU (kernels/int4_staged.py against its reference and
+#            the production epilogue / prologue), <1 min; then e.g. ENV_AB="UNIQL_GEMV_STAGED=1" SUITE=envab
 #   tests    the GPU tests of the kernels (real shapes, bf16), ~6 min (stop 48: 351 s, 579 tests)
 #   tests1   the GPU tests of the runner / SSM graphs / graph reset, ~4 min (both were one step: 461 s of 600)
 #   tests2   the whole pipeline on cuda, the server on CUDA, residency, SSM engine, ~3 min; both test steps need
@@ -128,6 +130,8 @@ for step in ${SUITE:-ab kernels decode}; do
         short) { timeout 420 python3 short_path_probe.py --json "$OUT/short_path_probe_$gpu.json"
                  (cd .. && timeout 150 python3 -m pytest -q -p no:cacheprovider tests/benchmarks/test_short_path_probe.py)
                } > "$OUT/short_path_probe_$gpu.txt" 2>&1 ;;
+        stagedtests) (cd .. && python3 -m pytest -q -p no:cacheprovider tests/kernels/test_int4_staged.py) \
+                         > "$OUT/stagedtests_$gpu.txt" 2>&1 ;;
         staged) timeout 300 python3 staged_probe.py --json "$OUT/staged_probe_$gpu.json" > "$OUT/staged_probe_$gpu.txt" 2>&1 ;;
         chain) timeout 420 python3 persistent_probe.py --json "$OUT/persistent_probe_$gpu.json" > "$OUT/persistent_probe_$gpu.txt" ;;
         profile) for m in llama-3.1-8b mamba2-8b-shape; do
@@ -141,7 +145,7 @@ for step in ${SUITE:-ab kernels decode}; do
         tests2) (cd .. && python3 -m pytest -q --maxfail=25 -p no:cacheprovider tests/test_pipeline_devices.py \
                      tests/server/test_serve_cuda.py tests/server/test_residency_engine.py tests/runtime/test_ssm_engine.py) \
                     > "$OUT/tests2_$gpu.txt" 2>&1 ;;
-        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, downsweep, prunedsweep, ssmprobe, attnprobe, staged, chain, loop, short, floor, profile, prefill, prefillgraphs, tests, tests1, tests2)"; continue ;;
+        *) echo "unknown step $step (ab, kernels, decode, ssm, envab, envabssm, splits, ksweep, downsweep, prunedsweep, ssmprobe, attnprobe, staged, stagedtests, chain, loop, short, floor, profile, prefill, prefillgraphs, tests, tests1, tests2)"; continue ;;
     esac
     echo "$step: exit $? after $((SECONDS - start)) s"
 done
