@@ -30,9 +30,10 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 VARIANTS = {"plain": {}, "res": {"RES": True}, "norm": {"NORM": True, "PARTS_P": 128}}  # o / down, q|k|v
 
 
-def compile_cubin(config: staged.StagedConfig, k: int, dtype: str, variant: str = "plain", group: int = 128,
-                  arch: int = 90) -> bytes:
-    """The kernel as the launcher specialises it (PDL on; ``variant``: the epilogue / prologue), for ``arch``."""
+def compile_asm(config: staged.StagedConfig, k: int, dtype: str, variant: str = "plain", group: int = 128,
+                  arch: int = 90) -> dict:
+    """PTX and cubin of the kernel as the launcher specialises it (PDL on; ``variant``: the epilogue / prologue),
+    compiled for ``arch``."""
     consts = staged.staged_constexprs(config, k, group)
     layout = gl.NVMMASharedLayout.get_default_for([consts["RB"], consts["BN"]], gl.int32)
     desc = f"tensordesc<i32[{consts['RB']}, {consts['BN']}],{layout!r}>"
@@ -46,19 +47,30 @@ def compile_cubin(config: staged.StagedConfig, k: int, dtype: str, variant: str 
     src = GluonASTSource(fn, sig, constexprs={(names.index(name),): v for name, v in values.items()},
                          attrs={(i,): [["tt.divisibility", 16]] for i in (0, 3, 4)})
     options = {"num_warps": consts["WARPS"], "maxnreg": staged.MAX_REGISTERS}  # as the launcher
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm
 
 
 def analyse(config: staged.StagedConfig, k: int, dtype: str, variant: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
-        path.write_bytes(compile_cubin(config, k, dtype, variant))
+        asm = compile_asm(config, k, dtype, variant)
+        path.write_bytes(asm["cubin"])
         usage, sass = (subprocess.run([str(CUOBJDUMP), flag, str(path)], capture_output=True, text=True,
                                       check=True).stdout for flag in ("-res-usage", "-sass"))
     return {"k": k, "dtype": dtype, "variant": variant, "config": dataclasses.asdict(config),
             "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "tma_loads": len(re.findall(r"\bUTMALDG\b", sass)), "local_memory": bool(re.search(r"\b(LDL|STL)\b", sass)),
-            "hfma2": len(re.findall(r"\bHFMA2\b", sass)), "staged_bytes": staged.staged_smem_bytes(config, k)}
+            "hfma2": len(re.findall(r"\bHFMA2\b", sass)), "staged_bytes": staged.staged_smem_bytes(config, k),
+            **wait_order(asm["ptx"])}
+
+
+def wait_order(ptx: str) -> dict:
+    """What the PTX issues before ``griddepcontrol.wait``: TMA copies and global loads (weights, scales, a
+    residual: none depends on the previous kernel), and the loads after it."""
+    before, _, after = ptx.partition("griddepcontrol.wait")
+    return {"tma_before_wait": before.count("cp.async.bulk.tensor"),
+            "loads_before_wait": len(re.findall(r"\bld\.global", before)),
+            "loads_after_wait": len(re.findall(r"\bld\.global", after))}
 
 
 def main(argv=None) -> None:

@@ -90,6 +90,13 @@ def _x_pairs(x_ptr, pair, live, rs_bits, F16: gl.constexpr, HALF: gl.constexpr, 
 
 
 @gluon.jit
+def _scales(s_ptr, pair, cols, col_live, PAIRS, S_STRIDE, G16: gl.constexpr):
+    """The scale of each (pair, column): row 16 pair // group of the fp16 scales; 0 past the prefixes."""
+    mask = gl.expand_dims(pair < PAIRS, 1) & gl.expand_dims(col_live, 0)
+    return gl.load(s_ptr + gl.expand_dims(pair // G16, 1) * S_STRIDE + gl.expand_dims(cols, 0), mask=mask, other=0.0)
+
+
+@gluon.jit
 def _griddep(WAIT: gl.constexpr):
     if WAIT:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
@@ -123,6 +130,7 @@ def _staged_gemv_kernel(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS, S_STR
     col_live = cols < N
     if RES:  # written two or more kernels back: complete before this one starts (kernels/pdl.py's contract)
         residual = gl.load(res_ptr + cols, mask=col_live, other=0.0)
+    scale = _scales(s_ptr, rows, cols, col_live, PAIRS, S_STRIDE, G16)  # the first chunk's: they depend on no kernel
     if PDL:
         _griddep(True)
         _griddep(False)
@@ -136,8 +144,6 @@ def _staged_gemv_kernel(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS, S_STR
     for c in gl.static_range(CHUNKS):
         pair = c * RB + rows
         live = pair < PAIRS
-        scale = gl.load(s_ptr + gl.expand_dims(pair // G16, 1) * S_STRIDE + gl.expand_dims(cols, 0),
-                        mask=gl.expand_dims(live, 1) & gl.expand_dims(col_live, 0), other=0.0)
         xa0, xa1, xa2, xa3 = _x_pairs(x_ptr, pair, live, rs_bits, F16, 0, NORM)
         xb0, xb1, xb2, xb3 = _x_pairs(x_ptr, pair, live, rs_bits, F16, 1, NORM)
         mbarrier.wait(bars.index(c), 0)
@@ -148,6 +154,8 @@ def _staged_gemv_kernel(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS, S_STR
              gl.expand_dims(xb2, 1), gl.expand_dims(xb3, 1)],
             dtype=gl.float32, is_pure=True, pack=1)
         acc += dot * scale.to(gl.float32)
+        if c + 1 < CHUNKS:
+            scale = _scales(s_ptr, pair + RB, cols, col_live, PAIRS, S_STRIDE, G16)
     for c in gl.static_range(CHUNKS):
         mbarrier.invalidate(bars.index(c))
     y = gl.sum(acc, axis=0) * 16.0  # the dot's (q - 8) / 16 keeps fp16 sums in range

@@ -139,6 +139,10 @@ def test_sm90_build_stages_by_tma_and_leaves_room_for_the_next_layer(dtype):
         # this layer's programs and the next layer's must fit an SM together: 64 K registers, 227 KB shared
         assert 2 * r["registers"] * 32 * r["config"]["warps"] <= 65536, r
         assert 2 * r["staged_bytes"] <= staged.SMEM_BYTES, r
+        # nothing the previous kernel writes is needed for the weights and scales: all of them go out before the wait
+        assert r["tma_before_wait"] == r["tma_loads"] and r["loads_before_wait"] > 0, r
+    plain = {r["k"]: r["loads_before_wait"] for r in rows if r["variant"] == "plain"}
+    assert all(r["loads_before_wait"] > plain[r["k"]] for r in rows if r["variant"] == "res")  # the residual too
 
 
 @pytest.mark.skipif(not CUDA90, reason="needs an sm_90+ GPU")
