@@ -36,18 +36,16 @@ from graph_timing import copy_tbps, graph_us
 from persistent_probe import _rel_err, chain_launches, chain_reference, random_layers
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from uniql.kernels.int4_gemv import _dot_asm, _x_bf16_asm
+# the product kernel's PTX strings, griddepcontrol and TMA-load shim (kernels/int4_staged.py grew out of this probe)
+from uniql.kernels.int4_staged import _ASM_DOT as ASM_DOT
+from uniql.kernels.int4_staged import _ASM_X_BF16 as ASM_X
+from uniql.kernels.int4_staged import _CON_DOT as CON_DOT
+from uniql.kernels.int4_staged import _CON_X as CON_X
+from uniql.kernels.int4_staged import _griddep, _tma_load, staged_gemv
 
-# triton 3.6 (the device's) names the TMA load async_copy_global_to_shared; 3.9 only async_load
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-
-ASM_DOT = gl.constexpr(_dot_asm(1))  # out = sum over 2 words x 8 codes of (q - 8) / 16 * x, fp32
-CON_DOT = gl.constexpr("=r" + ",r" * 10)
-ASM_X = gl.constexpr(_x_bf16_asm(False))  # 8 bf16 (4 int32) -> the 4 fp16 pairs the dot expects
-CON_X = gl.constexpr("=r,=r,=r,=r,r,r,r,r")
 GROUP = 128
 SMEM_PER_SM = 227 * 1024
 
@@ -78,8 +76,7 @@ def _staged_gemv(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS: gl.constexpr
     for b in gl.static_range(NBUF):
         mbarrier.init(bars.index(b), count=1)
     if EARLY:  # the next launch may start before this one waits (it still waits for this one to finish)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+        _griddep(False)
     for b in gl.static_range(NBUF):  # queued before the wait: the weights depend on no kernel
         mbarrier.expect(bars.index(b), 2 * RB * BN * 4)
         _tma_load(wa_desc, [b * RB, n0], bars.index(b), wa_s.index(b))
@@ -88,9 +85,8 @@ def _staged_gemv(x_ptr, wa_desc, wb_desc, s_ptr, out_ptr, N, PAIRS: gl.constexpr
     cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, L))
     scale = gl.load(s_ptr + gl.expand_dims(rows // G16, 1) * N + gl.expand_dims(cols, 0)).to(gl.float32)
     if PDL:
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+        _griddep(True)
+        _griddep(False)
     acc = gl.zeros([RB, BN], gl.float32, L)
     for c in gl.static_range(CH):
         pair = c * RB + rows
@@ -207,8 +203,6 @@ def probe(name: str, shapes, repeats: int) -> dict:
 def module_row(layers, xh: torch.Tensor, ref: torch.Tensor, repeats: int) -> dict:
     """The same chain through ``kernels/int4_staged.staged_gemv`` (its default config: K / N masks, <= 128
     registers), or why it does not serve."""
-    from uniql.kernels.int4_staged import staged_gemv
-
     def chain():
         h = xh[None, :]
         for qw, sc in layers:

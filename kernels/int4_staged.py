@@ -36,14 +36,14 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .int4_format import PACK, unpack
-from .int4_gemv import _ASM_X_F16_SCALED, _dot_asm, _x_bf16_asm
+from .int4_gemv import _ASM_X_F16, _ASM_X_F16_SCALED, _dot_asm, _x_bf16_asm
+from .int4_matmul import _check as _check_int4_call
 from .pdl import pdl_mode
 
 _ASM_DOT = gl.constexpr(_dot_asm(1))  # 2 words x 8 codes -> sum of (q - 8) / 16 * x in fp32
 _CON_DOT = gl.constexpr("=r" + ",r" * 10)
 _ASM_X_BF16 = gl.constexpr(_x_bf16_asm(False))  # 8 bf16 (4 int32) -> fp16 pairs (x0,x4) (x1,x5) (x2,x6) (x3,x7)
-_ASM_X_F16 = gl.constexpr("prmt.b32 $0, $4, $6, 0x5410; prmt.b32 $1, $4, $6, 0x7632; "
-                          "prmt.b32 $2, $5, $7, 0x5410; prmt.b32 $3, $5, $7, 0x7632;")
+_ASM_X_F16 = gl.constexpr(_ASM_X_F16.value)  # fp16 activations: the same pairs by PRMTs
 _CON_X = gl.constexpr("=r,=r,=r,=r,r,r,r,r")
 # with an RMSNorm's 1 / rms (fp32 bits, ``$8``) applied to each activation before its fp16 rounding
 _ASM_XS_BF16 = gl.constexpr(_x_bf16_asm(True))
@@ -202,22 +202,26 @@ def staged_config(m: int, n: int, k: int, group_size: int, device: torch.device)
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int, n: int, k: int) -> None:
-    k_stored, n_stored = qweight.shape[0] * PACK, qweight.shape[1]
+    """``int4_matmul``'s checks on the first k activations, then what this kernel adds: fp16 / bf16 only, a
+    contiguous weight whose odd rows start 16-byte aligned (N a multiple of 4), an N prefix."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"activations must be fp16 or bf16, got {x.dtype}")
-    if qweight.dtype != torch.int32 or not qweight.is_contiguous() or scales.dtype != torch.float16:
-        raise TypeError("qweight must be contiguous int32 [K/8, N] and scales fp16 [K/group, N]")
-    if x.numel() < k or not 0 < k <= k_stored or not 0 < n <= n_stored or n_stored % 4:
-        raise ValueError(f"k {k} / n {n} outside x ({x.numel()}) or the stored weight [{k_stored}, {n_stored}] "
-                         "(N a multiple of 4: the odd rows' view must start 16-byte aligned)")
-    if scales.shape[1] != n_stored or scales.stride(1) != 1 or scales.shape[0] * group_size < k:
-        raise ValueError(f"scales {tuple(scales.shape)} do not cover [{k}, {n}] at group {group_size}")
+    if x.numel() < k:
+        raise ValueError(f"k {k} is outside x ({x.numel()} activations)")
+    _check_int4_call(x.reshape(-1)[:k], qweight, scales, group_size, k)
+    n_stored = qweight.shape[1]
+    if not qweight.is_contiguous() or not 0 < n <= n_stored or n_stored % 4:
+        raise ValueError(f"n {n} must be within a contiguous stored weight of N = {n_stored}, a multiple of 4 (the "
+                         "odd rows' view must start 16-byte aligned)")
 
 
-def _launch(x, qweight, scales, group_size, n, k, config, out, res=None, norm=None) -> None:
-    config = config or staged_config(1, n, k, group_size, x.device)
+def _served(config: StagedConfig | None, x: torch.Tensor, k: int, n: int) -> StagedConfig:
     if config is None:
         raise ValueError(f"the staged GEMV does not serve [{k}, {n}] on {x.device} (see staged_config)")
+    return config
+
+
+def _launch(x, qweight, scales, group_size, n, k, config: StagedConfig, out, res=None, norm=None) -> None:
     consts = staged_constexprs(config, k, group_size)
     n_stored = qweight.shape[1]
     box = [consts["RB"], consts["BN"]]
@@ -252,6 +256,7 @@ def staged_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, gr
     n = qweight.shape[1] if n is None else n
     _check(x, qweight, scales, group_size, n, k)
     _check_norm(norm, x)
+    config = _served(config or staged_config(1, n, k, group_size, x.device), x, k, n)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _launch(x, qweight, scales, group_size, n, k, config, out, norm=norm)
     return out
@@ -269,10 +274,10 @@ def staged_residual(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     if residual.numel() != n or residual.dtype != x.dtype or norm_weight.shape != (n,) \
             or residual.device != x.device or norm_weight.device != x.device:
         raise ValueError(f"residual must be one row of {n} in x's dtype and norm_weight [{n}], on x's device")
+    config = _served(config or staged_config(1, n, k, group_size, x.device), x, k, n)
     res = residual.reshape(1, n).contiguous()
     s, sg = torch.empty_like(res), torch.empty_like(res)
-    config = config or staged_config(1, n, k, group_size, x.device)
-    sums = torch.empty(1, triton.cdiv(n, config.block_n if config else 1), dtype=torch.float32, device=x.device)
+    sums = torch.empty(1, triton.cdiv(n, config.block_n), dtype=torch.float32, device=x.device)
     _launch(x, qweight, scales, group_size, n, k, config, s, res=(res, norm_weight.contiguous(), sg, sums), norm=norm)
     return s, sg, sums
 
@@ -281,9 +286,10 @@ def staged_residual_if_served(x2: torch.Tensor, qweight: torch.Tensor, scales: t
                               k: int, residual: torch.Tensor, norm_weight: torch.Tensor, norm=None):
     """``int4_residual``'s route under ``UNIQL_GEMV_STAGED=1``: ``staged_residual`` for one row where
     ``staged_config`` serves the shape (o at every rung of an 8B model; not down: K > 4096), else None."""
-    if x2.shape[0] != 1 or staged_config(1, qweight.shape[1], k, group_size, x2.device) is None:
+    config = staged_config(1, qweight.shape[1], k, group_size, x2.device) if x2.shape[0] == 1 else None
+    if config is None:
         return None
-    return staged_residual(x2, qweight, scales, group_size, k, residual, norm_weight, norm=norm)
+    return staged_residual(x2, qweight, scales, group_size, k, residual, norm_weight, config=config, norm=norm)
 
 
 def staged_gemv_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
